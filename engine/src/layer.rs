@@ -1,0 +1,256 @@
+//! The contract between models and the engine: a model is an ordered list of layers that a
+//! partition can cut between any two of them.
+//!
+//! A [`LayerSpec`] is plain data (shapes, names, hyper-parameters) that can be shipped to a stage
+//! thread; the stage calls [`LayerSpec::build`] there with its own [`ParamStore`], so parameters
+//! are created on the stage's device and owned by it. Parameter names are the ecosystem's
+//! (Hugging Face GPT-2, torchvision ResNet), so a checkpoint maps one to one.
+//!
+//! Weight tying is expressed by name: two layers that ask for the same parameter name share it.
+//! Inside one stage they get the very same `Var` (autograd sums the gradients); across stages
+//! each stage holds a copy and the executor sums the copies' gradients before the optimizer
+//! step, so the copies stay identical.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+
+/// Whether a forward pass is for training (batch statistics, autograd) or evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Train,
+    Eval,
+}
+
+/// How a parameter is initialised. Initialisation is a pure function of (seed, name), so every
+/// stage layout and the single-device reference start from identical weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    Zeros,
+    Ones,
+    Normal { std: f64 },
+    /// Kaiming-normal with `fan_out` mode and ReLU gain, torchvision's conv init.
+    KaimingNormalFanOut,
+    /// Uniform in `[-bound, bound]`.
+    Uniform { bound: f64 },
+}
+
+/// A parameter's name, shape, initialiser, and whether weight decay applies to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Init,
+    /// GPT convention: matrices decay, biases and norm gains do not.
+    pub weight_decay: bool,
+}
+
+impl ParamSpec {
+    pub fn new(name: impl Into<String>, shape: &[usize], init: Init) -> Self {
+        let weight_decay = shape.len() >= 2;
+        Self { name: name.into(), shape: shape.to_vec(), init, weight_decay }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Creates the initial value on `device`, deterministically from `(seed, name)`.
+    pub fn initial_value(&self, seed: u64, device: &Device) -> Result<Tensor> {
+        let n = self.numel();
+        let data: Vec<f32> = match self.init {
+            Init::Zeros => vec![0.0; n],
+            Init::Ones => vec![1.0; n],
+            Init::Normal { std } => sample_normal(seed, &self.name, n, std),
+            Init::KaimingNormalFanOut => {
+                // fan_out = out_channels * kernel area, for a conv weight (O, I, kh, kw).
+                let fan_out = self.shape[0] * self.shape.iter().skip(2).product::<usize>();
+                let std = (2.0 / fan_out.max(1) as f64).sqrt();
+                sample_normal(seed, &self.name, n, std)
+            }
+            Init::Uniform { bound } => {
+                let mut rng = param_rng(seed, &self.name);
+                (0..n).map(|_| rng.random_range(-bound..=bound) as f32).collect()
+            }
+        };
+        Tensor::from_vec(data, self.shape.as_slice(), device)
+    }
+}
+
+fn param_rng(seed: u64, name: &str) -> StdRng {
+    // FNV-1a of the name, mixed with the seed: stable across runs and platforms.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    StdRng::seed_from_u64(h ^ seed.wrapping_mul(0x9E3779B97F4A7C15))
+}
+
+fn sample_normal(seed: u64, name: &str, n: usize, std: f64) -> Vec<f32> {
+    let mut rng = param_rng(seed, name);
+    let normal = Normal::new(0.0, std).expect("std is finite and non-negative");
+    (0..n).map(|_| normal.sample(&mut rng) as f32).collect()
+}
+
+/// A stage's parameters: one `Var` per name, created on the stage's device.
+///
+/// Layers ask the store for their parameters while being built; a name asked for twice returns
+/// the same `Var` (weight tying). Values come from `overrides` when given (resuming, importing),
+/// otherwise from the deterministic initialiser.
+#[derive(Debug)]
+pub struct ParamStore {
+    device: Device,
+    seed: u64,
+    vars: BTreeMap<String, (ParamSpec, Var)>,
+    overrides: HashMap<String, Tensor>,
+}
+
+impl ParamStore {
+    pub fn new(device: Device, seed: u64) -> Self {
+        Self { device, seed, vars: BTreeMap::new(), overrides: HashMap::new() }
+    }
+
+    /// Values to use instead of the initialiser, by parameter name (shapes are checked).
+    pub fn with_overrides(mut self, overrides: HashMap<String, Tensor>) -> Self {
+        self.overrides = overrides;
+        self
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Returns the parameter named by `spec`, creating it on first use.
+    pub fn get(&mut self, spec: &ParamSpec) -> Result<Tensor> {
+        if let Some((existing, var)) = self.vars.get(&spec.name) {
+            if existing.shape != spec.shape {
+                candle_core::bail!(
+                    "parameter {} requested with shape {:?} but already exists with shape {:?}",
+                    spec.name,
+                    spec.shape,
+                    existing.shape
+                );
+            }
+            return Ok(var.as_tensor().clone());
+        }
+        let value = match self.overrides.get(&spec.name) {
+            Some(t) => {
+                if t.dims() != spec.shape.as_slice() {
+                    candle_core::bail!(
+                        "parameter {}: expected shape {:?}, got {:?}",
+                        spec.name,
+                        spec.shape,
+                        t.dims()
+                    );
+                }
+                t.to_dtype(DType::F32)?.to_device(&self.device)?.copy()?
+            }
+            None => spec.initial_value(self.seed, &self.device)?,
+        };
+        let var = Var::from_tensor(&value)?;
+        let tensor = var.as_tensor().clone();
+        self.vars.insert(spec.name.clone(), (spec.clone(), var));
+        Ok(tensor)
+    }
+
+    /// All parameters, sorted by name.
+    pub fn vars(&self) -> impl Iterator<Item = (&str, &ParamSpec, &Var)> {
+        self.vars.iter().map(|(k, (s, v))| (k.as_str(), s, v))
+    }
+
+    pub fn var(&self, name: &str) -> Option<&Var> {
+        self.vars.get(name).map(|(_, v)| v)
+    }
+
+    pub fn len(&self) -> usize {
+        self.vars.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.vars.is_empty()
+    }
+}
+
+/// A built layer, living on one stage's thread.
+pub trait Layer: Send {
+    /// Runs the layer on one micro-batch. `&mut self` because some layers (BatchNorm) update
+    /// running statistics in training mode.
+    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor>;
+
+    /// Non-trainable state that belongs in checkpoints (e.g. BatchNorm running statistics),
+    /// under ecosystem names.
+    fn buffers(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+
+    /// Restores buffers saved by [`Layer::buffers`]; unknown names are an error.
+    fn load_buffers(&mut self, buffers: &HashMap<String, Tensor>) -> Result<()> {
+        let _ = buffers;
+        Ok(())
+    }
+}
+
+/// A layer as data: what to build, shippable to any stage.
+pub trait LayerSpec: Send + Sync + Debug {
+    /// The layer's name prefix, e.g. `transformer.h.3` or `layer2.1`.
+    fn name(&self) -> String;
+
+    /// The parameters this layer uses (including tied ones it shares with other layers).
+    fn params(&self) -> Vec<ParamSpec>;
+
+    /// Builds the layer on a stage, taking its parameters from `store`.
+    fn build(&self, store: &mut ParamStore) -> Result<Box<dyn Layer>>;
+
+    /// Number of parameter elements this layer uses (tied parameters counted in each user).
+    fn param_count(&self) -> usize {
+        self.params().iter().map(ParamSpec::numel).sum()
+    }
+}
+
+/// What the last stage computes from the model's output and the targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossKind {
+    /// Cross-entropy over the last dimension against integer class/token ids. Works for
+    /// language models (`(B, T, V)` logits, `(B, T)` targets) and classifiers (`(B, K)`, `(B,)`).
+    CrossEntropy,
+}
+
+/// The element type a model takes as input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputKind {
+    /// Integer token ids `(B, T)` with `T <= context` and ids `< vocab`.
+    Tokens { vocab: usize, context: usize },
+    /// Images `(B, C, H, W)` in f32 with the given channel count.
+    Images { channels: usize },
+}
+
+/// A model the engine can partition and train.
+pub trait PipelineModel: Send + Sync + Debug {
+    /// Human-readable name (usually the preset).
+    fn name(&self) -> String;
+    /// The ordered layers; a partition cuts this list.
+    fn layers(&self) -> Vec<Arc<dyn LayerSpec>>;
+    fn loss(&self) -> LossKind;
+    fn input(&self) -> InputKind;
+    /// Number of output classes (vocabulary size for language models).
+    fn num_classes(&self) -> usize;
+}
+
+/// Every distinct parameter of `layers`, in first-use order (tied parameters once).
+pub fn unique_params(layers: &[Arc<dyn LayerSpec>]) -> Vec<ParamSpec> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for layer in layers {
+        for p in layer.params() {
+            if seen.insert(p.name.clone()) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}

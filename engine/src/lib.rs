@@ -1,0 +1,14 @@
+//! brigade-engine: everything that is not a model.
+//!
+//! - [`schedule`]: the schedule IR (actions like `1F3`), generators (GPipe, 1F1B), the validator
+//!   that rejects deadlocking or out-of-order schedules, the printer and the text format.
+//! - [`layer`]: the contract models implement (ordered layer lists, parameter stores).
+//! - [`partition`]: how a layer list is cut into stages.
+//! - [`optim`]: AdamW and SGD with visible state, and the learning-rate schedule.
+//! - [`pipeline`]: the threaded executor: one OS thread per stage, crossbeam channels between.
+//! - [`reference`]: plain single-device training, the yardstick every schedule must match.
+
+pub mod layer;
+pub mod schedule;
+
+pub use layer::{Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, PipelineModel};

@@ -1,0 +1,1 @@
+//! Schedule IR (being written).

@@ -1,0 +1,1 @@
+pub use brigade_engine as engine;
