@@ -7,8 +7,16 @@
 //! - [`optim`]: AdamW and SGD with visible state, and the learning-rate schedule.
 //! - [`pipeline`]: the threaded executor: one OS thread per stage, crossbeam channels between.
 //! - [`reference`]: plain single-device training, the yardstick every schedule must match.
+//! - [`loss`]: the loss the last stage computes, normalised by the global batch.
 
+pub mod error;
 pub mod layer;
+pub mod loss;
+pub mod optim;
+pub mod partition;
+pub mod pipeline;
+pub mod reference;
 pub mod schedule;
 
+pub use error::EngineError;
 pub use layer::{Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, PipelineModel};
