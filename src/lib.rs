@@ -1,1 +1,45 @@
+//! brigade: pipeline-parallel training of GPT and ResNet models in Rust.
+//!
+//! A model is an ordered list of layers; brigade cuts it into stages, runs each stage on its own
+//! thread (its own device, parameters, gradients and optimizer state), streams micro-batches
+//! forward and gradients backward over channels, and follows a schedule (GPipe, 1F1B, or any
+//! validated list of actions). Every schedule and layout trains exactly like single-device
+//! training.
+//!
+//! - [`engine`]: schedules, the executor, optimizers, partitions.
+//! - [`models`]: GPT-2 and ResNet presets, datasets.
+//! - [`kernels`]: differentiable fused ops.
+//! - [`train`]: the training loop the CLI uses.
+
 pub use brigade_engine as engine;
+pub use brigade_kernels as kernels;
+pub use brigade_models as models;
+
+pub mod train;
+
+/// Everything a training script usually needs.
+pub mod prelude {
+    pub use crate::engine::optim::{LrSchedule, OptimizerConfig};
+    pub use crate::engine::partition::{Partition, PartitionStrategy};
+    pub use crate::engine::pipeline::{EvalStats, Pipeline, PipelineConfig, StepStats};
+    pub use crate::engine::schedule::{Action, ActionKind, Schedule, ScheduleKind};
+    pub use crate::engine::{Mode, PipelineModel};
+    pub use crate::models::data::{ImageDataset, Split, TokenDataset};
+    pub use crate::train::{Dataset, Event, TrainOptions, Trainer};
+    pub use candle_core::{Device, Tensor};
+}
+
+/// Errors from any part of brigade, each naming what went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Engine(#[from] brigade_engine::error::EngineError),
+    #[error(transparent)]
+    Data(#[from] brigade_models::data::DataError),
+    #[error(transparent)]
+    Model(#[from] brigade_models::ModelError),
+    #[error(transparent)]
+    Schedule(#[from] brigade_engine::schedule::ScheduleError),
+    #[error("{0}")]
+    Config(String),
+}

@@ -1,1 +1,315 @@
-fn main() {}
+//! The `brigade` command line: train a model on pipeline stages, or print a schedule.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use brigade::engine::optim::{LrSchedule, OptimizerConfig};
+use brigade::engine::partition::PartitionStrategy;
+use brigade::engine::pipeline::{PipelineConfig, ScheduleChoice};
+use brigade::engine::schedule::{ActionCosts, Schedule, ScheduleKind};
+use brigade::engine::PipelineModel;
+use brigade::models::data::{ImageDataset, TokenDataset};
+use brigade::models::{gpt, resnet, Gpt, GptConfig, ResNet, ResNetConfig};
+use brigade::train::{Dataset, Event, TrainOptions, Trainer};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(name = "brigade", version, about = "Pipeline-parallel training of GPT and ResNet models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model split into pipeline stages.
+    Train(TrainArgs),
+    /// Print a schedule's time x stage grid, its action lists and its bubble.
+    Schedule(ScheduleArgs),
+    /// List the model presets with their parameter and layer counts.
+    Presets,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OptimizerArg {
+    Adamw,
+    Sgd,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Model preset (see `brigade presets`).
+    #[arg(long, default_value = "gpt-tiny")]
+    model: String,
+    /// Number of pipeline stages (one thread each).
+    #[arg(long, default_value_t = 2)]
+    stages: usize,
+    /// Layers per stage, e.g. 3,3,2 (overrides --partition).
+    #[arg(long)]
+    split: Option<String>,
+    /// How to cut the layers: uniform (by count) or balanced (by parameters).
+    #[arg(long, default_value = "uniform")]
+    partition: String,
+    /// gpipe, 1f1b, or a schedule file in the format `brigade schedule` prints.
+    #[arg(long, default_value = "1f1b")]
+    schedule: String,
+    /// Micro-batches per global batch.
+    #[arg(long, default_value_t = 4)]
+    microbatches: usize,
+    /// Global batch size (examples, or sequences for GPT).
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 600)]
+    steps: u64,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// Linear warm-up steps (default: 5% of steps).
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Final learning rate of the cosine decay (default: lr / 10).
+    #[arg(long)]
+    min_lr: Option<f64>,
+    #[arg(long, value_enum, default_value = "adamw")]
+    optimizer: OptimizerArg,
+    /// Weight decay (default: 0.1 for AdamW, 5e-4 for SGD).
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Clip the global gradient norm to this value (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Training data: a text file (byte-level), a nanoGPT .bin token file, or (ResNet) a
+    /// safetensors file with `images` and `labels`. Default: an embedded generated set.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Evaluate on held-out data every N steps (0: only at the end).
+    #[arg(long, default_value_t = 100)]
+    eval_every: u64,
+    /// Held-out batches per evaluation.
+    #[arg(long, default_value_t = 8)]
+    eval_batches: usize,
+    /// CPU threads per stage (default: cores / stages).
+    #[arg(long)]
+    threads_per_stage: Option<usize>,
+    /// GPT: sequence length (and context) override.
+    #[arg(long)]
+    context: Option<usize>,
+    /// GPT: number of transformer blocks.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// GPT: embedding width.
+    #[arg(long)]
+    width: Option<usize>,
+    /// GPT: attention heads.
+    #[arg(long)]
+    heads: Option<usize>,
+    /// GPT: vocabulary size (default: the preset's, or 256 for byte-level text).
+    #[arg(long)]
+    vocab: Option<usize>,
+    /// ResNet: image side for the embedded shapes set.
+    #[arg(long, default_value_t = 32)]
+    image_size: usize,
+    /// Print one line per step instead of a progress bar.
+    #[arg(long)]
+    plain: bool,
+}
+
+#[derive(Args)]
+struct ScheduleArgs {
+    /// gpipe, 1f1b, or a schedule file to validate and draw.
+    #[arg(long, default_value = "1f1b")]
+    schedule: String,
+    #[arg(long, default_value_t = 4)]
+    stages: usize,
+    #[arg(long, default_value_t = 8)]
+    microbatches: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => train(args),
+        Command::Schedule(args) => schedule(args),
+        Command::Presets => presets(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `gpipe`/`1f1b`, or else a path to a schedule file.
+fn schedule_choice(spec: &str) -> Result<ScheduleChoice> {
+    if let Ok(kind) = spec.parse::<ScheduleKind>() {
+        return Ok(ScheduleChoice::Kind(kind));
+    }
+    let path = PathBuf::from(spec);
+    if !path.exists() {
+        bail!("unknown schedule {spec:?}: expected gpipe, 1f1b, or the path of a schedule file");
+    }
+    let schedule = Schedule::load(&path).with_context(|| format!("schedule file {}", path.display()))?;
+    Ok(ScheduleChoice::Custom(schedule))
+}
+
+fn schedule(args: ScheduleArgs) -> Result<()> {
+    let schedule = match schedule_choice(&args.schedule)? {
+        ScheduleChoice::Kind(kind) => kind.build(args.stages, args.microbatches)?,
+        ScheduleChoice::Custom(s) => s,
+    };
+    let timeline = schedule.timeline(ActionCosts::default());
+    println!("{}", schedule.grid());
+    println!();
+    println!("{}", schedule.to_text());
+    println!(
+        "stages {}, micro-batches {}: theoretical bubble (p-1)/(m+p-1) = {:.1}%, simulated with F=1, B=2: {:.1}%",
+        schedule.stages(),
+        schedule.microbatches(),
+        100.0 * schedule.theoretical_bubble(),
+        100.0 * timeline.bubble_fraction()
+    );
+    Ok(())
+}
+
+fn presets() -> Result<()> {
+    println!("{:<14} {:>15} {:>7}", "preset", "parameters", "layers");
+    for name in brigade::models::preset_names() {
+        let model = brigade::models::preset(name)?;
+        let layers = model.layers();
+        let params = brigade::engine::layer::unique_params(&layers).iter().map(|p| p.numel()).sum::<usize>();
+        println!("{name:<14} {params:>15} {:>7}", layers.len());
+    }
+    Ok(())
+}
+
+/// The model (with CLI overrides) and the data it trains on.
+fn model_and_data(args: &TrainArgs) -> Result<(Arc<dyn PipelineModel>, Dataset)> {
+    if gpt::PRESET_NAMES.contains(&args.model.as_str()) {
+        let data = match &args.data {
+            Some(path) => TokenDataset::from_path(path)?,
+            None => TokenDataset::embedded(args.seed),
+        };
+        let mut cfg = GptConfig::preset(&args.model)?;
+        if let Some(v) = args.vocab {
+            cfg = cfg.with_vocab_size(v);
+        }
+        if let Some(t) = args.context {
+            cfg = cfg.with_n_positions(t);
+        }
+        if let Some(l) = args.layers {
+            cfg = cfg.with_n_layer(l);
+        }
+        if let Some(c) = args.width {
+            cfg = cfg.with_n_embd(c);
+        }
+        if let Some(h) = args.heads {
+            cfg = cfg.with_n_head(h);
+        }
+        Ok((Arc::new(Gpt::new(cfg)?), Dataset::Tokens(data)))
+    } else if resnet::PRESET_NAMES.contains(&args.model.as_str()) {
+        let data = match &args.data {
+            Some(path) => ImageDataset::from_safetensors(path)?,
+            None => ImageDataset::embedded_shapes(5000, 1000, args.image_size, args.seed)?,
+        };
+        let cfg = ResNetConfig::preset(&args.model)?
+            .with_num_classes(data.num_classes())
+            .with_in_channels(data.channels());
+        Ok((Arc::new(ResNet::new(cfg)?), Dataset::Images(data)))
+    } else {
+        // Let the model registry produce the error that lists valid presets.
+        brigade::models::preset(&args.model)?;
+        bail!("model {} has no training setup", args.model)
+    }
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let (model, data) = model_and_data(&args)?;
+    let partition = match &args.split {
+        Some(split) => split.parse::<PartitionStrategy>()?,
+        None => args.partition.parse::<PartitionStrategy>()?,
+    };
+    let warmup = args.warmup.unwrap_or(args.steps / 20);
+    let lr = LrSchedule::warmup_cosine(args.lr, warmup, args.steps, args.min_lr.unwrap_or(args.lr / 10.0));
+    let optimizer = match (args.optimizer, OptimizerConfig::adamw(), OptimizerConfig::sgd()) {
+        (OptimizerArg::Adamw, OptimizerConfig::AdamW { beta1, beta2, eps, weight_decay }, _) => {
+            OptimizerConfig::AdamW { beta1, beta2, eps, weight_decay: args.weight_decay.unwrap_or(weight_decay) }
+        }
+        (OptimizerArg::Sgd, _, OptimizerConfig::Sgd { momentum, weight_decay, nesterov }) => {
+            OptimizerConfig::Sgd { momentum, weight_decay: args.weight_decay.unwrap_or(weight_decay), nesterov }
+        }
+        _ => unreachable!("default optimizer configs have their own variants"),
+    };
+    let mut pipeline = PipelineConfig::default()
+        .stages(args.stages)
+        .partition(partition)
+        .schedule(schedule_choice(&args.schedule)?)
+        .microbatches(args.microbatches)
+        .optimizer(optimizer)
+        .lr(lr)
+        .grad_clip((args.grad_clip > 0.0).then_some(args.grad_clip))
+        .seed(args.seed);
+    if let Some(t) = args.threads_per_stage {
+        pipeline = pipeline.threads_per_stage(t);
+    }
+    let options = TrainOptions {
+        batch_size: args.batch_size,
+        steps: args.steps,
+        eval_every: if args.eval_every == 0 { args.steps } else { args.eval_every },
+        eval_batches: args.eval_batches,
+        data_seed: args.seed,
+        context: args.context,
+    };
+    println!("model    {}", model.name());
+    println!("data     {}", data.describe());
+    let mut trainer = Trainer::new(model, data, pipeline, options)?;
+    let images = matches!(args.model.as_str(), m if resnet::PRESET_NAMES.contains(&m));
+    {
+        let p = trainer.pipeline();
+        println!(
+            "pipeline {} stages (layers {}), schedule {}, {} micro-batches of {}",
+            p.partition().stages(),
+            p.partition(),
+            p.schedule().name(),
+            p.microbatches(),
+            args.batch_size / args.microbatches.max(1)
+        );
+    }
+    let bar = if args.plain { ProgressBar::hidden() } else { ProgressBar::new(args.steps) };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} (ETA {eta})")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let unit = if images { "img/s" } else { "tok/s" };
+    let summary = trainer.run(|event| match event {
+        Event::Step { stats, items_per_sec } => {
+            bar.set_position(stats.step + 1);
+            let line = format!("loss {:.4} | lr {:.2e} | {:.0} {unit}", stats.loss, stats.lr, items_per_sec);
+            if args.plain {
+                println!("step {:>5}: {line}", stats.step + 1);
+            }
+            bar.set_message(line);
+        }
+        Event::Eval { step, stats } => {
+            let acc = if images { format!(", accuracy {:.1}%", 100.0 * stats.accuracy()) } else { String::new() };
+            bar.println(format!("step {step:>5}: held-out loss {:.4}{acc}", stats.loss));
+        }
+    })?;
+    bar.finish_and_clear();
+    let eval = summary.final_eval.map(|e| format!("{:.4}", e.loss)).unwrap_or_else(|| "n/a".into());
+    println!(
+        "done: {} steps in {:.1}s, train loss {:.4} -> {:.4}, held-out loss {eval}",
+        summary.steps,
+        summary.wall.as_secs_f64(),
+        summary.first_loss,
+        summary.last_loss
+    );
+    Ok(())
+}

@@ -326,6 +326,7 @@ impl Pipeline {
             let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
             (cores / config.stages).max(1)
         });
+        apply_thread_budget(threads);
         let (report_tx, reports) = unbounded();
         let channels: Vec<(Sender<Msg>, Receiver<Msg>)> = (0..config.stages).map(|_| unbounded()).collect();
         let inboxes: Vec<Sender<Msg>> = channels.iter().map(|(tx, _)| tx.clone()).collect();
@@ -1209,5 +1210,19 @@ fn with_action(e: StageStop, action: Action) -> StageStop {
     match e {
         StageStop::Failed(None, message) => StageStop::Failed(Some(action), message),
         other => other,
+    }
+}
+
+/// Makes candle's CPU matmuls use at most `threads` threads.
+///
+/// candle sizes gemm's parallelism from the process-wide `RAYON_NUM_THREADS` (default: every
+/// core), whatever rayon pool the call runs in. With one stage thread per core that asks each
+/// matmul to split across all cores, and the stages then fight over them: measured 4x slower
+/// on 2 cores for gpt-tiny. Every stage of a pipeline gets the same budget, so one
+/// process-wide value is coherent; it is set before any stage thread starts.
+fn apply_thread_budget(threads: usize) {
+    let wanted = threads.to_string();
+    if std::env::var("RAYON_NUM_THREADS").ok().as_deref() != Some(wanted.as_str()) {
+        std::env::set_var("RAYON_NUM_THREADS", wanted);
     }
 }
