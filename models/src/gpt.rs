@@ -1,1 +1,930 @@
-//! (being written)
+//! GPT-2 (Radford et al. 2019) as an ordered layer list: `[Embedding, Block × n_layer, Head]`.
+//!
+//! The architecture, parameter names and layouts are exactly Hugging Face's `GPT2LMHeadModel`
+//! (`transformer.h.3.attn.c_attn.weight`, ...), so a Hugging Face checkpoint loads one to one.
+//! Note the `Conv1D` layout HF inherited from the original TensorFlow code: linear weights are
+//! stored `(in, out)` and applied as `y = x @ W + b`.
+//!
+//! - Embedding: token ids `(B, T)` → `wte[ids] + wpe[0..T]`, `(B, T, C)`.
+//! - Block (pre-LayerNorm): `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`, with causal
+//!   multi-head self-attention and a GELU-tanh MLP of width `4C`. No dropout: brigade compares
+//!   pipeline schedules bit for bit against a single-device reference, and dropout would need
+//!   a shared RNG stream across stages for that.
+//! - Head: `ln_f`, then logits `x @ wteᵀ`, `(B, T, V)`. The LM head is **tied** to the token
+//!   embedding by name: the Head asks the store for `transformer.wte.weight` too, so inside one
+//!   stage both layers share one `Var`, and across stages the engine sums the copies' gradients.
+//!
+//! Initialisation follows GPT-2/nanoGPT: weights `N(0, 0.02)`, the two residual projections
+//! (`attn.c_proj`, `mlp.c_proj`) `N(0, 0.02/√(2·n_layer))` so the residual stream's variance does
+//! not grow with depth, biases zero, LayerNorm gain one and bias zero.
+//!
+//! All ops are differentiable through candle's autograd: LayerNorm and softmax come from
+//! [`brigade_kernels`] (candle-nn's fused versions have no backward pass).
+
+use std::sync::Arc;
+
+use brigade_engine::{
+    Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, PipelineModel,
+};
+use candle_core::{bail, DType, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+
+/// GPT preset names, smallest first.
+pub const PRESET_NAMES: &[&str] = &["gpt-tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"];
+
+/// Standard deviation of GPT-2's weight init.
+const INIT_STD: f64 = 0.02;
+
+fn default_layer_norm_epsilon() -> f64 {
+    1e-5
+}
+
+/// GPT-2 hyper-parameters, named as in Hugging Face's `GPT2Config`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GptConfig {
+    pub vocab_size: usize,
+    /// Context length: the longest sequence the position embedding covers.
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    #[serde(default = "default_layer_norm_epsilon")]
+    pub layer_norm_epsilon: f64,
+}
+
+impl GptConfig {
+    /// A named preset: `gpt-tiny` (CI-sized), `gpt2` (124M), `gpt2-medium` (355M),
+    /// `gpt2-large` (774M), `gpt2-xl` (1.5B).
+    pub fn preset(name: &str) -> std::result::Result<Self, ModelError> {
+        // (vocab, context, n_embd, n_layer, n_head)
+        let (v, t, c, l, h) = match name {
+            "gpt-tiny" => (256, 64, 64, 2, 4),
+            "gpt2" => (50257, 1024, 768, 12, 12),
+            "gpt2-medium" => (50257, 1024, 1024, 24, 16),
+            "gpt2-large" => (50257, 1024, 1280, 36, 20),
+            "gpt2-xl" => (50257, 1024, 1600, 48, 25),
+            _ => {
+                return Err(ModelError::UnknownPreset {
+                    name: name.to_string(),
+                    valid: PRESET_NAMES.to_vec(),
+                })
+            }
+        };
+        Self::custom(v, t, c, l, h)
+    }
+
+    /// A config from explicit sizes (LayerNorm epsilon 1e-5), validated.
+    pub fn custom(
+        vocab_size: usize,
+        n_positions: usize,
+        n_embd: usize,
+        n_layer: usize,
+        n_head: usize,
+    ) -> std::result::Result<Self, ModelError> {
+        let cfg = Self {
+            vocab_size,
+            n_positions,
+            n_embd,
+            n_layer,
+            n_head,
+            layer_norm_epsilon: default_layer_norm_epsilon(),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    // Overrides for the CLI (`--n-layer 6` on top of a preset); call `validate` (or `Gpt::new`,
+    // which does) afterwards.
+    pub fn with_vocab_size(mut self, v: usize) -> Self {
+        self.vocab_size = v;
+        self
+    }
+    pub fn with_n_positions(mut self, t: usize) -> Self {
+        self.n_positions = t;
+        self
+    }
+    pub fn with_n_embd(mut self, c: usize) -> Self {
+        self.n_embd = c;
+        self
+    }
+    pub fn with_n_layer(mut self, l: usize) -> Self {
+        self.n_layer = l;
+        self
+    }
+    pub fn with_n_head(mut self, h: usize) -> Self {
+        self.n_head = h;
+        self
+    }
+    pub fn with_layer_norm_epsilon(mut self, eps: f64) -> Self {
+        self.layer_norm_epsilon = eps;
+        self
+    }
+
+    /// Checks the sizes are usable: all positive, heads divide the width, epsilon positive.
+    pub fn validate(&self) -> std::result::Result<(), ModelError> {
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("n_positions", self.n_positions),
+            ("n_embd", self.n_embd),
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+        ];
+        for (field, value) in sizes {
+            if value == 0 {
+                return Err(ModelError::InvalidConfig(format!(
+                    "GPT {field} must be positive"
+                )));
+            }
+        }
+        if !self.n_embd.is_multiple_of(self.n_head) {
+            return Err(ModelError::InvalidConfig(format!(
+                "GPT n_embd ({}) must be divisible by n_head ({})",
+                self.n_embd, self.n_head
+            )));
+        }
+        if !(self.layer_norm_epsilon > 0.0 && self.layer_norm_epsilon.is_finite()) {
+            return Err(ModelError::InvalidConfig(format!(
+                "GPT layer_norm_epsilon must be positive and finite, got {}",
+                self.layer_norm_epsilon
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+}
+
+/// GPT-2 as a [`PipelineModel`].
+#[derive(Debug, Clone)]
+pub struct Gpt {
+    name: String,
+    cfg: GptConfig,
+}
+
+impl Gpt {
+    /// A model from a validated config. Its name is the preset's when the config equals one,
+    /// otherwise it spells out the sizes.
+    pub fn new(cfg: GptConfig) -> std::result::Result<Self, ModelError> {
+        cfg.validate()?;
+        let name = PRESET_NAMES
+            .iter()
+            .find(|p| GptConfig::preset(p).as_ref() == Ok(&cfg))
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| {
+                format!(
+                    "gpt(vocab={}, ctx={}, embd={}, layers={}, heads={})",
+                    cfg.vocab_size, cfg.n_positions, cfg.n_embd, cfg.n_layer, cfg.n_head
+                )
+            });
+        Ok(Self { name, cfg })
+    }
+
+    pub fn from_preset(name: &str) -> std::result::Result<Self, ModelError> {
+        Self::new(GptConfig::preset(name)?)
+    }
+
+    pub fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+
+    /// Distinct trainable parameters (the tied `wte` counted once), computed from the specs
+    /// without allocating anything.
+    pub fn num_params(&self) -> usize {
+        brigade_engine::layer::unique_params(&self.layers())
+            .iter()
+            .map(ParamSpec::numel)
+            .sum()
+    }
+}
+
+/// A GPT preset as a shareable model (`gpt-tiny`, `gpt2`, ...).
+pub fn model_from_preset(name: &str) -> std::result::Result<Arc<dyn PipelineModel>, ModelError> {
+    Ok(Arc::new(Gpt::from_preset(name)?))
+}
+
+impl PipelineModel for Gpt {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn layers(&self) -> Vec<Arc<dyn LayerSpec>> {
+        let mut layers: Vec<Arc<dyn LayerSpec>> = Vec::with_capacity(self.cfg.n_layer + 2);
+        layers.push(Arc::new(EmbeddingSpec {
+            cfg: self.cfg.clone(),
+        }));
+        for index in 0..self.cfg.n_layer {
+            layers.push(Arc::new(BlockSpec {
+                cfg: self.cfg.clone(),
+                index,
+            }));
+        }
+        layers.push(Arc::new(HeadSpec {
+            cfg: self.cfg.clone(),
+        }));
+        layers
+    }
+
+    fn loss(&self) -> LossKind {
+        LossKind::CrossEntropy
+    }
+
+    fn input(&self) -> InputKind {
+        InputKind::Tokens {
+            vocab: self.cfg.vocab_size,
+            context: self.cfg.n_positions,
+        }
+    }
+
+    fn num_classes(&self) -> usize {
+        self.cfg.vocab_size
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parameter specs (shared by `params()` and `build()`, so the two can never disagree).
+
+const WTE: &str = "transformer.wte.weight";
+const WPE: &str = "transformer.wpe.weight";
+
+fn wte_spec(cfg: &GptConfig) -> ParamSpec {
+    ParamSpec::new(
+        WTE,
+        &[cfg.vocab_size, cfg.n_embd],
+        Init::Normal { std: INIT_STD },
+    )
+}
+
+fn layer_norm_specs(prefix: &str, c: usize) -> [ParamSpec; 2] {
+    [
+        ParamSpec::new(format!("{prefix}.weight"), &[c], Init::Ones),
+        ParamSpec::new(format!("{prefix}.bias"), &[c], Init::Zeros),
+    ]
+}
+
+/// HF `Conv1D` weight `(in, out)` and bias `(out,)`.
+fn conv1d_specs(prefix: &str, d_in: usize, d_out: usize, std: f64) -> [ParamSpec; 2] {
+    [
+        ParamSpec::new(
+            format!("{prefix}.weight"),
+            &[d_in, d_out],
+            Init::Normal { std },
+        ),
+        ParamSpec::new(format!("{prefix}.bias"), &[d_out], Init::Zeros),
+    ]
+}
+
+/// Gets `N` parameters from the store in spec order.
+fn get_all<const N: usize>(store: &mut ParamStore, specs: &[ParamSpec]) -> Result<[Tensor; N]> {
+    let tensors = specs
+        .iter()
+        .map(|s| store.get(s))
+        .collect::<Result<Vec<_>>>()?;
+    let got = tensors.len();
+    tensors
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg(format!("expected {N} parameters, got {got}")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small building blocks.
+
+/// LayerNorm over the last dimension (via the differentiable kernel).
+#[derive(Debug)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        brigade_kernels::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// HF's `Conv1D`: a linear layer with weight stored `(in, out)`, `y = x @ W + b`.
+#[derive(Debug)]
+struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    /// `(B, T, in)` → `(B, T, out)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, d_in) = x.dims3()?;
+        let d_out = self.weight.dim(1)?;
+        // A 2-D matmul on the flattened tokens: one GEMM, and candle wants a contiguous lhs.
+        x.reshape((b * t, d_in))? // (B·T, in)
+            .matmul(&self.weight)? // (B·T, out)
+            .broadcast_add(&self.bias)?
+            .reshape((b, t, d_out))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedding: token ids → token + position embeddings.
+
+#[derive(Debug, Clone)]
+pub struct EmbeddingSpec {
+    cfg: GptConfig,
+}
+
+impl LayerSpec for EmbeddingSpec {
+    fn name(&self) -> String {
+        "transformer.embed".to_string()
+    }
+
+    fn params(&self) -> Vec<ParamSpec> {
+        let cfg = &self.cfg;
+        vec![
+            wte_spec(cfg),
+            ParamSpec::new(
+                WPE,
+                &[cfg.n_positions, cfg.n_embd],
+                Init::Normal { std: INIT_STD },
+            ),
+        ]
+    }
+
+    fn build(&self, store: &mut ParamStore) -> Result<Box<dyn Layer>> {
+        let [wte, wpe] = get_all(store, &self.params())?;
+        Ok(Box::new(Embedding {
+            wte,
+            wpe,
+            vocab: self.cfg.vocab_size,
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct Embedding {
+    wte: Tensor, // (V, C)
+    wpe: Tensor, // (ctx, C)
+    vocab: usize,
+}
+
+impl Layer for Embedding {
+    fn forward(&mut self, ids: &Tensor, _mode: Mode) -> Result<Tensor> {
+        let (b, t) = match ids.dims() {
+            &[b, t] => (b, t),
+            dims => bail!("GPT embedding expects token ids of shape (B, T), got {dims:?}"),
+        };
+        if !matches!(ids.dtype(), DType::U8 | DType::U32 | DType::I64) {
+            bail!(
+                "GPT embedding expects integer token ids (u32/i64/u8), got dtype {:?}",
+                ids.dtype()
+            );
+        }
+        let context = self.wpe.dim(0)?;
+        if t == 0 || b == 0 {
+            bail!(
+                "GPT embedding got an empty batch of token ids, shape {:?}",
+                ids.dims()
+            );
+        }
+        if t > context {
+            bail!("sequence length {t} exceeds the model's context length {context}");
+        }
+        // Range check first: index_select on an out-of-range id would read garbage or panic.
+        let ids64 = ids.to_dtype(DType::I64)?.flatten_all()?;
+        let (lo, hi) = (
+            ids64.min(0)?.to_scalar::<i64>()?,
+            ids64.max(0)?.to_scalar::<i64>()?,
+        );
+        if lo < 0 || hi >= self.vocab as i64 {
+            let bad = if lo < 0 { lo } else { hi };
+            bail!(
+                "token id {bad} is out of range for vocabulary size {}",
+                self.vocab
+            );
+        }
+        let flat = ids.to_dtype(DType::U32)?.flatten_all()?; // (B·T,)
+        let tok = self.wte.index_select(&flat, 0)?.reshape((b, t, ()))?; // (B, T, C)
+        let pos = self.wpe.narrow(0, 0, t)?; // (T, C)
+        tok.broadcast_add(&pos) // (B, T, C)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transformer block.
+
+#[derive(Debug, Clone)]
+pub struct BlockSpec {
+    cfg: GptConfig,
+    index: usize,
+}
+
+impl LayerSpec for BlockSpec {
+    fn name(&self) -> String {
+        format!("transformer.h.{}", self.index)
+    }
+
+    fn params(&self) -> Vec<ParamSpec> {
+        let p = self.name();
+        let c = self.cfg.n_embd;
+        // Residual projections are scaled down by √(2·n_layer): two residual adds per block.
+        let proj_std = INIT_STD / (2.0 * self.cfg.n_layer as f64).sqrt();
+        let mut specs = Vec::with_capacity(12);
+        specs.extend(layer_norm_specs(&format!("{p}.ln_1"), c));
+        specs.extend(conv1d_specs(
+            &format!("{p}.attn.c_attn"),
+            c,
+            3 * c,
+            INIT_STD,
+        ));
+        specs.extend(conv1d_specs(&format!("{p}.attn.c_proj"), c, c, proj_std));
+        specs.extend(layer_norm_specs(&format!("{p}.ln_2"), c));
+        specs.extend(conv1d_specs(&format!("{p}.mlp.c_fc"), c, 4 * c, INIT_STD));
+        specs.extend(conv1d_specs(&format!("{p}.mlp.c_proj"), 4 * c, c, proj_std));
+        specs
+    }
+
+    fn build(&self, store: &mut ParamStore) -> Result<Box<dyn Layer>> {
+        let [ln1_w, ln1_b, attn_w, attn_b, aproj_w, aproj_b, ln2_w, ln2_b, fc_w, fc_b, mproj_w, mproj_b] =
+            get_all(store, &self.params())?;
+        let eps = self.cfg.layer_norm_epsilon;
+        Ok(Box::new(Block {
+            n_embd: self.cfg.n_embd,
+            n_positions: self.cfg.n_positions,
+            ln_1: LayerNorm {
+                weight: ln1_w,
+                bias: ln1_b,
+                eps,
+            },
+            attn: CausalSelfAttention {
+                n_head: self.cfg.n_head,
+                c_attn: Conv1D {
+                    weight: attn_w,
+                    bias: attn_b,
+                },
+                c_proj: Conv1D {
+                    weight: aproj_w,
+                    bias: aproj_b,
+                },
+                mask: None,
+            },
+            ln_2: LayerNorm {
+                weight: ln2_w,
+                bias: ln2_b,
+                eps,
+            },
+            mlp: Mlp {
+                c_fc: Conv1D {
+                    weight: fc_w,
+                    bias: fc_b,
+                },
+                c_proj: Conv1D {
+                    weight: mproj_w,
+                    bias: mproj_b,
+                },
+            },
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct CausalSelfAttention {
+    n_head: usize,
+    c_attn: Conv1D, // C → 3C (q, k, v fused)
+    c_proj: Conv1D, // C → C
+    /// Lower-triangular `(T, T)` mask for the last sequence length seen.
+    mask: Option<(usize, Tensor)>,
+}
+
+impl CausalSelfAttention {
+    fn causal_mask(&mut self, t: usize, x: &Tensor) -> Result<Tensor> {
+        if let Some((len, mask)) = &self.mask {
+            if *len == t {
+                return Ok(mask.clone());
+            }
+        }
+        let data: Vec<u8> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| u8::from(j <= i)))
+            .collect();
+        let mask = Tensor::from_vec(data, (t, t), x.device())?;
+        self.mask = Some((t, mask.clone()));
+        Ok(mask)
+    }
+
+    /// `(B, T, C)` → `(B, T, C)`.
+    fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let (h, d) = (self.n_head, c / self.n_head);
+        let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
+        let split = |i: usize| -> Result<Tensor> {
+            qkv.narrow(2, i * c, c)? // (B, T, C)
+                .reshape((b, t, h, d))?
+                .transpose(1, 2)? // (B, H, T, D)
+                .contiguous()
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (B, H, T, T)
+                                                                        // Masked scores are *replaced* (where_cond), not added to: their gradient is exactly
+                                                                        // zero and the kept scores' gradient is untouched. -inf is safe because the diagonal is
+                                                                        // never masked, so every row has a finite max for the softmax's shift.
+        let mask = self.causal_mask(t, x)?.broadcast_as(scores.shape())?;
+        let neg_inf = Tensor::new(f32::NEG_INFINITY, x.device())?
+            .to_dtype(scores.dtype())?
+            .broadcast_as(scores.shape())?;
+        let scores = mask.where_cond(&scores, &neg_inf)?;
+        let probs = brigade_kernels::softmax_last_dim(&scores)?; // (B, H, T, T)
+        let y = probs.matmul(&v)?; // (B, H, T, D)
+        let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)
+        self.c_proj.forward(&y)
+    }
+}
+
+#[derive(Debug)]
+struct Mlp {
+    c_fc: Conv1D,   // C → 4C
+    c_proj: Conv1D, // 4C → C
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = brigade_kernels::gelu_tanh(&self.c_fc.forward(x)?)?; // (B, T, 4C)
+        self.c_proj.forward(&h) // (B, T, C)
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    n_embd: usize,
+    n_positions: usize,
+    ln_1: LayerNorm,
+    attn: CausalSelfAttention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Layer for Block {
+    fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+        check_hidden(x, self.n_embd, self.n_positions, "GPT block")?;
+        let x = (x + self.attn.forward(&self.ln_1.forward(x)?)?)?; // (B, T, C)
+        &x + self.mlp.forward(&self.ln_2.forward(&x)?)?
+    }
+}
+
+/// Hidden states between layers must be `(B, T, C)` f32 with `T <= context`.
+fn check_hidden(x: &Tensor, n_embd: usize, n_positions: usize, what: &str) -> Result<()> {
+    match x.dims() {
+        &[_, t, c] if c == n_embd && t <= n_positions => {}
+        dims => bail!("{what} expects hidden states (B, T<={n_positions}, {n_embd}), got {dims:?}"),
+    }
+    if x.dtype() != DType::F32 {
+        bail!("{what} expects f32 hidden states, got {:?}", x.dtype());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Head: final LayerNorm and the LM head tied to the token embedding.
+
+#[derive(Debug, Clone)]
+pub struct HeadSpec {
+    cfg: GptConfig,
+}
+
+impl LayerSpec for HeadSpec {
+    fn name(&self) -> String {
+        "lm_head".to_string()
+    }
+
+    fn params(&self) -> Vec<ParamSpec> {
+        let mut specs = layer_norm_specs("transformer.ln_f", self.cfg.n_embd).to_vec();
+        // Tied: the same name (and so the same Var) as the embedding's token table.
+        specs.push(wte_spec(&self.cfg));
+        specs
+    }
+
+    fn build(&self, store: &mut ParamStore) -> Result<Box<dyn Layer>> {
+        let [w, b, wte] = get_all(store, &self.params())?;
+        Ok(Box::new(Head {
+            n_positions: self.cfg.n_positions,
+            ln_f: LayerNorm {
+                weight: w,
+                bias: b,
+                eps: self.cfg.layer_norm_epsilon,
+            },
+            wte,
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct Head {
+    n_positions: usize,
+    ln_f: LayerNorm,
+    wte: Tensor, // (V, C)
+}
+
+impl Layer for Head {
+    fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+        let (v, c) = self.wte.dims2()?;
+        check_hidden(x, c, self.n_positions, "GPT head")?;
+        let (b, t, _) = x.dims3()?;
+        let h = self.ln_f.forward(x)?.reshape((b * t, c))?; // (B·T, C)
+        h.matmul(&self.wte.t()?)?.reshape((b, t, v)) // (B, T, V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use brigade_engine::layer::unique_params;
+    use candle_core::{Device, Var};
+
+    fn tiny() -> GptConfig {
+        GptConfig::preset("gpt-tiny").unwrap()
+    }
+
+    /// Builds every layer of `model` in one store.
+    fn build_all(model: &dyn PipelineModel, store: &mut ParamStore) -> Vec<Box<dyn Layer>> {
+        model
+            .layers()
+            .iter()
+            .map(|l| l.build(store).unwrap())
+            .collect()
+    }
+
+    fn run(layers: &mut [Box<dyn Layer>], x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        for l in layers.iter_mut() {
+            h = l.forward(&h, Mode::Train)?;
+        }
+        Ok(h)
+    }
+
+    fn ids(data: &[u32], b: usize, t: usize) -> Tensor {
+        Tensor::from_slice(data, (b, t), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn param_counts_match_hugging_face() {
+        let expected = [
+            ("gpt2", 124_439_808usize),
+            ("gpt2-medium", 354_823_168),
+            ("gpt2-large", 774_030_080),
+            ("gpt2-xl", 1_557_611_200),
+        ];
+        for (name, n) in expected {
+            assert_eq!(Gpt::from_preset(name).unwrap().num_params(), n, "{name}");
+        }
+        // gpt-tiny: wte 256·64 + wpe 64·64 + 2 blocks · (12·64² + 13·64) + ln_f 128.
+        let tiny = Gpt::from_preset("gpt-tiny").unwrap();
+        assert_eq!(
+            tiny.num_params(),
+            16384 + 4096 + 2 * (12 * 4096 + 13 * 64) + 128
+        );
+        // The layer list counts the tied table in both users.
+        let per_layer: usize = tiny.layers().iter().map(|l| l.param_count()).sum();
+        assert_eq!(per_layer, tiny.num_params() + 256 * 64);
+    }
+
+    #[test]
+    fn layer_list_and_names() {
+        let model = Gpt::from_preset("gpt-tiny").unwrap();
+        let names: Vec<String> = model.layers().iter().map(|l| l.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "transformer.embed",
+                "transformer.h.0",
+                "transformer.h.1",
+                "lm_head"
+            ]
+        );
+        let params: Vec<String> = unique_params(&model.layers())
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        for n in [
+            "transformer.wte.weight",
+            "transformer.wpe.weight",
+            "transformer.h.1.ln_1.weight",
+            "transformer.h.1.attn.c_attn.weight",
+            "transformer.h.1.attn.c_attn.bias",
+            "transformer.h.1.attn.c_proj.weight",
+            "transformer.h.1.ln_2.bias",
+            "transformer.h.1.mlp.c_fc.weight",
+            "transformer.h.1.mlp.c_proj.bias",
+            "transformer.ln_f.weight",
+        ] {
+            assert!(params.iter().any(|p| p == n), "missing {n}");
+        }
+        let attn = unique_params(&model.layers())
+            .into_iter()
+            .find(|p| p.name == "transformer.h.0.attn.c_attn.weight")
+            .unwrap();
+        assert_eq!(attn.shape, vec![64, 192]); // Conv1D layout (in, out)
+        assert_eq!(
+            model.input(),
+            InputKind::Tokens {
+                vocab: 256,
+                context: 64
+            }
+        );
+        assert_eq!(model.name(), "gpt-tiny");
+    }
+
+    #[test]
+    fn forward_shapes_and_tied_head() {
+        let model = Gpt::from_preset("gpt-tiny").unwrap();
+        let mut store = ParamStore::new(Device::Cpu, 0);
+        let mut layers = build_all(&model, &mut store);
+        let data: Vec<u32> = (0..2 * 10).map(|i| (i * 37 % 256) as u32).collect();
+        let logits = run(&mut layers, &ids(&data, 2, 10)).unwrap();
+        assert_eq!(logits.dims(), &[2, 10, 256]);
+        // Tied: one Var for the table, and its gradient gets contributions from both layers.
+        assert_eq!(store.len(), unique_params(&model.layers()).len());
+        let loss = logits.sqr().unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let wte = store.var(WTE).unwrap();
+        let g = grads.get(wte.as_tensor()).unwrap();
+        // Rows of tokens never fed in still get gradient through the head.
+        let unused_row = g.get(1).unwrap().abs().unwrap().sum_all().unwrap();
+        assert!(unused_row.to_scalar::<f32>().unwrap() > 0.0);
+    }
+
+    #[test]
+    fn causal_future_tokens_do_not_change_past_logits() {
+        let model = Gpt::from_preset("gpt-tiny").unwrap();
+        let mut store = ParamStore::new(Device::Cpu, 1);
+        let mut layers = build_all(&model, &mut store);
+        let a: Vec<u32> = vec![5, 17, 200, 3, 99, 42, 7, 8];
+        let mut b = a.clone();
+        b[5] = 250;
+        b[7] = 1;
+        let la = run(&mut layers, &ids(&a, 1, 8)).unwrap();
+        let lb = run(&mut layers, &ids(&b, 1, 8)).unwrap();
+        let diff = (&la - &lb).unwrap().abs().unwrap();
+        let past = diff
+            .narrow(1, 0, 5)
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let future = diff
+            .narrow(1, 5, 3)
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(past, 0.0);
+        assert!(future > 1e-4);
+    }
+
+    /// Central finite differences on a few entries of several parameters against autograd.
+    #[test]
+    fn gradients_match_finite_differences() {
+        let cfg = GptConfig::custom(16, 8, 8, 2, 2).unwrap();
+        let model = Gpt::new(cfg).unwrap();
+        let mut store = ParamStore::new(Device::Cpu, 3);
+        let mut layers = build_all(&model, &mut store);
+        let x = ids(&[1, 5, 9, 2, 15, 0, 3, 3, 7, 11], 2, 5);
+        let targets =
+            Tensor::from_slice(&[5u32, 9, 2, 15, 0, 3, 3, 7, 11, 4], 10, &Device::Cpu).unwrap();
+        let loss_of = |layers: &mut [Box<dyn Layer>]| -> Tensor {
+            let logits = run(layers, &x).unwrap().reshape((10, 16)).unwrap();
+            brigade_kernels::cross_entropy_sum(&logits, &targets).unwrap()
+        };
+        // GPT-2's 0.02-std embeddings make LayerNorm's input tiny, so a finite-difference step
+        // would be a large relative change; scale them to a trained model's order of magnitude.
+        for name in [WTE, WPE] {
+            let var = store.var(name).unwrap();
+            var.set(&(var.as_tensor() * 25.0).unwrap()).unwrap();
+        }
+        let grads = loss_of(&mut layers).backward().unwrap();
+        let names = [
+            "transformer.wte.weight",
+            "transformer.wpe.weight",
+            "transformer.h.0.ln_1.weight",
+            "transformer.h.0.attn.c_attn.weight",
+            "transformer.h.1.attn.c_proj.weight",
+            "transformer.h.1.mlp.c_fc.bias",
+            "transformer.h.0.mlp.c_proj.weight",
+            "transformer.ln_f.bias",
+        ];
+        for name in names {
+            let var: Var = store.var(name).unwrap().clone();
+            let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
+            let analytic: Vec<f32> = analytic.to_vec1().unwrap();
+            let base: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            for &i in &[0usize, 3, base.len() / 2, base.len() - 1] {
+                let eps = 1e-2f32;
+                let mut eval = |delta: f32| -> f64 {
+                    let mut v = base.clone();
+                    v[i] += delta;
+                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    let l = loss_of(&mut layers).to_scalar::<f32>().unwrap() as f64;
+                    var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    l
+                };
+                let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps as f64);
+                let a = analytic[i] as f64;
+                assert!(
+                    (numeric - a).abs() <= 1e-3 + 2e-2 * a.abs().max(numeric.abs()),
+                    "{name}[{i}]: autograd {a} vs finite difference {numeric}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let model = Gpt::from_preset("gpt-tiny").unwrap();
+        let mut store = ParamStore::new(Device::Cpu, 0);
+        let mut layers = build_all(&model, &mut store);
+        let emb = &mut layers[0];
+        let too_long: Vec<u32> = vec![1; 65];
+        let e = emb
+            .forward(&ids(&too_long, 1, 65), Mode::Train)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exceeds the model's context length 64"), "{e}");
+        let e = emb
+            .forward(&ids(&[1, 256], 1, 2), Mode::Train)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("token id 256 is out of range for vocabulary size 256"),
+            "{e}"
+        );
+        let neg = Tensor::from_slice(&[1i64, -1], (1, 2), &Device::Cpu).unwrap();
+        let e = emb.forward(&neg, Mode::Train).unwrap_err().to_string();
+        assert!(e.contains("token id -1"), "{e}");
+        let floats = Tensor::zeros((1, 2), DType::F32, &Device::Cpu).unwrap();
+        let e = emb.forward(&floats, Mode::Train).unwrap_err().to_string();
+        assert!(e.contains("integer token ids"), "{e}");
+        let flat = Tensor::from_slice(&[1u32, 2], 2, &Device::Cpu).unwrap();
+        assert!(emb
+            .forward(&flat, Mode::Train)
+            .unwrap_err()
+            .to_string()
+            .contains("(B, T)"));
+        let wrong_width = Tensor::zeros((1, 2, 32), DType::F32, &Device::Cpu).unwrap();
+        let e = layers[1]
+            .forward(&wrong_width, Mode::Train)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("GPT block expects hidden states"), "{e}");
+
+        let e = GptConfig::preset("gpt3").unwrap_err().to_string();
+        assert!(
+            e.contains("unknown model preset `gpt3`") && e.contains("gpt2-medium"),
+            "{e}"
+        );
+        let e = GptConfig::custom(10, 8, 10, 1, 3).unwrap_err().to_string();
+        assert!(e.contains("divisible"), "{e}");
+        assert!(Gpt::new(tiny().with_n_layer(0)).is_err());
+    }
+
+    #[test]
+    fn config_serde_and_overrides() {
+        let cfg = GptConfig::preset("gpt2")
+            .unwrap()
+            .with_n_layer(6)
+            .with_n_positions(256);
+        let json = serde_json::to_string(&cfg).unwrap();
+        let back: GptConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, cfg);
+        // Epsilon defaults when absent, as in HF config files that omit it.
+        let back: GptConfig = serde_json::from_str(
+            r#"{"vocab_size":256,"n_positions":64,"n_embd":64,"n_layer":2,"n_head":4}"#,
+        )
+        .unwrap();
+        assert_eq!(back, tiny());
+        assert_eq!(Gpt::new(back).unwrap().name(), "gpt-tiny");
+        assert!(Gpt::new(cfg).unwrap().name().starts_with("gpt(vocab=50257"));
+    }
+
+    #[test]
+    fn init_follows_gpt2() {
+        let model = Gpt::from_preset("gpt2").unwrap();
+        let layers = model.layers();
+        let specs = layers[1].params();
+        let get = |n: &str| specs.iter().find(|p| p.name == n).unwrap().clone();
+        assert_eq!(
+            get("transformer.h.0.attn.c_attn.weight").init,
+            Init::Normal { std: 0.02 }
+        );
+        let proj = Init::Normal {
+            std: 0.02 / 24f64.sqrt(),
+        };
+        assert_eq!(get("transformer.h.0.attn.c_proj.weight").init, proj);
+        assert_eq!(get("transformer.h.0.mlp.c_proj.weight").init, proj);
+        assert_eq!(get("transformer.h.0.mlp.c_fc.bias").init, Init::Zeros);
+        assert_eq!(get("transformer.h.0.ln_2.weight").init, Init::Ones);
+        assert!(!get("transformer.h.0.ln_2.weight").weight_decay);
+        assert!(get("transformer.h.0.mlp.c_fc.weight").weight_decay);
+    }
+}

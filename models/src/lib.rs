@@ -4,3 +4,42 @@
 pub mod data;
 pub mod gpt;
 pub mod resnet;
+
+use std::sync::Arc;
+
+use brigade_engine::PipelineModel;
+
+pub use gpt::{Gpt, GptConfig};
+pub use resnet::{BlockKind, ResNet, ResNetConfig};
+
+/// Errors from building a model description (before any tensor exists).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    #[error("unknown model preset `{name}`; valid presets: {}", .valid.join(", "))]
+    UnknownPreset { name: String, valid: Vec<&'static str> },
+    #[error("invalid model config: {0}")]
+    InvalidConfig(String),
+}
+
+impl From<ModelError> for candle_core::Error {
+    fn from(e: ModelError) -> Self {
+        candle_core::Error::Msg(e.to_string())
+    }
+}
+
+/// Every model preset name, GPT family first.
+pub fn preset_names() -> Vec<&'static str> {
+    gpt::PRESET_NAMES.iter().chain(resnet::PRESET_NAMES.iter()).copied().collect()
+}
+
+/// The model for any preset name (`gpt2`, `resnet18`, `gpt-tiny`, ...), with its default
+/// config; unknown names are an error listing the valid ones.
+pub fn preset(name: &str) -> Result<Arc<dyn PipelineModel>, ModelError> {
+    if gpt::PRESET_NAMES.contains(&name) {
+        gpt::model_from_preset(name)
+    } else if resnet::PRESET_NAMES.contains(&name) {
+        resnet::model_from_preset(name)
+    } else {
+        Err(ModelError::UnknownPreset { name: name.to_string(), valid: preset_names() })
+    }
+}

@@ -1,0 +1,203 @@
+//! Event-driven simulation of a schedule under the executor's rules, with per-action costs.
+//!
+//! The same simulation is the validator's deadlock check (a stage that can never start its next
+//! action is stuck) and the source of the bubble numbers and the printed grid, so what the
+//! printer shows is exactly what the validator accepted.
+//!
+//! Executor rules: each stage runs its list strictly in order; messages between stages are tagged
+//! by micro-batch and buffered, so only completion matters, never arrival order.
+//! `F(s,m)` needs `F(s-1,m)`; `B(s,m)`/`I(s,m)` need `F(s,m)` and, below the last stage, the
+//! input gradient from `B(s+1,m)` or `I(s+1,m)`; `W(s,m)` needs `I(s,m)`.
+
+use super::action::{Action, ActionKind};
+use super::error::Stuck;
+use super::Schedule;
+
+/// How long each kind of action takes, in arbitrary units. A full backward costs
+/// `backward_input + backward_weight`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ActionCosts {
+    pub forward: f64,
+    pub backward_input: f64,
+    pub backward_weight: f64,
+}
+
+impl Default for ActionCosts {
+    /// The textbook unit costs: F = I = W = 1, so B = 2.
+    fn default() -> ActionCosts {
+        ActionCosts { forward: 1.0, backward_input: 1.0, backward_weight: 1.0 }
+    }
+}
+
+impl ActionCosts {
+    pub fn of(&self, kind: ActionKind) -> f64 {
+        match kind {
+            ActionKind::Forward => self.forward,
+            ActionKind::Backward => self.backward_input + self.backward_weight,
+            ActionKind::BackwardInput => self.backward_input,
+            ActionKind::BackwardWeight => self.backward_weight,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TimedAction {
+    pub action: Action,
+    pub start: f64,
+    pub end: f64,
+}
+
+/// When every action of a schedule runs, per stage in execution order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timeline {
+    stages: Vec<Vec<TimedAction>>,
+}
+
+impl Timeline {
+    pub fn stages(&self) -> usize {
+        self.stages.len()
+    }
+
+    /// Stage `stage`'s actions with their start and end times (empty for an unknown stage).
+    pub fn stage_entries(&self, stage: usize) -> &[TimedAction] {
+        self.stages.get(stage).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Time from the first action's start (0) to the last action's end.
+    pub fn makespan(&self) -> f64 {
+        self.stages.iter().flatten().map(|t| t.end).fold(0.0, f64::max)
+    }
+
+    /// Time stage `stage` spends running actions.
+    pub fn busy_time(&self, stage: usize) -> f64 {
+        self.stage_entries(stage).iter().map(|t| t.end - t.start).sum()
+    }
+
+    pub fn busy_times(&self) -> Vec<f64> {
+        (0..self.stages()).map(|s| self.busy_time(s)).collect()
+    }
+
+    /// Total time stages spend waiting, summed over stages, within the makespan.
+    pub fn idle_time(&self) -> f64 {
+        self.stages() as f64 * self.makespan() - self.busy_times().iter().sum::<f64>()
+    }
+
+    /// Idle time over `stages × makespan`: the share of the pipeline's capacity lost to bubbles.
+    pub fn bubble_fraction(&self) -> f64 {
+        let capacity = self.stages() as f64 * self.makespan();
+        if capacity > 0.0 {
+            self.idle_time() / capacity
+        } else {
+            0.0
+        }
+    }
+}
+
+impl Schedule {
+    /// Simulates the schedule with the given costs. Every `Schedule` has passed validation, so
+    /// every action gets a time.
+    pub fn timeline(&self, costs: ActionCosts) -> Timeline {
+        Timeline { stages: simulate(self.stages, self.microbatches, &self.actions, costs).entries }
+    }
+
+    /// The classic GPipe / 1F1B bubble `(p-1)/(m+p-1)` for this schedule's stages and
+    /// micro-batches, as a yardstick: schedules that split backwards can do better.
+    pub fn theoretical_bubble(&self) -> f64 {
+        let (p, m) = (self.stages as f64, self.microbatches as f64);
+        (p - 1.0) / (m + p - 1.0)
+    }
+}
+
+pub(super) struct Simulation {
+    pub entries: Vec<Vec<TimedAction>>,
+    /// Stages that still had work when nothing could run any more; empty when all finished.
+    pub stuck: Vec<Stuck>,
+}
+
+/// Requires actions whose indices are in range and listed on their own stage; the validator
+/// checks that before calling.
+pub(super) fn simulate(
+    stages: usize,
+    microbatches: usize,
+    actions: &[Vec<Action>],
+    costs: ActionCosts,
+) -> Simulation {
+    let pairs = stages * microbatches;
+    let index = |a: Action| a.stage * microbatches + a.microbatch;
+
+    // Which action sends (s, m)'s input gradient. Only used to name what a stuck stage waits for.
+    let mut grad_kind = vec![ActionKind::Backward; pairs];
+    for a in actions.iter().flatten() {
+        if a.kind == ActionKind::BackwardInput {
+            grad_kind[index(*a)] = ActionKind::BackwardInput;
+        }
+    }
+    let dependencies = |a: Action| -> Vec<Action> {
+        let at = |stage, kind| Action { stage, kind, microbatch: a.microbatch };
+        match a.kind {
+            ActionKind::Forward if a.stage > 0 => vec![at(a.stage - 1, ActionKind::Forward)],
+            ActionKind::Forward => vec![],
+            ActionKind::Backward | ActionKind::BackwardInput => {
+                let mut deps = vec![at(a.stage, ActionKind::Forward)];
+                if a.stage + 1 < stages {
+                    let next = at(a.stage + 1, ActionKind::Forward);
+                    deps.push(at(a.stage + 1, grad_kind[index(next)]));
+                }
+                deps
+            }
+            ActionKind::BackwardWeight => vec![at(a.stage, ActionKind::BackwardInput)],
+        }
+    };
+
+    let mut forward_end: Vec<Option<f64>> = vec![None; pairs];
+    let mut grad_end: Vec<Option<f64>> = vec![None; pairs];
+    let end_of = |dep: Action, forward_end: &[Option<f64>], grad_end: &[Option<f64>]| match dep.kind {
+        ActionKind::Forward => forward_end[index(dep)],
+        // Nothing depends on W, so only B and I are asked for.
+        _ => grad_end[index(dep)],
+    };
+
+    let mut next = vec![0usize; stages];
+    let mut free_at = vec![0.0f64; stages];
+    let mut entries: Vec<Vec<TimedAction>> = actions.iter().map(|l| Vec::with_capacity(l.len())).collect();
+    loop {
+        let mut progressed = false;
+        for s in 0..stages {
+            while let Some(&action) = actions[s].get(next[s]) {
+                let mut ready = Some(free_at[s]);
+                for dep in dependencies(action) {
+                    ready = match (ready, end_of(dep, &forward_end, &grad_end)) {
+                        (Some(r), Some(e)) => Some(r.max(e)),
+                        _ => None,
+                    };
+                }
+                let Some(start) = ready else { break };
+                let end = start + costs.of(action.kind);
+                match action.kind {
+                    ActionKind::Forward => forward_end[index(action)] = Some(end),
+                    ActionKind::Backward | ActionKind::BackwardInput => grad_end[index(action)] = Some(end),
+                    ActionKind::BackwardWeight => {}
+                }
+                free_at[s] = end;
+                next[s] += 1;
+                entries[s].push(TimedAction { action, start, end });
+                progressed = true;
+            }
+        }
+        if !progressed {
+            break;
+        }
+    }
+
+    let stuck = (0..stages)
+        .filter_map(|s| {
+            let blocked = *actions[s].get(next[s])?;
+            let waits_for = dependencies(blocked)
+                .into_iter()
+                .filter(|dep| end_of(*dep, &forward_end, &grad_end).is_none())
+                .collect();
+            Some(Stuck { stage: s, blocked, waits_for })
+        })
+        .collect();
+    Simulation { entries, stuck }
+}

@@ -1,0 +1,160 @@
+//! The one validator every schedule goes through, generated or hand-written.
+//!
+//! Checks run from cheapest and most specific to most general (indices, duplicates, missing work,
+//! order on a stage, then the deadlock simulation), so each problem is reported by the check
+//! that can explain it best: "1B3 runs before 1F3" rather than "deadlock".
+
+use std::collections::HashMap;
+
+use super::action::{Action, ActionKind};
+use super::error::ScheduleError;
+use super::print::{marked_listing, Mark};
+use super::timeline::{simulate, ActionCosts};
+use super::Schedule;
+
+impl Schedule {
+    /// Checks that every stage can run its list to the end under the executor's rules and that
+    /// together they do each micro-batch's work exactly once. Constructors call this; it is public
+    /// so callers can re-check after building schedules by other means.
+    pub fn validate(&self) -> Result<(), ScheduleError> {
+        validate_parts(self.stages, self.microbatches, &self.actions)
+    }
+}
+
+fn validate_parts(stages: usize, microbatches: usize, actions: &[Vec<Action>]) -> Result<(), ScheduleError> {
+    if stages == 0 || microbatches == 0 {
+        return Err(ScheduleError::Empty { stages, microbatches });
+    }
+    if actions.len() != stages {
+        return Err(ScheduleError::StageCount { expected: stages, got: actions.len() });
+    }
+    let grid = |marks: &[Mark]| marked_listing(actions, marks);
+
+    // Where each action is listed: (stage list, position).
+    let mut position: HashMap<Action, (usize, usize)> = HashMap::new();
+    for (listed_on, list) in actions.iter().enumerate() {
+        for (pos, &action) in list.iter().enumerate() {
+            let here = Mark::cell(listed_on, pos, "");
+            if action.stage >= stages || action.microbatch >= microbatches {
+                let grid = grid(&[here.note("out of range")]);
+                return Err(ScheduleError::OutOfRange { action, stages, microbatches, grid });
+            }
+            if action.stage != listed_on {
+                let grid = grid(&[here.note(&format!("belongs on stage {}", action.stage))]);
+                return Err(ScheduleError::WrongStage { action, listed_on, grid });
+            }
+            if let Some(&(first_on, first_pos)) = position.get(&action) {
+                let marks = [Mark::cell(first_on, first_pos, "first"), here.note("listed again")];
+                return Err(ScheduleError::Duplicate { action, grid: grid(&marks) });
+            }
+            position.insert(action, (listed_on, pos));
+        }
+    }
+    let listed = |stage, kind, microbatch| position.get(&Action { stage, kind, microbatch }).copied();
+
+    let training = actions.iter().flatten().any(|a| a.kind.is_backward());
+    if training {
+        let forward_only: Vec<usize> =
+            (0..stages).filter(|&s| !actions[s].iter().any(|a| a.kind.is_backward())).collect();
+        if !forward_only.is_empty() {
+            let marks: Vec<Mark> = forward_only.iter().map(|&s| Mark::row(s, "no backward actions")).collect();
+            return Err(ScheduleError::MixedTraining { stages: forward_only, grid: grid(&marks) });
+        }
+        for (s, pos, full) in in_list_order(actions) {
+            if full.kind != ActionKind::Backward {
+                continue;
+            }
+            for kind in [ActionKind::BackwardInput, ActionKind::BackwardWeight] {
+                if let Some((split_on, split_pos)) = listed(full.stage, kind, full.microbatch) {
+                    let split = Action { kind, ..full };
+                    let marks = [Mark::cell(s, pos, "full backward"), Mark::cell(split_on, split_pos, "split backward")];
+                    return Err(ScheduleError::ConflictingBackward { full, split, grid: grid(&marks) });
+                }
+            }
+        }
+    }
+
+    check_complete(stages, microbatches, training, &position, &grid)?;
+
+    // Same-stage order: the simulation would also catch these, but as a vaguer "deadlock".
+    for (s, pos, action) in in_list_order(actions) {
+        let needs = match action.kind {
+            ActionKind::Backward | ActionKind::BackwardInput => Action { kind: ActionKind::Forward, ..action },
+            ActionKind::BackwardWeight => Action { kind: ActionKind::BackwardInput, ..action },
+            ActionKind::Forward => continue,
+        };
+        if let Some((_, needs_pos)) = listed(needs.stage, needs.kind, needs.microbatch) {
+            if needs_pos > pos {
+                let marks = [Mark::cell(s, pos, &format!("needs {needs} first")), Mark::cell(s, needs_pos, "")];
+                return Err(ScheduleError::OutOfOrder { action, needs, grid: grid(&marks) });
+            }
+        }
+    }
+
+    let stuck = simulate(stages, microbatches, actions, ActionCosts::default()).stuck;
+    if !stuck.is_empty() {
+        let marks: Vec<Mark> = stuck
+            .iter()
+            .map(|st| {
+                let waits: Vec<String> = st.waits_for.iter().map(|a| a.to_string()).collect();
+                Mark::cell(st.stage, position[&st.blocked].1, &format!("stuck, waits for {}", waits.join(" and ")))
+            })
+            .collect();
+        return Err(ScheduleError::Deadlock { stuck, grid: grid(&marks) });
+    }
+    Ok(())
+}
+
+/// (stage list, position, action), so that of several problems the first listed is reported.
+fn in_list_order(actions: &[Vec<Action>]) -> impl Iterator<Item = (usize, usize, Action)> + '_ {
+    actions.iter().enumerate().flat_map(|(s, list)| list.iter().enumerate().map(move |(pos, &a)| (s, pos, a)))
+}
+
+/// Every (stage, micro-batch) needs one F and, in training, one B or one I plus one W.
+fn check_complete(
+    stages: usize,
+    microbatches: usize,
+    training: bool,
+    position: &HashMap<Action, (usize, usize)>,
+    grid: &dyn Fn(&[Mark]) -> String,
+) -> Result<(), ScheduleError> {
+    let listed = |stage, kind, microbatch| position.get(&Action { stage, kind, microbatch });
+    let missing_at = |s: usize, mb: usize| -> Option<String> {
+        let has = |kind| listed(s, kind, mb).is_some();
+        let token = |kind| Action::new(s, kind, mb).to_string();
+        let (f, b, i, w) = (
+            has(ActionKind::Forward),
+            has(ActionKind::Backward),
+            has(ActionKind::BackwardInput),
+            has(ActionKind::BackwardWeight),
+        );
+        let mut missing = Vec::new();
+        if !f {
+            missing.push(token(ActionKind::Forward));
+        }
+        if training {
+            let (tb, ti, tw) = (token(ActionKind::Backward), token(ActionKind::BackwardInput), token(ActionKind::BackwardWeight));
+            match (b, i, w) {
+                (false, false, false) => missing.push(format!("{tb} (or {ti} and {tw})")),
+                (false, true, false) => missing.push(format!("{tw} (its {ti} is listed)")),
+                (false, false, true) => missing.push(format!("{ti} (its {tw} is listed)")),
+                _ => {}
+            }
+        }
+        (!missing.is_empty()).then(|| missing.join(" and "))
+    };
+
+    // Complete pairs each have a listed F, so the first incomplete pair is found within
+    // (number of actions + 1) steps, even for absurd stage or micro-batch counts.
+    let first = (0..stages).flat_map(|s| (0..microbatches).map(move |mb| (s, mb))).find_map(|(s, mb)| {
+        missing_at(s, mb).map(|missing| (s, mb, missing))
+    });
+    let Some((stage, microbatch, missing)) = first else { return Ok(()) };
+    let complete = position
+        .keys()
+        .filter(|a| a.kind == ActionKind::Forward && missing_at(a.stage, a.microbatch).is_none())
+        .count();
+    let more = stages.saturating_mul(microbatches).saturating_sub(complete + 1);
+    let grid = grid(&[Mark::row(stage, &format!("missing {missing}"))]);
+    Err(ScheduleError::MissingWork { stage, microbatch, missing, more, grid })
+}
