@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use brigade::engine::optim::{LrSchedule, OptimizerConfig};
 use brigade::engine::partition::PartitionStrategy;
 use brigade::engine::pipeline::{PipelineConfig, ScheduleChoice};
@@ -119,8 +119,19 @@ struct TrainArgs {
     plain: bool,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum ScheduleFormat {
+    /// Time x stage grid (F=1, B=2 time units).
+    Grid,
+    /// One line of actions per stage.
+    Text,
+}
+
 #[derive(Args)]
 struct ScheduleArgs {
+    /// Either output loads back with `--schedule FILE`.
+    #[arg(long, value_enum, default_value = "grid")]
+    format: ScheduleFormat,
     /// gpipe, 1f1b, or a schedule file to validate and draw.
     #[arg(long, default_value = "1f1b")]
     schedule: String,
@@ -140,10 +151,23 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, skipping causes a message already spells out.
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 /// `gpipe`/`1f1b`, or else a path to a schedule file.
@@ -155,7 +179,7 @@ fn schedule_choice(spec: &str) -> Result<ScheduleChoice> {
     if !path.exists() {
         bail!("unknown schedule {spec:?}: expected gpipe, 1f1b, or the path of a schedule file");
     }
-    let schedule = Schedule::load(&path).with_context(|| format!("schedule file {}", path.display()))?;
+    let schedule = Schedule::load(&path)?;
     Ok(ScheduleChoice::Custom(schedule))
 }
 
@@ -165,11 +189,13 @@ fn schedule(args: ScheduleArgs) -> Result<()> {
         ScheduleChoice::Custom(s) => s,
     };
     let timeline = schedule.timeline(ActionCosts::default());
-    println!("{}", schedule.grid());
-    println!();
-    println!("{}", schedule.to_text());
+    match args.format {
+        ScheduleFormat::Grid => println!("{}", schedule.grid().trim_end()),
+        ScheduleFormat::Text => println!("{}", schedule.to_text().trim_end()),
+    }
+    // A comment, so the whole output stays a loadable schedule file.
     println!(
-        "stages {}, micro-batches {}: theoretical bubble (p-1)/(m+p-1) = {:.1}%, simulated with F=1, B=2: {:.1}%",
+        "# stages {}, micro-batches {}: theoretical bubble (p-1)/(m+p-1) = {:.1}%, simulated with F=1, B=2: {:.1}%",
         schedule.stages(),
         schedule.microbatches(),
         100.0 * schedule.theoretical_bubble(),
@@ -299,7 +325,12 @@ fn train(args: TrainArgs) -> Result<()> {
         }
         Event::Eval { step, stats } => {
             let acc = if images { format!(", accuracy {:.1}%", 100.0 * stats.accuracy()) } else { String::new() };
-            bar.println(format!("step {step:>5}: held-out loss {:.4}{acc}", stats.loss));
+            let line = format!("step {step:>5}: held-out loss {:.4}{acc}", stats.loss);
+            if args.plain {
+                println!("{line}");
+            } else {
+                bar.println(line);
+            }
         }
     })?;
     bar.finish_and_clear();
