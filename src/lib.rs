@@ -43,3 +43,8 @@ pub enum Error {
     #[error("{0}")]
     Config(String),
 }
+
+/// The README's code blocks, compiled and run as doc-tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
