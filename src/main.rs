@@ -342,5 +342,7 @@ fn train(args: TrainArgs) -> Result<()> {
         summary.first_loss,
         summary.last_loss
     );
+    let utilization: Vec<String> = summary.stage_utilization.iter().map(|u| format!("{:.0}%", 100.0 * u)).collect();
+    println!("stage utilization (busy / step time): {}", utilization.join(", "));
     Ok(())
 }

@@ -83,6 +83,8 @@ pub struct Summary {
     pub last_loss: f64,
     pub final_eval: Option<EvalStats>,
     pub wall: Duration,
+    /// Fraction of training-step time each stage spent computing (1 − its bubble).
+    pub stage_utilization: Vec<f64>,
 }
 
 /// A model, its data and a running pipeline.
@@ -202,8 +204,14 @@ impl Trainer {
         let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
         let mut final_eval = None;
         let start = self.pipeline.steps_taken();
+        let mut busy = vec![Duration::ZERO; self.pipeline.partition().stages()];
+        let mut step_time = Duration::ZERO;
         for _ in start..self.options.steps {
             let stats = self.step()?;
+            step_time += stats.elapsed;
+            for (total, b) in busy.iter_mut().zip(&stats.stage_busy) {
+                *total += *b;
+            }
             if first_loss.is_nan() {
                 first_loss = stats.loss;
             }
@@ -224,6 +232,7 @@ impl Trainer {
             last_loss,
             final_eval,
             wall: started.elapsed(),
+            stage_utilization: busy.iter().map(|b| b.as_secs_f64() / step_time.as_secs_f64().max(1e-9)).collect(),
         })
     }
 }
