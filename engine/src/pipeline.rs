@@ -222,6 +222,8 @@ enum Msg {
     Gradient { microbatch: usize, tensor: Tensor },
     Reduced { tied_grads: Vec<(String, Tensor)>, clip_scale: f64 },
     Snapshot { kind: SnapshotKind, reply: Sender<Vec<(String, Tensor)>> },
+    /// Answered as soon as the stage is built and idle.
+    Ping { reply: Sender<()> },
     Abort,
     Shutdown,
 }
@@ -246,6 +248,7 @@ struct Outcome {
 pub struct Pipeline {
     model_name: String,
     input: InputKind,
+    num_classes: usize,
     partition: Partition,
     schedule: Arc<Schedule>,
     microbatches: usize,
@@ -359,6 +362,7 @@ impl Pipeline {
         let mut pipeline = Self {
             model_name: model.name(),
             input: model.input(),
+            num_classes: model.num_classes(),
             partition,
             schedule: Arc::new(schedule),
             microbatches: config.microbatches,
@@ -372,7 +376,13 @@ impl Pipeline {
             stopped: None,
         };
         // Building layers can fail (e.g. a wrong shape in `initial_params`); surface it now.
-        pipeline.snapshot(SnapshotKind::Params)?;
+        for s in 0..pipeline.inboxes.len() {
+            let (tx, rx) = unbounded();
+            pipeline.send(s, Msg::Ping { reply: tx })?;
+            if rx.recv().is_err() {
+                return Err(pipeline.stage_gone(s));
+            }
+        }
         Ok(pipeline)
     }
 
@@ -561,16 +571,19 @@ impl Pipeline {
             self.send(s, Msg::Snapshot { kind, reply: tx })?;
             match rx.recv() {
                 Ok(tensors) => out.push(tensors.into_iter().collect()),
-                Err(_) => {
-                    // The stage ended instead of answering: it reported why.
-                    let mut pending = vec![false; self.inboxes.len()];
-                    pending.iter_mut().enumerate().for_each(|(i, p)| *p = i != s);
-                    self.gather(&mut pending, |_| Ok(None))?;
-                    return Err(self.stop(None));
-                }
+                Err(_) => return Err(self.stage_gone(s)),
             }
         }
         Ok(out)
+    }
+
+    /// Stage `s` ended instead of answering; it has reported why (or `gather` notices it died).
+    fn stage_gone(&mut self, s: usize) -> EngineError {
+        let mut pending: Vec<bool> = (0..self.inboxes.len()).map(|i| i != s).collect();
+        match self.gather(&mut pending, |_| Ok(None)) {
+            Err(e) => e,
+            Ok(()) => self.stop(Some((s, None, "stage thread is gone".into()))),
+        }
     }
 
     fn ensure_running(&self) -> Result<()> {
@@ -594,8 +607,14 @@ impl Pipeline {
                 self.microbatches
             )));
         }
+        if !matches!(targets.dtype(), DType::U32 | DType::I64 | DType::U8) {
+            return Err(EngineError::Input(format!(
+                "targets must be integer class or token ids, got {:?}",
+                targets.dtype()
+            )));
+        }
         match &self.input {
-            InputKind::Tokens { context, .. } => {
+            InputKind::Tokens { context, vocab } => {
                 if inputs.rank() != 2 || !matches!(inputs.dtype(), DType::U32 | DType::I64 | DType::U8) {
                     return Err(EngineError::Input(format!(
                         "{} expects token ids of shape (batch, time) and an integer dtype, got {:?} {:?}",
@@ -611,6 +630,15 @@ impl Pipeline {
                         self.model_name
                     )));
                 }
+                if targets.dims() != inputs.dims() {
+                    return Err(EngineError::Input(format!(
+                        "targets of shape {:?} do not match token ids of shape {:?}",
+                        targets.dims(),
+                        inputs.dims()
+                    )));
+                }
+                check_ids_below(inputs, *vocab, "token id", "vocabulary")?;
+                check_ids_below(targets, *vocab, "target token id", "vocabulary")?;
             }
             InputKind::Images { channels } => {
                 if inputs.rank() != 4 || inputs.dim(1)? != *channels {
@@ -620,6 +648,13 @@ impl Pipeline {
                         inputs.dims()
                     )));
                 }
+                if targets.rank() != 1 {
+                    return Err(EngineError::Input(format!(
+                        "image labels must have shape (batch,), got {:?}",
+                        targets.dims()
+                    )));
+                }
+                check_ids_below(targets, self.num_classes, "label", "classes")?;
             }
         }
         Ok(())
@@ -713,6 +748,19 @@ impl Drop for Pipeline {
             }
         }
     }
+}
+
+/// Rejects ids at or beyond `limit` before they reach a stage (where they would stop the
+/// pipeline instead of just this call).
+fn check_ids_below(ids: &Tensor, limit: usize, what: &str, of: &str) -> Result<()> {
+    if ids.elem_count() == 0 {
+        return Ok(());
+    }
+    let max = ids.to_dtype(DType::F64)?.max_all()?.to_scalar::<f64>()?;
+    if max >= limit as f64 {
+        return Err(EngineError::Input(format!("{what} {max} is beyond the model's {limit} {of}")));
+    }
+    Ok(())
 }
 
 fn split_batch(t: &Tensor, parts: usize) -> Result<Vec<Tensor>> {
@@ -885,6 +933,9 @@ impl StageWorker {
                 Msg::Snapshot { kind, reply } => {
                     let _ = reply.send(self.snapshot(kind)?);
                 }
+                Msg::Ping { reply } => {
+                    let _ = reply.send(());
+                }
                 Msg::Activation { .. } | Msg::Gradient { .. } | Msg::Reduced { .. } => {
                     // Data can arrive before this stage has seen its own step message.
                     self.buffer(msg);
@@ -923,6 +974,7 @@ impl StageWorker {
             match msg {
                 Msg::Abort | Msg::Shutdown => return Err(StageStop::Aborted),
                 Msg::Snapshot { reply, .. } => drop(reply),
+                Msg::Ping { reply } => drop(reply),
                 other => self.buffer(other),
             }
         }

@@ -287,6 +287,14 @@ fn bad_inputs_are_rejected_with_clear_errors() {
     let floats = Tensor::zeros((4, 5, 3), DType::F32, &Device::Cpu).unwrap();
     let msg = pipe.train_step(&floats, &y.narrow(0, 0, 4).unwrap()).unwrap_err().to_string();
     assert!(msg.contains("expects token ids"), "{msg}");
+    let (x8, y8) = batch(0, 8);
+    let msg = pipe.train_step(&x8, &y8.narrow(1, 0, 4).unwrap()).unwrap_err().to_string();
+    assert!(msg.contains("targets of shape [8, 4] do not match token ids of shape [8, 5]"), "{msg}");
+    let too_big = (x8.to_dtype(DType::F32).unwrap() + VOCAB as f64).unwrap().to_dtype(DType::U32).unwrap();
+    let msg = pipe.train_step(&too_big, &y8).unwrap_err().to_string();
+    assert!(msg.contains("token id 21 is beyond the model's 11 vocabulary"), "{msg}");
+    let msg = pipe.train_step(&x8, &too_big).unwrap_err().to_string();
+    assert!(msg.contains("target token id"), "{msg}");
     // Bad input is not a stage failure: the pipeline keeps working.
     let (x, y) = batch(0, 8);
     pipe.train_step(&x, &y).unwrap();
