@@ -62,7 +62,7 @@ struct TrainArgs {
     /// Global batch size (examples, or sequences for GPT).
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 1000)]
     steps: u64,
     /// Peak learning rate.
     #[arg(long, default_value_t = 3e-3)]

@@ -524,9 +524,10 @@ impl CausalSelfAttention {
         };
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
         let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (B, H, T, T)
-                                                                        // Masked scores are *replaced* (where_cond), not added to: their gradient is exactly
-                                                                        // zero and the kept scores' gradient is untouched. -inf is safe because the diagonal is
-                                                                        // never masked, so every row has a finite max for the softmax's shift.
+
+        // Masked scores are *replaced* (where_cond), not added to: their gradient is exactly
+        // zero and the kept scores' gradient is untouched. -inf is safe because the diagonal is
+        // never masked, so every row has a finite max for the softmax's shift.
         let mask = self.causal_mask(t, x)?.broadcast_as(scores.shape())?;
         let neg_inf = Tensor::new(f32::NEG_INFINITY, x.device())?
             .to_dtype(scores.dtype())?
