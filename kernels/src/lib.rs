@@ -2,89 +2,208 @@
 //!
 //! candle-nn's fused `LayerNorm`, `RmsNorm` and `softmax_last_dim` have no backward pass, and
 //! candle's `max_pool2d` only differentiates when kernel == stride. Models in brigade call the
-//! functions here instead. Every op has a CPU implementation (the reference "twin" for any
-//! future CUDA kernel) and a gradient checked against finite differences in the tests.
+//! functions here instead.
+//!
+//! Each op is a fused CPU kernel registered as a candle custom op (`CustomOp1/2/3`) whose
+//! `bwd` applies a second, fused backward custom op — one pass over memory where the
+//! composition makes a temporary per elementary op. [`reference`] keeps the composition
+//! versions: they are the CPU twins every fused kernel is tested against (values and
+//! gradients), the finite-difference tests check both, and the benchmarks use them as the
+//! baseline.
+//!
+//! # Dtypes and devices
+//! The fused kernels run for **f32 and f64 tensors on the CPU**. Any other dtype (bf16, f16)
+//! or device (CUDA, Metal) transparently falls back to the [`reference`] composition, which is
+//! slower but correct and differentiable everywhere; a future CUDA kernel slots in as the
+//! custom ops' `cuda_fwd`. Argument validation is shared, so both paths reject the same inputs
+//! with the same error messages.
+//!
+//! # Limits
+//! Gradients are first order: the backward ops are applied without autograd, so
+//! differentiating a gradient through a fused op is not supported.
 
-use candle_core::{DType, Result, Tensor, D};
+mod cpu;
+mod cross_entropy;
+mod gelu;
+mod layer_norm;
+mod max_pool;
+pub mod reference;
+mod softmax;
+
+use candle_core::{bail, DType, Result, Tensor};
+
+/// Whether `t` can take the fused CPU kernels (see the crate docs).
+fn fused(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
 
 /// Layer normalisation over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
 ///
 /// # Shapes
 /// - `x`: `(..., C)`, `weight` and `bias`: `(C,)`; returns the shape of `x`.
+///
+/// `x` may be non-contiguous (e.g. transposed). `eps` must be finite and >= 0.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centered = x.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed.broadcast_mul(weight)?.broadcast_add(bias)
+    check_layer_norm_args(x, weight, bias, eps)?;
+    if !fused(x) {
+        return reference::layer_norm(x, weight, bias, eps);
+    }
+    x.apply_op3(weight, bias, layer_norm::LayerNorm { eps })
 }
 
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    // The max only shifts for numerical safety; detaching it keeps the gradient exact.
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    check_rank_at_least_1("softmax_last_dim", x)?;
+    if !fused(x) {
+        return reference::softmax_last_dim(x);
+    }
+    x.apply_op1(softmax::Softmax { log: false })
 }
 
 /// Log-softmax over the last dimension.
 pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    shifted.broadcast_sub(&lse)
+    check_rank_at_least_1("log_softmax_last_dim", x)?;
+    if !fused(x) {
+        return reference::log_softmax_last_dim(x);
+    }
+    x.apply_op1(softmax::Softmax { log: true })
 }
 
 /// Summed (not averaged) cross-entropy of `logits` `(N, V)` against class ids `targets` `(N,)`
-/// (u32). Returns a scalar. Summing lets the pipeline divide by the *global* batch size, so the
-/// loss does not depend on how the batch is split into micro-batches.
+/// (u32; other integer dtypes are converted). Returns a scalar. Summing lets the pipeline
+/// divide by the *global* batch size, so the loss does not depend on how the batch is split
+/// into micro-batches. A target id >= V is an error naming the id.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let logp = log_softmax_last_dim(logits)?;
-    let picked = logp.gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?;
-    picked.sum_all()?.neg()
+    check_cross_entropy_args(logits, targets)?;
+    if !fused(logits) {
+        return reference::cross_entropy_sum(logits, targets);
+    }
+    let targets = targets.to_dtype(DType::U32)?;
+    logits.apply_op2(&targets, cross_entropy::CrossEntropySum)
 }
 
 /// GELU with the tanh approximation (GPT-2's `gelu_new`).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    x.gelu()
+    if !fused(x) {
+        return reference::gelu_tanh(x);
+    }
+    x.apply_op1(gelu::GeluTanh)
 }
 
 /// 2-D max pooling over `(N, C, H, W)` with padding (padded cells never win), as torchvision's
-/// ResNet stem uses (kernel 3, stride 2, padding 1).
+/// ResNet stem uses (kernel 3, stride 2, padding 1). Output size is floor mode,
+/// `(H + 2 * padding - kernel) / stride + 1`. Gradient ties go to the first maximum in
+/// row-major window order, like PyTorch.
+///
+/// Errors unless `x` has rank 4 with non-empty H and W, `kernel >= 1`, `stride >= 1`,
+/// `padding <= kernel / 2` (PyTorch's rule; it keeps every window over at least one real
+/// cell) and `kernel` fits in the padded input.
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
-    let (_n, _c, h, w) = x.dims4()?;
-    let x = if padding > 0 {
-        let pad_value = -1e30f64;
-        pad_const(x, padding, pad_value)?
-    } else {
-        x.clone()
-    };
-    let (hp, wp) = (h + 2 * padding, w + 2 * padding);
-    let out_h = (hp - kernel) / stride + 1;
-    let out_w = (wp - kernel) / stride + 1;
-    let mut out: Option<Tensor> = None;
-    for di in 0..kernel {
-        let rows: Vec<u32> = (0..out_h).map(|i| (i * stride + di) as u32).collect();
-        let rows = Tensor::new(rows.as_slice(), x.device())?;
-        let xr = x.index_select(&rows, 2)?;
-        for dj in 0..kernel {
-            let cols: Vec<u32> = (0..out_w).map(|j| (j * stride + dj) as u32).collect();
-            let cols = Tensor::new(cols.as_slice(), x.device())?;
-            let window = xr.index_select(&cols, 3)?;
-            out = Some(match out {
-                None => window,
-                Some(acc) => acc.maximum(&window)?,
-            });
-        }
+    let (out_h, out_w) = check_max_pool_args(x, kernel, stride, padding)?;
+    if !fused(x) {
+        return reference::max_pool2d(x, kernel, stride, padding);
     }
-    out.ok_or_else(|| candle_core::Error::Msg("max_pool2d: kernel must be at least 1".into()))
+    x.apply_op1(max_pool::MaxPool2d {
+        kernel,
+        stride,
+        padding,
+        out_h,
+        out_w,
+    })
 }
 
-fn pad_const(x: &Tensor, padding: usize, value: f64) -> Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    let side = Tensor::full(value as f32, (n, c, h, padding), x.device())?.to_dtype(x.dtype())?;
-    let x = Tensor::cat(&[&side, x, &side], 3)?;
-    let w2 = w + 2 * padding;
-    let top = Tensor::full(value as f32, (n, c, padding, w2), x.device())?.to_dtype(x.dtype())?;
-    Tensor::cat(&[&top, &x, &top], 2)
+// ---- argument validation, shared by the fused and the reference paths ----------------------
+
+pub(crate) fn check_rank_at_least_1(op: &str, x: &Tensor) -> Result<()> {
+    if x.rank() == 0 {
+        bail!("{op}: expected a tensor of rank >= 1, got a scalar")
+    }
+    Ok(())
+}
+
+pub(crate) fn check_layer_norm_args(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<()> {
+    check_rank_at_least_1("layer_norm", x)?;
+    let c = x.dims()[x.rank() - 1];
+    if w.dims() != [c] {
+        bail!(
+            "layer_norm: weight must have shape ({c},) to match x {:?}, got {:?}",
+            x.shape(),
+            w.shape()
+        )
+    }
+    if b.dims() != [c] {
+        bail!(
+            "layer_norm: bias must have shape ({c},) to match x {:?}, got {:?}",
+            x.shape(),
+            b.shape()
+        )
+    }
+    if w.dtype() != x.dtype() || b.dtype() != x.dtype() {
+        bail!(
+            "layer_norm: x, weight and bias must share a dtype, got {:?}, {:?}, {:?}",
+            x.dtype(),
+            w.dtype(),
+            b.dtype()
+        )
+    }
+    if !(eps.is_finite() && eps >= 0.0) {
+        bail!("layer_norm: eps must be finite and >= 0, got {eps}")
+    }
+    Ok(())
+}
+
+pub(crate) fn check_cross_entropy_args(logits: &Tensor, targets: &Tensor) -> Result<()> {
+    let (n, v) = match logits.dims() {
+        &[n, v] => (n, v),
+        d => bail!("cross_entropy_sum: logits must have shape (N, V), got {d:?}"),
+    };
+    if targets.dims() != [n] {
+        bail!("cross_entropy_sum: targets must have shape ({n},) to match logits ({n}, {v}), got {:?}", targets.shape())
+    }
+    if !targets.dtype().is_int() {
+        bail!(
+            "cross_entropy_sum: targets must be integer class ids, got dtype {:?}",
+            targets.dtype()
+        )
+    }
+    if !logits.dtype().is_float() {
+        bail!(
+            "cross_entropy_sum: logits must be a float dtype, got {:?}",
+            logits.dtype()
+        )
+    }
+    Ok(())
+}
+
+/// Validates pooling geometry and returns the output `(height, width)`.
+pub(crate) fn check_max_pool_args(
+    x: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<(usize, usize)> {
+    let (h, w) = match x.dims() {
+        &[_, _, h, w] => (h, w),
+        d => bail!(
+            "max_pool2d: x must have shape (N, C, H, W), got {d:?} (rank {})",
+            d.len()
+        ),
+    };
+    if kernel == 0 {
+        bail!("max_pool2d: kernel must be at least 1")
+    }
+    if stride == 0 {
+        bail!("max_pool2d: stride must be at least 1")
+    }
+    if padding > kernel / 2 {
+        bail!("max_pool2d: padding {padding} must be at most half the kernel ({kernel})")
+    }
+    if h == 0 || w == 0 {
+        bail!("max_pool2d: input spatial size {h}x{w} is empty")
+    }
+    let (hp, wp) = (h + 2 * padding, w + 2 * padding);
+    if kernel > hp || kernel > wp {
+        bail!("max_pool2d: kernel {kernel} is larger than the padded input {hp}x{wp}")
+    }
+    Ok(((hp - kernel) / stride + 1, (wp - kernel) / stride + 1))
 }

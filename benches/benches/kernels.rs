@@ -1,0 +1,147 @@
+//! Fused kernels vs their `reference` compositions, forward + backward.
+//!
+//! Each iteration builds the op on a `Var`, reduces with `sum_all` and runs `backward()`, so
+//! the timing covers what a training step pays: the forward, candle's graph walk and the
+//! backward kernels. The reduction and graph overhead are identical for both variants.
+//!
+//! Run: `cargo bench -p brigade-benches --bench kernels -- --warm-up-time 1 --measurement-time 3`
+
+use std::hint::black_box;
+
+use brigade_kernels as k;
+use brigade_kernels::reference as r;
+use candle_core::{Device, Result, Tensor, Var};
+use criterion::{criterion_group, criterion_main, Criterion};
+
+/// Deterministic pseudo-random values in [-2, 2) (an LCG: the bench needs no statistical
+/// quality, only reproducible, non-degenerate inputs without ties).
+fn data(dims: &[usize], seed: u64) -> Tensor {
+    let n: usize = dims.iter().product();
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect();
+    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+}
+
+fn fwd_bwd(y: Result<Tensor>) {
+    let grads = y.unwrap().sum_all().unwrap().backward().unwrap();
+    black_box(grads);
+}
+
+/// Benchmarks `fused` against `reference` in one group: forward + backward on `Var`s, and
+/// (group `... fwd`) forward alone on detached tensors, which splits the cost.
+fn pair(
+    c: &mut Criterion,
+    name: &str,
+    inputs: &[Tensor],
+    fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+    reference: impl Fn(&[Tensor]) -> Result<Tensor>,
+) {
+    let vars: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| {
+            if t.dtype().is_float() {
+                Var::from_tensor(t).unwrap().as_tensor().clone()
+            } else {
+                t.clone()
+            }
+        })
+        .collect();
+    let mut g = c.benchmark_group(format!("{name} fwd+bwd"));
+    g.bench_function("fused", |bn| bn.iter(|| fwd_bwd(fused(&vars))));
+    g.bench_function("reference", |bn| bn.iter(|| fwd_bwd(reference(&vars))));
+    // What any elementwise op pays here besides its own kernels: candle's graph walk,
+    // `sum_all`'s broadcast gradient, and zero-init + accumulate of each input's gradient.
+    g.bench_function("baseline x*1 (graph overhead)", |bn| {
+        bn.iter(|| fwd_bwd(vars[0].affine(1.0, 0.0)))
+    });
+    g.finish();
+    let mut g = c.benchmark_group(format!("{name} fwd"));
+    g.bench_function("fused", |bn| bn.iter(|| black_box(fused(inputs).unwrap())));
+    g.bench_function("reference", |bn| {
+        bn.iter(|| black_box(reference(inputs).unwrap()))
+    });
+    g.finish();
+}
+
+fn bench_layer_norm(c: &mut Criterion) {
+    let ins = [data(&[16, 128, 256], 1), data(&[256], 2), data(&[256], 3)];
+    pair(
+        c,
+        "layer_norm 16x128x256",
+        &ins,
+        |t| k::layer_norm(&t[0], &t[1], &t[2], 1e-5),
+        |t| r::layer_norm(&t[0], &t[1], &t[2], 1e-5),
+    );
+}
+
+fn bench_softmax(c: &mut Criterion) {
+    let ins = [data(&[16, 4, 128, 128], 4)];
+    pair(
+        c,
+        "softmax 16x4x128x128",
+        &ins,
+        |t| k::softmax_last_dim(&t[0]),
+        |t| r::softmax_last_dim(&t[0]),
+    );
+    pair(
+        c,
+        "log_softmax 16x4x128x128",
+        &ins,
+        |t| k::log_softmax_last_dim(&t[0]),
+        |t| r::log_softmax_last_dim(&t[0]),
+    );
+}
+
+fn bench_cross_entropy(c: &mut Criterion) {
+    let t: Vec<u32> = (0..2048u32).map(|i| (i * 37) % 256).collect();
+    let t = Tensor::new(t.as_slice(), &Device::Cpu).unwrap();
+    let ins = [data(&[2048, 256], 5), t];
+    pair(
+        c,
+        "cross_entropy 2048x256",
+        &ins,
+        |t| k::cross_entropy_sum(&t[0], &t[1]),
+        |t| r::cross_entropy_sum(&t[0], &t[1]),
+    );
+}
+
+fn bench_max_pool(c: &mut Criterion) {
+    let ins = [data(&[16, 16, 32, 32], 6)];
+    pair(
+        c,
+        "max_pool2d 16x16x32x32 k3s2p1",
+        &ins,
+        |t| k::max_pool2d(&t[0], 3, 2, 1),
+        |t| r::max_pool2d(&t[0], 3, 2, 1),
+    );
+}
+
+fn bench_gelu(c: &mut Criterion) {
+    let ins = [data(&[16, 128, 1024], 7)];
+    pair(
+        c,
+        "gelu_tanh 16x128x1024",
+        &ins,
+        |t| k::gelu_tanh(&t[0]),
+        |t| r::gelu_tanh(&t[0]),
+    );
+}
+
+criterion_group!(
+    benches,
+    bench_layer_norm,
+    bench_softmax,
+    bench_cross_entropy,
+    bench_max_pool,
+    bench_gelu
+);
+criterion_main!(benches);

@@ -1,0 +1,161 @@
+//! Plumbing shared by the fused CPU kernels.
+//!
+//! - [`Real`]: the handful of float operations the kernels need, implemented for `f32` and
+//!   `f64`. Every kernel is written once, generically, so the f64 instantiation can be checked
+//!   against finite differences with tight tolerances while models run the f32 one.
+//! - [`view`]: reads a `CpuStorage` through its `Layout`. Contiguous inputs (the common case)
+//!   are borrowed with no copy; strided ones (a transposed tensor, a broadcast gradient with
+//!   stride 0) are gathered once into a row-major buffer, so the kernels only ever see dense
+//!   rows and can stay simple.
+//! - [`for_each_row`]: runs a per-row closure over an output buffer, on rayon when the tensor
+//!   is large enough for the fork/join cost (a few µs) to pay off, sequentially otherwise.
+
+use std::borrow::Cow;
+
+use candle_core::{CpuStorage, DType, Layout, Result, WithDType};
+use rayon::prelude::*;
+
+/// Below this many output elements a kernel runs on the calling thread.
+pub(crate) const PAR_MIN_ELEMS: usize = 1 << 14;
+
+pub(crate) trait Real: WithDType {
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INF: Self;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn is_nan(self) -> bool;
+}
+
+macro_rules! impl_real {
+    ($t:ty) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const NEG_INF: Self = <$t>::NEG_INFINITY;
+            #[inline(always)]
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            #[inline(always)]
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            #[inline(always)]
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            #[inline(always)]
+            fn is_nan(self) -> bool {
+                <$t>::is_nan(self)
+            }
+        }
+    };
+}
+impl_real!(f32);
+impl_real!(f64);
+
+/// Runs `$body` with `$T` bound to the Rust float type matching `$storage`'s dtype.
+macro_rules! with_float {
+    ($op:expr, $storage:expr, |$T:ident| $body:expr) => {{
+        use candle_core::backend::BackendStorage as _;
+        #[allow(unused_imports)]
+        use candle_core::WithDType as _;
+        #[allow(unused_imports)]
+        use $crate::cpu::Real as _;
+        match $storage.dtype() {
+            candle_core::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            candle_core::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            dt => Err($crate::cpu::unsupported($op, dt)),
+        }
+    }};
+}
+pub(crate) use with_float;
+
+pub(crate) fn unsupported(op: &str, dt: DType) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{op}: the fused CPU kernel supports f32 and f64, got {dt:?}"
+    ))
+    .bt()
+}
+
+/// The elements of `s` in the logical (row-major) order of `l`, borrowed when already dense.
+pub(crate) fn view<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [T]>> {
+    let data = T::cpu_storage_as_slice(s)?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(Cow::Borrowed(&data[start..end])),
+        None => Ok(Cow::Owned(gather_strided(
+            data,
+            l.dims(),
+            l.stride(),
+            l.start_offset(),
+        ))),
+    }
+}
+
+/// Copies a strided view into a dense buffer: an odometer over all but the last dim, with the
+/// innermost dim as a tight loop.
+fn gather_strided<T: Copy>(data: &[T], dims: &[usize], stride: &[usize], offset: usize) -> Vec<T> {
+    let n: usize = dims.iter().product();
+    let mut out = Vec::with_capacity(n);
+    if n == 0 {
+        return out;
+    }
+    let rank = dims.len();
+    if rank == 0 {
+        out.push(data[offset]);
+        return out;
+    }
+    let (inner, inner_stride) = (dims[rank - 1], stride[rank - 1]);
+    let mut idx = vec![0usize; rank - 1];
+    let mut base = offset;
+    loop {
+        out.extend((0..inner).map(|k| data[base + k * inner_stride]));
+        let mut d = rank - 1;
+        loop {
+            if d == 0 {
+                return out;
+            }
+            d -= 1;
+            idx[d] += 1;
+            base += stride[d];
+            if idx[d] < dims[d] {
+                break;
+            }
+            base -= stride[d] * dims[d];
+            idx[d] = 0;
+        }
+    }
+}
+
+/// Calls `f(row_index, row)` for each `row_len`-sized row of `out`.
+pub(crate) fn for_each_row<T: Send>(
+    out: &mut [T],
+    row_len: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    if row_len == 0 || out.is_empty() {
+        return;
+    }
+    if out.len() >= PAR_MIN_ELEMS {
+        out.par_chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
+    } else {
+        out.chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
+    }
+}
+
+/// Wraps a result buffer as storage (keeps the `WithDType` import out of every kernel file).
+pub(crate) fn storage<T: WithDType>(v: Vec<T>) -> CpuStorage {
+    T::to_cpu_storage_owned(v)
+}

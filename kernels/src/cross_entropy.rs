@@ -1,0 +1,143 @@
+//! Fused summed cross-entropy `sum_n (logsumexp(logits[n]) - logits[n, t_n])`, forward and
+//! backward.
+//!
+//! The composition materialises the full `(N, V)` log-softmax, gathers one column and sums;
+//! the fused forward reads each row once for the max and once for `sum(exp(x - max))`, and
+//! writes nothing but the scalar. Per-row losses are summed in f64 so a large batch does not
+//! lose low-order bits of the loss (the pipeline divides by the *global* batch later).
+//!
+//! Backward: `dlogits[n, v] = g * (softmax(logits[n])[v] - [v == t_n])`, `g` the incoming
+//! scalar gradient. The softmax is recomputed from the logits (the forward only returns the
+//! scalar), in one op over `(logits, targets, g)`; targets get no gradient.
+//!
+//! Assumes `logits: (N, V)` float and `targets: (N,)` u32 (the wrapper converts other integer
+//! dtypes). A target id >= V is an error naming the id and the row, never an out-of-bounds read.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::cpu::{for_each_row, storage, view, with_float, Real, PAR_MIN_ELEMS};
+
+fn check_targets(targets: &[u32], v: usize) -> Result<()> {
+    if let Some((row, &id)) = targets.iter().enumerate().find(|(_, &t)| t as usize >= v) {
+        candle_core::bail!(
+            "cross_entropy_sum: target id {id} at row {row} is out of range for {v} classes"
+        )
+    }
+    Ok(())
+}
+
+#[inline]
+fn row_max<T: Real>(xr: &[T]) -> T {
+    xr.iter()
+        .fold(T::NEG_INF, |m, &v| if v > m { v } else { m })
+}
+
+pub(crate) struct CrossEntropySum;
+
+impl CrossEntropySum {
+    fn fwd<T: Real>(&self, logits: &[T], targets: &[u32]) -> Result<CpuStorage> {
+        let n = targets.len();
+        let v = logits.len().checked_div(n).unwrap_or(0);
+        check_targets(targets, v)?;
+        let row_loss = |r: usize| -> f64 {
+            let xr = &logits[r * v..(r + 1) * v];
+            let max = row_max(xr);
+            let sum = xr.iter().fold(T::ZERO, |a, &x| a + (x - max).exp());
+            (max + sum.ln() - xr[targets[r] as usize]).to_f64()
+        };
+        let total: f64 = if logits.len() >= PAR_MIN_ELEMS {
+            (0..n).into_par_iter().map(row_loss).sum()
+        } else {
+            (0..n).map(row_loss).sum()
+        };
+        Ok(storage(vec![T::from_f64(total)]))
+    }
+}
+
+impl CustomOp2 for CrossEntropySum {
+    fn name(&self) -> &'static str {
+        "cross-entropy-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let targets = view::<u32>(ts, tl)?;
+        with_float!(self.name(), ls, |T| {
+            let logits = view::<T>(ls, ll)?;
+            Ok((self.fwd::<T>(&logits, &targets)?, Shape::from(())))
+        })
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _loss: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dlogits = logits.apply_op3_no_bwd(targets, grad, &CrossEntropySumBwd)?;
+        Ok((Some(dlogits), None))
+    }
+}
+
+/// `(logits, targets, g) -> g * (softmax(logits) - onehot(targets))`.
+pub(crate) struct CrossEntropySumBwd;
+
+impl CrossEntropySumBwd {
+    fn run<T: Real>(&self, logits: &[T], targets: &[u32], g: T) -> Result<Vec<T>> {
+        let n = targets.len();
+        let v = logits.len().checked_div(n).unwrap_or(0);
+        check_targets(targets, v)?;
+        let mut d = vec![T::ZERO; logits.len()];
+        for_each_row(&mut d, v, |r, dr| {
+            let xr = &logits[r * v..(r + 1) * v];
+            let max = row_max(xr);
+            let mut sum = T::ZERO;
+            for (o, &x) in dr.iter_mut().zip(xr) {
+                let e = (x - max).exp();
+                *o = e;
+                sum += e;
+            }
+            let scale = g / sum;
+            dr.iter_mut().for_each(|o| *o *= scale);
+            dr[targets[r] as usize] -= g;
+        });
+        Ok(d)
+    }
+}
+
+impl CustomOp3 for CrossEntropySumBwd {
+    fn name(&self) -> &'static str {
+        "cross-entropy-sum-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let targets = view::<u32>(ts, tl)?;
+        with_float!(self.name(), ls, |T| {
+            let logits = view::<T>(ls, ll)?;
+            let g = view::<T>(gs, gl)?;
+            if g.len() != 1 {
+                candle_core::bail!(
+                    "cross-entropy-sum-bwd: expected a scalar gradient, got {:?}",
+                    gl.shape()
+                )
+            }
+            let d = self.run::<T>(&logits, &targets, g[0])?;
+            Ok((storage(d), ll.shape().clone()))
+        })
+    }
+}

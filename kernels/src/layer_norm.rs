@@ -1,0 +1,205 @@
+//! Fused LayerNorm over the last dimension, forward and backward (after llm.c's
+//! `layernorm_forward` / `layernorm_backward`).
+//!
+//! Forward, per row of length `C`: mean, then variance of the centred row (two passes over a
+//! row that sits in L1, more accurate than `E[x²] - E[x]²`), `rstd = 1/sqrt(var + eps)`, then
+//! `y = (x - mean) * rstd * w + b` in a third pass. The composition makes ~8 full-size
+//! temporaries; this writes only `y`.
+//!
+//! Backward: candle's custom-op API returns a single tensor from the forward, so `mean`/`rstd`
+//! are not kept; the backward op recomputes them (one cheap pass per row) rather than
+//! widening the forward output. It computes, per row, with `xhat = (x - mean) * rstd`,
+//! `g = dy * w`:
+//!   `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`
+//! and accumulates `dw += dy * xhat`, `db += dy` over rows. All three come out of one custom op
+//! as one packed buffer `[dx | dw | db]` that is then split with zero-copy `narrow`s. Rows are
+//! processed in rayon chunks, each with private `dw`/`db` accumulators reduced at the end, so
+//! no atomics or locks are needed.
+//!
+//! Assumes `x: (..., C)`, `w, b: (C,)`, same float dtype (checked by the public wrapper).
+//! Second-order gradients are not supported (the backward op is applied without autograd).
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::cpu::{storage, view, with_float, Real, PAR_MIN_ELEMS};
+
+pub(crate) struct LayerNorm {
+    pub(crate) eps: f64,
+}
+
+/// Mean and 1/std of one row.
+#[inline]
+fn row_stats<T: Real>(xr: &[T], eps: T) -> (T, T) {
+    let n = T::from_f64(xr.len() as f64);
+    let mean = xr.iter().fold(T::ZERO, |a, &v| a + v) / n;
+    let var = xr.iter().fold(T::ZERO, |a, &v| {
+        let d = v - mean;
+        a + d * d
+    }) / n;
+    (mean, T::ONE / (var + eps).sqrt())
+}
+
+impl LayerNorm {
+    #[allow(clippy::too_many_arguments)]
+    fn fwd<T: Real>(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = view::<T>(xs, xl)?;
+        let w = view::<T>(ws, wl)?;
+        let b = view::<T>(bs, bl)?;
+        let c = w.len();
+        let eps = T::from_f64(self.eps);
+        let mut y = vec![T::ZERO; x.len()];
+        crate::cpu::for_each_row(&mut y, c, |r, yr| {
+            let xr = &x[r * c..(r + 1) * c];
+            let (mean, rstd) = row_stats(xr, eps);
+            for (((o, &v), &wv), &bv) in yr.iter_mut().zip(xr).zip(w.iter()).zip(b.iter()) {
+                *o = (v - mean) * rstd * wv + bv;
+            }
+        });
+        Ok((storage(y), xl.shape().clone()))
+    }
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        with_float!(self.name(), xs, |T| self.fwd::<T>(xs, xl, ws, wl, bs, bl))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let packed = x.apply_op3_no_bwd(w, dy, &LayerNormBwd { eps: self.eps })?;
+        let n = x.elem_count();
+        let c = w.elem_count();
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, c)?;
+        let db = packed.narrow(0, n + c, c)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// `(x, w, dy) -> [dx | dw | db]` flattened into one 1-D buffer of `numel(x) + 2C` values.
+pub(crate) struct LayerNormBwd {
+    eps: f64,
+}
+
+impl LayerNormBwd {
+    fn run<T: Real>(&self, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
+        let c = w.len();
+        let n = x.len();
+        let eps = T::from_f64(self.eps);
+        let inv_c = T::ONE / T::from_f64(c as f64);
+        let mut out = vec![T::ZERO; n + 2 * c];
+        if c == 0 || n == 0 {
+            return out;
+        }
+        let (dx, dwb) = out.split_at_mut(n);
+        // Processes a block of rows, returning that block's [dw | db] contribution.
+        let block = |row0: usize, dxb: &mut [T]| -> Vec<T> {
+            let mut acc = vec![T::ZERO; 2 * c];
+            let (dw, db) = acc.split_at_mut(c);
+            for (k, dxr) in dxb.chunks_mut(c).enumerate() {
+                let r = row0 + k;
+                let xr = &x[r * c..(r + 1) * c];
+                let gr = &dy[r * c..(r + 1) * c];
+                let (mean, rstd) = row_stats(xr, eps);
+                // Pass 1: the two row reductions of the dx formula, plus dw/db.
+                let mut g_mean = T::ZERO;
+                let mut gx_mean = T::ZERO;
+                for i in 0..c {
+                    let xhat = (xr[i] - mean) * rstd;
+                    let g = gr[i] * w[i];
+                    g_mean += g;
+                    gx_mean += g * xhat;
+                    dw[i] += gr[i] * xhat;
+                    db[i] += gr[i];
+                }
+                g_mean *= inv_c;
+                gx_mean *= inv_c;
+                // Pass 2: dx.
+                for i in 0..c {
+                    let xhat = (xr[i] - mean) * rstd;
+                    dxr[i] = (gr[i] * w[i] - g_mean - xhat * gx_mean) * rstd;
+                }
+            }
+            acc
+        };
+        let rows = n / c;
+        let acc = if n >= PAR_MIN_ELEMS {
+            // A few blocks per thread balances load; each block owns its accumulators.
+            let blocks = (rayon::current_num_threads() * 4).min(rows).max(1);
+            let rows_per_block = rows.div_ceil(blocks);
+            dx.par_chunks_mut(rows_per_block * c)
+                .enumerate()
+                .map(|(bi, dxb)| block(bi * rows_per_block, dxb))
+                .reduce(
+                    || vec![T::ZERO; 2 * c],
+                    |mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
+                        a
+                    },
+                )
+        } else {
+            block(0, dx)
+        };
+        dwb.copy_from_slice(&acc);
+        out
+    }
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if xl.shape() != gl.shape() {
+            candle_core::bail!(
+                "layer-norm-bwd: x {:?} and dy {:?} differ in shape",
+                xl.shape(),
+                gl.shape()
+            )
+        }
+        with_float!(self.name(), xs, |T| {
+            let x = view::<T>(xs, xl)?;
+            let w = view::<T>(ws, wl)?;
+            let dy = view::<T>(gs, gl)?;
+            let out = self.run::<T>(&x, &w, &dy);
+            let len = out.len();
+            Ok((storage(out), Shape::from(len)))
+        })
+    }
+}

@@ -1,0 +1,140 @@
+//! Fused softmax and log-softmax over the last dimension, with fused backward passes.
+//!
+//! Forward, per row of length `C`: one pass for the max (numerical safety), one pass writing
+//! `exp(x - max)` while summing it, one pass scaling (softmax) or subtracting `log(sum)`
+//! (log-softmax). The composition version makes five full-size temporaries; this makes one.
+//!
+//! Backward only needs the forward *output* `y`, which candle hands to `bwd` as `res`, so
+//! nothing is recomputed:
+//! - softmax:     `dx = y * (dy - sum(dy * y))`
+//! - log-softmax: `dx = dy - exp(y) * sum(dy)`
+//!
+//! Each backward is itself a custom op over `(y, dy)` applied without autograd (second-order
+//! gradients are not supported). Assumes rank >= 1 (checked by the public wrapper); rows are
+//! independent, so rayon parallelises over rows for large inputs.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+
+use crate::cpu::{for_each_row, storage, view, with_float, Real};
+
+fn last_dim(l: &Layout) -> usize {
+    l.dims().last().copied().unwrap_or(1)
+}
+
+pub(crate) struct Softmax {
+    pub(crate) log: bool,
+}
+
+impl Softmax {
+    fn fwd<T: Real>(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = view::<T>(s, l)?;
+        let c = last_dim(l);
+        let mut y = vec![T::ZERO; x.len()];
+        let log = self.log;
+        for_each_row(&mut y, c, |r, yr| {
+            let xr = &x[r * c..(r + 1) * c];
+            let max = xr
+                .iter()
+                .fold(T::NEG_INF, |m, &v| if v > m { v } else { m });
+            let mut sum = T::ZERO;
+            for (o, &v) in yr.iter_mut().zip(xr) {
+                let e = (v - max).exp();
+                *o = e;
+                sum += e;
+            }
+            if log {
+                let lse = sum.ln();
+                for (o, &v) in yr.iter_mut().zip(xr) {
+                    *o = v - max - lse;
+                }
+            } else {
+                let inv = T::ONE / sum;
+                yr.iter_mut().for_each(|o| *o *= inv);
+            }
+        });
+        Ok((storage(y), l.shape().clone()))
+    }
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        if self.log {
+            "log-softmax-last-dim"
+        } else {
+            "softmax-last-dim"
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        with_float!(self.name(), s, |T| self.fwd::<T>(s, l))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(dy, &SoftmaxBwd { log: self.log })?))
+    }
+}
+
+/// `(y, dy) -> dx` for softmax / log-softmax, `y` being the forward output.
+pub(crate) struct SoftmaxBwd {
+    log: bool,
+}
+
+impl SoftmaxBwd {
+    fn run<T: Real>(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = view::<T>(ys, yl)?;
+        let dy = view::<T>(gs, gl)?;
+        let c = last_dim(yl);
+        let mut dx = vec![T::ZERO; y.len()];
+        let log = self.log;
+        for_each_row(&mut dx, c, |r, dxr| {
+            let yr = &y[r * c..(r + 1) * c];
+            let gr = &dy[r * c..(r + 1) * c];
+            if log {
+                let sum = gr.iter().fold(T::ZERO, |a, &g| a + g);
+                for ((o, &yv), &g) in dxr.iter_mut().zip(yr).zip(gr) {
+                    *o = g - yv.exp() * sum;
+                }
+            } else {
+                let dot = yr.iter().zip(gr).fold(T::ZERO, |a, (&yv, &g)| a + yv * g);
+                for ((o, &yv), &g) in dxr.iter_mut().zip(yr).zip(gr) {
+                    *o = yv * (g - dot);
+                }
+            }
+        });
+        Ok((storage(dx), yl.shape().clone()))
+    }
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        if self.log {
+            "log-softmax-last-dim-bwd"
+        } else {
+            "softmax-last-dim-bwd"
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if yl.shape() != gl.shape() {
+            candle_core::bail!(
+                "{}: y {:?} and dy {:?} differ in shape",
+                self.name(),
+                yl.shape(),
+                gl.shape()
+            )
+        }
+        with_float!(self.name(), ys, |T| self.run::<T>(ys, yl, gs, gl))
+    }
+}
