@@ -343,6 +343,10 @@ fn train(args: TrainArgs) -> Result<()> {
         summary.last_loss
     );
     let utilization: Vec<String> = summary.stage_utilization.iter().map(|u| format!("{:.0}%", 100.0 * u)).collect();
-    println!("stage utilization (busy / step time): {}", utilization.join(", "));
+    println!(
+        "median step {:.3}s; stage utilization (busy / step time): {}",
+        summary.median_step.as_secs_f64(),
+        utilization.join(", ")
+    );
     Ok(())
 }

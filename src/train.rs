@@ -85,6 +85,8 @@ pub struct Summary {
     pub wall: Duration,
     /// Fraction of training-step time each stage spent computing (1 − its bubble).
     pub stage_utilization: Vec<f64>,
+    /// Median wall time of one training step.
+    pub median_step: Duration,
 }
 
 /// A model, its data and a running pipeline.
@@ -206,9 +208,11 @@ impl Trainer {
         let start = self.pipeline.steps_taken();
         let mut busy = vec![Duration::ZERO; self.pipeline.partition().stages()];
         let mut step_time = Duration::ZERO;
+        let mut step_times = Vec::new();
         for _ in start..self.options.steps {
             let stats = self.step()?;
             step_time += stats.elapsed;
+            step_times.push(stats.elapsed);
             for (total, b) in busy.iter_mut().zip(&stats.stage_busy) {
                 *total += *b;
             }
@@ -233,6 +237,10 @@ impl Trainer {
             final_eval,
             wall: started.elapsed(),
             stage_utilization: busy.iter().map(|b| b.as_secs_f64() / step_time.as_secs_f64().max(1e-9)).collect(),
+            median_step: {
+                step_times.sort();
+                step_times.get(step_times.len() / 2).copied().unwrap_or_default()
+            },
         })
     }
 }
