@@ -208,9 +208,7 @@ fn presets() -> Result<()> {
     println!("{:<14} {:>15} {:>7}", "preset", "parameters", "layers");
     for name in brigade::models::preset_names() {
         let model = brigade::models::preset(name)?;
-        let layers = model.layers();
-        let params = brigade::engine::layer::unique_params(&layers).iter().map(|p| p.numel()).sum::<usize>();
-        println!("{name:<14} {params:>15} {:>7}", layers.len());
+        println!("{name:<14} {:>15} {:>7}", model.num_params(), model.layers().len());
     }
     Ok(())
 }

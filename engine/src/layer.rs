@@ -239,6 +239,12 @@ pub trait PipelineModel: Send + Sync + Debug {
     fn input(&self) -> InputKind;
     /// Number of output classes (vocabulary size for language models).
     fn num_classes(&self) -> usize;
+
+    /// Distinct trainable parameters (tied ones once), from the specs alone: nothing is
+    /// allocated, so this is cheap even for the largest presets.
+    fn num_params(&self) -> usize {
+        unique_params(&self.layers()).iter().map(ParamSpec::numel).sum()
+    }
 }
 
 /// Every distinct parameter of `layers`, in first-use order (tied parameters once).

@@ -190,15 +190,6 @@ impl Gpt {
     pub fn config(&self) -> &GptConfig {
         &self.cfg
     }
-
-    /// Distinct trainable parameters (the tied `wte` counted once), computed from the specs
-    /// without allocating anything.
-    pub fn num_params(&self) -> usize {
-        brigade_engine::layer::unique_params(&self.layers())
-            .iter()
-            .map(ParamSpec::numel)
-            .sum()
-    }
 }
 
 /// A GPT preset as a shareable model (`gpt-tiny`, `gpt2`, ...).

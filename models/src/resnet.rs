@@ -206,14 +206,6 @@ impl ResNet {
     pub fn config(&self) -> &ResNetConfig {
         &self.cfg
     }
-
-    /// Trainable parameters (BatchNorm running statistics excluded), from the specs alone.
-    pub fn num_params(&self) -> usize {
-        brigade_engine::layer::unique_params(&self.layers())
-            .iter()
-            .map(ParamSpec::numel)
-            .sum()
-    }
 }
 
 /// A ResNet preset as a shareable model (`resnet18`, `resnet-tiny`, ...).
