@@ -15,6 +15,7 @@ pub use brigade_engine as engine;
 pub use brigade_kernels as kernels;
 pub use brigade_models as models;
 
+pub mod checkpoint;
 pub mod train;
 
 /// Everything a training script usually needs.
@@ -40,6 +41,8 @@ pub enum Error {
     Model(#[from] brigade_models::ModelError),
     #[error(transparent)]
     Schedule(#[from] brigade_engine::schedule::ScheduleError),
+    #[error(transparent)]
+    Checkpoint(#[from] brigade_engine::checkpoint::CheckpointError),
     #[error("{0}")]
     Config(String),
 }

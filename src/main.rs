@@ -1,18 +1,18 @@
 //! The `brigade` command line: train a model on pipeline stages, or print a schedule.
 
+mod cli_checkpoint;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use brigade::engine::optim::{LrSchedule, OptimizerConfig};
 use brigade::engine::partition::PartitionStrategy;
 use brigade::engine::pipeline::{PipelineConfig, ScheduleChoice};
 use brigade::engine::schedule::{ActionCosts, Schedule, ScheduleKind};
-use brigade::engine::PipelineModel;
 use brigade::models::data::{ImageDataset, TokenDataset};
-use brigade::models::{gpt, resnet, Gpt, GptConfig, ResNet, ResNetConfig};
-use brigade::train::{Dataset, Event, TrainOptions, Trainer};
+use brigade::models::ModelConfig;
+use brigade::train::{CheckpointPolicy, Dataset, Event, TrainOptions, Trainer};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -31,6 +31,14 @@ enum Command {
     Schedule(ScheduleArgs),
     /// List the model presets with their parameter and layer counts.
     Presets,
+    /// Write a checkpoint's weights as Hugging Face GPT-2 / torchvision ResNet files.
+    Export(cli_checkpoint::ExportArgs),
+    /// Show a checkpoint: metadata, tensors, and parameters per stage for a layout.
+    Inspect(cli_checkpoint::InspectArgs),
+    /// Run a checkpoint forward-only over pipeline stages: inputs in, logits out.
+    Predict(cli_checkpoint::PredictArgs),
+    /// Generate text from a GPT checkpoint, pipelined over stages.
+    Generate(cli_checkpoint::GenerateArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -41,9 +49,9 @@ enum OptimizerArg {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Model preset (see `brigade presets`).
-    #[arg(long, default_value = "gpt-tiny")]
-    model: String,
+    /// Model preset (see `brigade presets`); default gpt-tiny, or the checkpoint's with --resume.
+    #[arg(long)]
+    model: Option<String>,
     /// Number of pipeline stages (one thread each).
     #[arg(long, default_value_t = 2)]
     stages: usize,
@@ -117,6 +125,26 @@ struct TrainArgs {
     /// Print one line per step instead of a progress bar.
     #[arg(long)]
     plain: bool,
+    /// Save checkpoints into this directory (`step-N/` subdirectories and a `latest` file).
+    #[arg(long)]
+    save_dir: Option<PathBuf>,
+    /// Save every N steps (0: only after the last step).
+    #[arg(long, default_value_t = 0, requires = "save_dir")]
+    save_every: u64,
+    /// Keep only the newest N checkpoints in --save-dir.
+    #[arg(long, requires = "save_dir")]
+    keep_last: Option<usize>,
+    /// Largest checkpoint shard file, e.g. 2GB, 500MB.
+    #[arg(long, default_value = "2GB", value_parser = cli_checkpoint::parse_size)]
+    max_shard_size: u64,
+    /// Continue a run from a checkpoint (a checkpoint directory or a --save-dir) on this
+    /// run's layout; model, optimizer, LR schedule, batch size and data order come from it.
+    #[arg(long, conflicts_with = "init_from")]
+    resume: Option<PathBuf>,
+    /// Start from pretrained weights: a Hugging Face GPT-2 directory, a brigade checkpoint,
+    /// or a torchvision-named ResNet safetensors file.
+    #[arg(long)]
+    init_from: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -147,6 +175,10 @@ fn main() -> ExitCode {
         Command::Train(args) => train(args),
         Command::Schedule(args) => schedule(args),
         Command::Presets => presets(),
+        Command::Export(args) => cli_checkpoint::export(args),
+        Command::Inspect(args) => cli_checkpoint::inspect(args),
+        Command::Predict(args) => cli_checkpoint::predict(args),
+        Command::Generate(args) => cli_checkpoint::generate(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -213,48 +245,58 @@ fn presets() -> Result<()> {
     Ok(())
 }
 
-/// The model (with CLI overrides) and the data it trains on.
-fn model_and_data(args: &TrainArgs) -> Result<(Arc<dyn PipelineModel>, Dataset)> {
-    if gpt::PRESET_NAMES.contains(&args.model.as_str()) {
-        let data = match &args.data {
+/// The model config a run asks for: a preset with the CLI's overrides.
+fn model_config(args: &TrainArgs) -> Result<ModelConfig> {
+    let name = args.model.as_deref().unwrap_or("gpt-tiny");
+    Ok(match ModelConfig::preset(name)? {
+        ModelConfig::Gpt(mut cfg) => {
+            if let Some(v) = args.vocab {
+                cfg = cfg.with_vocab_size(v);
+            }
+            if let Some(t) = args.context {
+                cfg = cfg.with_n_positions(t);
+            }
+            if let Some(l) = args.layers {
+                cfg = cfg.with_n_layer(l);
+            }
+            if let Some(c) = args.width {
+                cfg = cfg.with_n_embd(c);
+            }
+            if let Some(h) = args.heads {
+                cfg = cfg.with_n_head(h);
+            }
+            cfg.validate()?;
+            ModelConfig::Gpt(cfg)
+        }
+        other => other,
+    })
+}
+
+/// The data for a model family: the file given, or the embedded default.
+fn data_for(config: &ModelConfig, args: &TrainArgs) -> Result<Dataset> {
+    Ok(match config {
+        ModelConfig::Gpt(_) => Dataset::Tokens(match &args.data {
             Some(path) => TokenDataset::from_path(path)?,
             None => TokenDataset::embedded(args.seed),
-        };
-        let mut cfg = GptConfig::preset(&args.model)?;
-        if let Some(v) = args.vocab {
-            cfg = cfg.with_vocab_size(v);
-        }
-        if let Some(t) = args.context {
-            cfg = cfg.with_n_positions(t);
-        }
-        if let Some(l) = args.layers {
-            cfg = cfg.with_n_layer(l);
-        }
-        if let Some(c) = args.width {
-            cfg = cfg.with_n_embd(c);
-        }
-        if let Some(h) = args.heads {
-            cfg = cfg.with_n_head(h);
-        }
-        Ok((Arc::new(Gpt::new(cfg)?), Dataset::Tokens(data)))
-    } else if resnet::PRESET_NAMES.contains(&args.model.as_str()) {
-        let data = match &args.data {
+        }),
+        ModelConfig::Resnet(_) => Dataset::Images(match &args.data {
             Some(path) => ImageDataset::from_safetensors(path)?,
             None => ImageDataset::embedded_shapes(5000, 1000, args.image_size, args.seed)?,
-        };
-        let cfg = ResNetConfig::preset(&args.model)?
-            .with_num_classes(data.num_classes())
-            .with_in_channels(data.channels());
-        Ok((Arc::new(ResNet::new(cfg)?), Dataset::Images(data)))
-    } else {
-        // Let the model registry produce the error that lists valid presets.
-        brigade::models::preset(&args.model)?;
-        bail!("model {} has no training setup", args.model)
+        }),
+    })
+}
+
+/// A ResNet's class and channel counts follow its data.
+fn fit_to_data(config: ModelConfig, data: &Dataset) -> ModelConfig {
+    match (config, data) {
+        (ModelConfig::Resnet(cfg), Dataset::Images(d)) => {
+            ModelConfig::Resnet(cfg.with_num_classes(d.num_classes()).with_in_channels(d.channels()))
+        }
+        (config, _) => config,
     }
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let (model, data) = model_and_data(&args)?;
     let partition = match &args.split {
         Some(split) => split.parse::<PartitionStrategy>()?,
         None => args.partition.parse::<PartitionStrategy>()?,
@@ -289,11 +331,47 @@ fn train(args: TrainArgs) -> Result<()> {
         eval_batches: args.eval_batches,
         data_seed: args.seed,
         context: args.context,
+        checkpoints: args.save_dir.as_ref().map(|dir| CheckpointPolicy {
+            dir: dir.clone(),
+            every: args.save_every,
+            keep_last: args.keep_last,
+            max_shard_bytes: args.max_shard_size,
+        }),
     };
-    println!("model    {}", model.name());
-    println!("data     {}", data.describe());
-    let mut trainer = Trainer::new(model, data, pipeline, options)?;
-    let images = matches!(args.model.as_str(), m if resnet::PRESET_NAMES.contains(&m));
+    let mut trainer = if let Some(resume) = &args.resume {
+        let (ckpt, config, _) = brigade::checkpoint::open(resume)?;
+        if let Some(asked) = &args.model {
+            if asked != &ckpt.meta.model.name {
+                bail!(
+                    "--resume {} holds a {} checkpoint, but --model {asked} was asked for",
+                    resume.display(),
+                    ckpt.meta.model.name
+                );
+            }
+        }
+        let data = data_for(&config, &args)?;
+        println!("resume   {} (step {})", ckpt.dir.display(), ckpt.meta.step);
+        println!("model    {}", ckpt.meta.model.name);
+        println!("data     {}", data.describe());
+        drop(ckpt);
+        Trainer::resume(resume, data, pipeline, options)?
+    } else {
+        let mut config = model_config(&args)?;
+        if let Some(init) = &args.init_from {
+            let imported = brigade::checkpoint::import(init, Some(&config))?;
+            println!("init     {} weights from {}", imported.params.len() + imported.buffers.len(), imported.source);
+            config = imported.config;
+            pipeline.initial_params = imported.params;
+            pipeline.initial_buffers = imported.buffers;
+        }
+        let data = data_for(&config, &args)?;
+        let config = if args.init_from.is_some() { config } else { fit_to_data(config, &data) };
+        let model = config.build()?;
+        println!("model    {}", model.name());
+        println!("data     {}", data.describe());
+        Trainer::new(model, data, pipeline, options)?
+    };
+    let images = matches!(trainer.model().input(), brigade::engine::InputKind::Images { .. });
     {
         let p = trainer.pipeline();
         println!(
@@ -324,6 +402,18 @@ fn train(args: TrainArgs) -> Result<()> {
         Event::Eval { step, stats } => {
             let acc = if images { format!(", accuracy {:.1}%", 100.0 * stats.accuracy()) } else { String::new() };
             let line = format!("step {step:>5}: held-out loss {:.4}{acc}", stats.loss);
+            if args.plain {
+                println!("{line}");
+            } else {
+                bar.println(line);
+            }
+        }
+        Event::Saved { step, checkpoint, seconds } => {
+            let line = format!(
+                "step {step:>5}: saved {} ({:.1} MB in {seconds:.2}s)",
+                checkpoint.dir.display(),
+                checkpoint.bytes as f64 / 1e6
+            );
             if args.plain {
                 println!("{line}");
             } else {

@@ -13,9 +13,14 @@
 //! # Ok(()) }
 //! ```
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use brigade_engine::checkpoint::{
+    prune_checkpoints, step_dir_name, update_latest, ModelMeta, SaveOptions, SavedCheckpoint, TrainingMeta,
+    DEFAULT_MAX_SHARD_BYTES,
+};
 use brigade_engine::layer::{InputKind, PipelineModel};
 use brigade_engine::pipeline::{EvalStats, Pipeline, PipelineConfig, StepStats};
 use brigade_models::data::{ImageDataset, Split, TokenDataset};
@@ -60,11 +65,31 @@ pub struct TrainOptions {
     pub data_seed: u64,
     /// Sequence length for token models; default: the model's context.
     pub context: Option<usize>,
+    /// Periodic checkpoints; none by default.
+    pub checkpoints: Option<CheckpointPolicy>,
 }
 
 impl Default for TrainOptions {
     fn default() -> Self {
-        Self { batch_size: 16, steps: 100, eval_every: 50, eval_batches: 8, data_seed: 0, context: None }
+        Self { batch_size: 16, steps: 100, eval_every: 50, eval_batches: 8, data_seed: 0, context: None, checkpoints: None }
+    }
+}
+
+/// Where and how often a run saves checkpoints: `dir/step-00000100/`, with `dir/latest`
+/// naming the newest complete one.
+#[derive(Debug, Clone)]
+pub struct CheckpointPolicy {
+    pub dir: PathBuf,
+    /// Save every this many steps (and after the last step); 0: only after the last.
+    pub every: u64,
+    /// Keep only the newest N checkpoints.
+    pub keep_last: Option<usize>,
+    pub max_shard_bytes: u64,
+}
+
+impl CheckpointPolicy {
+    pub fn new(dir: impl Into<PathBuf>, every: u64) -> Self {
+        Self { dir: dir.into(), every, keep_last: None, max_shard_bytes: DEFAULT_MAX_SHARD_BYTES }
     }
 }
 
@@ -73,6 +98,7 @@ impl Default for TrainOptions {
 pub enum Event {
     Step { stats: StepStats, items_per_sec: f64 },
     Eval { step: u64, stats: EvalStats },
+    Saved { step: u64, checkpoint: SavedCheckpoint, seconds: f64 },
 }
 
 /// Final numbers of a run.
@@ -92,6 +118,7 @@ pub struct Summary {
 /// A model, its data and a running pipeline.
 pub struct Trainer {
     pipeline: Pipeline,
+    model: Arc<dyn PipelineModel>,
     data: Dataset,
     options: TrainOptions,
     context: usize,
@@ -139,7 +166,68 @@ impl Trainer {
             }
         };
         let pipeline = Pipeline::new(model.as_ref(), pipeline)?;
-        Ok(Self { pipeline, data, options, context, device: Device::Cpu })
+        Ok(Self { pipeline, model, data, options, context, device: Device::Cpu })
+    }
+
+    /// Continues the run saved in `checkpoint` (a checkpoint directory, or a save directory's
+    /// `latest`) on the layout `pipeline` describes (any stages, split, schedule, micro-batch
+    /// count and threads). The model, parameters, buffers, optimizer state and step come from
+    /// the checkpoint, and so do the optimizer settings, learning-rate schedule, gradient
+    /// clipping, batch size, context and data order, so the continued run takes exactly the
+    /// steps the uninterrupted one would have. `options` gives the step to stop at and the
+    /// checkpoint policy.
+    pub fn resume(checkpoint: &Path, data: Dataset, pipeline: PipelineConfig, mut options: TrainOptions) -> Result<Self, Error> {
+        let (ckpt, _config, model) = crate::checkpoint::open(checkpoint)?;
+        let state = ckpt.load_resume(model.as_ref())?;
+        let meta = &ckpt.meta;
+        let pipeline = pipeline
+            .optimizer(meta.optimizer)
+            .lr(meta.lr_schedule)
+            .grad_clip(meta.grad_clip)
+            .seed(meta.seed)
+            .resume_from(state);
+        options.batch_size = meta.training.batch_size;
+        options.data_seed = meta.training.data_seed;
+        options.context = (meta.training.context > 0).then_some(meta.training.context);
+        let step = meta.step;
+        let mut trainer = Self::new(model, data, pipeline, options)?;
+        trainer.pipeline.set_step(step);
+        Ok(trainer)
+    }
+
+    pub fn model(&self) -> &Arc<dyn PipelineModel> {
+        &self.model
+    }
+
+    /// Saves a checkpoint of the current state into `dir` (atomically; each stage writes its
+    /// own shards).
+    pub fn save_checkpoint(&mut self, dir: &Path, max_shard_bytes: u64) -> Result<SavedCheckpoint, Error> {
+        let model = ModelMeta { name: self.model.name(), config: self.model.config() };
+        let step = self.pipeline.steps_taken();
+        let training = TrainingMeta {
+            batch_size: self.options.batch_size,
+            context: self.context,
+            data_seed: self.options.data_seed,
+            data_position: step,
+            data: match &self.data {
+                Dataset::Tokens(d) => d.source().to_string(),
+                Dataset::Images(d) => d.source().to_string(),
+            },
+            total_steps: self.options.steps,
+        };
+        let options = SaveOptions { max_shard_bytes, fault: save_fault_from_env() };
+        Ok(self.pipeline.save_checkpoint(dir, model, training, &options)?)
+    }
+
+    /// Saves into the policy's directory as `step-N`, points `latest` at it, prunes old ones.
+    fn save_periodic(&mut self, policy: &CheckpointPolicy) -> Result<SavedCheckpoint, Error> {
+        let dir = policy.dir.join(step_dir_name(self.pipeline.steps_taken()));
+        let saved = self.save_checkpoint(&dir, policy.max_shard_bytes)?;
+        update_latest(&policy.dir, &saved.dir)?;
+        if let Some(keep) = policy.keep_last {
+            prune_checkpoints(&policy.dir, keep)?;
+        }
+        Ok(saved)
     }
 
     pub fn pipeline(&mut self) -> &mut Pipeline {
@@ -229,6 +317,13 @@ impl Trainer {
                 final_eval = Some(stats);
                 on_event(&Event::Eval { step, stats });
             }
+            if let Some(policy) = self.options.checkpoints.clone() {
+                if (policy.every > 0 && step % policy.every == 0) || step == self.options.steps {
+                    let started = Instant::now();
+                    let checkpoint = self.save_periodic(&policy)?;
+                    on_event(&Event::Saved { step, checkpoint, seconds: started.elapsed().as_secs_f64() });
+                }
+            }
         }
         Ok(Summary {
             steps: self.pipeline.steps_taken(),
@@ -242,5 +337,18 @@ impl Trainer {
                 step_times.get(step_times.len() / 2).copied().unwrap_or_default()
             },
         })
+    }
+}
+
+/// Test hook for the crash-safety tests: `BRIGADE_TEST_SAVE_FAULT=abort:N` kills the process
+/// after N files of a save are written; `io:STAGE:N` makes stage STAGE fail after N files.
+fn save_fault_from_env() -> Option<brigade_engine::checkpoint::SaveFault> {
+    use brigade_engine::checkpoint::SaveFault;
+    let spec = std::env::var("BRIGADE_TEST_SAVE_FAULT").ok()?;
+    let parts: Vec<&str> = spec.split(':').collect();
+    match parts.as_slice() {
+        ["abort", n] => Some(SaveFault::Abort { after_files: n.parse().ok()? }),
+        ["io", stage, n] => Some(SaveFault::IoError { stage: stage.parse().ok()?, after_files: n.parse().ok()? }),
+        _ => None,
     }
 }

@@ -20,6 +20,8 @@ pub enum EngineError {
     #[error("the pipeline was stopped by an earlier failure ({0}); build a new one")]
     Stopped(String),
     #[error(transparent)]
+    Checkpoint(crate::checkpoint::CheckpointError),
+    #[error(transparent)]
     Tensor(#[from] candle_core::Error),
 }
 

@@ -176,6 +176,15 @@ impl ParamStore {
     }
 }
 
+/// A non-trainable tensor a layer keeps (BatchNorm's running statistics), as data: checkpoints
+/// use these to know, before any stage exists, exactly which buffers a model has.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BufferSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+}
+
 /// A built layer, living on one stage's thread.
 pub trait Layer: Send {
     /// Runs the layer on one micro-batch. `&mut self` because some layers (BatchNorm) update
@@ -205,6 +214,11 @@ pub trait LayerSpec: Send + Sync + Debug {
 
     /// Builds the layer on a stage, taking its parameters from `store`.
     fn build(&self, store: &mut ParamStore) -> Result<Box<dyn Layer>>;
+
+    /// The buffers the built layer reports through [`Layer::buffers`] (names, shapes, dtypes).
+    fn buffer_specs(&self) -> Vec<BufferSpec> {
+        Vec::new()
+    }
 
     /// Number of parameter elements this layer uses (tied parameters counted in each user).
     fn param_count(&self) -> usize {
@@ -239,6 +253,12 @@ pub trait PipelineModel: Send + Sync + Debug {
     fn input(&self) -> InputKind;
     /// Number of output classes (vocabulary size for language models).
     fn num_classes(&self) -> usize;
+
+    /// The model's configuration as JSON, enough to rebuild it (checkpoints store it).
+    /// Models that cannot be rebuilt from data return `null`.
+    fn config(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 
     /// Distinct trainable parameters (tied ones once), from the specs alone: nothing is
     /// allocated, so this is cheap even for the largest presets.

@@ -7,8 +7,11 @@
 //! - [`optim`]: AdamW and SGD with visible state, and the learning-rate schedule.
 //! - [`pipeline`]: the threaded executor: one OS thread per stage, crossbeam channels between.
 //! - [`reference`]: plain single-device training, the yardstick every schedule must match.
+//! - [`checkpoint`]: the layout-independent checkpoint format (safetensors shards, atomic writes,
+//!   validated loads).
 //! - [`loss`]: the loss the last stage computes, normalised by the global batch.
 
+pub mod checkpoint;
 pub mod error;
 pub mod layer;
 pub mod loss;
@@ -19,4 +22,4 @@ pub mod reference;
 pub mod schedule;
 
 pub use error::EngineError;
-pub use layer::{Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, PipelineModel};
+pub use layer::{BufferSpec, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, PipelineModel};

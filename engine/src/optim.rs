@@ -53,6 +53,22 @@ pub enum ParamState {
     Sgd { momentum_buffer: Option<Tensor> },
 }
 
+impl ParamState {
+    /// The same state with its tensors on `device` (resuming onto a stage's device).
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
+        Ok(match self {
+            ParamState::AdamW { exp_avg, exp_avg_sq, step } => ParamState::AdamW {
+                exp_avg: exp_avg.to_device(device)?,
+                exp_avg_sq: exp_avg_sq.to_device(device)?,
+                step: *step,
+            },
+            ParamState::Sgd { momentum_buffer } => ParamState::Sgd {
+                momentum_buffer: momentum_buffer.as_ref().map(|b| b.to_device(device)).transpose()?,
+            },
+        })
+    }
+}
+
 /// An optimizer over named parameters. Each stage owns one for its own parameters.
 #[derive(Debug, Clone)]
 pub struct Optimizer {

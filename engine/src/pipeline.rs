@@ -38,6 +38,8 @@ use crate::optim::{LrSchedule, Optimizer, OptimizerConfig, ParamState};
 use crate::partition::{Partition, PartitionStrategy};
 use crate::schedule::{Action, ActionKind, Schedule, ScheduleKind};
 
+mod save;
+
 /// Which schedule a pipeline runs.
 #[derive(Debug, Clone)]
 pub enum ScheduleChoice {
@@ -96,6 +98,10 @@ pub struct PipelineConfig {
     pub seed: u64,
     /// Initial values by parameter name (resume, import); others come from the initialiser.
     pub initial_params: HashMap<String, Tensor>,
+    /// Initial buffers (BatchNorm running statistics) by name, when resuming.
+    pub initial_buffers: HashMap<String, Tensor>,
+    /// Optimizer state by parameter name, when resuming.
+    pub initial_optimizer_state: HashMap<String, ParamState>,
     pub fault: Option<Fault>,
 }
 
@@ -112,6 +118,8 @@ impl Default for PipelineConfig {
             threads_per_stage: None,
             seed: 0,
             initial_params: HashMap::new(),
+            initial_buffers: HashMap::new(),
+            initial_optimizer_state: HashMap::new(),
             fault: None,
         }
     }
@@ -158,6 +166,14 @@ impl PipelineConfig {
         self.initial_params = params;
         self
     }
+    /// Everything a checkpoint restores: parameters, buffers and optimizer state.
+    pub fn resume_from(mut self, state: crate::checkpoint::ResumeState) -> Self {
+        self.initial_params = state.params;
+        self.initial_buffers = state.buffers;
+        self.initial_optimizer_state = state.optimizer;
+        self
+    }
+
     pub fn fault(mut self, fault: Fault) -> Self {
         self.fault = Some(fault);
         self
@@ -221,7 +237,13 @@ enum Msg {
     Activation { microbatch: usize, tensor: Tensor },
     Gradient { microbatch: usize, tensor: Tensor },
     Reduced { tied_grads: Vec<(String, Tensor)>, clip_scale: f64 },
+    /// Forward-only over a batch; the last stage returns the outputs (logits).
+    Predict { schedule: Arc<Schedule>, inputs: Vec<Tensor> },
     Snapshot { kind: SnapshotKind, reply: Sender<Vec<(String, Tensor)>> },
+    /// What this stage would save: (weights and buffers, optimizer state).
+    Manifest { reply: Sender<StageResult<save::Manifest>> },
+    /// Write these files (into a staging directory) from this stage's own tensors.
+    Save { job: Arc<save::SaveJob>, reply: Sender<std::result::Result<u64, String>> },
     /// Answered as soon as the stage is built and idle.
     Ping { reply: Sender<()> },
     Abort,
@@ -241,6 +263,8 @@ struct Outcome {
     loss: f64,
     correct: usize,
     terms: usize,
+    /// Model outputs by micro-batch (prediction only, last stage).
+    outputs: Vec<(usize, Tensor)>,
 }
 
 /// A running pipeline: stage threads that own their layers, parameters, gradients and
@@ -254,6 +278,10 @@ pub struct Pipeline {
     microbatches: usize,
     lr: LrSchedule,
     grad_clip: Option<f64>,
+    optimizer: OptimizerConfig,
+    seed: u64,
+    /// Every distinct parameter name of the model.
+    param_names: Vec<String>,
     inboxes: Vec<Sender<Msg>>,
     reports: Receiver<Report>,
     handles: Vec<Option<JoinHandle<()>>>,
@@ -343,6 +371,8 @@ impl Pipeline {
                 specs,
                 seed: config.seed,
                 initial: config.initial_params.clone(),
+                initial_buffers: config.initial_buffers.clone(),
+                initial_optimizer_state: config.initial_optimizer_state.clone(),
                 optimizer: config.optimizer,
                 loss: model.loss(),
                 tied: stage_tied,
@@ -368,6 +398,9 @@ impl Pipeline {
             microbatches: config.microbatches,
             lr: config.lr,
             grad_clip: config.grad_clip,
+            optimizer: config.optimizer,
+            seed: config.seed,
+            param_names: crate::layer::unique_params(&layers).into_iter().map(|p| p.name).collect(),
             inboxes,
             reports,
             handles,
@@ -527,6 +560,37 @@ impl Pipeline {
         Ok(EvalStats { loss: totals.loss / totals.terms.max(1) as f64, correct: totals.correct, terms: totals.terms })
     }
 
+    /// The model's outputs (logits) for `inputs`, computed forward-only in evaluation mode and
+    /// pipelined over the same stages; micro-batched like training when the batch divides.
+    pub fn predict(&mut self, inputs: &Tensor) -> Result<Tensor> {
+        self.ensure_running()?;
+        self.check_inputs(inputs)?;
+        let batch = inputs.dim(0)?;
+        if batch == 0 {
+            return Err(EngineError::Input("cannot predict on an empty batch".into()));
+        }
+        let m = if batch % self.microbatches == 0 { self.microbatches } else { 1 };
+        let schedule = Arc::new(Schedule::forward_only(self.inboxes.len(), m)?);
+        let input_chunks = split_batch(inputs, m)?;
+        let stages = self.inboxes.len();
+        for s in (0..stages).rev() {
+            let msg = Msg::Predict { schedule: schedule.clone(), inputs: if s == 0 { input_chunks.clone() } else { Vec::new() } };
+            self.send(s, msg)?;
+        }
+        let mut done = vec![false; stages];
+        let mut outputs = Vec::new();
+        self.gather(&mut done, |report| match report {
+            Report::Done { stage, outcome, .. } => {
+                outputs.extend(outcome.outputs);
+                Ok(Some(stage))
+            }
+            _ => Ok(None),
+        })?;
+        outputs.sort_by_key(|(mb, _)| *mb);
+        let outputs: Vec<Tensor> = outputs.into_iter().map(|(_, t)| t).collect();
+        Ok(Tensor::cat(&outputs, 0)?)
+    }
+
     /// Every parameter, copied to the CPU, by canonical name (tied copies once).
     pub fn parameters(&mut self) -> Result<BTreeMap<String, Tensor>> {
         self.snapshot(SnapshotKind::Params)
@@ -613,6 +677,33 @@ impl Pipeline {
                 targets.dtype()
             )));
         }
+        self.check_inputs(inputs)?;
+        match &self.input {
+            InputKind::Tokens { vocab, .. } => {
+                if targets.dims() != inputs.dims() {
+                    return Err(EngineError::Input(format!(
+                        "targets of shape {:?} do not match token ids of shape {:?}",
+                        targets.dims(),
+                        inputs.dims()
+                    )));
+                }
+                check_ids_below(targets, *vocab, "target token id", "vocabulary")?;
+            }
+            InputKind::Images { .. } => {
+                if targets.rank() != 1 {
+                    return Err(EngineError::Input(format!(
+                        "image labels must have shape (batch,), got {:?}",
+                        targets.dims()
+                    )));
+                }
+                check_ids_below(targets, self.num_classes, "label", "classes")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks model inputs alone: token ids within vocabulary and context, or image shape.
+    fn check_inputs(&self, inputs: &Tensor) -> Result<()> {
         match &self.input {
             InputKind::Tokens { context, vocab } => {
                 if inputs.rank() != 2 || !matches!(inputs.dtype(), DType::U32 | DType::I64 | DType::U8) {
@@ -630,15 +721,7 @@ impl Pipeline {
                         self.model_name
                     )));
                 }
-                if targets.dims() != inputs.dims() {
-                    return Err(EngineError::Input(format!(
-                        "targets of shape {:?} do not match token ids of shape {:?}",
-                        targets.dims(),
-                        inputs.dims()
-                    )));
-                }
                 check_ids_below(inputs, *vocab, "token id", "vocabulary")?;
-                check_ids_below(targets, *vocab, "target token id", "vocabulary")?;
             }
             InputKind::Images { channels } => {
                 if inputs.rank() != 4 || inputs.dim(1)? != *channels {
@@ -648,13 +731,9 @@ impl Pipeline {
                         inputs.dims()
                     )));
                 }
-                if targets.rank() != 1 {
-                    return Err(EngineError::Input(format!(
-                        "image labels must have shape (batch,), got {:?}",
-                        targets.dims()
-                    )));
+                if inputs.dtype() != DType::F32 {
+                    return Err(EngineError::Input(format!("{} expects f32 images, got {:?}", self.model_name, inputs.dtype())));
                 }
-                check_ids_below(targets, self.num_classes, "label", "classes")?;
             }
         }
         Ok(())
@@ -779,6 +858,8 @@ struct StageSetup {
     specs: Vec<Arc<dyn LayerSpec>>,
     seed: u64,
     initial: HashMap<String, Tensor>,
+    initial_buffers: HashMap<String, Tensor>,
+    initial_optimizer_state: HashMap<String, ParamState>,
     optimizer: OptimizerConfig,
     loss: LossKind,
     tied: Vec<String>,
@@ -880,19 +961,39 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 impl StageWorker {
     fn build(setup: StageSetup) -> StageResult<Self> {
         let mut store = ParamStore::new(Device::Cpu, setup.seed).with_overrides(setup.initial);
-        let layers = setup
+        let mut layers = setup
             .specs
             .iter()
             .map(|spec| spec.build(&mut store))
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(|e| StageStop::Failed(None, format!("building layers: {e}")))?;
+        if !setup.initial_buffers.is_empty() {
+            for (spec, layer) in setup.specs.iter().zip(layers.iter_mut()) {
+                let mine: HashMap<String, Tensor> = spec
+                    .buffer_specs()
+                    .into_iter()
+                    .filter_map(|b| setup.initial_buffers.get(&b.name).map(|t| (b.name, t.clone())))
+                    .collect();
+                if !mine.is_empty() {
+                    layer
+                        .load_buffers(&mine)
+                        .map_err(|e| StageStop::Failed(None, format!("restoring buffers of {}: {e}", spec.name())))?;
+                }
+            }
+        }
+        let mut optimizer = Optimizer::new(setup.optimizer);
+        for (name, _, _) in store.vars() {
+            if let Some(state) = setup.initial_optimizer_state.get(name) {
+                optimizer.set_state(name, state.to_device(store.device())?);
+            }
+        }
         Ok(Self {
             index: setup.index,
             is_first: setup.index == 0,
             is_last: setup.index + 1 == setup.stages,
             layers,
             store,
-            optimizer: Optimizer::new(setup.optimizer),
+            optimizer,
             loss: setup.loss,
             tied: setup.tied,
             inbox: setup.inbox,
@@ -926,12 +1027,25 @@ impl StageWorker {
                 Msg::Eval { schedule, inputs, targets } => {
                     let started = Instant::now();
                     self.waiting = Duration::ZERO;
-                    let outcome = self.eval(&schedule, inputs, targets)?;
+                    let outcome = self.eval(&schedule, inputs, Some(targets))?;
+                    let busy = started.elapsed().saturating_sub(self.waiting);
+                    self.report(Report::Done { stage: self.index, outcome, busy })?;
+                }
+                Msg::Predict { schedule, inputs } => {
+                    let started = Instant::now();
+                    self.waiting = Duration::ZERO;
+                    let outcome = self.eval(&schedule, inputs, None)?;
                     let busy = started.elapsed().saturating_sub(self.waiting);
                     self.report(Report::Done { stage: self.index, outcome, busy })?;
                 }
                 Msg::Snapshot { kind, reply } => {
                     let _ = reply.send(self.snapshot(kind)?);
+                }
+                Msg::Manifest { reply } => {
+                    let _ = reply.send(self.manifest());
+                }
+                Msg::Save { job, reply } => {
+                    let _ = reply.send(self.write_shards(&job));
                 }
                 Msg::Ping { reply } => {
                     let _ = reply.send(());
@@ -974,6 +1088,8 @@ impl StageWorker {
             match msg {
                 Msg::Abort | Msg::Shutdown => return Err(StageStop::Aborted),
                 Msg::Snapshot { reply, .. } => drop(reply),
+                Msg::Manifest { reply } => drop(reply),
+                Msg::Save { reply, .. } => drop(reply),
                 Msg::Ping { reply } => drop(reply),
                 other => self.buffer(other),
             }
@@ -1190,7 +1306,9 @@ impl StageWorker {
         Ok(())
     }
 
-    fn eval(&mut self, schedule: &Schedule, inputs: Vec<Tensor>, targets: Vec<Tensor>) -> StageResult<Outcome> {
+    /// Forward-only in evaluation mode. With targets, the last stage sums loss and accuracy;
+    /// without, it keeps the outputs (prediction).
+    fn eval(&mut self, schedule: &Schedule, inputs: Vec<Tensor>, targets: Option<Vec<Tensor>>) -> StageResult<Outcome> {
         let mut outcome = Outcome::default();
         for &action in schedule.stage_actions(self.index) {
             self.poll_abort()?;
@@ -1199,6 +1317,10 @@ impl StageWorker {
                 let x = w.input_for(mb, &inputs)?;
                 let y = w.forward_layers(&x.detach(), Mode::Eval)?.detach();
                 if w.is_last {
+                    let Some(targets) = &targets else {
+                        outcome.outputs.push((mb, y));
+                        return Ok(());
+                    };
                     let target = targets
                         .get(mb)
                         .ok_or_else(|| StageStop::Failed(None, format!("no targets for micro-batch {mb}")))?;

@@ -223,6 +223,10 @@ impl PipelineModel for Gpt {
         LossKind::CrossEntropy
     }
 
+    fn config(&self) -> serde_json::Value {
+        crate::ModelConfig::Gpt(self.cfg.clone()).to_json()
+    }
+
     fn input(&self) -> InputKind {
         InputKind::Tokens {
             vocab: self.cfg.vocab_size,

@@ -3,6 +3,7 @@
 
 pub mod data;
 pub mod gpt;
+pub mod hf;
 pub mod resnet;
 
 use std::sync::Arc;
@@ -24,6 +25,43 @@ pub enum ModelError {
 impl From<ModelError> for candle_core::Error {
     fn from(e: ModelError) -> Self {
         candle_core::Error::Msg(e.to_string())
+    }
+}
+
+/// A model's whole configuration, tagged by family: what checkpoints store to rebuild it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "family", rename_all = "lowercase")]
+pub enum ModelConfig {
+    Gpt(GptConfig),
+    Resnet(ResNetConfig),
+}
+
+impl ModelConfig {
+    /// The config of any preset (`gpt2`, `resnet18`, `gpt-tiny`, ...).
+    pub fn preset(name: &str) -> Result<Self, ModelError> {
+        if gpt::PRESET_NAMES.contains(&name) {
+            Ok(Self::Gpt(GptConfig::preset(name)?))
+        } else if resnet::PRESET_NAMES.contains(&name) {
+            Ok(Self::Resnet(ResNetConfig::preset(name)?))
+        } else {
+            Err(ModelError::UnknownPreset { name: name.to_string(), valid: preset_names() })
+        }
+    }
+
+    /// Builds the model (validating the config).
+    pub fn build(&self) -> Result<Arc<dyn PipelineModel>, ModelError> {
+        Ok(match self {
+            Self::Gpt(cfg) => Arc::new(Gpt::new(cfg.clone())?),
+            Self::Resnet(cfg) => Arc::new(ResNet::new(cfg.clone())?),
+        })
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("model configs always serialise")
+    }
+
+    pub fn from_json(value: &serde_json::Value) -> Result<Self, ModelError> {
+        serde_json::from_value(value.clone()).map_err(|e| ModelError::InvalidConfig(format!("not a brigade model config ({e}): {value}")))
     }
 }
 

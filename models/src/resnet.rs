@@ -37,7 +37,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use brigade_engine::{
-    Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, PipelineModel,
+    BufferSpec, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, PipelineModel,
 };
 use candle_core::{bail, DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -214,6 +214,10 @@ pub fn model_from_preset(name: &str) -> std::result::Result<Arc<dyn PipelineMode
 }
 
 impl PipelineModel for ResNet {
+    fn config(&self) -> serde_json::Value {
+        crate::ModelConfig::Resnet(self.cfg.clone()).to_json()
+    }
+
     fn name(&self) -> String {
         self.name.clone()
     }
@@ -280,6 +284,17 @@ struct ConvBnPlan {
 }
 
 impl ConvBnPlan {
+    /// The BatchNorm's running statistics, named and shaped as torchvision's state dict.
+    fn buffer_specs(&self) -> [BufferSpec; 3] {
+        let c = self.c_out;
+        let spec = |suffix: &str, shape: Vec<usize>, dtype| BufferSpec { name: format!("{}.{suffix}", self.bn), shape, dtype };
+        [
+            spec("running_mean", vec![c], DType::F32),
+            spec("running_var", vec![c], DType::F32),
+            spec("num_batches_tracked", vec![], DType::I64),
+        ]
+    }
+
     fn specs(&self) -> [ParamSpec; 3] {
         let k = self.kernel;
         [
@@ -541,6 +556,10 @@ impl LayerSpec for StemSpec {
         self.plan().specs().to_vec()
     }
 
+    fn buffer_specs(&self) -> Vec<BufferSpec> {
+        self.plan().buffer_specs().to_vec()
+    }
+
     fn build(&self, store: &mut ParamStore) -> Result<Box<dyn Layer>> {
         Ok(Box::new(Stem {
             in_channels: self.in_channels,
@@ -636,6 +655,11 @@ impl LayerSpec for BlockSpec {
             .chain(&downsample)
             .flat_map(|u| u.specs())
             .collect()
+    }
+
+    fn buffer_specs(&self) -> Vec<BufferSpec> {
+        let (main, downsample) = self.plan();
+        main.iter().chain(&downsample).flat_map(|u| u.buffer_specs()).collect()
     }
 
     fn build(&self, store: &mut ParamStore) -> Result<Box<dyn Layer>> {

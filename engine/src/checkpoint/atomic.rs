@@ -1,0 +1,172 @@
+//! Atomic checkpoint directories: everything is written under a hidden temporary name and
+//! renamed into place only when complete, then a `latest` pointer is swapped the same way.
+//! A crash at any moment leaves either the old state or the new one, never a half-written
+//! checkpoint that a resume would pick up.
+
+use std::path::{Path, PathBuf};
+
+use super::files::write_file_durably;
+use super::{CheckpointError, META_FILE};
+
+/// File in a save directory naming its newest complete checkpoint.
+pub const LATEST_FILE: &str = "latest";
+const PARTIAL_MARK: &str = ".partial-";
+
+/// `step-00000100`: sorts by step as text.
+pub fn step_dir_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// A checkpoint directory under construction.
+#[derive(Debug)]
+pub struct StagingDir {
+    tmp: PathBuf,
+    target: PathBuf,
+    committed: bool,
+}
+
+impl StagingDir {
+    /// Starts building `target` (which may already exist: it is replaced on commit).
+    pub fn begin(target: &Path) -> Result<Self, CheckpointError> {
+        let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| CheckpointError::io(parent, e))?;
+        let name = target
+            .file_name()
+            .ok_or_else(|| CheckpointError::invalid(target, "a checkpoint path needs a final directory name"))?
+            .to_string_lossy()
+            .into_owned();
+        let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let tmp = parent.join(format!(".{name}{PARTIAL_MARK}{}-{nonce}", std::process::id()));
+        std::fs::create_dir(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
+        Ok(Self { tmp, target: target.to_path_buf(), committed: false })
+    }
+
+    /// Where files go until commit.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Renames the finished directory into place (replacing an older one of the same name).
+    pub fn commit(mut self) -> Result<PathBuf, CheckpointError> {
+        sync_dir(&self.tmp)?;
+        if self.target.exists() {
+            // Same step saved twice: move the old one aside first; rename cannot replace a
+            // non-empty directory.
+            let old = self.tmp.with_extension("old");
+            std::fs::rename(&self.target, &old).map_err(|e| CheckpointError::io(&self.target, e))?;
+            std::fs::rename(&self.tmp, &self.target).map_err(|e| CheckpointError::io(&self.target, e))?;
+            let _ = std::fs::remove_dir_all(&old);
+        } else {
+            std::fs::rename(&self.tmp, &self.target).map_err(|e| CheckpointError::io(&self.target, e))?;
+        }
+        if let Some(parent) = self.target.parent() {
+            sync_dir(parent)?;
+        }
+        self.committed = true;
+        Ok(self.target.clone())
+    }
+}
+
+impl Drop for StagingDir {
+    /// An abandoned save (error, panic) removes its partial files.
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
+    // Directory fsync makes the renames durable on POSIX; elsewhere opening a directory fails,
+    // and there is nothing more to do.
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+    Ok(())
+}
+
+/// Points `save_dir/latest` at `checkpoint` (a directory inside `save_dir`), atomically.
+pub fn update_latest(save_dir: &Path, checkpoint: &Path) -> Result<(), CheckpointError> {
+    let name = checkpoint
+        .file_name()
+        .ok_or_else(|| CheckpointError::invalid(checkpoint, "checkpoint path has no directory name"))?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = save_dir.join(format!(".{LATEST_FILE}{PARTIAL_MARK}{}", std::process::id()));
+    write_file_durably(&tmp, format!("{name}\n").as_bytes())?;
+    let latest = save_dir.join(LATEST_FILE);
+    std::fs::rename(&tmp, &latest).map_err(|e| CheckpointError::io(&latest, e))?;
+    sync_dir(save_dir)
+}
+
+/// The checkpoint directory `path` means: itself if it holds `brigade.json`, else the one its
+/// `latest` file names.
+pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, CheckpointError> {
+    if !path.exists() {
+        return Err(CheckpointError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such checkpoint directory")));
+    }
+    if path.join(META_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let latest = path.join(LATEST_FILE);
+    if latest.is_file() {
+        let name = std::fs::read_to_string(&latest).map_err(|e| CheckpointError::io(&latest, e))?;
+        let name = name.trim();
+        if name.is_empty() || name.contains('/') || name.contains('\\') || name.starts_with('.') {
+            return Err(CheckpointError::invalid(&latest, format!("names {name:?}, which is not a checkpoint directory name")));
+        }
+        let dir = path.join(name);
+        if !dir.join(META_FILE).is_file() {
+            return Err(CheckpointError::invalid(&latest, format!("names {name}, which holds no {META_FILE}")));
+        }
+        return Ok(dir);
+    }
+    Err(CheckpointError::NotACheckpoint { path: path.to_path_buf() })
+}
+
+/// Complete checkpoints (`step-*` directories with metadata) in `save_dir`, oldest first.
+pub fn list_checkpoints(save_dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(save_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(CheckpointError::io(save_dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| CheckpointError::io(save_dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("step-") && entry.path().join(META_FILE).is_file() {
+            out.push(entry.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Keeps the newest `keep` checkpoints of `save_dir` (never the one `latest` names) and
+/// removes leftovers of interrupted saves. Returns the removed directories.
+pub fn prune_checkpoints(save_dir: &Path, keep: usize) -> Result<Vec<PathBuf>, CheckpointError> {
+    let latest = resolve_checkpoint(save_dir).ok();
+    let all = list_checkpoints(save_dir)?;
+    let mut removed = Vec::new();
+    let excess = all.len().saturating_sub(keep.max(1));
+    for dir in all.into_iter().take(excess) {
+        if Some(&dir) == latest.as_ref() {
+            continue;
+        }
+        std::fs::remove_dir_all(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
+        removed.push(dir);
+    }
+    // Partial directories of saves that were killed: never loadable, safe to drop. Only ours
+    // by name; a concurrent save by another live process would use its own pid.
+    if let Ok(entries) = std::fs::read_dir(save_dir) {
+        let own = format!("{PARTIAL_MARK}{}-", std::process::id());
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.contains(PARTIAL_MARK) && !name.contains(&own) && entry.path().is_dir() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    Ok(removed)
+}

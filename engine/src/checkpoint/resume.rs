@@ -1,0 +1,131 @@
+//! Reading a checkpoint back for a model: every tensor the model needs is checked (present,
+//! right shape, right dtype, nothing extra) before any of it is used, and the result is laid
+//! out by canonical name so any partition can take its part.
+
+use std::collections::{HashMap, HashSet};
+
+use candle_core::{DType, Tensor};
+
+use super::{Checkpoint, CheckpointError, ExpectedTensor};
+use crate::layer::{unique_params, PipelineModel};
+use crate::optim::{OptimizerConfig, ParamState};
+
+/// Everything a pipeline restores from a checkpoint, by canonical name.
+#[derive(Debug, Clone, Default)]
+pub struct ResumeState {
+    pub params: HashMap<String, Tensor>,
+    pub buffers: HashMap<String, Tensor>,
+    pub optimizer: HashMap<String, ParamState>,
+    /// Optimizer steps already taken.
+    pub step: u64,
+}
+
+/// The weight-file tensors `model` has: every distinct parameter (f32), then every buffer.
+/// `param_dtypes` lists the dtypes accepted on disk for parameters (all converted to f32).
+pub fn expected_weights(model: &dyn PipelineModel, param_dtypes: &[DType]) -> Vec<ExpectedTensor> {
+    let layers = model.layers();
+    let mut out: Vec<ExpectedTensor> = unique_params(&layers)
+        .into_iter()
+        .map(|p| ExpectedTensor { name: p.name, shape: p.shape, dtypes: param_dtypes.to_vec() })
+        .collect();
+    for layer in &layers {
+        for b in layer.buffer_specs() {
+            let dtypes = if b.dtype == DType::F32 { param_dtypes.to_vec() } else { vec![b.dtype] };
+            out.push(ExpectedTensor { name: b.name, shape: b.shape, dtypes });
+        }
+    }
+    out
+}
+
+impl Checkpoint {
+    /// Loads and validates everything `model` needs to continue training from this checkpoint.
+    pub fn load_resume(&self, model: &dyn PipelineModel) -> Result<ResumeState, CheckpointError> {
+        let mut state = self.load_weights(model)?;
+        state.optimizer = self.load_optimizer(model)?;
+        Ok(state)
+    }
+
+    /// Loads and validates parameters and buffers only (inference, fine-tuning).
+    pub fn load_weights(&self, model: &dyn PipelineModel) -> Result<ResumeState, CheckpointError> {
+        let expected = expected_weights(model, &[DType::F32]);
+        let param_names: HashSet<String> = unique_params(&model.layers()).into_iter().map(|p| p.name).collect();
+        let mut weights = self.weights.load_validated(&expected, "parameter or buffer")?;
+        let mut state = ResumeState { step: self.meta.step, ..Default::default() };
+        for e in &expected {
+            let t = weights.remove(&e.name).expect("load_validated returns every expected tensor");
+            if param_names.contains(&e.name) {
+                state.params.insert(e.name.clone(), t);
+            } else {
+                state.buffers.insert(e.name.clone(), t);
+            }
+        }
+        Ok(state)
+    }
+
+    /// The optimizer state the checkpoint's optimizer kind implies: after the first step, every
+    /// parameter has it (AdamW moments and step; SGD momentum buffer when momentum is on).
+    fn load_optimizer(&self, model: &dyn PipelineModel) -> Result<HashMap<String, ParamState>, CheckpointError> {
+        let params = unique_params(&model.layers());
+        let f32_ = || vec![DType::F32];
+        let mut expected = Vec::new();
+        let has_state = self.meta.step > 0;
+        match self.meta.optimizer {
+            OptimizerConfig::AdamW { .. } if has_state => {
+                for p in &params {
+                    expected.push(ExpectedTensor { name: format!("{}.exp_avg", p.name), shape: p.shape.clone(), dtypes: f32_() });
+                    expected.push(ExpectedTensor { name: format!("{}.exp_avg_sq", p.name), shape: p.shape.clone(), dtypes: f32_() });
+                    expected.push(ExpectedTensor { name: format!("{}.step", p.name), shape: vec![1], dtypes: vec![DType::F64] });
+                }
+            }
+            OptimizerConfig::Sgd { momentum, .. } if has_state && momentum != 0.0 => {
+                for p in &params {
+                    expected.push(ExpectedTensor {
+                        name: format!("{}.momentum_buffer", p.name),
+                        shape: p.shape.clone(),
+                        dtypes: f32_(),
+                    });
+                }
+            }
+            _ => {}
+        }
+        let Some(set) = &self.optimizer else {
+            if let Some(first) = expected.first() {
+                return Err(CheckpointError::MissingTensor {
+                    path: self.dir.join(format!("{}.safetensors.index.json", super::OPTIMIZER_PREFIX)),
+                    name: first.name.clone(),
+                });
+            }
+            return Ok(HashMap::new());
+        };
+        let mut tensors = set.load_validated(&expected, "optimizer state")?;
+        let mut out = HashMap::new();
+        for p in &params {
+            let state = match self.meta.optimizer {
+                OptimizerConfig::AdamW { .. } => {
+                    let (Some(exp_avg), Some(exp_avg_sq), Some(step)) = (
+                        tensors.remove(&format!("{}.exp_avg", p.name)),
+                        tensors.remove(&format!("{}.exp_avg_sq", p.name)),
+                        tensors.remove(&format!("{}.step", p.name)),
+                    ) else {
+                        continue;
+                    };
+                    let step = step
+                        .flatten_all()
+                        .and_then(|s| s.get(0))
+                        .and_then(|s| s.to_scalar::<f64>())
+                        .map_err(|e| CheckpointError::invalid(&set.source, format!("{}.step: {e}", p.name)))?;
+                    if !(step >= 0.0 && step.fract() == 0.0) {
+                        return Err(CheckpointError::invalid(&set.source, format!("{}.step is {step}, not a step count", p.name)));
+                    }
+                    ParamState::AdamW { exp_avg, exp_avg_sq, step: step as u64 }
+                }
+                OptimizerConfig::Sgd { .. } => match tensors.remove(&format!("{}.momentum_buffer", p.name)) {
+                    Some(buf) => ParamState::Sgd { momentum_buffer: Some(buf) },
+                    None => continue,
+                },
+            };
+            out.insert(p.name.clone(), state);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,221 @@
+//! Saving a checkpoint from a running pipeline: every stage writes its own shards from its own
+//! thread, all stages at once, so no stage's tensors are gathered anywhere. The driver only
+//! plans the files (names encode the shard count, so the plan comes first), then writes the
+//! small index and metadata files and renames the finished directory into place.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use crossbeam_channel::unbounded;
+
+use super::{Msg, Pipeline, SnapshotKind, StageResult, StageWorker};
+use crate::checkpoint::{
+    plan_shards, write_index, write_safetensors, CheckpointError, CheckpointMeta, ModelMeta, SaveFault, SaveOptions,
+    SavedCheckpoint, ShardFile, StagingDir, TensorInfo, TrainingMeta, FORMAT_VERSION, META_FILE, OPTIMIZER_PREFIX,
+    TRAINING_STATE_FILE, WEIGHTS_PREFIX,
+};
+use crate::error::{EngineError, Result};
+
+/// What one stage holds that a checkpoint keeps.
+pub(super) struct Manifest {
+    /// Parameters, then buffers.
+    weights: Vec<TensorInfo>,
+    optimizer: Vec<TensorInfo>,
+}
+
+/// The files every stage writes, shared by all of them.
+pub(super) struct SaveJob {
+    dir: PathBuf,
+    files: Vec<ShardFile>,
+    header: HashMap<String, String>,
+    fault: Option<SaveFault>,
+    written: AtomicUsize,
+}
+
+impl StageWorker {
+    /// The stage's checkpointable tensors, by canonical name, without copying them.
+    fn saveable(&self) -> StageResult<(Vec<(String, Tensor)>, Vec<(String, Tensor)>)> {
+        let mut weights: Vec<(String, Tensor)> =
+            self.store.vars().map(|(name, _, var)| (name.to_string(), var.as_tensor().clone())).collect();
+        for layer in &self.layers {
+            weights.extend(layer.buffers());
+        }
+        let optimizer = self.snapshot(SnapshotKind::OptimizerState)?;
+        Ok((weights, optimizer))
+    }
+
+    pub(super) fn manifest(&self) -> StageResult<Manifest> {
+        let (weights, optimizer) = self.saveable()?;
+        let infos = |v: &[(String, Tensor)]| v.iter().map(|(n, t)| TensorInfo::of(n.clone(), t)).collect();
+        Ok(Manifest { weights: infos(&weights), optimizer: infos(&optimizer) })
+    }
+
+    /// Writes this stage's files of `job`; returns the bytes written.
+    pub(super) fn write_shards(&self, job: &SaveJob) -> std::result::Result<u64, String> {
+        let (weights, optimizer) = self.saveable().map_err(|e| match e {
+            super::StageStop::Failed(_, m) => m,
+            super::StageStop::Aborted => "aborted".into(),
+        })?;
+        let tensors: HashMap<String, Tensor> = weights.into_iter().chain(optimizer).collect();
+        let mut bytes = 0;
+        let mut mine = 0;
+        for file in job.files.iter().filter(|f| f.stage == self.index) {
+            if let Some(SaveFault::IoError { stage, after_files }) = job.fault {
+                if stage == self.index && mine == after_files {
+                    return Err(format!("injected I/O failure writing {}", file.file_name));
+                }
+            }
+            let mut contents = Vec::with_capacity(file.names.len());
+            for name in &file.names {
+                let t = tensors.get(name).ok_or_else(|| format!("stage {} has no tensor {name}", self.index))?;
+                let t = t.to_device(&Device::Cpu).map_err(|e| format!("{name}: {e}"))?;
+                contents.push((name.clone(), t));
+            }
+            let path = job.dir.join(&file.file_name);
+            bytes += write_safetensors(&path, &contents, &job.header).map_err(|e| e.to_string())?;
+            mine += 1;
+            if let Some(SaveFault::Abort { after_files }) = job.fault {
+                if job.written.fetch_add(1, Ordering::SeqCst) + 1 >= after_files {
+                    // Simulates `kill -9` in the middle of a save.
+                    std::process::abort();
+                }
+            }
+        }
+        Ok(bytes)
+    }
+}
+
+impl Pipeline {
+    /// Writes a checkpoint of the current state to `dir` (replacing it if it exists, atomically:
+    /// until the final rename, `dir` keeps its old contents). Each stage writes its own
+    /// shards concurrently; the pipeline stays usable if the save fails.
+    pub fn save_checkpoint(
+        &mut self,
+        dir: &Path,
+        model: ModelMeta,
+        training: TrainingMeta,
+        options: &SaveOptions,
+    ) -> Result<SavedCheckpoint> {
+        self.ensure_running()?;
+        let stages = self.inboxes.len();
+        let mut manifests = Vec::with_capacity(stages);
+        for s in 0..stages {
+            let (tx, rx) = unbounded();
+            self.send(s, Msg::Manifest { reply: tx })?;
+            match rx.recv() {
+                Ok(Ok(m)) => manifests.push(m),
+                Ok(Err(super::StageStop::Failed(_, message))) => {
+                    return Err(CheckpointError::StageWrite { stage: s, message }.into())
+                }
+                Ok(Err(super::StageStop::Aborted)) | Err(_) => return Err(self.stage_gone(s)),
+            }
+        }
+        // Tied weights live on several stages; the first holder writes them.
+        let (mut seen_w, mut seen_o) = (HashSet::new(), HashSet::new());
+        let weights: Vec<Vec<TensorInfo>> = manifests
+            .iter()
+            .map(|m| m.weights.iter().filter(|t| seen_w.insert(t.name.clone())).cloned().collect())
+            .collect();
+        let optimizer: Vec<Vec<TensorInfo>> = manifests
+            .iter()
+            .map(|m| m.optimizer.iter().filter(|t| seen_o.insert(t.name.clone())).cloned().collect())
+            .collect();
+        let num_params: usize = {
+            let params: HashSet<&str> = self.param_names.iter().map(String::as_str).collect();
+            weights.iter().flatten().filter(|t| params.contains(t.name.as_str())).map(|t| t.shape.iter().product::<usize>()).sum()
+        };
+        let num_tensors = weights.iter().map(Vec::len).sum();
+        let weight_files = plan_shards(WEIGHTS_PREFIX, &weights, options.max_shard_bytes);
+        let optimizer_files = plan_shards(OPTIMIZER_PREFIX, &optimizer, options.max_shard_bytes);
+
+        let staging = StagingDir::begin(dir)?;
+        let header: HashMap<String, String> = [
+            ("format".to_string(), "pt".to_string()),
+            ("brigade.model".to_string(), model.name.clone()),
+            ("brigade.step".to_string(), self.step.to_string()),
+        ]
+        .into_iter()
+        .collect();
+        let all_files: Vec<ShardFile> = weight_files.iter().chain(&optimizer_files).cloned().collect();
+        let job = Arc::new(SaveJob {
+            dir: staging.path().to_path_buf(),
+            files: all_files.clone(),
+            header: header.clone(),
+            fault: options.fault,
+            written: AtomicUsize::new(0),
+        });
+        // All stages write at once; then collect every answer.
+        let mut replies = Vec::with_capacity(stages);
+        for s in 0..stages {
+            let (tx, rx) = unbounded();
+            self.send(s, Msg::Save { job: job.clone(), reply: tx })?;
+            replies.push(rx);
+        }
+        let mut bytes = 0;
+        let mut failure = None;
+        for (s, rx) in replies.into_iter().enumerate() {
+            match rx.recv() {
+                Ok(Ok(b)) => bytes += b,
+                Ok(Err(message)) => {
+                    failure.get_or_insert(CheckpointError::StageWrite { stage: s, message });
+                }
+                Err(_) => return Err(self.stage_gone(s)),
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e.into()); // `staging` is dropped here and removes the partial files.
+        }
+
+        write_index(&staging.path().join(format!("{WEIGHTS_PREFIX}.safetensors.index.json")), &weight_files)?;
+        if !optimizer_files.is_empty() {
+            write_index(&staging.path().join(format!("{OPTIMIZER_PREFIX}.safetensors.index.json")), &optimizer_files)?;
+        }
+        let state = training_state_tensors(self.step, &training)?;
+        write_safetensors(&staging.path().join(TRAINING_STATE_FILE), &state, &header)?;
+        let meta = CheckpointMeta {
+            format: CheckpointMeta::FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            brigade_version: env!("CARGO_PKG_VERSION").into(),
+            model,
+            step: self.step,
+            partition: self.partition.counts().to_vec(),
+            schedule: self.schedule.name().to_string(),
+            microbatches: self.microbatches,
+            optimizer: self.optimizer,
+            lr_schedule: self.lr,
+            seed: self.seed,
+            grad_clip: self.grad_clip,
+            training,
+            num_params,
+            num_tensors,
+        };
+        crate::checkpoint::write_file_durably(&staging.path().join(META_FILE), meta.to_json().as_bytes())?;
+        let mut files: Vec<PathBuf> = all_files.iter().map(|f| dir.join(&f.file_name)).collect();
+        files.push(dir.join(TRAINING_STATE_FILE));
+        let dir = staging.commit()?;
+        Ok(SavedCheckpoint { dir, bytes, files })
+    }
+}
+
+/// The training position as tensors (`training_state.safetensors`). brigade's randomness is
+/// counter-based (batch `i` is a function of `(data_seed, i)`; initialisation of `(seed,
+/// name)`), so the RNG state is exactly `(data_seed, data_position)`. u64 values are stored
+/// bit-for-bit as i64.
+fn training_state_tensors(step: u64, t: &TrainingMeta) -> Result<Vec<(String, Tensor)>> {
+    let scalar = |v: u64| Tensor::new(&[v as i64], &Device::Cpu);
+    Ok(vec![
+        ("global_step".into(), scalar(step)?),
+        ("lr_schedule_step".into(), scalar(step)?),
+        ("data_position".into(), scalar(t.data_position)?),
+        ("rng_data_seed".into(), scalar(t.data_seed)?),
+    ])
+}
+
+impl From<CheckpointError> for EngineError {
+    fn from(e: CheckpointError) -> Self {
+        EngineError::Checkpoint(e)
+    }
+}
