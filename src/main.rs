@@ -340,12 +340,16 @@ fn train(args: TrainArgs) -> Result<()> {
     };
     let mut trainer = if let Some(resume) = &args.resume {
         let (ckpt, config, _) = brigade::checkpoint::open(resume)?;
-        if let Some(asked) = &args.model {
-            if asked != &ckpt.meta.model.name {
+        if args.model.is_some() {
+            // An explicit model must be the checkpoint's (with the same overrides).
+            let asked = model_config(&args)?;
+            let asked_model = fit_to_data(asked.clone(), &data_for(&asked, &args)?).build()?;
+            if asked_model.config() != ckpt.meta.model.config {
                 bail!(
-                    "--resume {} holds a {} checkpoint, but --model {asked} was asked for",
+                    "--resume {} holds a {} checkpoint, but this run asks for {}",
                     resume.display(),
-                    ckpt.meta.model.name
+                    ckpt.meta.model.name,
+                    asked_model.name()
                 );
             }
         }

@@ -133,3 +133,125 @@ fn resnet_trains_from_the_cli_with_a_split() {
     assert!(stdout.contains("layers 2,3,1"), "{stdout}");
     assert!(stdout.contains("accuracy"), "{stdout}");
 }
+
+fn text(out: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("brigade-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+const SMALL: &[&str] = &["--steps", "4", "--batch-size", "4", "--microbatches", "2", "--context", "32", "--eval-every", "0", "--eval-batches", "1", "--plain"];
+
+/// Save, resume on another layout, inspect, export, predict and generate, end to end.
+#[test]
+fn checkpoint_commands_work_end_to_end() {
+    let dir = temp_dir("ckpt");
+    let save = dir.join("run");
+    let s = save.to_str().unwrap();
+    let mut args = vec!["train", "--stages", "2", "--save-dir", s, "--save-every", "2", "--keep-last", "1"];
+    args.extend(SMALL);
+    let out = brigade(&args);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(text(&out).0.contains("saved"), "{}", text(&out).0);
+    let kept: Vec<_> = std::fs::read_dir(&save).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).collect();
+    assert!(kept.contains(&"step-00000004".to_string()) && !kept.contains(&"step-00000002".to_string()), "{kept:?}");
+
+    // Resume on 3 stages up to step 6.
+    let mut args = vec!["train", "--stages", "3", "--resume", s, "--save-dir", s];
+    args.extend(SMALL);
+    let steps = args.iter().position(|a| *a == "--steps").unwrap() + 1;
+    args[steps] = "6";
+    let out = brigade(&args);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("resume") && stdout.contains("step 4"), "{stdout}");
+    assert!(stdout.contains("step     5") && !stdout.contains("step     4:"), "resumed run must start at step 5: {stdout}");
+
+    let out = brigade(&["inspect", s, "--stages", "3", "--tensors"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("step       6") && stdout.contains("stage 2:") && stdout.contains("transformer.wte.weight"), "{stdout}");
+
+    let export = dir.join("hf");
+    let out = brigade(&["export", "--checkpoint", s, "--out", export.to_str().unwrap(), "--dtype", "bf16"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(export.join("config.json").exists() && export.join("model.safetensors").exists());
+
+    let input = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt-tiny/input.safetensors");
+    let logits = dir.join("logits.safetensors");
+    let out = brigade(&["predict", "--checkpoint", s, "--input", input.to_str().unwrap(), "--output", logits.to_str().unwrap(), "--stages", "2"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let got = candle_core::safetensors::load(&logits, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(got["logits"].dims(), &[2, 16, 256]);
+
+    // Greedy generation is deterministic and independent of the stage count.
+    let gen = |stages: &str| {
+        let out = brigade(&["generate", "--checkpoint", s, "--prompt", "The ", "--tokens", "12", "--stages", stages]);
+        assert!(out.status.success(), "{:?}", text(&out));
+        text(&out).0
+    };
+    let one = gen("1");
+    assert!(one.starts_with("The "), "{one}");
+    assert_eq!(one, gen("3"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A process killed in the middle of a save leaves the previous checkpoint as `latest`, and
+/// the run resumes from it.
+#[test]
+fn killed_save_leaves_the_last_checkpoint_resumable() {
+    let dir = temp_dir("killed");
+    let save = dir.join("run");
+    let s = save.to_str().unwrap();
+    let mut args = vec!["train", "--stages", "2", "--save-dir", s, "--save-every", "1"];
+    args.extend(SMALL);
+    // Each save of 2 stages writes 4 shard files; abort on the 6th: in the middle of step 2's.
+    let out = Command::new(env!("CARGO_BIN_EXE_brigade")).args(&args).env("BRIGADE_TEST_SAVE_FAULT", "abort:6").output().unwrap();
+    assert!(!out.status.success(), "the process should have been killed");
+    let latest = std::fs::read_to_string(save.join("latest")).unwrap();
+    assert_eq!(latest.trim(), "step-00000001");
+    let partial = std::fs::read_dir(&save).unwrap().flatten().any(|e| e.file_name().to_string_lossy().contains(".partial-"));
+    assert!(partial, "the killed save should have left its hidden partial directory");
+    assert!(!save.join("step-00000002").exists(), "a half-written checkpoint must never appear under its final name");
+
+    let mut args = vec!["train", "--stages", "1", "--resume", s, "--save-dir", s, "--keep-last", "2"];
+    args.extend(SMALL);
+    let out = brigade(&args);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("step 1)"), "{stdout}");
+    let leftovers = std::fs::read_dir(&save).unwrap().flatten().any(|e| e.file_name().to_string_lossy().contains(".partial-"));
+    assert!(!leftovers, "pruning should remove the dead save's partial directory");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn checkpoint_commands_reject_bad_input() {
+    let dir = temp_dir("ckpt-bad");
+    assert_fails_with(&["inspect", "/nonexistent/brigade/ckpt"], "/nonexistent/brigade/ckpt");
+    assert_fails_with(&["train", "--resume", dir.to_str().unwrap()], "no checkpoint here");
+    // Argument syntax errors are clap's: exit code 2 and a usage hint, still no panic.
+    let out = brigade(&["train", "--max-shard-size", "12 parsecs"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("invalid size unit \"PARSECS\""), "{:?}", text(&out));
+    assert_fails_with(&["export", "--checkpoint", dir.to_str().unwrap(), "--out", "/tmp/x", "--dtype", "f8"], "unknown dtype \"f8\"");
+    // A GPT checkpoint resumed as a ResNet.
+    let save = dir.join("run");
+    let s = save.to_str().unwrap();
+    let mut args = vec!["train", "--stages", "1", "--save-dir", s];
+    args.extend(SMALL);
+    assert!(brigade(&args).status.success());
+    assert_fails_with(&["train", "--resume", s, "--model", "resnet-tiny"], "checkpoint, but this run asks for resnet-tiny");
+    assert_fails_with(&["generate", "--checkpoint", s, "--prompt-ids", "1,999"], "beyond the vocabulary of 256");
+    let not_safetensors = temp_file("not.safetensors", b"hello");
+    assert_fails_with(
+        &["predict", "--checkpoint", s, "--input", not_safetensors.to_str().unwrap(), "--output", "/tmp/o.safetensors"],
+        "cannot read",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -187,7 +187,8 @@ pub struct SavedCheckpoint {
 pub enum SaveFault {
     /// The given stage fails with an I/O error after writing this many of its files.
     IoError { stage: usize, after_files: usize },
-    /// The process aborts (as if killed) after this many files in total were written.
+    /// The process aborts (as if killed) once it has written this many shard files, counted
+    /// over all saves of the process.
     Abort { after_files: usize },
 }
 

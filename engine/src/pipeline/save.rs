@@ -19,6 +19,10 @@ use crate::checkpoint::{
 };
 use crate::error::{EngineError, Result};
 
+/// Shard files this process has written, for [`SaveFault::Abort`] (counted across saves, so a
+/// test can kill a run in the middle of its second save).
+static FILES_WRITTEN_BY_PROCESS: AtomicUsize = AtomicUsize::new(0);
+
 /// What one stage holds that a checkpoint keeps.
 pub(super) struct Manifest {
     /// Parameters, then buffers.
@@ -32,7 +36,6 @@ pub(super) struct SaveJob {
     files: Vec<ShardFile>,
     header: HashMap<String, String>,
     fault: Option<SaveFault>,
-    written: AtomicUsize,
 }
 
 impl StageWorker {
@@ -78,7 +81,7 @@ impl StageWorker {
             bytes += write_safetensors(&path, &contents, &job.header).map_err(|e| e.to_string())?;
             mine += 1;
             if let Some(SaveFault::Abort { after_files }) = job.fault {
-                if job.written.fetch_add(1, Ordering::SeqCst) + 1 >= after_files {
+                if FILES_WRITTEN_BY_PROCESS.fetch_add(1, Ordering::SeqCst) + 1 >= after_files {
                     // Simulates `kill -9` in the middle of a save.
                     std::process::abort();
                 }
@@ -145,7 +148,6 @@ impl Pipeline {
             files: all_files.clone(),
             header: header.clone(),
             fault: options.fault,
-            written: AtomicUsize::new(0),
         });
         // All stages write at once; then collect every answer.
         let mut replies = Vec::with_capacity(stages);
