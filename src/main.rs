@@ -358,7 +358,10 @@ fn train(args: TrainArgs) -> Result<()> {
         println!("model    {}", ckpt.meta.model.name);
         println!("data     {}", data.describe());
         drop(ckpt);
-        Trainer::resume(resume, data, pipeline, options)?
+        let started = std::time::Instant::now();
+        let trainer = Trainer::resume(resume, data, pipeline, options)?;
+        println!("loaded   checkpoint into {} stages in {:.2}s", args.stages, started.elapsed().as_secs_f64());
+        trainer
     } else {
         let mut config = model_config(&args)?;
         if let Some(init) = &args.init_from {

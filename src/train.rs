@@ -186,6 +186,12 @@ impl Trainer {
             .grad_clip(meta.grad_clip)
             .seed(meta.seed)
             .resume_from(state);
+        if meta.training.batch_size % pipeline.microbatches.max(1) != 0 {
+            return Err(Error::Config(format!(
+                "the checkpoint's batch size {} is not divisible by {} micro-batches; resume with a micro-batch count that divides it",
+                meta.training.batch_size, pipeline.microbatches
+            )));
+        }
         options.batch_size = meta.training.batch_size;
         options.data_seed = meta.training.data_seed;
         options.context = (meta.training.context > 0).then_some(meta.training.context);
