@@ -273,6 +273,21 @@ fn export_matches_the_ecosystem_layout_and_round_trips() {
         let diff = max_abs(&got, &want);
         assert!(diff <= 1e-5, "{model}: exported weights predict differently ({diff})");
 
+        // Sharded export: Hugging Face's index, and brigade imports it back identically.
+        let sharded = root.join(format!("{model}-sharded"));
+        export(&ckpt, &sharded, ExportDtype::F32, 50_000).unwrap();
+        let index: ShardIndex =
+            serde_json::from_str(&std::fs::read_to_string(sharded.join("model.safetensors.index.json")).unwrap()).unwrap();
+        assert_eq!(index.weight_map.len(), fixture.len());
+        assert!(index.weight_map.values().collect::<std::collections::BTreeSet<_>>().len() > 2);
+        if model.starts_with("gpt") {
+            let again = import(&sharded, None).unwrap();
+            let first = import(&out, None).unwrap();
+            for (name, t) in &first.params {
+                assert_eq!(max_abs(&again.params[name], t), 0.0, "{name} differs after a sharded export");
+            }
+        }
+
         // Half precision: floats converted, integer buffers kept, values rounded only.
         let half = root.join(format!("{model}-bf16"));
         export(&ckpt, &half, ExportDtype::Bf16, 2_000_000_000).unwrap();
@@ -499,6 +514,10 @@ fn bad_checkpoints_get_errors_naming_file_and_tensor() {
 fn checkpoint_of_another_model_is_rejected() {
     let (dir, _) = corrupted("other-model", |_| {});
     let ckpt = Checkpoint::open(&dir.join("c")).unwrap();
+    // The safetensors headers carry the metadata too, for tools that read only the shards.
+    assert_eq!(ckpt.weights.header_metadata.get("format").map(String::as_str), Some("pt"));
+    assert!(ckpt.weights.header_metadata["brigade.config"].contains("\"n_embd\":64"));
+    assert_eq!(ckpt.weights.header_metadata["brigade.partition"], "2,2");
     // A different architecture: the tensors themselves disagree.
     let deeper = ModelConfig::Gpt(brigade::models::GptConfig::preset("gpt-tiny").unwrap().with_n_layer(3)).build().unwrap();
     let err = ckpt.load_resume(deeper.as_ref()).unwrap_err().to_string();

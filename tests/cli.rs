@@ -198,6 +198,14 @@ fn checkpoint_commands_work_end_to_end() {
     let one = gen("1");
     assert!(one.starts_with("The "), "{one}");
     assert_eq!(one, gen("3"));
+    // Sampling is seeded: the same seed gives the same text, another seed (almost surely) not.
+    let sample = |seed: &str| {
+        let out = brigade(&["generate", "--checkpoint", s, "--prompt", "a", "--tokens", "40", "--temperature", "1.5", "--seed", seed]);
+        assert!(out.status.success(), "{:?}", text(&out));
+        text(&out).0
+    };
+    assert_eq!(sample("1"), sample("1"));
+    assert_ne!(sample("1"), sample("2"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -148,7 +148,9 @@ impl ParamStore {
                         t.dims()
                     );
                 }
-                t.to_dtype(DType::F32)?.to_device(&self.device)?.copy()?
+                // `Var::from_tensor` below copies into storage of its own; no copy needed here
+                // (a resumed gpt2 would otherwise hold its weights three times at once).
+                t.to_dtype(DType::F32)?.to_device(&self.device)?
             }
             None => spec.initial_value(self.seed, &self.device)?,
         };

@@ -139,6 +139,10 @@ impl Pipeline {
             ("format".to_string(), "pt".to_string()),
             ("brigade.model".to_string(), model.name.clone()),
             ("brigade.step".to_string(), self.step.to_string()),
+            ("brigade.version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+            ("brigade.config".to_string(), model.config.to_string()),
+            ("brigade.partition".to_string(), self.partition.to_string()),
+            ("brigade.schedule".to_string(), self.schedule.name().to_string()),
         ]
         .into_iter()
         .collect();
