@@ -534,3 +534,50 @@ fn checkpoint_of_another_model_is_rejected() {
     assert_eq!(meta.model.name, "gpt-tiny");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The original GPT-2 checkpoints on the Hugging Face hub name tensors without `transformer.`,
+/// carry `attn.bias` mask buffers, and may hold `lm_head.weight` and half-precision values:
+/// all import to the same model; an LM head that is not the embedding is refused.
+#[test]
+fn hub_style_gpt2_directories_import() {
+    let fixture = Path::new(FIXTURES).join("gpt-tiny");
+    let reference = import(&fixture, None).unwrap();
+    let tensors = candle_core::safetensors::load(fixture.join("model.safetensors"), &Device::Cpu).unwrap();
+    let write = |name: &str, edit: &dyn Fn(&mut HashMap<String, Tensor>)| -> PathBuf {
+        let dir = tmp(name);
+        std::fs::copy(fixture.join("config.json"), dir.join("config.json")).unwrap();
+        let mut renamed: HashMap<String, Tensor> =
+            tensors.iter().map(|(n, t)| (n.strip_prefix("transformer.").unwrap().to_string(), t.clone())).collect();
+        renamed.insert("h.0.attn.bias".into(), Tensor::ones((1, 1, 64, 64), DType::F32, &Device::Cpu).unwrap());
+        renamed.insert("lm_head.weight".into(), tensors["transformer.wte.weight"].clone());
+        edit(&mut renamed);
+        candle_core::safetensors::save(&renamed, dir.join("model.safetensors")).unwrap();
+        dir
+    };
+    let hub = write("hub", &|_| {});
+    let imported = import(&hub, None).unwrap();
+    for (name, t) in &reference.params {
+        assert_eq!(max_abs(&imported.params[name], t), 0.0, "{name}");
+    }
+    let half = write("hub-f16", &|t| {
+        for v in t.values_mut() {
+            *v = v.to_dtype(DType::F16).unwrap();
+        }
+    });
+    let imported = import(&half, None).unwrap();
+    let w = &imported.params["transformer.h.1.mlp.c_fc.weight"];
+    assert_eq!(w.dtype(), DType::F32);
+    assert!(max_abs(w, &reference.params["transformer.h.1.mlp.c_fc.weight"]) < 1e-2);
+    let untied = write("hub-untied", &|t| {
+        let head = (t["lm_head.weight"].clone() * 2.0).unwrap();
+        t.insert("lm_head.weight".into(), head);
+    });
+    let err = import(&untied, None).unwrap_err().to_string();
+    assert!(err.contains("lm_head.weight differs"), "{err}");
+    let missing = write("hub-missing", &|t| drop(t.remove("h.1.ln_2.bias")));
+    let err = import(&missing, None).unwrap_err().to_string();
+    assert!(err.contains("transformer.h.1.ln_2.bias") && err.contains("missing"), "{err}");
+    for dir in [hub, half, untied, missing] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
