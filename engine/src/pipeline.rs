@@ -34,6 +34,7 @@ use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use crate::error::{EngineError, Result};
 use crate::layer::{InputKind, Layer, LayerSpec, LossKind, Mode, ParamStore, PipelineModel};
 use crate::loss::{correct_predictions, loss_terms, microbatch_loss};
+use crate::memory::{retained_bytes, tensor_bytes};
 use crate::optim::{LrSchedule, Optimizer, OptimizerConfig, ParamState};
 use crate::partition::{Partition, PartitionStrategy};
 use crate::schedule::{Action, ActionKind, Schedule, ScheduleKind};
@@ -177,6 +178,19 @@ pub struct StepStats {
     pub elapsed: Duration,
     /// Time each stage spent computing (not waiting) during the step.
     pub stage_busy: Vec<Duration>,
+    /// Each stage's actions in execution order, timed from the step's start (for timelines).
+    pub stage_actions: Vec<Vec<ActionTiming>>,
+    /// Each stage's largest total of stashed activation bytes during the step, as the autograd
+    /// graph shows them ([`crate::memory::retained_bytes`] plus the received input).
+    pub peak_stash_bytes: Vec<u64>,
+}
+
+/// When one action ran, relative to the start of its step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ActionTiming {
+    pub action: Action,
+    pub start: Duration,
+    pub end: Duration,
 }
 
 /// What an evaluation pass measured.
@@ -241,6 +255,9 @@ struct Outcome {
     loss: f64,
     correct: usize,
     terms: usize,
+    /// Training only: (action, start, end) in execution order, and the stash's high-water mark.
+    timings: Vec<(Action, Instant, Instant)>,
+    peak_stash_bytes: u64,
 }
 
 /// A running pipeline: stage threads that own their layers, parameters, gradients and
@@ -481,15 +498,26 @@ impl Pipeline {
         let mut done = vec![false; stages];
         let mut loss = 0.0;
         let mut stage_busy = vec![Duration::ZERO; stages];
+        let mut stage_actions = vec![Vec::new(); stages];
+        let mut peak_stash_bytes = vec![0; stages];
         self.gather(&mut done, |report| match report {
             Report::Done { stage, outcome, busy } => {
                 loss += outcome.loss;
                 stage_busy[stage] = busy;
+                let since = |t: Instant| t.saturating_duration_since(started);
+                stage_actions[stage] = outcome
+                    .timings
+                    .iter()
+                    .map(|&(action, start, end)| ActionTiming { action, start: since(start), end: since(end) })
+                    .collect();
+                peak_stash_bytes[stage] = outcome.peak_stash_bytes;
                 Ok(Some(stage))
             }
             _ => Ok(None),
         })?;
-        let stats = StepStats { step: self.step, loss, grad_norm, lr, elapsed: started.elapsed(), stage_busy };
+        let elapsed = started.elapsed();
+        let stats =
+            StepStats { step: self.step, loss, grad_norm, lr, elapsed, stage_busy, stage_actions, peak_stash_bytes };
         self.step += 1;
         Ok(stats)
     }
@@ -829,6 +857,8 @@ struct StageWorker {
     stash: HashMap<usize, Stash>,
     pending_weight_grads: HashMap<usize, Vec<(String, Tensor)>>,
     waiting: Duration,
+    /// Activation bytes currently stashed (sum of `Stash::bytes`).
+    stash_bytes: u64,
 }
 
 /// What a forward keeps for its backward.
@@ -837,6 +867,8 @@ struct Stash {
     input: Option<Var>,
     /// The stage output; on the last stage, the micro-batch loss.
     output: Tensor,
+    /// What this stash keeps alive, for the step's memory high-water mark.
+    bytes: u64,
 }
 
 fn run_stage(setup: StageSetup) {
@@ -908,6 +940,7 @@ impl StageWorker {
             stash: HashMap::new(),
             pending_weight_grads: HashMap::new(),
             waiting: Duration::ZERO,
+            stash_bytes: 0,
         })
     }
 
@@ -1012,9 +1045,11 @@ impl StageWorker {
         lr: f64,
     ) -> StageResult<Outcome> {
         let mut outcome = Outcome::default();
+        self.stash_bytes = 0;
         for &action in schedule.stage_actions(self.index) {
             self.poll_abort()?;
             let poison_loss = self.inject_fault(Some(action))?;
+            let action_start = Instant::now();
             let mb = action.microbatch;
             let result: StageResult<()> = match action.kind {
                 ActionKind::Forward => {
@@ -1027,6 +1062,8 @@ impl StageWorker {
                 ActionKind::BackwardWeight => self.backward_weight(mb),
             };
             result.map_err(|e| with_action(e, action))?;
+            outcome.timings.push((action, action_start, Instant::now()));
+            outcome.peak_stash_bytes = outcome.peak_stash_bytes.max(self.stash_bytes);
         }
         self.finish_step(lr)?;
         Ok(outcome)
@@ -1077,13 +1114,20 @@ impl StageWorker {
             if !value.is_finite() {
                 return Err(StageStop::Failed(None, format!("non-finite loss ({value}) at micro-batch {mb}")));
             }
-            self.stash.insert(mb, Stash { input, output: loss });
+            self.stash_forward(mb, Stash { input, output: loss, bytes: 0 });
             Ok(value)
         } else {
             self.send_next(Msg::Activation { microbatch: mb, tensor: y.detach() })?;
-            self.stash.insert(mb, Stash { input, output: y });
+            self.stash_forward(mb, Stash { input, output: y, bytes: 0 });
             Ok(0.0)
         }
+    }
+
+    /// Keeps a forward for its backward, and counts what that keeps alive.
+    fn stash_forward(&mut self, mb: usize, mut stash: Stash) {
+        stash.bytes = retained_bytes(&stash.output) + stash.input.as_ref().map_or(0, |v| tensor_bytes(v.as_tensor()));
+        self.stash_bytes += stash.bytes;
+        self.stash.insert(mb, stash);
     }
 
     /// Backpropagates micro-batch `mb` through this stage, sends the input gradient upstream,
@@ -1093,6 +1137,7 @@ impl StageWorker {
             .stash
             .remove(&mb)
             .ok_or_else(|| StageStop::Failed(None, format!("no stashed forward for micro-batch {mb}")))?;
+        self.stash_bytes = self.stash_bytes.saturating_sub(stash.bytes);
         let grads = if self.is_last {
             stash.output.backward()?
         } else {
@@ -1272,7 +1317,7 @@ fn with_action(e: StageStop, action: Action) -> StageStop {
 /// matmul to split across all cores, and the stages then fight over them: measured 4x slower
 /// on 2 cores for gpt-tiny. Every stage of a pipeline gets the same budget, so one
 /// process-wide value is coherent; it is set before any stage thread starts.
-fn apply_thread_budget(threads: usize) {
+pub(crate) fn apply_thread_budget(threads: usize) {
     let wanted = threads.to_string();
     if std::env::var("RAYON_NUM_THREADS").ok().as_deref() != Some(wanted.as_str()) {
         std::env::set_var("RAYON_NUM_THREADS", wanted);
