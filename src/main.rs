@@ -2,19 +2,18 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use brigade::engine::optim::{LrSchedule, OptimizerConfig};
 use brigade::engine::partition::PartitionStrategy;
 use brigade::engine::pipeline::{PipelineConfig, ScheduleChoice};
 use brigade::engine::schedule::{ActionCosts, Schedule, ScheduleKind};
-use brigade::engine::PipelineModel;
-use brigade::models::data::{ImageDataset, TokenDataset};
-use brigade::models::{gpt, resnet, Gpt, GptConfig, ResNet, ResNetConfig};
-use brigade::train::{Dataset, Event, TrainOptions, Trainer};
+use brigade::train::{Event, TrainOptions, Trainer};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use cmd::model::ModelArgs;
 use indicatif::{ProgressBar, ProgressStyle};
+
+mod cmd;
 
 #[derive(Parser)]
 #[command(name = "brigade", version, about = "Pipeline-parallel training of GPT and ResNet models")]
@@ -31,6 +30,12 @@ enum Command {
     Schedule(ScheduleArgs),
     /// List the model presets with their parameter and layer counts.
     Presets,
+    /// Measure each layer's time, memory and transfer size, and a stage hop; JSON out.
+    Profile(cmd::profile::ProfileArgs),
+    /// Rank stage counts, partitions, schedules and micro-batch counts by simulated step time.
+    Plan(cmd::plan::PlanArgs),
+    /// Run layouts x schedules x micro-batch counts, measure, and compare with the simulator.
+    Bench(cmd::bench::BenchArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -41,16 +46,16 @@ enum OptimizerArg {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Model preset (see `brigade presets`).
-    #[arg(long, default_value = "gpt-tiny")]
-    model: String,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Number of pipeline stages (one thread each).
     #[arg(long, default_value_t = 2)]
     stages: usize,
     /// Layers per stage, e.g. 3,3,2 (overrides --partition).
     #[arg(long)]
     split: Option<String>,
-    /// How to cut the layers: uniform (by count) or balanced (by parameters).
+    /// How to cut the layers: uniform (by count), balanced (by parameters), or balanced-time
+    /// (by profiled time per layer: profiles the model first).
     #[arg(long, default_value = "uniform")]
     partition: String,
     /// gpipe, 1f1b, or a schedule file in the format `brigade schedule` prints.
@@ -83,10 +88,6 @@ struct TrainArgs {
     grad_clip: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Training data: a text file (byte-level), a nanoGPT .bin token file, or (ResNet) a
-    /// safetensors file with `images` and `labels`. Default: an embedded generated set.
-    #[arg(long)]
-    data: Option<PathBuf>,
     /// Evaluate on held-out data every N steps (0: only at the end).
     #[arg(long, default_value_t = 100)]
     eval_every: u64,
@@ -96,24 +97,6 @@ struct TrainArgs {
     /// CPU threads per stage (default: cores / stages).
     #[arg(long)]
     threads_per_stage: Option<usize>,
-    /// GPT: sequence length (and context) override.
-    #[arg(long)]
-    context: Option<usize>,
-    /// GPT: number of transformer blocks.
-    #[arg(long)]
-    layers: Option<usize>,
-    /// GPT: embedding width.
-    #[arg(long)]
-    width: Option<usize>,
-    /// GPT: attention heads.
-    #[arg(long)]
-    heads: Option<usize>,
-    /// GPT: vocabulary size (default: the preset's, or 256 for byte-level text).
-    #[arg(long)]
-    vocab: Option<usize>,
-    /// ResNet: image side for the embedded shapes set.
-    #[arg(long, default_value_t = 32)]
-    image_size: usize,
     /// Print one line per step instead of a progress bar.
     #[arg(long)]
     plain: bool,
@@ -147,6 +130,9 @@ fn main() -> ExitCode {
         Command::Train(args) => train(args),
         Command::Schedule(args) => schedule(args),
         Command::Presets => presets(),
+        Command::Profile(args) => cmd::profile::run(args),
+        Command::Plan(args) => cmd::plan::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -213,52 +199,17 @@ fn presets() -> Result<()> {
     Ok(())
 }
 
-/// The model (with CLI overrides) and the data it trains on.
-fn model_and_data(args: &TrainArgs) -> Result<(Arc<dyn PipelineModel>, Dataset)> {
-    if gpt::PRESET_NAMES.contains(&args.model.as_str()) {
-        let data = match &args.data {
-            Some(path) => TokenDataset::from_path(path)?,
-            None => TokenDataset::embedded(args.seed),
-        };
-        let mut cfg = GptConfig::preset(&args.model)?;
-        if let Some(v) = args.vocab {
-            cfg = cfg.with_vocab_size(v);
-        }
-        if let Some(t) = args.context {
-            cfg = cfg.with_n_positions(t);
-        }
-        if let Some(l) = args.layers {
-            cfg = cfg.with_n_layer(l);
-        }
-        if let Some(c) = args.width {
-            cfg = cfg.with_n_embd(c);
-        }
-        if let Some(h) = args.heads {
-            cfg = cfg.with_n_head(h);
-        }
-        Ok((Arc::new(Gpt::new(cfg)?), Dataset::Tokens(data)))
-    } else if resnet::PRESET_NAMES.contains(&args.model.as_str()) {
-        let data = match &args.data {
-            Some(path) => ImageDataset::from_safetensors(path)?,
-            None => ImageDataset::embedded_shapes(5000, 1000, args.image_size, args.seed)?,
-        };
-        let cfg = ResNetConfig::preset(&args.model)?
-            .with_num_classes(data.num_classes())
-            .with_in_channels(data.channels());
-        Ok((Arc::new(ResNet::new(cfg)?), Dataset::Images(data)))
-    } else {
-        // Let the model registry produce the error that lists valid presets.
-        brigade::models::preset(&args.model)?;
-        bail!("model {} has no training setup", args.model)
-    }
-}
-
 fn train(args: TrainArgs) -> Result<()> {
-    let (model, data) = model_and_data(&args)?;
-    let partition = match &args.split {
+    let (model, data) = args.model.model_and_data(args.seed)?;
+    let mut partition = match &args.split {
         Some(split) => split.parse::<PartitionStrategy>()?,
         None => args.partition.parse::<PartitionStrategy>()?,
     };
+    if partition == PartitionStrategy::BalancedTime(Vec::new()) {
+        let threads = args.threads_per_stage.unwrap_or_else(|| cmd::profile::default_threads(args.stages));
+        let mb = (args.batch_size / args.microbatches.max(1)).max(1);
+        partition = cmd::profile::balanced_time(model.as_ref(), &data, mb, args.model.context, threads, args.seed)?;
+    }
     let warmup = args.warmup.unwrap_or(args.steps / 20);
     let lr = LrSchedule::warmup_cosine(args.lr, warmup, args.steps, args.min_lr.unwrap_or(args.lr / 10.0));
     let optimizer = match (args.optimizer, OptimizerConfig::adamw(), OptimizerConfig::sgd()) {
@@ -288,12 +239,12 @@ fn train(args: TrainArgs) -> Result<()> {
         eval_every: if args.eval_every == 0 { args.steps } else { args.eval_every },
         eval_batches: args.eval_batches,
         data_seed: args.seed,
-        context: args.context,
+        context: args.model.context,
     };
     println!("model    {}", model.name());
     println!("data     {}", data.describe());
     let mut trainer = Trainer::new(model, data, pipeline, options)?;
-    let images = matches!(args.model.as_str(), m if resnet::PRESET_NAMES.contains(&m));
+    let images = args.model.is_image_model();
     {
         let p = trainer.pipeline();
         println!(

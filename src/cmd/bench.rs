@@ -1,0 +1,194 @@
+//! `brigade bench`: runs every layout × schedule × micro-batch count, prints the Markdown
+//! table, writes the JSON and, per run, a Chrome/Perfetto trace and an SVG timeline.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use brigade::bench::{balanced_time_strategy, markdown_table, run as run_one, chrome_trace, timeline_svg, ProfileCache, RunConfig};
+use brigade::engine::partition::PartitionStrategy;
+use brigade::engine::profile::ProfileOptions;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::model::ModelArgs;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Stage layouts: a stage count (cut by --partition) or layer counts joined by `+` (3+1).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub layouts: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "gpipe,1f1b")]
+    pub schedules: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
+    pub microbatches: Vec<usize>,
+    /// How stage counts are cut: uniform, balanced (by parameters) or balanced-time.
+    #[arg(long, default_value = "uniform")]
+    pub partition: String,
+    /// Global batch size.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Measured steps per run.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Unmeasured steps before them.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// CPU threads per stage (default: cores / stages, as `train`).
+    #[arg(long)]
+    pub threads_per_stage: Option<usize>,
+    /// Timed runs per profile measurement (for the simulator's prediction).
+    #[arg(long, default_value_t = 10)]
+    pub profile_repeats: usize,
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: String,
+    /// Directory for bench.json and each run's .trace.json and .svg.
+    #[arg(long, default_value = "bench-out")]
+    pub out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    pub plain: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// A layout: how many stages, and how to cut them.
+fn layouts(specs: &[String], partition: &str) -> Result<Vec<(usize, PartitionStrategy)>> {
+    let strategy: PartitionStrategy = partition.parse()?;
+    specs
+        .iter()
+        .map(|spec| {
+            let spec = spec.trim();
+            if spec.contains('+') {
+                let counts = spec
+                    .split('+')
+                    .map(|c| c.trim().parse::<usize>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| anyhow::anyhow!("bad layout {spec:?}: expected a stage count or layer counts like 3+1"))?;
+                Ok((counts.len(), PartitionStrategy::Manual(counts)))
+            } else {
+                let stages = spec
+                    .parse::<usize>()
+                    .map_err(|_| anyhow::anyhow!("bad layout {spec:?}: expected a stage count or layer counts like 3+1"))?;
+                if stages == 0 {
+                    bail!("bad layout {spec:?}: a pipeline needs at least one stage");
+                }
+                Ok((stages, strategy.clone()))
+            }
+        })
+        .collect()
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let layouts = layouts(&args.layouts, &args.partition)?;
+    let schedules = super::schedules(&args.schedules)?;
+    let optimizer = super::optimizer(&args.optimizer)?;
+    for &m in &args.microbatches {
+        if m == 0 || args.batch_size % m != 0 {
+            bail!("batch size {} is not divisible by {m} micro-batches", args.batch_size);
+        }
+    }
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let (model, data) = args.model.model_and_data(args.seed)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+
+    let mut runs = Vec::new();
+    for (stages, partition) in &layouts {
+        for &schedule in &schedules {
+            for &m in &args.microbatches {
+                runs.push(RunConfig {
+                    stages: *stages,
+                    partition: partition.clone(),
+                    schedule,
+                    microbatches: m,
+                    batch_size: args.batch_size,
+                    warmup: args.warmup,
+                    steps: args.steps,
+                    threads_per_stage: args.threads_per_stage.unwrap_or_else(|| super::default_threads(*stages)),
+                    context: args.model.context,
+                    seed: args.seed,
+                    optimizer,
+                });
+            }
+        }
+    }
+    let bar = if args.plain {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new((runs.len() * (args.warmup + args.steps)) as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} steps {msg} (ETA {eta})")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let mut cache = ProfileCache::default();
+    let mut rows = Vec::new();
+    for (i, config) in runs.iter_mut().enumerate() {
+        let label = format!("run {}/{}: {} stage(s), {}, m={}", i + 1, runs_len_hint(&layouts, &schedules, &args.microbatches), config.stages, config.schedule, config.microbatches);
+        bar.set_message(format!("{label} (profiling)"));
+        if args.plain {
+            eprintln!("{label}");
+        }
+        let options = ProfileOptions {
+            repeats: args.profile_repeats,
+            warmup: 2,
+            threads: config.threads_per_stage,
+            optimizer,
+            seed: args.seed,
+        };
+        let profile = cache
+            .get_or_profile(model.as_ref(), &data, args.batch_size / config.microbatches, args.model.context, &options)?
+            .clone();
+        if config.partition == PartitionStrategy::BalancedTime(Vec::new()) {
+            config.partition = balanced_time_strategy(&profile);
+        }
+        bar.set_message(label.clone());
+        let result = run_one(model.clone(), &data, config, &profile, || bar.inc(1))
+            .with_context(|| format!("bench {label}"))?;
+        let name = &result.row.run_name;
+        let trace = chrome_trace(&result.median_step, Some(&result.prediction.timeline));
+        let trace_path = args.out.join(format!("{name}.trace.json"));
+        std::fs::write(&trace_path, serde_json::to_string(&trace)?)
+            .with_context(|| format!("cannot write {}", trace_path.display()))?;
+        let title = format!(
+            "{}: {} stage(s) [{}], {}, m={}, batch {} — median step",
+            result.row.model, config.stages, result.row.partition, config.schedule, config.microbatches, config.batch_size
+        );
+        let svg_path = args.out.join(format!("{name}.svg"));
+        std::fs::write(&svg_path, timeline_svg(&title, &result.median_step, Some(&result.prediction)))
+            .with_context(|| format!("cannot write {}", svg_path.display()))?;
+        rows.push(result.row);
+    }
+    bar.finish_and_clear();
+
+    print!("{}", markdown_table(&rows));
+    let worst = rows.iter().max_by(|a, b| a.simulation_error.abs().total_cmp(&b.simulation_error.abs()));
+    if let Some(w) = worst {
+        println!(
+            "\nsimulator's worst error: {:+.1}% ({} stage(s), {}, m={}); mean |error| {:.1}%",
+            100.0 * w.simulation_error,
+            w.stages,
+            w.schedule,
+            w.microbatches,
+            100.0 * rows.iter().map(|r| r.simulation_error.abs()).sum::<f64>() / rows.len() as f64
+        );
+    }
+    let profiles: Vec<_> = cache.profiles().collect();
+    let json = serde_json::json!({
+        "machine": { "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) },
+        "rows": rows,
+        "profiles": profiles,
+    });
+    let path = args.out.join("bench.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+    println!("wrote {} and a .trace.json + .svg per run in {}", path.display(), args.out.display());
+    Ok(())
+}
+
+fn runs_len_hint<A, B, C>(a: &[A], b: &[B], c: &[C]) -> usize {
+    a.len() * b.len() * c.len()
+}
