@@ -229,7 +229,7 @@ pub fn run(
     };
     let run_name = format!(
         "{}-p{}-{}-m{}",
-        model_name.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_"),
+        slug(&model_name),
         p,
         config.schedule,
         config.microbatches
@@ -441,6 +441,12 @@ pub fn timeline_svg(title: &str, step: &StepStats, simulated: Option<&Prediction
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+/// A file-name-safe form of a model name: `gpt(vocab=256, ctx=16)` → `gpt_vocab_256_ctx_16`.
+fn slug(name: &str) -> String {
+    let mapped: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    mapped.split('_').filter(|p| !p.is_empty()).collect::<Vec<_>>().join("_")
 }
 
 fn xml_escape(s: &str) -> String {

@@ -1049,7 +1049,7 @@ impl StageWorker {
         for &action in schedule.stage_actions(self.index) {
             self.poll_abort()?;
             let poison_loss = self.inject_fault(Some(action))?;
-            let action_start = Instant::now();
+            let (action_start, waited_before) = (Instant::now(), self.waiting);
             let mb = action.microbatch;
             let result: StageResult<()> = match action.kind {
                 ActionKind::Forward => {
@@ -1062,7 +1062,8 @@ impl StageWorker {
                 ActionKind::BackwardWeight => self.backward_weight(mb),
             };
             result.map_err(|e| with_action(e, action))?;
-            outcome.timings.push((action, action_start, Instant::now()));
+            // F and B wait for their input first: the action starts when it arrives.
+            outcome.timings.push((action, action_start + (self.waiting - waited_before), Instant::now()));
             outcome.peak_stash_bytes = outcome.peak_stash_bytes.max(self.stash_bytes);
         }
         self.finish_step(lr)?;
