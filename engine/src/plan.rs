@@ -45,7 +45,7 @@ pub struct Candidate {
 }
 
 impl Candidate {
-    /// Predicted micro-batch items per second (`batch_size` items per step).
+    /// Predicted examples (sequences or images) per second, `batch_size` per step.
     pub fn throughput(&self, batch_size: usize) -> f64 {
         batch_size as f64 / self.prediction.step_time.max(1e-12)
     }
@@ -151,7 +151,7 @@ pub fn explain(ranked: &[Candidate], request: &PlanRequest) -> String {
     let p = &best.prediction;
     let _ = write!(
         text,
-        "Recommended: {}. Predicted {:.2} ms/step ({:.0} items/s), bubble {:.1}%, peak memory {} on the fullest stage",
+        "Recommended: {}. Predicted {:.2} ms/step ({:.0} examples/s), bubble {:.1}%, peak memory {} on the fullest stage",
         best.label(),
         1e3 * p.step_time,
         best.throughput(request.batch_size),
@@ -179,7 +179,13 @@ pub fn explain(ranked: &[Candidate], request: &PlanRequest) -> String {
     }
     let excluded = ranked.iter().filter(|c| !c.fits).count();
     if excluded > 0 {
-        let _ = write!(text, " {excluded} faster-or-not configurations were excluded by the memory limit.");
+        let faster = ranked.iter().filter(|c| !c.fits && c.prediction.step_time < p.step_time).count();
+        let _ = write!(
+            text,
+            " {excluded} configuration{} exceed{} the memory limit ({faster} of them would be faster).",
+            if excluded == 1 { "" } else { "s" },
+            if excluded == 1 { "s" } else { "" }
+        );
     }
     if best.stages > 1 {
         let single = ranked.iter().filter(|c| c.stages == 1 && c.fits).map(|c| c.prediction.step_time).fold(f64::INFINITY, f64::min);

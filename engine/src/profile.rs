@@ -11,9 +11,10 @@
 //! `backward_weight_s` (the executor's `W`) is accumulating the weight gradients into the
 //! step's sums. A full `B` costs both.
 //!
-//! Each layer is timed alone with its input computed by the layers before it; times are medians
-//! over `repeats` after `warmup` runs, inside a thread pool of the stage's size and with
-//! candle's matmul budget set the same way the executor sets it.
+//! Each layer is timed alone with its input computed by the layers before it; times are the
+//! minimum over `repeats` after `warmup` runs (on a shared machine, other processes only ever
+//! add time, so the minimum is the stable estimate of the layer's own cost), inside a thread
+//! pool of the stage's size and with candle's matmul budget set the same way the executor sets it.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -166,7 +167,7 @@ fn profile_in_pool(
             };
             Ok((y, root))
         };
-        let forward_s = median_time(options, || {
+        let forward_s = min_time(options, || {
             let (_, root) = forward(layer)?;
             // Reading the loss is what the last stage does; elsewhere this is a no-op sync.
             if i == last {
@@ -183,7 +184,7 @@ fn profile_in_pool(
             roots.push(forward(layer)?.1);
         }
         let mut roots = roots.into_iter();
-        let backward_input_s = median_time(options, || {
+        let backward_input_s = min_time(options, || {
             let root = roots.next().ok_or_else(|| EngineError::Config("profiler ran out of graphs".into()))?;
             root.backward()?;
             Ok(())
@@ -202,14 +203,14 @@ fn profile_in_pool(
                 None => v.zeros_like(),
             })
             .collect::<candle_core::Result<_>>()?;
-        let backward_weight_s = median_time(options, || {
+        let backward_weight_s = min_time(options, || {
             for g in &weight_grads {
                 std::hint::black_box((g + g)?);
             }
             Ok(())
         })?;
         let mut optimizer = Optimizer::new(options.optimizer);
-        let optimizer_s = median_time(options, || {
+        let optimizer_s = min_time(options, || {
             for ((name, var, decay), g) in layer_vars.iter().zip(&weight_grads) {
                 squared_norm(g)?;
                 optimizer.update(name, var, g, 1e-6, *decay)?;
@@ -249,7 +250,7 @@ fn profile_in_pool(
     })
 }
 
-fn median_time(options: &ProfileOptions, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
+fn min_time(options: &ProfileOptions, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..options.warmup {
         run()?;
     }
@@ -259,7 +260,7 @@ fn median_time(options: &ProfileOptions, mut run: impl FnMut() -> Result<()>) ->
         run()?;
         times.push(started.elapsed().as_secs_f64());
     }
-    Ok(median(&mut times))
+    Ok(times.into_iter().fold(f64::INFINITY, f64::min))
 }
 
 /// The median of `values` (the mean of the middle two for an even count); 0 when empty.
@@ -298,11 +299,16 @@ pub fn measure_hop(bytes: usize, round_trips: usize) -> Result<HopProfile> {
     for _ in 0..10 {
         t = trip(t)?;
     }
-    let started = Instant::now();
-    for _ in 0..round_trips {
-        t = trip(t)?;
+    // Median of batches of round trips: robust to the odd descheduling, unlike a single total.
+    let mut batches = Vec::new();
+    for _ in 0..9 {
+        let started = Instant::now();
+        for _ in 0..round_trips.div_ceil(9) {
+            t = trip(t)?;
+        }
+        batches.push(started.elapsed().as_secs_f64() / (2 * round_trips.div_ceil(9)) as f64);
     }
-    let latency_s = started.elapsed().as_secs_f64() / (2 * round_trips) as f64;
+    let latency_s = median(&mut batches);
     drop(to_peer);
     let _ = peer.join();
 
@@ -312,6 +318,6 @@ pub fn measure_hop(bytes: usize, round_trips: usize) -> Result<HopProfile> {
         std::hint::black_box(tensor.copy()?);
         times.push(started.elapsed().as_secs_f64());
     }
-    let copy_s = median(&mut times).max(1e-9);
+    let copy_s = times.into_iter().fold(f64::INFINITY, f64::min).max(1e-9);
     Ok(HopProfile { latency_s, copy_bytes_per_s: (elems * 4) as f64 / copy_s })
 }

@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use brigade::bench::{balanced_time_strategy, markdown_table, run as run_one, chrome_trace, timeline_svg, ProfileCache, RunConfig};
+use brigade::bench::{
+    balanced_time_strategy, chrome_trace, markdown_table, run as run_one, time_breakdown, timeline_svg, ProfileCache,
+    RunConfig,
+};
 use brigade::engine::partition::PartitionStrategy;
 use brigade::engine::profile::ProfileOptions;
 use clap::Args;
@@ -93,6 +96,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("--steps must be at least 1");
     }
     let (model, data) = args.model.model_and_data(args.seed)?;
+    let load_start = load_average();
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
 
     let mut runs = Vec::new();
@@ -169,17 +173,30 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let worst = rows.iter().max_by(|a, b| a.simulation_error.abs().total_cmp(&b.simulation_error.abs()));
     if let Some(w) = worst {
         println!(
-            "\nsimulator's worst error: {:+.1}% ({} stage(s), {}, m={}); mean |error| {:.1}%",
+            "\nsimulator's worst error vs the median step: {:+.1}% ({} stage(s), {}, m={}); mean |error| {:.1}% vs median, {:.1}% vs min (worst {:+.1}%)",
             100.0 * w.simulation_error,
             w.stages,
             w.schedule,
             w.microbatches,
-            100.0 * rows.iter().map(|r| r.simulation_error.abs()).sum::<f64>() / rows.len() as f64
+            100.0 * rows.iter().map(|r| r.simulation_error.abs()).sum::<f64>() / rows.len() as f64,
+            100.0 * rows.iter().map(|r| r.simulation_error_vs_min.abs()).sum::<f64>() / rows.len() as f64,
+            100.0 * rows.iter().map(|r| r.simulation_error_vs_min).max_by(|a, b| a.abs().total_cmp(&b.abs())).unwrap_or(0.0)
         );
     }
-    let profiles: Vec<_> = cache.profiles().collect();
+    let load_end = load_average();
+    println!("load average (1 min) at start {load_start}, at end {load_end}: other processes share these cores");
+    let mut profiles: Vec<_> = cache.profiles().collect();
+    profiles.sort_by_key(|p| (p.threads, p.microbatch_size));
+    println!("\nwhere the time goes (profile):");
+    for p in &profiles {
+        println!("- {}", time_breakdown(p));
+    }
     let json = serde_json::json!({
-        "machine": { "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) },
+        "machine": {
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "load_average_start": load_start,
+            "load_average_end": load_end,
+        },
         "rows": rows,
         "profiles": profiles,
     });
@@ -187,6 +204,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n").with_context(|| format!("cannot write {}", path.display()))?;
     println!("wrote {} and a .trace.json + .svg per run in {}", path.display(), args.out.display());
     Ok(())
+}
+
+/// The 1-minute load average (Linux), to record how busy the shared machine was.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn runs_len_hint<A, B, C>(a: &[A], b: &[B], c: &[C]) -> usize {

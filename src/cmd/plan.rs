@@ -96,7 +96,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         memory_limit.map(|l| format!(", memory limit {} per device", human_bytes(l))).unwrap_or_default()
     );
     println!();
-    println!("| rank | stages | layers (partition) | schedule | m | simulated ms/step | items/s | bubble | peak memory per stage | fits |");
+    println!("| rank | stages | layers (partition) | schedule | m | simulated ms/step | examples/s | bubble | peak memory per stage | fits |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for (i, c) in ranked.iter().take(args.top).enumerate() {
         let memory: Vec<String> = c.prediction.peak_memory.iter().map(|b| human_bytes(*b)).collect();
