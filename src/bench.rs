@@ -24,7 +24,7 @@ use brigade_engine::schedule::{ActionKind, ScheduleKind, Timeline};
 use brigade_engine::simulate::{predict, range_memory, Prediction, StageCosts};
 use brigade_models::data::Split;
 use candle_core::{Device, Tensor};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::train::{Dataset, TrainOptions, Trainer};
 use crate::Error;
@@ -126,7 +126,7 @@ pub struct RunConfig {
 }
 
 /// Minimum, median and maximum of a set of seconds.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Spread {
     pub median: f64,
     pub min: f64,
@@ -145,7 +145,7 @@ impl Spread {
 }
 
 /// One row of the bench table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchRow {
     pub model: String,
     pub stages: usize,

@@ -4,12 +4,18 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
 use brigade::bench::{
-    balanced_time_strategy, chrome_trace, markdown_table, run as run_one, time_breakdown, timeline_svg, ProfileCache,
-    RunConfig,
+    balanced_time_strategy, chrome_trace, markdown_table, profile_on_data, run as run_one, time_breakdown,
+    timeline_svg, BenchRow, RunConfig,
 };
 use brigade::engine::partition::PartitionStrategy;
-use brigade::engine::profile::ProfileOptions;
+use brigade::engine::profile::{Profile, ProfileOptions};
+use brigade::engine::PipelineModel;
+use brigade::train::Dataset;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -52,6 +58,13 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     pub plain: bool,
+    /// Run every configuration in this one process instead of a fresh process each (faster to
+    /// start; but candle's elementwise pool keeps the first run's thread budget).
+    #[arg(long)]
+    pub in_process: bool,
+    /// Internal: run only configuration N and report it on stdout (what each child does).
+    #[arg(long, hide = true)]
+    pub run_index: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -119,7 +132,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         }
     }
-    let bar = if args.plain {
+    let bar = if args.plain || args.run_index.is_some() {
         ProgressBar::hidden()
     } else {
         ProgressBar::new((runs.len() * (args.warmup + args.steps)) as u64)
@@ -129,43 +142,32 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .expect("static template")
             .progress_chars("=> "),
     );
-    let mut cache = ProfileCache::default();
+    if let Some(index) = args.run_index {
+        // A child of the bench below: one run, results on stdout, progress on stderr.
+        let config = runs.get_mut(index).with_context(|| format!("no bench run {index}"))?;
+        let (row, profile) = execute(&args, model, &data, config, || eprintln!("{STEP_MARK}"))?;
+        println!("{ROW_MARK}{}", serde_json::to_string(&row)?);
+        println!("{PROFILE_MARK}{}", serde_json::to_string(&profile)?);
+        return Ok(());
+    }
+    let total = runs.len();
     let mut rows = Vec::new();
+    let mut profiles: Vec<Profile> = Vec::new();
     for (i, config) in runs.iter_mut().enumerate() {
-        let label = format!("run {}/{}: {} stage(s), {}, m={}", i + 1, runs_len_hint(&layouts, &schedules, &args.microbatches), config.stages, config.schedule, config.microbatches);
-        bar.set_message(format!("{label} (profiling)"));
+        let label = format!("run {}/{total}: {} stage(s), {}, m={}", i + 1, config.stages, config.schedule, config.microbatches);
+        bar.set_message(label.clone());
         if args.plain {
             eprintln!("{label}");
         }
-        let options = ProfileOptions {
-            repeats: args.profile_repeats,
-            warmup: 2,
-            threads: config.threads_per_stage,
-            optimizer,
-            seed: args.seed,
+        let (row, profile) = if args.in_process {
+            execute(&args, model.clone(), &data, config, || bar.inc(1)).with_context(|| format!("bench {label}"))?
+        } else {
+            run_in_child(i, || bar.inc(1)).with_context(|| format!("bench {label}"))?
         };
-        let profile = cache
-            .get_or_profile(model.as_ref(), &data, args.batch_size / config.microbatches, args.model.context, &options)?
-            .clone();
-        if config.partition == PartitionStrategy::BalancedTime(Vec::new()) {
-            config.partition = balanced_time_strategy(&profile);
+        rows.push(row);
+        if !profiles.iter().any(|p| (p.threads, p.microbatch_size) == (profile.threads, profile.microbatch_size)) {
+            profiles.push(profile);
         }
-        bar.set_message(label.clone());
-        let result = run_one(model.clone(), &data, config, &profile, || bar.inc(1))
-            .with_context(|| format!("bench {label}"))?;
-        let name = &result.row.run_name;
-        let trace = chrome_trace(&result.median_step, Some(&result.prediction.timeline));
-        let trace_path = args.out.join(format!("{name}.trace.json"));
-        std::fs::write(&trace_path, serde_json::to_string(&trace)?)
-            .with_context(|| format!("cannot write {}", trace_path.display()))?;
-        let title = format!(
-            "{}: {} stage(s) [{}], {}, m={}, batch {} — median step",
-            result.row.model, config.stages, result.row.partition, config.schedule, config.microbatches, config.batch_size
-        );
-        let svg_path = args.out.join(format!("{name}.svg"));
-        std::fs::write(&svg_path, timeline_svg(&title, &result.median_step, Some(&result.prediction)))
-            .with_context(|| format!("cannot write {}", svg_path.display()))?;
-        rows.push(result.row);
     }
     bar.finish_and_clear();
 
@@ -185,7 +187,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let load_end = load_average();
     println!("load average (1 min) at start {load_start}, at end {load_end}: other processes share these cores");
-    let mut profiles: Vec<_> = cache.profiles().collect();
     profiles.sort_by_key(|p| (p.threads, p.microbatch_size));
     println!("\nwhere the time goes (profile):");
     for p in &profiles {
@@ -206,6 +207,86 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+const STEP_MARK: &str = "BRIGADE-BENCH-STEP";
+const ROW_MARK: &str = "BRIGADE-BENCH-ROW ";
+const PROFILE_MARK: &str = "BRIGADE-BENCH-PROFILE ";
+
+/// Profiles, runs one configuration, and writes its trace and SVG.
+fn execute(
+    args: &BenchArgs,
+    model: Arc<dyn PipelineModel>,
+    data: &Dataset,
+    config: &mut RunConfig,
+    on_step: impl FnMut(),
+) -> Result<(BenchRow, Profile)> {
+    let options = ProfileOptions {
+        repeats: args.profile_repeats,
+        warmup: 2,
+        threads: config.threads_per_stage,
+        optimizer: config.optimizer,
+        seed: args.seed,
+    };
+    let profile = profile_on_data(model.as_ref(), data, args.batch_size / config.microbatches, args.model.context, &options)?;
+    if config.partition == PartitionStrategy::BalancedTime(Vec::new()) {
+        config.partition = balanced_time_strategy(&profile);
+    }
+    let result = run_one(model, data, config, &profile, on_step)?;
+    let name = &result.row.run_name;
+    let trace = chrome_trace(&result.median_step, Some(&result.prediction.timeline));
+    let trace_path = args.out.join(format!("{name}.trace.json"));
+    std::fs::write(&trace_path, serde_json::to_string(&trace)?)
+        .with_context(|| format!("cannot write {}", trace_path.display()))?;
+    let title = format!(
+        "{}: {} stage(s) [{}], {}, m={}, batch {} — median step",
+        result.row.model, config.stages, result.row.partition, config.schedule, config.microbatches, config.batch_size
+    );
+    let svg_path = args.out.join(format!("{name}.svg"));
+    std::fs::write(&svg_path, timeline_svg(&title, &result.median_step, Some(&result.prediction)))
+        .with_context(|| format!("cannot write {}", svg_path.display()))?;
+    Ok((result.row, profile))
+}
+
+/// Runs configuration `index` in a fresh `brigade` process with this process's arguments.
+///
+/// Why a process per run: candle sizes its elementwise thread pool once per process, from the
+/// first thread budget it sees, so in one process every run after the first would inherit the
+/// first run's budget (measured: 2-stage gpt-tiny steps twice as slow after a 1-stage run).
+/// A fresh process is also what `brigade train` runs in.
+fn run_in_child(index: usize, mut on_step: impl FnMut()) -> Result<(BenchRow, Profile)> {
+    let exe = std::env::current_exe().context("cannot find the brigade executable")?;
+    let mut child = Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .args(["--run-index", &index.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start a bench run")?;
+    let mut errors = Vec::new();
+    if let Some(stderr) = child.stderr.take() {
+        for line in BufReader::new(stderr).lines() {
+            let line = line.unwrap_or_default();
+            if line == STEP_MARK {
+                on_step();
+            } else if !line.trim().is_empty() {
+                errors.push(line);
+            }
+        }
+    }
+    let mut stdout = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        out.read_to_string(&mut stdout).context("reading a bench run's results")?;
+    }
+    let status = child.wait().context("waiting for a bench run")?;
+    if !status.success() {
+        let why = errors.iter().rev().find(|l| l.starts_with("error: ")).cloned().unwrap_or_else(|| errors.join("; "));
+        bail!("{}", why.trim_start_matches("error: "));
+    }
+    let field = |mark: &str| stdout.lines().find_map(|l| l.strip_prefix(mark)).map(str::to_string);
+    let row = field(ROW_MARK).context("a bench run reported no results")?;
+    let profile = field(PROFILE_MARK).context("a bench run reported no profile")?;
+    Ok((serde_json::from_str(&row)?, serde_json::from_str(&profile)?))
+}
+
 /// The 1-minute load average (Linux), to record how busy the shared machine was.
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -214,6 +295,3 @@ fn load_average() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn runs_len_hint<A, B, C>(a: &[A], b: &[B], c: &[C]) -> usize {
-    a.len() * b.len() * c.len()
-}
