@@ -11,7 +11,7 @@ use brigade::models::data::TokenDataset;
 use brigade::prelude::*;
 
 fn quick_profile_options() -> ProfileOptions {
-    ProfileOptions { repeats: 1, warmup: 0, threads: 1, ..ProfileOptions::default() }
+    ProfileOptions { repeats: 1, rounds: 1, warmup: 0, threads: 1, ..ProfileOptions::default() }
 }
 
 #[test]

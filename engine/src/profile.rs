@@ -12,9 +12,10 @@
 //! step's sums. A full `B` costs both.
 //!
 //! Each layer is timed alone with its input computed by the layers before it; times are the
-//! minimum over `repeats` after `warmup` runs (on a shared machine, other processes only ever
-//! add time, so the minimum is the stable estimate of the layer's own cost), inside a thread
-//! pool of the stage's size and with candle's matmul budget set the same way the executor sets it.
+//! minimum over `repeats` back-to-back runs after `warmup`, and over `rounds` passes (on a
+//! shared machine other processes only ever add time, so the minimum is the stable estimate of
+//! the layer's own cost), inside a thread pool of the stage's size and with candle's thread
+//! budget set the same way the executor sets it.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -102,7 +103,10 @@ impl HopProfile {
 /// How to profile.
 #[derive(Debug, Clone)]
 pub struct ProfileOptions {
+    /// Timed runs per measurement in each round.
     pub repeats: usize,
+    /// Passes over the whole model; the minimum over rounds is kept.
+    pub rounds: usize,
     pub warmup: usize,
     /// CPU threads for the math (match the stage's `threads_per_stage`).
     pub threads: usize,
@@ -112,7 +116,7 @@ pub struct ProfileOptions {
 
 impl Default for ProfileOptions {
     fn default() -> Self {
-        Self { repeats: 10, warmup: 2, threads: 1, optimizer: OptimizerConfig::adamw(), seed: 0 }
+        Self { repeats: 10, rounds: 3, warmup: 2, threads: 1, optimizer: OptimizerConfig::adamw(), seed: 0 }
     }
 }
 
@@ -131,7 +135,25 @@ pub fn profile_model(
         .num_threads(options.threads)
         .build()
         .map_err(|e| EngineError::Config(format!("profiler thread pool: {e}")))?;
-    pool.install(|| profile_in_pool(model, inputs, targets, options))
+    pool.install(|| {
+        // Rounds spaced in time, each layer's minimum kept: a burst of load from another process
+        // spoils one round, not the estimate. (Within a round each layer repeats back to back,
+        // caches warm, as a stage runs one layer's work for a micro-batch.)
+        let mut best = profile_in_pool(model, inputs, targets, options)?;
+        for _ in 1..options.rounds.max(1) {
+            let next = profile_in_pool(model, inputs, targets, options)?;
+            for (b, n) in best.layers.iter_mut().zip(next.layers) {
+                b.forward_s = b.forward_s.min(n.forward_s);
+                b.backward_input_s = b.backward_input_s.min(n.backward_input_s);
+                b.backward_weight_s = b.backward_weight_s.min(n.backward_weight_s);
+                b.backward_s = b.backward_input_s + b.backward_weight_s;
+                b.optimizer_s = b.optimizer_s.min(n.optimizer_s);
+            }
+            best.hop.latency_s = best.hop.latency_s.min(next.hop.latency_s);
+            best.hop.copy_bytes_per_s = best.hop.copy_bytes_per_s.max(next.hop.copy_bytes_per_s);
+        }
+        Ok(best)
+    })
 }
 
 fn profile_in_pool(

@@ -221,6 +221,7 @@ fn execute(
 ) -> Result<(BenchRow, Profile)> {
     let options = ProfileOptions {
         repeats: args.profile_repeats,
+        rounds: 3,
         warmup: 2,
         threads: config.threads_per_stage,
         optimizer: config.optimizer,

@@ -69,6 +69,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     };
     let options = ProfileOptions {
         repeats: args.profile_repeats,
+        rounds: 3,
         warmup: 1,
         threads,
         optimizer: super::optimizer(&args.optimizer)?,

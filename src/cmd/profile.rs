@@ -25,9 +25,12 @@ pub struct ProfileArgs {
     /// CPU threads for the math (a stage's --threads-per-stage).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
-    /// Timed runs per measurement (the median is kept), after 2 warm-up runs.
+    /// Timed back-to-back runs per measurement, after 2 warm-up runs.
     #[arg(long, default_value_t = 10)]
     pub repeats: usize,
+    /// Passes over the whole model; each time is the minimum over all rounds and repeats.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// adamw or sgd: sizes the optimizer state and times its step.
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
@@ -46,6 +49,7 @@ pub fn run(args: ProfileArgs) -> Result<()> {
     let (model, data) = args.model.model_and_data(args.seed)?;
     let options = ProfileOptions {
         repeats: args.repeats,
+        rounds: args.rounds,
         warmup: 2,
         threads: args.threads,
         optimizer: super::optimizer(&args.optimizer)?,
@@ -75,7 +79,7 @@ pub fn balanced_time(
     threads: usize,
     seed: u64,
 ) -> Result<PartitionStrategy> {
-    let options = ProfileOptions { repeats: 5, warmup: 1, threads, seed, ..ProfileOptions::default() };
+    let options = ProfileOptions { repeats: 5, rounds: 3, warmup: 1, threads, seed, ..ProfileOptions::default() };
     let profile = profile_on_data(model, data, microbatch_size, context, &options)
         .context("profiling for --partition balanced-time")?;
     Ok(balanced_time_strategy(&profile))
