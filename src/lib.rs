@@ -10,11 +10,13 @@
 //! - [`models`]: GPT-2 and ResNet presets, datasets.
 //! - [`kernels`]: differentiable fused ops.
 //! - [`train`]: the training loop the CLI uses.
+//! - [`bench`]: runs layouts and schedules, measures them against the simulator, draws timelines.
 
 pub use brigade_engine as engine;
 pub use brigade_kernels as kernels;
 pub use brigade_models as models;
 
+pub mod bench;
 pub mod checkpoint;
 pub mod train;
 

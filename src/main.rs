@@ -1,6 +1,7 @@
 //! The `brigade` command line: train a model on pipeline stages, or print a schedule.
 
 mod cli_checkpoint;
+mod cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,10 +11,9 @@ use brigade::engine::optim::{LrSchedule, OptimizerConfig};
 use brigade::engine::partition::PartitionStrategy;
 use brigade::engine::pipeline::{PipelineConfig, ScheduleChoice};
 use brigade::engine::schedule::{ActionCosts, Schedule, ScheduleKind};
-use brigade::models::data::{ImageDataset, TokenDataset};
-use brigade::models::ModelConfig;
-use brigade::train::{CheckpointPolicy, Dataset, Event, TrainOptions, Trainer};
+use brigade::train::{CheckpointPolicy, Event, TrainOptions, Trainer};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use cmd::model::ModelArgs;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -39,6 +39,12 @@ enum Command {
     Predict(cli_checkpoint::PredictArgs),
     /// Generate text from a GPT checkpoint, pipelined over stages.
     Generate(cli_checkpoint::GenerateArgs),
+    /// Measure each layer's time, memory and transfer size, and a stage hop; JSON out.
+    Profile(cmd::profile::ProfileArgs),
+    /// Rank stage counts, partitions, schedules and micro-batch counts by simulated step time.
+    Plan(cmd::plan::PlanArgs),
+    /// Run layouts x schedules x micro-batch counts, measure, and compare with the simulator.
+    Bench(cmd::bench::BenchArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -49,16 +55,16 @@ enum OptimizerArg {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Model preset (see `brigade presets`); default gpt-tiny, or the checkpoint's with --resume.
-    #[arg(long)]
-    model: Option<String>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Number of pipeline stages (one thread each).
     #[arg(long, default_value_t = 2)]
     stages: usize,
     /// Layers per stage, e.g. 3,3,2 (overrides --partition).
     #[arg(long)]
     split: Option<String>,
-    /// How to cut the layers: uniform (by count) or balanced (by parameters).
+    /// How to cut the layers: uniform (by count), balanced (by parameters), or balanced-time
+    /// (by profiled time per layer: profiles the model first).
     #[arg(long, default_value = "uniform")]
     partition: String,
     /// gpipe, 1f1b, or a schedule file in the format `brigade schedule` prints.
@@ -91,10 +97,6 @@ struct TrainArgs {
     grad_clip: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Training data: a text file (byte-level), a nanoGPT .bin token file, or (ResNet) a
-    /// safetensors file with `images` and `labels`. Default: an embedded generated set.
-    #[arg(long)]
-    data: Option<PathBuf>,
     /// Evaluate on held-out data every N steps (0: only at the end).
     #[arg(long, default_value_t = 100)]
     eval_every: u64,
@@ -104,24 +106,6 @@ struct TrainArgs {
     /// CPU threads per stage (default: cores / stages).
     #[arg(long)]
     threads_per_stage: Option<usize>,
-    /// GPT: sequence length (and context) override.
-    #[arg(long)]
-    context: Option<usize>,
-    /// GPT: number of transformer blocks.
-    #[arg(long)]
-    layers: Option<usize>,
-    /// GPT: embedding width.
-    #[arg(long)]
-    width: Option<usize>,
-    /// GPT: attention heads.
-    #[arg(long)]
-    heads: Option<usize>,
-    /// GPT: vocabulary size (default: the preset's, or 256 for byte-level text).
-    #[arg(long)]
-    vocab: Option<usize>,
-    /// ResNet: image side for the embedded shapes set.
-    #[arg(long, default_value_t = 32)]
-    image_size: usize,
     /// Print one line per step instead of a progress bar.
     #[arg(long)]
     plain: bool,
@@ -179,6 +163,9 @@ fn main() -> ExitCode {
         Command::Inspect(args) => cli_checkpoint::inspect(args),
         Command::Predict(args) => cli_checkpoint::predict(args),
         Command::Generate(args) => cli_checkpoint::generate(args),
+        Command::Profile(args) => cmd::profile::run(args),
+        Command::Plan(args) => cmd::plan::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -245,62 +232,49 @@ fn presets() -> Result<()> {
     Ok(())
 }
 
-/// The model config a run asks for: a preset with the CLI's overrides.
-fn model_config(args: &TrainArgs) -> Result<ModelConfig> {
-    let name = args.model.as_deref().unwrap_or("gpt-tiny");
-    Ok(match ModelConfig::preset(name)? {
-        ModelConfig::Gpt(mut cfg) => {
-            if let Some(v) = args.vocab {
-                cfg = cfg.with_vocab_size(v);
-            }
-            if let Some(t) = args.context {
-                cfg = cfg.with_n_positions(t);
-            }
-            if let Some(l) = args.layers {
-                cfg = cfg.with_n_layer(l);
-            }
-            if let Some(c) = args.width {
-                cfg = cfg.with_n_embd(c);
-            }
-            if let Some(h) = args.heads {
-                cfg = cfg.with_n_head(h);
-            }
-            cfg.validate()?;
-            ModelConfig::Gpt(cfg)
-        }
-        other => other,
-    })
-}
-
-/// The data for a model family: the file given, or the embedded default.
-fn data_for(config: &ModelConfig, args: &TrainArgs) -> Result<Dataset> {
-    Ok(match config {
-        ModelConfig::Gpt(_) => Dataset::Tokens(match &args.data {
-            Some(path) => TokenDataset::from_path(path)?,
-            None => TokenDataset::embedded(args.seed),
-        }),
-        ModelConfig::Resnet(_) => Dataset::Images(match &args.data {
-            Some(path) => ImageDataset::from_safetensors(path)?,
-            None => ImageDataset::embedded_shapes(5000, 1000, args.image_size, args.seed)?,
-        }),
-    })
-}
-
-/// A ResNet's class and channel counts follow its data.
-fn fit_to_data(config: ModelConfig, data: &Dataset) -> ModelConfig {
-    match (config, data) {
-        (ModelConfig::Resnet(cfg), Dataset::Images(d)) => {
-            ModelConfig::Resnet(cfg.with_num_classes(d.num_classes()).with_in_channels(d.channels()))
-        }
-        (config, _) => config,
-    }
-}
-
 fn train(args: TrainArgs) -> Result<()> {
-    let partition = match &args.split {
+    // The model and data: from the checkpoint when resuming, else the preset (with overrides),
+    // possibly starting from imported weights.
+    let resumed = args.resume.as_ref().map(|r| brigade::checkpoint::open(r)).transpose()?;
+    let mut imported = None;
+    let (model, data) = match &resumed {
+        Some((ckpt, config, model)) => {
+            if args.model.model.is_some() {
+                // An explicit model must be the checkpoint's (with the same overrides).
+                let (asked, _) = args.model.model_and_data(args.seed)?;
+                if asked.config() != ckpt.meta.model.config {
+                    bail!(
+                        "--resume {} holds a {} checkpoint, but this run asks for {}",
+                        ckpt.dir.display(),
+                        ckpt.meta.model.name,
+                        asked.name()
+                    );
+                }
+            }
+            println!("resume   {} (step {})", ckpt.dir.display(), ckpt.meta.step);
+            (model.clone(), args.model.data_for(config, args.seed)?)
+        }
+        None => match &args.init_from {
+            Some(init) => {
+                let weights = brigade::checkpoint::import(init, Some(&args.model.config()?))?;
+                println!("init     {} weights from {}", weights.params.len() + weights.buffers.len(), weights.source);
+                let data = args.model.data_for(&weights.config, args.seed)?;
+                let model = weights.config.build()?;
+                imported = Some(weights);
+                (model, data)
+            }
+            None => args.model.model_and_data(args.seed)?,
+        },
+    };
+    let mut partition = match &args.split {
         Some(split) => split.parse::<PartitionStrategy>()?,
         None => args.partition.parse::<PartitionStrategy>()?,
     };
+    if partition == PartitionStrategy::BalancedTime(Vec::new()) {
+        let threads = args.threads_per_stage.unwrap_or_else(|| cmd::profile::default_threads(args.stages));
+        let mb = (args.batch_size / args.microbatches.max(1)).max(1);
+        partition = cmd::profile::balanced_time(model.as_ref(), &data, mb, args.model.context, threads, args.seed)?;
+    }
     let warmup = args.warmup.unwrap_or(args.steps / 20);
     let lr = LrSchedule::warmup_cosine(args.lr, warmup, args.steps, args.min_lr.unwrap_or(args.lr / 10.0));
     let optimizer = match (args.optimizer, OptimizerConfig::adamw(), OptimizerConfig::sgd()) {
@@ -330,7 +304,7 @@ fn train(args: TrainArgs) -> Result<()> {
         eval_every: if args.eval_every == 0 { args.steps } else { args.eval_every },
         eval_batches: args.eval_batches,
         data_seed: args.seed,
-        context: args.context,
+        context: args.model.context,
         checkpoints: args.save_dir.as_ref().map(|dir| CheckpointPolicy {
             dir: dir.clone(),
             every: args.save_every,
@@ -338,45 +312,22 @@ fn train(args: TrainArgs) -> Result<()> {
             max_shard_bytes: args.max_shard_size,
         }),
     };
-    let mut trainer = if let Some(resume) = &args.resume {
-        let (ckpt, config, _) = brigade::checkpoint::open(resume)?;
-        if args.model.is_some() {
-            // An explicit model must be the checkpoint's (with the same overrides).
-            let asked = model_config(&args)?;
-            let asked_model = fit_to_data(asked.clone(), &data_for(&asked, &args)?).build()?;
-            if asked_model.config() != ckpt.meta.model.config {
-                bail!(
-                    "--resume {} holds a {} checkpoint, but this run asks for {}",
-                    resume.display(),
-                    ckpt.meta.model.name,
-                    asked_model.name()
-                );
+    println!("model    {}", model.name());
+    println!("data     {}", data.describe());
+    let mut trainer = match (&args.resume, resumed) {
+        (Some(path), Some(_)) => {
+            let started = std::time::Instant::now();
+            let trainer = Trainer::resume(path, data, pipeline, options)?;
+            println!("loaded   checkpoint into {} stages in {:.2}s", args.stages, started.elapsed().as_secs_f64());
+            trainer
+        }
+        _ => {
+            if let Some(weights) = imported {
+                pipeline.initial_params = weights.params;
+                pipeline.initial_buffers = weights.buffers;
             }
+            Trainer::new(model, data, pipeline, options)?
         }
-        let data = data_for(&config, &args)?;
-        println!("resume   {} (step {})", ckpt.dir.display(), ckpt.meta.step);
-        println!("model    {}", ckpt.meta.model.name);
-        println!("data     {}", data.describe());
-        drop(ckpt);
-        let started = std::time::Instant::now();
-        let trainer = Trainer::resume(resume, data, pipeline, options)?;
-        println!("loaded   checkpoint into {} stages in {:.2}s", args.stages, started.elapsed().as_secs_f64());
-        trainer
-    } else {
-        let mut config = model_config(&args)?;
-        if let Some(init) = &args.init_from {
-            let imported = brigade::checkpoint::import(init, Some(&config))?;
-            println!("init     {} weights from {}", imported.params.len() + imported.buffers.len(), imported.source);
-            config = imported.config;
-            pipeline.initial_params = imported.params;
-            pipeline.initial_buffers = imported.buffers;
-        }
-        let data = data_for(&config, &args)?;
-        let config = if args.init_from.is_some() { config } else { fit_to_data(config, &data) };
-        let model = config.build()?;
-        println!("model    {}", model.name());
-        println!("data     {}", data.describe());
-        Trainer::new(model, data, pipeline, options)?
     };
     let images = matches!(trainer.model().input(), brigade::engine::InputKind::Images { .. });
     {

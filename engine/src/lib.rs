@@ -15,11 +15,15 @@ pub mod checkpoint;
 pub mod error;
 pub mod layer;
 pub mod loss;
+pub mod memory;
 pub mod optim;
 pub mod partition;
+pub mod plan;
 pub mod pipeline;
+pub mod profile;
 pub mod reference;
 pub mod schedule;
+pub mod simulate;
 
 pub use error::EngineError;
 pub use layer::{BufferSpec, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, PipelineModel};

@@ -1,8 +1,9 @@
 //! How a model's ordered layer list is cut into contiguous pipeline stages.
 //!
 //! A partition is just the number of layers per stage (`3,3,2`). Strategies: manual counts,
-//! uniform by layer count, and balanced by parameter count (optimal: the slowest stage, by
-//! parameters, is as small as any contiguous cut allows).
+//! uniform by layer count, balanced by parameter count, and balanced by measured time (both
+//! optimal: the largest stage, by parameters or by time, is as small as any contiguous cut
+//! allows; the time balancer can also respect a per-stage memory limit).
 
 use std::fmt;
 use std::ops::Range;
@@ -24,6 +25,10 @@ pub enum PartitionError {
     StageCountMismatch { split: String, given: usize, stages: usize },
     #[error("cannot parse split {0:?}: expected comma-separated layer counts such as 3,3,2")]
     Parse(String),
+    #[error("balanced-time needs a time per layer ({layers} layers, {given} times given): profile the model first")]
+    NeedsProfile { layers: usize, given: usize },
+    #[error("no split of {layers} layers into {stages} stages fits the memory limit")]
+    NoFit { layers: usize, stages: usize },
 }
 
 /// Layers per stage, in order.
@@ -94,6 +99,53 @@ impl Partition {
         Ok(Self { counts })
     }
 
+    /// Minimises the slowest stage's time (`times[i]`: layer i's seconds per micro-batch) over
+    /// every contiguous partition whose stages all satisfy `fits(stage, layers)` (e.g. a memory
+    /// limit, which may depend on the stage's index because schedules stash more early on).
+    /// Dynamic programming over (stages, layers): O(stages × layers²) cost evaluations.
+    pub fn balanced_time(
+        times: &[f64],
+        stages: usize,
+        fits: impl Fn(usize, Range<usize>) -> bool,
+    ) -> Result<Self, PartitionError> {
+        check_sizes(times.len(), stages)?;
+        let n = times.len();
+        let mut prefix = vec![0.0f64; n + 1];
+        for (i, t) in times.iter().enumerate() {
+            prefix[i + 1] = prefix[i] + t.max(0.0);
+        }
+        // best[k][i]: smallest slowest-stage time splitting the first i layers into k stages.
+        let mut best = vec![vec![f64::INFINITY; n + 1]; stages + 1];
+        let mut cut = vec![vec![0usize; n + 1]; stages + 1];
+        best[0][0] = 0.0;
+        for k in 1..=stages {
+            // Leave at least one layer for each of the remaining stages.
+            for i in k..=n - (stages - k) {
+                for j in (k - 1)..i {
+                    if !best[k - 1][j].is_finite() || !fits(k - 1, j..i) {
+                        continue;
+                    }
+                    let cost = best[k - 1][j].max(prefix[i] - prefix[j]);
+                    if cost < best[k][i] {
+                        best[k][i] = cost;
+                        cut[k][i] = j;
+                    }
+                }
+            }
+        }
+        if !best[stages][n].is_finite() {
+            return Err(PartitionError::NoFit { layers: n, stages });
+        }
+        let mut counts = vec![0; stages];
+        let mut i = n;
+        for k in (1..=stages).rev() {
+            let j = cut[k][i];
+            counts[k - 1] = i - j;
+            i = j;
+        }
+        Ok(Self { counts })
+    }
+
     pub fn stages(&self) -> usize {
         self.counts.len()
     }
@@ -131,6 +183,9 @@ impl fmt::Display for Partition {
 pub enum PartitionStrategy {
     Uniform,
     BalancedParams,
+    /// Balanced by measured time: nanoseconds per micro-batch of each layer (forward plus
+    /// backward, from a profile). Parsed empty from `balanced-time`; fill it before resolving.
+    BalancedTime(Vec<u64>),
     Manual(Vec<usize>),
 }
 
@@ -140,6 +195,13 @@ impl PartitionStrategy {
         match self {
             Self::Uniform => Partition::uniform(layer_params.len(), stages),
             Self::BalancedParams => Partition::balanced(layer_params, stages),
+            Self::BalancedTime(nanos) => {
+                if nanos.len() != layer_params.len() {
+                    return Err(PartitionError::NeedsProfile { layers: layer_params.len(), given: nanos.len() });
+                }
+                let times: Vec<f64> = nanos.iter().map(|&n| n as f64).collect();
+                Partition::balanced_time(&times, stages, |_, _| true)
+            }
             Self::Manual(counts) => {
                 if counts.len() != stages {
                     return Err(PartitionError::StageCountMismatch { split: join(counts), given: counts.len(), stages });
@@ -153,11 +215,13 @@ impl PartitionStrategy {
 impl FromStr for PartitionStrategy {
     type Err = PartitionError;
 
-    /// `uniform`, `balanced` / `balanced-params`, or layer counts such as `3,3,2`.
+    /// `uniform`, `balanced` / `balanced-params`, `balanced-time` (needs a profile), or layer
+    /// counts such as `3,3,2`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
             "uniform" => Ok(Self::Uniform),
             "balanced" | "balanced-params" => Ok(Self::BalancedParams),
+            "balanced-time" => Ok(Self::BalancedTime(Vec::new())),
             other => other
                 .split(',')
                 .map(|c| c.trim().parse::<usize>())
@@ -233,6 +297,67 @@ mod tests {
             let worst = p.ranges().iter().map(|r| costs[r.clone()].iter().sum::<usize>()).max().unwrap();
             assert_eq!(worst, brute_force_best(&costs, stages), "costs {costs:?} stages {stages}");
         }
+    }
+
+    /// Every contiguous split of `n` layers into `stages` non-empty stages.
+    fn all_splits(n: usize, stages: usize) -> Vec<Vec<usize>> {
+        if stages == 1 {
+            return vec![vec![n]];
+        }
+        (1..=n - (stages - 1))
+            .flat_map(|first| {
+                all_splits(n - first, stages - 1).into_iter().map(move |mut rest| {
+                    rest.insert(0, first);
+                    rest
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn balanced_time_is_optimal_against_brute_force_with_and_without_a_memory_limit() {
+        let mut seed = 99u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed >> 33
+        };
+        for case in 0..300 {
+            let n = 1 + next() as usize % 9;
+            let stages = 1 + next() as usize % n;
+            let times: Vec<f64> = (0..n).map(|_| (1 + next() % 1000) as f64 / 7.0).collect();
+            let bytes: Vec<u64> = (0..n).map(|_| 1 + next() % 50).collect();
+            // Earlier stages stash more micro-batches (1F1B): memory = (stages - s) x bytes.
+            let limit = if case % 2 == 0 { u64::MAX } else { 40 + next() % 200 };
+            let fits = |s: usize, r: Range<usize>| (stages - s) as u64 * bytes[r].iter().sum::<u64>() <= limit;
+            let stage_time = |counts: &[usize]| {
+                Partition::manual(counts, n).unwrap().ranges().iter().map(|r| times[r.clone()].iter().sum::<f64>()).fold(0.0, f64::max)
+            };
+            let feasible: Vec<Vec<usize>> = all_splits(n, stages)
+                .into_iter()
+                .filter(|c| Partition::manual(c, n).unwrap().ranges().into_iter().enumerate().all(|(s, r)| fits(s, r)))
+                .collect();
+            let brute = feasible.iter().map(|c| stage_time(c)).fold(f64::INFINITY, f64::min);
+            match Partition::balanced_time(&times, stages, fits) {
+                Ok(p) => {
+                    assert!(p.ranges().into_iter().enumerate().all(|(s, r)| fits(s, r)), "limit broken: {p}");
+                    assert!((stage_time(p.counts()) - brute).abs() < 1e-9, "times {times:?} stages {stages}: {p} vs {brute}");
+                }
+                Err(e) => {
+                    assert!(feasible.is_empty(), "balancer gave up ({e}) but {feasible:?} fit");
+                    assert_eq!(e, PartitionError::NoFit { layers: n, stages });
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn balanced_time_strategy_needs_times_for_every_layer() {
+        let s = "balanced-time".parse::<PartitionStrategy>().unwrap();
+        assert_eq!(s, PartitionStrategy::BalancedTime(vec![]));
+        assert!(matches!(s.resolve(&[1, 1, 1], 2), Err(PartitionError::NeedsProfile { layers: 3, given: 0 })));
+        // One slow layer gets a stage to itself, whatever the parameter counts say.
+        let p = PartitionStrategy::BalancedTime(vec![10, 10, 10, 90]).resolve(&[100, 100, 100, 1], 2).unwrap();
+        assert_eq!(p.counts(), &[3, 1]);
     }
 
     #[test]

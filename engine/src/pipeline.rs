@@ -34,6 +34,7 @@ use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use crate::error::{EngineError, Result};
 use crate::layer::{InputKind, Layer, LayerSpec, LossKind, Mode, ParamStore, PipelineModel};
 use crate::loss::{correct_predictions, loss_terms, microbatch_loss};
+use crate::memory::{retained_bytes, tensor_bytes};
 use crate::optim::{LrSchedule, Optimizer, OptimizerConfig, ParamState};
 use crate::partition::{Partition, PartitionStrategy};
 use crate::schedule::{Action, ActionKind, Schedule, ScheduleKind};
@@ -193,6 +194,19 @@ pub struct StepStats {
     pub elapsed: Duration,
     /// Time each stage spent computing (not waiting) during the step.
     pub stage_busy: Vec<Duration>,
+    /// Each stage's actions in execution order, timed from the step's start (for timelines).
+    pub stage_actions: Vec<Vec<ActionTiming>>,
+    /// Each stage's largest total of stashed activation bytes during the step, as the autograd
+    /// graph shows them ([`crate::memory::retained_bytes`] plus the received input).
+    pub peak_stash_bytes: Vec<u64>,
+}
+
+/// When one action ran, relative to the start of its step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ActionTiming {
+    pub action: Action,
+    pub start: Duration,
+    pub end: Duration,
 }
 
 /// What an evaluation pass measured.
@@ -265,6 +279,9 @@ struct Outcome {
     terms: usize,
     /// Model outputs by micro-batch (prediction only, last stage).
     outputs: Vec<(usize, Tensor)>,
+    /// Training only: (action, start, end) in execution order, and the stash's high-water mark.
+    timings: Vec<(Action, Instant, Instant)>,
+    peak_stash_bytes: u64,
 }
 
 /// A running pipeline: stage threads that own their layers, parameters, gradients and
@@ -514,15 +531,26 @@ impl Pipeline {
         let mut done = vec![false; stages];
         let mut loss = 0.0;
         let mut stage_busy = vec![Duration::ZERO; stages];
+        let mut stage_actions = vec![Vec::new(); stages];
+        let mut peak_stash_bytes = vec![0; stages];
         self.gather(&mut done, |report| match report {
             Report::Done { stage, outcome, busy } => {
                 loss += outcome.loss;
                 stage_busy[stage] = busy;
+                let since = |t: Instant| t.saturating_duration_since(started);
+                stage_actions[stage] = outcome
+                    .timings
+                    .iter()
+                    .map(|&(action, start, end)| ActionTiming { action, start: since(start), end: since(end) })
+                    .collect();
+                peak_stash_bytes[stage] = outcome.peak_stash_bytes;
                 Ok(Some(stage))
             }
             _ => Ok(None),
         })?;
-        let stats = StepStats { step: self.step, loss, grad_norm, lr, elapsed: started.elapsed(), stage_busy };
+        let elapsed = started.elapsed();
+        let stats =
+            StepStats { step: self.step, loss, grad_norm, lr, elapsed, stage_busy, stage_actions, peak_stash_bytes };
         self.step += 1;
         Ok(stats)
     }
@@ -910,6 +938,8 @@ struct StageWorker {
     stash: HashMap<usize, Stash>,
     pending_weight_grads: HashMap<usize, Vec<(String, Tensor)>>,
     waiting: Duration,
+    /// Activation bytes currently stashed (sum of `Stash::bytes`).
+    stash_bytes: u64,
 }
 
 /// What a forward keeps for its backward.
@@ -918,6 +948,8 @@ struct Stash {
     input: Option<Var>,
     /// The stage output; on the last stage, the micro-batch loss.
     output: Tensor,
+    /// What this stash keeps alive, for the step's memory high-water mark.
+    bytes: u64,
 }
 
 fn run_stage(setup: StageSetup) {
@@ -1009,6 +1041,7 @@ impl StageWorker {
             stash: HashMap::new(),
             pending_weight_grads: HashMap::new(),
             waiting: Duration::ZERO,
+            stash_bytes: 0,
         })
     }
 
@@ -1128,9 +1161,11 @@ impl StageWorker {
         lr: f64,
     ) -> StageResult<Outcome> {
         let mut outcome = Outcome::default();
+        self.stash_bytes = 0;
         for &action in schedule.stage_actions(self.index) {
             self.poll_abort()?;
             let poison_loss = self.inject_fault(Some(action))?;
+            let (action_start, waited_before) = (Instant::now(), self.waiting);
             let mb = action.microbatch;
             let result: StageResult<()> = match action.kind {
                 ActionKind::Forward => {
@@ -1143,6 +1178,9 @@ impl StageWorker {
                 ActionKind::BackwardWeight => self.backward_weight(mb),
             };
             result.map_err(|e| with_action(e, action))?;
+            // F and B wait for their input first: the action starts when it arrives.
+            outcome.timings.push((action, action_start + (self.waiting - waited_before), Instant::now()));
+            outcome.peak_stash_bytes = outcome.peak_stash_bytes.max(self.stash_bytes);
         }
         self.finish_step(lr)?;
         Ok(outcome)
@@ -1193,13 +1231,20 @@ impl StageWorker {
             if !value.is_finite() {
                 return Err(StageStop::Failed(None, format!("non-finite loss ({value}) at micro-batch {mb}")));
             }
-            self.stash.insert(mb, Stash { input, output: loss });
+            self.stash_forward(mb, Stash { input, output: loss, bytes: 0 });
             Ok(value)
         } else {
             self.send_next(Msg::Activation { microbatch: mb, tensor: y.detach() })?;
-            self.stash.insert(mb, Stash { input, output: y });
+            self.stash_forward(mb, Stash { input, output: y, bytes: 0 });
             Ok(0.0)
         }
+    }
+
+    /// Keeps a forward for its backward, and counts what that keeps alive.
+    fn stash_forward(&mut self, mb: usize, mut stash: Stash) {
+        stash.bytes = retained_bytes(&stash.output) + stash.input.as_ref().map_or(0, |v| tensor_bytes(v.as_tensor()));
+        self.stash_bytes += stash.bytes;
+        self.stash.insert(mb, stash);
     }
 
     /// Backpropagates micro-batch `mb` through this stage, sends the input gradient upstream,
@@ -1209,6 +1254,7 @@ impl StageWorker {
             .stash
             .remove(&mb)
             .ok_or_else(|| StageStop::Failed(None, format!("no stashed forward for micro-batch {mb}")))?;
+        self.stash_bytes = self.stash_bytes.saturating_sub(stash.bytes);
         let grads = if self.is_last {
             stash.output.backward()?
         } else {
@@ -1394,9 +1440,17 @@ fn with_action(e: StageStop, action: Action) -> StageStop {
 /// matmul to split across all cores, and the stages then fight over them: measured 4x slower
 /// on 2 cores for gpt-tiny. Every stage of a pipeline gets the same budget, so one
 /// process-wide value is coherent; it is set before any stage thread starts.
-fn apply_thread_budget(threads: usize) {
+///
+/// Elementwise ops on 64K+ elements go to a second, process-wide pool of candle's, sized once
+/// (at its first use) from `CANDLE_NUM_THREADS`, and shared by every thread behind one lock.
+/// Sized above 1 while several stages run, its spinning worker takes a core and the stages
+/// queue on its lock: measured 2x slower steps for gpt-tiny on 2 stages. Setting the variable
+/// here sizes it right when this is the process's first pipeline; it cannot be resized later.
+pub(crate) fn apply_thread_budget(threads: usize) {
     let wanted = threads.to_string();
-    if std::env::var("RAYON_NUM_THREADS").ok().as_deref() != Some(wanted.as_str()) {
-        std::env::set_var("RAYON_NUM_THREADS", wanted);
+    for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+        if std::env::var(var).ok().as_deref() != Some(wanted.as_str()) {
+            std::env::set_var(var, &wanted);
+        }
     }
 }

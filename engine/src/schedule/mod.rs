@@ -21,7 +21,7 @@ mod tests;
 pub use action::{Action, ActionKind};
 pub use error::{ScheduleError, Stuck};
 pub use generators::ScheduleKind;
-pub use timeline::{ActionCosts, TimedAction, Timeline};
+pub use timeline::{ActionCosts, CostModel, TimedAction, Timeline};
 
 /// A validated pipeline schedule. Only constructors that validate can build one, so holding a
 /// `Schedule` means it runs to completion under the executor's rules.

@@ -29,6 +29,26 @@ impl Default for ActionCosts {
     }
 }
 
+/// What the simulator needs to know about a run: how long each action computes, and how long
+/// the message it sends (an activation after `F`, an input gradient after `B`/`I`) takes to
+/// reach the neighbouring stage. [`ActionCosts`] is the uniform model (same cost on every
+/// stage, free messages); [`crate::simulate::StageCosts`] is the measured one.
+pub trait CostModel {
+    fn duration(&self, action: Action) -> f64;
+
+    /// Delay between the end of `action` and its message being usable by the receiver.
+    fn transfer(&self, action: Action) -> f64 {
+        let _ = action;
+        0.0
+    }
+}
+
+impl CostModel for ActionCosts {
+    fn duration(&self, action: Action) -> f64 {
+        self.of(action.kind)
+    }
+}
+
 impl ActionCosts {
     pub fn of(&self, kind: ActionKind) -> f64 {
         match kind {
@@ -97,7 +117,28 @@ impl Schedule {
     /// Simulates the schedule with the given costs. Every `Schedule` has passed validation, so
     /// every action gets a time.
     pub fn timeline(&self, costs: ActionCosts) -> Timeline {
+        self.timeline_with(&costs)
+    }
+
+    /// Simulates the schedule under any cost model (per-stage costs, message latency).
+    pub fn timeline_with(&self, costs: &dyn CostModel) -> Timeline {
         Timeline { stages: simulate(self.stages, self.microbatches, &self.actions, costs).entries }
+    }
+
+    /// The most micro-batches whose forward activations stage `stage` holds at once, following
+    /// its action order: a forward stashes one, a `B` or `I` releases it. This is what sets a
+    /// stage's activation memory: `m` for GPipe, `min(p - s, m)` for 1F1B.
+    pub fn peak_in_flight(&self, stage: usize) -> usize {
+        let (mut live, mut peak) = (0usize, 0usize);
+        for a in self.stage_actions(stage) {
+            match a.kind {
+                ActionKind::Forward => live += 1,
+                ActionKind::Backward | ActionKind::BackwardInput => live = live.saturating_sub(1),
+                ActionKind::BackwardWeight => {}
+            }
+            peak = peak.max(live);
+        }
+        peak
     }
 
     /// The classic GPipe / 1F1B bubble `(p-1)/(m+p-1)` for this schedule's stages and
@@ -120,7 +161,7 @@ pub(super) fn simulate(
     stages: usize,
     microbatches: usize,
     actions: &[Vec<Action>],
-    costs: ActionCosts,
+    costs: &dyn CostModel,
 ) -> Simulation {
     let pairs = stages * microbatches;
     let index = |a: Action| a.stage * microbatches + a.microbatch;
@@ -151,10 +192,15 @@ pub(super) fn simulate(
 
     let mut forward_end: Vec<Option<f64>> = vec![None; pairs];
     let mut grad_end: Vec<Option<f64>> = vec![None; pairs];
+    // When `dep`'s result can be used: its end, plus the message's trip when it crosses stages.
     let end_of = |dep: Action, forward_end: &[Option<f64>], grad_end: &[Option<f64>]| match dep.kind {
         ActionKind::Forward => forward_end[index(dep)],
         // Nothing depends on W, so only B and I are asked for.
         _ => grad_end[index(dep)],
+    };
+    let arrival = |dep: Action, at_stage: usize, forward_end: &[Option<f64>], grad_end: &[Option<f64>]| {
+        let end = end_of(dep, forward_end, grad_end)?;
+        Some(if dep.stage != at_stage { end + costs.transfer(dep) } else { end })
     };
 
     let mut next = vec![0usize; stages];
@@ -166,13 +212,13 @@ pub(super) fn simulate(
             while let Some(&action) = actions[s].get(next[s]) {
                 let mut ready = Some(free_at[s]);
                 for dep in dependencies(action) {
-                    ready = match (ready, end_of(dep, &forward_end, &grad_end)) {
+                    ready = match (ready, arrival(dep, s, &forward_end, &grad_end)) {
                         (Some(r), Some(e)) => Some(r.max(e)),
                         _ => None,
                     };
                 }
                 let Some(start) = ready else { break };
-                let end = start + costs.of(action.kind);
+                let end = start + costs.duration(action);
                 match action.kind {
                     ActionKind::Forward => forward_end[index(action)] = Some(end),
                     ActionKind::Backward | ActionKind::BackwardInput => grad_end[index(action)] = Some(end),

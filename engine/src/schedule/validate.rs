@@ -91,7 +91,7 @@ fn validate_parts(stages: usize, microbatches: usize, actions: &[Vec<Action>]) -
         }
     }
 
-    let stuck = simulate(stages, microbatches, actions, ActionCosts::default()).stuck;
+    let stuck = simulate(stages, microbatches, actions, &ActionCosts::default()).stuck;
     if !stuck.is_empty() {
         let marks: Vec<Mark> = stuck
             .iter()

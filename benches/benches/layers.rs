@@ -1,0 +1,58 @@
+//! The hot layers of the two model families, forward and forward + backward, on the micro-batch
+//! sizes the bench table uses; and the executor's per-forward stash accounting (a walk of the
+//! autograd graph), so its cost is visible next to the layers it accounts for.
+//!
+//! Run: `cargo bench -p brigade-benches --bench layers -- --warm-up-time 1 --measurement-time 3`
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use brigade_engine::memory::retained_bytes;
+use brigade_engine::{LayerSpec, Mode, ParamStore};
+use candle_core::{DType, Device, Tensor, Var};
+use criterion::{criterion_group, criterion_main, Criterion};
+
+/// Forward, and forward + `sum(y).backward()`, of layer `index` of `layers` on input `x`.
+fn layer(c: &mut Criterion, name: &str, layers: &[Arc<dyn LayerSpec>], index: usize, x: &Tensor) {
+    let mut store = ParamStore::new(Device::Cpu, 0);
+    let mut built: Vec<_> = layers.iter().map(|l| l.build(&mut store).unwrap()).collect();
+    // The layer's real input: everything before it, run once.
+    let mut h = x.clone();
+    for l in built.iter_mut().take(index) {
+        h = l.forward(&h, Mode::Train).unwrap().detach();
+    }
+    let input = if h.dtype().is_float() { Var::from_tensor(&h).unwrap().as_tensor().clone() } else { h };
+    let l = &mut built[index];
+    let mut g = c.benchmark_group(name);
+    g.bench_function("forward", |b| b.iter(|| black_box(l.forward(&input, Mode::Train).unwrap())));
+    g.bench_function("forward+backward", |b| {
+        b.iter(|| black_box(l.forward(&input, Mode::Train).unwrap().sum_all().unwrap().backward().unwrap()))
+    });
+    let y = l.forward(&input, Mode::Train).unwrap();
+    g.bench_function("stash accounting (graph walk)", |b| b.iter(|| black_box(retained_bytes(&y))));
+    g.finish();
+}
+
+fn gpt_tiny(c: &mut Criterion) {
+    let model = brigade_models::preset("gpt-tiny").unwrap();
+    let layers = model.layers();
+    // Micro-batch of 4 sequences x 64 tokens (batch 16, m = 4).
+    let ids: Vec<u32> = (0..4 * 64).map(|i| (i * 31 % 256) as u32).collect();
+    let x = Tensor::from_vec(ids, (4, 64), &Device::Cpu).unwrap();
+    layer(c, "gpt-tiny embedding 4x64", &layers, 0, &x);
+    layer(c, "gpt-tiny block 4x64x64", &layers, 1, &x);
+    layer(c, "gpt-tiny head 4x64 -> 256", &layers, layers.len() - 1, &x);
+}
+
+fn resnet_tiny(c: &mut Criterion) {
+    let model = brigade_models::preset("resnet-tiny").unwrap();
+    let layers = model.layers();
+    // Micro-batch of 4 images 3x32x32.
+    let x = Tensor::ones((4, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+    layer(c, "resnet-tiny stem 4x3x32x32", &layers, 0, &x);
+    layer(c, "resnet-tiny layer1.0 (basic block, 8 ch)", &layers, 1, &x);
+    layer(c, "resnet-tiny layer4.0 (basic block, 64 ch)", &layers, 4, &x);
+}
+
+criterion_group!(benches, gpt_tiny, resnet_tiny);
+criterion_main!(benches);

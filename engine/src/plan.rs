@@ -1,0 +1,315 @@
+//! The planner: which layout and schedule trains fastest within a memory limit, predicted.
+//!
+//! It enumerates stage counts (1 to the number of devices), partitions (uniform, balanced by
+//! parameters, balanced by profiled time — the last under the memory limit), the built-in
+//! schedules and micro-batch counts that divide the batch, simulates each with
+//! [`crate::simulate`], and ranks them: configurations that fit the limit first, then by
+//! predicted step time, then by peak memory (so of two equally fast schedules the leaner one
+//! wins, as 1F1B does over GPipe).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use crate::error::{EngineError, Result};
+use crate::partition::{Partition, PartitionError};
+use crate::profile::Profile;
+use crate::schedule::ScheduleKind;
+use crate::simulate::{predict, range_memory, Prediction, StageCosts};
+
+/// What to search over.
+#[derive(Debug, Clone)]
+pub struct PlanRequest {
+    /// Most stages (one device each).
+    pub devices: usize,
+    /// Global batch size; only micro-batch counts that divide it are tried.
+    pub batch_size: usize,
+    pub microbatches: Vec<usize>,
+    pub schedules: Vec<ScheduleKind>,
+    /// Per-stage (per-device) memory limit in bytes.
+    pub memory_limit: Option<u64>,
+}
+
+/// One simulated configuration.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub stages: usize,
+    /// How the partition was chosen (`uniform`, `balanced-params`, `balanced-time`); when
+    /// strategies agree, their names are joined with `=`.
+    pub partition_name: String,
+    pub partition: Partition,
+    pub schedule: ScheduleKind,
+    pub microbatches: usize,
+    pub prediction: Prediction,
+    /// Whether every stage's predicted peak memory is within the limit.
+    pub fits: bool,
+}
+
+impl Candidate {
+    /// Predicted examples (sequences or images) per second, `batch_size` per step.
+    pub fn throughput(&self, batch_size: usize) -> f64 {
+        batch_size as f64 / self.prediction.step_time.max(1e-12)
+    }
+
+    pub fn label(&self) -> String {
+        format!(
+            "{} stage{} ({} {}), {}, m={}",
+            self.stages,
+            if self.stages == 1 { "" } else { "s" },
+            self.partition,
+            self.partition_name,
+            self.schedule,
+            self.microbatches
+        )
+    }
+}
+
+/// Simulates every configuration and returns them ranked, best first. `profile_for(b)` gives
+/// the model's profile at micro-batch size `b` (the planner asks once per size).
+pub fn plan(request: &PlanRequest, mut profile_for: impl FnMut(usize) -> Result<Profile>) -> Result<Vec<Candidate>> {
+    if request.devices == 0 {
+        return Err(PartitionError::ZeroStages.into());
+    }
+    let mut sizes: Vec<usize> = request.microbatches.clone();
+    sizes.sort_unstable();
+    sizes.dedup();
+    sizes.retain(|&m| m > 0 && request.batch_size % m == 0);
+    if sizes.is_empty() {
+        return Err(EngineError::Config(format!(
+            "none of the micro-batch counts {:?} divides the batch size {}",
+            request.microbatches, request.batch_size
+        )));
+    }
+    let limit = request.memory_limit.unwrap_or(u64::MAX);
+    let mut out = Vec::new();
+    for m in sizes {
+        let profile = profile_for(request.batch_size / m)?;
+        let n = profile.layers.len();
+        let params: Vec<usize> = profile.layers.iter().map(|l| l.param_bytes() as usize).collect();
+        let times: Vec<f64> = profile.layers.iter().map(|l| l.microbatch_s()).collect();
+        for stages in 1..=request.devices.min(n) {
+            for &kind in &request.schedules {
+                let schedule = kind.build(stages, m)?;
+                // Memory a stage would need for layers `r`, following this schedule's stash depth.
+                let in_flight: Vec<usize> = (0..stages).map(|s| schedule.peak_in_flight(s)).collect();
+                let mut partitions: BTreeMap<Vec<usize>, Vec<&str>> = BTreeMap::new();
+                let mut add = |name: &'static str, p: std::result::Result<Partition, PartitionError>| match p {
+                    Ok(p) => {
+                        partitions.entry(p.counts().to_vec()).or_default().push(name);
+                        Ok(())
+                    }
+                    Err(PartitionError::NoFit { .. }) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                add("uniform", Partition::uniform(n, stages))?;
+                add("balanced-params", Partition::balanced(&params, stages))?;
+                let fits = |s: usize, r: std::ops::Range<usize>| {
+                    let (static_bytes, stash) = range_memory(&profile, r);
+                    static_bytes + in_flight[s] as u64 * stash <= limit
+                };
+                add("balanced-time", Partition::balanced_time(&times, stages, fits))?;
+                for (counts, names) in partitions {
+                    let partition = Partition::manual(&counts, n)?;
+                    let costs = StageCosts::from_profile(&profile, &partition)?;
+                    let prediction = predict(&schedule, &costs)?;
+                    let fits = prediction.peak_memory.iter().all(|&b| b <= limit);
+                    out.push(Candidate {
+                        stages,
+                        partition_name: names.join("="),
+                        partition,
+                        schedule: kind,
+                        microbatches: m,
+                        prediction,
+                        fits,
+                    });
+                }
+            }
+        }
+    }
+    // Times equal to 0.1 µs are a tie (two schedules with the same critical path differ only by
+    // float rounding), and a tie goes to the lower peak memory.
+    let time_key = |c: &Candidate| (c.prediction.step_time * 1e7).round() as u64;
+    out.sort_by(|a, b| {
+        b.fits
+            .cmp(&a.fits)
+            .then(time_key(a).cmp(&time_key(b)))
+            .then(a.prediction.max_peak_memory().cmp(&b.prediction.max_peak_memory()))
+    });
+    Ok(out)
+}
+
+/// Why the first candidate is recommended, in a few sentences.
+pub fn explain(ranked: &[Candidate], request: &PlanRequest) -> String {
+    let mut text = String::new();
+    let Some(best) = ranked.first() else { return "nothing to rank".into() };
+    if !best.fits {
+        let lightest = ranked.iter().min_by_key(|c| c.prediction.max_peak_memory()).unwrap_or(best);
+        let _ = write!(
+            text,
+            "No configuration fits the memory limit; the leanest, {}, needs {} per stage.",
+            lightest.label(),
+            human_bytes(lightest.prediction.max_peak_memory())
+        );
+        return text;
+    }
+    let p = &best.prediction;
+    let _ = write!(
+        text,
+        "Recommended: {}. Predicted {:.2} ms/step ({:.0} examples/s), bubble {:.1}%, peak memory {} on the fullest stage",
+        best.label(),
+        1e3 * p.step_time,
+        best.throughput(request.batch_size),
+        100.0 * p.bubble_fraction,
+        human_bytes(p.max_peak_memory())
+    );
+    match request.memory_limit {
+        Some(limit) => {
+            let _ = write!(text, " (limit {}).", human_bytes(limit));
+        }
+        None => text.push('.'),
+    }
+    if let Some(second) = ranked.get(1).filter(|c| c.fits) {
+        let slower = 100.0 * (second.prediction.step_time / p.step_time - 1.0);
+        let _ = write!(text, " Runner-up {} is {:.1}% slower", second.label(), slower);
+        if slower.abs() < 0.05 {
+            let _ = write!(
+                text,
+                " (a tie on time, broken by memory: {} vs {})",
+                human_bytes(p.max_peak_memory()),
+                human_bytes(second.prediction.max_peak_memory())
+            );
+        }
+        text.push('.');
+    }
+    let excluded = ranked.iter().filter(|c| !c.fits).count();
+    if excluded > 0 {
+        let faster = ranked.iter().filter(|c| !c.fits && c.prediction.step_time < p.step_time).count();
+        let _ = write!(
+            text,
+            " {excluded} configuration{} exceed{} the memory limit ({faster} of them would be faster).",
+            if excluded == 1 { "" } else { "s" },
+            if excluded == 1 { "s" } else { "" }
+        );
+    }
+    if best.stages > 1 {
+        let single = ranked.iter().filter(|c| c.stages == 1 && c.fits).map(|c| c.prediction.step_time).fold(f64::INFINITY, f64::min);
+        if single.is_finite() {
+            let _ = write!(text, " Best single-stage layout: {:.2} ms/step.", 1e3 * single);
+        }
+    }
+    text
+}
+
+/// `1.5 MB`, `320 KB`, `12 B` (decimal units).
+pub fn human_bytes(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.0} KB", b / 1e3)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{HopProfile, LayerProfile};
+
+    /// A synthetic profile: compute and activations scale with the micro-batch size `b`;
+    /// `slow` multiplies the last layer's time.
+    fn profile(b: usize, slow: f64) -> Profile {
+        let layers = (0..4)
+            .map(|i| {
+                let scale = if i == 3 { slow } else { 1.0 } * b as f64;
+                LayerProfile {
+                    name: format!("layer{i}"),
+                    forward_s: 1e-3 * scale,
+                    backward_s: 2e-3 * scale,
+                    backward_input_s: 2e-3 * scale,
+                    backward_weight_s: 0.0,
+                    optimizer_s: 0.0,
+                    activation_bytes: 1000 * b as u64,
+                    output_bytes: 100 * b as u64,
+                    params: [(format!("layer{i}.weight"), 4000)].into_iter().collect(),
+                    optimizer_state_ratio: 2,
+                }
+            })
+            .collect();
+        Profile {
+            model: "synthetic".into(),
+            device: "cpu".into(),
+            threads: 1,
+            microbatch_size: b,
+            input_shape: vec![b],
+            optimizer: "adamw".into(),
+            repeats: 1,
+            layers,
+            hop: HopProfile { latency_s: 0.0, copy_bytes_per_s: f64::INFINITY },
+        }
+    }
+
+    fn request(limit: Option<u64>) -> PlanRequest {
+        PlanRequest {
+            devices: 2,
+            batch_size: 8,
+            microbatches: vec![1, 2, 3, 4, 8],
+            schedules: vec![ScheduleKind::GPipe, ScheduleKind::OneFOneB],
+            memory_limit: limit,
+        }
+    }
+
+    #[test]
+    fn ranks_by_predicted_time_and_breaks_ties_by_memory() {
+        let mut asked = Vec::new();
+        let ranked = plan(&request(None), |b| {
+            asked.push(b);
+            Ok(profile(b, 1.0))
+        })
+        .unwrap();
+        // 3 does not divide 8; each micro-batch size is profiled once.
+        assert_eq!(asked, vec![8, 4, 2, 1]);
+        assert!(ranked.iter().all(|c| c.microbatches != 3));
+        assert!(ranked.windows(2).all(|w| w[0].prediction.step_time <= w[1].prediction.step_time + 1e-7));
+        // Equal stages: 2 stages with the most micro-batches has the smallest bubble, and 1F1B
+        // ties GPipe on time but stashes fewer micro-batches.
+        let best = &ranked[0];
+        assert_eq!((best.stages, best.schedule, best.microbatches), (2, ScheduleKind::OneFOneB, 8));
+        assert_eq!(ranked[1].schedule, ScheduleKind::GPipe);
+        assert!((ranked[1].prediction.step_time - best.prediction.step_time).abs() < 1e-9);
+        assert!(ranked[1].prediction.max_peak_memory() > best.prediction.max_peak_memory());
+        // Identical partitions from different strategies are simulated once.
+        assert!(ranked.iter().any(|c| c.partition_name == "uniform=balanced-params=balanced-time"));
+        assert!(explain(&ranked, &request(None)).starts_with("Recommended: 2 stages (2,2"));
+    }
+
+    #[test]
+    fn memory_limit_excludes_what_does_not_fit() {
+        // Static per stage of two layers: 2 x 4000 x (1 + 1 + 2) = 32000 bytes; one stage of four
+        // needs 64000. At m = 8 a stage stashes 2000-2100 bytes per micro-batch: GPipe keeps 8,
+        // 1F1B at most 2.
+        let limit = 40_000;
+        let ranked = plan(&request(Some(limit)), |b| Ok(profile(b, 1.0))).unwrap();
+        let first_misfit = ranked.iter().position(|c| !c.fits).unwrap();
+        assert!(ranked[first_misfit..].iter().all(|c| !c.fits), "fitting configurations come first");
+        for c in &ranked {
+            assert_eq!(c.fits, c.prediction.peak_memory.iter().all(|&b| b <= limit), "{}", c.label());
+        }
+        assert!(ranked.iter().filter(|c| c.stages == 1).all(|c| !c.fits));
+        let gpipe8 = ranked.iter().find(|c| c.schedule == ScheduleKind::GPipe && c.microbatches == 8 && c.stages == 2).unwrap();
+        assert!(!gpipe8.fits);
+        assert_eq!((ranked[0].stages, ranked[0].schedule, ranked[0].microbatches), (2, ScheduleKind::OneFOneB, 8));
+        assert!(ranked[0].fits);
+    }
+
+    #[test]
+    fn an_expensive_layer_gets_a_stage_of_its_own() {
+        let ranked = plan(&request(None), |b| Ok(profile(b, 3.0))).unwrap();
+        assert_eq!(ranked[0].partition.counts(), &[3, 1]);
+        assert!(ranked[0].partition_name.contains("balanced-time"));
+        let uniform = ranked.iter().find(|c| c.partition.counts() == [2, 2] && c.microbatches == 8).unwrap();
+        assert!(uniform.prediction.step_time > ranked[0].prediction.step_time);
+    }
+}

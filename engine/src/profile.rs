@@ -1,0 +1,345 @@
+//! The profiler: what each layer of a model costs on this device, measured, so the simulator,
+//! the balancer and the planner can reason about layouts before any are run.
+//!
+//! Per layer, on one micro-batch: forward time (the last layer includes the loss, as the last
+//! stage computes it), backward time, activation bytes kept for the backward, parameter /
+//! gradient / optimizer-state bytes, the bytes sent to the next stage, and the optimizer step's
+//! time. Plus the cost of one hop between stage threads.
+//!
+//! The backward split follows the executor: candle's autograd computes input and weight
+//! gradients in one pass, so `backward_input_s` (the executor's `I`) is that pass, and
+//! `backward_weight_s` (the executor's `W`) is accumulating the weight gradients into the
+//! step's sums. A full `B` costs both.
+//!
+//! Each layer is timed alone with its input computed by the layers before it; times are the
+//! minimum over `repeats` back-to-back runs after `warmup`, and over `rounds` passes (on a
+//! shared machine other processes only ever add time, so the minimum is the stable estimate of
+//! the layer's own cost), inside a thread pool of the stage's size and with candle's thread
+//! budget set the same way the executor sets it.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use crossbeam_channel::unbounded;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EngineError, Result};
+use crate::layer::{Mode, ParamStore, PipelineModel};
+use crate::loss::{loss_terms, microbatch_loss};
+use crate::memory::retained_bytes;
+use crate::optim::{Optimizer, OptimizerConfig};
+use crate::pipeline::{apply_thread_budget, squared_norm};
+
+/// A model's measured costs for one micro-batch size on one device and thread budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    pub model: String,
+    pub device: String,
+    /// CPU threads the layers were timed with (a stage's `threads_per_stage`).
+    pub threads: usize,
+    pub microbatch_size: usize,
+    /// Shape of the profiled micro-batch's input.
+    pub input_shape: Vec<usize>,
+    pub optimizer: String,
+    pub repeats: usize,
+    pub layers: Vec<LayerProfile>,
+    pub hop: HopProfile,
+}
+
+/// One layer's costs on one micro-batch. Times in seconds, sizes in bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerProfile {
+    pub name: String,
+    pub forward_s: f64,
+    /// A full backward: `backward_input_s + backward_weight_s`.
+    pub backward_s: f64,
+    /// The autograd pass (input and weight gradients together, as candle computes them).
+    pub backward_input_s: f64,
+    /// Accumulating this micro-batch's weight gradients into the step's sums.
+    pub backward_weight_s: f64,
+    /// Once per step: gradient norm and optimizer update of this layer's parameters.
+    pub optimizer_s: f64,
+    /// Tensors the autograd graph keeps from the forward until the backward (excluding the
+    /// layer's input, which the previous layer or the stage boundary accounts for).
+    pub activation_bytes: u64,
+    /// The output, which is what a stage boundary after this layer sends downstream (and the
+    /// size of the gradient sent back up).
+    pub output_bytes: u64,
+    /// Parameters this layer uses, by name (tied parameters appear in each user), in bytes.
+    pub params: BTreeMap<String, u64>,
+    /// Bytes of optimizer state per byte of parameter (AdamW 2, SGD with momentum 1).
+    pub optimizer_state_ratio: u64,
+}
+
+impl LayerProfile {
+    pub fn param_bytes(&self) -> u64 {
+        self.params.values().sum()
+    }
+
+    /// Forward plus full backward: what one micro-batch costs this layer.
+    pub fn microbatch_s(&self) -> f64 {
+        self.forward_s + self.backward_s
+    }
+}
+
+/// Moving a tensor from one stage thread to the next: a channel hop (send, wake the receiver)
+/// and, for stages on different devices, a copy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HopProfile {
+    /// One-way latency of a crossbeam message between two threads (half a ping-pong).
+    pub latency_s: f64,
+    /// Copy throughput, for the per-byte part of a move between devices.
+    pub copy_bytes_per_s: f64,
+}
+
+impl HopProfile {
+    /// Time for a message of `bytes` to reach the next stage.
+    pub fn cost(&self, bytes: u64) -> f64 {
+        self.latency_s + bytes as f64 / self.copy_bytes_per_s.max(1.0)
+    }
+}
+
+/// How to profile.
+#[derive(Debug, Clone)]
+pub struct ProfileOptions {
+    /// Timed runs per measurement in each round.
+    pub repeats: usize,
+    /// Passes over the whole model; the minimum over rounds is kept.
+    pub rounds: usize,
+    pub warmup: usize,
+    /// CPU threads for the math (match the stage's `threads_per_stage`).
+    pub threads: usize,
+    pub optimizer: OptimizerConfig,
+    pub seed: u64,
+}
+
+impl Default for ProfileOptions {
+    fn default() -> Self {
+        Self { repeats: 10, rounds: 3, warmup: 2, threads: 1, optimizer: OptimizerConfig::adamw(), seed: 0 }
+    }
+}
+
+/// Profiles every layer of `model` on the micro-batch `inputs` / `targets`.
+pub fn profile_model(
+    model: &dyn PipelineModel,
+    inputs: &Tensor,
+    targets: &Tensor,
+    options: &ProfileOptions,
+) -> Result<Profile> {
+    if options.repeats == 0 || options.threads == 0 {
+        return Err(EngineError::Config("profiling needs at least one repeat and one thread".into()));
+    }
+    apply_thread_budget(options.threads);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(options.threads)
+        .build()
+        .map_err(|e| EngineError::Config(format!("profiler thread pool: {e}")))?;
+    pool.install(|| {
+        // Rounds spaced in time, each layer's minimum kept: a burst of load from another process
+        // spoils one round, not the estimate. (Within a round each layer repeats back to back,
+        // caches warm, as a stage runs one layer's work for a micro-batch.)
+        let mut best = profile_in_pool(model, inputs, targets, options)?;
+        for _ in 1..options.rounds.max(1) {
+            let next = profile_in_pool(model, inputs, targets, options)?;
+            for (b, n) in best.layers.iter_mut().zip(next.layers) {
+                b.forward_s = b.forward_s.min(n.forward_s);
+                b.backward_input_s = b.backward_input_s.min(n.backward_input_s);
+                b.backward_weight_s = b.backward_weight_s.min(n.backward_weight_s);
+                b.backward_s = b.backward_input_s + b.backward_weight_s;
+                b.optimizer_s = b.optimizer_s.min(n.optimizer_s);
+            }
+            best.hop.latency_s = best.hop.latency_s.min(next.hop.latency_s);
+            best.hop.copy_bytes_per_s = best.hop.copy_bytes_per_s.max(next.hop.copy_bytes_per_s);
+        }
+        Ok(best)
+    })
+}
+
+fn profile_in_pool(
+    model: &dyn PipelineModel,
+    inputs: &Tensor,
+    targets: &Tensor,
+    options: &ProfileOptions,
+) -> Result<Profile> {
+    let specs = model.layers();
+    if specs.is_empty() {
+        return Err(EngineError::Config(format!("model {} has no layers", model.name())));
+    }
+    let mut store = ParamStore::new(Device::Cpu, options.seed);
+    let mut layers = specs.iter().map(|spec| spec.build(&mut store)).collect::<candle_core::Result<Vec<_>>>()?;
+    let optimizer_state_ratio = match options.optimizer {
+        OptimizerConfig::AdamW { .. } => 2,
+        OptimizerConfig::Sgd { momentum, .. } => u64::from(momentum != 0.0),
+    };
+    let terms = loss_terms(targets);
+    let last = layers.len() - 1;
+    let mut x = inputs.clone();
+    let mut out = Vec::with_capacity(layers.len());
+    for (i, layer) in layers.iter_mut().enumerate() {
+        // As on a stage: the model's input needs no gradient; any later input is a leaf `Var`.
+        let input = if i == 0 { None } else { Some(Var::from_tensor(&x)?) };
+        let xin = input.as_ref().map(|v| v.as_tensor().clone()).unwrap_or_else(|| x.clone());
+        let forward = |layer: &mut Box<dyn crate::layer::Layer>| -> Result<(Tensor, Tensor)> {
+            let y = layer.forward(&xin, Mode::Train)?;
+            let root = if i == last {
+                microbatch_loss(model.loss(), &y, targets, terms)?
+            } else {
+                (&y * y.ones_like()?)?.sum_all()?
+            };
+            Ok((y, root))
+        };
+        let forward_s = min_time(options, || {
+            let (_, root) = forward(layer)?;
+            // Reading the loss is what the last stage does; elsewhere this is a no-op sync.
+            if i == last {
+                root.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            }
+            Ok(())
+        })?;
+        let (y, root) = forward(layer)?;
+        let activation_bytes = retained_bytes(if i == last { &root } else { &y });
+        let output_bytes = (y.elem_count() * y.dtype().size_in_bytes()) as u64;
+
+        let mut roots = Vec::new();
+        for _ in 0..options.warmup + options.repeats {
+            roots.push(forward(layer)?.1);
+        }
+        let mut roots = roots.into_iter();
+        let backward_input_s = min_time(options, || {
+            let root = roots.next().ok_or_else(|| EngineError::Config("profiler ran out of graphs".into()))?;
+            root.backward()?;
+            Ok(())
+        })?;
+
+        let grads = root.backward()?;
+        let layer_vars: Vec<(String, Var, bool)> = specs[i]
+            .params()
+            .iter()
+            .filter_map(|p| store.var(&p.name).map(|v| (p.name.clone(), v.clone(), p.weight_decay)))
+            .collect();
+        let weight_grads: Vec<Tensor> = layer_vars
+            .iter()
+            .map(|(_, v, _)| match grads.get(v.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => v.zeros_like(),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let backward_weight_s = min_time(options, || {
+            for g in &weight_grads {
+                std::hint::black_box((g + g)?);
+            }
+            Ok(())
+        })?;
+        let mut optimizer = Optimizer::new(options.optimizer);
+        let optimizer_s = min_time(options, || {
+            for ((name, var, decay), g) in layer_vars.iter().zip(&weight_grads) {
+                squared_norm(g)?;
+                optimizer.update(name, var, g, 1e-6, *decay)?;
+            }
+            Ok(())
+        })?;
+        let params =
+            specs[i].params().iter().map(|p| (p.name.clone(), (p.numel() * DType::F32.size_in_bytes()) as u64)).collect();
+        out.push(LayerProfile {
+            name: specs[i].name(),
+            forward_s,
+            backward_s: backward_input_s + backward_weight_s,
+            backward_input_s,
+            backward_weight_s,
+            optimizer_s,
+            activation_bytes,
+            output_bytes,
+            params,
+            optimizer_state_ratio,
+        });
+        x = y.detach();
+    }
+    let probe_bytes = out.iter().map(|l| l.output_bytes).max().unwrap_or(4096).max(4096);
+    Ok(Profile {
+        model: model.name(),
+        device: "cpu".into(),
+        threads: options.threads,
+        microbatch_size: inputs.dim(0)?,
+        input_shape: inputs.dims().to_vec(),
+        optimizer: match options.optimizer {
+            OptimizerConfig::AdamW { .. } => "adamw".into(),
+            OptimizerConfig::Sgd { .. } => "sgd".into(),
+        },
+        repeats: options.repeats,
+        layers: out,
+        hop: measure_hop(probe_bytes as usize, options.repeats.max(50) * 4)?,
+    })
+}
+
+fn min_time(options: &ProfileOptions, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..options.warmup {
+        run()?;
+    }
+    let mut times = Vec::with_capacity(options.repeats);
+    for _ in 0..options.repeats {
+        let started = Instant::now();
+        run()?;
+        times.push(started.elapsed().as_secs_f64());
+    }
+    Ok(times.into_iter().fold(f64::INFINITY, f64::min))
+}
+
+/// The median of `values` (the mean of the middle two for an even count); 0 when empty.
+pub fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// Ping-pongs a tensor of `bytes` between two threads over crossbeam channels, as stages send
+/// activations and gradients, and times a copy of it.
+pub fn measure_hop(bytes: usize, round_trips: usize) -> Result<HopProfile> {
+    let elems = (bytes / 4).max(1);
+    let tensor = Tensor::zeros(elems, DType::F32, &Device::Cpu)?;
+    let (to_peer, peer_inbox) = unbounded::<Tensor>();
+    let (to_main, main_inbox) = unbounded::<Tensor>();
+    let peer = std::thread::spawn(move || {
+        while let Ok(t) = peer_inbox.recv() {
+            if to_main.send(t).is_err() {
+                break;
+            }
+        }
+    });
+    let trip = |t: Tensor| -> Result<Tensor> {
+        to_peer.send(t).map_err(|_| EngineError::Config("hop probe thread ended".into()))?;
+        main_inbox.recv().map_err(|_| EngineError::Config("hop probe thread ended".into()))
+    };
+    let mut t = tensor.clone();
+    for _ in 0..10 {
+        t = trip(t)?;
+    }
+    // Median of batches of round trips: robust to the odd descheduling, unlike a single total.
+    let mut batches = Vec::new();
+    for _ in 0..9 {
+        let started = Instant::now();
+        for _ in 0..round_trips.div_ceil(9) {
+            t = trip(t)?;
+        }
+        batches.push(started.elapsed().as_secs_f64() / (2 * round_trips.div_ceil(9)) as f64);
+    }
+    let latency_s = median(&mut batches);
+    drop(to_peer);
+    let _ = peer.join();
+
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        std::hint::black_box(tensor.copy()?);
+        times.push(started.elapsed().as_secs_f64());
+    }
+    let copy_s = times.into_iter().fold(f64::INFINITY, f64::min).max(1e-9);
+    Ok(HopProfile { latency_s, copy_bytes_per_s: (elems * 4) as f64 / copy_s })
+}

@@ -1,0 +1,143 @@
+//! `brigade plan`: ranks layouts, schedules and micro-batch counts by simulated step time
+//! within a memory limit, from profiles measured on this machine.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use brigade::bench::profile_on_data;
+use brigade::engine::plan::{explain, human_bytes, plan, PlanRequest};
+use brigade::engine::profile::ProfileOptions;
+use clap::Args;
+use indicatif::ProgressBar;
+
+use super::model::ModelArgs;
+
+#[derive(Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Devices available: the planner tries 1 to N stages, one device each.
+    #[arg(long, default_value_t = 2)]
+    pub devices: usize,
+    /// Memory per device in GB (decimal); configurations that need more are ranked last.
+    #[arg(long)]
+    pub memory_limit: Option<f64>,
+    /// Global batch size.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Micro-batch counts to try (those dividing the batch size).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    pub microbatches: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "gpipe,1f1b")]
+    pub schedules: Vec<String>,
+    /// CPU threads per device (default: cores / devices).
+    #[arg(long)]
+    pub threads_per_stage: Option<usize>,
+    /// Timed runs per profile measurement.
+    #[arg(long, default_value_t = 5)]
+    pub profile_repeats: usize,
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: String,
+    /// Rows to print.
+    #[arg(long, default_value_t = 20)]
+    pub top: usize,
+    /// Also write every ranked configuration as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn run(args: PlanArgs) -> Result<()> {
+    if args.devices == 0 {
+        bail!("--devices must be at least 1");
+    }
+    let memory_limit = match args.memory_limit {
+        Some(gb) if !(gb > 0.0 && gb.is_finite()) => bail!("--memory-limit must be a positive number of GB, got {gb}"),
+        Some(gb) => Some((gb * 1e9) as u64),
+        None => None,
+    };
+    let (model, data) = args.model.model_and_data(args.seed)?;
+    let threads = args.threads_per_stage.unwrap_or_else(|| super::default_threads(args.devices));
+    let request = PlanRequest {
+        devices: args.devices,
+        batch_size: args.batch_size,
+        microbatches: args.microbatches.clone(),
+        schedules: super::schedules(&args.schedules)?,
+        memory_limit,
+    };
+    let options = ProfileOptions {
+        repeats: args.profile_repeats,
+        rounds: 3,
+        warmup: 1,
+        threads,
+        optimizer: super::optimizer(&args.optimizer)?,
+        seed: args.seed,
+    };
+    let spinner = ProgressBar::new_spinner();
+    let mut profiled = HashMap::new();
+    let ranked = plan(&request, |b| {
+        spinner.set_message(format!("profiling {} at micro-batch size {b} on {threads} thread(s)", model.name()));
+        spinner.tick();
+        let p = profile_on_data(model.as_ref(), &data, b, args.model.context, &options)
+            .map_err(|e| brigade::engine::EngineError::Config(e.to_string()))?;
+        profiled.insert(b, p.clone());
+        Ok(p)
+    })?;
+    spinner.finish_and_clear();
+
+    println!(
+        "{}: {} layers, batch {}, {} device(s) x {} thread(s){}",
+        model.name(),
+        model.layers().len(),
+        args.batch_size,
+        args.devices,
+        threads,
+        memory_limit.map(|l| format!(", memory limit {} per device", human_bytes(l))).unwrap_or_default()
+    );
+    println!();
+    println!("| rank | stages | layers (partition) | schedule | m | simulated ms/step | examples/s | bubble | peak memory per stage | fits |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (i, c) in ranked.iter().take(args.top).enumerate() {
+        let memory: Vec<String> = c.prediction.peak_memory.iter().map(|b| human_bytes(*b)).collect();
+        println!(
+            "| {} | {} | {} ({}) | {} | {} | {:.2} | {:.0} | {:.1}% | {} | {} |",
+            i + 1,
+            c.stages,
+            c.partition,
+            c.partition_name,
+            c.schedule,
+            c.microbatches,
+            1e3 * c.prediction.step_time,
+            c.throughput(args.batch_size),
+            100.0 * c.prediction.bubble_fraction,
+            memory.join(", "),
+            if c.fits { "yes" } else { "no" }
+        );
+    }
+    if ranked.len() > args.top {
+        println!("({} more; --top N shows them)", ranked.len() - args.top);
+    }
+    println!();
+    println!("{}", explain(&ranked, &request));
+    if let Some(path) = &args.json {
+        let rows: Vec<serde_json::Value> = ranked
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "stages": c.stages, "partition": c.partition.counts(), "partition_strategy": c.partition_name,
+                    "schedule": c.schedule.to_string(), "microbatches": c.microbatches,
+                    "simulated_step_s": c.prediction.step_time, "bubble": c.prediction.bubble_fraction,
+                    "busy_s": c.prediction.busy, "idle_s": c.prediction.idle,
+                    "peak_memory_bytes": c.prediction.peak_memory, "fits": c.fits,
+                })
+            })
+            .collect();
+        let json = serde_json::json!({ "model": model.name(), "batch_size": args.batch_size, "ranked": rows,
+            "profiles": profiled.values().collect::<Vec<_>>() });
+        std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,86 @@
+//! `brigade profile`: each layer's measured costs on one micro-batch, as JSON.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use brigade::bench::{balanced_time_strategy, profile_on_data};
+use brigade::engine::partition::PartitionStrategy;
+use brigade::engine::profile::ProfileOptions;
+use brigade::engine::PipelineModel;
+use brigade::train::Dataset;
+use clap::Args;
+
+use super::model::{check_device, ModelArgs};
+
+#[derive(Args)]
+pub struct ProfileArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Device to profile on (this build: cpu).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    pub microbatch_size: usize,
+    /// CPU threads for the math (a stage's --threads-per-stage).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Timed back-to-back runs per measurement, after 2 warm-up runs.
+    #[arg(long, default_value_t = 10)]
+    pub repeats: usize,
+    /// Passes over the whole model; each time is the minimum over all rounds and repeats.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// adamw or sgd: sizes the optimizer state and times its step.
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the JSON here instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+pub fn run(args: ProfileArgs) -> Result<()> {
+    check_device(&args.device)?;
+    if args.microbatch_size == 0 {
+        bail!("--microbatch-size must be at least 1");
+    }
+    let (model, data) = args.model.model_and_data(args.seed)?;
+    let options = ProfileOptions {
+        repeats: args.repeats,
+        rounds: args.rounds,
+        warmup: 2,
+        threads: args.threads,
+        optimizer: super::optimizer(&args.optimizer)?,
+        seed: args.seed,
+    };
+    let profile = profile_on_data(model.as_ref(), &data, args.microbatch_size, args.model.context, &options)?;
+    let json = serde_json::to_string_pretty(&profile)?;
+    match &args.out {
+        Some(path) => {
+            std::fs::write(path, json + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+        None => println!("{json}"),
+    }
+    Ok(())
+}
+
+pub use super::default_threads;
+
+/// `train --partition balanced-time`: profiles the model at the run's micro-batch size and
+/// thread budget, and returns the strategy filled with per-layer times.
+pub fn balanced_time(
+    model: &dyn PipelineModel,
+    data: &Dataset,
+    microbatch_size: usize,
+    context: Option<usize>,
+    threads: usize,
+    seed: u64,
+) -> Result<PartitionStrategy> {
+    let options = ProfileOptions { repeats: 5, rounds: 3, warmup: 1, threads, seed, ..ProfileOptions::default() };
+    let profile = profile_on_data(model, data, microbatch_size, context, &options)
+        .context("profiling for --partition balanced-time")?;
+    Ok(balanced_time_strategy(&profile))
+}

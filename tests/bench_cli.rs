@@ -1,0 +1,83 @@
+//! `brigade profile`, `plan`, `bench` and `train --partition balanced-time` end to end, and
+//! their bad-input errors.
+
+use std::process::{Command, Output};
+
+fn brigade(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_brigade")).args(args).output().expect("run brigade")
+}
+
+fn assert_fails_with(args: &[&str], needle: &str) {
+    let out = brigade(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?} should fail; stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{args:?}: expected {needle:?} in {stderr}");
+}
+
+#[test]
+fn bad_bench_input_gets_one_clear_line() {
+    assert_fails_with(&["profile", "--device", "cuda"], "device \"cuda\" is not available");
+    assert_fails_with(&["bench", "--layouts", "0"], "at least one stage");
+    assert_fails_with(&["bench", "--layouts", "2x"], "bad layout \"2x\"");
+    assert_fails_with(&["bench", "--microbatches", "3"], "batch size 16 is not divisible by 3 micro-batches");
+    assert_fails_with(&["bench", "--schedules", "zigzag"], "unknown schedule `zigzag`");
+    assert_fails_with(&["plan", "--devices", "0"], "--devices must be at least 1");
+    assert_fails_with(&["plan", "--memory-limit", "0"], "--memory-limit must be a positive number");
+    assert_fails_with(&["plan", "--microbatches", "3,5"], "divides the batch size 16");
+}
+
+#[test]
+fn profile_plan_and_bench_run_end_to_end() {
+    let dir = std::env::temp_dir().join(format!("brigade-bench-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let profile_path = dir.join("profile.json");
+    let out = brigade(&["profile", "--microbatch-size", "2", "--context", "16", "--repeats", "1", "--out", profile_path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let profile: serde_json::Value = serde_json::from_slice(&std::fs::read(&profile_path).unwrap()).unwrap();
+    assert_eq!(profile["layers"].as_array().unwrap().len(), 4);
+    assert_eq!(profile["microbatch_size"], 2);
+
+    let out = brigade(&["plan", "--devices", "2", "--batch-size", "8", "--microbatches", "2,4", "--context", "16", "--profile-repeats", "1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // 1 stage: one partition; 2 stages: up to three; x 2 schedules x 2 micro-batch counts.
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| rank")).collect();
+    assert!(rows.len() >= 8, "{stdout}");
+    assert!(rows[0].starts_with("| 1 |"), "{stdout}");
+    assert!(stdout.contains("Recommended: "), "{stdout}");
+
+    let bench_dir = dir.join("bench");
+    let out = brigade(&[
+        "bench", "--plain", "--layouts", "1,2", "--schedules", "1f1b", "--microbatches", "2", "--batch-size", "4",
+        "--context", "16", "--steps", "1", "--warmup", "0", "--profile-repeats", "1", "--out", bench_dir.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    // A context override makes a custom GPT, named by its sizes.
+    assert!(stdout.contains("ctx=16, embd=64, layers=2, heads=4) | 1 4 (uniform) | 1f1b | 2 |"), "{stdout}");
+    assert!(stdout.contains("ctx=16, embd=64, layers=2, heads=4) | 2 2,2 (uniform) | 1f1b | 2 |"), "{stdout}");
+    assert!(stdout.contains("simulator's worst error"), "{stdout}");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(bench_dir.join("bench.json")).unwrap()).unwrap();
+    assert_eq!(json["rows"].as_array().unwrap().len(), 2);
+    for run in ["gpt_vocab_256_ctx_16_embd_64_layers_2_heads_4-p1-1f1b-m2", "gpt_vocab_256_ctx_16_embd_64_layers_2_heads_4-p2-1f1b-m2"] {
+        let trace: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(bench_dir.join(format!("{run}.trace.json"))).unwrap()).unwrap();
+        assert!(!trace["traceEvents"].as_array().unwrap().is_empty());
+        assert!(std::fs::read_to_string(bench_dir.join(format!("{run}.svg"))).unwrap().starts_with("<svg"));
+    }
+}
+
+#[test]
+fn train_accepts_balanced_time() {
+    let out = brigade(&[
+        "train", "--plain", "--steps", "2", "--eval-every", "0", "--eval-batches", "1", "--batch-size", "4",
+        "--context", "16", "--stages", "2", "--partition", "balanced-time",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let line = stdout.lines().find(|l| l.starts_with("pipeline ")).expect("pipeline line");
+    assert!(line.contains("2 stages (layers "), "{line}");
+}
