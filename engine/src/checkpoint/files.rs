@@ -116,6 +116,13 @@ pub fn write_safetensors(
     let data: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     safetensors::serialize_to_file(data, Some(metadata.clone()), path)
         .map_err(|e| CheckpointError::invalid(path, format!("cannot write safetensors: {e}")))?;
+    // The safetensors crate creates files readable by their owner only; checkpoints are meant
+    // to be shared like any other output file.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(|e| CheckpointError::io(path, e))?;
+    }
     let f = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
     f.sync_all().map_err(|e| CheckpointError::io(path, e))?;
     Ok(tensors.iter().map(|(_, t)| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum())
