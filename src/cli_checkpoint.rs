@@ -114,7 +114,7 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     );
     let weights = ckpt.weight_listing();
     let mut by_file: BTreeMap<PathBuf, (usize, u64)> = BTreeMap::new();
-    for (_, (file, shape, dtype)) in &weights {
+    for (file, shape, dtype) in weights.values() {
         let e = by_file.entry(file.clone()).or_default();
         e.0 += 1;
         e.1 += (shape.iter().product::<usize>() * dtype.size_in_bytes()) as u64;

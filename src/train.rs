@@ -186,7 +186,7 @@ impl Trainer {
             .grad_clip(meta.grad_clip)
             .seed(meta.seed)
             .resume_from(state);
-        if meta.training.batch_size % pipeline.microbatches.max(1) != 0 {
+        if !meta.training.batch_size.is_multiple_of(pipeline.microbatches.max(1)) {
             return Err(Error::Config(format!(
                 "the checkpoint's batch size {} is not divisible by {} micro-batches; resume with a micro-batch count that divides it",
                 meta.training.batch_size, pipeline.microbatches

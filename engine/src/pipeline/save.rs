@@ -23,6 +23,8 @@ use crate::error::{EngineError, Result};
 /// test can kill a run in the middle of its second save).
 static FILES_WRITTEN_BY_PROCESS: AtomicUsize = AtomicUsize::new(0);
 
+type NamedTensors = Vec<(String, Tensor)>;
+
 /// What one stage holds that a checkpoint keeps.
 pub(super) struct Manifest {
     /// Parameters, then buffers.
@@ -40,7 +42,7 @@ pub(super) struct SaveJob {
 
 impl StageWorker {
     /// The stage's checkpointable tensors, by canonical name, without copying them.
-    fn saveable(&self) -> StageResult<(Vec<(String, Tensor)>, Vec<(String, Tensor)>)> {
+    fn saveable(&self) -> StageResult<(NamedTensors, NamedTensors)> {
         let mut weights: Vec<(String, Tensor)> =
             self.store.vars().map(|(name, _, var)| (name.to_string(), var.as_tensor().clone())).collect();
         for layer in &self.layers {
@@ -64,8 +66,7 @@ impl StageWorker {
         })?;
         let tensors: HashMap<String, Tensor> = weights.into_iter().chain(optimizer).collect();
         let mut bytes = 0;
-        let mut mine = 0;
-        for file in job.files.iter().filter(|f| f.stage == self.index) {
+        for (mine, file) in job.files.iter().filter(|f| f.stage == self.index).enumerate() {
             if let Some(SaveFault::IoError { stage, after_files }) = job.fault {
                 if stage == self.index && mine == after_files {
                     return Err(format!("injected I/O failure writing {}", file.file_name));
@@ -79,7 +80,6 @@ impl StageWorker {
             }
             let path = job.dir.join(&file.file_name);
             bytes += write_safetensors(&path, &contents, &job.header).map_err(|e| e.to_string())?;
-            mine += 1;
             if let Some(SaveFault::Abort { after_files }) = job.fault {
                 if FILES_WRITTEN_BY_PROCESS.fetch_add(1, Ordering::SeqCst) + 1 >= after_files {
                     // Simulates `kill -9` in the middle of a save.
