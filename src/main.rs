@@ -206,7 +206,7 @@ fn train(args: TrainArgs) -> Result<()> {
         None => args.partition.parse::<PartitionStrategy>()?,
     };
     if partition == PartitionStrategy::BalancedTime(Vec::new()) {
-        let threads = args.threads_per_stage.unwrap_or_else(|| cmd::profile::default_threads(args.stages));
+        let threads = args.threads_per_stage.unwrap_or_else(|| cmd::default_threads(args.stages));
         let mb = (args.batch_size / args.microbatches.max(1)).max(1);
         partition = cmd::profile::balanced_time(model.as_ref(), &data, mb, args.model.context, threads, args.seed)?;
     }

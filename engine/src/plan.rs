@@ -72,7 +72,7 @@ pub fn plan(request: &PlanRequest, mut profile_for: impl FnMut(usize) -> Result<
     let mut sizes: Vec<usize> = request.microbatches.clone();
     sizes.sort_unstable();
     sizes.dedup();
-    sizes.retain(|&m| m > 0 && request.batch_size % m == 0);
+    sizes.retain(|&m| m > 0 && request.batch_size.is_multiple_of(m));
     if sizes.is_empty() {
         return Err(EngineError::Config(format!(
             "none of the micro-batch counts {:?} divides the batch size {}",

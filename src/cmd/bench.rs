@@ -101,7 +101,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let schedules = super::schedules(&args.schedules)?;
     let optimizer = super::optimizer(&args.optimizer)?;
     for &m in &args.microbatches {
-        if m == 0 || args.batch_size % m != 0 {
+        if m == 0 || !args.batch_size.is_multiple_of(m) {
             bail!("batch size {} is not divisible by {m} micro-batches", args.batch_size);
         }
     }

@@ -67,8 +67,6 @@ pub fn run(args: ProfileArgs) -> Result<()> {
     Ok(())
 }
 
-pub use super::default_threads;
-
 /// `train --partition balanced-time`: profiles the model at the run's micro-batch size and
 /// thread budget, and returns the strategy filled with per-layer times.
 pub fn balanced_time(
