@@ -34,6 +34,7 @@ pub struct ProfileArgs {
     /// adamw or sgd: sizes the optimizer state and times its step.
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
+    /// Seed of the weights and of the profiled batch.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Write the JSON here instead of stdout.
