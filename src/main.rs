@@ -36,6 +36,8 @@ enum Command {
     Plan(cmd::plan::PlanArgs),
     /// Run layouts x schedules x micro-batch counts, measure, and compare with the simulator.
     Bench(cmd::bench::BenchArgs),
+    /// Predict a step of any schedule (built-in or a file) from a saved profile.
+    Simulate(cmd::simulate::SimulateArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -133,6 +135,7 @@ fn main() -> ExitCode {
         Command::Profile(args) => cmd::profile::run(args),
         Command::Plan(args) => cmd::plan::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Simulate(args) => cmd::simulate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
