@@ -28,7 +28,7 @@ pub struct ProfileArgs {
     /// Timed back-to-back runs per measurement, after 2 warm-up runs.
     #[arg(long, default_value_t = 10)]
     pub repeats: usize,
-    /// Passes over the whole model; each time is the minimum over all rounds and repeats.
+    /// Passes over the whole model; each time is the lowest over rounds of a median of repeats.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     /// adamw or sgd: sizes the optimizer state and times its step.
