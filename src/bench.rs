@@ -10,7 +10,6 @@
 //! simulated. The median step's per-action timings become the run's timeline
 //! ([`chrome_trace`], [`timeline_svg`]).
 
-use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::Arc;
 
@@ -487,32 +486,4 @@ fn slug(name: &str) -> String {
 
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
-}
-
-/// Profiles shared between runs, keyed by (threads, micro-batch size).
-#[derive(Default)]
-pub struct ProfileCache {
-    profiles: HashMap<(usize, usize), Profile>,
-}
-
-impl ProfileCache {
-    pub fn get_or_profile(
-        &mut self,
-        model: &dyn PipelineModel,
-        data: &Dataset,
-        microbatch_size: usize,
-        context: Option<usize>,
-        options: &ProfileOptions,
-    ) -> Result<&Profile, Error> {
-        let key = (options.threads, microbatch_size);
-        if !self.profiles.contains_key(&key) {
-            let profile = profile_on_data(model, data, microbatch_size, context, options)?;
-            self.profiles.insert(key, profile);
-        }
-        Ok(&self.profiles[&key])
-    }
-
-    pub fn profiles(&self) -> impl Iterator<Item = &Profile> {
-        self.profiles.values()
-    }
 }

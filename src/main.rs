@@ -45,6 +45,8 @@ enum Command {
     Plan(cmd::plan::PlanArgs),
     /// Run layouts x schedules x micro-batch counts, measure, and compare with the simulator.
     Bench(cmd::bench::BenchArgs),
+    /// Predict a step of any schedule (built-in or a file) from a saved profile.
+    Simulate(cmd::simulate::SimulateArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -166,6 +168,7 @@ fn main() -> ExitCode {
         Command::Profile(args) => cmd::profile::run(args),
         Command::Plan(args) => cmd::plan::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Simulate(args) => cmd::simulate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -271,7 +274,7 @@ fn train(args: TrainArgs) -> Result<()> {
         None => args.partition.parse::<PartitionStrategy>()?,
     };
     if partition == PartitionStrategy::BalancedTime(Vec::new()) {
-        let threads = args.threads_per_stage.unwrap_or_else(|| cmd::profile::default_threads(args.stages));
+        let threads = args.threads_per_stage.unwrap_or_else(|| cmd::default_threads(args.stages));
         let mb = (args.batch_size / args.microbatches.max(1)).max(1);
         partition = cmd::profile::balanced_time(model.as_ref(), &data, mb, args.model.context, threads, args.seed)?;
     }

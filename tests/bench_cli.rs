@@ -26,6 +26,7 @@ fn bad_bench_input_gets_one_clear_line() {
     assert_fails_with(&["plan", "--devices", "0"], "--devices must be at least 1");
     assert_fails_with(&["plan", "--memory-limit", "0"], "--memory-limit must be a positive number");
     assert_fails_with(&["plan", "--microbatches", "3,5"], "divides the batch size 16");
+    assert_fails_with(&["simulate", "--profile", "/nonexistent/profile.json"], "cannot read profile /nonexistent/profile.json");
 }
 
 #[test]
@@ -39,6 +40,29 @@ fn profile_plan_and_bench_run_end_to_end() {
     let profile: serde_json::Value = serde_json::from_slice(&std::fs::read(&profile_path).unwrap()).unwrap();
     assert_eq!(profile["layers"].as_array().unwrap().len(), 4);
     assert_eq!(profile["microbatch_size"], 2);
+
+    // Any schedule, here a hand-written one with split backwards, simulated from the profile.
+    let schedule = dir.join("split.schedule");
+    std::fs::write(
+        &schedule,
+        "stage 0: 0F0 0F1 0I0 0W0 0I1 0W1\nstage 1: 1F0 1I0 1F1 1I1 1W0 1W1\n",
+    )
+    .unwrap();
+    let out = brigade(&[
+        "simulate", "--profile", profile_path.to_str().unwrap(), "--schedule", schedule.to_str().unwrap(),
+        "--stages", "2", "--microbatches", "2", "--split", "3,1",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("schedule custom, 2 stages (layers 3,1), 2 micro-batches of 2"), "{stdout}");
+    assert!(stdout.contains("| 0 | 0..3 |") && stdout.contains("| 1 | 3..4 |"), "{stdout}");
+    // Stage 1 runs F, I back to back: one micro-batch stashed at a time; stage 0 holds both.
+    assert!(stdout.lines().any(|l| l.starts_with("| 0 | 0..3 |") && l.contains("| 2 |")), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("| 1 | 3..4 |") && l.contains("| 1 |")), "{stdout}");
+    assert_fails_with(
+        &["simulate", "--profile", profile_path.to_str().unwrap(), "--schedule", schedule.to_str().unwrap(), "--stages", "2"],
+        "is for 2 stages and 2 micro-batches",
+    );
 
     let out = brigade(&["plan", "--devices", "2", "--batch-size", "8", "--microbatches", "2,4", "--context", "16", "--profile-repeats", "1"]);
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -2,6 +2,10 @@
 //! sizes the bench table uses; and the executor's per-forward stash accounting (a walk of the
 //! autograd graph), so its cost is visible next to the layers it accounts for.
 //!
+//! Everything runs as a one-thread stage does: inside a one-thread rayon pool, with candle's
+//! thread budget at 1. (Run from the bare main thread instead, every rayon-parallel kernel
+//! hands its work to the global pool and waits for it: twice as slow for a GPT block.)
+//!
 //! Run: `cargo bench -p brigade-benches --bench layers -- --warm-up-time 1 --measurement-time 3`
 
 use std::hint::black_box;
@@ -33,7 +37,26 @@ fn layer(c: &mut Criterion, name: &str, layers: &[Arc<dyn LayerSpec>], index: us
     g.finish();
 }
 
-fn gpt_tiny(c: &mut Criterion) {
+/// Runs `bench` with this thread as the only worker of a rayon pool and candle's budget at one
+/// thread, as a one-thread stage. (criterion cannot move to a pool thread, so the pool joins it.)
+fn as_stage(c: &mut Criterion, bench: impl FnOnce(&mut Criterion)) {
+    for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+        std::env::set_var(var, "1");
+    }
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).use_current_thread().build().unwrap();
+    bench(c);
+    drop(pool);
+}
+
+/// One pool for the whole run: a thread can join only one.
+fn hot_layers(c: &mut Criterion) {
+    as_stage(c, |c| {
+        gpt_tiny_layers(c);
+        resnet_tiny_layers(c);
+    });
+}
+
+fn gpt_tiny_layers(c: &mut Criterion) {
     let model = brigade_models::preset("gpt-tiny").unwrap();
     let layers = model.layers();
     // Micro-batch of 4 sequences x 64 tokens (batch 16, m = 4).
@@ -44,7 +67,7 @@ fn gpt_tiny(c: &mut Criterion) {
     layer(c, "gpt-tiny head 4x64 -> 256", &layers, layers.len() - 1, &x);
 }
 
-fn resnet_tiny(c: &mut Criterion) {
+fn resnet_tiny_layers(c: &mut Criterion) {
     let model = brigade_models::preset("resnet-tiny").unwrap();
     let layers = model.layers();
     // Micro-batch of 4 images 3x32x32.
@@ -54,5 +77,5 @@ fn resnet_tiny(c: &mut Criterion) {
     layer(c, "resnet-tiny layer4.0 (basic block, 64 ch)", &layers, 4, &x);
 }
 
-criterion_group!(benches, gpt_tiny, resnet_tiny);
+criterion_group!(benches, hot_layers);
 criterion_main!(benches);

@@ -72,7 +72,7 @@ pub fn plan(request: &PlanRequest, mut profile_for: impl FnMut(usize) -> Result<
     let mut sizes: Vec<usize> = request.microbatches.clone();
     sizes.sort_unstable();
     sizes.dedup();
-    sizes.retain(|&m| m > 0 && request.batch_size % m == 0);
+    sizes.retain(|&m| m > 0 && request.batch_size.is_multiple_of(m));
     if sizes.is_empty() {
         return Err(EngineError::Config(format!(
             "none of the micro-batch counts {:?} divides the batch size {}",
@@ -169,16 +169,17 @@ pub fn explain(ranked: &[Candidate], request: &PlanRequest) -> String {
     }
     if let Some(second) = ranked.get(1).filter(|c| c.fits) {
         let slower = 100.0 * (second.prediction.step_time / p.step_time - 1.0);
-        let _ = write!(text, " Runner-up {} is {:.1}% slower", second.label(), slower);
         if slower.abs() < 0.05 {
             let _ = write!(
                 text,
-                " (a tie on time, broken by memory: {} vs {})",
-                human_bytes(p.max_peak_memory()),
-                human_bytes(second.prediction.max_peak_memory())
+                " Runner-up {} is as fast but needs more memory ({} vs {}).",
+                second.label(),
+                human_bytes(second.prediction.max_peak_memory()),
+                human_bytes(p.max_peak_memory())
             );
+        } else {
+            let _ = write!(text, " Runner-up {} is {:.1}% slower.", second.label(), slower);
         }
-        text.push('.');
     }
     let excluded = ranked.iter().filter(|c| !c.fits).count();
     if excluded > 0 {

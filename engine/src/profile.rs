@@ -11,11 +11,11 @@
 //! `backward_weight_s` (the executor's `W`) is accumulating the weight gradients into the
 //! step's sums. A full `B` costs both.
 //!
-//! Each layer is timed alone with its input computed by the layers before it; times are the
-//! minimum over `repeats` back-to-back runs after `warmup`, and over `rounds` passes (on a
-//! shared machine other processes only ever add time, so the minimum is the stable estimate of
-//! the layer's own cost), inside a thread pool of the stage's size and with candle's thread
-//! budget set the same way the executor sets it.
+//! Each layer is timed alone with its input computed by the layers before it: the median of
+//! `repeats` back-to-back runs after `warmup`, and the lowest such median over `rounds` passes
+//! over the model (on a shared machine other processes only add time: a burst of load spoils
+//! a round, not the estimate). All of it runs in a thread pool of the stage's size, with
+//! candle's thread budget set the same way the executor sets it.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -105,7 +105,7 @@ impl HopProfile {
 pub struct ProfileOptions {
     /// Timed runs per measurement in each round.
     pub repeats: usize,
-    /// Passes over the whole model; the minimum over rounds is kept.
+    /// Passes over the whole model; the lowest median over rounds is kept.
     pub rounds: usize,
     pub warmup: usize,
     /// CPU threads for the math (match the stage's `threads_per_stage`).
@@ -136,9 +136,9 @@ pub fn profile_model(
         .build()
         .map_err(|e| EngineError::Config(format!("profiler thread pool: {e}")))?;
     pool.install(|| {
-        // Rounds spaced in time, each layer's minimum kept: a burst of load from another process
-        // spoils one round, not the estimate. (Within a round each layer repeats back to back,
-        // caches warm, as a stage runs one layer's work for a micro-batch.)
+        // Rounds spaced in time, each layer's lowest median kept: a burst of load from another
+        // process spoils one round, not the estimate. (Within a round each layer repeats back to
+        // back, caches warm, as a stage runs one layer's work for a micro-batch.)
         let mut best = profile_in_pool(model, inputs, targets, options)?;
         for _ in 1..options.rounds.max(1) {
             let next = profile_in_pool(model, inputs, targets, options)?;
@@ -189,7 +189,7 @@ fn profile_in_pool(
             };
             Ok((y, root))
         };
-        let forward_s = min_time(options, || {
+        let forward_s = typical_time(options, || {
             let (_, root) = forward(layer)?;
             // Reading the loss is what the last stage does; elsewhere this is a no-op sync.
             if i == last {
@@ -206,7 +206,7 @@ fn profile_in_pool(
             roots.push(forward(layer)?.1);
         }
         let mut roots = roots.into_iter();
-        let backward_input_s = min_time(options, || {
+        let backward_input_s = typical_time(options, || {
             let root = roots.next().ok_or_else(|| EngineError::Config("profiler ran out of graphs".into()))?;
             root.backward()?;
             Ok(())
@@ -225,14 +225,14 @@ fn profile_in_pool(
                 None => v.zeros_like(),
             })
             .collect::<candle_core::Result<_>>()?;
-        let backward_weight_s = min_time(options, || {
+        let backward_weight_s = typical_time(options, || {
             for g in &weight_grads {
                 std::hint::black_box((g + g)?);
             }
             Ok(())
         })?;
         let mut optimizer = Optimizer::new(options.optimizer);
-        let optimizer_s = min_time(options, || {
+        let optimizer_s = typical_time(options, || {
             for ((name, var, decay), g) in layer_vars.iter().zip(&weight_grads) {
                 squared_norm(g)?;
                 optimizer.update(name, var, g, 1e-6, *decay)?;
@@ -272,7 +272,8 @@ fn profile_in_pool(
     })
 }
 
-fn min_time(options: &ProfileOptions, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
+/// The median of `repeats` back-to-back runs after `warmup`.
+fn typical_time(options: &ProfileOptions, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..options.warmup {
         run()?;
     }
@@ -282,7 +283,7 @@ fn min_time(options: &ProfileOptions, mut run: impl FnMut() -> Result<()>) -> Re
         run()?;
         times.push(started.elapsed().as_secs_f64());
     }
-    Ok(times.into_iter().fold(f64::INFINITY, f64::min))
+    Ok(median(&mut times))
 }
 
 /// The median of `values` (the mean of the middle two for an even count); 0 when empty.

@@ -9,7 +9,8 @@
 //!
 //! Memory follows the schedule's order: parameters, gradients and optimizer state are always
 //! held; a forward stashes one micro-batch's activations until its `B` (or `I`), so a stage's
-//! peak is `static + peak in-flight × stash per micro-batch`.
+//! peak is `static + peak in-flight × stash per micro-batch`. (Weight gradients an `I` sets
+//! aside until its `W` are not counted: the built-in schedules use full `B`s.)
 
 use crate::error::{EngineError, Result};
 use crate::partition::Partition;

@@ -28,8 +28,10 @@ pub struct BenchArgs {
     /// Stage layouts: a stage count (cut by --partition) or layer counts joined by `+` (3+1).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub layouts: Vec<String>,
+    /// Schedules to run: gpipe, 1f1b.
     #[arg(long, value_delimiter = ',', default_value = "gpipe,1f1b")]
     pub schedules: Vec<String>,
+    /// Micro-batch counts (each must divide the batch size).
     #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
     pub microbatches: Vec<usize>,
     /// How stage counts are cut: uniform, balanced (by parameters) or balanced-time.
@@ -50,6 +52,7 @@ pub struct BenchArgs {
     /// Timed runs per profile measurement (for the simulator's prediction).
     #[arg(long, default_value_t = 10)]
     pub profile_repeats: usize,
+    /// adamw or sgd.
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
     /// Directory for bench.json and each run's .trace.json and .svg.
@@ -62,11 +65,12 @@ pub struct BenchArgs {
     /// start; but candle's elementwise pool keeps the first run's thread budget).
     #[arg(long)]
     pub in_process: bool,
+    /// Seed of the weights and of the data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Internal: run only configuration N and report it on stdout (what each child does).
     #[arg(long, hide = true)]
     pub run_index: Option<usize>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
 }
 
 /// A layout: how many stages, and how to cut them.
@@ -101,7 +105,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let schedules = super::schedules(&args.schedules)?;
     let optimizer = super::optimizer(&args.optimizer)?;
     for &m in &args.microbatches {
-        if m == 0 || args.batch_size % m != 0 {
+        if m == 0 || !args.batch_size.is_multiple_of(m) {
             bail!("batch size {} is not divisible by {m} micro-batches", args.batch_size);
         }
     }

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod model;
 pub mod plan;
 pub mod profile;
+pub mod simulate;
 
 use anyhow::{bail, Result};
 use brigade::engine::optim::OptimizerConfig;

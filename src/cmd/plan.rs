@@ -17,7 +17,8 @@ use super::model::ModelArgs;
 pub struct PlanArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Devices available: the planner tries 1 to N stages, one device each.
+    /// Devices available: the planner tries 1 to N stages, one device each (in this CPU build
+    /// a device is --threads-per-stage threads, default cores / devices).
     #[arg(long, default_value_t = 2)]
     pub devices: usize,
     /// Memory per device in GB (decimal); configurations that need more are ranked last.
@@ -29,6 +30,7 @@ pub struct PlanArgs {
     /// Micro-batch counts to try (those dividing the batch size).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
     pub microbatches: Vec<usize>,
+    /// Schedules to consider: gpipe, 1f1b.
     #[arg(long, value_delimiter = ',', default_value = "gpipe,1f1b")]
     pub schedules: Vec<String>,
     /// CPU threads per device (default: cores / devices).
@@ -37,6 +39,7 @@ pub struct PlanArgs {
     /// Timed runs per profile measurement.
     #[arg(long, default_value_t = 5)]
     pub profile_repeats: usize,
+    /// adamw or sgd (sizes the optimizer state).
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
     /// Rows to print.
@@ -45,6 +48,7 @@ pub struct PlanArgs {
     /// Also write every ranked configuration as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Seed of the weights and of the profiled batch.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }

@@ -28,12 +28,13 @@ pub struct ProfileArgs {
     /// Timed back-to-back runs per measurement, after 2 warm-up runs.
     #[arg(long, default_value_t = 10)]
     pub repeats: usize,
-    /// Passes over the whole model; each time is the minimum over all rounds and repeats.
+    /// Passes over the whole model; each time is the lowest over rounds of a median of repeats.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     /// adamw or sgd: sizes the optimizer state and times its step.
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
+    /// Seed of the weights and of the profiled batch.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Write the JSON here instead of stdout.
@@ -66,8 +67,6 @@ pub fn run(args: ProfileArgs) -> Result<()> {
     }
     Ok(())
 }
-
-pub use super::default_threads;
 
 /// `train --partition balanced-time`: profiles the model at the run's micro-batch size and
 /// thread budget, and returns the strategy filled with per-layer times.

@@ -1,0 +1,100 @@
+//! `brigade simulate`: predicts one training step of any schedule (built-in or a schedule
+//! file, the executor's own IR) from a saved profile, before anything runs.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use brigade::bench::balanced_time_strategy;
+use brigade::engine::partition::PartitionStrategy;
+use brigade::engine::pipeline::ScheduleChoice;
+use brigade::engine::plan::human_bytes;
+use brigade::engine::profile::Profile;
+use brigade::engine::simulate::{predict, StageCosts};
+use clap::Args;
+
+#[derive(Args)]
+pub struct SimulateArgs {
+    /// A profile written by `brigade profile --out FILE`.
+    #[arg(long)]
+    pub profile: PathBuf,
+    /// gpipe, 1f1b, or a schedule file in the format `brigade schedule` prints.
+    #[arg(long, default_value = "1f1b")]
+    pub schedule: String,
+    #[arg(long, default_value_t = 2)]
+    pub stages: usize,
+    /// Micro-batches per step (each of the profile's micro-batch size).
+    #[arg(long, default_value_t = 4)]
+    pub microbatches: usize,
+    /// Layers per stage, e.g. 3,1 (overrides --partition).
+    #[arg(long)]
+    pub split: Option<String>,
+    /// uniform, balanced (by parameters) or balanced-time (by the profile's times).
+    #[arg(long, default_value = "uniform")]
+    pub partition: String,
+}
+
+pub fn run(args: SimulateArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.profile)
+        .with_context(|| format!("cannot read profile {}", args.profile.display()))?;
+    let profile: Profile = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a profile written by `brigade profile`", args.profile.display()))?;
+    let schedule = match crate::schedule_choice(&args.schedule)? {
+        ScheduleChoice::Kind(kind) => kind.build(args.stages, args.microbatches)?,
+        ScheduleChoice::Custom(s) => {
+            if s.stages() != args.stages || s.microbatches() != args.microbatches {
+                bail!(
+                    "schedule {} is for {} stages and {} micro-batches, not --stages {} --microbatches {}",
+                    s.name(),
+                    s.stages(),
+                    s.microbatches(),
+                    args.stages,
+                    args.microbatches
+                );
+            }
+            s
+        }
+    };
+    let strategy = match &args.split {
+        Some(split) => split.parse::<PartitionStrategy>()?,
+        None => match args.partition.parse::<PartitionStrategy>()? {
+            PartitionStrategy::BalancedTime(_) => balanced_time_strategy(&profile),
+            other => other,
+        },
+    };
+    let layer_params: Vec<usize> = profile.layers.iter().map(|l| l.param_bytes() as usize).collect();
+    let partition = strategy.resolve(&layer_params, args.stages)?;
+    let costs = StageCosts::from_profile(&profile, &partition)?;
+    let p = predict(&schedule, &costs)?;
+
+    println!(
+        "{}: schedule {}, {} stages (layers {partition}), {} micro-batches of {}, profiled on {} thread(s)",
+        profile.model,
+        schedule.name(),
+        args.stages,
+        args.microbatches,
+        profile.microbatch_size,
+        profile.threads
+    );
+    println!(
+        "predicted step {:.2} ms (actions {:.2} ms + optimizer {:.2} ms), bubble {:.1}% (theory (p-1)/(m+p-1) = {:.1}%)",
+        1e3 * p.step_time,
+        1e3 * p.makespan,
+        1e3 * (p.step_time - p.makespan),
+        100.0 * p.bubble_fraction,
+        100.0 * schedule.theoretical_bubble()
+    );
+    println!("| stage | layers | busy ms | idle ms | stashed micro-batches | peak memory |");
+    println!("|---|---|---|---|---|---|");
+    for (s, range) in partition.ranges().into_iter().enumerate() {
+        println!(
+            "| {s} | {}..{} | {:.2} | {:.2} | {} | {} |",
+            range.start,
+            range.end,
+            1e3 * p.busy[s],
+            1e3 * p.idle[s],
+            p.peak_in_flight[s],
+            human_bytes(p.peak_memory[s])
+        );
+    }
+    Ok(())
+}
