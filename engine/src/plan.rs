@@ -81,8 +81,17 @@ pub fn plan(request: &PlanRequest, mut profile_for: impl FnMut(usize) -> Result<
     }
     let limit = request.memory_limit.unwrap_or(u64::MAX);
     let mut out = Vec::new();
+    // A micro-batch size the model cannot run (BatchNorm needs two values per channel, say) is
+    // skipped, not fatal: the other counts are still worth ranking.
+    let mut first_failure = None;
     for m in sizes {
-        let profile = profile_for(request.batch_size / m)?;
+        let profile = match profile_for(request.batch_size / m) {
+            Ok(p) => p,
+            Err(e) => {
+                first_failure.get_or_insert(e);
+                continue;
+            }
+        };
         let n = profile.layers.len();
         let params: Vec<usize> = profile.layers.iter().map(|l| l.param_bytes() as usize).collect();
         let times: Vec<f64> = profile.layers.iter().map(|l| l.microbatch_s()).collect();
@@ -127,6 +136,11 @@ pub fn plan(request: &PlanRequest, mut profile_for: impl FnMut(usize) -> Result<
     }
     // Times equal to 0.1 µs are a tie (two schedules with the same critical path differ only by
     // float rounding), and a tie goes to the lower peak memory.
+    if out.is_empty() {
+        if let Some(e) = first_failure {
+            return Err(e);
+        }
+    }
     let time_key = |c: &Candidate| (c.prediction.step_time * 1e7).round() as u64;
     out.sort_by(|a, b| {
         b.fits
@@ -312,5 +326,23 @@ mod tests {
         assert!(ranked[0].partition_name.contains("balanced-time"));
         let uniform = ranked.iter().find(|c| c.partition.counts() == [2, 2] && c.microbatches == 8).unwrap();
         assert!(uniform.prediction.step_time > ranked[0].prediction.step_time);
+    }
+
+    #[test]
+    fn a_microbatch_size_that_cannot_run_is_skipped_not_fatal() {
+        // Micro-batches of 1 fail (as BatchNorm does on 1×1 maps); the others are still ranked.
+        let ranked = plan(&request(None), |b| {
+            if b == 1 {
+                Err(EngineError::Config("training BatchNorm needs more than one value per channel".into()))
+            } else {
+                Ok(profile(b, 1.0))
+            }
+        })
+        .unwrap();
+        assert!(!ranked.is_empty());
+        assert!(ranked.iter().all(|c| c.microbatches != 8), "m = 8 means micro-batches of 1");
+        // When nothing can run, the first failure is the answer.
+        let err = plan(&request(None), |_| Err(EngineError::Config("cannot run".into()))).unwrap_err();
+        assert!(err.to_string().contains("cannot run"), "{err}");
     }
 }

@@ -81,15 +81,22 @@ pub fn run(args: PlanArgs) -> Result<()> {
     };
     let spinner = ProgressBar::new_spinner();
     let mut profiled = HashMap::new();
+    let mut unusable = Vec::new();
     let ranked = plan(&request, |b| {
         spinner.set_message(format!("profiling {} at micro-batch size {b} on {threads} thread(s)", model.name()));
         spinner.tick();
-        let p = profile_on_data(model.as_ref(), &data, b, args.model.context, &options)
-            .map_err(|e| brigade::engine::EngineError::Config(e.to_string()))?;
+        let p = profile_on_data(model.as_ref(), &data, b, args.model.context, &options).map_err(|e| {
+            unusable.push((b, e.to_string()));
+            brigade::engine::EngineError::Config(e.to_string())
+        })?;
         profiled.insert(b, p.clone());
         Ok(p)
     })?;
     spinner.finish_and_clear();
+    for (b, why) in &unusable {
+        let why = why.lines().next().unwrap_or_default();
+        println!("skipped micro-batch size {b} (m = {}): {why}", args.batch_size / b);
+    }
 
     println!(
         "{}: {} layers, batch {}, {} device(s) x {} thread(s){}",
