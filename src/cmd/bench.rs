@@ -157,16 +157,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let total = runs.len();
     let mut rows = Vec::new();
     let mut profiles: Vec<Profile> = Vec::new();
+    let mut failed: Vec<(String, String)> = Vec::new();
     for (i, config) in runs.iter_mut().enumerate() {
         let label = format!("run {}/{total}: {} stage(s), {}, m={}", i + 1, config.stages, config.schedule, config.microbatches);
         bar.set_message(label.clone());
         if args.plain {
             eprintln!("{label}");
         }
-        let (row, profile) = if args.in_process {
-            execute(&args, model.clone(), &data, config, || bar.inc(1)).with_context(|| format!("bench {label}"))?
+        let outcome = if args.in_process {
+            execute(&args, model.clone(), &data, config, || bar.inc(1))
         } else {
-            run_in_child(i, || bar.inc(1)).with_context(|| format!("bench {label}"))?
+            run_in_child(i, || bar.inc(1))
+        };
+        // One configuration that cannot run (BatchNorm on a micro-batch of one, say) is
+        // reported, and the others still run.
+        let (row, profile) = match outcome {
+            Ok(done) => done,
+            Err(e) => {
+                let why = format!("{e:#}");
+                bar.println(format!("{label}: failed: {}", why.lines().next().unwrap_or_default()));
+                failed.push((label, why));
+                bar.inc((config.warmup + config.steps) as u64);
+                continue;
+            }
         };
         rows.push(row);
         if !profiles.iter().any(|p| (p.threads, p.microbatch_size) == (profile.threads, profile.microbatch_size)) {
@@ -174,8 +187,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
     bar.finish_and_clear();
+    if rows.is_empty() {
+        let (label, why) = failed.first().context("no bench runs were configured")?;
+        bail!("every bench run failed; {label}: {why}");
+    }
 
     print!("{}", markdown_table(&rows));
+    for (label, why) in &failed {
+        println!("failed: {label}: {}", why.lines().next().unwrap_or_default());
+    }
     let worst = rows.iter().max_by(|a, b| a.simulation_error.abs().total_cmp(&b.simulation_error.abs()));
     if let Some(w) = worst {
         println!(
