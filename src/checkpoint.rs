@@ -186,11 +186,30 @@ pub struct Imported {
 /// - a brigade checkpoint directory (weights only; the optimizer starts fresh);
 /// - a safetensors file of torchvision-named ResNet weights, for the ResNet `model` given.
 pub fn import(path: &Path, model: Option<&ModelConfig>) -> Result<Imported, Error> {
+    import_with(path, model, &[])
+}
+
+/// [`import`], leaving out every tensor whose name starts with one of `skip` (they are then
+/// initialised fresh): e.g. `fc.` to fine-tune a ResNet on a different number of classes.
+/// With a skip list, a brigade checkpoint loads into `model` (when given) instead of its own
+/// config, so the skipped layers may change shape.
+pub fn import_with(path: &Path, model: Option<&ModelConfig>, skip: &[String]) -> Result<Imported, Error> {
     let float = [DType::F32, DType::BF16, DType::F16];
+    let skipped = |name: &str| skip.iter().any(|p| !p.is_empty() && name.starts_with(p.as_str()));
+    let keep = |name: &str| (!skipped(name)).then(|| name.to_string());
+    let wanted = |built: &dyn PipelineModel, dtypes: &[DType]| -> Vec<_> {
+        expected_weights(built, dtypes).into_iter().filter(|e| !skipped(&e.name)).collect()
+    };
     if path.is_dir() && (path.join(META_FILE).exists() || path.join(brigade_engine::checkpoint::LATEST_FILE).exists()) {
-        let (ckpt, config, built) = open(path)?;
-        let state = ckpt.load_resume(built.as_ref())?;
-        return Ok(Imported { config, params: state.params, buffers: state.buffers, source: ckpt.dir.display().to_string() });
+        let (ckpt, own, _) = open(path)?;
+        let config = match model {
+            Some(m) if !skip.is_empty() => m.clone(),
+            _ => own,
+        };
+        let built = config.build()?;
+        let tensors = ckpt.weights.load_mapped(&wanted(built.as_ref(), &[DType::F32]), keep, "parameter or buffer")?;
+        let (params, buffers) = split_buffers(built.as_ref(), tensors);
+        return Ok(Imported { config, params, buffers, source: ckpt.dir.display().to_string() });
     }
     if path.is_dir() {
         let config_path = path.join("config.json");
@@ -202,19 +221,17 @@ pub fn import(path: &Path, model: Option<&ModelConfig>) -> Result<Imported, Erro
         let config = ModelConfig::Gpt(cfg);
         let built = config.build()?;
         let set = ShardSet::open(path, "model")?;
-        let expected = expected_weights(built.as_ref(), &float);
         let params = set.load_mapped(
-            &expected,
+            &wanted(built.as_ref(), &float),
             |name| match gpt2_name(name) {
-                Gpt2Name::Param(c) => Some(c),
+                Gpt2Name::Param(c) => keep(&c),
                 Gpt2Name::TiedHead | Gpt2Name::MaskBuffer => None,
             },
             "GPT-2 parameter",
         )?;
         // A separate LM head must be the tied embedding, or brigade's model is not this one.
-        if set.contains("lm_head.weight") {
+        if let (true, Some(wte)) = (set.contains("lm_head.weight"), params.get("transformer.wte.weight")) {
             let head = set.load("lm_head.weight", DType::F32)?;
-            let wte = &params["transformer.wte.weight"];
             let same = head.dims() == wte.dims()
                 && (&head - wte).and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>()).map_err(|e| Error::Config(e.to_string()))? == 0.0;
             if !same {
@@ -236,10 +253,18 @@ pub fn import(path: &Path, model: Option<&ModelConfig>) -> Result<Imported, Erro
     };
     let built = config.build()?;
     let set = ShardSet::open_file(path)?;
-    let expected = expected_weights(built.as_ref(), &float);
-    let mut all = set.load_validated(&expected, "torchvision ResNet tensor")?;
-    let buffer_names: Vec<String> =
-        built.layers().iter().flat_map(|l| l.buffer_specs()).map(|b| b.name).collect();
-    let buffers = buffer_names.iter().filter_map(|n| all.remove_entry(n)).collect();
-    Ok(Imported { config: config.clone(), params: all, buffers, source: path.display().to_string() })
+    let tensors = set.load_mapped(&wanted(built.as_ref(), &float), keep, "torchvision ResNet tensor")?;
+    let (params, buffers) = split_buffers(built.as_ref(), tensors);
+    Ok(Imported { config: config.clone(), params, buffers, source: path.display().to_string() })
+}
+
+/// Separates a model's buffers (BatchNorm statistics) from its parameters.
+fn split_buffers(model: &dyn PipelineModel, mut all: HashMap<String, Tensor>) -> (HashMap<String, Tensor>, HashMap<String, Tensor>) {
+    let buffers = model
+        .layers()
+        .iter()
+        .flat_map(|l| l.buffer_specs())
+        .filter_map(|b| all.remove_entry(&b.name))
+        .collect();
+    (all, buffers)
 }

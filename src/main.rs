@@ -131,6 +131,10 @@ struct TrainArgs {
     /// or a torchvision-named ResNet safetensors file.
     #[arg(long)]
     init_from: Option<PathBuf>,
+    /// With --init-from: tensor name prefixes to leave out and initialise fresh, e.g. `fc.` to
+    /// fine-tune a ResNet on this data's classes (comma-separated).
+    #[arg(long, requires = "init_from", value_delimiter = ',')]
+    init_skip: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -259,7 +263,13 @@ fn train(args: TrainArgs) -> Result<()> {
         }
         None => match &args.init_from {
             Some(init) => {
-                let weights = brigade::checkpoint::import(init, Some(&args.model.config()?))?;
+                let mut config = args.model.config()?;
+                if !args.init_skip.is_empty() {
+                    // The skipped layers are fresh, so they may take this data's shape.
+                    let data = args.model.data_for(&config, args.seed)?;
+                    config = cmd::model::fit_to_data(config, &data);
+                }
+                let weights = brigade::checkpoint::import_with(init, Some(&config), &args.init_skip)?;
                 println!("init     {} weights from {}", weights.params.len() + weights.buffers.len(), weights.source);
                 let data = args.model.data_for(&weights.config, args.seed)?;
                 let model = weights.config.build()?;

@@ -581,3 +581,30 @@ fn hub_style_gpt2_directories_import() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// Fine-tuning on other classes: `fc.` left out of the import is initialised fresh in the new
+/// shape, everything else comes from the pretrained weights; without the skip it is refused.
+#[test]
+fn import_can_leave_out_a_head_to_retrain() {
+    let file = Path::new(FIXTURES).join("resnet-tiny/model.safetensors");
+    let three_classes = match ModelConfig::preset("resnet-tiny").unwrap() {
+        ModelConfig::Resnet(cfg) => ModelConfig::Resnet(cfg.with_num_classes(3)),
+        other => panic!("{other:?}"),
+    };
+    let err = import(&file, Some(&three_classes)).unwrap_err().to_string();
+    assert!(err.contains("fc.weight") && err.contains("[10, 64]") && err.contains("[3, 64]"), "{err}");
+    let imported = brigade::checkpoint::import_with(&file, Some(&three_classes), &["fc.".to_string()]).unwrap();
+    assert!(!imported.params.contains_key("fc.weight") && !imported.params.contains_key("fc.bias"));
+    let full = import(&file, Some(&ModelConfig::preset("resnet-tiny").unwrap())).unwrap();
+    assert_eq!(imported.params.len() + 2, full.params.len());
+    assert_eq!(max_abs(&imported.params["conv1.weight"], &full.params["conv1.weight"]), 0.0);
+    assert_eq!(imported.buffers.len(), full.buffers.len());
+    // The pipeline initialises the skipped head and runs with 3 classes.
+    let model = three_classes.build().unwrap();
+    let mut config = PipelineConfig::default().stages(2).microbatches(1);
+    config.initial_params = imported.params;
+    config.initial_buffers = imported.buffers;
+    let images = load_tensor(&Path::new(FIXTURES).join("resnet-tiny/input.safetensors"), "images");
+    let logits = Pipeline::new(model.as_ref(), config).unwrap().predict(&images).unwrap();
+    assert_eq!(logits.dims(), &[2, 3]);
+}

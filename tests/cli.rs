@@ -238,6 +238,26 @@ fn killed_save_leaves_the_last_checkpoint_resumable() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Fine-tuning from PyTorch weights: a Hugging Face GPT-2 directory, and torchvision ResNet
+/// weights with the classifier left out.
+#[test]
+fn training_starts_from_pretrained_weights() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let gpt = fixtures.join("gpt-tiny");
+    let mut args = vec!["train", "--init-from", gpt.to_str().unwrap(), "--stages", "2"];
+    args.extend(SMALL);
+    let out = brigade(&args);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("init     28 weights"), "{stdout}");
+    let resnet = fixtures.join("resnet-tiny/model.safetensors");
+    let args = ["train", "--model", "resnet-tiny", "--init-from", resnet.to_str().unwrap(), "--init-skip", "fc.", "--steps", "2", "--batch-size", "8", "--eval-every", "0", "--eval-batches", "1", "--plain"];
+    let out = brigade(&args);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("init     72 weights"), "{stdout}");
+}
+
 #[test]
 fn checkpoint_commands_reject_bad_input() {
     let dir = temp_dir("ckpt-bad");

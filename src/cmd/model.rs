@@ -91,13 +91,17 @@ impl ModelArgs {
     pub fn model_and_data(&self, seed: u64) -> Result<(Arc<dyn PipelineModel>, Dataset)> {
         let config = self.config()?;
         let data = self.data_for(&config, seed)?;
-        let config = match (config, &data) {
-            (ModelConfig::Resnet(cfg), Dataset::Images(d)) => {
-                ModelConfig::Resnet(cfg.with_num_classes(d.num_classes()).with_in_channels(d.channels()))
-            }
-            (config, _) => config,
-        };
-        Ok((config.build()?, data))
+        Ok((fit_to_data(config, &data).build()?, data))
+    }
+}
+
+/// A ResNet's class and channel counts follow its data.
+pub fn fit_to_data(config: ModelConfig, data: &Dataset) -> ModelConfig {
+    match (config, data) {
+        (ModelConfig::Resnet(cfg), Dataset::Images(d)) => {
+            ModelConfig::Resnet(cfg.with_num_classes(d.num_classes()).with_in_channels(d.channels()))
+        }
+        (config, _) => config,
     }
 }
 
