@@ -1201,6 +1201,12 @@ impl StageWorker {
         let mut h = x.clone();
         for layer in self.layers.iter_mut() {
             h = layer.forward(&h, mode)?;
+            if mode == Mode::Eval {
+                // candle records the graph of any op on a parameter, backward or not; cutting
+                // it after each layer lets evaluation free one layer's intermediates before the
+                // next runs, instead of holding the whole stage's until the output is dropped.
+                h = h.detach();
+            }
         }
         Ok(h)
     }
@@ -1361,7 +1367,7 @@ impl StageWorker {
             let mb = action.microbatch;
             let step = |w: &mut Self, outcome: &mut Outcome| -> StageResult<()> {
                 let x = w.input_for(mb, &inputs)?;
-                let y = w.forward_layers(&x.detach(), Mode::Eval)?.detach();
+                let y = w.forward_layers(&x.detach(), Mode::Eval)?;
                 if w.is_last {
                     let Some(targets) = &targets else {
                         outcome.outputs.push((mb, y));
