@@ -101,6 +101,15 @@ pub fn export(checkpoint: &Path, out: &Path, dtype: ExportDtype, max_shard_bytes
             Some((path, shape, _)) if shape != &e.shape => {
                 return Err(CheckpointError::Shape { path: path.clone(), name: e.name.clone(), found: shape.clone(), expected: e.shape.clone() }.into())
             }
+            Some((path, _, dtype)) if !e.dtypes.contains(dtype) => {
+                return Err(CheckpointError::Dtype {
+                    path: path.clone(),
+                    name: e.name.clone(),
+                    found: brigade_engine::checkpoint::dtype_name(*dtype).into(),
+                    expected: e.dtypes.iter().map(|d| brigade_engine::checkpoint::dtype_name(*d)).collect::<Vec<_>>().join(" or "),
+                }
+                .into())
+            }
             _ => {}
         }
     }
@@ -113,7 +122,7 @@ pub fn export(checkpoint: &Path, out: &Path, dtype: ExportDtype, max_shard_bytes
         .iter()
         .map(|e| TensorInfo { name: e.name.clone(), dtype: out_dtype(listing[&e.name].2), shape: e.shape.clone() })
         .collect();
-    std::fs::create_dir_all(out).map_err(|e| CheckpointError::Io { path: out.to_path_buf(), source: e })?;
+    prepare_export_dir(out, &ckpt.dir)?;
     let plan = plan_shards("model", &[infos], max_shard_bytes);
     let header: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into_iter().collect();
     let mut files = Vec::new();
@@ -140,7 +149,14 @@ pub fn export(checkpoint: &Path, out: &Path, dtype: ExportDtype, max_shard_bytes
     let format = match &config {
         ModelConfig::Gpt(cfg) => {
             let path = out.join("config.json");
-            let text = serde_json::to_string_pretty(&gpt2_config_json(cfg)).expect("json");
+            let mut hf = gpt2_config_json(cfg);
+            hf["dtype"] = match dtype {
+                ExportDtype::F32 => "float32",
+                ExportDtype::Bf16 => "bfloat16",
+                ExportDtype::F16 => "float16",
+            }
+            .into();
+            let text = serde_json::to_string_pretty(&hf).expect("json");
             std::fs::write(&path, text).map_err(|e| CheckpointError::Io { path: path.clone(), source: e })?;
             files.push(path);
             "gpt2"
@@ -155,6 +171,31 @@ pub fn export(checkpoint: &Path, out: &Path, dtype: ExportDtype, max_shard_bytes
         }
     };
     Ok(ExportSummary { dir: out.to_path_buf(), files, tensors: expected.len(), bytes, format })
+}
+
+/// Makes `out` ready for an export: never a checkpoint (exporting into one would overwrite the
+/// weights it is reading), and without weight files of an earlier export (a stale
+/// `model.safetensors` beside new shards would be loaded first by Hugging Face).
+fn prepare_export_dir(out: &Path, checkpoint: &Path) -> Result<(), Error> {
+    let same = match (out.canonicalize(), checkpoint.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same || out.join(META_FILE).exists() {
+        return Err(CheckpointError::invalid(out, "is a checkpoint directory; export into a directory of its own").into());
+    }
+    std::fs::create_dir_all(out).map_err(|e| CheckpointError::Io { path: out.to_path_buf(), source: e })?;
+    let entries = std::fs::read_dir(out).map_err(|e| CheckpointError::Io { path: out.to_path_buf(), source: e })?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let weights = name == "model.safetensors"
+            || name == "model.safetensors.index.json"
+            || (name.starts_with("model-") && name.ends_with(".safetensors"));
+        if weights {
+            std::fs::remove_file(entry.path()).map_err(|e| CheckpointError::Io { path: entry.path(), source: e })?;
+        }
+    }
+    Ok(())
 }
 
 fn resnet_export_config(cfg: &ResNetConfig, name: &str) -> serde_json::Value {

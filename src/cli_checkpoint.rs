@@ -231,7 +231,16 @@ pub fn predict(args: PredictArgs) -> Result<()> {
             )
         })?;
     let input = match model.input() {
-        InputKind::Tokens { .. } => input.to_dtype(DType::U32)?,
+        InputKind::Tokens { .. } => {
+            if input.dtype().is_float() {
+                // Converting would saturate a negative or fractional id silently.
+                let values: Vec<f64> = input.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+                if let Some(bad) = values.iter().find(|v| v.fract() != 0.0 || **v < 0.0) {
+                    bail!("{}: token ids must be non-negative integers, found {bad}", args.input.display());
+                }
+            }
+            input.to_dtype(DType::U32)?
+        }
         InputKind::Images { .. } => input.to_dtype(DType::F32)?,
     };
     let started = std::time::Instant::now();

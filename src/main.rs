@@ -78,8 +78,9 @@ struct TrainArgs {
     /// Global batch size (examples, or sequences for GPT).
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
-    #[arg(long, default_value_t = 1000)]
-    steps: u64,
+    /// Step to stop at (default 1000; with --resume, the checkpoint's planned total).
+    #[arg(long)]
+    steps: Option<u64>,
     /// Peak learning rate.
     #[arg(long, default_value_t = 3e-3)]
     lr: f64,
@@ -259,7 +260,8 @@ fn train(args: TrainArgs) -> Result<()> {
                 }
             }
             println!("resume   {} (step {})", ckpt.dir.display(), ckpt.meta.step);
-            (model.clone(), args.model.data_for(config, args.seed)?)
+            // The embedded data is generated from the run's seed, which the checkpoint keeps.
+            (model.clone(), args.model.data_for(config, ckpt.meta.seed)?)
         }
         None => match &args.init_from {
             Some(init) => {
@@ -288,8 +290,15 @@ fn train(args: TrainArgs) -> Result<()> {
         let mb = (args.batch_size / args.microbatches.max(1)).max(1);
         partition = cmd::profile::balanced_time(model.as_ref(), &data, mb, args.model.context, threads, args.seed)?;
     }
-    let warmup = args.warmup.unwrap_or(args.steps / 20);
-    let lr = LrSchedule::warmup_cosine(args.lr, warmup, args.steps, args.min_lr.unwrap_or(args.lr / 10.0));
+    let steps = args.steps.unwrap_or_else(|| resumed.as_ref().map_or(1000, |(c, _, _)| c.meta.training.total_steps));
+    if let Some((ckpt, _, _)) = &resumed {
+        let horizon = ckpt.meta.lr_schedule.total_steps;
+        if steps > horizon {
+            println!("note     the checkpoint's learning-rate schedule ends at step {horizon}; later steps use its final rate");
+        }
+    }
+    let warmup = args.warmup.unwrap_or(steps / 20);
+    let lr = LrSchedule::warmup_cosine(args.lr, warmup, steps, args.min_lr.unwrap_or(args.lr / 10.0));
     let optimizer = match (args.optimizer, OptimizerConfig::adamw(), OptimizerConfig::sgd()) {
         (OptimizerArg::Adamw, OptimizerConfig::AdamW { beta1, beta2, eps, weight_decay }, _) => {
             OptimizerConfig::AdamW { beta1, beta2, eps, weight_decay: args.weight_decay.unwrap_or(weight_decay) }
@@ -313,8 +322,8 @@ fn train(args: TrainArgs) -> Result<()> {
     }
     let options = TrainOptions {
         batch_size: args.batch_size,
-        steps: args.steps,
-        eval_every: if args.eval_every == 0 { args.steps } else { args.eval_every },
+        steps,
+        eval_every: if args.eval_every == 0 { steps } else { args.eval_every },
         eval_batches: args.eval_batches,
         data_seed: args.seed,
         context: args.model.context,
@@ -344,6 +353,7 @@ fn train(args: TrainArgs) -> Result<()> {
     };
     let images = matches!(trainer.model().input(), brigade::engine::InputKind::Images { .. });
     {
+        let batch = trainer.options().batch_size;
         let p = trainer.pipeline();
         println!(
             "pipeline {} stages (layers {}), schedule {}, {} micro-batches of {}",
@@ -351,10 +361,10 @@ fn train(args: TrainArgs) -> Result<()> {
             p.partition(),
             p.schedule().name(),
             p.microbatches(),
-            args.batch_size / args.microbatches.max(1)
+            batch / p.microbatches().max(1)
         );
     }
-    let bar = if args.plain { ProgressBar::hidden() } else { ProgressBar::new(args.steps) };
+    let bar = if args.plain { ProgressBar::hidden() } else { ProgressBar::new(steps) };
     bar.set_style(
         ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} (ETA {eta})")
             .expect("static template")

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use brigade_engine::checkpoint::{
-    prune_checkpoints, step_dir_name, update_latest, ModelMeta, SaveOptions, SavedCheckpoint, TrainingMeta,
+    prune_checkpoints, remove_dead_partials, step_dir_name, update_latest, ModelMeta, SaveOptions, SavedCheckpoint, TrainingMeta,
     DEFAULT_MAX_SHARD_BYTES,
 };
 use brigade_engine::layer::{InputKind, PipelineModel};
@@ -170,12 +170,13 @@ impl Trainer {
     }
 
     /// Continues the run saved in `checkpoint` (a checkpoint directory, or a save directory's
-    /// `latest`) on the layout `pipeline` describes (any stages, split, schedule, micro-batch
-    /// count and threads). The model, parameters, buffers, optimizer state and step come from
-    /// the checkpoint, and so do the optimizer settings, learning-rate schedule, gradient
-    /// clipping, batch size, context and data order, so the continued run takes exactly the
-    /// steps the uninterrupted one would have. `options` gives the step to stop at and the
-    /// checkpoint policy.
+    /// `latest`) on the layout `pipeline` describes (any stages, split, schedule and threads;
+    /// any micro-batch count for models without BatchNorm). The model, parameters, buffers,
+    /// optimizer state and step come from the checkpoint, and so do the optimizer settings,
+    /// learning-rate schedule, gradient clipping, batch size, context and data order, so the
+    /// continued run takes exactly the steps the uninterrupted one would have. `data` must be
+    /// the data the checkpoint was trained on (checked by its description). `options` gives the
+    /// step to stop at and the checkpoint policy.
     pub fn resume(checkpoint: &Path, data: Dataset, pipeline: PipelineConfig, mut options: TrainOptions) -> Result<Self, Error> {
         let (ckpt, _config, model) = crate::checkpoint::open(checkpoint)?;
         let state = ckpt.load_resume(model.as_ref())?;
@@ -192,6 +193,29 @@ impl Trainer {
                 meta.training.batch_size, pipeline.microbatches
             )));
         }
+        // BatchNorm normalises each micro-batch with its own statistics: another micro-batch
+        // size is another computation, not the same run continued.
+        let has_buffers = model.layers().iter().any(|l| !l.buffer_specs().is_empty());
+        let saved_mb = meta.training.batch_size / meta.microbatches.max(1);
+        let mb = meta.training.batch_size / pipeline.microbatches.max(1);
+        if has_buffers && mb != saved_mb {
+            return Err(Error::Config(format!(
+                "{} normalises each micro-batch with BatchNorm: the checkpoint used micro-batches of {saved_mb} ({} of batch {}), \
+                 so resume with --microbatches {} to continue the same run",
+                meta.model.name, meta.microbatches, meta.training.batch_size, meta.microbatches
+            )));
+        }
+        let source = match &data {
+            Dataset::Tokens(d) => d.source(),
+            Dataset::Images(d) => d.source(),
+        };
+        if !meta.training.data.is_empty() && source != meta.training.data {
+            return Err(Error::Config(format!(
+                "the checkpoint was trained on {}, but this run's data is {source}; resume on the same data \
+                 (the same --data and --image-size)",
+                meta.training.data
+            )));
+        }
         options.batch_size = meta.training.batch_size;
         options.data_seed = meta.training.data_seed;
         options.context = (meta.training.context > 0).then_some(meta.training.context);
@@ -199,6 +223,11 @@ impl Trainer {
         let mut trainer = Self::new(model, data, pipeline, options)?;
         trainer.pipeline.set_step(step);
         Ok(trainer)
+    }
+
+    /// The loop settings in effect (after a resume: the checkpoint's batch size and data order).
+    pub fn options(&self) -> &TrainOptions {
+        &self.options
     }
 
     pub fn model(&self) -> &Arc<dyn PipelineModel> {
@@ -230,6 +259,7 @@ impl Trainer {
         let dir = policy.dir.join(step_dir_name(self.pipeline.steps_taken()));
         let saved = self.save_checkpoint(&dir, policy.max_shard_bytes)?;
         update_latest(&policy.dir, &saved.dir)?;
+        remove_dead_partials(&policy.dir);
         if let Some(keep) = policy.keep_last {
             prune_checkpoints(&policy.dir, keep)?;
         }

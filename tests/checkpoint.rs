@@ -608,3 +608,95 @@ fn import_can_leave_out_a_head_to_retrain() {
     let logits = Pipeline::new(model.as_ref(), config).unwrap().predict(&images).unwrap();
     assert_eq!(logits.dims(), &[2, 3]);
 }
+
+/// Resuming refuses what would silently change the run: BatchNorm models on another
+/// micro-batch size, and other data.
+#[test]
+fn resume_refuses_a_different_computation() {
+    let dir = tmp("refuse");
+    let setup = Setup {
+        model: "resnet-tiny",
+        optimizer: OptimizerConfig::sgd(),
+        before: (2, ScheduleKind::OneFOneB, 2),
+        after: (2, ScheduleKind::OneFOneB, 2),
+        whole: (2, ScheduleKind::OneFOneB, 2),
+    };
+    let (mut trainer, _) = train(&setup, setup.before, 1);
+    trainer.save_checkpoint(&dir.join("c"), 2_000_000_000).unwrap();
+    let other_m = Trainer::resume(&dir.join("c"), data_for("resnet-tiny"), pipeline((1, ScheduleKind::GPipe, 4), OptimizerConfig::sgd()), options(4));
+    let err = other_m.err().expect("a different BatchNorm micro-batch size must be refused").to_string();
+    assert!(err.contains("--microbatches 2"), "{err}");
+    let other_data = Dataset::Images(ImageDataset::embedded_shapes(64, 16, 32, 1).unwrap());
+    let err = Trainer::resume(&dir.join("c"), other_data, pipeline((1, ScheduleKind::GPipe, 2), OptimizerConfig::sgd()), options(4))
+        .err()
+        .expect("other data must be refused")
+        .to_string();
+    assert!(err.contains("seed 0") && err.contains("seed 1"), "{err}");
+    // Same micro-batch size on another layout is fine.
+    Trainer::resume(&dir.join("c"), data_for("resnet-tiny"), pipeline((3, ScheduleKind::GPipe, 2), OptimizerConfig::sgd()), options(4)).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Saving a step that already exists replaces it atomically; a `latest` that names a missing
+/// directory (a crash between the two renames) falls back to the newest complete checkpoint;
+/// a training state from another save is caught.
+#[test]
+fn resaves_dangling_latest_and_mismatched_state() {
+    let dir = tmp("resave");
+    let mut trainer = gpt_trainer(2, 1);
+    trainer.save_checkpoint(&dir.join("step-00000001"), 2_000_000_000).unwrap();
+    trainer.step().unwrap();
+    trainer.save_checkpoint(&dir.join("step-00000002"), 2_000_000_000).unwrap();
+    trainer.save_checkpoint(&dir.join("step-00000002"), 2_000_000_000).unwrap(); // again, in place
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2, "no leftovers of the replaced copy");
+    std::fs::write(dir.join("latest"), "step-00000003\n").unwrap();
+    assert_eq!(Checkpoint::open(&dir).unwrap().meta.step, 2);
+    // A training state copied in from another save.
+    std::fs::copy(dir.join("step-00000001/training_state.safetensors"), dir.join("step-00000002/training_state.safetensors")).unwrap();
+    let err = Checkpoint::open(&dir.join("step-00000002")).unwrap_err().to_string();
+    assert!(err.contains("training_state.safetensors") && err.contains("global_step"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Export never writes into a checkpoint, and replaces an earlier export's weight files.
+#[test]
+fn export_protects_checkpoints_and_replaces_stale_files() {
+    let dir = tmp("export-dir");
+    let mut trainer = gpt_trainer(1, 1);
+    trainer.save_checkpoint(&dir.join("c"), 2_000_000_000).unwrap();
+    let err = export(&dir.join("c"), &dir.join("c"), ExportDtype::Bf16, 2_000_000_000).unwrap_err().to_string();
+    assert!(err.contains("is a checkpoint directory"), "{err}");
+    Checkpoint::open(&dir.join("c")).unwrap().load_resume(trainer.model().as_ref()).unwrap();
+    let out = dir.join("hf");
+    export(&dir.join("c"), &out, ExportDtype::F32, 2_000_000_000).unwrap();
+    assert!(out.join("model.safetensors").exists());
+    export(&dir.join("c"), &out, ExportDtype::F32, 50_000).unwrap();
+    assert!(!out.join("model.safetensors").exists(), "a stale single file would shadow the new shards");
+    assert!(out.join("model.safetensors.index.json").exists());
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["dtype"], "float32");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Index problems: a tensor in two shards, and an empty shard name.
+#[test]
+fn index_problems_are_named() {
+    let shard = "model-00001-of-00002.safetensors";
+    let (dir, _) = corrupted("dup", |d: &Path| {
+        rewrite_shard(d, "model-00002-of-00002.safetensors", |t| {
+            drop(t.insert("transformer.wpe.weight".into(), Tensor::zeros((64, 64), DType::F32, &Device::Cpu).unwrap()))
+        })
+    });
+    let err = Checkpoint::open(&dir.join("c")).unwrap_err().to_string();
+    assert!(err.contains("transformer.wpe.weight") && err.contains("is also in") && err.contains(shard), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (dir, _) = corrupted("empty-name", |d: &Path| {
+        let path = d.join("model.safetensors.index.json");
+        let mut index: ShardIndex = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        index.weight_map.insert("transformer.wpe.weight".into(), String::new());
+        std::fs::write(&path, serde_json::to_string(&index).unwrap()).unwrap();
+    });
+    let err = Checkpoint::open(&dir.join("c")).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors.index.json") && err.contains("not a file in this directory"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -227,14 +227,14 @@ fn killed_save_leaves_the_last_checkpoint_resumable() {
     assert!(partial, "the killed save should have left its hidden partial directory");
     assert!(!save.join("step-00000002").exists(), "a half-written checkpoint must never appear under its final name");
 
-    let mut args = vec!["train", "--stages", "1", "--resume", s, "--save-dir", s, "--keep-last", "2"];
+    let mut args = vec!["train", "--stages", "1", "--resume", s, "--save-dir", s];
     args.extend(SMALL);
     let out = brigade(&args);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("step 1)"), "{stdout}");
     let leftovers = std::fs::read_dir(&save).unwrap().flatten().any(|e| e.file_name().to_string_lossy().contains(".partial-"));
-    assert!(!leftovers, "pruning should remove the dead save's partial directory");
+    assert!(!leftovers, "the next save should remove the dead save's partial directory");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -256,6 +256,37 @@ fn training_starts_from_pretrained_weights() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("init     72 weights"), "{stdout}");
+}
+
+/// A resumed run with only `--resume` continues the same run: the checkpoint's seed (and so
+/// the same embedded data), its planned number of steps, and the same losses.
+#[test]
+fn resume_alone_continues_the_same_run() {
+    let dir = temp_dir("resume-alone");
+    let save = dir.join("run");
+    let s = save.to_str().unwrap();
+    let common = ["--batch-size", "4", "--microbatches", "2", "--context", "32", "--eval-every", "0", "--eval-batches", "1", "--plain"];
+    let mut args = vec!["train", "--stages", "2", "--seed", "3", "--steps", "6", "--save-dir", s, "--save-every", "3"];
+    args.extend(common);
+    let out = brigade(&args);
+    let (full, stderr) = text(&out);
+    assert!(out.status.success(), "{full}{stderr}");
+    let later = |log: &str| -> Vec<String> {
+        log.lines().filter(|l| ["step     4:", "step     5:", "step     6:"].iter().any(|p| l.starts_with(p)) && l.contains("| lr")).map(|l| l.split(" | ").next().unwrap().to_string()).collect()
+    };
+    let step3 = save.join("step-00000003");
+    let mut args = vec!["train", "--stages", "1", "--resume", step3.to_str().unwrap()];
+    args.extend(common);
+    let out = brigade(&args);
+    let (resumed, stderr) = text(&out);
+    assert!(out.status.success(), "{resumed}{stderr}");
+    assert_eq!(later(&resumed), later(&full), "resumed:\n{resumed}\nfull:\n{full}");
+    assert_eq!(later(&resumed).len(), 3);
+    assert!(!resumed.contains("step     7:"), "the run should stop at the checkpoint's planned 6 steps: {resumed}");
+    // The wrong data is refused rather than trained on.
+    let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+    assert_fails_with(&["train", "--resume", step3.to_str().unwrap(), "--data", readme, "--batch-size", "4", "--microbatches", "2"], "but this run's data is");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -749,6 +749,9 @@ impl Pipeline {
                         self.model_name
                     )));
                 }
+                if inputs.dim(1)? == 0 {
+                    return Err(EngineError::Input(format!("{} got empty sequences (shape {:?})", self.model_name, inputs.dims())));
+                }
                 check_ids_below(inputs, *vocab, "token id", "vocabulary")?;
             }
             InputKind::Images { channels } => {

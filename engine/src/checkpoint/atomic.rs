@@ -50,9 +50,15 @@ impl StagingDir {
     pub fn commit(mut self) -> Result<PathBuf, CheckpointError> {
         sync_dir(&self.tmp)?;
         if self.target.exists() {
-            // Same step saved twice: move the old one aside first; rename cannot replace a
-            // non-empty directory.
-            let old = self.tmp.with_extension("old");
+            // Same step saved twice (a run resumed from an earlier step into the same save
+            // directory): move the old one aside first, since rename cannot replace a non-empty
+            // directory. The aside name is a partial one, so a crash right here leaves nothing
+            // that pruning would not clean up, and `resolve_checkpoint` falls back to the
+            // newest complete checkpoint if `latest` names the missing one.
+            let old = self.tmp.with_file_name(format!(
+                "{}-replaced",
+                self.tmp.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            ));
             std::fs::rename(&self.target, &old).map_err(|e| CheckpointError::io(&self.target, e))?;
             std::fs::rename(&self.tmp, &self.target).map_err(|e| CheckpointError::io(&self.target, e))?;
             let _ = std::fs::remove_dir_all(&old);
@@ -117,6 +123,11 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, CheckpointError> {
         }
         let dir = path.join(name);
         if !dir.join(META_FILE).is_file() {
+            // A save that died between moving an old copy of this step aside and renaming the
+            // new one into place: the newest complete checkpoint is the right answer.
+            if let Some(newest) = list_checkpoints(path)?.pop() {
+                return Ok(newest);
+            }
             return Err(CheckpointError::invalid(&latest, format!("names {name}, which holds no {META_FILE}")));
         }
         return Ok(dir);
@@ -143,8 +154,40 @@ pub fn list_checkpoints(save_dir: &Path) -> Result<Vec<PathBuf>, CheckpointError
     Ok(out)
 }
 
-/// Keeps the newest `keep` checkpoints of `save_dir` (never the one `latest` names) and
-/// removes leftovers of interrupted saves. Returns the removed directories.
+/// Removes the partial directories of saves whose process is gone (killed mid-save). They are
+/// never loadable; a live process's partial directory (another run saving into the same place)
+/// is left alone.
+pub fn remove_dead_partials(save_dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(save_dir) else { return removed };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.split(PARTIAL_MARK).nth(1).filter(|_| name.starts_with('.')) else { continue };
+        let pid: Option<u32> = rest.split('-').next().and_then(|p| p.parse().ok());
+        let alive = match pid {
+            Some(pid) if pid == std::process::id() => true,
+            Some(pid) => process_alive(pid),
+            None => true,
+        };
+        if !alive && entry.path().is_dir() && std::fs::remove_dir_all(entry.path()).is_ok() {
+            removed.push(entry.path());
+        }
+    }
+    removed
+}
+
+/// Whether a process exists (Linux: `/proc/<pid>`; elsewhere assumed alive, so nothing of
+/// another process is ever removed there).
+fn process_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
+    }
+}
+
+/// Keeps the newest `keep` checkpoints of `save_dir` (never the one `latest` names).
+/// Returns the removed directories.
 pub fn prune_checkpoints(save_dir: &Path, keep: usize) -> Result<Vec<PathBuf>, CheckpointError> {
     let latest = resolve_checkpoint(save_dir).ok();
     let all = list_checkpoints(save_dir)?;
@@ -156,17 +199,6 @@ pub fn prune_checkpoints(save_dir: &Path, keep: usize) -> Result<Vec<PathBuf>, C
         }
         std::fs::remove_dir_all(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
         removed.push(dir);
-    }
-    // Partial directories of saves that were killed: never loadable, safe to drop. Only ours
-    // by name; a concurrent save by another live process would use its own pid.
-    if let Ok(entries) = std::fs::read_dir(save_dir) {
-        let own = format!("{PARTIAL_MARK}{}-", std::process::id());
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') && name.contains(PARTIAL_MARK) && !name.contains(&own) && entry.path().is_dir() {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
     }
     Ok(removed)
 }

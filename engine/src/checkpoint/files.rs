@@ -189,13 +189,18 @@ impl ShardSet {
             let mut set = Self { source: index_path.clone(), files: Vec::new(), entries: BTreeMap::new(), header_metadata: HashMap::new() };
             let mut found: HashMap<String, (usize, Vec<usize>, safetensors::Dtype)> = HashMap::new();
             for name in file_names {
-                if name.contains('/') || name.contains('\\') || name.starts_with('.') {
-                    return Err(CheckpointError::invalid(&index_path, format!("shard file name {name:?} leaves the directory")));
+                if name.is_empty() || name.contains('/') || name.contains('\\') || name.starts_with('.') {
+                    return Err(CheckpointError::invalid(&index_path, format!("shard file name {name:?} is not a file in this directory")));
                 }
                 let path = dir.join(name);
                 let file = set.map_file(&path)?;
                 for (tensor, shape, dtype) in set.header(file)? {
-                    found.insert(tensor, (file, shape, dtype));
+                    if let Some((other, _, _)) = found.insert(tensor.clone(), (file, shape, dtype)) {
+                        return Err(CheckpointError::invalid(
+                            &set.files[file].0,
+                            format!("tensor {tensor} is also in {}", set.files[other].0.display()),
+                        ));
+                    }
                 }
             }
             for (tensor, file_name) in &index.weight_map {

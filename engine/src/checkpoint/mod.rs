@@ -31,7 +31,7 @@ use candle_core::DType;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use atomic::{list_checkpoints, prune_checkpoints, resolve_checkpoint, step_dir_name, update_latest, StagingDir, LATEST_FILE};
+pub use atomic::{list_checkpoints, prune_checkpoints, remove_dead_partials, resolve_checkpoint, step_dir_name, update_latest, StagingDir, LATEST_FILE};
 pub(crate) use files::write_file_durably;
 pub use files::{
     dtype_name, plan_shards, read_index, write_index, write_safetensors, ExpectedTensor, ShardFile, ShardIndex, ShardSet,
@@ -206,6 +206,24 @@ impl Default for SaveOptions {
     }
 }
 
+/// `training_state.safetensors` must be readable and agree with the metadata on the step and
+/// the data position (a checkpoint assembled from two saves would not).
+fn check_training_state(dir: &Path, meta: &CheckpointMeta) -> Result<(), CheckpointError> {
+    let path = dir.join(TRAINING_STATE_FILE);
+    let set = ShardSet::open_file(&path)?;
+    for (name, want) in [("global_step", meta.step), ("data_position", meta.training.data_position)] {
+        let t = set.load(name, DType::I64)?;
+        let found = t.flatten_all().and_then(|t| t.to_vec1::<i64>()).map_err(|e| CheckpointError::invalid(&path, format!("{name}: {e}")))?;
+        if found != [want as i64] {
+            return Err(CheckpointError::invalid(
+                &path,
+                format!("{name} is {found:?}, but {META_FILE} says {want}: the files are from different saves"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// An opened checkpoint directory: metadata read, indexes parsed, shards memory-mapped.
 /// Opening validates structure (files exist and parse); [`ShardSet::load_validated`] validates
 /// contents against what the model expects.
@@ -223,6 +241,7 @@ impl Checkpoint {
     pub fn open(path: &Path) -> Result<Self, CheckpointError> {
         let dir = resolve_checkpoint(path)?;
         let meta = CheckpointMeta::read(&dir)?;
+        check_training_state(&dir, &meta)?;
         let weights = ShardSet::open(&dir, WEIGHTS_PREFIX)?;
         let optimizer = if dir.join(format!("{OPTIMIZER_PREFIX}.safetensors.index.json")).exists() {
             Some(ShardSet::open(&dir, OPTIMIZER_PREFIX)?)
