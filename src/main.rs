@@ -297,6 +297,13 @@ fn train(args: TrainArgs) -> Result<()> {
             println!("note     the checkpoint's learning-rate schedule ends at step {horizon}; later steps use its final rate");
         }
     }
+    let start = resumed.as_ref().map_or(0, |(c, _, _)| c.meta.step);
+    if steps <= start {
+        bail!(
+            "nothing to train: --steps {steps} is not beyond {}; ask for more steps",
+            if start == 0 { "step 0".to_string() } else { format!("the checkpoint's step {start}") }
+        );
+    }
     let warmup = args.warmup.unwrap_or(steps / 20);
     let lr = LrSchedule::warmup_cosine(args.lr, warmup, steps, args.min_lr.unwrap_or(args.lr / 10.0));
     let optimizer = match (args.optimizer, OptimizerConfig::adamw(), OptimizerConfig::sgd()) {

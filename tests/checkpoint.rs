@@ -665,7 +665,7 @@ fn export_protects_checkpoints_and_replaces_stale_files() {
     let mut trainer = gpt_trainer(1, 1);
     trainer.save_checkpoint(&dir.join("c"), 2_000_000_000).unwrap();
     let err = export(&dir.join("c"), &dir.join("c"), ExportDtype::Bf16, 2_000_000_000).unwrap_err().to_string();
-    assert!(err.contains("is a checkpoint directory"), "{err}");
+    assert!(err.contains("is a checkpoint or save directory"), "{err}");
     Checkpoint::open(&dir.join("c")).unwrap().load_resume(trainer.model().as_ref()).unwrap();
     let out = dir.join("hf");
     export(&dir.join("c"), &out, ExportDtype::F32, 2_000_000_000).unwrap();

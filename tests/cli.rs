@@ -307,6 +307,9 @@ fn checkpoint_commands_reject_bad_input() {
     assert!(brigade(&args).status.success());
     assert_fails_with(&["train", "--resume", s, "--model", "resnet-tiny"], "checkpoint, but this run asks for resnet-tiny");
     assert_fails_with(&["generate", "--checkpoint", s, "--prompt-ids", "1,999"], "beyond the vocabulary of 256");
+    assert_fails_with(&["train", "--resume", s, "--steps", "2"], "nothing to train: --steps 2 is not beyond the checkpoint's step 4");
+    assert_fails_with(&["export", "--checkpoint", s, "--out", s], "is a checkpoint or save directory");
+    assert_fails_with(&["train", "--steps", "0"], "nothing to train");
     let not_safetensors = temp_file("not.safetensors", b"hello");
     assert_fails_with(
         &["predict", "--checkpoint", s, "--input", not_safetensors.to_str().unwrap(), "--output", "/tmp/o.safetensors"],
