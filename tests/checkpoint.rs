@@ -700,3 +700,36 @@ fn index_problems_are_named() {
     assert!(err.contains("model.safetensors.index.json") && err.contains("not a file in this directory"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Evaluation runs on its own layer instances over detached views of the parameters: after
+/// training steps they must see exactly the trained weights and BatchNorm statistics (a fresh
+/// pipeline built from the snapshot predicts the same), and training must go on unaffected.
+#[test]
+fn evaluation_sees_every_training_step() {
+    for model in ["resnet-tiny", "gpt-tiny"] {
+        let setup = Setup {
+            model,
+            optimizer: OptimizerConfig::adamw(),
+            before: (2, ScheduleKind::OneFOneB, 2),
+            after: (2, ScheduleKind::OneFOneB, 2),
+            whole: (2, ScheduleKind::OneFOneB, 2),
+        };
+        let x = if model.starts_with("gpt") {
+            load_tensor(&Path::new(FIXTURES).join("gpt-tiny/input.safetensors"), "input_ids").to_dtype(DType::U32).unwrap()
+        } else {
+            load_tensor(&Path::new(FIXTURES).join("resnet-tiny/input.safetensors"), "images")
+        };
+        let (mut trainer, _) = train(&setup, setup.before, 1);
+        let before = trainer.pipeline().predict(&x).unwrap(); // builds the evaluation layers
+        trainer.step().unwrap();
+        trainer.step().unwrap();
+        let after = trainer.pipeline().predict(&x).unwrap();
+        assert!(max_abs(&after, &before) > 1e-4, "{model}: prediction did not follow the training steps");
+        let mut config = PipelineConfig::default().stages(1).microbatches(2);
+        config.initial_params = trainer.pipeline().parameters().unwrap().into_iter().collect();
+        config.initial_buffers = trainer.pipeline().buffers().unwrap().into_iter().collect();
+        let fresh = Pipeline::new(trainer.model().as_ref(), config).unwrap().predict(&x).unwrap();
+        let diff = max_abs(&after, &fresh);
+        assert!(diff <= 1e-5, "{model}: evaluation layers are stale by {diff}");
+    }
+}

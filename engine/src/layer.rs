@@ -108,11 +108,22 @@ pub struct ParamStore {
     seed: u64,
     vars: BTreeMap<String, (ParamSpec, Var)>,
     overrides: HashMap<String, Tensor>,
+    /// A shared view (see [`ParamStore::shared_view`]): hands out detached tensors of another
+    /// store's variables instead of creating any.
+    view_of: Option<BTreeMap<String, (ParamSpec, Tensor)>>,
 }
 
 impl ParamStore {
     pub fn new(device: Device, seed: u64) -> Self {
-        Self { device, seed, vars: BTreeMap::new(), overrides: HashMap::new() }
+        Self { device, seed, vars: BTreeMap::new(), overrides: HashMap::new(), view_of: None }
+    }
+
+    /// A store whose parameters are this store's, detached: same storage (so they follow every
+    /// optimizer step, which updates variables in place), but not variables, so a forward
+    /// through layers built from it records no autograd graph. Evaluation uses it.
+    pub fn shared_view(&self) -> Self {
+        let view = self.vars.iter().map(|(n, (spec, var))| (n.clone(), (spec.clone(), var.as_tensor().detach()))).collect();
+        Self { device: self.device.clone(), seed: self.seed, vars: BTreeMap::new(), overrides: HashMap::new(), view_of: Some(view) }
     }
 
     /// Values to use instead of the initialiser, by parameter name (shapes are checked).
@@ -127,6 +138,18 @@ impl ParamStore {
 
     /// Returns the parameter named by `spec`, creating it on first use.
     pub fn get(&mut self, spec: &ParamSpec) -> Result<Tensor> {
+        if let Some(view) = &self.view_of {
+            return match view.get(&spec.name) {
+                Some((existing, t)) if existing.shape == spec.shape => Ok(t.clone()),
+                Some((existing, _)) => candle_core::bail!(
+                    "parameter {} requested with shape {:?} but exists with shape {:?}",
+                    spec.name,
+                    spec.shape,
+                    existing.shape
+                ),
+                None => candle_core::bail!("parameter {} is not in the store this view shares", spec.name),
+            };
+        }
         if let Some((existing, var)) = self.vars.get(&spec.name) {
             if existing.shape != spec.shape {
                 candle_core::bail!(
@@ -214,7 +237,9 @@ pub trait LayerSpec: Send + Sync + Debug {
     /// The parameters this layer uses (including tied ones it shares with other layers).
     fn params(&self) -> Vec<ParamSpec>;
 
-    /// Builds the layer on a stage, taking its parameters from `store`.
+    /// Builds the layer on a stage, taking its parameters from `store`. Layers keep the
+    /// tensors the store returns (not copies): evaluation builds a second instance from a
+    /// [`ParamStore::shared_view`], and it must see every optimizer step.
     fn build(&self, store: &mut ParamStore) -> Result<Box<dyn Layer>>;
 
     /// The buffers the built layer reports through [`Layer::buffers`] (names, shapes, dtypes).

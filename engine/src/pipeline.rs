@@ -922,6 +922,10 @@ struct StageWorker {
     is_first: bool,
     is_last: bool,
     layers: Vec<Box<dyn Layer>>,
+    /// What the layers are built from (evaluation builds its own instances from them).
+    specs: Vec<Arc<dyn LayerSpec>>,
+    /// Evaluation's instances of the layers, on detached parameters; built on first use.
+    eval_layers: Vec<Box<dyn Layer>>,
     store: ParamStore,
     optimizer: Optimizer,
     loss: LossKind,
@@ -1027,6 +1031,8 @@ impl StageWorker {
             is_first: setup.index == 0,
             is_last: setup.index + 1 == setup.stages,
             layers,
+            specs: setup.specs,
+            eval_layers: Vec::new(),
             store,
             optimizer,
             loss: setup.loss,
@@ -1204,12 +1210,28 @@ impl StageWorker {
         let mut h = x.clone();
         for layer in self.layers.iter_mut() {
             h = layer.forward(&h, mode)?;
-            if mode == Mode::Eval {
-                // candle records the graph of any op on a parameter, backward or not; cutting
-                // it after each layer lets evaluation free one layer's intermediates before the
-                // next runs, instead of holding the whole stage's until the output is dropped.
-                h = h.detach();
+        }
+        Ok(h)
+    }
+
+    /// An evaluation forward: through a second set of this stage's layers built on detached
+    /// views of the same parameters, so candle records no autograd graph (it records one for
+    /// any op on a variable, backward or not) and intermediates are freed as soon as used.
+    /// BatchNorm statistics are copied over from the training layers first.
+    fn forward_eval(&mut self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.eval_layers.is_empty() {
+            let mut view = self.store.shared_view();
+            self.eval_layers = self.specs.iter().map(|spec| spec.build(&mut view)).collect::<candle_core::Result<_>>()?;
+        }
+        for (train, eval) in self.layers.iter().zip(self.eval_layers.iter_mut()) {
+            let buffers: HashMap<String, Tensor> = train.buffers().into_iter().collect();
+            if !buffers.is_empty() {
+                eval.load_buffers(&buffers)?;
             }
+        }
+        let mut h = x.detach();
+        for layer in self.eval_layers.iter_mut() {
+            h = layer.forward(&h, Mode::Eval)?;
         }
         Ok(h)
     }
@@ -1370,7 +1392,7 @@ impl StageWorker {
             let mb = action.microbatch;
             let step = |w: &mut Self, outcome: &mut Outcome| -> StageResult<()> {
                 let x = w.input_for(mb, &inputs)?;
-                let y = w.forward_layers(&x.detach(), Mode::Eval)?;
+                let y = w.forward_eval(&x)?;
                 if w.is_last {
                     let Some(targets) = &targets else {
                         outcome.outputs.push((mb, y));
