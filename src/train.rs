@@ -179,14 +179,16 @@ impl Trainer {
     /// step to stop at and the checkpoint policy.
     pub fn resume(checkpoint: &Path, data: Dataset, pipeline: PipelineConfig, mut options: TrainOptions) -> Result<Self, Error> {
         let (ckpt, _config, model) = crate::checkpoint::open(checkpoint)?;
-        let state = ckpt.load_resume(model.as_ref())?;
-        let meta = &ckpt.meta;
+        let meta = ckpt.meta.clone();
+        let meta = &meta;
+        // Validated here from the headers; each stage then loads its own part.
+        let loader = ckpt.into_stage_loader(model.as_ref())?;
         let pipeline = pipeline
             .optimizer(meta.optimizer)
             .lr(meta.lr_schedule)
             .grad_clip(meta.grad_clip)
             .seed(meta.seed)
-            .resume_from(state);
+            .resume_from_checkpoint(loader);
         if !meta.training.batch_size.is_multiple_of(pipeline.microbatches.max(1)) {
             return Err(Error::Config(format!(
                 "the checkpoint's batch size {} is not divisible by {} micro-batches; resume with a micro-batch count that divides it",

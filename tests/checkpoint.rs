@@ -733,3 +733,15 @@ fn evaluation_sees_every_training_step() {
         assert!(diff <= 1e-5, "{model}: evaluation layers are stale by {diff}");
     }
 }
+
+/// Resuming through the trainer (where each stage loads its own part) rejects a damaged
+/// checkpoint before any stage starts, naming the file and tensor.
+#[test]
+fn trainer_resume_validates_before_stages_load() {
+    let shard = "model-00002-of-00002.safetensors";
+    let (dir, _) = corrupted("trainer-resume", |d: &Path| rewrite_shard(d, shard, |t| drop(t.remove("transformer.ln_f.bias"))));
+    let result = Trainer::resume(&dir.join("c"), data_for("gpt-tiny"), pipeline((3, ScheduleKind::GPipe, 2), OptimizerConfig::adamw()), options(4));
+    let err = result.err().expect("a damaged checkpoint must not resume").to_string();
+    assert!(err.contains(shard) && err.contains("transformer.ln_f.bias") && err.contains("missing"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

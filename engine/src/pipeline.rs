@@ -103,6 +103,9 @@ pub struct PipelineConfig {
     pub initial_buffers: HashMap<String, Tensor>,
     /// Optimizer state by parameter name, when resuming.
     pub initial_optimizer_state: HashMap<String, ParamState>,
+    /// A validated checkpoint each stage loads its own parameters, buffers and optimizer state
+    /// from (instead of the three maps above).
+    pub checkpoint: Option<Arc<crate::checkpoint::StageLoader>>,
     pub fault: Option<Fault>,
 }
 
@@ -121,6 +124,7 @@ impl Default for PipelineConfig {
             initial_params: HashMap::new(),
             initial_buffers: HashMap::new(),
             initial_optimizer_state: HashMap::new(),
+            checkpoint: None,
             fault: None,
         }
     }
@@ -172,6 +176,12 @@ impl PipelineConfig {
         self.initial_params = state.params;
         self.initial_buffers = state.buffers;
         self.initial_optimizer_state = state.optimizer;
+        self
+    }
+
+    /// Resumes from a checkpoint that each stage reads its own part of, on its own thread.
+    pub fn resume_from_checkpoint(mut self, loader: crate::checkpoint::StageLoader) -> Self {
+        self.checkpoint = Some(Arc::new(loader));
         self
     }
 
@@ -390,6 +400,7 @@ impl Pipeline {
                 initial: config.initial_params.clone(),
                 initial_buffers: config.initial_buffers.clone(),
                 initial_optimizer_state: config.initial_optimizer_state.clone(),
+                checkpoint: config.checkpoint.clone(),
                 optimizer: config.optimizer,
                 loss: model.loss(),
                 tied: stage_tied,
@@ -891,6 +902,7 @@ struct StageSetup {
     initial: HashMap<String, Tensor>,
     initial_buffers: HashMap<String, Tensor>,
     initial_optimizer_state: HashMap<String, ParamState>,
+    checkpoint: Option<Arc<crate::checkpoint::StageLoader>>,
     optimizer: OptimizerConfig,
     loss: LossKind,
     tied: Vec<String>,
@@ -998,7 +1010,18 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 impl StageWorker {
-    fn build(setup: StageSetup) -> StageResult<Self> {
+    fn build(mut setup: StageSetup) -> StageResult<Self> {
+        if let Some(loader) = setup.checkpoint.take() {
+            // This stage reads exactly its own tensors from the (memory-mapped) checkpoint.
+            let params = crate::layer::unique_params(&setup.specs);
+            let buffers: Vec<_> = setup.specs.iter().flat_map(|s| s.buffer_specs()).collect();
+            let state = loader
+                .load_stage(&params, &buffers)
+                .map_err(|e| StageStop::Failed(None, format!("loading its part of the checkpoint: {e}")))?;
+            setup.initial = state.params;
+            setup.initial_buffers = state.buffers;
+            setup.initial_optimizer_state = state.optimizer;
+        }
         let mut store = ParamStore::new(Device::Cpu, setup.seed).with_overrides(setup.initial);
         let mut layers = setup
             .specs

@@ -329,6 +329,19 @@ impl ShardSet {
         canonical: impl Fn(&str) -> Option<String>,
         what: &'static str,
     ) -> Result<HashMap<String, Tensor>, CheckpointError> {
+        let in_file = self.check_mapped(expected, canonical, what)?;
+        expected.iter().map(|e| Ok((e.name.clone(), self.load(&in_file[&e.name], e.dtypes[0])?))).collect()
+    }
+
+    /// Checks, from the headers alone, that the files hold exactly `expected` (presence, shape,
+    /// dtype, nothing extra); returns expected name → name in the file. Nothing is read yet, so
+    /// each stage can later load only its own tensors.
+    pub fn check_mapped(
+        &self,
+        expected: &[ExpectedTensor],
+        canonical: impl Fn(&str) -> Option<String>,
+        what: &'static str,
+    ) -> Result<HashMap<String, String>, CheckpointError> {
         let wanted: HashSet<&str> = expected.iter().map(|e| e.name.as_str()).collect();
         // canonical name -> name in the file
         let mut in_file: HashMap<String, String> = HashMap::new();
@@ -360,7 +373,7 @@ impl ShardSet {
                 });
             }
         }
-        expected.iter().map(|e| Ok((e.name.clone(), self.load(&in_file[&e.name], e.dtypes[0])?))).collect()
+        Ok(in_file)
     }
 }
 

@@ -38,7 +38,7 @@ pub use files::{
     TensorInfo,
 };
 
-pub use resume::{expected_weights, ResumeState};
+pub use resume::{expected_weights, ResumeState, StageLoader};
 
 use crate::optim::{LrSchedule, OptimizerConfig};
 

@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 
 use candle_core::{DType, Tensor};
 
-use super::{Checkpoint, CheckpointError, ExpectedTensor};
-use crate::layer::{unique_params, PipelineModel};
+use super::{Checkpoint, CheckpointError, ExpectedTensor, ShardSet};
+use crate::layer::{unique_params, BufferSpec, ParamSpec, PipelineModel};
 use crate::optim::{OptimizerConfig, ParamState};
 
 /// Everything a pipeline restores from a checkpoint, by canonical name.
@@ -127,5 +127,115 @@ impl Checkpoint {
             out.insert(p.name.clone(), state);
         }
         Ok(out)
+    }
+}
+
+/// The optimizer tensors a checkpoint with this optimizer and step holds for `params`.
+fn expected_optimizer(optimizer: OptimizerConfig, step: u64, params: &[ParamSpec]) -> Vec<ExpectedTensor> {
+    let mut expected = Vec::new();
+    if step == 0 {
+        return expected;
+    }
+    for p in params {
+        match optimizer {
+            OptimizerConfig::AdamW { .. } => {
+                expected.push(ExpectedTensor { name: format!("{}.exp_avg", p.name), shape: p.shape.clone(), dtypes: vec![DType::F32] });
+                expected.push(ExpectedTensor { name: format!("{}.exp_avg_sq", p.name), shape: p.shape.clone(), dtypes: vec![DType::F32] });
+                expected.push(ExpectedTensor { name: format!("{}.step", p.name), shape: vec![1], dtypes: vec![DType::F64] });
+            }
+            OptimizerConfig::Sgd { momentum, .. } if momentum != 0.0 => {
+                expected.push(ExpectedTensor {
+                    name: format!("{}.momentum_buffer", p.name),
+                    shape: p.shape.clone(),
+                    dtypes: vec![DType::F32],
+                });
+            }
+            OptimizerConfig::Sgd { .. } => {}
+        }
+    }
+    expected
+}
+
+/// A checkpoint whose every tensor was checked against the model (from the headers), from
+/// which each stage then loads only its own parameters, buffers and optimizer state, on its
+/// own thread: no stage's tensors are gathered anywhere, and stages load in parallel.
+#[derive(Debug)]
+pub struct StageLoader {
+    weights: ShardSet,
+    optimizer: Option<ShardSet>,
+    optimizer_config: OptimizerConfig,
+    step: u64,
+}
+
+impl Checkpoint {
+    /// Validates the checkpoint against `model` without reading tensor data, and turns it into
+    /// a loader the pipeline's stages read from (see `PipelineConfig::resume_from_checkpoint`).
+    pub fn into_stage_loader(self, model: &dyn PipelineModel) -> Result<StageLoader, CheckpointError> {
+        let same = |n: &str| Some(n.to_string());
+        self.weights.check_mapped(&expected_weights(model, &[DType::F32]), same, "parameter or buffer")?;
+        let params = unique_params(&model.layers());
+        let expected = expected_optimizer(self.meta.optimizer, self.meta.step, &params);
+        match &self.optimizer {
+            Some(set) => {
+                set.check_mapped(&expected, same, "optimizer state")?;
+            }
+            None => {
+                if let Some(first) = expected.first() {
+                    return Err(CheckpointError::MissingTensor {
+                        path: self.dir.join(format!("{}.safetensors.index.json", super::OPTIMIZER_PREFIX)),
+                        name: first.name.clone(),
+                    });
+                }
+            }
+        }
+        Ok(StageLoader { weights: self.weights, optimizer: self.optimizer, optimizer_config: self.meta.optimizer, step: self.meta.step })
+    }
+}
+
+impl StageLoader {
+    /// Optimizer steps the checkpoint had taken.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// One stage's part: the given parameters and buffers, and those parameters' optimizer state.
+    pub fn load_stage(&self, params: &[ParamSpec], buffers: &[BufferSpec]) -> Result<ResumeState, CheckpointError> {
+        let mut state = ResumeState { step: self.step, ..Default::default() };
+        for p in params {
+            state.params.insert(p.name.clone(), self.weights.load(&p.name, DType::F32)?);
+        }
+        for b in buffers {
+            state.buffers.insert(b.name.clone(), self.weights.load(&b.name, b.dtype)?);
+        }
+        let Some(set) = &self.optimizer else { return Ok(state) };
+        if self.step == 0 {
+            return Ok(state);
+        }
+        for p in params {
+            let st = match self.optimizer_config {
+                OptimizerConfig::AdamW { .. } => {
+                    let step = set.load(&format!("{}.step", p.name), DType::F64)?;
+                    let step = step
+                        .flatten_all()
+                        .and_then(|s| s.get(0))
+                        .and_then(|s| s.to_scalar::<f64>())
+                        .map_err(|e| CheckpointError::invalid(&set.source, format!("{}.step: {e}", p.name)))?;
+                    if !(step >= 0.0 && step.fract() == 0.0) {
+                        return Err(CheckpointError::invalid(&set.source, format!("{}.step is {step}, not a step count", p.name)));
+                    }
+                    ParamState::AdamW {
+                        exp_avg: set.load(&format!("{}.exp_avg", p.name), DType::F32)?,
+                        exp_avg_sq: set.load(&format!("{}.exp_avg_sq", p.name), DType::F32)?,
+                        step: step as u64,
+                    }
+                }
+                OptimizerConfig::Sgd { momentum, .. } if momentum != 0.0 => {
+                    ParamState::Sgd { momentum_buffer: Some(set.load(&format!("{}.momentum_buffer", p.name), DType::F32)?) }
+                }
+                OptimizerConfig::Sgd { .. } => continue,
+            };
+            state.optimizer.insert(p.name.clone(), st);
+        }
+        Ok(state)
     }
 }
