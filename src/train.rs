@@ -136,7 +136,7 @@ impl Trainer {
         if options.batch_size == 0 {
             return Err(Error::Config("batch size must be at least 1".into()));
         }
-        if options.batch_size % pipeline.microbatches.max(1) != 0 {
+        if !options.batch_size.is_multiple_of(pipeline.microbatches.max(1)) {
             return Err(Error::Config(format!(
                 "batch size {} is not divisible by {} micro-batches",
                 options.batch_size, pipeline.microbatches
