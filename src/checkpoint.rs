@@ -94,28 +94,8 @@ pub fn export(checkpoint: &Path, out: &Path, dtype: ExportDtype, max_shard_bytes
     let (ckpt, config, model) = open(checkpoint)?;
     // Validates every tensor (names, shapes, dtypes) before writing anything.
     let expected = expected_weights(model.as_ref(), &[DType::F32]);
+    ckpt.weights.check_mapped(&expected, |n| Some(n.to_string()), "parameter or buffer")?;
     let listing = ckpt.weights.listing();
-    for e in &expected {
-        match listing.get(&e.name) {
-            None => return Err(CheckpointError::MissingTensor { path: ckpt.weights.source.clone(), name: e.name.clone() }.into()),
-            Some((path, shape, _)) if shape != &e.shape => {
-                return Err(CheckpointError::Shape { path: path.clone(), name: e.name.clone(), found: shape.clone(), expected: e.shape.clone() }.into())
-            }
-            Some((path, _, dtype)) if !e.dtypes.contains(dtype) => {
-                return Err(CheckpointError::Dtype {
-                    path: path.clone(),
-                    name: e.name.clone(),
-                    found: brigade_engine::checkpoint::dtype_name(*dtype).into(),
-                    expected: e.dtypes.iter().map(|d| brigade_engine::checkpoint::dtype_name(*d)).collect::<Vec<_>>().join(" or "),
-                }
-                .into())
-            }
-            _ => {}
-        }
-    }
-    if let Some(extra) = listing.keys().find(|n| !expected.iter().any(|e| &e.name == *n)) {
-        return Err(CheckpointError::UnexpectedTensor { path: listing[extra].0.clone(), name: extra.clone(), what: "parameter or buffer" }.into());
-    }
     let target = dtype.dtype();
     let out_dtype = |d: DType| if d.is_float() { target } else { d };
     let infos: Vec<TensorInfo> = expected

@@ -64,39 +64,10 @@ impl Partition {
     /// Minimises the largest stage cost (`costs[i]` is layer i's cost, e.g. its parameter
     /// count) over all contiguous partitions, by dynamic programming. Ties prefer earlier cuts.
     pub fn balanced(costs: &[usize], stages: usize) -> Result<Self, PartitionError> {
-        check_sizes(costs.len(), stages)?;
-        let n = costs.len();
-        let mut prefix = vec![0u128; n + 1];
-        for (i, c) in costs.iter().enumerate() {
-            prefix[i + 1] = prefix[i] + *c as u128;
-        }
-        // best[k][i]: smallest max-stage cost splitting the first i layers into k stages.
-        let inf = u128::MAX;
-        let mut best = vec![vec![inf; n + 1]; stages + 1];
-        let mut cut = vec![vec![0usize; n + 1]; stages + 1];
-        best[0][0] = 0;
-        for k in 1..=stages {
-            for i in k..=n {
-                for j in (k - 1)..i {
-                    if best[k - 1][j] == inf {
-                        continue;
-                    }
-                    let cost = best[k - 1][j].max(prefix[i] - prefix[j]);
-                    if cost < best[k][i] {
-                        best[k][i] = cost;
-                        cut[k][i] = j;
-                    }
-                }
-            }
-        }
-        let mut counts = vec![0; stages];
-        let mut i = n;
-        for k in (1..=stages).rev() {
-            let j = cut[k][i];
-            counts[k - 1] = i - j;
-            i = j;
-        }
-        Ok(Self { counts })
+        // The same DP as by time, unconstrained; f64 sums are exact for any model's parameter
+        // counts (below 2^53).
+        let costs: Vec<f64> = costs.iter().map(|&c| c as f64).collect();
+        Self::balanced_time(&costs, stages, |_, _| true)
     }
 
     /// Minimises the slowest stage's time (`times[i]`: layer i's seconds per micro-batch) over

@@ -171,14 +171,6 @@ impl PipelineConfig {
         self.initial_params = params;
         self
     }
-    /// Everything a checkpoint restores: parameters, buffers and optimizer state.
-    pub fn resume_from(mut self, state: crate::checkpoint::ResumeState) -> Self {
-        self.initial_params = state.params;
-        self.initial_buffers = state.buffers;
-        self.initial_optimizer_state = state.optimizer;
-        self
-    }
-
     /// Resumes from a checkpoint that each stage reads its own part of, on its own thread.
     pub fn resume_from_checkpoint(mut self, loader: crate::checkpoint::StageLoader) -> Self {
         self.checkpoint = Some(Arc::new(loader));

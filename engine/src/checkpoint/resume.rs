@@ -65,69 +65,66 @@ impl Checkpoint {
     /// The optimizer state the checkpoint's optimizer kind implies: after the first step, every
     /// parameter has it (AdamW moments and step; SGD momentum buffer when momentum is on).
     fn load_optimizer(&self, model: &dyn PipelineModel) -> Result<HashMap<String, ParamState>, CheckpointError> {
-        let params = unique_params(&model.layers());
-        let f32_ = || vec![DType::F32];
-        let mut expected = Vec::new();
-        let has_state = self.meta.step > 0;
-        match self.meta.optimizer {
-            OptimizerConfig::AdamW { .. } if has_state => {
-                for p in &params {
-                    expected.push(ExpectedTensor { name: format!("{}.exp_avg", p.name), shape: p.shape.clone(), dtypes: f32_() });
-                    expected.push(ExpectedTensor { name: format!("{}.exp_avg_sq", p.name), shape: p.shape.clone(), dtypes: f32_() });
-                    expected.push(ExpectedTensor { name: format!("{}.step", p.name), shape: vec![1], dtypes: vec![DType::F64] });
-                }
-            }
-            OptimizerConfig::Sgd { momentum, .. } if has_state && momentum != 0.0 => {
-                for p in &params {
-                    expected.push(ExpectedTensor {
-                        name: format!("{}.momentum_buffer", p.name),
-                        shape: p.shape.clone(),
-                        dtypes: f32_(),
-                    });
-                }
-            }
-            _ => {}
+        self.check_optimizer(model)?;
+        match &self.optimizer {
+            Some(set) => optimizer_states(set, self.meta.optimizer, self.meta.step, &unique_params(&model.layers())),
+            None => Ok(HashMap::new()),
         }
-        let Some(set) = &self.optimizer else {
-            if let Some(first) = expected.first() {
-                return Err(CheckpointError::MissingTensor {
+    }
+
+    /// Checks from the headers that the optimizer files hold exactly the state `model` needs.
+    fn check_optimizer(&self, model: &dyn PipelineModel) -> Result<(), CheckpointError> {
+        let expected = expected_optimizer(self.meta.optimizer, self.meta.step, &unique_params(&model.layers()));
+        match &self.optimizer {
+            Some(set) => set.check_mapped(&expected, |n| Some(n.to_string()), "optimizer state").map(|_| ()),
+            None => match expected.first() {
+                Some(first) => Err(CheckpointError::MissingTensor {
                     path: self.dir.join(format!("{}.safetensors.index.json", super::OPTIMIZER_PREFIX)),
                     name: first.name.clone(),
-                });
-            }
-            return Ok(HashMap::new());
-        };
-        let mut tensors = set.load_validated(&expected, "optimizer state")?;
-        let mut out = HashMap::new();
-        for p in &params {
-            let state = match self.meta.optimizer {
-                OptimizerConfig::AdamW { .. } => {
-                    let (Some(exp_avg), Some(exp_avg_sq), Some(step)) = (
-                        tensors.remove(&format!("{}.exp_avg", p.name)),
-                        tensors.remove(&format!("{}.exp_avg_sq", p.name)),
-                        tensors.remove(&format!("{}.step", p.name)),
-                    ) else {
-                        continue;
-                    };
-                    let step = step
-                        .flatten_all()
-                        .and_then(|s| s.get(0))
-                        .and_then(|s| s.to_scalar::<f64>())
-                        .map_err(|e| CheckpointError::invalid(&set.source, format!("{}.step: {e}", p.name)))?;
-                    if !(step >= 0.0 && step.fract() == 0.0) {
-                        return Err(CheckpointError::invalid(&set.source, format!("{}.step is {step}, not a step count", p.name)));
-                    }
-                    ParamState::AdamW { exp_avg, exp_avg_sq, step: step as u64 }
-                }
-                OptimizerConfig::Sgd { .. } => match tensors.remove(&format!("{}.momentum_buffer", p.name)) {
-                    Some(buf) => ParamState::Sgd { momentum_buffer: Some(buf) },
-                    None => continue,
-                },
-            };
-            out.insert(p.name.clone(), state);
+                }),
+                None => Ok(()),
+            },
         }
-        Ok(out)
     }
+}
+
+/// Reads the optimizer state of `params` (validated beforehand) from `set`.
+fn optimizer_states(
+    set: &ShardSet,
+    optimizer: OptimizerConfig,
+    step: u64,
+    params: &[ParamSpec],
+) -> Result<HashMap<String, ParamState>, CheckpointError> {
+    let mut out = HashMap::new();
+    if step == 0 {
+        return Ok(out);
+    }
+    for p in params {
+        let state = match optimizer {
+            OptimizerConfig::AdamW { .. } => {
+                let step = set
+                    .load(&format!("{}.step", p.name), DType::F64)?
+                    .flatten_all()
+                    .and_then(|s| s.get(0))
+                    .and_then(|s| s.to_scalar::<f64>())
+                    .map_err(|e| CheckpointError::invalid(&set.source, format!("{}.step: {e}", p.name)))?;
+                if !(step >= 0.0 && step.fract() == 0.0) {
+                    return Err(CheckpointError::invalid(&set.source, format!("{}.step is {step}, not a step count", p.name)));
+                }
+                ParamState::AdamW {
+                    exp_avg: set.load(&format!("{}.exp_avg", p.name), DType::F32)?,
+                    exp_avg_sq: set.load(&format!("{}.exp_avg_sq", p.name), DType::F32)?,
+                    step: step as u64,
+                }
+            }
+            OptimizerConfig::Sgd { momentum, .. } if momentum != 0.0 => {
+                ParamState::Sgd { momentum_buffer: Some(set.load(&format!("{}.momentum_buffer", p.name), DType::F32)?) }
+            }
+            OptimizerConfig::Sgd { .. } => continue,
+        };
+        out.insert(p.name.clone(), state);
+    }
+    Ok(out)
 }
 
 /// The optimizer tensors a checkpoint with this optimizer and step holds for `params`.
@@ -171,23 +168,8 @@ impl Checkpoint {
     /// Validates the checkpoint against `model` without reading tensor data, and turns it into
     /// a loader the pipeline's stages read from (see `PipelineConfig::resume_from_checkpoint`).
     pub fn into_stage_loader(self, model: &dyn PipelineModel) -> Result<StageLoader, CheckpointError> {
-        let same = |n: &str| Some(n.to_string());
-        self.weights.check_mapped(&expected_weights(model, &[DType::F32]), same, "parameter or buffer")?;
-        let params = unique_params(&model.layers());
-        let expected = expected_optimizer(self.meta.optimizer, self.meta.step, &params);
-        match &self.optimizer {
-            Some(set) => {
-                set.check_mapped(&expected, same, "optimizer state")?;
-            }
-            None => {
-                if let Some(first) = expected.first() {
-                    return Err(CheckpointError::MissingTensor {
-                        path: self.dir.join(format!("{}.safetensors.index.json", super::OPTIMIZER_PREFIX)),
-                        name: first.name.clone(),
-                    });
-                }
-            }
-        }
+        self.weights.check_mapped(&expected_weights(model, &[DType::F32]), |n| Some(n.to_string()), "parameter or buffer")?;
+        self.check_optimizer(model)?;
         Ok(StageLoader { weights: self.weights, optimizer: self.optimizer, optimizer_config: self.meta.optimizer, step: self.meta.step })
     }
 }
@@ -207,34 +189,8 @@ impl StageLoader {
         for b in buffers {
             state.buffers.insert(b.name.clone(), self.weights.load(&b.name, b.dtype)?);
         }
-        let Some(set) = &self.optimizer else { return Ok(state) };
-        if self.step == 0 {
-            return Ok(state);
-        }
-        for p in params {
-            let st = match self.optimizer_config {
-                OptimizerConfig::AdamW { .. } => {
-                    let step = set.load(&format!("{}.step", p.name), DType::F64)?;
-                    let step = step
-                        .flatten_all()
-                        .and_then(|s| s.get(0))
-                        .and_then(|s| s.to_scalar::<f64>())
-                        .map_err(|e| CheckpointError::invalid(&set.source, format!("{}.step: {e}", p.name)))?;
-                    if !(step >= 0.0 && step.fract() == 0.0) {
-                        return Err(CheckpointError::invalid(&set.source, format!("{}.step is {step}, not a step count", p.name)));
-                    }
-                    ParamState::AdamW {
-                        exp_avg: set.load(&format!("{}.exp_avg", p.name), DType::F32)?,
-                        exp_avg_sq: set.load(&format!("{}.exp_avg_sq", p.name), DType::F32)?,
-                        step: step as u64,
-                    }
-                }
-                OptimizerConfig::Sgd { momentum, .. } if momentum != 0.0 => {
-                    ParamState::Sgd { momentum_buffer: Some(set.load(&format!("{}.momentum_buffer", p.name), DType::F32)?) }
-                }
-                OptimizerConfig::Sgd { .. } => continue,
-            };
-            state.optimizer.insert(p.name.clone(), st);
+        if let Some(set) = &self.optimizer {
+            state.optimizer = optimizer_states(set, self.optimizer_config, self.step, params)?;
         }
         Ok(state)
     }
