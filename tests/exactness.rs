@@ -157,10 +157,16 @@ fn gpt_matches_full_batch_training_on_every_layout() {
     check_all_layouts(&tiny_gpt(), sgd, 2, false, gpt_batches());
 }
 
+/// Images of 48×48 leave layer4 a 2×2 map, so BatchNorm there sees 8 values per channel with
+/// micro-batches of 2. (At 16×16 its map is 1×1: two values per channel, whose normalised
+/// output is ±1 whatever the input, so the true input gradient is exactly zero and both
+/// implementations return rounding noise, which two different summation orders do not share.)
+const RESNET_IMAGE: usize = 48;
+
 #[test]
 fn resnet_trains_identically_on_every_layout() {
     let model = tiny_resnet();
-    let data = ImageDataset::embedded_shapes(64, 8, 16, 5).unwrap();
+    let data = ImageDataset::embedded_shapes(64, 8, RESNET_IMAGE, 5).unwrap();
     let sgd = OptimizerConfig::Sgd { momentum: 0.9, weight_decay: 5e-4, nesterov: false };
     check_all_layouts(&model, sgd, 2, true, |step, size| {
         data.batch(Split::Train, step, size, 4, &Device::Cpu).unwrap()
@@ -170,7 +176,7 @@ fn resnet_trains_identically_on_every_layout() {
 #[test]
 fn resnet_with_adamw_matches_too() {
     let model = tiny_resnet();
-    let data = ImageDataset::embedded_shapes(32, 8, 16, 6).unwrap();
+    let data = ImageDataset::embedded_shapes(32, 8, RESNET_IMAGE, 6).unwrap();
     let cfg = config(3, ScheduleKind::OneFOneB, 4, OptimizerConfig::adamw());
     let mut reference = ReferenceTrainer::new(&model, cfg.optimizer, cfg.lr, cfg.grad_clip, cfg.seed).unwrap();
     let mut pipe = Pipeline::new(&model, cfg).unwrap();

@@ -247,6 +247,7 @@ mod tests {
                     backward_weight_s: 0.0,
                     optimizer_s: 0.0,
                     activation_bytes: 1000 * b as u64,
+                    input_bytes_kept: 0,
                     output_bytes: 100 * b as u64,
                     params: [(format!("layer{i}.weight"), 4000)].into_iter().collect(),
                     optimizer_state_ratio: 2,

@@ -114,7 +114,10 @@ pub fn range_memory(profile: &Profile, layers: std::ops::Range<usize>) -> (u64, 
         0 => 0,
         start => profile.layers[start - 1].output_bytes,
     };
-    (param_bytes * (2 + ratio), held.iter().map(|l| l.activation_bytes).sum::<u64>() + input)
+    // Inside the stage, a layer that keeps its input (which the layer before did not keep as
+    // its own) holds that tensor too; at the stage's start, `input` already counts it.
+    let inner_inputs: u64 = held.iter().skip(1).map(|l| l.input_bytes_kept).sum();
+    (param_bytes * (2 + ratio), held.iter().map(|l| l.activation_bytes).sum::<u64>() + inner_inputs + input)
 }
 
 impl CostModel for StageCosts {

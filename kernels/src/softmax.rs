@@ -76,7 +76,7 @@ impl CustomOp1 for Softmax {
 
 /// `(y, dy) -> dx` for softmax / log-softmax, `y` being the forward output.
 pub(crate) struct SoftmaxBwd {
-    log: bool,
+    pub(crate) log: bool,
 }
 
 impl SoftmaxBwd {
