@@ -94,6 +94,9 @@ pub struct StageCompute {
     pending: HashMap<usize, PendingWeights>,
     grads: Gradients,
     live_bytes: u64,
+    /// High-water mark of `live_bytes` at action boundaries, and of a recomputation's
+    /// transient activations, since [`StageCompute::take_peak_bytes`].
+    peak_bytes: u64,
 }
 
 impl StageCompute {
@@ -107,6 +110,7 @@ impl StageCompute {
             pending: HashMap::new(),
             grads: Gradients::new(),
             live_bytes: 0,
+            peak_bytes: 0,
         }
     }
 
@@ -126,6 +130,16 @@ impl StageCompute {
     /// steps), each storage counted once.
     pub fn live_bytes(&self) -> u64 {
         self.live_bytes
+    }
+
+    /// The most bytes kept at once since the last call (at the end of each action, and while a
+    /// recomputed forward's activations are alive); starts over.
+    pub fn take_peak_bytes(&mut self) -> u64 {
+        std::mem::replace(&mut self.peak_bytes, self.live_bytes)
+    }
+
+    fn mark_peak(&mut self, extra: u64) {
+        self.peak_bytes = self.peak_bytes.max(self.live_bytes + extra);
     }
 
     /// The tensors micro-batch `mb`'s stash keeps besides the stage's input: every layer's
@@ -161,7 +175,9 @@ impl StageCompute {
             Recompute::Off => Some(saved),
             Recompute::Full => None, // dropped here: only the input is kept
         };
-        let output = target.is_some().then(|| y.clone());
+        // The last stage keeps its output (the loss gradient starts from it) unless it reruns
+        // the forward anyway.
+        let output = (target.is_some() && self.recompute == Recompute::Off).then(|| y.clone());
         let mut stashed = Stashed { input: x.clone(), saved, output, target, bytes: 0 };
         // The first stage's input is the data batch, which the driver holds anyway: not
         // counted (nor anything sharing its storage, e.g. token ids a layer keeps as they are).
@@ -174,6 +190,7 @@ impl StageCompute {
         stashed.bytes = all.saturating_sub(data);
         self.live_bytes += stashed.bytes;
         self.stash.insert(mb, stashed);
+        self.mark_peak(0);
         Ok((y, loss))
     }
 
@@ -191,6 +208,12 @@ impl StageCompute {
     /// `I`: the input gradient of micro-batch `mb` from its output gradient `dy` (the last
     /// stage derives it from the loss and takes `None`). Returns `None` on the first stage.
     pub fn backward_input(&mut self, mb: usize, dy: Option<&Tensor>) -> Result<Option<Tensor>> {
+        let dx = self.input_step(mb, dy)?;
+        self.mark_peak(0);
+        Ok(dx)
+    }
+
+    fn input_step(&mut self, mb: usize, dy: Option<&Tensor>) -> Result<Option<Tensor>> {
         let stashed = self
             .stash
             .remove(&mb)
@@ -200,7 +223,13 @@ impl StageCompute {
             Some(saved) => (saved, stashed.output),
             None => {
                 let (y, saved) = self.run_forward(&stashed.input, Pass::Recompute)?;
-                (saved, stashed.output.map(|_| y))
+                let output = stashed.target.is_some().then_some(y);
+                let data = if self.input_needs_grad { 0 } else { crate::memory::tensor_bytes(&stashed.input) };
+                let recomputed = distinct_bytes(
+                    std::iter::once(&stashed.input).chain(output.iter()).chain(saved.iter().flat_map(|s| s.tensors())),
+                );
+                self.mark_peak(recomputed.saturating_sub(data));
+                (saved, output)
             }
         };
         let mut grad = match (&stashed.target, self.loss, output, dy) {
@@ -232,6 +261,12 @@ impl StageCompute {
 
     /// `W`: the weight gradients of micro-batch `mb`, added into the step's sums.
     pub fn backward_weight(&mut self, mb: usize) -> Result<()> {
+        self.weight_step(mb)?;
+        self.mark_peak(0);
+        Ok(())
+    }
+
+    fn weight_step(&mut self, mb: usize) -> Result<()> {
         let pending = self.pending.remove(&mb).ok_or_else(|| {
             candle_core::Error::Msg(format!("weight-gradient step before input-gradient step for micro-batch {mb}"))
         })?;
@@ -244,8 +279,9 @@ impl StageCompute {
 
     /// `B`: both backward steps at once.
     pub fn backward(&mut self, mb: usize, dy: Option<&Tensor>) -> Result<Option<Tensor>> {
-        let dx = self.backward_input(mb, dy)?;
-        self.backward_weight(mb)?;
+        let dx = self.input_step(mb, dy)?;
+        self.weight_step(mb)?;
+        self.mark_peak(0);
         Ok(dx)
     }
 
@@ -260,6 +296,7 @@ impl StageCompute {
         self.pending.clear();
         self.grads.take();
         self.live_bytes = 0;
+        self.peak_bytes = 0;
     }
 
     /// An evaluation forward (no saving; BatchNorm uses its running statistics).

@@ -207,8 +207,9 @@ pub struct StepStats {
     pub stage_busy: Vec<Duration>,
     /// Each stage's actions in execution order, timed from the step's start (for timelines).
     pub stage_actions: Vec<Vec<ActionTiming>>,
-    /// Each stage's largest total of stashed activation bytes during the step, as the autograd
-    /// graph shows them ([`crate::memory::retained_bytes`] plus the received input).
+    /// Each stage's largest total of activation bytes kept for backward steps during the
+    /// step: measured at action boundaries from what the layers saved (each storage once),
+    /// and while a recomputed forward's activations are alive.
     pub peak_stash_bytes: Vec<u64>,
 }
 
@@ -1194,15 +1195,15 @@ impl StageWorker {
                     outcome.loss += loss;
                     Ok(())
                 }
-                ActionKind::Backward => self.backward_input(mb).and_then(|()| Ok(self.compute.backward_weight(mb)?)),
-                ActionKind::BackwardInput => self.backward_input(mb),
+                ActionKind::Backward => self.backward(mb, true),
+                ActionKind::BackwardInput => self.backward(mb, false),
                 ActionKind::BackwardWeight => Ok(self.compute.backward_weight(mb)?),
             };
             result.map_err(|e| with_action(e, action))?;
             // F and B wait for their input first: the action starts when it arrives.
             outcome.timings.push((action, action_start + (self.waiting - waited_before), Instant::now()));
-            outcome.peak_stash_bytes = outcome.peak_stash_bytes.max(self.compute.live_bytes());
         }
+        outcome.peak_stash_bytes = self.compute.take_peak_bytes();
         self.finish_step(lr)?;
         Ok(outcome)
     }
@@ -1254,11 +1255,17 @@ impl StageWorker {
         }
     }
 
-    /// The input-gradient step of micro-batch `mb` (the last stage starts from its loss, the
-    /// others from the gradient received from downstream); sends the gradient upstream.
-    fn backward_input(&mut self, mb: usize) -> StageResult<()> {
+    /// The backward of micro-batch `mb`, input gradient only (`I`) or with the weight step
+    /// (`B`): the last stage starts from its loss, the others from the gradient received from
+    /// downstream; the input gradient goes upstream.
+    fn backward(&mut self, mb: usize, with_weights: bool) -> StageResult<()> {
         let dy = if self.is_last { None } else { Some(self.wait_for(|w| w.gradients_in.remove(&mb))?) };
-        if let Some(dx) = self.compute.backward_input(mb, dy.as_ref())? {
+        let dx = if with_weights {
+            self.compute.backward(mb, dy.as_ref())?
+        } else {
+            self.compute.backward_input(mb, dy.as_ref())?
+        };
+        if let Some(dx) = dx {
             self.send_prev(Msg::Gradient { microbatch: mb, tensor: dx })?;
         }
         Ok(())
