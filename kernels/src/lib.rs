@@ -30,6 +30,7 @@ mod layer_norm;
 mod max_pool;
 pub mod reference;
 mod softmax;
+pub mod vmath;
 
 use candle_core::{bail, DType, Result, Tensor};
 
