@@ -14,6 +14,7 @@
 pub mod checkpoint;
 pub mod compute;
 pub mod error;
+pub mod gradcheck;
 pub mod layer;
 pub mod loss;
 pub mod memory;

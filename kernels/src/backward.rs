@@ -145,3 +145,42 @@ fn add_into<T: candle_core::WithDType + std::ops::AddAssign>(acc: &mut [T], g: &
     }
     Ok(())
 }
+
+/// Column sums of a 2-D `(N, C)` tensor: `(C,)`. A bias's gradient is this over the output
+/// gradient's rows; candle's reduction over dimension 0 walks the matrix column by column
+/// (6.6% of a GPT training step on one core), this adds whole rows into one accumulator row,
+/// which vectorises.
+pub fn sum_rows(x: &Tensor) -> Result<Tensor> {
+    x.dims2()?;
+    if !fused(x) {
+        return x.sum(0);
+    }
+    x.apply_op1_no_bwd(&SumRows)
+}
+
+struct SumRows;
+
+impl candle_core::CustomOp1 for SumRows {
+    fn name(&self) -> &'static str {
+        "sum-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, candle_core::Shape)> {
+        let c = l.dims()[1];
+        fn run<T: candle_core::WithDType + std::ops::AddAssign>(x: &[T], c: usize) -> Vec<T> {
+            let mut acc = vec![T::zero(); c];
+            for row in x.chunks_exact(c) {
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+            acc
+        }
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(run(&crate::cpu::view::<f32>(s, l)?, c)),
+            CpuStorage::F64(_) => CpuStorage::F64(run(&crate::cpu::view::<f64>(s, l)?, c)),
+            _ => candle_core::bail!("sum-rows: f32 or f64 expected"),
+        };
+        Ok((out, candle_core::Shape::from(c)))
+    }
+}

@@ -1,0 +1,101 @@
+//! The backward functions layers call directly (no autograd) against candle's autograd over
+//! the reference compositions, plus the in-place accumulator and the row sum.
+
+use brigade_kernels as k;
+use brigade_kernels::reference as r;
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::gradcheck::{distinct, max_err, rng, to_f64_vec, uniform};
+
+/// Gradients of `sum(f(inputs) * dy)` with respect to each input, by candle's autograd.
+fn autograd(inputs: &[&Tensor], dy: &Tensor, f: impl Fn(&[Tensor]) -> candle_core::Result<Tensor>) -> Vec<Tensor> {
+    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let grads = (f(&ts).unwrap() * dy).unwrap().sum_all().unwrap().backward().unwrap();
+    ts.iter().map(|t| grads.get(t).unwrap().clone()).collect()
+}
+
+fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shapes");
+    let e = max_err(&to_f64_vec(got), &to_f64_vec(want));
+    assert!(e <= tol, "{what}: max error {e:e} > {tol:e}");
+}
+
+#[test]
+fn backward_functions_match_autograd_of_the_reference() {
+    for dtype in [DType::F64, DType::F32] {
+        let tol = if dtype == DType::F64 { 1e-10 } else { 2e-5 };
+        let mut g = rng(7);
+        // LayerNorm: dx, dweight, dbias.
+        let (x, w, b) = (uniform(&mut g, &[3, 5, 24], 2.0, dtype), uniform(&mut g, &[24], 1.0, dtype), uniform(&mut g, &[24], 1.0, dtype));
+        let dy = uniform(&mut g, &[3, 5, 24], 1.0, dtype);
+        let (dx, dw, db) = k::layer_norm_backward(&x, &w, &dy, 1e-5).unwrap();
+        let want = autograd(&[&x, &w, &b], &dy, |t| r::layer_norm(&t[0], &t[1], &t[2], 1e-5));
+        assert_close("layer_norm dx", &dx, &want[0], tol);
+        assert_close("layer_norm dweight", &dw, &want[1], tol);
+        assert_close("layer_norm dbias", &db, &want[2], tol);
+        // Softmax from its output.
+        let x = uniform(&mut g, &[4, 2, 33], 3.0, dtype);
+        let dy = uniform(&mut g, &[4, 2, 33], 1.0, dtype);
+        let y = k::softmax_last_dim(&x).unwrap();
+        let want = autograd(&[&x], &dy, |t| r::softmax_last_dim(&t[0]));
+        assert_close("softmax dx", &k::softmax_last_dim_backward(&y, &dy).unwrap(), &want[0], tol);
+        // GELU from its input.
+        let x = uniform(&mut g, &[7, 40], 4.0, dtype);
+        let dy = uniform(&mut g, &[7, 40], 1.0, dtype);
+        let want = autograd(&[&x], &dy, |t| r::gelu_tanh(&t[0]));
+        // The reference is candle's `gelu`, whose backward hard-codes six-digit constants.
+        assert_close("gelu dx", &k::gelu_tanh_backward(&x, &dy).unwrap(), &want[0], tol.max(1e-6));
+        // Cross-entropy, scaled (as the pipeline scales by 1 / global terms).
+        let logits = uniform(&mut g, &[6, 11], 3.0, dtype);
+        let targets = Tensor::new(&[0u32, 10, 3, 3, 7, 1], &Device::Cpu).unwrap();
+        let scale = Tensor::new(0.125f64, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let want = autograd(&[&logits], &scale, |t| r::cross_entropy_sum(&t[0], &targets));
+        assert_close("cross-entropy dlogits", &k::cross_entropy_sum_backward(&logits, &targets, 0.125).unwrap(), &want[0], tol);
+        // Max pooling (distinct values: no ties), with padding and stride.
+        let x = distinct(&mut g, &[2, 3, 9, 7], 0.01, dtype);
+        let dy = uniform(&mut g, &[2, 3, 5, 4], 1.0, dtype);
+        let want = autograd(&[&x], &dy, |t| r::max_pool2d(&t[0], 3, 2, 1));
+        assert_close("max_pool dx", &k::max_pool2d_backward(&x, &dy, 3, 2, 1).unwrap(), &want[0], tol);
+    }
+}
+
+#[test]
+fn backward_functions_work_off_the_fused_path_and_reject_bad_shapes() {
+    // bf16 takes the autograd fallback over the reference composition.
+    let mut g = rng(3);
+    let x = uniform(&mut g, &[4, 8], 2.0, DType::F32);
+    let dy = uniform(&mut g, &[4, 8], 1.0, DType::F32);
+    let fused = k::gelu_tanh_backward(&x, &dy).unwrap();
+    let (xb, dyb) = (x.to_dtype(DType::BF16).unwrap(), dy.to_dtype(DType::BF16).unwrap());
+    let fallback = k::gelu_tanh_backward(&xb, &dyb).unwrap().to_dtype(DType::F32).unwrap();
+    assert_close("bf16 gelu dx", &fallback, &fused, 5e-2);
+    let e = k::gelu_tanh_backward(&x, &dy.t().unwrap()).unwrap_err().to_string();
+    assert!(e.contains("must have the shape of x"), "{e}");
+    let e = k::softmax_last_dim_backward(&x, &x.reshape((8, 4)).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("must have the shape of y"), "{e}");
+    let e = k::max_pool2d_backward(&x.reshape((1, 1, 4, 8)).unwrap(), &dy, 3, 2, 1).unwrap_err().to_string();
+    assert!(e.contains("dy must have shape"), "{e}");
+}
+
+#[test]
+fn accumulate_adds_in_place_and_sum_rows_matches_a_reduction() {
+    let mut g = rng(11);
+    for dtype in [DType::F32, DType::F64] {
+        let acc = uniform(&mut g, &[6, 5], 1.0, dtype).copy().unwrap();
+        let before = to_f64_vec(&acc);
+        // A strided gradient (a transpose) is read through its layout.
+        let grad = uniform(&mut g, &[5, 6], 1.0, dtype).t().unwrap();
+        k::accumulate(&acc, &grad).unwrap();
+        let want: Vec<f64> = before.iter().zip(to_f64_vec(&grad)).map(|(a, b)| a + b).collect();
+        assert!(max_err(&to_f64_vec(&acc), &want) < 1e-6);
+        let e = k::accumulate(&acc, &grad.t().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("does not match the accumulator"), "{e}");
+
+        let x = uniform(&mut g, &[37, 19], 1.0, dtype);
+        assert_close("sum_rows", &k::sum_rows(&x).unwrap(), &x.sum(0).unwrap(), 1e-5);
+        let xt = uniform(&mut g, &[19, 37], 1.0, dtype).t().unwrap();
+        assert_close("sum_rows strided", &k::sum_rows(&xt).unwrap(), &xt.sum(0).unwrap(), 1e-5);
+    }
+    assert!(k::sum_rows(&Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()).is_err());
+}
