@@ -121,6 +121,10 @@ struct TrainArgs {
     /// Keep only the newest N checkpoints in --save-dir.
     #[arg(long, requires = "save_dir")]
     keep_last: Option<usize>,
+    /// Allow --save-dir to hold another run's checkpoints: they are deleted once this run
+    /// has saved its first checkpoint (without it, such a directory is refused).
+    #[arg(long, requires = "save_dir")]
+    overwrite: bool,
     /// Largest checkpoint shard file, e.g. 2GB, 500MB.
     #[arg(long, default_value = "2GB", value_parser = cli_checkpoint::parse_size)]
     max_shard_size: u64,
@@ -240,10 +244,126 @@ fn presets() -> Result<()> {
     Ok(())
 }
 
+/// Flag values that are well-formed but mean nothing sensible: refused before anything runs
+/// (each would otherwise train silently wrong, or fail late).
+fn check_train_args(args: &TrainArgs) -> Result<()> {
+    if !args.lr.is_finite() || args.lr < 0.0 {
+        bail!("--lr must be a finite, non-negative learning rate, got {}", args.lr);
+    }
+    if let Some(min) = args.min_lr {
+        if !min.is_finite() || min < 0.0 {
+            bail!("--min-lr must be a finite, non-negative learning rate, got {min}");
+        }
+        if min > args.lr {
+            bail!("--min-lr {min} is above --lr {}: the cosine decays from --lr down to --min-lr", args.lr);
+        }
+    }
+    if let Some(wd) = args.weight_decay {
+        if !wd.is_finite() || wd < 0.0 {
+            bail!("--weight-decay must be a finite, non-negative number, got {wd}");
+        }
+    }
+    if !args.grad_clip.is_finite() || args.grad_clip < 0.0 {
+        bail!("--grad-clip must be a finite, non-negative norm (0 disables clipping), got {}", args.grad_clip);
+    }
+    if args.threads_per_stage == Some(0) {
+        bail!("--threads-per-stage must be at least 1");
+    }
+    if args.microbatches == 0 {
+        bail!("--microbatches must be at least 1");
+    }
+    if let Some(init) = &args.init_from {
+        if !init.exists() {
+            bail!("--init-from {} does not exist", init.display());
+        }
+    }
+    if let Some(save) = &args.save_dir {
+        brigade::engine::checkpoint::refuse_inside_checkpoint(save, "--save-dir")?;
+    }
+    Ok(())
+}
+
+/// `--partition`: a strategy name, listing the valid ones when it is not.
+fn partition_strategy(args: &TrainArgs) -> Result<PartitionStrategy> {
+    match &args.split {
+        Some(split) => Ok(split.parse::<PartitionStrategy>()?),
+        None => match args.partition.trim().to_ascii_lowercase().as_str() {
+            "uniform" | "balanced" | "balanced-params" | "balanced-time" => Ok(args.partition.parse::<PartitionStrategy>()?),
+            other => bail!(
+                "unknown --partition {other:?}: expected uniform (equal layer counts), balanced (by parameters) or \
+                 balanced-time (by profiled time); give layer counts with --split 3,3,2"
+            ),
+        },
+    }
+}
+
+/// With `--init-from`, model flags that disagree with the imported weights are an error naming
+/// both (otherwise the weights' own shape would silently win).
+fn check_init_matches(args: &TrainArgs, imported: &brigade::models::ModelConfig) -> Result<()> {
+    use brigade::models::ModelConfig;
+    let m = &args.model;
+    let shape_flags = m.layers.is_some() || m.width.is_some() || m.heads.is_some() || m.vocab.is_some();
+    if m.model.is_none() && !shape_flags && m.context.is_none() {
+        return Ok(());
+    }
+    let asked = m.config()?;
+    let describe = |c: &ModelConfig| match c {
+        ModelConfig::Gpt(g) => format!(
+            "GPT with {} layers, width {}, {} heads, vocabulary {}, context {}",
+            g.n_layer, g.n_embd, g.n_head, g.vocab_size, g.n_positions
+        ),
+        ModelConfig::Resnet(r) => format!("ResNet with blocks {:?}, widths {:?}, {} classes", r.layers, r.widths, r.num_classes),
+    };
+    let agree = match (&asked, imported) {
+        // A shorter --context trains on shorter sequences of the same model.
+        (ModelConfig::Gpt(a), ModelConfig::Gpt(b)) => {
+            let (mut a, b) = (a.clone(), b.clone());
+            if m.context.is_some_and(|c| c <= b.n_positions) {
+                a.n_positions = b.n_positions;
+            }
+            if m.model.is_none() {
+                // Only the shape flags were given: compare those.
+                (m.layers.is_none() || a.n_layer == b.n_layer)
+                    && (m.width.is_none() || a.n_embd == b.n_embd)
+                    && (m.heads.is_none() || a.n_head == b.n_head)
+                    && (m.vocab.is_none() || a.vocab_size == b.vocab_size)
+                    && (m.context.is_none() || a.n_positions == b.n_positions)
+            } else {
+                a == b
+            }
+        }
+        (ModelConfig::Resnet(a), ModelConfig::Resnet(b)) => {
+            // Classes and channels follow the data (and --init-skip), not the preset.
+            a.block == b.block && a.layers == b.layers && a.widths == b.widths
+        }
+        _ => false,
+    };
+    if !agree {
+        bail!(
+            "--init-from {} holds a {}, but the model flags ask for {} ({}); drop the flags to use the imported model's shape",
+            args.init_from.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            describe(imported),
+            m.name(),
+            describe(&asked)
+        );
+    }
+    Ok(())
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 fn train(args: TrainArgs) -> Result<()> {
+    check_train_args(&args)?;
     // The model and data: from the checkpoint when resuming, else the preset (with overrides),
     // possibly starting from imported weights.
     let resumed = args.resume.as_ref().map(|r| brigade::checkpoint::open(r)).transpose()?;
+    if let Some((ckpt, _, _)) = &resumed {
+        if let Some(note) = &ckpt.note {
+            println!("note     {note}");
+        }
+    }
     let mut imported = None;
     let (model, data) = match &resumed {
         Some((ckpt, config, model)) => {
@@ -272,6 +392,7 @@ fn train(args: TrainArgs) -> Result<()> {
                     config = cmd::model::fit_to_data(config, &data);
                 }
                 let weights = brigade::checkpoint::import_with(init, Some(&config), &args.init_skip)?;
+                check_init_matches(&args, &weights.config)?;
                 println!("init     {} weights from {}", weights.params.len() + weights.buffers.len(), weights.source);
                 let data = args.model.data_for(&weights.config, args.seed)?;
                 let model = weights.config.build()?;
@@ -281,10 +402,7 @@ fn train(args: TrainArgs) -> Result<()> {
             None => args.model.model_and_data(args.seed)?,
         },
     };
-    let mut partition = match &args.split {
-        Some(split) => split.parse::<PartitionStrategy>()?,
-        None => args.partition.parse::<PartitionStrategy>()?,
-    };
+    let mut partition = partition_strategy(&args)?;
     if partition == PartitionStrategy::BalancedTime(Vec::new()) {
         let threads = args.threads_per_stage.unwrap_or_else(|| cmd::default_threads(args.stages));
         let mb = (args.batch_size / args.microbatches.max(1)).max(1);
@@ -339,6 +457,7 @@ fn train(args: TrainArgs) -> Result<()> {
             every: args.save_every,
             keep_last: args.keep_last,
             max_shard_bytes: args.max_shard_size,
+            overwrite: args.overwrite,
         }),
     };
     println!("model    {}", model.name());
@@ -347,7 +466,7 @@ fn train(args: TrainArgs) -> Result<()> {
         (Some(path), Some(_)) => {
             let started = std::time::Instant::now();
             let trainer = Trainer::resume(path, data, pipeline, options)?;
-            println!("loaded   checkpoint into {} stages in {:.2}s", args.stages, started.elapsed().as_secs_f64());
+            println!("loaded   checkpoint into {} in {:.2}s", plural(args.stages, "stage", "stages"), started.elapsed().as_secs_f64());
             trainer
         }
         _ => {
@@ -363,20 +482,25 @@ fn train(args: TrainArgs) -> Result<()> {
         let batch = trainer.options().batch_size;
         let p = trainer.pipeline();
         println!(
-            "pipeline {} stages (layers {}), schedule {}, {} micro-batches of {}",
-            p.partition().stages(),
+            "pipeline {} (layers {}), schedule {}, {} of {}",
+            plural(p.partition().stages(), "stage", "stages"),
             p.partition(),
             p.schedule().name(),
-            p.microbatches(),
+            plural(p.microbatches(), "micro-batch", "micro-batches"),
             batch / p.microbatches().max(1)
         );
     }
-    let bar = if args.plain { ProgressBar::hidden() } else { ProgressBar::new(steps) };
+    // A bar only on a terminal; piped output (a log file, CI) gets plain lines. Either way the
+    // eval and save lines are printed (a hidden bar would swallow its `println`s).
+    let interactive = !args.plain && std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let bar = if interactive { ProgressBar::new(steps) } else { ProgressBar::hidden() };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} (ETA {eta})")
+        // At most 80 columns: "step 1000/1000 [20] loss 5.5500 | 123456 tok/s ETA 12m" fits.
+        ProgressStyle::with_template("step {pos}/{len} [{bar:20}] {msg} ETA {eta}")
             .expect("static template")
             .progress_chars("=> "),
     );
+    let say = |line: String| if interactive { bar.println(line) } else { println!("{line}") };
     let unit = if images { "img/s" } else { "tok/s" };
     let summary = trainer.run(|event| match event {
         Event::Step { stats, items_per_sec } => {
@@ -385,35 +509,29 @@ fn train(args: TrainArgs) -> Result<()> {
             if args.plain {
                 println!("step {:>5}: {line}", stats.step + 1);
             }
-            bar.set_message(line);
+            bar.set_message(format!("loss {:.4} | {:.0} {unit}", stats.loss, items_per_sec));
         }
         Event::Eval { step, stats } => {
             let acc = if images { format!(", accuracy {:.1}%", 100.0 * stats.accuracy()) } else { String::new() };
-            let line = format!("step {step:>5}: held-out loss {:.4}{acc}", stats.loss);
-            if args.plain {
-                println!("{line}");
-            } else {
-                bar.println(line);
-            }
+            say(format!("step {step:>5}: held-out loss {:.4}{acc}", stats.loss));
         }
         Event::Saved { step, checkpoint, seconds } => {
-            let line = format!(
+            say(format!(
                 "step {step:>5}: saved {} ({:.1} MB in {seconds:.2}s)",
                 checkpoint.dir.display(),
                 checkpoint.bytes as f64 / 1e6
-            );
-            if args.plain {
-                println!("{line}");
-            } else {
-                bar.println(line);
-            }
+            ));
         }
     })?;
     bar.finish_and_clear();
-    let eval = summary.final_eval.map(|e| format!("{:.4}", e.loss)).unwrap_or_else(|| "n/a".into());
+    let eval = summary.final_eval.map(|e| format!("{:.4}", e.loss)).unwrap_or_else(|| "not evaluated".into());
+    let ran = if summary.ran == summary.steps {
+        plural(summary.ran as usize, "step", "steps")
+    } else {
+        format!("{} (step {} to {})", plural(summary.ran as usize, "step", "steps"), summary.steps - summary.ran, summary.steps)
+    };
     println!(
-        "done: {} steps in {:.1}s, train loss {:.4} -> {:.4}, held-out loss {eval}",
-        summary.steps,
+        "done: {ran} in {:.1}s, train loss {:.4} -> {:.4}, held-out loss {eval}",
         summary.wall.as_secs_f64(),
         summary.first_loss,
         summary.last_loss
