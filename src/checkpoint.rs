@@ -164,6 +164,7 @@ fn prepare_export_dir(out: &Path, checkpoint: &Path) -> Result<(), Error> {
     if same || out.join(META_FILE).exists() || out.join(brigade_engine::checkpoint::LATEST_FILE).exists() {
         return Err(CheckpointError::invalid(out, "is a checkpoint or save directory; export into a directory of its own").into());
     }
+    brigade_engine::checkpoint::refuse_inside_checkpoint(out, "the export directory")?;
     std::fs::create_dir_all(out).map_err(|e| CheckpointError::Io { path: out.to_path_buf(), source: e })?;
     let entries = std::fs::read_dir(out).map_err(|e| CheckpointError::Io { path: out.to_path_buf(), source: e })?;
     for entry in entries.flatten() {

@@ -93,8 +93,21 @@ pub struct InspectArgs {
 
 pub fn inspect(args: InspectArgs) -> Result<()> {
     let (ckpt, _config, model) = brigade::checkpoint::open(&args.dir)?;
+    if let Some(note) = &ckpt.note {
+        eprintln!("note: {note}");
+    }
     let m = &ckpt.meta;
     println!("checkpoint {}", ckpt.dir.display());
+    // Every file read in full and checked against the checksums recorded at save.
+    let started = std::time::Instant::now();
+    match ckpt.verify_all()? {
+        Some((files, bytes)) => println!(
+            "checksums  ok: {files} files, {:.1} MB verified in {:.2}s",
+            bytes as f64 / 1e6,
+            started.elapsed().as_secs_f64()
+        ),
+        None => println!("checksums  none (saved by a brigade from before checksums; not verified)"),
+    }
     println!("model      {} ({} parameters, {} weight tensors)", m.model.name, m.num_params, m.num_tensors);
     println!("config     {}", m.model.config);
     println!("step       {} of {}", m.step, m.training.total_steps);
@@ -106,8 +119,13 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
         m.microbatches,
         m.brigade_version
     );
-    println!("optimizer  {:?}", m.optimizer);
-    println!("lr         {:?}", m.lr_schedule);
+    println!("optimizer  {}", describe_optimizer(&m.optimizer));
+    let lr = &m.lr_schedule;
+    println!(
+        "lr         {:e} peak, linear warm-up over {} steps, cosine to {:e} at step {}",
+        lr.base_lr, lr.warmup_steps, lr.min_lr, lr.total_steps
+    );
+    println!("grad clip  {}", m.grad_clip.map_or("off".to_string(), |c| format!("global norm {c}")));
     println!(
         "data       {} (batch {}, context {}, seed {}, next batch {})",
         m.training.data, m.training.batch_size, m.training.context, m.training.data_seed, m.training.data_position
@@ -161,6 +179,19 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     Ok(())
 }
 
+fn describe_optimizer(o: &brigade::engine::optim::OptimizerConfig) -> String {
+    use brigade::engine::optim::OptimizerConfig;
+    match o {
+        OptimizerConfig::AdamW { beta1, beta2, eps, weight_decay } => {
+            format!("AdamW (betas {beta1}, {beta2}; eps {eps:e}; weight decay {weight_decay})")
+        }
+        OptimizerConfig::Sgd { momentum, weight_decay, nesterov } => format!(
+            "SGD (momentum {momentum}{}; weight decay {weight_decay})",
+            if *nesterov { ", Nesterov" } else { "" }
+        ),
+    }
+}
+
 /// A pipeline holding a checkpoint's weights, for inference. `checkpoint` may also be a
 /// Hugging Face GPT-2 directory, or (with `model`) a torchvision-named ResNet safetensors file.
 fn inference_pipeline(
@@ -170,11 +201,28 @@ fn inference_pipeline(
     split: Option<&str>,
     microbatches: usize,
 ) -> Result<(Pipeline, std::sync::Arc<dyn PipelineModel>)> {
+    if !checkpoint.exists() {
+        bail!("--checkpoint {} does not exist", checkpoint.display());
+    }
     let hint = model.map(brigade::models::ModelConfig::preset).transpose()?;
     let imported = brigade::checkpoint::import(checkpoint, hint.as_ref())?;
-    let saved_stages = brigade::checkpoint::open(checkpoint).map(|(c, _, _)| c.meta.partition.len()).unwrap_or(1);
+    let opened = brigade::checkpoint::open(checkpoint).ok();
+    if let Some(note) = opened.as_ref().and_then(|(c, _, _)| c.note.as_ref()) {
+        eprintln!("note: {note}");
+    }
+    let saved_stages = opened.map(|(c, _, _)| c.meta.partition.len()).unwrap_or(1);
+    if stages == Some(0) {
+        bail!("--stages must be at least 1");
+    }
+    if microbatches == 0 {
+        bail!("--microbatches must be at least 1");
+    }
     let model = imported.config.build()?;
-    let stages = stages.unwrap_or(saved_stages).clamp(1, model.layers().len());
+    let layers = model.layers().len();
+    if let Some(asked) = stages.filter(|&s| s > layers) {
+        bail!("--stages {asked}: {} has only {layers} layers, so at most {layers} stages", model.name());
+    }
+    let stages = stages.unwrap_or(saved_stages).clamp(1, layers);
     let partition = match split {
         Some(s) => s.parse::<PartitionStrategy>()?,
         None => PartitionStrategy::Uniform,
@@ -212,10 +260,18 @@ pub struct PredictArgs {
 }
 
 pub fn predict(args: PredictArgs) -> Result<()> {
-    let (mut pipeline, model) = inference_pipeline(&args.checkpoint, args.model.as_deref(), args.stages, args.split.as_deref(), args.microbatches)?;
+    // Before any work: where the output goes must be a place that can take it.
+    brigade::engine::checkpoint::refuse_inside_checkpoint(&args.output, "--output")?;
+    if args.output.is_dir() {
+        bail!("--output {} is a directory; give a file name such as logits.safetensors", args.output.display());
+    }
     if !args.input.exists() {
         bail!("input file {} does not exist", args.input.display());
     }
+    if args.input.canonicalize().ok() == args.output.canonicalize().ok() {
+        bail!("--output {} is the --input file; write the logits to another file", args.output.display());
+    }
+    let (mut pipeline, model) = inference_pipeline(&args.checkpoint, args.model.as_deref(), args.stages, args.split.as_deref(), args.microbatches)?;
     let tensors = candle_core::safetensors::load(&args.input, &Device::Cpu)
         .with_context(|| format!("cannot read {} as safetensors", args.input.display()))?;
     let input = ["input_ids", "tokens", "images", "input"]
@@ -238,6 +294,12 @@ pub fn predict(args: PredictArgs) -> Result<()> {
                 if let Some(bad) = values.iter().find(|v| v.fract() != 0.0 || **v < 0.0) {
                     bail!("{}: token ids must be non-negative integers, found {bad}", args.input.display());
                 }
+            } else if matches!(input.dtype(), DType::I64) {
+                // A cast would wrap a negative id around to a huge one.
+                let values: Vec<i64> = input.flatten_all()?.to_vec1()?;
+                if let Some(bad) = values.iter().find(|v| **v < 0) {
+                    bail!("{}: token ids must be non-negative, found {bad}", args.input.display());
+                }
             }
             input.to_dtype(DType::U32)?
         }
@@ -246,7 +308,9 @@ pub fn predict(args: PredictArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let logits = pipeline.predict(&input)?;
     let path = &args.output;
-    logits.save_safetensors("logits", path).with_context(|| format!("cannot write {}", path.display()))?;
+    // Written like checkpoint files: flushed, and readable by others (0644).
+    brigade::engine::checkpoint::write_safetensors(path, &[("logits".to_string(), logits.clone())], &Default::default())
+        .with_context(|| format!("cannot write {}", path.display()))?;
     println!(
         "{}: logits {:?} for input {:?} in {:.3}s on {} stages -> {}",
         model.name(),
@@ -265,12 +329,12 @@ pub struct GenerateArgs {
     #[arg(long)]
     checkpoint: PathBuf,
     /// Prompt text (byte-level models: vocabulary 256).
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", conflicts_with = "prompt_ids")]
     prompt: String,
     /// Prompt as comma-separated token ids (for other vocabularies).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     prompt_ids: Option<String>,
-    /// Tokens to generate.
+    /// Tokens to generate (printed as they come; at most 100000).
     #[arg(long, default_value_t = 200)]
     tokens: usize,
     /// 0: greedy; otherwise sample from softmax(logits / temperature).
@@ -282,7 +346,14 @@ pub struct GenerateArgs {
     stages: Option<usize>,
 }
 
+/// Most tokens one `generate` produces: each token is a full forward pass over the context, so
+/// more would run for hours; a larger request is refused rather than left to look hung.
+const MAX_GENERATE_TOKENS: usize = 100_000;
+
 pub fn generate(args: GenerateArgs) -> Result<()> {
+    if args.tokens > MAX_GENERATE_TOKENS {
+        bail!("--tokens {} is more than the {MAX_GENERATE_TOKENS} one run generates; ask for fewer", args.tokens);
+    }
     let (mut pipeline, model) = inference_pipeline(&args.checkpoint, None, args.stages, None, 1)?;
     let InputKind::Tokens { vocab, context } = model.input() else {
         bail!("{} is not a language model; `generate` needs a GPT checkpoint", model.name());
@@ -294,7 +365,11 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let mut ids: Vec<u32> = match &args.prompt_ids {
         Some(list) => list
             .split(',')
-            .map(|t| t.trim().parse::<u32>().with_context(|| format!("invalid token id {t:?} in --prompt-ids")))
+            .map(|t| match t.trim().parse::<i64>() {
+                Ok(id) if id < 0 => bail!("token id {id} in --prompt-ids is negative; ids count from 0"),
+                Ok(id) => u32::try_from(id).with_context(|| format!("token id {id} in --prompt-ids is beyond the vocabulary of {vocab}")),
+                Err(_) => bail!("invalid token id {t:?} in --prompt-ids: expected comma-separated integers such as 1,2,3"),
+            })
             .collect::<Result<_>>()?,
         None if byte_level => args.prompt.bytes().map(u32::from).collect(),
         None if args.prompt.is_empty() => Vec::new(),
@@ -309,6 +384,10 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let prompt_len = ids.len();
     let mut rng = StdRng::seed_from_u64(args.seed);
     let started = std::time::Instant::now();
+    // Streamed: the prompt, then each token as soon as it exists, so a long generation shows
+    // progress (and can be stopped) instead of printing everything at the end.
+    let mut out = Utf8Stream::new(byte_level);
+    out.push(&ids)?;
     for _ in 0..args.tokens {
         let window = &ids[ids.len().saturating_sub(context)..];
         let x = Tensor::new(window, &Device::Cpu)?.unsqueeze(0)?;
@@ -332,14 +411,10 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
             chosen
         };
         ids.push(next as u32);
+        out.push(&[next as u32])?;
     }
+    out.finish()?;
     let elapsed = started.elapsed().as_secs_f64();
-    if byte_level {
-        let bytes: Vec<u8> = ids.iter().map(|&i| i as u8).collect();
-        println!("{}", String::from_utf8_lossy(&bytes));
-    } else {
-        println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
-    }
     eprintln!(
         "{} tokens in {elapsed:.2}s ({:.1} tok/s) on {} stages, prompt {prompt_len} tokens",
         args.tokens,
@@ -347,4 +422,70 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         pipeline.partition().stages()
     );
     Ok(())
+}
+
+/// Prints generated tokens as they come: bytes as UTF-8 text (a character split over several
+/// tokens is held back until complete; an invalid sequence prints as U+FFFD), other
+/// vocabularies as comma-separated ids.
+struct Utf8Stream {
+    byte_level: bool,
+    pending: Vec<u8>,
+    first: bool,
+}
+
+impl Utf8Stream {
+    fn new(byte_level: bool) -> Self {
+        Self { byte_level, pending: Vec::new(), first: true }
+    }
+
+    fn push(&mut self, ids: &[u32]) -> Result<()> {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        if !self.byte_level {
+            for id in ids {
+                let sep = if self.first { "" } else { "," };
+                self.first = false;
+                write!(stdout, "{sep}{id}")?;
+            }
+            return Ok(stdout.flush()?);
+        }
+        self.pending.extend(ids.iter().map(|&i| i as u8));
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(text) => {
+                    write!(stdout, "{text}")?;
+                    self.pending.clear();
+                    break;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    write!(stdout, "{}", std::str::from_utf8(&self.pending[..valid]).expect("checked valid"))?;
+                    match e.error_len() {
+                        // Invalid bytes: replace them, as from_utf8_lossy would, and go on.
+                        Some(bad) => {
+                            write!(stdout, "\u{FFFD}")?;
+                            self.pending.drain(..valid + bad);
+                        }
+                        // An incomplete character at the end: wait for its next bytes.
+                        None => {
+                            self.pending.drain(..valid);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(stdout.flush()?)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        if !self.pending.is_empty() {
+            write!(stdout, "{}", String::from_utf8_lossy(&self.pending))?;
+            self.pending.clear();
+        }
+        writeln!(stdout)?;
+        Ok(stdout.flush()?)
+    }
 }

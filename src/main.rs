@@ -59,9 +59,9 @@ enum OptimizerArg {
 struct TrainArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Number of pipeline stages (one thread each).
-    #[arg(long, default_value_t = 2)]
-    stages: usize,
+    /// Number of pipeline stages, one thread each (default: 2, or the --schedule file's).
+    #[arg(long)]
+    stages: Option<usize>,
     /// Layers per stage, e.g. 3,3,2 (overrides --partition).
     #[arg(long)]
     split: Option<String>,
@@ -72,9 +72,9 @@ struct TrainArgs {
     /// gpipe, 1f1b, or a schedule file in the format `brigade schedule` prints.
     #[arg(long, default_value = "1f1b")]
     schedule: String,
-    /// Micro-batches per global batch.
-    #[arg(long, default_value_t = 4)]
-    microbatches: usize,
+    /// Micro-batches per global batch (default: 4, or the --schedule file's).
+    #[arg(long)]
+    microbatches: Option<usize>,
     /// Global batch size (examples, or sequences for GPT).
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
@@ -158,10 +158,12 @@ struct ScheduleArgs {
     /// gpipe, 1f1b, or a schedule file to validate and draw.
     #[arg(long, default_value = "1f1b")]
     schedule: String,
-    #[arg(long, default_value_t = 4)]
-    stages: usize,
-    #[arg(long, default_value_t = 8)]
-    microbatches: usize,
+    /// Stages of a built-in schedule (default 4); a file has its own.
+    #[arg(long)]
+    stages: Option<usize>,
+    /// Micro-batches of a built-in schedule (default 8); a file has its own.
+    #[arg(long)]
+    microbatches: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -211,12 +213,65 @@ fn schedule_choice(spec: &str) -> Result<ScheduleChoice> {
         bail!("unknown schedule {spec:?}: expected gpipe, 1f1b, or the path of a schedule file");
     }
     let schedule = Schedule::load(&path)?;
+    // A file printed by `brigade schedule` keeps the built-in's name in its header; once its
+    // actions are edited it is not that schedule any more, and must not be reported as it.
+    if let Ok(kind) = schedule.name().parse::<ScheduleKind>() {
+        let builtin = kind.build(schedule.stages(), schedule.microbatches()).ok();
+        if builtin.as_ref().map(|b| b.actions()) != Some(schedule.actions()) {
+            let name = format!("custom (edited {} from {})", schedule.name(), path.display());
+            let edited = Schedule::from_actions(name, schedule.stages(), schedule.microbatches(), schedule.actions().to_vec())?;
+            return Ok(ScheduleChoice::Custom(edited));
+        }
+    }
     Ok(ScheduleChoice::Custom(schedule))
 }
 
+/// The stage and micro-batch counts: the flags, else a schedule file's own, else the defaults.
+/// Flags that disagree with a file are an error naming both.
+fn layout_counts(choice: &ScheduleChoice, stages: Option<usize>, microbatches: Option<usize>, defaults: (usize, usize)) -> Result<(usize, usize)> {
+    let (p, m) = match choice {
+        ScheduleChoice::Custom(s) => {
+            for (flag, given, own) in [("--stages", stages, s.stages()), ("--microbatches", microbatches, s.microbatches())] {
+                if given.is_some_and(|g| g != own) {
+                    bail!(
+                        "{flag} {} disagrees with the schedule file, which is for {} and {}; drop the flag or edit the file",
+                        given.unwrap_or_default(),
+                        plural(s.stages(), "stage", "stages"),
+                        plural(s.microbatches(), "micro-batch", "micro-batches")
+                    );
+                }
+            }
+            (s.stages(), s.microbatches())
+        }
+        _ => (stages.unwrap_or(defaults.0), microbatches.unwrap_or(defaults.1)),
+    };
+    if p == 0 {
+        bail!("a pipeline needs at least one stage (--stages 0)");
+    }
+    if m == 0 {
+        bail!("--microbatches must be at least 1");
+    }
+    Ok((p, m))
+}
+
+/// The most actions `brigade schedule` draws: a grid wider than this is unreadable, and a far
+/// larger one (a typo of a few zeros) would exhaust memory instead of printing.
+const MAX_DRAWN_ACTIONS: usize = 1_000_000;
+
 fn schedule(args: ScheduleArgs) -> Result<()> {
-    let schedule = match schedule_choice(&args.schedule)? {
-        ScheduleChoice::Kind(kind) => kind.build(args.stages, args.microbatches)?,
+    let choice = schedule_choice(&args.schedule)?;
+    let (stages, microbatches) = layout_counts(&choice, args.stages, args.microbatches, (4, 8))?;
+    let schedule = match choice {
+        ScheduleChoice::Kind(kind) => {
+            let actions = stages.saturating_mul(microbatches).saturating_mul(2);
+            if actions > MAX_DRAWN_ACTIONS {
+                bail!(
+                    "{stages} stages x {microbatches} micro-batches is {actions} actions, more than the {MAX_DRAWN_ACTIONS} \
+                     `brigade schedule` draws; use fewer"
+                );
+            }
+            kind.build(stages, microbatches)?
+        }
         ScheduleChoice::Custom(s) => s,
     };
     let timeline = schedule.timeline(ActionCosts::default());
@@ -268,9 +323,6 @@ fn check_train_args(args: &TrainArgs) -> Result<()> {
     }
     if args.threads_per_stage == Some(0) {
         bail!("--threads-per-stage must be at least 1");
-    }
-    if args.microbatches == 0 {
-        bail!("--microbatches must be at least 1");
     }
     if let Some(init) = &args.init_from {
         if !init.exists() {
@@ -356,6 +408,8 @@ fn plural(n: usize, one: &str, many: &str) -> String {
 
 fn train(args: TrainArgs) -> Result<()> {
     check_train_args(&args)?;
+    let schedule = schedule_choice(&args.schedule)?;
+    let (stages, microbatches) = layout_counts(&schedule, args.stages, args.microbatches, (2, 4))?;
     // The model and data: from the checkpoint when resuming, else the preset (with overrides),
     // possibly starting from imported weights.
     let resumed = args.resume.as_ref().map(|r| brigade::checkpoint::open(r)).transpose()?;
@@ -404,8 +458,8 @@ fn train(args: TrainArgs) -> Result<()> {
     };
     let mut partition = partition_strategy(&args)?;
     if partition == PartitionStrategy::BalancedTime(Vec::new()) {
-        let threads = args.threads_per_stage.unwrap_or_else(|| cmd::default_threads(args.stages));
-        let mb = (args.batch_size / args.microbatches.max(1)).max(1);
+        let threads = args.threads_per_stage.unwrap_or_else(|| cmd::default_threads(stages));
+        let mb = (args.batch_size / microbatches).max(1);
         partition = cmd::profile::balanced_time(model.as_ref(), &data, mb, args.model.context, threads, args.seed)?;
     }
     let steps = args.steps.unwrap_or_else(|| resumed.as_ref().map_or(1000, |(c, _, _)| c.meta.training.total_steps));
@@ -414,6 +468,17 @@ fn train(args: TrainArgs) -> Result<()> {
         if steps > horizon {
             println!("note     the checkpoint's learning-rate schedule ends at step {horizon}; later steps use its final rate");
         }
+    }
+    {
+        // Refused before any of it is allocated (a resumed run: its checkpoint's config and batch).
+        let config = brigade::models::ModelConfig::from_json(&model.config())?;
+        let batch = resumed.as_ref().map_or(args.batch_size, |(c, _, _)| c.meta.training.batch_size);
+        let states = match args.optimizer {
+            OptimizerArg::Adamw => 2,
+            OptimizerArg::Sgd => 1,
+        };
+        let (needed, detail) = cmd::model::training_memory(&config, (batch / microbatches).max(1), args.model.context, states);
+        cmd::model::check_fits(&format!("training {}", model.name()), needed, &detail)?;
     }
     let start = resumed.as_ref().map_or(0, |(c, _, _)| c.meta.step);
     if steps <= start {
@@ -434,10 +499,10 @@ fn train(args: TrainArgs) -> Result<()> {
         _ => unreachable!("default optimizer configs have their own variants"),
     };
     let mut pipeline = PipelineConfig::default()
-        .stages(args.stages)
+        .stages(stages)
         .partition(partition)
-        .schedule(schedule_choice(&args.schedule)?)
-        .microbatches(args.microbatches)
+        .schedule(schedule)
+        .microbatches(microbatches)
         .optimizer(optimizer)
         .lr(lr)
         .grad_clip((args.grad_clip > 0.0).then_some(args.grad_clip))
@@ -466,7 +531,7 @@ fn train(args: TrainArgs) -> Result<()> {
         (Some(path), Some(_)) => {
             let started = std::time::Instant::now();
             let trainer = Trainer::resume(path, data, pipeline, options)?;
-            println!("loaded   checkpoint into {} in {:.2}s", plural(args.stages, "stage", "stages"), started.elapsed().as_secs_f64());
+            println!("loaded   checkpoint into {} in {:.2}s", plural(stages, "stage", "stages"), started.elapsed().as_secs_f64());
             trainer
         }
         _ => {

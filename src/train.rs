@@ -214,6 +214,18 @@ impl Trainer {
                 }
                 tokens.check_vocab(vocab)?;
                 tokens.check_context(ctx)?;
+                // More held-out sequences than the split has would only repeat them (and a huge
+                // count would run for hours with nothing to show).
+                let distinct = tokens.val_len().saturating_sub(ctx);
+                let asked = options.eval_batches.saturating_mul(options.batch_size);
+                if asked > distinct.max(options.batch_size) {
+                    return Err(Error::Config(format!(
+                        "--eval-batches {} asks for {asked} held-out sequences of {ctx} tokens, but the held-out split has only \
+                         {distinct} distinct ones; use --eval-batches {} or fewer",
+                        options.eval_batches,
+                        (distinct / options.batch_size).max(1)
+                    )));
+                }
                 ctx
             }
             (Dataset::Images(images), InputKind::Images { channels }) => {

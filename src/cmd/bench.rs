@@ -101,6 +101,7 @@ fn layouts(specs: &[String], partition: &str) -> Result<Vec<(usize, PartitionStr
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    brigade::engine::checkpoint::refuse_inside_checkpoint(&args.out, "--out")?;
     let layouts = layouts(&args.layouts, &args.partition)?;
     let schedules = super::schedules(&args.schedules)?;
     let optimizer = super::optimizer(&args.optimizer)?;

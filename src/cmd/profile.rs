@@ -44,6 +44,9 @@ pub struct ProfileArgs {
 
 pub fn run(args: ProfileArgs) -> Result<()> {
     check_device(&args.device)?;
+    if let Some(out) = &args.out {
+        brigade::engine::checkpoint::refuse_inside_checkpoint(out, "--out")?;
+    }
     if args.microbatch_size == 0 {
         bail!("--microbatch-size must be at least 1");
     }
