@@ -95,6 +95,8 @@ pub fn export(checkpoint: &Path, out: &Path, dtype: ExportDtype, max_shard_bytes
     // Validates every tensor (names, shapes, dtypes) before writing anything.
     let expected = expected_weights(model.as_ref(), &[DType::F32]);
     ckpt.weights.check_mapped(&expected, |n| Some(n.to_string()), "parameter or buffer")?;
+    // And their checksums, before the output directory is touched.
+    ckpt.weights.verify_now()?;
     let listing = ckpt.weights.listing();
     let target = dtype.dtype();
     let out_dtype = |d: DType| if d.is_float() { target } else { d };

@@ -167,7 +167,10 @@ struct ScheduleArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let result = match cli.command {
         Command::Train(args) => train(args),
         Command::Schedule(args) => schedule(args),
@@ -188,6 +191,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Command-line syntax errors: exit code 2 (1 is every other error), and like every other
+/// error one `error:` line naming the problem (clap spreads some over several lines), then
+/// clap's hint. `--help` and `--version` print as usual and exit 0.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+        let _ = e.print();
+        return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+    }
+    let rendered = e.render().to_string();
+    let mut paragraphs = rendered.split("\n\n");
+    let first = paragraphs.next().unwrap_or_default();
+    let line = first.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+    eprintln!("{line}");
+    if let Some(hint) = rendered.lines().rev().find(|l| l.contains("--help")) {
+        eprintln!("{}", hint.trim());
+    }
+    ExitCode::from(2)
 }
 
 /// The error and its causes on one line, skipping causes a message already spells out.
