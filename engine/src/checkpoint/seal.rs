@@ -137,20 +137,31 @@ impl LazyCheck {
 /// `data`, by checking that the exponent bits are not all ones. Integer dtypes have none.
 pub fn first_non_finite(dtype: safetensors::Dtype, data: &[u8]) -> Option<usize> {
     use safetensors::Dtype as D;
-    fn scan<const N: usize>(data: &[u8], exponent: u64) -> Option<usize> {
-        data.chunks_exact(N).position(|c| {
-            let mut bits = [0u8; 8];
-            bits[..N].copy_from_slice(c);
-            u64::from_le_bytes(bits) & exponent == exponent
-        })
-    }
     match dtype {
-        D::F32 => data.chunks_exact(4).position(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000),
+        D::F32 => scan::<4>(data, 0x7f80_0000),
         D::F64 => scan::<8>(data, 0x7ff0_0000_0000_0000),
         D::F16 => scan::<2>(data, 0x7c00),
         D::BF16 => scan::<2>(data, 0x7f80),
         _ => None,
     }
+}
+
+/// [`first_non_finite`] for `N`-byte floats whose exponent bits are `exponent`. Every load and
+/// save scans all tensor bytes, so the common case (nothing found) runs branch-free over
+/// blocks, which the compiler vectorises; only a block that has a hit is searched again.
+fn scan<const N: usize>(data: &[u8], exponent: u64) -> Option<usize> {
+    const BLOCK: usize = 1024;
+    let bad = |c: &[u8]| {
+        let mut bits = [0u8; 8];
+        bits[..N].copy_from_slice(c);
+        u64::from_le_bytes(bits) & exponent == exponent
+    };
+    for (b, block) in data.chunks(BLOCK * N).enumerate() {
+        if block.chunks_exact(N).fold(false, |any, c| any | bad(c)) {
+            return block.chunks_exact(N).position(bad).map(|i| b * BLOCK + i);
+        }
+    }
+    None
 }
 
 /// Records the checksum of every file in the checkpoint directory `dir` (being committed) in
