@@ -11,6 +11,7 @@
 //!   optimizer.safetensors.index.json    the same for optimizer state: <param>.exp_avg, .exp_avg_sq, .step
 //!   optimizer-0000k-of-0000n.safetensors
 //!   training_state.safetensors          global step, LR-schedule position, data position, RNG seed
+//!   checksums.json                      every other file's size and xxh3 checksum (see `seal`)
 //! ```
 //!
 //! Names are the model's canonical ones (the whole model's, tied weights once), so a checkpoint
@@ -18,7 +19,9 @@
 //! shards, validates every tensor against what the model expects, and hands each stage its part.
 //! Each stage writes its own shards from its own thread (see `Pipeline::save_checkpoint`); the
 //! directory is assembled under a temporary name and renamed into place only when complete, so
-//! a crash mid-save leaves the previous checkpoint as it was.
+//! a crash mid-save leaves the previous checkpoint as it was. Before that rename the directory
+//! is sealed: refused if any tensor is not finite, else its checksums recorded, which every
+//! later read verifies. A save directory is locked by the run saving into it (`savedir`).
 
 mod atomic;
 mod files;
