@@ -126,7 +126,7 @@ fn claim_save_dir(policy: &CheckpointPolicy, resumed: Option<&CheckpointMeta>) -
     if let (Some(why), false) = (why, policy.overwrite) {
         let d = policy.dir.display();
         let hint = if resumed.is_some() {
-            format!("choose another --save-dir, or pass --overwrite to replace them")
+            "choose another --save-dir, or pass --overwrite to replace them".to_string()
         } else {
             format!("continue that run with --resume {d}, choose another --save-dir, or pass --overwrite to replace them")
         };

@@ -223,7 +223,7 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
         (vec!["profile", "--out", &in_profile], 1, "--out is inside the checkpoint"),
         (vec!["profile", "--microbatch-size", "0"], 1, "--microbatch-size must be at least 1"),
         (vec!["profile", "--device", "cuda"], 1, "device \"cuda\" is not available"),
-        (vec!["profile", "--optimizer", "adam"], 1, "unknown optimizer \"adam\""),
+        (vec!["profile", "--optimizer", "adam"], 2, "invalid value 'adam'"),
         (vec!["bench", "--out", &in_bench], 1, "--out is inside the checkpoint"),
     ];
     assert!(cases.len() >= 60, "only {} cases", cases.len());

@@ -38,7 +38,7 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         .with_context(|| format!("cannot read profile {}", args.profile.display()))?;
     let profile: Profile = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a profile written by `brigade profile`", args.profile.display()))?;
-    let schedule = match crate::schedule_choice(&args.schedule)? {
+    let schedule = match super::schedule::schedule_choice(&args.schedule)? {
         ScheduleChoice::Kind(kind) => kind.build(args.stages, args.microbatches)?,
         ScheduleChoice::Custom(s) => {
             if s.stages() != args.stages || s.microbatches() != args.microbatches {
