@@ -77,7 +77,9 @@ fn unwritable(dir: &Path, e: std::io::Error) -> CheckpointError {
 /// A save creates a directory, files in it and renames; try exactly that now rather than after
 /// hours of training.
 fn check_writable(dir: &Path) -> Result<(), CheckpointError> {
-    let probe = dir.join(format!(".write-test-{}", std::process::id()));
+    // Named like a partial save, so a process killed right here leaves nothing that the
+    // dead-partial cleaning would not remove.
+    let probe = dir.join(format!(".write-test.partial-{}", std::process::id()));
     let result = std::fs::create_dir(&probe)
         .and_then(|()| std::fs::write(probe.join("probe"), b"brigade"))
         .and_then(|()| std::fs::rename(probe.join("probe"), probe.join("renamed")));

@@ -243,3 +243,53 @@ pub fn verify_all(dir: &Path, sums: &Checksums) -> Result<(usize, u64), Checkpoi
     }
     Ok((sums.files.len(), bytes))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::Dtype as D;
+
+    fn bytes_f32(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn non_finite_values_are_found_at_their_index_in_every_float_dtype() {
+        // Across a block boundary (1024 elements), and the largest finite values are fine.
+        let mut v = vec![f32::MAX; 3000];
+        v[0] = f32::MIN;
+        assert_eq!(first_non_finite(D::F32, &bytes_f32(&v)), None);
+        for (i, bad) in [(0, f32::NAN), (1023, f32::INFINITY), (1024, f32::NEG_INFINITY), (2999, f32::NAN)] {
+            let mut w = v.clone();
+            w[i] = bad;
+            assert_eq!(first_non_finite(D::F32, &bytes_f32(&w)), Some(i), "{bad} at {i}");
+        }
+        let f64s: Vec<u8> = [1.0f64, f64::MAX, f64::NAN].iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(first_non_finite(D::F64, &f64s), Some(2));
+        // f16: 0x7bff is the largest finite, 0x7c00 infinity; bf16: 0x7f7f finite, 0x7f80 infinity.
+        let f16s: Vec<u8> = [0x3c00u16, 0x7bff, 0xfc00].iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(first_non_finite(D::F16, &f16s), Some(2));
+        let bf16s: Vec<u8> = [0x7f7fu16, 0x7fc0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(first_non_finite(D::BF16, &bf16s), Some(1));
+        // Integers have no non-finite values, whatever their bits.
+        assert_eq!(first_non_finite(D::I64, &[0xff; 16]), None);
+    }
+
+    #[test]
+    fn a_changed_or_truncated_file_fails_verification() {
+        let data = b"some checkpoint bytes".to_vec();
+        let sum = FileSum::of(&data);
+        let path = Path::new("f.safetensors");
+        verify_bytes(path, &data, &sum).unwrap();
+        let mut flipped = data.clone();
+        flipped[3] ^= 1;
+        let err = verify_bytes(path, &flipped, &sum).unwrap_err().to_string();
+        assert!(err.contains("f.safetensors") && err.contains("checksum mismatch"), "{err}");
+        let err = verify_bytes(path, &data[..10], &sum).unwrap_err().to_string();
+        assert!(err.contains("is 10 bytes, but was saved as 21 bytes"), "{err}");
+        // The result is kept: a second read of a bad file fails the same way without rehashing.
+        let check = LazyCheck::new(sum);
+        assert!(check.verify(path, &flipped).is_err());
+        assert!(check.verify(path, &data).is_err(), "a file found bad stays bad for this load");
+    }
+}
