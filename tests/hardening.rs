@@ -225,6 +225,8 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
         (vec!["profile", "--device", "cuda"], 1, "device \"cuda\" is not available"),
         (vec!["profile", "--optimizer", "adam"], 2, "invalid value 'adam'"),
         (vec!["bench", "--out", &in_bench], 1, "--out is inside the checkpoint"),
+        (vec!["simulate", "--profile", "/nonexistent/profile.json"], 1, "cannot read profile /nonexistent/profile.json"),
+        (vec!["simulate", "--profile", &not_st], 1, "is not a profile written by `brigade profile`"),
     ];
     assert!(cases.len() >= 60, "only {} cases", cases.len());
     for (args, code, needle) in &cases {

@@ -85,26 +85,32 @@ pub fn layout_counts(choice: &ScheduleChoice, stages: Option<usize>, microbatche
     Ok((p, m))
 }
 
-/// The most actions `brigade schedule` draws: a grid wider than this is unreadable, and a far
-/// larger one (a typo of a few zeros) would exhaust memory instead of printing.
+/// The most actions `brigade schedule` draws (and `simulate` times): a grid wider than this is
+/// unreadable, and a far larger one (a typo of a few zeros) would exhaust memory instead.
 const MAX_DRAWN_ACTIONS: usize = 1_000_000;
 
-pub fn run(args: ScheduleArgs) -> Result<()> {
-    let choice = schedule_choice(&args.schedule)?;
-    let (stages, microbatches) = layout_counts(&choice, args.stages, args.microbatches, (4, 8))?;
-    let schedule = match choice {
+/// The schedule a choice means at these counts; a built-in one too large to build (a typo of a
+/// few zeros) is refused instead of exhausting memory. `what` names the command, for the message.
+pub fn build_schedule(choice: ScheduleChoice, stages: usize, microbatches: usize, what: &str) -> Result<Schedule> {
+    match choice {
         ScheduleChoice::Kind(kind) => {
             let actions = stages.saturating_mul(microbatches).saturating_mul(2);
             if actions > MAX_DRAWN_ACTIONS {
                 bail!(
                     "{stages} stages x {microbatches} micro-batches is {actions} actions, more than the {MAX_DRAWN_ACTIONS} \
-                     `brigade schedule` draws; use fewer"
+                     `{what}` handles; use fewer"
                 );
             }
-            kind.build(stages, microbatches)?
+            Ok(kind.build(stages, microbatches)?)
         }
-        ScheduleChoice::Custom(s) => s,
-    };
+        ScheduleChoice::Custom(s) => Ok(s),
+    }
+}
+
+pub fn run(args: ScheduleArgs) -> Result<()> {
+    let choice = schedule_choice(&args.schedule)?;
+    let (stages, microbatches) = layout_counts(&choice, args.stages, args.microbatches, (4, 8))?;
+    let schedule = build_schedule(choice, stages, microbatches, "brigade schedule")?;
     let timeline = schedule.timeline(ActionCosts::default());
     match args.format {
         ScheduleFormat::Grid => println!("{}", schedule.grid().trim_end()),
