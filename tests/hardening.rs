@@ -161,6 +161,7 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
         (vec!["train", "--save-dir", &s], 1, "already holds 1 checkpoint(s) of another run"),
         (vec!["train", "--save-dir", &st], 1, "is inside the checkpoint"),
         (vec!["train", "--save-dir", &save_as_file], 1, "is a file, not a directory"),
+        (vec!["train", "--save-dir", &out_dir, "--keep-last", "0"], 1, "--keep-last 0 would keep no checkpoint"),
         (vec!["train", "--save-dir", "/proc/brigade-cannot-write-here"], 1, "cannot be written"),
         (vec!["train", "--resume", &s, "--save-dir", &st], 1, "is inside the checkpoint"),
         (vec!["train", "--resume", &s, "--model", "resnet-tiny"], 1, "checkpoint, but this run asks for resnet-tiny"),

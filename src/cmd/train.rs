@@ -125,6 +125,9 @@ fn check_train_args(args: &TrainArgs) -> Result<()> {
     if !args.grad_clip.is_finite() || args.grad_clip < 0.0 {
         bail!("--grad-clip must be a finite, non-negative norm (0 disables clipping), got {}", args.grad_clip);
     }
+    if args.keep_last == Some(0) {
+        bail!("--keep-last 0 would keep no checkpoint; keep at least 1 (the newest is never deleted)");
+    }
     if args.threads_per_stage == Some(0) {
         bail!("--threads-per-stage must be at least 1");
     }
