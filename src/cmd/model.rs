@@ -101,7 +101,14 @@ impl ModelArgs {
     pub fn model_and_data(&self, seed: u64) -> Result<(Arc<dyn PipelineModel>, Dataset)> {
         let config = self.config()?;
         let data = self.data_for(&config, seed)?;
-        Ok((fit_to_data(config, &data).build()?, data))
+        let config = fit_to_data(config, &data);
+        // Every command that builds a model trains or profiles at least one example through
+        // it: refuse what cannot fit before any of it is allocated (building the layer list
+        // allocates nothing).
+        let model = config.build()?;
+        let (needed, detail) = training_memory(&config, 1, self.context, 2);
+        check_fits(&format!("{} with AdamW", model.name()), needed, &detail)?;
+        Ok((model, data))
     }
 }
 
