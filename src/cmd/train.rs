@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use brigade::engine::optim::LrSchedule;
+use brigade::engine::plan::human_bytes;
 use brigade::engine::partition::PartitionStrategy;
 use brigade::engine::pipeline::{PipelineConfig, ScheduleChoice};
 use brigade::engine::PipelineModel;
@@ -266,6 +267,28 @@ fn model_and_data(args: &TrainArgs) -> Result<(Arc<dyn PipelineModel>, Dataset, 
     Ok((model, data, Start::Import(weights)))
 }
 
+/// A save directory whose file system cannot hold even one checkpoint is refused now, not when
+/// the first save fails hours later. The estimate: the weights and the optimizer state, f32.
+fn check_disk_space(dir: &std::path::Path, params: usize, optimizer_states: usize) -> Result<()> {
+    let needed = params as f64 * 4.0 * (1.0 + optimizer_states as f64);
+    // The directory may not exist yet: its nearest existing ancestor is on the same file system.
+    let Some(existing) = std::path::absolute(dir).ok().and_then(|d| d.ancestors().find(|a| a.exists()).map(|a| a.to_path_buf())) else {
+        return Ok(());
+    };
+    if let Ok(free) = fs4::available_space(&existing) {
+        if needed > free as f64 {
+            bail!(
+                "--save-dir {} has {} free, but one checkpoint of this model takes about {} (weights and optimizer state); \
+                 free some space or save elsewhere",
+                dir.display(),
+                human_bytes(free),
+                human_bytes(needed as u64)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The pipeline's settings from the flags (a resume then takes the optimizer, LR schedule,
 /// clipping and seed from its checkpoint).
 fn pipeline_config(args: &TrainArgs, schedule: ScheduleChoice, layout: (usize, usize), partition: PartitionStrategy, steps: u64) -> PipelineConfig {
@@ -340,6 +363,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let (needed, detail) = super::model::training_memory(&config, (batch / microbatches).max(1), args.model.context, args.optimizer.states());
     super::model::check_fits(&format!("training {}", model.name()), needed, &detail)?;
 
+    if let Some(dir) = &args.save_dir {
+        check_disk_space(dir, model.num_params(), args.optimizer.states())?;
+    }
     let mut pipeline = pipeline_config(&args, schedule, (stages, microbatches), partition, steps);
     let options = train_options(&args, steps);
     println!("model    {}", model.name());
