@@ -275,7 +275,9 @@ fn check_disk_space(dir: &std::path::Path, params: usize, optimizer_states: usiz
     let Some(existing) = std::path::absolute(dir).ok().and_then(|d| d.ancestors().find(|a| a.exists()).map(|a| a.to_path_buf())) else {
         return Ok(());
     };
-    if let Ok(free) = fs4::available_space(&existing) {
+    // A pseudo file system (/proc) reports no size at all: nothing to judge by there.
+    let total = fs4::total_space(&existing).unwrap_or(0);
+    if let (Ok(free), true) = (fs4::available_space(&existing), total > 0) {
         if needed > free as f64 {
             bail!(
                 "--save-dir {} has {} free, but one checkpoint of this model takes about {} (weights and optimizer state); \
