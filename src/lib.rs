@@ -22,6 +22,7 @@ pub mod train;
 
 /// Everything a training script usually needs.
 pub mod prelude {
+    pub use crate::engine::compute::Recompute;
     pub use crate::engine::optim::{LrSchedule, OptimizerConfig};
     pub use crate::engine::partition::{Partition, PartitionStrategy};
     pub use crate::engine::pipeline::{EvalStats, Pipeline, PipelineConfig, StepStats};

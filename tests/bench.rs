@@ -55,6 +55,47 @@ fn step_stats_time_every_action_in_schedule_order_and_stash_follows_schedule_dep
 }
 
 #[test]
+fn recomputation_stashes_only_stage_inputs_and_the_profile_predicts_its_peak() {
+    // gpt-tiny on 2 stages: with recomputation a stage keeps only its received input per
+    // micro-batch, plus, while one backward reruns its forward, that micro-batch's full
+    // activations. The simulator's memory model predicts the measured peak to the byte.
+    let model = brigade::models::preset("gpt-tiny").unwrap();
+    let data = Dataset::Tokens(TokenDataset::embedded(0));
+    let (x, y) = batch(&data, model.as_ref(), 0, 8, Some(32), 0).unwrap();
+    let profile = profile_on_data(model.as_ref(), &data, 2, Some(32), &quick_profile_options()).unwrap();
+    for kind in [ScheduleKind::GPipe, ScheduleKind::OneFOneB] {
+        let mut peaks = Vec::new();
+        for recompute in [Recompute::Off, Recompute::Full] {
+            let config =
+                PipelineConfig::default().stages(2).schedule(kind).microbatches(4).threads_per_stage(1).recompute(recompute);
+            let mut pipeline = Pipeline::new(model.as_ref(), config).unwrap();
+            let stats = pipeline.train_step(&x, &y).unwrap();
+            let costs = StageCosts::from_profile_with(&profile, pipeline.partition(), recompute).unwrap();
+            let predicted = predict(pipeline.schedule(), &costs).unwrap();
+            for s in 0..2 {
+                assert_eq!(
+                    predicted.peak_memory[s] - costs.static_bytes[s],
+                    stats.peak_stash_bytes[s],
+                    "{kind} {recompute:?} stage {s}"
+                );
+            }
+            peaks.push(stats.peak_stash_bytes.clone());
+        }
+        let (off, full) = (&peaks[0], &peaks[1]);
+        let schedule = kind.build(2, 4).unwrap();
+        for s in 0..2 {
+            // A stage holding one micro-batch at a time (1F1B's last) rebuilds just as much.
+            if schedule.peak_in_flight(s) == 1 {
+                assert_eq!(full[s], off[s], "{kind} stage {s}");
+            } else {
+                assert!(full[s] < off[s], "{kind} stage {s}: recomputation kept {} bytes vs {}", full[s], off[s]);
+            }
+        }
+        eprintln!("{kind}: peak stash per stage without recomputation {off:?}, with {full:?}");
+    }
+}
+
+#[test]
 fn profile_reports_sizes_from_shapes_and_positive_times() {
     let model = brigade::models::preset("gpt-tiny").unwrap();
     let data = Dataset::Tokens(TokenDataset::embedded(0));

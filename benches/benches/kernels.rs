@@ -4,12 +4,16 @@
 //! the timing covers what a training step pays: the forward, candle's graph walk and the
 //! backward kernels. The reduction and graph overhead are identical for both variants.
 //!
+//! The `vmath ...` groups time the vectorised f32 math alone (one thread, no candle) against the
+//! scalar libm loops the kernels ran before, once per instruction-set version this CPU has.
+//!
 //! Run: `cargo bench -p brigade-benches --bench kernels -- --warm-up-time 1 --measurement-time 3`
 
 use std::hint::black_box;
 
 use brigade_kernels as k;
 use brigade_kernels::reference as r;
+use brigade_kernels::vmath;
 use candle_core::{Device, Result, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
 
@@ -136,8 +140,117 @@ fn bench_gelu(c: &mut Criterion) {
     );
 }
 
+// ---- elementwise math: scalar libm vs brigade_kernels::vmath, per instruction set ---------------
+
+const GELU_A: f32 = 0.797_884_6;
+const GELU_B: f32 = 0.044_715;
+
+/// The f32 GELU forward the kernel ran before `vmath` (scalar `tanhf`), kept here as the baseline.
+fn gelu_fwd_scalar(x: &[f32], y: &mut [f32]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = 0.5 * v * (1.0 + (GELU_A * v * (1.0 + GELU_B * v * v)).tanh());
+    }
+}
+
+/// The f32 GELU backward the kernel ran before `vmath`.
+fn gelu_bwd_scalar(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+        let t = (GELU_A * v * (1.0 + GELU_B * v * v)).tanh();
+        let du = GELU_A * (1.0 + 3.0 * GELU_B * v * v);
+        *o = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
+    }
+}
+
+/// Softmax rows of 128 the way the kernel ran them before `vmath` (scalar `expf`, sequential
+/// sums): max, exp + sum, scale.
+fn softmax_rows_scalar(x: &[f32], y: &mut [f32], c: usize) {
+    for (xr, yr) in x.chunks(c).zip(y.chunks_mut(c)) {
+        let max = xr
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+        let mut sum = 0.0;
+        for (o, &v) in yr.iter_mut().zip(xr) {
+            *o = (v - max).exp();
+            sum += *o;
+        }
+        let inv = 1.0 / sum;
+        yr.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+fn softmax_rows_vmath(isa: vmath::Isa, x: &[f32], y: &mut [f32], c: usize) {
+    for (xr, yr) in x.chunks(c).zip(y.chunks_mut(c)) {
+        let max = isa.max(xr);
+        let inv = 1.0 / isa.exp_shift_sum(xr, max, yr);
+        yr.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+/// One thread, 1M elements (the size of a GPT MLP activation slice): the per-element cost of
+/// each version without rayon or candle around it.
+fn bench_vmath(c: &mut Criterion) {
+    let n = 1 << 20;
+    let x = data(&[n], 8).to_vec1::<f32>().unwrap();
+    let x: Vec<f32> = x.iter().map(|v| v * 2.5).collect(); // [-5, 5): GELU's busy range
+    let dy = data(&[n], 9).to_vec1::<f32>().unwrap();
+    let mut out = vec![0.0f32; n];
+    let isas = vmath::Isa::all_available();
+
+    // exp on [-5, 0], where softmax's shifted inputs live.
+    let neg: Vec<f32> = x.iter().map(|v| -v.abs()).collect();
+    let mut g = c.benchmark_group("vmath exp 1M");
+    g.bench_function("scalar libm", |b| {
+        b.iter(|| out.iter_mut().zip(&neg).for_each(|(o, &v)| *o = v.exp()))
+    });
+    for &isa in &isas {
+        g.bench_function(format!("{isa:?}"), |b| b.iter(|| isa.exp(&neg, &mut out)));
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("vmath tanh 1M");
+    g.bench_function("scalar libm", |b| {
+        b.iter(|| out.iter_mut().zip(&x).for_each(|(o, &v)| *o = v.tanh()))
+    });
+    for &isa in &isas {
+        g.bench_function(format!("{isa:?}"), |b| b.iter(|| isa.tanh(&x, &mut out)));
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("vmath gelu fwd 1M");
+    g.bench_function("scalar libm", |b| b.iter(|| gelu_fwd_scalar(&x, &mut out)));
+    for &isa in &isas {
+        g.bench_function(format!("{isa:?}"), |b| {
+            b.iter(|| isa.gelu_tanh_fwd(&x, &mut out))
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("vmath gelu bwd 1M");
+    g.bench_function("scalar libm", |b| {
+        b.iter(|| gelu_bwd_scalar(&x, &dy, &mut out))
+    });
+    for &isa in &isas {
+        g.bench_function(format!("{isa:?}"), |b| {
+            b.iter(|| isa.gelu_tanh_bwd(&x, &dy, &mut out))
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("vmath softmax rows 8192x128");
+    g.bench_function("scalar libm", |b| {
+        b.iter(|| softmax_rows_scalar(&x, &mut out, 128))
+    });
+    for &isa in &isas {
+        g.bench_function(format!("{isa:?}"), |b| {
+            b.iter(|| softmax_rows_vmath(isa, &x, &mut out, 128))
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    bench_vmath,
     bench_layer_norm,
     bench_softmax,
     bench_cross_entropy,

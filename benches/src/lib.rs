@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use brigade_engine::{InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, PipelineModel};
+use brigade_engine::{
+    Gradients, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, Pass, PipelineModel, Saved,
+};
 use candle_core::{DType, Device, Result, Tensor};
 
 /// `layers` parameter-free layers on `(B, width, 1, 1)` "images"; the loss is cross-entropy
@@ -24,6 +26,16 @@ impl Layer for Identity {
     fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
         // (B, W, 1, 1) -> (B, W); idempotent after the first layer.
         x.flatten_from(1)
+    }
+    fn forward_train(&mut self, x: &Tensor, _pass: Pass) -> Result<(Tensor, Saved)> {
+        Ok((x.flatten_from(1)?, Saved::new(x.dims().to_vec(), &[])))
+    }
+    fn backward_input(&mut self, saved: Saved, dy: &Tensor, _need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
+        let dims: Vec<usize> = saved.take("identity")?;
+        Ok((Some(dy.reshape(dims)?), Saved::empty()))
+    }
+    fn backward_weight(&mut self, _saved: Saved, _grads: &mut Gradients) -> Result<()> {
+        Ok(())
     }
 }
 

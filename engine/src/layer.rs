@@ -11,6 +11,7 @@
 //! each stage holds a copy and the executor sums the copies' gradients before the optimizer
 //! step, so the copies stay identical.
 
+use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -210,11 +211,123 @@ pub struct BufferSpec {
     pub dtype: DType,
 }
 
+/// Whether a training forward is a micro-batch's first or a recomputation before its backward
+/// (activation recomputation). Layers with side effects (BatchNorm's running statistics) apply
+/// them on the first pass only, so recomputing never counts a micro-batch twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    First,
+    Recompute,
+}
+
+/// What a layer's training forward keeps for its backward (or what its input-gradient step
+/// keeps for its weight-gradient step): a layer-specific value, opaque to the engine, plus
+/// handles to the tensors it holds so the engine can count the stash's bytes.
+pub struct Saved {
+    value: Box<dyn Any + Send>,
+    tensors: Vec<Tensor>,
+}
+
+impl Saved {
+    /// Wraps `value`, which keeps `tensors` alive (listed for memory accounting only).
+    pub fn new<T: Any + Send>(value: T, tensors: &[&Tensor]) -> Self {
+        Self { value: Box::new(value), tensors: tensors.iter().map(|t| (*t).clone()).collect() }
+    }
+
+    /// Wraps `value` with handles to the tensors it keeps (collected before `value` took them).
+    pub fn with_handles<T: Any + Send>(value: T, tensors: Vec<Tensor>) -> Self {
+        Self { value: Box::new(value), tensors }
+    }
+
+    /// Nothing saved (a layer whose backward needs nothing, e.g. an identity).
+    pub fn empty() -> Self {
+        Self::new((), &[])
+    }
+
+    /// The tensors this holds, for memory accounting.
+    pub fn tensors(&self) -> &[Tensor] {
+        &self.tensors
+    }
+
+    /// Takes the value back as the type the layer stored; `layer` names it in the error.
+    pub fn take<T: Any>(self, layer: &str) -> Result<T> {
+        match self.value.downcast::<T>() {
+            Ok(v) => Ok(*v),
+            Err(_) => candle_core::bail!("{layer}: backward got state saved by another layer"),
+        }
+    }
+}
+
+impl Debug for Saved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Saved").field("tensors", &self.tensors.len()).finish()
+    }
+}
+
+/// Weight gradients by parameter name, summed over micro-batches as a stage's `W` steps add
+/// them. The first gradient of a name is copied into storage of its own so later ones can be
+/// added in place (no fresh tensor per micro-batch).
+#[derive(Debug, Default)]
+pub struct Gradients {
+    by_name: BTreeMap<String, Tensor>,
+}
+
+impl Gradients {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `grad` to the gradient of `name`.
+    pub fn add(&mut self, name: &str, grad: &Tensor) -> Result<()> {
+        match self.by_name.get(name) {
+            Some(acc) => brigade_kernels::accumulate(acc, grad),
+            None => {
+                // A fresh, contiguous allocation of its own (`copy` keeps a strided layout).
+                let own = if grad.is_contiguous() { grad.copy()? } else { grad.contiguous()? };
+                self.by_name.insert(name.to_string(), own);
+                Ok(())
+            }
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.by_name.get(name)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// Hands the sums out and starts over (end of a step).
+    pub fn take(&mut self) -> BTreeMap<String, Tensor> {
+        std::mem::take(&mut self.by_name)
+    }
+}
+
 /// A built layer, living on one stage's thread.
+///
+/// Two ways to run it:
+/// - [`Layer::forward`] through candle's autograd (any op on a variable records a graph): the
+///   single-device reference trains this way, and it is the independent yardstick.
+/// - The explicit training path the pipeline runs, on layers built over detached parameters
+///   ([`ParamStore::shared_view`]), so no graph exists at all: [`Layer::forward_train`] keeps
+///   what the backward needs, [`Layer::backward_input`] computes only the input gradient (plus
+///   what the weight step needs), and [`Layer::backward_weight`] computes the weight gradients
+///   and adds them into the stage's sums. Zero-bubble schedules run the last two apart.
 pub trait Layer: Send {
     /// Runs the layer on one micro-batch. `&mut self` because some layers (BatchNorm) update
     /// running statistics in training mode.
     fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor>;
+
+    /// Training forward of the explicit path: the output and what the backward needs.
+    fn forward_train(&mut self, x: &Tensor, pass: Pass) -> Result<(Tensor, Saved)>;
+
+    /// The input gradient for output gradient `dy` (`None` when `need_dx` is false: the
+    /// stage's first layer on data), and what [`Layer::backward_weight`] needs.
+    fn backward_input(&mut self, saved: Saved, dy: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, Saved)>;
+
+    /// The weight gradients, added into `grads` by parameter name.
+    fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()>;
 
     /// Non-trainable state that belongs in checkpoints (e.g. BatchNorm running statistics),
     /// under ecosystem names.

@@ -12,6 +12,7 @@
 //! - [`loss`]: the loss the last stage computes, normalised by the global batch.
 
 pub mod checkpoint;
+pub mod compute;
 pub mod error;
 pub mod layer;
 pub mod loss;
@@ -26,4 +27,6 @@ pub mod schedule;
 pub mod simulate;
 
 pub use error::EngineError;
-pub use layer::{BufferSpec, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, PipelineModel};
+pub use layer::{
+    BufferSpec, Gradients, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, Pass, PipelineModel, Saved,
+};

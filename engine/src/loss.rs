@@ -24,6 +24,17 @@ pub fn microbatch_loss(kind: LossKind, output: &Tensor, targets: &Tensor, global
     }
 }
 
+/// The gradient of [`microbatch_loss`] with respect to `output`, in `output`'s shape: the
+/// explicit backward the pipeline's last stage starts from.
+pub fn microbatch_loss_backward(kind: LossKind, output: &Tensor, targets: &Tensor, global_terms: usize) -> Result<Tensor> {
+    match kind {
+        LossKind::CrossEntropy => {
+            let (logits, targets) = flatten_for_classes(output, targets)?;
+            brigade_kernels::cross_entropy_sum_backward(&logits, &targets, 1.0 / global_terms as f64)?.reshape(output.shape())
+        }
+    }
+}
+
 /// Number of positions where the arg-max of `output` equals the target.
 pub fn correct_predictions(output: &Tensor, targets: &Tensor) -> Result<usize> {
     let (logits, targets) = flatten_for_classes(output, targets)?;

@@ -28,13 +28,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 
 use crate::error::{EngineError, Result};
-use crate::layer::{InputKind, Layer, LayerSpec, LossKind, Mode, ParamStore, PipelineModel};
+use crate::compute::{LossTarget, Recompute, StageCompute};
+use crate::layer::{InputKind, LayerSpec, LossKind, ParamStore, PipelineModel};
 use crate::loss::{correct_predictions, loss_terms, microbatch_loss};
-use crate::memory::{retained_bytes, tensor_bytes};
 use crate::optim::{LrSchedule, Optimizer, OptimizerConfig, ParamState};
 use crate::partition::{Partition, PartitionStrategy};
 use crate::schedule::{Action, ActionKind, Schedule, ScheduleKind};
@@ -106,6 +106,8 @@ pub struct PipelineConfig {
     /// A validated checkpoint each stage loads its own parameters, buffers and optimizer state
     /// from (instead of the three maps above).
     pub checkpoint: Option<Arc<crate::checkpoint::StageLoader>>,
+    /// What stages keep between a micro-batch's forward and its backward.
+    pub recompute: Recompute,
     pub fault: Option<Fault>,
 }
 
@@ -125,6 +127,7 @@ impl Default for PipelineConfig {
             initial_buffers: HashMap::new(),
             initial_optimizer_state: HashMap::new(),
             checkpoint: None,
+            recompute: Recompute::Off,
             fault: None,
         }
     }
@@ -177,6 +180,12 @@ impl PipelineConfig {
         self
     }
 
+    /// Activation recomputation for every stage.
+    pub fn recompute(mut self, recompute: Recompute) -> Self {
+        self.recompute = recompute;
+        self
+    }
+
     pub fn fault(mut self, fault: Fault) -> Self {
         self.fault = Some(fault);
         self
@@ -198,8 +207,9 @@ pub struct StepStats {
     pub stage_busy: Vec<Duration>,
     /// Each stage's actions in execution order, timed from the step's start (for timelines).
     pub stage_actions: Vec<Vec<ActionTiming>>,
-    /// Each stage's largest total of stashed activation bytes during the step, as the autograd
-    /// graph shows them ([`crate::memory::retained_bytes`] plus the received input).
+    /// Each stage's largest total of activation bytes kept for backward steps during the
+    /// step: measured at action boundaries from what the layers saved (each storage once),
+    /// and while a recomputed forward's activations are alive.
     pub peak_stash_bytes: Vec<u64>,
 }
 
@@ -393,6 +403,7 @@ impl Pipeline {
                 initial_buffers: config.initial_buffers.clone(),
                 initial_optimizer_state: config.initial_optimizer_state.clone(),
                 checkpoint: config.checkpoint.clone(),
+                recompute: config.recompute,
                 optimizer: config.optimizer,
                 loss: model.loss(),
                 tied: stage_tied,
@@ -895,6 +906,7 @@ struct StageSetup {
     initial_buffers: HashMap<String, Tensor>,
     initial_optimizer_state: HashMap<String, ParamState>,
     checkpoint: Option<Arc<crate::checkpoint::StageLoader>>,
+    recompute: Recompute,
     optimizer: OptimizerConfig,
     loss: LossKind,
     tied: Vec<String>,
@@ -925,11 +937,9 @@ struct StageWorker {
     index: usize,
     is_first: bool,
     is_last: bool,
-    layers: Vec<Box<dyn Layer>>,
-    /// What the layers are built from (evaluation builds its own instances from them).
-    specs: Vec<Arc<dyn LayerSpec>>,
-    /// Evaluation's instances of the layers, on detached parameters; built on first use.
-    eval_layers: Vec<Box<dyn Layer>>,
+    /// The stage's math: its layers (built over detached views of `store`'s variables) and
+    /// everything in flight between forward and backward steps.
+    compute: StageCompute,
     store: ParamStore,
     optimizer: Optimizer,
     loss: LossKind,
@@ -939,28 +949,12 @@ struct StageWorker {
     next: Option<Sender<Msg>>,
     reports: Sender<Report>,
     fault: Option<Fault>,
-    /// Gradients accumulated over this step's micro-batches.
-    grads: BTreeMap<String, Tensor>,
     /// The previous step's gradients (tied copies summed, unclipped), for inspection.
     last_grads: BTreeMap<String, Tensor>,
     activations_in: HashMap<usize, Tensor>,
     gradients_in: HashMap<usize, Tensor>,
     reduced_in: Option<(Vec<(String, Tensor)>, f64)>,
-    stash: HashMap<usize, Stash>,
-    pending_weight_grads: HashMap<usize, Vec<(String, Tensor)>>,
     waiting: Duration,
-    /// Activation bytes currently stashed (sum of `Stash::bytes`).
-    stash_bytes: u64,
-}
-
-/// What a forward keeps for its backward.
-struct Stash {
-    /// The received activation as a `Var`, to read its gradient (None on the first stage).
-    input: Option<Var>,
-    /// The stage output; on the last stage, the micro-batch loss.
-    output: Tensor,
-    /// What this stash keeps alive, for the step's memory high-water mark.
-    bytes: u64,
 }
 
 fn run_stage(setup: StageSetup) {
@@ -1015,10 +1009,16 @@ impl StageWorker {
             setup.initial_optimizer_state = state.optimizer;
         }
         let mut store = ParamStore::new(Device::Cpu, setup.seed).with_overrides(setup.initial);
+        // The variables the optimizer updates in place; the layers compute on detached views of
+        // them, so no autograd graph is ever recorded (the layers own their backward).
+        for spec in crate::layer::unique_params(&setup.specs) {
+            store.get(&spec).map_err(|e| StageStop::Failed(None, format!("building layers: {e}")))?;
+        }
+        let mut view = store.shared_view();
         let mut layers = setup
             .specs
             .iter()
-            .map(|spec| spec.build(&mut store))
+            .map(|spec| spec.build(&mut view))
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(|e| StageStop::Failed(None, format!("building layers: {e}")))?;
         if !setup.initial_buffers.is_empty() {
@@ -1045,9 +1045,12 @@ impl StageWorker {
             index: setup.index,
             is_first: setup.index == 0,
             is_last: setup.index + 1 == setup.stages,
-            layers,
-            specs: setup.specs,
-            eval_layers: Vec::new(),
+            compute: StageCompute::new(
+                layers,
+                setup.index > 0,
+                (setup.index + 1 == setup.stages).then_some(setup.loss),
+                setup.recompute,
+            ),
             store,
             optimizer,
             loss: setup.loss,
@@ -1057,15 +1060,11 @@ impl StageWorker {
             next: setup.next,
             reports: setup.reports,
             fault: setup.fault,
-            grads: BTreeMap::new(),
             last_grads: BTreeMap::new(),
             activations_in: HashMap::new(),
             gradients_in: HashMap::new(),
             reduced_in: None,
-            stash: HashMap::new(),
-            pending_weight_grads: HashMap::new(),
             waiting: Duration::ZERO,
-            stash_bytes: 0,
         })
     }
 
@@ -1185,7 +1184,6 @@ impl StageWorker {
         lr: f64,
     ) -> StageResult<Outcome> {
         let mut outcome = Outcome::default();
-        self.stash_bytes = 0;
         for &action in schedule.stage_actions(self.index) {
             self.poll_abort()?;
             let poison_loss = self.inject_fault(Some(action))?;
@@ -1199,13 +1197,13 @@ impl StageWorker {
                 }
                 ActionKind::Backward => self.backward(mb, true),
                 ActionKind::BackwardInput => self.backward(mb, false),
-                ActionKind::BackwardWeight => self.backward_weight(mb),
+                ActionKind::BackwardWeight => Ok(self.compute.backward_weight(mb)?),
             };
             result.map_err(|e| with_action(e, action))?;
             // F and B wait for their input first: the action starts when it arrives.
             outcome.timings.push((action, action_start + (self.waiting - waited_before), Instant::now()));
-            outcome.peak_stash_bytes = outcome.peak_stash_bytes.max(self.stash_bytes);
         }
+        outcome.peak_stash_bytes = self.compute.take_peak_bytes();
         self.finish_step(lr)?;
         Ok(outcome)
     }
@@ -1221,36 +1219,6 @@ impl StageWorker {
         }
     }
 
-    fn forward_layers(&mut self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-        let mut h = x.clone();
-        for layer in self.layers.iter_mut() {
-            h = layer.forward(&h, mode)?;
-        }
-        Ok(h)
-    }
-
-    /// An evaluation forward: through a second set of this stage's layers built on detached
-    /// views of the same parameters, so candle records no autograd graph (it records one for
-    /// any op on a variable, backward or not) and intermediates are freed as soon as used.
-    /// BatchNorm statistics are copied over from the training layers first.
-    fn forward_eval(&mut self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if self.eval_layers.is_empty() {
-            let mut view = self.store.shared_view();
-            self.eval_layers = self.specs.iter().map(|spec| spec.build(&mut view)).collect::<candle_core::Result<_>>()?;
-        }
-        for (train, eval) in self.layers.iter().zip(self.eval_layers.iter_mut()) {
-            let buffers: HashMap<String, Tensor> = train.buffers().into_iter().collect();
-            if !buffers.is_empty() {
-                eval.load_buffers(&buffers)?;
-            }
-        }
-        let mut h = x.detach();
-        for layer in self.eval_layers.iter_mut() {
-            h = layer.forward(&h, Mode::Eval)?;
-        }
-        Ok(h)
-    }
-
     /// Runs a training forward; on the last stage also the loss. Returns the loss value.
     fn forward_train(
         &mut self,
@@ -1261,87 +1229,44 @@ impl StageWorker {
         poison_loss: bool,
     ) -> StageResult<f64> {
         let x = self.input_for(mb, inputs)?;
-        // The first stage's input needs no gradient (token ids, or data images).
-        let input = if self.is_first { None } else { Some(Var::from_tensor(&x)?) };
-        let x = input.as_ref().map(|v| v.as_tensor().clone()).unwrap_or(x);
-        let y = self.forward_layers(&x, Mode::Train)?;
-        if self.is_last {
-            let target = targets
+        let target = if self.is_last {
+            let targets = targets
                 .get(mb)
                 .ok_or_else(|| StageStop::Failed(None, format!("no targets for micro-batch {mb}")))?;
-            let mut loss = microbatch_loss(self.loss, &y, target, global_terms)?;
-            if poison_loss {
-                loss = (loss * f64::NAN)?;
-            }
-            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !value.is_finite() {
-                return Err(StageStop::Failed(None, format!("non-finite loss ({value}) at micro-batch {mb}")));
-            }
-            self.stash_forward(mb, Stash { input, output: loss, bytes: 0 });
-            Ok(value)
+            Some(LossTarget { targets: targets.clone(), global_terms })
         } else {
-            self.send_next(Msg::Activation { microbatch: mb, tensor: y.detach() })?;
-            self.stash_forward(mb, Stash { input, output: y, bytes: 0 });
-            Ok(0.0)
-        }
-    }
-
-    /// Keeps a forward for its backward, and counts what that keeps alive.
-    fn stash_forward(&mut self, mb: usize, mut stash: Stash) {
-        stash.bytes = retained_bytes(&stash.output) + stash.input.as_ref().map_or(0, |v| tensor_bytes(v.as_tensor()));
-        self.stash_bytes += stash.bytes;
-        self.stash.insert(mb, stash);
-    }
-
-    /// Backpropagates micro-batch `mb` through this stage, sends the input gradient upstream,
-    /// and either accumulates the weight gradients (`B`) or sets them aside for `W` (`I`).
-    fn backward(&mut self, mb: usize, accumulate_weights: bool) -> StageResult<()> {
-        let stash = self
-            .stash
-            .remove(&mb)
-            .ok_or_else(|| StageStop::Failed(None, format!("no stashed forward for micro-batch {mb}")))?;
-        self.stash_bytes = self.stash_bytes.saturating_sub(stash.bytes);
-        let grads = if self.is_last {
-            stash.output.backward()?
-        } else {
-            let dy = self.wait_for(|w| w.gradients_in.remove(&mb))?;
-            // The VJP of this stage: d/dθ of sum(y * dy) is dyᵀ ∂y/∂θ.
-            (&stash.output * dy)?.sum_all()?.backward()?
+            None
         };
-        if let Some(input) = &stash.input {
-            let dx = match grads.get(input.as_tensor()) {
-                Some(g) => g.detach(),
-                None => input.as_tensor().zeros_like()?,
-            };
-            self.send_prev(Msg::Gradient { microbatch: mb, tensor: dx })?;
+        let (y, loss) = self.compute.forward(mb, &x, target)?;
+        match loss {
+            Some(mut value) => {
+                if poison_loss {
+                    value = f64::NAN;
+                }
+                if !value.is_finite() {
+                    return Err(StageStop::Failed(None, format!("non-finite loss ({value}) at micro-batch {mb}")));
+                }
+                Ok(value)
+            }
+            None => {
+                self.send_next(Msg::Activation { microbatch: mb, tensor: y })?;
+                Ok(0.0)
+            }
         }
-        let weight_grads: Vec<(String, Tensor)> = self
-            .store
-            .vars()
-            .filter_map(|(name, _, var)| grads.get(var.as_tensor()).map(|g| (name.to_string(), g.detach())))
-            .collect();
-        if accumulate_weights {
-            self.accumulate(weight_grads)?;
+    }
+
+    /// The backward of micro-batch `mb`, input gradient only (`I`) or with the weight step
+    /// (`B`): the last stage starts from its loss, the others from the gradient received from
+    /// downstream; the input gradient goes upstream.
+    fn backward(&mut self, mb: usize, with_weights: bool) -> StageResult<()> {
+        let dy = if self.is_last { None } else { Some(self.wait_for(|w| w.gradients_in.remove(&mb))?) };
+        let dx = if with_weights {
+            self.compute.backward(mb, dy.as_ref())?
         } else {
-            self.pending_weight_grads.insert(mb, weight_grads);
-        }
-        Ok(())
-    }
-
-    fn backward_weight(&mut self, mb: usize) -> StageResult<()> {
-        let grads = self.pending_weight_grads.remove(&mb).ok_or_else(|| {
-            StageStop::Failed(None, format!("weight-gradient step before input-gradient step for micro-batch {mb}"))
-        })?;
-        self.accumulate(grads)
-    }
-
-    fn accumulate(&mut self, grads: Vec<(String, Tensor)>) -> StageResult<()> {
-        for (name, g) in grads {
-            let sum = match self.grads.remove(&name) {
-                Some(acc) => (acc + g)?,
-                None => g,
-            };
-            self.grads.insert(name, sum);
+            self.compute.backward_input(mb, dy.as_ref())?
+        };
+        if let Some(dx) = dx {
+            self.send_prev(Msg::Gradient { microbatch: mb, tensor: dx })?;
         }
         Ok(())
     }
@@ -1362,16 +1287,21 @@ impl StageWorker {
 
     /// The end-of-step collective and the optimizer step.
     fn finish_step(&mut self, lr: f64) -> StageResult<()> {
-        if !self.stash.is_empty() || !self.pending_weight_grads.is_empty() {
+        if self.compute.has_pending_work() {
             return Err(StageStop::Failed(None, "step ended with unfinished backward work".into()));
         }
+        let mut grads = self.compute.take_gradients();
         let tied: HashSet<&String> = self.tied.iter().collect();
         let mut sq_norm = 0.0;
         let mut tied_grads = Vec::new();
         for (name, _, var) in self.store.vars() {
-            let grad = match self.grads.get(name) {
+            let grad = match grads.get(name) {
                 Some(g) => g.clone(),
-                None => var.as_tensor().zeros_like()?,
+                None => {
+                    let zeros = var.as_tensor().zeros_like()?;
+                    grads.insert(name.to_string(), zeros.clone());
+                    zeros
+                }
             };
             if tied.contains(&name.to_string()) {
                 tied_grads.push((name.to_string(), grad));
@@ -1382,14 +1312,13 @@ impl StageWorker {
         self.report(Report::Partial { stage: self.index, tied_grads, sq_norm })?;
         let (reduced, clip_scale) = self.wait_for(|w| w.reduced_in.take())?;
         for (name, grad) in reduced {
-            self.grads.insert(name, grad.to_device(self.store.device())?);
+            grads.insert(name, grad.to_device(self.store.device())?);
         }
         self.inject_fault(None).map_err(|e| match e {
             StageStop::Failed(a, m) => StageStop::Failed(a, format!("{m} at the optimizer step")),
             other => other,
         })?;
-        self.last_grads = self.grads.clone();
-        let grads = std::mem::take(&mut self.grads);
+        self.last_grads = grads.clone();
         for (name, spec, var) in self.store.vars() {
             let Some(grad) = grads.get(name) else { continue };
             let grad = if clip_scale < 1.0 { (grad * clip_scale)? } else { grad.clone() };
@@ -1407,7 +1336,7 @@ impl StageWorker {
             let mb = action.microbatch;
             let step = |w: &mut Self, outcome: &mut Outcome| -> StageResult<()> {
                 let x = w.input_for(mb, &inputs)?;
-                let y = w.forward_eval(&x)?;
+                let y = w.compute.forward_eval(&x)?;
                 if w.is_last {
                     let Some(targets) = &targets else {
                         outcome.outputs.push((mb, y));
@@ -1446,7 +1375,7 @@ impl StageWorker {
                 }
             }
             SnapshotKind::Buffers => {
-                for layer in &self.layers {
+                for layer in self.compute.layers() {
                     for (name, t) in layer.buffers() {
                         out.push((name, cpu(&t)?));
                     }

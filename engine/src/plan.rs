@@ -3,13 +3,14 @@
 //! It enumerates stage counts (1 to the number of devices), partitions (uniform, balanced by
 //! parameters, balanced by profiled time — the last under the memory limit), the built-in
 //! schedules and micro-batch counts that divide the batch, simulates each with
-//! [`crate::simulate`], and ranks them: configurations that fit the limit first, then by
+//! [`crate::simulate`] with and without activation recomputation, and ranks them: configurations that fit the limit first, then by
 //! predicted step time, then by peak memory (so of two equally fast schedules the leaner one
 //! wins, as 1F1B does over GPipe).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use crate::compute::Recompute;
 use crate::error::{EngineError, Result};
 use crate::partition::{Partition, PartitionError};
 use crate::profile::Profile;
@@ -27,6 +28,9 @@ pub struct PlanRequest {
     pub schedules: Vec<ScheduleKind>,
     /// Per-stage (per-device) memory limit in bytes.
     pub memory_limit: Option<u64>,
+    /// Activation recomputation settings to try (recomputing costs a forward per backward,
+    /// so it only wins where memory requires it).
+    pub recompute: Vec<Recompute>,
 }
 
 /// One simulated configuration.
@@ -39,6 +43,7 @@ pub struct Candidate {
     pub partition: Partition,
     pub schedule: ScheduleKind,
     pub microbatches: usize,
+    pub recompute: Recompute,
     pub prediction: Prediction,
     /// Whether every stage's predicted peak memory is within the limit.
     pub fits: bool,
@@ -52,13 +57,14 @@ impl Candidate {
 
     pub fn label(&self) -> String {
         format!(
-            "{} stage{} ({} {}), {}, m={}",
+            "{} stage{} ({} {}), {}, m={}{}",
             self.stages,
             if self.stages == 1 { "" } else { "s" },
             self.partition,
             self.partition_name,
             self.schedule,
-            self.microbatches
+            self.microbatches,
+            if self.recompute == Recompute::Full { ", recompute" } else { "" }
         )
     }
 }
@@ -95,8 +101,9 @@ pub fn plan(request: &PlanRequest, mut profile_for: impl FnMut(usize) -> Result<
         let n = profile.layers.len();
         let params: Vec<usize> = profile.layers.iter().map(|l| l.param_bytes() as usize).collect();
         let times: Vec<f64> = profile.layers.iter().map(|l| l.microbatch_s()).collect();
+        let recompute_options = if request.recompute.is_empty() { vec![Recompute::Off] } else { request.recompute.clone() };
         for stages in 1..=request.devices.min(n) {
-            for &kind in &request.schedules {
+            for (&kind, &recompute) in request.schedules.iter().flat_map(|k| recompute_options.iter().map(move |r| (k, r))) {
                 let schedule = kind.build(stages, m)?;
                 // Memory a stage would need for layers `r`, following this schedule's stash depth.
                 let in_flight: Vec<usize> = (0..stages).map(|s| schedule.peak_in_flight(s)).collect();
@@ -112,13 +119,20 @@ pub fn plan(request: &PlanRequest, mut profile_for: impl FnMut(usize) -> Result<
                 add("uniform", Partition::uniform(n, stages))?;
                 add("balanced-params", Partition::balanced(&params, stages))?;
                 let fits = |s: usize, r: std::ops::Range<usize>| {
-                    let (static_bytes, stash) = range_memory(&profile, r);
-                    static_bytes + in_flight[s] as u64 * stash <= limit
+                    let (static_bytes, stash) = range_memory(&profile, r.clone());
+                    let peak = match recompute {
+                        Recompute::Off => in_flight[s] as u64 * stash,
+                        Recompute::Full => {
+                            let input = if r.start > 0 { profile.layers[r.start - 1].output_bytes } else { 0 };
+                            (in_flight[s].max(1) as u64 - 1) * input + stash
+                        }
+                    };
+                    static_bytes + peak <= limit
                 };
                 add("balanced-time", Partition::balanced_time(&times, stages, fits))?;
                 for (counts, names) in partitions {
                     let partition = Partition::manual(&counts, n)?;
-                    let costs = StageCosts::from_profile(&profile, &partition)?;
+                    let costs = StageCosts::from_profile_with(&profile, &partition, recompute)?;
                     let prediction = predict(&schedule, &costs)?;
                     let fits = prediction.peak_memory.iter().all(|&b| b <= limit);
                     out.push(Candidate {
@@ -127,6 +141,7 @@ pub fn plan(request: &PlanRequest, mut profile_for: impl FnMut(usize) -> Result<
                         partition,
                         schedule: kind,
                         microbatches: m,
+                        recompute,
                         prediction,
                         fits,
                     });
@@ -247,6 +262,7 @@ mod tests {
                     backward_weight_s: 0.0,
                     optimizer_s: 0.0,
                     activation_bytes: 1000 * b as u64,
+                    input_bytes_kept: 0,
                     output_bytes: 100 * b as u64,
                     params: [(format!("layer{i}.weight"), 4000)].into_iter().collect(),
                     optimizer_state_ratio: 2,
@@ -273,7 +289,49 @@ mod tests {
             microbatches: vec![1, 2, 3, 4, 8],
             schedules: vec![ScheduleKind::GPipe, ScheduleKind::OneFOneB],
             memory_limit: limit,
+            recompute: vec![Recompute::Off],
         }
+    }
+
+    #[test]
+    fn recomputation_costs_a_forward_and_stashes_only_the_input() {
+        let profile = profile(4, 1.0);
+        let partition = Partition::manual(&[2, 2], 4).unwrap();
+        let off = StageCosts::from_profile(&profile, &partition).unwrap();
+        let full = StageCosts::from_profile_with(&profile, &partition, Recompute::Full).unwrap();
+        for s in 0..2 {
+            assert_eq!(full.forward[s], off.forward[s]);
+            assert!((full.backward_input[s] - (off.backward_input[s] + off.forward[s])).abs() < 1e-12);
+            assert_eq!(full.recompute_bytes[s], off.stash_bytes[s]);
+        }
+        // The first stage's input is data (nothing to stash); the second keeps what it received.
+        assert_eq!(full.stash_bytes, vec![0, profile.layers[1].output_bytes]);
+        let schedule = ScheduleKind::GPipe.build(2, 4).unwrap();
+        let (p_off, p_full) = (predict(&schedule, &off).unwrap(), predict(&schedule, &full).unwrap());
+        assert!(p_full.step_time > p_off.step_time);
+        for s in 0..2 {
+            let fixed = off.static_bytes[s];
+            assert_eq!(p_off.peak_memory[s], fixed + 4 * off.stash_bytes[s]);
+            assert_eq!(p_full.peak_memory[s], fixed + 3 * full.stash_bytes[s] + off.stash_bytes[s]);
+        }
+    }
+
+    #[test]
+    fn recomputation_is_chosen_only_where_memory_requires_it() {
+        let mut req = request(None);
+        req.recompute = vec![Recompute::Off, Recompute::Full];
+        let ranked = plan(&req, |b| Ok(profile(b, 1.0))).unwrap();
+        assert_eq!(ranked[0].recompute, Recompute::Off, "recomputing only costs time");
+        let leanest = |r: Recompute| {
+            ranked.iter().filter(|c| c.recompute == r).map(|c| c.prediction.max_peak_memory()).min().unwrap()
+        };
+        let (off, full) = (leanest(Recompute::Off), leanest(Recompute::Full));
+        assert!(full < off, "recomputation must save memory: {full} vs {off}");
+        req.memory_limit = Some(off - 1);
+        let ranked = plan(&req, |b| Ok(profile(b, 1.0))).unwrap();
+        assert!(ranked[0].fits);
+        assert_eq!(ranked[0].recompute, Recompute::Full);
+        assert!(explain(&ranked, &req).contains("recompute"), "{}", explain(&ranked, &req));
     }
 
     #[test]

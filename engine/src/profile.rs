@@ -6,10 +6,9 @@
 //! gradient / optimizer-state bytes, the bytes sent to the next stage, and the optimizer step's
 //! time. Plus the cost of one hop between stage threads.
 //!
-//! The backward split follows the executor: candle's autograd computes input and weight
-//! gradients in one pass, so `backward_input_s` (the executor's `I`) is that pass, and
-//! `backward_weight_s` (the executor's `W`) is accumulating the weight gradients into the
-//! step's sums. A full `B` costs both.
+//! Every layer runs through the stage-compute seam ([`crate::compute`]) exactly as a stage
+//! runs it: `forward_s` is its `F`, `backward_input_s` its `I` (input gradient only),
+//! `backward_weight_s` its `W` (weight gradients, accumulated). A full `B` costs both.
 //!
 //! Each layer is timed alone with its input computed by the layers before it: the median of
 //! `repeats` back-to-back runs after `warmup`, and the lowest such median over `rounds` passes
@@ -25,9 +24,9 @@ use crossbeam_channel::unbounded;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
-use crate::layer::{Mode, ParamStore, PipelineModel};
-use crate::loss::{loss_terms, microbatch_loss};
-use crate::memory::retained_bytes;
+use crate::compute::{LossTarget, Recompute, StageCompute};
+use crate::layer::{ParamStore, PipelineModel};
+use crate::loss::loss_terms;
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::pipeline::{apply_thread_budget, squared_norm};
 
@@ -54,15 +53,21 @@ pub struct LayerProfile {
     pub forward_s: f64,
     /// A full backward: `backward_input_s + backward_weight_s`.
     pub backward_s: f64,
-    /// The autograd pass (input and weight gradients together, as candle computes them).
+    /// The input-gradient step (`I`): the input gradient and what the weight step needs.
     pub backward_input_s: f64,
-    /// Accumulating this micro-batch's weight gradients into the step's sums.
+    /// The weight-gradient step (`W`): weight gradients computed and added into the sums.
     pub backward_weight_s: f64,
     /// Once per step: gradient norm and optimizer update of this layer's parameters.
     pub optimizer_s: f64,
-    /// Tensors the autograd graph keeps from the forward until the backward (excluding the
-    /// layer's input, which the previous layer or the stage boundary accounts for).
+    /// Bytes the layer's forward keeps until its backward (excluding the layer's input, which
+    /// the previous layer or the stage boundary accounts for; the last layer's output, which
+    /// the loss gradient starts from, included).
     pub activation_bytes: u64,
+    /// Bytes of the layer's input when the layer keeps it for its backward and the layer
+    /// before does not already keep it (a stage holding both counts it here; a stage starting
+    /// at this layer counts its received input instead).
+    #[serde(default)]
+    pub input_bytes_kept: u64,
     /// The output, which is what a stage boundary after this layer sends downstream (and the
     /// size of the gradient sent back up).
     pub output_bytes: u64,
@@ -167,70 +172,70 @@ fn profile_in_pool(
         return Err(EngineError::Config(format!("model {} has no layers", model.name())));
     }
     let mut store = ParamStore::new(Device::Cpu, options.seed);
-    let mut layers = specs.iter().map(|spec| spec.build(&mut store)).collect::<candle_core::Result<Vec<_>>>()?;
+    for spec in crate::layer::unique_params(&specs) {
+        store.get(&spec)?;
+    }
+    let mut view = store.shared_view();
     let optimizer_state_ratio = match options.optimizer {
         OptimizerConfig::AdamW { .. } => 2,
         OptimizerConfig::Sgd { momentum, .. } => u64::from(momentum != 0.0),
     };
     let terms = loss_terms(targets);
-    let last = layers.len() - 1;
+    let last = specs.len() - 1;
     let mut x = inputs.clone();
-    let mut out = Vec::with_capacity(layers.len());
-    for (i, layer) in layers.iter_mut().enumerate() {
-        // As on a stage: the model's input needs no gradient; any later input is a leaf `Var`.
-        let input = if i == 0 { None } else { Some(Var::from_tensor(&x)?) };
-        let xin = input.as_ref().map(|v| v.as_tensor().clone()).unwrap_or_else(|| x.clone());
-        let forward = |layer: &mut Box<dyn crate::layer::Layer>| -> Result<(Tensor, Tensor)> {
-            let y = layer.forward(&xin, Mode::Train)?;
-            let root = if i == last {
-                microbatch_loss(model.loss(), &y, targets, terms)?
-            } else {
-                (&y * y.ones_like()?)?.sum_all()?
-            };
-            Ok((y, root))
-        };
-        let forward_s = typical_time(options, || {
-            let (_, root) = forward(layer)?;
-            // Reading the loss is what the last stage does; elsewhere this is a no-op sync.
-            if i == last {
-                root.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            }
-            Ok(())
-        })?;
-        let (y, root) = forward(layer)?;
-        let activation_bytes = retained_bytes(if i == last { &root } else { &y });
+    let mut out = Vec::with_capacity(specs.len());
+    let mut previous_kept = std::collections::HashSet::new();
+    for (i, spec) in specs.iter().enumerate() {
+        // Each layer alone as a one-layer stage, through the same seam the executor runs: the
+        // model's input needs no gradient; the last layer computes the loss.
+        let target = (i == last).then(|| LossTarget { targets: targets.clone(), global_terms: terms });
+        let layer = spec.build(&mut view)?;
+        let mut compute = StageCompute::new(vec![layer], i > 0, (i == last).then(|| model.loss()), Recompute::Off);
+        let (y, _) = compute.forward(0, &x, target.clone())?;
+        // What the layer keeps, its input's storage left out (the stage boundary or the layer
+        // before accounts for it), and whether it keeps that input itself.
+        let kept: Vec<Tensor> = compute.stashed_tensors(0).cloned().collect();
+        let input_key = storage_key(&x);
+        let keeps_input = i > 0 && kept.iter().any(|t| storage_key(t) == input_key);
+        let activation_bytes = crate::compute::distinct_bytes(kept.iter().filter(|t| storage_key(t) != input_key));
+        let input_bytes_kept =
+            if keeps_input && !previous_kept.contains(&input_key) { crate::memory::tensor_bytes(&x) } else { 0 };
+        previous_kept = kept.iter().map(storage_key).collect();
         let output_bytes = (y.elem_count() * y.dtype().size_in_bytes()) as u64;
+        // Downstream of a hidden layer, any gradient costs the same; ones stand in for it.
+        let dy = if i == last { None } else { Some(y.ones_like()?) };
+        compute.backward(0, dy.as_ref())?;
 
-        let mut roots = Vec::new();
-        for _ in 0..options.warmup + options.repeats {
-            roots.push(forward(layer)?.1);
+        let (mut f, mut bi, mut bw) = (Vec::new(), Vec::new(), Vec::new());
+        for run in 0..options.warmup + options.repeats {
+            let t0 = Instant::now();
+            compute.forward(0, &x, target.clone())?;
+            let t1 = Instant::now();
+            compute.backward_input(0, dy.as_ref())?;
+            let t2 = Instant::now();
+            compute.backward_weight(0)?;
+            let t3 = Instant::now();
+            if run >= options.warmup {
+                f.push((t1 - t0).as_secs_f64());
+                bi.push((t2 - t1).as_secs_f64());
+                bw.push((t3 - t2).as_secs_f64());
+            }
         }
-        let mut roots = roots.into_iter();
-        let backward_input_s = typical_time(options, || {
-            let root = roots.next().ok_or_else(|| EngineError::Config("profiler ran out of graphs".into()))?;
-            root.backward()?;
-            Ok(())
-        })?;
+        let (forward_s, backward_input_s, backward_weight_s) = (median(&mut f), median(&mut bi), median(&mut bw));
 
-        let grads = root.backward()?;
-        let layer_vars: Vec<(String, Var, bool)> = specs[i]
+        let grads = compute.take_gradients();
+        let layer_vars: Vec<(String, Var, bool)> = spec
             .params()
             .iter()
             .filter_map(|p| store.var(&p.name).map(|v| (p.name.clone(), v.clone(), p.weight_decay)))
             .collect();
         let weight_grads: Vec<Tensor> = layer_vars
             .iter()
-            .map(|(_, v, _)| match grads.get(v.as_tensor()) {
+            .map(|(name, v, _)| match grads.get(name) {
                 Some(g) => Ok(g.clone()),
                 None => v.zeros_like(),
             })
             .collect::<candle_core::Result<_>>()?;
-        let backward_weight_s = typical_time(options, || {
-            for g in &weight_grads {
-                std::hint::black_box((g + g)?);
-            }
-            Ok(())
-        })?;
         let mut optimizer = Optimizer::new(options.optimizer);
         let optimizer_s = typical_time(options, || {
             for ((name, var, decay), g) in layer_vars.iter().zip(&weight_grads) {
@@ -240,20 +245,21 @@ fn profile_in_pool(
             Ok(())
         })?;
         let params =
-            specs[i].params().iter().map(|p| (p.name.clone(), (p.numel() * DType::F32.size_in_bytes()) as u64)).collect();
+            spec.params().iter().map(|p| (p.name.clone(), (p.numel() * DType::F32.size_in_bytes()) as u64)).collect();
         out.push(LayerProfile {
-            name: specs[i].name(),
+            name: spec.name(),
             forward_s,
             backward_s: backward_input_s + backward_weight_s,
             backward_input_s,
             backward_weight_s,
             optimizer_s,
             activation_bytes,
+            input_bytes_kept,
             output_bytes,
             params,
             optimizer_state_ratio,
         });
-        x = y.detach();
+        x = y;
     }
     let probe_bytes = out.iter().map(|l| l.output_bytes).max().unwrap_or(4096).max(4096);
     Ok(Profile {
@@ -270,6 +276,12 @@ fn profile_in_pool(
         layers: out,
         hop: measure_hop(probe_bytes as usize, options.repeats.max(50) * 4)?,
     })
+}
+
+/// Identifies a tensor's allocation (views of one allocation share it).
+fn storage_key(t: &Tensor) -> usize {
+    let (storage, _) = t.storage_and_layout();
+    &*storage as *const candle_core::Storage as usize
 }
 
 /// The median of `repeats` back-to-back runs after `warmup`.

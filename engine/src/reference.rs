@@ -6,7 +6,7 @@
 //! gradients summed, which is what a pipeline with as many micro-batches computes; models with
 //! cross-example statistics (BatchNorm) need it to be compared fairly, the rest can use 1.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{Device, Result, Tensor};
 
@@ -34,8 +34,44 @@ impl ReferenceTrainer {
         grad_clip: Option<f64>,
         seed: u64,
     ) -> Result<Self> {
-        let mut store = ParamStore::new(Device::Cpu, seed);
-        let layers = model.layers().iter().map(|spec| spec.build(&mut store)).collect::<Result<Vec<_>>>()?;
+        Self::build(model, optimizer, lr, grad_clip, ParamStore::new(Device::Cpu, seed), &HashMap::new())
+    }
+
+    /// Like [`ReferenceTrainer::new`], but parameters start from `params` and BatchNorm
+    /// buffers from `buffers` (canonical names, e.g. weights imported from PyTorch), as
+    /// `PipelineConfig::initial_params` / `initial_buffers` do for the pipeline. Parameters
+    /// not in `params` come from the initialiser with seed 0.
+    pub fn with_initial(
+        model: &dyn PipelineModel,
+        optimizer: OptimizerConfig,
+        lr: LrSchedule,
+        grad_clip: Option<f64>,
+        params: HashMap<String, Tensor>,
+        buffers: &HashMap<String, Tensor>,
+    ) -> Result<Self> {
+        Self::build(model, optimizer, lr, grad_clip, ParamStore::new(Device::Cpu, 0).with_overrides(params), buffers)
+    }
+
+    fn build(
+        model: &dyn PipelineModel,
+        optimizer: OptimizerConfig,
+        lr: LrSchedule,
+        grad_clip: Option<f64>,
+        mut store: ParamStore,
+        buffers: &HashMap<String, Tensor>,
+    ) -> Result<Self> {
+        let specs = model.layers();
+        let mut layers = specs.iter().map(|spec| spec.build(&mut store)).collect::<Result<Vec<_>>>()?;
+        for (spec, layer) in specs.iter().zip(layers.iter_mut()) {
+            let mine: HashMap<String, Tensor> = spec
+                .buffer_specs()
+                .into_iter()
+                .filter_map(|b| buffers.get(&b.name).map(|t| (b.name, t.clone())))
+                .collect();
+            if !mine.is_empty() {
+                layer.load_buffers(&mine)?;
+            }
+        }
         Ok(Self {
             layers,
             store,

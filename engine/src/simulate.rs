@@ -9,9 +9,13 @@
 //!
 //! Memory follows the schedule's order: parameters, gradients and optimizer state are always
 //! held; a forward stashes one micro-batch's activations until its `B` (or `I`), so a stage's
-//! peak is `static + peak in-flight × stash per micro-batch`. (Weight gradients an `I` sets
-//! aside until its `W` are not counted: the built-in schedules use full `B`s.)
+//! peak is `static + peak in-flight × stash per micro-batch`. With activation recomputation a
+//! micro-batch stashes only the stage's input, each `I` reruns the forward first (its time is
+//! added to `I`), and the rerun briefly holds one micro-batch's full activations. (Weight
+//! gradients an `I` sets aside until its `W` are not counted: the built-in schedules use full
+//! `B`s.)
 
+use crate::compute::Recompute;
 use crate::error::{EngineError, Result};
 use crate::partition::Partition;
 use crate::profile::Profile;
@@ -34,6 +38,10 @@ pub struct StageCosts {
     pub static_bytes: Vec<u64>,
     /// Activation bytes one micro-batch keeps stashed between its forward and backward.
     pub stash_bytes: Vec<u64>,
+    /// With activation recomputation: the full activations of the one micro-batch whose
+    /// forward is being rerun for its backward (held briefly on top of the others' stashes);
+    /// 0 without.
+    pub recompute_bytes: Vec<u64>,
 }
 
 impl StageCosts {
@@ -49,12 +57,19 @@ impl StageCosts {
             send_backward: vec![0.0; stages],
             static_bytes: vec![0; stages],
             stash_bytes: vec![1; stages],
+            recompute_bytes: vec![0; stages],
         }
     }
 
     /// Sums the profile's layers per stage of `partition`. Tied parameters held twice on one
     /// stage count once; a stage other than the first also stashes its received input.
     pub fn from_profile(profile: &Profile, partition: &Partition) -> Result<StageCosts> {
+        Self::from_profile_with(profile, partition, Recompute::Off)
+    }
+
+    /// As [`StageCosts::from_profile`], with activation recomputation: a stage then stashes
+    /// only its input, and each `I` (or `B`) first reruns the stage's forward.
+    pub fn from_profile_with(profile: &Profile, partition: &Partition, recompute: Recompute) -> Result<StageCosts> {
         if partition.num_layers() != profile.layers.len() {
             return Err(EngineError::Config(format!(
                 "partition {partition} covers {} layers but the profile of {} has {}",
@@ -73,6 +88,7 @@ impl StageCosts {
             send_backward: vec![0.0; stages],
             static_bytes: vec![0; stages],
             stash_bytes: vec![0; stages],
+            recompute_bytes: vec![0; stages],
         };
         for (s, range) in partition.ranges().into_iter().enumerate() {
             let layers = &profile.layers[range.clone()];
@@ -82,6 +98,11 @@ impl StageCosts {
             c.optimizer[s] = layers.iter().map(|l| l.optimizer_s).sum();
             (c.static_bytes[s], c.stash_bytes[s]) = range_memory(profile, range.clone());
             let input = if range.start > 0 { profile.layers[range.start - 1].output_bytes } else { 0 };
+            if recompute == Recompute::Full {
+                c.backward_input[s] += c.forward[s];
+                c.recompute_bytes[s] = c.stash_bytes[s];
+                c.stash_bytes[s] = input;
+            }
             let out_bytes = layers.last().map_or(0, |l| l.output_bytes);
             c.send_forward[s] = profile.hop.cost(out_bytes);
             c.send_backward[s] = profile.hop.cost(input);
@@ -114,7 +135,10 @@ pub fn range_memory(profile: &Profile, layers: std::ops::Range<usize>) -> (u64, 
         0 => 0,
         start => profile.layers[start - 1].output_bytes,
     };
-    (param_bytes * (2 + ratio), held.iter().map(|l| l.activation_bytes).sum::<u64>() + input)
+    // Inside the stage, a layer that keeps its input (which the layer before did not keep as
+    // its own) holds that tensor too; at the stage's start, `input` already counts it.
+    let inner_inputs: u64 = held.iter().skip(1).map(|l| l.input_bytes_kept).sum();
+    (param_bytes * (2 + ratio), held.iter().map(|l| l.activation_bytes).sum::<u64>() + inner_inputs + input)
 }
 
 impl CostModel for StageCosts {
@@ -180,8 +204,18 @@ pub fn predict(schedule: &Schedule, costs: &StageCosts) -> Result<Prediction> {
     let capacity = p as f64 * step_time;
     let bubble_fraction = if capacity > 0.0 { idle.iter().sum::<f64>() / capacity } else { 0.0 };
     let peak_in_flight: Vec<usize> = (0..p).map(|s| schedule.peak_in_flight(s)).collect();
-    let peak_memory =
-        (0..p).map(|s| costs.static_bytes[s] + peak_in_flight[s] as u64 * costs.stash_bytes[s]).collect();
+    let peak_memory = (0..p)
+        .map(|s| {
+            let stashed = peak_in_flight[s] as u64 * costs.stash_bytes[s];
+            // Recomputing one micro-batch's forward briefly holds its full activations instead
+            // of its stashed input.
+            let recomputing = match peak_in_flight[s] {
+                0 => 0,
+                n => (n as u64 - 1) * costs.stash_bytes[s] + costs.recompute_bytes[s],
+            };
+            costs.static_bytes[s] + stashed.max(recomputing)
+        })
+        .collect();
     Ok(Prediction { step_time, makespan, busy, idle, bubble_fraction, peak_in_flight, peak_memory, timeline })
 }
 

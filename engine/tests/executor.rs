@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use brigade_engine::layer::{Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, PipelineModel};
+use brigade_engine::layer::{
+    Gradients, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, Pass, PipelineModel, Saved,
+};
 use brigade_engine::optim::{LrSchedule, OptimizerConfig};
 use brigade_engine::pipeline::{Fault, FaultKind, Pipeline, PipelineConfig};
 use brigade_engine::reference::ReferenceTrainer;
@@ -24,7 +26,7 @@ struct Dense(usize);
 struct TiedHead;
 
 struct EmbedLayer(Tensor);
-struct DenseLayer(Tensor, Tensor);
+struct DenseLayer(Tensor, Tensor, usize);
 struct HeadLayer(Tensor);
 
 fn emb_spec() -> ParamSpec {
@@ -48,6 +50,19 @@ impl Layer for EmbedLayer {
         let (b, t) = x.dims2()?;
         self.0.embedding(&x.flatten_all()?)?.reshape((b, t, WIDTH))
     }
+    fn forward_train(&mut self, x: &Tensor, _: Pass) -> Result<(Tensor, Saved)> {
+        let ids = x.flatten_all()?;
+        Ok((self.forward(x, Mode::Train)?, Saved::new(ids.clone(), &[&ids])))
+    }
+    fn backward_input(&mut self, saved: Saved, dy: &Tensor, _: bool) -> Result<(Option<Tensor>, Saved)> {
+        let ids: Tensor = saved.take("emb")?;
+        Ok((None, Saved::new((ids, dy.clone()), &[dy])))
+    }
+    fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
+        let (ids, dy): (Tensor, Tensor) = saved.take("emb")?;
+        let dy = dy.reshape((ids.elem_count(), WIDTH))?;
+        grads.add("emb.weight", &self.0.zeros_like()?.index_add(&ids, &dy, 0)?)
+    }
 }
 
 impl Dense {
@@ -68,7 +83,7 @@ impl LayerSpec for Dense {
     }
     fn build(&self, store: &mut ParamStore) -> Result<Box<dyn Layer>> {
         let [w, b] = self.specs();
-        Ok(Box::new(DenseLayer(store.get(&w)?, store.get(&b)?)))
+        Ok(Box::new(DenseLayer(store.get(&w)?, store.get(&b)?, self.0)))
     }
 }
 
@@ -76,6 +91,23 @@ impl Layer for DenseLayer {
     fn forward(&mut self, x: &Tensor, _: Mode) -> Result<Tensor> {
         let h = x.broadcast_matmul(&self.0)?.broadcast_add(&self.1)?.tanh()?;
         x + h
+    }
+    fn forward_train(&mut self, x: &Tensor, _: Pass) -> Result<(Tensor, Saved)> {
+        let h = x.broadcast_matmul(&self.0)?.broadcast_add(&self.1)?.tanh()?;
+        Ok(((x + &h)?, Saved::new((x.clone(), h.clone()), &[x, &h])))
+    }
+    fn backward_input(&mut self, saved: Saved, dy: &Tensor, _: bool) -> Result<(Option<Tensor>, Saved)> {
+        let (x, h): (Tensor, Tensor) = saved.take("dense")?;
+        // y = x + tanh(z): dz = dy (1 - h²), dx = dy + dz Wᵀ.
+        let dz = (dy * (1.0 - h.sqr()?)?)?;
+        let dx = (dy + dz.broadcast_matmul(&self.0.t()?)?)?;
+        Ok((Some(dx), Saved::new((x.clone(), dz.clone()), &[&x, &dz])))
+    }
+    fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
+        let (x, dz): (Tensor, Tensor) = saved.take("dense")?;
+        let (x, dz) = (x.reshape(((), WIDTH))?, dz.reshape(((), WIDTH))?);
+        grads.add(&format!("dense{}.weight", self.2), &x.t()?.matmul(&dz)?)?;
+        grads.add(&format!("dense{}.bias", self.2), &dz.sum(0)?)
     }
 }
 
@@ -94,6 +126,19 @@ impl LayerSpec for TiedHead {
 impl Layer for HeadLayer {
     fn forward(&mut self, x: &Tensor, _: Mode) -> Result<Tensor> {
         x.broadcast_matmul(&self.0.t()?)
+    }
+    fn forward_train(&mut self, x: &Tensor, _: Pass) -> Result<(Tensor, Saved)> {
+        Ok((self.forward(x, Mode::Train)?, Saved::new(x.clone(), &[x])))
+    }
+    fn backward_input(&mut self, saved: Saved, dy: &Tensor, _: bool) -> Result<(Option<Tensor>, Saved)> {
+        let x: Tensor = saved.take("head")?;
+        let dx = dy.broadcast_matmul(&self.0)?;
+        Ok((Some(dx), Saved::new((x.clone(), dy.clone()), &[&x, dy])))
+    }
+    fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
+        let (x, dy): (Tensor, Tensor) = saved.take("head")?;
+        let (x, dy) = (x.reshape(((), WIDTH))?, dy.reshape(((), VOCAB))?);
+        grads.add("emb.weight", &dy.t()?.matmul(&x)?)
     }
 }
 

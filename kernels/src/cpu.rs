@@ -9,14 +9,24 @@
 //!   rows and can stay simple.
 //! - [`for_each_row`]: runs a per-row closure over an output buffer, on rayon when the tensor
 //!   is large enough for the fork/join cost (a few µs) to pay off, sequentially otherwise.
+//! - The row kernels on [`Real`] (`gelu_tanh_fwd`, `exp_shift_sum`, ...): the elementwise inner
+//!   loops of the fused ops. The trait's default bodies are plain scalar libm loops, which f64
+//!   keeps (it is the precision reference); f32 overrides them with the vectorised versions in
+//!   [`crate::vmath`].
 
 use std::borrow::Cow;
 
 use candle_core::{CpuStorage, DType, Layout, Result, WithDType};
 use rayon::prelude::*;
 
+use crate::vmath;
+
 /// Below this many output elements a kernel runs on the calling thread.
 pub(crate) const PAR_MIN_ELEMS: usize = 1 << 14;
+
+/// `sqrt(2 / π)` and the cubic coefficient of GELU-tanh (GPT-2's `gelu_new`).
+pub(crate) const GELU_A: f64 = 0.797_884_560_802_865_4;
+pub(crate) const GELU_B: f64 = 0.044715;
 
 pub(crate) trait Real: WithDType {
     const ZERO: Self;
@@ -25,12 +35,81 @@ pub(crate) trait Real: WithDType {
     fn exp(self) -> Self;
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
+    fn tanh(self) -> Self;
     fn is_nan(self) -> bool;
+
+    // ---- row kernels. Slices passed together have equal lengths (callers guarantee it). ----
+
+    /// `y = 0.5 x (1 + tanh(a (x + b x³)))`.
+    fn gelu_tanh_fwd(x: &[Self], y: &mut [Self]) {
+        let (a, b, half) = (
+            Self::from_f64(GELU_A),
+            Self::from_f64(GELU_B),
+            Self::from_f64(0.5),
+        );
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = half * v * (Self::ONE + (a * v * (Self::ONE + b * v * v)).tanh());
+        }
+    }
+
+    /// `dx = dy * (0.5 (1 + t) + 0.5 x (1 - t²) a (1 + 3 b x²))`, `t = tanh(a (x + b x³))`.
+    fn gelu_tanh_bwd(x: &[Self], dy: &[Self], dx: &mut [Self]) {
+        let (a, b, half) = (
+            Self::from_f64(GELU_A),
+            Self::from_f64(GELU_B),
+            Self::from_f64(0.5),
+        );
+        let three_b = Self::from_f64(3.0 * GELU_B);
+        for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+            let t = (a * v * (Self::ONE + b * v * v)).tanh();
+            let du = a * (Self::ONE + three_b * v * v);
+            *o = g * (half * (Self::ONE + t) + half * v * (Self::ONE - t * t) * du);
+        }
+    }
+
+    /// The largest element, `-inf` if empty; NaNs are skipped (a row's NaN still reaches the
+    /// output through the exp-sum that follows).
+    fn row_max(x: &[Self]) -> Self {
+        x.iter()
+            .fold(Self::NEG_INF, |m, &v| if v > m { v } else { m })
+    }
+
+    /// `out = exp(x - shift)`, returning `sum(out)`.
+    fn exp_shift_sum(x: &[Self], shift: Self, out: &mut [Self]) -> Self {
+        let mut sum = Self::ZERO;
+        for (o, &v) in out.iter_mut().zip(x) {
+            let e = (v - shift).exp();
+            *o = e;
+            sum += e;
+        }
+        sum
+    }
+
+    /// `sum(exp(x - shift))`.
+    fn sum_exp_shift(x: &[Self], shift: Self) -> Self {
+        x.iter().fold(Self::ZERO, |a, &v| a + (v - shift).exp())
+    }
+
+    fn sum(x: &[Self]) -> Self {
+        x.iter().fold(Self::ZERO, |a, &v| a + v)
+    }
+
+    fn dot(x: &[Self], y: &[Self]) -> Self {
+        x.iter().zip(y).fold(Self::ZERO, |a, (&u, &v)| a + u * v)
+    }
+
+    /// Log-softmax backward: `dx = dy - exp(y) * dy_sum`.
+    fn log_softmax_bwd(y: &[Self], dy: &[Self], dy_sum: Self, dx: &mut [Self]) {
+        for ((o, &v), &g) in dx.iter_mut().zip(y).zip(dy) {
+            *o = g - v.exp() * dy_sum;
+        }
+    }
 }
 
 macro_rules! impl_real {
-    ($t:ty) => {
+    ($t:ty $(, $row_kernels:item)*) => {
         impl Real for $t {
+            $($row_kernels)*
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
             const NEG_INF: Self = <$t>::NEG_INFINITY;
@@ -47,13 +126,45 @@ macro_rules! impl_real {
                 <$t>::sqrt(self)
             }
             #[inline(always)]
+            fn tanh(self) -> Self {
+                <$t>::tanh(self)
+            }
+            #[inline(always)]
             fn is_nan(self) -> bool {
                 <$t>::is_nan(self)
             }
         }
     };
 }
-impl_real!(f32);
+// f32 runs the vectorised row kernels (see `crate::vmath` for their accuracy).
+impl_real!(
+    f32,
+    fn gelu_tanh_fwd(x: &[f32], y: &mut [f32]) {
+        vmath::gelu_tanh_fwd(x, y)
+    },
+    fn gelu_tanh_bwd(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        vmath::gelu_tanh_bwd(x, dy, dx)
+    },
+    fn row_max(x: &[f32]) -> f32 {
+        vmath::max(x)
+    },
+    fn exp_shift_sum(x: &[f32], shift: f32, out: &mut [f32]) -> f32 {
+        vmath::exp_shift_sum(x, shift, out)
+    },
+    fn sum_exp_shift(x: &[f32], shift: f32) -> f32 {
+        vmath::sum_exp_shift(x, shift)
+    },
+    fn sum(x: &[f32]) -> f32 {
+        vmath::sum(x)
+    },
+    fn dot(x: &[f32], y: &[f32]) -> f32 {
+        vmath::dot(x, y)
+    },
+    fn log_softmax_bwd(y: &[f32], dy: &[f32], dy_sum: f32, dx: &mut [f32]) {
+        vmath::log_softmax_bwd(y, dy, dy_sum, dx)
+    }
+);
+// f64 keeps the scalar libm loops: it is the precision reference.
 impl_real!(f64);
 
 /// Runs `$body` with `$T` bound to the Rust float type matching `$storage`'s dtype.

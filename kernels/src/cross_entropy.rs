@@ -12,6 +12,9 @@
 //!
 //! Assumes `logits: (N, V)` float and `targets: (N,)` u32 (the wrapper converts other integer
 //! dtypes). A target id >= V is an error naming the id and the row, never an out-of-bounds read.
+//!
+//! The row loops (max, exp-sum) are [`Real`]'s row kernels: vectorised (`crate::vmath`) for
+//! f32, libm for f64.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -27,12 +30,6 @@ fn check_targets(targets: &[u32], v: usize) -> Result<()> {
     Ok(())
 }
 
-#[inline]
-fn row_max<T: Real>(xr: &[T]) -> T {
-    xr.iter()
-        .fold(T::NEG_INF, |m, &v| if v > m { v } else { m })
-}
-
 pub(crate) struct CrossEntropySum;
 
 impl CrossEntropySum {
@@ -42,8 +39,8 @@ impl CrossEntropySum {
         check_targets(targets, v)?;
         let row_loss = |r: usize| -> f64 {
             let xr = &logits[r * v..(r + 1) * v];
-            let max = row_max(xr);
-            let sum = xr.iter().fold(T::ZERO, |a, &x| a + (x - max).exp());
+            let max = T::row_max(xr);
+            let sum = T::sum_exp_shift(xr, max);
             (max + sum.ln() - xr[targets[r] as usize]).to_f64()
         };
         let total: f64 = if logits.len() >= PAR_MIN_ELEMS {
@@ -97,13 +94,8 @@ impl CrossEntropySumBwd {
         let mut d = vec![T::ZERO; logits.len()];
         for_each_row(&mut d, v, |r, dr| {
             let xr = &logits[r * v..(r + 1) * v];
-            let max = row_max(xr);
-            let mut sum = T::ZERO;
-            for (o, &x) in dr.iter_mut().zip(xr) {
-                let e = (x - max).exp();
-                *o = e;
-                sum += e;
-            }
+            let max = T::row_max(xr);
+            let sum = T::exp_shift_sum(xr, max, dr);
             let scale = g / sum;
             dr.iter_mut().for_each(|o| *o *= scale);
             dr[targets[r] as usize] -= g;

@@ -105,7 +105,7 @@ impl CustomOp3 for LayerNorm {
 
 /// `(x, w, dy) -> [dx | dw | db]` flattened into one 1-D buffer of `numel(x) + 2C` values.
 pub(crate) struct LayerNormBwd {
-    eps: f64,
+    pub(crate) eps: f64,
 }
 
 impl LayerNormBwd {

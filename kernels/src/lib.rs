@@ -22,6 +22,7 @@
 //! Gradients are first order: the backward ops are applied without autograd, so
 //! differentiating a gradient through a fused op is not supported.
 
+mod backward;
 mod cpu;
 mod cross_entropy;
 mod gelu;
@@ -29,8 +30,14 @@ mod layer_norm;
 mod max_pool;
 pub mod reference;
 mod softmax;
+pub mod vmath;
 
 use candle_core::{bail, DType, Result, Tensor};
+
+pub use backward::{
+    accumulate, cross_entropy_sum_backward, gelu_tanh_backward, layer_norm_backward, max_pool2d_backward,
+    softmax_last_dim_backward,
+};
 
 /// Whether `t` can take the fused CPU kernels (see the crate docs).
 fn fused(t: &Tensor) -> bool {

@@ -94,7 +94,7 @@ impl CustomOp1 for MaxPool2d {
 }
 
 /// `(x, dy) -> dx`, scattering each `dy` to its window's argmax.
-pub(crate) struct MaxPool2dBwd(MaxPool2d);
+pub(crate) struct MaxPool2dBwd(pub(crate) MaxPool2d);
 
 impl CustomOp2 for MaxPool2dBwd {
     fn name(&self) -> &'static str {

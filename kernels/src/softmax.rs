@@ -3,6 +3,7 @@
 //! Forward, per row of length `C`: one pass for the max (numerical safety), one pass writing
 //! `exp(x - max)` while summing it, one pass scaling (softmax) or subtracting `log(sum)`
 //! (log-softmax). The composition version makes five full-size temporaries; this makes one.
+//! The row loops are [`Real`]'s row kernels: vectorised (`crate::vmath`) for f32, libm for f64.
 //!
 //! Backward only needs the forward *output* `y`, which candle hands to `bwd` as `res`, so
 //! nothing is recomputed:
@@ -33,16 +34,11 @@ impl Softmax {
         let log = self.log;
         for_each_row(&mut y, c, |r, yr| {
             let xr = &x[r * c..(r + 1) * c];
-            let max = xr
-                .iter()
-                .fold(T::NEG_INF, |m, &v| if v > m { v } else { m });
-            let mut sum = T::ZERO;
-            for (o, &v) in yr.iter_mut().zip(xr) {
-                let e = (v - max).exp();
-                *o = e;
-                sum += e;
-            }
+            let max = T::row_max(xr);
+            let sum = T::exp_shift_sum(xr, max, yr);
             if log {
+                // `(v - max) - lse`, not `v - (max + lse)`: the first subtraction is exact
+                // near the max, so large logits do not cost the small outputs their precision.
                 let lse = sum.ln();
                 for (o, &v) in yr.iter_mut().zip(xr) {
                     *o = v - max - lse;
@@ -76,7 +72,7 @@ impl CustomOp1 for Softmax {
 
 /// `(y, dy) -> dx` for softmax / log-softmax, `y` being the forward output.
 pub(crate) struct SoftmaxBwd {
-    log: bool,
+    pub(crate) log: bool,
 }
 
 impl SoftmaxBwd {
@@ -96,12 +92,9 @@ impl SoftmaxBwd {
             let yr = &y[r * c..(r + 1) * c];
             let gr = &dy[r * c..(r + 1) * c];
             if log {
-                let sum = gr.iter().fold(T::ZERO, |a, &g| a + g);
-                for ((o, &yv), &g) in dxr.iter_mut().zip(yr).zip(gr) {
-                    *o = g - yv.exp() * sum;
-                }
+                T::log_softmax_bwd(yr, gr, T::sum(gr), dxr);
             } else {
-                let dot = yr.iter().zip(gr).fold(T::ZERO, |a, (&yv, &g)| a + yv * g);
+                let dot = T::dot(yr, gr);
                 for ((o, &yv), &g) in dxr.iter_mut().zip(yr).zip(gr) {
                     *o = yv * (g - dot);
                 }

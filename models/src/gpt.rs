@@ -24,7 +24,7 @@
 use std::sync::Arc;
 
 use brigade_engine::{
-    Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, PipelineModel,
+    Gradients, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, Pass, PipelineModel, Saved,
 };
 use candle_core::{bail, DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -272,52 +272,96 @@ fn conv1d_specs(prefix: &str, d_in: usize, d_out: usize, std: f64) -> [ParamSpec
     ]
 }
 
+/// A parameter as a layer holds it: its name (gradients are reported by name) and its value.
+#[derive(Debug, Clone)]
+struct Param {
+    name: String,
+    value: Tensor,
+}
+
 /// Gets `N` parameters from the store in spec order.
-fn get_all<const N: usize>(store: &mut ParamStore, specs: &[ParamSpec]) -> Result<[Tensor; N]> {
-    let tensors = specs
+fn get_all<const N: usize>(store: &mut ParamStore, specs: &[ParamSpec]) -> Result<[Param; N]> {
+    let params = specs
         .iter()
-        .map(|s| store.get(s))
+        .map(|s| Ok(Param { name: s.name.clone(), value: store.get(s)? }))
         .collect::<Result<Vec<_>>>()?;
-    let got = tensors.len();
-    tensors
+    let got = params.len();
+    params
         .try_into()
         .map_err(|_| candle_core::Error::Msg(format!("expected {N} parameters, got {got}")))
 }
 
 // ---------------------------------------------------------------------------------------------
-// Small building blocks.
+// Small building blocks. Each has the autograd forward (`forward`) and the explicit pieces
+// (forward keeping its inputs, input gradient, weight gradient) the pipeline runs.
 
 /// LayerNorm over the last dimension (via the differentiable kernel).
 #[derive(Debug)]
 struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
+    weight: Param,
+    bias: Param,
     eps: f64,
+}
+
+/// What a LayerNorm's input-gradient step leaves for its weight step: the fused backward
+/// kernel yields the gain and bias gradients in the same pass as the input gradient (they are
+/// row reductions of the same terms), so `W` only adds them in.
+struct LayerNormGrads {
+    dweight: Tensor,
+    dbias: Tensor,
 }
 
 impl LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        brigade_kernels::layer_norm(x, &self.weight, &self.bias, self.eps)
+        brigade_kernels::layer_norm(x, &self.weight.value, &self.bias.value, self.eps)
+    }
+
+    /// `dx` for `dy`, recomputing the statistics from the saved input `x`.
+    fn backward_input(&self, x: &Tensor, dy: &Tensor) -> Result<(Tensor, LayerNormGrads)> {
+        let (dx, dweight, dbias) = brigade_kernels::layer_norm_backward(x, &self.weight.value, dy, self.eps)?;
+        Ok((dx, LayerNormGrads { dweight, dbias }))
+    }
+
+    fn backward_weight(&self, g: &LayerNormGrads, grads: &mut Gradients) -> Result<()> {
+        grads.add(&self.weight.name, &g.dweight)?;
+        grads.add(&self.bias.name, &g.dbias)
     }
 }
 
 /// HF's `Conv1D`: a linear layer with weight stored `(in, out)`, `y = x @ W + b`.
 #[derive(Debug)]
 struct Conv1D {
-    weight: Tensor,
-    bias: Tensor,
+    weight: Param,
+    bias: Param,
 }
 
 impl Conv1D {
     /// `(B, T, in)` → `(B, T, out)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
-        let d_out = self.weight.dim(1)?;
+        let d_out = self.weight.value.dim(1)?;
         // A 2-D matmul on the flattened tokens: one GEMM, and candle wants a contiguous lhs.
         x.reshape((b * t, d_in))? // (B·T, in)
-            .matmul(&self.weight)? // (B·T, out)
-            .broadcast_add(&self.bias)?
+            .matmul(&self.weight.value)? // (B·T, out)
+            .broadcast_add(&self.bias.value)?
             .reshape((b, t, d_out))
+    }
+
+    /// `dx = dy @ Wᵀ`, `(B, T, out)` → `(B, T, in)`.
+    fn backward_input(&self, dy: &Tensor) -> Result<Tensor> {
+        let (b, t, d_out) = dy.dims3()?;
+        let d_in = self.weight.value.dim(0)?;
+        dy.reshape((b * t, d_out))?.matmul(&self.weight.value.t()?)?.reshape((b, t, d_in))
+    }
+
+    /// `dW += xᵀ dy` over all tokens, `db += Σ dy`.
+    fn backward_weight(&self, x: &Tensor, dy: &Tensor, grads: &mut Gradients) -> Result<()> {
+        let (b, t, d_in) = x.dims3()?;
+        let d_out = dy.dim(2)?;
+        let x = x.reshape((b * t, d_in))?;
+        let dy = dy.reshape((b * t, d_out))?;
+        grads.add(&self.weight.name, &x.t()?.matmul(&dy)?)?;
+        grads.add(&self.bias.name, &dy.sum(0)?)
     }
 }
 
@@ -358,13 +402,14 @@ impl LayerSpec for EmbeddingSpec {
 
 #[derive(Debug)]
 struct Embedding {
-    wte: Tensor, // (V, C)
-    wpe: Tensor, // (ctx, C)
+    wte: Param, // (V, C)
+    wpe: Param, // (ctx, C)
     vocab: usize,
 }
 
-impl Layer for Embedding {
-    fn forward(&mut self, ids: &Tensor, _mode: Mode) -> Result<Tensor> {
+impl Embedding {
+    /// Validates token ids and returns them flattened as u32 with the batch shape.
+    fn checked_ids(&self, ids: &Tensor) -> Result<(Tensor, usize, usize)> {
         let (b, t) = match ids.dims() {
             &[b, t] => (b, t),
             dims => bail!("GPT embedding expects token ids of shape (B, T), got {dims:?}"),
@@ -375,7 +420,7 @@ impl Layer for Embedding {
                 ids.dtype()
             );
         }
-        let context = self.wpe.dim(0)?;
+        let context = self.wpe.value.dim(0)?;
         if t == 0 || b == 0 {
             bail!(
                 "GPT embedding got an empty batch of token ids, shape {:?}",
@@ -398,10 +443,45 @@ impl Layer for Embedding {
                 self.vocab
             );
         }
-        let flat = ids.to_dtype(DType::U32)?.flatten_all()?; // (B·T,)
-        let tok = self.wte.index_select(&flat, 0)?.reshape((b, t, ()))?; // (B, T, C)
-        let pos = self.wpe.narrow(0, 0, t)?; // (T, C)
+        Ok((ids.to_dtype(DType::U32)?.flatten_all()?, b, t))
+    }
+
+    fn embed(&self, flat: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+        let tok = self.wte.value.index_select(flat, 0)?.reshape((b, t, ()))?; // (B, T, C)
+        let pos = self.wpe.value.narrow(0, 0, t)?; // (T, C)
         tok.broadcast_add(&pos) // (B, T, C)
+    }
+}
+
+impl Layer for Embedding {
+    fn forward(&mut self, ids: &Tensor, _mode: Mode) -> Result<Tensor> {
+        let (flat, b, t) = self.checked_ids(ids)?;
+        self.embed(&flat, b, t)
+    }
+
+    fn forward_train(&mut self, ids: &Tensor, _pass: Pass) -> Result<(Tensor, Saved)> {
+        let (flat, b, t) = self.checked_ids(ids)?;
+        let y = self.embed(&flat, b, t)?;
+        Ok((y, Saved::new(flat.clone(), &[&flat])))
+    }
+
+    fn backward_input(&mut self, saved: Saved, dy: &Tensor, _need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
+        // Token ids have no gradient; everything here is the weight step's.
+        let flat: Tensor = saved.take("GPT embedding")?;
+        Ok((None, Saved::new((flat.clone(), dy.clone()), &[&flat, dy])))
+    }
+
+    fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
+        let (flat, dy): (Tensor, Tensor) = saved.take("GPT embedding")?;
+        let (b, t, c) = dy.dims3()?;
+        let dy2 = dy.reshape((b * t, c))?;
+        // Rows of the token table: scatter-add each position's gradient to its token's row.
+        let dwte = self.wte.value.zeros_like()?.index_add(&flat, &dy2, 0)?;
+        grads.add(&self.wte.name, &dwte)?;
+        // Position rows 0..T get the batch sum; rows past T get zero.
+        let context = self.wpe.value.dim(0)?;
+        let dwpe = dy.sum(0)?.pad_with_zeros(0, 0, context - t)?;
+        grads.add(&self.wpe.name, &dwpe)
     }
 }
 
@@ -444,6 +524,7 @@ impl LayerSpec for BlockSpec {
             get_all(store, &self.params())?;
         let eps = self.cfg.layer_norm_epsilon;
         Ok(Box::new(Block {
+            name: self.name(),
             n_embd: self.cfg.n_embd,
             n_positions: self.cfg.n_positions,
             ln_1: LayerNorm {
@@ -491,6 +572,17 @@ struct CausalSelfAttention {
     mask: Option<(usize, Tensor)>,
 }
 
+/// What attention's forward keeps: its input, the heads, the attention probabilities and the
+/// merged heads (the output projection's input).
+struct AttentionSaved {
+    x: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    probs: Tensor,
+    merged: Tensor,
+}
+
 impl CausalSelfAttention {
     fn causal_mask(&mut self, t: usize, x: &Tensor) -> Result<Tensor> {
         if let Some((len, mask)) = &self.mask {
@@ -506,8 +598,12 @@ impl CausalSelfAttention {
         Ok(mask)
     }
 
-    /// `(B, T, C)` → `(B, T, C)`.
-    fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
+    fn scale(&self, c: usize) -> f64 {
+        1.0 / ((c / self.n_head) as f64).sqrt()
+    }
+
+    /// `(B, T, C)` → `(B, T, C)`, keeping what the backward needs.
+    fn forward_saving(&mut self, x: &Tensor) -> Result<(Tensor, AttentionSaved)> {
         let (b, t, c) = x.dims3()?;
         let (h, d) = (self.n_head, c / self.n_head);
         let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
@@ -518,7 +614,7 @@ impl CausalSelfAttention {
                 .contiguous()
         };
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (B, H, T, T)
+        let scores = (q.matmul(&k.t()?)? * self.scale(c))?; // (B, H, T, T)
 
         // Masked scores are *replaced* (where_cond), not added to: their gradient is exactly
         // zero and the kept scores' gradient is untouched. -inf is safe because the diagonal is
@@ -530,8 +626,32 @@ impl CausalSelfAttention {
         let scores = mask.where_cond(&scores, &neg_inf)?;
         let probs = brigade_kernels::softmax_last_dim(&scores)?; // (B, H, T, T)
         let y = probs.matmul(&v)?; // (B, H, T, D)
-        let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)
-        self.c_proj.forward(&y)
+        let merged = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)
+        let out = self.c_proj.forward(&merged)?;
+        Ok((out, AttentionSaved { x: x.clone(), q, k, v, probs, merged }))
+    }
+
+    fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_saving(x)?.0)
+    }
+
+    /// The input gradient; returns it with the gradients of the two projections' outputs
+    /// (`dqkv`, `dout`), which is what their weight steps need.
+    fn backward_input(&self, s: &AttentionSaved, dout: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t, c) = s.x.dims3()?;
+        let (h, d) = (self.n_head, c / self.n_head);
+        let dmerged = self.c_proj.backward_input(dout)?; // (B, T, C)
+        let dy = dmerged.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?; // (B, H, T, D)
+        let dprobs = dy.matmul(&s.v.t()?)?; // (B, H, T, T)
+        let dv = s.probs.t()?.matmul(&dy)?; // (B, H, T, D)
+        // Masked entries have probability 0, so the softmax backward gives them 0 gradient.
+        let dscores = (brigade_kernels::softmax_last_dim_backward(&s.probs, &dprobs)? * self.scale(c))?;
+        let dq = dscores.matmul(&s.k)?; // (B, H, T, D)
+        let dk = dscores.t()?.matmul(&s.q)?; // (B, H, T, D)
+        let merge = |g: Tensor| g.transpose(1, 2)?.reshape((b, t, c));
+        let dqkv = Tensor::cat(&[merge(dq)?, merge(dk)?, merge(dv)?], 2)?; // (B, T, 3C)
+        let dx = self.c_attn.backward_input(&dqkv)?;
+        Ok((dx, dqkv))
     }
 }
 
@@ -550,6 +670,7 @@ impl Mlp {
 
 #[derive(Debug)]
 struct Block {
+    name: String,
     n_embd: usize,
     n_positions: usize,
     ln_1: LayerNorm,
@@ -558,11 +679,93 @@ struct Block {
     mlp: Mlp,
 }
 
+/// A block's forward, kept for its backward.
+struct BlockSaved {
+    attn: AttentionSaved,
+    /// The residual stream after attention (ln_2's input).
+    x2: Tensor,
+    /// ln_2's output (c_fc's input), c_fc's output (GELU's input), GELU's output.
+    ln2_out: Tensor,
+    fc_out: Tensor,
+    gelu_out: Tensor,
+}
+
+/// What a block's weight step needs: each projection's input and output gradient, and the
+/// LayerNorms' gradients.
+struct BlockWeightGrads {
+    ln1_out: Tensor,
+    dqkv: Tensor,
+    merged: Tensor,
+    dattn_out: Tensor,
+    ln1: LayerNormGrads,
+    ln2_out: Tensor,
+    dfc_out: Tensor,
+    gelu_out: Tensor,
+    dmlp_out: Tensor,
+    ln2: LayerNormGrads,
+}
+
 impl Layer for Block {
     fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
         check_hidden(x, self.n_embd, self.n_positions, "GPT block")?;
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?)?)?; // (B, T, C)
         &x + self.mlp.forward(&self.ln_2.forward(&x)?)?
+    }
+
+    fn forward_train(&mut self, x: &Tensor, _pass: Pass) -> Result<(Tensor, Saved)> {
+        check_hidden(x, self.n_embd, self.n_positions, "GPT block")?;
+        let ln1_out = self.ln_1.forward(x)?;
+        let (attn_out, mut attn) = self.attn.forward_saving(&ln1_out)?;
+        attn.x = ln1_out; // the attention's input is ln_1's output; the block input is `x`
+        let x2 = (x + attn_out)?;
+        let ln2_out = self.ln_2.forward(&x2)?;
+        let fc_out = self.mlp.c_fc.forward(&ln2_out)?;
+        let gelu_out = brigade_kernels::gelu_tanh(&fc_out)?;
+        let y = (&x2 + self.mlp.c_proj.forward(&gelu_out)?)?;
+        let keep = [x, &attn.x, &attn.q, &attn.k, &attn.v, &attn.probs, &attn.merged, &x2, &ln2_out, &fc_out, &gelu_out];
+        let keep = keep.into_iter().cloned().collect();
+        let saved = Saved::with_handles((x.clone(), BlockSaved { attn, x2, ln2_out, fc_out, gelu_out }), keep);
+        Ok((y, saved))
+    }
+
+    fn backward_input(&mut self, saved: Saved, dy: &Tensor, _need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
+        let (x, s): (Tensor, BlockSaved) = saved.take(&self.name)?;
+        // MLP branch: y = x2 + c_proj(gelu(c_fc(ln_2(x2)))).
+        let dgelu_out = self.mlp.c_proj.backward_input(dy)?;
+        let dfc_out = brigade_kernels::gelu_tanh_backward(&s.fc_out, &dgelu_out)?;
+        let dln2_out = self.mlp.c_fc.backward_input(&dfc_out)?;
+        let (dx2_ln, ln2) = self.ln_2.backward_input(&s.x2, &dln2_out)?;
+        let dx2 = (dy + dx2_ln)?;
+        // Attention branch: x2 = x + attn(ln_1(x)).
+        let (dln1_out, dqkv) = self.attn.backward_input(&s.attn, &dx2)?;
+        let (dx_ln, ln1) = self.ln_1.backward_input(&x, &dln1_out)?;
+        let dx = (&dx2 + dx_ln)?;
+        let w = BlockWeightGrads {
+            ln1_out: s.attn.x,
+            dqkv,
+            merged: s.attn.merged,
+            dattn_out: dx2,
+            ln1,
+            ln2_out: s.ln2_out,
+            dfc_out,
+            gelu_out: s.gelu_out,
+            dmlp_out: dy.clone(),
+            ln2,
+        };
+        let keep = [&w.ln1_out, &w.dqkv, &w.merged, &w.dattn_out, &w.ln2_out, &w.dfc_out, &w.gelu_out, &w.dmlp_out];
+        let keep = keep.into_iter().cloned().collect();
+        let saved = Saved::with_handles(w, keep);
+        Ok((Some(dx), saved))
+    }
+
+    fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
+        let w: BlockWeightGrads = saved.take(&self.name)?;
+        self.ln_1.backward_weight(&w.ln1, grads)?;
+        self.attn.c_attn.backward_weight(&w.ln1_out, &w.dqkv, grads)?;
+        self.attn.c_proj.backward_weight(&w.merged, &w.dattn_out, grads)?;
+        self.ln_2.backward_weight(&w.ln2, grads)?;
+        self.mlp.c_fc.backward_weight(&w.ln2_out, &w.dfc_out, grads)?;
+        self.mlp.c_proj.backward_weight(&w.gelu_out, &w.dmlp_out, grads)
     }
 }
 
@@ -616,16 +819,52 @@ impl LayerSpec for HeadSpec {
 struct Head {
     n_positions: usize,
     ln_f: LayerNorm,
-    wte: Tensor, // (V, C)
+    wte: Param, // (V, C)
+}
+
+/// What the head's weight step needs: the tied table's gradient is `dlogitsᵀ h`.
+struct HeadWeightGrads {
+    h: Tensor,
+    dlogits: Tensor,
+    ln_f: LayerNormGrads,
+}
+
+impl Head {
+    /// `(B, T, C)` → normalised `(B·T, C)` and logits `(B, T, V)`.
+    fn logits(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (v, c) = self.wte.value.dims2()?;
+        check_hidden(x, c, self.n_positions, "GPT head")?;
+        let (b, t, _) = x.dims3()?;
+        let h = self.ln_f.forward(x)?.reshape((b * t, c))?; // (B·T, C)
+        let logits = h.matmul(&self.wte.value.t()?)?.reshape((b, t, v))?; // (B, T, V)
+        Ok((h, logits))
+    }
 }
 
 impl Layer for Head {
     fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
-        let (v, c) = self.wte.dims2()?;
-        check_hidden(x, c, self.n_positions, "GPT head")?;
-        let (b, t, _) = x.dims3()?;
-        let h = self.ln_f.forward(x)?.reshape((b * t, c))?; // (B·T, C)
-        h.matmul(&self.wte.t()?)?.reshape((b, t, v)) // (B, T, V)
+        Ok(self.logits(x)?.1)
+    }
+
+    fn forward_train(&mut self, x: &Tensor, _pass: Pass) -> Result<(Tensor, Saved)> {
+        let (h, logits) = self.logits(x)?;
+        Ok((logits, Saved::new((x.clone(), h.clone()), &[x, &h])))
+    }
+
+    fn backward_input(&mut self, saved: Saved, dlogits: &Tensor, _need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
+        let (x, h): (Tensor, Tensor) = saved.take("GPT head")?;
+        let (b, t, v) = dlogits.dims3()?;
+        let dlogits = dlogits.reshape((b * t, v))?;
+        let dh = dlogits.matmul(&self.wte.value)?.reshape(x.shape())?; // (B, T, C)
+        let (dx, ln_f) = self.ln_f.backward_input(&x, &dh)?;
+        let saved = Saved::new(HeadWeightGrads { h: h.clone(), dlogits: dlogits.clone(), ln_f }, &[&h, &dlogits]);
+        Ok((Some(dx), saved))
+    }
+
+    fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
+        let w: HeadWeightGrads = saved.take("GPT head")?;
+        self.ln_f.backward_weight(&w.ln_f, grads)?;
+        grads.add(&self.wte.name, &w.dlogits.t()?.matmul(&w.h)?)
     }
 }
 

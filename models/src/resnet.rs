@@ -37,7 +37,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use brigade_engine::{
-    BufferSpec, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, PipelineModel,
+    BufferSpec, Gradients, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, Pass, PipelineModel, Saved,
 };
 use candle_core::{bail, DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -314,6 +314,7 @@ impl ConvBnPlan {
         Ok(ConvBn {
             conv: Conv2d {
                 weight: store.get(&w)?,
+                weight_name: w.name.clone(),
                 stride: self.stride,
                 padding: self.padding,
             },
@@ -330,6 +331,7 @@ impl ConvBnPlan {
 #[derive(Debug)]
 struct Conv2d {
     weight: Tensor, // (out, in, k, k)
+    weight_name: String,
     stride: usize,
     padding: usize,
 }
@@ -338,6 +340,28 @@ impl Conv2d {
     /// `(N, in, H, W)` → `(N, out, H', W')`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.conv2d(&self.weight, self.padding, self.stride, 1, 1)
+    }
+
+    /// The input gradient: a transposed convolution of `dy` with the same weight. The output
+    /// padding recovers the rows a strided forward dropped (input sizes not a multiple of the
+    /// stride).
+    fn backward_input(&self, x_dims: &[usize], dy: &Tensor) -> Result<Tensor> {
+        let (dy_h, k) = (dy.dim(2)?, self.weight.dim(2)?);
+        let covered = (dy_h - 1) * self.stride + k - 2 * self.padding;
+        let out_padding = x_dims[2] - covered;
+        dy.conv_transpose2d(&self.weight, self.padding, out_padding, self.stride, 1)
+    }
+
+    /// `dW += x ⋆ dy`: the weight gradient is a convolution of the input with the output
+    /// gradient over the batch (batch and channel axes swapped), the stride becoming a dilation.
+    fn backward_weight(&self, x: &Tensor, dy: &Tensor, grads: &mut Gradients) -> Result<()> {
+        let (_, _, kh, kw) = self.weight.dims4()?;
+        let dw = x
+            .transpose(0, 1)?
+            .conv2d(&dy.transpose(0, 1)?, self.padding, 1, self.stride, 1)?
+            .transpose(0, 1)?;
+        let dw = if dw.dim(2)? != kh || dw.dim(3)? != kw { dw.narrow(2, 0, kh)?.narrow(3, 0, kw)? } else { dw };
+        grads.add(&self.weight_name, &dw)
     }
 }
 
@@ -422,6 +446,56 @@ impl BatchNorm2d {
             .broadcast_add(&self.bias.reshape(per_channel)?)
     }
 
+    /// Training forward of the explicit path: normalises with the micro-batch's statistics
+    /// (updating the running ones on the first pass only) and returns the output with the
+    /// normalised input and the per-channel standard deviation the backward needs.
+    fn forward_train(&mut self, x: &Tensor, pass: Pass) -> Result<(Tensor, Tensor, Tensor)> {
+        let (n, c, h, w) = x.dims4()?;
+        if c != self.channels() {
+            bail!("{}: expected {} channels, got input {:?}", self.name, self.channels(), x.dims());
+        }
+        let count = n * h * w;
+        if count < 2 {
+            bail!(
+                "{}: training BatchNorm needs more than one value per channel, got input {:?} (use a larger \
+                 micro-batch or larger images)",
+                self.name,
+                x.dims()
+            );
+        }
+        let per_channel = (1, c, 1, 1);
+        let mean = x.mean_keepdim((0, 2, 3))?; // (1, C, 1, 1)
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim((0, 2, 3))?; // biased
+        let std = (&var + BN_EPS)?.sqrt()?;
+        let normed = centered.broadcast_div(&std)?;
+        if pass == Pass::First {
+            let m = BN_MOMENTUM;
+            let batch_var = (var.flatten_all()? * (count as f64 / (count - 1) as f64))?;
+            self.running_mean = ((&self.running_mean * (1.0 - m))? + (mean.flatten_all()? * m)?)?;
+            self.running_var = ((&self.running_var * (1.0 - m))? + (batch_var * m)?)?;
+            self.num_batches_tracked += 1;
+        }
+        let y = normed
+            .broadcast_mul(&self.weight.reshape(per_channel)?)?
+            .broadcast_add(&self.bias.reshape(per_channel)?)?;
+        Ok((y, normed, std))
+    }
+
+    /// The input gradient from the normalised input and standard deviation, with the gain and
+    /// bias gradients (per-channel reductions the input gradient needs anyway):
+    /// `dx = γ/σ · (dy − mean(dy) − x̂ · mean(dy · x̂))`.
+    fn backward(&self, normed: &Tensor, std: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (n, c, h, w) = dy.dims4()?;
+        let count = (n * h * w) as f64;
+        let dbias = dy.sum_keepdim((0, 2, 3))?; // (1, C, 1, 1)
+        let dweight = (dy * normed)?.sum_keepdim((0, 2, 3))?;
+        let gain = self.weight.reshape((1, c, 1, 1))?.broadcast_div(std)?;
+        let centered = dy.broadcast_sub(&(&dbias / count)?)?.broadcast_sub(&normed.broadcast_mul(&(&dweight / count)?)?)?;
+        let dx = centered.broadcast_mul(&gain)?;
+        Ok((dx, dweight.flatten_all()?, dbias.flatten_all()?))
+    }
+
     fn buffers(&self) -> Vec<(String, Tensor)> {
         let nbt = Tensor::new(self.num_batches_tracked, self.running_mean.device());
         let mut out = vec![
@@ -485,10 +559,60 @@ struct ConvBn {
     bn: BatchNorm2d,
 }
 
+/// A conv+BN unit's forward, kept for its backward.
+struct ConvBnSaved {
+    x: Tensor,
+    normed: Tensor,
+    std: Tensor,
+}
+
+/// What a conv+BN unit's weight step needs.
+struct ConvBnWeightGrads {
+    x: Tensor,
+    dconv_out: Tensor,
+    dgamma: Tensor,
+    dbeta: Tensor,
+}
+
 impl ConvBn {
     fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         self.bn.forward(&self.conv.forward(x)?, mode)
     }
+
+    fn forward_train(&mut self, x: &Tensor, pass: Pass) -> Result<(Tensor, ConvBnSaved)> {
+        let (y, normed, std) = self.bn.forward_train(&self.conv.forward(x)?, pass)?;
+        Ok((y, ConvBnSaved { x: x.clone(), normed, std }))
+    }
+
+    /// The input gradient (when `need_dx`) and what the weight step needs.
+    fn backward_input(&self, s: ConvBnSaved, dy: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, ConvBnWeightGrads)> {
+        let (dconv_out, dgamma, dbeta) = self.bn.backward(&s.normed, &s.std, dy)?;
+        let dx = if need_dx { Some(self.conv.backward_input(s.x.dims(), &dconv_out)?) } else { None };
+        Ok((dx, ConvBnWeightGrads { x: s.x, dconv_out, dgamma, dbeta }))
+    }
+
+    fn backward_weight(&self, w: &ConvBnWeightGrads, grads: &mut Gradients) -> Result<()> {
+        self.conv.backward_weight(&w.x, &w.dconv_out, grads)?;
+        grads.add(&format!("{}.weight", self.bn.name), &w.dgamma)?;
+        grads.add(&format!("{}.bias", self.bn.name), &w.dbeta)
+    }
+}
+
+impl ConvBnSaved {
+    fn tensors(&self) -> [&Tensor; 3] {
+        [&self.x, &self.normed, &self.std]
+    }
+}
+
+impl ConvBnWeightGrads {
+    fn tensors(&self) -> [&Tensor; 2] {
+        [&self.x, &self.dconv_out]
+    }
+}
+
+/// ReLU's backward from its output: the gradient passes where the output is positive.
+fn relu_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    y.gt(0f32)?.where_cond(dy, &dy.zeros_like()?)
 }
 
 /// Loads `buffers` into `bns`; names that belong to none of them are an error.
@@ -579,6 +703,29 @@ impl Layer for Stem {
         check_images(x, self.in_channels, "ResNet stem")?; // (N, 3, H, W)
         let h = self.conv_bn.forward(x, mode)?.relu()?; // (N, w0, H/2, W/2)
         brigade_kernels::max_pool2d(&h, 3, 2, 1) // (N, w0, H/4, W/4)
+    }
+
+    fn forward_train(&mut self, x: &Tensor, pass: Pass) -> Result<(Tensor, Saved)> {
+        check_images(x, self.in_channels, "ResNet stem")?;
+        let (h, unit) = self.conv_bn.forward_train(x, pass)?;
+        let h = h.relu()?;
+        let y = brigade_kernels::max_pool2d(&h, 3, 2, 1)?;
+        let keep = unit.tensors().into_iter().chain([&h]).cloned().collect();
+        let saved = Saved::with_handles((unit, h.clone()), keep);
+        Ok((y, saved))
+    }
+
+    fn backward_input(&mut self, saved: Saved, dy: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
+        let (unit, h): (ConvBnSaved, Tensor) = saved.take("ResNet stem")?;
+        let dh = relu_backward(&h, &brigade_kernels::max_pool2d_backward(&h, dy, 3, 2, 1)?)?;
+        let (dx, w) = self.conv_bn.backward_input(unit, &dh, need_dx)?;
+        let keep = w.tensors().into_iter().cloned().collect();
+        let saved = Saved::with_handles(w, keep);
+        Ok((dx, saved))
+    }
+
+    fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
+        self.conv_bn.backward_weight(&saved.take::<ConvBnWeightGrads>("ResNet stem")?, grads)
     }
 
     fn buffers(&self) -> Vec<(String, Tensor)> {
@@ -700,6 +847,77 @@ impl Layer for Block {
         (out + identity)?.relu() // (N, planes·expansion, H/stride, W/stride)
     }
 
+    fn forward_train(&mut self, x: &Tensor, pass: Pass) -> Result<(Tensor, Saved)> {
+        check_images(x, self.in_planes, &format!("ResNet block {}", self.name))?;
+        let last = self.main.len() - 1;
+        let mut units = Vec::with_capacity(self.main.len());
+        // The ReLU outputs between units (their backward masks), in order.
+        let mut relus = Vec::with_capacity(last);
+        let mut out = x.clone();
+        for (i, unit) in self.main.iter_mut().enumerate() {
+            let (y, s) = unit.forward_train(&out, pass)?;
+            units.push(s);
+            out = y;
+            if i < last {
+                out = out.relu()?;
+                relus.push(out.clone());
+            }
+        }
+        let (identity, shortcut) = match &mut self.downsample {
+            Some(ds) => {
+                let (y, s) = ds.forward_train(x, pass)?;
+                (y, Some(s))
+            }
+            None => (x.clone(), None),
+        };
+        let y = (out + identity)?.relu()?;
+        let mut keep: Vec<Tensor> = units.iter().chain(&shortcut).flat_map(|u| u.tensors()).cloned().collect();
+        keep.extend(relus.iter().cloned());
+        keep.push(y.clone());
+        let saved = Saved::with_handles(BlockSaved { units, relus, shortcut, y: y.clone() }, keep);
+        Ok((y, saved))
+    }
+
+    fn backward_input(&mut self, saved: Saved, dy: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
+        let s: BlockSaved = saved.take(&self.name)?;
+        let dsum = relu_backward(&s.y, dy)?;
+        let mut weights = Vec::with_capacity(self.main.len());
+        let mut grad = dsum.clone();
+        let mut relus = s.relus;
+        for (unit, saved) in self.main.iter().zip(s.units).rev() {
+            let (dx, w) = unit.backward_input(saved, &grad, true)?;
+            weights.push(w);
+            grad = dx.ok_or_else(|| candle_core::Error::Msg("conv+BN gave no input gradient".into()))?;
+            if let Some(relu_out) = relus.pop() {
+                grad = relu_backward(&relu_out, &grad)?;
+            }
+        }
+        weights.reverse();
+        let (dshortcut, shortcut) = match (&self.downsample, s.shortcut) {
+            (Some(ds), Some(saved)) => {
+                let (dx, w) = ds.backward_input(saved, &dsum, true)?;
+                (dx.ok_or_else(|| candle_core::Error::Msg("downsample gave no input gradient".into()))?, Some(w))
+            }
+            (None, None) => (dsum, None),
+            _ => bail!("{}: saved state does not match the shortcut", self.name),
+        };
+        let dx = if need_dx { Some((grad + dshortcut)?) } else { None };
+        let keep = weights.iter().chain(&shortcut).flat_map(|w| w.tensors()).cloned().collect();
+        let saved = Saved::with_handles((weights, shortcut), keep);
+        Ok((dx, saved))
+    }
+
+    fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
+        let (weights, shortcut): (Vec<ConvBnWeightGrads>, Option<ConvBnWeightGrads>) = saved.take(&self.name)?;
+        for (unit, w) in self.main.iter().zip(&weights) {
+            unit.backward_weight(w, grads)?;
+        }
+        if let (Some(ds), Some(w)) = (&self.downsample, &shortcut) {
+            ds.backward_weight(w, grads)?;
+        }
+        Ok(())
+    }
+
     fn buffers(&self) -> Vec<(String, Tensor)> {
         self.main
             .iter()
@@ -716,6 +934,15 @@ impl Layer for Block {
             .map(|u| &mut u.bn);
         load_bn_buffers(bns, buffers)
     }
+}
+
+/// A residual block's forward, kept for its backward.
+struct BlockSaved {
+    units: Vec<ConvBnSaved>,
+    relus: Vec<Tensor>,
+    shortcut: Option<ConvBnSaved>,
+    /// The block's output (after the final ReLU).
+    y: Tensor,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -767,6 +994,28 @@ impl Layer for Head {
         check_images(x, self.in_features, "ResNet head")?;
         let pooled = x.mean((2, 3))?; // (N, C)
         pooled.matmul(&self.weight.t()?)?.broadcast_add(&self.bias) // (N, classes)
+    }
+
+    fn forward_train(&mut self, x: &Tensor, _pass: Pass) -> Result<(Tensor, Saved)> {
+        check_images(x, self.in_features, "ResNet head")?;
+        let pooled = x.mean((2, 3))?; // (N, C)
+        let y = pooled.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+        Ok((y, Saved::new((pooled.clone(), x.dims().to_vec()), &[&pooled])))
+    }
+
+    fn backward_input(&mut self, saved: Saved, dy: &Tensor, _need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
+        let (pooled, dims): (Tensor, Vec<usize>) = saved.take("ResNet head")?;
+        let (n, c, h, w) = (dims[0], dims[1], dims[2], dims[3]);
+        // The mean over H·W spreads each channel's gradient evenly over its positions.
+        let dpooled = (dy.matmul(&self.weight)? / (h * w) as f64)?; // (N, C)
+        let dx = dpooled.reshape((n, c, 1, 1))?.broadcast_as((n, c, h, w))?.contiguous()?;
+        Ok((Some(dx), Saved::new((pooled.clone(), dy.clone()), &[&pooled, dy])))
+    }
+
+    fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
+        let (pooled, dy): (Tensor, Tensor) = saved.take("ResNet head")?;
+        grads.add("fc.weight", &dy.t()?.matmul(&pooled)?)?;
+        grads.add("fc.bias", &dy.sum(0)?)
     }
 }
 

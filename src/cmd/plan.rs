@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use brigade::bench::profile_on_data;
+use brigade::engine::compute::Recompute;
 use brigade::engine::plan::{explain, human_bytes, plan, PlanRequest};
 use brigade::engine::profile::ProfileOptions;
 use clap::Args;
@@ -33,6 +34,10 @@ pub struct PlanArgs {
     /// Schedules to consider: gpipe, 1f1b.
     #[arg(long, value_delimiter = ',', default_value = "gpipe,1f1b")]
     pub schedules: Vec<String>,
+    /// Activation recomputation settings to consider: off, full (full stashes only each
+    /// stage's input and reruns its forward before the backward: less memory, more time).
+    #[arg(long, value_delimiter = ',', default_value = "off,full")]
+    pub recompute: Vec<Recompute>,
     /// CPU threads per device (default: cores / devices).
     #[arg(long)]
     pub threads_per_stage: Option<usize>,
@@ -70,6 +75,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         microbatches: args.microbatches.clone(),
         schedules: super::schedules(&args.schedules)?,
         memory_limit,
+        recompute: args.recompute.clone(),
     };
     let options = ProfileOptions {
         repeats: args.profile_repeats,
@@ -118,7 +124,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
             c.stages,
             c.partition,
             c.partition_name,
-            c.schedule,
+            if c.recompute == Recompute::Full { format!("{} + recompute", c.schedule) } else { c.schedule.to_string() },
             c.microbatches,
             1e3 * c.prediction.step_time,
             c.throughput(args.batch_size),
@@ -138,7 +144,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
             .map(|c| {
                 serde_json::json!({
                     "stages": c.stages, "partition": c.partition.counts(), "partition_strategy": c.partition_name,
-                    "schedule": c.schedule.to_string(), "microbatches": c.microbatches,
+                    "schedule": c.schedule.to_string(), "microbatches": c.microbatches, "recompute": c.recompute.to_string(),
                     "simulated_step_s": c.prediction.step_time, "bubble": c.prediction.bubble_fraction,
                     "busy_s": c.prediction.busy, "idle_s": c.prediction.idle,
                     "peak_memory_bytes": c.prediction.peak_memory, "fits": c.fits,

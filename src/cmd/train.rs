@@ -71,6 +71,10 @@ pub struct TrainArgs {
     /// CPU threads per stage (default: cores / stages).
     #[arg(long)]
     threads_per_stage: Option<usize>,
+    /// Activation recomputation: off, or full (each stage stashes only its input and reruns
+    /// its forward before the backward: less activation memory for one more forward).
+    #[arg(long, default_value = "off")]
+    recompute: brigade::engine::compute::Recompute,
     /// Print one line per step instead of a progress bar.
     #[arg(long)]
     plain: bool,
@@ -304,6 +308,7 @@ fn pipeline_config(args: &TrainArgs, schedule: ScheduleChoice, layout: (usize, u
         .optimizer(args.optimizer.config(args.weight_decay))
         .lr(lr)
         .grad_clip((args.grad_clip > 0.0).then_some(args.grad_clip))
+        .recompute(args.recompute)
         .seed(args.seed);
     if let Some(t) = args.threads_per_stage {
         pipeline = pipeline.threads_per_stage(t);

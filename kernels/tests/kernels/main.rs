@@ -3,9 +3,11 @@
 //!   non-contiguous inputs, and sizes large enough to take the rayon path);
 //! - every op's gradient vs central finite differences (f64 with tight tolerances, f32 with
 //!   loose ones), including candle's built-in `gelu` backward;
-//! - error cases: bad shapes/dtypes/geometry return errors naming the problem.
+//! - error cases: bad shapes/dtypes/geometry return errors naming the problem;
+//! - `vmath_accuracy`: the vectorised f32 exp/tanh/GELU/softmax pieces against f64.
 
 mod gradcheck;
+mod vmath_accuracy;
 
 use brigade_kernels as k;
 use brigade_kernels::reference as r;

@@ -1,0 +1,325 @@
+//! The stage-compute seam: the one implementation of a stage's math, which the executor runs
+//! action by action and the profiler times layer by layer.
+//!
+//! A stage is an ordered list of layers that own their backward (see [`Layer`]). Per
+//! micro-batch:
+//! - [`StageCompute::forward`] (`F`) runs the layers' training forward and stashes what their
+//!   backward needs, or only the stage's input when activations are recomputed;
+//! - [`StageCompute::backward_input`] (`I`) recomputes the forward if needed, then walks the
+//!   layers backwards computing only input gradients, and keeps what each weight step needs;
+//! - [`StageCompute::backward_weight`] (`W`) computes the weight gradients (the matrix
+//!   products, conv weight and bias gradients) and adds them into the step's sums;
+//! - `B` is `I` then `W`.
+//!
+//! The last stage starts its backward from the loss: it keeps the micro-batch's targets with
+//! the stash and derives the output gradient from the stashed (or recomputed) output.
+//!
+//! Nothing here records an autograd graph: the layers are built over detached parameters
+//! ([`crate::ParamStore::shared_view`]), so memory is exactly what the layers save.
+
+use std::collections::{HashMap, HashSet};
+
+use candle_core::{DType, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::layer::{Gradients, Layer, LossKind, Mode, Pass, Saved};
+use crate::loss::{microbatch_loss, microbatch_loss_backward};
+
+/// What a stage keeps between a micro-batch's forward and its backward.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Keep every layer's saved activations (fastest, most memory).
+    #[default]
+    Off,
+    /// Keep only the stage's input and rerun the forward just before the backward.
+    Full,
+}
+
+impl std::str::FromStr for Recompute {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "off" | "none" => Ok(Self::Off),
+            "full" => Ok(Self::Full),
+            other => Err(format!("unknown recomputation `{other}` (expected off or full)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Recompute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Off => "off",
+            Self::Full => "full",
+        })
+    }
+}
+
+/// The last stage's loss inputs for one micro-batch.
+#[derive(Debug, Clone)]
+pub struct LossTarget {
+    pub targets: Tensor,
+    /// Loss terms in the whole global batch (the loss is normalised by it).
+    pub global_terms: usize,
+}
+
+/// A micro-batch between its forward and its input-gradient step.
+struct Stashed {
+    input: Tensor,
+    /// Per layer, in order; `None` when the forward is recomputed before the backward.
+    saved: Option<Vec<Saved>>,
+    /// Last stage: the model output (logits) the loss gradient starts from, and the targets.
+    output: Option<Tensor>,
+    target: Option<LossTarget>,
+    bytes: u64,
+}
+
+/// A micro-batch between its input-gradient and its weight-gradient step.
+struct PendingWeights {
+    /// Per layer, in order.
+    saved: Vec<Saved>,
+    bytes: u64,
+}
+
+/// A stage's layers and everything in flight between their forward and backward steps.
+pub struct StageCompute {
+    layers: Vec<Box<dyn Layer>>,
+    /// The first stage's input is data: no gradient is computed for it.
+    input_needs_grad: bool,
+    /// The loss the last stage computes; `None` on other stages.
+    loss: Option<LossKind>,
+    recompute: Recompute,
+    stash: HashMap<usize, Stashed>,
+    pending: HashMap<usize, PendingWeights>,
+    grads: Gradients,
+    live_bytes: u64,
+    /// High-water mark of `live_bytes` at action boundaries, and of a recomputation's
+    /// transient activations, since [`StageCompute::take_peak_bytes`].
+    peak_bytes: u64,
+}
+
+impl StageCompute {
+    pub fn new(layers: Vec<Box<dyn Layer>>, input_needs_grad: bool, loss: Option<LossKind>, recompute: Recompute) -> Self {
+        Self {
+            layers,
+            input_needs_grad,
+            loss,
+            recompute,
+            stash: HashMap::new(),
+            pending: HashMap::new(),
+            grads: Gradients::new(),
+            live_bytes: 0,
+            peak_bytes: 0,
+        }
+    }
+
+    pub fn layers(&self) -> &[Box<dyn Layer>] {
+        &self.layers
+    }
+
+    pub fn layers_mut(&mut self) -> &mut [Box<dyn Layer>] {
+        &mut self.layers
+    }
+
+    pub fn recompute(&self) -> Recompute {
+        self.recompute
+    }
+
+    /// Bytes of activations currently kept for backward steps (stashes and pending weight
+    /// steps), each storage counted once.
+    pub fn live_bytes(&self) -> u64 {
+        self.live_bytes
+    }
+
+    /// The most bytes kept at once since the last call (at the end of each action, and while a
+    /// recomputed forward's activations are alive); starts over.
+    pub fn take_peak_bytes(&mut self) -> u64 {
+        std::mem::replace(&mut self.peak_bytes, self.live_bytes)
+    }
+
+    fn mark_peak(&mut self, extra: u64) {
+        self.peak_bytes = self.peak_bytes.max(self.live_bytes + extra);
+    }
+
+    /// The tensors micro-batch `mb`'s stash keeps besides the stage's input: every layer's
+    /// saved tensors and, on the last stage, the output (for memory accounting).
+    pub fn stashed_tensors(&self, mb: usize) -> impl Iterator<Item = &Tensor> {
+        self.stash
+            .get(&mb)
+            .into_iter()
+            .flat_map(|s| s.output.iter().chain(s.saved.iter().flatten().flat_map(|saved| saved.tensors())))
+    }
+
+    /// Whether backward work is still outstanding (a step must not end with any).
+    pub fn has_pending_work(&self) -> bool {
+        !self.stash.is_empty() || !self.pending.is_empty()
+    }
+
+    /// `F`: the training forward of micro-batch `mb`. Returns the stage's output and, on the
+    /// last stage (`target` given), the micro-batch's loss.
+    pub fn forward(&mut self, mb: usize, x: &Tensor, target: Option<LossTarget>) -> Result<(Tensor, Option<f64>)> {
+        if self.stash.contains_key(&mb) || self.pending.contains_key(&mb) {
+            candle_core::bail!("micro-batch {mb} is already in flight on this stage");
+        }
+        let (y, saved) = self.run_forward(x, Pass::First)?;
+        let loss = match (&target, self.loss) {
+            (Some(t), Some(kind)) => Some(
+                microbatch_loss(kind, &y, &t.targets, t.global_terms)?.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            ),
+            (None, None) => None,
+            (Some(_), None) => candle_core::bail!("targets given to a stage that computes no loss"),
+            (None, Some(_)) => candle_core::bail!("the last stage needs targets for micro-batch {mb}"),
+        };
+        let saved = match self.recompute {
+            Recompute::Off => Some(saved),
+            Recompute::Full => None, // dropped here: only the input is kept
+        };
+        // The last stage keeps its output (the loss gradient starts from it) unless it reruns
+        // the forward anyway.
+        let output = (target.is_some() && self.recompute == Recompute::Off).then(|| y.clone());
+        let mut stashed = Stashed { input: x.clone(), saved, output, target, bytes: 0 };
+        // The first stage's input is the data batch, which the driver holds anyway: not
+        // counted (nor anything sharing its storage, e.g. token ids a layer keeps as they are).
+        let all = distinct_bytes(
+            std::iter::once(&stashed.input)
+                .chain(stashed.output.iter())
+                .chain(stashed.saved.iter().flatten().flat_map(|s| s.tensors())),
+        );
+        let data = if self.input_needs_grad { 0 } else { crate::memory::tensor_bytes(x) };
+        stashed.bytes = all.saturating_sub(data);
+        self.live_bytes += stashed.bytes;
+        self.stash.insert(mb, stashed);
+        self.mark_peak(0);
+        Ok((y, loss))
+    }
+
+    fn run_forward(&mut self, x: &Tensor, pass: Pass) -> Result<(Tensor, Vec<Saved>)> {
+        let mut saved = Vec::with_capacity(self.layers.len());
+        let mut h = x.clone();
+        for layer in self.layers.iter_mut() {
+            let (y, s) = layer.forward_train(&h, pass)?;
+            saved.push(s);
+            h = y;
+        }
+        Ok((h, saved))
+    }
+
+    /// `I`: the input gradient of micro-batch `mb` from its output gradient `dy` (the last
+    /// stage derives it from the loss and takes `None`). Returns `None` on the first stage.
+    pub fn backward_input(&mut self, mb: usize, dy: Option<&Tensor>) -> Result<Option<Tensor>> {
+        let dx = self.input_step(mb, dy)?;
+        self.mark_peak(0);
+        Ok(dx)
+    }
+
+    fn input_step(&mut self, mb: usize, dy: Option<&Tensor>) -> Result<Option<Tensor>> {
+        let stashed = self
+            .stash
+            .remove(&mb)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no stashed forward for micro-batch {mb}")))?;
+        self.live_bytes = self.live_bytes.saturating_sub(stashed.bytes);
+        let (saved, output) = match stashed.saved {
+            Some(saved) => (saved, stashed.output),
+            None => {
+                let (y, saved) = self.run_forward(&stashed.input, Pass::Recompute)?;
+                let output = stashed.target.is_some().then_some(y);
+                let data = if self.input_needs_grad { 0 } else { crate::memory::tensor_bytes(&stashed.input) };
+                let recomputed = distinct_bytes(
+                    std::iter::once(&stashed.input).chain(output.iter()).chain(saved.iter().flat_map(|s| s.tensors())),
+                );
+                self.mark_peak(recomputed.saturating_sub(data));
+                (saved, output)
+            }
+        };
+        let mut grad = match (&stashed.target, self.loss, output, dy) {
+            (Some(t), Some(kind), Some(output), None) => {
+                microbatch_loss_backward(kind, &output, &t.targets, t.global_terms)?
+            }
+            (None, None, None, Some(dy)) => dy.clone(),
+            (Some(_), ..) => candle_core::bail!("the last stage's backward starts from the loss, not a received gradient"),
+            _ => candle_core::bail!("no output gradient for micro-batch {mb}"),
+        };
+        let mut weight_saved = Vec::with_capacity(saved.len());
+        let last = saved.len();
+        for (i, (layer, s)) in self.layers.iter_mut().zip(saved).enumerate().rev() {
+            let need_dx = i > 0 || self.input_needs_grad;
+            let (dx, w) = layer.backward_input(s, &grad, need_dx)?;
+            weight_saved.push(w);
+            match dx {
+                Some(dx) => grad = dx,
+                None if need_dx => candle_core::bail!("layer {i} of {last} returned no input gradient"),
+                None => {}
+            }
+        }
+        weight_saved.reverse();
+        let bytes = distinct_bytes(weight_saved.iter().flat_map(|s| s.tensors()));
+        self.live_bytes += bytes;
+        self.pending.insert(mb, PendingWeights { saved: weight_saved, bytes });
+        Ok(self.input_needs_grad.then_some(grad))
+    }
+
+    /// `W`: the weight gradients of micro-batch `mb`, added into the step's sums.
+    pub fn backward_weight(&mut self, mb: usize) -> Result<()> {
+        self.weight_step(mb)?;
+        self.mark_peak(0);
+        Ok(())
+    }
+
+    fn weight_step(&mut self, mb: usize) -> Result<()> {
+        let pending = self.pending.remove(&mb).ok_or_else(|| {
+            candle_core::Error::Msg(format!("weight-gradient step before input-gradient step for micro-batch {mb}"))
+        })?;
+        self.live_bytes = self.live_bytes.saturating_sub(pending.bytes);
+        for (layer, s) in self.layers.iter_mut().zip(pending.saved) {
+            layer.backward_weight(s, &mut self.grads)?;
+        }
+        Ok(())
+    }
+
+    /// `B`: both backward steps at once.
+    pub fn backward(&mut self, mb: usize, dy: Option<&Tensor>) -> Result<Option<Tensor>> {
+        let dx = self.input_step(mb, dy)?;
+        self.weight_step(mb)?;
+        self.mark_peak(0);
+        Ok(dx)
+    }
+
+    /// The step's summed weight gradients; the sums start over.
+    pub fn take_gradients(&mut self) -> std::collections::BTreeMap<String, Tensor> {
+        self.grads.take()
+    }
+
+    /// Drops everything in flight (after a failed step).
+    pub fn clear(&mut self) {
+        self.stash.clear();
+        self.pending.clear();
+        self.grads.take();
+        self.live_bytes = 0;
+        self.peak_bytes = 0;
+    }
+
+    /// An evaluation forward (no saving; BatchNorm uses its running statistics).
+    pub fn forward_eval(&mut self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        for layer in self.layers.iter_mut() {
+            h = layer.forward(&h, Mode::Eval)?;
+        }
+        Ok(h)
+    }
+}
+
+/// Bytes of the distinct storages behind `tensors` (views of one allocation count once).
+pub fn distinct_bytes<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> u64 {
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    for t in tensors {
+        let (storage, _) = t.storage_and_layout();
+        let key = &*storage as *const candle_core::Storage as usize;
+        drop(storage);
+        if seen.insert(key) {
+            total += crate::memory::tensor_bytes(t);
+        }
+    }
+    total
+}

@@ -1,0 +1,147 @@
+//! The backward passes of brigade's ops as plain functions: vector-Jacobian products that a
+//! layer calls itself, with no autograd graph anywhere.
+//!
+//! brigade's layers own their backward (forward keeps what the backward needs; the input
+//! gradient and the weight gradient are separate steps), so they need each op's VJP as a
+//! function, not only as the `bwd` hook candle's autograd calls. On the CPU for f32/f64 these
+//! are the same fused backward kernels the autograd hooks use; elsewhere (other dtypes,
+//! devices) the VJP is taken by candle's autograd over the [`crate::reference`] composition,
+//! so every op has a backward on every device.
+//!
+//! [`accumulate`] adds a gradient into an accumulator in place: a stage sums each weight's
+//! gradient over its micro-batches without a fresh tensor per addition.
+
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, Var};
+
+use crate::{check_cross_entropy_args, check_layer_norm_args, check_max_pool_args, fused};
+
+/// The VJP of `f` at `inputs` for the output gradient `dy`, by candle's autograd: the fallback
+/// for dtypes and devices the fused backward kernels do not cover.
+fn autograd_vjp(inputs: &[&Tensor], dy: &Tensor, f: impl FnOnce(&[Tensor]) -> Result<Tensor>) -> Result<Vec<Tensor>> {
+    let vars = inputs.iter().map(|t| Var::from_tensor(&t.detach())).collect::<Result<Vec<_>>>()?;
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&tensors)?;
+    let grads = (y * dy.detach())?.sum_all()?.backward()?;
+    tensors.iter().map(|t| grads.get(t).cloned().map_or_else(|| t.zeros_like(), Ok)).collect()
+}
+
+/// Backward of [`crate::layer_norm`]: `(dx, dweight, dbias)` for the output gradient `dy`.
+/// The bias is not needed (the gradients do not depend on it). Mean and variance are recomputed
+/// from `x` in the same pass, so the forward need keep nothing but `x`.
+pub fn layer_norm_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    check_layer_norm_args(x, weight, weight, eps)?;
+    if x.shape() != dy.shape() {
+        candle_core::bail!("layer_norm_backward: dy {:?} must have the shape of x {:?}", dy.shape(), x.shape())
+    }
+    if !fused(x) {
+        let g = autograd_vjp(&[x, weight, &weight.zeros_like()?], dy, |t| crate::reference::layer_norm(&t[0], &t[1], &t[2], eps))?;
+        return Ok((g[0].clone(), g[1].clone(), g[2].clone()));
+    }
+    let packed = x.apply_op3_no_bwd(weight, &dy.to_dtype(x.dtype())?, &crate::layer_norm::LayerNormBwd { eps })?;
+    let (n, c) = (x.elem_count(), weight.elem_count());
+    Ok((packed.narrow(0, 0, n)?.reshape(x.shape())?, packed.narrow(0, n, c)?, packed.narrow(0, n + c, c)?))
+}
+
+/// Backward of [`crate::softmax_last_dim`], from the softmax's output `y`:
+/// `dx = y * (dy - sum(dy * y))` per row.
+pub fn softmax_last_dim_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    crate::check_rank_at_least_1("softmax_last_dim_backward", y)?;
+    if y.shape() != dy.shape() {
+        candle_core::bail!("softmax_last_dim_backward: dy {:?} must have the shape of y {:?}", dy.shape(), y.shape())
+    }
+    if !fused(y) {
+        let dot = (dy * y)?.sum_keepdim(candle_core::D::Minus1)?;
+        return y * dy.broadcast_sub(&dot)?;
+    }
+    y.apply_op2_no_bwd(dy, &crate::softmax::SoftmaxBwd { log: false })
+}
+
+/// Gradient of `scale * cross_entropy_sum(logits, targets)` with respect to the logits:
+/// `scale * (softmax(logits) - onehot(targets))`.
+pub fn cross_entropy_sum_backward(logits: &Tensor, targets: &Tensor, scale: f64) -> Result<Tensor> {
+    check_cross_entropy_args(logits, targets)?;
+    let targets = targets.to_dtype(DType::U32)?;
+    let g = Tensor::new(scale, logits.device())?.to_dtype(logits.dtype())?;
+    if !fused(logits) {
+        let d = autograd_vjp(&[logits], &g, |t| crate::reference::cross_entropy_sum(&t[0], &targets))?;
+        return Ok(d[0].clone());
+    }
+    logits.apply_op3_no_bwd(&targets, &g, &crate::cross_entropy::CrossEntropySumBwd)
+}
+
+/// Backward of [`crate::gelu_tanh`], from its input `x`.
+pub fn gelu_tanh_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    if x.shape() != dy.shape() {
+        candle_core::bail!("gelu_tanh_backward: dy {:?} must have the shape of x {:?}", dy.shape(), x.shape())
+    }
+    if !fused(x) {
+        return Ok(autograd_vjp(&[x], dy, |t| crate::reference::gelu_tanh(&t[0]))?.remove(0));
+    }
+    x.apply_op2_no_bwd(dy, &crate::gelu::GeluTanhBwd)
+}
+
+/// Backward of [`crate::max_pool2d`], from its input `x`: each output's gradient goes to the
+/// first maximum of its window.
+pub fn max_pool2d_backward(x: &Tensor, dy: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    let (out_h, out_w) = check_max_pool_args(x, kernel, stride, padding)?;
+    let (n, c, _, _) = x.dims4()?;
+    if dy.dims() != [n, c, out_h, out_w] {
+        candle_core::bail!("max_pool2d_backward: dy must have shape {:?}, got {:?}", [n, c, out_h, out_w], dy.dims())
+    }
+    if !fused(x) {
+        return Ok(autograd_vjp(&[x], dy, |t| crate::reference::max_pool2d(&t[0], kernel, stride, padding))?.remove(0));
+    }
+    let op = crate::max_pool::MaxPool2d { kernel, stride, padding, out_h, out_w };
+    x.apply_op2_no_bwd(dy, &crate::max_pool::MaxPool2dBwd(op))
+}
+
+/// `acc += g`, in place. Both must have the same shape and dtype, and `acc` must be contiguous
+/// and own its storage alone (a fresh result of a computation, not a view of a parameter);
+/// `g` may have any layout. Off the fused path it falls back to copying `acc + g` into `acc`.
+pub fn accumulate(acc: &Tensor, g: &Tensor) -> Result<()> {
+    if acc.shape() != g.shape() || acc.dtype() != g.dtype() {
+        candle_core::bail!(
+            "accumulate: gradient {:?} {:?} does not match the accumulator {:?} {:?}",
+            g.shape(),
+            g.dtype(),
+            acc.shape(),
+            acc.dtype()
+        )
+    }
+    if !acc.is_contiguous() {
+        candle_core::bail!("accumulate: the accumulator must be contiguous")
+    }
+    if !fused(acc) || !g.device().is_cpu() {
+        let sum = (acc + g)?;
+        return acc.slice_set(&sum, 0, 0);
+    }
+    acc.inplace_op2(g, &Accumulate)
+}
+
+struct Accumulate;
+
+impl InplaceOp2 for Accumulate {
+    fn name(&self) -> &'static str {
+        "accumulate"
+    }
+
+    fn cpu_fwd(&self, acc: &mut CpuStorage, al: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
+        let range = al
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("accumulate: the accumulator must be contiguous".into()))?;
+        match acc {
+            CpuStorage::F32(a) => add_into::<f32>(&mut a[range.0..range.1], g, gl),
+            CpuStorage::F64(a) => add_into::<f64>(&mut a[range.0..range.1], g, gl),
+            _ => candle_core::bail!("accumulate: f32 or f64 tensors expected"),
+        }
+    }
+}
+
+fn add_into<T: candle_core::WithDType + std::ops::AddAssign>(acc: &mut [T], g: &CpuStorage, gl: &Layout) -> Result<()> {
+    let g = crate::cpu::view::<T>(g, gl)?;
+    // A plain zip the compiler vectorises; the view is dense (strided inputs are gathered).
+    for (a, &v) in acc.iter_mut().zip(g.iter()) {
+        *a += v;
+    }
+    Ok(())
+}
