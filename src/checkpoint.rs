@@ -95,6 +95,8 @@ pub fn export(checkpoint: &Path, out: &Path, dtype: ExportDtype, max_shard_bytes
     // Validates every tensor (names, shapes, dtypes) before writing anything.
     let expected = expected_weights(model.as_ref(), &[DType::F32]);
     ckpt.weights.check_mapped(&expected, |n| Some(n.to_string()), "parameter or buffer")?;
+    // And their checksums, before the output directory is touched.
+    ckpt.weights.verify_now()?;
     let listing = ckpt.weights.listing();
     let target = dtype.dtype();
     let out_dtype = |d: DType| if d.is_float() { target } else { d };
@@ -164,6 +166,7 @@ fn prepare_export_dir(out: &Path, checkpoint: &Path) -> Result<(), Error> {
     if same || out.join(META_FILE).exists() || out.join(brigade_engine::checkpoint::LATEST_FILE).exists() {
         return Err(CheckpointError::invalid(out, "is a checkpoint or save directory; export into a directory of its own").into());
     }
+    brigade_engine::checkpoint::refuse_inside_checkpoint(out, "the export directory")?;
     std::fs::create_dir_all(out).map_err(|e| CheckpointError::Io { path: out.to_path_buf(), source: e })?;
     let entries = std::fs::read_dir(out).map_err(|e| CheckpointError::Io { path: out.to_path_buf(), source: e })?;
     for entry in entries.flatten() {

@@ -48,6 +48,9 @@ pub enum Error {
     Checkpoint(#[from] brigade_engine::checkpoint::CheckpointError),
     #[error("{0}")]
     Config(String),
+    /// A training step produced a non-finite loss or gradient norm.
+    #[error("{0}")]
+    Diverged(String),
 }
 
 /// The README's code blocks, compiled and run as doc-tests.

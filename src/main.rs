@@ -1,20 +1,10 @@
 //! The `brigade` command line: train a model on pipeline stages, or print a schedule.
 
-mod cli_checkpoint;
 mod cmd;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
-use brigade::engine::optim::{LrSchedule, OptimizerConfig};
-use brigade::engine::partition::PartitionStrategy;
-use brigade::engine::pipeline::{PipelineConfig, ScheduleChoice};
-use brigade::engine::schedule::{ActionCosts, Schedule, ScheduleKind};
-use brigade::train::{CheckpointPolicy, Event, TrainOptions, Trainer};
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use cmd::model::ModelArgs;
-use indicatif::{ProgressBar, ProgressStyle};
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "brigade", version, about = "Pipeline-parallel training of GPT and ResNet models")]
@@ -26,19 +16,19 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a model split into pipeline stages.
-    Train(TrainArgs),
+    Train(cmd::train::TrainArgs),
     /// Print a schedule's time x stage grid, its action lists and its bubble.
-    Schedule(ScheduleArgs),
+    Schedule(cmd::schedule::ScheduleArgs),
     /// List the model presets with their parameter and layer counts.
     Presets,
     /// Write a checkpoint's weights as Hugging Face GPT-2 / torchvision ResNet files.
-    Export(cli_checkpoint::ExportArgs),
+    Export(cmd::export::ExportArgs),
     /// Show a checkpoint: metadata, tensors, and parameters per stage for a layout.
-    Inspect(cli_checkpoint::InspectArgs),
+    Inspect(cmd::inspect::InspectArgs),
     /// Run a checkpoint forward-only over pipeline stages: inputs in, logits out.
-    Predict(cli_checkpoint::PredictArgs),
+    Predict(cmd::predict::PredictArgs),
     /// Generate text from a GPT checkpoint, pipelined over stages.
-    Generate(cli_checkpoint::GenerateArgs),
+    Generate(cmd::generate::GenerateArgs),
     /// Measure each layer's time, memory and transfer size, and a stage hop; JSON out.
     Profile(cmd::profile::ProfileArgs),
     /// Rank stage counts, partitions, schedules and micro-batch counts by simulated step time.
@@ -49,131 +39,19 @@ enum Command {
     Simulate(cmd::simulate::SimulateArgs),
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum OptimizerArg {
-    Adamw,
-    Sgd,
-}
-
-#[derive(Args)]
-struct TrainArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// Number of pipeline stages (one thread each).
-    #[arg(long, default_value_t = 2)]
-    stages: usize,
-    /// Layers per stage, e.g. 3,3,2 (overrides --partition).
-    #[arg(long)]
-    split: Option<String>,
-    /// How to cut the layers: uniform (by count), balanced (by parameters), or balanced-time
-    /// (by profiled time per layer: profiles the model first).
-    #[arg(long, default_value = "uniform")]
-    partition: String,
-    /// gpipe, 1f1b, or a schedule file in the format `brigade schedule` prints.
-    #[arg(long, default_value = "1f1b")]
-    schedule: String,
-    /// Micro-batches per global batch.
-    #[arg(long, default_value_t = 4)]
-    microbatches: usize,
-    /// Global batch size (examples, or sequences for GPT).
-    #[arg(long, default_value_t = 16)]
-    batch_size: usize,
-    /// Step to stop at (default 1000; with --resume, the checkpoint's planned total).
-    #[arg(long)]
-    steps: Option<u64>,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 3e-3)]
-    lr: f64,
-    /// Linear warm-up steps (default: 5% of steps).
-    #[arg(long)]
-    warmup: Option<u64>,
-    /// Final learning rate of the cosine decay (default: lr / 10).
-    #[arg(long)]
-    min_lr: Option<f64>,
-    #[arg(long, value_enum, default_value = "adamw")]
-    optimizer: OptimizerArg,
-    /// Weight decay (default: 0.1 for AdamW, 5e-4 for SGD).
-    #[arg(long)]
-    weight_decay: Option<f64>,
-    /// Clip the global gradient norm to this value (0 disables).
-    #[arg(long, default_value_t = 1.0)]
-    grad_clip: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Evaluate on held-out data every N steps (0: only at the end).
-    #[arg(long, default_value_t = 100)]
-    eval_every: u64,
-    /// Held-out batches per evaluation.
-    #[arg(long, default_value_t = 8)]
-    eval_batches: usize,
-    /// CPU threads per stage (default: cores / stages).
-    #[arg(long)]
-    threads_per_stage: Option<usize>,
-    /// Activation recomputation: off, or full (each stage stashes only its input and reruns
-    /// its forward before the backward: less activation memory for one more forward).
-    #[arg(long, default_value = "off")]
-    recompute: brigade::engine::compute::Recompute,
-    /// Print one line per step instead of a progress bar.
-    #[arg(long)]
-    plain: bool,
-    /// Save checkpoints into this directory (`step-N/` subdirectories and a `latest` file).
-    #[arg(long)]
-    save_dir: Option<PathBuf>,
-    /// Save every N steps (0: only after the last step).
-    #[arg(long, default_value_t = 0, requires = "save_dir")]
-    save_every: u64,
-    /// Keep only the newest N checkpoints in --save-dir.
-    #[arg(long, requires = "save_dir")]
-    keep_last: Option<usize>,
-    /// Largest checkpoint shard file, e.g. 2GB, 500MB.
-    #[arg(long, default_value = "2GB", value_parser = cli_checkpoint::parse_size)]
-    max_shard_size: u64,
-    /// Continue a run from a checkpoint (a checkpoint directory or a --save-dir) on this
-    /// run's layout; model, optimizer, LR schedule, batch size and data order come from it.
-    #[arg(long, conflicts_with = "init_from")]
-    resume: Option<PathBuf>,
-    /// Start from pretrained weights: a Hugging Face GPT-2 directory, a brigade checkpoint,
-    /// or a torchvision-named ResNet safetensors file.
-    #[arg(long)]
-    init_from: Option<PathBuf>,
-    /// With --init-from: tensor name prefixes to leave out and initialise fresh, e.g. `fc.` to
-    /// fine-tune a ResNet on this data's classes (comma-separated).
-    #[arg(long, requires = "init_from", value_delimiter = ',')]
-    init_skip: Vec<String>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum ScheduleFormat {
-    /// Time x stage grid (F=1, B=2 time units).
-    Grid,
-    /// One line of actions per stage.
-    Text,
-}
-
-#[derive(Args)]
-struct ScheduleArgs {
-    /// Either output loads back with `--schedule FILE`.
-    #[arg(long, value_enum, default_value = "grid")]
-    format: ScheduleFormat,
-    /// gpipe, 1f1b, or a schedule file to validate and draw.
-    #[arg(long, default_value = "1f1b")]
-    schedule: String,
-    #[arg(long, default_value_t = 4)]
-    stages: usize,
-    #[arg(long, default_value_t = 8)]
-    microbatches: usize,
-}
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let result = match cli.command {
-        Command::Train(args) => train(args),
-        Command::Schedule(args) => schedule(args),
-        Command::Presets => presets(),
-        Command::Export(args) => cli_checkpoint::export(args),
-        Command::Inspect(args) => cli_checkpoint::inspect(args),
-        Command::Predict(args) => cli_checkpoint::predict(args),
-        Command::Generate(args) => cli_checkpoint::generate(args),
+        Command::Train(args) => cmd::train::run(args),
+        Command::Schedule(args) => cmd::schedule::run(args),
+        Command::Presets => cmd::presets::run(),
+        Command::Export(args) => cmd::export::run(args),
+        Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Predict(args) => cmd::predict::run(args),
+        Command::Generate(args) => cmd::generate::run(args),
         Command::Profile(args) => cmd::profile::run(args),
         Command::Plan(args) => cmd::plan::run(args),
         Command::Bench(args) => cmd::bench::run(args),
@@ -186,6 +64,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Command-line syntax errors: exit code 2 (1 is every other error), and like every other
+/// error one `error:` line naming the problem (clap spreads some over several lines), then
+/// clap's hint. `--help` and `--version` print as usual and exit 0.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+        let _ = e.print();
+        return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+    }
+    let rendered = e.render().to_string();
+    let mut paragraphs = rendered.split("\n\n");
+    let first = paragraphs.next().unwrap_or_default();
+    let line = first.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+    eprintln!("{line}");
+    if let Some(hint) = rendered.lines().rev().find(|l| l.contains("--help")) {
+        eprintln!("{}", hint.trim());
+    }
+    ExitCode::from(2)
 }
 
 /// The error and its causes on one line, skipping causes a message already spells out.
@@ -201,233 +99,3 @@ fn describe(e: &anyhow::Error) -> String {
     text
 }
 
-/// `gpipe`/`1f1b`, or else a path to a schedule file.
-fn schedule_choice(spec: &str) -> Result<ScheduleChoice> {
-    if let Ok(kind) = spec.parse::<ScheduleKind>() {
-        return Ok(ScheduleChoice::Kind(kind));
-    }
-    let path = PathBuf::from(spec);
-    if !path.exists() {
-        bail!("unknown schedule {spec:?}: expected gpipe, 1f1b, or the path of a schedule file");
-    }
-    let schedule = Schedule::load(&path)?;
-    Ok(ScheduleChoice::Custom(schedule))
-}
-
-fn schedule(args: ScheduleArgs) -> Result<()> {
-    let schedule = match schedule_choice(&args.schedule)? {
-        ScheduleChoice::Kind(kind) => kind.build(args.stages, args.microbatches)?,
-        ScheduleChoice::Custom(s) => s,
-    };
-    let timeline = schedule.timeline(ActionCosts::default());
-    match args.format {
-        ScheduleFormat::Grid => println!("{}", schedule.grid().trim_end()),
-        ScheduleFormat::Text => println!("{}", schedule.to_text().trim_end()),
-    }
-    // A comment, so the whole output stays a loadable schedule file.
-    println!(
-        "# stages {}, micro-batches {}: theoretical bubble (p-1)/(m+p-1) = {:.1}%, simulated with F=1, B=2: {:.1}%",
-        schedule.stages(),
-        schedule.microbatches(),
-        100.0 * schedule.theoretical_bubble(),
-        100.0 * timeline.bubble_fraction()
-    );
-    Ok(())
-}
-
-fn presets() -> Result<()> {
-    println!("{:<14} {:>15} {:>7}", "preset", "parameters", "layers");
-    for name in brigade::models::preset_names() {
-        let model = brigade::models::preset(name)?;
-        println!("{name:<14} {:>15} {:>7}", model.num_params(), model.layers().len());
-    }
-    Ok(())
-}
-
-fn train(args: TrainArgs) -> Result<()> {
-    // The model and data: from the checkpoint when resuming, else the preset (with overrides),
-    // possibly starting from imported weights.
-    let resumed = args.resume.as_ref().map(|r| brigade::checkpoint::open(r)).transpose()?;
-    let mut imported = None;
-    let (model, data) = match &resumed {
-        Some((ckpt, config, model)) => {
-            if args.model.model.is_some() {
-                // An explicit model must be the checkpoint's (with the same overrides).
-                let (asked, _) = args.model.model_and_data(args.seed)?;
-                if asked.config() != ckpt.meta.model.config {
-                    bail!(
-                        "--resume {} holds a {} checkpoint, but this run asks for {}",
-                        ckpt.dir.display(),
-                        ckpt.meta.model.name,
-                        asked.name()
-                    );
-                }
-            }
-            println!("resume   {} (step {})", ckpt.dir.display(), ckpt.meta.step);
-            // The embedded data is generated from the run's seed, which the checkpoint keeps.
-            (model.clone(), args.model.data_for(config, ckpt.meta.seed)?)
-        }
-        None => match &args.init_from {
-            Some(init) => {
-                let mut config = args.model.config()?;
-                if !args.init_skip.is_empty() {
-                    // The skipped layers are fresh, so they may take this data's shape.
-                    let data = args.model.data_for(&config, args.seed)?;
-                    config = cmd::model::fit_to_data(config, &data);
-                }
-                let weights = brigade::checkpoint::import_with(init, Some(&config), &args.init_skip)?;
-                println!("init     {} weights from {}", weights.params.len() + weights.buffers.len(), weights.source);
-                let data = args.model.data_for(&weights.config, args.seed)?;
-                let model = weights.config.build()?;
-                imported = Some(weights);
-                (model, data)
-            }
-            None => args.model.model_and_data(args.seed)?,
-        },
-    };
-    let mut partition = match &args.split {
-        Some(split) => split.parse::<PartitionStrategy>()?,
-        None => args.partition.parse::<PartitionStrategy>()?,
-    };
-    if partition == PartitionStrategy::BalancedTime(Vec::new()) {
-        let threads = args.threads_per_stage.unwrap_or_else(|| cmd::default_threads(args.stages));
-        let mb = (args.batch_size / args.microbatches.max(1)).max(1);
-        partition = cmd::profile::balanced_time(model.as_ref(), &data, mb, args.model.context, threads, args.seed)?;
-    }
-    let steps = args.steps.unwrap_or_else(|| resumed.as_ref().map_or(1000, |(c, _, _)| c.meta.training.total_steps));
-    if let Some((ckpt, _, _)) = &resumed {
-        let horizon = ckpt.meta.lr_schedule.total_steps;
-        if steps > horizon {
-            println!("note     the checkpoint's learning-rate schedule ends at step {horizon}; later steps use its final rate");
-        }
-    }
-    let start = resumed.as_ref().map_or(0, |(c, _, _)| c.meta.step);
-    if steps <= start {
-        bail!(
-            "nothing to train: --steps {steps} is not beyond {}; ask for more steps",
-            if start == 0 { "step 0".to_string() } else { format!("the checkpoint's step {start}") }
-        );
-    }
-    let warmup = args.warmup.unwrap_or(steps / 20);
-    let lr = LrSchedule::warmup_cosine(args.lr, warmup, steps, args.min_lr.unwrap_or(args.lr / 10.0));
-    let optimizer = match (args.optimizer, OptimizerConfig::adamw(), OptimizerConfig::sgd()) {
-        (OptimizerArg::Adamw, OptimizerConfig::AdamW { beta1, beta2, eps, weight_decay }, _) => {
-            OptimizerConfig::AdamW { beta1, beta2, eps, weight_decay: args.weight_decay.unwrap_or(weight_decay) }
-        }
-        (OptimizerArg::Sgd, _, OptimizerConfig::Sgd { momentum, weight_decay, nesterov }) => {
-            OptimizerConfig::Sgd { momentum, weight_decay: args.weight_decay.unwrap_or(weight_decay), nesterov }
-        }
-        _ => unreachable!("default optimizer configs have their own variants"),
-    };
-    let mut pipeline = PipelineConfig::default()
-        .stages(args.stages)
-        .partition(partition)
-        .schedule(schedule_choice(&args.schedule)?)
-        .microbatches(args.microbatches)
-        .optimizer(optimizer)
-        .lr(lr)
-        .grad_clip((args.grad_clip > 0.0).then_some(args.grad_clip))
-        .recompute(args.recompute)
-        .seed(args.seed);
-    if let Some(t) = args.threads_per_stage {
-        pipeline = pipeline.threads_per_stage(t);
-    }
-    let options = TrainOptions {
-        batch_size: args.batch_size,
-        steps,
-        eval_every: if args.eval_every == 0 { steps } else { args.eval_every },
-        eval_batches: args.eval_batches,
-        data_seed: args.seed,
-        context: args.model.context,
-        checkpoints: args.save_dir.as_ref().map(|dir| CheckpointPolicy {
-            dir: dir.clone(),
-            every: args.save_every,
-            keep_last: args.keep_last,
-            max_shard_bytes: args.max_shard_size,
-        }),
-    };
-    println!("model    {}", model.name());
-    println!("data     {}", data.describe());
-    let mut trainer = match (&args.resume, resumed) {
-        (Some(path), Some(_)) => {
-            let started = std::time::Instant::now();
-            let trainer = Trainer::resume(path, data, pipeline, options)?;
-            println!("loaded   checkpoint into {} stages in {:.2}s", args.stages, started.elapsed().as_secs_f64());
-            trainer
-        }
-        _ => {
-            if let Some(weights) = imported {
-                pipeline.initial_params = weights.params;
-                pipeline.initial_buffers = weights.buffers;
-            }
-            Trainer::new(model, data, pipeline, options)?
-        }
-    };
-    let images = matches!(trainer.model().input(), brigade::engine::InputKind::Images { .. });
-    {
-        let batch = trainer.options().batch_size;
-        let p = trainer.pipeline();
-        println!(
-            "pipeline {} stages (layers {}), schedule {}, {} micro-batches of {}",
-            p.partition().stages(),
-            p.partition(),
-            p.schedule().name(),
-            p.microbatches(),
-            batch / p.microbatches().max(1)
-        );
-    }
-    let bar = if args.plain { ProgressBar::hidden() } else { ProgressBar::new(steps) };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} (ETA {eta})")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    let unit = if images { "img/s" } else { "tok/s" };
-    let summary = trainer.run(|event| match event {
-        Event::Step { stats, items_per_sec } => {
-            bar.set_position(stats.step + 1);
-            let line = format!("loss {:.4} | lr {:.2e} | {:.0} {unit}", stats.loss, stats.lr, items_per_sec);
-            if args.plain {
-                println!("step {:>5}: {line}", stats.step + 1);
-            }
-            bar.set_message(line);
-        }
-        Event::Eval { step, stats } => {
-            let acc = if images { format!(", accuracy {:.1}%", 100.0 * stats.accuracy()) } else { String::new() };
-            let line = format!("step {step:>5}: held-out loss {:.4}{acc}", stats.loss);
-            if args.plain {
-                println!("{line}");
-            } else {
-                bar.println(line);
-            }
-        }
-        Event::Saved { step, checkpoint, seconds } => {
-            let line = format!(
-                "step {step:>5}: saved {} ({:.1} MB in {seconds:.2}s)",
-                checkpoint.dir.display(),
-                checkpoint.bytes as f64 / 1e6
-            );
-            if args.plain {
-                println!("{line}");
-            } else {
-                bar.println(line);
-            }
-        }
-    })?;
-    bar.finish_and_clear();
-    let eval = summary.final_eval.map(|e| format!("{:.4}", e.loss)).unwrap_or_else(|| "n/a".into());
-    println!(
-        "done: {} steps in {:.1}s, train loss {:.4} -> {:.4}, held-out loss {eval}",
-        summary.steps,
-        summary.wall.as_secs_f64(),
-        summary.first_loss,
-        summary.last_loss
-    );
-    let utilization: Vec<String> = summary.stage_utilization.iter().map(|u| format!("{:.0}%", 100.0 * u)).collect();
-    println!(
-        "median step {:.3}s; stage utilization (busy / step time): {}",
-        summary.median_step.as_secs_f64(),
-        utilization.join(", ")
-    );
-    Ok(())
-}

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use brigade_engine::checkpoint::{
-    prune_checkpoints, remove_dead_partials, step_dir_name, update_latest, ModelMeta, SaveOptions, SavedCheckpoint, TrainingMeta,
-    DEFAULT_MAX_SHARD_BYTES,
+    list_checkpoints, prune_checkpoints, remove_dead_partials, same_run, step_dir_name, update_latest, CheckpointMeta, ModelMeta,
+    SaveDirLock, SaveOptions, SavedCheckpoint, TrainingMeta, DEFAULT_MAX_SHARD_BYTES,
 };
 use brigade_engine::layer::{InputKind, PipelineModel};
 use brigade_engine::pipeline::{EvalStats, Pipeline, PipelineConfig, StepStats};
@@ -85,12 +85,57 @@ pub struct CheckpointPolicy {
     /// Keep only the newest N checkpoints.
     pub keep_last: Option<usize>,
     pub max_shard_bytes: u64,
+    /// Allow saving into a directory holding another run's checkpoints; they are deleted once
+    /// this run's first checkpoint is saved. Without it such a directory is refused.
+    pub overwrite: bool,
 }
 
 impl CheckpointPolicy {
     pub fn new(dir: impl Into<PathBuf>, every: u64) -> Self {
-        Self { dir: dir.into(), every, keep_last: None, max_shard_bytes: DEFAULT_MAX_SHARD_BYTES }
+        Self { dir: dir.into(), every, keep_last: None, max_shard_bytes: DEFAULT_MAX_SHARD_BYTES, overwrite: false }
     }
+}
+
+/// A save directory claimed for a run: locked for as long as the run lives, and the other
+/// run's checkpoints it held (with `overwrite`), to delete once this run has saved one.
+#[derive(Debug)]
+struct ClaimedSaveDir {
+    _lock: SaveDirLock,
+    replaced: Vec<PathBuf>,
+}
+
+/// Takes `policy.dir` for a run: locks it, checks it is writable, removes dead partial saves,
+/// and refuses it if it holds checkpoints of another run (anything but the run `resumed`
+/// continues) unless the policy allows overwriting them.
+fn claim_save_dir(policy: &CheckpointPolicy, resumed: Option<&CheckpointMeta>) -> Result<ClaimedSaveDir, Error> {
+    let lock = SaveDirLock::acquire(&policy.dir)?;
+    remove_dead_partials(&policy.dir);
+    let mut others = Vec::new();
+    let mut why = None;
+    for dir in list_checkpoints(&policy.dir)? {
+        let verdict = match (CheckpointMeta::read(&dir), resumed) {
+            (Ok(meta), Some(resumed)) => same_run(resumed, &meta),
+            (Ok(meta), None) => Err(format!("{}, seed {}, step {}", meta.model.name, meta.seed, meta.step)),
+            (Err(e), _) => Err(format!("unreadable: {e}")),
+        };
+        if let Err(difference) = verdict {
+            why.get_or_insert(format!("{} ({difference})", dir.file_name().unwrap_or_default().to_string_lossy()));
+            others.push(dir);
+        }
+    }
+    if let (Some(why), false) = (why, policy.overwrite) {
+        let d = policy.dir.display();
+        let hint = if resumed.is_some() {
+            "choose another --save-dir, or pass --overwrite to replace them".to_string()
+        } else {
+            format!("continue that run with --resume {d}, choose another --save-dir, or pass --overwrite to replace them")
+        };
+        return Err(Error::Config(format!(
+            "--save-dir {d} already holds {} checkpoint(s) of another run, e.g. {why}; {hint}",
+            others.len()
+        )));
+    }
+    Ok(ClaimedSaveDir { _lock: lock, replaced: others })
 }
 
 /// Progress reported while training.
@@ -104,7 +149,10 @@ pub enum Event {
 /// Final numbers of a run.
 #[derive(Debug, Clone)]
 pub struct Summary {
+    /// The step the run ended at (counted from the start of training, resumes included).
     pub steps: u64,
+    /// Steps this call actually ran (fewer than `steps` after a resume).
+    pub ran: u64,
     pub first_loss: f64,
     pub last_loss: f64,
     pub final_eval: Option<EvalStats>,
@@ -123,15 +171,29 @@ pub struct Trainer {
     options: TrainOptions,
     context: usize,
     device: Device,
+    /// The save directory's lock and bookkeeping, when the options ask for checkpoints.
+    save_dir: Option<ClaimedSaveDir>,
 }
 
 impl Trainer {
-    /// Checks that the data fits the model, then starts the pipeline.
+    /// Checks that the data fits the model, then starts the pipeline. With a checkpoint
+    /// policy, its directory is locked for the trainer's life, checked to be writable, and
+    /// refused if it holds another run's checkpoints (unless the policy says `overwrite`).
     pub fn new(
         model: Arc<dyn PipelineModel>,
         data: Dataset,
         pipeline: PipelineConfig,
         options: TrainOptions,
+    ) -> Result<Self, Error> {
+        Self::start(model, data, pipeline, options, None)
+    }
+
+    fn start(
+        model: Arc<dyn PipelineModel>,
+        data: Dataset,
+        pipeline: PipelineConfig,
+        options: TrainOptions,
+        resumed: Option<&CheckpointMeta>,
     ) -> Result<Self, Error> {
         if options.batch_size == 0 {
             return Err(Error::Config("batch size must be at least 1".into()));
@@ -152,6 +214,18 @@ impl Trainer {
                 }
                 tokens.check_vocab(vocab)?;
                 tokens.check_context(ctx)?;
+                // More held-out sequences than the split has would only repeat them (and a huge
+                // count would run for hours with nothing to show).
+                let distinct = tokens.val_len().saturating_sub(ctx);
+                let asked = options.eval_batches.saturating_mul(options.batch_size);
+                if asked > distinct.max(options.batch_size) {
+                    return Err(Error::Config(format!(
+                        "--eval-batches {} asks for {asked} held-out sequences of {ctx} tokens, but the held-out split has only \
+                         {distinct} distinct ones; use --eval-batches {} or fewer",
+                        options.eval_batches,
+                        (distinct / options.batch_size).max(1)
+                    )));
+                }
                 ctx
             }
             (Dataset::Images(images), InputKind::Images { channels }) => {
@@ -165,8 +239,11 @@ impl Trainer {
                 return Err(Error::Config(format!("{} is a language model but the data is images", model.name())))
             }
         };
+        // Before the pipeline starts (which may load a large checkpoint): a save directory that
+        // cannot be used should fail in milliseconds, not after loading or training.
+        let save_dir = options.checkpoints.as_ref().map(|policy| claim_save_dir(policy, resumed)).transpose()?;
         let pipeline = Pipeline::new(model.as_ref(), pipeline)?;
-        Ok(Self { pipeline, model, data, options, context, device: Device::Cpu })
+        Ok(Self { pipeline, model, data, options, context, device: Device::Cpu, save_dir })
     }
 
     /// Continues the run saved in `checkpoint` (a checkpoint directory, or a save directory's
@@ -222,7 +299,7 @@ impl Trainer {
         options.data_seed = meta.training.data_seed;
         options.context = (meta.training.context > 0).then_some(meta.training.context);
         let step = meta.step;
-        let mut trainer = Self::new(model, data, pipeline, options)?;
+        let mut trainer = Self::start(model, data, pipeline, options, Some(meta))?;
         trainer.pipeline.set_step(step);
         Ok(trainer)
     }
@@ -261,6 +338,14 @@ impl Trainer {
         let dir = policy.dir.join(step_dir_name(self.pipeline.steps_taken()));
         let saved = self.save_checkpoint(&dir, policy.max_shard_bytes)?;
         update_latest(&policy.dir, &saved.dir)?;
+        // With `overwrite`: the other run's checkpoints go once this run has one to replace them.
+        if let Some(claimed) = &mut self.save_dir {
+            for old in claimed.replaced.drain(..) {
+                if old != saved.dir {
+                    std::fs::remove_dir_all(&old).map_err(|e| brigade_engine::checkpoint::CheckpointError::io(&old, e))?;
+                }
+            }
+        }
         remove_dead_partials(&policy.dir);
         if let Some(keep) = policy.keep_last {
             prune_checkpoints(&policy.dir, keep)?;
@@ -299,31 +384,37 @@ impl Trainer {
         Ok(self.pipeline.train_step(&x, &y)?)
     }
 
-    /// Loss (and accuracy) on the validation split.
+    /// Loss (and accuracy) on `options.eval_batches` batches of the validation split, one
+    /// batch in memory at a time.
     pub fn evaluate(&mut self) -> Result<EvalStats, Error> {
-        let batches: Vec<_> = match &self.data {
-            Dataset::Tokens(d) => d
-                .eval_batches(
-                    Split::Validation,
-                    self.options.eval_batches,
-                    self.options.batch_size,
-                    self.context,
-                    &self.device,
-                )?
-                .collect::<Result<_, _>>()?,
-            Dataset::Images(d) => d
-                .eval_batches(Split::Validation, self.options.batch_size, &self.device)?
-                .take(self.options.eval_batches.max(1))
-                .collect::<Result<_, _>>()?,
-        };
+        let count = self.options.eval_batches;
+        if count == 0 {
+            return Err(Error::Config("nothing to evaluate: eval_batches is 0".into()));
+        }
         let (mut loss_sum, mut correct, mut terms) = (0.0, 0, 0);
-        for (x, y) in batches {
-            let s = self.pipeline.evaluate(&x, &y)?;
+        let mut add = |s: EvalStats| {
             loss_sum += s.loss * s.terms as f64;
             correct += s.correct;
             terms += s.terms;
+        };
+        match &self.data {
+            Dataset::Tokens(d) => {
+                for batch in d.eval_batches(Split::Validation, count, self.options.batch_size, self.context, &self.device)? {
+                    let (x, y) = batch?;
+                    add(self.pipeline.evaluate(&x, &y)?);
+                }
+            }
+            Dataset::Images(d) => {
+                for batch in d.eval_batches(Split::Validation, self.options.batch_size, &self.device)?.take(count) {
+                    let (x, y) = batch?;
+                    add(self.pipeline.evaluate(&x, &y)?);
+                }
+            }
         }
-        Ok(EvalStats { loss: loss_sum / terms.max(1) as f64, correct, terms })
+        if terms == 0 {
+            return Err(Error::Config("the held-out split gave no examples to evaluate".into()));
+        }
+        Ok(EvalStats { loss: loss_sum / terms as f64, correct, terms })
     }
 
     /// Trains for `options.steps` steps, reporting progress to `on_event`.
@@ -337,6 +428,17 @@ impl Trainer {
         let mut step_times = Vec::new();
         for _ in start..self.options.steps {
             let stats = self.step()?;
+            // A diverged step must never reach a checkpoint (the save's own scan would refuse
+            // NaN weights too; this names the cause, one step earlier).
+            if !stats.loss.is_finite() || !stats.grad_norm.is_finite() {
+                return Err(Error::Diverged(format!(
+                    "step {}: loss {}, gradient norm {}: training has diverged; nothing of this step is saved \
+                     (try a lower --lr, or --grad-clip)",
+                    stats.step + 1,
+                    stats.loss,
+                    stats.grad_norm
+                )));
+            }
             step_time += stats.elapsed;
             step_times.push(stats.elapsed);
             for (total, b) in busy.iter_mut().zip(&stats.stage_busy) {
@@ -350,7 +452,7 @@ impl Trainer {
             let step = stats.step + 1;
             on_event(&Event::Step { stats, items_per_sec });
             let every = self.options.eval_every;
-            if every > 0 && (step % every == 0 || step == self.options.steps) {
+            if every > 0 && self.options.eval_batches > 0 && (step % every == 0 || step == self.options.steps) {
                 let stats = self.evaluate()?;
                 final_eval = Some(stats);
                 on_event(&Event::Eval { step, stats });
@@ -365,6 +467,7 @@ impl Trainer {
         }
         Ok(Summary {
             steps: self.pipeline.steps_taken(),
+            ran: self.pipeline.steps_taken() - start,
             first_loss,
             last_loss,
             final_eval,

@@ -60,9 +60,12 @@ fn profile_plan_and_bench_run_end_to_end() {
     assert!(stdout.lines().any(|l| l.starts_with("| 0 | 0..3 |") && l.contains("| 2 |")), "{stdout}");
     assert!(stdout.lines().any(|l| l.starts_with("| 1 | 3..4 |") && l.contains("| 1 |")), "{stdout}");
     assert_fails_with(
-        &["simulate", "--profile", profile_path.to_str().unwrap(), "--schedule", schedule.to_str().unwrap(), "--stages", "2"],
-        "is for 2 stages and 2 micro-batches",
+        &["simulate", "--profile", profile_path.to_str().unwrap(), "--schedule", schedule.to_str().unwrap(), "--microbatches", "4"],
+        "--microbatches 4 disagrees with the schedule file, which is for 2 stages and 2 micro-batches",
     );
+    // Counts that would take hours or all memory are refused, not attempted.
+    assert_fails_with(&["simulate", "--profile", profile_path.to_str().unwrap(), "--microbatches", "1000000000"], "more than the 1000000");
+    assert_fails_with(&["simulate", "--profile", profile_path.to_str().unwrap(), "--stages", "100000"], "the profile has 4 layers, so at most 4 stages");
 
     let out = brigade(&["plan", "--devices", "2", "--batch-size", "8", "--microbatches", "2,4", "--context", "16", "--profile-repeats", "1"]);
     let stdout = String::from_utf8_lossy(&out.stdout);

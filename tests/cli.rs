@@ -62,7 +62,7 @@ fn bad_input_gets_one_clear_line() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("<-- ERROR HERE"));
     // A valid schedule for the wrong number of stages.
     let two_stage = temp_file("two.schedule", b"stage 0: 0F0 0B0\nstage 1: 1F0 1B0\n");
-    assert_fails_with(&["train", "--stages", "2", "--microbatches", "4", "--schedule", two_stage.to_str().unwrap()], "is for 2 stages and 1 micro-batches");
+    assert_fails_with(&["train", "--stages", "2", "--microbatches", "4", "--schedule", two_stage.to_str().unwrap()], "--microbatches 4 disagrees with the schedule file, which is for 2 stages and 1 micro-batch");
 
     assert_fails_with(&["train", "--model", "resnet-tiny", "--image-size", "4"], "at least 8x8");
 

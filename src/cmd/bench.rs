@@ -53,8 +53,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 10)]
     pub profile_repeats: usize,
     /// adamw or sgd.
-    #[arg(long, default_value = "adamw")]
-    pub optimizer: String,
+    #[arg(long, value_enum, default_value = "adamw")]
+    pub optimizer: super::OptimizerArg,
     /// Directory for bench.json and each run's .trace.json and .svg.
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
@@ -101,9 +101,10 @@ fn layouts(specs: &[String], partition: &str) -> Result<Vec<(usize, PartitionStr
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    brigade::engine::checkpoint::refuse_inside_checkpoint(&args.out, "--out")?;
     let layouts = layouts(&args.layouts, &args.partition)?;
     let schedules = super::schedules(&args.schedules)?;
-    let optimizer = super::optimizer(&args.optimizer)?;
+    let optimizer = args.optimizer.config(None);
     for &m in &args.microbatches {
         if m == 0 || !args.batch_size.is_multiple_of(m) {
             bail!("batch size {} is not divisible by {m} micro-batches", args.batch_size);

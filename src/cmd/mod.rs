@@ -1,15 +1,24 @@
-//! The command-line commands beyond `train` / `schedule` / `presets`, one file each, and the
-//! model selection they share with `train`.
+//! The command-line commands, one file each, and what several of them share: model selection
+//! (`model`), the inference pipeline (`inference`), the optimizer and size flags.
 
 pub mod bench;
+pub mod export;
+pub mod generate;
+pub mod inference;
+pub mod inspect;
 pub mod model;
 pub mod plan;
+pub mod predict;
+pub mod presets;
 pub mod profile;
+pub mod schedule;
 pub mod simulate;
+pub mod train;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use brigade::engine::optim::OptimizerConfig;
 use brigade::engine::schedule::ScheduleKind;
+use clap::ValueEnum;
 
 /// CPU threads a stage gets by default: the cores shared out over the stages (at least 1),
 /// as the executor does.
@@ -18,14 +27,68 @@ pub fn default_threads(stages: usize) -> usize {
     (cores / stages.max(1)).max(1)
 }
 
-/// `adamw` or `sgd`, with their default hyper-parameters.
-pub fn optimizer(name: &str) -> Result<OptimizerConfig> {
-    match name.trim().to_ascii_lowercase().as_str() {
-        "adamw" => Ok(OptimizerConfig::adamw()),
-        "sgd" => Ok(OptimizerConfig::sgd()),
-        other => bail!("unknown optimizer {other:?}: expected adamw or sgd"),
+/// `--optimizer`, parsed by clap for every command that takes it.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OptimizerArg {
+    Adamw,
+    Sgd,
+}
+
+impl OptimizerArg {
+    /// The optimizer with its default hyper-parameters (AdamW: nanoGPT's; SGD: momentum 0.9),
+    /// and `weight_decay` instead of the default when given.
+    pub fn config(self, weight_decay: Option<f64>) -> OptimizerConfig {
+        match (self, weight_decay) {
+            (OptimizerArg::Adamw, None) => OptimizerConfig::adamw(),
+            (OptimizerArg::Sgd, None) => OptimizerConfig::sgd(),
+            (OptimizerArg::Adamw, Some(wd)) => match OptimizerConfig::adamw() {
+                OptimizerConfig::AdamW { beta1, beta2, eps, .. } => OptimizerConfig::AdamW { beta1, beta2, eps, weight_decay: wd },
+                other => other,
+            },
+            (OptimizerArg::Sgd, Some(wd)) => match OptimizerConfig::sgd() {
+                OptimizerConfig::Sgd { momentum, nesterov, .. } => OptimizerConfig::Sgd { momentum, weight_decay: wd, nesterov },
+                other => other,
+            },
+        }
+    }
+
+    /// Tensors of state per parameter (for memory estimates).
+    pub fn states(self) -> usize {
+        match self {
+            OptimizerArg::Adamw => 2,
+            OptimizerArg::Sgd => 1,
+        }
     }
 }
+
+/// "1 stage", "2 stages".
+pub fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// Parses `2GB`, `500MB`, `64KiB`, `1000` (bytes).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("invalid size {text:?}: expected e.g. 2GB, 500MB or a byte count"))?;
+    let scale: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" | "K" => 1e3,
+        "MB" | "M" => 1e6,
+        "GB" | "G" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("invalid size unit {other:?} in {text:?}: use B, KB, MB, GB, KiB, MiB or GiB")),
+    };
+    let bytes = (value * scale).round();
+    if bytes < 1.0 {
+        return Err(format!("size {text:?} must be at least one byte"));
+    }
+    Ok(bytes as u64)
+}
+
 
 pub fn schedules(names: &[String]) -> Result<Vec<ScheduleKind>> {
     names.iter().map(|n| Ok(n.parse::<ScheduleKind>()?)).collect()

@@ -81,7 +81,17 @@ impl ModelArgs {
             }),
             ModelConfig::Resnet(_) => Dataset::Images(match &self.data {
                 Some(path) => ImageDataset::from_safetensors(path)?,
-                None => ImageDataset::embedded_shapes(5000, 1000, self.image_size, seed)?,
+                None => {
+                    // 6000 RGB images of f32 pixels, drawn up front.
+                    let side = self.image_size as f64;
+                    let bytes = 6000.0 * 3.0 * side * side * 4.0;
+                    check_fits(
+                        &format!("the embedded image set at --image-size {}", self.image_size),
+                        bytes,
+                        "6000 images of 3 channels",
+                    )?;
+                    ImageDataset::embedded_shapes(5000, 1000, self.image_size, seed)?
+                }
             }),
         })
     }
@@ -91,7 +101,14 @@ impl ModelArgs {
     pub fn model_and_data(&self, seed: u64) -> Result<(Arc<dyn PipelineModel>, Dataset)> {
         let config = self.config()?;
         let data = self.data_for(&config, seed)?;
-        Ok((fit_to_data(config, &data).build()?, data))
+        let config = fit_to_data(config, &data);
+        // Every command that builds a model trains or profiles at least one example through
+        // it: refuse what cannot fit before any of it is allocated (building the layer list
+        // allocates nothing).
+        let model = config.build()?;
+        let (needed, detail) = training_memory(&config, 1, self.context, 2);
+        check_fits(&format!("{} with AdamW", model.name()), needed, &detail)?;
+        Ok((model, data))
     }
 }
 
@@ -111,4 +128,60 @@ pub fn check_device(device: &str) -> Result<()> {
         "cpu" => Ok(()),
         other => bail!("device {other:?} is not available: this build runs stages on the CPU only (--device cpu)"),
     }
+}
+
+/// Memory this machine can still give a process, from `/proc/meminfo` (Linux); `None`
+/// elsewhere, where nothing is refused.
+pub fn memory_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A lower bound on the memory a training run of `config` needs: parameters, gradients and
+/// optimizer state (`optimizer_states` tensors per parameter), plus the activations of one
+/// micro-batch through the whole model (every schedule keeps at least that). Computed in f64 so
+/// absurd sizes cannot overflow. Returns the bytes and how they divide.
+pub fn training_memory(config: &ModelConfig, microbatch: usize, context: Option<usize>, optimizer_states: usize) -> (f64, String) {
+    let b = microbatch as f64;
+    let (params, activations) = match config {
+        ModelConfig::Gpt(g) => {
+            let (v, t, c, l, h) = (g.vocab_size as f64, g.n_positions as f64, g.n_embd as f64, g.n_layer as f64, g.n_head as f64);
+            let s = context.map_or(t, |c| c as f64);
+            let params = v * c + t * c + l * (12.0 * c * c + 13.0 * c) + 2.0 * c;
+            // Per block about 17·s·c values plus 2.5·h·s² for attention (Korthikanti et al.),
+            // and the logits with their gradient.
+            let activations = 4.0 * b * s * (l * (17.0 * c + 2.5 * h * s) + 2.0 * v);
+            (params, activations)
+        }
+        ModelConfig::Resnet(_) => match config.build() {
+            Ok(model) => (model.num_params() as f64, 0.0),
+            Err(_) => (0.0, 0.0),
+        },
+    };
+    let state = 4.0 * params * (2.0 + optimizer_states as f64);
+    let detail = format!(
+        "{:.1}M parameters: {:.1} GB of weights, gradients and optimizer state; {:.1} GB of activations for one micro-batch of {microbatch}",
+        params / 1e6,
+        state / 1e9,
+        activations / 1e9
+    );
+    (state + activations, detail)
+}
+
+/// Refuses a run that cannot fit in the memory available, before allocating any of it (the
+/// allocator would otherwise abort the process with no useful message).
+pub fn check_fits(what: &str, needed: f64, detail: &str) -> Result<()> {
+    if let Some(available) = memory_available() {
+        if needed > available as f64 {
+            bail!(
+                "{what} needs at least {:.1} GB ({detail}), but this machine has {:.1} GB available; \
+                 choose a smaller model, batch, context or image size",
+                needed / 1e9,
+                available as f64 / 1e9
+            );
+        }
+    }
+    Ok(())
 }

@@ -45,8 +45,8 @@ pub struct PlanArgs {
     #[arg(long, default_value_t = 5)]
     pub profile_repeats: usize,
     /// adamw or sgd (sizes the optimizer state).
-    #[arg(long, default_value = "adamw")]
-    pub optimizer: String,
+    #[arg(long, value_enum, default_value = "adamw")]
+    pub optimizer: super::OptimizerArg,
     /// Rows to print.
     #[arg(long, default_value_t = 20)]
     pub top: usize,
@@ -82,7 +82,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         rounds: 3,
         warmup: 1,
         threads,
-        optimizer: super::optimizer(&args.optimizer)?,
+        optimizer: args.optimizer.config(None),
         seed: args.seed,
     };
     let spinner = ProgressBar::new_spinner();

@@ -32,8 +32,8 @@ pub struct ProfileArgs {
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     /// adamw or sgd: sizes the optimizer state and times its step.
-    #[arg(long, default_value = "adamw")]
-    pub optimizer: String,
+    #[arg(long, value_enum, default_value = "adamw")]
+    pub optimizer: super::OptimizerArg,
     /// Seed of the weights and of the profiled batch.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -44,6 +44,9 @@ pub struct ProfileArgs {
 
 pub fn run(args: ProfileArgs) -> Result<()> {
     check_device(&args.device)?;
+    if let Some(out) = &args.out {
+        brigade::engine::checkpoint::refuse_inside_checkpoint(out, "--out")?;
+    }
     if args.microbatch_size == 0 {
         bail!("--microbatch-size must be at least 1");
     }
@@ -53,7 +56,7 @@ pub fn run(args: ProfileArgs) -> Result<()> {
         rounds: args.rounds,
         warmup: 2,
         threads: args.threads,
-        optimizer: super::optimizer(&args.optimizer)?,
+        optimizer: args.optimizer.config(None),
         seed: args.seed,
     };
     let profile = profile_on_data(model.as_ref(), &data, args.microbatch_size, args.model.context, &options)?;

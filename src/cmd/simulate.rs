@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use brigade::bench::balanced_time_strategy;
 use brigade::engine::partition::PartitionStrategy;
-use brigade::engine::pipeline::ScheduleChoice;
 use brigade::engine::plan::human_bytes;
 use brigade::engine::profile::Profile;
 use brigade::engine::simulate::{predict, StageCosts};
@@ -20,11 +19,13 @@ pub struct SimulateArgs {
     /// gpipe, 1f1b, or a schedule file in the format `brigade schedule` prints.
     #[arg(long, default_value = "1f1b")]
     pub schedule: String,
-    #[arg(long, default_value_t = 2)]
-    pub stages: usize,
-    /// Micro-batches per step (each of the profile's micro-batch size).
-    #[arg(long, default_value_t = 4)]
-    pub microbatches: usize,
+    /// Stages (default: 2, or the schedule file's).
+    #[arg(long)]
+    pub stages: Option<usize>,
+    /// Micro-batches per step, each of the profile's micro-batch size (default: 4, or the
+    /// schedule file's).
+    #[arg(long)]
+    pub microbatches: Option<usize>,
     /// Layers per stage, e.g. 3,1 (overrides --partition).
     #[arg(long)]
     pub split: Option<String>,
@@ -38,22 +39,12 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         .with_context(|| format!("cannot read profile {}", args.profile.display()))?;
     let profile: Profile = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a profile written by `brigade profile`", args.profile.display()))?;
-    let schedule = match crate::schedule_choice(&args.schedule)? {
-        ScheduleChoice::Kind(kind) => kind.build(args.stages, args.microbatches)?,
-        ScheduleChoice::Custom(s) => {
-            if s.stages() != args.stages || s.microbatches() != args.microbatches {
-                bail!(
-                    "schedule {} is for {} stages and {} micro-batches, not --stages {} --microbatches {}",
-                    s.name(),
-                    s.stages(),
-                    s.microbatches(),
-                    args.stages,
-                    args.microbatches
-                );
-            }
-            s
-        }
-    };
+    let choice = super::schedule::schedule_choice(&args.schedule)?;
+    let (stages, microbatches) = super::schedule::layout_counts(&choice, args.stages, args.microbatches, (2, 4))?;
+    if stages > profile.layers.len() {
+        bail!("--stages {stages}: the profile has {} layers, so at most {} stages", profile.layers.len(), profile.layers.len());
+    }
+    let schedule = super::schedule::build_schedule(choice, stages, microbatches, "brigade simulate")?;
     let strategy = match &args.split {
         Some(split) => split.parse::<PartitionStrategy>()?,
         None => match args.partition.parse::<PartitionStrategy>()? {
@@ -62,7 +53,7 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         },
     };
     let layer_params: Vec<usize> = profile.layers.iter().map(|l| l.param_bytes() as usize).collect();
-    let partition = strategy.resolve(&layer_params, args.stages)?;
+    let partition = strategy.resolve(&layer_params, stages)?;
     let costs = StageCosts::from_profile(&profile, &partition)?;
     let p = predict(&schedule, &costs)?;
 
@@ -70,8 +61,8 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         "{}: schedule {}, {} stages (layers {partition}), {} micro-batches of {}, profiled on {} thread(s)",
         profile.model,
         schedule.name(),
-        args.stages,
-        args.microbatches,
+        stages,
+        microbatches,
         profile.microbatch_size,
         profile.threads
     );

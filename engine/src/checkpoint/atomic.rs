@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use super::files::write_file_durably;
-use super::{CheckpointError, META_FILE};
+use super::{seal, CheckpointError, META_FILE};
 
 /// File in a save directory naming its newest complete checkpoint.
 pub const LATEST_FILE: &str = "latest";
@@ -47,7 +47,18 @@ impl StagingDir {
     }
 
     /// Renames the finished directory into place (replacing an older one of the same name).
+    /// A checkpoint (a directory with `brigade.json`) is sealed first: refused if any tensor
+    /// is not finite, else its files' checksums are recorded (see `seal`).
     pub fn commit(mut self) -> Result<PathBuf, CheckpointError> {
+        if self.tmp.join(META_FILE).is_file() {
+            seal::seal(&self.tmp).map_err(|e| match e {
+                // Named by the checkpoint it would have become, not the hidden staging name.
+                CheckpointError::Diverged { file, name, index, .. } => {
+                    CheckpointError::Diverged { dir: self.target.clone(), file, name, index }
+                }
+                other => other,
+            })?;
+        }
         sync_dir(&self.tmp)?;
         if self.target.exists() {
             // Same step saved twice (a run resumed from an earlier step into the same save
@@ -108,11 +119,17 @@ pub fn update_latest(save_dir: &Path, checkpoint: &Path) -> Result<(), Checkpoin
 /// The checkpoint directory `path` means: itself if it holds `brigade.json`, else the one its
 /// `latest` file names.
 pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, CheckpointError> {
+    resolve_checkpoint_noting(path).map(|(dir, _)| dir)
+}
+
+/// [`resolve_checkpoint`], with a note for the user when `latest` names a directory that is not
+/// a checkpoint and the newest complete one is used instead.
+pub fn resolve_checkpoint_noting(path: &Path) -> Result<(PathBuf, Option<String>), CheckpointError> {
     if !path.exists() {
         return Err(CheckpointError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such checkpoint directory")));
     }
     if path.join(META_FILE).is_file() {
-        return Ok(path.to_path_buf());
+        return Ok((path.to_path_buf(), None));
     }
     let latest = path.join(LATEST_FILE);
     if latest.is_file() {
@@ -126,11 +143,16 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, CheckpointError> {
             // A save that died between moving an old copy of this step aside and renaming the
             // new one into place: the newest complete checkpoint is the right answer.
             if let Some(newest) = list_checkpoints(path)?.pop() {
-                return Ok(newest);
+                let note = format!(
+                    "{} names {name}, which is not a complete checkpoint; using the newest one, {}",
+                    latest.display(),
+                    newest.file_name().unwrap_or_default().to_string_lossy()
+                );
+                return Ok((newest, Some(note)));
             }
             return Err(CheckpointError::invalid(&latest, format!("names {name}, which holds no {META_FILE}")));
         }
-        return Ok(dir);
+        return Ok((dir, None));
     }
     Err(CheckpointError::NotACheckpoint { path: path.to_path_buf() })
 }
@@ -154,9 +176,9 @@ pub fn list_checkpoints(save_dir: &Path) -> Result<Vec<PathBuf>, CheckpointError
     Ok(out)
 }
 
-/// Removes the partial directories of saves whose process is gone (killed mid-save). They are
-/// never loadable; a live process's partial directory (another run saving into the same place)
-/// is left alone.
+/// Removes the partial directories of saves whose process is gone (killed mid-save), and the
+/// half-swapped `.latest.partial-*` files of such processes. They are never loadable; a live
+/// process's partial files (another run saving into the same place) are left alone.
 pub fn remove_dead_partials(save_dir: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     let Ok(entries) = std::fs::read_dir(save_dir) else { return removed };
@@ -169,7 +191,11 @@ pub fn remove_dead_partials(save_dir: &Path) -> Vec<PathBuf> {
             Some(pid) => process_alive(pid),
             None => true,
         };
-        if !alive && entry.path().is_dir() && std::fs::remove_dir_all(entry.path()).is_ok() {
+        if alive {
+            continue;
+        }
+        let gone = if entry.path().is_dir() { std::fs::remove_dir_all(entry.path()) } else { std::fs::remove_file(entry.path()) };
+        if gone.is_ok() {
             removed.push(entry.path());
         }
     }

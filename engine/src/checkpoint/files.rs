@@ -11,7 +11,8 @@ use memmap2::Mmap;
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
-use super::CheckpointError;
+use super::seal::{first_non_finite, Checksums, LazyCheck};
+use super::{CheckpointError, CHECKSUMS_FILE};
 
 /// A tensor's name, dtype and shape: what a stage reports before writing, so the driver can
 /// plan the shards (and their names, which encode the shard count) up front.
@@ -95,8 +96,12 @@ pub fn write_index(path: &Path, files: &[ShardFile]) -> Result<(), CheckpointErr
 }
 
 pub fn read_index(path: &Path) -> Result<ShardIndex, CheckpointError> {
-    let text = std::fs::read_to_string(path).map_err(|e| CheckpointError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| CheckpointError::invalid(path, format!("not a valid shard index: {e}")))
+    let bytes = std::fs::read(path).map_err(|e| CheckpointError::io(path, e))?;
+    parse_index(path, &bytes)
+}
+
+fn parse_index(path: &Path, bytes: &[u8]) -> Result<ShardIndex, CheckpointError> {
+    serde_json::from_slice(bytes).map_err(|e| CheckpointError::invalid(path, format!("not a valid shard index: {e}")))
 }
 
 /// Writes `bytes` to `path` and flushes it to disk.
@@ -174,6 +179,10 @@ pub struct ShardSet {
     entries: BTreeMap<String, Entry>,
     /// The `metadata` of the first shard's safetensors header.
     pub header_metadata: HashMap<String, String>,
+    /// Per file, the checksum to verify it against before its first tensor is used.
+    checks: Vec<Option<LazyCheck>>,
+    /// The index file's bytes as parsed, and its checksum check.
+    index: Option<(Vec<u8>, Option<LazyCheck>)>,
 }
 
 impl ShardSet {
@@ -182,11 +191,13 @@ impl ShardSet {
         let index_path = dir.join(format!("{prefix}.safetensors.index.json"));
         let single = dir.join(format!("{prefix}.safetensors"));
         if index_path.exists() {
-            let index = read_index(&index_path)?;
+            let index_bytes = std::fs::read(&index_path).map_err(|e| CheckpointError::io(&index_path, e))?;
+            let index = parse_index(&index_path, &index_bytes)?;
             let mut file_names: Vec<&String> = index.weight_map.values().collect();
             file_names.sort();
             file_names.dedup();
-            let mut set = Self { source: index_path.clone(), files: Vec::new(), entries: BTreeMap::new(), header_metadata: HashMap::new() };
+            let mut set = Self::empty(&index_path);
+            set.index = Some((index_bytes, None));
             let mut found: HashMap<String, (usize, Vec<usize>, safetensors::Dtype)> = HashMap::new();
             for name in file_names {
                 if name.is_empty() || name.contains('/') || name.contains('\\') || name.starts_with('.') {
@@ -220,7 +231,7 @@ impl ShardSet {
             }
             Ok(set)
         } else if single.exists() {
-            let mut set = Self { source: single.clone(), files: Vec::new(), entries: BTreeMap::new(), header_metadata: HashMap::new() };
+            let mut set = Self::empty(&single);
             let file = set.map_file(&single)?;
             for (tensor, shape, dtype) in set.header(file)? {
                 set.entries.insert(tensor, Entry { file, shape, dtype });
@@ -236,12 +247,63 @@ impl ShardSet {
 
     /// Opens one safetensors file on its own (an import of torchvision-named weights, say).
     pub fn open_file(path: &Path) -> Result<Self, CheckpointError> {
-        let mut set = Self { source: path.to_path_buf(), files: Vec::new(), entries: BTreeMap::new(), header_metadata: HashMap::new() };
+        let mut set = Self::empty(path);
         let file = set.map_file(path)?;
         for (tensor, shape, dtype) in set.header(file)? {
             set.entries.insert(tensor, Entry { file, shape, dtype });
         }
         Ok(set)
+    }
+
+    fn empty(source: &Path) -> Self {
+        Self {
+            source: source.to_path_buf(),
+            files: Vec::new(),
+            entries: BTreeMap::new(),
+            header_metadata: HashMap::new(),
+            checks: Vec::new(),
+            index: None,
+        }
+    }
+
+    /// Makes every read verify its file (and the index) against `sums`, once per file, before
+    /// any of its bytes are used. A file of the set that `sums` does not list is an error now.
+    pub fn expect_checksums(&mut self, sums: &Checksums) -> Result<(), CheckpointError> {
+        let missing = |path: &Path| CheckpointError::Checksum {
+            path: path.to_path_buf(),
+            reason: format!("is not listed in {CHECKSUMS_FILE}: it is not part of the saved checkpoint"),
+        };
+        for (i, (path, _)) in self.files.iter().enumerate() {
+            let sum = sums.get(path).ok_or_else(|| missing(path))?;
+            self.checks[i] = Some(LazyCheck::new(sum.clone()));
+        }
+        if let Some((_, check)) = &mut self.index {
+            let sum = sums.get(&self.source).ok_or_else(|| missing(&self.source))?;
+            *check = Some(LazyCheck::new(sum.clone()));
+        }
+        Ok(())
+    }
+
+    /// Verifies `file` (and the index) against the recorded checksums, if any (once).
+    fn verified(&self, file: usize) -> Result<(), CheckpointError> {
+        if let Some((bytes, Some(check))) = &self.index {
+            check.verify(&self.source, bytes)?;
+        }
+        if let Some(check) = &self.checks[file] {
+            let (path, map) = &self.files[file];
+            check.verify(path, map)?;
+        }
+        Ok(())
+    }
+
+    /// Verifies every file of the set now; returns the bytes checked.
+    pub fn verify_now(&self) -> Result<u64, CheckpointError> {
+        let mut bytes = 0;
+        for file in 0..self.files.len() {
+            self.verified(file)?;
+            bytes += self.files[file].1.len() as u64;
+        }
+        Ok(bytes)
     }
 
     fn map_file(&mut self, path: &Path) -> Result<usize, CheckpointError> {
@@ -251,6 +313,7 @@ impl ShardSet {
         // mutates it underneath us.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| CheckpointError::io(path, e))?;
         self.files.push((path.to_path_buf(), map));
+        self.checks.push(None);
         Ok(self.files.len() - 1)
     }
 
@@ -298,17 +361,24 @@ impl ShardSet {
         self.files.iter().map(|(p, _)| p.as_path())
     }
 
-    fn path_of(&self, name: &str) -> PathBuf {
+    /// The file holding tensor `name` (the index or single file if there is no such tensor).
+    pub fn path_of(&self, name: &str) -> PathBuf {
         self.entries.get(name).map(|e| self.files[e.file].0.clone()).unwrap_or_else(|| self.source.clone())
     }
 
-    /// Loads one tensor onto the CPU, converted to `dtype`.
+    /// Loads one tensor onto the CPU, converted to `dtype`. Its file is verified against the
+    /// recorded checksum first (the first time), and a value that is not finite is an error:
+    /// no checkpoint or exported model legitimately holds one.
     pub fn load(&self, name: &str, dtype: DType) -> Result<Tensor, CheckpointError> {
         let entry = self.entries.get(name).ok_or_else(|| CheckpointError::MissingTensor { path: self.source.clone(), name: name.into() })?;
+        self.verified(entry.file)?;
         let (path, map) = &self.files[entry.file];
         let corrupt = |reason: String| CheckpointError::Corrupt { path: path.clone(), reason };
         let st = SafeTensors::deserialize(map).map_err(|e| corrupt(e.to_string()))?;
         let view = st.tensor(name).map_err(|e| corrupt(e.to_string()))?;
+        if let Some(index) = first_non_finite(view.dtype(), view.data()) {
+            return Err(CheckpointError::NonFinite { path: path.clone(), name: name.into(), index });
+        }
         let t = view.load(&Device::Cpu).map_err(|e| corrupt(format!("tensor {name}: {e}")))?;
         t.to_dtype(dtype).map_err(|e| corrupt(format!("tensor {name}: {e}")))
     }

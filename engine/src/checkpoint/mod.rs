@@ -11,6 +11,7 @@
 //!   optimizer.safetensors.index.json    the same for optimizer state: <param>.exp_avg, .exp_avg_sq, .step
 //!   optimizer-0000k-of-0000n.safetensors
 //!   training_state.safetensors          global step, LR-schedule position, data position, RNG seed
+//!   checksums.json                      every other file's size and xxh3 checksum (see `seal`)
 //! ```
 //!
 //! Names are the model's canonical ones (the whole model's, tied weights once), so a checkpoint
@@ -18,11 +19,15 @@
 //! shards, validates every tensor against what the model expects, and hands each stage its part.
 //! Each stage writes its own shards from its own thread (see `Pipeline::save_checkpoint`); the
 //! directory is assembled under a temporary name and renamed into place only when complete, so
-//! a crash mid-save leaves the previous checkpoint as it was.
+//! a crash mid-save leaves the previous checkpoint as it was. Before that rename the directory
+//! is sealed: refused if any tensor is not finite, else its checksums recorded, which every
+//! later read verifies. A save directory is locked by the run saving into it (`savedir`).
 
 mod atomic;
 mod files;
 mod resume;
+mod seal;
+mod savedir;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,7 +36,10 @@ use candle_core::DType;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use atomic::{list_checkpoints, prune_checkpoints, remove_dead_partials, resolve_checkpoint, step_dir_name, update_latest, StagingDir, LATEST_FILE};
+pub use atomic::{
+    list_checkpoints, prune_checkpoints, remove_dead_partials, resolve_checkpoint, resolve_checkpoint_noting, step_dir_name,
+    update_latest, StagingDir, LATEST_FILE,
+};
 pub(crate) use files::write_file_durably;
 pub use files::{
     dtype_name, plan_shards, read_index, write_index, write_safetensors, ExpectedTensor, ShardFile, ShardIndex, ShardSet,
@@ -39,6 +47,8 @@ pub use files::{
 };
 
 pub use resume::{expected_weights, ResumeState, StageLoader};
+pub use savedir::{checkpoint_containing, refuse_inside_checkpoint, same_run, SaveDirLock, LOCK_FILE};
+pub use seal::{first_non_finite, seal, verify_all, verify_bytes, verify_file, Checksums, FileSum, CHECKSUMS_FILE, CHECKSUM_ALGORITHM};
 
 use crate::optim::{LrSchedule, OptimizerConfig};
 
@@ -83,6 +93,16 @@ pub enum CheckpointError {
     NotACheckpoint { path: PathBuf },
     #[error("saving stage {stage}'s tensors failed: {message}")]
     StageWrite { stage: usize, message: String },
+    #[error("{}: {reason}", path.display())]
+    Checksum { path: PathBuf, reason: String },
+    #[error("{}: tensor {name} holds NaN or infinity (element {index}); a checkpoint never does, so the file is damaged", path.display())]
+    NonFinite { path: PathBuf, name: String, index: usize },
+    #[error(
+        "not saving {}: tensor {name} ({file}) holds NaN or infinity (element {index}), so training has diverged; \
+         the checkpoints saved before are untouched (try a lower --lr, or --grad-clip)",
+        dir.display()
+    )]
+    Diverged { dir: PathBuf, file: String, name: String, index: usize },
 }
 
 impl CheckpointError {
@@ -225,8 +245,9 @@ fn check_training_state(dir: &Path, meta: &CheckpointMeta) -> Result<(), Checkpo
 }
 
 /// An opened checkpoint directory: metadata read, indexes parsed, shards memory-mapped.
-/// Opening validates structure (files exist and parse); [`ShardSet::load_validated`] validates
-/// contents against what the model expects.
+/// Opening validates structure (files exist and parse) and the small files' checksums;
+/// [`ShardSet::load_validated`] validates contents against what the model expects, and each
+/// shard is verified against its checksum the first time a tensor is read from it.
 #[derive(Debug)]
 pub struct Checkpoint {
     pub dir: PathBuf,
@@ -234,21 +255,44 @@ pub struct Checkpoint {
     pub weights: ShardSet,
     /// Absent before the first optimizer step.
     pub optimizer: Option<ShardSet>,
+    /// The recorded checksums (absent in checkpoints saved before brigade recorded them).
+    pub checksums: Option<Checksums>,
+    /// Something the user should know about how `dir` was found (a `latest` naming a missing
+    /// checkpoint, so the newest complete one is used).
+    pub note: Option<String>,
 }
 
 impl Checkpoint {
     /// Opens `path`: a checkpoint directory, or a save directory whose `latest` file names one.
     pub fn open(path: &Path) -> Result<Self, CheckpointError> {
-        let dir = resolve_checkpoint(path)?;
+        let (dir, note) = resolve_checkpoint_noting(path)?;
         let meta = CheckpointMeta::read(&dir)?;
+        let checksums = Checksums::read(&dir)?;
+        // Parsed first (so a damaged file gets the parser's precise message), verified next
+        // (so a damaged value that still parses is caught before anything uses it).
+        verify_file(&dir.join(META_FILE), checksums.as_ref())?;
         check_training_state(&dir, &meta)?;
-        let weights = ShardSet::open(&dir, WEIGHTS_PREFIX)?;
-        let optimizer = if dir.join(format!("{OPTIMIZER_PREFIX}.safetensors.index.json")).exists() {
+        verify_file(&dir.join(TRAINING_STATE_FILE), checksums.as_ref())?;
+        let mut weights = ShardSet::open(&dir, WEIGHTS_PREFIX)?;
+        let mut optimizer = if dir.join(format!("{OPTIMIZER_PREFIX}.safetensors.index.json")).exists() {
             Some(ShardSet::open(&dir, OPTIMIZER_PREFIX)?)
         } else {
             None
         };
-        Ok(Self { dir, meta, weights, optimizer })
+        if let Some(sums) = &checksums {
+            weights.expect_checksums(sums)?;
+            if let Some(set) = &mut optimizer {
+                set.expect_checksums(sums)?;
+            }
+        }
+        Ok(Self { dir, meta, weights, optimizer, checksums, note })
+    }
+
+    /// Verifies every file of the checkpoint against its recorded checksum now (reading all
+    /// of it); returns the files and bytes checked, or `None` for a checkpoint without
+    /// checksums.
+    pub fn verify_all(&self) -> Result<Option<(usize, u64)>, CheckpointError> {
+        self.checksums.as_ref().map(|sums| verify_all(&self.dir, sums)).transpose()
     }
 
     /// Tensor names → (file, shape, dtype) of the weight shards, sorted by name.

@@ -111,11 +111,10 @@ fn optimizer_states(
                 if !(step >= 0.0 && step.fract() == 0.0) {
                     return Err(CheckpointError::invalid(&set.source, format!("{}.step is {step}, not a step count", p.name)));
                 }
-                ParamState::AdamW {
-                    exp_avg: set.load(&format!("{}.exp_avg", p.name), DType::F32)?,
-                    exp_avg_sq: set.load(&format!("{}.exp_avg_sq", p.name), DType::F32)?,
-                    step: step as u64,
-                }
+                let exp_avg_sq = format!("{}.exp_avg_sq", p.name);
+                let exp_avg_sq_t = set.load(&exp_avg_sq, DType::F32)?;
+                check_non_negative(set, &exp_avg_sq, &exp_avg_sq_t)?;
+                ParamState::AdamW { exp_avg: set.load(&format!("{}.exp_avg", p.name), DType::F32)?, exp_avg_sq: exp_avg_sq_t, step: step as u64 }
             }
             OptimizerConfig::Sgd { momentum, .. } if momentum != 0.0 => {
                 ParamState::Sgd { momentum_buffer: Some(set.load(&format!("{}.momentum_buffer", p.name), DType::F32)?) }
@@ -125,6 +124,23 @@ fn optimizer_states(
         out.insert(p.name.clone(), state);
     }
     Ok(out)
+}
+
+/// AdamW's second moments are running means of squares: a negative one is a damaged file
+/// (finite values are already checked by every load), and would turn the next step into NaN.
+fn check_non_negative(set: &ShardSet, name: &str, t: &Tensor) -> Result<(), CheckpointError> {
+    let min = t
+        .flatten_all()
+        .and_then(|t| t.min(0))
+        .and_then(|m| m.to_scalar::<f32>())
+        .map_err(|e| CheckpointError::invalid(set.path_of(name), format!("{name}: {e}")))?;
+    if min < 0.0 {
+        return Err(CheckpointError::invalid(
+            set.path_of(name),
+            format!("tensor {name} holds a negative value ({min}); AdamW second moments never are, so the optimizer state is damaged"),
+        ));
+    }
+    Ok(())
 }
 
 /// The optimizer tensors a checkpoint with this optimizer and step holds for `params`.

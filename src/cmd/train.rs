@@ -1,0 +1,470 @@
+//! `brigade train`: train a model on pipeline stages, from scratch, from imported weights, or
+//! continuing a checkpoint, with a progress bar (or plain lines) and checkpoints.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use brigade::engine::optim::LrSchedule;
+use brigade::engine::plan::human_bytes;
+use brigade::engine::partition::PartitionStrategy;
+use brigade::engine::pipeline::{PipelineConfig, ScheduleChoice};
+use brigade::engine::PipelineModel;
+use brigade::train::{CheckpointPolicy, Dataset, Event, Summary, TrainOptions, Trainer};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::model::ModelArgs;
+use super::{plural, OptimizerArg};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Number of pipeline stages, one thread each (default: 2, or the --schedule file's).
+    #[arg(long)]
+    stages: Option<usize>,
+    /// Layers per stage, e.g. 3,3,2 (overrides --partition).
+    #[arg(long)]
+    split: Option<String>,
+    /// How to cut the layers: uniform (by count), balanced (by parameters), or balanced-time
+    /// (by profiled time per layer: profiles the model first).
+    #[arg(long, default_value = "uniform")]
+    partition: String,
+    /// gpipe, 1f1b, or a schedule file in the format `brigade schedule` prints.
+    #[arg(long, default_value = "1f1b")]
+    schedule: String,
+    /// Micro-batches per global batch (default: 4, or the --schedule file's).
+    #[arg(long)]
+    microbatches: Option<usize>,
+    /// Global batch size (examples, or sequences for GPT).
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Step to stop at (default 1000; with --resume, the checkpoint's planned total).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// Linear warm-up steps (default: 5% of steps).
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Final learning rate of the cosine decay (default: lr / 10).
+    #[arg(long)]
+    min_lr: Option<f64>,
+    #[arg(long, value_enum, default_value = "adamw")]
+    optimizer: OptimizerArg,
+    /// Weight decay (default: 0.1 for AdamW, 5e-4 for SGD).
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Clip the global gradient norm to this value (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Evaluate on held-out data every N steps (0: only at the end).
+    #[arg(long, default_value_t = 100)]
+    eval_every: u64,
+    /// Held-out batches per evaluation.
+    #[arg(long, default_value_t = 8)]
+    eval_batches: usize,
+    /// CPU threads per stage (default: cores / stages).
+    #[arg(long)]
+    threads_per_stage: Option<usize>,
+    /// Activation recomputation: off, or full (each stage stashes only its input and reruns
+    /// its forward before the backward: less activation memory for one more forward).
+    #[arg(long, default_value = "off")]
+    recompute: brigade::engine::compute::Recompute,
+    /// Print one line per step instead of a progress bar.
+    #[arg(long)]
+    plain: bool,
+    /// Save checkpoints into this directory (`step-N/` subdirectories and a `latest` file).
+    #[arg(long)]
+    save_dir: Option<PathBuf>,
+    /// Save every N steps (0: only after the last step).
+    #[arg(long, default_value_t = 0, requires = "save_dir")]
+    save_every: u64,
+    /// Keep only the newest N checkpoints in --save-dir.
+    #[arg(long, requires = "save_dir")]
+    keep_last: Option<usize>,
+    /// Allow --save-dir to hold another run's checkpoints: they are deleted once this run
+    /// has saved its first checkpoint (without it, such a directory is refused).
+    #[arg(long, requires = "save_dir")]
+    overwrite: bool,
+    /// Largest checkpoint shard file, e.g. 2GB, 500MB.
+    #[arg(long, default_value = "2GB", value_parser = super::parse_size)]
+    max_shard_size: u64,
+    /// Continue a run from a checkpoint (a checkpoint directory or a --save-dir) on this
+    /// run's layout; model, optimizer, LR schedule, batch size and data order come from it.
+    #[arg(long, conflicts_with = "init_from")]
+    resume: Option<PathBuf>,
+    /// Start from pretrained weights: a Hugging Face GPT-2 directory, a brigade checkpoint,
+    /// or a torchvision-named ResNet safetensors file.
+    #[arg(long)]
+    init_from: Option<PathBuf>,
+    /// With --init-from: tensor name prefixes to leave out and initialise fresh, e.g. `fc.` to
+    /// fine-tune a ResNet on this data's classes (comma-separated).
+    #[arg(long, requires = "init_from", value_delimiter = ',')]
+    init_skip: Vec<String>,
+}
+
+/// Flag values that are well-formed but mean nothing sensible: refused before anything runs
+/// (each would otherwise train silently wrong, or fail late).
+fn check_train_args(args: &TrainArgs) -> Result<()> {
+    if !args.lr.is_finite() || args.lr < 0.0 {
+        bail!("--lr must be a finite, non-negative learning rate, got {}", args.lr);
+    }
+    if let Some(min) = args.min_lr {
+        if !min.is_finite() || min < 0.0 {
+            bail!("--min-lr must be a finite, non-negative learning rate, got {min}");
+        }
+        if min > args.lr {
+            bail!("--min-lr {min} is above --lr {}: the cosine decays from --lr down to --min-lr", args.lr);
+        }
+    }
+    if let Some(wd) = args.weight_decay {
+        if !wd.is_finite() || wd < 0.0 {
+            bail!("--weight-decay must be a finite, non-negative number, got {wd}");
+        }
+    }
+    if !args.grad_clip.is_finite() || args.grad_clip < 0.0 {
+        bail!("--grad-clip must be a finite, non-negative norm (0 disables clipping), got {}", args.grad_clip);
+    }
+    if args.keep_last == Some(0) {
+        bail!("--keep-last 0 would keep no checkpoint; keep at least 1 (the newest is never deleted)");
+    }
+    if args.threads_per_stage == Some(0) {
+        bail!("--threads-per-stage must be at least 1");
+    }
+    if let Some(init) = &args.init_from {
+        if !init.exists() {
+            bail!("--init-from {} does not exist", init.display());
+        }
+    }
+    if let Some(save) = &args.save_dir {
+        brigade::engine::checkpoint::refuse_inside_checkpoint(save, "--save-dir")?;
+    }
+    Ok(())
+}
+
+/// `--partition`: a strategy name, listing the valid ones when it is not.
+fn partition_strategy(args: &TrainArgs) -> Result<PartitionStrategy> {
+    match &args.split {
+        Some(split) => Ok(split.parse::<PartitionStrategy>()?),
+        None => match args.partition.trim().to_ascii_lowercase().as_str() {
+            "uniform" | "balanced" | "balanced-params" | "balanced-time" => Ok(args.partition.parse::<PartitionStrategy>()?),
+            other => bail!(
+                "unknown --partition {other:?}: expected uniform (equal layer counts), balanced (by parameters) or \
+                 balanced-time (by profiled time); give layer counts with --split 3,3,2"
+            ),
+        },
+    }
+}
+
+/// With `--init-from`, model flags that disagree with the imported weights are an error naming
+/// both (otherwise the weights' own shape would silently win).
+fn check_init_matches(args: &TrainArgs, imported: &brigade::models::ModelConfig) -> Result<()> {
+    use brigade::models::ModelConfig;
+    let m = &args.model;
+    let shape_flags = m.layers.is_some() || m.width.is_some() || m.heads.is_some() || m.vocab.is_some();
+    if m.model.is_none() && !shape_flags && m.context.is_none() {
+        return Ok(());
+    }
+    let asked = m.config()?;
+    let describe = |c: &ModelConfig| match c {
+        ModelConfig::Gpt(g) => format!(
+            "GPT with {} layers, width {}, {} heads, vocabulary {}, context {}",
+            g.n_layer, g.n_embd, g.n_head, g.vocab_size, g.n_positions
+        ),
+        ModelConfig::Resnet(r) => format!("ResNet with blocks {:?}, widths {:?}, {} classes", r.layers, r.widths, r.num_classes),
+    };
+    let agree = match (&asked, imported) {
+        // A shorter --context trains on shorter sequences of the same model.
+        (ModelConfig::Gpt(a), ModelConfig::Gpt(b)) => {
+            let (mut a, b) = (a.clone(), b.clone());
+            if m.context.is_some_and(|c| c <= b.n_positions) {
+                a.n_positions = b.n_positions;
+            }
+            if m.model.is_none() {
+                // Only the shape flags were given: compare those.
+                (m.layers.is_none() || a.n_layer == b.n_layer)
+                    && (m.width.is_none() || a.n_embd == b.n_embd)
+                    && (m.heads.is_none() || a.n_head == b.n_head)
+                    && (m.vocab.is_none() || a.vocab_size == b.vocab_size)
+                    && (m.context.is_none() || a.n_positions == b.n_positions)
+            } else {
+                a == b
+            }
+        }
+        (ModelConfig::Resnet(a), ModelConfig::Resnet(b)) => {
+            // Classes and channels follow the data (and --init-skip), not the preset.
+            a.block == b.block && a.layers == b.layers && a.widths == b.widths
+        }
+        _ => false,
+    };
+    if !agree {
+        bail!(
+            "--init-from {} holds a {}, but the model flags ask for {} ({}); drop the flags to use the imported model's shape",
+            args.init_from.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            describe(imported),
+            m.name(),
+            describe(&asked)
+        );
+    }
+    Ok(())
+}
+
+/// What a run starts from: the checkpoint it resumes, or the weights it imports, or nothing.
+enum Start {
+    Fresh,
+    Resume { step: u64, planned_steps: u64, lr_horizon: u64, batch_size: usize },
+    Import(brigade::checkpoint::Imported),
+}
+
+/// The model and data: from the checkpoint when resuming, else the preset (with overrides),
+/// possibly starting from imported weights.
+fn model_and_data(args: &TrainArgs) -> Result<(Arc<dyn PipelineModel>, Dataset, Start)> {
+    if let Some(path) = &args.resume {
+        let (ckpt, config, model) = brigade::checkpoint::open(path)?;
+        if let Some(note) = &ckpt.note {
+            println!("note     {note}");
+        }
+        if args.model.model.is_some() {
+            // An explicit model must be the checkpoint's (with the same overrides).
+            let (asked, _) = args.model.model_and_data(args.seed)?;
+            if asked.config() != ckpt.meta.model.config {
+                bail!(
+                    "--resume {} holds a {} checkpoint, but this run asks for {}",
+                    ckpt.dir.display(),
+                    ckpt.meta.model.name,
+                    asked.name()
+                );
+            }
+        }
+        println!("resume   {} (step {})", ckpt.dir.display(), ckpt.meta.step);
+        // The embedded data is generated from the run's seed, which the checkpoint keeps.
+        let data = args.model.data_for(&config, ckpt.meta.seed)?;
+        let m = &ckpt.meta;
+        let start = Start::Resume {
+            step: m.step,
+            planned_steps: m.training.total_steps,
+            lr_horizon: m.lr_schedule.total_steps,
+            batch_size: m.training.batch_size,
+        };
+        return Ok((model, data, start));
+    }
+    let Some(init) = &args.init_from else {
+        let (model, data) = args.model.model_and_data(args.seed)?;
+        return Ok((model, data, Start::Fresh));
+    };
+    let mut config = args.model.config()?;
+    if !args.init_skip.is_empty() {
+        // The skipped layers are fresh, so they may take this data's shape.
+        let data = args.model.data_for(&config, args.seed)?;
+        config = super::model::fit_to_data(config, &data);
+    }
+    let weights = brigade::checkpoint::import_with(init, Some(&config), &args.init_skip)?;
+    check_init_matches(args, &weights.config)?;
+    println!("init     {} weights from {}", weights.params.len() + weights.buffers.len(), weights.source);
+    let data = args.model.data_for(&weights.config, args.seed)?;
+    let model = weights.config.build()?;
+    Ok((model, data, Start::Import(weights)))
+}
+
+/// A save directory whose file system cannot hold even one checkpoint is refused now, not when
+/// the first save fails hours later. The estimate: the weights and the optimizer state, f32.
+fn check_disk_space(dir: &std::path::Path, params: usize, optimizer_states: usize) -> Result<()> {
+    let needed = params as f64 * 4.0 * (1.0 + optimizer_states as f64);
+    // The directory may not exist yet: its nearest existing ancestor is on the same file system.
+    let Some(existing) = std::path::absolute(dir).ok().and_then(|d| d.ancestors().find(|a| a.exists()).map(|a| a.to_path_buf())) else {
+        return Ok(());
+    };
+    // A pseudo file system (/proc) reports no size at all: nothing to judge by there.
+    let total = fs4::total_space(&existing).unwrap_or(0);
+    if let (Ok(free), true) = (fs4::available_space(&existing), total > 0) {
+        if needed > free as f64 {
+            bail!(
+                "--save-dir {} has {} free, but one checkpoint of this model takes about {} (weights and optimizer state); \
+                 free some space or save elsewhere",
+                dir.display(),
+                human_bytes(free),
+                human_bytes(needed as u64)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The pipeline's settings from the flags (a resume then takes the optimizer, LR schedule,
+/// clipping and seed from its checkpoint).
+fn pipeline_config(args: &TrainArgs, schedule: ScheduleChoice, layout: (usize, usize), partition: PartitionStrategy, steps: u64) -> PipelineConfig {
+    let warmup = args.warmup.unwrap_or(steps / 20);
+    let lr = LrSchedule::warmup_cosine(args.lr, warmup, steps, args.min_lr.unwrap_or(args.lr / 10.0));
+    let mut pipeline = PipelineConfig::default()
+        .stages(layout.0)
+        .partition(partition)
+        .schedule(schedule)
+        .microbatches(layout.1)
+        .optimizer(args.optimizer.config(args.weight_decay))
+        .lr(lr)
+        .grad_clip((args.grad_clip > 0.0).then_some(args.grad_clip))
+        .recompute(args.recompute)
+        .seed(args.seed);
+    if let Some(t) = args.threads_per_stage {
+        pipeline = pipeline.threads_per_stage(t);
+    }
+    pipeline
+}
+
+fn train_options(args: &TrainArgs, steps: u64) -> TrainOptions {
+    TrainOptions {
+        batch_size: args.batch_size,
+        steps,
+        eval_every: if args.eval_every == 0 { steps } else { args.eval_every },
+        eval_batches: args.eval_batches,
+        data_seed: args.seed,
+        context: args.model.context,
+        checkpoints: args.save_dir.as_ref().map(|dir| CheckpointPolicy {
+            dir: dir.clone(),
+            every: args.save_every,
+            keep_last: args.keep_last,
+            max_shard_bytes: args.max_shard_size,
+            overwrite: args.overwrite,
+        }),
+    }
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    check_train_args(&args)?;
+    let schedule = super::schedule::schedule_choice(&args.schedule)?;
+    let (stages, microbatches) = super::schedule::layout_counts(&schedule, args.stages, args.microbatches, (2, 4))?;
+    let (model, data, start) = model_and_data(&args)?;
+    let mut partition = partition_strategy(&args)?;
+    if partition == PartitionStrategy::BalancedTime(Vec::new()) {
+        let threads = args.threads_per_stage.unwrap_or_else(|| super::default_threads(stages));
+        let mb = (args.batch_size / microbatches).max(1);
+        partition = super::profile::balanced_time(model.as_ref(), &data, mb, args.model.context, threads, args.seed)?;
+    }
+    let (first_step, batch) = match &start {
+        Start::Resume { step, batch_size, .. } => (*step, *batch_size),
+        _ => (0, args.batch_size),
+    };
+    let steps = match (&start, args.steps) {
+        (_, Some(steps)) => steps,
+        (Start::Resume { planned_steps, .. }, None) => *planned_steps,
+        _ => 1000,
+    };
+    if let Start::Resume { lr_horizon, .. } = &start {
+        if steps > *lr_horizon {
+            println!("note     the checkpoint's learning-rate schedule ends at step {lr_horizon}; later steps use its final rate");
+        }
+    }
+    if steps <= first_step {
+        bail!(
+            "nothing to train: --steps {steps} is not beyond {}; ask for more steps",
+            if first_step == 0 { "step 0".to_string() } else { format!("the checkpoint's step {first_step}") }
+        );
+    }
+    // Refused before any of it is allocated (a resumed run: its checkpoint's config and batch).
+    let config = brigade::models::ModelConfig::from_json(&model.config())?;
+    let (needed, detail) = super::model::training_memory(&config, (batch / microbatches).max(1), args.model.context, args.optimizer.states());
+    super::model::check_fits(&format!("training {}", model.name()), needed, &detail)?;
+
+    if let Some(dir) = &args.save_dir {
+        check_disk_space(dir, model.num_params(), args.optimizer.states())?;
+    }
+    let mut pipeline = pipeline_config(&args, schedule, (stages, microbatches), partition, steps);
+    let options = train_options(&args, steps);
+    println!("model    {}", model.name());
+    println!("data     {}", data.describe());
+    let mut trainer = match (&args.resume, start) {
+        (Some(path), Start::Resume { .. }) => {
+            let started = std::time::Instant::now();
+            let trainer = Trainer::resume(path, data, pipeline, options)?;
+            println!("loaded   checkpoint into {} in {:.2}s", plural(stages, "stage", "stages"), started.elapsed().as_secs_f64());
+            trainer
+        }
+        (_, start) => {
+            if let Start::Import(weights) = start {
+                pipeline.initial_params = weights.params;
+                pipeline.initial_buffers = weights.buffers;
+            }
+            Trainer::new(model, data, pipeline, options)?
+        }
+    };
+    {
+        let batch = trainer.options().batch_size;
+        let p = trainer.pipeline();
+        println!(
+            "pipeline {} (layers {}), schedule {}, {} of {}",
+            plural(p.partition().stages(), "stage", "stages"),
+            p.partition(),
+            p.schedule().name(),
+            plural(p.microbatches(), "micro-batch", "micro-batches"),
+            batch / p.microbatches().max(1)
+        );
+    }
+    let summary = train_with_progress(&mut trainer, args.plain, steps)?;
+    print_summary(&summary);
+    Ok(())
+}
+
+/// Runs the trainer, showing progress: a bar only on a terminal; piped output (a log file, CI)
+/// gets plain lines. Either way the eval and save lines are printed (a hidden bar would
+/// swallow its `println`s); `plain` adds a line per step.
+fn train_with_progress(trainer: &mut Trainer, plain: bool, steps: u64) -> Result<Summary> {
+    let images = matches!(trainer.model().input(), brigade::engine::InputKind::Images { .. });
+    let interactive = !plain && std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let bar = if interactive { ProgressBar::new(steps) } else { ProgressBar::hidden() };
+    bar.set_style(
+        // At most 80 columns: "step 1000/1000 [20] loss 5.5500 | 123456 tok/s ETA 12m" fits.
+        ProgressStyle::with_template("step {pos}/{len} [{bar:20}] {msg} ETA {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let say = |line: String| if interactive { bar.println(line) } else { println!("{line}") };
+    let unit = if images { "img/s" } else { "tok/s" };
+    let summary = trainer.run(|event| match event {
+        Event::Step { stats, items_per_sec } => {
+            bar.set_position(stats.step + 1);
+            if plain {
+                println!("step {:>5}: loss {:.4} | lr {:.2e} | {:.0} {unit}", stats.step + 1, stats.loss, stats.lr, items_per_sec);
+            }
+            bar.set_message(format!("loss {:.4} | {:.0} {unit}", stats.loss, items_per_sec));
+        }
+        Event::Eval { step, stats } => {
+            let acc = if images { format!(", accuracy {:.1}%", 100.0 * stats.accuracy()) } else { String::new() };
+            say(format!("step {step:>5}: held-out loss {:.4}{acc}", stats.loss));
+        }
+        Event::Saved { step, checkpoint, seconds } => {
+            say(format!(
+                "step {step:>5}: saved {} ({:.1} MB in {seconds:.2}s)",
+                checkpoint.dir.display(),
+                checkpoint.bytes as f64 / 1e6
+            ));
+        }
+    })?;
+    bar.finish_and_clear();
+    Ok(summary)
+}
+
+fn print_summary(summary: &Summary) {
+    let eval = summary.final_eval.map(|e| format!("{:.4}", e.loss)).unwrap_or_else(|| "not evaluated".into());
+    let ran = if summary.ran == summary.steps {
+        plural(summary.ran as usize, "step", "steps")
+    } else {
+        format!("{} (step {} to {})", plural(summary.ran as usize, "step", "steps"), summary.steps - summary.ran, summary.steps)
+    };
+    println!(
+        "done: {ran} in {:.1}s, train loss {:.4} -> {:.4}, held-out loss {eval}",
+        summary.wall.as_secs_f64(),
+        summary.first_loss,
+        summary.last_loss
+    );
+    let utilization: Vec<String> = summary.stage_utilization.iter().map(|u| format!("{:.0}%", 100.0 * u)).collect();
+    println!(
+        "median step {:.3}s; stage utilization (busy / step time): {}",
+        summary.median_step.as_secs_f64(),
+        utilization.join(", ")
+    );
+}
