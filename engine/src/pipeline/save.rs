@@ -11,7 +11,9 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use crossbeam_channel::unbounded;
 
-use super::{Msg, Pipeline, SnapshotKind, StageResult, StageWorker};
+use super::driver::Pipeline;
+use super::protocol::{Msg, SnapshotKind};
+use super::stage::{StageResult, StageStop, StageWorker};
 use crate::checkpoint::{
     plan_shards, write_index, write_safetensors, CheckpointError, CheckpointMeta, ModelMeta, SaveFault, SaveOptions,
     SavedCheckpoint, ShardFile, StagingDir, TensorInfo, TrainingMeta, FORMAT_VERSION, META_FILE, OPTIMIZER_PREFIX,
@@ -61,8 +63,8 @@ impl StageWorker {
     /// Writes this stage's files of `job`; returns the bytes written.
     pub(super) fn write_shards(&self, job: &SaveJob) -> std::result::Result<u64, String> {
         let (weights, optimizer) = self.saveable().map_err(|e| match e {
-            super::StageStop::Failed(_, m) => m,
-            super::StageStop::Aborted => "aborted".into(),
+            StageStop::Failed(_, m) => m,
+            StageStop::Aborted => "aborted".into(),
         })?;
         let tensors: HashMap<String, Tensor> = weights.into_iter().chain(optimizer).collect();
         let mut bytes = 0;
@@ -110,10 +112,10 @@ impl Pipeline {
             self.send(s, Msg::Manifest { reply: tx })?;
             match rx.recv() {
                 Ok(Ok(m)) => manifests.push(m),
-                Ok(Err(super::StageStop::Failed(_, message))) => {
+                Ok(Err(StageStop::Failed(_, message))) => {
                     return Err(CheckpointError::StageWrite { stage: s, message }.into())
                 }
-                Ok(Err(super::StageStop::Aborted)) | Err(_) => return Err(self.stage_gone(s)),
+                Ok(Err(StageStop::Aborted)) | Err(_) => return Err(self.stage_gone(s)),
             }
         }
         // Tied weights live on several stages; the first holder writes them.

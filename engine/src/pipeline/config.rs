@@ -1,0 +1,145 @@
+//! What shapes a pipeline: stage count, partition, schedule, micro-batches, optimizer, learning
+//! rate, thread budget, initial state and recomputation, with a builder-style API.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use super::testing::Fault;
+use crate::compute::Recompute;
+use crate::optim::{LrSchedule, OptimizerConfig, ParamState};
+use crate::partition::PartitionStrategy;
+use crate::schedule::{Schedule, ScheduleKind};
+
+/// Which schedule a pipeline runs.
+#[derive(Debug, Clone)]
+pub enum ScheduleChoice {
+    /// A built-in generator, instantiated for the pipeline's stages and micro-batches.
+    Kind(ScheduleKind),
+    /// A user-provided schedule (e.g. loaded from a file); it must match stages and
+    /// micro-batches.
+    Custom(Schedule),
+}
+
+impl From<ScheduleKind> for ScheduleChoice {
+    fn from(kind: ScheduleKind) -> Self {
+        Self::Kind(kind)
+    }
+}
+
+impl From<Schedule> for ScheduleChoice {
+    fn from(schedule: Schedule) -> Self {
+        Self::Custom(schedule)
+    }
+}
+
+/// Everything that shapes a pipeline, with a builder-style API.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub stages: usize,
+    pub partition: PartitionStrategy,
+    pub schedule: ScheduleChoice,
+    pub microbatches: usize,
+    pub optimizer: OptimizerConfig,
+    pub lr: LrSchedule,
+    /// Clip the global gradient norm (over all stages) to this value.
+    pub grad_clip: Option<f64>,
+    /// CPU threads each stage may use for its math; default: cores / stages (at least 1).
+    pub threads_per_stage: Option<usize>,
+    /// Seed of the deterministic parameter initialisation.
+    pub seed: u64,
+    /// Initial values by parameter name (resume, import); others come from the initialiser.
+    pub initial_params: HashMap<String, Tensor>,
+    /// Initial buffers (BatchNorm running statistics) by name, when resuming.
+    pub initial_buffers: HashMap<String, Tensor>,
+    /// Optimizer state by parameter name, when resuming.
+    pub initial_optimizer_state: HashMap<String, ParamState>,
+    /// A validated checkpoint each stage loads its own parameters, buffers and optimizer state
+    /// from (instead of the three maps above).
+    pub checkpoint: Option<Arc<crate::checkpoint::StageLoader>>,
+    /// What stages keep between a micro-batch's forward and its backward.
+    pub recompute: Recompute,
+    pub fault: Option<Fault>,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            stages: 2,
+            partition: PartitionStrategy::Uniform,
+            schedule: ScheduleChoice::Kind(ScheduleKind::OneFOneB),
+            microbatches: 4,
+            optimizer: OptimizerConfig::adamw(),
+            lr: LrSchedule::constant(1e-3),
+            grad_clip: Some(1.0),
+            threads_per_stage: None,
+            seed: 0,
+            initial_params: HashMap::new(),
+            initial_buffers: HashMap::new(),
+            initial_optimizer_state: HashMap::new(),
+            checkpoint: None,
+            recompute: Recompute::Off,
+            fault: None,
+        }
+    }
+}
+
+impl PipelineConfig {
+    pub fn stages(mut self, stages: usize) -> Self {
+        self.stages = stages;
+        self
+    }
+    pub fn partition(mut self, partition: PartitionStrategy) -> Self {
+        self.partition = partition;
+        self
+    }
+    pub fn schedule(mut self, schedule: impl Into<ScheduleChoice>) -> Self {
+        self.schedule = schedule.into();
+        self
+    }
+    pub fn microbatches(mut self, microbatches: usize) -> Self {
+        self.microbatches = microbatches;
+        self
+    }
+    pub fn optimizer(mut self, optimizer: OptimizerConfig) -> Self {
+        self.optimizer = optimizer;
+        self
+    }
+    pub fn lr(mut self, lr: LrSchedule) -> Self {
+        self.lr = lr;
+        self
+    }
+    pub fn grad_clip(mut self, max_norm: Option<f64>) -> Self {
+        self.grad_clip = max_norm;
+        self
+    }
+    pub fn threads_per_stage(mut self, threads: usize) -> Self {
+        self.threads_per_stage = Some(threads);
+        self
+    }
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+    pub fn initial_params(mut self, params: HashMap<String, Tensor>) -> Self {
+        self.initial_params = params;
+        self
+    }
+    /// Resumes from a checkpoint that each stage reads its own part of, on its own thread.
+    pub fn resume_from_checkpoint(mut self, loader: crate::checkpoint::StageLoader) -> Self {
+        self.checkpoint = Some(Arc::new(loader));
+        self
+    }
+
+    /// Activation recomputation for every stage.
+    pub fn recompute(mut self, recompute: Recompute) -> Self {
+        self.recompute = recompute;
+        self
+    }
+
+    pub fn fault(mut self, fault: Fault) -> Self {
+        self.fault = Some(fault);
+        self
+    }
+}

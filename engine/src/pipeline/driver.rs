@@ -1,0 +1,665 @@
+//! The driver: the caller-side [`Pipeline`]. It partitions the model, starts the stage
+//! threads, splits batches into micro-batches, runs the end-of-step collective (tied gradients,
+//! global norm, clipping factor), gathers snapshots, and stops every stage when one fails.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
+
+use super::config::{PipelineConfig, ScheduleChoice};
+use super::protocol::{Msg, Outcome, Report, SnapshotKind};
+use super::squared_norm;
+use super::stage::{run_stage, StageSetup};
+use super::threads::apply_thread_budget;
+use crate::error::{EngineError, Result};
+use crate::layer::{InputKind, LayerSpec, PipelineModel};
+use crate::loss::loss_terms;
+use crate::optim::{LrSchedule, OptimizerConfig};
+use crate::partition::Partition;
+use crate::schedule::{Action, Schedule};
+
+/// What one training step measured.
+#[derive(Debug, Clone)]
+pub struct StepStats {
+    /// 0-based index of the optimizer step just taken.
+    pub step: u64,
+    /// Mean loss over the global batch.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub elapsed: Duration,
+    /// Time each stage spent computing (not waiting) during the step.
+    pub stage_busy: Vec<Duration>,
+    /// Each stage's actions in execution order, timed from the step's start (for timelines).
+    pub stage_actions: Vec<Vec<ActionTiming>>,
+    /// Each stage's largest total of activation bytes kept for backward steps during the
+    /// step: measured at action boundaries from what the layers saved (each storage once),
+    /// and while a recomputed forward's activations are alive.
+    pub peak_stash_bytes: Vec<u64>,
+}
+
+/// When one action ran, relative to the start of its step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ActionTiming {
+    pub action: Action,
+    pub start: Duration,
+    pub end: Duration,
+}
+
+/// What an evaluation pass measured.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalStats {
+    /// Mean loss over all evaluated terms.
+    pub loss: f64,
+    /// Terms (tokens or examples) whose arg-max prediction was right.
+    pub correct: usize,
+    pub terms: usize,
+}
+
+impl EvalStats {
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.terms.max(1) as f64
+    }
+}
+
+/// A running pipeline: stage threads that own their layers, parameters, gradients and
+/// optimizer state.
+pub struct Pipeline {
+    pub(super) model_name: String,
+    pub(super) input: InputKind,
+    pub(super) num_classes: usize,
+    pub(super) partition: Partition,
+    pub(super) schedule: Arc<Schedule>,
+    pub(super) microbatches: usize,
+    pub(super) lr: LrSchedule,
+    pub(super) grad_clip: Option<f64>,
+    pub(super) optimizer: OptimizerConfig,
+    pub(super) seed: u64,
+    /// Every distinct parameter name of the model.
+    pub(super) param_names: Vec<String>,
+    pub(super) inboxes: Vec<Sender<Msg>>,
+    pub(super) reports: Receiver<Report>,
+    pub(super) handles: Vec<Option<JoinHandle<()>>>,
+    /// Parameter name → stages that hold a copy (only names held by two or more stages).
+    pub(super) tied: BTreeMap<String, Vec<usize>>,
+    pub(super) step: u64,
+    pub(super) stopped: Option<String>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("model", &self.model_name)
+            .field("partition", &self.partition.to_string())
+            .field("schedule", &self.schedule.name())
+            .field("microbatches", &self.microbatches)
+            .field("step", &self.step)
+            .finish()
+    }
+}
+
+impl Pipeline {
+    /// Partitions `model`, validates the schedule and starts one thread per stage.
+    pub fn new(model: &dyn PipelineModel, config: PipelineConfig) -> Result<Self> {
+        let layers = model.layers();
+        if config.stages == 0 {
+            return Err(crate::partition::PartitionError::ZeroStages.into());
+        }
+        if config.microbatches == 0 {
+            return Err(EngineError::Config("micro-batches must be at least 1".into()));
+        }
+        let layer_params: Vec<usize> = layers.iter().map(|l| l.param_count()).collect();
+        let partition = config.partition.resolve(&layer_params, config.stages)?;
+        let schedule = match &config.schedule {
+            ScheduleChoice::Kind(kind) => kind.build(config.stages, config.microbatches)?,
+            ScheduleChoice::Custom(s) => {
+                if s.stages() != config.stages || s.microbatches() != config.microbatches {
+                    return Err(EngineError::Config(format!(
+                        "schedule {} is for {} stages and {} micro-batches, but the pipeline has {} stages and {} micro-batches",
+                        s.name(),
+                        s.stages(),
+                        s.microbatches(),
+                        config.stages,
+                        config.microbatches
+                    )));
+                }
+                if !s.is_training() {
+                    return Err(EngineError::Config(format!(
+                        "schedule {} has no backward actions and cannot train",
+                        s.name()
+                    )));
+                }
+                s.clone()
+            }
+        };
+        let stage_layers: Vec<Vec<Arc<dyn LayerSpec>>> =
+            partition.ranges().into_iter().map(|r| layers[r].to_vec()).collect();
+
+        // Which parameter names live on more than one stage (weight tying across stages).
+        let mut holders: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (s, specs) in stage_layers.iter().enumerate() {
+            let names: HashSet<String> = specs.iter().flat_map(|l| l.params()).map(|p| p.name).collect();
+            for name in names {
+                holders.entry(name).or_default().push(s);
+            }
+        }
+        let mut tied: BTreeMap<String, Vec<usize>> = holders.into_iter().filter(|(_, s)| s.len() > 1).collect();
+        for stages in tied.values_mut() {
+            stages.sort_unstable();
+        }
+
+        let threads = config.threads_per_stage.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            (cores / config.stages).max(1)
+        });
+        apply_thread_budget(threads);
+        let (report_tx, reports) = unbounded();
+        let channels: Vec<(Sender<Msg>, Receiver<Msg>)> = (0..config.stages).map(|_| unbounded()).collect();
+        let inboxes: Vec<Sender<Msg>> = channels.iter().map(|(tx, _)| tx.clone()).collect();
+        let mut handles = Vec::with_capacity(config.stages);
+        for (index, ((_, inbox), specs)) in channels.into_iter().zip(stage_layers).enumerate() {
+            let stage_tied: Vec<String> =
+                tied.iter().filter(|(_, s)| s.contains(&index)).map(|(n, _)| n.clone()).collect();
+            let setup = StageSetup {
+                index,
+                stages: config.stages,
+                specs,
+                seed: config.seed,
+                initial: config.initial_params.clone(),
+                initial_buffers: config.initial_buffers.clone(),
+                initial_optimizer_state: config.initial_optimizer_state.clone(),
+                checkpoint: config.checkpoint.clone(),
+                recompute: config.recompute,
+                optimizer: config.optimizer,
+                loss: model.loss(),
+                tied: stage_tied,
+                inbox,
+                prev: (index > 0).then(|| inboxes[index - 1].clone()),
+                next: (index + 1 < config.stages).then(|| inboxes[index + 1].clone()),
+                reports: report_tx.clone(),
+                threads,
+                fault: config.fault.filter(|f| f.stage == index),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("brigade-stage-{index}"))
+                .spawn(move || run_stage(setup))
+                .map_err(|e| EngineError::Config(format!("cannot start stage thread {index}: {e}")))?;
+            handles.push(Some(handle));
+        }
+        let mut pipeline = Self {
+            model_name: model.name(),
+            input: model.input(),
+            num_classes: model.num_classes(),
+            partition,
+            schedule: Arc::new(schedule),
+            microbatches: config.microbatches,
+            lr: config.lr,
+            grad_clip: config.grad_clip,
+            optimizer: config.optimizer,
+            seed: config.seed,
+            param_names: crate::layer::unique_params(&layers).into_iter().map(|p| p.name).collect(),
+            inboxes,
+            reports,
+            handles,
+            tied,
+            step: 0,
+            stopped: None,
+        };
+        // Building layers can fail (e.g. a wrong shape in `initial_params`); surface it now.
+        for s in 0..pipeline.inboxes.len() {
+            let (tx, rx) = unbounded();
+            pipeline.send(s, Msg::Ping { reply: tx })?;
+            if rx.recv().is_err() {
+                return Err(pipeline.stage_gone(s));
+            }
+        }
+        Ok(pipeline)
+    }
+
+    pub fn partition(&self) -> &Partition {
+        &self.partition
+    }
+
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    pub fn microbatches(&self) -> usize {
+        self.microbatches
+    }
+
+    /// Number of optimizer steps taken so far.
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    /// Continues the learning-rate schedule from `step` (after resuming).
+    pub fn set_step(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    /// Parameter names held by more than one stage, with the stages holding them.
+    pub fn tied_parameters(&self) -> &BTreeMap<String, Vec<usize>> {
+        &self.tied
+    }
+
+    /// One optimizer step on a global batch: `inputs` `(B, ...)` and `targets` `(B, ...)`.
+    pub fn train_step(&mut self, inputs: &Tensor, targets: &Tensor) -> Result<StepStats> {
+        self.ensure_running()?;
+        let started = Instant::now();
+        self.check_input(inputs, targets)?;
+        let m = self.microbatches;
+        let input_chunks = split_batch(inputs, m)?;
+        let target_chunks = split_batch(targets, m)?;
+        let global_terms = loss_terms(targets);
+        let lr = self.lr.lr(self.step);
+        let stages = self.inboxes.len();
+        // Later stages first, so no stage can receive data before it knows the step began.
+        for s in (0..stages).rev() {
+            let msg = Msg::Train {
+                schedule: self.schedule.clone(),
+                inputs: if s == 0 { input_chunks.clone() } else { Vec::new() },
+                targets: if s + 1 == stages { target_chunks.clone() } else { Vec::new() },
+                global_terms,
+                lr,
+            };
+            self.send(s, msg)?;
+        }
+
+        // The collective: sum tied gradients, compute the global norm once.
+        let mut sq_norm = 0.0;
+        let mut tied_sums: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut partial_from = vec![false; stages];
+        self.gather(&mut partial_from, |report| match report {
+            Report::Partial { stage, tied_grads, sq_norm: s } => {
+                sq_norm += s;
+                for (name, grad) in tied_grads {
+                    let grad = grad.to_device(&Device::Cpu)?;
+                    let sum = match tied_sums.remove(&name) {
+                        Some(acc) => (acc + grad)?,
+                        None => grad,
+                    };
+                    tied_sums.insert(name, sum);
+                }
+                Ok(Some(stage))
+            }
+            _ => Ok(None),
+        })?;
+        for grad in tied_sums.values() {
+            sq_norm += squared_norm(grad)?;
+        }
+        let grad_norm = sq_norm.sqrt();
+        let clip_scale = match self.grad_clip {
+            Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
+            _ => 1.0,
+        };
+        for s in 0..stages {
+            let tied_grads = self
+                .tied
+                .iter()
+                .filter(|(_, holders)| holders.contains(&s))
+                .map(|(name, _)| {
+                    let sum = tied_sums.get(name).cloned().ok_or_else(|| {
+                        EngineError::Config(format!("no gradient arrived for tied parameter {name}"))
+                    })?;
+                    Ok((name.clone(), sum))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            self.send(s, Msg::Reduced { tied_grads, clip_scale })?;
+        }
+
+        let mut done = vec![false; stages];
+        let mut loss = 0.0;
+        let mut stage_busy = vec![Duration::ZERO; stages];
+        let mut stage_actions = vec![Vec::new(); stages];
+        let mut peak_stash_bytes = vec![0; stages];
+        self.gather(&mut done, |report| match report {
+            Report::Done { stage, outcome, busy } => {
+                loss += outcome.loss;
+                stage_busy[stage] = busy;
+                let since = |t: Instant| t.saturating_duration_since(started);
+                stage_actions[stage] = outcome
+                    .timings
+                    .iter()
+                    .map(|&(action, start, end)| ActionTiming { action, start: since(start), end: since(end) })
+                    .collect();
+                peak_stash_bytes[stage] = outcome.peak_stash_bytes;
+                Ok(Some(stage))
+            }
+            _ => Ok(None),
+        })?;
+        let elapsed = started.elapsed();
+        let stats =
+            StepStats { step: self.step, loss, grad_norm, lr, elapsed, stage_busy, stage_actions, peak_stash_bytes };
+        self.step += 1;
+        Ok(stats)
+    }
+
+    /// Forward-only pass over a batch (evaluation mode: BatchNorm uses running statistics),
+    /// pipelined over the same stages. Returns the summed statistics of the batch.
+    pub fn evaluate(&mut self, inputs: &Tensor, targets: &Tensor) -> Result<EvalStats> {
+        self.ensure_running()?;
+        self.check_input(inputs, targets)?;
+        let batch = inputs.dim(0)?;
+        let m = if batch % self.microbatches == 0 { self.microbatches } else { 1 };
+        let schedule = Arc::new(Schedule::forward_only(self.inboxes.len(), m)?);
+        let input_chunks = split_batch(inputs, m)?;
+        let target_chunks = split_batch(targets, m)?;
+        let stages = self.inboxes.len();
+        for s in (0..stages).rev() {
+            let msg = Msg::Eval {
+                schedule: schedule.clone(),
+                inputs: if s == 0 { input_chunks.clone() } else { Vec::new() },
+                targets: if s + 1 == stages { target_chunks.clone() } else { Vec::new() },
+            };
+            self.send(s, msg)?;
+        }
+        let mut done = vec![false; stages];
+        let mut totals = Outcome::default();
+        self.gather(&mut done, |report| match report {
+            Report::Done { stage, outcome, .. } => {
+                totals.loss += outcome.loss;
+                totals.correct += outcome.correct;
+                totals.terms += outcome.terms;
+                Ok(Some(stage))
+            }
+            _ => Ok(None),
+        })?;
+        Ok(EvalStats { loss: totals.loss / totals.terms.max(1) as f64, correct: totals.correct, terms: totals.terms })
+    }
+
+    /// The model's outputs (logits) for `inputs`, computed forward-only in evaluation mode and
+    /// pipelined over the same stages; micro-batched like training when the batch divides.
+    pub fn predict(&mut self, inputs: &Tensor) -> Result<Tensor> {
+        self.ensure_running()?;
+        self.check_inputs(inputs)?;
+        let batch = inputs.dim(0)?;
+        if batch == 0 {
+            return Err(EngineError::Input("cannot predict on an empty batch".into()));
+        }
+        let m = if batch % self.microbatches == 0 { self.microbatches } else { 1 };
+        let schedule = Arc::new(Schedule::forward_only(self.inboxes.len(), m)?);
+        let input_chunks = split_batch(inputs, m)?;
+        let stages = self.inboxes.len();
+        for s in (0..stages).rev() {
+            let msg = Msg::Predict { schedule: schedule.clone(), inputs: if s == 0 { input_chunks.clone() } else { Vec::new() } };
+            self.send(s, msg)?;
+        }
+        let mut done = vec![false; stages];
+        let mut outputs = Vec::new();
+        self.gather(&mut done, |report| match report {
+            Report::Done { stage, outcome, .. } => {
+                outputs.extend(outcome.outputs);
+                Ok(Some(stage))
+            }
+            _ => Ok(None),
+        })?;
+        outputs.sort_by_key(|(mb, _)| *mb);
+        let outputs: Vec<Tensor> = outputs.into_iter().map(|(_, t)| t).collect();
+        Ok(Tensor::cat(&outputs, 0)?)
+    }
+
+    /// Every parameter, copied to the CPU, by canonical name (tied copies once).
+    pub fn parameters(&mut self) -> Result<BTreeMap<String, Tensor>> {
+        self.snapshot(SnapshotKind::Params)
+    }
+
+    /// Each stage's own copy of every parameter, for checking that tied copies agree.
+    pub fn parameters_by_stage(&mut self) -> Result<Vec<BTreeMap<String, Tensor>>> {
+        self.snapshot_by_stage(SnapshotKind::Params)
+    }
+
+    /// Gradients of the last step (tied copies summed, before clipping), by name.
+    pub fn gradients(&mut self) -> Result<BTreeMap<String, Tensor>> {
+        self.snapshot(SnapshotKind::Grads)
+    }
+
+    /// Non-trainable state (BatchNorm running statistics), by name.
+    pub fn buffers(&mut self) -> Result<BTreeMap<String, Tensor>> {
+        self.snapshot(SnapshotKind::Buffers)
+    }
+
+    /// Optimizer state flattened to named tensors: `<param>.exp_avg`, `<param>.exp_avg_sq`,
+    /// `<param>.step` (AdamW) or `<param>.momentum_buffer` (SGD).
+    pub fn optimizer_state(&mut self) -> Result<BTreeMap<String, Tensor>> {
+        self.snapshot(SnapshotKind::OptimizerState)
+    }
+
+    fn snapshot(&mut self, kind: SnapshotKind) -> Result<BTreeMap<String, Tensor>> {
+        let mut merged = BTreeMap::new();
+        for stage in self.snapshot_by_stage(kind)? {
+            for (name, t) in stage {
+                merged.entry(name).or_insert(t);
+            }
+        }
+        Ok(merged)
+    }
+
+    fn snapshot_by_stage(&mut self, kind: SnapshotKind) -> Result<Vec<BTreeMap<String, Tensor>>> {
+        self.ensure_running()?;
+        let mut out = Vec::with_capacity(self.inboxes.len());
+        for s in 0..self.inboxes.len() {
+            let (tx, rx) = unbounded();
+            self.send(s, Msg::Snapshot { kind, reply: tx })?;
+            match rx.recv() {
+                Ok(tensors) => out.push(tensors.into_iter().collect()),
+                Err(_) => return Err(self.stage_gone(s)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stage `s` ended instead of answering; it has reported why (or `gather` notices it died).
+    pub(super) fn stage_gone(&mut self, s: usize) -> EngineError {
+        let mut pending: Vec<bool> = (0..self.inboxes.len()).map(|i| i != s).collect();
+        match self.gather(&mut pending, |_| Ok(None)) {
+            Err(e) => e,
+            Ok(()) => self.stop(Some((s, None, "stage thread is gone".into()))),
+        }
+    }
+
+    pub(super) fn ensure_running(&self) -> Result<()> {
+        match &self.stopped {
+            Some(why) => Err(EngineError::Stopped(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn check_input(&self, inputs: &Tensor, targets: &Tensor) -> Result<()> {
+        let batch = inputs.dim(0).map_err(|_| EngineError::Input("inputs must have a batch dimension".into()))?;
+        if targets.dims().first() != Some(&batch) {
+            return Err(EngineError::Input(format!(
+                "inputs have batch size {batch} but targets have shape {:?}",
+                targets.dims()
+            )));
+        }
+        if batch % self.microbatches != 0 {
+            return Err(EngineError::Input(format!(
+                "batch size {batch} is not divisible into {} micro-batches",
+                self.microbatches
+            )));
+        }
+        if !matches!(targets.dtype(), DType::U32 | DType::I64 | DType::U8) {
+            return Err(EngineError::Input(format!(
+                "targets must be integer class or token ids, got {:?}",
+                targets.dtype()
+            )));
+        }
+        self.check_inputs(inputs)?;
+        match &self.input {
+            InputKind::Tokens { vocab, .. } => {
+                if targets.dims() != inputs.dims() {
+                    return Err(EngineError::Input(format!(
+                        "targets of shape {:?} do not match token ids of shape {:?}",
+                        targets.dims(),
+                        inputs.dims()
+                    )));
+                }
+                check_ids_below(targets, *vocab, "target token id", "vocabulary")?;
+            }
+            InputKind::Images { .. } => {
+                if targets.rank() != 1 {
+                    return Err(EngineError::Input(format!(
+                        "image labels must have shape (batch,), got {:?}",
+                        targets.dims()
+                    )));
+                }
+                check_ids_below(targets, self.num_classes, "label", "classes")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks model inputs alone: token ids within vocabulary and context, or image shape.
+    fn check_inputs(&self, inputs: &Tensor) -> Result<()> {
+        match &self.input {
+            InputKind::Tokens { context, vocab } => {
+                if inputs.rank() != 2 || !matches!(inputs.dtype(), DType::U32 | DType::I64 | DType::U8) {
+                    return Err(EngineError::Input(format!(
+                        "{} expects token ids of shape (batch, time) and an integer dtype, got {:?} {:?}",
+                        self.model_name,
+                        inputs.dims(),
+                        inputs.dtype()
+                    )));
+                }
+                if inputs.dim(1)? > *context {
+                    return Err(EngineError::Input(format!(
+                        "sequence length {} exceeds the context of {} ({context})",
+                        inputs.dim(1)?,
+                        self.model_name
+                    )));
+                }
+                if inputs.dim(1)? == 0 {
+                    return Err(EngineError::Input(format!("{} got empty sequences (shape {:?})", self.model_name, inputs.dims())));
+                }
+                check_ids_below(inputs, *vocab, "token id", "vocabulary")?;
+            }
+            InputKind::Images { channels } => {
+                if inputs.rank() != 4 || inputs.dim(1)? != *channels {
+                    return Err(EngineError::Input(format!(
+                        "{} expects images of shape (batch, {channels}, height, width), got {:?}",
+                        self.model_name,
+                        inputs.dims()
+                    )));
+                }
+                if inputs.dtype() != DType::F32 {
+                    return Err(EngineError::Input(format!("{} expects f32 images, got {:?}", self.model_name, inputs.dtype())));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn send(&mut self, stage: usize, msg: Msg) -> Result<()> {
+        if self.inboxes[stage].send(msg).is_err() {
+            return Err(self.stop(Some((stage, None, "stage thread is gone".to_string()))));
+        }
+        Ok(())
+    }
+
+    /// Receives reports until every stage marked `false` in `pending` has been accounted for
+    /// by `accept` (which returns the stage it accounts for). A failure report aborts all.
+    fn gather(
+        &mut self,
+        pending: &mut [bool],
+        mut accept: impl FnMut(Report) -> Result<Option<usize>>,
+    ) -> Result<()> {
+        while pending.iter().any(|done| !done) {
+            match self.reports.recv_timeout(Duration::from_millis(100)) {
+                Ok(Report::Failed { stage, action, message }) => {
+                    return Err(self.stop(Some((stage, action, message))));
+                }
+                Ok(Report::Aborted { stage }) => {
+                    return Err(self.stop(Some((stage, None, "aborted".into()))));
+                }
+                Ok(report) => {
+                    if let Some(stage) = accept(report)? {
+                        pending[stage] = true;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    // A thread that ended without reporting would otherwise hang the step.
+                    if let Some(stage) = (0..pending.len())
+                        .find(|&s| !pending[s] && self.handles[s].as_ref().is_none_or(|h| h.is_finished()))
+                    {
+                        return Err(self.stop(Some((stage, None, "stage thread ended unexpectedly".into()))));
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(self.stop(Some((0, None, "all stage threads are gone".into()))));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Aborts every stage, joins the threads, and returns the error naming the first failure.
+    fn stop(&mut self, failure: Option<(usize, Option<Action>, String)>) -> EngineError {
+        for inbox in &self.inboxes {
+            let _ = inbox.send(Msg::Abort);
+        }
+        // Failures the driver inferred (a thread gone, an abort) give way to a stage's own report.
+        let synthetic = |m: &str| {
+            m == "aborted" || m == "stage thread is gone" || m == "stage thread ended unexpectedly" || m == "all stage threads are gone"
+        };
+        let mut first = failure;
+        for handle in self.handles.iter_mut() {
+            if let Some(h) = handle.take() {
+                let _ = h.join();
+            }
+        }
+        // A stage that failed while others were being aborted may have the real cause.
+        while let Ok(report) = self.reports.try_recv() {
+            if let Report::Failed { stage, action, message } = report {
+                let replace = match &first {
+                    None => true,
+                    Some((_, _, m)) => synthetic(m),
+                };
+                if replace {
+                    first = Some((stage, action, message));
+                }
+            }
+        }
+        let (stage, action, message) = first.unwrap_or((0, None, "unknown failure".into()));
+        let err = EngineError::StageFailed { stage, action, message };
+        self.stopped = Some(err.to_string());
+        err
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        for inbox in &self.inboxes {
+            let _ = inbox.send(Msg::Shutdown);
+        }
+        for handle in self.handles.iter_mut() {
+            if let Some(h) = handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// Rejects ids at or beyond `limit` before they reach a stage (where they would stop the
+/// pipeline instead of just this call).
+fn check_ids_below(ids: &Tensor, limit: usize, what: &str, of: &str) -> Result<()> {
+    if ids.elem_count() == 0 {
+        return Ok(());
+    }
+    let max = ids.to_dtype(DType::F64)?.max_all()?.to_scalar::<f64>()?;
+    if max >= limit as f64 {
+        return Err(EngineError::Input(format!("{what} {max} is beyond the model's {limit} {of}")));
+    }
+    Ok(())
+}
+
+fn split_batch(t: &Tensor, parts: usize) -> Result<Vec<Tensor>> {
+    let batch = t.dim(0)?;
+    let size = batch / parts;
+    (0..parts).map(|i| Ok(t.narrow(0, i * size, size)?)).collect()
+}

@@ -1,0 +1,532 @@
+//! The stage runtime: one OS thread per stage, running its own action list over its
+//! [`StageCompute`]. It receives activations and gradients from its neighbours (buffered by
+//! micro-batch, so it waits only for what its next action needs), takes part in the
+//! end-of-step collective, steps its own optimizer, and reports to the driver.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use crossbeam_channel::{Receiver, Sender};
+
+use super::protocol::{Msg, Outcome, Report, SnapshotKind};
+use super::squared_norm;
+use super::testing::{Fault, FaultKind};
+use crate::compute::{LossTarget, Recompute, StageCompute};
+use crate::layer::{LayerSpec, LossKind, ParamStore};
+use crate::loss::{correct_predictions, loss_terms, microbatch_loss};
+use crate::optim::{Optimizer, OptimizerConfig, ParamState};
+use crate::schedule::{Action, ActionKind, Schedule};
+
+pub(super) struct StageSetup {
+    pub(super) index: usize,
+    pub(super) stages: usize,
+    pub(super) specs: Vec<Arc<dyn LayerSpec>>,
+    pub(super) seed: u64,
+    pub(super) initial: HashMap<String, Tensor>,
+    pub(super) initial_buffers: HashMap<String, Tensor>,
+    pub(super) initial_optimizer_state: HashMap<String, ParamState>,
+    pub(super) checkpoint: Option<Arc<crate::checkpoint::StageLoader>>,
+    pub(super) recompute: Recompute,
+    pub(super) optimizer: OptimizerConfig,
+    pub(super) loss: LossKind,
+    pub(super) tied: Vec<String>,
+    pub(super) inbox: Receiver<Msg>,
+    pub(super) prev: Option<Sender<Msg>>,
+    pub(super) next: Option<Sender<Msg>>,
+    pub(super) reports: Sender<Report>,
+    pub(super) threads: usize,
+    pub(super) fault: Option<Fault>,
+}
+
+/// Why a stage stopped working on a step.
+pub(super) enum StageStop {
+    Aborted,
+    Failed(Option<Action>, String),
+}
+
+impl From<candle_core::Error> for StageStop {
+    fn from(e: candle_core::Error) -> Self {
+        StageStop::Failed(None, e.to_string())
+    }
+}
+
+pub(super) type StageResult<T> = std::result::Result<T, StageStop>;
+
+/// A stage's world: its layers, parameters, gradients, optimizer state, and channels.
+pub(super) struct StageWorker {
+    pub(super) index: usize,
+    pub(super) is_first: bool,
+    pub(super) is_last: bool,
+    /// The stage's math: its layers (built over detached views of `store`'s variables) and
+    /// everything in flight between forward and backward steps.
+    pub(super) compute: StageCompute,
+    pub(super) store: ParamStore,
+    pub(super) optimizer: Optimizer,
+    pub(super) loss: LossKind,
+    pub(super) tied: Vec<String>,
+    pub(super) inbox: Receiver<Msg>,
+    pub(super) prev: Option<Sender<Msg>>,
+    pub(super) next: Option<Sender<Msg>>,
+    pub(super) reports: Sender<Report>,
+    pub(super) fault: Option<Fault>,
+    /// The previous step's gradients (tied copies summed, unclipped), for inspection.
+    pub(super) last_grads: BTreeMap<String, Tensor>,
+    pub(super) activations_in: HashMap<usize, Tensor>,
+    pub(super) gradients_in: HashMap<usize, Tensor>,
+    pub(super) reduced_in: Option<(Vec<(String, Tensor)>, f64)>,
+    pub(super) waiting: Duration,
+}
+
+pub(super) fn run_stage(setup: StageSetup) {
+    let index = setup.index;
+    let reports = setup.reports.clone();
+    let pool = match rayon::ThreadPoolBuilder::new()
+        .num_threads(setup.threads)
+        .thread_name(move |i| format!("brigade-stage-{index}-worker-{i}"))
+        .build()
+    {
+        Ok(pool) => pool,
+        Err(e) => {
+            let _ = reports.send(Report::Failed { stage: index, action: None, message: format!("thread pool: {e}") });
+            return;
+        }
+    };
+    pool.install(move || {
+        let outcome = catch_unwind(AssertUnwindSafe(|| -> StageResult<()> {
+            let mut worker = StageWorker::build(setup)?;
+            worker.serve()
+        }));
+        let report = match outcome {
+            Ok(Ok(())) => return,
+            Ok(Err(StageStop::Aborted)) => Report::Aborted { stage: index },
+            Ok(Err(StageStop::Failed(action, message))) => Report::Failed { stage: index, action, message },
+            Err(panic) => Report::Failed { stage: index, action: None, message: panic_message(&panic) },
+        };
+        let _ = reports.send(report);
+    });
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("panicked: {text}")
+}
+
+impl StageWorker {
+    fn build(mut setup: StageSetup) -> StageResult<Self> {
+        if let Some(loader) = setup.checkpoint.take() {
+            // This stage reads exactly its own tensors from the (memory-mapped) checkpoint.
+            let params = crate::layer::unique_params(&setup.specs);
+            let buffers: Vec<_> = setup.specs.iter().flat_map(|s| s.buffer_specs()).collect();
+            let state = loader
+                .load_stage(&params, &buffers)
+                .map_err(|e| StageStop::Failed(None, format!("loading its part of the checkpoint: {e}")))?;
+            setup.initial = state.params;
+            setup.initial_buffers = state.buffers;
+            setup.initial_optimizer_state = state.optimizer;
+        }
+        let mut store = ParamStore::new(Device::Cpu, setup.seed).with_overrides(setup.initial);
+        // The variables the optimizer updates in place; the layers compute on detached views of
+        // them, so no autograd graph is ever recorded (the layers own their backward).
+        for spec in crate::layer::unique_params(&setup.specs) {
+            store.get(&spec).map_err(|e| StageStop::Failed(None, format!("building layers: {e}")))?;
+        }
+        let mut view = store.shared_view();
+        let mut layers = setup
+            .specs
+            .iter()
+            .map(|spec| spec.build(&mut view))
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(|e| StageStop::Failed(None, format!("building layers: {e}")))?;
+        if !setup.initial_buffers.is_empty() {
+            for (spec, layer) in setup.specs.iter().zip(layers.iter_mut()) {
+                let mine: HashMap<String, Tensor> = spec
+                    .buffer_specs()
+                    .into_iter()
+                    .filter_map(|b| setup.initial_buffers.get(&b.name).map(|t| (b.name, t.clone())))
+                    .collect();
+                if !mine.is_empty() {
+                    layer
+                        .load_buffers(&mine)
+                        .map_err(|e| StageStop::Failed(None, format!("restoring buffers of {}: {e}", spec.name())))?;
+                }
+            }
+        }
+        let mut optimizer = Optimizer::new(setup.optimizer);
+        for (name, _, _) in store.vars() {
+            if let Some(state) = setup.initial_optimizer_state.get(name) {
+                optimizer.set_state(name, state.to_device(store.device())?);
+            }
+        }
+        Ok(Self {
+            index: setup.index,
+            is_first: setup.index == 0,
+            is_last: setup.index + 1 == setup.stages,
+            compute: StageCompute::new(
+                layers,
+                setup.index > 0,
+                (setup.index + 1 == setup.stages).then_some(setup.loss),
+                setup.recompute,
+            ),
+            store,
+            optimizer,
+            loss: setup.loss,
+            tied: setup.tied,
+            inbox: setup.inbox,
+            prev: setup.prev,
+            next: setup.next,
+            reports: setup.reports,
+            fault: setup.fault,
+            last_grads: BTreeMap::new(),
+            activations_in: HashMap::new(),
+            gradients_in: HashMap::new(),
+            reduced_in: None,
+            waiting: Duration::ZERO,
+        })
+    }
+
+    /// The stage's main loop: waits for work between steps.
+    fn serve(&mut self) -> StageResult<()> {
+        loop {
+            let msg = self.inbox.recv().map_err(|_| StageStop::Aborted)?;
+            match msg {
+                Msg::Train { schedule, inputs, targets, global_terms, lr } => {
+                    let started = Instant::now();
+                    self.waiting = Duration::ZERO;
+                    let outcome = self.train(&schedule, inputs, targets, global_terms, lr)?;
+                    let busy = started.elapsed().saturating_sub(self.waiting);
+                    self.report(Report::Done { stage: self.index, outcome, busy })?;
+                }
+                Msg::Eval { schedule, inputs, targets } => {
+                    let started = Instant::now();
+                    self.waiting = Duration::ZERO;
+                    let outcome = self.eval(&schedule, inputs, Some(targets))?;
+                    let busy = started.elapsed().saturating_sub(self.waiting);
+                    self.report(Report::Done { stage: self.index, outcome, busy })?;
+                }
+                Msg::Predict { schedule, inputs } => {
+                    let started = Instant::now();
+                    self.waiting = Duration::ZERO;
+                    let outcome = self.eval(&schedule, inputs, None)?;
+                    let busy = started.elapsed().saturating_sub(self.waiting);
+                    self.report(Report::Done { stage: self.index, outcome, busy })?;
+                }
+                Msg::Snapshot { kind, reply } => {
+                    let _ = reply.send(self.snapshot(kind)?);
+                }
+                Msg::Manifest { reply } => {
+                    let _ = reply.send(self.manifest());
+                }
+                Msg::Save { job, reply } => {
+                    let _ = reply.send(self.write_shards(&job));
+                }
+                Msg::Ping { reply } => {
+                    let _ = reply.send(());
+                }
+                Msg::Activation { .. } | Msg::Gradient { .. } | Msg::Reduced { .. } => {
+                    // Data can arrive before this stage has seen its own step message.
+                    self.buffer(msg);
+                }
+                Msg::Abort | Msg::Shutdown => return Ok(()),
+            }
+        }
+    }
+
+    fn report(&self, report: Report) -> StageResult<()> {
+        self.reports.send(report).map_err(|_| StageStop::Aborted)
+    }
+
+    fn buffer(&mut self, msg: Msg) {
+        match msg {
+            Msg::Activation { microbatch, tensor } => {
+                self.activations_in.insert(microbatch, tensor);
+            }
+            Msg::Gradient { microbatch, tensor } => {
+                self.gradients_in.insert(microbatch, tensor);
+            }
+            Msg::Reduced { tied_grads, clip_scale } => self.reduced_in = Some((tied_grads, clip_scale)),
+            _ => {}
+        }
+    }
+
+    /// Blocks until `ready` finds what it needs in the buffers; an abort ends the wait.
+    fn wait_for<T>(&mut self, mut ready: impl FnMut(&mut Self) -> Option<T>) -> StageResult<T> {
+        loop {
+            if let Some(found) = ready(self) {
+                return Ok(found);
+            }
+            let started = Instant::now();
+            let msg = self.inbox.recv().map_err(|_| StageStop::Aborted)?;
+            self.waiting += started.elapsed();
+            match msg {
+                Msg::Abort | Msg::Shutdown => return Err(StageStop::Aborted),
+                Msg::Snapshot { reply, .. } => drop(reply),
+                Msg::Manifest { reply } => drop(reply),
+                Msg::Save { reply, .. } => drop(reply),
+                Msg::Ping { reply } => drop(reply),
+                other => self.buffer(other),
+            }
+        }
+    }
+
+    /// Takes in anything already delivered, so an abort is noticed between actions even when
+    /// the next action needs no message.
+    fn poll_abort(&mut self) -> StageResult<()> {
+        while let Ok(msg) = self.inbox.try_recv() {
+            match msg {
+                Msg::Abort | Msg::Shutdown => return Err(StageStop::Aborted),
+                other => self.buffer(other),
+            }
+        }
+        Ok(())
+    }
+
+    fn inject_fault(&self, at: Option<Action>) -> StageResult<bool> {
+        match self.fault {
+            Some(f) if f.at == at => match f.kind {
+                FaultKind::Error => Err(StageStop::Failed(at, "injected fault".into())),
+                FaultKind::Panic => panic!("injected panic in stage {}", self.index),
+                FaultKind::NonFiniteLoss => Ok(true),
+            },
+            _ => Ok(false),
+        }
+    }
+
+    fn train(
+        &mut self,
+        schedule: &Schedule,
+        inputs: Vec<Tensor>,
+        targets: Vec<Tensor>,
+        global_terms: usize,
+        lr: f64,
+    ) -> StageResult<Outcome> {
+        let mut outcome = Outcome::default();
+        for &action in schedule.stage_actions(self.index) {
+            self.poll_abort()?;
+            let poison_loss = self.inject_fault(Some(action))?;
+            let (action_start, waited_before) = (Instant::now(), self.waiting);
+            let mb = action.microbatch;
+            let result: StageResult<()> = match action.kind {
+                ActionKind::Forward => {
+                    let loss = self.forward_train(mb, &inputs, &targets, global_terms, poison_loss)?;
+                    outcome.loss += loss;
+                    Ok(())
+                }
+                ActionKind::Backward => self.backward(mb, true),
+                ActionKind::BackwardInput => self.backward(mb, false),
+                ActionKind::BackwardWeight => Ok(self.compute.backward_weight(mb)?),
+            };
+            result.map_err(|e| with_action(e, action))?;
+            // F and B wait for their input first: the action starts when it arrives.
+            outcome.timings.push((action, action_start + (self.waiting - waited_before), Instant::now()));
+        }
+        outcome.peak_stash_bytes = self.compute.take_peak_bytes();
+        self.finish_step(lr)?;
+        Ok(outcome)
+    }
+
+    fn input_for(&mut self, mb: usize, inputs: &[Tensor]) -> StageResult<Tensor> {
+        if self.is_first {
+            inputs
+                .get(mb)
+                .cloned()
+                .ok_or_else(|| StageStop::Failed(None, format!("no input for micro-batch {mb}")))
+        } else {
+            self.wait_for(|w| w.activations_in.remove(&mb))
+        }
+    }
+
+    /// Runs a training forward; on the last stage also the loss. Returns the loss value.
+    fn forward_train(
+        &mut self,
+        mb: usize,
+        inputs: &[Tensor],
+        targets: &[Tensor],
+        global_terms: usize,
+        poison_loss: bool,
+    ) -> StageResult<f64> {
+        let x = self.input_for(mb, inputs)?;
+        let target = if self.is_last {
+            let targets = targets
+                .get(mb)
+                .ok_or_else(|| StageStop::Failed(None, format!("no targets for micro-batch {mb}")))?;
+            Some(LossTarget { targets: targets.clone(), global_terms })
+        } else {
+            None
+        };
+        let (y, loss) = self.compute.forward(mb, &x, target)?;
+        match loss {
+            Some(mut value) => {
+                if poison_loss {
+                    value = f64::NAN;
+                }
+                if !value.is_finite() {
+                    return Err(StageStop::Failed(None, format!("non-finite loss ({value}) at micro-batch {mb}")));
+                }
+                Ok(value)
+            }
+            None => {
+                self.send_next(Msg::Activation { microbatch: mb, tensor: y })?;
+                Ok(0.0)
+            }
+        }
+    }
+
+    /// The backward of micro-batch `mb`, input gradient only (`I`) or with the weight step
+    /// (`B`): the last stage starts from its loss, the others from the gradient received from
+    /// downstream; the input gradient goes upstream.
+    fn backward(&mut self, mb: usize, with_weights: bool) -> StageResult<()> {
+        let dy = if self.is_last { None } else { Some(self.wait_for(|w| w.gradients_in.remove(&mb))?) };
+        let dx = if with_weights {
+            self.compute.backward(mb, dy.as_ref())?
+        } else {
+            self.compute.backward_input(mb, dy.as_ref())?
+        };
+        if let Some(dx) = dx {
+            self.send_prev(Msg::Gradient { microbatch: mb, tensor: dx })?;
+        }
+        Ok(())
+    }
+
+    fn send_next(&self, msg: Msg) -> StageResult<()> {
+        match &self.next {
+            Some(tx) => tx.send(msg).map_err(|_| StageStop::Aborted),
+            None => Err(StageStop::Failed(None, "the last stage has no next stage".into())),
+        }
+    }
+
+    fn send_prev(&self, msg: Msg) -> StageResult<()> {
+        match &self.prev {
+            Some(tx) => tx.send(msg).map_err(|_| StageStop::Aborted),
+            None => Err(StageStop::Failed(None, "the first stage has no previous stage".into())),
+        }
+    }
+
+    /// The end-of-step collective and the optimizer step.
+    fn finish_step(&mut self, lr: f64) -> StageResult<()> {
+        if self.compute.has_pending_work() {
+            return Err(StageStop::Failed(None, "step ended with unfinished backward work".into()));
+        }
+        let mut grads = self.compute.take_gradients();
+        let tied: HashSet<&String> = self.tied.iter().collect();
+        let mut sq_norm = 0.0;
+        let mut tied_grads = Vec::new();
+        for (name, _, var) in self.store.vars() {
+            let grad = match grads.get(name) {
+                Some(g) => g.clone(),
+                None => {
+                    let zeros = var.as_tensor().zeros_like()?;
+                    grads.insert(name.to_string(), zeros.clone());
+                    zeros
+                }
+            };
+            if tied.contains(&name.to_string()) {
+                tied_grads.push((name.to_string(), grad));
+            } else {
+                sq_norm += squared_norm(&grad)?;
+            }
+        }
+        self.report(Report::Partial { stage: self.index, tied_grads, sq_norm })?;
+        let (reduced, clip_scale) = self.wait_for(|w| w.reduced_in.take())?;
+        for (name, grad) in reduced {
+            grads.insert(name, grad.to_device(self.store.device())?);
+        }
+        self.inject_fault(None).map_err(|e| match e {
+            StageStop::Failed(a, m) => StageStop::Failed(a, format!("{m} at the optimizer step")),
+            other => other,
+        })?;
+        self.last_grads = grads.clone();
+        for (name, spec, var) in self.store.vars() {
+            let Some(grad) = grads.get(name) else { continue };
+            let grad = if clip_scale < 1.0 { (grad * clip_scale)? } else { grad.clone() };
+            self.optimizer.update(name, var, &grad, lr, spec.weight_decay)?;
+        }
+        Ok(())
+    }
+
+    /// Forward-only in evaluation mode. With targets, the last stage sums loss and accuracy;
+    /// without, it keeps the outputs (prediction).
+    fn eval(&mut self, schedule: &Schedule, inputs: Vec<Tensor>, targets: Option<Vec<Tensor>>) -> StageResult<Outcome> {
+        let mut outcome = Outcome::default();
+        for &action in schedule.stage_actions(self.index) {
+            self.poll_abort()?;
+            let mb = action.microbatch;
+            let step = |w: &mut Self, outcome: &mut Outcome| -> StageResult<()> {
+                let x = w.input_for(mb, &inputs)?;
+                let y = w.compute.forward_eval(&x)?;
+                if w.is_last {
+                    let Some(targets) = &targets else {
+                        outcome.outputs.push((mb, y));
+                        return Ok(());
+                    };
+                    let target = targets
+                        .get(mb)
+                        .ok_or_else(|| StageStop::Failed(None, format!("no targets for micro-batch {mb}")))?;
+                    let terms = loss_terms(target);
+                    let loss = microbatch_loss(w.loss, &y, target, 1)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    outcome.loss += loss;
+                    outcome.terms += terms;
+                    outcome.correct += correct_predictions(&y, target)?;
+                } else {
+                    w.send_next(Msg::Activation { microbatch: mb, tensor: y })?;
+                }
+                Ok(())
+            };
+            step(self, &mut outcome).map_err(|e| with_action(e, action))?;
+        }
+        Ok(outcome)
+    }
+
+    pub(super) fn snapshot(&self, kind: SnapshotKind) -> StageResult<Vec<(String, Tensor)>> {
+        let cpu = |t: &Tensor| t.to_device(&Device::Cpu).and_then(|t| t.copy());
+        let mut out = Vec::new();
+        match kind {
+            SnapshotKind::Params => {
+                for (name, _, var) in self.store.vars() {
+                    out.push((name.to_string(), cpu(var.as_tensor())?));
+                }
+            }
+            SnapshotKind::Grads => {
+                for (name, g) in &self.last_grads {
+                    out.push((name.clone(), cpu(g)?));
+                }
+            }
+            SnapshotKind::Buffers => {
+                for layer in self.compute.layers() {
+                    for (name, t) in layer.buffers() {
+                        out.push((name, cpu(&t)?));
+                    }
+                }
+            }
+            SnapshotKind::OptimizerState => {
+                for (name, state) in self.optimizer.state() {
+                    match state {
+                        ParamState::AdamW { exp_avg, exp_avg_sq, step } => {
+                            out.push((format!("{name}.exp_avg"), cpu(exp_avg)?));
+                            out.push((format!("{name}.exp_avg_sq"), cpu(exp_avg_sq)?));
+                            out.push((format!("{name}.step"), Tensor::new(&[*step as f64], &Device::Cpu)?));
+                        }
+                        ParamState::Sgd { momentum_buffer: Some(buf) } => {
+                            out.push((format!("{name}.momentum_buffer"), cpu(buf)?));
+                        }
+                        ParamState::Sgd { momentum_buffer: None } => {}
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn with_action(e: StageStop, action: Action) -> StageStop {
+    match e {
+        StageStop::Failed(None, message) => StageStop::Failed(Some(action), message),
+        other => other,
+    }
+}
