@@ -20,6 +20,8 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
+use crate::input::{BatchCheck, InputKindCheck};
+
 /// Whether a forward pass is for training (batch statistics, autograd) or evaluation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -404,6 +406,14 @@ pub trait PipelineModel: Send + Sync + Debug {
     /// allocated, so this is cheap even for the largest presets.
     fn num_params(&self) -> usize {
         unique_params(&self.layers()).iter().map(ParamSpec::numel).sum()
+    }
+
+    /// What a batch must satisfy before the pipeline hands it to the stages (checked on the
+    /// caller's thread, so a bad batch fails its own call instead of stopping the pipeline).
+    /// The default enforces what [`PipelineModel::input`] promises; a model with further
+    /// requirements returns its own check.
+    fn batch_check(&self) -> Arc<dyn BatchCheck> {
+        Arc::new(InputKindCheck { model: self.name(), input: self.input(), num_classes: self.num_classes() })
     }
 }
 

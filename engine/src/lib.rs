@@ -3,6 +3,7 @@
 //! - [`schedule`]: the schedule IR (actions like `1F3`), generators (GPipe, 1F1B), the validator
 //!   that rejects deadlocking or out-of-order schedules, the printer and the text format.
 //! - [`layer`]: the contract models implement (ordered layer lists, parameter stores).
+//! - [`input`]: the checks a batch passes before it reaches the stages (the model supplies them).
 //! - [`partition`]: how a layer list is cut into stages.
 //! - [`optim`]: AdamW and SGD with visible state, and the learning-rate schedule.
 //! - [`pipeline`]: the threaded executor: one OS thread per stage, crossbeam channels between.
@@ -15,6 +16,7 @@ pub mod checkpoint;
 pub mod compute;
 pub mod error;
 pub mod gradcheck;
+pub mod input;
 pub mod layer;
 pub mod loss;
 pub mod memory;
@@ -28,6 +30,7 @@ pub mod schedule;
 pub mod simulate;
 
 pub use error::EngineError;
+pub use input::BatchCheck;
 pub use layer::{
     BufferSpec, Gradients, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, Pass, PipelineModel, Saved,
 };

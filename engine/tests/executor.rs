@@ -340,6 +340,10 @@ fn bad_inputs_are_rejected_with_clear_errors() {
     assert!(msg.contains("token id 21 is beyond the model's 11 vocabulary"), "{msg}");
     let msg = pipe.train_step(&x8, &too_big).unwrap_err().to_string();
     assert!(msg.contains("target token id"), "{msg}");
+    // i64 ids can be negative: refused here, not as an out-of-range index in a stage.
+    let negative = (x8.to_dtype(DType::F32).unwrap() - 3.0).unwrap().to_dtype(DType::I64).unwrap();
+    let msg = pipe.train_step(&negative, &y8).unwrap_err().to_string();
+    assert!(msg.contains("token id -3 is negative"), "{msg}");
     // Bad input is not a stage failure: the pipeline keeps working.
     let (x, y) = batch(0, 8);
     pipe.train_step(&x, &y).unwrap();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 
 use super::config::{PipelineConfig, ScheduleChoice};
@@ -16,7 +16,8 @@ use super::squared_norm;
 use super::stage::{run_stage, StageSetup};
 use super::threads::apply_thread_budget;
 use crate::error::{EngineError, Result};
-use crate::layer::{InputKind, LayerSpec, PipelineModel};
+use crate::input::{is_integer, BatchCheck};
+use crate::layer::{LayerSpec, PipelineModel};
 use crate::loss::loss_terms;
 use crate::optim::{LrSchedule, OptimizerConfig};
 use crate::partition::Partition;
@@ -71,8 +72,8 @@ impl EvalStats {
 /// optimizer state.
 pub struct Pipeline {
     pub(super) model_name: String,
-    pub(super) input: InputKind,
-    pub(super) num_classes: usize,
+    /// The model's checks of every batch, run before the batch reaches a stage.
+    pub(super) batch_check: Arc<dyn BatchCheck>,
     pub(super) partition: Partition,
     pub(super) schedule: Arc<Schedule>,
     pub(super) microbatches: usize,
@@ -193,8 +194,7 @@ impl Pipeline {
         }
         let mut pipeline = Self {
             model_name: model.name(),
-            input: model.input(),
-            num_classes: model.num_classes(),
+            batch_check: model.batch_check(),
             partition,
             schedule: Arc::new(schedule),
             microbatches: config.microbatches,
@@ -252,7 +252,7 @@ impl Pipeline {
     pub fn train_step(&mut self, inputs: &Tensor, targets: &Tensor) -> Result<StepStats> {
         self.ensure_running()?;
         let started = Instant::now();
-        self.check_input(inputs, targets)?;
+        self.check_labelled_batch(inputs, targets)?;
         let m = self.microbatches;
         let input_chunks = split_batch(inputs, m)?;
         let target_chunks = split_batch(targets, m)?;
@@ -344,7 +344,7 @@ impl Pipeline {
     /// pipelined over the same stages. Returns the summed statistics of the batch.
     pub fn evaluate(&mut self, inputs: &Tensor, targets: &Tensor) -> Result<EvalStats> {
         self.ensure_running()?;
-        self.check_input(inputs, targets)?;
+        self.check_labelled_batch(inputs, targets)?;
         let batch = inputs.dim(0)?;
         let m = if batch % self.microbatches == 0 { self.microbatches } else { 1 };
         let schedule = Arc::new(Schedule::forward_only(self.inboxes.len(), m)?);
@@ -377,7 +377,7 @@ impl Pipeline {
     /// pipelined over the same stages; micro-batched like training when the batch divides.
     pub fn predict(&mut self, inputs: &Tensor) -> Result<Tensor> {
         self.ensure_running()?;
-        self.check_inputs(inputs)?;
+        self.batch_check.check_batch(inputs, None).map_err(EngineError::Input)?;
         let batch = inputs.dim(0)?;
         if batch == 0 {
             return Err(EngineError::Input("cannot predict on an empty batch".into()));
@@ -470,7 +470,10 @@ impl Pipeline {
         }
     }
 
-    fn check_input(&self, inputs: &Tensor, targets: &Tensor) -> Result<()> {
+    /// The driver's own checks of a training or evaluation batch (a batch dimension shared by
+    /// inputs and targets, divisible into the micro-batches; integer targets for the loss),
+    /// then the model's.
+    fn check_labelled_batch(&self, inputs: &Tensor, targets: &Tensor) -> Result<()> {
         let batch = inputs.dim(0).map_err(|_| EngineError::Input("inputs must have a batch dimension".into()))?;
         if targets.dims().first() != Some(&batch) {
             return Err(EngineError::Input(format!(
@@ -484,75 +487,13 @@ impl Pipeline {
                 self.microbatches
             )));
         }
-        if !matches!(targets.dtype(), DType::U32 | DType::I64 | DType::U8) {
+        if !is_integer(targets.dtype()) {
             return Err(EngineError::Input(format!(
                 "targets must be integer class or token ids, got {:?}",
                 targets.dtype()
             )));
         }
-        self.check_inputs(inputs)?;
-        match &self.input {
-            InputKind::Tokens { vocab, .. } => {
-                if targets.dims() != inputs.dims() {
-                    return Err(EngineError::Input(format!(
-                        "targets of shape {:?} do not match token ids of shape {:?}",
-                        targets.dims(),
-                        inputs.dims()
-                    )));
-                }
-                check_ids_below(targets, *vocab, "target token id", "vocabulary")?;
-            }
-            InputKind::Images { .. } => {
-                if targets.rank() != 1 {
-                    return Err(EngineError::Input(format!(
-                        "image labels must have shape (batch,), got {:?}",
-                        targets.dims()
-                    )));
-                }
-                check_ids_below(targets, self.num_classes, "label", "classes")?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Checks model inputs alone: token ids within vocabulary and context, or image shape.
-    fn check_inputs(&self, inputs: &Tensor) -> Result<()> {
-        match &self.input {
-            InputKind::Tokens { context, vocab } => {
-                if inputs.rank() != 2 || !matches!(inputs.dtype(), DType::U32 | DType::I64 | DType::U8) {
-                    return Err(EngineError::Input(format!(
-                        "{} expects token ids of shape (batch, time) and an integer dtype, got {:?} {:?}",
-                        self.model_name,
-                        inputs.dims(),
-                        inputs.dtype()
-                    )));
-                }
-                if inputs.dim(1)? > *context {
-                    return Err(EngineError::Input(format!(
-                        "sequence length {} exceeds the context of {} ({context})",
-                        inputs.dim(1)?,
-                        self.model_name
-                    )));
-                }
-                if inputs.dim(1)? == 0 {
-                    return Err(EngineError::Input(format!("{} got empty sequences (shape {:?})", self.model_name, inputs.dims())));
-                }
-                check_ids_below(inputs, *vocab, "token id", "vocabulary")?;
-            }
-            InputKind::Images { channels } => {
-                if inputs.rank() != 4 || inputs.dim(1)? != *channels {
-                    return Err(EngineError::Input(format!(
-                        "{} expects images of shape (batch, {channels}, height, width), got {:?}",
-                        self.model_name,
-                        inputs.dims()
-                    )));
-                }
-                if inputs.dtype() != DType::F32 {
-                    return Err(EngineError::Input(format!("{} expects f32 images, got {:?}", self.model_name, inputs.dtype())));
-                }
-            }
-        }
-        Ok(())
+        self.batch_check.check_batch(inputs, Some(targets)).map_err(EngineError::Input)
     }
 
     pub(super) fn send(&mut self, stage: usize, msg: Msg) -> Result<()> {
@@ -643,19 +584,6 @@ impl Drop for Pipeline {
             }
         }
     }
-}
-
-/// Rejects ids at or beyond `limit` before they reach a stage (where they would stop the
-/// pipeline instead of just this call).
-fn check_ids_below(ids: &Tensor, limit: usize, what: &str, of: &str) -> Result<()> {
-    if ids.elem_count() == 0 {
-        return Ok(());
-    }
-    let max = ids.to_dtype(DType::F64)?.max_all()?.to_scalar::<f64>()?;
-    if max >= limit as f64 {
-        return Err(EngineError::Input(format!("{what} {max} is beyond the model's {limit} {of}")));
-    }
-    Ok(())
 }
 
 fn split_batch(t: &Tensor, parts: usize) -> Result<Vec<Tensor>> {
