@@ -9,7 +9,8 @@ use brigade_engine::layer::{
     Gradients, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, Pass, PipelineModel, Saved,
 };
 use brigade_engine::optim::{LrSchedule, OptimizerConfig};
-use brigade_engine::pipeline::{Fault, FaultKind, Pipeline, PipelineConfig};
+use brigade_engine::pipeline::testing::{inject_fault, Fault, FaultKind};
+use brigade_engine::pipeline::{Pipeline, PipelineConfig};
 use brigade_engine::reference::ReferenceTrainer;
 use brigade_engine::schedule::{Action, Schedule, ScheduleKind};
 use brigade_engine::EngineError;
@@ -276,7 +277,8 @@ fn loss_and_gradients_do_not_depend_on_microbatch_count() {
 
 fn expect_failure(stages: usize, fault: Fault, expect_stage: usize, expect_text: &str) {
     let model = Toy { dense: 3 };
-    let mut pipe = Pipeline::new(&model, config(stages, ScheduleKind::OneFOneB, 4).fault(fault)).unwrap();
+    let mut pipe = Pipeline::new(&model, config(stages, ScheduleKind::OneFOneB, 4)).unwrap();
+    inject_fault(&mut pipe, fault).unwrap();
     let (x, y) = batch(0, 8);
     let started = Instant::now();
     let err = pipe.train_step(&x, &y).unwrap_err();
@@ -313,7 +315,10 @@ fn a_failing_stage_stops_the_whole_pipeline() {
 fn failure_message_names_stage_and_action() {
     let model = Toy { dense: 3 };
     let fault = Fault { stage: 1, at: Some("1F2".parse().unwrap()), kind: FaultKind::Error };
-    let mut pipe = Pipeline::new(&model, config(2, ScheduleKind::GPipe, 4).fault(fault)).unwrap();
+    let mut pipe = Pipeline::new(&model, config(2, ScheduleKind::GPipe, 4)).unwrap();
+    let nowhere = inject_fault(&mut pipe, Fault { stage: 2, ..fault }).unwrap_err().to_string();
+    assert!(nowhere.contains("no stage 2"), "{nowhere}");
+    inject_fault(&mut pipe, fault).unwrap();
     let (x, y) = batch(0, 8);
     let msg = pipe.train_step(&x, &y).unwrap_err().to_string();
     assert!(msg.contains("stage 1 failed at 1F2 (micro-batch 2)"), "{msg}");

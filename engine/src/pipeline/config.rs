@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use super::testing::Fault;
 use crate::compute::Recompute;
 use crate::optim::{LrSchedule, OptimizerConfig, ParamState};
 use crate::partition::PartitionStrategy;
@@ -60,7 +59,6 @@ pub struct PipelineConfig {
     pub checkpoint: Option<Arc<crate::checkpoint::StageLoader>>,
     /// What stages keep between a micro-batch's forward and its backward.
     pub recompute: Recompute,
-    pub fault: Option<Fault>,
 }
 
 impl Default for PipelineConfig {
@@ -80,7 +78,6 @@ impl Default for PipelineConfig {
             initial_optimizer_state: HashMap::new(),
             checkpoint: None,
             recompute: Recompute::Off,
-            fault: None,
         }
     }
 }
@@ -135,11 +132,6 @@ impl PipelineConfig {
     /// Activation recomputation for every stage.
     pub fn recompute(mut self, recompute: Recompute) -> Self {
         self.recompute = recompute;
-        self
-    }
-
-    pub fn fault(mut self, fault: Fault) -> Self {
-        self.fault = Some(fault);
         self
     }
 }

@@ -184,7 +184,6 @@ impl Pipeline {
                 next: (index + 1 < config.stages).then(|| inboxes[index + 1].clone()),
                 reports: report_tx.clone(),
                 threads,
-                fault: config.fault.filter(|f| f.stage == index),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("brigade-stage-{index}"))

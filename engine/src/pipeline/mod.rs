@@ -39,7 +39,6 @@ mod threads;
 
 pub use config::{PipelineConfig, ScheduleChoice};
 pub use driver::{ActionTiming, EvalStats, Pipeline, StepStats};
-pub use testing::{Fault, FaultKind};
 
 pub(crate) use threads::apply_thread_budget;
 

@@ -9,6 +9,7 @@ use crossbeam_channel::Sender;
 
 use super::save;
 use super::stage::StageResult;
+use super::testing::Fault;
 use crate::schedule::{Action, Schedule};
 
 /// Which per-stage tensors a snapshot gathers.
@@ -46,6 +47,8 @@ pub(super) enum Msg {
     Save { job: Arc<save::SaveJob>, reply: Sender<std::result::Result<u64, String>> },
     /// Answered as soon as the stage is built and idle.
     Ping { reply: Sender<()> },
+    /// Tests only ([`super::testing::inject_fault`]): fail as `Fault` says.
+    InjectFault(Fault),
     Abort,
     Shutdown,
 }

@@ -38,7 +38,6 @@ pub(super) struct StageSetup {
     pub(super) next: Option<Sender<Msg>>,
     pub(super) reports: Sender<Report>,
     pub(super) threads: usize,
-    pub(super) fault: Option<Fault>,
 }
 
 /// Why a stage stopped working on a step.
@@ -71,6 +70,7 @@ pub(super) struct StageWorker {
     pub(super) prev: Option<Sender<Msg>>,
     pub(super) next: Option<Sender<Msg>>,
     pub(super) reports: Sender<Report>,
+    /// A failure armed by a test (`testing::inject_fault`); `None` outside tests.
     pub(super) fault: Option<Fault>,
     /// The previous step's gradients (tied copies summed, unclipped), for inspection.
     pub(super) last_grads: BTreeMap<String, Tensor>,
@@ -182,7 +182,7 @@ impl StageWorker {
             prev: setup.prev,
             next: setup.next,
             reports: setup.reports,
-            fault: setup.fault,
+            fault: None,
             last_grads: BTreeMap::new(),
             activations_in: HashMap::new(),
             gradients_in: HashMap::new(),
@@ -229,7 +229,7 @@ impl StageWorker {
                 Msg::Ping { reply } => {
                     let _ = reply.send(());
                 }
-                Msg::Activation { .. } | Msg::Gradient { .. } | Msg::Reduced { .. } => {
+                Msg::Activation { .. } | Msg::Gradient { .. } | Msg::Reduced { .. } | Msg::InjectFault(_) => {
                     // Data can arrive before this stage has seen its own step message.
                     self.buffer(msg);
                 }
@@ -251,6 +251,7 @@ impl StageWorker {
                 self.gradients_in.insert(microbatch, tensor);
             }
             Msg::Reduced { tied_grads, clip_scale } => self.reduced_in = Some((tied_grads, clip_scale)),
+            Msg::InjectFault(fault) => self.fault = Some(fault),
             _ => {}
         }
     }
@@ -287,7 +288,8 @@ impl StageWorker {
         Ok(())
     }
 
-    fn inject_fault(&self, at: Option<Action>) -> StageResult<bool> {
+    /// Fails here if a test armed a fault at `at`; `Ok(true)` asks for a poisoned (NaN) loss.
+    fn armed_fault(&self, at: Option<Action>) -> StageResult<bool> {
         match self.fault {
             Some(f) if f.at == at => match f.kind {
                 FaultKind::Error => Err(StageStop::Failed(at, "injected fault".into())),
@@ -309,7 +311,7 @@ impl StageWorker {
         let mut outcome = Outcome::default();
         for &action in schedule.stage_actions(self.index) {
             self.poll_abort()?;
-            let poison_loss = self.inject_fault(Some(action))?;
+            let poison_loss = self.armed_fault(Some(action))?;
             let (action_start, waited_before) = (Instant::now(), self.waiting);
             let mb = action.microbatch;
             let result: StageResult<()> = match action.kind {
@@ -437,7 +439,7 @@ impl StageWorker {
         for (name, grad) in reduced {
             grads.insert(name, grad.to_device(self.store.device())?);
         }
-        self.inject_fault(None).map_err(|e| match e {
+        self.armed_fault(None).map_err(|e| match e {
             StageStop::Failed(a, m) => StageStop::Failed(a, format!("{m} at the optimizer step")),
             other => other,
         })?;
