@@ -360,6 +360,10 @@ fn bad_inputs_are_rejected_with_clear_errors() {
     let wrong = Schedule::one_f_one_b(3, 4).unwrap();
     let err = Pipeline::new(&model, config(2, ScheduleKind::OneFOneB, 4).schedule(wrong)).unwrap_err();
     assert!(err.to_string().contains("is for 3 stages"), "{err}");
+    let err = Pipeline::new(&model, config(2, ScheduleKind::OneFOneB, 4).threads_per_stage(0)).unwrap_err();
+    assert!(err.to_string().contains("threads per stage must be at least 1"), "{err}");
+    // A pipeline has applied a budget: candle's process-wide elementwise pool is built and sized.
+    assert!(brigade_engine::pipeline::candle_elementwise_threads().is_some_and(|n| n >= 1));
 }
 
 #[test]

@@ -62,7 +62,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub plain: bool,
     /// Run every configuration in this one process instead of a fresh process each (faster to
-    /// start; but candle's elementwise pool keeps the first run's thread budget).
+    /// start, same results; but candle's elementwise pool keeps the first run's thread budget,
+    /// so runs with another budget may time differently).
     #[arg(long)]
     pub in_process: bool,
     /// Seed of the weights and of the data order.
@@ -212,6 +213,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let load_end = load_average();
     println!("load average (1 min) at start {load_start}, at end {load_end}: other processes share these cores");
+    if let (true, Some(pool)) = (args.in_process, brigade::engine::pipeline::candle_elementwise_threads()) {
+        let other = runs.iter().filter(|r| r.threads_per_stage != pool).count();
+        if other > 0 {
+            println!(
+                "note (--in-process): candle's elementwise pool has {pool} thread(s) for the whole process; \
+                 {other} run(s) with another thread budget may time differently than in a fresh process"
+            );
+        }
+    }
     profiles.sort_by_key(|p| (p.threads, p.microbatch_size));
     println!("\nwhere the time goes (profile):");
     for p in &profiles {
@@ -274,10 +284,12 @@ fn execute(
 
 /// Runs configuration `index` in a fresh `brigade` process with this process's arguments.
 ///
-/// Why a process per run: candle sizes its elementwise thread pool once per process, from the
-/// first thread budget it sees, so in one process every run after the first would inherit the
-/// first run's budget (measured: 2-stage gpt-tiny steps twice as slow after a 1-stage run).
-/// A fresh process is also what `brigade train` runs in.
+/// Why a process per run: faithful timings, not correct results (`--in-process` computes the
+/// same). candle sizes its elementwise thread pool once per process, from the first thread
+/// budget it sees, and no per-thread setting exists (see `brigade_engine::pipeline`'s
+/// `threads` module), so in one process every run after the first would inherit the first
+/// run's budget (measured: 2-stage gpt-tiny steps twice as slow after a 1-stage run). A fresh
+/// process is also what `brigade train` runs in.
 fn run_in_child(index: usize, mut on_step: impl FnMut()) -> Result<(BenchRow, Profile)> {
     let exe = std::env::current_exe().context("cannot find the brigade executable")?;
     let mut child = Command::new(exe)

@@ -14,7 +14,7 @@ use super::config::{PipelineConfig, ScheduleChoice};
 use super::protocol::{Msg, Outcome, Report, SnapshotKind};
 use super::squared_norm;
 use super::stage::{run_stage, StageSetup};
-use super::threads::apply_thread_budget;
+use super::threads::{self, apply_thread_budget};
 use crate::error::{EngineError, Result};
 use crate::input::{is_integer, BatchCheck};
 use crate::layer::{LayerSpec, PipelineModel};
@@ -114,6 +114,7 @@ impl Pipeline {
         if config.microbatches == 0 {
             return Err(EngineError::Config("micro-batches must be at least 1".into()));
         }
+        let threads = threads::per_stage(config.threads_per_stage, config.stages)?;
         let layer_params: Vec<usize> = layers.iter().map(|l| l.param_count()).collect();
         let partition = config.partition.resolve(&layer_params, config.stages)?;
         let schedule = match &config.schedule {
@@ -154,10 +155,7 @@ impl Pipeline {
             stages.sort_unstable();
         }
 
-        let threads = config.threads_per_stage.unwrap_or_else(|| {
-            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-            (cores / config.stages).max(1)
-        });
+        // Each stage gets its own pool of `threads` workers; candle's process-wide knobs follow.
         apply_thread_budget(threads);
         let (report_tx, reports) = unbounded();
         let channels: Vec<(Sender<Msg>, Receiver<Msg>)> = (0..config.stages).map(|_| unbounded()).collect();

@@ -14,6 +14,7 @@ use crossbeam_channel::{Receiver, Sender};
 use super::protocol::{Msg, Outcome, Report, SnapshotKind};
 use super::squared_norm;
 use super::testing::{Fault, FaultKind};
+use super::threads;
 use crate::compute::{LossTarget, Recompute, StageCompute};
 use crate::layer::{LayerSpec, LossKind, ParamStore};
 use crate::loss::{correct_predictions, loss_terms, microbatch_loss};
@@ -83,14 +84,12 @@ pub(super) struct StageWorker {
 pub(super) fn run_stage(setup: StageSetup) {
     let index = setup.index;
     let reports = setup.reports.clone();
-    let pool = match rayon::ThreadPoolBuilder::new()
-        .num_threads(setup.threads)
-        .thread_name(move |i| format!("brigade-stage-{index}-worker-{i}"))
-        .build()
-    {
+    // The stage's math runs inside its own pool, so every rayon loop it starts (its kernels,
+    // candle's parallel ops, gemm's tasks) stays on the stage's budget of workers.
+    let pool = match threads::stage_pool(index, setup.threads) {
         Ok(pool) => pool,
-        Err(e) => {
-            let _ = reports.send(Report::Failed { stage: index, action: None, message: format!("thread pool: {e}") });
+        Err(message) => {
+            let _ = reports.send(Report::Failed { stage: index, action: None, message });
             return;
         }
     };

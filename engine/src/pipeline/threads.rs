@@ -1,24 +1,103 @@
 //! The thread budget: how many CPU threads a stage may spend on its math, and how that number
 //! reaches the code that spends it.
+//!
+//! A stage's math runs on three kinds of threads, and only the first can be sized per stage.
+//! (Findings from candle-core 0.11.1's `utils.rs` and `cpu_backend`, and gemm-common 0.19.)
+//!
+//! 1. **The stage's own rayon pool** ([`stage_pool`], `threads` workers, one pool per stage).
+//!    The stage thread runs inside it, so every rayon parallel loop it starts lands there:
+//!    brigade's kernels (which size their work from `rayon::current_num_threads()`), candle's
+//!    rayon-parallel CPU ops (conv2d's im2col and friends), and the tasks gemm spawns for a
+//!    matrix product. Explicit and per stage.
+//! 2. **How many tasks each matrix product is cut into.** candle's CPU matmul passes
+//!    `gemm::Parallelism::Rayon(n)` with `n` read from the `RAYON_NUM_THREADS` environment
+//!    variable *on every call* (default: the physical cores); it never passes gemm's `0`
+//!    ("the current pool's size"), and there is no per-thread or per-call setting. So `n` is
+//!    process-wide and [`apply_thread_budget`] sets it. The tasks still run on the calling
+//!    stage's pool; `n` only decides the split (an `n` above the pool's size queues tasks on
+//!    fewer workers and shrinks each one's tiles). Speed only: gemm splits output tiles and
+//!    accumulates `k` in the same blocked order whatever `n` is.
+//! 3. **candle's elementwise pool** (`candle_core::utils::barrier_pool`: unary and binary maps
+//!    of at least 64K elements). One per process, sized once, at its first use, from
+//!    `CANDLE_NUM_THREADS` (else `RAYON_NUM_THREADS`, else the physical cores); it cannot be
+//!    resized or replaced, every thread shares it, calls queue on one lock, and its workers
+//!    spin before parking. Sized above 1 while several stages run, its spinning worker takes a
+//!    core and the stages queue on its lock: measured 2x slower steps for gpt-tiny on 2 stages.
+//!    [`apply_thread_budget`] sizes it from the first budget the process applies (it builds
+//!    the pool right then, so a later pipeline with another budget cannot size it by accident)
+//!    and leaves it alone afterwards. Results do not depend on its size (each element is
+//!    computed independently).
+//!
+//! Consequences: several pipelines in one process with different budgets compute the same
+//! numbers but not at the same speed as each would alone (2 and 3 are shared). That is why
+//! `brigade bench` runs each configuration in a fresh process by default: for faithful
+//! timings, not for correct results (`--in-process` gives the same losses). rayon's global
+//! pool, sized from `RAYON_NUM_THREADS` at its first use, runs no stage work (driver-side
+//! work such as checkpoint hashing uses it); candle's own rayon pool (`Device::with_context`)
+//! is never entered.
 
-/// Makes candle's CPU matmuls use at most `threads` threads.
-///
-/// candle sizes gemm's parallelism from the process-wide `RAYON_NUM_THREADS` (default: every
-/// core), whatever rayon pool the call runs in. With one stage thread per core that asks each
-/// matmul to split across all cores, and the stages then fight over them: measured 4x slower
-/// on 2 cores for gpt-tiny. Every stage of a pipeline gets the same budget, so one
-/// process-wide value is coherent; it is set before any stage thread starts.
-///
-/// Elementwise ops on 64K+ elements go to a second, process-wide pool of candle's, sized once
-/// (at its first use) from `CANDLE_NUM_THREADS`, and shared by every thread behind one lock.
-/// Sized above 1 while several stages run, its spinning worker takes a core and the stages
-/// queue on its lock: measured 2x slower steps for gpt-tiny on 2 stages. Setting the variable
-/// here sizes it right when this is the process's first pipeline; it cannot be resized later.
-pub(crate) fn apply_thread_budget(threads: usize) {
-    let wanted = threads.to_string();
-    for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
-        if std::env::var(var).ok().as_deref() != Some(wanted.as_str()) {
-            std::env::set_var(var, &wanted);
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use crate::error::{EngineError, Result};
+
+/// The threads each stage gets: `requested`, or the cores shared out over the stages (at
+/// least 1).
+pub(crate) fn per_stage(requested: Option<usize>, stages: usize) -> Result<usize> {
+    match requested {
+        // rayon reads 0 as "choose for me"; a budget of 0 is a mistake, not a default.
+        Some(0) => Err(EngineError::Config("threads per stage must be at least 1".into())),
+        Some(threads) => Ok(threads),
+        None => {
+            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            Ok((cores / stages.max(1)).max(1))
         }
+    }
+}
+
+/// The rayon pool stage `index` runs its math in: exactly `threads` workers.
+pub(crate) fn stage_pool(index: usize, threads: usize) -> std::result::Result<rayon::ThreadPool, String> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("brigade-stage-{index}-worker-{i}"))
+        .build()
+        .map_err(|e| format!("thread pool: {e}"))
+}
+
+/// Makes candle's process-wide CPU parallelism (items 2 and 3 of the module documentation)
+/// follow a budget of `threads` per stage. Called before any stage thread starts.
+pub(crate) fn apply_thread_budget(threads: usize) {
+    // Read by candle on every matmul: set it to this budget each time.
+    set_if_different("RAYON_NUM_THREADS", threads);
+    // Read once, when the elementwise pool is built: only the first budget can size it.
+    ELEMENTWISE_POOL_THREADS.get_or_init(|| {
+        set_if_different("CANDLE_NUM_THREADS", threads);
+        measure_elementwise_pool()
+    });
+}
+
+/// The size of candle's elementwise pool (its workers plus the calling thread), once brigade
+/// has applied a thread budget; `None` before. It can differ from the first budget when
+/// something in the process used the pool before the first pipeline or profile.
+pub fn candle_elementwise_threads() -> Option<usize> {
+    ELEMENTWISE_POOL_THREADS.get().copied()
+}
+
+static ELEMENTWISE_POOL_THREADS: OnceLock<usize> = OnceLock::new();
+
+/// Builds candle's elementwise pool if nothing has yet, and counts the threads it runs a job
+/// on: each worker gets its index and the caller the next one.
+fn measure_elementwise_pool() -> usize {
+    let highest = AtomicUsize::new(0);
+    candle_core::utils::barrier_pool().execute(|thread| {
+        highest.fetch_max(thread, Ordering::Relaxed);
+    });
+    highest.into_inner() + 1
+}
+
+fn set_if_different(var: &str, threads: usize) {
+    let wanted = threads.to_string();
+    if std::env::var(var).ok().as_deref() != Some(wanted.as_str()) {
+        std::env::set_var(var, &wanted);
     }
 }
