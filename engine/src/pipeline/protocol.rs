@@ -22,7 +22,12 @@ pub(super) enum SnapshotKind {
     OptimizerState,
 }
 
+/// What arrives in a stage's inbox. Step messages (`Train`, `Eval`, `Predict`) come from the
+/// driver; `Activation` and `Gradient` from the neighbouring stages, tagged by micro-batch and
+/// buffered until the stage's schedule needs them; `Reduced` is the driver's answer to the
+/// end-of-step collective.
 pub(super) enum Msg {
+    /// One training step: stage 0 gets the inputs, the last stage the targets.
     Train {
         schedule: Arc<Schedule>,
         inputs: Vec<Tensor>,
@@ -30,6 +35,7 @@ pub(super) enum Msg {
         global_terms: usize,
         lr: f64,
     },
+    /// Forward-only evaluation (loss and accuracy on the last stage).
     Eval {
         schedule: Arc<Schedule>,
         inputs: Vec<Tensor>,
@@ -37,6 +43,7 @@ pub(super) enum Msg {
     },
     Activation { microbatch: usize, tensor: Tensor },
     Gradient { microbatch: usize, tensor: Tensor },
+    /// The summed gradients of this stage's tied parameters and the global clipping factor.
     Reduced { tied_grads: Vec<(String, Tensor)>, clip_scale: f64 },
     /// Forward-only over a batch; the last stage returns the outputs (logits).
     Predict { schedule: Arc<Schedule>, inputs: Vec<Tensor> },
@@ -49,10 +56,13 @@ pub(super) enum Msg {
     Ping { reply: Sender<()> },
     /// Tests only ([`super::testing::inject_fault`]): fail as `Fault` says.
     InjectFault(Fault),
+    /// Another stage failed: stop at once, mid-step if need be.
     Abort,
+    /// The pipeline is dropped: end the thread.
     Shutdown,
 }
 
+/// What stages send the driver, on one channel shared by all stages.
 pub(super) enum Report {
     /// End of backward: what the global collective needs from this stage.
     Partial { stage: usize, tied_grads: Vec<(String, Tensor)>, sq_norm: f64 },
@@ -61,6 +71,7 @@ pub(super) enum Report {
     Aborted { stage: usize },
 }
 
+/// What a stage measured or produced during one step message.
 #[derive(Default)]
 pub(super) struct Outcome {
     pub(super) loss: f64,
