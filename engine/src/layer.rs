@@ -292,6 +292,19 @@ impl Gradients {
         }
     }
 
+    /// Adds the matrix product `a · b` to the gradient of `name`: into the existing sum in
+    /// place (one GEMM, no temporary), or as the first term.
+    pub fn add_matmul(&mut self, name: &str, a: &Tensor, b: &Tensor) -> Result<()> {
+        match self.by_name.get(name) {
+            Some(acc) => brigade_kernels::matmul_accumulate(acc, a, b),
+            None => {
+                // A product is a fresh, contiguous allocation: it can be the accumulator as is.
+                self.by_name.insert(name.to_string(), a.matmul(b)?);
+                Ok(())
+            }
+        }
+    }
+
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.by_name.get(name)
     }

@@ -184,3 +184,99 @@ impl candle_core::CustomOp1 for SumRows {
         Ok((out, candle_core::Shape::from(c)))
     }
 }
+
+/// `acc += a · b`, in place: `acc` `(M, N)` contiguous and owning its storage, `a` `(M, K)` and
+/// `b` `(K, N)` 2-D with any strides (transposed views are read as they are, no copy). A
+/// weight step adds `xᵀ·dy` into the gradient's accumulator this way: no output tensor to
+/// allocate and zero, and no second pass to add it in.
+pub fn matmul_accumulate(acc: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
+    let ((m, k), (k2, n)) = (a.dims2()?, b.dims2()?);
+    if k != k2 || acc.dims() != [m, n] {
+        candle_core::bail!(
+            "matmul_accumulate: {:?} += {:?} · {:?} does not fit",
+            acc.dims(),
+            a.dims(),
+            b.dims()
+        )
+    }
+    if acc.dtype() != a.dtype() || a.dtype() != b.dtype() {
+        candle_core::bail!("matmul_accumulate: one dtype expected, got {:?}, {:?}, {:?}", acc.dtype(), a.dtype(), b.dtype())
+    }
+    if !acc.is_contiguous() {
+        candle_core::bail!("matmul_accumulate: the accumulator must be contiguous")
+    }
+    if !fused(acc) || !a.device().is_cpu() || !b.device().is_cpu() {
+        return accumulate(acc, &a.matmul(b)?);
+    }
+    acc.inplace_op3(a, b, &MatmulAccumulate { m, n, k })
+}
+
+struct MatmulAccumulate {
+    m: usize,
+    n: usize,
+    k: usize,
+}
+
+impl candle_core::InplaceOp3 for MatmulAccumulate {
+    fn name(&self) -> &'static str {
+        "matmul-accumulate"
+    }
+
+    fn cpu_fwd(&self, acc: &mut CpuStorage, al: &Layout, a: &CpuStorage, l1: &Layout, b: &CpuStorage, l2: &Layout) -> Result<()> {
+        let (start, end) = al
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("matmul-accumulate: the accumulator must be contiguous".into()))?;
+        match (acc, a, b) {
+            (CpuStorage::F32(acc), CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                self.run(&mut acc[start..end], a, l1, b, l2);
+                Ok(())
+            }
+            (CpuStorage::F64(acc), CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                self.run(&mut acc[start..end], a, l1, b, l2);
+                Ok(())
+            }
+            _ => candle_core::bail!("matmul-accumulate: f32 or f64 tensors of one dtype expected"),
+        }
+    }
+}
+
+impl MatmulAccumulate {
+    fn run<T: candle_core::WithDType>(&self, acc: &mut [T], a: &[T], l1: &Layout, b: &[T], l2: &Layout) {
+        let (m, n, k) = (self.m, self.n, self.k);
+        if m == 0 || n == 0 {
+            return;
+        }
+        let (a_rs, a_cs) = (l1.stride()[0] as isize, l1.stride()[1] as isize);
+        let (b_rs, b_cs) = (l2.stride()[0] as isize, l2.stride()[1] as isize);
+        // Inside a stage's pool this is the stage's thread budget.
+        let threads = rayon::current_num_threads();
+        let parallelism = if threads > 1 && m * n * k >= 1 << 15 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        // SAFETY: `acc` holds m·n elements laid out row-major (checked contiguous, shape
+        // (m, n) by the caller); `a` and `b` are read through their own layouts' offsets and
+        // strides, which candle guarantees stay inside their storages for shapes (m, k), (k, n).
+        // Nothing else aliases `acc` during the call (candle holds its write lock).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                acc.as_mut_ptr(),
+                1,
+                n as isize,
+                true,
+                a.as_ptr().add(l1.start_offset()),
+                a_cs,
+                a_rs,
+                b.as_ptr().add(l2.start_offset()),
+                b_cs,
+                b_rs,
+                T::from_f64(1.0),
+                T::from_f64(1.0),
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    }
+}

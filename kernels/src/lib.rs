@@ -36,7 +36,7 @@ use candle_core::{bail, DType, Result, Tensor};
 
 pub use backward::{
     accumulate, cross_entropy_sum_backward, gelu_tanh_backward, layer_norm_backward, max_pool2d_backward,
-    softmax_last_dim_backward, sum_rows,
+    softmax_last_dim_backward, sum_rows, matmul_accumulate,
 };
 
 /// Whether `t` can take the fused CPU kernels (see the crate docs).

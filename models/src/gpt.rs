@@ -360,7 +360,7 @@ impl Conv1D {
         let d_out = dy.dim(2)?;
         let x = x.reshape((b * t, d_in))?;
         let dy = dy.reshape((b * t, d_out))?;
-        grads.add(&self.weight.name, &x.t()?.matmul(&dy)?)?;
+        grads.add_matmul(&self.weight.name, &x.t()?, &dy)?;
         grads.add(&self.bias.name, &brigade_kernels::sum_rows(&dy)?)
     }
 }
@@ -864,7 +864,7 @@ impl Layer for Head {
     fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
         let w: HeadWeightGrads = saved.take("GPT head")?;
         self.ln_f.backward_weight(&w.ln_f, grads)?;
-        grads.add(&self.wte.name, &w.dlogits.t()?.matmul(&w.h)?)
+        grads.add_matmul(&self.wte.name, &w.dlogits.t()?, &w.h)
     }
 }
 

@@ -1014,7 +1014,7 @@ impl Layer for Head {
 
     fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
         let (pooled, dy): (Tensor, Tensor) = saved.take("ResNet head")?;
-        grads.add("fc.weight", &dy.t()?.matmul(&pooled)?)?;
+        grads.add_matmul("fc.weight", &dy.t()?, &pooled)?;
         grads.add("fc.bias", &brigade_kernels::sum_rows(&dy)?)
     }
 }

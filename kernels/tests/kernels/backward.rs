@@ -99,3 +99,29 @@ fn accumulate_adds_in_place_and_sum_rows_matches_a_reduction() {
     }
     assert!(k::sum_rows(&Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()).is_err());
 }
+
+#[test]
+fn matmul_accumulate_adds_the_product_in_place() {
+    let mut g = rng(5);
+    for dtype in [DType::F32, DType::F64] {
+        let acc = uniform(&mut g, &[7, 9], 1.0, dtype).copy().unwrap();
+        let before = acc.copy().unwrap();
+        // Transposed operands, as a weight step passes xᵀ.
+        let a = uniform(&mut g, &[13, 7], 1.0, dtype).t().unwrap();
+        let b = uniform(&mut g, &[13, 9], 1.0, dtype);
+        k::matmul_accumulate(&acc, &a, &b).unwrap();
+        let want = (&before + a.matmul(&b).unwrap()).unwrap();
+        assert_close("matmul_accumulate", &acc, &want, 1e-5);
+        // Large enough to run GEMM's threaded path inside a pool of two.
+        let acc = Tensor::zeros((64, 96), dtype, &Device::Cpu).unwrap();
+        let (a, b) = (uniform(&mut g, &[64, 80], 1.0, dtype), uniform(&mut g, &[96, 80], 1.0, dtype).t().unwrap());
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        pool.install(|| {
+            k::matmul_accumulate(&acc, &a, &b).unwrap();
+            k::matmul_accumulate(&acc, &a, &b).unwrap();
+        });
+        assert_close("matmul_accumulate twice", &acc, &(a.matmul(&b).unwrap() * 2.0).unwrap(), 1e-4);
+        let e = k::matmul_accumulate(&acc, &b, &a).unwrap_err().to_string();
+        assert!(e.contains("does not fit"), "{e}");
+    }
+}
