@@ -76,6 +76,14 @@ fn pair(
     g.finish();
 }
 
+/// Group `{name} bwd`, row `fused`: the fused backward kernel alone, called as the explicit VJP
+/// a layer runs (no autograd graph, no reduction), which is what the kernel change moves.
+fn bwd_only<T>(c: &mut Criterion, name: &str, f: impl Fn() -> Result<T>) {
+    let mut g = c.benchmark_group(format!("{name} bwd"));
+    g.bench_function("fused", |bn| bn.iter(|| black_box(f().unwrap())));
+    g.finish();
+}
+
 fn bench_layer_norm(c: &mut Criterion) {
     let ins = [data(&[16, 128, 256], 1), data(&[256], 2), data(&[256], 3)];
     pair(
@@ -85,6 +93,10 @@ fn bench_layer_norm(c: &mut Criterion) {
         |t| k::layer_norm(&t[0], &t[1], &t[2], 1e-5),
         |t| r::layer_norm(&t[0], &t[1], &t[2], 1e-5),
     );
+    let dy = data(&[16, 128, 256], 10);
+    bwd_only(c, "layer_norm 16x128x256", || {
+        k::layer_norm_backward(&ins[0], &ins[1], &dy, 1e-5)
+    });
 }
 
 fn bench_softmax(c: &mut Criterion) {
@@ -103,6 +115,11 @@ fn bench_softmax(c: &mut Criterion) {
         |t| k::log_softmax_last_dim(&t[0]),
         |t| r::log_softmax_last_dim(&t[0]),
     );
+    let y = k::softmax_last_dim(&ins[0]).unwrap();
+    let dy = data(&[16, 4, 128, 128], 11);
+    bwd_only(c, "softmax 16x4x128x128", || {
+        k::softmax_last_dim_backward(&y, &dy)
+    });
 }
 
 fn bench_cross_entropy(c: &mut Criterion) {
@@ -116,6 +133,9 @@ fn bench_cross_entropy(c: &mut Criterion) {
         |t| k::cross_entropy_sum(&t[0], &t[1]),
         |t| r::cross_entropy_sum(&t[0], &t[1]),
     );
+    bwd_only(c, "cross_entropy 2048x256", || {
+        k::cross_entropy_sum_backward(&ins[0], &ins[1], 1.0 / 2048.0)
+    });
 }
 
 fn bench_max_pool(c: &mut Criterion) {
@@ -138,6 +158,10 @@ fn bench_gelu(c: &mut Criterion) {
         |t| k::gelu_tanh(&t[0]),
         |t| r::gelu_tanh(&t[0]),
     );
+    let dy = data(&[16, 128, 1024], 12);
+    bwd_only(c, "gelu_tanh 16x128x1024", || {
+        k::gelu_tanh_backward(&ins[0], &dy)
+    });
 }
 
 // ---- elementwise math: scalar libm vs brigade_kernels::vmath, per instruction set ---------------

@@ -98,6 +98,37 @@ pub(crate) trait Real: WithDType {
         x.iter().zip(y).fold(Self::ZERO, |a, (&u, &v)| a + u * v)
     }
 
+    /// `sum((x - mean)²)`.
+    fn sum_sq_dev(x: &[Self], mean: Self) -> Self {
+        x.iter().fold(Self::ZERO, |a, &v| {
+            let d = v - mean;
+            a + d * d
+        })
+    }
+
+    /// LayerNorm backward's reduction pass over a row, `xhat = (x - mean) rstd`, `g = dy w`:
+    /// returns `(sum(g), sum(g xhat))`, accumulating `dw += dy xhat` and `db += dy`.
+    fn layer_norm_bwd_sums(
+        x: &[Self],
+        dy: &[Self],
+        w: &[Self],
+        mean: Self,
+        rstd: Self,
+        dw: &mut [Self],
+        db: &mut [Self],
+    ) -> (Self, Self) {
+        let (mut g_sum, mut gx_sum) = (Self::ZERO, Self::ZERO);
+        for i in 0..x.len() {
+            let xhat = (x[i] - mean) * rstd;
+            let g = dy[i] * w[i];
+            g_sum += g;
+            gx_sum += g * xhat;
+            dw[i] += dy[i] * xhat;
+            db[i] += dy[i];
+        }
+        (g_sum, gx_sum)
+    }
+
     /// Log-softmax backward: `dx = dy - exp(y) * dy_sum`.
     fn log_softmax_bwd(y: &[Self], dy: &[Self], dy_sum: Self, dx: &mut [Self]) {
         for ((o, &v), &g) in dx.iter_mut().zip(y).zip(dy) {
@@ -162,6 +193,20 @@ impl_real!(
     },
     fn log_softmax_bwd(y: &[f32], dy: &[f32], dy_sum: f32, dx: &mut [f32]) {
         vmath::log_softmax_bwd(y, dy, dy_sum, dx)
+    },
+    fn sum_sq_dev(x: &[f32], mean: f32) -> f32 {
+        vmath::sum_sq_dev(x, mean)
+    },
+    fn layer_norm_bwd_sums(
+        x: &[f32],
+        dy: &[f32],
+        w: &[f32],
+        mean: f32,
+        rstd: f32,
+        dw: &mut [f32],
+        db: &mut [f32],
+    ) -> (f32, f32) {
+        vmath::layer_norm_bwd_sums(x, dy, w, (mean, rstd), dw, db)
     }
 );
 // f64 keeps the scalar libm loops: it is the precision reference.

@@ -28,15 +28,12 @@ pub(crate) struct LayerNorm {
     pub(crate) eps: f64,
 }
 
-/// Mean and 1/std of one row.
+/// Mean and 1/std of one row (the sums are `Real` row kernels: vectorised for f32).
 #[inline]
 fn row_stats<T: Real>(xr: &[T], eps: T) -> (T, T) {
     let n = T::from_f64(xr.len() as f64);
-    let mean = xr.iter().fold(T::ZERO, |a, &v| a + v) / n;
-    let var = xr.iter().fold(T::ZERO, |a, &v| {
-        let d = v - mean;
-        a + d * d
-    }) / n;
+    let mean = T::sum(xr) / n;
+    let var = T::sum_sq_dev(xr, mean) / n;
     (mean, T::ONE / (var + eps).sqrt())
 }
 
@@ -129,18 +126,8 @@ impl LayerNormBwd {
                 let gr = &dy[r * c..(r + 1) * c];
                 let (mean, rstd) = row_stats(xr, eps);
                 // Pass 1: the two row reductions of the dx formula, plus dw/db.
-                let mut g_mean = T::ZERO;
-                let mut gx_mean = T::ZERO;
-                for i in 0..c {
-                    let xhat = (xr[i] - mean) * rstd;
-                    let g = gr[i] * w[i];
-                    g_mean += g;
-                    gx_mean += g * xhat;
-                    dw[i] += gr[i] * xhat;
-                    db[i] += gr[i];
-                }
-                g_mean *= inv_c;
-                gx_mean *= inv_c;
+                let (g_sum, gx_sum) = T::layer_norm_bwd_sums(xr, gr, w, mean, rstd, dw, db);
+                let (g_mean, gx_mean) = (g_sum * inv_c, gx_sum * inv_c);
                 // Pass 2: dx.
                 for i in 0..c {
                     let xhat = (xr[i] - mean) * rstd;

@@ -1,6 +1,6 @@
 //! Vectorised f32 elementwise math for the fused CPU kernels: `exp`, `tanh`, GELU-tanh forward
-//! and backward, and the row pieces of softmax / log-softmax / cross-entropy (max, sum of
-//! shifted exponentials, dot products).
+//! and backward, the row pieces of softmax / log-softmax / cross-entropy (max, sum of
+//! shifted exponentials, dot products) and LayerNorm's row reductions.
 //!
 //! Why: the scalar libm `tanhf`/`expm1f`/`expf` calls in the GELU and softmax kernels cost
 //! ~18% of a GPT training step on the CPU. Here every function is branch-free per element
@@ -420,6 +420,68 @@ simd_fns! {
             .remainder()
             .iter()
             .fold(hsum(acc), |s, &v| s + exp1::<F>(v - shift))
+    }
+
+    /// `sum((x[i] - mean)²)`: LayerNorm's variance numerator (two-pass, so no cancellation).
+    fn sum_sq_dev(x: &[f32], mean: f32) -> f32 {
+        let mut acc = [0.0f32; L];
+        let mut chunks = x.chunks_exact(L);
+        for c in &mut chunks {
+            for i in 0..L {
+                let d = c[i] - mean;
+                acc[i] = fma::<F>(d, d, acc[i]);
+            }
+        }
+        chunks.remainder().iter().fold(hsum(acc), |s, &v| {
+            let d = v - mean;
+            fma::<F>(d, d, s)
+        })
+    }
+
+    /// LayerNorm backward's reduction pass over one row, with `(mean, rstd) = stats`,
+    /// `xhat = (x - mean) rstd` and `g = dy w`: returns `(sum(g), sum(g xhat))` and accumulates
+    /// `dw += dy xhat`, `db += dy`. Panics unless all slices have the same length.
+    fn layer_norm_bwd_sums(
+        x: &[f32],
+        dy: &[f32],
+        w: &[f32],
+        stats: (f32, f32),
+        dw: &mut [f32],
+        db: &mut [f32]
+    ) -> (f32, f32) {
+        let (mean, rstd) = stats;
+        let n = x.len();
+        assert!(
+            dy.len() == n && w.len() == n && dw.len() == n && db.len() == n,
+            "vmath::layer_norm_bwd_sums: length mismatch"
+        );
+        let (mut ag, mut agx) = ([0.0f32; L], [0.0f32; L]);
+        let full = n - n % L;
+        let mut k = 0;
+        while k < full {
+            // Fixed-size views, so the inner loop has no bounds checks and vectorises.
+            let (xs, gs, ws) = (&x[k..k + L], &dy[k..k + L], &w[k..k + L]);
+            let (dws, dbs) = (&mut dw[k..k + L], &mut db[k..k + L]);
+            for i in 0..L {
+                let xhat = (xs[i] - mean) * rstd;
+                let g = gs[i] * ws[i];
+                ag[i] += g;
+                agx[i] = fma::<F>(g, xhat, agx[i]);
+                dws[i] = fma::<F>(gs[i], xhat, dws[i]);
+                dbs[i] += gs[i];
+            }
+            k += L;
+        }
+        let (mut sg, mut sgx) = (hsum(ag), hsum(agx));
+        for i in full..n {
+            let xhat = (x[i] - mean) * rstd;
+            let g = dy[i] * w[i];
+            sg += g;
+            sgx = fma::<F>(g, xhat, sgx);
+            dw[i] = fma::<F>(dy[i], xhat, dw[i]);
+            db[i] += dy[i];
+        }
+        (sg, sgx)
     }
 
     /// Log-softmax backward for one row: `dx[i] = dy[i] - exp(y[i]) * dy_sum`, `y` the forward

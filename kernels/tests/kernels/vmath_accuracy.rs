@@ -4,7 +4,8 @@
 //!   per function and version, dense in [-20, 20] and everywhere else), random inputs and edge
 //!   values, asserting the documented bounds; special values (±inf, NaN, ±0, subnormals).
 //! - GELU forward/backward against an f64 evaluation of the formula;
-//! - the softmax row pieces (max, sums, dot, exp-sum) for every remainder length;
+//! - the softmax and LayerNorm row pieces (max, sums, dot, exp-sum, squared deviations, the
+//!   LayerNorm backward's sums) for every remainder length;
 //! - the fused ops on f32 against the f64 reference compositions at 1e-6 (values and
 //!   gradients), which is 10x tighter than the fused-vs-f32-composition tests.
 //!
@@ -457,6 +458,46 @@ fn row_reductions_match_f64_for_every_remainder() {
                     "{isa:?} exp_shift_sum n={n} [{i}]"
                 );
             }
+            // LayerNorm's reductions: sum of squared deviations, and the backward's sums with
+            // their dw/db accumulation (into non-zero accumulators, as across rows).
+            let mean = (xd().sum::<f64>() / n.max(1) as f64) as f32;
+            let v = isa.sum_sq_dev(&x, mean) as f64;
+            let want: f64 = xd().map(|a| (a - mean as f64).powi(2)).sum();
+            assert!(
+                (v - want).abs() <= tol(want),
+                "{isa:?} sum_sq_dev n={n}: {v} vs {want}"
+            );
+            let w: Vec<f32> = (0..n).map(|_| g.random_range(0.5..1.5f32)).collect();
+            let (mut dw, mut db) = (y.clone(), w.clone());
+            let rstd = 0.7f32;
+            let (sg, sgx) = isa.layer_norm_bwd_sums(&x, &y, &w, (mean, rstd), &mut dw, &mut db);
+            let xhat = |i: usize| (x[i] as f64 - mean as f64) * rstd as f64;
+            let gi = |i: usize| y[i] as f64 * w[i] as f64;
+            let want_g: f64 = (0..n).map(gi).sum();
+            let want_gx: f64 = (0..n).map(|i| gi(i) * xhat(i)).sum();
+            let scale_g = abs_sum((0..n).map(gi));
+            let scale_gx = abs_sum((0..n).map(|i| gi(i) * xhat(i)));
+            assert!(
+                (sg as f64 - want_g).abs() <= tol(scale_g),
+                "{isa:?} ln sum(g) n={n}"
+            );
+            assert!(
+                (sgx as f64 - want_gx).abs() <= tol(scale_gx),
+                "{isa:?} ln sum(g xhat) n={n}"
+            );
+            for i in 0..n {
+                let want_dw = y[i] as f64 + y[i] as f64 * xhat(i);
+                let want_db = w[i] as f64 + y[i] as f64;
+                let e = 4.0 * f32::EPSILON as f64;
+                assert!(
+                    (dw[i] as f64 - want_dw).abs() <= e * (1.0 + want_dw.abs()),
+                    "{isa:?} dw n={n} [{i}]"
+                );
+                assert!(
+                    (db[i] as f64 - want_db).abs() <= e * (1.0 + want_db.abs()),
+                    "{isa:?} db n={n} [{i}]"
+                );
+            }
             // Log-softmax backward: dx = dy - exp(y) dy_sum, with y <= 0 like log-probabilities.
             let ly: Vec<f32> = x.iter().map(|&v| v - shift - 3.0).collect();
             let mut dx = vec![0.0f32; n];
@@ -517,6 +558,20 @@ fn fused_f32_ops_match_f64_compositions_tightly() {
             |t| t.to_vec(),
             |t| k::log_softmax_last_dim(&t[0]),
             |t| r::log_softmax_last_dim(&to64(&t[0])),
+            TIGHT,
+        );
+    }
+    for dims in [vec![3, 5, 33], vec![64, 300], vec![2, 4096]] {
+        let c = *dims.last().unwrap();
+        let x = (uniform(&mut g, &dims, 2.0, DType::F32) + 0.5).unwrap();
+        let w = uniform(&mut g, &[c], 1.0, DType::F32);
+        let b = uniform(&mut g, &[c], 1.0, DType::F32);
+        compare(
+            "layer_norm f32 vs f64 composition",
+            &[x, w, b],
+            |t| t.to_vec(),
+            |t| k::layer_norm(&t[0], &t[1], &t[2], 1e-5),
+            |t| r::layer_norm(&to64(&t[0]), &to64(&t[1]), &to64(&t[2]), 1e-5),
             TIGHT,
         );
     }
