@@ -118,10 +118,6 @@ impl StageCompute {
         &self.layers
     }
 
-    pub fn layers_mut(&mut self) -> &mut [Box<dyn Layer>] {
-        &mut self.layers
-    }
-
     pub fn recompute(&self) -> Recompute {
         self.recompute
     }
@@ -288,15 +284,6 @@ impl StageCompute {
     /// The step's summed weight gradients; the sums start over.
     pub fn take_gradients(&mut self) -> std::collections::BTreeMap<String, Tensor> {
         self.grads.take()
-    }
-
-    /// Drops everything in flight (after a failed step).
-    pub fn clear(&mut self) {
-        self.stash.clear();
-        self.pending.clear();
-        self.grads.take();
-        self.live_bytes = 0;
-        self.peak_bytes = 0;
     }
 
     /// An evaluation forward (no saving; BatchNorm uses its running statistics).
