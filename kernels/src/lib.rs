@@ -22,11 +22,13 @@
 //! Gradients are first order: the backward ops are applied without autograd, so
 //! differentiating a gradient through a fused op is not supported.
 
+mod attention;
 mod backward;
 mod cpu;
 mod cross_entropy;
 mod gelu;
 mod layer_norm;
+mod linear;
 mod max_pool;
 pub mod reference;
 mod softmax;
@@ -42,6 +44,76 @@ pub use backward::{
 /// Whether `t` can take the fused CPU kernels (see the crate docs).
 fn fused(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// Causal self-attention from the fused projection `qkv` `(B, T, 3C)`; returns `(merged
+/// (B, T, C), probs (B, H, T, T))` (see [`reference::causal_attention`] for the math). Not
+/// differentiable through autograd: the pipeline pairs it with
+/// [`causal_attention_backward`]; the composition in [`reference`] is the autograd path.
+pub fn causal_attention(qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)> {
+    attention::check_qkv(qkv, n_head)?;
+    if !fused(qkv) {
+        return reference::causal_attention(qkv, n_head);
+    }
+    attention::causal_attention_cpu(qkv, n_head)
+}
+
+/// The backward of [`causal_attention`]: `dqkv` `(B, T, 3C)` from the saved `qkv`, the
+/// probabilities it returned and the gradient of its merged output `(B, T, C)`.
+pub fn causal_attention_backward(qkv: &Tensor, probs: &Tensor, dmerged: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (b, t, c) = attention::check_qkv(qkv, n_head)?;
+    if probs.dims() != [b, n_head, t, t] || dmerged.dims() != [b, t, c] {
+        bail!(
+            "causal_attention_backward: probs {:?} and dmerged {:?} must be ({b}, {n_head}, {t}, {t}) and ({b}, {t}, {c}) for qkv {:?}",
+            probs.dims(),
+            dmerged.dims(),
+            qkv.dims()
+        )
+    }
+    if probs.dtype() != qkv.dtype() || dmerged.dtype() != qkv.dtype() {
+        bail!("causal_attention_backward: qkv, probs and dmerged must share a dtype")
+    }
+    if !fused(qkv) || !probs.device().is_cpu() || !dmerged.device().is_cpu() {
+        return reference::causal_attention_backward(qkv, probs, dmerged, n_head);
+    }
+    attention::causal_attention_backward_cpu(qkv, probs, dmerged, n_head)
+}
+
+/// A linear layer's product: `x · w (+ bias) (+ residual)` for `x` `(M, K)`, `w` `(K, N)`, `bias`
+/// `(N,)` and `residual` `(M, N)`, in one gemm call writing one output (see `linear.rs`).
+/// Operands may be strided (`w.t()` is read in place). When any input is recording an autograd
+/// graph, or off the fused dtypes/devices, it is the plain composition (differentiable).
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
+    let ((m, k), (k2, n)) = (x.dims2()?, w.dims2()?);
+    if k != k2 {
+        bail!("linear: x {:?} and w {:?} do not chain", x.dims(), w.dims())
+    }
+    if let Some(b) = bias {
+        if b.dims() != [n] {
+            bail!("linear: bias must have shape ({n},), got {:?}", b.dims())
+        }
+    }
+    if let Some(r) = residual {
+        if r.dims() != [m, n] {
+            bail!("linear: residual must have shape ({m}, {n}), got {:?}", r.dims())
+        }
+    }
+    let all = [Some(x), Some(w), bias, residual];
+    let all = all.iter().flatten();
+    if all.clone().any(|t| t.dtype() != x.dtype()) {
+        bail!("linear: x, w, bias and residual must share a dtype")
+    }
+    if all.clone().any(|t| t.track_op() || !fused(t)) {
+        let mut y = x.matmul(w)?;
+        if let Some(b) = bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(r) = residual {
+            y = (y + r)?;
+        }
+        return Ok(y);
+    }
+    linear::linear_cpu(x, w, bias, residual)
 }
 
 /// Layer normalisation over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.

@@ -102,3 +102,52 @@ fn pad_const(x: &Tensor, padding: usize, value: f64) -> Result<Tensor> {
     let top = Tensor::full(value as f32, (n, c, padding, w2), x.device())?.to_dtype(x.dtype())?;
     Tensor::cat(&[&top, &x, &top], 2)
 }
+
+/// Causal self-attention from the fused projection `qkv` `(B, T, 3C)` (queries, keys, values
+/// side by side, each split into `n_head` heads of width `C / n_head`), scaled by
+/// `1 / sqrt(head width)`. Returns `(merged, probs)`: the heads' outputs merged back to
+/// `(B, T, C)`, and the attention probabilities `(B, H, T, T)` (zero above the diagonal).
+pub fn causal_attention(qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)> {
+    let (b, t, c) = crate::attention::check_qkv(qkv, n_head)?;
+    let d = c / n_head;
+    let (q, k, v) = split_heads(qkv, n_head)?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (B, H, T, T)
+    // Masked scores are replaced (not added to) so their gradient is exactly zero; the diagonal
+    // is never masked, so every row keeps a finite max.
+    let keep: Vec<u8> = (0..t).flat_map(|i| (0..t).map(move |j| u8::from(j <= i))).collect();
+    let keep = Tensor::from_vec(keep, (t, t), qkv.device())?.broadcast_as(scores.shape())?;
+    let neg_inf = Tensor::new(f32::NEG_INFINITY, qkv.device())?
+        .to_dtype(scores.dtype())?
+        .broadcast_as(scores.shape())?;
+    let probs = softmax_last_dim(&keep.where_cond(&scores, &neg_inf)?)?;
+    let merged = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+    Ok((merged, probs))
+}
+
+/// The explicit backward of [`causal_attention`]: `dqkv` `(B, T, 3C)` from the saved `qkv`,
+/// the probabilities and the gradient of the merged output.
+pub fn causal_attention_backward(qkv: &Tensor, probs: &Tensor, dmerged: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (b, t, c) = crate::attention::check_qkv(qkv, n_head)?;
+    let d = c / n_head;
+    let (q, k, v) = split_heads(qkv, n_head)?;
+    let dy = dmerged.reshape((b, t, n_head, d))?.transpose(1, 2)?.contiguous()?; // (B, H, T, D)
+    let dprobs = dy.matmul(&v.t()?)?;
+    let dv = probs.t()?.matmul(&dy)?;
+    // softmax backward: P ⊙ (dP − rowsum(dP ⊙ P)); masked entries have P = 0.
+    let s = (&dprobs * probs)?.sum_keepdim(D::Minus1)?;
+    let dscores = ((probs * dprobs.broadcast_sub(&s)?)? * (1.0 / (d as f64).sqrt()))?;
+    let dq = dscores.matmul(&k)?;
+    let dk = dscores.t()?.matmul(&q)?;
+    let merge = |g: Tensor| g.transpose(1, 2)?.reshape((b, t, c));
+    Tensor::cat(&[merge(dq)?, merge(dk)?, merge(dv)?], 2)
+}
+
+/// `(B, T, 3C)` → three contiguous `(B, H, T, D)` head tensors.
+fn split_heads(qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, t, c3) = qkv.dims3()?;
+    let c = c3 / 3;
+    let split = |i: usize| -> Result<Tensor> {
+        qkv.narrow(2, i * c, c)?.reshape((b, t, n_head, c / n_head))?.transpose(1, 2)?.contiguous()
+    };
+    Ok((split(0)?, split(1)?, split(2)?))
+}

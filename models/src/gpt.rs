@@ -338,12 +338,16 @@ struct Conv1D {
 impl Conv1D {
     /// `(B, T, in)` → `(B, T, out)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_residual(x, None)
+    }
+
+    /// `residual + x @ W + b`, the residual connection written by the same gemm call.
+    fn forward_residual(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
         let d_out = self.weight.value.dim(1)?;
-        // A 2-D matmul on the flattened tokens: one GEMM, and candle wants a contiguous lhs.
-        x.reshape((b * t, d_in))? // (B·T, in)
-            .matmul(&self.weight.value)? // (B·T, out)
-            .broadcast_add(&self.bias.value)?
+        // A 2-D product over the flattened tokens: one gemm.
+        let residual = residual.map(|r| r.reshape((b * t, d_out))).transpose()?;
+        brigade_kernels::linear(&x.reshape((b * t, d_in))?, &self.weight.value, Some(&self.bias.value), residual.as_ref())?
             .reshape((b, t, d_out))
     }
 
@@ -351,7 +355,7 @@ impl Conv1D {
     fn backward_input(&self, dy: &Tensor) -> Result<Tensor> {
         let (b, t, d_out) = dy.dims3()?;
         let d_in = self.weight.value.dim(0)?;
-        dy.reshape((b * t, d_out))?.matmul(&self.weight.value.t()?)?.reshape((b, t, d_in))
+        brigade_kernels::linear(&dy.reshape((b * t, d_out))?, &self.weight.value.t()?, None, None)?.reshape((b, t, d_in))
     }
 
     /// `dW += xᵀ dy` over all tokens, `db += Σ dy`.
@@ -542,7 +546,6 @@ impl LayerSpec for BlockSpec {
                     weight: aproj_w,
                     bias: aproj_b,
                 },
-                mask: None,
             },
             ln_2: LayerNorm {
                 weight: ln2_w,
@@ -568,88 +571,39 @@ struct CausalSelfAttention {
     n_head: usize,
     c_attn: Conv1D, // C → 3C (q, k, v fused)
     c_proj: Conv1D, // C → C
-    /// Lower-triangular `(T, T)` mask for the last sequence length seen.
-    mask: Option<(usize, Tensor)>,
 }
 
-/// What attention's forward keeps: its input, the heads, the attention probabilities and the
-/// merged heads (the output projection's input).
+/// What attention's forward keeps: its input, the fused `qkv` projection, the attention
+/// probabilities and the merged heads (the output projection's input).
 struct AttentionSaved {
     x: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    qkv: Tensor,
     probs: Tensor,
     merged: Tensor,
 }
 
 impl CausalSelfAttention {
-    fn causal_mask(&mut self, t: usize, x: &Tensor) -> Result<Tensor> {
-        if let Some((len, mask)) = &self.mask {
-            if *len == t {
-                return Ok(mask.clone());
-            }
-        }
-        let data: Vec<u8> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| u8::from(j <= i)))
-            .collect();
-        let mask = Tensor::from_vec(data, (t, t), x.device())?;
-        self.mask = Some((t, mask.clone()));
-        Ok(mask)
-    }
-
-    fn scale(&self, c: usize) -> f64 {
-        1.0 / ((c / self.n_head) as f64).sqrt()
-    }
-
     /// `(B, T, C)` → `(B, T, C)`, keeping what the backward needs.
-    fn forward_saving(&mut self, x: &Tensor) -> Result<(Tensor, AttentionSaved)> {
-        let (b, t, c) = x.dims3()?;
-        let (h, d) = (self.n_head, c / self.n_head);
+    ///
+    /// While candle records a graph (the autograd reference, gradient checks) the attention
+    /// core is the differentiable composition; otherwise it is the fused kernel, whose backward
+    /// is [`Self::backward_input`]'s explicit call. The exactness tests hold the two together.
+    fn forward_saving(&mut self, x: &Tensor, residual: Option<&Tensor>) -> Result<(Tensor, AttentionSaved)> {
         let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
-        let split = |i: usize| -> Result<Tensor> {
-            qkv.narrow(2, i * c, c)? // (B, T, C)
-                .reshape((b, t, h, d))?
-                .transpose(1, 2)? // (B, H, T, D)
-                .contiguous()
-        };
-        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let scores = (q.matmul(&k.t()?)? * self.scale(c))?; // (B, H, T, T)
-
-        // Masked scores are *replaced* (where_cond), not added to: their gradient is exactly
-        // zero and the kept scores' gradient is untouched. -inf is safe because the diagonal is
-        // never masked, so every row has a finite max for the softmax's shift.
-        let mask = self.causal_mask(t, x)?.broadcast_as(scores.shape())?;
-        let neg_inf = Tensor::new(f32::NEG_INFINITY, x.device())?
-            .to_dtype(scores.dtype())?
-            .broadcast_as(scores.shape())?;
-        let scores = mask.where_cond(&scores, &neg_inf)?;
-        let probs = brigade_kernels::softmax_last_dim(&scores)?; // (B, H, T, T)
-        let y = probs.matmul(&v)?; // (B, H, T, D)
-        let merged = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)
-        let out = self.c_proj.forward(&merged)?;
-        Ok((out, AttentionSaved { x: x.clone(), q, k, v, probs, merged }))
-    }
-
-    fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.forward_saving(x)?.0)
+        let (merged, probs) = if qkv.track_op() {
+            brigade_kernels::reference::causal_attention(&qkv, self.n_head)?
+        } else {
+            brigade_kernels::causal_attention(&qkv, self.n_head)?
+        }; // (B, T, C), (B, H, T, T)
+        let out = self.c_proj.forward_residual(&merged, residual)?;
+        Ok((out, AttentionSaved { x: x.clone(), qkv, probs, merged }))
     }
 
     /// The input gradient; returns it with the gradients of the two projections' outputs
     /// (`dqkv`, `dout`), which is what their weight steps need.
     fn backward_input(&self, s: &AttentionSaved, dout: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, t, c) = s.x.dims3()?;
-        let (h, d) = (self.n_head, c / self.n_head);
         let dmerged = self.c_proj.backward_input(dout)?; // (B, T, C)
-        let dy = dmerged.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?; // (B, H, T, D)
-        let dprobs = dy.matmul(&s.v.t()?)?; // (B, H, T, T)
-        let dv = s.probs.t()?.matmul(&dy)?; // (B, H, T, D)
-        // Masked entries have probability 0, so the softmax backward gives them 0 gradient.
-        let dscores = (brigade_kernels::softmax_last_dim_backward(&s.probs, &dprobs)? * self.scale(c))?;
-        let dq = dscores.matmul(&s.k)?; // (B, H, T, D)
-        let dk = dscores.t()?.matmul(&s.q)?; // (B, H, T, D)
-        let merge = |g: Tensor| g.transpose(1, 2)?.reshape((b, t, c));
-        let dqkv = Tensor::cat(&[merge(dq)?, merge(dk)?, merge(dv)?], 2)?; // (B, T, 3C)
+        let dqkv = brigade_kernels::causal_attention_backward(&s.qkv, &s.probs, &dmerged, self.n_head)?; // (B, T, 3C)
         let dx = self.c_attn.backward_input(&dqkv)?;
         Ok((dx, dqkv))
     }
@@ -659,13 +613,6 @@ impl CausalSelfAttention {
 struct Mlp {
     c_fc: Conv1D,   // C → 4C
     c_proj: Conv1D, // 4C → C
-}
-
-impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = brigade_kernels::gelu_tanh(&self.c_fc.forward(x)?)?; // (B, T, 4C)
-        self.c_proj.forward(&h) // (B, T, C)
-    }
 }
 
 #[derive(Debug)]
@@ -708,21 +655,22 @@ struct BlockWeightGrads {
 impl Layer for Block {
     fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
         check_hidden(x, self.n_embd, self.n_positions, "GPT block")?;
-        let x = (x + self.attn.forward(&self.ln_1.forward(x)?)?)?; // (B, T, C)
-        &x + self.mlp.forward(&self.ln_2.forward(&x)?)?
+        let (x2, _) = self.attn.forward_saving(&self.ln_1.forward(x)?, Some(x))?; // (B, T, C)
+        let h = brigade_kernels::gelu_tanh(&self.mlp.c_fc.forward(&self.ln_2.forward(&x2)?)?)?;
+        self.mlp.c_proj.forward_residual(&h, Some(&x2))
     }
 
     fn forward_train(&mut self, x: &Tensor, _pass: Pass) -> Result<(Tensor, Saved)> {
         check_hidden(x, self.n_embd, self.n_positions, "GPT block")?;
         let ln1_out = self.ln_1.forward(x)?;
-        let (attn_out, mut attn) = self.attn.forward_saving(&ln1_out)?;
+        // Residual connections are added by the output projections' gemm calls.
+        let (x2, mut attn) = self.attn.forward_saving(&ln1_out, Some(x))?;
         attn.x = ln1_out; // the attention's input is ln_1's output; the block input is `x`
-        let x2 = (x + attn_out)?;
         let ln2_out = self.ln_2.forward(&x2)?;
         let fc_out = self.mlp.c_fc.forward(&ln2_out)?;
         let gelu_out = brigade_kernels::gelu_tanh(&fc_out)?;
-        let y = (&x2 + self.mlp.c_proj.forward(&gelu_out)?)?;
-        let keep = [x, &attn.x, &attn.q, &attn.k, &attn.v, &attn.probs, &attn.merged, &x2, &ln2_out, &fc_out, &gelu_out];
+        let y = self.mlp.c_proj.forward_residual(&gelu_out, Some(&x2))?;
+        let keep = [x, &attn.x, &attn.qkv, &attn.probs, &attn.merged, &x2, &ln2_out, &fc_out, &gelu_out];
         let keep = keep.into_iter().cloned().collect();
         let saved = Saved::with_handles((x.clone(), BlockSaved { attn, x2, ln2_out, fc_out, gelu_out }), keep);
         Ok((y, saved))
@@ -836,7 +784,7 @@ impl Head {
         check_hidden(x, c, self.n_positions, "GPT head")?;
         let (b, t, _) = x.dims3()?;
         let h = self.ln_f.forward(x)?.reshape((b * t, c))?; // (B·T, C)
-        let logits = h.matmul(&self.wte.value.t()?)?.reshape((b, t, v))?; // (B, T, V)
+        let logits = brigade_kernels::linear(&h, &self.wte.value.t()?, None, None)?.reshape((b, t, v))?; // (B, T, V)
         Ok((h, logits))
     }
 }
@@ -855,7 +803,7 @@ impl Layer for Head {
         let (x, h): (Tensor, Tensor) = saved.take("GPT head")?;
         let (b, t, v) = dlogits.dims3()?;
         let dlogits = dlogits.reshape((b * t, v))?;
-        let dh = dlogits.matmul(&self.wte.value)?.reshape(x.shape())?; // (B, T, C)
+        let dh = brigade_kernels::linear(&dlogits, &self.wte.value, None, None)?.reshape(x.shape())?; // (B, T, C)
         let (dx, ln_f) = self.ln_f.backward_input(&x, &dh)?;
         let saved = Saved::new(HeadWeightGrads { h: h.clone(), dlogits: dlogits.clone(), ln_f }, &[&h, &dlogits]);
         Ok((Some(dx), saved))

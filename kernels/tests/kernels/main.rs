@@ -6,8 +6,10 @@
 //! - error cases: bad shapes/dtypes/geometry return errors naming the problem;
 //! - `vmath_accuracy`: the vectorised f32 exp/tanh/GELU/softmax pieces against f64.
 
+mod attention;
 mod backward;
 mod gradcheck;
+mod linear;
 mod vmath_accuracy;
 
 use brigade_kernels as k;

@@ -1,0 +1,309 @@
+//! Fused causal self-attention for the CPU: forward and backward straight from the fused
+//! `qkv` projection, with no head split/merge copies, no mask tensor and no work above the
+//! diagonal.
+//!
+//! The composition (`reference::causal_attention`) splits `qkv` into three contiguous head
+//! tensors, builds `(B, H, T, T)` scores, scales them, replaces the masked half with `-inf`
+//! through a broadcast mask, runs the softmax, multiplies by `v` and copies the heads back into
+//! `(B, T, C)`: eight full passes over memory besides the two products. Here each `(batch,
+//! head)` pair is one task: the products read `q`, `k`, `v` in place out of `qkv` through their
+//! strides (the gemm crate takes any strides) and write the output straight into its `(B, T, C)`
+//! slot, the scale rides on the product, and the softmax runs over each row's causal prefix
+//! only. Rows are cut into blocks of [`BLOCK`]; a row block only multiplies against the keys
+//! up to its end, so about 40% of the products' work (the upper triangle) is never done.
+//!
+//! The backward reads the saved probabilities (nothing is recomputed) and writes `dq`, `dk`,
+//! `dv` into one `(B, T, 3C)` gradient, the layout the `c_attn` projection's backward takes:
+//! - `dP = dY Vᵀ`, `dV = Pᵀ dY`,
+//! - `dS = scale · P ⊙ (dP − rowsum(dP ⊙ P))` (softmax backward; masked entries are 0),
+//! - `dQ = dS K`, `dK = dSᵀ Q`.
+//!
+//! Probabilities above the diagonal are stored as exact zeros, so a block that straddles the
+//! diagonal multiplies zeros there and the causal sums stay exact.
+
+use candle_core::{bail, Result, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::cpu::{view, Real};
+
+/// Rows per causal block. Small enough that the skipped triangle is most of the masked work,
+/// large enough that each product stays an efficient gemm.
+const BLOCK: usize = 32;
+
+/// Checks `qkv` is `(B, T, 3C)` with `C` divisible by `n_head`; returns `(B, T, C)`.
+pub(crate) fn check_qkv(qkv: &Tensor, n_head: usize) -> Result<(usize, usize, usize)> {
+    let (b, t, c3) = match qkv.dims() {
+        &[b, t, c3] => (b, t, c3),
+        d => bail!("causal_attention: qkv must have shape (B, T, 3C), got {d:?}"),
+    };
+    if n_head == 0 {
+        bail!("causal_attention: n_head must be at least 1")
+    }
+    if c3 % 3 != 0 || (c3 / 3) % n_head != 0 {
+        bail!("causal_attention: qkv's last dimension {c3} must be 3·C with C divisible by n_head {n_head}")
+    }
+    if !qkv.dtype().is_float() {
+        bail!("causal_attention: qkv must be a float dtype, got {:?}", qkv.dtype())
+    }
+    Ok((b, t, c3 / 3))
+}
+
+/// The problem's geometry: batch, sequence, width, heads, head width, softmax scale.
+#[derive(Clone, Copy)]
+struct Geometry {
+    b: usize,
+    t: usize,
+    c: usize,
+    h: usize,
+    d: usize,
+    scale: f64,
+}
+
+/// A read-only strided matrix view (`rs` between rows, `cs` between columns).
+#[derive(Clone, Copy)]
+struct Mat<T> {
+    ptr: *const T,
+    rs: isize,
+    cs: isize,
+}
+
+impl<T> Mat<T> {
+    /// The view starting at row `r`.
+    unsafe fn row(self, r: usize) -> Self {
+        Mat { ptr: self.ptr.offset(r as isize * self.rs), ..self }
+    }
+    /// The transposed view.
+    fn t(self) -> Self {
+        Mat { ptr: self.ptr, rs: self.cs, cs: self.rs }
+    }
+    /// The view starting at column `c`.
+    unsafe fn col(self, c: usize) -> Self {
+        Mat { ptr: self.ptr.offset(c as isize * self.cs), ..self }
+    }
+}
+
+/// A writable strided matrix view.
+#[derive(Clone, Copy)]
+struct MatMut<T> {
+    ptr: *mut T,
+    rs: isize,
+}
+
+impl<T> MatMut<T> {
+    unsafe fn row(self, r: usize) -> Self {
+        MatMut { ptr: self.ptr.offset(r as isize * self.rs), ..self }
+    }
+    fn as_mat(self) -> Mat<T> {
+        Mat { ptr: self.ptr, rs: self.rs, cs: 1 }
+    }
+}
+
+/// Raw pointers crossing into rayon tasks. Every task writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+/// `dst (m×n) = scale · a (m×k) · b (k×n)`, overwriting `dst` (columns contiguous).
+///
+/// # Safety
+/// The views must cover `m×k`, `k×n` and `m×n` valid elements; `dst` must not alias `a`/`b`.
+unsafe fn product<T: Real>(m: usize, n: usize, k: usize, dst: MatMut<T>, a: Mat<T>, b: Mat<T>, scale: T) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.ptr,
+        1,
+        dst.rs,
+        false,
+        a.ptr,
+        a.cs,
+        a.rs,
+        b.ptr,
+        b.cs,
+        b.rs,
+        T::ZERO,
+        scale,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// Runs `task(batch, head)` for every pair, on the current rayon pool when there is more
+/// than one thread (the caller's stage pool sets the budget).
+fn for_each_head(g: Geometry, task: impl Fn(usize, usize) + Sync + Send) {
+    let pairs = g.b * g.h;
+    if rayon::current_num_threads() > 1 && pairs > 1 {
+        (0..pairs).into_par_iter().for_each(|p| task(p / g.h, p % g.h));
+    } else {
+        (0..pairs).for_each(|p| task(p / g.h, p % g.h));
+    }
+}
+
+/// The end (exclusive) of the causal block holding row `r`.
+fn block_end(r: usize, t: usize) -> usize {
+    ((r / BLOCK + 1) * BLOCK).min(t)
+}
+
+fn forward<T: Real>(g: Geometry, qkv: &[T]) -> (Vec<T>, Vec<T>) {
+    let Geometry { b: _, t, c, h, d, scale } = g;
+    let mut merged = vec![T::ZERO; g.b * t * c];
+    let mut probs = vec![T::ZERO; g.b * h * t * t];
+    let (out, p_all) = (Shared(merged.as_mut_ptr()), Shared(probs.as_mut_ptr()));
+    let scale = T::from_f64(scale);
+    for_each_head(g, |bi, hi| {
+        let (out, p_all) = (out, p_all);
+        // SAFETY: q/k/v of (bi, hi) are T rows of d columns inside `qkv` (row stride 3C); this
+        // task alone writes probs[bi, hi] (a dense T×T block) and columns hi·d.. of batch bi's
+        // rows of `merged`.
+        unsafe {
+            let base = qkv.as_ptr().add(bi * t * 3 * c + hi * d);
+            let q = Mat { ptr: base, rs: 3 * c as isize, cs: 1 };
+            let k = Mat { ptr: base.add(c), ..q };
+            let v = Mat { ptr: base.add(2 * c), ..q };
+            let p = MatMut { ptr: p_all.0.add((bi * h + hi) * t * t), rs: t as isize };
+            let y = MatMut { ptr: out.0.add(bi * t * c + hi * d), rs: c as isize };
+            for r0 in (0..t).step_by(BLOCK) {
+                let r1 = block_end(r0, t);
+                let rows = r1 - r0;
+                // Scores of the block's rows against keys 0..r1, already scaled.
+                product(rows, r1, d, p.row(r0), q.row(r0), k.t(), scale);
+                for i in r0..r1 {
+                    let row = std::slice::from_raw_parts_mut(p.ptr.add(i * t), t);
+                    let (live, masked) = row.split_at_mut(i + 1);
+                    let max = T::row_max(live);
+                    let sum = exp_in_place(live, max);
+                    let inv = T::ONE / sum;
+                    live.iter_mut().for_each(|x| *x *= inv);
+                    masked.iter_mut().for_each(|x| *x = T::ZERO);
+                }
+                product(rows, d, r1, y.row(r0), p.row(r0).as_mat(), v, T::ONE);
+            }
+        }
+    });
+    (merged, probs)
+}
+
+/// `x = exp(x - shift)` in place, returning the sum.
+fn exp_in_place<T: Real>(x: &mut [T], shift: T) -> T {
+    // The vectorised row kernel writes to a separate slice; a small stack buffer per chunk
+    // keeps it in cache.
+    let mut buf = [T::ZERO; 64];
+    let mut sum = T::ZERO;
+    for chunk in x.chunks_mut(64) {
+        let out = &mut buf[..chunk.len()];
+        sum += T::exp_shift_sum(chunk, shift, out);
+        chunk.copy_from_slice(out);
+    }
+    sum
+}
+
+fn backward<T: Real>(g: Geometry, qkv: &[T], probs: &[T], dmerged: &[T]) -> Vec<T> {
+    let Geometry { b: _, t, c, h, d, scale } = g;
+    let mut dqkv = vec![T::ZERO; g.b * t * 3 * c];
+    let dst = Shared(dqkv.as_mut_ptr());
+    let scale = T::from_f64(scale);
+    for_each_head(g, |bi, hi| {
+        let dst = dst;
+        let mut ds = vec![T::ZERO; t * t];
+        // SAFETY: reads stay inside (bi, hi)'s slices of qkv/probs/dmerged; this task alone
+        // writes columns hi·d.. of each third of batch bi's rows of `dqkv`, and its own `ds`.
+        unsafe {
+            let base = qkv.as_ptr().add(bi * t * 3 * c + hi * d);
+            let q = Mat { ptr: base, rs: 3 * c as isize, cs: 1 };
+            let k = Mat { ptr: base.add(c), ..q };
+            let v = Mat { ptr: base.add(2 * c), ..q };
+            let p = Mat { ptr: probs.as_ptr().add((bi * h + hi) * t * t), rs: t as isize, cs: 1 };
+            let dy = Mat { ptr: dmerged.as_ptr().add(bi * t * c + hi * d), rs: c as isize, cs: 1 };
+            let dbase = dst.0.add(bi * t * 3 * c + hi * d);
+            let dq = MatMut { ptr: dbase, rs: 3 * c as isize };
+            let dk = MatMut { ptr: dbase.add(c), ..dq };
+            let dv = MatMut { ptr: dbase.add(2 * c), ..dq };
+            let dsm = MatMut { ptr: ds.as_mut_ptr(), rs: t as isize };
+            for r0 in (0..t).step_by(BLOCK) {
+                let r1 = block_end(r0, t);
+                let rows = r1 - r0;
+                // dP for the block's rows against keys 0..r1, then dS in place.
+                product(rows, r1, d, dsm.row(r0), dy.row(r0), v.t(), T::ONE);
+                for i in r0..r1 {
+                    let pr = std::slice::from_raw_parts(p.ptr.add(i * t), i + 1);
+                    let row = std::slice::from_raw_parts_mut(dsm.ptr.add(i * t), r1);
+                    let (live, masked) = row.split_at_mut(i + 1);
+                    let s = T::dot(live, pr);
+                    for (x, &pv) in live.iter_mut().zip(pr) {
+                        *x = scale * pv * (*x - s);
+                    }
+                    masked.iter_mut().for_each(|x| *x = T::ZERO);
+                }
+                // dQ rows r0..r1 = dS[r0..r1, 0..r1] · K[0..r1].
+                product(rows, d, r1, dq.row(r0), dsm.row(r0).as_mat(), k, T::ONE);
+            }
+            // Column blocks: dV[c0..c1] = P[c0.., c0..c1]ᵀ · dY[c0..], dK likewise with dS, Q.
+            for c0 in (0..t).step_by(BLOCK) {
+                let c1 = block_end(c0, t);
+                let (cols, rest) = (c1 - c0, t - c0);
+                product(cols, d, rest, dv.row(c0), p.row(c0).col(c0).t(), dy.row(c0), T::ONE);
+                product(cols, d, rest, dk.row(c0), dsm.as_mat().row(c0).col(c0).t(), q.row(c0), T::ONE);
+            }
+        }
+    });
+    dqkv
+}
+
+/// Reads a CPU tensor's elements (row-major, gathered if strided).
+fn with_cpu_slice<T: Real, R>(x: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    let (s, l) = x.storage_and_layout();
+    match &*s {
+        Storage::Cpu(cpu) => f(&view::<T>(cpu, l)?),
+        _ => bail!("causal_attention: expected a CPU tensor"),
+    }
+}
+
+fn geometry(qkv: &Tensor, n_head: usize) -> Result<Geometry> {
+    let (b, t, c) = check_qkv(qkv, n_head)?;
+    let d = c / n_head;
+    Ok(Geometry { b, t, c, h: n_head, d, scale: 1.0 / (d as f64).sqrt() })
+}
+
+/// The fused forward: `(merged (B, T, C), probs (B, H, T, T))`. Caller checked `fused(qkv)`.
+pub(crate) fn causal_attention_cpu(qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)> {
+    let g = geometry(qkv, n_head)?;
+    let dev = qkv.device();
+    macro_rules! run {
+        ($t:ty) => {{
+            let (merged, probs) = with_cpu_slice::<$t, _>(qkv, |x| Ok(forward(g, x)))?;
+            let merged = Tensor::from_vec(merged, (g.b, g.t, g.c), dev)?;
+            let probs = Tensor::from_vec(probs, (g.b, g.h, g.t, g.t), dev)?;
+            Ok((merged, probs))
+        }};
+    }
+    match qkv.dtype() {
+        candle_core::DType::F32 => run!(f32),
+        candle_core::DType::F64 => run!(f64),
+        dt => Err(crate::cpu::unsupported("causal_attention", dt)),
+    }
+}
+
+/// The fused backward: `dqkv (B, T, 3C)`. Caller checked shapes and `fused(qkv)`.
+pub(crate) fn causal_attention_backward_cpu(qkv: &Tensor, probs: &Tensor, dmerged: &Tensor, n_head: usize) -> Result<Tensor> {
+    let g = geometry(qkv, n_head)?;
+    macro_rules! run {
+        ($t:ty) => {{
+            let dqkv = with_cpu_slice::<$t, _>(qkv, |x| {
+                with_cpu_slice::<$t, _>(probs, |p| with_cpu_slice::<$t, _>(dmerged, |dy| Ok(backward(g, x, p, dy))))
+            })?;
+            Tensor::from_vec(dqkv, (g.b, g.t, 3 * g.c), qkv.device())
+        }};
+    }
+    match qkv.dtype() {
+        candle_core::DType::F32 => run!(f32),
+        candle_core::DType::F64 => run!(f64),
+        dt => Err(crate::cpu::unsupported("causal_attention_backward", dt)),
+    }
+}

@@ -1,0 +1,139 @@
+//! A linear layer's product in one gemm call: `y = x · w (+ bias) (+ residual)`.
+//!
+//! candle's `matmul` zero-fills a fresh output, multiplies into it, and a `broadcast_add` then
+//! reads it again to write a second tensor with the bias; a residual connection is a third
+//! pass and a third tensor. Here the output is written once with the bias row (plus the
+//! residual) and gemm accumulates the product into it; without bias or residual the output is
+//! never initialised at all (gemm overwrites every element). Operands are read through their
+//! strides, so `w.t()` (the input gradient's `dy · wᵀ`) costs no copy.
+
+use candle_core::{Result, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::cpu::Real;
+
+/// Operands at or above this many multiply-adds use the stage's rayon threads.
+const PAR_MIN_FLOPS: usize = 1 << 15;
+
+/// A 2-D operand read in place: its storage, element offset and (row, column) strides.
+struct Operand<'a, T> {
+    data: &'a [T],
+    offset: usize,
+    rs: isize,
+    cs: isize,
+}
+
+fn operand<'a, T: Real>(s: &'a Storage, t: &Tensor) -> Result<Operand<'a, T>> {
+    let l = t.layout();
+    match s {
+        Storage::Cpu(cpu) => Ok(Operand {
+            data: T::cpu_storage_as_slice(cpu)?,
+            offset: l.start_offset(),
+            rs: l.stride()[0] as isize,
+            cs: l.stride()[1] as isize,
+        }),
+        _ => candle_core::bail!("linear: expected CPU tensors"),
+    }
+}
+
+/// `(M, N)` output rows initialised to `bias (+ residual)`; both optional.
+fn initial<T: Real>(m: usize, n: usize, bias: Option<&[T]>, residual: Option<&[T]>) -> Vec<T> {
+    let mut out = vec![T::ZERO; m * n];
+    let fill = |(r, row): (usize, &mut [T])| {
+        match residual {
+            Some(res) => row.copy_from_slice(&res[r * n..(r + 1) * n]),
+            None => {}
+        }
+        if let Some(b) = bias {
+            for (o, &v) in row.iter_mut().zip(b) {
+                *o += v;
+            }
+        }
+    };
+    if rayon::current_num_threads() > 1 && m * n >= crate::cpu::PAR_MIN_ELEMS {
+        out.par_chunks_mut(n).enumerate().for_each(fill);
+    } else {
+        out.chunks_mut(n).enumerate().for_each(fill);
+    }
+    out
+}
+
+fn run<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
+    let ((m, k), (_, n)) = (x.dims2()?, w.dims2()?);
+    // Dense views of the small or rarely strided operands; x and w are read in place.
+    let bias = bias.map(|b| b.contiguous()).transpose()?;
+    let residual = residual.map(|r| r.contiguous()).transpose()?;
+    let bias_v = bias.as_ref().map(|b| b.flatten_all()?.to_vec1::<T>()).transpose()?;
+    let (xs, _) = x.storage_and_layout();
+    let (ws, _) = w.storage_and_layout();
+    let (a, b) = (operand::<T>(&xs, x)?, operand::<T>(&ws, w)?);
+    let accumulate = bias.is_some() || residual.is_some();
+    let mut out = match &residual {
+        Some(r) => {
+            let (rs, rl) = r.storage_and_layout();
+            let (start, end) = rl.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("linear: residual must be contiguous".into()))?;
+            let res = match &*rs {
+                Storage::Cpu(cpu) => &T::cpu_storage_as_slice(cpu)?[start..end],
+                _ => candle_core::bail!("linear: expected CPU tensors"),
+            };
+            initial(m, n, bias_v.as_deref(), Some(res))
+        }
+        None if accumulate => initial(m, n, bias_v.as_deref(), None),
+        // gemm overwrites every element when it does not read the destination.
+        None => Vec::with_capacity(m * n),
+    };
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 && m * n * k >= PAR_MIN_FLOPS { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    if m > 0 && n > 0 {
+        // SAFETY: `out` has room for m·n elements (initialised when gemm reads it); `a` and
+        // `b` are read through layouts candle guarantees stay inside their storages for shapes
+        // (m, k) and (k, n); `out` is a fresh buffer aliasing neither.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                accumulate,
+                a.data.as_ptr().add(a.offset),
+                a.cs,
+                a.rs,
+                b.data.as_ptr().add(b.offset),
+                b.cs,
+                b.rs,
+                T::ONE,
+                T::ONE,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+            if !accumulate {
+                out.set_len(m * n);
+            }
+        }
+    } else if !accumulate {
+        out.resize(m * n, T::ZERO);
+    }
+    Tensor::from_vec(out, (m, n), x.device())
+}
+
+/// The fused CPU path; the caller checked shapes, dtypes and devices.
+pub(crate) fn linear_cpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
+    // Broadcast (stride 0) operands are made dense: gemm's packing expects real strides.
+    let dense = |t: &Tensor| -> Result<Tensor> {
+        if t.stride().iter().any(|&s| s == 0) && t.elem_count() > 1 {
+            t.contiguous()
+        } else {
+            Ok(t.clone())
+        }
+    };
+    let (x, w) = (dense(x)?, dense(w)?);
+    match x.dtype() {
+        candle_core::DType::F32 => run::<f32>(&x, &w, bias, residual),
+        candle_core::DType::F64 => run::<f64>(&x, &w, bias, residual),
+        dt => Err(crate::cpu::unsupported("linear", dt)),
+    }
+}
