@@ -153,8 +153,11 @@ fn block_end(r: usize, t: usize) -> usize {
 
 fn forward<T: Real>(g: Geometry, qkv: &[T]) -> (Vec<T>, Vec<T>) {
     let Geometry { b: _, t, c, h, d, scale } = g;
-    let mut merged = vec![T::ZERO; g.b * t * c];
-    let mut probs = vec![T::ZERO; g.b * h * t * t];
+    // Every element of both outputs is written below (gemm overwrites, the softmax loop
+    // writes each row in full), so they start uninitialised: no zero-fill pass.
+    let (n_merged, n_probs) = (g.b * t * c, g.b * h * t * t);
+    let mut merged: Vec<T> = Vec::with_capacity(n_merged);
+    let mut probs: Vec<T> = Vec::with_capacity(n_probs);
     let (out, p_all) = (Shared(merged.as_mut_ptr()), Shared(probs.as_mut_ptr()));
     let scale = T::from_f64(scale);
     for_each_head(g, |bi, hi| {
@@ -175,6 +178,8 @@ fn forward<T: Real>(g: Geometry, qkv: &[T]) -> (Vec<T>, Vec<T>) {
                 // Scores of the block's rows against keys 0..r1, already scaled.
                 product(rows, r1, d, p.row(r0), q.row(r0), k.t(), scale);
                 for i in r0..r1 {
+                    // Columns past the block's end are masked and not written by the product.
+                    std::ptr::write_bytes(p.ptr.add(i * t + r1), 0, t - r1);
                     let row = std::slice::from_raw_parts_mut(p.ptr.add(i * t), t);
                     let (live, masked) = row.split_at_mut(i + 1);
                     let max = T::row_max(live);
@@ -187,6 +192,11 @@ fn forward<T: Real>(g: Geometry, qkv: &[T]) -> (Vec<T>, Vec<T>) {
             }
         }
     });
+    // SAFETY: every task has run to completion and together they wrote every element.
+    unsafe {
+        merged.set_len(n_merged);
+        probs.set_len(n_probs);
+    }
     (merged, probs)
 }
 
@@ -206,7 +216,10 @@ fn exp_in_place<T: Real>(x: &mut [T], shift: T) -> T {
 
 fn backward<T: Real>(g: Geometry, qkv: &[T], probs: &[T], dmerged: &[T]) -> Vec<T> {
     let Geometry { b: _, t, c, h, d, scale } = g;
-    let mut dqkv = vec![T::ZERO; g.b * t * 3 * c];
+    // dq is written by every row block, dk and dv by every column block: all of it, so no
+    // zero-fill.
+    let n = g.b * t * 3 * c;
+    let mut dqkv: Vec<T> = Vec::with_capacity(n);
     let dst = Shared(dqkv.as_mut_ptr());
     let scale = T::from_f64(scale);
     for_each_head(g, |bi, hi| {
@@ -253,6 +266,8 @@ fn backward<T: Real>(g: Geometry, qkv: &[T], probs: &[T], dmerged: &[T]) -> Vec<
             }
         }
     });
+    // SAFETY: the tasks have completed and wrote all n elements.
+    unsafe { dqkv.set_len(n) };
     dqkv
 }
 

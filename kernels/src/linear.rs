@@ -36,25 +36,37 @@ fn operand<'a, T: Real>(s: &'a Storage, t: &Tensor) -> Result<Operand<'a, T>> {
     }
 }
 
-/// `(M, N)` output rows initialised to `bias (+ residual)`; both optional.
+/// `(M, N)` output rows initialised to `bias (+ residual)` (at least one of them is given),
+/// written once (no zero-fill first).
 fn initial<T: Real>(m: usize, n: usize, bias: Option<&[T]>, residual: Option<&[T]>) -> Vec<T> {
-    let mut out = vec![T::ZERO; m * n];
-    let fill = |(r, row): (usize, &mut [T])| {
-        match residual {
-            Some(res) => row.copy_from_slice(&res[r * n..(r + 1) * n]),
-            None => {}
-        }
-        if let Some(b) = bias {
-            for (o, &v) in row.iter_mut().zip(b) {
-                *o += v;
+    use std::mem::MaybeUninit;
+    let fill = |(r, row): (usize, &mut [MaybeUninit<T>])| match (bias, residual) {
+        (Some(b), Some(res)) => {
+            for ((o, &u), &v) in row.iter_mut().zip(&res[r * n..(r + 1) * n]).zip(b) {
+                o.write(u + v);
             }
         }
+        (None, Some(res)) => row.iter_mut().zip(&res[r * n..(r + 1) * n]).for_each(|(o, &v)| {
+            o.write(v);
+        }),
+        (Some(b), None) => row.iter_mut().zip(b).for_each(|(o, &v)| {
+            o.write(v);
+        }),
+        (None, None) => row.iter_mut().for_each(|o| {
+            o.write(T::ZERO);
+        }),
     };
-    if rayon::current_num_threads() > 1 && m * n >= crate::cpu::PAR_MIN_ELEMS {
-        out.par_chunks_mut(n).enumerate().for_each(fill);
-    } else {
-        out.chunks_mut(n).enumerate().for_each(fill);
+    let mut out: Vec<T> = Vec::with_capacity(m * n);
+    let rows = &mut out.spare_capacity_mut()[..m * n];
+    if n > 0 {
+        if rayon::current_num_threads() > 1 && m * n >= crate::cpu::PAR_MIN_ELEMS {
+            rows.par_chunks_mut(n).enumerate().for_each(fill);
+        } else {
+            rows.chunks_mut(n).enumerate().for_each(fill);
+        }
     }
+    // SAFETY: every one of the m·n elements was written above.
+    unsafe { out.set_len(m * n) };
     out
 }
 
