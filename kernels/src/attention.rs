@@ -322,3 +322,113 @@ pub(crate) fn causal_attention_backward_cpu(qkv: &Tensor, probs: &Tensor, dmerge
         dt => Err(crate::cpu::unsupported("causal_attention_backward", dt)),
     }
 }
+
+// ---- the batched-products path (the GPU's algorithm, with its CPU twin) ---------------------
+//
+// On a GPU the products are cuBLAS batched gemms (candle's `matmul`) and only the
+// scale-mask-softmax and its backward are brigade kernels. The same composition runs on the
+// CPU through the ops' `cpu_fwd`, which is how it is tested without a GPU.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape};
+
+use crate::cpu::{for_each_row, storage, with_float};
+use crate::reference::split_heads;
+
+/// Scale, causal mask and softmax over the last dimension of `(.., T, T)` scores: row `r` is
+/// query `r % T` and sees keys `0..=r % T`; masked probabilities are exact zeros.
+pub(crate) struct CausalSoftmax {
+    pub(crate) scale: f64,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let t = l.dims().last().copied().unwrap_or(1);
+        with_float!(self.name(), s, |T| {
+            let x = view::<T>(s, l)?;
+            let scale = T::from_f64(self.scale);
+            let mut y = vec![T::ZERO; x.len()];
+            for_each_row(&mut y, t, |r, yr| {
+                let q = r % t;
+                let (live, _) = yr.split_at_mut(q + 1);
+                live.iter_mut().zip(&x[r * t..r * t + q + 1]).for_each(|(o, &v)| *o = v * scale);
+                let max = T::row_max(live);
+                let sum = exp_in_place(live, max);
+                let inv = T::ONE / sum;
+                live.iter_mut().for_each(|o| *o *= inv);
+            });
+            Ok((storage(y), l.shape().clone()))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::causal_softmax_fwd(s, l, self.scale)
+    }
+}
+
+/// `(probs, dprobs) → dscores = scale · P ⊙ (dP − rowsum(dP ⊙ P))`, zero where masked.
+pub(crate) struct CausalSoftmaxBwd {
+    pub(crate) scale: f64,
+}
+
+impl CustomOp2 for CausalSoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "causal-softmax-bwd"
+    }
+
+    fn cpu_fwd(&self, ps: &CpuStorage, pl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        if pl.shape() != gl.shape() {
+            bail!("causal-softmax-bwd: probs {:?} and dprobs {:?} differ in shape", pl.shape(), gl.shape())
+        }
+        let t = pl.dims().last().copied().unwrap_or(1);
+        with_float!(self.name(), ps, |T| {
+            let p = view::<T>(ps, pl)?;
+            let dp = view::<T>(gs, gl)?;
+            let scale = T::from_f64(self.scale);
+            let mut ds = vec![T::ZERO; p.len()];
+            for_each_row(&mut ds, t, |r, dr| {
+                let q = r % t;
+                let (pr, gr) = (&p[r * t..r * t + q + 1], &dp[r * t..r * t + q + 1]);
+                let s = T::dot(pr, gr);
+                for ((o, &pv), &g) in dr.iter_mut().zip(pr).zip(gr) {
+                    *o = scale * pv * (g - s);
+                }
+            });
+            Ok((storage(ds), pl.shape().clone()))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::causal_softmax_bwd(s1, l1, s2, l2, self.scale)
+    }
+}
+
+/// Forward by batched products around [`CausalSoftmax`]: `(merged, probs)`.
+pub(crate) fn batched_forward(qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)> {
+    let g = geometry(qkv, n_head)?;
+    let (q, k, v) = split_heads(qkv, n_head)?;
+    let scores = q.matmul(&k.t()?.contiguous()?)?; // (B, H, T, T)
+    let probs = scores.apply_op1_no_bwd(&CausalSoftmax { scale: g.scale })?;
+    let merged = probs.matmul(&v)?.transpose(1, 2)?.reshape((g.b, g.t, g.c))?;
+    Ok((merged, probs))
+}
+
+/// Backward by batched products around [`CausalSoftmaxBwd`]: `dqkv (B, T, 3C)`.
+pub(crate) fn batched_backward(qkv: &Tensor, probs: &Tensor, dmerged: &Tensor, n_head: usize) -> Result<Tensor> {
+    let g = geometry(qkv, n_head)?;
+    let (q, k, v) = split_heads(qkv, n_head)?;
+    let dy = dmerged.reshape((g.b, g.t, g.h, g.d))?.transpose(1, 2)?.contiguous()?; // (B, H, T, D)
+    let probs = probs.contiguous()?;
+    let dprobs = dy.matmul(&v.t()?.contiguous()?)?;
+    let dv = probs.t()?.contiguous()?.matmul(&dy)?;
+    let dscores = probs.apply_op2_no_bwd(&dprobs, &CausalSoftmaxBwd { scale: g.scale })?;
+    let dq = dscores.matmul(&k)?;
+    let dk = dscores.t()?.contiguous()?.matmul(&q)?;
+    let merge = |x: Tensor| x.transpose(1, 2)?.reshape((g.b, g.t, g.c));
+    Tensor::cat(&[merge(dq)?, merge(dk)?, merge(dv)?], 2)
+}

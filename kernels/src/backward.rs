@@ -13,7 +13,7 @@
 
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, Var};
 
-use crate::{check_cross_entropy_args, check_layer_norm_args, check_max_pool_args, fused};
+use crate::{check_cross_entropy_args, check_layer_norm_args, check_max_pool_args, dense_on_gpu, fused, kernel_device};
 
 /// The VJP of `f` at `inputs` for the output gradient `dy`, by candle's autograd: the fallback
 /// for dtypes and devices the fused backward kernels do not cover.
@@ -33,11 +33,11 @@ pub fn layer_norm_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, eps: f64) -
     if x.shape() != dy.shape() {
         candle_core::bail!("layer_norm_backward: dy {:?} must have the shape of x {:?}", dy.shape(), x.shape())
     }
-    if !fused(x) {
+    if !kernel_device(x) {
         let g = autograd_vjp(&[x, weight, &weight.zeros_like()?], dy, |t| crate::reference::layer_norm(&t[0], &t[1], &t[2], eps))?;
         return Ok((g[0].clone(), g[1].clone(), g[2].clone()));
     }
-    let packed = x.apply_op3_no_bwd(weight, &dy.to_dtype(x.dtype())?, &crate::layer_norm::LayerNormBwd { eps })?;
+    let packed = dense_on_gpu(x)?.apply_op3_no_bwd(&dense_on_gpu(weight)?, &dense_on_gpu(&dy.to_dtype(x.dtype())?)?, &crate::layer_norm::LayerNormBwd { eps })?;
     let (n, c) = (x.elem_count(), weight.elem_count());
     Ok((packed.narrow(0, 0, n)?.reshape(x.shape())?, packed.narrow(0, n, c)?, packed.narrow(0, n + c, c)?))
 }
@@ -49,11 +49,11 @@ pub fn softmax_last_dim_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     if y.shape() != dy.shape() {
         candle_core::bail!("softmax_last_dim_backward: dy {:?} must have the shape of y {:?}", dy.shape(), y.shape())
     }
-    if !fused(y) {
+    if !kernel_device(y) {
         let dot = (dy * y)?.sum_keepdim(candle_core::D::Minus1)?;
         return y * dy.broadcast_sub(&dot)?;
     }
-    y.apply_op2_no_bwd(dy, &crate::softmax::SoftmaxBwd { log: false })
+    dense_on_gpu(y)?.apply_op2_no_bwd(&dense_on_gpu(dy)?, &crate::softmax::SoftmaxBwd { log: false })
 }
 
 /// Gradient of `scale * cross_entropy_sum(logits, targets)` with respect to the logits:
@@ -62,11 +62,11 @@ pub fn cross_entropy_sum_backward(logits: &Tensor, targets: &Tensor, scale: f64)
     check_cross_entropy_args(logits, targets)?;
     let targets = targets.to_dtype(DType::U32)?;
     let g = Tensor::new(scale, logits.device())?.to_dtype(logits.dtype())?;
-    if !fused(logits) {
+    if !kernel_device(logits) {
         let d = autograd_vjp(&[logits], &g, |t| crate::reference::cross_entropy_sum(&t[0], &targets))?;
         return Ok(d[0].clone());
     }
-    logits.apply_op3_no_bwd(&targets, &g, &crate::cross_entropy::CrossEntropySumBwd)
+    dense_on_gpu(logits)?.apply_op3_no_bwd(&dense_on_gpu(&targets)?, &g, &crate::cross_entropy::CrossEntropySumBwd)
 }
 
 /// Backward of [`crate::gelu_tanh`], from its input `x`.
@@ -74,10 +74,10 @@ pub fn gelu_tanh_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     if x.shape() != dy.shape() {
         candle_core::bail!("gelu_tanh_backward: dy {:?} must have the shape of x {:?}", dy.shape(), x.shape())
     }
-    if !fused(x) {
+    if !kernel_device(x) {
         return Ok(autograd_vjp(&[x], dy, |t| crate::reference::gelu_tanh(&t[0]))?.remove(0));
     }
-    x.apply_op2_no_bwd(dy, &crate::gelu::GeluTanhBwd)
+    dense_on_gpu(x)?.apply_op2_no_bwd(&dense_on_gpu(dy)?, &crate::gelu::GeluTanhBwd)
 }
 
 /// Backward of [`crate::max_pool2d`], from its input `x`: each output's gradient goes to the

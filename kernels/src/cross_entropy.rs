@@ -78,8 +78,13 @@ impl CustomOp2 for CrossEntropySum {
         _loss: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dlogits = logits.apply_op3_no_bwd(targets, grad, &CrossEntropySumBwd)?;
+        let dlogits = crate::dense_on_gpu(logits)?.apply_op3_no_bwd(&crate::dense_on_gpu(targets)?, &crate::dense_on_gpu(grad)?, &CrossEntropySumBwd)?;
         Ok((Some(dlogits), None))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::cross_entropy_sum(s1, l1, s2, l2)
     }
 }
 
@@ -131,5 +136,10 @@ impl CustomOp3 for CrossEntropySumBwd {
             let d = self.run::<T>(&logits, &targets, g[0])?;
             Ok((storage(d), ll.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::cross_entropy_sum_bwd(s1, l1, s2, l2, s3, l3)
     }
 }

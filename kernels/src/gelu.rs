@@ -42,8 +42,14 @@ impl CustomOp1 for GeluTanh {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(dy, &GeluTanhBwd)?))
+        Ok(Some(crate::dense_on_gpu(x)?.apply_op2_no_bwd(&crate::dense_on_gpu(dy)?, &GeluTanhBwd)?))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::gelu_tanh_fwd(s, l)
+    }
+
 }
 
 /// `(x, dy) -> dx`.
@@ -78,5 +84,10 @@ impl CustomOp2 for GeluTanhBwd {
             });
             Ok((storage(dx), xl.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::gelu_tanh_bwd(s1, l1, s2, l2)
     }
 }

@@ -90,13 +90,18 @@ impl CustomOp3 for LayerNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let packed = x.apply_op3_no_bwd(w, dy, &LayerNormBwd { eps: self.eps })?;
+        let packed = crate::dense_on_gpu(x)?.apply_op3_no_bwd(&crate::dense_on_gpu(w)?, &crate::dense_on_gpu(dy)?, &LayerNormBwd { eps: self.eps })?;
         let n = x.elem_count();
         let c = w.elem_count();
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         let dw = packed.narrow(0, n, c)?;
         let db = packed.narrow(0, n + c, c)?;
         Ok((Some(dx), Some(dw), Some(db)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::layer_norm_fwd(s1, l1, s2, l2, s3, l3, self.eps)
     }
 }
 
@@ -188,5 +193,10 @@ impl CustomOp3 for LayerNormBwd {
             let len = out.len();
             Ok((storage(out), Shape::from(len)))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::layer_norm_bwd(s1, l1, s2, l2, s3, l3, self.eps)
     }
 }

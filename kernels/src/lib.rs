@@ -26,6 +26,8 @@ mod attention;
 mod backward;
 mod cpu;
 mod cross_entropy;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod gelu;
 mod layer_norm;
 mod linear;
@@ -46,16 +48,55 @@ fn fused(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
+/// Whether `t` runs an op that has both kernels (LayerNorm, softmax, cross-entropy, GELU and
+/// their backwards): the fused CPU kernels, or with the `cuda` feature the CUDA kernels for
+/// f32 and bf16 on a CUDA device.
+fn kernel_device(t: &Tensor) -> bool {
+    fused(t) || (cfg!(feature = "cuda") && t.device().is_cuda() && matches!(t.dtype(), DType::F32 | DType::BF16))
+}
+
+/// The CUDA kernels read dense rows: a CUDA tensor is made contiguous (free when it already
+/// is); CPU tensors pass as they are (the CPU kernels read any layout).
+pub(crate) fn dense_on_gpu(t: &Tensor) -> Result<Tensor> {
+    if t.device().is_cuda() {
+        t.contiguous()
+    } else {
+        Ok(t.clone())
+    }
+}
+
 /// Causal self-attention from the fused projection `qkv` `(B, T, 3C)`; returns `(merged
 /// (B, T, C), probs (B, H, T, T))` (see [`reference::causal_attention`] for the math). Not
 /// differentiable through autograd: the pipeline pairs it with
 /// [`causal_attention_backward`]; the composition in [`reference`] is the autograd path.
 pub fn causal_attention(qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)> {
     attention::check_qkv(qkv, n_head)?;
-    if !fused(qkv) {
-        return reference::causal_attention(qkv, n_head);
+    if fused(qkv) {
+        attention::causal_attention_cpu(qkv, n_head)
+    } else if kernel_device(qkv) {
+        attention::batched_forward(qkv, n_head)
+    } else {
+        reference::causal_attention(qkv, n_head)
     }
-    attention::causal_attention_cpu(qkv, n_head)
+}
+
+/// [`causal_attention`] by the GPU's algorithm on any device with the kernels: batched
+/// products around a fused scale-mask-softmax. Public so that its CPU twin is testable.
+pub fn causal_attention_batched(qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)> {
+    attention::check_qkv(qkv, n_head)?;
+    if !kernel_device(qkv) {
+        bail!("causal_attention_batched: no kernels for {:?} on {:?}", qkv.dtype(), qkv.device().location())
+    }
+    attention::batched_forward(qkv, n_head)
+}
+
+/// The backward of [`causal_attention_batched`] (same contract as [`causal_attention_backward`]).
+pub fn causal_attention_batched_backward(qkv: &Tensor, probs: &Tensor, dmerged: &Tensor, n_head: usize) -> Result<Tensor> {
+    attention::check_qkv(qkv, n_head)?;
+    if !kernel_device(qkv) {
+        bail!("causal_attention_batched_backward: no kernels for {:?} on {:?}", qkv.dtype(), qkv.device().location())
+    }
+    attention::batched_backward(qkv, probs, dmerged, n_head)
 }
 
 /// The backward of [`causal_attention`]: `dqkv` `(B, T, 3C)` from the saved `qkv`, the
@@ -73,10 +114,13 @@ pub fn causal_attention_backward(qkv: &Tensor, probs: &Tensor, dmerged: &Tensor,
     if probs.dtype() != qkv.dtype() || dmerged.dtype() != qkv.dtype() {
         bail!("causal_attention_backward: qkv, probs and dmerged must share a dtype")
     }
-    if !fused(qkv) || !probs.device().is_cpu() || !dmerged.device().is_cpu() {
-        return reference::causal_attention_backward(qkv, probs, dmerged, n_head);
+    if fused(qkv) && probs.device().is_cpu() && dmerged.device().is_cpu() {
+        attention::causal_attention_backward_cpu(qkv, probs, dmerged, n_head)
+    } else if kernel_device(qkv) {
+        attention::batched_backward(qkv, probs, dmerged, n_head)
+    } else {
+        reference::causal_attention_backward(qkv, probs, dmerged, n_head)
     }
-    attention::causal_attention_backward_cpu(qkv, probs, dmerged, n_head)
 }
 
 /// A linear layer's product: `x · w (+ bias) (+ residual)` for `x` `(M, K)`, `w` `(K, N)`, `bias`
@@ -124,28 +168,28 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<&T
 /// `x` may be non-contiguous (e.g. transposed). `eps` must be finite and >= 0.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     check_layer_norm_args(x, weight, bias, eps)?;
-    if !fused(x) {
+    if !kernel_device(x) {
         return reference::layer_norm(x, weight, bias, eps);
     }
-    x.apply_op3(weight, bias, layer_norm::LayerNorm { eps })
+    dense_on_gpu(x)?.apply_op3(&dense_on_gpu(weight)?, &dense_on_gpu(bias)?, layer_norm::LayerNorm { eps })
 }
 
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     check_rank_at_least_1("softmax_last_dim", x)?;
-    if !fused(x) {
+    if !kernel_device(x) {
         return reference::softmax_last_dim(x);
     }
-    x.apply_op1(softmax::Softmax { log: false })
+    dense_on_gpu(x)?.apply_op1(softmax::Softmax { log: false })
 }
 
 /// Log-softmax over the last dimension.
 pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     check_rank_at_least_1("log_softmax_last_dim", x)?;
-    if !fused(x) {
+    if !kernel_device(x) {
         return reference::log_softmax_last_dim(x);
     }
-    x.apply_op1(softmax::Softmax { log: true })
+    dense_on_gpu(x)?.apply_op1(softmax::Softmax { log: true })
 }
 
 /// Summed (not averaged) cross-entropy of `logits` `(N, V)` against class ids `targets` `(N,)`
@@ -154,19 +198,19 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// into micro-batches. A target id >= V is an error naming the id.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     check_cross_entropy_args(logits, targets)?;
-    if !fused(logits) {
+    if !kernel_device(logits) {
         return reference::cross_entropy_sum(logits, targets);
     }
-    let targets = targets.to_dtype(DType::U32)?;
-    logits.apply_op2(&targets, cross_entropy::CrossEntropySum)
+    let targets = dense_on_gpu(&targets.to_dtype(DType::U32)?)?;
+    dense_on_gpu(logits)?.apply_op2(&targets, cross_entropy::CrossEntropySum)
 }
 
 /// GELU with the tanh approximation (GPT-2's `gelu_new`).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    if !fused(x) {
+    if !kernel_device(x) {
         return reference::gelu_tanh(x);
     }
-    x.apply_op1(gelu::GeluTanh)
+    dense_on_gpu(x)?.apply_op1(gelu::GeluTanh)
 }
 
 /// 2-D max pooling over `(N, C, H, W)` with padding (padded cells never win), as torchvision's

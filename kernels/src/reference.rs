@@ -143,7 +143,7 @@ pub fn causal_attention_backward(qkv: &Tensor, probs: &Tensor, dmerged: &Tensor,
 }
 
 /// `(B, T, 3C)` → three contiguous `(B, H, T, D)` head tensors.
-fn split_heads(qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor, Tensor)> {
+pub(crate) fn split_heads(qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, t, c3) = qkv.dims3()?;
     let c = c3 / 3;
     let split = |i: usize| -> Result<Tensor> {

@@ -66,7 +66,12 @@ impl CustomOp1 for Softmax {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(dy, &SoftmaxBwd { log: self.log })?))
+        Ok(Some(crate::dense_on_gpu(y)?.apply_op2_no_bwd(&crate::dense_on_gpu(dy)?, &SoftmaxBwd { log: self.log })?))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::softmax_fwd(s, l, self.log)
     }
 }
 
@@ -129,5 +134,10 @@ impl CustomOp2 for SoftmaxBwd {
             )
         }
         with_float!(self.name(), ys, |T| self.run::<T>(ys, yl, gs, gl))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::softmax_bwd(s1, l1, s2, l2, self.log)
     }
 }

@@ -118,3 +118,24 @@ fn bad_attention_shapes_are_errors() {
     assert!(msg(k::causal_attention_backward(&x, &p, &bad_dy, 2).map(|_| ())).contains("dmerged"));
 }
 
+
+/// The GPU's algorithm (batched products around the fused scale-mask-softmax and its
+/// backward), run through the ops' CPU twins, against the fused CPU kernel and the reference.
+#[test]
+fn batched_products_path_matches_the_fused_kernel_and_the_reference() {
+    for &(b, t, c, h) in &[(1, 1, 4, 1), (2, 5, 8, 2), (2, 33, 12, 3), (1, 70, 16, 4)] {
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            let mut g = rng((b * 7 + t) as u64);
+            let qkv = uniform(&mut g, &[b, t, 3 * c], 2.0, dtype);
+            let dy = uniform(&mut g, &[b, t, c], 1.0, dtype);
+            let (m, p) = k::causal_attention_batched(&qkv, h).unwrap();
+            let dqkv = k::causal_attention_batched_backward(&qkv, &p, &dy, h).unwrap();
+            let batched = [to_f64_vec(&m), to_f64_vec(&p), to_f64_vec(&dqkv)];
+            let (fused, reference) = both(&qkv, h, &dy);
+            for i in 0..3 {
+                assert!(max_err(&batched[i], &fused[i]) < tol, "output {i} vs fused, b{b} t{t} {dtype:?}");
+                assert!(max_err(&batched[i], &reference[i]) < tol, "output {i} vs reference, b{b} t{t} {dtype:?}");
+            }
+        }
+    }
+}

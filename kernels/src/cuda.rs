@@ -1,0 +1,329 @@
+//! Launches brigade's CUDA kernels (`kernels/cuda/brigade.cu`) from the custom ops'
+//! `cuda_fwd`: one function per op, for f32 and bf16 storage (f32 accumulation inside).
+//!
+//! `build.rs` compiles the `.cu` file with the pinned nvcc into PTX for the target compute
+//! capability (`CUDA_COMPUTE_CAP`, default 90) and into a cubin whose `ptxas` report it checks
+//! for register spills. The PTX is embedded and loaded once per device through candle's module
+//! cache (`get_or_load_custom_func`), on the device's own stream, so a stage's kernels queue
+//! behind its other work with no host synchronisation.
+//!
+//! Every kernel here takes dense row-major inputs: the public wrappers make CUDA tensors
+//! contiguous before the op runs, and these functions refuse anything else.
+//!
+//! Nothing in this module has run on a GPU yet (the sessions that wrote it had none); the
+//! same algorithms run on the CPU as the ops' `cpu_fwd` and are tested there.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
+use candle_core::{bail, DType, Layout, Result, Shape};
+use half::bf16;
+
+/// The compiled module (PTX text).
+pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/brigade.ptx"));
+
+/// The ops launched from Rust; each exists as `<op>_f32` and `<op>_bf16` in [`PTX`].
+pub const OPS: &[&str] = &[
+    "gelu_tanh_fwd",
+    "gelu_tanh_bwd",
+    "layer_norm_fwd",
+    "layer_norm_bwd_dx",
+    "layer_norm_bwd_partial",
+    "layer_norm_bwd_reduce",
+    "softmax_fwd",
+    "softmax_bwd",
+    "causal_softmax_fwd",
+    "causal_softmax_bwd",
+    "cross_entropy_rows",
+    "sum_to_scalar",
+    "cross_entropy_bwd",
+];
+
+/// Warps (rows) per block of the one-warp-per-row kernels; matches `WARPS` in the `.cu` file.
+const WARPS: u32 = 8;
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        dt => bail!("brigade's CUDA kernels take f32 or bf16, got {dt:?}"),
+    }
+}
+
+fn function(dev: &CudaDevice, op: &str, dtype: DType) -> Result<candle_core::cuda_backend::CudaFunc> {
+    debug_assert!(OPS.contains(&op), "{op} missing from OPS");
+    dev.get_or_load_custom_func(&format!("{op}_{}", suffix(dtype)?), "brigade", PTX)
+}
+
+/// One warp per row.
+fn rows_config(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((rows as u32).div_ceil(WARPS).max(1), 1, 1), block_dim: (32 * WARPS, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn int(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("CUDA kernel argument {what} = {v} does not fit in i32")))
+}
+
+/// A dense view of `s` through `l`, refusing strided layouts.
+fn dense<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout, op: &str) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(s.as_cuda_slice::<T>()?.slice(start..end)),
+        None => bail!("{op}: the CUDA kernel needs a contiguous input, got strides {:?}", l.stride()),
+    }
+}
+
+fn alloc<T: CudaDType + DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: every caller's kernel writes all n elements before anything reads them.
+    unsafe { dev.alloc::<T>(n.max(1)) }
+}
+
+/// Runs `$body` with `$T` bound to the Rust type of `$dtype` (f32 or bf16).
+macro_rules! with_dtype {
+    ($dtype:expr, |$T:ident| $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            DType::BF16 => {
+                type $T = bf16;
+                $body
+            }
+            dt => bail!("brigade's CUDA kernels take f32 or bf16, got {dt:?}"),
+        }
+    };
+}
+
+pub(crate) fn gelu_tanh_fwd(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device();
+    let n = l.shape().elem_count();
+    with_dtype!(s.dtype(), |T| {
+        let x = dense::<T>(s, l, "gelu-tanh")?;
+        let y = alloc::<T>(dev, n)?;
+        let f = function(dev, "gelu_tanh_fwd", s.dtype())?;
+        let mut b = f.builder();
+        b.arg(&x).arg(&y).arg(&n);
+        // SAFETY: x and y hold n elements; the kernel reads x[0..n) and writes y[0..n).
+        unsafe { b.launch(LaunchConfig::for_num_elems(n.max(1) as u32)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), l.shape().clone()))
+    })
+}
+
+pub(crate) fn gelu_tanh_bwd(xs: &CudaStorage, xl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = xs.device();
+    let n = xl.shape().elem_count();
+    with_dtype!(xs.dtype(), |T| {
+        let x = dense::<T>(xs, xl, "gelu-tanh-bwd")?;
+        let dy = dense::<T>(gs, gl, "gelu-tanh-bwd")?;
+        let dx = alloc::<T>(dev, n)?;
+        let f = function(dev, "gelu_tanh_bwd", xs.dtype())?;
+        let mut b = f.builder();
+        b.arg(&x).arg(&dy).arg(&dx).arg(&n);
+        // SAFETY: all three hold n elements.
+        unsafe { b.launch(LaunchConfig::for_num_elems(n.max(1) as u32)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(dx, dev.clone()), xl.shape().clone()))
+    })
+}
+
+/// `(rows, c)` of a `(..., C)` tensor.
+fn rows_of(l: &Layout) -> (usize, usize) {
+    let c = l.dims().last().copied().unwrap_or(1);
+    (l.shape().elem_count().checked_div(c).unwrap_or(0), c)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn layer_norm_fwd(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout, bs: &CudaStorage, bl: &Layout, eps: f64) -> Result<(CudaStorage, Shape)> {
+    let dev = xs.device();
+    let (rows, c) = rows_of(xl);
+    with_dtype!(xs.dtype(), |T| {
+        let (x, w, bias) = (dense::<T>(xs, xl, "layer-norm")?, dense::<T>(ws, wl, "layer-norm")?, dense::<T>(bs, bl, "layer-norm")?);
+        let y = alloc::<T>(dev, rows * c)?;
+        let f = function(dev, "layer_norm_fwd", xs.dtype())?;
+        let (r, cc, e) = (int(rows, "rows")?, int(c, "C")?, eps as f32);
+        let mut b = f.builder();
+        b.arg(&x).arg(&w).arg(&bias).arg(&y).arg(&r).arg(&cc).arg(&e);
+        // SAFETY: x, y are rows·C; w, b are C.
+        unsafe { b.launch(rows_config(rows)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), xl.shape().clone()))
+    })
+}
+
+/// Rows per chunk of the weight-gradient partial sums: enough chunks to fill the GPU, few
+/// enough that the final reduction stays short.
+const LN_ROWS_PER_CHUNK: usize = 64;
+
+/// `[dx | dw | db]` packed, as the CPU op.
+pub(crate) fn layer_norm_bwd(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout, gs: &CudaStorage, gl: &Layout, eps: f64) -> Result<(CudaStorage, Shape)> {
+    let dev = xs.device();
+    let (rows, c) = rows_of(xl);
+    let n = rows * c;
+    with_dtype!(xs.dtype(), |T| {
+        let (x, w, dy) = (dense::<T>(xs, xl, "layer-norm-bwd")?, dense::<T>(ws, wl, "layer-norm-bwd")?, dense::<T>(gs, gl, "layer-norm-bwd")?);
+        let mut out = alloc::<T>(dev, n + 2 * c)?;
+        let stats = alloc::<f32>(dev, 2 * rows)?;
+        let chunks = rows.div_ceil(LN_ROWS_PER_CHUNK).max(1);
+        let partials = alloc::<f32>(dev, chunks * 2 * c)?;
+        let (r, cc, e, per) = (int(rows, "rows")?, int(c, "C")?, eps as f32, int(LN_ROWS_PER_CHUNK, "rows per chunk")?);
+        {
+            let mut dx = out.slice_mut(0..n.max(1));
+            let f = function(dev, "layer_norm_bwd_dx", xs.dtype())?;
+            let mut b = f.builder();
+            b.arg(&x).arg(&w).arg(&dy).arg(&mut dx).arg(&stats).arg(&r).arg(&cc).arg(&e);
+            // SAFETY: x, dy, dx are rows·C, w is C, stats is 2·rows.
+            unsafe { b.launch(rows_config(rows)) }.w()?;
+        }
+        {
+            let f = function(dev, "layer_norm_bwd_partial", xs.dtype())?;
+            let mut b = f.builder();
+            b.arg(&x).arg(&dy).arg(&stats).arg(&partials).arg(&r).arg(&cc).arg(&per);
+            let cfg = LaunchConfig { grid_dim: ((c as u32).div_ceil(256).max(1), chunks as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: partials is chunks·2C; each (column, chunk) thread writes its two cells.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        {
+            let mut dwb = out.slice_mut(n..n + 2 * c);
+            let k = int(chunks, "chunks")?;
+            let f = function(dev, "layer_norm_bwd_reduce", xs.dtype())?;
+            let mut b = f.builder();
+            b.arg(&partials).arg(&mut dwb).arg(&cc).arg(&k);
+            // SAFETY: dwb is the last 2C elements of out.
+            unsafe { b.launch(LaunchConfig::for_num_elems((2 * c).max(1) as u32)) }.w()?;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(n + 2 * c)))
+    })
+}
+
+pub(crate) fn softmax_fwd(s: &CudaStorage, l: &Layout, log: bool) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device();
+    let (rows, c) = rows_of(l);
+    with_dtype!(s.dtype(), |T| {
+        let x = dense::<T>(s, l, "softmax")?;
+        let y = alloc::<T>(dev, rows * c)?;
+        let f = function(dev, "softmax_fwd", s.dtype())?;
+        let (r, cc, lg) = (int(rows, "rows")?, int(c, "C")?, i32::from(log));
+        let mut b = f.builder();
+        b.arg(&x).arg(&y).arg(&r).arg(&cc).arg(&lg);
+        // SAFETY: x and y are rows·C.
+        unsafe { b.launch(rows_config(rows)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), l.shape().clone()))
+    })
+}
+
+pub(crate) fn softmax_bwd(ys: &CudaStorage, yl: &Layout, gs: &CudaStorage, gl: &Layout, log: bool) -> Result<(CudaStorage, Shape)> {
+    let dev = ys.device();
+    let (rows, c) = rows_of(yl);
+    with_dtype!(ys.dtype(), |T| {
+        let (y, dy) = (dense::<T>(ys, yl, "softmax-bwd")?, dense::<T>(gs, gl, "softmax-bwd")?);
+        let dx = alloc::<T>(dev, rows * c)?;
+        let f = function(dev, "softmax_bwd", ys.dtype())?;
+        let (r, cc, lg) = (int(rows, "rows")?, int(c, "C")?, i32::from(log));
+        let mut b = f.builder();
+        b.arg(&y).arg(&dy).arg(&dx).arg(&r).arg(&cc).arg(&lg);
+        // SAFETY: all three are rows·C.
+        unsafe { b.launch(rows_config(rows)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(dx, dev.clone()), yl.shape().clone()))
+    })
+}
+
+pub(crate) fn causal_softmax_fwd(s: &CudaStorage, l: &Layout, scale: f64) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device();
+    let (rows, t) = rows_of(l);
+    with_dtype!(s.dtype(), |T| {
+        let x = dense::<T>(s, l, "causal-softmax")?;
+        let y = alloc::<T>(dev, rows * t)?;
+        let f = function(dev, "causal_softmax_fwd", s.dtype())?;
+        let (r, tt, sc) = (int(rows, "rows")?, int(t, "T")?, scale as f32);
+        let mut b = f.builder();
+        b.arg(&x).arg(&y).arg(&r).arg(&tt).arg(&sc);
+        // SAFETY: x and y are rows·T.
+        unsafe { b.launch(rows_config(rows)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), l.shape().clone()))
+    })
+}
+
+pub(crate) fn causal_softmax_bwd(ps: &CudaStorage, pl: &Layout, gs: &CudaStorage, gl: &Layout, scale: f64) -> Result<(CudaStorage, Shape)> {
+    let dev = ps.device();
+    let (rows, t) = rows_of(pl);
+    with_dtype!(ps.dtype(), |T| {
+        let (p, dp) = (dense::<T>(ps, pl, "causal-softmax-bwd")?, dense::<T>(gs, gl, "causal-softmax-bwd")?);
+        let ds = alloc::<T>(dev, rows * t)?;
+        let f = function(dev, "causal_softmax_bwd", ps.dtype())?;
+        let (r, tt, sc) = (int(rows, "rows")?, int(t, "T")?, scale as f32);
+        let mut b = f.builder();
+        b.arg(&p).arg(&dp).arg(&ds).arg(&r).arg(&tt).arg(&sc);
+        // SAFETY: all three are rows·T.
+        unsafe { b.launch(rows_config(rows)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(ds, dev.clone()), pl.shape().clone()))
+    })
+}
+
+/// The summed loss as a device scalar: per-row losses, then one fixed-order block reduction.
+pub(crate) fn cross_entropy_sum(ls: &CudaStorage, ll: &Layout, ts: &CudaStorage, tl: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = ls.device();
+    let (rows, v) = rows_of(ll);
+    with_dtype!(ls.dtype(), |T| {
+        let logits = dense::<T>(ls, ll, "cross-entropy-sum")?;
+        let targets = dense::<u32>(ts, tl, "cross-entropy-sum")?;
+        let row_loss = alloc::<f32>(dev, rows)?;
+        let (r, vv) = (int(rows, "rows")?, int(v, "V")?);
+        {
+            let f = function(dev, "cross_entropy_rows", ls.dtype())?;
+            let mut b = f.builder();
+            b.arg(&logits).arg(&targets).arg(&row_loss).arg(&r).arg(&vv);
+            // SAFETY: logits rows·V, targets and row_loss rows.
+            unsafe { b.launch(rows_config(rows)) }.w()?;
+        }
+        let out = alloc::<T>(dev, 1)?;
+        {
+            let f = function(dev, "sum_to_scalar", ls.dtype())?;
+            let mut b = f.builder();
+            b.arg(&row_loss).arg(&out).arg(&r);
+            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: one block reads rows floats and writes out[0].
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(())))
+    })
+}
+
+pub(crate) fn cross_entropy_sum_bwd(ls: &CudaStorage, ll: &Layout, ts: &CudaStorage, tl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = ls.device();
+    let (rows, v) = rows_of(ll);
+    with_dtype!(ls.dtype(), |T| {
+        let logits = dense::<T>(ls, ll, "cross-entropy-sum-bwd")?;
+        let targets = dense::<u32>(ts, tl, "cross-entropy-sum-bwd")?;
+        let g = dense::<T>(gs, gl, "cross-entropy-sum-bwd")?;
+        let d = alloc::<T>(dev, rows * v)?;
+        let f = function(dev, "cross_entropy_bwd", ls.dtype())?;
+        let (r, vv) = (int(rows, "rows")?, int(v, "V")?);
+        let mut b = f.builder();
+        b.arg(&logits).arg(&targets).arg(&g).arg(&d).arg(&r).arg(&vv);
+        // SAFETY: logits and d are rows·V, targets rows, g one element.
+        unsafe { b.launch(rows_config(rows)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(d, dev.clone()), ll.shape().clone()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel launched from Rust is in the compiled module, for both dtypes, and the
+    /// module holds nothing Rust does not launch. Runs without a GPU.
+    #[test]
+    fn every_launched_kernel_is_in_the_module() {
+        let entries: Vec<&str> = PTX
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(".visible .entry "))
+            .map(|l| l.split('(').next().unwrap_or("").trim())
+            .collect();
+        let mut wanted: Vec<String> = OPS.iter().flat_map(|op| [format!("{op}_f32"), format!("{op}_bf16")]).collect();
+        for w in &wanted {
+            assert!(entries.contains(&w.as_str()), "kernel {w} is launched from Rust but missing from the PTX");
+        }
+        let mut got: Vec<String> = entries.iter().map(|s| s.to_string()).collect();
+        got.sort();
+        wanted.sort();
+        assert_eq!(got, wanted, "the module and the launched list differ");
+    }
+}
