@@ -142,17 +142,25 @@ __device__ void layer_norm_bwd_reduce(const float* partials, T* out, int c, int 
 
 // ---- softmax over the last dimension -------------------------------------------------------
 
+// The max and sum(exp(x·scale - max)) of the first n elements of a row (one warp).
+template <typename T>
+__device__ void row_max_sumexp(const T* xr, int n, float scale, float* max, float* sum) {
+    float m = -INFINITY;
+    for (int i = lane(); i < n; i += 32) m = fmaxf(m, to_f(xr[i]) * scale);
+    m = warp_max(m);
+    float s = 0.0f;
+    for (int i = lane(); i < n; i += 32) s += expf(to_f(xr[i]) * scale - m);
+    *max = m;
+    *sum = warp_sum(s);
+}
+
 template <typename T>
 __device__ void softmax_fwd(const T* x, T* y, int rows, int c, int log) {
     int r = warp_row();
     if (r >= rows) return;
     const T* xr = x + (size_t)r * c;
-    float m = -INFINITY;
-    for (int i = lane(); i < c; i += 32) m = fmaxf(m, to_f(xr[i]));
-    m = warp_max(m);
-    float s = 0.0f;
-    for (int i = lane(); i < c; i += 32) s += expf(to_f(xr[i]) - m);
-    s = warp_sum(s);
+    float m, s;
+    row_max_sumexp(xr, c, 1.0f, &m, &s);
     float lse = logf(s), inv = 1.0f / s;
     for (int i = lane(); i < c; i += 32) {
         float v = to_f(xr[i]) - m;
@@ -184,12 +192,9 @@ __device__ void causal_softmax_fwd(const T* scores, T* probs, int rows, int t, f
     if (r >= rows) return;
     int q = r % t;
     size_t o = (size_t)r * t;
-    float m = -INFINITY;
-    for (int j = lane(); j <= q; j += 32) m = fmaxf(m, to_f(scores[o + j]) * scale);
-    m = warp_max(m);
-    float s = 0.0f;
-    for (int j = lane(); j <= q; j += 32) s += expf(to_f(scores[o + j]) * scale - m);
-    float inv = 1.0f / warp_sum(s);
+    float m, s;
+    row_max_sumexp(scores + o, q + 1, scale, &m, &s);
+    float inv = 1.0f / s;
     for (int j = lane(); j < t; j += 32)
         probs[o + j] = from_f<T>(j <= q ? expf(to_f(scores[o + j]) * scale - m) * inv : 0.0f);
 }
@@ -219,12 +224,8 @@ __device__ void cross_entropy_rows(const T* logits, const uint32_t* targets, flo
     int r = warp_row();
     if (r >= rows) return;
     const T* xr = logits + (size_t)r * v;
-    float m = -INFINITY;
-    for (int i = lane(); i < v; i += 32) m = fmaxf(m, to_f(xr[i]));
-    m = warp_max(m);
-    float s = 0.0f;
-    for (int i = lane(); i < v; i += 32) s += expf(to_f(xr[i]) - m);
-    s = warp_sum(s);
+    float m, s;
+    row_max_sumexp(xr, v, 1.0f, &m, &s);
     if (lane() == 0) {
         uint32_t t = targets[r];
         row_loss[r] = t < (uint32_t)v ? m + logf(s) - to_f(xr[t]) : NAN;
@@ -253,12 +254,8 @@ __device__ void cross_entropy_bwd(const T* logits, const uint32_t* targets, cons
     int r = warp_row();
     if (r >= rows) return;
     const T* xr = logits + (size_t)r * v;
-    float m = -INFINITY;
-    for (int i = lane(); i < v; i += 32) m = fmaxf(m, to_f(xr[i]));
-    m = warp_max(m);
-    float s = 0.0f;
-    for (int i = lane(); i < v; i += 32) s += expf(to_f(xr[i]) - m);
-    s = warp_sum(s);
+    float m, s;
+    row_max_sumexp(xr, v, 1.0f, &m, &s);
     float gs = to_f(g[0]), inv = 1.0f / s;
     uint32_t t = targets[r];
     for (int i = lane(); i < v; i += 32)
