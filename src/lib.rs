@@ -10,6 +10,7 @@
 //! - [`models`]: GPT-2 and ResNet presets, datasets.
 //! - [`kernels`]: differentiable fused ops.
 //! - [`train`]: the training loop the CLI uses.
+//! - [`generate`]: text generation (KV-cache decoding, samplers).
 //! - [`bench`]: runs layouts and schedules, measures them against the simulator, draws timelines.
 
 pub use brigade_engine as engine;
@@ -18,6 +19,7 @@ pub use brigade_models as models;
 
 pub mod bench;
 pub mod checkpoint;
+pub mod generate;
 pub mod train;
 
 /// Everything a training script usually needs.

@@ -5,9 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use brigade::engine::InputKind;
-use candle_core::{Device, Tensor};
 use clap::Args;
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use brigade::generate::{Decoding, Sampling};
 
 use super::inference::inference_pipeline;
 
@@ -28,27 +27,36 @@ pub struct GenerateArgs {
     /// 0: greedy; otherwise sample from softmax(logits / temperature).
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
+    /// Sample only among the K most likely tokens (with --temperature above 0).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling: only among the most likely tokens whose probability reaches P.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Recompute the whole window for every token instead of using the KV cache (slow; for
+    /// comparison).
+    #[arg(long)]
+    no_cache: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long)]
     stages: Option<usize>,
 }
 
-/// Most tokens one `generate` produces: each token is a full forward pass over the context, so
-/// more would run for hours; a larger request is refused rather than left to look hung.
+/// Most tokens one `generate` produces; a larger request is refused rather than left to look
+/// hung.
 const MAX_GENERATE_TOKENS: usize = 100_000;
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     if args.tokens > MAX_GENERATE_TOKENS {
         bail!("--tokens {} is more than the {MAX_GENERATE_TOKENS} one run generates; ask for fewer", args.tokens);
     }
+    let sampling = Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p };
+    sampling.validate()?;
     let (mut pipeline, model) = inference_pipeline(&args.checkpoint, None, args.stages, None, 1)?;
     let InputKind::Tokens { vocab, context } = model.input() else {
         bail!("{} is not a language model; `generate` needs a GPT checkpoint", model.name());
     };
-    if args.temperature < 0.0 || !args.temperature.is_finite() {
-        bail!("temperature must be a non-negative number, got {}", args.temperature);
-    }
     let byte_level = vocab <= 256;
     let mut ids: Vec<u32> = match &args.prompt_ids {
         Some(list) => list
@@ -70,43 +78,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ids.push(if byte_level { b'\n' as u32 } else { 0 });
     }
     let prompt_len = ids.len();
-    let mut rng = StdRng::seed_from_u64(args.seed);
+    let decoding = if args.no_cache { Decoding::FullWindow } else { Decoding::Cached };
     let started = std::time::Instant::now();
     // Streamed: the prompt, then each token as soon as it exists, so a long generation shows
     // progress (and can be stopped) instead of printing everything at the end.
     let mut out = Utf8Stream::new(byte_level);
     out.push(&ids)?;
-    for _ in 0..args.tokens {
-        let window = &ids[ids.len().saturating_sub(context)..];
-        let x = Tensor::new(window, &Device::Cpu)?.unsqueeze(0)?;
-        let logits = pipeline.predict(&x)?; // (1, T, V)
-        let last: Vec<f32> = logits.get(0)?.get(window.len() - 1)?.to_vec1()?;
-        let next = if args.temperature == 0.0 {
-            last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0)
-        } else {
-            let max = last.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let weights: Vec<f64> = last.iter().map(|&l| ((l as f64 - max) / args.temperature).exp()).collect();
-            let total: f64 = weights.iter().sum();
-            let mut pick = rng.random::<f64>() * total;
-            let mut chosen = weights.len() - 1;
-            for (i, w) in weights.iter().enumerate() {
-                if pick < *w {
-                    chosen = i;
-                    break;
-                }
-                pick -= w;
-            }
-            chosen
-        };
-        ids.push(next as u32);
-        out.push(&[next as u32])?;
-    }
+    brigade::generate::generate(&mut pipeline, context, &ids, args.tokens, sampling, decoding, args.seed, |next| {
+        out.push(&[next]).map_err(|e| brigade::Error::Config(format!("writing the output: {e}")))
+    })?;
     out.finish()?;
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!(
-        "{} tokens in {elapsed:.2}s ({:.1} tok/s) on {} stages, prompt {prompt_len} tokens",
+        "{} tokens in {elapsed:.2}s ({:.1} tok/s, {}) on {} stages, prompt {prompt_len} tokens",
         args.tokens,
         args.tokens as f64 / elapsed.max(1e-9),
+        if args.no_cache { "full window" } else { "KV cache" },
         pipeline.partition().stages()
     );
     Ok(())
