@@ -11,6 +11,7 @@
 //! - [`kernels`]: differentiable fused ops.
 //! - [`train`]: the training loop the CLI uses.
 //! - [`generate`]: text generation (KV-cache decoding, samplers).
+//! - [`metrics`], [`plot`]: the JSON-lines record of a run, and charts of runs.
 //! - [`bench`]: runs layouts and schedules, measures them against the simulator, draws timelines.
 
 pub use brigade_engine as engine;
@@ -20,6 +21,8 @@ pub use brigade_models as models;
 pub mod bench;
 pub mod checkpoint;
 pub mod generate;
+pub mod metrics;
+pub mod plot;
 pub mod train;
 
 /// Everything a training script usually needs.

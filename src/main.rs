@@ -54,6 +54,8 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     /// Predict a step of any schedule (built-in or a file) from a saved profile.
     Simulate(cmd::simulate::SimulateArgs),
+    /// Draw loss and throughput curves of runs (their metrics logs) to SVG and PNG.
+    Plot(cmd::plot::PlotArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +76,7 @@ fn main() -> ExitCode {
         Command::Plan(args) => cmd::plan::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Simulate(args) => cmd::simulate::run(args),
+        Command::Plot(args) => cmd::plot::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@ pub mod inference;
 pub mod inspect;
 pub mod model;
 pub mod plan;
+pub mod plot;
 pub mod predict;
 pub mod presets;
 pub mod profile;
