@@ -12,6 +12,7 @@
 //! - [`train`]: the training loop the CLI uses.
 //! - [`generate`]: text generation (KV-cache decoding, samplers).
 //! - [`metrics`], [`plot`]: the JSON-lines record of a run, and charts of runs.
+//! - [`tokenizer`]: Hugging Face tokenizers: load `tokenizer.json`, train byte-level BPE.
 //! - [`bench`]: runs layouts and schedules, measures them against the simulator, draws timelines.
 
 pub use brigade_engine as engine;
@@ -23,6 +24,7 @@ pub mod checkpoint;
 pub mod generate;
 pub mod metrics;
 pub mod plot;
+pub mod tokenizer;
 pub mod train;
 
 /// Everything a training script usually needs.

@@ -96,6 +96,10 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
     let two_stage = file("two.schedule", b"stage 0: 0F0 0B0\nstage 1: 1F0 1B0\n");
     let deadlock = file("deadlock.schedule", b"stage 0: 0F0 0B0 0F1 0B1\nstage 1: 1F1 1F0 1B0 1B1\n");
     let save_as_file = file("a-file", b"x");
+    let latin1 = file("latin1.txt", b"caf\xe9 au lait\n");
+    let tok300 = root.join("tok300.json");
+    brigade::tokenizer::TextTokenizer::train_bpe(&[concat!(env!("CARGO_MANIFEST_DIR"), "/README.md").into()], 300, 2).unwrap().save(&tok300).unwrap();
+    let tok300 = tok300.to_str().unwrap().to_string();
     let no_steps = file("no-steps.jsonl", b"{\"event\":\"run\",\"label\":\"x\"}\n");
     let bad_step = file("bad-step.jsonl", b"{\"event\":\"run\"}\n{\"event\":\"step\",\"step\":1}\n");
     let ids = |name: &str, t: Tensor| -> String {
@@ -225,6 +229,21 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
         (vec!["generate", "--checkpoint", &s, "--stages", "0"], 1, "--stages must be at least 1"),
         (vec!["generate", "--checkpoint", &s, "--temperature", "1", "--top-k", "0"], 1, "top-k must be at least 1"),
         (vec!["generate", "--checkpoint", &s, "--temperature", "1", "--top-p", "1.5"], 1, "top-p must be in (0, 1]"),
+        // tokenizers
+        (vec!["tokenizer", "train", "--vocab-size", "100", readme], 1, "--vocab-size 100 is too small"),
+        (vec!["tokenizer", "train", "--vocab-size", "300", "/nonexistent/corpus.txt"], 1, "text file /nonexistent/corpus.txt does not exist"),
+        (vec!["tokenizer", "train", "--vocab-size", "300", &empty], 1, "is empty"),
+        (vec!["tokenizer", "train", "--vocab-size", "300", readme, "--out", &a_dir], 1, "is a directory"),
+        (vec!["tokenize", "--tokenizer", "/nonexistent/tok.json", readme, "--out", &out_dir], 1, "tokenizer file /nonexistent/tok.json does not exist"),
+        (vec!["tokenize", "--tokenizer", &not_st, readme, "--out", &out_dir], 1, "is not a valid Hugging Face tokenizer.json"),
+        (vec!["tokenize", "--tokenizer", &empty_dir, readme, "--out", &out_dir], 1, "has no tokenizer.json"),
+        (vec!["tokenize", "--tokenizer", &tok300, &latin1, "--out", &out_dir], 1, "is not UTF-8 text (invalid byte at offset 3)"),
+        (vec!["tokenize", "--tokenizer", &tok300, readme, "--out", readme], 1, "is one of the input files"),
+        (vec!["train", "--tokenizer", &tok300], 1, "--tokenizer needs a text file to tokenize"),
+        (vec!["train", "--tokenizer", &tok300, "--data", readme, "--vocab", "256"], 1, "has 300 tokens, more than the model's vocabulary of 256"),
+        (vec!["train", "--tokenizer", &not_st, "--data", readme], 1, "is not a valid Hugging Face tokenizer.json"),
+        (vec!["generate", "--checkpoint", &s, "--tokenizer", &tok300], 1, "has 300 tokens, more than the model's vocabulary of 256"),
+        (vec!["export", "--checkpoint", &s, "--out", &out_dir, "--tokenizer", "/nonexistent/tok.json"], 1, "does not exist"),
         // the metrics log and plot
         (vec!["train", "--log", &a_dir], 1, "is a directory"),
         (vec!["train", "--log", &in_log], 1, "--log is inside the checkpoint"),

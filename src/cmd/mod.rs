@@ -14,6 +14,7 @@ pub mod presets;
 pub mod profile;
 pub mod schedule;
 pub mod simulate;
+pub mod tokenizer;
 pub mod train;
 
 use anyhow::Result;

@@ -8,6 +8,7 @@ use anyhow::{bail, Result};
 use brigade::engine::PipelineModel;
 use brigade::models::data::{ImageDataset, TokenDataset};
 use brigade::models::ModelConfig;
+use brigade::tokenizer::TextTokenizer;
 use brigade::train::Dataset;
 use clap::Args;
 
@@ -20,6 +21,10 @@ pub struct ModelArgs {
     /// safetensors file with `images` and `labels`. Default: an embedded generated set.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// GPT: tokenize a text --data file with this tokenizer (a tokenizer.json, or a directory
+    /// holding one) on the fly; the model's vocabulary defaults to the tokenizer's.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// GPT: sequence length (and context) override.
     #[arg(long)]
     pub context: Option<usize>,
@@ -51,6 +56,8 @@ impl ModelArgs {
             ModelConfig::Gpt(mut cfg) => {
                 if let Some(v) = self.vocab {
                     cfg = cfg.with_vocab_size(v);
+                } else if let Some(tok) = self.text_tokenizer()? {
+                    cfg = cfg.with_vocab_size(tok.vocab_size());
                 }
                 if let Some(t) = self.context {
                     cfg = cfg.with_n_positions(t);
@@ -71,13 +78,24 @@ impl ModelArgs {
         })
     }
 
+    /// `--tokenizer`, loaded.
+    pub fn text_tokenizer(&self) -> Result<Option<TextTokenizer>> {
+        Ok(self.tokenizer.as_deref().map(TextTokenizer::load).transpose()?)
+    }
+
     /// The data a model of `config`'s family trains on: `--data`, or the embedded default
     /// (`seed` picks it).
     pub fn data_for(&self, config: &ModelConfig, seed: u64) -> Result<Dataset> {
         Ok(match config {
-            ModelConfig::Gpt(_) => Dataset::Tokens(match &self.data {
-                Some(path) => TokenDataset::from_path(path)?,
-                None => TokenDataset::embedded(seed),
+            ModelConfig::Gpt(cfg) => Dataset::Tokens(match (&self.data, self.text_tokenizer()?) {
+                (Some(path), Some(tok)) if !is_token_file(path) => tokenized_text(path, &tok, cfg.vocab_size)?,
+                (Some(path), Some(tok)) => {
+                    check_tokenizer_fits(&tok, cfg.vocab_size)?;
+                    TokenDataset::from_path(path)?
+                }
+                (Some(path), None) => TokenDataset::from_path(path)?,
+                (None, Some(_)) => bail!("--tokenizer needs a text file to tokenize: give it with --data"),
+                (None, None) => TokenDataset::embedded(seed),
             }),
             ModelConfig::Resnet(_) => Dataset::Images(match &self.data {
                 Some(path) => ImageDataset::from_safetensors(path)?,
@@ -110,6 +128,47 @@ impl ModelArgs {
         check_fits(&format!("{} with AdamW", model.name()), needed, &detail)?;
         Ok((model, data))
     }
+}
+
+/// A nanoGPT-style token file (`.bin`), as opposed to text.
+fn is_token_file(path: &std::path::Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("bin"))
+}
+
+/// A tokenizer whose ids the model cannot embed is refused, naming both sizes.
+fn check_tokenizer_fits(tok: &TextTokenizer, model_vocab: usize) -> Result<()> {
+    if tok.vocab_size() > model_vocab {
+        bail!(
+            "the tokenizer {} has {} tokens, more than the model's vocabulary of {model_vocab}; use --vocab {} or more (or drop --vocab)",
+            tok.source(),
+            tok.vocab_size(),
+            tok.vocab_size()
+        );
+    }
+    Ok(())
+}
+
+/// A text file tokenized on the fly (in parallel), as a token dataset.
+fn tokenized_text(path: &std::path::Path, tok: &TextTokenizer, model_vocab: usize) -> Result<TokenDataset> {
+    check_tokenizer_fits(tok, model_vocab)?;
+    if !path.exists() {
+        bail!("--data {} does not exist", path.display());
+    }
+    if tok.vocab_size() > 1 << 16 {
+        bail!(
+            "the tokenizer {} has {} tokens; token datasets hold 16-bit ids (at most 65536 tokens)",
+            tok.source(),
+            tok.vocab_size()
+        );
+    }
+    let text = brigade::tokenizer::read_text(path)?;
+    let started = std::time::Instant::now();
+    let ids = tok.encode_large(&text, |_| {})?;
+    let n = ids.len();
+    eprintln!("tokenized {} ({:.1} MB) into {n} tokens in {:.2}s", path.display(), text.len() as f64 / 1e6, started.elapsed().as_secs_f64());
+    let ids: Vec<u16> = ids.into_iter().map(|i| i as u16).collect();
+    let source = format!("{} tokenized with {} ({n} tokens)", path.display(), tok.source());
+    Ok(TokenDataset::from_tokens(source, ids, model_vocab)?)
 }
 
 /// A ResNet's class and channel counts follow its data.

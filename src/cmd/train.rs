@@ -345,8 +345,19 @@ fn train_options(args: &TrainArgs, steps: u64) -> TrainOptions {
     }
 }
 
-pub fn run(args: TrainArgs) -> Result<()> {
+pub fn run(mut args: TrainArgs) -> Result<()> {
     check_train_args(&args)?;
+    // A text --data without --tokenizer uses the tokenizer of the run it resumes, or of the
+    // Hugging Face directory it starts from, when there is one; otherwise it is bytes.
+    let text_data = args.model.data.as_ref().is_some_and(|d| !d.extension().is_some_and(|e| e.eq_ignore_ascii_case("bin")));
+    if args.model.tokenizer.is_none() && text_data {
+        let from_init = args.init_from.as_ref().map(|p| p.join(brigade::tokenizer::TOKENIZER_FILE)).filter(|f| f.is_file());
+        let found = args.resume.as_deref().and_then(brigade::tokenizer::TextTokenizer::find_near).or(from_init);
+        if let Some(found) = found {
+            println!("tokenizer {}", found.display());
+            args.model.tokenizer = Some(found);
+        }
+    }
     let schedule = super::schedule::schedule_choice(&args.schedule)?;
     let (stages, microbatches) = super::schedule::layout_counts(&schedule, args.stages, args.microbatches, (2, 4))?;
     let (model, data, start) = model_and_data(&args)?;
@@ -414,6 +425,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
             plural(p.microbatches(), "micro-batch", "micro-batches"),
             batch / p.microbatches().max(1)
         );
+    }
+    // The tokenizer goes with the run's checkpoints, for `generate`, `export` and resuming.
+    if let (Some(dir), Some(tok)) = (&args.save_dir, args.model.text_tokenizer()?) {
+        let dest = dir.join(brigade::tokenizer::TOKENIZER_FILE);
+        if args.model.tokenizer.as_deref().and_then(|t| t.canonicalize().ok()) != dest.canonicalize().ok() {
+            tok.save(&dest)?;
+        }
     }
     let mut log = open_log(&args, &mut trainer, first_step)?;
     let summary = train_with_progress(&mut trainer, args.plain, steps, log.as_mut())?;
