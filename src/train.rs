@@ -163,6 +163,8 @@ pub struct Summary {
     pub stage_utilization: Vec<f64>,
     /// Median wall time of one training step.
     pub median_step: Duration,
+    /// Median time a step spent getting its batch (before the pipeline runs it).
+    pub median_data: Duration,
 }
 
 /// A model, its data and a running pipeline.
@@ -435,8 +437,10 @@ impl Trainer {
         let mut busy = vec![Duration::ZERO; self.pipeline.partition().stages()];
         let mut step_time = Duration::ZERO;
         let mut step_times = Vec::new();
+        let mut data_times = Vec::new();
         for _ in start..self.options.steps {
             let (stats, data_time) = self.step_timed()?;
+            data_times.push(data_time);
             // A diverged step must never reach a checkpoint (the save's own scan would refuse
             // NaN weights too; this names the cause, one step earlier).
             if !stats.loss.is_finite() || !stats.grad_norm.is_finite() {
@@ -485,6 +489,10 @@ impl Trainer {
             median_step: {
                 step_times.sort();
                 step_times.get(step_times.len() / 2).copied().unwrap_or_default()
+            },
+            median_data: {
+                data_times.sort();
+                data_times.get(data_times.len() / 2).copied().unwrap_or_default()
             },
         })
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use brigade::engine::PipelineModel;
-use brigade::models::data::{ImageDataset, TokenDataset};
+use brigade::models::data::{Augment, ImageDataset, TokenDataset};
 use brigade::models::ModelConfig;
 use brigade::tokenizer::TextTokenizer;
 use brigade::train::Dataset;
@@ -17,8 +17,10 @@ pub struct ModelArgs {
     /// Model preset (see `brigade presets`); default gpt-tiny (with --resume: the checkpoint's).
     #[arg(long)]
     pub model: Option<String>,
-    /// Training data: a text file (byte-level), a nanoGPT .bin token file, or (ResNet) a
-    /// safetensors file with `images` and `labels`. Default: an embedded generated set.
+    /// Training data: a text file (byte-level, or --tokenizer), a nanoGPT .bin token file, or
+    /// (ResNet) an image folder (DIR/<class>/*.png|jpg), CIFAR-10 binary (a .bin file or the
+    /// cifar-10-batches-bin directory), or a safetensors file with `images` and `labels`.
+    /// Default: an embedded generated set.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// GPT: tokenize a text --data file with this tokenizer (a tokenizer.json, or a directory
@@ -40,9 +42,14 @@ pub struct ModelArgs {
     /// GPT: vocabulary size (default: the preset's, or 256 for byte-level text).
     #[arg(long)]
     pub vocab: Option<usize>,
-    /// ResNet: image side for the embedded shapes set.
+    /// ResNet: image side for the embedded shapes set, and the side image-folder images are
+    /// resized to.
     #[arg(long, default_value_t = 32)]
     pub image_size: usize,
+    /// ResNet on an image folder or CIFAR-10: train without the random crop (padding 4) and
+    /// horizontal flip augmentation.
+    #[arg(long)]
+    pub no_augment: bool,
 }
 
 impl ModelArgs {
@@ -78,6 +85,15 @@ impl ModelArgs {
         })
     }
 
+    /// The training augmentation for image files.
+    fn augment(&self) -> Augment {
+        if self.no_augment {
+            Augment::default()
+        } else {
+            Augment::standard()
+        }
+    }
+
     /// `--tokenizer`, loaded.
     pub fn text_tokenizer(&self) -> Result<Option<TextTokenizer>> {
         Ok(self.tokenizer.as_deref().map(TextTokenizer::load).transpose()?)
@@ -98,6 +114,8 @@ impl ModelArgs {
                 (None, None) => TokenDataset::embedded(seed),
             }),
             ModelConfig::Resnet(_) => Dataset::Images(match &self.data {
+                Some(path) if is_cifar(path) => ImageDataset::from_cifar10(path)?.with_augment(self.augment()),
+                Some(path) if path.is_dir() => ImageDataset::from_image_folder(path, self.image_size)?.with_augment(self.augment()),
                 Some(path) => ImageDataset::from_safetensors(path)?,
                 None => {
                     // 6000 RGB images of f32 pixels, drawn up front.
@@ -128,6 +146,11 @@ impl ModelArgs {
         check_fits(&format!("{} with AdamW", model.name()), needed, &detail)?;
         Ok((model, data))
     }
+}
+
+/// CIFAR-10 binary data: a `.bin` file or a directory of them.
+fn is_cifar(path: &std::path::Path) -> bool {
+    is_token_file(path) || ["data_batch_1.bin", "test_batch.bin"].iter().any(|f| path.join(f).is_file())
 }
 
 /// A nanoGPT-style token file (`.bin`), as opposed to text.

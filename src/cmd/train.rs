@@ -537,8 +537,9 @@ fn print_summary(summary: &Summary) {
     );
     let utilization: Vec<String> = summary.stage_utilization.iter().map(|u| format!("{:.0}%", 100.0 * u)).collect();
     println!(
-        "median step {:.3}s; stage utilization (busy / step time): {}",
+        "median step {:.3}s (+ {:.1} ms getting its batch); stage utilization (busy / step time): {}",
         summary.median_step.as_secs_f64(),
+        summary.median_data.as_secs_f64() * 1e3,
         utilization.join(", ")
     );
 }
