@@ -100,6 +100,13 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
     let tok300 = root.join("tok300.json");
     brigade::tokenizer::TextTokenizer::train_bpe(&[concat!(env!("CARGO_MANIFEST_DIR"), "/README.md").into()], 300, 2).unwrap().save(&tok300).unwrap();
     let tok300 = tok300.to_str().unwrap().to_string();
+    let cifar_cut = file("cifar.bin", &[0u8; 3000]);
+    let bad_images = root.join("bad-images");
+    std::fs::create_dir_all(bad_images.join("cat")).unwrap();
+    for f in ["x.png", "y.jpg"] {
+        std::fs::write(bad_images.join("cat").join(f), b"\x89PNG truncated").unwrap();
+    }
+    let bad_images = bad_images.to_str().unwrap().to_string();
     let no_steps = file("no-steps.jsonl", b"{\"event\":\"run\",\"label\":\"x\"}\n");
     let bad_step = file("bad-step.jsonl", b"{\"event\":\"run\"}\n{\"event\":\"step\",\"step\":1}\n");
     let ids = |name: &str, t: Tensor| -> String {
@@ -244,6 +251,11 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
         (vec!["train", "--tokenizer", &not_st, "--data", readme], 1, "is not a valid Hugging Face tokenizer.json"),
         (vec!["generate", "--checkpoint", &s, "--tokenizer", &tok300], 1, "has 300 tokens, more than the model's vocabulary of 256"),
         (vec!["export", "--checkpoint", &s, "--out", &out_dir, "--tokenizer", "/nonexistent/tok.json"], 1, "does not exist"),
+        // image folders and CIFAR-10
+        (vec!["train", "--model", "resnet-tiny", "--data", &empty_dir], 1, "has no class folders"),
+        (vec!["train", "--model", "resnet-tiny", "--data", &bad_images], 1, "x.png: cannot decode the image"),
+        (vec!["train", "--model", "resnet-tiny", "--data", &cifar_cut], 1, "3000 bytes is not a whole number of CIFAR-10 records"),
+        (vec!["train", "--model", "resnet-tiny", "--data", "/nonexistent/images"], 1, "/nonexistent/images does not exist"),
         // the metrics log and plot
         (vec!["train", "--log", &a_dir], 1, "is a directory"),
         (vec!["train", "--log", &in_log], 1, "--log is inside the checkpoint"),
