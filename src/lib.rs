@@ -10,6 +10,9 @@
 //! - [`models`]: GPT-2 and ResNet presets, datasets.
 //! - [`kernels`]: differentiable fused ops.
 //! - [`train`]: the training loop the CLI uses.
+//! - [`generate`]: text generation (KV-cache decoding, samplers).
+//! - [`metrics`], [`plot`]: the JSON-lines record of a run, and charts of runs.
+//! - [`tokenizer`]: Hugging Face tokenizers: load `tokenizer.json`, train byte-level BPE.
 //! - [`bench`]: runs layouts and schedules, measures them against the simulator, draws timelines.
 
 pub use brigade_engine as engine;
@@ -18,6 +21,10 @@ pub use brigade_models as models;
 
 pub mod bench;
 pub mod checkpoint;
+pub mod generate;
+pub mod metrics;
+pub mod plot;
+pub mod tokenizer;
 pub mod train;
 
 /// Everything a training script usually needs.

@@ -54,6 +54,12 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     /// Predict a step of any schedule (built-in or a file) from a saved profile.
     Simulate(cmd::simulate::SimulateArgs),
+    /// Train a tokenizer (byte-level BPE) on text files.
+    Tokenizer(cmd::tokenizer::TokenizerArgs),
+    /// Turn text files into a token file (.bin) with a tokenizer.
+    Tokenize(cmd::tokenizer::TokenizeArgs),
+    /// Draw loss and throughput curves of runs (their metrics logs) to SVG and PNG.
+    Plot(cmd::plot::PlotArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +80,9 @@ fn main() -> ExitCode {
         Command::Plan(args) => cmd::plan::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Simulate(args) => cmd::simulate::run(args),
+        Command::Plot(args) => cmd::plot::run(args),
+        Command::Tokenizer(args) => cmd::tokenizer::run(args),
+        Command::Tokenize(args) => cmd::tokenizer::tokenize(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

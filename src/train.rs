@@ -141,7 +141,9 @@ fn claim_save_dir(policy: &CheckpointPolicy, resumed: Option<&CheckpointMeta>) -
 /// Progress reported while training.
 #[derive(Debug, Clone)]
 pub enum Event {
-    Step { stats: StepStats, items_per_sec: f64 },
+    /// A training step; `data_seconds` is the time spent getting its batch, before the step
+    /// (a pipeline waiting on data shows here, not in `stats.elapsed`).
+    Step { stats: StepStats, items_per_sec: f64, data_seconds: f64 },
     Eval { step: u64, stats: EvalStats },
     Saved { step: u64, checkpoint: SavedCheckpoint, seconds: f64 },
 }
@@ -161,6 +163,8 @@ pub struct Summary {
     pub stage_utilization: Vec<f64>,
     /// Median wall time of one training step.
     pub median_step: Duration,
+    /// Median time a step spent getting its batch (before the pipeline runs it).
+    pub median_data: Duration,
 }
 
 /// A model, its data and a running pipeline.
@@ -367,6 +371,12 @@ impl Trainer {
 
     /// One optimizer step on the next training batch.
     pub fn step(&mut self) -> Result<StepStats, Error> {
+        Ok(self.step_timed()?.0)
+    }
+
+    /// A training step and the time spent getting its batch.
+    fn step_timed(&mut self) -> Result<(StepStats, Duration), Error> {
+        let started = Instant::now();
         let index = self.pipeline.steps_taken();
         let (x, y) = match &self.data {
             Dataset::Tokens(d) => d.batch(
@@ -381,7 +391,8 @@ impl Trainer {
                 d.batch(Split::Train, index, self.options.batch_size, self.options.data_seed, &self.device)?
             }
         };
-        Ok(self.pipeline.train_step(&x, &y)?)
+        let data_time = started.elapsed();
+        Ok((self.pipeline.train_step(&x, &y)?, data_time))
     }
 
     /// Loss (and accuracy) on `options.eval_batches` batches of the validation split, one
@@ -426,8 +437,10 @@ impl Trainer {
         let mut busy = vec![Duration::ZERO; self.pipeline.partition().stages()];
         let mut step_time = Duration::ZERO;
         let mut step_times = Vec::new();
+        let mut data_times = Vec::new();
         for _ in start..self.options.steps {
-            let stats = self.step()?;
+            let (stats, data_time) = self.step_timed()?;
+            data_times.push(data_time);
             // A diverged step must never reach a checkpoint (the save's own scan would refuse
             // NaN weights too; this names the cause, one step earlier).
             if !stats.loss.is_finite() || !stats.grad_norm.is_finite() {
@@ -450,7 +463,7 @@ impl Trainer {
             last_loss = stats.loss;
             let items_per_sec = self.items_per_batch() as f64 / stats.elapsed.as_secs_f64().max(1e-9);
             let step = stats.step + 1;
-            on_event(&Event::Step { stats, items_per_sec });
+            on_event(&Event::Step { stats, items_per_sec, data_seconds: data_time.as_secs_f64() });
             let every = self.options.eval_every;
             if every > 0 && self.options.eval_batches > 0 && (step % every == 0 || step == self.options.steps) {
                 let stats = self.evaluate()?;
@@ -476,6 +489,10 @@ impl Trainer {
             median_step: {
                 step_times.sort();
                 step_times.get(step_times.len() / 2).copied().unwrap_or_default()
+            },
+            median_data: {
+                data_times.sort();
+                data_times.get(data_times.len() / 2).copied().unwrap_or_default()
             },
         })
     }

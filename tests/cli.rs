@@ -317,3 +317,61 @@ fn checkpoint_commands_reject_bad_input() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every run leaves a JSON-lines record in its save directory (or `--log`): one record per
+/// step with loss, learning rate, gradient norm, throughput and stage utilisation, one per
+/// evaluation; a resume appends. `brigade plot` draws two runs on one chart, SVG and PNG.
+#[test]
+fn runs_are_logged_and_plotted() {
+    let dir = std::env::temp_dir().join(format!("brigade-cli-metrics-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let save = dir.join("two-stages");
+    let log = dir.join("one-stage.jsonl");
+    let small = ["--batch-size", "4", "--context", "32", "--eval-every", "3", "--eval-batches", "1", "--plain"];
+    let run = |extra: &[&str]| {
+        let mut args = vec!["train"];
+        args.extend_from_slice(&small);
+        args.extend_from_slice(extra);
+        let out = brigade(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["--steps", "4", "--stages", "2", "--microbatches", "2", "--save-dir", save.to_str().unwrap()]);
+    run(&["--steps", "6", "--stages", "1", "--microbatches", "1", "--log", log.to_str().unwrap()]);
+
+    let records = |path: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let logged = records(&save.join("metrics.jsonl"));
+    let kinds: Vec<&str> = logged.iter().map(|r| r["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["run", "step", "step", "step", "eval", "step", "eval", "save"]);
+    assert_eq!(logged[0]["stages"], 2);
+    assert_eq!(logged[0]["unit"], "tok/s");
+    let steps: Vec<&serde_json::Value> = logged.iter().filter(|r| r["event"] == "step").collect();
+    for (i, s) in steps.iter().enumerate() {
+        assert_eq!(s["step"], i as u64 + 1);
+        assert!(s["loss"].as_f64().unwrap() > 0.0 && s["grad_norm"].as_f64().unwrap() > 0.0);
+        assert!(s["lr"].as_f64().unwrap() > 0.0 && s["items_per_sec"].as_f64().unwrap() > 0.0);
+        let util: Vec<f64> = s["stage_utilization"].as_array().unwrap().iter().map(|u| u.as_f64().unwrap()).collect();
+        assert_eq!(util.len(), 2);
+        assert!(util.iter().all(|u| *u > 0.0 && *u <= 1.0), "{util:?}");
+    }
+    let out = brigade(&["plot", save.to_str().unwrap(), log.to_str().unwrap(), "--out", dir.join("chart").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let svg = std::fs::read_to_string(dir.join("chart.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("two-stages: 2 stages") && svg.contains("one-stage: 1 stage"), "{}", &svg[..200]);
+    assert!(svg.matches("<polyline").count() >= 4, "a loss and a throughput line per run");
+    let png = std::fs::read(dir.join("chart.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!(u32::from_be_bytes(png[16..20].try_into().unwrap()), 1200);
+    assert_eq!(u32::from_be_bytes(png[20..24].try_into().unwrap()), 480);
+
+    // A resume appends: a second run record, then steps 5 and 6.
+    let out = brigade(&["train", "--resume", save.to_str().unwrap(), "--steps", "6", "--stages", "1", "--microbatches", "1", "--plain", "--eval-batches", "0", "--save-dir", save.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let logged = records(&save.join("metrics.jsonl"));
+    let resumed: Vec<(String, u64)> =
+        logged.iter().skip(8).map(|r| (r["event"].as_str().unwrap().to_string(), r["step"].as_u64().unwrap_or(0))).collect();
+    assert_eq!(resumed, [("run".to_string(), 0), ("step".into(), 5), ("step".into(), 6), ("save".into(), 6)]);
+    assert_eq!(logged[8]["start_step"], 4);
+    let _ = std::fs::remove_dir_all(&dir);
+}

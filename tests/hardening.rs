@@ -96,6 +96,19 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
     let two_stage = file("two.schedule", b"stage 0: 0F0 0B0\nstage 1: 1F0 1B0\n");
     let deadlock = file("deadlock.schedule", b"stage 0: 0F0 0B0 0F1 0B1\nstage 1: 1F1 1F0 1B0 1B1\n");
     let save_as_file = file("a-file", b"x");
+    let latin1 = file("latin1.txt", b"caf\xe9 au lait\n");
+    let tok300 = root.join("tok300.json");
+    brigade::tokenizer::TextTokenizer::train_bpe(&[concat!(env!("CARGO_MANIFEST_DIR"), "/README.md").into()], 300, 2).unwrap().save(&tok300).unwrap();
+    let tok300 = tok300.to_str().unwrap().to_string();
+    let cifar_cut = file("cifar.bin", &[0u8; 3000]);
+    let bad_images = root.join("bad-images");
+    std::fs::create_dir_all(bad_images.join("cat")).unwrap();
+    for f in ["x.png", "y.jpg"] {
+        std::fs::write(bad_images.join("cat").join(f), b"\x89PNG truncated").unwrap();
+    }
+    let bad_images = bad_images.to_str().unwrap().to_string();
+    let no_steps = file("no-steps.jsonl", b"{\"event\":\"run\",\"label\":\"x\"}\n");
+    let bad_step = file("bad-step.jsonl", b"{\"event\":\"run\"}\n{\"event\":\"step\",\"step\":1}\n");
     let ids = |name: &str, t: Tensor| -> String {
         let p = root.join(name);
         t.save_safetensors("input_ids", &p).unwrap();
@@ -111,6 +124,7 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
     let (in_hf, in_logits, in_profile, in_bench) =
         (inside("hf"), inside("logits.safetensors"), inside("profile.json"), inside("bench"));
     let a_dir = root.to_str().unwrap().to_string();
+    let (in_log, in_plot) = (inside("metrics.jsonl"), inside("plot"));
 
     // (arguments, exit code, what the error line must name)
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
@@ -220,6 +234,39 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
         (vec!["generate", "--checkpoint", &s, "--temperature", "nan"], 1, "temperature must be a non-negative number"),
         (vec!["generate", "--checkpoint", "/nonexistent/brigade/ckpt"], 1, "does not exist"),
         (vec!["generate", "--checkpoint", &s, "--stages", "0"], 1, "--stages must be at least 1"),
+        (vec!["generate", "--checkpoint", &s, "--temperature", "1", "--top-k", "0"], 1, "top-k must be at least 1"),
+        (vec!["generate", "--checkpoint", &s, "--temperature", "1", "--top-p", "1.5"], 1, "top-p must be in (0, 1]"),
+        // tokenizers
+        (vec!["tokenizer", "train", "--vocab-size", "100", readme], 1, "--vocab-size 100 is too small"),
+        (vec!["tokenizer", "train", "--vocab-size", "300", "/nonexistent/corpus.txt"], 1, "text file /nonexistent/corpus.txt does not exist"),
+        (vec!["tokenizer", "train", "--vocab-size", "300", &empty], 1, "is empty"),
+        (vec!["tokenizer", "train", "--vocab-size", "300", readme, "--out", &a_dir], 1, "is a directory"),
+        (vec!["tokenize", "--tokenizer", "/nonexistent/tok.json", readme, "--out", &out_dir], 1, "tokenizer file /nonexistent/tok.json does not exist"),
+        (vec!["tokenize", "--tokenizer", &not_st, readme, "--out", &out_dir], 1, "is not a valid Hugging Face tokenizer.json"),
+        (vec!["tokenize", "--tokenizer", &empty_dir, readme, "--out", &out_dir], 1, "has no tokenizer.json"),
+        (vec!["tokenize", "--tokenizer", &tok300, &latin1, "--out", &out_dir], 1, "is not UTF-8 text (invalid byte at offset 3)"),
+        (vec!["tokenize", "--tokenizer", &tok300, readme, "--out", readme], 1, "is one of the input files"),
+        (vec!["train", "--tokenizer", &tok300], 1, "--tokenizer needs a text file to tokenize"),
+        (vec!["train", "--tokenizer", &tok300, "--data", readme, "--vocab", "256"], 1, "has 300 tokens, more than the model's vocabulary of 256"),
+        (vec!["train", "--tokenizer", &not_st, "--data", readme], 1, "is not a valid Hugging Face tokenizer.json"),
+        (vec!["generate", "--checkpoint", &s, "--tokenizer", &tok300], 1, "has 300 tokens, more than the model's vocabulary of 256"),
+        (vec!["export", "--checkpoint", &s, "--out", &out_dir, "--tokenizer", "/nonexistent/tok.json"], 1, "does not exist"),
+        // image folders and CIFAR-10
+        (vec!["train", "--model", "resnet-tiny", "--data", &empty_dir], 1, "has no class folders"),
+        (vec!["train", "--model", "resnet-tiny", "--data", &bad_images], 1, "x.png: cannot decode the image"),
+        (vec!["train", "--model", "resnet-tiny", "--data", &cifar_cut], 1, "3000 bytes is not a whole number of CIFAR-10 records"),
+        (vec!["train", "--model", "resnet-tiny", "--data", "/nonexistent/images"], 1, "/nonexistent/images does not exist"),
+        // the metrics log and plot
+        (vec!["train", "--log", &a_dir], 1, "is a directory"),
+        (vec!["train", "--log", &in_log], 1, "--log is inside the checkpoint"),
+        (vec!["plot", "/nonexistent/brigade/metrics.jsonl"], 1, "cannot read the metrics log /nonexistent/brigade/metrics.jsonl"),
+        (vec!["plot", &empty_dir], 1, "a run's --save-dir holds one"),
+        (vec!["plot", &not_st], 1, "line 1: not a JSON record"),
+        (vec!["plot", &empty], 1, "is not a brigade metrics log (no \"run\" record)"),
+        (vec!["plot", &no_steps], 1, "has no training steps to plot"),
+        (vec!["plot", &bad_step], 1, "line 2: a step record missing field `loss`"),
+        (vec!["plot", &s, "--labels", "a,b"], 1, "--labels names 2 runs but 1 were given"),
+        (vec!["plot", &s, "--out", &in_plot], 1, "--out is inside the checkpoint"),
         // profile, bench
         (vec!["profile", "--out", &in_profile], 1, "--out is inside the checkpoint"),
         (vec!["profile", "--microbatch-size", "0"], 1, "--microbatch-size must be at least 1"),

@@ -286,6 +286,16 @@ impl StageCompute {
         self.grads.take()
     }
 
+    /// An incremental forward over new positions `offset..` ([`Layer::forward_incremental`]):
+    /// each layer extends its cache; offset 0 starts a new sequence.
+    pub fn forward_incremental(&mut self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let mut h = x.clone();
+        for layer in self.layers.iter_mut() {
+            h = layer.forward_incremental(&h, offset)?;
+        }
+        Ok(h)
+    }
+
     /// An evaluation forward (no saving; BatchNorm uses its running statistics).
     pub fn forward_eval(&mut self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();

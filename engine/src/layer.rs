@@ -344,6 +344,17 @@ pub trait Layer: Send {
     /// The weight gradients, added into `grads` by parameter name.
     fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()>;
 
+    /// Incremental decoding (generation with a KV cache): runs the layer on the `T_new`
+    /// positions `offset..offset + T_new` of a sequence whose earlier positions went through
+    /// earlier calls. Layers with attention keep their keys and values between calls; an
+    /// `offset` of 0 starts a new sequence and drops what they kept. Evaluation mode. Layers
+    /// that see each position independently (embeddings need the offset, heads nothing) just
+    /// run their forward; the default is an error, for models that cannot decode this way.
+    fn forward_incremental(&mut self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let _ = (x, offset);
+        candle_core::bail!("this layer has no incremental (KV-cache) forward")
+    }
+
     /// Non-trainable state that belongs in checkpoints (e.g. BatchNorm running statistics),
     /// under ecosystem names.
     fn buffers(&self) -> Vec<(String, Tensor)> {

@@ -7,6 +7,7 @@
 //! The embedded datasets need no download and are generated in well under a second.
 
 mod corpus;
+mod image_files;
 mod images;
 mod rng;
 mod shapes;
@@ -18,7 +19,8 @@ mod tests;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub use images::{ImageDataset, EMBEDDED_SHAPES_SIZE, EMBEDDED_SHAPES_TRAIN, EMBEDDED_SHAPES_VAL};
+pub use image_files::{CIFAR10_CLASSES, CIFAR_RECORD};
+pub use images::{Augment, ImageDataset, EMBEDDED_SHAPES_SIZE, EMBEDDED_SHAPES_TRAIN, EMBEDDED_SHAPES_VAL};
 pub use shapes::{MIN_SHAPE_SIZE, SHAPE_CLASSES};
 pub use tokens::{TokenDataset, EMBEDDED_TEXT_BYTES, GPT2_VOCAB, VAL_FRACTION};
 

@@ -450,9 +450,10 @@ impl Embedding {
         Ok((ids.to_dtype(DType::U32)?.flatten_all()?, b, t))
     }
 
-    fn embed(&self, flat: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+    /// Token plus position embeddings of positions `offset..offset + t`.
+    fn embed(&self, flat: &Tensor, b: usize, t: usize, offset: usize) -> Result<Tensor> {
         let tok = self.wte.value.index_select(flat, 0)?.reshape((b, t, ()))?; // (B, T, C)
-        let pos = self.wpe.value.narrow(0, 0, t)?; // (T, C)
+        let pos = self.wpe.value.narrow(0, offset, t)?; // (T, C)
         tok.broadcast_add(&pos) // (B, T, C)
     }
 }
@@ -460,12 +461,21 @@ impl Embedding {
 impl Layer for Embedding {
     fn forward(&mut self, ids: &Tensor, _mode: Mode) -> Result<Tensor> {
         let (flat, b, t) = self.checked_ids(ids)?;
-        self.embed(&flat, b, t)
+        self.embed(&flat, b, t, 0)
+    }
+
+    fn forward_incremental(&mut self, ids: &Tensor, offset: usize) -> Result<Tensor> {
+        let (flat, b, t) = self.checked_ids(ids)?;
+        let context = self.wpe.value.dim(0)?;
+        if offset + t > context {
+            bail!("positions {offset}..{} exceed the model's context length {context}", offset + t);
+        }
+        self.embed(&flat, b, t, offset)
     }
 
     fn forward_train(&mut self, ids: &Tensor, _pass: Pass) -> Result<(Tensor, Saved)> {
         let (flat, b, t) = self.checked_ids(ids)?;
-        let y = self.embed(&flat, b, t)?;
+        let y = self.embed(&flat, b, t, 0)?;
         Ok((y, Saved::new(flat.clone(), &[&flat])))
     }
 
@@ -546,6 +556,7 @@ impl LayerSpec for BlockSpec {
                     weight: aproj_w,
                     bias: aproj_b,
                 },
+                cache: None,
             },
             ln_2: LayerNorm {
                 weight: ln2_w,
@@ -571,6 +582,8 @@ struct CausalSelfAttention {
     n_head: usize,
     c_attn: Conv1D, // C → 3C (q, k, v fused)
     c_proj: Conv1D, // C → C
+    /// Incremental decoding's keys and values of every position so far, each `(B, H, T, D)`.
+    cache: Option<(Tensor, Tensor)>,
 }
 
 /// What attention's forward keeps: its input, the fused `qkv` projection, the attention
@@ -599,6 +612,50 @@ impl CausalSelfAttention {
         Ok((out, AttentionSaved { x: x.clone(), qkv, probs, merged }))
     }
 
+    /// Attention of the new positions `offset..offset + T` over every position so far: their
+    /// keys and values join the cache, so each step computes only `T` rows of scores instead
+    /// of the whole window's. Offset 0 starts a new sequence.
+    /// Returns `residual + attention(x)`.
+    fn forward_incremental(&mut self, x: &Tensor, offset: usize, residual: &Tensor) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let (h, d) = (self.n_head, c / self.n_head);
+        if offset == 0 {
+            self.cache = None;
+        }
+        let cached = match &self.cache {
+            Some((k, _)) => k.dim(2)?,
+            None => 0,
+        };
+        if cached != offset {
+            bail!("incremental attention at position {offset}, but {cached} positions are cached (start again at 0)");
+        }
+        let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
+        let split = |i: usize| -> Result<Tensor> {
+            qkv.narrow(2, i * c, c)?.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous() // (B, H, T, D)
+        };
+        let (q, k_new, v_new) = (split(0)?, split(1)?, split(2)?);
+        let (k, v) = match self.cache.take() {
+            Some((k, v)) => (Tensor::cat(&[&k, &k_new], 2)?, Tensor::cat(&[&v, &v_new], 2)?), // (B, H, S, D)
+            None => (k_new, v_new),
+        };
+        let s = offset + t;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (B, H, T, S)
+        // New position `offset + i` sees positions `0..=offset + i`; a single new token sees all.
+        let scores = if t > 1 {
+            let data: Vec<u8> = (0..t).flat_map(|i| (0..s).map(move |j| u8::from(j <= offset + i))).collect();
+            let mask = Tensor::from_vec(data, (t, s), x.device())?.broadcast_as(scores.shape())?;
+            let neg_inf = Tensor::new(f32::NEG_INFINITY, x.device())?.to_dtype(scores.dtype())?.broadcast_as(scores.shape())?;
+            mask.where_cond(&scores, &neg_inf)?
+        } else {
+            scores
+        };
+        let probs = brigade_kernels::softmax_last_dim(&scores)?; // (B, H, T, S)
+        let y = probs.matmul(&v)?; // (B, H, T, D)
+        self.cache = Some((k, v));
+        let merged = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)
+        self.c_proj.forward_residual(&merged, Some(residual))
+    }
+
     /// The input gradient; returns it with the gradients of the two projections' outputs
     /// (`dqkv`, `dout`), which is what their weight steps need.
     fn backward_input(&self, s: &AttentionSaved, dout: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -613,6 +670,14 @@ impl CausalSelfAttention {
 struct Mlp {
     c_fc: Conv1D,   // C → 4C
     c_proj: Conv1D, // 4C → C
+}
+
+impl Mlp {
+    /// `residual + c_proj(gelu(c_fc(x)))`, the residual added by the last gemm call.
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let h = brigade_kernels::gelu_tanh(&self.c_fc.forward(x)?)?; // (B, T, 4C)
+        self.c_proj.forward_residual(&h, Some(residual)) // (B, T, C)
+    }
 }
 
 #[derive(Debug)]
@@ -656,8 +721,16 @@ impl Layer for Block {
     fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
         check_hidden(x, self.n_embd, self.n_positions, "GPT block")?;
         let (x2, _) = self.attn.forward_saving(&self.ln_1.forward(x)?, Some(x))?; // (B, T, C)
-        let h = brigade_kernels::gelu_tanh(&self.mlp.c_fc.forward(&self.ln_2.forward(&x2)?)?)?;
-        self.mlp.c_proj.forward_residual(&h, Some(&x2))
+        self.mlp.forward_residual(&self.ln_2.forward(&x2)?, &x2)
+    }
+
+    fn forward_incremental(&mut self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        check_hidden(x, self.n_embd, self.n_positions, "GPT block")?;
+        if offset + x.dim(1)? > self.n_positions {
+            bail!("positions {offset}..{} exceed the model's context length {}", offset + x.dim(1)?, self.n_positions);
+        }
+        let x2 = self.attn.forward_incremental(&self.ln_1.forward(x)?, offset, x)?; // (B, T, C)
+        self.mlp.forward_residual(&self.ln_2.forward(&x2)?, &x2)
     }
 
     fn forward_train(&mut self, x: &Tensor, _pass: Pass) -> Result<(Tensor, Saved)> {
@@ -791,6 +864,10 @@ impl Head {
 
 impl Layer for Head {
     fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+        Ok(self.logits(x)?.1)
+    }
+
+    fn forward_incremental(&mut self, x: &Tensor, _offset: usize) -> Result<Tensor> {
         Ok(self.logits(x)?.1)
     }
 
@@ -1051,6 +1128,38 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Decoding with the KV cache (a 3-token prefill, then one token at a time) gives the
+    /// full forward's logits at every position; out-of-order offsets and positions past the
+    /// context are errors.
+    #[test]
+    fn incremental_forward_matches_full_forward() {
+        let model = Gpt::from_preset("gpt-tiny").unwrap();
+        let mut store = ParamStore::new(Device::Cpu, 7);
+        let mut layers = build_all(&model, &mut store);
+        let data: Vec<u32> = vec![3, 141, 59, 26, 5, 35, 89, 79, 32, 38, 4, 62, 64, 33, 83, 27];
+        let (b, t) = (2, 8);
+        let full = run(&mut layers, &ids(&data, b, t)).unwrap(); // (B, T, V)
+        let step = |layers: &mut [Box<dyn Layer>], x: &Tensor, offset: usize| {
+            layers.iter_mut().try_fold(x.clone(), |h, l| l.forward_incremental(&h, offset)).unwrap()
+        };
+        let all = ids(&data, b, t);
+        let mut pieces = vec![step(&mut layers, &all.narrow(1, 0, 3).unwrap(), 0)];
+        for pos in 3..t {
+            pieces.push(step(&mut layers, &all.narrow(1, pos, 1).unwrap(), pos));
+        }
+        let cached = Tensor::cat(&pieces, 1).unwrap();
+        let diff = (&full - &cached).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "cached logits differ from the full forward by {diff}");
+        // Starting again at 0 forgets the old sequence: same logits as the first time.
+        let again = step(&mut layers, &all.narrow(1, 0, 3).unwrap(), 0);
+        let d = (&again - &pieces[0]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0);
+        let e = layers[1].forward_incremental(&Tensor::zeros((2, 1, 64), DType::F32, &Device::Cpu).unwrap(), 7).unwrap_err();
+        assert!(e.to_string().contains("but 3 positions are cached"), "{e}");
+        let e = layers[0].forward_incremental(&ids(&[1, 2], 1, 2), 63).unwrap_err();
+        assert!(e.to_string().contains("positions 63..65 exceed the model's context length 64"), "{e}");
     }
 
     #[test]

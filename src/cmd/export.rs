@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
+use brigade::tokenizer::TextTokenizer;
 use brigade::checkpoint::ExportDtype;
 use clap::Args;
 
@@ -21,12 +22,34 @@ pub struct ExportArgs {
     dtype: String,
     #[arg(long, default_value = "2GB", value_parser = parse_size)]
     max_shard_size: u64,
+    /// GPT: the tokenizer.json to write beside the weights (default: the one in or beside the
+    /// checkpoint, if any), with a tokenizer_config.json, for transformers' AutoTokenizer.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {
     let dtype: ExportDtype = args.dtype.parse()?;
+    // Loaded first: a bad --tokenizer is refused before anything is written.
+    let tokenizer_path = args.tokenizer.clone().or_else(|| TextTokenizer::find_near(&args.checkpoint));
+    let tokenizer = tokenizer_path.as_deref().map(TextTokenizer::load).transpose()?;
     let started = std::time::Instant::now();
     let summary = brigade::checkpoint::export(&args.checkpoint, &args.out, dtype, args.max_shard_size)?;
+    let mut files = summary.files.clone();
+    let mut auto_tokenizer = false;
+    if let (Some(tok), "gpt2") = (&tokenizer, summary.format) {
+        let config: serde_json::Value = std::fs::read_to_string(summary.dir.join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let vocab = config["vocab_size"].as_u64().unwrap_or(0) as usize;
+        if tok.vocab_size() > vocab {
+            bail!("the tokenizer {} has {} tokens, more than the model's vocabulary of {vocab}", tok.source(), tok.vocab_size());
+        }
+        let context = config["n_positions"].as_u64().unwrap_or(1024) as usize;
+        files.extend(tok.save_for_transformers(&summary.dir, context)?);
+        auto_tokenizer = true;
+    }
     println!(
         "exported {} tensors ({:.1} MB, {}) to {} in {:.2}s as {}",
         summary.tensors,
@@ -36,11 +59,16 @@ pub fn run(args: ExportArgs) -> Result<()> {
         started.elapsed().as_secs_f64(),
         summary.format
     );
-    for f in &summary.files {
+    for f in &files {
         println!("  {}", f.display());
     }
     match summary.format {
-        "gpt2" => println!("load with: transformers.GPT2LMHeadModel.from_pretrained({:?})", summary.dir.display().to_string()),
+        "gpt2" => {
+            println!("load with: transformers.GPT2LMHeadModel.from_pretrained({:?})", summary.dir.display().to_string());
+            if auto_tokenizer {
+                println!("           transformers.AutoTokenizer.from_pretrained({:?})", summary.dir.display().to_string());
+            }
+        }
         _ => println!("load with: model.load_state_dict(safetensors.torch.load_file(\"{}/model.safetensors\"), strict=True)", summary.dir.display()),
     }
     Ok(())

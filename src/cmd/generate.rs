@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use brigade::engine::InputKind;
-use candle_core::{Device, Tensor};
 use clap::Args;
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use brigade::generate::{Decoding, Sampling};
+use brigade::tokenizer::TextTokenizer;
 
 use super::inference::inference_pipeline;
 
@@ -16,7 +16,8 @@ pub struct GenerateArgs {
     /// A brigade GPT checkpoint or a Hugging Face GPT-2 directory.
     #[arg(long)]
     checkpoint: PathBuf,
-    /// Prompt text (byte-level models: vocabulary 256).
+    /// Prompt text: encoded with the tokenizer (--tokenizer, or the tokenizer.json in or beside
+    /// the checkpoint), or as bytes for byte-level models (vocabulary 256).
     #[arg(long, default_value = "", conflicts_with = "prompt_ids")]
     prompt: String,
     /// Prompt as comma-separated token ids (for other vocabularies).
@@ -28,28 +29,48 @@ pub struct GenerateArgs {
     /// 0: greedy; otherwise sample from softmax(logits / temperature).
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
+    /// Sample only among the K most likely tokens (with --temperature above 0).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling: only among the most likely tokens whose probability reaches P.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Recompute the whole window for every token instead of using the KV cache (slow; for
+    /// comparison).
+    #[arg(long)]
+    no_cache: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long)]
     stages: Option<usize>,
+    /// A tokenizer.json to encode the prompt and decode the output with (default: the one in
+    /// or beside the checkpoint, if any).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
 }
 
-/// Most tokens one `generate` produces: each token is a full forward pass over the context, so
-/// more would run for hours; a larger request is refused rather than left to look hung.
+/// Most tokens one `generate` produces; a larger request is refused rather than left to look
+/// hung.
 const MAX_GENERATE_TOKENS: usize = 100_000;
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     if args.tokens > MAX_GENERATE_TOKENS {
         bail!("--tokens {} is more than the {MAX_GENERATE_TOKENS} one run generates; ask for fewer", args.tokens);
     }
+    let sampling = Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p };
+    sampling.validate()?;
     let (mut pipeline, model) = inference_pipeline(&args.checkpoint, None, args.stages, None, 1)?;
     let InputKind::Tokens { vocab, context } = model.input() else {
         bail!("{} is not a language model; `generate` needs a GPT checkpoint", model.name());
     };
-    if args.temperature < 0.0 || !args.temperature.is_finite() {
-        bail!("temperature must be a non-negative number, got {}", args.temperature);
+    let tokenizer_path = args.tokenizer.clone().or_else(|| TextTokenizer::find_near(&args.checkpoint));
+    let tokenizer = tokenizer_path.as_deref().map(TextTokenizer::load).transpose()?;
+    if let Some(tok) = &tokenizer {
+        if tok.vocab_size() > vocab {
+            bail!("the tokenizer {} has {} tokens, more than the model's vocabulary of {vocab}", tok.source(), tok.vocab_size());
+        }
     }
-    let byte_level = vocab <= 256;
+    let byte_level = vocab <= 256 && tokenizer.is_none();
     let mut ids: Vec<u32> = match &args.prompt_ids {
         Some(list) => list
             .split(',')
@@ -59,54 +80,43 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 Err(_) => bail!("invalid token id {t:?} in --prompt-ids: expected comma-separated integers such as 1,2,3"),
             })
             .collect::<Result<_>>()?,
+        None if tokenizer.is_some() => tokenizer.as_ref().expect("checked").encode(&args.prompt)?,
         None if byte_level => args.prompt.bytes().map(u32::from).collect(),
         None if args.prompt.is_empty() => Vec::new(),
-        None => bail!("{} has a {vocab}-token vocabulary, not bytes: give the prompt as --prompt-ids", model.name()),
+        None => bail!(
+            "{} has a {vocab}-token vocabulary, not bytes, and no tokenizer.json is in or beside {}: give --tokenizer, or the prompt as --prompt-ids",
+            model.name(),
+            args.checkpoint.display()
+        ),
     };
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         bail!("prompt token id {bad} is beyond the vocabulary of {vocab}");
     }
     if ids.is_empty() {
-        ids.push(if byte_level { b'\n' as u32 } else { 0 });
+        let start = match &tokenizer {
+            Some(tok) => tok.end_of_text().map_or_else(|| tok.encode("\n").map(|t| t.first().copied().unwrap_or(0)), Ok)?,
+            None if byte_level => b'\n' as u32,
+            None => 0,
+        };
+        ids.push(start);
     }
     let prompt_len = ids.len();
-    let mut rng = StdRng::seed_from_u64(args.seed);
+    let decoding = if args.no_cache { Decoding::FullWindow } else { Decoding::Cached };
     let started = std::time::Instant::now();
     // Streamed: the prompt, then each token as soon as it exists, so a long generation shows
     // progress (and can be stopped) instead of printing everything at the end.
-    let mut out = Utf8Stream::new(byte_level);
+    let mut out = Utf8Stream::new(byte_level, tokenizer);
     out.push(&ids)?;
-    for _ in 0..args.tokens {
-        let window = &ids[ids.len().saturating_sub(context)..];
-        let x = Tensor::new(window, &Device::Cpu)?.unsqueeze(0)?;
-        let logits = pipeline.predict(&x)?; // (1, T, V)
-        let last: Vec<f32> = logits.get(0)?.get(window.len() - 1)?.to_vec1()?;
-        let next = if args.temperature == 0.0 {
-            last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0)
-        } else {
-            let max = last.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let weights: Vec<f64> = last.iter().map(|&l| ((l as f64 - max) / args.temperature).exp()).collect();
-            let total: f64 = weights.iter().sum();
-            let mut pick = rng.random::<f64>() * total;
-            let mut chosen = weights.len() - 1;
-            for (i, w) in weights.iter().enumerate() {
-                if pick < *w {
-                    chosen = i;
-                    break;
-                }
-                pick -= w;
-            }
-            chosen
-        };
-        ids.push(next as u32);
-        out.push(&[next as u32])?;
-    }
+    brigade::generate::generate(&mut pipeline, context, &ids, args.tokens, sampling, decoding, args.seed, |next| {
+        out.push(&[next]).map_err(|e| brigade::Error::Config(format!("writing the output: {e}")))
+    })?;
     out.finish()?;
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!(
-        "{} tokens in {elapsed:.2}s ({:.1} tok/s) on {} stages, prompt {prompt_len} tokens",
+        "{} tokens in {elapsed:.2}s ({:.1} tok/s, {}) on {} stages, prompt {prompt_len} tokens",
         args.tokens,
         args.tokens as f64 / elapsed.max(1e-9),
+        if args.no_cache { "full window" } else { "KV cache" },
         pipeline.partition().stages()
     );
     Ok(())
@@ -119,16 +129,56 @@ struct Utf8Stream {
     byte_level: bool,
     pending: Vec<u8>,
     first: bool,
+    tokenizer: Option<TokenizerStream>,
+}
+
+/// Incremental detokenisation: a token's text can depend on its neighbours (a character split
+/// over byte-level tokens), so each step decodes the last few tokens and prints what they add
+/// beyond what was printed, holding back an incomplete character (U+FFFD at the end).
+struct TokenizerStream {
+    tokenizer: TextTokenizer,
+    ids: Vec<u32>,
+    /// `ids[prefix..read]` was decoded and printed last time; `ids[prefix..]` is decoded now.
+    prefix: usize,
+    read: usize,
+}
+
+impl TokenizerStream {
+    fn next_text(&mut self, new: &[u32]) -> Result<String> {
+        self.ids.extend_from_slice(new);
+        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let now = self.tokenizer.decode(&self.ids[self.prefix..])?;
+        if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.is_char_boundary(before.len()) {
+            let text = now[before.len()..].to_string();
+            self.prefix = self.read;
+            self.read = self.ids.len();
+            Ok(text)
+        } else {
+            Ok(String::new())
+        }
+    }
+
+    fn rest(&mut self) -> Result<String> {
+        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let now = self.tokenizer.decode(&self.ids[self.prefix..])?;
+        self.read = self.ids.len();
+        Ok(now.get(before.len()..).unwrap_or_default().to_string())
+    }
 }
 
 impl Utf8Stream {
-    fn new(byte_level: bool) -> Self {
-        Self { byte_level, pending: Vec::new(), first: true }
+    fn new(byte_level: bool, tokenizer: Option<TextTokenizer>) -> Self {
+        let tokenizer = tokenizer.map(|tokenizer| TokenizerStream { tokenizer, ids: Vec::new(), prefix: 0, read: 0 });
+        Self { byte_level, pending: Vec::new(), first: true, tokenizer }
     }
 
     fn push(&mut self, ids: &[u32]) -> Result<()> {
         use std::io::Write;
         let mut stdout = std::io::stdout().lock();
+        if let Some(stream) = &mut self.tokenizer {
+            write!(stdout, "{}", stream.next_text(ids)?)?;
+            return Ok(stdout.flush()?);
+        }
         if !self.byte_level {
             for id in ids {
                 let sep = if self.first { "" } else { "," };
@@ -169,6 +219,9 @@ impl Utf8Stream {
     fn finish(&mut self) -> Result<()> {
         use std::io::Write;
         let mut stdout = std::io::stdout().lock();
+        if let Some(stream) = &mut self.tokenizer {
+            write!(stdout, "{}", stream.rest()?)?;
+        }
         if !self.pending.is_empty() {
             write!(stdout, "{}", String::from_utf8_lossy(&self.pending))?;
             self.pending.clear();

@@ -8,11 +8,13 @@ pub mod inference;
 pub mod inspect;
 pub mod model;
 pub mod plan;
+pub mod plot;
 pub mod predict;
 pub mod presets;
 pub mod profile;
 pub mod schedule;
 pub mod simulate;
+pub mod tokenizer;
 pub mod train;
 
 use anyhow::Result;

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use brigade::engine::PipelineModel;
-use brigade::models::data::{ImageDataset, TokenDataset};
+use brigade::models::data::{Augment, ImageDataset, TokenDataset};
 use brigade::models::ModelConfig;
+use brigade::tokenizer::TextTokenizer;
 use brigade::train::Dataset;
 use clap::Args;
 
@@ -16,10 +17,16 @@ pub struct ModelArgs {
     /// Model preset (see `brigade presets`); default gpt-tiny (with --resume: the checkpoint's).
     #[arg(long)]
     pub model: Option<String>,
-    /// Training data: a text file (byte-level), a nanoGPT .bin token file, or (ResNet) a
-    /// safetensors file with `images` and `labels`. Default: an embedded generated set.
+    /// Training data: a text file (byte-level, or --tokenizer), a nanoGPT .bin token file, or
+    /// (ResNet) an image folder (DIR/<class>/*.png|jpg), CIFAR-10 binary (a .bin file or the
+    /// cifar-10-batches-bin directory), or a safetensors file with `images` and `labels`.
+    /// Default: an embedded generated set.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// GPT: tokenize a text --data file with this tokenizer (a tokenizer.json, or a directory
+    /// holding one) on the fly; the model's vocabulary defaults to the tokenizer's.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// GPT: sequence length (and context) override.
     #[arg(long)]
     pub context: Option<usize>,
@@ -35,9 +42,14 @@ pub struct ModelArgs {
     /// GPT: vocabulary size (default: the preset's, or 256 for byte-level text).
     #[arg(long)]
     pub vocab: Option<usize>,
-    /// ResNet: image side for the embedded shapes set.
+    /// ResNet: image side for the embedded shapes set, and the side image-folder images are
+    /// resized to.
     #[arg(long, default_value_t = 32)]
     pub image_size: usize,
+    /// ResNet on an image folder or CIFAR-10: train without the random crop (padding 4) and
+    /// horizontal flip augmentation.
+    #[arg(long)]
+    pub no_augment: bool,
 }
 
 impl ModelArgs {
@@ -51,6 +63,8 @@ impl ModelArgs {
             ModelConfig::Gpt(mut cfg) => {
                 if let Some(v) = self.vocab {
                     cfg = cfg.with_vocab_size(v);
+                } else if let Some(tok) = self.text_tokenizer()? {
+                    cfg = cfg.with_vocab_size(tok.vocab_size());
                 }
                 if let Some(t) = self.context {
                     cfg = cfg.with_n_positions(t);
@@ -71,15 +85,37 @@ impl ModelArgs {
         })
     }
 
+    /// The training augmentation for image files.
+    fn augment(&self) -> Augment {
+        if self.no_augment {
+            Augment::default()
+        } else {
+            Augment::standard()
+        }
+    }
+
+    /// `--tokenizer`, loaded.
+    pub fn text_tokenizer(&self) -> Result<Option<TextTokenizer>> {
+        Ok(self.tokenizer.as_deref().map(TextTokenizer::load).transpose()?)
+    }
+
     /// The data a model of `config`'s family trains on: `--data`, or the embedded default
     /// (`seed` picks it).
     pub fn data_for(&self, config: &ModelConfig, seed: u64) -> Result<Dataset> {
         Ok(match config {
-            ModelConfig::Gpt(_) => Dataset::Tokens(match &self.data {
-                Some(path) => TokenDataset::from_path(path)?,
-                None => TokenDataset::embedded(seed),
+            ModelConfig::Gpt(cfg) => Dataset::Tokens(match (&self.data, self.text_tokenizer()?) {
+                (Some(path), Some(tok)) if !is_token_file(path) => tokenized_text(path, &tok, cfg.vocab_size)?,
+                (Some(path), Some(tok)) => {
+                    check_tokenizer_fits(&tok, cfg.vocab_size)?;
+                    TokenDataset::from_path(path)?
+                }
+                (Some(path), None) => TokenDataset::from_path(path)?,
+                (None, Some(_)) => bail!("--tokenizer needs a text file to tokenize: give it with --data"),
+                (None, None) => TokenDataset::embedded(seed),
             }),
             ModelConfig::Resnet(_) => Dataset::Images(match &self.data {
+                Some(path) if is_cifar(path) => ImageDataset::from_cifar10(path)?.with_augment(self.augment()),
+                Some(path) if path.is_dir() => ImageDataset::from_image_folder(path, self.image_size)?.with_augment(self.augment()),
                 Some(path) => ImageDataset::from_safetensors(path)?,
                 None => {
                     // 6000 RGB images of f32 pixels, drawn up front.
@@ -110,6 +146,52 @@ impl ModelArgs {
         check_fits(&format!("{} with AdamW", model.name()), needed, &detail)?;
         Ok((model, data))
     }
+}
+
+/// CIFAR-10 binary data: a `.bin` file or a directory of them.
+fn is_cifar(path: &std::path::Path) -> bool {
+    is_token_file(path) || ["data_batch_1.bin", "test_batch.bin"].iter().any(|f| path.join(f).is_file())
+}
+
+/// A nanoGPT-style token file (`.bin`), as opposed to text.
+fn is_token_file(path: &std::path::Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("bin"))
+}
+
+/// A tokenizer whose ids the model cannot embed is refused, naming both sizes.
+fn check_tokenizer_fits(tok: &TextTokenizer, model_vocab: usize) -> Result<()> {
+    if tok.vocab_size() > model_vocab {
+        bail!(
+            "the tokenizer {} has {} tokens, more than the model's vocabulary of {model_vocab}; use --vocab {} or more (or drop --vocab)",
+            tok.source(),
+            tok.vocab_size(),
+            tok.vocab_size()
+        );
+    }
+    Ok(())
+}
+
+/// A text file tokenized on the fly (in parallel), as a token dataset.
+fn tokenized_text(path: &std::path::Path, tok: &TextTokenizer, model_vocab: usize) -> Result<TokenDataset> {
+    check_tokenizer_fits(tok, model_vocab)?;
+    if !path.exists() {
+        bail!("--data {} does not exist", path.display());
+    }
+    if tok.vocab_size() > 1 << 16 {
+        bail!(
+            "the tokenizer {} has {} tokens; token datasets hold 16-bit ids (at most 65536 tokens)",
+            tok.source(),
+            tok.vocab_size()
+        );
+    }
+    let text = brigade::tokenizer::read_text(path)?;
+    let started = std::time::Instant::now();
+    let ids = tok.encode_large(&text, |_| {})?;
+    let n = ids.len();
+    eprintln!("tokenized {} ({:.1} MB) into {n} tokens in {:.2}s", path.display(), text.len() as f64 / 1e6, started.elapsed().as_secs_f64());
+    let ids: Vec<u16> = ids.into_iter().map(|i| i as u16).collect();
+    let source = format!("{} tokenized with {} ({n} tokens)", path.display(), tok.source());
+    Ok(TokenDataset::from_tokens(source, ids, model_vocab)?)
 }
 
 /// A ResNet's class and channel counts follow its data.

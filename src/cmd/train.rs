@@ -10,6 +10,7 @@ use brigade::engine::plan::human_bytes;
 use brigade::engine::partition::PartitionStrategy;
 use brigade::engine::pipeline::{PipelineConfig, ScheduleChoice};
 use brigade::engine::PipelineModel;
+use brigade::metrics::{MetricsLog, RunInfo, METRICS_FILE};
 use brigade::train::{CheckpointPolicy, Dataset, Event, Summary, TrainOptions, Trainer};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -91,6 +92,10 @@ pub struct TrainArgs {
     /// has saved its first checkpoint (without it, such a directory is refused).
     #[arg(long, requires = "save_dir")]
     overwrite: bool,
+    /// Write the metrics log (JSON lines: every step, evaluation and save) to this file
+    /// instead of `<save-dir>/metrics.jsonl`. Plot it with `brigade plot`.
+    #[arg(long)]
+    log: Option<PathBuf>,
     /// Largest checkpoint shard file, e.g. 2GB, 500MB.
     #[arg(long, default_value = "2GB", value_parser = super::parse_size)]
     max_shard_size: u64,
@@ -143,6 +148,12 @@ fn check_train_args(args: &TrainArgs) -> Result<()> {
     }
     if let Some(save) = &args.save_dir {
         brigade::engine::checkpoint::refuse_inside_checkpoint(save, "--save-dir")?;
+    }
+    if let Some(log) = &args.log {
+        brigade::engine::checkpoint::refuse_inside_checkpoint(log, "--log")?;
+        if log.is_dir() {
+            bail!("--log {} is a directory; give a file name such as run.jsonl", log.display());
+        }
     }
     Ok(())
 }
@@ -334,8 +345,19 @@ fn train_options(args: &TrainArgs, steps: u64) -> TrainOptions {
     }
 }
 
-pub fn run(args: TrainArgs) -> Result<()> {
+pub fn run(mut args: TrainArgs) -> Result<()> {
     check_train_args(&args)?;
+    // A text --data without --tokenizer uses the tokenizer of the run it resumes, or of the
+    // Hugging Face directory it starts from, when there is one; otherwise it is bytes.
+    let text_data = args.model.data.as_ref().is_some_and(|d| !d.extension().is_some_and(|e| e.eq_ignore_ascii_case("bin")));
+    if args.model.tokenizer.is_none() && text_data {
+        let from_init = args.init_from.as_ref().map(|p| p.join(brigade::tokenizer::TOKENIZER_FILE)).filter(|f| f.is_file());
+        let found = args.resume.as_deref().and_then(brigade::tokenizer::TextTokenizer::find_near).or(from_init);
+        if let Some(found) = found {
+            println!("tokenizer {}", found.display());
+            args.model.tokenizer = Some(found);
+        }
+    }
     let schedule = super::schedule::schedule_choice(&args.schedule)?;
     let (stages, microbatches) = super::schedule::layout_counts(&schedule, args.stages, args.microbatches, (2, 4))?;
     let (model, data, start) = model_and_data(&args)?;
@@ -404,15 +426,26 @@ pub fn run(args: TrainArgs) -> Result<()> {
             batch / p.microbatches().max(1)
         );
     }
-    let summary = train_with_progress(&mut trainer, args.plain, steps)?;
+    // The tokenizer goes with the run's checkpoints, for `generate`, `export` and resuming.
+    if let (Some(dir), Some(tok)) = (&args.save_dir, args.model.text_tokenizer()?) {
+        let dest = dir.join(brigade::tokenizer::TOKENIZER_FILE);
+        if args.model.tokenizer.as_deref().and_then(|t| t.canonicalize().ok()) != dest.canonicalize().ok() {
+            tok.save(&dest)?;
+        }
+    }
+    let mut log = open_log(&args, &mut trainer, first_step)?;
+    let summary = train_with_progress(&mut trainer, args.plain, steps, log.as_mut())?;
     print_summary(&summary);
+    if let Some(log) = &log {
+        println!("metrics  {} (plot with: brigade plot {})", log.path().display(), log.path().display());
+    }
     Ok(())
 }
 
 /// Runs the trainer, showing progress: a bar only on a terminal; piped output (a log file, CI)
 /// gets plain lines. Either way the eval and save lines are printed (a hidden bar would
 /// swallow its `println`s); `plain` adds a line per step.
-fn train_with_progress(trainer: &mut Trainer, plain: bool, steps: u64) -> Result<Summary> {
+fn train_with_progress(trainer: &mut Trainer, plain: bool, steps: u64, mut log: Option<&mut MetricsLog>) -> Result<Summary> {
     let images = matches!(trainer.model().input(), brigade::engine::InputKind::Images { .. });
     let interactive = !plain && std::io::IsTerminal::is_terminal(&std::io::stdout());
     let bar = if interactive { ProgressBar::new(steps) } else { ProgressBar::hidden() };
@@ -424,8 +457,17 @@ fn train_with_progress(trainer: &mut Trainer, plain: bool, steps: u64) -> Result
     );
     let say = |line: String| if interactive { bar.println(line) } else { println!("{line}") };
     let unit = if images { "img/s" } else { "tok/s" };
-    let summary = trainer.run(|event| match event {
-        Event::Step { stats, items_per_sec } => {
+    let mut log_failed = false;
+    let summary = trainer.run(|event| {
+        // A log that cannot be written (a full disk) is reported once; the run goes on.
+        if let Some(log) = log.as_deref_mut().filter(|_| !log_failed) {
+            if let Err(e) = log.record(event) {
+                say(format!("warning: {e}; the rest of this run is not logged"));
+                log_failed = true;
+            }
+        }
+        match event {
+        Event::Step { stats, items_per_sec, .. } => {
             bar.set_position(stats.step + 1);
             if plain {
                 println!("step {:>5}: loss {:.4} | lr {:.2e} | {:.0} {unit}", stats.step + 1, stats.loss, stats.lr, items_per_sec);
@@ -443,9 +485,41 @@ fn train_with_progress(trainer: &mut Trainer, plain: bool, steps: u64) -> Result
                 checkpoint.bytes as f64 / 1e6
             ));
         }
-    })?;
+    }})?;
     bar.finish_and_clear();
     Ok(summary)
+}
+
+/// The run's metrics log: `--log`, else `<save-dir>/metrics.jsonl`, else none. A resumed run
+/// appends to it; a new run starts it afresh.
+fn open_log(args: &TrainArgs, trainer: &mut Trainer, first_step: u64) -> Result<Option<MetricsLog>> {
+    let Some(path) = args.log.clone().or_else(|| args.save_dir.as_ref().map(|d| d.join(METRICS_FILE))) else {
+        return Ok(None);
+    };
+    let name = match (&args.log, &args.save_dir) {
+        (Some(log), _) => log.file_stem(),
+        (None, Some(dir)) => dir.file_name(),
+        (None, None) => None,
+    };
+    let name = name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+    let images = matches!(trainer.model().input(), brigade::engine::InputKind::Images { .. });
+    let (model, batch_size) = (trainer.model().name(), trainer.options().batch_size);
+    let p = trainer.pipeline();
+    let stages = p.partition().stages();
+    let layers = p.partition().to_string();
+    let info = RunInfo {
+        label: format!("{name}: {} ({layers}), {}, m={}", plural(stages, "stage", "stages"), p.schedule().name(), p.microbatches()),
+        model,
+        data: String::new(),
+        stages,
+        layers,
+        schedule: p.schedule().name().to_string(),
+        microbatches: p.microbatches(),
+        batch_size,
+        unit: if images { "img/s" } else { "tok/s" }.into(),
+        start_step: first_step,
+    };
+    Ok(Some(MetricsLog::create(&path, &info, first_step > 0)?))
 }
 
 fn print_summary(summary: &Summary) {
@@ -463,8 +537,9 @@ fn print_summary(summary: &Summary) {
     );
     let utilization: Vec<String> = summary.stage_utilization.iter().map(|u| format!("{:.0}%", 100.0 * u)).collect();
     println!(
-        "median step {:.3}s; stage utilization (busy / step time): {}",
+        "median step {:.3}s (+ {:.1} ms getting its batch); stage utilization (busy / step time): {}",
         summary.median_step.as_secs_f64(),
+        summary.median_data.as_secs_f64() * 1e3,
         utilization.join(", ")
     );
 }

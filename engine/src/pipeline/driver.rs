@@ -401,6 +401,36 @@ impl Pipeline {
         Ok(Tensor::cat(&outputs, 0)?)
     }
 
+    /// Incremental decoding with the layers' KV caches: `inputs` holds only the new positions
+    /// `offset..offset + T_new` of the sequences (`(B, T_new)` token ids), whose earlier
+    /// positions went through earlier calls; `offset` 0 starts new sequences. Returns the new
+    /// positions' outputs (logits `(B, T_new, V)`). Each stage keeps the cache of its own
+    /// layers, so a split model decodes across its stages like any forward. The batch is one
+    /// micro-batch; the model must support [`crate::Layer::forward_incremental`].
+    pub fn decode(&mut self, inputs: &Tensor, offset: usize) -> Result<Tensor> {
+        self.ensure_running()?;
+        self.batch_check.check_batch(inputs, None).map_err(EngineError::Input)?;
+        if inputs.dim(0)? == 0 {
+            return Err(EngineError::Input("cannot decode an empty batch".into()));
+        }
+        let stages = self.inboxes.len();
+        for s in (0..stages).rev() {
+            self.send(s, Msg::Decode { input: (s == 0).then(|| inputs.clone()), offset })?;
+        }
+        let mut done = vec![false; stages];
+        let mut output = None;
+        self.gather(&mut done, |report| match report {
+            Report::Done { stage, outcome, .. } => {
+                if let Some((_, t)) = outcome.outputs.into_iter().next() {
+                    output = Some(t);
+                }
+                Ok(Some(stage))
+            }
+            _ => Ok(None),
+        })?;
+        output.ok_or_else(|| EngineError::Config("the last stage returned no decoding output".into()))
+    }
+
     /// Every parameter, copied to the CPU, by canonical name (tied copies once).
     pub fn parameters(&mut self) -> Result<BTreeMap<String, Tensor>> {
         self.snapshot(SnapshotKind::Params)

@@ -47,6 +47,9 @@ pub(super) enum Msg {
     Reduced { tied_grads: Vec<(String, Tensor)>, clip_scale: f64 },
     /// Forward-only over a batch; the last stage returns the outputs (logits).
     Predict { schedule: Arc<Schedule>, inputs: Vec<Tensor> },
+    /// Incremental decoding of positions `offset..` (KV cache): stage 0 gets the new token
+    /// ids, later stages the activation of micro-batch 0; the last stage returns the logits.
+    Decode { input: Option<Tensor>, offset: usize },
     Snapshot { kind: SnapshotKind, reply: Sender<Vec<(String, Tensor)>> },
     /// What this stage would save: (weights and buffers, optimizer state).
     Manifest { reply: Sender<StageResult<save::Manifest>> },

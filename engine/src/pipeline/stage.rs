@@ -216,6 +216,13 @@ impl StageWorker {
                     let busy = started.elapsed().saturating_sub(self.waiting);
                     self.report(Report::Done { stage: self.index, outcome, busy })?;
                 }
+                Msg::Decode { input, offset } => {
+                    let started = Instant::now();
+                    self.waiting = Duration::ZERO;
+                    let outcome = self.decode(input, offset)?;
+                    let busy = started.elapsed().saturating_sub(self.waiting);
+                    self.report(Report::Done { stage: self.index, outcome, busy })?;
+                }
                 Msg::Snapshot { kind, reply } => {
                     let _ = reply.send(self.snapshot(kind)?);
                 }
@@ -480,6 +487,26 @@ impl StageWorker {
                 Ok(())
             };
             step(self, &mut outcome).map_err(|e| with_action(e, action))?;
+        }
+        Ok(outcome)
+    }
+
+    /// One incremental step: this stage's layers over the new positions, keeping their caches.
+    fn decode(&mut self, input: Option<Tensor>, offset: usize) -> StageResult<Outcome> {
+        self.poll_abort()?;
+        let x = match input {
+            Some(x) => x,
+            None => self.input_for(0, &[])?,
+        };
+        let y = self
+            .compute
+            .forward_incremental(&x, offset)
+            .map_err(|e| StageStop::Failed(None, format!("incremental decoding at position {offset}: {e}")))?;
+        let mut outcome = Outcome::default();
+        if self.is_last {
+            outcome.outputs.push((0, y));
+        } else {
+            self.send_next(Msg::Activation { microbatch: 0, tensor: y })?;
         }
         Ok(outcome)
     }

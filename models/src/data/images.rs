@@ -18,9 +18,27 @@ pub const EMBEDDED_SHAPES_SIZE: usize = 32;
 
 /// One split: normalised pixels (N·C·H·W, row-major NCHW) and labels.
 #[derive(Debug, Clone, Default)]
-struct Images {
-    pixels: Vec<f32>,
-    labels: Vec<u32>,
+pub(super) struct Images {
+    pub(super) pixels: Vec<f32>,
+    pub(super) labels: Vec<u32>,
+}
+
+/// Training-time augmentation, applied to every training batch (never to validation):
+/// torchvision's `RandomCrop(size, padding=pad)` and `RandomHorizontalFlip()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Augment {
+    /// Pad each side by this many pixels (zeros after normalisation: the channel mean), then
+    /// crop back to the original size at a random offset. 0: no crop.
+    pub pad: usize,
+    /// Mirror left-right with probability 1/2.
+    pub flip: bool,
+}
+
+impl Augment {
+    /// The usual CIFAR recipe: 4 pixels of padding and random flips.
+    pub fn standard() -> Self {
+        Self { pad: 4, flip: true }
+    }
 }
 
 /// Images `(N, C, H, W)` f32, normalised per channel with the training split's mean and std,
@@ -37,6 +55,7 @@ pub struct ImageDataset {
     mean: Vec<f32>,
     std: Vec<f32>,
     source: String,
+    augment: Augment,
 }
 
 impl ImageDataset {
@@ -266,7 +285,7 @@ impl ImageDataset {
 
     /// Per-channel standardisation with the training split's statistics (applied to both
     /// splits, so validation sees exactly the transform the model was trained under).
-    fn normalised(
+    pub(super) fn normalised(
         mut train: Images,
         mut val: Images,
         (c, h, w): (usize, usize, usize),
@@ -313,6 +332,7 @@ impl ImageDataset {
             mean,
             std,
             source,
+            augment: Augment::default(),
         }
     }
 
@@ -429,7 +449,57 @@ impl ImageDataset {
         let n = self.len(split);
         let mut rng = DetRng::for_stream(seed, split.stream_id(), index);
         let picks: Vec<usize> = (0..batch_size).map(|_| rng.below_usize(n)).collect();
+        if split == Split::Train && self.augment != Augment::default() {
+            // Drawn after the picks from the same stream: still a function of (seed, index).
+            let moves: Vec<(usize, usize, bool)> = (0..batch_size)
+                .map(|_| {
+                    let dy = rng.below_usize(2 * self.augment.pad + 1);
+                    let dx = rng.below_usize(2 * self.augment.pad + 1);
+                    (dy, dx, self.augment.flip && rng.below_usize(2) == 1)
+                })
+                .collect();
+            return self.gather_augmented(&picks, &moves, device);
+        }
         self.gather(split, &picks, device)
+    }
+
+    /// Training augmentation for [`Self::batch`] (see [`Augment`]); default none.
+    pub fn with_augment(mut self, augment: Augment) -> Self {
+        self.augment = augment;
+        self
+    }
+
+    pub fn augment(&self) -> Augment {
+        self.augment
+    }
+
+    /// Training images `picks`, each shifted by its crop offset `(dy, dx)` in the padded image
+    /// (`pad` = no shift) and mirrored when asked; pixels shifted in from the padding are 0.
+    fn gather_augmented(&self, picks: &[usize], moves: &[(usize, usize, bool)], device: &Device) -> Result<(Tensor, Tensor), DataError> {
+        let (c, h, w, pad) = (self.channels, self.height, self.width, self.augment.pad);
+        let per = c * h * w;
+        let mut px = vec![0f32; picks.len() * per];
+        let mut labels = Vec::with_capacity(picks.len());
+        for ((&i, &(dy, dx, flip)), out) in picks.iter().zip(moves).zip(px.chunks_exact_mut(per)) {
+            let src = &self.train.pixels[i * per..(i + 1) * per];
+            labels.push(self.train.labels[i]);
+            for ch in 0..c {
+                for y in 0..h {
+                    // Output row y shows padded row y + dy, i.e. source row y + dy - pad.
+                    let Some(sy) = (y + dy).checked_sub(pad).filter(|&r| r < h) else { continue };
+                    for x in 0..w {
+                        let ox = if flip { w - 1 - x } else { x };
+                        if let Some(sx) = (x + dx).checked_sub(pad).filter(|&col| col < w) {
+                            out[(ch * h + y) * w + ox] = src[(ch * h + sy) * w + sx];
+                        }
+                    }
+                }
+            }
+        }
+        let b = picks.len();
+        let x = Tensor::from_vec(px, (b, c, h, w), device)?;
+        let y = Tensor::from_vec(labels, b, device)?;
+        Ok((x, y))
     }
 
     /// Number of full batches [`Self::eval_batches`] yields.
