@@ -68,6 +68,10 @@ pub struct LayerProfile {
     /// at this layer counts its received input instead).
     #[serde(default)]
     pub input_bytes_kept: u64,
+    /// Bytes the layer's input-gradient step (`I`) keeps for its weight step (`W`): held from
+    /// the `I` to the `W` when a schedule splits the backward.
+    #[serde(default)]
+    pub weight_stash_bytes: u64,
     /// The output, which is what a stage boundary after this layer sends downstream (and the
     /// size of the gradient sent back up).
     pub output_bytes: u64,
@@ -204,7 +208,10 @@ fn profile_in_pool(
         let output_bytes = (y.elem_count() * y.dtype().size_in_bytes()) as u64;
         // Downstream of a hidden layer, any gradient costs the same; ones stand in for it.
         let dy = if i == last { None } else { Some(y.ones_like()?) };
-        compute.backward(0, dy.as_ref())?;
+        compute.backward_input(0, dy.as_ref())?;
+        // What the weight step still needs (the forward's stash is gone by now).
+        let weight_stash_bytes = compute.live_bytes();
+        compute.backward_weight(0)?;
 
         let (mut f, mut bi, mut bw) = (Vec::new(), Vec::new(), Vec::new());
         for run in 0..options.warmup + options.repeats {
@@ -255,6 +262,7 @@ fn profile_in_pool(
             optimizer_s,
             activation_bytes,
             input_bytes_kept,
+            weight_stash_bytes,
             output_bytes,
             params,
             optimizer_state_ratio,
