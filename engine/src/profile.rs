@@ -189,6 +189,7 @@ fn profile_in_pool(
     let mut x = inputs.clone();
     let mut out = Vec::with_capacity(specs.len());
     let mut previous_kept = std::collections::HashSet::new();
+    let mut computes = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
         // Each layer alone as a one-layer stage, through the same seam the executor runs: the
         // model's input needs no gradient; the last layer computes the loss.
@@ -208,10 +209,7 @@ fn profile_in_pool(
         let output_bytes = (y.elem_count() * y.dtype().size_in_bytes()) as u64;
         // Downstream of a hidden layer, any gradient costs the same; ones stand in for it.
         let dy = if i == last { None } else { Some(y.ones_like()?) };
-        compute.backward_input(0, dy.as_ref())?;
-        // What the weight step still needs (the forward's stash is gone by now).
-        let weight_stash_bytes = compute.live_bytes();
-        compute.backward_weight(0)?;
+        compute.backward(0, dy.as_ref())?;
 
         let (mut f, mut bi, mut bw) = (Vec::new(), Vec::new(), Vec::new());
         for run in 0..options.warmup + options.repeats {
@@ -262,12 +260,28 @@ fn profile_in_pool(
             optimizer_s,
             activation_bytes,
             input_bytes_kept,
-            weight_stash_bytes,
+            // Measured below, with the real output gradient.
+            weight_stash_bytes: 0,
             output_bytes,
             params,
             optimizer_state_ratio,
         });
+        computes.push((compute, x.clone(), target));
         x = y;
+    }
+    // What each layer's `I` keeps for its `W` depends on the gradient it gets (its layout, not
+    // just its size), so it is measured on one real backward chain through all layers: layer
+    // i's `I` gets layer i+1's input gradient, as it does inside a stage.
+    let mut h = inputs.clone();
+    for (compute, _, target) in computes.iter_mut() {
+        h = compute.forward(1, &h, target.clone())?.0;
+    }
+    let mut dy: Option<Tensor> = None;
+    for (i, (compute, _, _)) in computes.iter_mut().enumerate().rev() {
+        let dx = compute.backward_input(1, dy.as_ref())?;
+        out[i].weight_stash_bytes = compute.live_bytes();
+        compute.backward_weight(1)?;
+        dy = dx;
     }
     let probe_bytes = out.iter().map(|l| l.output_bytes).max().unwrap_or(4096).max(4096);
     Ok(Profile {

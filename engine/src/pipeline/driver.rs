@@ -118,6 +118,7 @@ impl Pipeline {
         let layer_params: Vec<usize> = layers.iter().map(|l| l.param_count()).collect();
         let schedule = match &config.schedule {
             ScheduleChoice::Kind(kind) => kind.build(config.stages, config.microbatches)?,
+            ScheduleChoice::Virtual(kind, v) => kind.build_with(config.stages, config.microbatches, *v)?,
             ScheduleChoice::Custom(s) => {
                 if s.stages() != config.stages || s.microbatches() != config.microbatches {
                     return Err(EngineError::Config(format!(

@@ -87,9 +87,7 @@ impl Schedule {
         if stages == 0 || microbatches == 0 {
             return Err(ScheduleError::Empty { stages, microbatches });
         }
-        if v < 2 {
-            return Err(unsupported("interleaving needs at least 2 virtual stages per device (v = 1 is plain 1f1b)".into()));
-        }
+        ScheduleKind::Interleaved.check_virtual_stages(v).map_err(unsupported)?;
         if !microbatches.is_multiple_of(stages) {
             return Err(unsupported(format!(
                 "the micro-batches must be a multiple of the stages (micro-batches go through in groups of {stages}); try m = {} or {}",
@@ -239,16 +237,20 @@ pub enum ScheduleKind {
     ZbH2,
     /// Two chunks per device in a V.
     ZbV,
+    /// The zero-bubble scheduler over measured costs and a memory limit (`v` = 1 or 2, in a V);
+    /// without costs (`build`), over unit costs and 1F1B's memory, like ZB-H1 / ZB-V.
+    ZbAuto,
 }
 
 impl ScheduleKind {
-    pub const ALL: [ScheduleKind; 6] = [
+    pub const ALL: [ScheduleKind; 7] = [
         ScheduleKind::GPipe,
         ScheduleKind::OneFOneB,
         ScheduleKind::Interleaved,
         ScheduleKind::ZbH1,
         ScheduleKind::ZbH2,
         ScheduleKind::ZbV,
+        ScheduleKind::ZbAuto,
     ];
 
     /// The schedule at its default virtual-stage count ([`ScheduleKind::default_virtual_stages`]).
@@ -258,15 +260,13 @@ impl ScheduleKind {
 
     /// The schedule with `v` chunks per device; kinds with a fixed `v` refuse any other.
     pub fn build_with(self, stages: usize, microbatches: usize, v: usize) -> Result<Schedule, ScheduleError> {
-        if self != ScheduleKind::Interleaved && v != self.default_virtual_stages() {
-            return Err(ScheduleError::Unsupported {
-                schedule: self.to_string(),
-                stages,
-                microbatches,
-                virtual_stages: v,
-                reason: format!("{self} has {} chunk(s) per device", self.default_virtual_stages()),
-            });
-        }
+        self.check_virtual_stages(v).map_err(|reason| ScheduleError::Unsupported {
+            schedule: self.to_string(),
+            stages,
+            microbatches,
+            virtual_stages: v,
+            reason,
+        })?;
         match self {
             ScheduleKind::GPipe => Schedule::gpipe(stages, microbatches),
             ScheduleKind::OneFOneB => Schedule::one_f_one_b(stages, microbatches),
@@ -274,6 +274,36 @@ impl ScheduleKind {
             ScheduleKind::ZbH1 => Schedule::zb_h1(stages, microbatches),
             ScheduleKind::ZbH2 => Schedule::zb_h2(stages, microbatches),
             ScheduleKind::ZbV => Schedule::zb_v(stages, microbatches),
+            ScheduleKind::ZbAuto => {
+                if stages == 0 || microbatches == 0 {
+                    return Err(ScheduleError::Empty { stages, microbatches });
+                }
+                let placement = ScheduleKind::ZbAuto.placement(stages, v);
+                let costs = GreedyCosts::unit(&placement, (stages * v) as f64);
+                Schedule::zero_bubble_from_costs(self.to_string(), &costs, stages, microbatches)
+            }
+        }
+    }
+
+    /// Whether this kind can run `v` chunks per device; `Err` says what it needs.
+    pub fn check_virtual_stages(self, v: usize) -> Result<(), String> {
+        match self {
+            ScheduleKind::Interleaved if v < 2 => {
+                Err("interleaving needs at least 2 virtual stages per device (v = 1 is plain 1f1b)".into())
+            }
+            ScheduleKind::Interleaved => Ok(()),
+            ScheduleKind::ZbAuto if v == 1 || v == 2 => Ok(()),
+            ScheduleKind::ZbAuto => Err("zb-auto places 1 chunk per device, or 2 in a V".into()),
+            _ if v == self.default_virtual_stages() => Ok(()),
+            _ => Err(format!("{self} has {} chunk(s) per device", self.default_virtual_stages())),
+        }
+    }
+
+    /// The routing table this kind uses for `stages` devices and `v` chunks per device.
+    pub fn placement(self, stages: usize, v: usize) -> Vec<usize> {
+        match (self, v) {
+            (ScheduleKind::ZbV, _) | (ScheduleKind::ZbAuto, 2) => v_shape(stages),
+            _ => round_robin(stages, v.max(1)),
         }
     }
 
@@ -300,7 +330,8 @@ impl ScheduleKind {
             ScheduleKind::GPipe | ScheduleKind::OneFOneB => 3.0 * (p - 1.0),
             ScheduleKind::Interleaved => 3.0 * (p - 1.0) / v,
             ScheduleKind::ZbH1 => p - 1.0,
-            ScheduleKind::ZbH2 | ScheduleKind::ZbV => 0.0,
+            ScheduleKind::ZbAuto if v < 2.0 => p - 1.0,
+            ScheduleKind::ZbH2 | ScheduleKind::ZbV | ScheduleKind::ZbAuto => 0.0,
         };
         idle / (3.0 * m + idle)
     }
@@ -315,6 +346,7 @@ impl fmt::Display for ScheduleKind {
             ScheduleKind::ZbH1 => "zb-h1",
             ScheduleKind::ZbH2 => "zb-h2",
             ScheduleKind::ZbV => "zb-v",
+            ScheduleKind::ZbAuto => "zb-auto",
         })
     }
 }
@@ -330,6 +362,7 @@ impl FromStr for ScheduleKind {
             "zb-h1" | "zbh1" => Ok(ScheduleKind::ZbH1),
             "zb-h2" | "zbh2" => Ok(ScheduleKind::ZbH2),
             "zb-v" | "zbv" => Ok(ScheduleKind::ZbV),
+            "zb-auto" | "zbauto" => Ok(ScheduleKind::ZbAuto),
             _ => Err(ScheduleError::UnknownKind(s.to_string())),
         }
     }
