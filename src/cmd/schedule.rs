@@ -108,7 +108,7 @@ pub fn build_schedule(choice: ScheduleChoice, stages: usize, microbatches: usize
     };
     {
         {
-            let actions = stages.saturating_mul(microbatches).saturating_mul(3).saturating_mul(v);
+            let actions = stages.saturating_mul(microbatches).saturating_mul(2).saturating_mul(v);
             if actions > MAX_DRAWN_ACTIONS {
                 bail!(
                     "{stages} stages x {microbatches} micro-batches is {actions} actions, more than the {MAX_DRAWN_ACTIONS} \
@@ -120,16 +120,17 @@ pub fn build_schedule(choice: ScheduleChoice, stages: usize, microbatches: usize
     }
 }
 
-/// The formula behind [`Schedule::theoretical_bubble`], for the schedule's kind.
-fn bubble_formula(name: &str) -> &'static str {
+/// The formula behind [`Schedule::theoretical_bubble`] for the schedule's kind, and a note.
+fn bubble_formula(name: &str) -> (&'static str, &'static str) {
     match name.parse::<ScheduleKind>() {
-        Ok(ScheduleKind::Interleaved) => "(p-1)/(vm+p-1), Narayanan et al.",
-        Ok(ScheduleKind::ZbH1) => "(p-1)(F+I-W) idle per stage, Qi et al.",
-        Ok(ScheduleKind::ZbAuto) => "as ZB-H1 (v=1) or ZB-V (v=2)",
-        Ok(ScheduleKind::ZbH2) | Ok(ScheduleKind::ZbV) => {
-            "(p-1)(F+I-2W) = 0, Qi et al.; the paper's zero leaves out the (p-1)F ramp the simulation counts"
-        }
-        _ => "(p-1)/(m+p-1)",
+        Ok(ScheduleKind::Interleaved) => ("(p-1)/(vm+p-1)", " (Narayanan et al.)"),
+        Ok(ScheduleKind::ZbH1) => ("(p-1)(F+I-W) idle per stage", " (Qi et al.)"),
+        Ok(ScheduleKind::ZbAuto) => ("as ZB-H1 (v=1) or ZB-V (v=2)", ""),
+        Ok(ScheduleKind::ZbH2) | Ok(ScheduleKind::ZbV) => (
+            "(p-1)(F+I-2W)",
+            " (Qi et al.; the paper's zero leaves out the (p-1)F ramp the simulation counts)",
+        ),
+        _ => ("(p-1)/(m+p-1)", ""),
     }
 }
 
@@ -148,12 +149,12 @@ pub fn run(args: ScheduleArgs) -> Result<()> {
         Some(v) => format!(", {v} chunks per stage"),
         None => format!(", {} chunks", schedule.chunks()),
     };
+    let (formula, note) = bubble_formula(schedule.name());
     println!(
-        "# stages {}, micro-batches {}{chunks}: theoretical bubble {:.1}% ({}), simulated with F=I=W=1 per chunk, B=2: {:.1}%",
+        "# stages {}, micro-batches {}{chunks}: theoretical bubble {formula} = {:.1}%{note}, simulated with F=I=W=1 per chunk, B=2: {:.1}%",
         schedule.stages(),
         schedule.microbatches(),
         100.0 * schedule.theoretical_bubble(),
-        bubble_formula(schedule.name()),
         100.0 * timeline.bubble_fraction()
     );
     Ok(())

@@ -49,6 +49,10 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         ScheduleChoice::Virtual(ScheduleKind::ZbAuto, v) => Some(*v),
         _ => None,
     };
+    // Before building: a schedule for absurd stage counts would take long to validate.
+    if stages > profile.layers.len() {
+        bail!("--stages {stages}: the profile has {} layers, so at most {} stages", profile.layers.len(), profile.layers.len());
+    }
     let schedule = super::schedule::build_schedule(choice, stages, microbatches, "brigade simulate")?;
     let chunks = schedule.chunks();
     if chunks > profile.layers.len() {

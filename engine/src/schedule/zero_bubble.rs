@@ -85,8 +85,8 @@ pub struct GreedyOptions {
     /// last stage is never starved; the backward chain waits one action).
     pub forward_first: bool,
     /// Admit a micro-batch when its stashes fit beside what is stashed now, not beside what
-    /// admitted micro-batches will still stash (more overlap; a variant whose peak then
-    /// exceeds the limit is discarded).
+    /// admitted micro-batches will still stash, and let every forward wait for room (more
+    /// overlap; a variant that then deadlocks on memory is discarded).
     pub optimistic_admission: bool,
 }
 
@@ -295,8 +295,14 @@ fn greedy(costs: &GreedyCosts, stages: usize, m: usize, options: GreedyOptions) 
                     .filter(|&&c| next_forward[c] < m)
                     .filter(|&&c| forward_ready(c, next_forward[c], &forward_end).is_some_and(|r| r <= t))
                     .filter(|&&c| {
-                        let held = if options.optimistic_admission { live[d] } else { committed[d] };
-                        c != on_device[d][0] || held + reserve[d] <= costs.limit[d] + 1e-9
+                        if options.optimistic_admission {
+                            // Every forward must fit beside what is stashed now (an admitted
+                            // micro-batch's later chunks may wait for room).
+                            let need = if c == on_device[d][0] { reserve[d] } else { costs.stash[c] };
+                            live[d] + need <= costs.limit[d] + 1e-9
+                        } else {
+                            c != on_device[d][0] || committed[d] + reserve[d] <= costs.limit[d] + 1e-9
+                        }
                     })
                     .min_by_key(|&&c| if options.depth_first { (Reverse(c), next_forward[c]) } else { (Reverse(0), next_forward[c] * chunks + chunks - c) })
                     .copied();
