@@ -386,3 +386,12 @@ fn gpt_tied_embedding_copies_stay_identical() {
     // The middle stage holds no copy.
     assert!(!by_stage[1].contains_key("transformer.wte.weight"));
 }
+
+#[test]
+fn more_chunks_than_layers_is_a_clear_error() {
+    // gpt-tiny-sized test model: 4 layers, so ZB-V on 3 devices (6 chunks) cannot be cut.
+    let err = Pipeline::new(&tiny_gpt(), config(3, ScheduleKind::ZbV, 3, OptimizerConfig::adamw())).unwrap_err().to_string();
+    assert!(err.contains("zb-v cuts the model into 6 chunks (3 stages x 2)") && err.contains("4 layers"), "{err}");
+    let err = Pipeline::new(&tiny_gpt(), config(2, ScheduleKind::Interleaved, 3, OptimizerConfig::adamw())).unwrap_err().to_string();
+    assert!(err.contains("multiple of the stages"), "{err}");
+}

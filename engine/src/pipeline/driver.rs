@@ -142,7 +142,19 @@ impl Pipeline {
         // The model is cut into one piece per chunk (p x v with virtual stages), in model order;
         // the schedule's routing table says which device holds each.
         let placement = Arc::new(schedule.placement().to_vec());
-        let partition = config.partition.resolve(&layer_params, placement.len())?;
+        let partition = config.partition.resolve(&layer_params, placement.len()).map_err(|e| {
+            if placement.len() == config.stages {
+                EngineError::from(e)
+            } else {
+                EngineError::Config(format!(
+                    "schedule {} cuts the model into {} chunks ({} stages x {}): {e}",
+                    schedule.name(),
+                    placement.len(),
+                    config.stages,
+                    placement.len() / config.stages.max(1)
+                ))
+            }
+        })?;
         let chunk_layers: Vec<Vec<Arc<dyn LayerSpec>>> =
             partition.ranges().into_iter().map(|r| layers[r].to_vec()).collect();
         let device_chunks: Vec<Vec<(usize, Vec<Arc<dyn LayerSpec>>)>> = (0..config.stages)
