@@ -107,7 +107,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         "{} tokens in {elapsed:.2}s ({:.1} tok/s) on {} stages, prompt {prompt_len} tokens",
         args.tokens,
         args.tokens as f64 / elapsed.max(1e-9),
-        pipeline.partition().stages()
+        pipeline.schedule().stages()
     );
     Ok(())
 }
