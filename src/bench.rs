@@ -20,7 +20,7 @@ use brigade_engine::pipeline::{ActionTiming, PipelineConfig, StepStats};
 use brigade_engine::plan::human_bytes;
 use brigade_engine::profile::{median, profile_model, Profile, ProfileOptions};
 use brigade_engine::schedule::{ActionKind, ScheduleKind, Timeline};
-use brigade_engine::simulate::{predict, range_memory, Prediction, StageCosts};
+use brigade_engine::simulate::{predict, schedule_from_costs, Prediction, StageCosts};
 use brigade_models::data::Split;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -114,6 +114,8 @@ pub struct RunConfig {
     pub stages: usize,
     pub partition: PartitionStrategy,
     pub schedule: ScheduleKind,
+    /// Chunks per device (interleaved 1F1B: any v ≥ 2; zb-auto: 1 or 2; others their own).
+    pub virtual_stages: usize,
     pub microbatches: usize,
     pub batch_size: usize,
     pub warmup: usize,
@@ -150,6 +152,9 @@ pub struct BenchRow {
     pub stages: usize,
     pub partition: String,
     pub schedule: String,
+    /// Chunks per device.
+    #[serde(default = "one")]
+    pub virtual_stages: usize,
     pub microbatches: usize,
     pub batch_size: usize,
     pub threads_per_stage: usize,
@@ -171,11 +176,20 @@ pub struct BenchRow {
     /// Per stage: mean seconds busy per step, measured and simulated.
     pub stage_busy_s: Vec<f64>,
     pub simulated_stage_busy_s: Vec<f64>,
+    /// Per stage: the measured high-water mark of stashed bytes, and the simulator's.
+    #[serde(default)]
+    pub peak_stash_bytes: Vec<u64>,
+    #[serde(default)]
+    pub simulated_peak_stash_bytes: Vec<u64>,
     /// Per stage: static bytes + measured peak stashed activation bytes.
     pub peak_memory_bytes: Vec<u64>,
     pub simulated_peak_memory_bytes: Vec<u64>,
     /// Name shared by this run's trace and SVG files.
     pub run_name: String,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// What one run produced: its row, the median step's timeline and the simulated one.
@@ -197,10 +211,17 @@ pub fn run(
     if config.steps == 0 {
         return Err(Error::Config("a bench run needs at least one measured step".into()));
     }
+    // The schedule is built here, not by the pipeline, so that zb-auto gets this profile's
+    // costs: cut the model into p x v chunks, cost them, schedule them.
+    let chunks = config.stages * config.virtual_stages;
+    let layer_params: Vec<usize> = model.layers().iter().map(|l| l.param_count()).collect();
+    let partition = config.partition.resolve(&layer_params, chunks).map_err(brigade_engine::error::EngineError::from)?;
+    let costs = StageCosts::from_profile(profile, &partition)?;
+    let schedule = schedule_from_costs(config.schedule, config.stages, config.microbatches, config.virtual_stages, &costs, None)?;
     let pipeline = PipelineConfig::default()
         .stages(config.stages)
-        .partition(config.partition.clone())
-        .schedule(config.schedule)
+        .partition(PartitionStrategy::Manual(partition.counts().to_vec()))
+        .schedule(schedule)
         .microbatches(config.microbatches)
         .optimizer(config.optimizer)
         .threads_per_stage(config.threads_per_stage)
@@ -241,13 +262,9 @@ pub fn run(
     let measured_bubble = 1.0 - busy.iter().sum::<f64>() / (p as f64 * total_time).max(1e-12);
     let stage_busy_s: Vec<f64> = busy.iter().map(|b| b / measured.len() as f64).collect();
 
-    let costs = StageCosts::from_profile(profile, &partition)?;
     let prediction = predict(&schedule, &costs)?;
-    let peak_memory_bytes = partition
-        .ranges()
-        .into_iter()
-        .enumerate()
-        .map(|(s, r)| range_memory(profile, r).0 + measured.iter().map(|st| st.peak_stash_bytes[s]).max().unwrap_or(0))
+    let peak_memory_bytes = (0..p)
+        .map(|s| prediction.static_bytes[s] + measured.iter().map(|st| st.peak_stash_bytes[s]).max().unwrap_or(0))
         .collect();
     let median_index = {
         let mut order: Vec<usize> = (0..times.len()).collect();
@@ -261,10 +278,11 @@ pub fn run(
         PartitionStrategy::Manual(_) => "manual".to_string(),
     };
     let run_name = format!(
-        "{}-p{}-{}-m{}",
+        "{}-p{}-{}{}-m{}",
         slug(&model_name),
         p,
         config.schedule,
+        if config.virtual_stages > 1 { format!("-v{}", config.virtual_stages) } else { String::new() },
         config.microbatches
     );
     let row = BenchRow {
@@ -272,6 +290,7 @@ pub fn run(
         stages: p,
         partition: format!("{partition} ({partition_name})"),
         schedule: config.schedule.to_string(),
+        virtual_stages: config.virtual_stages,
         microbatches: config.microbatches,
         batch_size: config.batch_size,
         threads_per_stage: config.threads_per_stage,
@@ -290,6 +309,8 @@ pub fn run(
         simulated_bubble: prediction.bubble_fraction,
         stage_busy_s,
         simulated_stage_busy_s: prediction.busy.clone(),
+        peak_stash_bytes: (0..p).map(|s| measured.iter().map(|st| st.peak_stash_bytes[s]).max().unwrap_or(0)).collect(),
+        simulated_peak_stash_bytes: prediction.peak_stash_bytes.clone(),
         peak_memory_bytes,
         simulated_peak_memory_bytes: prediction.peak_memory.clone(),
         run_name,
@@ -301,8 +322,8 @@ pub fn run(
 /// The bench table in Markdown.
 pub fn markdown_table(rows: &[BenchRow]) -> String {
     let mut t = String::new();
-    t.push_str("| model | stages (layers) | schedule | m | step ms median | min | max | throughput | bubble measured | bubble theory | simulated ms | sim error (vs median / min) | sim bubble | peak memory per stage: measured / simulated |\n");
-    t.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    t.push_str("| model | stages (layers per chunk) | schedule | v | m | step ms median | min | max | throughput | bubble measured | bubble theory | simulated ms | sim error (vs median / min) | sim bubble | peak stash per stage: measured / simulated | peak memory per stage: measured / simulated |\n");
+    t.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let memory: Vec<String> = r
             .peak_memory_bytes
@@ -310,13 +331,20 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
             .zip(&r.simulated_peak_memory_bytes)
             .map(|(m, s)| format!("{} / {}", human_bytes(*m), human_bytes(*s)))
             .collect();
+        let stash: Vec<String> = r
+            .peak_stash_bytes
+            .iter()
+            .zip(&r.simulated_peak_stash_bytes)
+            .map(|(m, s)| if m == s { format!("{m} B (=)") } else { format!("{m} / {s} B") })
+            .collect();
         let _ = writeln!(
             t,
-            "| {} | {} {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} {} | {:.1}% | {:.1}% | {:.1} | {:+.1}% / {:+.1}% | {:.1}% | {} |",
+            "| {} | {} {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} {} | {:.1}% | {:.1}% | {:.1} | {:+.1}% / {:+.1}% | {:.1}% | {} | {} |",
             r.model,
             r.stages,
             r.partition,
             r.schedule,
+            r.virtual_stages,
             r.microbatches,
             1e3 * r.step_s.median,
             1e3 * r.step_s.min,
@@ -329,6 +357,7 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
             100.0 * r.simulation_error,
             100.0 * r.simulation_error_vs_min,
             100.0 * r.simulated_bubble,
+            stash.join("; "),
             memory.join("; ")
         );
     }

@@ -434,7 +434,7 @@ impl Trainer {
         let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
         let mut final_eval = None;
         let start = self.pipeline.steps_taken();
-        let mut busy = vec![Duration::ZERO; self.pipeline.partition().stages()];
+        let mut busy = vec![Duration::ZERO; self.pipeline.schedule().stages()];
         let mut step_time = Duration::ZERO;
         let mut step_times = Vec::new();
         let mut data_times = Vec::new();

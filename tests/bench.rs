@@ -20,7 +20,7 @@ fn step_stats_time_every_action_in_schedule_order_and_stash_follows_schedule_dep
     let data = Dataset::Tokens(TokenDataset::embedded(0));
     let (x, y) = batch(&data, model.as_ref(), 0, 8, Some(32), 0).unwrap();
     let mut peaks = Vec::new();
-    for kind in [ScheduleKind::GPipe, ScheduleKind::OneFOneB] {
+    for kind in ScheduleKind::ALL {
         let config = PipelineConfig::default().stages(2).schedule(kind).microbatches(4).threads_per_stage(1);
         let mut pipeline = Pipeline::new(model.as_ref(), config).unwrap();
         let stats = pipeline.train_step(&x, &y).unwrap();
@@ -44,7 +44,8 @@ fn step_stats_time_every_action_in_schedule_order_and_stash_follows_schedule_dep
         let costs = StageCosts::from_profile(&profile, pipeline.partition()).unwrap();
         let predicted = predict(&schedule, &costs).unwrap();
         for s in 0..2 {
-            assert_eq!(predicted.peak_memory[s] - costs.static_bytes[s], stats.peak_stash_bytes[s], "{kind} stage {s}");
+            assert_eq!(predicted.peak_stash_bytes[s], stats.peak_stash_bytes[s], "{kind} stage {s}");
+            assert_eq!(predicted.peak_memory[s] - predicted.static_bytes[s], stats.peak_stash_bytes[s], "{kind} stage {s}");
         }
     }
     let (gpipe, one_f_one_b) = (&peaks[0], &peaks[1]);
@@ -63,7 +64,7 @@ fn recomputation_stashes_only_stage_inputs_and_the_profile_predicts_its_peak() {
     let data = Dataset::Tokens(TokenDataset::embedded(0));
     let (x, y) = batch(&data, model.as_ref(), 0, 8, Some(32), 0).unwrap();
     let profile = profile_on_data(model.as_ref(), &data, 2, Some(32), &quick_profile_options()).unwrap();
-    for kind in [ScheduleKind::GPipe, ScheduleKind::OneFOneB] {
+    for kind in ScheduleKind::ALL {
         let mut peaks = Vec::new();
         for recompute in [Recompute::Off, Recompute::Full] {
             let config =
@@ -73,22 +74,19 @@ fn recomputation_stashes_only_stage_inputs_and_the_profile_predicts_its_peak() {
             let costs = StageCosts::from_profile_with(&profile, pipeline.partition(), recompute).unwrap();
             let predicted = predict(pipeline.schedule(), &costs).unwrap();
             for s in 0..2 {
-                assert_eq!(
-                    predicted.peak_memory[s] - costs.static_bytes[s],
-                    stats.peak_stash_bytes[s],
-                    "{kind} {recompute:?} stage {s}"
-                );
+                assert_eq!(predicted.peak_stash_bytes[s], stats.peak_stash_bytes[s], "{kind} {recompute:?} stage {s}");
             }
             peaks.push(stats.peak_stash_bytes.clone());
         }
         let (off, full) = (&peaks[0], &peaks[1]);
         let schedule = kind.build(2, 4).unwrap();
         for s in 0..2 {
-            // A stage holding one micro-batch at a time (1F1B's last) rebuilds just as much.
+            // A stage holding one micro-batch at a time (1F1B's last) rebuilds just as much;
+            // never more.
             if schedule.peak_in_flight(s) == 1 {
                 assert_eq!(full[s], off[s], "{kind} stage {s}");
             } else {
-                assert!(full[s] < off[s], "{kind} stage {s}: recomputation kept {} bytes vs {}", full[s], off[s]);
+                assert!(full[s] <= off[s], "{kind} stage {s}: recomputation kept {} bytes vs {}", full[s], off[s]);
             }
         }
         eprintln!("{kind}: peak stash per stage without recomputation {off:?}, with {full:?}");
@@ -137,6 +135,7 @@ fn a_bench_run_reports_consistent_numbers_and_timelines() {
         stages: 2,
         partition: PartitionStrategy::Uniform,
         schedule: ScheduleKind::OneFOneB,
+        virtual_stages: 1,
         microbatches: 4,
         batch_size: 8,
         warmup: 1,
@@ -160,7 +159,7 @@ fn a_bench_run_reports_consistent_numbers_and_timelines() {
 
     let table = markdown_table(std::slice::from_ref(row));
     assert_eq!(table.lines().count(), 3);
-    assert!(table.lines().nth(2).unwrap().starts_with("| gpt-tiny | 2 2,2 (uniform) | 1f1b | 4 |"), "{table}");
+    assert!(table.lines().nth(2).unwrap().starts_with("| gpt-tiny | 2 2,2 (uniform) | 1f1b | 1 | 4 |"), "{table}");
 
     let actions: usize = result.median_step.stage_actions.iter().map(Vec::len).sum();
     assert_eq!(actions, 2 * 2 * 4);

@@ -55,10 +55,10 @@ fn profile_plan_and_bench_run_end_to_end() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("schedule custom, 2 stages (layers 3,1), 2 micro-batches of 2"), "{stdout}");
-    assert!(stdout.contains("| 0 | 0..3 |") && stdout.contains("| 1 | 3..4 |"), "{stdout}");
+    assert!(stdout.contains("| 0 | 0: 0..3 |") && stdout.contains("| 1 | 1: 3..4 |"), "{stdout}");
     // Stage 1 runs F, I back to back: one micro-batch stashed at a time; stage 0 holds both.
-    assert!(stdout.lines().any(|l| l.starts_with("| 0 | 0..3 |") && l.contains("| 2 |")), "{stdout}");
-    assert!(stdout.lines().any(|l| l.starts_with("| 1 | 3..4 |") && l.contains("| 1 |")), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("| 0 | 0: 0..3 |") && l.contains("| 2 |")), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("| 1 | 1: 3..4 |") && l.contains("| 1 |")), "{stdout}");
     assert_fails_with(
         &["simulate", "--profile", profile_path.to_str().unwrap(), "--schedule", schedule.to_str().unwrap(), "--microbatches", "4"],
         "--microbatches 4 disagrees with the schedule file, which is for 2 stages and 2 micro-batches",
@@ -84,8 +84,8 @@ fn profile_plan_and_bench_run_end_to_end() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     // A context override makes a custom GPT, named by its sizes.
-    assert!(stdout.contains("ctx=16, embd=64, layers=2, heads=4) | 1 4 (uniform) | 1f1b | 2 |"), "{stdout}");
-    assert!(stdout.contains("ctx=16, embd=64, layers=2, heads=4) | 2 2,2 (uniform) | 1f1b | 2 |"), "{stdout}");
+    assert!(stdout.contains("ctx=16, embd=64, layers=2, heads=4) | 1 4 (uniform) | 1f1b | 1 | 2 |"), "{stdout}");
+    assert!(stdout.contains("ctx=16, embd=64, layers=2, heads=4) | 2 2,2 (uniform) | 1f1b | 1 | 2 |"), "{stdout}");
     assert!(stdout.contains("simulator's worst error"), "{stdout}");
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(bench_dir.join("bench.json")).unwrap()).unwrap();
     assert_eq!(json["rows"].as_array().unwrap().len(), 2);

@@ -119,7 +119,8 @@ fn check_resume(setup: Setup) {
 
     let mut resumed = Trainer::resume(&dir.join("ckpt"), data_for(setup.model), pipeline(setup.after, OptimizerConfig::sgd()), options(8)).unwrap();
     assert_eq!(resumed.pipeline().steps_taken(), 4);
-    assert_eq!(resumed.pipeline().partition().stages(), setup.after.0);
+    assert_eq!(resumed.pipeline().schedule().stages(), setup.after.0);
+    assert_eq!(resumed.pipeline().partition().stages(), setup.after.0 * setup.after.1.default_virtual_stages());
     let losses_b: Vec<f64> = (0..4).map(|_| resumed.step().unwrap().loss).collect();
 
     let (mut whole, losses) = train(&setup, setup.whole, 8);
@@ -171,6 +172,30 @@ fn resnet_resumes_on_another_layout_like_an_uninterrupted_run() {
         before: (4, ScheduleKind::GPipe, 2),
         after: (2, ScheduleKind::OneFOneB, 2),
         whole: (1, ScheduleKind::OneFOneB, 2),
+    });
+}
+
+#[test]
+fn gpt_resumes_from_a_v_shaped_layout_onto_an_interleaved_one() {
+    // Written by ZB-V (device 0 holds the embedding and the head, one tied variable), resumed on
+    // interleaved 1F1B (the tied weight on devices 0 and 1), against one device throughout.
+    check_resume(Setup {
+        model: "gpt-tiny",
+        optimizer: OptimizerConfig::adamw(),
+        before: (2, ScheduleKind::ZbV, 4),
+        after: (2, ScheduleKind::Interleaved, 2),
+        whole: (1, ScheduleKind::OneFOneB, 1),
+    });
+}
+
+#[test]
+fn resnet_resumes_across_chunked_and_zero_bubble_layouts() {
+    check_resume(Setup {
+        model: "resnet-tiny",
+        optimizer: OptimizerConfig::sgd(),
+        before: (3, ScheduleKind::ZbV, 2),
+        after: (2, ScheduleKind::Interleaved, 2),
+        whole: (2, ScheduleKind::ZbH2, 2),
     });
 }
 

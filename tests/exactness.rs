@@ -28,7 +28,7 @@ use brigade::engine::optim::{LrSchedule, OptimizerConfig};
 use brigade::engine::pipeline::{Pipeline, PipelineConfig};
 use brigade::engine::reference::ReferenceTrainer;
 use brigade::engine::compute::Recompute;
-use brigade::engine::schedule::{Action, ActionKind, Schedule, ScheduleKind};
+use brigade::engine::schedule::{v_shape, Action, ActionKind, GreedyCosts, Schedule, ScheduleKind};
 use brigade::engine::PipelineModel;
 use brigade::models::data::{ImageDataset, Split, TokenDataset};
 use brigade::models::resnet::BlockKind;
@@ -175,28 +175,87 @@ fn check_layouts(
                 let cfg = config(stages, ScheduleKind::OneFOneB, m, optimizer)
                     .schedule((variant.schedule)(stages, m))
                     .recompute(variant.recompute);
-                let mut reference =
-                    ReferenceTrainer::new(model, cfg.optimizer, cfg.lr, cfg.grad_clip, cfg.seed).unwrap();
-                let mut pipe = Pipeline::new(model, cfg).unwrap();
-                for step in 0..STEPS {
-                    let (x, y) = batch(step, m * per_microbatch);
-                    let want = reference.train_step(&x, &y, if accumulate { m } else { 1 }).unwrap();
-                    let got = pipe.train_step(&x, &y).unwrap();
-                    let rel = ((got.loss - want) / want).abs();
-                    assert!(rel <= TOLERANCE as f64, "{what} step {step}: loss {} vs {want}", got.loss);
-                    assert_close(&format!("{what} step {step} gradients"), &pipe.gradients().unwrap(), reference.gradients());
+                check_against_reference(model, cfg, per_microbatch, accumulate, batch, &what);
+            }
+        }
+    }
+}
+
+/// Trains `cfg` for [`STEPS`] steps beside the reference and compares losses, gradients,
+/// weights and buffers.
+fn check_against_reference(
+    model: &dyn PipelineModel,
+    cfg: PipelineConfig,
+    per_microbatch: usize,
+    accumulate: bool,
+    batch: &dyn Fn(u64, usize) -> (Tensor, Tensor),
+    what: &str,
+) {
+    let (m, optimizer) = (cfg.microbatches, cfg.optimizer);
+    let mut reference = ReferenceTrainer::new(model, cfg.optimizer, cfg.lr, cfg.grad_clip, cfg.seed).unwrap();
+    let mut pipe = Pipeline::new(model, cfg).unwrap();
+    for step in 0..STEPS {
+        let (x, y) = batch(step, m * per_microbatch);
+        let want = reference.train_step(&x, &y, if accumulate { m } else { 1 }).unwrap();
+        let got = pipe.train_step(&x, &y).unwrap();
+        let rel = ((got.loss - want) / want).abs();
+        assert!(rel <= TOLERANCE as f64, "{what} step {step}: loss {} vs {want}", got.loss);
+        assert_close(&format!("{what} step {step} gradients"), &pipe.gradients().unwrap(), reference.gradients());
+    }
+    let weights = pipe.parameters().unwrap();
+    if matches!(optimizer, OptimizerConfig::AdamW { .. }) {
+        // See the module docs: AdamW turns float noise on zero-gradient parameters
+        // into full steps, so its weights are compared as one vector.
+        let e = global_rel_err(&weights, &reference.parameters());
+        assert!(e <= TOLERANCE as f64, "{what} weights: relative error {e:e}");
+    } else {
+        assert_close(&format!("{what} weights"), &weights, &reference.parameters());
+    }
+    assert_close(&format!("{what} buffers"), &pipe.buffers().unwrap(), &reference.buffers());
+}
+
+/// The virtual-stage and zero-bubble schedules: interleaved 1F1B (v = 2), ZB-H1, ZB-H2, ZB-V,
+/// and the cost-based generator (uneven F/I/W costs, 1F1B's memory) with one chunk per device
+/// and with two in a V.
+fn zero_bubble_variants() -> Vec<(String, Box<dyn Fn(usize, usize) -> Option<Schedule>>)> {
+    let mut out: Vec<(String, Box<dyn Fn(usize, usize) -> Option<Schedule>>)> = Vec::new();
+    for kind in [ScheduleKind::Interleaved, ScheduleKind::ZbH1, ScheduleKind::ZbH2, ScheduleKind::ZbV] {
+        // Interleaving needs m a multiple of p: build() refuses the others (tested elsewhere).
+        out.push((kind.to_string(), Box::new(move |p, m| kind.build(p, m).ok())));
+    }
+    for v in [1, 2] {
+        out.push((
+            format!("zb-auto v={v}"),
+            Box::new(move |p, m| {
+                let placement = if v == 1 { (0..p).collect() } else { v_shape(p) };
+                let mut costs = GreedyCosts::unit(&placement, (p * v) as f64);
+                costs.backward_input = vec![1.5; p * v];
+                costs.backward_weight = vec![0.7; p * v];
+                Some(Schedule::zero_bubble_from_costs("zb-auto", &costs, p, m).unwrap())
+            }),
+        ));
+    }
+    out
+}
+
+/// Every zero-bubble variant x p in {2, 3, 4} x m in {p, 2p + 1} (2p for interleaving, which
+/// needs a multiple of p), against the reference.
+fn check_zero_bubble_layouts(
+    model: &dyn PipelineModel,
+    optimizer: OptimizerConfig,
+    per_microbatch: usize,
+    batch: &dyn Fn(u64, usize) -> (Tensor, Tensor),
+) {
+    for (name, build) in zero_bubble_variants() {
+        for p in [2, 3, 4] {
+            for m in [p, 2 * p + 1, 2 * p] {
+                let Some(schedule) = build(p, m) else { continue };
+                if m == 2 * p && name != "interleaved-1f1b" {
+                    continue;
                 }
-                let weights = pipe.parameters().unwrap();
-                if matches!(optimizer, OptimizerConfig::AdamW { .. }) {
-                    // See the module docs: AdamW turns float noise on zero-gradient parameters
-                    // into full steps, so its weights are compared as one vector.
-                    let e = global_rel_err(&weights, &reference.parameters());
-                    eprintln!("{what}: AdamW weights relative error {e:e}");
-                    assert!(e <= TOLERANCE as f64, "{what} weights: relative error {e:e}");
-                } else {
-                    assert_close(&format!("{what} weights"), &weights, &reference.parameters());
-                }
-                assert_close(&format!("{what} buffers"), &pipe.buffers().unwrap(), &reference.buffers());
+                let what = format!("{} {name} p={p} m={m} chunks={}", model.name(), schedule.chunks());
+                let cfg = config(p, ScheduleKind::OneFOneB, m, optimizer).schedule(schedule);
+                check_against_reference(model, cfg, per_microbatch, true, batch, &what);
             }
         }
     }
@@ -205,6 +264,16 @@ fn check_layouts(
 fn tiny_gpt() -> Gpt {
     // 4 layers in the list: embedding, 2 blocks, head; enough for 4 stages.
     Gpt::new(GptConfig::custom(48, 16, 16, 2, 2).unwrap()).unwrap()
+}
+
+/// Eight layers (embedding, 6 blocks, head): enough for 4 devices x 2 chunks.
+fn eight_layer_gpt() -> Gpt {
+    Gpt::new(GptConfig::custom(48, 16, 16, 6, 2).unwrap()).unwrap()
+}
+
+/// Eight layers (stem, 1 + 1 + 2 + 2 blocks, head).
+fn eight_layer_resnet() -> ResNet {
+    ResNet::new(ResNetConfig::custom(BlockKind::BasicBlock, [1, 1, 2, 2], 4, 10).unwrap()).unwrap()
 }
 
 fn tiny_resnet() -> ResNet {
@@ -269,6 +338,21 @@ fn split_backward_and_recomputation_train_like_the_reference() {
 }
 
 #[test]
+fn zero_bubble_and_interleaved_gpt_trains_identically() {
+    // GPT's tied embedding: on ZB-V both of its users sit on device 0 (one variable, both
+    // chunks' gradients summed there); elsewhere on two devices (summed by the collective).
+    check_zero_bubble_layouts(&eight_layer_gpt(), adamw(), 2, &gpt_batches());
+}
+
+#[test]
+fn zero_bubble_and_interleaved_resnet_trains_identically() {
+    let model = eight_layer_resnet();
+    let data = ImageDataset::embedded_shapes(64, 8, RESNET_IMAGE, 5).unwrap();
+    let sgd = OptimizerConfig::Sgd { momentum: 0.9, weight_decay: 5e-4, nesterov: false };
+    check_zero_bubble_layouts(&model, sgd, 2, &|step, size| data.batch(Split::Train, step, size, 4, &Device::Cpu).unwrap());
+}
+
+#[test]
 fn resnet_with_adamw_matches_too() {
     let model = tiny_resnet();
     let data = ImageDataset::embedded_shapes(32, 8, RESNET_IMAGE, 6).unwrap();
@@ -316,4 +400,13 @@ fn adamw() -> OptimizerConfig {
         OptimizerConfig::AdamW { beta1, beta2, weight_decay, .. } => OptimizerConfig::AdamW { beta1, beta2, eps: 1e-5, weight_decay },
         other => other,
     }
+}
+
+#[test]
+fn more_chunks_than_layers_is_a_clear_error() {
+    // gpt-tiny-sized test model: 4 layers, so ZB-V on 3 devices (6 chunks) cannot be cut.
+    let err = Pipeline::new(&tiny_gpt(), config(3, ScheduleKind::ZbV, 3, OptimizerConfig::adamw())).unwrap_err().to_string();
+    assert!(err.contains("zb-v cuts the model into 6 chunks (3 stages x 2)") && err.contains("4 layers"), "{err}");
+    let err = Pipeline::new(&tiny_gpt(), config(2, ScheduleKind::Interleaved, 3, OptimizerConfig::adamw())).unwrap_err().to_string();
+    assert!(err.contains("multiple of the stages"), "{err}");
 }

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use brigade::engine::optim::{LrSchedule, OptimizerConfig};
 use brigade::engine::pipeline::{Pipeline, PipelineConfig};
+use brigade::engine::schedule::ScheduleKind;
 use brigade::generate::{generate, Decoding, Sampling};
 use brigade::models::data::{Split, TokenDataset};
 use brigade::models::{Gpt, GptConfig};
@@ -62,6 +63,14 @@ fn greedy_kv_cache_equals_full_window_on_one_and_more_stages() {
         let mut split = pipeline(&model, &params, stages);
         assert_eq!(split.partition().stages(), stages);
         assert_eq!(run(&mut split, &prompt, 56, Decoding::Cached, Sampling::greedy()), reference, "{stages} stages");
+    }
+    // Virtual stages: ZB-V puts chunks 0 and 3 on device 0, 1 and 2 on device 1, so the
+    // decoding activation goes 0 → 1 → 1 → 0; interleaved 1F1B goes 0 → 1 → 0 → 1.
+    for kind in [ScheduleKind::ZbV, ScheduleKind::Interleaved] {
+        let mut config = PipelineConfig::default().stages(2).schedule(kind).microbatches(2);
+        config.initial_params = params.clone();
+        let mut chunked = Pipeline::new(&model, config).unwrap();
+        assert_eq!(run(&mut chunked, &prompt, 56, Decoding::Cached, Sampling::greedy()), reference, "{kind}");
     }
     // A second generation on the same pipeline starts a fresh cache.
     let other: Vec<u32> = b"A dog".iter().map(|&b| b as u32).collect();

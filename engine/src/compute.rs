@@ -249,7 +249,15 @@ impl StageCompute {
             }
         }
         weight_saved.reverse();
-        let bytes = distinct_bytes(weight_saved.iter().flat_map(|s| s.tensors()));
+        // As for the stash: the first stage's input is the driver's data batch (a view of the
+        // whole batch's storage), which a weight step may keep (an embedding's ids) but which
+        // this stage does not hold.
+        let bytes = if self.input_needs_grad {
+            distinct_bytes(weight_saved.iter().flat_map(|s| s.tensors()))
+        } else {
+            let all = distinct_bytes(std::iter::once(&stashed.input).chain(weight_saved.iter().flat_map(|s| s.tensors())));
+            all.saturating_sub(crate::memory::tensor_bytes(&stashed.input))
+        };
         self.live_bytes += bytes;
         self.pending.insert(mb, PendingWeights { saved: weight_saved, bytes });
         Ok(self.input_needs_grad.then_some(grad))

@@ -1,11 +1,15 @@
 //! The planner: which layout and schedule trains fastest within a memory limit, predicted.
 //!
-//! It enumerates stage counts (1 to the number of devices), partitions (uniform, balanced by
-//! parameters, balanced by profiled time — the last under the memory limit), the built-in
-//! schedules and micro-batch counts that divide the batch, simulates each with
-//! [`crate::simulate`] with and without activation recomputation, and ranks them: configurations that fit the limit first, then by
-//! predicted step time, then by peak memory (so of two equally fast schedules the leaner one
-//! wins, as 1F1B does over GPipe).
+//! It enumerates stage counts (1 to the number of devices), the schedules asked for with their
+//! chunks per device (GPipe, 1F1B, interleaved 1F1B, ZB-H1, ZB-H2, ZB-V, and `zb-auto`, which is
+//! generated for each layout from its profiled costs within the memory limit), partitions of
+//! the model into `stages × v` chunks (uniform, balanced by parameters, balanced by profiled
+//! time — the last under the memory limit without virtual stages) and micro-batch counts that
+//! divide the batch, simulates each with [`crate::simulate`] with and without activation
+//! recomputation, and ranks them: configurations that fit the limit first, then by predicted
+//! step time, then by peak memory (so of two equally fast schedules the leaner one wins, as
+//! 1F1B does over GPipe). Combinations a schedule cannot run (interleaving with `m` not a
+//! multiple of `p`, more chunks than layers) are left out.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -15,7 +19,7 @@ use crate::error::{EngineError, Result};
 use crate::partition::{Partition, PartitionError};
 use crate::profile::Profile;
 use crate::schedule::ScheduleKind;
-use crate::simulate::{predict, range_memory, Prediction, StageCosts};
+use crate::simulate::{predict, range_memory, schedule_from_costs, Prediction, StageCosts};
 
 /// What to search over.
 #[derive(Debug, Clone)]
@@ -25,7 +29,8 @@ pub struct PlanRequest {
     /// Global batch size; only micro-batch counts that divide it are tried.
     pub batch_size: usize,
     pub microbatches: Vec<usize>,
-    pub schedules: Vec<ScheduleKind>,
+    /// Schedules with their chunks per device (`v`).
+    pub schedules: Vec<(ScheduleKind, usize)>,
     /// Per-stage (per-device) memory limit in bytes.
     pub memory_limit: Option<u64>,
     /// Activation recomputation settings to try (recomputing costs a forward per backward,
@@ -40,8 +45,10 @@ pub struct Candidate {
     /// How the partition was chosen (`uniform`, `balanced-params`, `balanced-time`); when
     /// strategies agree, their names are joined with `=`.
     pub partition_name: String,
+    /// Layers per chunk (`stages × virtual_stages` chunks).
     pub partition: Partition,
     pub schedule: ScheduleKind,
+    pub virtual_stages: usize,
     pub microbatches: usize,
     pub recompute: Recompute,
     pub prediction: Prediction,
@@ -57,12 +64,13 @@ impl Candidate {
 
     pub fn label(&self) -> String {
         format!(
-            "{} stage{} ({} {}), {}, m={}{}",
+            "{} stage{} ({} {}), {}{}, m={}{}",
             self.stages,
             if self.stages == 1 { "" } else { "s" },
             self.partition,
             self.partition_name,
             self.schedule,
+            if self.virtual_stages > 1 { format!(" v={}", self.virtual_stages) } else { String::new() },
             self.microbatches,
             if self.recompute == Recompute::Full { ", recompute" } else { "" }
         )
@@ -103,9 +111,17 @@ pub fn plan(request: &PlanRequest, mut profile_for: impl FnMut(usize) -> Result<
         let times: Vec<f64> = profile.layers.iter().map(|l| l.microbatch_s()).collect();
         let recompute_options = if request.recompute.is_empty() { vec![Recompute::Off] } else { request.recompute.clone() };
         for stages in 1..=request.devices.min(n) {
-            for (&kind, &recompute) in request.schedules.iter().flat_map(|k| recompute_options.iter().map(move |r| (k, r))) {
-                let schedule = kind.build(stages, m)?;
-                // Memory a stage would need for layers `r`, following this schedule's stash depth.
+            for (&(kind, v), &recompute) in request.schedules.iter().flat_map(|k| recompute_options.iter().map(move |r| (k, r))) {
+                let chunks = stages * v;
+                if chunks > n || (v > 1 && stages == 1) {
+                    continue; // more chunks than layers; virtual stages on one device gain nothing
+                }
+                // A schedule that cannot run here (interleaving with m not a multiple of p) is
+                // left out. zb-auto is generated per partition below; its unit-cost twin stands
+                // in for the memory-aware partitioning.
+                let Ok(schedule) = kind.build_with(stages, m, v) else { continue };
+                // Memory a chunk would need for layers `r`, following this schedule's stash depth
+                // (per device; exact without virtual stages, where a device is one chunk).
                 let in_flight: Vec<usize> = (0..stages).map(|s| schedule.peak_in_flight(s)).collect();
                 let mut partitions: BTreeMap<Vec<usize>, Vec<&str>> = BTreeMap::new();
                 let mut add = |name: &'static str, p: std::result::Result<Partition, PartitionError>| match p {
@@ -116,9 +132,12 @@ pub fn plan(request: &PlanRequest, mut profile_for: impl FnMut(usize) -> Result<
                     Err(PartitionError::NoFit { .. }) => Ok(()),
                     Err(e) => Err(e),
                 };
-                add("uniform", Partition::uniform(n, stages))?;
-                add("balanced-params", Partition::balanced(&params, stages))?;
+                add("uniform", Partition::uniform(n, chunks))?;
+                add("balanced-params", Partition::balanced(&params, chunks))?;
                 let fits = |s: usize, r: std::ops::Range<usize>| {
+                    if v > 1 {
+                        return true; // the device totals are checked after simulating
+                    }
                     let (static_bytes, stash) = range_memory(&profile, r.clone());
                     let peak = match recompute {
                         Recompute::Off => in_flight[s] as u64 * stash,
@@ -129,10 +148,18 @@ pub fn plan(request: &PlanRequest, mut profile_for: impl FnMut(usize) -> Result<
                     };
                     static_bytes + peak <= limit
                 };
-                add("balanced-time", Partition::balanced_time(&times, stages, fits))?;
+                add("balanced-time", Partition::balanced_time(&times, chunks, fits))?;
                 for (counts, names) in partitions {
                     let partition = Partition::manual(&counts, n)?;
                     let costs = StageCosts::from_profile_with(&profile, &partition, recompute)?;
+                    let schedule = if kind == ScheduleKind::ZbAuto {
+                        match schedule_from_costs(kind, stages, m, v, &costs, request.memory_limit) {
+                            Ok(s) => s,
+                            Err(_) => continue, // nothing fits this limit on this layout
+                        }
+                    } else {
+                        schedule.clone()
+                    };
                     let prediction = predict(&schedule, &costs)?;
                     let fits = prediction.peak_memory.iter().all(|&b| b <= limit);
                     out.push(Candidate {
@@ -140,6 +167,7 @@ pub fn plan(request: &PlanRequest, mut profile_for: impl FnMut(usize) -> Result<
                         partition_name: names.join("="),
                         partition,
                         schedule: kind,
+                        virtual_stages: v,
                         microbatches: m,
                         recompute,
                         prediction,
@@ -196,6 +224,29 @@ pub fn explain(ranked: &[Candidate], request: &PlanRequest) -> String {
         }
         None => text.push('.'),
     }
+    // Why this schedule: against 1F1B on the same stages, micro-batches and recomputation.
+    if best.schedule != ScheduleKind::OneFOneB {
+        let baseline = ranked
+            .iter()
+            .filter(|c| {
+                c.schedule == ScheduleKind::OneFOneB
+                    && c.stages == best.stages
+                    && c.microbatches == best.microbatches
+                    && c.recompute == best.recompute
+            })
+            .min_by(|a, b| a.prediction.step_time.total_cmp(&b.prediction.step_time));
+        if let Some(base) = baseline {
+            let _ = write!(
+                text,
+                " Against 1F1B on the same stages and m ({:.2} ms, bubble {:.1}%, peak {}), {} {}.",
+                1e3 * base.prediction.step_time,
+                100.0 * base.prediction.bubble_fraction,
+                human_bytes(base.prediction.max_peak_memory()),
+                best.schedule,
+                why_faster(best.schedule)
+            );
+        }
+    }
     if let Some(second) = ranked.get(1).filter(|c| c.fits) {
         let slower = 100.0 * (second.prediction.step_time / p.step_time - 1.0);
         if slower.abs() < 0.05 {
@@ -227,6 +278,19 @@ pub fn explain(ranked: &[Candidate], request: &PlanRequest) -> String {
         }
     }
     text
+}
+
+/// What a schedule does about the bubble, in a phrase.
+fn why_faster(kind: ScheduleKind) -> &'static str {
+    match kind {
+        ScheduleKind::GPipe => "runs every forward first (same bubble as 1F1B, more memory)",
+        ScheduleKind::OneFOneB => "is the baseline",
+        ScheduleKind::Interleaved => "cuts each device's layers into v chunks, so the warm-up and cool-down are v times shorter (v times the messages)",
+        ScheduleKind::ZbH1 => "splits each backward and defers the weight steps into 1F1B's idle time, at 1F1B's memory",
+        ScheduleKind::ZbH2 => "also starts more forwards early, filling the warm-up too, for more activation memory",
+        ScheduleKind::ZbV => "splits backwards and runs two half-size chunks per device in a V, halving the ramp at 1F1B's memory",
+        ScheduleKind::ZbAuto => "was generated for these measured costs: backwards split, weight steps placed where a device would otherwise wait, forwards admitted as the memory limit allows",
+    }
 }
 
 /// `1.5 MB`, `320 KB`, `12 B` (decimal units).
@@ -263,6 +327,7 @@ mod tests {
                     optimizer_s: 0.0,
                     activation_bytes: 1000 * b as u64,
                     input_bytes_kept: 0,
+                    weight_stash_bytes: 0,
                     output_bytes: 100 * b as u64,
                     params: [(format!("layer{i}.weight"), 4000)].into_iter().collect(),
                     optimizer_state_ratio: 2,
@@ -287,7 +352,7 @@ mod tests {
             devices: 2,
             batch_size: 8,
             microbatches: vec![1, 2, 3, 4, 8],
-            schedules: vec![ScheduleKind::GPipe, ScheduleKind::OneFOneB],
+            schedules: vec![(ScheduleKind::GPipe, 1), (ScheduleKind::OneFOneB, 1)],
             memory_limit: limit,
             recompute: vec![Recompute::Off],
         }

@@ -68,6 +68,10 @@ pub struct LayerProfile {
     /// at this layer counts its received input instead).
     #[serde(default)]
     pub input_bytes_kept: u64,
+    /// Bytes the layer's input-gradient step (`I`) keeps for its weight step (`W`): held from
+    /// the `I` to the `W` when a schedule splits the backward.
+    #[serde(default)]
+    pub weight_stash_bytes: u64,
     /// The output, which is what a stage boundary after this layer sends downstream (and the
     /// size of the gradient sent back up).
     pub output_bytes: u64,
@@ -185,6 +189,7 @@ fn profile_in_pool(
     let mut x = inputs.clone();
     let mut out = Vec::with_capacity(specs.len());
     let mut previous_kept = std::collections::HashSet::new();
+    let mut computes = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
         // Each layer alone as a one-layer stage, through the same seam the executor runs: the
         // model's input needs no gradient; the last layer computes the loss.
@@ -255,11 +260,28 @@ fn profile_in_pool(
             optimizer_s,
             activation_bytes,
             input_bytes_kept,
+            // Measured below, with the real output gradient.
+            weight_stash_bytes: 0,
             output_bytes,
             params,
             optimizer_state_ratio,
         });
+        computes.push((compute, x.clone(), target));
         x = y;
+    }
+    // What each layer's `I` keeps for its `W` depends on the gradient it gets (its layout, not
+    // just its size), so it is measured on one real backward chain through all layers: layer
+    // i's `I` gets layer i+1's input gradient, as it does inside a stage.
+    let mut h = inputs.clone();
+    for (compute, _, target) in computes.iter_mut() {
+        h = compute.forward(1, &h, target.clone())?.0;
+    }
+    let mut dy: Option<Tensor> = None;
+    for (i, (compute, _, _)) in computes.iter_mut().enumerate().rev() {
+        let dx = compute.backward_input(1, dy.as_ref())?;
+        out[i].weight_stash_bytes = compute.live_bytes();
+        compute.backward_weight(1)?;
+        dy = dx;
     }
     let probe_bytes = out.iter().map(|l| l.output_bytes).max().unwrap_or(4096).max(4096);
     Ok(Profile {

@@ -7,24 +7,28 @@
 //! takes its optimizer step (in parallel, after the gradient-norm collective), so
 //! `step = makespan + max(optimizer time)`.
 //!
-//! Memory follows the schedule's order: parameters, gradients and optimizer state are always
-//! held; a forward stashes one micro-batch's activations until its `B` (or `I`), so a stage's
-//! peak is `static + peak in-flight × stash per micro-batch`. With activation recomputation a
-//! micro-batch stashes only the stage's input, each `I` reruns the forward first (its time is
-//! added to `I`), and the rerun briefly holds one micro-batch's full activations. (Weight
-//! gradients an `I` sets aside until its `W` are not counted: the built-in schedules use full
-//! `B`s.)
+//! Costs are per model chunk (one per stage without virtual stages); times and memory are
+//! summed per device following the schedule's routing table.
+//!
+//! Memory follows each device's action order, exactly as the executor counts it: parameters,
+//! gradients and optimizer state are always held (a parameter two chunks of one device share,
+//! such as GPT's tied embedding under ZB-V, once); a forward stashes one micro-batch's
+//! activations of its chunk until its `B` or `I`; an `I` keeps what its `W` needs (the
+//! weight-gradient inputs) until the `W`. With activation recomputation a micro-batch stashes
+//! only the chunk's input, each `I` reruns the forward first (its time is added to `I`), and
+//! the rerun briefly holds one micro-batch's full activations.
 
 use crate::compute::Recompute;
 use crate::error::{EngineError, Result};
 use crate::partition::Partition;
 use crate::profile::Profile;
-use crate::schedule::{Action, ActionCosts, ActionKind, CostModel, Schedule, Timeline};
+use crate::schedule::{Action, ActionCosts, ActionKind, CostModel, GreedyCosts, Schedule, ScheduleKind, Timeline};
 
-/// Per-stage costs of one layout: what the simulator runs on.
+/// Per-chunk costs of one layout (chunk = stage without virtual stages): what the simulator
+/// runs on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StageCosts {
-    /// Seconds per micro-batch, per stage.
+    /// Seconds per micro-batch, per chunk.
     pub forward: Vec<f64>,
     pub backward_input: Vec<f64>,
     pub backward_weight: Vec<f64>,
@@ -38,6 +42,13 @@ pub struct StageCosts {
     pub static_bytes: Vec<u64>,
     /// Activation bytes one micro-batch keeps stashed between its forward and backward.
     pub stash_bytes: Vec<u64>,
+    /// Bytes an `I` keeps for its `W` (weight-gradient inputs), per micro-batch.
+    pub weight_stash_bytes: Vec<u64>,
+    /// Parameter bytes by name, per chunk (empty for the uniform model), so that a device
+    /// holding two chunks that share a parameter counts it once.
+    pub params: Vec<std::collections::BTreeMap<String, u64>>,
+    /// Optimizer-state bytes per parameter byte.
+    pub optimizer_state_ratio: u64,
     /// With activation recomputation: the full activations of the one micro-batch whose
     /// forward is being rerun for its backward (held briefly on top of the others' stashes);
     /// 0 without.
@@ -57,6 +68,9 @@ impl StageCosts {
             send_backward: vec![0.0; stages],
             static_bytes: vec![0; stages],
             stash_bytes: vec![1; stages],
+            weight_stash_bytes: vec![0; stages],
+            params: Vec::new(),
+            optimizer_state_ratio: 0,
             recompute_bytes: vec![0; stages],
         }
     }
@@ -88,6 +102,9 @@ impl StageCosts {
             send_backward: vec![0.0; stages],
             static_bytes: vec![0; stages],
             stash_bytes: vec![0; stages],
+            weight_stash_bytes: vec![0; stages],
+            params: vec![Default::default(); stages],
+            optimizer_state_ratio: profile.layers.first().map_or(0, |l| l.optimizer_state_ratio),
             recompute_bytes: vec![0; stages],
         };
         for (s, range) in partition.ranges().into_iter().enumerate() {
@@ -97,6 +114,10 @@ impl StageCosts {
             c.backward_weight[s] = layers.iter().map(|l| l.backward_weight_s).sum();
             c.optimizer[s] = layers.iter().map(|l| l.optimizer_s).sum();
             (c.static_bytes[s], c.stash_bytes[s]) = range_memory(profile, range.clone());
+            c.weight_stash_bytes[s] = layers.iter().map(|l| l.weight_stash_bytes).sum();
+            for l in layers {
+                c.params[s].extend(l.params.iter().map(|(n, b)| (n.clone(), *b)));
+            }
             let input = if range.start > 0 { profile.layers[range.start - 1].output_bytes } else { 0 };
             if recompute == Recompute::Full {
                 c.backward_input[s] += c.forward[s];
@@ -110,8 +131,48 @@ impl StageCosts {
         Ok(c)
     }
 
+    /// Chunks (stages without virtual stages) the costs are for.
     pub fn stages(&self) -> usize {
         self.forward.len()
+    }
+
+    /// Parameters + gradients + optimizer state each device holds under `placement` (chunk →
+    /// device): a parameter two of its chunks share counts once.
+    pub fn device_static_bytes(&self, placement: &[usize], devices: usize) -> Vec<u64> {
+        (0..devices)
+            .map(|d| {
+                let chunks = (0..placement.len()).filter(|&c| placement[c] == d);
+                if self.params.len() == self.stages() {
+                    let mut held = std::collections::BTreeMap::new();
+                    for c in chunks {
+                        held.extend(self.params[c].iter().map(|(n, b)| (n.as_str(), *b)));
+                    }
+                    held.values().sum::<u64>() * (2 + self.optimizer_state_ratio)
+                } else {
+                    chunks.map(|c| self.static_bytes[c]).sum()
+                }
+            })
+            .collect()
+    }
+
+    /// What the zero-bubble scheduler needs: these costs under the routing table `placement`,
+    /// and each device's room for stashes within `memory_limit` bytes (unlimited without).
+    pub fn greedy_costs(&self, placement: &[usize], devices: usize, memory_limit: Option<u64>) -> GreedyCosts {
+        let statics = self.device_static_bytes(placement, devices);
+        GreedyCosts {
+            placement: placement.to_vec(),
+            forward: self.forward.clone(),
+            backward_input: self.backward_input.clone(),
+            backward_weight: self.backward_weight.clone(),
+            send_forward: self.send_forward.clone(),
+            send_backward: self.send_backward.clone(),
+            stash: self.stash_bytes.iter().map(|&b| b as f64).collect(),
+            weight_stash: self.weight_stash_bytes.iter().map(|&b| b as f64).collect(),
+            limit: statics
+                .iter()
+                .map(|&s| memory_limit.map_or(f64::INFINITY, |l| l.saturating_sub(s) as f64))
+                .collect(),
+        }
     }
 
     /// Compute time of one micro-batch (forward + full backward) on stage `s`.
@@ -143,7 +204,7 @@ pub fn range_memory(profile: &Profile, layers: std::ops::Range<usize>) -> (u64, 
 
 impl CostModel for StageCosts {
     fn duration(&self, a: Action) -> f64 {
-        let s = a.stage;
+        let s = a.chunk;
         match a.kind {
             ActionKind::Forward => self.forward[s],
             ActionKind::Backward => self.backward_input[s] + self.backward_weight[s],
@@ -154,8 +215,8 @@ impl CostModel for StageCosts {
 
     fn transfer(&self, a: Action) -> f64 {
         match a.kind {
-            ActionKind::Forward => self.send_forward[a.stage],
-            _ => self.send_backward[a.stage],
+            ActionKind::Forward => self.send_forward[a.chunk],
+            _ => self.send_backward[a.chunk],
         }
     }
 }
@@ -173,9 +234,14 @@ pub struct Prediction {
     pub idle: Vec<f64>,
     /// Idle over `stages × step_time`.
     pub bubble_fraction: f64,
-    /// Per stage: the most micro-batches stashed at once.
+    /// Per stage: the most (chunk, micro-batch) forward stashes held at once.
     pub peak_in_flight: Vec<usize>,
-    /// Per stage: bytes at the high-water mark (static + stashed activations).
+    /// Per stage: parameters, gradients and optimizer state.
+    pub static_bytes: Vec<u64>,
+    /// Per stage: the high-water mark of stashed bytes (activations, weight-gradient inputs
+    /// waiting for their `W`, a recomputation's transient activations).
+    pub peak_stash_bytes: Vec<u64>,
+    /// Per stage: bytes at the high-water mark (static + stashed).
     pub peak_memory: Vec<u64>,
     pub timeline: Timeline,
 }
@@ -186,43 +252,106 @@ impl Prediction {
     }
 }
 
-/// Simulates one training step of `schedule` under `costs`.
-pub fn predict(schedule: &Schedule, costs: &StageCosts) -> Result<Prediction> {
-    let p = schedule.stages();
-    if costs.stages() != p {
+/// The schedule `kind` builds for `stages` devices, `microbatches` and `v` chunks per device;
+/// `zb-auto` is built from `costs` (one entry per chunk) within `memory_limit` bytes per
+/// device, or, without a limit, within 1F1B's activation memory (`stages` micro-batches'
+/// stashes per device).
+pub fn schedule_from_costs(
+    kind: ScheduleKind,
+    stages: usize,
+    microbatches: usize,
+    v: usize,
+    costs: &StageCosts,
+    memory_limit: Option<u64>,
+) -> Result<Schedule> {
+    if kind != ScheduleKind::ZbAuto {
+        return Ok(kind.build_with(stages, microbatches, v)?);
+    }
+    // Validates v (1 or 2) and the counts before the costs are looked at.
+    kind.build_with(stages, 1, v)?;
+    let placement = kind.placement(stages, v);
+    if costs.stages() != placement.len() {
         return Err(EngineError::Config(format!(
-            "costs are for {} stages but schedule {} has {p}",
-            costs.stages(),
-            schedule.name()
+            "zb-auto needs costs for {} chunks ({stages} stages x {v}), got {}",
+            placement.len(),
+            costs.stages()
         )));
     }
+    let mut greedy = costs.greedy_costs(&placement, stages, memory_limit);
+    if memory_limit.is_none() {
+        for (d, limit) in greedy.limit.iter_mut().enumerate() {
+            let per_microbatch: f64 = (0..placement.len()).filter(|&c| placement[c] == d).map(|c| greedy.stash[c]).sum();
+            *limit = stages as f64 * per_microbatch;
+        }
+    }
+    Ok(Schedule::zero_bubble_from_costs(kind.to_string(), &greedy, stages, microbatches)?)
+}
+
+/// Simulates one training step of `schedule` under `costs` (one entry per model chunk).
+pub fn predict(schedule: &Schedule, costs: &StageCosts) -> Result<Prediction> {
+    let p = schedule.stages();
+    if costs.stages() != schedule.chunks() {
+        return Err(EngineError::Config(format!(
+            "costs are for {} chunks but schedule {} has {} ({p} stages)",
+            costs.stages(),
+            schedule.name(),
+            schedule.chunks()
+        )));
+    }
+    let placement = schedule.placement();
     let timeline = schedule.timeline_with(costs);
     let makespan = timeline.makespan();
-    let step_time = makespan + costs.optimizer.iter().copied().fold(0.0, f64::max);
-    let busy: Vec<f64> = (0..p).map(|s| timeline.busy_time(s) + costs.optimizer[s]).collect();
+    let optimizer: Vec<f64> =
+        (0..p).map(|d| (0..placement.len()).filter(|&c| placement[c] == d).map(|c| costs.optimizer[c]).sum()).collect();
+    let step_time = makespan + optimizer.iter().copied().fold(0.0, f64::max);
+    let busy: Vec<f64> = (0..p).map(|s| timeline.busy_time(s) + optimizer[s]).collect();
     let idle: Vec<f64> = busy.iter().map(|b| (step_time - b).max(0.0)).collect();
     let capacity = p as f64 * step_time;
     let bubble_fraction = if capacity > 0.0 { idle.iter().sum::<f64>() / capacity } else { 0.0 };
     let peak_in_flight: Vec<usize> = (0..p).map(|s| schedule.peak_in_flight(s)).collect();
-    let peak_memory = (0..p)
-        .map(|s| {
-            let stashed = peak_in_flight[s] as u64 * costs.stash_bytes[s];
-            // Recomputing one micro-batch's forward briefly holds its full activations instead
-            // of its stashed input.
-            let recomputing = match peak_in_flight[s] {
-                0 => 0,
-                n => (n as u64 - 1) * costs.stash_bytes[s] + costs.recompute_bytes[s],
-            };
-            costs.static_bytes[s] + stashed.max(recomputing)
-        })
-        .collect();
-    Ok(Prediction { step_time, makespan, busy, idle, bubble_fraction, peak_in_flight, peak_memory, timeline })
+    let static_bytes = costs.device_static_bytes(placement, p);
+    let peak_stash_bytes: Vec<u64> = (0..p).map(|d| stash_high_water(schedule.stage_actions(d), costs)).collect();
+    let peak_memory = static_bytes.iter().zip(&peak_stash_bytes).map(|(a, b)| a + b).collect();
+    Ok(Prediction {
+        step_time,
+        makespan,
+        busy,
+        idle,
+        bubble_fraction,
+        peak_in_flight,
+        static_bytes,
+        peak_stash_bytes,
+        peak_memory,
+        timeline,
+    })
+}
+
+/// A device's most stashed bytes, following its actions as the executor counts them (at the
+/// end of each action, and while a recomputed forward's activations are alive).
+fn stash_high_water(actions: &[Action], costs: &StageCosts) -> u64 {
+    let (mut live, mut peak) = (0u64, 0u64);
+    for a in actions {
+        let c = a.chunk;
+        match a.kind {
+            ActionKind::Forward => live += costs.stash_bytes[c],
+            ActionKind::Backward | ActionKind::BackwardInput => {
+                live = live.saturating_sub(costs.stash_bytes[c]);
+                // Recomputing holds the micro-batch's full activations for a moment.
+                peak = peak.max(live + costs.recompute_bytes[c]);
+                if a.kind == ActionKind::BackwardInput {
+                    live += costs.weight_stash_bytes[c];
+                }
+            }
+            ActionKind::BackwardWeight => live = live.saturating_sub(costs.weight_stash_bytes[c]),
+        }
+        peak = peak.max(live);
+    }
+    peak
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schedule::ScheduleKind;
 
     const KINDS: [ScheduleKind; 2] = [ScheduleKind::GPipe, ScheduleKind::OneFOneB];
 

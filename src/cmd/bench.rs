@@ -28,7 +28,9 @@ pub struct BenchArgs {
     /// Stage layouts: a stage count (cut by --partition) or layer counts joined by `+` (3+1).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub layouts: Vec<String>,
-    /// Schedules to run: gpipe, 1f1b.
+    /// Schedules to run: gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v, zb-auto (built from
+    /// the run's profile within 1F1B's memory); `NAME:V` sets the chunks per device
+    /// (interleaved-1f1b:3, zb-auto:2).
     #[arg(long, value_delimiter = ',', default_value = "gpipe,1f1b")]
     pub schedules: Vec<String>,
     /// Micro-batch counts (each must divide the batch size).
@@ -104,7 +106,7 @@ fn layouts(specs: &[String], partition: &str) -> Result<Vec<(usize, PartitionStr
 pub fn run(args: BenchArgs) -> Result<()> {
     brigade::engine::checkpoint::refuse_inside_checkpoint(&args.out, "--out")?;
     let layouts = layouts(&args.layouts, &args.partition)?;
-    let schedules = super::schedules(&args.schedules)?;
+    let schedules = super::schedule_specs(&args.schedules)?;
     let optimizer = args.optimizer.config(None);
     for &m in &args.microbatches {
         if m == 0 || !args.batch_size.is_multiple_of(m) {
@@ -120,12 +122,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let mut runs = Vec::new();
     for (stages, partition) in &layouts {
-        for &schedule in &schedules {
+        for &(schedule, virtual_stages) in &schedules {
             for &m in &args.microbatches {
                 runs.push(RunConfig {
                     stages: *stages,
                     partition: partition.clone(),
                     schedule,
+                    virtual_stages,
                     microbatches: m,
                     batch_size: args.batch_size,
                     warmup: args.warmup,
@@ -273,8 +276,14 @@ fn execute(
     std::fs::write(&trace_path, serde_json::to_string(&trace)?)
         .with_context(|| format!("cannot write {}", trace_path.display()))?;
     let title = format!(
-        "{}: {} stage(s) [{}], {}, m={}, batch {} — median step",
-        result.row.model, config.stages, result.row.partition, config.schedule, config.microbatches, config.batch_size
+        "{}: {} stage(s) [{}], {} (v={}), m={}, batch {} — median step",
+        result.row.model,
+        config.stages,
+        result.row.partition,
+        config.schedule,
+        config.virtual_stages,
+        config.microbatches,
+        config.batch_size
     );
     let svg_path = args.out.join(format!("{name}.svg"));
     std::fs::write(&svg_path, timeline_svg(&title, &result.median_step, Some(&result.prediction)))

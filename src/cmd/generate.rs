@@ -117,7 +117,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         args.tokens,
         args.tokens as f64 / elapsed.max(1e-9),
         if args.no_cache { "full window" } else { "KV cache" },
-        pipeline.partition().stages()
+        pipeline.schedule().stages()
     );
     Ok(())
 }

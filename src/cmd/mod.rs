@@ -92,6 +92,28 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 
-pub fn schedules(names: &[String]) -> Result<Vec<ScheduleKind>> {
-    names.iter().map(|n| Ok(n.parse::<ScheduleKind>()?)).collect()
+/// Schedules with their chunks per device: `kind` (its own v) or `kind:v`, e.g.
+/// `interleaved-1f1b:3`, `zb-auto:2`.
+pub fn schedule_specs(names: &[String]) -> Result<Vec<(ScheduleKind, usize)>> {
+    names
+        .iter()
+        .map(|n| {
+            let (kind, v) = match n.split_once(':') {
+                Some((k, v)) => {
+                    let v = v
+                        .trim()
+                        .parse::<usize>()
+                        .map_err(|_| anyhow::anyhow!("bad schedule {n:?}: expected NAME or NAME:V, V the chunks per device"))?;
+                    (k.parse::<ScheduleKind>()?, v)
+                }
+                None => {
+                    let kind = n.parse::<ScheduleKind>()?;
+                    (kind, kind.default_virtual_stages())
+                }
+            };
+            // Refuse a v the kind cannot run before anything is profiled.
+            kind.check_virtual_stages(v).map_err(|why| anyhow::anyhow!("schedule {n:?}: {why}"))?;
+            Ok((kind, v))
+        })
+        .collect()
 }

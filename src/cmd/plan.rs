@@ -31,8 +31,10 @@ pub struct PlanArgs {
     /// Micro-batch counts to try (those dividing the batch size).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
     pub microbatches: Vec<usize>,
-    /// Schedules to consider: gpipe, 1f1b.
-    #[arg(long, value_delimiter = ',', default_value = "gpipe,1f1b")]
+    /// Schedules to consider, `NAME` or `NAME:V` (V chunks per device): gpipe, 1f1b,
+    /// interleaved-1f1b (v >= 2), zb-h1, zb-h2, zb-v, zb-auto (generated from the profile
+    /// within --memory-limit, or 1F1B's memory without one; v 1 or 2).
+    #[arg(long, value_delimiter = ',', default_value = "gpipe,1f1b,interleaved-1f1b,zb-h1,zb-h2,zb-v,zb-auto,zb-auto:2")]
     pub schedules: Vec<String>,
     /// Activation recomputation settings to consider: off, full (full stashes only each
     /// stage's input and reruns its forward before the backward: less memory, more time).
@@ -73,7 +75,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         devices: args.devices,
         batch_size: args.batch_size,
         microbatches: args.microbatches.clone(),
-        schedules: super::schedules(&args.schedules)?,
+        schedules: super::schedule_specs(&args.schedules)?,
         memory_limit,
         recompute: args.recompute.clone(),
     };
@@ -124,7 +126,10 @@ pub fn run(args: PlanArgs) -> Result<()> {
             c.stages,
             c.partition,
             c.partition_name,
-            if c.recompute == Recompute::Full { format!("{} + recompute", c.schedule) } else { c.schedule.to_string() },
+            {
+                let name = if c.virtual_stages > 1 { format!("{} v={}", c.schedule, c.virtual_stages) } else { c.schedule.to_string() };
+                if c.recompute == Recompute::Full { format!("{name} + recompute") } else { name }
+            },
             c.microbatches,
             1e3 * c.prediction.step_time,
             c.throughput(args.batch_size),
@@ -144,7 +149,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
             .map(|c| {
                 serde_json::json!({
                     "stages": c.stages, "partition": c.partition.counts(), "partition_strategy": c.partition_name,
-                    "schedule": c.schedule.to_string(), "microbatches": c.microbatches, "recompute": c.recompute.to_string(),
+                    "schedule": c.schedule.to_string(), "virtual_stages": c.virtual_stages, "microbatches": c.microbatches, "recompute": c.recompute.to_string(),
                     "simulated_step_s": c.prediction.step_time, "bubble": c.prediction.bubble_fraction,
                     "busy_s": c.prediction.busy, "idle_s": c.prediction.idle,
                     "peak_memory_bytes": c.prediction.peak_memory, "fits": c.fits,

@@ -92,7 +92,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
         logits.dims(),
         input.dims(),
         started.elapsed().as_secs_f64(),
-        pipeline.partition().stages(),
+        pipeline.schedule().stages(),
         path.display()
     );
     Ok(())

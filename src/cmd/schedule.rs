@@ -23,7 +23,8 @@ pub struct ScheduleArgs {
     /// Either output loads back with `--schedule FILE`.
     #[arg(long, value_enum, default_value = "grid")]
     format: ScheduleFormat,
-    /// gpipe, 1f1b, or a schedule file to validate and draw.
+    /// gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v, zb-auto (unit costs), `NAME:V` for V
+    /// chunks per device (interleaved-1f1b:3), or a schedule file to validate and draw.
     #[arg(long, default_value = "1f1b")]
     schedule: String,
     /// Stages of a built-in schedule (default 4); a file has its own.
@@ -34,14 +35,22 @@ pub struct ScheduleArgs {
     microbatches: Option<usize>,
 }
 
-/// `gpipe`/`1f1b`, or else a path to a schedule file.
+/// A built-in schedule's name (`NAME` or `NAME:V`), or else a path to a schedule file.
 pub fn schedule_choice(spec: &str) -> Result<ScheduleChoice> {
     if let Ok(kind) = spec.parse::<ScheduleKind>() {
         return Ok(ScheduleChoice::Kind(kind));
     }
     let path = PathBuf::from(spec);
+    if let (Some((name, _)), false) = (spec.split_once(':'), path.exists()) {
+        if name.parse::<ScheduleKind>().is_ok() {
+            let (kind, v) = super::schedule_specs(&[spec.to_string()])?[0];
+            return Ok(ScheduleChoice::Virtual(kind, v));
+        }
+    }
     if !path.exists() {
-        bail!("unknown schedule {spec:?}: expected gpipe, 1f1b, or the path of a schedule file");
+        bail!(
+            "unknown schedule {spec:?}: expected gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v, zb-auto (NAME:V for V chunks per device), or the path of a schedule file"
+        );
     }
     let schedule = Schedule::load(&path)?;
     // A file printed by `brigade schedule` keeps the built-in's name in its header; once its
@@ -92,18 +101,36 @@ const MAX_DRAWN_ACTIONS: usize = 1_000_000;
 /// The schedule a choice means at these counts; a built-in one too large to build (a typo of a
 /// few zeros) is refused instead of exhausting memory. `what` names the command, for the message.
 pub fn build_schedule(choice: ScheduleChoice, stages: usize, microbatches: usize, what: &str) -> Result<Schedule> {
-    match choice {
-        ScheduleChoice::Kind(kind) => {
-            let actions = stages.saturating_mul(microbatches).saturating_mul(2);
+    let (kind, v) = match choice {
+        ScheduleChoice::Custom(s) => return Ok(s),
+        ScheduleChoice::Kind(kind) => (kind, kind.default_virtual_stages()),
+        ScheduleChoice::Virtual(kind, v) => (kind, v),
+    };
+    {
+        {
+            let actions = stages.saturating_mul(microbatches).saturating_mul(2).saturating_mul(v);
             if actions > MAX_DRAWN_ACTIONS {
                 bail!(
                     "{stages} stages x {microbatches} micro-batches is {actions} actions, more than the {MAX_DRAWN_ACTIONS} \
                      `{what}` handles; use fewer"
                 );
             }
-            Ok(kind.build(stages, microbatches)?)
+            Ok(kind.build_with(stages, microbatches, v)?)
         }
-        ScheduleChoice::Custom(s) => Ok(s),
+    }
+}
+
+/// The formula behind [`Schedule::theoretical_bubble`] for the schedule's kind, and a note.
+fn bubble_formula(name: &str) -> (&'static str, &'static str) {
+    match name.parse::<ScheduleKind>() {
+        Ok(ScheduleKind::Interleaved) => ("(p-1)/(vm+p-1)", " (Narayanan et al.)"),
+        Ok(ScheduleKind::ZbH1) => ("(p-1)(F+I-W) idle per stage", " (Qi et al.)"),
+        Ok(ScheduleKind::ZbAuto) => ("as ZB-H1 (v=1) or ZB-V (v=2)", ""),
+        Ok(ScheduleKind::ZbH2) | Ok(ScheduleKind::ZbV) => (
+            "(p-1)(F+I-2W)",
+            " (Qi et al.; the paper's zero leaves out the (p-1)F ramp the simulation counts)",
+        ),
+        _ => ("(p-1)/(m+p-1)", ""),
     }
 }
 
@@ -117,8 +144,14 @@ pub fn run(args: ScheduleArgs) -> Result<()> {
         ScheduleFormat::Text => println!("{}", schedule.to_text().trim_end()),
     }
     // A comment, so the whole output stays a loadable schedule file.
+    let chunks = match schedule.virtual_stages() {
+        Some(1) => String::new(),
+        Some(v) => format!(", {v} chunks per stage"),
+        None => format!(", {} chunks", schedule.chunks()),
+    };
+    let (formula, note) = bubble_formula(schedule.name());
     println!(
-        "# stages {}, micro-batches {}: theoretical bubble (p-1)/(m+p-1) = {:.1}%, simulated with F=1, B=2: {:.1}%",
+        "# stages {}, micro-batches {}{chunks}: theoretical bubble {formula} = {:.1}%{note}, simulated with F=I=W=1 per chunk, B=2: {:.1}%",
         schedule.stages(),
         schedule.microbatches(),
         100.0 * schedule.theoretical_bubble(),

@@ -8,7 +8,9 @@ use brigade::bench::balanced_time_strategy;
 use brigade::engine::partition::PartitionStrategy;
 use brigade::engine::plan::human_bytes;
 use brigade::engine::profile::Profile;
-use brigade::engine::simulate::{predict, StageCosts};
+use brigade::engine::pipeline::ScheduleChoice;
+use brigade::engine::schedule::ScheduleKind;
+use brigade::engine::simulate::{predict, schedule_from_costs, StageCosts};
 use clap::Args;
 
 #[derive(Args)]
@@ -16,7 +18,8 @@ pub struct SimulateArgs {
     /// A profile written by `brigade profile --out FILE`.
     #[arg(long)]
     pub profile: PathBuf,
-    /// gpipe, 1f1b, or a schedule file in the format `brigade schedule` prints.
+    /// A built-in schedule (`NAME` or `NAME:V`, as `brigade schedule`; zb-auto is generated
+    /// from this profile) or a schedule file in the format `brigade schedule` prints.
     #[arg(long, default_value = "1f1b")]
     pub schedule: String,
     /// Stages (default: 2, or the schedule file's).
@@ -41,10 +44,25 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         .with_context(|| format!("{} is not a profile written by `brigade profile`", args.profile.display()))?;
     let choice = super::schedule::schedule_choice(&args.schedule)?;
     let (stages, microbatches) = super::schedule::layout_counts(&choice, args.stages, args.microbatches, (2, 4))?;
+    let auto = match &choice {
+        ScheduleChoice::Kind(ScheduleKind::ZbAuto) => Some(1),
+        ScheduleChoice::Virtual(ScheduleKind::ZbAuto, v) => Some(*v),
+        _ => None,
+    };
+    // Before building: a schedule for absurd stage counts would take long to validate.
     if stages > profile.layers.len() {
         bail!("--stages {stages}: the profile has {} layers, so at most {} stages", profile.layers.len(), profile.layers.len());
     }
     let schedule = super::schedule::build_schedule(choice, stages, microbatches, "brigade simulate")?;
+    let chunks = schedule.chunks();
+    if chunks > profile.layers.len() {
+        bail!(
+            "{stages} stages x {} chunks each: the profile has {} layers, so at most {} chunks",
+            chunks / stages.max(1),
+            profile.layers.len(),
+            profile.layers.len()
+        );
+    }
     let strategy = match &args.split {
         Some(split) => split.parse::<PartitionStrategy>()?,
         None => match args.partition.parse::<PartitionStrategy>()? {
@@ -53,8 +71,12 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         },
     };
     let layer_params: Vec<usize> = profile.layers.iter().map(|l| l.param_bytes() as usize).collect();
-    let partition = strategy.resolve(&layer_params, stages)?;
+    let partition = strategy.resolve(&layer_params, chunks)?;
     let costs = StageCosts::from_profile(&profile, &partition)?;
+    let schedule = match auto {
+        Some(v) => schedule_from_costs(ScheduleKind::ZbAuto, stages, microbatches, v, &costs, None)?,
+        None => schedule,
+    };
     let p = predict(&schedule, &costs)?;
 
     println!(
@@ -67,23 +89,26 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         profile.threads
     );
     println!(
-        "predicted step {:.2} ms (actions {:.2} ms + optimizer {:.2} ms), bubble {:.1}% (theory (p-1)/(m+p-1) = {:.1}%)",
+        "predicted step {:.2} ms (actions {:.2} ms + optimizer {:.2} ms), bubble {:.1}% (theory {:.1}%)",
         1e3 * p.step_time,
         1e3 * p.makespan,
         1e3 * (p.step_time - p.makespan),
         100.0 * p.bubble_fraction,
         100.0 * schedule.theoretical_bubble()
     );
-    println!("| stage | layers | busy ms | idle ms | stashed micro-batches | peak memory |");
-    println!("|---|---|---|---|---|---|");
-    for (s, range) in partition.ranges().into_iter().enumerate() {
+    println!("| stage | chunks: layers | busy ms | idle ms | stashed chunk micro-batches | peak stash | peak memory |");
+    println!("|---|---|---|---|---|---|---|");
+    let ranges = partition.ranges();
+    for s in 0..stages {
+        let held: Vec<String> =
+            schedule.chunks_on(s).into_iter().map(|c| format!("{c}: {}..{}", ranges[c].start, ranges[c].end)).collect();
         println!(
-            "| {s} | {}..{} | {:.2} | {:.2} | {} | {} |",
-            range.start,
-            range.end,
+            "| {s} | {} | {:.2} | {:.2} | {} | {} | {} |",
+            held.join(", "),
             1e3 * p.busy[s],
             1e3 * p.idle[s],
             p.peak_in_flight[s],
+            human_bytes(p.peak_stash_bytes[s]),
             human_bytes(p.peak_memory[s])
         );
     }

@@ -419,8 +419,11 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
         let p = trainer.pipeline();
         println!(
             "pipeline {} (layers {}), schedule {}, {} of {}",
-            plural(p.partition().stages(), "stage", "stages"),
-            p.partition(),
+            plural(p.schedule().stages(), "stage", "stages"),
+            match p.schedule().chunks() {
+                c if c == p.schedule().stages() => p.partition().to_string(),
+                c => format!("{} in {c} chunks", p.partition()),
+            },
             p.schedule().name(),
             plural(p.microbatches(), "micro-batch", "micro-batches"),
             batch / p.microbatches().max(1)

@@ -14,8 +14,11 @@ use crate::schedule::{Schedule, ScheduleKind};
 /// Which schedule a pipeline runs.
 #[derive(Debug, Clone)]
 pub enum ScheduleChoice {
-    /// A built-in generator, instantiated for the pipeline's stages and micro-batches.
+    /// A built-in generator, instantiated for the pipeline's stages and micro-batches, with
+    /// its default chunks per device.
     Kind(ScheduleKind),
+    /// A built-in generator with `v` chunks per device (interleaved 1F1B's v, zb-auto's 1 or 2).
+    Virtual(ScheduleKind, usize),
     /// A user-provided schedule (e.g. loaded from a file); it must match stages and
     /// micro-batches.
     Custom(Schedule),

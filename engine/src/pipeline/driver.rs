@@ -116,9 +116,9 @@ impl Pipeline {
         }
         let threads = threads::per_stage(config.threads_per_stage, config.stages)?;
         let layer_params: Vec<usize> = layers.iter().map(|l| l.param_count()).collect();
-        let partition = config.partition.resolve(&layer_params, config.stages)?;
         let schedule = match &config.schedule {
             ScheduleChoice::Kind(kind) => kind.build(config.stages, config.microbatches)?,
+            ScheduleChoice::Virtual(kind, v) => kind.build_with(config.stages, config.microbatches, *v)?,
             ScheduleChoice::Custom(s) => {
                 if s.stages() != config.stages || s.microbatches() != config.microbatches {
                     return Err(EngineError::Config(format!(
@@ -139,13 +139,35 @@ impl Pipeline {
                 s.clone()
             }
         };
-        let stage_layers: Vec<Vec<Arc<dyn LayerSpec>>> =
+        // The model is cut into one piece per chunk (p x v with virtual stages), in model order;
+        // the schedule's routing table says which device holds each.
+        let placement = Arc::new(schedule.placement().to_vec());
+        let partition = config.partition.resolve(&layer_params, placement.len()).map_err(|e| {
+            if placement.len() == config.stages {
+                EngineError::from(e)
+            } else {
+                EngineError::Config(format!(
+                    "schedule {} cuts the model into {} chunks ({} stages x {}): {e}",
+                    schedule.name(),
+                    placement.len(),
+                    config.stages,
+                    placement.len() / config.stages.max(1)
+                ))
+            }
+        })?;
+        let chunk_layers: Vec<Vec<Arc<dyn LayerSpec>>> =
             partition.ranges().into_iter().map(|r| layers[r].to_vec()).collect();
+        let device_chunks: Vec<Vec<(usize, Vec<Arc<dyn LayerSpec>>)>> = (0..config.stages)
+            .map(|d| {
+                (0..placement.len()).filter(|&c| placement[c] == d).map(|c| (c, chunk_layers[c].clone())).collect()
+            })
+            .collect();
 
         // Which parameter names live on more than one stage (weight tying across stages).
         let mut holders: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        for (s, specs) in stage_layers.iter().enumerate() {
-            let names: HashSet<String> = specs.iter().flat_map(|l| l.params()).map(|p| p.name).collect();
+        for (s, chunks) in device_chunks.iter().enumerate() {
+            let names: HashSet<String> =
+                chunks.iter().flat_map(|(_, specs)| specs.iter().flat_map(|l| l.params())).map(|p| p.name).collect();
             for name in names {
                 holders.entry(name).or_default().push(s);
             }
@@ -161,13 +183,13 @@ impl Pipeline {
         let channels: Vec<(Sender<Msg>, Receiver<Msg>)> = (0..config.stages).map(|_| unbounded()).collect();
         let inboxes: Vec<Sender<Msg>> = channels.iter().map(|(tx, _)| tx.clone()).collect();
         let mut handles = Vec::with_capacity(config.stages);
-        for (index, ((_, inbox), specs)) in channels.into_iter().zip(stage_layers).enumerate() {
+        for (index, ((_, inbox), chunks)) in channels.into_iter().zip(device_chunks).enumerate() {
             let stage_tied: Vec<String> =
                 tied.iter().filter(|(_, s)| s.contains(&index)).map(|(n, _)| n.clone()).collect();
             let setup = StageSetup {
                 index,
-                stages: config.stages,
-                specs,
+                placement: placement.clone(),
+                chunks,
                 seed: config.seed,
                 initial: config.initial_params.clone(),
                 initial_buffers: config.initial_buffers.clone(),
@@ -178,8 +200,7 @@ impl Pipeline {
                 loss: model.loss(),
                 tied: stage_tied,
                 inbox,
-                prev: (index > 0).then(|| inboxes[index - 1].clone()),
-                next: (index + 1 < config.stages).then(|| inboxes[index + 1].clone()),
+                peers: inboxes.clone(),
                 reports: report_tx.clone(),
                 threads,
             };
@@ -218,8 +239,16 @@ impl Pipeline {
         Ok(pipeline)
     }
 
+    /// The layers of each model chunk (one chunk per stage without virtual stages; which
+    /// device holds which chunk is [`Schedule::placement`]).
     pub fn partition(&self) -> &Partition {
         &self.partition
+    }
+
+    /// The devices holding the first chunk (which gets the inputs) and the last (the targets).
+    fn entry_and_exit(&self) -> (usize, usize) {
+        let placement = self.schedule.placement();
+        (placement.first().copied().unwrap_or(0), placement.last().copied().unwrap_or(0))
     }
 
     pub fn schedule(&self) -> &Schedule {
@@ -256,12 +285,14 @@ impl Pipeline {
         let global_terms = loss_terms(targets);
         let lr = self.lr.lr(self.step);
         let stages = self.inboxes.len();
-        // Later stages first, so no stage can receive data before it knows the step began.
-        for s in (0..stages).rev() {
+        let (first, last) = self.entry_and_exit();
+        // The device with the inputs last, so no stage receives data before its step message
+        // (stages buffer early data anyway).
+        for s in (0..stages).filter(|&s| s != first).chain([first]) {
             let msg = Msg::Train {
                 schedule: self.schedule.clone(),
-                inputs: if s == 0 { input_chunks.clone() } else { Vec::new() },
-                targets: if s + 1 == stages { target_chunks.clone() } else { Vec::new() },
+                inputs: if s == first { input_chunks.clone() } else { Vec::new() },
+                targets: if s == last { target_chunks.clone() } else { Vec::new() },
                 global_terms,
                 lr,
             };
@@ -344,15 +375,16 @@ impl Pipeline {
         self.check_labelled_batch(inputs, targets)?;
         let batch = inputs.dim(0)?;
         let m = if batch % self.microbatches == 0 { self.microbatches } else { 1 };
-        let schedule = Arc::new(Schedule::forward_only(self.inboxes.len(), m)?);
+        let stages = self.inboxes.len();
+        let schedule = Arc::new(Schedule::forward_only_on(self.schedule.placement(), stages, m)?);
         let input_chunks = split_batch(inputs, m)?;
         let target_chunks = split_batch(targets, m)?;
-        let stages = self.inboxes.len();
-        for s in (0..stages).rev() {
+        let (first, last) = self.entry_and_exit();
+        for s in (0..stages).filter(|&s| s != first).chain([first]) {
             let msg = Msg::Eval {
                 schedule: schedule.clone(),
-                inputs: if s == 0 { input_chunks.clone() } else { Vec::new() },
-                targets: if s + 1 == stages { target_chunks.clone() } else { Vec::new() },
+                inputs: if s == first { input_chunks.clone() } else { Vec::new() },
+                targets: if s == last { target_chunks.clone() } else { Vec::new() },
             };
             self.send(s, msg)?;
         }
@@ -380,11 +412,12 @@ impl Pipeline {
             return Err(EngineError::Input("cannot predict on an empty batch".into()));
         }
         let m = if batch % self.microbatches == 0 { self.microbatches } else { 1 };
-        let schedule = Arc::new(Schedule::forward_only(self.inboxes.len(), m)?);
-        let input_chunks = split_batch(inputs, m)?;
         let stages = self.inboxes.len();
-        for s in (0..stages).rev() {
-            let msg = Msg::Predict { schedule: schedule.clone(), inputs: if s == 0 { input_chunks.clone() } else { Vec::new() } };
+        let schedule = Arc::new(Schedule::forward_only_on(self.schedule.placement(), stages, m)?);
+        let input_chunks = split_batch(inputs, m)?;
+        let (first, _) = self.entry_and_exit();
+        for s in (0..stages).filter(|&s| s != first).chain([first]) {
+            let msg = Msg::Predict { schedule: schedule.clone(), inputs: if s == first { input_chunks.clone() } else { Vec::new() } };
             self.send(s, msg)?;
         }
         let mut done = vec![false; stages];

@@ -41,8 +41,10 @@ pub(super) enum Msg {
         inputs: Vec<Tensor>,
         targets: Vec<Tensor>,
     },
-    Activation { microbatch: usize, tensor: Tensor },
-    Gradient { microbatch: usize, tensor: Tensor },
+    /// Chunk `chunk`'s input for `microbatch` (sent by the device holding chunk `chunk - 1`).
+    Activation { chunk: usize, microbatch: usize, tensor: Tensor },
+    /// Chunk `chunk`'s output gradient for `microbatch` (from the holder of chunk `chunk + 1`).
+    Gradient { chunk: usize, microbatch: usize, tensor: Tensor },
     /// The summed gradients of this stage's tied parameters and the global clipping factor.
     Reduced { tied_grads: Vec<(String, Tensor)>, clip_scale: f64 },
     /// Forward-only over a batch; the last stage returns the outputs (logits).

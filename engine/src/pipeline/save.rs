@@ -47,7 +47,7 @@ impl StageWorker {
     fn saveable(&self) -> StageResult<(NamedTensors, NamedTensors)> {
         let mut weights: Vec<(String, Tensor)> =
             self.store.vars().map(|(name, _, var)| (name.to_string(), var.as_tensor().clone())).collect();
-        for layer in self.compute.layers() {
+        for layer in self.chunks.iter().flat_map(|c| c.compute.layers()) {
             weights.extend(layer.buffers());
         }
         let optimizer = self.snapshot(SnapshotKind::OptimizerState)?;

@@ -1,7 +1,9 @@
-//! The stage runtime: one OS thread per stage, running its own action list over its
-//! [`StageCompute`]. It receives activations and gradients from its neighbours (buffered by
-//! micro-batch, so it waits only for what its next action needs), takes part in the
-//! end-of-step collective, steps its own optimizer, and reports to the driver.
+//! The stage runtime: one OS thread per stage (device), running its own action list over the
+//! model chunks it holds, one [`StageCompute`] each (one chunk without virtual stages). It
+//! receives activations and gradients from whichever devices hold the neighbouring chunks
+//! (buffered by (chunk, micro-batch), so it waits only for what its next action needs, in any
+//! arrival order), takes part in the end-of-step collective, steps its own optimizer (over all
+//! its chunks' parameters), and reports to the driver.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -23,8 +25,10 @@ use crate::schedule::{Action, ActionKind, Schedule};
 
 pub(super) struct StageSetup {
     pub(super) index: usize,
-    pub(super) stages: usize,
-    pub(super) specs: Vec<Arc<dyn LayerSpec>>,
+    /// The routing table: `placement[c]` is the device holding chunk `c`.
+    pub(super) placement: Arc<Vec<usize>>,
+    /// This device's chunks, in model order: (chunk index, its layers).
+    pub(super) chunks: Vec<(usize, Vec<Arc<dyn LayerSpec>>)>,
     pub(super) seed: u64,
     pub(super) initial: HashMap<String, Tensor>,
     pub(super) initial_buffers: HashMap<String, Tensor>,
@@ -35,8 +39,8 @@ pub(super) struct StageSetup {
     pub(super) loss: LossKind,
     pub(super) tied: Vec<String>,
     pub(super) inbox: Receiver<Msg>,
-    pub(super) prev: Option<Sender<Msg>>,
-    pub(super) next: Option<Sender<Msg>>,
+    /// Every device's inbox, by device index (this one's included).
+    pub(super) peers: Vec<Sender<Msg>>,
     pub(super) reports: Sender<Report>,
     pub(super) threads: usize,
 }
@@ -55,28 +59,35 @@ impl From<candle_core::Error> for StageStop {
 
 pub(super) type StageResult<T> = std::result::Result<T, StageStop>;
 
-/// A stage's world: its layers, parameters, gradients, optimizer state, and channels.
-pub(super) struct StageWorker {
+/// One model chunk a device holds.
+pub(super) struct Chunk {
+    /// Its index in model order.
     pub(super) index: usize,
-    pub(super) is_first: bool,
-    pub(super) is_last: bool,
-    /// The stage's math: its layers (built over detached views of `store`'s variables) and
+    /// Its math: its layers (built over detached views of the device's variables) and
     /// everything in flight between forward and backward steps.
     pub(super) compute: StageCompute,
+}
+
+/// A stage's world: its chunks' layers, parameters, gradients, optimizer state, and channels.
+pub(super) struct StageWorker {
+    pub(super) index: usize,
+    pub(super) placement: Arc<Vec<usize>>,
+    /// This device's chunks, in model order.
+    pub(super) chunks: Vec<Chunk>,
     pub(super) store: ParamStore,
     pub(super) optimizer: Optimizer,
     pub(super) loss: LossKind,
     pub(super) tied: Vec<String>,
     pub(super) inbox: Receiver<Msg>,
-    pub(super) prev: Option<Sender<Msg>>,
-    pub(super) next: Option<Sender<Msg>>,
+    pub(super) peers: Vec<Sender<Msg>>,
     pub(super) reports: Sender<Report>,
     /// A failure armed by a test (`testing::inject_fault`); `None` outside tests.
     pub(super) fault: Option<Fault>,
     /// The previous step's gradients (tied copies summed, unclipped), for inspection.
     pub(super) last_grads: BTreeMap<String, Tensor>,
-    pub(super) activations_in: HashMap<usize, Tensor>,
-    pub(super) gradients_in: HashMap<usize, Tensor>,
+    /// Received activations and gradients by (receiving chunk, micro-batch).
+    pub(super) activations_in: HashMap<(usize, usize), Tensor>,
+    pub(super) gradients_in: HashMap<(usize, usize), Tensor>,
     pub(super) reduced_in: Option<(Vec<(String, Tensor)>, f64)>,
     pub(super) waiting: Duration,
 }
@@ -121,8 +132,9 @@ impl StageWorker {
     fn build(mut setup: StageSetup) -> StageResult<Self> {
         if let Some(loader) = setup.checkpoint.take() {
             // This stage reads exactly its own tensors from the (memory-mapped) checkpoint.
-            let params = crate::layer::unique_params(&setup.specs);
-            let buffers: Vec<_> = setup.specs.iter().flat_map(|s| s.buffer_specs()).collect();
+            let all_specs: Vec<Arc<dyn LayerSpec>> = setup.chunks.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
+            let params = crate::layer::unique_params(&all_specs);
+            let buffers: Vec<_> = all_specs.iter().flat_map(|s| s.buffer_specs()).collect();
             let state = loader
                 .load_stage(&params, &buffers)
                 .map_err(|e| StageStop::Failed(None, format!("loading its part of the checkpoint: {e}")))?;
@@ -131,20 +143,25 @@ impl StageWorker {
             setup.initial_optimizer_state = state.optimizer;
         }
         let mut store = ParamStore::new(Device::Cpu, setup.seed).with_overrides(setup.initial);
+        let all_specs: Vec<Arc<dyn LayerSpec>> = setup.chunks.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
         // The variables the optimizer updates in place; the layers compute on detached views of
-        // them, so no autograd graph is ever recorded (the layers own their backward).
-        for spec in crate::layer::unique_params(&setup.specs) {
+        // them, so no autograd graph is ever recorded (the layers own their backward). Chunks on
+        // one device share the variables (a tied weight held twice here is one variable).
+        for spec in crate::layer::unique_params(&all_specs) {
             store.get(&spec).map_err(|e| StageStop::Failed(None, format!("building layers: {e}")))?;
         }
         let mut view = store.shared_view();
-        let mut layers = setup
-            .specs
-            .iter()
-            .map(|spec| spec.build(&mut view))
-            .collect::<candle_core::Result<Vec<_>>>()
-            .map_err(|e| StageStop::Failed(None, format!("building layers: {e}")))?;
+        let mut chunk_layers = Vec::with_capacity(setup.chunks.len());
+        for (_, specs) in &setup.chunks {
+            let layers = specs
+                .iter()
+                .map(|spec| spec.build(&mut view))
+                .collect::<candle_core::Result<Vec<_>>>()
+                .map_err(|e| StageStop::Failed(None, format!("building layers: {e}")))?;
+            chunk_layers.push(layers);
+        }
         if !setup.initial_buffers.is_empty() {
-            for (spec, layer) in setup.specs.iter().zip(layers.iter_mut()) {
+            for (spec, layer) in all_specs.iter().zip(chunk_layers.iter_mut().flatten()) {
                 let mine: HashMap<String, Tensor> = spec
                     .buffer_specs()
                     .into_iter()
@@ -163,23 +180,31 @@ impl StageWorker {
                 optimizer.set_state(name, state.to_device(store.device())?);
             }
         }
+        let last_chunk = setup.placement.len().saturating_sub(1);
+        let chunks = setup
+            .chunks
+            .iter()
+            .zip(chunk_layers)
+            .map(|((index, _), layers)| Chunk {
+                index: *index,
+                compute: StageCompute::new(
+                    layers,
+                    *index > 0,
+                    (*index == last_chunk).then_some(setup.loss),
+                    setup.recompute,
+                ),
+            })
+            .collect();
         Ok(Self {
             index: setup.index,
-            is_first: setup.index == 0,
-            is_last: setup.index + 1 == setup.stages,
-            compute: StageCompute::new(
-                layers,
-                setup.index > 0,
-                (setup.index + 1 == setup.stages).then_some(setup.loss),
-                setup.recompute,
-            ),
+            placement: setup.placement,
+            chunks,
             store,
             optimizer,
             loss: setup.loss,
             tied: setup.tied,
             inbox: setup.inbox,
-            prev: setup.prev,
-            next: setup.next,
+            peers: setup.peers,
             reports: setup.reports,
             fault: None,
             last_grads: BTreeMap::new(),
@@ -250,11 +275,11 @@ impl StageWorker {
 
     fn buffer(&mut self, msg: Msg) {
         match msg {
-            Msg::Activation { microbatch, tensor } => {
-                self.activations_in.insert(microbatch, tensor);
+            Msg::Activation { chunk, microbatch, tensor } => {
+                self.activations_in.insert((chunk, microbatch), tensor);
             }
-            Msg::Gradient { microbatch, tensor } => {
-                self.gradients_in.insert(microbatch, tensor);
+            Msg::Gradient { chunk, microbatch, tensor } => {
+                self.gradients_in.insert((chunk, microbatch), tensor);
             }
             Msg::Reduced { tied_grads, clip_scale } => self.reduced_in = Some((tied_grads, clip_scale)),
             Msg::InjectFault(fault) => self.fault = Some(fault),
@@ -315,52 +340,81 @@ impl StageWorker {
         lr: f64,
     ) -> StageResult<Outcome> {
         let mut outcome = Outcome::default();
+        // The device's stash is the sum over its chunks; each chunk's peak during an action
+        // (a recomputation's transient activations included) is added to the others' live bytes.
+        let mut device_peak = self.live_bytes();
+        for c in &mut self.chunks {
+            c.compute.take_peak_bytes();
+        }
         for &action in schedule.stage_actions(self.index) {
             self.poll_abort()?;
             let poison_loss = self.armed_fault(Some(action))?;
             let (action_start, waited_before) = (Instant::now(), self.waiting);
             let mb = action.microbatch;
+            let at = self.chunk_position(action.chunk).map_err(|e| with_action(e, action))?;
             let result: StageResult<()> = match action.kind {
                 ActionKind::Forward => {
-                    let loss = self.forward_train(mb, &inputs, &targets, global_terms, poison_loss)?;
+                    let loss = self.forward_train(at, mb, &inputs, &targets, global_terms, poison_loss)?;
                     outcome.loss += loss;
                     Ok(())
                 }
-                ActionKind::Backward => self.backward(mb, true),
-                ActionKind::BackwardInput => self.backward(mb, false),
-                ActionKind::BackwardWeight => Ok(self.compute.backward_weight(mb)?),
+                ActionKind::Backward => self.backward(at, mb, true),
+                ActionKind::BackwardInput => self.backward(at, mb, false),
+                ActionKind::BackwardWeight => Ok(self.chunks[at].compute.backward_weight(mb)?),
             };
             result.map_err(|e| with_action(e, action))?;
+            let others: u64 =
+                self.chunks.iter().enumerate().filter(|(i, _)| *i != at).map(|(_, c)| c.compute.live_bytes()).sum();
+            device_peak = device_peak.max(others + self.chunks[at].compute.take_peak_bytes());
             // F and B wait for their input first: the action starts when it arrives.
             outcome.timings.push((action, action_start + (self.waiting - waited_before), Instant::now()));
         }
-        outcome.peak_stash_bytes = self.compute.take_peak_bytes();
+        outcome.peak_stash_bytes = device_peak;
         self.finish_step(lr)?;
         Ok(outcome)
     }
 
-    fn input_for(&mut self, mb: usize, inputs: &[Tensor]) -> StageResult<Tensor> {
-        if self.is_first {
+    /// Bytes every chunk keeps for backward steps right now.
+    fn live_bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| c.compute.live_bytes()).sum()
+    }
+
+    /// Where chunk `chunk` is in this device's list.
+    fn chunk_position(&self, chunk: usize) -> StageResult<usize> {
+        self.chunks
+            .iter()
+            .position(|c| c.index == chunk)
+            .ok_or_else(|| StageStop::Failed(None, format!("stage {} does not hold chunk {chunk}", self.index)))
+    }
+
+    fn is_last_chunk(&self, chunk: usize) -> bool {
+        chunk + 1 == self.placement.len()
+    }
+
+    fn input_for(&mut self, chunk: usize, mb: usize, inputs: &[Tensor]) -> StageResult<Tensor> {
+        if chunk == 0 {
             inputs
                 .get(mb)
                 .cloned()
                 .ok_or_else(|| StageStop::Failed(None, format!("no input for micro-batch {mb}")))
         } else {
-            self.wait_for(|w| w.activations_in.remove(&mb))
+            self.wait_for(|w| w.activations_in.remove(&(chunk, mb)))
         }
     }
 
     /// Runs a training forward; on the last stage also the loss. Returns the loss value.
     fn forward_train(
         &mut self,
+        at: usize,
         mb: usize,
         inputs: &[Tensor],
         targets: &[Tensor],
         global_terms: usize,
         poison_loss: bool,
     ) -> StageResult<f64> {
-        let x = self.input_for(mb, inputs)?;
-        let target = if self.is_last {
+        let chunk = self.chunks[at].index;
+        let x = self.input_for(chunk, mb, inputs)?;
+        let target = if self.is_last_chunk(chunk) {
             let targets = targets
                 .get(mb)
                 .ok_or_else(|| StageStop::Failed(None, format!("no targets for micro-batch {mb}")))?;
@@ -368,7 +422,7 @@ impl StageWorker {
         } else {
             None
         };
-        let (y, loss) = self.compute.forward(mb, &x, target)?;
+        let (y, loss) = self.chunks[at].compute.forward(mb, &x, target)?;
         match loss {
             Some(mut value) => {
                 if poison_loss {
@@ -380,7 +434,7 @@ impl StageWorker {
                 Ok(value)
             }
             None => {
-                self.send_next(Msg::Activation { microbatch: mb, tensor: y })?;
+                self.send_to_chunk(chunk + 1, Msg::Activation { chunk: chunk + 1, microbatch: mb, tensor: y })?;
                 Ok(0.0)
             }
         }
@@ -389,39 +443,53 @@ impl StageWorker {
     /// The backward of micro-batch `mb`, input gradient only (`I`) or with the weight step
     /// (`B`): the last stage starts from its loss, the others from the gradient received from
     /// downstream; the input gradient goes upstream.
-    fn backward(&mut self, mb: usize, with_weights: bool) -> StageResult<()> {
-        let dy = if self.is_last { None } else { Some(self.wait_for(|w| w.gradients_in.remove(&mb))?) };
-        let dx = if with_weights {
-            self.compute.backward(mb, dy.as_ref())?
+    fn backward(&mut self, at: usize, mb: usize, with_weights: bool) -> StageResult<()> {
+        let chunk = self.chunks[at].index;
+        let dy = if self.is_last_chunk(chunk) {
+            None
         } else {
-            self.compute.backward_input(mb, dy.as_ref())?
+            Some(self.wait_for(|w| w.gradients_in.remove(&(chunk, mb)))?)
         };
+        let compute = &mut self.chunks[at].compute;
+        let dx = if with_weights { compute.backward(mb, dy.as_ref())? } else { compute.backward_input(mb, dy.as_ref())? };
         if let Some(dx) = dx {
-            self.send_prev(Msg::Gradient { microbatch: mb, tensor: dx })?;
+            let to = chunk.checked_sub(1).ok_or_else(|| StageStop::Failed(None, "the first chunk has no previous chunk".into()))?;
+            self.send_to_chunk(to, Msg::Gradient { chunk: to, microbatch: mb, tensor: dx })?;
         }
         Ok(())
     }
 
-    fn send_next(&self, msg: Msg) -> StageResult<()> {
-        match &self.next {
-            Some(tx) => tx.send(msg).map_err(|_| StageStop::Aborted),
-            None => Err(StageStop::Failed(None, "the last stage has no next stage".into())),
+    /// Routes `msg` to the device holding `chunk` (the routing table); a chunk on this device
+    /// gets it straight into the buffers.
+    fn send_to_chunk(&mut self, chunk: usize, msg: Msg) -> StageResult<()> {
+        let device = *self
+            .placement
+            .get(chunk)
+            .ok_or_else(|| StageStop::Failed(None, format!("no chunk {chunk} in the routing table")))?;
+        if device == self.index {
+            self.buffer(msg);
+            return Ok(());
         }
-    }
-
-    fn send_prev(&self, msg: Msg) -> StageResult<()> {
-        match &self.prev {
-            Some(tx) => tx.send(msg).map_err(|_| StageStop::Aborted),
-            None => Err(StageStop::Failed(None, "the first stage has no previous stage".into())),
-        }
+        let tx = self.peers.get(device).ok_or_else(|| StageStop::Failed(None, format!("no stage {device}")))?;
+        tx.send(msg).map_err(|_| StageStop::Aborted)
     }
 
     /// The end-of-step collective and the optimizer step.
     fn finish_step(&mut self, lr: f64) -> StageResult<()> {
-        if self.compute.has_pending_work() {
+        if self.chunks.iter().any(|c| c.compute.has_pending_work()) {
             return Err(StageStop::Failed(None, "step ended with unfinished backward work".into()));
         }
-        let mut grads = self.compute.take_gradients();
+        // A parameter used by two chunks here (a tied weight) gets both chunks' sums.
+        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        for chunk in &mut self.chunks {
+            for (name, g) in chunk.compute.take_gradients() {
+                let sum = match grads.remove(&name) {
+                    Some(acc) => (acc + g)?,
+                    None => g,
+                };
+                grads.insert(name, sum);
+            }
+        }
         let tied: HashSet<&String> = self.tied.iter().collect();
         let mut sq_norm = 0.0;
         let mut tied_grads = Vec::new();
@@ -464,11 +532,12 @@ impl StageWorker {
         let mut outcome = Outcome::default();
         for &action in schedule.stage_actions(self.index) {
             self.poll_abort()?;
-            let mb = action.microbatch;
+            let (mb, chunk) = (action.microbatch, action.chunk);
             let step = |w: &mut Self, outcome: &mut Outcome| -> StageResult<()> {
-                let x = w.input_for(mb, &inputs)?;
-                let y = w.compute.forward_eval(&x)?;
-                if w.is_last {
+                let at = w.chunk_position(chunk)?;
+                let x = w.input_for(chunk, mb, &inputs)?;
+                let y = w.chunks[at].compute.forward_eval(&x)?;
+                if w.is_last_chunk(chunk) {
                     let Some(targets) = &targets else {
                         outcome.outputs.push((mb, y));
                         return Ok(());
@@ -482,7 +551,7 @@ impl StageWorker {
                     outcome.terms += terms;
                     outcome.correct += correct_predictions(&y, target)?;
                 } else {
-                    w.send_next(Msg::Activation { microbatch: mb, tensor: y })?;
+                    w.send_to_chunk(chunk + 1, Msg::Activation { chunk: chunk + 1, microbatch: mb, tensor: y })?;
                 }
                 Ok(())
             };
@@ -491,22 +560,28 @@ impl StageWorker {
         Ok(outcome)
     }
 
-    /// One incremental step: this stage's layers over the new positions, keeping their caches.
+    /// One incremental step: this device's chunks, in model order, over the new positions,
+    /// each keeping its layers' caches. The first chunk takes the driver's ids; the others wait
+    /// for their predecessor's activation (possibly from this same device).
     fn decode(&mut self, input: Option<Tensor>, offset: usize) -> StageResult<Outcome> {
-        self.poll_abort()?;
-        let x = match input {
-            Some(x) => x,
-            None => self.input_for(0, &[])?,
-        };
-        let y = self
-            .compute
-            .forward_incremental(&x, offset)
-            .map_err(|e| StageStop::Failed(None, format!("incremental decoding at position {offset}: {e}")))?;
         let mut outcome = Outcome::default();
-        if self.is_last {
-            outcome.outputs.push((0, y));
-        } else {
-            self.send_next(Msg::Activation { microbatch: 0, tensor: y })?;
+        let mut input = input;
+        for at in 0..self.chunks.len() {
+            self.poll_abort()?;
+            let chunk = self.chunks[at].index;
+            let x = match (chunk, input.take()) {
+                (0, Some(x)) => x,
+                _ => self.input_for(chunk, 0, &[])?,
+            };
+            let y = self.chunks[at]
+                .compute
+                .forward_incremental(&x, offset)
+                .map_err(|e| StageStop::Failed(None, format!("incremental decoding at position {offset}: {e}")))?;
+            if self.is_last_chunk(chunk) {
+                outcome.outputs.push((0, y));
+            } else {
+                self.send_to_chunk(chunk + 1, Msg::Activation { chunk: chunk + 1, microbatch: 0, tensor: y })?;
+            }
         }
         Ok(outcome)
     }
@@ -526,7 +601,7 @@ impl StageWorker {
                 }
             }
             SnapshotKind::Buffers => {
-                for layer in self.compute.layers() {
+                for layer in self.chunks.iter().flat_map(|c| c.compute.layers()) {
                     for (name, t) in layer.buffers() {
                         out.push((name, cpu(&t)?));
                     }

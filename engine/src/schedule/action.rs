@@ -2,6 +2,11 @@
 //!
 //! The letters are PyTorch's (`torch.distributed.pipelining`), so a schedule written for one can
 //! be read by people who know the other.
+//!
+//! With virtual stages (interleaved 1F1B, ZB-V) a device holds several model chunks, and a token
+//! names both: `0.3F1` = device (stage) 0 runs model chunk 3's forward of micro-batch 1. When the
+//! chunk index equals the device index (always so without virtual stages) the short form `1F3`
+//! is used, so every schedule written before chunks existed still reads the same.
 
 use std::fmt;
 use std::str::FromStr;
@@ -59,17 +64,30 @@ impl fmt::Display for ActionKind {
     }
 }
 
-/// `stage` and `microbatch` are 0-indexed.
+/// `stage` (the device whose thread runs it), `chunk` (the model chunk, i.e. virtual stage,
+/// in model order) and `microbatch` are 0-indexed. Without virtual stages `chunk == stage`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Action {
     pub stage: usize,
+    pub chunk: usize,
     pub kind: ActionKind,
     pub microbatch: usize,
 }
 
 impl Action {
+    /// An action of stage `stage`'s own (only) chunk.
     pub fn new(stage: usize, kind: ActionKind, microbatch: usize) -> Action {
-        Action { stage, kind, microbatch }
+        Action { stage, chunk: stage, kind, microbatch }
+    }
+
+    /// An action of model chunk `chunk`, which device `stage` holds.
+    pub fn on_chunk(stage: usize, chunk: usize, kind: ActionKind, microbatch: usize) -> Action {
+        Action { stage, chunk, kind, microbatch }
+    }
+
+    /// The same work of the same chunk and micro-batch, another kind.
+    pub fn with_kind(self, kind: ActionKind) -> Action {
+        Action { kind, ..self }
     }
 
     pub fn forward(stage: usize, microbatch: usize) -> Action {
@@ -92,7 +110,11 @@ impl Action {
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Pad as a whole token, so grids can right-align cells with `{:>4}`.
-        f.pad(&format!("{}{}{}", self.stage, self.kind.letter(), self.microbatch))
+        if self.chunk == self.stage {
+            f.pad(&format!("{}{}{}", self.stage, self.kind.letter(), self.microbatch))
+        } else {
+            f.pad(&format!("{}.{}{}{}", self.stage, self.chunk, self.kind.letter(), self.microbatch))
+        }
     }
 }
 
@@ -103,8 +125,20 @@ impl FromStr for Action {
         let bad = |reason: String| ScheduleError::BadAction { token: token.to_string(), reason };
         let letter_at = token
             .find(|c: char| !c.is_ascii_digit())
-            .ok_or_else(|| bad("expected <stage><F|B|I|W><micro-batch>, e.g. 1F3".into()))?;
-        let (stage_digits, rest) = token.split_at(letter_at);
+            .ok_or_else(|| bad("expected <stage>[.<chunk>]<F|B|I|W><micro-batch>, e.g. 1F3 or 0.3F1".into()))?;
+        let (stage_digits, mut rest) = token.split_at(letter_at);
+        let mut chunk_digits = None;
+        if let Some(after_dot) = rest.strip_prefix('.') {
+            let end = after_dot.find(|c: char| !c.is_ascii_digit()).unwrap_or(after_dot.len());
+            if end == 0 {
+                return Err(bad("missing chunk number after the `.`".into()));
+            }
+            chunk_digits = Some(&after_dot[..end]);
+            rest = &after_dot[end..];
+            if rest.is_empty() {
+                return Err(bad("missing action letter after the chunk number".into()));
+            }
+        }
         let mut rest_chars = rest.chars();
         // `find` returned a char boundary of a non-empty remainder, so there is a letter.
         let letter = rest_chars.next().unwrap_or('?');
@@ -123,6 +157,11 @@ impl FromStr for Action {
         let number = |digits: &str, what: &str| {
             digits.parse::<usize>().map_err(|_| bad(format!("{what} number `{digits}` is too large")))
         };
-        Ok(Action { stage: number(stage_digits, "stage")?, kind, microbatch: number(mb_digits, "micro-batch")? })
+        let stage = number(stage_digits, "stage")?;
+        let chunk = match chunk_digits {
+            Some(digits) => number(digits, "chunk")?,
+            None => stage,
+        };
+        Ok(Action { stage, chunk, kind, microbatch: number(mb_digits, "micro-batch")? })
     }
 }

@@ -24,8 +24,17 @@ pub enum ScheduleError {
     #[error("schedule has {got} stage lists but stages={expected}")]
     StageCount { expected: usize, got: usize },
 
-    #[error("unknown schedule `{0}` (expected `gpipe` or `1f1b`)")]
+    #[error("unknown schedule `{0}` (expected gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v or zb-auto)")]
     UnknownKind(String),
+
+    #[error("chunk {chunk} is listed on stage {first} and on stage {second}: a model chunk lives on one device\n{grid}")]
+    ChunkOnTwoStages { chunk: usize, first: usize, second: usize, grid: String },
+
+    #[error("bad routing table: {0}")]
+    Routing(String),
+
+    #[error("{schedule} cannot be built for stages={stages}, microbatches={microbatches}, virtual stages={virtual_stages}: {reason}")]
+    Unsupported { schedule: String, stages: usize, microbatches: usize, virtual_stages: usize, reason: String },
 
     #[error("bad action `{token}`: {reason}")]
     BadAction { token: String, reason: String },

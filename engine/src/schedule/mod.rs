@@ -7,6 +7,12 @@
 //! [`Schedule::from_actions`] or [`Schedule::parse`]), one validator that every schedule passes
 //! before it can exist (so the executor never meets a deadlock or a missing backward), and one
 //! printer ([`Schedule::grid`], [`Schedule::to_text`]).
+//!
+//! Virtual stages: the model is cut into `chunks` pieces in model order, and each device
+//! (`stage`) holds one or more of them. The routing table ([`Schedule::placement`], chunk →
+//! device) is read off the actions themselves (`0.3F1` puts chunk 3 on device 0), so schedule
+//! files need nothing new; chunk `c`'s activations go to chunk `c + 1`'s device and its input
+//! gradients to chunk `c - 1`'s. Without virtual stages chunk `s` is device `s`.
 
 mod action;
 mod error;
@@ -14,6 +20,7 @@ mod generators;
 mod print;
 mod timeline;
 mod validate;
+mod zero_bubble;
 
 #[cfg(test)]
 mod tests;
@@ -21,6 +28,8 @@ mod tests;
 pub use action::{Action, ActionKind};
 pub use error::{ScheduleError, Stuck};
 pub use generators::ScheduleKind;
+pub use generators::{round_robin, v_shape};
+pub use zero_bubble::{GreedyCosts, GreedyOptions};
 pub use timeline::{ActionCosts, CostModel, TimedAction, Timeline};
 
 /// A validated pipeline schedule. Only constructors that validate can build one, so holding a
@@ -29,6 +38,8 @@ pub use timeline::{ActionCosts, CostModel, TimedAction, Timeline};
 pub struct Schedule {
     stages: usize,
     microbatches: usize,
+    /// `placement[c]`: the device (stage) holding model chunk `c`; its length is the chunk count.
+    placement: Vec<usize>,
     /// `actions[s]`: stage `s`'s actions in execution order.
     actions: Vec<Vec<Action>>,
     name: String,
@@ -41,6 +52,28 @@ impl Schedule {
 
     pub fn microbatches(&self) -> usize {
         self.microbatches
+    }
+
+    /// How many model chunks (virtual stages) the model is cut into: `stages × v`.
+    pub fn chunks(&self) -> usize {
+        self.placement.len()
+    }
+
+    /// The routing table: `placement()[c]` is the device holding model chunk `c`. Chunk `c`'s
+    /// activation goes to `placement()[c + 1]`, its input gradient to `placement()[c - 1]`.
+    pub fn placement(&self) -> &[usize] {
+        &self.placement
+    }
+
+    /// The chunks device `stage` holds, in model order.
+    pub fn chunks_on(&self, stage: usize) -> Vec<usize> {
+        (0..self.chunks()).filter(|&c| self.placement[c] == stage).collect()
+    }
+
+    /// Chunks per device when every device holds the same number (`v`), else `None`.
+    pub fn virtual_stages(&self) -> Option<usize> {
+        let v = self.chunks() / self.stages.max(1);
+        (v * self.stages == self.chunks() && (0..self.stages).all(|s| self.chunks_on(s).len() == v)).then_some(v)
     }
 
     /// Stage `stage`'s actions in execution order (empty for a stage that does not exist).

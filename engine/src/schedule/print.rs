@@ -26,12 +26,7 @@ const HEADER: &str = "brigade schedule:";
 impl Schedule {
     /// The loadable text form: a header comment and one `stage N: actions...` line per stage.
     pub fn to_text(&self) -> String {
-        let mut out = format!(
-            "# {HEADER} {} stages={} microbatches={}\n",
-            self.name.replace('\n', " "),
-            self.stages,
-            self.microbatches
-        );
+        let mut out = self.header_line();
         for (s, list) in self.actions.iter().enumerate() {
             let tokens: Vec<String> = list.iter().map(Action::to_string).collect();
             out.push_str(format!("stage {s}: {}", tokens.join(" ")).trim_end());
@@ -58,12 +53,7 @@ impl Schedule {
         let label_width = format!("stage {}", self.stages.saturating_sub(1)).len();
         let continuation = "-".repeat(width);
 
-        let mut out = format!(
-            "# {HEADER} {} stages={} microbatches={}\n",
-            self.name.replace('\n', " "),
-            self.stages,
-            self.microbatches
-        );
+        let mut out = self.header_line();
         out.push_str("# one column per time unit (F=1 I=1 W=1 B=2); '.' idle, '-' the action to the left continues\n");
         let ruler: String = (0..columns).map(|t| format!(" {t:>width$}")).collect();
         out.push_str(&format!("{:<label_width$} |{ruler}\n", "time"));
@@ -79,6 +69,18 @@ impl Schedule {
             out.push_str(&format!("{:<label_width$} |{row}\n", format!("stage {s}")));
         }
         out
+    }
+
+    /// `# brigade schedule: NAME stages=P microbatches=M [chunks=C]` (chunks only when there
+    /// are virtual stages).
+    fn header_line(&self) -> String {
+        let chunks = if self.chunks() != self.stages { format!(" chunks={}", self.chunks()) } else { String::new() };
+        format!(
+            "# {HEADER} {} stages={} microbatches={}{chunks}\n",
+            self.name.replace('\n', " "),
+            self.stages,
+            self.microbatches
+        )
     }
 
     /// Reads the text format or the grid. Without a header, the stage count is the number of
@@ -156,6 +158,14 @@ impl Schedule {
                     );
                     return Err(parse_err(h.line, reason));
                 }
+                let chunks = actions.iter().flatten().map(|a| a.chunk + 1).max().unwrap_or(0);
+                if h.chunks.is_some_and(|n| n != chunks) {
+                    let reason = format!(
+                        "header says chunks={} but the actions use chunks 0..{chunks}",
+                        h.chunks.unwrap_or(0)
+                    );
+                    return Err(parse_err(h.line, reason));
+                }
                 h.name
             }
         };
@@ -182,18 +192,20 @@ struct Header {
     name: String,
     stages: Option<usize>,
     microbatches: Option<usize>,
+    chunks: Option<usize>,
     line: usize,
 }
 
 impl Header {
     /// `<name words...> stages=N microbatches=M`, fields in any order.
     fn parse(fields: &str, line: usize) -> Result<Header, ScheduleError> {
-        let mut header = Header { name: String::new(), stages: None, microbatches: None, line };
+        let mut header = Header { name: String::new(), stages: None, microbatches: None, chunks: None, line };
         let mut name_words = Vec::new();
         for word in fields.split_whitespace() {
             let slot = match word.split_once('=') {
                 Some(("stages", value)) => Some((&mut header.stages, value)),
                 Some(("microbatches", value)) => Some((&mut header.microbatches, value)),
+                Some(("chunks", value)) => Some((&mut header.chunks, value)),
                 _ => None,
             };
             match slot {

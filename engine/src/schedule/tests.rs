@@ -451,3 +451,136 @@ fn split_backward_order_and_deadlock_are_caught() {
     let ScheduleError::Deadlock { stuck, .. } = &err else { panic!("{err:?}") };
     assert_eq!(stuck[0], Stuck { stage: 0, blocked: act("0I0"), waits_for: vec![act("1I0")] });
 }
+
+// ---- virtual stages and zero-bubble generators ----
+
+#[test]
+fn chunked_actions_print_and_parse() {
+    let a = Action::on_chunk(0, 3, ActionKind::Forward, 1);
+    assert_eq!(a.to_string(), "0.3F1");
+    assert_eq!(act("0.3F1"), a);
+    assert_eq!(act("1.1W2"), Action::backward_weight(1, 2), "chunk = stage is the short form");
+    assert_eq!(Action::on_chunk(1, 1, ActionKind::Forward, 0).to_string(), "1F0");
+    for bad in ["0.F1", "0.3", "0.3.1F1", ".3F1"] {
+        assert!(bad.parse::<Action>().is_err(), "{bad} parsed");
+    }
+}
+
+fn unit_bubble(s: &Schedule) -> f64 {
+    s.timeline(ActionCosts::default()).bubble_fraction()
+}
+
+#[test]
+fn every_kind_validates_and_round_trips_through_text_and_grid() {
+    for kind in ScheduleKind::ALL {
+        for p in 1..=4 {
+            for m in [p, 2 * p, 2 * p + 1, 8] {
+                let schedule = match kind.build(p, m) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        assert!(kind == ScheduleKind::Interleaved && m % p != 0, "{kind} p={p} m={m}: {e}");
+                        assert!(e.to_string().contains("multiple of the stages"), "{e}");
+                        continue;
+                    }
+                };
+                assert_eq!(schedule.chunks(), p * kind.default_virtual_stages(), "{kind}");
+                assert_eq!(Schedule::parse(&schedule.to_text()).unwrap(), schedule, "{kind} p={p} m={m}");
+                assert_eq!(Schedule::parse(&schedule.grid()).unwrap(), schedule, "{kind} p={p} m={m} grid");
+            }
+        }
+    }
+}
+
+#[test]
+fn bubbles_follow_the_papers_under_unit_costs() {
+    for p in 2..=4 {
+        for m in [p, 2 * p, 4 * p] {
+            let b = |k: ScheduleKind| unit_bubble(&k.build(p, m).unwrap());
+            let (ofob, inter, h1, h2, zbv) =
+                (b(ScheduleKind::OneFOneB), b(ScheduleKind::Interleaved), b(ScheduleKind::ZbH1), b(ScheduleKind::ZbH2), b(ScheduleKind::ZbV));
+            eprintln!("p={p} m={m}: 1f1b {ofob:.3} interleaved {inter:.3} zb-h1 {h1:.3} zb-h2 {h2:.3} zb-v {zbv:.3}");
+            // The interleaved chunks are half a stage: F = 1/2 in the same units.
+            assert!(inter <= ofob + 1e-9, "p={p} m={m}");
+            assert!(h1 < ofob, "p={p} m={m}");
+            assert!((ofob - ScheduleKind::OneFOneB.theoretical_bubble(p, m, 1)).abs() < 1e-9);
+            assert!((inter - ScheduleKind::Interleaved.theoretical_bubble(p, m, 2)).abs() < 1e-9, "interleaved p={p} m={m}: {inter}");
+            assert!((h1 - ScheduleKind::ZbH1.theoretical_bubble(p, m, 1)).abs() < 1e-9, "zb-h1 p={p} m={m}: {h1}");
+            assert!(h2 <= h1 + 1e-9 && zbv <= h1 + 1e-9, "p={p} m={m}");
+            // With equal costs ZB-H1 already reaches the ramp's bound, (p-1)F per stage; ZB-V's
+            // half-size chunks halve the ramp and reach that bound too.
+            assert!((h1 - (p as f64 - 1.0) / (3.0 * m as f64 + p as f64 - 1.0)).abs() < 1e-9, "zb-h1 p={p} m={m}");
+            assert!(zbv < h1, "zb-v p={p} m={m}");
+            if m >= 2 * p {
+                assert!((zbv - (p as f64 - 1.0) / (6.0 * m as f64 + p as f64 - 1.0)).abs() < 1e-9, "zb-v p={p} m={m}: {zbv}");
+            }
+        }
+    }
+}
+
+#[test]
+fn zero_bubble_schedules_keep_their_memory_promises() {
+    for p in 2..=4 {
+        for m in [p, 2 * p + 1, 4 * p] {
+            let ofob = Schedule::one_f_one_b(p, m).unwrap();
+            let stash_until_w = |s: &Schedule, d: usize| {
+                let (mut live, mut peak) = (0usize, 0usize);
+                for a in s.stage_actions(d) {
+                    match a.kind {
+                        ActionKind::Forward => live += 1,
+                        ActionKind::Backward | ActionKind::BackwardWeight => live -= 1,
+                        ActionKind::BackwardInput => {}
+                    }
+                    peak = peak.max(live);
+                }
+                peak
+            };
+            let h1 = ScheduleKind::ZbH1.build(p, m).unwrap();
+            let h2 = ScheduleKind::ZbH2.build(p, m).unwrap();
+            let zbv = ScheduleKind::ZbV.build(p, m).unwrap();
+            for d in 0..p {
+                assert!(stash_until_w(&h1, d) <= ofob.peak_in_flight(0), "zb-h1 p={p} m={m} d={d}");
+                assert!(stash_until_w(&h2, d) <= 2 * p - 1, "zb-h2 p={p} m={m} d={d}");
+                // Chunk stashes are half a stage's: 2p of them is 1F1B's p.
+                assert!(stash_until_w(&zbv, d) <= 2 * p, "zb-v p={p} m={m} d={d}");
+            }
+        }
+    }
+}
+
+#[test]
+fn routing_tables_are_read_off_the_actions() {
+    let zbv = ScheduleKind::ZbV.build(3, 6).unwrap();
+    assert_eq!(zbv.placement(), &[0, 1, 2, 2, 1, 0]);
+    assert_eq!(zbv.chunks_on(0), vec![0, 5]);
+    assert_eq!(zbv.virtual_stages(), Some(2));
+    let inter = ScheduleKind::Interleaved.build_with(2, 4, 3).unwrap();
+    assert_eq!(inter.placement(), &[0, 1, 0, 1, 0, 1]);
+    assert!(inter.to_text().starts_with("# brigade schedule: interleaved-1f1b stages=2 microbatches=4 chunks=6"));
+    // One chunk on two devices is refused.
+    let e = Schedule::from_actions("x", 2, 1, lists(&["0F0 0.2F0 0.2B0 0B0", "1F0 1.2F0 1.2B0 1B0"])).unwrap_err();
+    assert!(matches!(e, ScheduleError::ChunkOnTwoStages { chunk: 2, .. }), "{e}");
+    // A chunk with no work at all is missing work.
+    let e = Schedule::from_actions("x", 2, 1, lists(&["0F0 0.3F0 0.3B0 0B0", "1F0 1B0"])).unwrap_err();
+    assert!(e.to_string().contains("missing 0.2F0") || e.to_string().contains("2F0"), "{e}");
+    // Errors name the problem.
+    let e = ScheduleKind::Interleaved.build_with(2, 3, 2).unwrap_err().to_string();
+    assert!(e.contains("multiple of the stages"), "{e}");
+    let e = ScheduleKind::Interleaved.build_with(2, 4, 1).unwrap_err().to_string();
+    assert!(e.contains("at least 2 virtual stages"), "{e}");
+    let e = ScheduleKind::ZbV.build_with(2, 4, 3).unwrap_err().to_string();
+    assert!(e.contains("2 chunk(s) per device"), "{e}");
+}
+
+#[test]
+fn cost_based_zero_bubble_respects_a_memory_limit_and_refuses_an_impossible_one() {
+    let mut costs = GreedyCosts::unit(&[0, 1, 2, 3], 2.0);
+    costs.backward_input = vec![1.5; 4];
+    costs.backward_weight = vec![0.5; 4];
+    let s = Schedule::zero_bubble_from_costs("zb-auto", &costs, 4, 8).unwrap();
+    for d in 0..4 {
+        assert!(s.peak_in_flight(d) <= 2, "d={d}");
+    }
+    costs.limit = vec![0.5; 4];
+    let e = Schedule::zero_bubble_from_costs("zb-auto", &costs, 4, 8).unwrap_err().to_string();
+    assert!(e.contains("below one micro-batch"), "{e}");
+}

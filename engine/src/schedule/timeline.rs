@@ -6,8 +6,10 @@
 //!
 //! Executor rules: each stage runs its list strictly in order; messages between stages are tagged
 //! by micro-batch and buffered, so only completion matters, never arrival order.
-//! `F(s,m)` needs `F(s-1,m)`; `B(s,m)`/`I(s,m)` need `F(s,m)` and, below the last stage, the
-//! input gradient from `B(s+1,m)` or `I(s+1,m)`; `W(s,m)` needs `I(s,m)`.
+//! Dependencies follow model chunks, wherever the routing table puts them: `F(c,m)` needs
+//! `F(c-1,m)`; `B(c,m)`/`I(c,m)` need `F(c,m)` and, below the last chunk, the input gradient
+//! from `B(c+1,m)` or `I(c+1,m)`; `W(c,m)` needs `I(c,m)`. A message between two chunks on the
+//! same device costs no transfer.
 
 use super::action::{Action, ActionKind};
 use super::error::Stuck;
@@ -122,12 +124,14 @@ impl Schedule {
 
     /// Simulates the schedule under any cost model (per-stage costs, message latency).
     pub fn timeline_with(&self, costs: &dyn CostModel) -> Timeline {
-        Timeline { stages: simulate(self.stages, self.microbatches, &self.actions, costs).entries }
+        Timeline { stages: simulate(self.stages, self.microbatches, &self.placement, &self.actions, costs).entries }
     }
 
-    /// The most micro-batches whose forward activations stage `stage` holds at once, following
-    /// its action order: a forward stashes one, a `B` or `I` releases it. This is what sets a
-    /// stage's activation memory: `m` for GPipe, `min(p - s, m)` for 1F1B.
+    /// The most (chunk, micro-batch) forward stashes stage `stage` holds at once, following its
+    /// action order: a forward stashes one, a `B` or `I` releases it. This is what sets a
+    /// stage's activation memory: `m` for GPipe, `min(p - s, m)` for 1F1B. (With virtual
+    /// stages the unit is one chunk's stash; the weight-gradient inputs an `I` keeps until its
+    /// `W` are not counted here, see [`crate::simulate::predict`].)
     pub fn peak_in_flight(&self, stage: usize) -> usize {
         let (mut live, mut peak) = (0usize, 0usize);
         for a in self.stage_actions(stage) {
@@ -141,11 +145,15 @@ impl Schedule {
         peak
     }
 
-    /// The classic GPipe / 1F1B bubble `(p-1)/(m+p-1)` for this schedule's stages and
-    /// micro-batches, as a yardstick: schedules that split backwards can do better.
+    /// The papers' bubble for this schedule's kind (by its name; see
+    /// [`ScheduleKind::theoretical_bubble`]); for other schedules the classic GPipe / 1F1B
+    /// `(p-1)/(m+p-1)`, as a yardstick.
     pub fn theoretical_bubble(&self) -> f64 {
-        let (p, m) = (self.stages as f64, self.microbatches as f64);
-        (p - 1.0) / (m + p - 1.0)
+        let v = self.virtual_stages().unwrap_or(1);
+        match self.name.parse::<super::ScheduleKind>() {
+            Ok(kind) => kind.theoretical_bubble(self.stages, self.microbatches, v),
+            Err(_) => super::ScheduleKind::OneFOneB.theoretical_bubble(self.stages, self.microbatches, 1),
+        }
     }
 }
 
@@ -160,11 +168,13 @@ pub(super) struct Simulation {
 pub(super) fn simulate(
     stages: usize,
     microbatches: usize,
+    placement: &[usize],
     actions: &[Vec<Action>],
     costs: &dyn CostModel,
 ) -> Simulation {
-    let pairs = stages * microbatches;
-    let index = |a: Action| a.stage * microbatches + a.microbatch;
+    let chunks = placement.len();
+    let pairs = chunks * microbatches;
+    let index = |a: Action| a.chunk * microbatches + a.microbatch;
 
     // Which action sends (s, m)'s input gradient. Only used to name what a stuck stage waits for.
     let mut grad_kind = vec![ActionKind::Backward; pairs];
@@ -174,19 +184,19 @@ pub(super) fn simulate(
         }
     }
     let dependencies = |a: Action| -> Vec<Action> {
-        let at = |stage, kind| Action { stage, kind, microbatch: a.microbatch };
+        let at = |chunk: usize, kind| Action { stage: placement[chunk], chunk, kind, microbatch: a.microbatch };
         match a.kind {
-            ActionKind::Forward if a.stage > 0 => vec![at(a.stage - 1, ActionKind::Forward)],
+            ActionKind::Forward if a.chunk > 0 => vec![at(a.chunk - 1, ActionKind::Forward)],
             ActionKind::Forward => vec![],
             ActionKind::Backward | ActionKind::BackwardInput => {
-                let mut deps = vec![at(a.stage, ActionKind::Forward)];
-                if a.stage + 1 < stages {
-                    let next = at(a.stage + 1, ActionKind::Forward);
-                    deps.push(at(a.stage + 1, grad_kind[index(next)]));
+                let mut deps = vec![at(a.chunk, ActionKind::Forward)];
+                if a.chunk + 1 < chunks {
+                    let next = at(a.chunk + 1, ActionKind::Forward);
+                    deps.push(at(a.chunk + 1, grad_kind[index(next)]));
                 }
                 deps
             }
-            ActionKind::BackwardWeight => vec![at(a.stage, ActionKind::BackwardInput)],
+            ActionKind::BackwardWeight => vec![at(a.chunk, ActionKind::BackwardInput)],
         }
     };
 

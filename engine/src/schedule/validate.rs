@@ -17,11 +17,23 @@ impl Schedule {
     /// together they do each micro-batch's work exactly once. Constructors call this; it is public
     /// so callers can re-check after building schedules by other means.
     pub fn validate(&self) -> Result<(), ScheduleError> {
-        validate_parts(self.stages, self.microbatches, &self.actions)
+        let placement = validate_parts(self.stages, self.microbatches, &self.actions)?;
+        if placement != self.placement {
+            return Err(ScheduleError::Routing(format!(
+                "the routing table {:?} does not match the chunks the actions place ({placement:?})",
+                self.placement
+            )));
+        }
+        Ok(())
     }
 }
 
-fn validate_parts(stages: usize, microbatches: usize, actions: &[Vec<Action>]) -> Result<(), ScheduleError> {
+/// Validates the lists and returns the routing table they imply (chunk → device).
+pub(super) fn validate_parts(
+    stages: usize,
+    microbatches: usize,
+    actions: &[Vec<Action>],
+) -> Result<Vec<usize>, ScheduleError> {
     if stages == 0 || microbatches == 0 {
         return Err(ScheduleError::Empty { stages, microbatches });
     }
@@ -30,18 +42,37 @@ fn validate_parts(stages: usize, microbatches: usize, actions: &[Vec<Action>]) -
     }
     let grid = |marks: &[Mark]| marked_listing(actions, marks);
 
+    // Every chunk needs at least one action per micro-batch, so a chunk index at or beyond the
+    // number of actions cannot be complete (and must not size the routing table).
+    let total: usize = actions.iter().map(Vec::len).sum();
     // Where each action is listed: (stage list, position).
     let mut position: HashMap<Action, (usize, usize)> = HashMap::new();
+    let mut placed_at: HashMap<usize, (usize, usize)> = HashMap::new();
     for (listed_on, list) in actions.iter().enumerate() {
         for (pos, &action) in list.iter().enumerate() {
             let here = Mark::cell(listed_on, pos, "");
-            if action.stage >= stages || action.microbatch >= microbatches {
+            if action.stage >= stages || action.microbatch >= microbatches || action.chunk >= total {
                 let grid = grid(&[here.note("out of range")]);
                 return Err(ScheduleError::OutOfRange { action, stages, microbatches, grid });
             }
             if action.stage != listed_on {
                 let grid = grid(&[here.note(&format!("belongs on stage {}", action.stage))]);
                 return Err(ScheduleError::WrongStage { action, listed_on, grid });
+            }
+            match placed_at.get(&action.chunk) {
+                Some(&(first_on, first_pos)) if first_on != listed_on => {
+                    let marks = [Mark::cell(first_on, first_pos, &format!("chunk {} on stage {first_on}", action.chunk)), here.note("and on this stage")];
+                    return Err(ScheduleError::ChunkOnTwoStages {
+                        chunk: action.chunk,
+                        first: first_on,
+                        second: listed_on,
+                        grid: grid(&marks),
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    placed_at.insert(action.chunk, (listed_on, pos));
+                }
             }
             if let Some(&(first_on, first_pos)) = position.get(&action) {
                 let marks = [Mark::cell(first_on, first_pos, "first"), here.note("listed again")];
@@ -50,7 +81,14 @@ fn validate_parts(stages: usize, microbatches: usize, actions: &[Vec<Action>]) -
             position.insert(action, (listed_on, pos));
         }
     }
-    let listed = |stage, kind, microbatch| position.get(&Action { stage, kind, microbatch }).copied();
+    let chunks = placed_at.keys().map(|c| c + 1).max().unwrap_or(0);
+    // A chunk with no action at all is caught as missing work below; give it a device that
+    // cannot match any action.
+    let placement: Vec<usize> = (0..chunks).map(|c| placed_at.get(&c).map_or(usize::MAX, |p| p.0)).collect();
+    let listed = |chunk: usize, kind, microbatch| {
+        let stage = *placement.get(chunk)?;
+        position.get(&Action { stage, chunk, kind, microbatch }).copied()
+    };
 
     let training = actions.iter().flatten().any(|a| a.kind.is_backward());
     if training {
@@ -65,7 +103,7 @@ fn validate_parts(stages: usize, microbatches: usize, actions: &[Vec<Action>]) -
                 continue;
             }
             for kind in [ActionKind::BackwardInput, ActionKind::BackwardWeight] {
-                if let Some((split_on, split_pos)) = listed(full.stage, kind, full.microbatch) {
+                if let Some((split_on, split_pos)) = listed(full.chunk, kind, full.microbatch) {
                     let split = Action { kind, ..full };
                     let marks = [Mark::cell(s, pos, "full backward"), Mark::cell(split_on, split_pos, "split backward")];
                     return Err(ScheduleError::ConflictingBackward { full, split, grid: grid(&marks) });
@@ -74,7 +112,7 @@ fn validate_parts(stages: usize, microbatches: usize, actions: &[Vec<Action>]) -
         }
     }
 
-    check_complete(stages, microbatches, training, &position, &grid)?;
+    check_complete(&placement, microbatches, training, &position, &grid)?;
 
     // Same-stage order: the simulation would also catch these, but as a vaguer "deadlock".
     for (s, pos, action) in in_list_order(actions) {
@@ -83,7 +121,7 @@ fn validate_parts(stages: usize, microbatches: usize, actions: &[Vec<Action>]) -
             ActionKind::BackwardWeight => Action { kind: ActionKind::BackwardInput, ..action },
             ActionKind::Forward => continue,
         };
-        if let Some((_, needs_pos)) = listed(needs.stage, needs.kind, needs.microbatch) {
+        if let Some((_, needs_pos)) = listed(needs.chunk, needs.kind, needs.microbatch) {
             if needs_pos > pos {
                 let marks = [Mark::cell(s, pos, &format!("needs {needs} first")), Mark::cell(s, needs_pos, "")];
                 return Err(ScheduleError::OutOfOrder { action, needs, grid: grid(&marks) });
@@ -91,7 +129,7 @@ fn validate_parts(stages: usize, microbatches: usize, actions: &[Vec<Action>]) -
         }
     }
 
-    let stuck = simulate(stages, microbatches, actions, &ActionCosts::default()).stuck;
+    let stuck = simulate(stages, microbatches, &placement, actions, &ActionCosts::default()).stuck;
     if !stuck.is_empty() {
         let marks: Vec<Mark> = stuck
             .iter()
@@ -102,7 +140,7 @@ fn validate_parts(stages: usize, microbatches: usize, actions: &[Vec<Action>]) -
             .collect();
         return Err(ScheduleError::Deadlock { stuck, grid: grid(&marks) });
     }
-    Ok(())
+    Ok(placement)
 }
 
 /// (stage list, position, action), so that of several problems the first listed is reported.
@@ -110,18 +148,23 @@ fn in_list_order(actions: &[Vec<Action>]) -> impl Iterator<Item = (usize, usize,
     actions.iter().enumerate().flat_map(|(s, list)| list.iter().enumerate().map(move |(pos, &a)| (s, pos, a)))
 }
 
-/// Every (stage, micro-batch) needs one F and, in training, one B or one I plus one W.
+/// Every (chunk, micro-batch) needs one F and, in training, one B or one I plus one W.
 fn check_complete(
-    stages: usize,
+    placement: &[usize],
     microbatches: usize,
     training: bool,
     position: &HashMap<Action, (usize, usize)>,
     grid: &dyn Fn(&[Mark]) -> String,
 ) -> Result<(), ScheduleError> {
-    let listed = |stage, kind, microbatch| position.get(&Action { stage, kind, microbatch });
-    let missing_at = |s: usize, mb: usize| -> Option<String> {
-        let has = |kind| listed(s, kind, mb).is_some();
-        let token = |kind| Action::new(s, kind, mb).to_string();
+    let chunks = placement.len();
+    // The stage a chunk's missing work belongs on (a chunk listed nowhere: its own index).
+    let stage_of = |c: usize| if placement[c] == usize::MAX { c } else { placement[c] };
+    let listed = |chunk: usize, kind, microbatch| {
+        position.get(&Action { stage: placement[chunk], chunk, kind, microbatch })
+    };
+    let missing_at = |c: usize, mb: usize| -> Option<String> {
+        let has = |kind| listed(c, kind, mb).is_some();
+        let token = |kind| Action::on_chunk(stage_of(c), c, kind, mb).to_string();
         let (f, b, i, w) = (
             has(ActionKind::Forward),
             has(ActionKind::Backward),
@@ -146,15 +189,16 @@ fn check_complete(
 
     // Complete pairs each have a listed F, so the first incomplete pair is found within
     // (number of actions + 1) steps, even for absurd stage or micro-batch counts.
-    let first = (0..stages).flat_map(|s| (0..microbatches).map(move |mb| (s, mb))).find_map(|(s, mb)| {
-        missing_at(s, mb).map(|missing| (s, mb, missing))
+    let first = (0..chunks).flat_map(|c| (0..microbatches).map(move |mb| (c, mb))).find_map(|(c, mb)| {
+        missing_at(c, mb).map(|missing| (c, mb, missing))
     });
-    let Some((stage, microbatch, missing)) = first else { return Ok(()) };
+    let Some((chunk, microbatch, missing)) = first else { return Ok(()) };
     let complete = position
         .keys()
-        .filter(|a| a.kind == ActionKind::Forward && missing_at(a.stage, a.microbatch).is_none())
+        .filter(|a| a.kind == ActionKind::Forward && missing_at(a.chunk, a.microbatch).is_none())
         .count();
-    let more = stages.saturating_mul(microbatches).saturating_sub(complete + 1);
+    let more = chunks.saturating_mul(microbatches).saturating_sub(complete + 1);
+    let stage = stage_of(chunk);
     let grid = grid(&[Mark::row(stage, &format!("missing {missing}"))]);
     Err(ScheduleError::MissingWork { stage, microbatch, missing, more, grid })
 }
