@@ -14,7 +14,9 @@
 //! same algorithms run on the CPU as the ops' `cpu_fwd` and are tested there.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::{bail, DType, Layout, Result, Shape};
 use half::bf16;
@@ -50,9 +52,11 @@ fn suffix(dtype: DType) -> Result<&'static str> {
     }
 }
 
-fn function(dev: &CudaDevice, op: &str, dtype: DType) -> Result<candle_core::cuda_backend::CudaFunc> {
+/// The kernel `<op>_<dtype>` and the device's stream to launch it on.
+fn function(dev: &CudaDevice, op: &str, dtype: DType) -> Result<(Arc<CudaStream>, CudaFunction)> {
     debug_assert!(OPS.contains(&op), "{op} missing from OPS");
-    dev.get_or_load_custom_func(&format!("{op}_{}", suffix(dtype)?), "brigade", PTX)
+    let f = dev.get_or_load_custom_func(&format!("{op}_{}", suffix(dtype)?), "brigade", PTX)?;
+    Ok((dev.cuda_stream(), f.into_cuda_function()))
 }
 
 /// One warp per row.
@@ -100,8 +104,8 @@ pub(crate) fn gelu_tanh_fwd(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage,
     with_dtype!(s.dtype(), |T| {
         let x = dense::<T>(s, l, "gelu-tanh")?;
         let y = alloc::<T>(dev, n)?;
-        let f = function(dev, "gelu_tanh_fwd", s.dtype())?;
-        let mut b = f.builder();
+        let (stream, f) = function(dev, "gelu_tanh_fwd", s.dtype())?;
+        let mut b = stream.launch_builder(&f);
         b.arg(&x).arg(&y).arg(&n);
         // SAFETY: x and y hold n elements; the kernel reads x[0..n) and writes y[0..n).
         unsafe { b.launch(LaunchConfig::for_num_elems(n.max(1) as u32)) }.w()?;
@@ -116,8 +120,8 @@ pub(crate) fn gelu_tanh_bwd(xs: &CudaStorage, xl: &Layout, gs: &CudaStorage, gl:
         let x = dense::<T>(xs, xl, "gelu-tanh-bwd")?;
         let dy = dense::<T>(gs, gl, "gelu-tanh-bwd")?;
         let dx = alloc::<T>(dev, n)?;
-        let f = function(dev, "gelu_tanh_bwd", xs.dtype())?;
-        let mut b = f.builder();
+        let (stream, f) = function(dev, "gelu_tanh_bwd", xs.dtype())?;
+        let mut b = stream.launch_builder(&f);
         b.arg(&x).arg(&dy).arg(&dx).arg(&n);
         // SAFETY: all three hold n elements.
         unsafe { b.launch(LaunchConfig::for_num_elems(n.max(1) as u32)) }.w()?;
@@ -138,9 +142,9 @@ pub(crate) fn layer_norm_fwd(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl
     with_dtype!(xs.dtype(), |T| {
         let (x, w, bias) = (dense::<T>(xs, xl, "layer-norm")?, dense::<T>(ws, wl, "layer-norm")?, dense::<T>(bs, bl, "layer-norm")?);
         let y = alloc::<T>(dev, rows * c)?;
-        let f = function(dev, "layer_norm_fwd", xs.dtype())?;
+        let (stream, f) = function(dev, "layer_norm_fwd", xs.dtype())?;
         let (r, cc, e) = (int(rows, "rows")?, int(c, "C")?, eps as f32);
-        let mut b = f.builder();
+        let mut b = stream.launch_builder(&f);
         b.arg(&x).arg(&w).arg(&bias).arg(&y).arg(&r).arg(&cc).arg(&e);
         // SAFETY: x, y are rows·C; w, b are C.
         unsafe { b.launch(rows_config(rows)) }.w()?;
@@ -166,15 +170,15 @@ pub(crate) fn layer_norm_bwd(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl
         let (r, cc, e, per) = (int(rows, "rows")?, int(c, "C")?, eps as f32, int(LN_ROWS_PER_CHUNK, "rows per chunk")?);
         {
             let mut dx = out.slice_mut(0..n.max(1));
-            let f = function(dev, "layer_norm_bwd_dx", xs.dtype())?;
-            let mut b = f.builder();
+            let (stream, f) = function(dev, "layer_norm_bwd_dx", xs.dtype())?;
+            let mut b = stream.launch_builder(&f);
             b.arg(&x).arg(&w).arg(&dy).arg(&mut dx).arg(&stats).arg(&r).arg(&cc).arg(&e);
             // SAFETY: x, dy, dx are rows·C, w is C, stats is 2·rows.
             unsafe { b.launch(rows_config(rows)) }.w()?;
         }
         {
-            let f = function(dev, "layer_norm_bwd_partial", xs.dtype())?;
-            let mut b = f.builder();
+            let (stream, f) = function(dev, "layer_norm_bwd_partial", xs.dtype())?;
+            let mut b = stream.launch_builder(&f);
             b.arg(&x).arg(&dy).arg(&stats).arg(&partials).arg(&r).arg(&cc).arg(&per);
             let cfg = LaunchConfig { grid_dim: ((c as u32).div_ceil(256).max(1), chunks as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: partials is chunks·2C; each (column, chunk) thread writes its two cells.
@@ -183,8 +187,8 @@ pub(crate) fn layer_norm_bwd(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl
         {
             let mut dwb = out.slice_mut(n..n + 2 * c);
             let k = int(chunks, "chunks")?;
-            let f = function(dev, "layer_norm_bwd_reduce", xs.dtype())?;
-            let mut b = f.builder();
+            let (stream, f) = function(dev, "layer_norm_bwd_reduce", xs.dtype())?;
+            let mut b = stream.launch_builder(&f);
             b.arg(&partials).arg(&mut dwb).arg(&cc).arg(&k);
             // SAFETY: dwb is the last 2C elements of out.
             unsafe { b.launch(LaunchConfig::for_num_elems((2 * c).max(1) as u32)) }.w()?;
@@ -199,9 +203,9 @@ pub(crate) fn softmax_fwd(s: &CudaStorage, l: &Layout, log: bool) -> Result<(Cud
     with_dtype!(s.dtype(), |T| {
         let x = dense::<T>(s, l, "softmax")?;
         let y = alloc::<T>(dev, rows * c)?;
-        let f = function(dev, "softmax_fwd", s.dtype())?;
+        let (stream, f) = function(dev, "softmax_fwd", s.dtype())?;
         let (r, cc, lg) = (int(rows, "rows")?, int(c, "C")?, i32::from(log));
-        let mut b = f.builder();
+        let mut b = stream.launch_builder(&f);
         b.arg(&x).arg(&y).arg(&r).arg(&cc).arg(&lg);
         // SAFETY: x and y are rows·C.
         unsafe { b.launch(rows_config(rows)) }.w()?;
@@ -215,9 +219,9 @@ pub(crate) fn softmax_bwd(ys: &CudaStorage, yl: &Layout, gs: &CudaStorage, gl: &
     with_dtype!(ys.dtype(), |T| {
         let (y, dy) = (dense::<T>(ys, yl, "softmax-bwd")?, dense::<T>(gs, gl, "softmax-bwd")?);
         let dx = alloc::<T>(dev, rows * c)?;
-        let f = function(dev, "softmax_bwd", ys.dtype())?;
+        let (stream, f) = function(dev, "softmax_bwd", ys.dtype())?;
         let (r, cc, lg) = (int(rows, "rows")?, int(c, "C")?, i32::from(log));
-        let mut b = f.builder();
+        let mut b = stream.launch_builder(&f);
         b.arg(&y).arg(&dy).arg(&dx).arg(&r).arg(&cc).arg(&lg);
         // SAFETY: all three are rows·C.
         unsafe { b.launch(rows_config(rows)) }.w()?;
@@ -231,9 +235,9 @@ pub(crate) fn causal_softmax_fwd(s: &CudaStorage, l: &Layout, scale: f64) -> Res
     with_dtype!(s.dtype(), |T| {
         let x = dense::<T>(s, l, "causal-softmax")?;
         let y = alloc::<T>(dev, rows * t)?;
-        let f = function(dev, "causal_softmax_fwd", s.dtype())?;
+        let (stream, f) = function(dev, "causal_softmax_fwd", s.dtype())?;
         let (r, tt, sc) = (int(rows, "rows")?, int(t, "T")?, scale as f32);
-        let mut b = f.builder();
+        let mut b = stream.launch_builder(&f);
         b.arg(&x).arg(&y).arg(&r).arg(&tt).arg(&sc);
         // SAFETY: x and y are rows·T.
         unsafe { b.launch(rows_config(rows)) }.w()?;
@@ -247,9 +251,9 @@ pub(crate) fn causal_softmax_bwd(ps: &CudaStorage, pl: &Layout, gs: &CudaStorage
     with_dtype!(ps.dtype(), |T| {
         let (p, dp) = (dense::<T>(ps, pl, "causal-softmax-bwd")?, dense::<T>(gs, gl, "causal-softmax-bwd")?);
         let ds = alloc::<T>(dev, rows * t)?;
-        let f = function(dev, "causal_softmax_bwd", ps.dtype())?;
+        let (stream, f) = function(dev, "causal_softmax_bwd", ps.dtype())?;
         let (r, tt, sc) = (int(rows, "rows")?, int(t, "T")?, scale as f32);
-        let mut b = f.builder();
+        let mut b = stream.launch_builder(&f);
         b.arg(&p).arg(&dp).arg(&ds).arg(&r).arg(&tt).arg(&sc);
         // SAFETY: all three are rows·T.
         unsafe { b.launch(rows_config(rows)) }.w()?;
@@ -267,16 +271,16 @@ pub(crate) fn cross_entropy_sum(ls: &CudaStorage, ll: &Layout, ts: &CudaStorage,
         let row_loss = alloc::<f32>(dev, rows)?;
         let (r, vv) = (int(rows, "rows")?, int(v, "V")?);
         {
-            let f = function(dev, "cross_entropy_rows", ls.dtype())?;
-            let mut b = f.builder();
+            let (stream, f) = function(dev, "cross_entropy_rows", ls.dtype())?;
+            let mut b = stream.launch_builder(&f);
             b.arg(&logits).arg(&targets).arg(&row_loss).arg(&r).arg(&vv);
             // SAFETY: logits rows·V, targets and row_loss rows.
             unsafe { b.launch(rows_config(rows)) }.w()?;
         }
         let out = alloc::<T>(dev, 1)?;
         {
-            let f = function(dev, "sum_to_scalar", ls.dtype())?;
-            let mut b = f.builder();
+            let (stream, f) = function(dev, "sum_to_scalar", ls.dtype())?;
+            let mut b = stream.launch_builder(&f);
             b.arg(&row_loss).arg(&out).arg(&r);
             let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: one block reads rows floats and writes out[0].
@@ -294,9 +298,9 @@ pub(crate) fn cross_entropy_sum_bwd(ls: &CudaStorage, ll: &Layout, ts: &CudaStor
         let targets = dense::<u32>(ts, tl, "cross-entropy-sum-bwd")?;
         let g = dense::<T>(gs, gl, "cross-entropy-sum-bwd")?;
         let d = alloc::<T>(dev, rows * v)?;
-        let f = function(dev, "cross_entropy_bwd", ls.dtype())?;
+        let (stream, f) = function(dev, "cross_entropy_bwd", ls.dtype())?;
         let (r, vv) = (int(rows, "rows")?, int(v, "V")?);
-        let mut b = f.builder();
+        let mut b = stream.launch_builder(&f);
         b.arg(&logits).arg(&targets).arg(&g).arg(&d).arg(&r).arg(&vv);
         // SAFETY: logits and d are rows·V, targets rows, g one element.
         unsafe { b.launch(rows_config(rows)) }.w()?;
