@@ -299,7 +299,8 @@ impl Gradients {
             Some(acc) => brigade_kernels::matmul_accumulate(acc, a, b),
             None => {
                 // A product is a fresh, contiguous allocation: it can be the accumulator as is.
-                self.by_name.insert(name.to_string(), a.matmul(b)?);
+                // `linear` reads the transposed operand in place and skips the zero-fill.
+                self.by_name.insert(name.to_string(), brigade_kernels::linear(a, b, None, None)?);
                 Ok(())
             }
         }
