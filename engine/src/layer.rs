@@ -35,11 +35,15 @@ pub enum Mode {
 pub enum Init {
     Zeros,
     Ones,
-    Normal { std: f64 },
+    Normal {
+        std: f64,
+    },
     /// Kaiming-normal with `fan_out` mode and ReLU gain, torchvision's conv init.
     KaimingNormalFanOut,
     /// Uniform in `[-bound, bound]`.
-    Uniform { bound: f64 },
+    Uniform {
+        bound: f64,
+    },
 }
 
 /// A parameter's name, shape, initialiser, and whether weight decay applies to it.
@@ -55,7 +59,12 @@ pub struct ParamSpec {
 impl ParamSpec {
     pub fn new(name: impl Into<String>, shape: &[usize], init: Init) -> Self {
         let weight_decay = shape.len() >= 2;
-        Self { name: name.into(), shape: shape.to_vec(), init, weight_decay }
+        Self {
+            name: name.into(),
+            shape: shape.to_vec(),
+            init,
+            weight_decay,
+        }
     }
 
     pub fn numel(&self) -> usize {
@@ -77,7 +86,9 @@ impl ParamSpec {
             }
             Init::Uniform { bound } => {
                 let mut rng = param_rng(seed, &self.name);
-                (0..n).map(|_| rng.random_range(-bound..=bound) as f32).collect()
+                (0..n)
+                    .map(|_| rng.random_range(-bound..=bound) as f32)
+                    .collect()
             }
         };
         Tensor::from_vec(data, self.shape.as_slice(), device)
@@ -118,15 +129,31 @@ pub struct ParamStore {
 
 impl ParamStore {
     pub fn new(device: Device, seed: u64) -> Self {
-        Self { device, seed, vars: BTreeMap::new(), overrides: HashMap::new(), view_of: None }
+        Self {
+            device,
+            seed,
+            vars: BTreeMap::new(),
+            overrides: HashMap::new(),
+            view_of: None,
+        }
     }
 
     /// A store whose parameters are this store's, detached: same storage (so they follow every
     /// optimizer step, which updates variables in place), but not variables, so a forward
     /// through layers built from it records no autograd graph. Evaluation uses it.
     pub fn shared_view(&self) -> Self {
-        let view = self.vars.iter().map(|(n, (spec, var))| (n.clone(), (spec.clone(), var.as_tensor().detach()))).collect();
-        Self { device: self.device.clone(), seed: self.seed, vars: BTreeMap::new(), overrides: HashMap::new(), view_of: Some(view) }
+        let view = self
+            .vars
+            .iter()
+            .map(|(n, (spec, var))| (n.clone(), (spec.clone(), var.as_tensor().detach())))
+            .collect();
+        Self {
+            device: self.device.clone(),
+            seed: self.seed,
+            vars: BTreeMap::new(),
+            overrides: HashMap::new(),
+            view_of: Some(view),
+        }
     }
 
     /// Values to use instead of the initialiser, by parameter name (shapes are checked).
@@ -150,7 +177,10 @@ impl ParamStore {
                     spec.shape,
                     existing.shape
                 ),
-                None => candle_core::bail!("parameter {} is not in the store this view shares", spec.name),
+                None => candle_core::bail!(
+                    "parameter {} is not in the store this view shares",
+                    spec.name
+                ),
             };
         }
         if let Some((existing, var)) = self.vars.get(&spec.name) {
@@ -233,12 +263,18 @@ pub struct Saved {
 impl Saved {
     /// Wraps `value`, which keeps `tensors` alive (listed for memory accounting only).
     pub fn new<T: Any + Send>(value: T, tensors: &[&Tensor]) -> Self {
-        Self { value: Box::new(value), tensors: tensors.iter().map(|t| (*t).clone()).collect() }
+        Self {
+            value: Box::new(value),
+            tensors: tensors.iter().map(|t| (*t).clone()).collect(),
+        }
     }
 
     /// Wraps `value` with handles to the tensors it keeps (collected before `value` took them).
     pub fn with_handles<T: Any + Send>(value: T, tensors: Vec<Tensor>) -> Self {
-        Self { value: Box::new(value), tensors }
+        Self {
+            value: Box::new(value),
+            tensors,
+        }
     }
 
     /// Nothing saved (a layer whose backward needs nothing, e.g. an identity).
@@ -262,7 +298,9 @@ impl Saved {
 
 impl Debug for Saved {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Saved").field("tensors", &self.tensors.len()).finish()
+        f.debug_struct("Saved")
+            .field("tensors", &self.tensors.len())
+            .finish()
     }
 }
 
@@ -285,7 +323,11 @@ impl Gradients {
             Some(acc) => brigade_kernels::accumulate(acc, grad),
             None => {
                 // A fresh, contiguous allocation of its own (`copy` keeps a strided layout).
-                let own = if grad.is_contiguous() { grad.copy()? } else { grad.contiguous()? };
+                let own = if grad.is_contiguous() {
+                    grad.copy()?
+                } else {
+                    grad.contiguous()?
+                };
                 self.by_name.insert(name.to_string(), own);
                 Ok(())
             }
@@ -300,7 +342,8 @@ impl Gradients {
             None => {
                 // A product is a fresh, contiguous allocation: it can be the accumulator as is.
                 // `linear` reads the transposed operand in place and skips the zero-fill.
-                self.by_name.insert(name.to_string(), brigade_kernels::linear(a, b, None, None)?);
+                self.by_name
+                    .insert(name.to_string(), brigade_kernels::linear(a, b, None, None)?);
                 Ok(())
             }
         }
@@ -340,7 +383,12 @@ pub trait Layer: Send {
 
     /// The input gradient for output gradient `dy` (`None` when `need_dx` is false: the
     /// stage's first layer on data), and what [`Layer::backward_weight`] needs.
-    fn backward_input(&mut self, saved: Saved, dy: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, Saved)>;
+    fn backward_input(
+        &mut self,
+        saved: Saved,
+        dy: &Tensor,
+        need_dx: bool,
+    ) -> Result<(Option<Tensor>, Saved)>;
 
     /// The weight gradients, added into `grads` by parameter name.
     fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()>;
@@ -430,7 +478,10 @@ pub trait PipelineModel: Send + Sync + Debug {
     /// Distinct trainable parameters (tied ones once), from the specs alone: nothing is
     /// allocated, so this is cheap even for the largest presets.
     fn num_params(&self) -> usize {
-        unique_params(&self.layers()).iter().map(ParamSpec::numel).sum()
+        unique_params(&self.layers())
+            .iter()
+            .map(ParamSpec::numel)
+            .sum()
     }
 
     /// What a batch must satisfy before the pipeline hands it to the stages (checked on the
@@ -438,7 +489,11 @@ pub trait PipelineModel: Send + Sync + Debug {
     /// The default enforces what [`PipelineModel::input`] promises; a model with further
     /// requirements returns its own check.
     fn batch_check(&self) -> Arc<dyn BatchCheck> {
-        Arc::new(InputKindCheck { model: self.name(), input: self.input(), num_classes: self.num_classes() })
+        Arc::new(InputKindCheck {
+            model: self.name(),
+            input: self.input(),
+            num_classes: self.num_classes(),
+        })
     }
 }
 

@@ -22,8 +22,8 @@ pub mod loss;
 pub mod memory;
 pub mod optim;
 pub mod partition;
-pub mod plan;
 pub mod pipeline;
+pub mod plan;
 pub mod profile;
 pub mod reference;
 pub mod schedule;
@@ -32,5 +32,6 @@ pub mod simulate;
 pub use error::EngineError;
 pub use input::BatchCheck;
 pub use layer::{
-    BufferSpec, Gradients, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, Pass, PipelineModel, Saved,
+    BufferSpec, Gradients, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec,
+    ParamStore, Pass, PipelineModel, Saved,
 };

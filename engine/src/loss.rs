@@ -15,7 +15,12 @@ pub fn loss_terms(targets: &Tensor) -> usize {
 }
 
 /// `sum(loss over the micro-batch) / global_terms`, a scalar that backpropagates.
-pub fn microbatch_loss(kind: LossKind, output: &Tensor, targets: &Tensor, global_terms: usize) -> Result<Tensor> {
+pub fn microbatch_loss(
+    kind: LossKind,
+    output: &Tensor,
+    targets: &Tensor,
+    global_terms: usize,
+) -> Result<Tensor> {
     match kind {
         LossKind::CrossEntropy => {
             let (logits, targets) = flatten_for_classes(output, targets)?;
@@ -26,11 +31,21 @@ pub fn microbatch_loss(kind: LossKind, output: &Tensor, targets: &Tensor, global
 
 /// The gradient of [`microbatch_loss`] with respect to `output`, in `output`'s shape: the
 /// explicit backward the pipeline's last stage starts from.
-pub fn microbatch_loss_backward(kind: LossKind, output: &Tensor, targets: &Tensor, global_terms: usize) -> Result<Tensor> {
+pub fn microbatch_loss_backward(
+    kind: LossKind,
+    output: &Tensor,
+    targets: &Tensor,
+    global_terms: usize,
+) -> Result<Tensor> {
     match kind {
         LossKind::CrossEntropy => {
             let (logits, targets) = flatten_for_classes(output, targets)?;
-            brigade_kernels::cross_entropy_sum_backward(&logits, &targets, 1.0 / global_terms as f64)?.reshape(output.shape())
+            brigade_kernels::cross_entropy_sum_backward(
+                &logits,
+                &targets,
+                1.0 / global_terms as f64,
+            )?
+            .reshape(output.shape())
         }
     }
 }
@@ -39,7 +54,11 @@ pub fn microbatch_loss_backward(kind: LossKind, output: &Tensor, targets: &Tenso
 pub fn correct_predictions(output: &Tensor, targets: &Tensor) -> Result<usize> {
     let (logits, targets) = flatten_for_classes(output, targets)?;
     let predicted = logits.argmax(D::Minus1)?;
-    let hits = predicted.eq(&targets)?.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()?;
+    let hits = predicted
+        .eq(&targets)?
+        .to_dtype(DType::U32)?
+        .sum_all()?
+        .to_scalar::<u32>()?;
     Ok(hits as usize)
 }
 

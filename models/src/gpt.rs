@@ -24,7 +24,8 @@
 use std::sync::Arc;
 
 use brigade_engine::{
-    Gradients, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, Pass, PipelineModel, Saved,
+    Gradients, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, Pass,
+    PipelineModel, Saved,
 };
 use candle_core::{bail, DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -283,7 +284,12 @@ struct Param {
 fn get_all<const N: usize>(store: &mut ParamStore, specs: &[ParamSpec]) -> Result<[Param; N]> {
     let params = specs
         .iter()
-        .map(|s| Ok(Param { name: s.name.clone(), value: store.get(s)? }))
+        .map(|s| {
+            Ok(Param {
+                name: s.name.clone(),
+                value: store.get(s)?,
+            })
+        })
         .collect::<Result<Vec<_>>>()?;
     let got = params.len();
     params
@@ -318,7 +324,8 @@ impl LayerNorm {
 
     /// `dx` for `dy`, recomputing the statistics from the saved input `x`.
     fn backward_input(&self, x: &Tensor, dy: &Tensor) -> Result<(Tensor, LayerNormGrads)> {
-        let (dx, dweight, dbias) = brigade_kernels::layer_norm_backward(x, &self.weight.value, dy, self.eps)?;
+        let (dx, dweight, dbias) =
+            brigade_kernels::layer_norm_backward(x, &self.weight.value, dy, self.eps)?;
         Ok((dx, LayerNormGrads { dweight, dbias }))
     }
 
@@ -347,15 +354,26 @@ impl Conv1D {
         let d_out = self.weight.value.dim(1)?;
         // A 2-D product over the flattened tokens: one gemm.
         let residual = residual.map(|r| r.reshape((b * t, d_out))).transpose()?;
-        brigade_kernels::linear(&x.reshape((b * t, d_in))?, &self.weight.value, Some(&self.bias.value), residual.as_ref())?
-            .reshape((b, t, d_out))
+        brigade_kernels::linear(
+            &x.reshape((b * t, d_in))?,
+            &self.weight.value,
+            Some(&self.bias.value),
+            residual.as_ref(),
+        )?
+        .reshape((b, t, d_out))
     }
 
     /// `dx = dy @ Wᵀ`, `(B, T, out)` → `(B, T, in)`.
     fn backward_input(&self, dy: &Tensor) -> Result<Tensor> {
         let (b, t, d_out) = dy.dims3()?;
         let d_in = self.weight.value.dim(0)?;
-        brigade_kernels::linear(&dy.reshape((b * t, d_out))?, &self.weight.value.t()?, None, None)?.reshape((b, t, d_in))
+        brigade_kernels::linear(
+            &dy.reshape((b * t, d_out))?,
+            &self.weight.value.t()?,
+            None,
+            None,
+        )?
+        .reshape((b, t, d_in))
     }
 
     /// `dW += xᵀ dy` over all tokens, `db += Σ dy`.
@@ -468,7 +486,10 @@ impl Layer for Embedding {
         let (flat, b, t) = self.checked_ids(ids)?;
         let context = self.wpe.value.dim(0)?;
         if offset + t > context {
-            bail!("positions {offset}..{} exceed the model's context length {context}", offset + t);
+            bail!(
+                "positions {offset}..{} exceed the model's context length {context}",
+                offset + t
+            );
         }
         self.embed(&flat, b, t, offset)
     }
@@ -479,7 +500,12 @@ impl Layer for Embedding {
         Ok((y, Saved::new(flat.clone(), &[&flat])))
     }
 
-    fn backward_input(&mut self, saved: Saved, dy: &Tensor, _need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
+    fn backward_input(
+        &mut self,
+        saved: Saved,
+        dy: &Tensor,
+        _need_dx: bool,
+    ) -> Result<(Option<Tensor>, Saved)> {
         // Token ids have no gradient; everything here is the weight step's.
         let flat: Tensor = saved.take("GPT embedding")?;
         Ok((None, Saved::new((flat.clone(), dy.clone()), &[&flat, dy])))
@@ -494,7 +520,9 @@ impl Layer for Embedding {
         grads.add(&self.wte.name, &dwte)?;
         // Position rows 0..T get the batch sum; rows past T get zero.
         let context = self.wpe.value.dim(0)?;
-        let dwpe = brigade_kernels::sum_rows(&dy.reshape((b, t * c))?)?.reshape((t, c))?.pad_with_zeros(0, 0, context - t)?;
+        let dwpe = brigade_kernels::sum_rows(&dy.reshape((b, t * c))?)?
+            .reshape((t, c))?
+            .pad_with_zeros(0, 0, context - t)?;
         grads.add(&self.wpe.name, &dwpe)
     }
 }
@@ -601,7 +629,11 @@ impl CausalSelfAttention {
     /// While candle records a graph (the autograd reference, gradient checks) the attention
     /// core is the differentiable composition; otherwise it is the fused kernel, whose backward
     /// is [`Self::backward_input`]'s explicit call. The exactness tests hold the two together.
-    fn forward_saving(&mut self, x: &Tensor, residual: Option<&Tensor>) -> Result<(Tensor, AttentionSaved)> {
+    fn forward_saving(
+        &mut self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+    ) -> Result<(Tensor, AttentionSaved)> {
         let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
         let (merged, probs) = if qkv.track_op() {
             brigade_kernels::reference::causal_attention(&qkv, self.n_head)?
@@ -609,14 +641,27 @@ impl CausalSelfAttention {
             brigade_kernels::causal_attention(&qkv, self.n_head)?
         }; // (B, T, C), (B, H, T, T)
         let out = self.c_proj.forward_residual(&merged, residual)?;
-        Ok((out, AttentionSaved { x: x.clone(), qkv, probs, merged }))
+        Ok((
+            out,
+            AttentionSaved {
+                x: x.clone(),
+                qkv,
+                probs,
+                merged,
+            },
+        ))
     }
 
     /// Attention of the new positions `offset..offset + T` over every position so far: their
     /// keys and values join the cache, so each step computes only `T` rows of scores instead
     /// of the whole window's. Offset 0 starts a new sequence.
     /// Returns `residual + attention(x)`.
-    fn forward_incremental(&mut self, x: &Tensor, offset: usize, residual: &Tensor) -> Result<Tensor> {
+    fn forward_incremental(
+        &mut self,
+        x: &Tensor,
+        offset: usize,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let (h, d) = (self.n_head, c / self.n_head);
         if offset == 0 {
@@ -631,20 +676,30 @@ impl CausalSelfAttention {
         }
         let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
         let split = |i: usize| -> Result<Tensor> {
-            qkv.narrow(2, i * c, c)?.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous() // (B, H, T, D)
+            qkv.narrow(2, i * c, c)?
+                .reshape((b, t, h, d))?
+                .transpose(1, 2)?
+                .contiguous() // (B, H, T, D)
         };
         let (q, k_new, v_new) = (split(0)?, split(1)?, split(2)?);
         let (k, v) = match self.cache.take() {
-            Some((k, v)) => (Tensor::cat(&[&k, &k_new], 2)?, Tensor::cat(&[&v, &v_new], 2)?), // (B, H, S, D)
+            Some((k, v)) => (
+                Tensor::cat(&[&k, &k_new], 2)?,
+                Tensor::cat(&[&v, &v_new], 2)?,
+            ), // (B, H, S, D)
             None => (k_new, v_new),
         };
         let s = offset + t;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (B, H, T, S)
-        // New position `offset + i` sees positions `0..=offset + i`; a single new token sees all.
+                                                                        // New position `offset + i` sees positions `0..=offset + i`; a single new token sees all.
         let scores = if t > 1 {
-            let data: Vec<u8> = (0..t).flat_map(|i| (0..s).map(move |j| u8::from(j <= offset + i))).collect();
+            let data: Vec<u8> = (0..t)
+                .flat_map(|i| (0..s).map(move |j| u8::from(j <= offset + i)))
+                .collect();
             let mask = Tensor::from_vec(data, (t, s), x.device())?.broadcast_as(scores.shape())?;
-            let neg_inf = Tensor::new(f32::NEG_INFINITY, x.device())?.to_dtype(scores.dtype())?.broadcast_as(scores.shape())?;
+            let neg_inf = Tensor::new(f32::NEG_INFINITY, x.device())?
+                .to_dtype(scores.dtype())?
+                .broadcast_as(scores.shape())?;
             mask.where_cond(&scores, &neg_inf)?
         } else {
             scores
@@ -660,7 +715,8 @@ impl CausalSelfAttention {
     /// (`dqkv`, `dout`), which is what their weight steps need.
     fn backward_input(&self, s: &AttentionSaved, dout: &Tensor) -> Result<(Tensor, Tensor)> {
         let dmerged = self.c_proj.backward_input(dout)?; // (B, T, C)
-        let dqkv = brigade_kernels::causal_attention_backward(&s.qkv, &s.probs, &dmerged, self.n_head)?; // (B, T, 3C)
+        let dqkv =
+            brigade_kernels::causal_attention_backward(&s.qkv, &s.probs, &dmerged, self.n_head)?; // (B, T, 3C)
         let dx = self.c_attn.backward_input(&dqkv)?;
         Ok((dx, dqkv))
     }
@@ -727,9 +783,15 @@ impl Layer for Block {
     fn forward_incremental(&mut self, x: &Tensor, offset: usize) -> Result<Tensor> {
         check_hidden(x, self.n_embd, self.n_positions, "GPT block")?;
         if offset + x.dim(1)? > self.n_positions {
-            bail!("positions {offset}..{} exceed the model's context length {}", offset + x.dim(1)?, self.n_positions);
+            bail!(
+                "positions {offset}..{} exceed the model's context length {}",
+                offset + x.dim(1)?,
+                self.n_positions
+            );
         }
-        let x2 = self.attn.forward_incremental(&self.ln_1.forward(x)?, offset, x)?; // (B, T, C)
+        let x2 = self
+            .attn
+            .forward_incremental(&self.ln_1.forward(x)?, offset, x)?; // (B, T, C)
         self.mlp.forward_residual(&self.ln_2.forward(&x2)?, &x2)
     }
 
@@ -743,13 +805,40 @@ impl Layer for Block {
         let fc_out = self.mlp.c_fc.forward(&ln2_out)?;
         let gelu_out = brigade_kernels::gelu_tanh(&fc_out)?;
         let y = self.mlp.c_proj.forward_residual(&gelu_out, Some(&x2))?;
-        let keep = [x, &attn.x, &attn.qkv, &attn.probs, &attn.merged, &x2, &ln2_out, &fc_out, &gelu_out];
+        let keep = [
+            x,
+            &attn.x,
+            &attn.qkv,
+            &attn.probs,
+            &attn.merged,
+            &x2,
+            &ln2_out,
+            &fc_out,
+            &gelu_out,
+        ];
         let keep = keep.into_iter().cloned().collect();
-        let saved = Saved::with_handles((x.clone(), BlockSaved { attn, x2, ln2_out, fc_out, gelu_out }), keep);
+        let saved = Saved::with_handles(
+            (
+                x.clone(),
+                BlockSaved {
+                    attn,
+                    x2,
+                    ln2_out,
+                    fc_out,
+                    gelu_out,
+                },
+            ),
+            keep,
+        );
         Ok((y, saved))
     }
 
-    fn backward_input(&mut self, saved: Saved, dy: &Tensor, _need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
+    fn backward_input(
+        &mut self,
+        saved: Saved,
+        dy: &Tensor,
+        _need_dx: bool,
+    ) -> Result<(Option<Tensor>, Saved)> {
         let (x, s): (Tensor, BlockSaved) = saved.take(&self.name)?;
         // MLP branch: y = x2 + c_proj(gelu(c_fc(ln_2(x2)))).
         let dgelu_out = self.mlp.c_proj.backward_input(dy)?;
@@ -773,7 +862,16 @@ impl Layer for Block {
             dmlp_out: dy.clone(),
             ln2,
         };
-        let keep = [&w.ln1_out, &w.dqkv, &w.merged, &w.dattn_out, &w.ln2_out, &w.dfc_out, &w.gelu_out, &w.dmlp_out];
+        let keep = [
+            &w.ln1_out,
+            &w.dqkv,
+            &w.merged,
+            &w.dattn_out,
+            &w.ln2_out,
+            &w.dfc_out,
+            &w.gelu_out,
+            &w.dmlp_out,
+        ];
         let keep = keep.into_iter().cloned().collect();
         let saved = Saved::with_handles(w, keep);
         Ok((Some(dx), saved))
@@ -782,11 +880,19 @@ impl Layer for Block {
     fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
         let w: BlockWeightGrads = saved.take(&self.name)?;
         self.ln_1.backward_weight(&w.ln1, grads)?;
-        self.attn.c_attn.backward_weight(&w.ln1_out, &w.dqkv, grads)?;
-        self.attn.c_proj.backward_weight(&w.merged, &w.dattn_out, grads)?;
+        self.attn
+            .c_attn
+            .backward_weight(&w.ln1_out, &w.dqkv, grads)?;
+        self.attn
+            .c_proj
+            .backward_weight(&w.merged, &w.dattn_out, grads)?;
         self.ln_2.backward_weight(&w.ln2, grads)?;
-        self.mlp.c_fc.backward_weight(&w.ln2_out, &w.dfc_out, grads)?;
-        self.mlp.c_proj.backward_weight(&w.gelu_out, &w.dmlp_out, grads)
+        self.mlp
+            .c_fc
+            .backward_weight(&w.ln2_out, &w.dfc_out, grads)?;
+        self.mlp
+            .c_proj
+            .backward_weight(&w.gelu_out, &w.dmlp_out, grads)
     }
 }
 
@@ -857,7 +963,8 @@ impl Head {
         check_hidden(x, c, self.n_positions, "GPT head")?;
         let (b, t, _) = x.dims3()?;
         let h = self.ln_f.forward(x)?.reshape((b * t, c))?; // (B·T, C)
-        let logits = brigade_kernels::linear(&h, &self.wte.value.t()?, None, None)?.reshape((b, t, v))?; // (B, T, V)
+        let logits =
+            brigade_kernels::linear(&h, &self.wte.value.t()?, None, None)?.reshape((b, t, v))?; // (B, T, V)
         Ok((h, logits))
     }
 }
@@ -876,13 +983,26 @@ impl Layer for Head {
         Ok((logits, Saved::new((x.clone(), h.clone()), &[x, &h])))
     }
 
-    fn backward_input(&mut self, saved: Saved, dlogits: &Tensor, _need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
+    fn backward_input(
+        &mut self,
+        saved: Saved,
+        dlogits: &Tensor,
+        _need_dx: bool,
+    ) -> Result<(Option<Tensor>, Saved)> {
         let (x, h): (Tensor, Tensor) = saved.take("GPT head")?;
         let (b, t, v) = dlogits.dims3()?;
         let dlogits = dlogits.reshape((b * t, v))?;
-        let dh = brigade_kernels::linear(&dlogits, &self.wte.value, None, None)?.reshape(x.shape())?; // (B, T, C)
+        let dh =
+            brigade_kernels::linear(&dlogits, &self.wte.value, None, None)?.reshape(x.shape())?; // (B, T, C)
         let (dx, ln_f) = self.ln_f.backward_input(&x, &dh)?;
-        let saved = Saved::new(HeadWeightGrads { h: h.clone(), dlogits: dlogits.clone(), ln_f }, &[&h, &dlogits]);
+        let saved = Saved::new(
+            HeadWeightGrads {
+                h: h.clone(),
+                dlogits: dlogits.clone(),
+                ln_f,
+            },
+            &[&h, &dlogits],
+        );
         Ok((Some(dx), saved))
     }
 
@@ -1060,10 +1180,13 @@ mod tests {
             assert_eq!(report.params.len(), spec.params().len());
             for p in spec.params() {
                 let n = p.numel();
-                let (pairs, _) = finite_differences(spec.as_ref(), x, 5, &p.name, &[0, n / 3, n - 1], 1e-2).unwrap();
+                let (pairs, _) =
+                    finite_differences(spec.as_ref(), x, 5, &p.name, &[0, n / 3, n - 1], 1e-2)
+                        .unwrap();
                 for (analytic, numeric) in pairs {
                     assert!(
-                        (analytic - numeric).abs() <= 2e-3 + 2e-2 * analytic.abs().max(numeric.abs()),
+                        (analytic - numeric).abs()
+                            <= 2e-3 + 2e-2 * analytic.abs().max(numeric.abs()),
                         "{}: explicit {analytic} vs finite difference {numeric}",
                         p.name
                     );
@@ -1142,7 +1265,10 @@ mod tests {
         let (b, t) = (2, 8);
         let full = run(&mut layers, &ids(&data, b, t)).unwrap(); // (B, T, V)
         let step = |layers: &mut [Box<dyn Layer>], x: &Tensor, offset: usize| {
-            layers.iter_mut().try_fold(x.clone(), |h, l| l.forward_incremental(&h, offset)).unwrap()
+            layers
+                .iter_mut()
+                .try_fold(x.clone(), |h, l| l.forward_incremental(&h, offset))
+                .unwrap()
         };
         let all = ids(&data, b, t);
         let mut pieces = vec![step(&mut layers, &all.narrow(1, 0, 3).unwrap(), 0)];
@@ -1150,16 +1276,44 @@ mod tests {
             pieces.push(step(&mut layers, &all.narrow(1, pos, 1).unwrap(), pos));
         }
         let cached = Tensor::cat(&pieces, 1).unwrap();
-        let diff = (&full - &cached).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-5, "cached logits differ from the full forward by {diff}");
+        let diff = (&full - &cached)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff < 1e-5,
+            "cached logits differ from the full forward by {diff}"
+        );
         // Starting again at 0 forgets the old sequence: same logits as the first time.
         let again = step(&mut layers, &all.narrow(1, 0, 3).unwrap(), 0);
-        let d = (&again - &pieces[0]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (&again - &pieces[0])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(d, 0.0);
-        let e = layers[1].forward_incremental(&Tensor::zeros((2, 1, 64), DType::F32, &Device::Cpu).unwrap(), 7).unwrap_err();
+        let e = layers[1]
+            .forward_incremental(
+                &Tensor::zeros((2, 1, 64), DType::F32, &Device::Cpu).unwrap(),
+                7,
+            )
+            .unwrap_err();
         assert!(e.to_string().contains("but 3 positions are cached"), "{e}");
-        let e = layers[0].forward_incremental(&ids(&[1, 2], 1, 2), 63).unwrap_err();
-        assert!(e.to_string().contains("positions 63..65 exceed the model's context length 64"), "{e}");
+        let e = layers[0]
+            .forward_incremental(&ids(&[1, 2], 1, 2), 63)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("positions 63..65 exceed the model's context length 64"),
+            "{e}"
+        );
     }
 
     #[test]

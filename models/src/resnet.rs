@@ -37,7 +37,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use brigade_engine::{
-    BufferSpec, Gradients, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, Pass, PipelineModel, Saved,
+    BufferSpec, Gradients, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec,
+    ParamStore, Pass, PipelineModel, Saved,
 };
 use candle_core::{bail, DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -287,7 +288,11 @@ impl ConvBnPlan {
     /// The BatchNorm's running statistics, named and shaped as torchvision's state dict.
     fn buffer_specs(&self) -> [BufferSpec; 3] {
         let c = self.c_out;
-        let spec = |suffix: &str, shape: Vec<usize>, dtype| BufferSpec { name: format!("{}.{suffix}", self.bn), shape, dtype };
+        let spec = |suffix: &str, shape: Vec<usize>, dtype| BufferSpec {
+            name: format!("{}.{suffix}", self.bn),
+            shape,
+            dtype,
+        };
         [
             spec("running_mean", vec![c], DType::F32),
             spec("running_var", vec![c], DType::F32),
@@ -360,7 +365,11 @@ impl Conv2d {
             .transpose(0, 1)?
             .conv2d(&dy.transpose(0, 1)?, self.padding, 1, self.stride, 1)?
             .transpose(0, 1)?;
-        let dw = if dw.dim(2)? != kh || dw.dim(3)? != kw { dw.narrow(2, 0, kh)?.narrow(3, 0, kw)? } else { dw };
+        let dw = if dw.dim(2)? != kh || dw.dim(3)? != kw {
+            dw.narrow(2, 0, kh)?.narrow(3, 0, kw)?
+        } else {
+            dw
+        };
         grads.add(&self.weight_name, &dw)
     }
 }
@@ -452,7 +461,12 @@ impl BatchNorm2d {
     fn forward_train(&mut self, x: &Tensor, pass: Pass) -> Result<(Tensor, Tensor, Tensor)> {
         let (n, c, h, w) = x.dims4()?;
         if c != self.channels() {
-            bail!("{}: expected {} channels, got input {:?}", self.name, self.channels(), x.dims());
+            bail!(
+                "{}: expected {} channels, got input {:?}",
+                self.name,
+                self.channels(),
+                x.dims()
+            );
         }
         let count = n * h * w;
         if count < 2 {
@@ -485,13 +499,20 @@ impl BatchNorm2d {
     /// The input gradient from the normalised input and standard deviation, with the gain and
     /// bias gradients (per-channel reductions the input gradient needs anyway):
     /// `dx = γ/σ · (dy − mean(dy) − x̂ · mean(dy · x̂))`.
-    fn backward(&self, normed: &Tensor, std: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    fn backward(
+        &self,
+        normed: &Tensor,
+        std: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (n, c, h, w) = dy.dims4()?;
         let count = (n * h * w) as f64;
         let dbias = dy.sum_keepdim((0, 2, 3))?; // (1, C, 1, 1)
         let dweight = (dy * normed)?.sum_keepdim((0, 2, 3))?;
         let gain = self.weight.reshape((1, c, 1, 1))?.broadcast_div(std)?;
-        let centered = dy.broadcast_sub(&(&dbias / count)?)?.broadcast_sub(&normed.broadcast_mul(&(&dweight / count)?)?)?;
+        let centered = dy
+            .broadcast_sub(&(&dbias / count)?)?
+            .broadcast_sub(&normed.broadcast_mul(&(&dweight / count)?)?)?;
         let dx = centered.broadcast_mul(&gain)?;
         Ok((dx, dweight.flatten_all()?, dbias.flatten_all()?))
     }
@@ -581,14 +602,38 @@ impl ConvBn {
 
     fn forward_train(&mut self, x: &Tensor, pass: Pass) -> Result<(Tensor, ConvBnSaved)> {
         let (y, normed, std) = self.bn.forward_train(&self.conv.forward(x)?, pass)?;
-        Ok((y, ConvBnSaved { x: x.clone(), normed, std }))
+        Ok((
+            y,
+            ConvBnSaved {
+                x: x.clone(),
+                normed,
+                std,
+            },
+        ))
     }
 
     /// The input gradient (when `need_dx`) and what the weight step needs.
-    fn backward_input(&self, s: ConvBnSaved, dy: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, ConvBnWeightGrads)> {
+    fn backward_input(
+        &self,
+        s: ConvBnSaved,
+        dy: &Tensor,
+        need_dx: bool,
+    ) -> Result<(Option<Tensor>, ConvBnWeightGrads)> {
         let (dconv_out, dgamma, dbeta) = self.bn.backward(&s.normed, &s.std, dy)?;
-        let dx = if need_dx { Some(self.conv.backward_input(s.x.dims(), &dconv_out)?) } else { None };
-        Ok((dx, ConvBnWeightGrads { x: s.x, dconv_out, dgamma, dbeta }))
+        let dx = if need_dx {
+            Some(self.conv.backward_input(s.x.dims(), &dconv_out)?)
+        } else {
+            None
+        };
+        Ok((
+            dx,
+            ConvBnWeightGrads {
+                x: s.x,
+                dconv_out,
+                dgamma,
+                dbeta,
+            },
+        ))
     }
 
     fn backward_weight(&self, w: &ConvBnWeightGrads, grads: &mut Gradients) -> Result<()> {
@@ -715,7 +760,12 @@ impl Layer for Stem {
         Ok((y, saved))
     }
 
-    fn backward_input(&mut self, saved: Saved, dy: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
+    fn backward_input(
+        &mut self,
+        saved: Saved,
+        dy: &Tensor,
+        need_dx: bool,
+    ) -> Result<(Option<Tensor>, Saved)> {
         let (unit, h): (ConvBnSaved, Tensor) = saved.take("ResNet stem")?;
         let dh = relu_backward(&h, &brigade_kernels::max_pool2d_backward(&h, dy, 3, 2, 1)?)?;
         let (dx, w) = self.conv_bn.backward_input(unit, &dh, need_dx)?;
@@ -725,7 +775,8 @@ impl Layer for Stem {
     }
 
     fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
-        self.conv_bn.backward_weight(&saved.take::<ConvBnWeightGrads>("ResNet stem")?, grads)
+        self.conv_bn
+            .backward_weight(&saved.take::<ConvBnWeightGrads>("ResNet stem")?, grads)
     }
 
     fn buffers(&self) -> Vec<(String, Tensor)> {
@@ -806,7 +857,10 @@ impl LayerSpec for BlockSpec {
 
     fn buffer_specs(&self) -> Vec<BufferSpec> {
         let (main, downsample) = self.plan();
-        main.iter().chain(&downsample).flat_map(|u| u.buffer_specs()).collect()
+        main.iter()
+            .chain(&downsample)
+            .flat_map(|u| u.buffer_specs())
+            .collect()
     }
 
     fn build(&self, store: &mut ParamStore) -> Result<Box<dyn Layer>> {
@@ -871,14 +925,32 @@ impl Layer for Block {
             None => (x.clone(), None),
         };
         let y = (out + identity)?.relu()?;
-        let mut keep: Vec<Tensor> = units.iter().chain(&shortcut).flat_map(|u| u.tensors()).cloned().collect();
+        let mut keep: Vec<Tensor> = units
+            .iter()
+            .chain(&shortcut)
+            .flat_map(|u| u.tensors())
+            .cloned()
+            .collect();
         keep.extend(relus.iter().cloned());
         keep.push(y.clone());
-        let saved = Saved::with_handles(BlockSaved { units, relus, shortcut, y: y.clone() }, keep);
+        let saved = Saved::with_handles(
+            BlockSaved {
+                units,
+                relus,
+                shortcut,
+                y: y.clone(),
+            },
+            keep,
+        );
         Ok((y, saved))
     }
 
-    fn backward_input(&mut self, saved: Saved, dy: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
+    fn backward_input(
+        &mut self,
+        saved: Saved,
+        dy: &Tensor,
+        need_dx: bool,
+    ) -> Result<(Option<Tensor>, Saved)> {
         let s: BlockSaved = saved.take(&self.name)?;
         let dsum = relu_backward(&s.y, dy)?;
         let mut weights = Vec::with_capacity(self.main.len());
@@ -887,7 +959,8 @@ impl Layer for Block {
         for (unit, saved) in self.main.iter().zip(s.units).rev() {
             let (dx, w) = unit.backward_input(saved, &grad, true)?;
             weights.push(w);
-            grad = dx.ok_or_else(|| candle_core::Error::Msg("conv+BN gave no input gradient".into()))?;
+            grad =
+                dx.ok_or_else(|| candle_core::Error::Msg("conv+BN gave no input gradient".into()))?;
             if let Some(relu_out) = relus.pop() {
                 grad = relu_backward(&relu_out, &grad)?;
             }
@@ -896,19 +969,34 @@ impl Layer for Block {
         let (dshortcut, shortcut) = match (&self.downsample, s.shortcut) {
             (Some(ds), Some(saved)) => {
                 let (dx, w) = ds.backward_input(saved, &dsum, true)?;
-                (dx.ok_or_else(|| candle_core::Error::Msg("downsample gave no input gradient".into()))?, Some(w))
+                (
+                    dx.ok_or_else(|| {
+                        candle_core::Error::Msg("downsample gave no input gradient".into())
+                    })?,
+                    Some(w),
+                )
             }
             (None, None) => (dsum, None),
             _ => bail!("{}: saved state does not match the shortcut", self.name),
         };
-        let dx = if need_dx { Some((grad + dshortcut)?) } else { None };
-        let keep = weights.iter().chain(&shortcut).flat_map(|w| w.tensors()).cloned().collect();
+        let dx = if need_dx {
+            Some((grad + dshortcut)?)
+        } else {
+            None
+        };
+        let keep = weights
+            .iter()
+            .chain(&shortcut)
+            .flat_map(|w| w.tensors())
+            .cloned()
+            .collect();
         let saved = Saved::with_handles((weights, shortcut), keep);
         Ok((dx, saved))
     }
 
     fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
-        let (weights, shortcut): (Vec<ConvBnWeightGrads>, Option<ConvBnWeightGrads>) = saved.take(&self.name)?;
+        let (weights, shortcut): (Vec<ConvBnWeightGrads>, Option<ConvBnWeightGrads>) =
+            saved.take(&self.name)?;
         for (unit, w) in self.main.iter().zip(&weights) {
             unit.backward_weight(w, grads)?;
         }
@@ -999,17 +1087,33 @@ impl Layer for Head {
     fn forward_train(&mut self, x: &Tensor, _pass: Pass) -> Result<(Tensor, Saved)> {
         check_images(x, self.in_features, "ResNet head")?;
         let pooled = x.mean((2, 3))?; // (N, C)
-        let y = pooled.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
-        Ok((y, Saved::new((pooled.clone(), x.dims().to_vec()), &[&pooled])))
+        let y = pooled
+            .matmul(&self.weight.t()?)?
+            .broadcast_add(&self.bias)?;
+        Ok((
+            y,
+            Saved::new((pooled.clone(), x.dims().to_vec()), &[&pooled]),
+        ))
     }
 
-    fn backward_input(&mut self, saved: Saved, dy: &Tensor, _need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
+    fn backward_input(
+        &mut self,
+        saved: Saved,
+        dy: &Tensor,
+        _need_dx: bool,
+    ) -> Result<(Option<Tensor>, Saved)> {
         let (pooled, dims): (Tensor, Vec<usize>) = saved.take("ResNet head")?;
         let (n, c, h, w) = (dims[0], dims[1], dims[2], dims[3]);
         // The mean over H·W spreads each channel's gradient evenly over its positions.
         let dpooled = (dy.matmul(&self.weight)? / (h * w) as f64)?; // (N, C)
-        let dx = dpooled.reshape((n, c, 1, 1))?.broadcast_as((n, c, h, w))?.contiguous()?;
-        Ok((Some(dx), Saved::new((pooled.clone(), dy.clone()), &[&pooled, dy])))
+        let dx = dpooled
+            .reshape((n, c, 1, 1))?
+            .broadcast_as((n, c, h, w))?
+            .contiguous()?;
+        Ok((
+            Some(dx),
+            Saved::new((pooled.clone(), dy.clone()), &[&pooled, dy]),
+        ))
     }
 
     fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
@@ -1344,7 +1448,8 @@ mod tests {
     fn explicit_backward_matches_autograd_and_finite_differences() {
         use brigade_engine::gradcheck::{check_layer, finite_differences};
         for kind in [BlockKind::BasicBlock, BlockKind::Bottleneck] {
-            let model = ResNet::new(ResNetConfig::custom(kind, [1, 2, 1, 1], 4, 5).unwrap()).unwrap();
+            let model =
+                ResNet::new(ResNetConfig::custom(kind, [1, 2, 1, 1], 4, 5).unwrap()).unwrap();
             // 64×64 leaves layer4 a 2×2 map: BatchNorm on a 1×1 map with 2 images has a zero true
             // input gradient, and two implementations then only agree on rounding noise.
             let mut x = images(2, 3, 64);
@@ -1356,7 +1461,9 @@ mod tests {
                 assert!(report.max() <= 1e-4, "{kind:?} {}: {report:?}", spec.name());
                 for p in spec.params().iter().take(4) {
                     let n = p.numel();
-                    let (pairs, scale) = finite_differences(spec.as_ref(), &x, 9, &p.name, &[0, n / 2, n - 1], 1e-3).unwrap();
+                    let (pairs, scale) =
+                        finite_differences(spec.as_ref(), &x, 9, &p.name, &[0, n / 2, n - 1], 1e-3)
+                            .unwrap();
                     for (analytic, numeric) in pairs {
                         // Judged against the whole gradient's scale, loosely: a step of 1e-3 moves a
                         // few values across ReLU and max-pool kinks, each worth an O(1) error in
@@ -1369,7 +1476,12 @@ mod tests {
                         );
                     }
                 }
-                x = spec.build(&mut store).unwrap().forward(&x, Mode::Train).unwrap().detach();
+                x = spec
+                    .build(&mut store)
+                    .unwrap()
+                    .forward(&x, Mode::Train)
+                    .unwrap()
+                    .detach();
             }
         }
     }

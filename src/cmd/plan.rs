@@ -34,7 +34,11 @@ pub struct PlanArgs {
     /// Schedules to consider, `NAME` or `NAME:V` (V chunks per device): gpipe, 1f1b,
     /// interleaved-1f1b (v >= 2), zb-h1, zb-h2, zb-v, zb-auto (generated from the profile
     /// within --memory-limit, or 1F1B's memory without one; v 1 or 2).
-    #[arg(long, value_delimiter = ',', default_value = "gpipe,1f1b,interleaved-1f1b,zb-h1,zb-h2,zb-v,zb-auto,zb-auto:2")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "gpipe,1f1b,interleaved-1f1b,zb-h1,zb-h2,zb-v,zb-auto,zb-auto:2"
+    )]
     pub schedules: Vec<String>,
     /// Activation recomputation settings to consider: off, full (full stashes only each
     /// stage's input and reruns its forward before the backward: less memory, more time).
@@ -65,12 +69,16 @@ pub fn run(args: PlanArgs) -> Result<()> {
         bail!("--devices must be at least 1");
     }
     let memory_limit = match args.memory_limit {
-        Some(gb) if !(gb > 0.0 && gb.is_finite()) => bail!("--memory-limit must be a positive number of GB, got {gb}"),
+        Some(gb) if !(gb > 0.0 && gb.is_finite()) => {
+            bail!("--memory-limit must be a positive number of GB, got {gb}")
+        }
         Some(gb) => Some((gb * 1e9) as u64),
         None => None,
     };
     let (model, data) = args.model.model_and_data(args.seed)?;
-    let threads = args.threads_per_stage.unwrap_or_else(|| super::default_threads(args.devices));
+    let threads = args
+        .threads_per_stage
+        .unwrap_or_else(|| super::default_threads(args.devices));
     let request = PlanRequest {
         devices: args.devices,
         batch_size: args.batch_size,
@@ -91,19 +99,27 @@ pub fn run(args: PlanArgs) -> Result<()> {
     let mut profiled = HashMap::new();
     let mut unusable = Vec::new();
     let ranked = plan(&request, |b| {
-        spinner.set_message(format!("profiling {} at micro-batch size {b} on {threads} thread(s)", model.name()));
+        spinner.set_message(format!(
+            "profiling {} at micro-batch size {b} on {threads} thread(s)",
+            model.name()
+        ));
         spinner.tick();
-        let p = profile_on_data(model.as_ref(), &data, b, args.model.context, &options).map_err(|e| {
-            unusable.push((b, e.to_string()));
-            brigade::engine::EngineError::Config(e.to_string())
-        })?;
+        let p = profile_on_data(model.as_ref(), &data, b, args.model.context, &options).map_err(
+            |e| {
+                unusable.push((b, e.to_string()));
+                brigade::engine::EngineError::Config(e.to_string())
+            },
+        )?;
         profiled.insert(b, p.clone());
         Ok(p)
     })?;
     spinner.finish_and_clear();
     for (b, why) in &unusable {
         let why = why.lines().next().unwrap_or_default();
-        println!("skipped micro-batch size {b} (m = {}): {why}", args.batch_size / b);
+        println!(
+            "skipped micro-batch size {b} (m = {}): {why}",
+            args.batch_size / b
+        );
     }
 
     println!(
@@ -113,13 +129,20 @@ pub fn run(args: PlanArgs) -> Result<()> {
         args.batch_size,
         args.devices,
         threads,
-        memory_limit.map(|l| format!(", memory limit {} per device", human_bytes(l))).unwrap_or_default()
+        memory_limit
+            .map(|l| format!(", memory limit {} per device", human_bytes(l)))
+            .unwrap_or_default()
     );
     println!();
     println!("| rank | stages | layers (partition) | schedule | m | simulated ms/step | examples/s | bubble | peak memory per stage | fits |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for (i, c) in ranked.iter().take(args.top).enumerate() {
-        let memory: Vec<String> = c.prediction.peak_memory.iter().map(|b| human_bytes(*b)).collect();
+        let memory: Vec<String> = c
+            .prediction
+            .peak_memory
+            .iter()
+            .map(|b| human_bytes(*b))
+            .collect();
         println!(
             "| {} | {} | {} ({}) | {} | {} | {:.2} | {:.0} | {:.1}% | {} | {} |",
             i + 1,
@@ -127,8 +150,16 @@ pub fn run(args: PlanArgs) -> Result<()> {
             c.partition,
             c.partition_name,
             {
-                let name = if c.virtual_stages > 1 { format!("{} v={}", c.schedule, c.virtual_stages) } else { c.schedule.to_string() };
-                if c.recompute == Recompute::Full { format!("{name} + recompute") } else { name }
+                let name = if c.virtual_stages > 1 {
+                    format!("{} v={}", c.schedule, c.virtual_stages)
+                } else {
+                    c.schedule.to_string()
+                };
+                if c.recompute == Recompute::Full {
+                    format!("{name} + recompute")
+                } else {
+                    name
+                }
             },
             c.microbatches,
             1e3 * c.prediction.step_time,

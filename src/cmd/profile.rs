@@ -59,11 +59,18 @@ pub fn run(args: ProfileArgs) -> Result<()> {
         optimizer: args.optimizer.config(None),
         seed: args.seed,
     };
-    let profile = profile_on_data(model.as_ref(), &data, args.microbatch_size, args.model.context, &options)?;
+    let profile = profile_on_data(
+        model.as_ref(),
+        &data,
+        args.microbatch_size,
+        args.model.context,
+        &options,
+    )?;
     let json = serde_json::to_string_pretty(&profile)?;
     match &args.out {
         Some(path) => {
-            std::fs::write(path, json + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+            std::fs::write(path, json + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
             eprintln!("wrote {}", path.display());
         }
         None => println!("{json}"),
@@ -81,7 +88,14 @@ pub fn balanced_time(
     threads: usize,
     seed: u64,
 ) -> Result<PartitionStrategy> {
-    let options = ProfileOptions { repeats: 5, rounds: 3, warmup: 1, threads, seed, ..ProfileOptions::default() };
+    let options = ProfileOptions {
+        repeats: 5,
+        rounds: 3,
+        warmup: 1,
+        threads,
+        seed,
+        ..ProfileOptions::default()
+    };
     let profile = profile_on_data(model, data, microbatch_size, context, &options)
         .context("profiling for --partition balanced-time")?;
     Ok(balanced_time_strategy(&profile))

@@ -40,8 +40,8 @@ mod threads;
 pub use config::{PipelineConfig, ScheduleChoice};
 pub use driver::{ActionTiming, EvalStats, Pipeline, StepStats};
 
-pub use threads::candle_elementwise_threads;
 pub(crate) use threads::apply_thread_budget;
+pub use threads::candle_elementwise_threads;
 
 use candle_core::{DType, Tensor};
 

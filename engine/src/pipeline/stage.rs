@@ -100,7 +100,11 @@ pub(super) fn run_stage(setup: StageSetup) {
     let pool = match threads::stage_pool(index, setup.threads) {
         Ok(pool) => pool,
         Err(message) => {
-            let _ = reports.send(Report::Failed { stage: index, action: None, message });
+            let _ = reports.send(Report::Failed {
+                stage: index,
+                action: None,
+                message,
+            });
             return;
         }
     };
@@ -112,8 +116,16 @@ pub(super) fn run_stage(setup: StageSetup) {
         let report = match outcome {
             Ok(Ok(())) => return,
             Ok(Err(StageStop::Aborted)) => Report::Aborted { stage: index },
-            Ok(Err(StageStop::Failed(action, message))) => Report::Failed { stage: index, action, message },
-            Err(panic) => Report::Failed { stage: index, action: None, message: panic_message(&panic) },
+            Ok(Err(StageStop::Failed(action, message))) => Report::Failed {
+                stage: index,
+                action,
+                message,
+            },
+            Err(panic) => Report::Failed {
+                stage: index,
+                action: None,
+                message: panic_message(&panic),
+            },
         };
         let _ = reports.send(report);
     });
@@ -132,23 +144,33 @@ impl StageWorker {
     fn build(mut setup: StageSetup) -> StageResult<Self> {
         if let Some(loader) = setup.checkpoint.take() {
             // This stage reads exactly its own tensors from the (memory-mapped) checkpoint.
-            let all_specs: Vec<Arc<dyn LayerSpec>> = setup.chunks.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
+            let all_specs: Vec<Arc<dyn LayerSpec>> = setup
+                .chunks
+                .iter()
+                .flat_map(|(_, s)| s.iter().cloned())
+                .collect();
             let params = crate::layer::unique_params(&all_specs);
             let buffers: Vec<_> = all_specs.iter().flat_map(|s| s.buffer_specs()).collect();
-            let state = loader
-                .load_stage(&params, &buffers)
-                .map_err(|e| StageStop::Failed(None, format!("loading its part of the checkpoint: {e}")))?;
+            let state = loader.load_stage(&params, &buffers).map_err(|e| {
+                StageStop::Failed(None, format!("loading its part of the checkpoint: {e}"))
+            })?;
             setup.initial = state.params;
             setup.initial_buffers = state.buffers;
             setup.initial_optimizer_state = state.optimizer;
         }
         let mut store = ParamStore::new(Device::Cpu, setup.seed).with_overrides(setup.initial);
-        let all_specs: Vec<Arc<dyn LayerSpec>> = setup.chunks.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
+        let all_specs: Vec<Arc<dyn LayerSpec>> = setup
+            .chunks
+            .iter()
+            .flat_map(|(_, s)| s.iter().cloned())
+            .collect();
         // The variables the optimizer updates in place; the layers compute on detached views of
         // them, so no autograd graph is ever recorded (the layers own their backward). Chunks on
         // one device share the variables (a tied weight held twice here is one variable).
         for spec in crate::layer::unique_params(&all_specs) {
-            store.get(&spec).map_err(|e| StageStop::Failed(None, format!("building layers: {e}")))?;
+            store
+                .get(&spec)
+                .map_err(|e| StageStop::Failed(None, format!("building layers: {e}")))?;
         }
         let mut view = store.shared_view();
         let mut chunk_layers = Vec::with_capacity(setup.chunks.len());
@@ -165,12 +187,20 @@ impl StageWorker {
                 let mine: HashMap<String, Tensor> = spec
                     .buffer_specs()
                     .into_iter()
-                    .filter_map(|b| setup.initial_buffers.get(&b.name).map(|t| (b.name, t.clone())))
+                    .filter_map(|b| {
+                        setup
+                            .initial_buffers
+                            .get(&b.name)
+                            .map(|t| (b.name, t.clone()))
+                    })
                     .collect();
                 if !mine.is_empty() {
-                    layer
-                        .load_buffers(&mine)
-                        .map_err(|e| StageStop::Failed(None, format!("restoring buffers of {}: {e}", spec.name())))?;
+                    layer.load_buffers(&mine).map_err(|e| {
+                        StageStop::Failed(
+                            None,
+                            format!("restoring buffers of {}: {e}", spec.name()),
+                        )
+                    })?;
                 }
             }
         }
@@ -220,33 +250,59 @@ impl StageWorker {
         loop {
             let msg = self.inbox.recv().map_err(|_| StageStop::Aborted)?;
             match msg {
-                Msg::Train { schedule, inputs, targets, global_terms, lr } => {
+                Msg::Train {
+                    schedule,
+                    inputs,
+                    targets,
+                    global_terms,
+                    lr,
+                } => {
                     let started = Instant::now();
                     self.waiting = Duration::ZERO;
                     let outcome = self.train(&schedule, inputs, targets, global_terms, lr)?;
                     let busy = started.elapsed().saturating_sub(self.waiting);
-                    self.report(Report::Done { stage: self.index, outcome, busy })?;
+                    self.report(Report::Done {
+                        stage: self.index,
+                        outcome,
+                        busy,
+                    })?;
                 }
-                Msg::Eval { schedule, inputs, targets } => {
+                Msg::Eval {
+                    schedule,
+                    inputs,
+                    targets,
+                } => {
                     let started = Instant::now();
                     self.waiting = Duration::ZERO;
                     let outcome = self.eval(&schedule, inputs, Some(targets))?;
                     let busy = started.elapsed().saturating_sub(self.waiting);
-                    self.report(Report::Done { stage: self.index, outcome, busy })?;
+                    self.report(Report::Done {
+                        stage: self.index,
+                        outcome,
+                        busy,
+                    })?;
                 }
                 Msg::Predict { schedule, inputs } => {
                     let started = Instant::now();
                     self.waiting = Duration::ZERO;
                     let outcome = self.eval(&schedule, inputs, None)?;
                     let busy = started.elapsed().saturating_sub(self.waiting);
-                    self.report(Report::Done { stage: self.index, outcome, busy })?;
+                    self.report(Report::Done {
+                        stage: self.index,
+                        outcome,
+                        busy,
+                    })?;
                 }
                 Msg::Decode { input, offset } => {
                     let started = Instant::now();
                     self.waiting = Duration::ZERO;
                     let outcome = self.decode(input, offset)?;
                     let busy = started.elapsed().saturating_sub(self.waiting);
-                    self.report(Report::Done { stage: self.index, outcome, busy })?;
+                    self.report(Report::Done {
+                        stage: self.index,
+                        outcome,
+                        busy,
+                    })?;
                 }
                 Msg::Snapshot { kind, reply } => {
                     let _ = reply.send(self.snapshot(kind)?);
@@ -260,7 +316,10 @@ impl StageWorker {
                 Msg::Ping { reply } => {
                     let _ = reply.send(());
                 }
-                Msg::Activation { .. } | Msg::Gradient { .. } | Msg::Reduced { .. } | Msg::InjectFault(_) => {
+                Msg::Activation { .. }
+                | Msg::Gradient { .. }
+                | Msg::Reduced { .. }
+                | Msg::InjectFault(_) => {
                     // Data can arrive before this stage has seen its own step message.
                     self.buffer(msg);
                 }
@@ -275,13 +334,24 @@ impl StageWorker {
 
     fn buffer(&mut self, msg: Msg) {
         match msg {
-            Msg::Activation { chunk, microbatch, tensor } => {
+            Msg::Activation {
+                chunk,
+                microbatch,
+                tensor,
+            } => {
                 self.activations_in.insert((chunk, microbatch), tensor);
             }
-            Msg::Gradient { chunk, microbatch, tensor } => {
+            Msg::Gradient {
+                chunk,
+                microbatch,
+                tensor,
+            } => {
                 self.gradients_in.insert((chunk, microbatch), tensor);
             }
-            Msg::Reduced { tied_grads, clip_scale } => self.reduced_in = Some((tied_grads, clip_scale)),
+            Msg::Reduced {
+                tied_grads,
+                clip_scale,
+            } => self.reduced_in = Some((tied_grads, clip_scale)),
             Msg::InjectFault(fault) => self.fault = Some(fault),
             _ => {}
         }
@@ -351,10 +421,13 @@ impl StageWorker {
             let poison_loss = self.armed_fault(Some(action))?;
             let (action_start, waited_before) = (Instant::now(), self.waiting);
             let mb = action.microbatch;
-            let at = self.chunk_position(action.chunk).map_err(|e| with_action(e, action))?;
+            let at = self
+                .chunk_position(action.chunk)
+                .map_err(|e| with_action(e, action))?;
             let result: StageResult<()> = match action.kind {
                 ActionKind::Forward => {
-                    let loss = self.forward_train(at, mb, &inputs, &targets, global_terms, poison_loss)?;
+                    let loss =
+                        self.forward_train(at, mb, &inputs, &targets, global_terms, poison_loss)?;
                     outcome.loss += loss;
                     Ok(())
                 }
@@ -363,11 +436,20 @@ impl StageWorker {
                 ActionKind::BackwardWeight => Ok(self.chunks[at].compute.backward_weight(mb)?),
             };
             result.map_err(|e| with_action(e, action))?;
-            let others: u64 =
-                self.chunks.iter().enumerate().filter(|(i, _)| *i != at).map(|(_, c)| c.compute.live_bytes()).sum();
+            let others: u64 = self
+                .chunks
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != at)
+                .map(|(_, c)| c.compute.live_bytes())
+                .sum();
             device_peak = device_peak.max(others + self.chunks[at].compute.take_peak_bytes());
             // F and B wait for their input first: the action starts when it arrives.
-            outcome.timings.push((action, action_start + (self.waiting - waited_before), Instant::now()));
+            outcome.timings.push((
+                action,
+                action_start + (self.waiting - waited_before),
+                Instant::now(),
+            ));
         }
         outcome.peak_stash_bytes = device_peak;
         self.finish_step(lr)?;
@@ -384,7 +466,12 @@ impl StageWorker {
         self.chunks
             .iter()
             .position(|c| c.index == chunk)
-            .ok_or_else(|| StageStop::Failed(None, format!("stage {} does not hold chunk {chunk}", self.index)))
+            .ok_or_else(|| {
+                StageStop::Failed(
+                    None,
+                    format!("stage {} does not hold chunk {chunk}", self.index),
+                )
+            })
     }
 
     fn is_last_chunk(&self, chunk: usize) -> bool {
@@ -415,10 +502,13 @@ impl StageWorker {
         let chunk = self.chunks[at].index;
         let x = self.input_for(chunk, mb, inputs)?;
         let target = if self.is_last_chunk(chunk) {
-            let targets = targets
-                .get(mb)
-                .ok_or_else(|| StageStop::Failed(None, format!("no targets for micro-batch {mb}")))?;
-            Some(LossTarget { targets: targets.clone(), global_terms })
+            let targets = targets.get(mb).ok_or_else(|| {
+                StageStop::Failed(None, format!("no targets for micro-batch {mb}"))
+            })?;
+            Some(LossTarget {
+                targets: targets.clone(),
+                global_terms,
+            })
         } else {
             None
         };
@@ -429,12 +519,22 @@ impl StageWorker {
                     value = f64::NAN;
                 }
                 if !value.is_finite() {
-                    return Err(StageStop::Failed(None, format!("non-finite loss ({value}) at micro-batch {mb}")));
+                    return Err(StageStop::Failed(
+                        None,
+                        format!("non-finite loss ({value}) at micro-batch {mb}"),
+                    ));
                 }
                 Ok(value)
             }
             None => {
-                self.send_to_chunk(chunk + 1, Msg::Activation { chunk: chunk + 1, microbatch: mb, tensor: y })?;
+                self.send_to_chunk(
+                    chunk + 1,
+                    Msg::Activation {
+                        chunk: chunk + 1,
+                        microbatch: mb,
+                        tensor: y,
+                    },
+                )?;
                 Ok(0.0)
             }
         }
@@ -451,10 +551,23 @@ impl StageWorker {
             Some(self.wait_for(|w| w.gradients_in.remove(&(chunk, mb)))?)
         };
         let compute = &mut self.chunks[at].compute;
-        let dx = if with_weights { compute.backward(mb, dy.as_ref())? } else { compute.backward_input(mb, dy.as_ref())? };
+        let dx = if with_weights {
+            compute.backward(mb, dy.as_ref())?
+        } else {
+            compute.backward_input(mb, dy.as_ref())?
+        };
         if let Some(dx) = dx {
-            let to = chunk.checked_sub(1).ok_or_else(|| StageStop::Failed(None, "the first chunk has no previous chunk".into()))?;
-            self.send_to_chunk(to, Msg::Gradient { chunk: to, microbatch: mb, tensor: dx })?;
+            let to = chunk.checked_sub(1).ok_or_else(|| {
+                StageStop::Failed(None, "the first chunk has no previous chunk".into())
+            })?;
+            self.send_to_chunk(
+                to,
+                Msg::Gradient {
+                    chunk: to,
+                    microbatch: mb,
+                    tensor: dx,
+                },
+            )?;
         }
         Ok(())
     }
@@ -462,22 +575,27 @@ impl StageWorker {
     /// Routes `msg` to the device holding `chunk` (the routing table); a chunk on this device
     /// gets it straight into the buffers.
     fn send_to_chunk(&mut self, chunk: usize, msg: Msg) -> StageResult<()> {
-        let device = *self
-            .placement
-            .get(chunk)
-            .ok_or_else(|| StageStop::Failed(None, format!("no chunk {chunk} in the routing table")))?;
+        let device = *self.placement.get(chunk).ok_or_else(|| {
+            StageStop::Failed(None, format!("no chunk {chunk} in the routing table"))
+        })?;
         if device == self.index {
             self.buffer(msg);
             return Ok(());
         }
-        let tx = self.peers.get(device).ok_or_else(|| StageStop::Failed(None, format!("no stage {device}")))?;
+        let tx = self
+            .peers
+            .get(device)
+            .ok_or_else(|| StageStop::Failed(None, format!("no stage {device}")))?;
         tx.send(msg).map_err(|_| StageStop::Aborted)
     }
 
     /// The end-of-step collective and the optimizer step.
     fn finish_step(&mut self, lr: f64) -> StageResult<()> {
         if self.chunks.iter().any(|c| c.compute.has_pending_work()) {
-            return Err(StageStop::Failed(None, "step ended with unfinished backward work".into()));
+            return Err(StageStop::Failed(
+                None,
+                "step ended with unfinished backward work".into(),
+            ));
         }
         // A parameter used by two chunks here (a tied weight) gets both chunks' sums.
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -508,7 +626,11 @@ impl StageWorker {
                 sq_norm += squared_norm(&grad)?;
             }
         }
-        self.report(Report::Partial { stage: self.index, tied_grads, sq_norm })?;
+        self.report(Report::Partial {
+            stage: self.index,
+            tied_grads,
+            sq_norm,
+        })?;
         let (reduced, clip_scale) = self.wait_for(|w| w.reduced_in.take())?;
         for (name, grad) in reduced {
             grads.insert(name, grad.to_device(self.store.device())?);
@@ -519,16 +641,28 @@ impl StageWorker {
         })?;
         self.last_grads = grads.clone();
         for (name, spec, var) in self.store.vars() {
-            let Some(grad) = grads.get(name) else { continue };
-            let grad = if clip_scale < 1.0 { (grad * clip_scale)? } else { grad.clone() };
-            self.optimizer.update(name, var, &grad, lr, spec.weight_decay)?;
+            let Some(grad) = grads.get(name) else {
+                continue;
+            };
+            let grad = if clip_scale < 1.0 {
+                (grad * clip_scale)?
+            } else {
+                grad.clone()
+            };
+            self.optimizer
+                .update(name, var, &grad, lr, spec.weight_decay)?;
         }
         Ok(())
     }
 
     /// Forward-only in evaluation mode. With targets, the last stage sums loss and accuracy;
     /// without, it keeps the outputs (prediction).
-    fn eval(&mut self, schedule: &Schedule, inputs: Vec<Tensor>, targets: Option<Vec<Tensor>>) -> StageResult<Outcome> {
+    fn eval(
+        &mut self,
+        schedule: &Schedule,
+        inputs: Vec<Tensor>,
+        targets: Option<Vec<Tensor>>,
+    ) -> StageResult<Outcome> {
         let mut outcome = Outcome::default();
         for &action in schedule.stage_actions(self.index) {
             self.poll_abort()?;
@@ -542,16 +676,25 @@ impl StageWorker {
                         outcome.outputs.push((mb, y));
                         return Ok(());
                     };
-                    let target = targets
-                        .get(mb)
-                        .ok_or_else(|| StageStop::Failed(None, format!("no targets for micro-batch {mb}")))?;
+                    let target = targets.get(mb).ok_or_else(|| {
+                        StageStop::Failed(None, format!("no targets for micro-batch {mb}"))
+                    })?;
                     let terms = loss_terms(target);
-                    let loss = microbatch_loss(w.loss, &y, target, 1)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    let loss = microbatch_loss(w.loss, &y, target, 1)?
+                        .to_dtype(DType::F64)?
+                        .to_scalar::<f64>()?;
                     outcome.loss += loss;
                     outcome.terms += terms;
                     outcome.correct += correct_predictions(&y, target)?;
                 } else {
-                    w.send_to_chunk(chunk + 1, Msg::Activation { chunk: chunk + 1, microbatch: mb, tensor: y })?;
+                    w.send_to_chunk(
+                        chunk + 1,
+                        Msg::Activation {
+                            chunk: chunk + 1,
+                            microbatch: mb,
+                            tensor: y,
+                        },
+                    )?;
                 }
                 Ok(())
             };
@@ -576,11 +719,23 @@ impl StageWorker {
             let y = self.chunks[at]
                 .compute
                 .forward_incremental(&x, offset)
-                .map_err(|e| StageStop::Failed(None, format!("incremental decoding at position {offset}: {e}")))?;
+                .map_err(|e| {
+                    StageStop::Failed(
+                        None,
+                        format!("incremental decoding at position {offset}: {e}"),
+                    )
+                })?;
             if self.is_last_chunk(chunk) {
                 outcome.outputs.push((0, y));
             } else {
-                self.send_to_chunk(chunk + 1, Msg::Activation { chunk: chunk + 1, microbatch: 0, tensor: y })?;
+                self.send_to_chunk(
+                    chunk + 1,
+                    Msg::Activation {
+                        chunk: chunk + 1,
+                        microbatch: 0,
+                        tensor: y,
+                    },
+                )?;
             }
         }
         Ok(outcome)
@@ -610,15 +765,26 @@ impl StageWorker {
             SnapshotKind::OptimizerState => {
                 for (name, state) in self.optimizer.state() {
                     match state {
-                        ParamState::AdamW { exp_avg, exp_avg_sq, step } => {
+                        ParamState::AdamW {
+                            exp_avg,
+                            exp_avg_sq,
+                            step,
+                        } => {
                             out.push((format!("{name}.exp_avg"), cpu(exp_avg)?));
                             out.push((format!("{name}.exp_avg_sq"), cpu(exp_avg_sq)?));
-                            out.push((format!("{name}.step"), Tensor::new(&[*step as f64], &Device::Cpu)?));
+                            out.push((
+                                format!("{name}.step"),
+                                Tensor::new(&[*step as f64], &Device::Cpu)?,
+                            ));
                         }
-                        ParamState::Sgd { momentum_buffer: Some(buf) } => {
+                        ParamState::Sgd {
+                            momentum_buffer: Some(buf),
+                        } => {
                             out.push((format!("{name}.momentum_buffer"), cpu(buf)?));
                         }
-                        ParamState::Sgd { momentum_buffer: None } => {}
+                        ParamState::Sgd {
+                            momentum_buffer: None,
+                        } => {}
                     }
                 }
             }
