@@ -132,6 +132,10 @@ pub struct RunConfig {
     pub warmup: usize,
     pub steps: usize,
     pub threads_per_stage: usize,
+    /// The device of each stage.
+    pub devices: Vec<brigade_engine::StageDevice>,
+    /// What the layers compute in (f32, or bf16/f16 mixed precision).
+    pub compute_dtype: candle_core::DType,
     pub context: Option<usize>,
     pub seed: u64,
     pub optimizer: OptimizerConfig,
@@ -248,6 +252,8 @@ pub fn run(
         .microbatches(config.microbatches)
         .optimizer(config.optimizer)
         .threads_per_stage(config.threads_per_stage)
+        .devices(config.devices.clone())
+        .compute_dtype(config.compute_dtype)
         .seed(config.seed);
     let options = TrainOptions {
         batch_size: config.batch_size,

@@ -18,7 +18,15 @@ fn assert_fails_with(args: &[&str], needle: &str) {
 
 #[test]
 fn bad_bench_input_gets_one_clear_line() {
-    assert_fails_with(&["profile", "--device", "cuda"], "device \"cuda\" is not available");
+    // A GPU in a CPU build says how to get one; a device that does not exist names the forms.
+    if !cfg!(feature = "cuda") {
+        assert_fails_with(&["profile", "--device", "cuda"], "built without GPU support");
+        assert_fails_with(&["train", "--steps", "1", "--device", "cuda"], "--features cuda");
+        assert_fails_with(&["bench", "--layouts", "2", "--devices", "cuda:0,cuda:1"], "built without GPU support");
+    }
+    assert_fails_with(&["profile", "--device", "tpu"], "unknown device \"tpu\"");
+    assert_fails_with(&["train", "--steps", "1", "--devices", "cpu,cpu,cpu"], "3 devices for 2 stages");
+
     assert_fails_with(&["bench", "--layouts", "0"], "at least one stage");
     assert_fails_with(&["bench", "--layouts", "2x"], "bad layout \"2x\"");
     assert_fails_with(&["bench", "--microbatches", "3"], "batch size 16 is not divisible by 3 micro-batches");

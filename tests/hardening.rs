@@ -270,7 +270,7 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
         // profile, bench
         (vec!["profile", "--out", &in_profile], 1, "--out is inside the checkpoint"),
         (vec!["profile", "--microbatch-size", "0"], 1, "--microbatch-size must be at least 1"),
-        (vec!["profile", "--device", "cuda"], 1, "device \"cuda\" is not available"),
+        (vec!["profile", "--device", "tpu"], 1, "unknown device \"tpu\""),
         (vec!["profile", "--optimizer", "adam"], 2, "invalid value 'adam'"),
         (vec!["profile", "--width", "1000000"], 1, "needs at least"),
         (vec!["plan", "--layers", "100000"], 1, "needs at least"),

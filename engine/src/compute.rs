@@ -161,23 +161,22 @@ impl StageCompute {
     }
 
     /// `F`: the training forward of micro-batch `mb`. Returns the stage's output and, on the
-    /// last stage (`target` given), the micro-batch's loss.
+    /// last stage (`target` given), the micro-batch's loss: an f64 scalar left on the stage's
+    /// device (reading it would be a host synchronisation per micro-batch on a GPU).
     pub fn forward(
         &mut self,
         mb: usize,
         x: &Tensor,
         target: Option<LossTarget>,
-    ) -> Result<(Tensor, Option<f64>)> {
+    ) -> Result<(Tensor, Option<Tensor>)> {
         if self.stash.contains_key(&mb) || self.pending.contains_key(&mb) {
             candle_core::bail!("micro-batch {mb} is already in flight on this stage");
         }
         let (y, saved) = self.run_forward(x, Pass::First)?;
         let loss = match (&target, self.loss) {
-            (Some(t), Some(kind)) => Some(
-                microbatch_loss(kind, &y, &t.targets, t.global_terms)?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?,
-            ),
+            (Some(t), Some(kind)) => {
+                Some(microbatch_loss(kind, &y, &t.targets, t.global_terms)?.to_dtype(DType::F64)?)
+            }
             (None, None) => None,
             (Some(_), None) => candle_core::bail!("targets given to a stage that computes no loss"),
             (None, Some(_)) => {

@@ -156,6 +156,42 @@ impl ParamStore {
         }
     }
 
+    /// Like [`ParamStore::shared_view`], but in `dtype` (mixed precision): each parameter is a
+    /// copy of its variable in `dtype`, in storage of its own. The layers compute with these;
+    /// the variables stay the f32 masters the optimizer updates, and
+    /// [`ParamStore::refresh_compute_copies`] writes them back into the copies after each step.
+    /// Returns the view and the copies by name.
+    pub fn compute_view(&self, dtype: DType) -> Result<(Self, Vec<(String, Tensor)>)> {
+        let mut view = BTreeMap::new();
+        let mut copies = Vec::with_capacity(self.vars.len());
+        for (name, (spec, var)) in &self.vars {
+            let copy = var.as_tensor().detach().to_dtype(dtype)?.contiguous()?;
+            copies.push((name.clone(), copy.clone()));
+            view.insert(name.clone(), (spec.clone(), copy));
+        }
+        let store = Self {
+            device: self.device.clone(),
+            seed: self.seed,
+            vars: BTreeMap::new(),
+            overrides: HashMap::new(),
+            view_of: Some(view),
+        };
+        Ok((store, copies))
+    }
+
+    /// Writes every variable, rounded to the copies' dtype, into the copies made by
+    /// [`ParamStore::compute_view`], in place (the layers hold the same storage).
+    pub fn refresh_compute_copies(&self, copies: &[(String, Tensor)]) -> Result<()> {
+        for (name, copy) in copies {
+            let Some((_, var)) = self.vars.get(name) else {
+                candle_core::bail!("no variable {name} behind a compute copy")
+            };
+            let rounded = var.as_tensor().to_dtype(copy.dtype())?;
+            copy.slice_set(&rounded, 0, 0)?;
+        }
+        Ok(())
+    }
+
     /// Values to use instead of the initialiser, by parameter name (shapes are checked).
     pub fn with_overrides(mut self, overrides: HashMap<String, Tensor>) -> Self {
         self.overrides = overrides;
@@ -317,8 +353,12 @@ impl Gradients {
         Self::default()
     }
 
-    /// Adds `grad` to the gradient of `name`.
+    /// Adds `grad` to the gradient of `name`. Sums are kept in f32 whatever the compute dtype:
+    /// a bf16 gradient (mixed precision) is widened before it is added.
     pub fn add(&mut self, name: &str, grad: &Tensor) -> Result<()> {
+        if grad.dtype() != DType::F32 && grad.dtype() != DType::F64 {
+            return self.add(name, &grad.to_dtype(DType::F32)?);
+        }
         match self.by_name.get(name) {
             Some(acc) => brigade_kernels::accumulate(acc, grad),
             None => {
@@ -337,6 +377,11 @@ impl Gradients {
     /// Adds the matrix product `a · b` to the gradient of `name`: into the existing sum in
     /// place (one GEMM, no temporary), or as the first term.
     pub fn add_matmul(&mut self, name: &str, a: &Tensor, b: &Tensor) -> Result<()> {
+        if a.dtype() != DType::F32 && a.dtype() != DType::F64 {
+            // Mixed precision: the product in the compute dtype (f32 accumulation inside the
+            // GEMM), widened into the f32 sum.
+            return self.add(name, &a.matmul(b)?);
+        }
         match self.by_name.get(name) {
             Some(acc) => brigade_kernels::matmul_accumulate(acc, a, b),
             None => {
@@ -494,6 +539,12 @@ pub trait PipelineModel: Send + Sync + Debug {
             input: self.input(),
             num_classes: self.num_classes(),
         })
+    }
+
+    /// Whether the layers can compute in bf16/f16 under mixed precision (f32 masters); a model
+    /// that cannot yet says why, and the pipeline refuses the config with that reason.
+    fn mixed_precision(&self) -> std::result::Result<(), String> {
+        Ok(())
     }
 }
 

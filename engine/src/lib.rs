@@ -10,10 +10,12 @@
 //! - [`reference`]: plain single-device training, the yardstick every schedule must match.
 //! - [`checkpoint`]: the layout-independent checkpoint format (safetensors shards, atomic writes,
 //!   validated loads).
+//! - [`device`]: where a stage runs (CPU, or a CUDA GPU on a stream of its own).
 //! - [`loss`]: the loss the last stage computes, normalised by the global batch.
 
 pub mod checkpoint;
 pub mod compute;
+pub mod device;
 pub mod error;
 pub mod gradcheck;
 pub mod input;
@@ -29,6 +31,7 @@ pub mod reference;
 pub mod schedule;
 pub mod simulate;
 
+pub use device::StageDevice;
 pub use error::EngineError;
 pub use input::BatchCheck;
 pub use layer::{

@@ -24,7 +24,7 @@ pub fn microbatch_loss(
     match kind {
         LossKind::CrossEntropy => {
             let (logits, targets) = flatten_for_classes(output, targets)?;
-            brigade_kernels::cross_entropy_sum(&logits, &targets)? / global_terms as f64
+            brigade_kernels::cross_entropy_sum(&widened(&logits)?, &targets)? / global_terms as f64
         }
     }
 }
@@ -41,12 +41,22 @@ pub fn microbatch_loss_backward(
         LossKind::CrossEntropy => {
             let (logits, targets) = flatten_for_classes(output, targets)?;
             brigade_kernels::cross_entropy_sum_backward(
-                &logits,
+                &widened(&logits)?,
                 &targets,
                 1.0 / global_terms as f64,
             )?
-            .reshape(output.shape())
+            .reshape(output.shape())?
+            .to_dtype(output.dtype())
         }
+    }
+}
+
+/// Mixed precision: half-precision logits are widened to f32, so the log-sum-exp and the sum
+/// over the micro-batch are taken in f32 (the loss gradient goes back in the logits' dtype).
+fn widened(logits: &Tensor) -> Result<Tensor> {
+    match logits.dtype() {
+        DType::BF16 | DType::F16 => logits.to_dtype(DType::F32),
+        _ => Ok(logits.clone()),
     }
 }
 

@@ -121,6 +121,9 @@ pub struct ProfileOptions {
     pub threads: usize,
     pub optimizer: OptimizerConfig,
     pub seed: u64,
+    /// The device to profile on (a GPU's times are the stream's: each timer stops after a
+    /// device synchronisation).
+    pub device: crate::device::StageDevice,
 }
 
 impl Default for ProfileOptions {
@@ -132,6 +135,7 @@ impl Default for ProfileOptions {
             threads: 1,
             optimizer: OptimizerConfig::adamw(),
             seed: 0,
+            device: crate::device::StageDevice::Cpu,
         }
     }
 }
@@ -187,7 +191,11 @@ fn profile_in_pool(
             model.name()
         )));
     }
-    let mut store = ParamStore::new(Device::Cpu, options.seed);
+    let device = options.device.open()?;
+    let (inputs, targets) = (&inputs.to_device(&device)?, &targets.to_device(&device)?);
+    // Work on a GPU is queued: a timer stops only once the device has done it.
+    let done = || device.synchronize();
+    let mut store = ParamStore::new(device.clone(), options.seed);
     for spec in crate::layer::unique_params(&specs) {
         store.get(&spec)?;
     }
@@ -241,12 +249,16 @@ fn profile_in_pool(
 
         let (mut f, mut bi, mut bw) = (Vec::new(), Vec::new(), Vec::new());
         for run in 0..options.warmup + options.repeats {
+            done()?;
             let t0 = Instant::now();
             compute.forward(0, &x, target.clone())?;
+            done()?;
             let t1 = Instant::now();
             compute.backward_input(0, dy.as_ref())?;
+            done()?;
             let t2 = Instant::now();
             compute.backward_weight(0)?;
+            done()?;
             let t3 = Instant::now();
             if run >= options.warmup {
                 f.push((t1 - t0).as_secs_f64());
@@ -280,7 +292,7 @@ fn profile_in_pool(
                 squared_norm(g)?;
                 optimizer.update(name, var, g, 1e-6, *decay)?;
             }
-            Ok(())
+            Ok(done()?)
         })?;
         let params = spec
             .params()
@@ -332,7 +344,7 @@ fn profile_in_pool(
         .max(4096);
     Ok(Profile {
         model: model.name(),
-        device: "cpu".into(),
+        device: options.device.to_string(),
         threads: options.threads,
         microbatch_size: inputs.dim(0)?,
         input_shape: inputs.dims().to_vec(),

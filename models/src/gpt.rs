@@ -453,17 +453,22 @@ impl Embedding {
             bail!("sequence length {t} exceeds the model's context length {context}");
         }
         // Range check first: index_select on an out-of-range id would read garbage or panic.
-        let ids64 = ids.to_dtype(DType::I64)?.flatten_all()?;
-        let (lo, hi) = (
-            ids64.min(0)?.to_scalar::<i64>()?,
-            ids64.max(0)?.to_scalar::<i64>()?,
-        );
-        if lo < 0 || hi >= self.vocab as i64 {
-            let bad = if lo < 0 { lo } else { hi };
-            bail!(
-                "token id {bad} is out of range for vocabulary size {}",
-                self.vocab
+        // On a GPU reading the ids back would stop the stage's stream twice per micro-batch:
+        // there the pipeline's batch check (`InputKind::Tokens`) has already checked them on
+        // the host, once per step, before they were uploaded.
+        if ids.device().is_cpu() {
+            let ids64 = ids.to_dtype(DType::I64)?.flatten_all()?;
+            let (lo, hi) = (
+                ids64.min(0)?.to_scalar::<i64>()?,
+                ids64.max(0)?.to_scalar::<i64>()?,
             );
+            if lo < 0 || hi >= self.vocab as i64 {
+                let bad = if lo < 0 { lo } else { hi };
+                bail!(
+                    "token id {bad} is out of range for vocabulary size {}",
+                    self.vocab
+                );
+            }
         }
         Ok((ids.to_dtype(DType::U32)?.flatten_all()?, b, t))
     }
@@ -896,14 +901,18 @@ impl Layer for Block {
     }
 }
 
-/// Hidden states between layers must be `(B, T, C)` f32 with `T <= context`.
+/// Hidden states between layers must be `(B, T, C)` floats (f32; bf16 or f16 under mixed
+/// precision) with `T <= context`.
 fn check_hidden(x: &Tensor, n_embd: usize, n_positions: usize, what: &str) -> Result<()> {
     match x.dims() {
         &[_, t, c] if c == n_embd && t <= n_positions => {}
         dims => bail!("{what} expects hidden states (B, T<={n_positions}, {n_embd}), got {dims:?}"),
     }
-    if x.dtype() != DType::F32 {
-        bail!("{what} expects f32 hidden states, got {:?}", x.dtype());
+    if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        bail!(
+            "{what} expects f32 (or bf16/f16, mixed precision) hidden states, got {:?}",
+            x.dtype()
+        );
     }
     Ok(())
 }

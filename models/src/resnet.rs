@@ -215,6 +215,13 @@ pub fn model_from_preset(name: &str) -> std::result::Result<Arc<dyn PipelineMode
 }
 
 impl PipelineModel for ResNet {
+    fn mixed_precision(&self) -> std::result::Result<(), String> {
+        Err(
+            "ResNet's layers compute in f32 only for now (BatchNorm keeps f32 statistics): use f32"
+                .into(),
+        )
+    }
+
     fn config(&self) -> serde_json::Value {
         crate::ModelConfig::Resnet(self.cfg.clone()).to_json()
     }

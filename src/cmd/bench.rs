@@ -25,6 +25,11 @@ use super::model::ModelArgs;
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub devices: super::model::DeviceArgs,
+    /// What the layers compute in: f32, or bf16/f16 mixed precision.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: super::ComputeDtype,
     /// Stage layouts: a stage count (cut by --partition) or layer counts joined by `+` (3+1).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub layouts: Vec<String>,
@@ -146,6 +151,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     threads_per_stage: args
                         .threads_per_stage
                         .unwrap_or_else(|| super::default_threads(*stages)),
+                    devices: args.devices.stage_devices(*stages)?,
+                    compute_dtype: args.dtype.dtype(),
                     context: args.model.context,
                     seed: args.seed,
                     optimizer,
@@ -305,6 +312,7 @@ fn execute(
         threads: config.threads_per_stage,
         optimizer: config.optimizer,
         seed: args.seed,
+        device: config.devices.first().copied().unwrap_or_default(),
     };
     let profile = profile_on_data(
         model.as_ref(),

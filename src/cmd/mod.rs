@@ -31,6 +31,29 @@ pub fn default_threads(stages: usize) -> usize {
     (cores / stages.max(1)).max(1)
 }
 
+/// `--dtype` of `train` and `bench`: what the layers compute in.
+#[derive(Clone, Copy, Debug, Default, ValueEnum)]
+pub enum ComputeDtype {
+    /// f32 throughout (the exactness mode).
+    #[default]
+    F32,
+    /// Mixed precision: bf16 forward and backward, f32 master weights, optimizer state and
+    /// gradient sums.
+    Bf16,
+    /// As bf16, with f16.
+    F16,
+}
+
+impl ComputeDtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            ComputeDtype::F32 => candle_core::DType::F32,
+            ComputeDtype::Bf16 => candle_core::DType::BF16,
+            ComputeDtype::F16 => candle_core::DType::F16,
+        }
+    }
+}
+
 /// `--optimizer`, parsed by clap for every command that takes it.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum OptimizerArg {

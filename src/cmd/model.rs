@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use brigade::engine::PipelineModel;
+use brigade::engine::{PipelineModel, StageDevice};
 use brigade::models::data::{Augment, ImageDataset, TokenDataset};
 use brigade::models::ModelConfig;
 use brigade::tokenizer::TextTokenizer;
@@ -236,10 +236,49 @@ pub fn fit_to_data(config: ModelConfig, data: &Dataset) -> ModelConfig {
 }
 
 /// `--device`: only the CPU exists in this build; anything else is a clear error.
-pub fn check_device(device: &str) -> Result<()> {
-    match device.trim().to_ascii_lowercase().as_str() {
-        "cpu" => Ok(()),
-        other => bail!("device {other:?} is not available: this build runs stages on the CPU only (--device cpu)"),
+pub fn check_device(device: &str) -> Result<StageDevice> {
+    Ok(device.trim().to_ascii_lowercase().parse::<StageDevice>()?)
+}
+
+/// `--device` / `--devices`: where the stages run.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DeviceArgs {
+    /// Where the stages run: cpu, cuda (stages round-robin over the visible GPUs; several
+    /// stages may share one) or cuda:N (every stage on GPU N). GPUs need a build with
+    /// `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// One device per stage, e.g. cuda:0,cuda:0,cuda:1 (instead of --device).
+    #[arg(long, conflicts_with = "device")]
+    pub devices: Option<String>,
+}
+
+impl DeviceArgs {
+    /// The device of each of `stages` stages.
+    pub fn stage_devices(&self, stages: usize) -> Result<Vec<StageDevice>> {
+        let devices = match &self.devices {
+            Some(list) => StageDevice::parse_list(&list.to_ascii_lowercase())?,
+            None => StageDevice::spread(&self.device.to_ascii_lowercase(), stages)?,
+        };
+        if devices.len() != stages {
+            bail!(
+                "--devices names {} devices for {stages} stages: give one per stage",
+                devices.len()
+            );
+        }
+        if devices.iter().any(|d| d.is_cuda()) {
+            // Fails now, with the reason, rather than in every stage thread.
+            brigade::engine::device::cuda_device_count()?;
+        }
+        Ok(devices)
+    }
+
+    /// The device a single-device job (profiling, the reference) uses: the first stage's.
+    pub fn first(&self) -> Result<StageDevice> {
+        match &self.devices {
+            Some(list) => Ok(StageDevice::parse_list(&list.to_ascii_lowercase())?[0]),
+            None => check_device(&self.device),
+        }
     }
 }
 

@@ -22,6 +22,9 @@ pub struct PlanArgs {
     /// a device is --threads-per-stage threads, default cores / devices).
     #[arg(long, default_value_t = 2)]
     pub devices: usize,
+    /// The kind of device to profile on: cpu, or cuda:N (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Memory per device in GB (decimal); configurations that need more are ranked last.
     #[arg(long)]
     pub memory_limit: Option<f64>,
@@ -94,6 +97,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         threads,
         optimizer: args.optimizer.config(None),
         seed: args.seed,
+        device: super::model::check_device(&args.device)?,
     };
     let spinner = ProgressBar::new_spinner();
     let mut profiled = HashMap::new();

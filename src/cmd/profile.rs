@@ -16,7 +16,7 @@ use super::model::{check_device, ModelArgs};
 pub struct ProfileArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Device to profile on (this build: cpu).
+    /// Device to profile on: cpu or cuda:N (a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Examples per micro-batch.
@@ -43,7 +43,7 @@ pub struct ProfileArgs {
 }
 
 pub fn run(args: ProfileArgs) -> Result<()> {
-    check_device(&args.device)?;
+    let device = check_device(&args.device)?;
     if let Some(out) = &args.out {
         brigade::engine::checkpoint::refuse_inside_checkpoint(out, "--out")?;
     }
@@ -58,6 +58,7 @@ pub fn run(args: ProfileArgs) -> Result<()> {
         threads: args.threads,
         optimizer: args.optimizer.config(None),
         seed: args.seed,
+        device,
     };
     let profile = profile_on_data(
         model.as_ref(),
@@ -87,6 +88,7 @@ pub fn balanced_time(
     context: Option<usize>,
     threads: usize,
     seed: u64,
+    device: brigade::engine::StageDevice,
 ) -> Result<PartitionStrategy> {
     let options = ProfileOptions {
         repeats: 5,
@@ -94,6 +96,7 @@ pub fn balanced_time(
         warmup: 1,
         threads,
         seed,
+        device,
         ..ProfileOptions::default()
     };
     let profile = profile_on_data(model, data, microbatch_size, context, &options)

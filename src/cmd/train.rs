@@ -22,6 +22,12 @@ use super::{plural, OptimizerArg};
 pub struct TrainArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    devices: super::model::DeviceArgs,
+    /// What the layers compute in: f32 (exact), or bf16/f16 mixed precision (f32 master
+    /// weights, optimizer state and gradient sums; checkpoints keep the f32 masters).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: super::ComputeDtype,
     /// Number of pipeline stages, one thread each (default: 2, or the --schedule file's).
     #[arg(long)]
     stages: Option<usize>,
@@ -344,7 +350,7 @@ fn pipeline_config(
     layout: (usize, usize),
     partition: PartitionStrategy,
     steps: u64,
-) -> PipelineConfig {
+) -> Result<PipelineConfig> {
     let warmup = args.warmup.unwrap_or(steps / 20);
     let lr = LrSchedule::warmup_cosine(
         args.lr,
@@ -361,11 +367,13 @@ fn pipeline_config(
         .lr(lr)
         .grad_clip((args.grad_clip > 0.0).then_some(args.grad_clip))
         .recompute(args.recompute)
+        .devices(args.devices.stage_devices(layout.0)?)
+        .compute_dtype(args.dtype.dtype())
         .seed(args.seed);
     if let Some(t) = args.threads_per_stage {
         pipeline = pipeline.threads_per_stage(t);
     }
-    pipeline
+    Ok(pipeline)
 }
 
 fn train_options(args: &TrainArgs, steps: u64) -> TrainOptions {
@@ -425,6 +433,7 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
             .threads_per_stage
             .unwrap_or_else(|| super::default_threads(stages));
         let mb = (args.batch_size / microbatches).max(1);
+        let device = args.devices.first()?;
         partition = super::profile::balanced_time(
             model.as_ref(),
             &data,
@@ -432,6 +441,7 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
             args.model.context,
             threads,
             args.seed,
+            device,
         )?;
     }
     let (first_step, batch) = match &start {
@@ -473,7 +483,7 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
     if let Some(dir) = &args.save_dir {
         check_disk_space(dir, model.num_params(), args.optimizer.states())?;
     }
-    let mut pipeline = pipeline_config(&args, schedule, (stages, microbatches), partition, steps);
+    let mut pipeline = pipeline_config(&args, schedule, (stages, microbatches), partition, steps)?;
     let options = train_options(&args, steps);
     println!("model    {}", model.name());
     println!("data     {}", data.describe());

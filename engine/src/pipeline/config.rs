@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::compute::Recompute;
+use crate::device::StageDevice;
 use crate::optim::{LrSchedule, OptimizerConfig, ParamState};
 use crate::partition::PartitionStrategy;
 use crate::schedule::{Schedule, ScheduleKind};
@@ -62,6 +63,12 @@ pub struct PipelineConfig {
     pub checkpoint: Option<Arc<crate::checkpoint::StageLoader>>,
     /// What stages keep between a micro-batch's forward and its backward.
     pub recompute: Recompute,
+    /// The device of each stage (one per stage); empty: every stage on the CPU.
+    pub devices: Vec<StageDevice>,
+    /// The dtype layers compute in. F32 (the default) is the exactness mode. BF16 or F16 is
+    /// mixed precision: the forward and backward run in it, while the master weights, the
+    /// optimizer state and the gradient sums stay f32 (checkpoints hold the f32 masters).
+    pub compute_dtype: DType,
 }
 
 impl Default for PipelineConfig {
@@ -81,6 +88,8 @@ impl Default for PipelineConfig {
             initial_optimizer_state: HashMap::new(),
             checkpoint: None,
             recompute: Recompute::Off,
+            devices: Vec::new(),
+            compute_dtype: DType::F32,
         }
     }
 }
@@ -129,6 +138,18 @@ impl PipelineConfig {
     /// Resumes from a checkpoint that each stage reads its own part of, on its own thread.
     pub fn resume_from_checkpoint(mut self, loader: crate::checkpoint::StageLoader) -> Self {
         self.checkpoint = Some(Arc::new(loader));
+        self
+    }
+
+    /// One device per stage (see [`StageDevice`]).
+    pub fn devices(mut self, devices: Vec<StageDevice>) -> Self {
+        self.devices = devices;
+        self
+    }
+
+    /// The dtype layers compute in (see [`PipelineConfig::compute_dtype`]).
+    pub fn compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = dtype;
         self
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Tensor};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 
 use super::config::{PipelineConfig, ScheduleChoice};
@@ -115,6 +115,22 @@ impl Pipeline {
             return Err(EngineError::Config(
                 "micro-batches must be at least 1".into(),
             ));
+        }
+        crate::device::check_devices(&config.devices, config.stages)?;
+        if !matches!(config.compute_dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(EngineError::Config(format!(
+                "compute dtype {:?} is not supported: use f32 (exact) or bf16/f16 (mixed precision, f32 master weights)",
+                config.compute_dtype
+            )));
+        }
+        if config.compute_dtype != DType::F32 {
+            model.mixed_precision().map_err(|why| {
+                EngineError::Config(format!(
+                    "{} cannot train in {:?} mixed precision: {why}",
+                    model.name(),
+                    config.compute_dtype
+                ))
+            })?;
         }
         let threads = threads::per_stage(config.threads_per_stage, config.stages)?;
         let layer_params: Vec<usize> = layers.iter().map(|l| l.param_count()).collect();
@@ -224,6 +240,8 @@ impl Pipeline {
                 peers: inboxes.clone(),
                 reports: report_tx.clone(),
                 threads,
+                device: config.devices.get(index).copied().unwrap_or_default(),
+                compute_dtype: config.compute_dtype,
             };
             let handle = std::thread::Builder::new()
                 .name(format!("brigade-stage-{index}"))
@@ -347,10 +365,14 @@ impl Pipeline {
                 sq_norm: s,
             } => {
                 sq_norm += s;
+                // Summed on the device of the first copy to arrive (device to device on GPUs,
+                // a peer copy between GPUs); each holder copies the sum back to its own device.
                 for (name, grad) in tied_grads {
-                    let grad = grad.to_device(&Device::Cpu)?;
                     let sum = match tied_sums.remove(&name) {
-                        Some(acc) => (acc + grad)?,
+                        Some(acc) => {
+                            let grad = grad.to_device(acc.device())?;
+                            (acc + grad)?
+                        }
                         None => grad,
                     };
                     tied_sums.insert(name, sum);

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use crossbeam_channel::{Receiver, Sender};
 
+use super::clock::ActionClock;
 use super::protocol::{Msg, Outcome, Report, SnapshotKind};
-use super::squared_norm;
+use super::squared_norm_sum;
 use super::testing::{Fault, FaultKind};
 use super::threads;
 use crate::compute::{LossTarget, Recompute, StageCompute};
@@ -43,6 +44,8 @@ pub(super) struct StageSetup {
     pub(super) peers: Vec<Sender<Msg>>,
     pub(super) reports: Sender<Report>,
     pub(super) threads: usize,
+    pub(super) device: crate::device::StageDevice,
+    pub(super) compute_dtype: DType,
 }
 
 /// Why a stage stopped working on a step.
@@ -90,6 +93,10 @@ pub(super) struct StageWorker {
     pub(super) gradients_in: HashMap<(usize, usize), Tensor>,
     pub(super) reduced_in: Option<(Vec<(String, Tensor)>, f64)>,
     pub(super) waiting: Duration,
+    /// Mixed precision: the dtype the layers compute in, and their copies of the parameters
+    /// in it (refreshed from the f32 masters after every optimizer step); empty in f32.
+    pub(super) compute_dtype: DType,
+    pub(super) compute_copies: Vec<(String, Tensor)>,
 }
 
 pub(super) fn run_stage(setup: StageSetup) {
@@ -158,7 +165,11 @@ impl StageWorker {
             setup.initial_buffers = state.buffers;
             setup.initial_optimizer_state = state.optimizer;
         }
-        let mut store = ParamStore::new(Device::Cpu, setup.seed).with_overrides(setup.initial);
+        let device = setup
+            .device
+            .open()
+            .map_err(|e| StageStop::Failed(None, format!("opening {}: {e}", setup.device)))?;
+        let mut store = ParamStore::new(device, setup.seed).with_overrides(setup.initial);
         let all_specs: Vec<Arc<dyn LayerSpec>> = setup
             .chunks
             .iter()
@@ -172,7 +183,11 @@ impl StageWorker {
                 .get(&spec)
                 .map_err(|e| StageStop::Failed(None, format!("building layers: {e}")))?;
         }
-        let mut view = store.shared_view();
+        let (mut view, compute_copies) = if setup.compute_dtype == DType::F32 {
+            (store.shared_view(), Vec::new())
+        } else {
+            store.compute_view(setup.compute_dtype)?
+        };
         let mut chunk_layers = Vec::with_capacity(setup.chunks.len());
         for (_, specs) in &setup.chunks {
             let layers = specs
@@ -193,7 +208,8 @@ impl StageWorker {
                             .get(&b.name)
                             .map(|t| (b.name, t.clone()))
                     })
-                    .collect();
+                    .map(|(name, t)| Ok((name, t.to_device(store.device())?)))
+                    .collect::<candle_core::Result<_>>()?;
                 if !mine.is_empty() {
                     layer.load_buffers(&mine).map_err(|e| {
                         StageStop::Failed(
@@ -242,6 +258,8 @@ impl StageWorker {
             gradients_in: HashMap::new(),
             reduced_in: None,
             waiting: Duration::ZERO,
+            compute_dtype: setup.compute_dtype,
+            compute_copies,
         })
     }
 
@@ -410,12 +428,16 @@ impl StageWorker {
         lr: f64,
     ) -> StageResult<Outcome> {
         let mut outcome = Outcome::default();
+        // The loss of each micro-batch this device finishes, left on the device until the step
+        // is done: one read per step, not one host synchronisation per micro-batch.
+        let mut losses: Vec<(usize, Tensor)> = Vec::new();
         // The device's stash is the sum over its chunks; each chunk's peak during an action
         // (a recomputation's transient activations included) is added to the others' live bytes.
         let mut device_peak = self.live_bytes();
         for c in &mut self.chunks {
             c.compute.take_peak_bytes();
         }
+        let mut clock = ActionClock::start(self.store.device())?;
         for &action in schedule.stage_actions(self.index) {
             self.poll_abort()?;
             let poison_loss = self.armed_fault(Some(action))?;
@@ -426,9 +448,11 @@ impl StageWorker {
                 .map_err(|e| with_action(e, action))?;
             let result: StageResult<()> = match action.kind {
                 ActionKind::Forward => {
-                    let loss =
-                        self.forward_train(at, mb, &inputs, &targets, global_terms, poison_loss)?;
-                    outcome.loss += loss;
+                    if let Some(loss) =
+                        self.forward_train(at, mb, &inputs, &targets, global_terms, poison_loss)?
+                    {
+                        losses.push((mb, loss));
+                    }
                     Ok(())
                 }
                 ActionKind::Backward => self.backward(at, mb, true),
@@ -444,6 +468,7 @@ impl StageWorker {
                 .map(|(_, c)| c.compute.live_bytes())
                 .sum();
             device_peak = device_peak.max(others + self.chunks[at].compute.take_peak_bytes());
+            clock.action_done()?;
             // F and B wait for their input first: the action starts when it arrives.
             outcome.timings.push((
                 action,
@@ -452,8 +477,39 @@ impl StageWorker {
             ));
         }
         outcome.peak_stash_bytes = device_peak;
+        outcome.loss = self.read_losses(&losses)?;
         self.finish_step(lr)?;
+        outcome.timings = clock.finish(std::mem::take(&mut outcome.timings))?;
         Ok(outcome)
+    }
+
+    /// The step's loss: the micro-batch losses summed on the device and read once. A non-finite
+    /// sum fails the step before the optimizer runs, naming the first bad micro-batch.
+    fn read_losses(&self, losses: &[(usize, Tensor)]) -> StageResult<f64> {
+        let Some(((_, first), rest)) = losses.split_first() else {
+            return Ok(0.0);
+        };
+        let mut sum = first.clone();
+        for (_, loss) in rest {
+            sum = (sum + loss)?;
+        }
+        let total = sum.to_scalar::<f64>()?;
+        if total.is_finite() {
+            return Ok(total);
+        }
+        for (mb, loss) in losses {
+            let value = loss.to_scalar::<f64>()?;
+            if !value.is_finite() {
+                return Err(StageStop::Failed(
+                    None,
+                    format!("non-finite loss ({value}) at micro-batch {mb}"),
+                ));
+            }
+        }
+        Err(StageStop::Failed(
+            None,
+            format!("non-finite loss ({total}) summed over the step"),
+        ))
     }
 
     /// Bytes every chunk keeps for backward steps right now.
@@ -478,18 +534,30 @@ impl StageWorker {
         chunk + 1 == self.placement.len()
     }
 
+    /// The input of `chunk`'s forward of micro-batch `mb`, on this stage's device: the data
+    /// (first chunk) or the activation received from the previous chunk. A tensor from another
+    /// device is copied here on this stage's stream (free when it is already here).
     fn input_for(&mut self, chunk: usize, mb: usize, inputs: &[Tensor]) -> StageResult<Tensor> {
-        if chunk == 0 {
-            inputs
+        let x = if chunk == 0 {
+            let x = inputs
                 .get(mb)
-                .cloned()
-                .ok_or_else(|| StageStop::Failed(None, format!("no input for micro-batch {mb}")))
+                .ok_or_else(|| StageStop::Failed(None, format!("no input for micro-batch {mb}")))?
+                .to_device(self.store.device())?;
+            // Float data (images) enters in the compute dtype; token ids stay integers.
+            if x.dtype().is_float() && x.dtype() != self.compute_dtype {
+                x.to_dtype(self.compute_dtype)?
+            } else {
+                x
+            }
         } else {
-            self.wait_for(|w| w.activations_in.remove(&(chunk, mb)))
-        }
+            self.wait_for(|w| w.activations_in.remove(&(chunk, mb)))?
+                .to_device(self.store.device())?
+        };
+        Ok(x)
     }
 
-    /// Runs a training forward; on the last stage also the loss. Returns the loss value.
+    /// Runs a training forward; on the last stage also the loss, which it returns (on the
+    /// device, unread).
     fn forward_train(
         &mut self,
         at: usize,
@@ -498,7 +566,7 @@ impl StageWorker {
         targets: &[Tensor],
         global_terms: usize,
         poison_loss: bool,
-    ) -> StageResult<f64> {
+    ) -> StageResult<Option<Tensor>> {
         let chunk = self.chunks[at].index;
         let x = self.input_for(chunk, mb, inputs)?;
         let target = if self.is_last_chunk(chunk) {
@@ -506,7 +574,7 @@ impl StageWorker {
                 StageStop::Failed(None, format!("no targets for micro-batch {mb}"))
             })?;
             Some(LossTarget {
-                targets: targets.clone(),
+                targets: targets.to_device(self.store.device())?,
                 global_terms,
             })
         } else {
@@ -514,18 +582,8 @@ impl StageWorker {
         };
         let (y, loss) = self.chunks[at].compute.forward(mb, &x, target)?;
         match loss {
-            Some(mut value) => {
-                if poison_loss {
-                    value = f64::NAN;
-                }
-                if !value.is_finite() {
-                    return Err(StageStop::Failed(
-                        None,
-                        format!("non-finite loss ({value}) at micro-batch {mb}"),
-                    ));
-                }
-                Ok(value)
-            }
+            Some(value) if poison_loss => Ok(Some((value * f64::NAN)?)),
+            Some(value) => Ok(Some(value)),
             None => {
                 self.send_to_chunk(
                     chunk + 1,
@@ -535,7 +593,7 @@ impl StageWorker {
                         tensor: y,
                     },
                 )?;
-                Ok(0.0)
+                Ok(None)
             }
         }
     }
@@ -548,7 +606,10 @@ impl StageWorker {
         let dy = if self.is_last_chunk(chunk) {
             None
         } else {
-            Some(self.wait_for(|w| w.gradients_in.remove(&(chunk, mb)))?)
+            Some(
+                self.wait_for(|w| w.gradients_in.remove(&(chunk, mb)))?
+                    .to_device(self.store.device())?,
+            )
         };
         let compute = &mut self.chunks[at].compute;
         let dx = if with_weights {
@@ -609,7 +670,7 @@ impl StageWorker {
             }
         }
         let tied: HashSet<&String> = self.tied.iter().collect();
-        let mut sq_norm = 0.0;
+        let mut untied = Vec::new();
         let mut tied_grads = Vec::new();
         for (name, _, var) in self.store.vars() {
             let grad = match grads.get(name) {
@@ -623,9 +684,11 @@ impl StageWorker {
             if tied.contains(&name.to_string()) {
                 tied_grads.push((name.to_string(), grad));
             } else {
-                sq_norm += squared_norm(&grad)?;
+                untied.push(grad);
             }
         }
+        // One reduction and one read for the whole stage (a host sync per step on a GPU).
+        let sq_norm = squared_norm_sum(&untied)?;
         self.report(Report::Partial {
             stage: self.index,
             tied_grads,
@@ -652,6 +715,7 @@ impl StageWorker {
             self.optimizer
                 .update(name, var, &grad, lr, spec.weight_decay)?;
         }
+        self.store.refresh_compute_copies(&self.compute_copies)?;
         Ok(())
     }
 
@@ -676,9 +740,13 @@ impl StageWorker {
                         outcome.outputs.push((mb, y));
                         return Ok(());
                     };
-                    let target = targets.get(mb).ok_or_else(|| {
-                        StageStop::Failed(None, format!("no targets for micro-batch {mb}"))
-                    })?;
+                    let target = targets
+                        .get(mb)
+                        .ok_or_else(|| {
+                            StageStop::Failed(None, format!("no targets for micro-batch {mb}"))
+                        })?
+                        .to_device(w.store.device())?;
+                    let target = &target;
                     let terms = loss_terms(target);
                     let loss = microbatch_loss(w.loss, &y, target, 1)?
                         .to_dtype(DType::F64)?
@@ -713,7 +781,7 @@ impl StageWorker {
             self.poll_abort()?;
             let chunk = self.chunks[at].index;
             let x = match (chunk, input.take()) {
-                (0, Some(x)) => x,
+                (0, Some(x)) => self.input_for(0, 0, &[x])?,
                 _ => self.input_for(chunk, 0, &[])?,
             };
             let y = self.chunks[at]

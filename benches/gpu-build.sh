@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Builds everything the GPU check needs, here (no GPU needed), into .gpu/ (git-ignored), for
+# the device tool to carry: the cuda `brigade` binary, the CUDA test binaries, the PyTorch peer
+# and the library-path script. Then, on the lent machine, in one call:
+#   run(command="bash benches/gpu-check.sh", carry=[".gpu"])
+# Uses the pinned CUDA 13.0 toolchain (../shared/cuda/toolchain.sh) and its own target directory
+# (CARGO_TARGET_DIR, default ../target-cuda) so the CPU build is not rebuilt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(../shared/cuda/toolchain.sh)"
+target=${CARGO_TARGET_DIR:-../target-cuda}
+rm -rf .gpu && mkdir -p .gpu/tests
+cargo build --release --features cuda --target-dir "$target" --bin brigade
+strip -o .gpu/brigade "$target/release/brigade"
+# Test binaries: the GPU integration tests, the device unit tests (engine) and the kernels'
+# twins. `--message-format` names each executable.
+cargo test --release --features cuda --target-dir "$target" --no-run --message-format=json \
+    --test gpu --test mixed_precision -p brigade -p brigade-engine -p brigade-kernels 2>/dev/null \
+  | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["executable"])' \
+  | while read -r exe; do strip -o ".gpu/tests/$(basename "$exe")" "$exe"; done
+cp ../shared/cuda/device-env.sh ../shared/peers/torch_gpt.py .gpu/
+[ -f benches/torch_kernels.py ] && cp benches/torch_kernels.py .gpu/
+du -sh .gpu
+ls .gpu .gpu/tests
