@@ -99,6 +99,11 @@ pub fn time_breakdown(profile: &Profile) -> String {
     let optimizer: f64 = profile.layers.iter().map(|l| l.optimizer_s).sum();
     parts.push(format!("optimizer step {:.2} ms per step", 1e3 * optimizer));
     parts.push(format!("hop {:.1} µs", 1e6 * profile.hop.latency_s));
+    parts.push(format!(
+        "fixed overhead {:.2} ms per step + {:.2} ms per micro-batch",
+        1e3 * profile.overhead.step_s,
+        1e3 * profile.overhead.microbatch_s
+    ));
     format!(
         "micro-batch of {} on {} thread(s): {:.2} ms per F+B; {}",
         profile.microbatch_size,

@@ -344,6 +344,7 @@ mod tests {
             repeats: 1,
             layers,
             hop: HopProfile { latency_s: 0.0, copy_bytes_per_s: f64::INFINITY },
+            overhead: Default::default(),
         }
     }
 

@@ -10,6 +10,12 @@
 //! runs it: `forward_s` is its `F`, `backward_input_s` its `I` (input gradient only),
 //! `backward_weight_s` its `W` (weight gradients, accumulated). A full `B` costs both.
 //!
+//! Layers timed alone miss what a real stage adds around them (the driver splitting the batch
+//! and running the end-of-step collective, messages, buffers, the loss read): the profile also
+//! runs a one-stage pipeline of the model at 1, 2 and 4 micro-batches and keeps the fixed costs
+//! the layer times do not explain, one per step and one per micro-batch
+//! ([`OverheadProfile`]); the simulator adds them.
+//!
 //! Each layer is timed alone with its input computed by the layers before it: the median of
 //! `repeats` back-to-back runs after `warmup`, and the lowest such median over `rounds` passes
 //! over the model (on a shared machine other processes only add time: a burst of load spoils
@@ -44,6 +50,21 @@ pub struct Profile {
     pub repeats: usize,
     pub layers: Vec<LayerProfile>,
     pub hop: HopProfile,
+    /// Fixed costs of a real stage beyond its layers (zero in profiles made before it existed).
+    #[serde(default)]
+    pub overhead: OverheadProfile,
+}
+
+/// What a real pipeline step costs beyond the profiled layers and optimizer: measured on a
+/// one-stage pipeline as `step(m) − (m · layers + optimizer)` at m = 1, 2 and 4, fitted by
+/// least squares to `step_s + m · microbatch_s` (each at least 0). Not measured (zero) when a
+/// micro-batch's layers take over 50 ms, where these costs are under 2% of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct OverheadProfile {
+    /// Per step: the driver's batch split and step messages, the gradient-norm collective.
+    pub step_s: f64,
+    /// Per micro-batch on a stage: its messages, buffering, loss and bookkeeping.
+    pub microbatch_s: f64,
 }
 
 /// One layer's costs on one micro-batch. Times in seconds, sizes in bytes.
@@ -191,6 +212,7 @@ fn profile_in_pool(
             model.name()
         )));
     }
+    let (host_inputs, host_targets) = (inputs.clone(), targets.clone());
     let device = options.device.open()?;
     let (inputs, targets) = (&inputs.to_device(&device)?, &targets.to_device(&device)?);
     // Work on a GPU is queued: a timer stops only once the device has done it.
@@ -353,9 +375,71 @@ fn profile_in_pool(
             OptimizerConfig::Sgd { .. } => "sgd".into(),
         },
         repeats: options.repeats,
+        overhead: measure_overhead(model, &host_inputs, &host_targets, options, &out)?,
         layers: out,
         hop: measure_hop(probe_bytes as usize, options.repeats.max(50) * 4)?,
     })
+}
+
+/// Runs the model as a one-stage pipeline (1F1B, the profile's optimizer, threads and device)
+/// on the profiled micro-batch repeated m = 1, 2 and 4 times, and fits what the step takes
+/// beyond the layers' and optimizer's profiled times. Each step time is measured as the layer
+/// times are (the lowest over two rounds of the median of `repeats` steps), so a burst of load
+/// spoils a round rather than the fit.
+fn measure_overhead(
+    model: &dyn PipelineModel,
+    inputs: &Tensor,
+    targets: &Tensor,
+    options: &ProfileOptions,
+    layers: &[LayerProfile],
+) -> Result<OverheadProfile> {
+    let per_microbatch: f64 = layers.iter().map(|l| l.forward_s + l.backward_input_s + l.backward_weight_s).sum();
+    let optimizer: f64 = layers.iter().map(|l| l.optimizer_s).sum();
+    // The fixed costs are around a millisecond: beside 50 ms of layers per micro-batch they are
+    // under 2%, and measuring them would cost dozens of full steps of a large model.
+    if per_microbatch > 0.05 {
+        return Ok(OverheadProfile::default());
+    }
+    let counts = [1usize, 2, 4];
+    let mut excess = [0.0; 3];
+    for (slot, m) in counts.into_iter().enumerate() {
+        let x = Tensor::cat(&vec![inputs; m], 0)?;
+        let y = Tensor::cat(&vec![targets; m], 0)?;
+        let config = crate::pipeline::PipelineConfig::default()
+            .stages(1)
+            .schedule(crate::schedule::ScheduleKind::OneFOneB)
+            .microbatches(m)
+            .optimizer(options.optimizer)
+            .threads_per_stage(options.threads)
+            .devices(vec![options.device])
+            .seed(options.seed);
+        let mut pipeline = crate::pipeline::Pipeline::new(model, config)?;
+        for _ in 0..options.warmup {
+            pipeline.train_step(&x, &y)?;
+        }
+        let mut lowest = f64::INFINITY;
+        for _round in 0..2 {
+            let mut times = Vec::with_capacity(options.repeats.max(3));
+            for _ in 0..options.repeats.max(3) {
+                times.push(pipeline.train_step(&x, &y)?.elapsed.as_secs_f64());
+            }
+            lowest = lowest.min(median(&mut times));
+        }
+        excess[slot] = lowest - (m as f64 * per_microbatch + optimizer);
+    }
+    Ok(fit_overhead(&counts, &excess))
+}
+
+/// Least squares of `excess = step_s + m · microbatch_s` over the micro-batch counts, each
+/// coefficient clamped at 0 (noise can make a fitted cost negative; a cost cannot be).
+fn fit_overhead(counts: &[usize], excess: &[f64]) -> OverheadProfile {
+    let n = counts.len() as f64;
+    let mean_m = counts.iter().sum::<usize>() as f64 / n;
+    let mean_e = excess.iter().sum::<f64>() / n;
+    let cov: f64 = counts.iter().zip(excess).map(|(&m, e)| (m as f64 - mean_m) * (e - mean_e)).sum();
+    let var: f64 = counts.iter().map(|&m| (m as f64 - mean_m).powi(2)).sum();
+    let microbatch_s = if var > 0.0 { (cov / var).max(0.0) } else { 0.0 };
+    OverheadProfile { microbatch_s, step_s: (mean_e - microbatch_s * mean_m).max(0.0) }
 }
 
 /// Identifies a tensor's allocation (views of one allocation share it).
@@ -442,4 +526,21 @@ pub fn measure_hop(bytes: usize, round_trips: usize) -> Result<HopProfile> {
         latency_s,
         copy_bytes_per_s: (elems * 4) as f64 / copy_s,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_overhead_fit_recovers_a_line_and_never_goes_negative() {
+        let fit = fit_overhead(&[1, 2, 4], &[0.003 + 0.0005, 0.003 + 0.001, 0.003 + 0.002]);
+        assert!((fit.step_s - 0.003).abs() < 1e-12 && (fit.microbatch_s - 0.0005).abs() < 1e-12, "{fit:?}");
+        // Noise that makes the excess fall with m: no negative per-micro-batch cost.
+        let fit = fit_overhead(&[1, 2, 4], &[0.004, 0.003, 0.001]);
+        assert_eq!(fit.microbatch_s, 0.0);
+        assert!((fit.step_s - (0.008 / 3.0)).abs() < 1e-12, "{fit:?}");
+        // Layers that took longer in the profile than in the pipeline: no negative step cost.
+        assert_eq!(fit_overhead(&[1, 2, 4], &[-0.001, -0.001, -0.001]), OverheadProfile::default());
+    }
 }

@@ -5,7 +5,9 @@
 //! per-stage costs: an action starts when its stage is free and its inputs have arrived, where
 //! a message arrives one hop after the action that sent it. After the last action, every stage
 //! takes its optimizer step (in parallel, after the gradient-norm collective), so
-//! `step = makespan + max(optimizer time)`.
+//! `step = makespan + max(optimizer time) + the profile's per-step overhead`. The profile's
+//! per-micro-batch overhead (a stage's messages and bookkeeping around its layers) is split
+//! evenly between each chunk's forward and its backward.
 //!
 //! Costs are per model chunk (one per stage without virtual stages); times and memory are
 //! summed per device following the schedule's routing table.
@@ -53,6 +55,9 @@ pub struct StageCosts {
     /// forward is being rerun for its backward (held briefly on top of the others' stashes);
     /// 0 without.
     pub recompute_bytes: Vec<u64>,
+    /// Seconds a step costs beyond its actions and optimizer steps (the driver's batch split
+    /// and messages, the gradient-norm collective): the profile's `overhead.step_s`.
+    pub step_overhead: f64,
 }
 
 impl StageCosts {
@@ -72,6 +77,7 @@ impl StageCosts {
             params: Vec::new(),
             optimizer_state_ratio: 0,
             recompute_bytes: vec![0; stages],
+            step_overhead: 0.0,
         }
     }
 
@@ -106,6 +112,7 @@ impl StageCosts {
             params: vec![Default::default(); stages],
             optimizer_state_ratio: profile.layers.first().map_or(0, |l| l.optimizer_state_ratio),
             recompute_bytes: vec![0; stages],
+            step_overhead: profile.overhead.step_s,
         };
         for (s, range) in partition.ranges().into_iter().enumerate() {
             let layers = &profile.layers[range.clone()];
@@ -124,6 +131,9 @@ impl StageCosts {
                 c.recompute_bytes[s] = c.stash_bytes[s];
                 c.stash_bytes[s] = input;
             }
+            // A stage's fixed cost per micro-batch, half with the forward, half with the backward.
+            c.forward[s] += profile.overhead.microbatch_s / 2.0;
+            c.backward_input[s] += profile.overhead.microbatch_s / 2.0;
             let out_bytes = layers.last().map_or(0, |l| l.output_bytes);
             c.send_forward[s] = profile.hop.cost(out_bytes);
             c.send_backward[s] = profile.hop.cost(input);
@@ -303,7 +313,7 @@ pub fn predict(schedule: &Schedule, costs: &StageCosts) -> Result<Prediction> {
     let makespan = timeline.makespan();
     let optimizer: Vec<f64> =
         (0..p).map(|d| (0..placement.len()).filter(|&c| placement[c] == d).map(|c| costs.optimizer[c]).sum()).collect();
-    let step_time = makespan + optimizer.iter().copied().fold(0.0, f64::max);
+    let step_time = makespan + optimizer.iter().copied().fold(0.0, f64::max) + costs.step_overhead;
     let busy: Vec<f64> = (0..p).map(|s| timeline.busy_time(s) + optimizer[s]).collect();
     let idle: Vec<f64> = busy.iter().map(|b| (step_time - b).max(0.0)).collect();
     let capacity = p as f64 * step_time;
@@ -403,6 +413,51 @@ mod tests {
         // Stage 3 computes F=4 and B=2, plus no optimizer work.
         assert!((pred.busy[3] - 6.0).abs() < 1e-12);
         assert!((pred.idle[3] - (pred.step_time - 6.0)).abs() < 1e-12);
+    }
+
+    /// The profile's fixed costs reach the prediction: the per-step one once, the per-micro-batch
+    /// one on each stage's forward and backward of every micro-batch (so on the critical path
+    /// of a one-stage step m times, and of a chain through p stages p times).
+    #[test]
+    fn profiled_fixed_overheads_are_in_the_step_time() {
+        use crate::profile::{HopProfile, LayerProfile, OverheadProfile};
+        let layer = |i: usize| LayerProfile {
+            name: format!("layer{i}"),
+            forward_s: 1.0,
+            backward_s: 2.0,
+            backward_input_s: 2.0,
+            backward_weight_s: 0.0,
+            optimizer_s: 0.25,
+            activation_bytes: 0,
+            input_bytes_kept: 0,
+            weight_stash_bytes: 0,
+            output_bytes: 0,
+            params: Default::default(),
+            optimizer_state_ratio: 2,
+        };
+        let mut profile = Profile {
+            model: "synthetic".into(),
+            device: "cpu".into(),
+            threads: 1,
+            microbatch_size: 1,
+            input_shape: vec![1],
+            optimizer: "adamw".into(),
+            repeats: 1,
+            layers: (0..2).map(layer).collect(),
+            hop: HopProfile { latency_s: 0.0, copy_bytes_per_s: f64::INFINITY },
+            overhead: OverheadProfile::default(),
+        };
+        let step = |profile: &Profile, p: usize, m: usize| {
+            let partition = Partition::uniform(2, p).unwrap();
+            let costs = StageCosts::from_profile(profile, &partition).unwrap();
+            predict(&Schedule::one_f_one_b(p, m).unwrap(), &costs).unwrap().step_time
+        };
+        let (one_stage, chain) = (step(&profile, 1, 3), step(&profile, 2, 1));
+        assert!((one_stage - (3.0 * 6.0 + 0.5)).abs() < 1e-12, "{one_stage}");
+        assert!((chain - (6.0 + 0.25)).abs() < 1e-12, "{chain}");
+        profile.overhead = OverheadProfile { step_s: 0.125, microbatch_s: 0.5 };
+        assert!((step(&profile, 1, 3) - (one_stage + 0.125 + 3.0 * 0.5)).abs() < 1e-12);
+        assert!((step(&profile, 2, 1) - (chain + 0.125 + 2.0 * 0.5)).abs() < 1e-12);
     }
 
     #[test]
