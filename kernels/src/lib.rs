@@ -26,6 +26,7 @@ mod attention;
 mod backward;
 mod cpu;
 mod cross_entropy;
+pub mod flash;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod gelu;
@@ -121,6 +122,40 @@ pub fn causal_attention_backward(qkv: &Tensor, probs: &Tensor, dmerged: &Tensor,
     } else {
         reference::causal_attention_backward(qkv, probs, dmerged, n_head)
     }
+}
+
+/// Causal self-attention by FlashAttention-2 (see [`flash`]): `(merged (B, T, C), lse (B, H,
+/// T))`, where `lse` is each query row's log-sum-exp of its scaled scores (f32, or f64 for f64
+/// inputs) and no `T×T` matrix is ever stored. Its backward is
+/// [`flash_attention_backward`]; `merged` equals [`causal_attention`]'s.
+///
+/// Runs on the CPU for f32/f64 and, with the `cuda` feature, on a CUDA device for f32/bf16;
+/// other dtypes and devices are an error (use [`causal_attention`]).
+pub fn flash_attention(qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)> {
+    attention::check_qkv(qkv, n_head)?;
+    if fused(qkv) {
+        return flash::flash_attention_cpu(qkv, n_head);
+    }
+    #[cfg(feature = "cuda")]
+    if kernel_device(qkv) {
+        return cuda::flash_attention(&qkv.contiguous()?, n_head);
+    }
+    bail!("flash_attention: no kernels for {:?} on {:?}", qkv.dtype(), qkv.device().location())
+}
+
+/// The backward of [`flash_attention`]: `dqkv (B, T, 3C)` from the saved `qkv`, its outputs
+/// `merged` and `lse`, and the gradient of `merged`.
+pub fn flash_attention_backward(qkv: &Tensor, merged: &Tensor, lse: &Tensor, dmerged: &Tensor, n_head: usize) -> Result<Tensor> {
+    flash::check_backward(qkv, merged, lse, dmerged, n_head)?;
+    if fused(qkv) {
+        return flash::flash_attention_backward_cpu(qkv, merged, lse, dmerged, n_head);
+    }
+    #[cfg(feature = "cuda")]
+    if kernel_device(qkv) {
+        let c = |t: &Tensor| t.contiguous();
+        return cuda::flash_attention_backward(&c(qkv)?, &c(merged)?, &c(lse)?, &c(dmerged)?, n_head);
+    }
+    bail!("flash_attention_backward: no kernels for {:?} on {:?}", qkv.dtype(), qkv.device().location())
 }
 
 /// A linear layer's product: `x · w (+ bias) (+ residual)` for `x` `(M, K)`, `w` `(K, N)`, `bias`

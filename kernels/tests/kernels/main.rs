@@ -8,6 +8,7 @@
 
 mod attention;
 mod backward;
+mod flash;
 mod gradcheck;
 mod linear;
 mod vmath_accuracy;
