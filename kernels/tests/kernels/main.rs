@@ -8,6 +8,8 @@
 
 mod attention;
 mod backward;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod flash;
 mod gradcheck;
 mod linear;
