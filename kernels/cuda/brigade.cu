@@ -502,6 +502,49 @@ __device__ void flash_attention_bwd_dq(const T* qkv, const T* dout, const float*
     }
 }
 
+// ---- AdamW over many tensors in one launch -----------------------------------------------------
+//
+// The update of engine/src/optim.rs (PyTorch's AdamW) on f32 master weights and moments, from
+// f32 or bf16 gradients (the kernel's dtype suffix is the gradient's), optionally writing a
+// bf16 copy of each updated parameter. Every operation is an explicit round-to-nearest
+// intrinsic so nvcc cannot contract pairs into FMAs: the result then equals the CPU twin
+// (kernels/src/adamw.rs) and the engine's candle composition bit for bit. Elementwise, so
+// deterministic with no reductions at all.
+//
+// One launch covers every tensor: `table` holds 7 u64 per tensor (param, exp_avg, exp_avg_sq,
+// grad, bf16 copy or 0, length, decay flag) and `chunks` 2 u64 per block (tensor, first
+// element); a block updates ADAMW_CHUNK elements of one tensor.
+
+#define ADAMW_CHUNK 65536
+
+template <typename G>
+__device__ void adamw_step(const uint64_t* table, const uint64_t* chunks, int n_chunks, float beta1, float one_minus_beta1, float beta2,
+                           float one_minus_beta2, float inv_sqrt_bc2, float eps, float step_size, float decay_factor) {
+    int ci = blockIdx.x;
+    if (ci >= n_chunks) return;
+    const uint64_t* e = table + 7 * chunks[2 * ci];
+    float* p = (float*)e[0];
+    float* m = (float*)e[1];
+    float* v = (float*)e[2];
+    const G* g = (const G*)e[3];
+    __nv_bfloat16* copy = (__nv_bfloat16*)e[4];
+    size_t n = e[5];
+    bool decay = e[6] != 0;
+    size_t start = chunks[2 * ci + 1], end = min(n, (size_t)(start + ADAMW_CHUNK));
+    for (size_t i = start + threadIdx.x; i < end; i += blockDim.x) {
+        float gi = to_f(g[i]);
+        float mi = __fadd_rn(__fmul_rn(m[i], beta1), __fmul_rn(gi, one_minus_beta1));
+        float vi = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(__fmul_rn(gi, gi), one_minus_beta2));
+        float denom = __fadd_rn(__fmul_rn(__fsqrt_rn(vi), inv_sqrt_bc2), eps);
+        float pi = decay ? __fmul_rn(p[i], decay_factor) : p[i];
+        pi = __fsub_rn(pi, __fmul_rn(__fdiv_rn(mi, denom), step_size));
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi;
+        if (copy) copy[i] = __float2bfloat16(pi);
+    }
+}
+
 // ---- instantiations ---------------------------------------------------------------------------
 
 #define INSTANTIATE(T, S)                                                                                        \
@@ -563,6 +606,12 @@ __device__ void flash_attention_bwd_dq(const T* qkv, const T* dout, const float*
                                                           const float* delta, T* dqkv, int t, int c, int h, int d, \
                                                           float scale) {                                         \
         flash_attention_bwd_dq(qkv, dout, lse, delta, dqkv, t, c, h, d, scale);                                  \
+    }                                                                                                            \
+    extern "C" __global__ void adamw_step_##S(const uint64_t* table, const uint64_t* chunks, int n_chunks,         \
+                                              float beta1, float omb1, float beta2, float omb2, float inv_sqrt_bc2,  \
+                                              float eps, float step_size, float decay_factor) {                     \
+        adamw_step<T>(table, chunks, n_chunks, beta1, omb1, beta2, omb2, inv_sqrt_bc2, eps, step_size,           \
+                      decay_factor);                                                                             \
     }
 
 INSTANTIATE(float, f32)

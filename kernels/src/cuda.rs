@@ -16,7 +16,7 @@
 use candle_core::backend::BackendStorage;
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Layout, Result, Shape, Storage, Tensor};
@@ -44,6 +44,7 @@ pub const OPS: &[&str] = &[
     "flash_attention_bwd_delta",
     "flash_attention_bwd_dkdv",
     "flash_attention_bwd_dq",
+    "adamw_step",
 ];
 
 /// Warps (rows) per block of the one-warp-per-row kernels; matches `WARPS` in the `.cu` file.
@@ -420,6 +421,86 @@ pub(crate) fn flash_attention_backward(qkv: &Tensor, merged: &Tensor, lse: &Tens
         }
         Ok(wrap(dev, dqkv, (b, t, 3 * c)))
     })
+}
+
+// ---- multi-tensor AdamW ------------------------------------------------------------------------
+
+/// Elements per block of `adamw_step` (`ADAMW_CHUNK` in the `.cu` file).
+const ADAMW_CHUNK: usize = 65_536;
+
+/// The device address of a contiguous tensor's first element (`elem` bytes per element).
+fn address<T: CudaDType + DeviceRepr>(s: &CudaStorage, l: &Layout, stream: &CudaStream) -> Result<u64> {
+    let Some((start, _)) = l.contiguous_offsets() else {
+        bail!("adamw: the CUDA kernel needs contiguous tensors")
+    };
+    let (ptr, _sync) = s.as_cuda_slice::<T>()?.device_ptr(stream);
+    Ok(ptr + (start * std::mem::size_of::<T>()) as u64)
+}
+
+/// One `adamw_step` launch over every slot (checked by the caller: same device, f32 state,
+/// one gradient dtype, contiguous, distinct tensors).
+///
+/// The kernel writes `param`, `exp_avg`, `exp_avg_sq` (and the bf16 copies) through addresses
+/// taken from shared borrows of their storages: candle lends only one storage mutably per op,
+/// and a multi-tensor launch needs them all. The storages stay borrowed (their guards held)
+/// until the launch is queued on the device's stream, which orders it after every earlier
+/// write to them and before every later read.
+pub(crate) fn adamw_step_many<'a>(slots: &[crate::adamw::AdamWSlot<'a>], s: &crate::adamw::AdamWScalars) -> Result<()> {
+    let Some(first) = slots.first() else { return Ok(()) };
+    let grad_dtype = first.grad.dtype();
+    let dev = match first.param.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        d => bail!("adamw: expected a CUDA device, got {:?}", d.location()),
+    };
+    let stream = dev.cuda_stream();
+    let mut table: Vec<u64> = Vec::with_capacity(7 * slots.len());
+    let mut chunks: Vec<u64> = Vec::new();
+    let mut guards = Vec::new();
+    for (i, slot) in slots.iter().enumerate() {
+        let n = slot.param.elem_count();
+        let mut addr = |t: &'a Tensor, dtype: DType| -> Result<u64> {
+            let (g, l) = cuda_storage(t, "adamw")?;
+            let a = match dtype {
+                DType::BF16 => address::<bf16>(as_cuda(&g)?, &l, &stream)?,
+                _ => address::<f32>(as_cuda(&g)?, &l, &stream)?,
+            };
+            guards.push(g);
+            Ok(a)
+        };
+        table.push(addr(slot.param, DType::F32)?);
+        table.push(addr(slot.exp_avg, DType::F32)?);
+        table.push(addr(slot.exp_avg_sq, DType::F32)?);
+        table.push(addr(slot.grad, grad_dtype)?);
+        table.push(match slot.param_bf16 {
+            Some(t) => addr(t, DType::BF16)?,
+            None => 0,
+        });
+        table.push(n as u64);
+        table.push(u64::from(slot.decay));
+        for start in (0..n).step_by(ADAMW_CHUNK) {
+            chunks.extend([i as u64, start as u64]);
+        }
+    }
+    if chunks.is_empty() {
+        return Ok(());
+    }
+    let n_chunks = int(chunks.len() / 2, "chunks")?;
+    let table = stream.clone_htod(&table).w()?;
+    let chunk_table = stream.clone_htod(&chunks).w()?;
+    let f = dev.get_or_load_custom_func(&format!("adamw_step_{}", suffix(grad_dtype)?), "brigade", PTX)?.into_cuda_function();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&table).arg(&chunk_table).arg(&n_chunks);
+    for x in [&s.beta1, &s.one_minus_beta1, &s.beta2, &s.one_minus_beta2, &s.inv_sqrt_bias_correction2, &s.eps, &s.step_size, &s.decay_factor] {
+        b.arg(x);
+    }
+    let cfg = LaunchConfig { grid_dim: (n_chunks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: every table entry addresses a live, contiguous tensor of `n` elements of the
+    // stated dtype (the caller checked shapes and dtypes; the guards keep the storages alive);
+    // each block touches elements [start, start + CHUNK) of one tensor, disjoint from every
+    // other block's, and no two slots share a tensor.
+    unsafe { b.launch(cfg) }.w()?;
+    drop(guards);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@
 //! Gradients are first order: the backward ops are applied without autograd, so
 //! differentiating a gradient through a fused op is not supported.
 
+pub mod adamw;
 mod attention;
 mod backward;
 mod cpu;
