@@ -18,6 +18,13 @@
 //! custom ops' `cuda_fwd`. Argument validation is shared, so both paths reject the same inputs
 //! with the same error messages.
 //!
+//! # Attention and the optimizer
+//! [`causal_attention`] keeps the `(B, H, T, T)` probabilities for its backward (fused CPU
+//! kernel; on CUDA batched products around a fused scale-mask-softmax). [`flash_attention`]
+//! keeps only each row's log-sum-exp and recomputes the probabilities in its backward
+//! ([`flash`]: CPU twin, and CUDA kernels for head widths up to 64). [`adamw::step_many`]
+//! updates many f32 parameters and their AdamW moments in place, in one CUDA launch on a GPU.
+//!
 //! # Limits
 //! Gradients are first order: the backward ops are applied without autograd, so
 //! differentiating a gradient through a fused op is not supported.
