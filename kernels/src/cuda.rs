@@ -12,7 +12,7 @@
 //!
 //! Nothing in this module has run on a GPU yet (the sessions that wrote it had none); the
 //! same algorithms run on the CPU as the ops' `cpu_fwd` and are tested there.
-//! The flash-attention and AdamW kernels' own source also runs on the host under
+//! Every kernel's own source (f32 instantiation) also runs on the host under
 //! `cuda/emulate/run.sh` (one OS thread per CUDA thread, barriers for `__syncthreads` and the
 //! warp shuffles) against a direct f64 computation: their indexing, masking and tiling are
 //! checked that way, their speed and the GPU's libm are not.

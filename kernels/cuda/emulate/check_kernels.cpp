@@ -1,5 +1,6 @@
-// Host emulation check of brigade.cu's flash-attention and AdamW kernels (see cuda_shim.h):
-// runs the kernels' own source on small odd sizes and compares with a direct f64 computation.
+// Host emulation check of brigade.cu's kernels (see cuda_shim.h): runs the kernels' own source
+// (f32 instantiations; bf16 shares every line but the loads and stores) on small odd sizes,
+// with the launch geometry kernels/src/cuda.rs uses, and compares with a direct f64 computation.
 // Build and run: kernels/cuda/emulate/run.sh. Exits non-zero on any mismatch.
 #include "cuda_shim.h"
 #include "../brigade.cu"
@@ -159,7 +160,185 @@ static void check_adamw() {
     }
 }
 
+// ---- the row and elementwise kernels ----------------------------------------------------------
+
+static dim3 rows_grid(int rows) { return {(unsigned)((rows + WARPS - 1) / WARPS), 1, 1}; }
+static const dim3 ROWS_BLOCK{32 * WARPS, 1, 1};
+static dim3 elems_grid(size_t n) { return {(unsigned)((n + 1023) / 1024), 1, 1}; }
+static const dim3 ELEMS_BLOCK{1024, 1, 1};
+
+static std::vector<float> randv(std::mt19937& rng, size_t n, float scale) {
+    std::uniform_real_distribution<float> u(-scale, scale);
+    std::vector<float> v(n);
+    for (auto& x : v) x = u(rng);
+    return v;
+}
+
+static void check_all(const char* what, const std::vector<float>& got, const std::vector<double>& want, double tol) {
+    int before = failures;
+    for (size_t i = 0; i < got.size(); i++) expect(what, got[i], want[i], tol);
+    std::printf("%s: %s\n", what, failures == before ? "ok" : "FAILED");
+}
+
+static void check_gelu() {
+    std::mt19937 rng(1);
+    size_t n = 3000;
+    auto x = randv(rng, n, 5), dy = randv(rng, n, 1);
+    std::vector<float> y(n, NAN), dx(n, NAN);
+    launch(elems_grid(n), ELEMS_BLOCK, [&] { gelu_tanh_fwd_f32(x.data(), y.data(), n); });
+    launch(elems_grid(n), ELEMS_BLOCK, [&] { gelu_tanh_bwd_f32(x.data(), dy.data(), dx.data(), n); });
+    std::vector<double> wy(n), wdx(n);
+    const double a = 0.7978845608028654, b = 0.044715;
+    for (size_t i = 0; i < n; i++) {
+        double v = x[i], t = std::tanh(a * v * (1 + b * v * v));
+        wy[i] = 0.5 * v * (1 + t);
+        wdx[i] = dy[i] * (0.5 * (1 + t) + 0.5 * v * (1 - t * t) * a * (1 + 3 * b * v * v));
+    }
+    check_all("gelu_tanh_fwd", y, wy, 1e-5);
+    check_all("gelu_tanh_bwd", dx, wdx, 1e-5);
+}
+
+static void check_layer_norm(int rows, int c) {
+    std::mt19937 rng(rows * 7 + c);
+    auto x = randv(rng, (size_t)rows * c, 2), w = randv(rng, c, 1), bb = randv(rng, c, 1), dy = randv(rng, (size_t)rows * c, 1);
+    for (auto& v : x) v += 0.5f;
+    std::vector<float> y((size_t)rows * c, NAN), dx((size_t)rows * c, NAN), stats(2 * rows, NAN);
+    float eps = 1e-5f;
+    launch(rows_grid(rows), ROWS_BLOCK, [&] { layer_norm_fwd_f32(x.data(), w.data(), bb.data(), y.data(), rows, c, eps); });
+    launch(rows_grid(rows), ROWS_BLOCK, [&] { layer_norm_bwd_dx_f32(x.data(), w.data(), dy.data(), dx.data(), stats.data(), rows, c, eps); });
+    int per = 4, chunks = (rows + per - 1) / per;
+    std::vector<float> partials((size_t)chunks * 2 * c, NAN), dwb(2 * c, NAN);
+    launch({(unsigned)((c + 255) / 256), (unsigned)chunks, 1}, {256, 1, 1},
+           [&] { layer_norm_bwd_partial_f32(x.data(), dy.data(), stats.data(), partials.data(), rows, c, per); });
+    launch(elems_grid(2 * c), ELEMS_BLOCK, [&] { layer_norm_bwd_reduce_f32(partials.data(), dwb.data(), c, chunks); });
+    std::vector<double> wy((size_t)rows * c), wdx((size_t)rows * c), wdwb(2 * c, 0.0);
+    for (int r = 0; r < rows; r++) {
+        double m = 0, q = 0;
+        for (int i = 0; i < c; i++) m += x[(size_t)r * c + i];
+        m /= c;
+        for (int i = 0; i < c; i++) q += (x[(size_t)r * c + i] - m) * (x[(size_t)r * c + i] - m);
+        double rstd = 1 / std::sqrt(q / c + eps), gs = 0, gxs = 0;
+        for (int i = 0; i < c; i++) {
+            size_t k = (size_t)r * c + i;
+            double xh = (x[k] - m) * rstd, g = (double)dy[k] * w[i];
+            wy[k] = xh * w[i] + bb[i];
+            gs += g;
+            gxs += g * xh;
+            wdwb[i] += dy[k] * xh;
+            wdwb[c + i] += dy[k];
+        }
+        for (int i = 0; i < c; i++) {
+            size_t k = (size_t)r * c + i;
+            double xh = (x[k] - m) * rstd;
+            wdx[k] = ((double)dy[k] * w[i] - gs / c - xh * gxs / c) * rstd;
+        }
+    }
+    char what[64];
+    std::snprintf(what, sizeof what, "layer_norm_fwd rows %d c %d", rows, c);
+    check_all(what, y, wy, 1e-5);
+    std::snprintf(what, sizeof what, "layer_norm_bwd_dx rows %d c %d", rows, c);
+    check_all(what, dx, wdx, 1e-5);
+    std::snprintf(what, sizeof what, "layer_norm_bwd dw/db rows %d c %d", rows, c);
+    check_all(what, dwb, wdwb, 1e-5);
+}
+
+static void check_softmax(int rows, int c) {
+    std::mt19937 rng(rows * 11 + c);
+    auto x = randv(rng, (size_t)rows * c, 3), dy = randv(rng, (size_t)rows * c, 1);
+    for (int log = 0; log < 2; log++) {
+        std::vector<float> y((size_t)rows * c, NAN), dx((size_t)rows * c, NAN);
+        launch(rows_grid(rows), ROWS_BLOCK, [&] { softmax_fwd_f32(x.data(), y.data(), rows, c, log); });
+        launch(rows_grid(rows), ROWS_BLOCK, [&] { softmax_bwd_f32(y.data(), dy.data(), dx.data(), rows, c, log); });
+        std::vector<double> wy((size_t)rows * c), wdx((size_t)rows * c);
+        for (int r = 0; r < rows; r++) {
+            double m = -INFINITY, s = 0, dsum = 0;
+            for (int i = 0; i < c; i++) m = std::max(m, (double)x[(size_t)r * c + i]);
+            for (int i = 0; i < c; i++) s += std::exp(x[(size_t)r * c + i] - m);
+            for (int i = 0; i < c; i++) {
+                size_t k = (size_t)r * c + i;
+                double p = std::exp(x[k] - m) / s;
+                wy[k] = log ? x[k] - m - std::log(s) : p;
+                dsum += log ? dy[k] : dy[k] * p;
+            }
+            for (int i = 0; i < c; i++) {
+                size_t k = (size_t)r * c + i;
+                double p = std::exp(x[k] - m) / s;
+                // The backward reads the forward's (f32) output, as on the GPU.
+                wdx[k] = log ? dy[k] - std::exp((double)y[k]) * dsum : y[k] * (dy[k] - dsum);
+            }
+        }
+        char what[64];
+        std::snprintf(what, sizeof what, "%s rows %d c %d", log ? "log_softmax" : "softmax", rows, c);
+        check_all(what, y, wy, 1e-5);
+        std::snprintf(what, sizeof what, "%s_bwd rows %d c %d", log ? "log_softmax" : "softmax", rows, c);
+        check_all(what, dx, wdx, 1e-5);
+    }
+}
+
+static void check_causal_softmax(int heads, int t) {
+    std::mt19937 rng(heads * 13 + t);
+    int rows = heads * t;
+    float scale = 0.3f;
+    auto s = randv(rng, (size_t)rows * t, 4), dp = randv(rng, (size_t)rows * t, 1);
+    std::vector<float> p((size_t)rows * t, NAN), ds((size_t)rows * t, NAN);
+    launch(rows_grid(rows), ROWS_BLOCK, [&] { causal_softmax_fwd_f32(s.data(), p.data(), rows, t, scale); });
+    launch(rows_grid(rows), ROWS_BLOCK, [&] { causal_softmax_bwd_f32(p.data(), dp.data(), ds.data(), rows, t, scale); });
+    std::vector<double> wp((size_t)rows * t, 0.0), wds((size_t)rows * t, 0.0);
+    for (int r = 0; r < rows; r++) {
+        int q = r % t;
+        size_t o = (size_t)r * t;
+        double m = -INFINITY, sum = 0, dot = 0;
+        for (int j = 0; j <= q; j++) m = std::max(m, (double)s[o + j] * scale);
+        for (int j = 0; j <= q; j++) sum += std::exp(s[o + j] * scale - m);
+        for (int j = 0; j <= q; j++) {
+            wp[o + j] = std::exp(s[o + j] * scale - m) / sum;
+            dot += (double)dp[o + j] * p[o + j];
+        }
+        for (int j = 0; j <= q; j++) wds[o + j] = scale * p[o + j] * (dp[o + j] - dot);
+    }
+    char what[64];
+    std::snprintf(what, sizeof what, "causal_softmax heads %d t %d", heads, t);
+    check_all(what, p, wp, 1e-5);
+    std::snprintf(what, sizeof what, "causal_softmax_bwd heads %d t %d", heads, t);
+    check_all(what, ds, wds, 1e-5);
+}
+
+static void check_cross_entropy(int rows, int v) {
+    std::mt19937 rng(rows * 17 + v);
+    auto x = randv(rng, (size_t)rows * v, 4);
+    std::vector<uint32_t> targets(rows);
+    for (int r = 0; r < rows; r++) targets[r] = rng() % v;
+    std::vector<float> row_loss(rows, NAN), loss(1, NAN), g(1, 0.5f), d((size_t)rows * v, NAN);
+    launch(rows_grid(rows), ROWS_BLOCK, [&] { cross_entropy_rows_f32(x.data(), targets.data(), row_loss.data(), rows, v); });
+    launch({1, 1, 1}, {1024, 1, 1}, [&] { sum_to_scalar_f32(row_loss.data(), loss.data(), rows); });
+    launch(rows_grid(rows), ROWS_BLOCK, [&] { cross_entropy_bwd_f32(x.data(), targets.data(), g.data(), d.data(), rows, v); });
+    std::vector<double> wl(1, 0.0), wd((size_t)rows * v);
+    for (int r = 0; r < rows; r++) {
+        size_t o = (size_t)r * v;
+        double m = -INFINITY, s = 0;
+        for (int i = 0; i < v; i++) m = std::max(m, (double)x[o + i]);
+        for (int i = 0; i < v; i++) s += std::exp(x[o + i] - m);
+        wl[0] += m + std::log(s) - x[o + targets[r]];
+        for (int i = 0; i < v; i++) wd[o + i] = 0.5 * (std::exp(x[o + i] - m) / s - (i == (int)targets[r]));
+    }
+    char what[64];
+    std::snprintf(what, sizeof what, "cross_entropy sum rows %d v %d", rows, v);
+    check_all(what, loss, wl, 1e-5);
+    std::snprintf(what, sizeof what, "cross_entropy_bwd rows %d v %d", rows, v);
+    check_all(what, d, wd, 1e-5);
+}
+
 int main() {
+    check_gelu();
+    check_layer_norm(13, 37);
+    check_layer_norm(9, 300);
+    check_layer_norm(1, 5);
+    check_softmax(11, 33);
+    check_softmax(3, 257);
+    check_causal_softmax(2, 37);
+    check_causal_softmax(1, 1);
+    check_cross_entropy(7, 1000);
+    check_cross_entropy(1, 1);
     check_flash(1, 1, 64, 1);
     check_flash(2, 5, 16, 2);
     check_flash(1, 33, 64, 1);

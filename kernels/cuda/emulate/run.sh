@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds and runs the host emulation of brigade.cu's flash-attention and AdamW kernels (no GPU
+# Builds and runs the host emulation of every kernel in brigade.cu (no GPU
 # needed): g++ compiles the .cu source against cuda_shim.h and include/cuda_bf16.h.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
