@@ -128,6 +128,16 @@ fn flash_attention_survives_large_scores() {
 }
 
 #[test]
+fn flash_attention_of_an_empty_sequence_is_empty() {
+    let x = Tensor::zeros((2, 0, 12), DType::F32, &Device::Cpu).unwrap();
+    let (m, lse) = k::flash_attention(&x, 2).unwrap();
+    assert_eq!((m.dims(), lse.dims()), (&[2, 0, 4][..], &[2, 2, 0][..]));
+    let dy = Tensor::zeros((2, 0, 4), DType::F32, &Device::Cpu).unwrap();
+    let d = k::flash_attention_backward(&x, &m, &lse, &dy, 2).unwrap();
+    assert_eq!(d.dims(), &[2, 0, 12]);
+}
+
+#[test]
 fn bad_flash_attention_arguments_are_errors() {
     let dev = &Device::Cpu;
     let x = Tensor::zeros((2, 4, 12), DType::F32, dev).unwrap();
