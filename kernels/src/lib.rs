@@ -166,6 +166,51 @@ pub fn flash_attention_backward(qkv: &Tensor, merged: &Tensor, lse: &Tensor, dme
     bail!("flash_attention_backward: no kernels for {:?} on {:?}", qkv.dtype(), qkv.device().location())
 }
 
+/// What causal attention's forward keeps for its backward, by algorithm.
+#[derive(Clone, Debug)]
+pub enum AttentionSaved {
+    /// The `(B, H, T, T)` probabilities ([`causal_attention`]).
+    Probs(Tensor),
+    /// Each query row's log-sum-exp, `(B, H, T)` ([`flash_attention`]); its backward also
+    /// reads the forward's output.
+    LogSumExp(Tensor),
+}
+
+impl AttentionSaved {
+    /// The saved tensor (for memory accounting and activation handles).
+    pub fn tensor(&self) -> &Tensor {
+        match self {
+            AttentionSaved::Probs(t) | AttentionSaved::LogSumExp(t) => t,
+        }
+    }
+}
+
+/// Causal attention by the algorithm chosen for `qkv`'s device and dtype, returning `(merged
+/// (B, T, C), saved)` for [`causal_attention_saved_backward`]:
+/// - CPU f32/f64: [`flash_attention`], measured at least as fast as the materialised kernel at
+///   gpt-tiny shapes and 1.4-1.7x faster at T=1024 (`cargo bench -p brigade-kernels --bench
+///   attention_cpu`), with `O(T)` instead of `O(T²)` saved memory per head;
+/// - anything else: [`causal_attention`] (on CUDA its batched products use cuBLAS's tensor
+///   cores; the flash kernels take its place once `brigade kernels-bench --device cuda` shows
+///   them faster).
+pub fn causal_attention_saving(qkv: &Tensor, n_head: usize) -> Result<(Tensor, AttentionSaved)> {
+    if fused(qkv) {
+        let (merged, lse) = flash_attention(qkv, n_head)?;
+        return Ok((merged, AttentionSaved::LogSumExp(lse)));
+    }
+    let (merged, probs) = causal_attention(qkv, n_head)?;
+    Ok((merged, AttentionSaved::Probs(probs)))
+}
+
+/// The backward of [`causal_attention_saving`]: `dqkv (B, T, 3C)` from the saved `qkv`, the
+/// forward's output `merged`, what it saved and the gradient of `merged`.
+pub fn causal_attention_saved_backward(qkv: &Tensor, merged: &Tensor, saved: &AttentionSaved, dmerged: &Tensor, n_head: usize) -> Result<Tensor> {
+    match saved {
+        AttentionSaved::Probs(p) => causal_attention_backward(qkv, p, dmerged, n_head),
+        AttentionSaved::LogSumExp(lse) => flash_attention_backward(qkv, merged, lse, dmerged, n_head),
+    }
+}
+
 /// A linear layer's product: `x · w (+ bias) (+ residual)` for `x` `(M, K)`, `w` `(K, N)`, `bias`
 /// `(N,)` and `residual` `(M, N)`, in one gemm call writing one output (see `linear.rs`).
 /// Operands may be strided (`w.t()` is read in place). When any input is recording an autograd

@@ -159,3 +159,26 @@ fn bad_flash_attention_arguments_are_errors() {
             .contains("no kernels")
     );
 }
+
+#[test]
+fn the_saving_api_picks_flash_on_the_cpu_and_the_reference_elsewhere() {
+    let mut g = rng(12);
+    let (b, t, c, h) = (2, 70, 64, 2);
+    let qkv = uniform(&mut g, &[b, t, 3 * c], 2.0, DType::F32);
+    let dy = uniform(&mut g, &[b, t, c], 1.0, DType::F32);
+    let (rm, rp) = r::causal_attention(&qkv, h).unwrap();
+    let rd = to_f64_vec(&r::causal_attention_backward(&qkv, &rp, &dy, h).unwrap());
+    let (m, saved) = k::causal_attention_saving(&qkv, h).unwrap();
+    assert!(matches!(saved, k::AttentionSaved::LogSumExp(_)));
+    assert_eq!(saved.tensor().dims(), &[b, h, t]);
+    let d = k::causal_attention_saved_backward(&qkv, &m, &saved, &dy, h).unwrap();
+    assert!(max_err(&to_f64_vec(&m), &to_f64_vec(&rm)) < 1e-5);
+    assert!(max_err(&to_f64_vec(&d), &rd) < 1e-5);
+    // bf16 has no CPU kernel: the reference composition, saving probabilities.
+    let bf = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
+    let (m, saved) = k::causal_attention_saving(&bf(&qkv), h).unwrap();
+    assert!(matches!(saved, k::AttentionSaved::Probs(_)));
+    let d = k::causal_attention_saved_backward(&bf(&qkv), &m, &saved, &bf(&dy), h).unwrap();
+    assert!(max_err(&to_f64_vec(&m), &to_f64_vec(&rm)) < 3e-2);
+    assert!(max_err(&to_f64_vec(&d), &rd) < 1e-1);
+}
