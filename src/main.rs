@@ -60,6 +60,8 @@ enum Command {
     Tokenize(cmd::tokenizer::TokenizeArgs),
     /// Draw loss and throughput curves of runs (their metrics logs) to SVG and PNG.
     Plot(cmd::plot::PlotArgs),
+    /// Time each custom kernel alone at GPT-2 124M shapes: ms, GB/s, TFLOP/s.
+    KernelsBench(cmd::kernels_bench::KernelsBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -83,6 +85,7 @@ fn main() -> ExitCode {
         Command::Plot(args) => cmd::plot::run(args),
         Command::Tokenizer(args) => cmd::tokenizer::run(args),
         Command::Tokenize(args) => cmd::tokenizer::tokenize(args),
+        Command::KernelsBench(args) => cmd::kernels_bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -262,6 +262,289 @@ __device__ void cross_entropy_bwd(const T* logits, const uint32_t* targets, cons
         d[(size_t)r * v + i] = from_f<T>(gs * (expf(to_f(xr[i]) - m) * inv - (i == (int)t ? 1.0f : 0.0f)));
 }
 
+// ---- flash attention (FlashAttention-2, causal) ---------------------------------------------
+//
+// Causal self-attention straight from the fused projection qkv (B, T, 3C) without a T×T matrix
+// in memory: the forward walks key tiles of FA_BK keys with an online softmax and saves each
+// row's log-sum-exp (f32); the backward recomputes P = exp(scale·QKᵀ − lse) tile by tile.
+// The CPU twin is kernels/src/flash.rs (same algorithm; its tiles are 64 keys where these are
+// 32, which moves the softmax's rescaling points and so the last bits of rounding).
+//
+// Design, for head widths d ≤ FA_DMAX (GPT-2's 64): plain f32 FMAs on CUDA cores with the
+// tiles in shared memory (no tensor cores yet), and every sum owned by one thread or one warp
+// in a fixed order, so no atomics and no run-to-run differences:
+// - forward: a block owns FA_BQ query rows (8 per warp, interleaved so the diagonal tile's
+//   work is spread over the warps); per key tile each lane scores one key, the warp takes the
+//   tile's max and sum by shuffles, and each lane accumulates two output dims;
+// - backward: `delta` = rowsum(dO ∘ O) per row (one warp per row); then dK, dV per key tile
+//   (a block owns 32 keys and walks the query chunks below the diagonal in order) and, in a
+//   separate kernel, dQ per query chunk (walking the key tiles in order), so every gradient
+//   element is a sum one thread owns. Both recompute the 32×32 tiles of P and dS into shared
+//   memory, then accumulate from there.
+// Blocks with the most causal work run first (reversed block order).
+
+#define FA_DMAX 64
+#define FA_BK 32
+#define FA_BQ 64
+#define FA_BR 32
+
+// rows × FA_DMAX floats of a (.., row_stride) matrix into shared memory, zero-padded past the
+// sequence end and the head width.
+template <typename T>
+__device__ void fa_load_rows(const T* src, size_t row_stride, int row0, int rows, int t, int d, float (*dst)[FA_DMAX + 1]) {
+    for (int idx = threadIdx.x; idx < rows * FA_DMAX; idx += blockDim.x) {
+        int r = idx / FA_DMAX, x = idx % FA_DMAX;
+        dst[r][x] = (row0 + r < t && x < d) ? to_f(src[(size_t)(row0 + r) * row_stride + x]) : 0.0f;
+    }
+}
+
+template <typename T>
+__device__ void flash_attention_fwd(const T* qkv, T* out, float* lse, int t, int c, int h, int d, float scale) {
+    __shared__ float q_s[FA_BQ][FA_DMAX];
+    __shared__ float kt_s[FA_DMAX][FA_BK + 1]; // keys transposed: lane j reads column j
+    __shared__ float v_s[FA_BK][FA_DMAX];
+    const int RPW = FA_BQ / WARPS;
+    int bh = blockIdx.y, b = bh / h, hh = bh % h;
+    int r0 = (gridDim.x - 1 - blockIdx.x) * FA_BQ;
+    size_t rs = 3 * (size_t)c;
+    const T* base = qkv + (size_t)b * t * rs + (size_t)hh * d;
+    int warp = threadIdx.x / 32, ln = lane();
+    for (int idx = threadIdx.x; idx < FA_BQ * FA_DMAX; idx += blockDim.x) {
+        int i = idx / FA_DMAX, x = idx % FA_DMAX;
+        q_s[i][x] = (r0 + i < t && x < d) ? to_f(base[(size_t)(r0 + i) * rs + x]) : 0.0f;
+    }
+    float m[RPW], l[RPW], acc0[RPW], acc1[RPW];
+#pragma unroll
+    for (int rr = 0; rr < RPW; rr++) {
+        m[rr] = -INFINITY;
+        l[rr] = 0.0f;
+        acc0[rr] = 0.0f;
+        acc1[rr] = 0.0f;
+    }
+    int last = min(t, r0 + FA_BQ) - 1;
+    for (int c0 = 0; c0 <= last; c0 += FA_BK) {
+        __syncthreads(); // the previous tile is used up (and q_s is complete, the first time)
+        for (int idx = threadIdx.x; idx < FA_BK * FA_DMAX; idx += blockDim.x) {
+            int j = idx / FA_DMAX, x = idx % FA_DMAX;
+            bool ok = c0 + j < t && x < d;
+            size_t o = (size_t)(c0 + j) * rs + x;
+            kt_s[x][j] = ok ? to_f(base[o + c]) : 0.0f;
+            v_s[j][x] = ok ? to_f(base[o + 2 * (size_t)c]) : 0.0f;
+        }
+        __syncthreads();
+        int j = c0 + ln;
+#pragma unroll
+        for (int rr = 0; rr < RPW; rr++) {
+            int il = rr * WARPS + warp, i = r0 + il;
+            if (i >= t || c0 > i) continue; // warp-uniform
+            float s = 0.0f;
+            for (int x = 0; x < d; x++) s += q_s[il][x] * kt_s[x][ln];
+            s = j <= i ? s * scale : -INFINITY;
+            // Key c0 <= i is live, so the max is finite; the first tile's alpha is exp(-inf) = 0.
+            float m_new = fmaxf(m[rr], warp_max(s));
+            float p = j <= i ? expf(s - m_new) : 0.0f;
+            float alpha = expf(m[rr] - m_new);
+            l[rr] = l[rr] * alpha + warp_sum(p);
+            float a0 = acc0[rr] * alpha, a1 = acc1[rr] * alpha;
+            for (int jj = 0; jj < FA_BK; jj++) {
+                float pj = __shfl_sync(FULL_MASK, p, jj);
+                a0 += pj * v_s[jj][ln];
+                a1 += pj * v_s[jj][ln + 32];
+            }
+            acc0[rr] = a0;
+            acc1[rr] = a1;
+            m[rr] = m_new;
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < RPW; rr++) {
+        int i = r0 + rr * WARPS + warp;
+        if (i >= t) continue;
+        float inv = 1.0f / l[rr];
+        T* o = out + ((size_t)b * t + i) * c + (size_t)hh * d;
+        if (ln < d) o[ln] = from_f<T>(acc0[rr] * inv);
+        if (ln + 32 < d) o[ln + 32] = from_f<T>(acc1[rr] * inv);
+        if (ln == 0) lse[(size_t)bh * t + i] = m[rr] + logf(l[rr]);
+    }
+}
+
+// delta[b, h, i] = dO_i · O_i over the head's d columns: one warp per (b, h, i) row.
+template <typename T>
+__device__ void flash_attention_bwd_delta(const T* out, const T* dout, float* delta, int rows, int t, int c, int h, int d) {
+    int r = warp_row();
+    if (r >= rows) return;
+    int bh = r / t, i = r % t, b = bh / h, hh = bh % h;
+    size_t o = ((size_t)b * t + i) * c + (size_t)hh * d;
+    float s = 0.0f;
+    for (int x = lane(); x < d; x += 32) s += to_f(dout[o + x]) * to_f(out[o + x]);
+    s = warp_sum(s);
+    if (lane() == 0) delta[r] = s;
+}
+
+// P and dS of the FA_BR query rows i0.. (q_s, do_s, lse_s, delta_s) against the FA_BK keys
+// c0.. (k_s, v_s) into p_s, ds_s: P = exp(scale·q·k − lse), dS = scale·P·(dO·v − delta), both
+// zero where j > i or past the sequence end. Thread (warp w, lane j) does rows w, w + 8, ...
+__device__ void fa_bwd_tile(float (*q_s)[FA_DMAX + 1], float (*do_s)[FA_DMAX + 1], const float* lse_s, const float* delta_s,
+                            float (*k_s)[FA_DMAX + 1], float (*v_s)[FA_DMAX + 1], float (*p_s)[FA_BK + 1], float (*ds_s)[FA_BK + 1],
+                            int i0, int c0, int t, int d, float scale) {
+    int j = lane();
+    for (int i = threadIdx.x / 32; i < FA_BR; i += WARPS) {
+        float s = 0.0f, dp = 0.0f;
+        for (int x = 0; x < d; x++) {
+            s += q_s[i][x] * k_s[j][x];
+            dp += do_s[i][x] * v_s[j][x];
+        }
+        bool live = i0 + i < t && c0 + j <= i0 + i;
+        float p = live ? expf(s * scale - lse_s[i]) : 0.0f;
+        p_s[i][j] = p;
+        ds_s[i][j] = live ? scale * p * (dp - delta_s[i]) : 0.0f;
+    }
+}
+
+// lse and delta of rows i0.. into shared memory (0 past the end: those rows are masked anyway).
+__device__ void fa_load_row_stats(const float* lse, const float* delta, int i0, int t, float* lse_s, float* delta_s) {
+    for (int i = threadIdx.x; i < FA_BR; i += blockDim.x) {
+        lse_s[i] = i0 + i < t ? lse[i0 + i] : 0.0f;
+        delta_s[i] = i0 + i < t ? delta[i0 + i] : 0.0f;
+    }
+}
+
+// dK and dV of one key tile: thread owns (key tid/64 + 4e, dim tid%64), e < 8, and sums the
+// query rows in increasing order.
+template <typename T>
+__device__ void flash_attention_bwd_dkdv(const T* qkv, const T* dout, const float* lse, const float* delta, T* dqkv, int t, int c, int h, int d,
+                                         float scale) {
+    __shared__ float k_s[FA_BK][FA_DMAX + 1], v_s[FA_BK][FA_DMAX + 1];
+    __shared__ float q_s[FA_BR][FA_DMAX + 1], do_s[FA_BR][FA_DMAX + 1];
+    __shared__ float p_s[FA_BR][FA_BK + 1], ds_s[FA_BR][FA_BK + 1];
+    __shared__ float lse_s[FA_BR], delta_s[FA_BR];
+    const int PER = FA_BK * FA_DMAX / (32 * WARPS);
+    int bh = blockIdx.y, b = bh / h, hh = bh % h;
+    int c0 = blockIdx.x * FA_BK; // early keys see the most queries: they go first
+    size_t rs = 3 * (size_t)c;
+    const T* base = qkv + (size_t)b * t * rs + (size_t)hh * d;
+    const T* dob = dout + (size_t)b * t * c + (size_t)hh * d;
+    fa_load_rows(base + c, rs, c0, FA_BK, t, d, k_s);
+    fa_load_rows(base + 2 * (size_t)c, rs, c0, FA_BK, t, d, v_s);
+    int x = threadIdx.x % FA_DMAX, j0 = threadIdx.x / FA_DMAX;
+    float dk[PER], dv[PER];
+#pragma unroll
+    for (int e = 0; e < PER; e++) dk[e] = dv[e] = 0.0f;
+    for (int i0 = c0; i0 < t; i0 += FA_BR) {
+        __syncthreads();
+        fa_load_rows(base, rs, i0, FA_BR, t, d, q_s);
+        fa_load_rows(dob, (size_t)c, i0, FA_BR, t, d, do_s);
+        fa_load_row_stats(lse + (size_t)bh * t, delta + (size_t)bh * t, i0, t, lse_s, delta_s);
+        __syncthreads();
+        fa_bwd_tile(q_s, do_s, lse_s, delta_s, k_s, v_s, p_s, ds_s, i0, c0, t, d, scale);
+        __syncthreads();
+        for (int i = 0; i < FA_BR; i++) {
+            float qx = q_s[i][x], gx = do_s[i][x];
+#pragma unroll
+            for (int e = 0; e < PER; e++) {
+                int j = j0 + e * (32 * WARPS / FA_DMAX);
+                dv[e] += p_s[i][j] * gx;
+                dk[e] += ds_s[i][j] * qx;
+            }
+        }
+    }
+    if (x >= d) return;
+#pragma unroll
+    for (int e = 0; e < PER; e++) {
+        int j = c0 + j0 + e * (32 * WARPS / FA_DMAX);
+        if (j >= t) continue;
+        T* row = dqkv + ((size_t)b * t + j) * rs + (size_t)hh * d + x;
+        row[c] = from_f<T>(dk[e]);
+        row[2 * (size_t)c] = from_f<T>(dv[e]);
+    }
+}
+
+// dQ of one query chunk: thread owns (row tid/64 + 4e, dim tid%64), summing key tiles and keys
+// in increasing order.
+template <typename T>
+__device__ void flash_attention_bwd_dq(const T* qkv, const T* dout, const float* lse, const float* delta, T* dqkv, int t, int c, int h, int d,
+                                       float scale) {
+    __shared__ float k_s[FA_BK][FA_DMAX + 1], v_s[FA_BK][FA_DMAX + 1];
+    __shared__ float q_s[FA_BR][FA_DMAX + 1], do_s[FA_BR][FA_DMAX + 1];
+    __shared__ float p_s[FA_BR][FA_BK + 1], ds_s[FA_BR][FA_BK + 1];
+    __shared__ float lse_s[FA_BR], delta_s[FA_BR];
+    const int PER = FA_BR * FA_DMAX / (32 * WARPS);
+    int bh = blockIdx.y, b = bh / h, hh = bh % h;
+    int i0 = (gridDim.x - 1 - blockIdx.x) * FA_BR; // late rows see the most keys: they go first
+    size_t rs = 3 * (size_t)c;
+    const T* base = qkv + (size_t)b * t * rs + (size_t)hh * d;
+    fa_load_rows(base, rs, i0, FA_BR, t, d, q_s);
+    fa_load_rows(dout + (size_t)b * t * c + (size_t)hh * d, (size_t)c, i0, FA_BR, t, d, do_s);
+    fa_load_row_stats(lse + (size_t)bh * t, delta + (size_t)bh * t, i0, t, lse_s, delta_s);
+    int x = threadIdx.x % FA_DMAX, r0 = threadIdx.x / FA_DMAX;
+    float dq[PER];
+#pragma unroll
+    for (int e = 0; e < PER; e++) dq[e] = 0.0f;
+    int last = min(t, i0 + FA_BR) - 1;
+    for (int c0 = 0; c0 <= last; c0 += FA_BK) {
+        __syncthreads();
+        fa_load_rows(base + c, rs, c0, FA_BK, t, d, k_s);
+        fa_load_rows(base + 2 * (size_t)c, rs, c0, FA_BK, t, d, v_s);
+        __syncthreads();
+        fa_bwd_tile(q_s, do_s, lse_s, delta_s, k_s, v_s, p_s, ds_s, i0, c0, t, d, scale);
+        __syncthreads();
+        for (int j = 0; j < FA_BK; j++) {
+            float kx = k_s[j][x];
+#pragma unroll
+            for (int e = 0; e < PER; e++) dq[e] += ds_s[r0 + e * (32 * WARPS / FA_DMAX)][j] * kx;
+        }
+    }
+    if (x >= d) return;
+#pragma unroll
+    for (int e = 0; e < PER; e++) {
+        int i = i0 + r0 + e * (32 * WARPS / FA_DMAX);
+        if (i < t) dqkv[((size_t)b * t + i) * rs + (size_t)hh * d + x] = from_f<T>(dq[e]);
+    }
+}
+
+// ---- AdamW over many tensors in one launch -----------------------------------------------------
+//
+// The update of engine/src/optim.rs (PyTorch's AdamW) on f32 master weights and moments, from
+// f32 or bf16 gradients (the kernel's dtype suffix is the gradient's), optionally writing a
+// bf16 copy of each updated parameter. Every operation is an explicit round-to-nearest
+// intrinsic so nvcc cannot contract pairs into FMAs: the result then equals the CPU twin
+// (kernels/src/adamw.rs) and the engine's candle composition bit for bit. Elementwise, so
+// deterministic with no reductions at all.
+//
+// One launch covers every tensor: `table` holds 7 u64 per tensor (param, exp_avg, exp_avg_sq,
+// grad, bf16 copy or 0, length, decay flag) and `chunks` 2 u64 per block (tensor, first
+// element); a block updates ADAMW_CHUNK elements of one tensor.
+
+#define ADAMW_CHUNK 65536
+
+template <typename G>
+__device__ void adamw_step(const uint64_t* table, const uint64_t* chunks, int n_chunks, float beta1, float one_minus_beta1, float beta2,
+                           float one_minus_beta2, float inv_sqrt_bc2, float eps, float step_size, float decay_factor) {
+    int ci = blockIdx.x;
+    if (ci >= n_chunks) return;
+    const uint64_t* e = table + 7 * chunks[2 * ci];
+    float* p = (float*)e[0];
+    float* m = (float*)e[1];
+    float* v = (float*)e[2];
+    const G* g = (const G*)e[3];
+    __nv_bfloat16* copy = (__nv_bfloat16*)e[4];
+    size_t n = e[5];
+    bool decay = e[6] != 0;
+    size_t start = chunks[2 * ci + 1], end = min(n, (size_t)(start + ADAMW_CHUNK));
+    for (size_t i = start + threadIdx.x; i < end; i += blockDim.x) {
+        float gi = to_f(g[i]);
+        float mi = __fadd_rn(__fmul_rn(m[i], beta1), __fmul_rn(gi, one_minus_beta1));
+        float vi = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(__fmul_rn(gi, gi), one_minus_beta2));
+        float denom = __fadd_rn(__fmul_rn(__fsqrt_rn(vi), inv_sqrt_bc2), eps);
+        float pi = decay ? __fmul_rn(p[i], decay_factor) : p[i];
+        pi = __fsub_rn(pi, __fmul_rn(__fdiv_rn(mi, denom), step_size));
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi;
+        if (copy) copy[i] = __float2bfloat16(pi);
+    }
+}
+
 // ---- instantiations ---------------------------------------------------------------------------
 
 #define INSTANTIATE(T, S)                                                                                        \
@@ -305,6 +588,30 @@ __device__ void cross_entropy_bwd(const T* logits, const uint32_t* targets, cons
     extern "C" __global__ void cross_entropy_bwd_##S(const T* logits, const uint32_t* targets, const T* g, T* d, \
                                                      int rows, int v) {                                          \
         cross_entropy_bwd(logits, targets, g, d, rows, v);                                                       \
+    }                                                                                                            \
+    extern "C" __global__ void flash_attention_fwd_##S(const T* qkv, T* out, float* lse, int t, int c, int h, int d,     \
+                                                       float scale) {                                            \
+        flash_attention_fwd(qkv, out, lse, t, c, h, d, scale);                                                   \
+    }                                                                                                            \
+    extern "C" __global__ void flash_attention_bwd_delta_##S(const T* out, const T* dout, float* delta, int rows, \
+                                                             int t, int c, int h, int d) {                       \
+        flash_attention_bwd_delta(out, dout, delta, rows, t, c, h, d);                                           \
+    }                                                                                                            \
+    extern "C" __global__ void flash_attention_bwd_dkdv_##S(const T* qkv, const T* dout, const float* lse,        \
+                                                            const float* delta, T* dqkv, int t, int c, int h,    \
+                                                            int d, float scale) {                                \
+        flash_attention_bwd_dkdv(qkv, dout, lse, delta, dqkv, t, c, h, d, scale);                                \
+    }                                                                                                            \
+    extern "C" __global__ void flash_attention_bwd_dq_##S(const T* qkv, const T* dout, const float* lse,          \
+                                                          const float* delta, T* dqkv, int t, int c, int h, int d, \
+                                                          float scale) {                                         \
+        flash_attention_bwd_dq(qkv, dout, lse, delta, dqkv, t, c, h, d, scale);                                  \
+    }                                                                                                            \
+    extern "C" __global__ void adamw_step_##S(const uint64_t* table, const uint64_t* chunks, int n_chunks,         \
+                                              float beta1, float omb1, float beta2, float omb2, float inv_sqrt_bc2,  \
+                                              float eps, float step_size, float decay_factor) {                     \
+        adamw_step<T>(table, chunks, n_chunks, beta1, omb1, beta2, omb2, inv_sqrt_bc2, eps, step_size,           \
+                      decay_factor);                                                                             \
     }
 
 INSTANTIATE(float, f32)

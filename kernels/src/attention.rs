@@ -50,30 +50,30 @@ pub(crate) fn check_qkv(qkv: &Tensor, n_head: usize) -> Result<(usize, usize, us
 
 /// The problem's geometry: batch, sequence, width, heads, head width, softmax scale.
 #[derive(Clone, Copy)]
-struct Geometry {
-    b: usize,
-    t: usize,
-    c: usize,
-    h: usize,
-    d: usize,
-    scale: f64,
+pub(crate) struct Geometry {
+    pub(crate) b: usize,
+    pub(crate) t: usize,
+    pub(crate) c: usize,
+    pub(crate) h: usize,
+    pub(crate) d: usize,
+    pub(crate) scale: f64,
 }
 
 /// A read-only strided matrix view (`rs` between rows, `cs` between columns).
 #[derive(Clone, Copy)]
-struct Mat<T> {
-    ptr: *const T,
-    rs: isize,
-    cs: isize,
+pub(crate) struct Mat<T> {
+    pub(crate) ptr: *const T,
+    pub(crate) rs: isize,
+    pub(crate) cs: isize,
 }
 
 impl<T> Mat<T> {
     /// The view starting at row `r`.
-    unsafe fn row(self, r: usize) -> Self {
+    pub(crate) unsafe fn row(self, r: usize) -> Self {
         Mat { ptr: self.ptr.offset(r as isize * self.rs), ..self }
     }
     /// The transposed view.
-    fn t(self) -> Self {
+    pub(crate) fn t(self) -> Self {
         Mat { ptr: self.ptr, rs: self.cs, cs: self.rs }
     }
     /// The view starting at column `c`.
@@ -84,23 +84,23 @@ impl<T> Mat<T> {
 
 /// A writable strided matrix view.
 #[derive(Clone, Copy)]
-struct MatMut<T> {
-    ptr: *mut T,
-    rs: isize,
+pub(crate) struct MatMut<T> {
+    pub(crate) ptr: *mut T,
+    pub(crate) rs: isize,
 }
 
 impl<T> MatMut<T> {
-    unsafe fn row(self, r: usize) -> Self {
+    pub(crate) unsafe fn row(self, r: usize) -> Self {
         MatMut { ptr: self.ptr.offset(r as isize * self.rs), ..self }
     }
-    fn as_mat(self) -> Mat<T> {
+    pub(crate) fn as_mat(self) -> Mat<T> {
         Mat { ptr: self.ptr, rs: self.rs, cs: 1 }
     }
 }
 
 /// Raw pointers crossing into rayon tasks. Every task writes a disjoint set of elements.
 #[derive(Clone, Copy)]
-struct Shared<T>(*mut T);
+pub(crate) struct Shared<T>(pub(crate) *mut T);
 unsafe impl<T> Send for Shared<T> {}
 unsafe impl<T> Sync for Shared<T> {}
 
@@ -137,7 +137,7 @@ unsafe fn product<T: Real>(m: usize, n: usize, k: usize, dst: MatMut<T>, a: Mat<
 
 /// Runs `task(batch, head)` for every pair, on the current rayon pool when there is more
 /// than one thread (the caller's stage pool sets the budget).
-fn for_each_head(g: Geometry, task: impl Fn(usize, usize) + Sync + Send) {
+pub(crate) fn for_each_head(g: Geometry, task: impl Fn(usize, usize) + Sync + Send) {
     let pairs = g.b * g.h;
     if rayon::current_num_threads() > 1 && pairs > 1 {
         (0..pairs).into_par_iter().for_each(|p| task(p / g.h, p % g.h));
@@ -201,7 +201,7 @@ fn forward<T: Real>(g: Geometry, qkv: &[T]) -> (Vec<T>, Vec<T>) {
 }
 
 /// `x = exp(x - shift)` in place, returning the sum.
-fn exp_in_place<T: Real>(x: &mut [T], shift: T) -> T {
+pub(crate) fn exp_in_place<T: Real>(x: &mut [T], shift: T) -> T {
     // The vectorised row kernel writes to a separate slice; a small stack buffer per chunk
     // keeps it in cache.
     let mut buf = [T::ZERO; 64];
@@ -272,7 +272,7 @@ fn backward<T: Real>(g: Geometry, qkv: &[T], probs: &[T], dmerged: &[T]) -> Vec<
 }
 
 /// Reads a CPU tensor's elements (row-major, gathered if strided).
-fn with_cpu_slice<T: Real, R>(x: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_cpu_slice<T: Real, R>(x: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
     let (s, l) = x.storage_and_layout();
     match &*s {
         Storage::Cpu(cpu) => f(&view::<T>(cpu, l)?),
@@ -280,7 +280,7 @@ fn with_cpu_slice<T: Real, R>(x: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> 
     }
 }
 
-fn geometry(qkv: &Tensor, n_head: usize) -> Result<Geometry> {
+pub(crate) fn geometry(qkv: &Tensor, n_head: usize) -> Result<Geometry> {
     let (b, t, c) = check_qkv(qkv, n_head)?;
     let d = c / n_head;
     Ok(Geometry { b, t, c, h: n_head, d, scale: 1.0 / (d as f64).sqrt() })

@@ -12,13 +12,18 @@
 //!
 //! Nothing in this module has run on a GPU yet (the sessions that wrote it had none); the
 //! same algorithms run on the CPU as the ops' `cpu_fwd` and are tested there.
+//! Every kernel's own source (f32 instantiation) also runs on the host under
+//! `cuda/emulate/run.sh` (one OS thread per CUDA thread, barriers for `__syncthreads` and the
+//! warp shuffles) against a direct f64 computation: their indexing, masking and tiling are
+//! checked that way, their speed and the GPU's libm are not.
 
 use candle_core::backend::BackendStorage;
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
-use candle_core::{bail, DType, Layout, Result, Shape};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, DType, Layout, Result, Shape, Storage, Tensor};
 use half::bf16;
 
 /// The compiled module (PTX text).
@@ -39,6 +44,11 @@ pub const OPS: &[&str] = &[
     "cross_entropy_rows",
     "sum_to_scalar",
     "cross_entropy_bwd",
+    "flash_attention_fwd",
+    "flash_attention_bwd_delta",
+    "flash_attention_bwd_dkdv",
+    "flash_attention_bwd_dq",
+    "adamw_step",
 ];
 
 /// Warps (rows) per block of the one-warp-per-row kernels; matches `WARPS` in the `.cu` file.
@@ -306,6 +316,195 @@ pub(crate) fn cross_entropy_sum_bwd(ls: &CudaStorage, ll: &Layout, ts: &CudaStor
         unsafe { b.launch(rows_config(rows)) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(d, dev.clone()), ll.shape().clone()))
     })
+}
+
+// ---- flash attention ---------------------------------------------------------------------------
+//
+// Not a `CustomOp`: the forward has two outputs of different dtypes (the output in the input's
+// dtype, the log-sum-exp in f32) and a custom op returns one storage, so these functions read
+// the tensors' storages and wrap the results with `Tensor::from_storage` themselves (no
+// autograd: the pipeline calls the backward explicitly, like the other attention paths). The
+// launches still go on the device's own stream through the same module cache.
+
+/// Head widths the flash kernels take (`FA_DMAX` in the `.cu` file).
+pub const FLASH_MAX_HEAD_DIM: usize = 64;
+/// Query rows per forward block and rows/keys per backward tile (`FA_BQ`, `FA_BR`/`FA_BK`).
+const FLASH_BQ: usize = 64;
+const FLASH_BT: usize = 32;
+
+/// The CUDA storage of a contiguous tensor and its layout.
+fn cuda_storage<'a>(t: &'a Tensor, op: &str) -> Result<(impl std::ops::Deref<Target = Storage> + 'a, Layout)> {
+    let (s, l) = t.storage_and_layout();
+    if !matches!(&*s, Storage::Cuda(_)) {
+        bail!("{op}: expected a CUDA tensor, got one on {:?}", t.device().location())
+    }
+    Ok((s, l.clone()))
+}
+
+fn as_cuda(s: &Storage) -> Result<&CudaStorage> {
+    match s {
+        Storage::Cuda(c) => Ok(c),
+        _ => bail!("flash_attention: expected CUDA storage"),
+    }
+}
+
+fn wrap<T: CudaDType + DeviceRepr>(dev: &CudaDevice, slice: CudaSlice<T>, shape: impl Into<Shape>) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone())), shape, BackpropOp::none(), false)
+}
+
+/// The geometry as kernel arguments: `(B·H, T, C, H, d)`, checking the kernels' limits.
+fn flash_geometry(qkv: &Tensor, n_head: usize) -> Result<(usize, usize, usize, usize, usize)> {
+    let (b, t, c3) = qkv.dims3()?;
+    let c = c3 / 3;
+    let d = c / n_head;
+    if d > FLASH_MAX_HEAD_DIM {
+        bail!("flash_attention: the CUDA kernels take head widths up to {FLASH_MAX_HEAD_DIM}, got {d}")
+    }
+    if b * n_head > 65_535 {
+        bail!("flash_attention: B·H = {} exceeds the grid's y limit 65535", b * n_head)
+    }
+    Ok((b * n_head, t, c, n_head, d))
+}
+
+/// Forward: `(merged (B, T, C) in qkv's dtype, lse (B, H, T) f32)`. `qkv` is contiguous.
+pub(crate) fn flash_attention(qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)> {
+    let (bh, t, c, h, d) = flash_geometry(qkv, n_head)?;
+    let b = bh / h;
+    let (guard, l) = cuda_storage(qkv, "flash_attention")?;
+    let s = as_cuda(&guard)?;
+    let dev = s.device();
+    with_dtype!(s.dtype(), |T| {
+        let x = dense::<T>(s, &l, "flash-attention")?;
+        let out = alloc::<T>(dev, b * t * c)?;
+        let lse = alloc::<f32>(dev, bh * t)?;
+        let (stream, f) = function(dev, "flash_attention_fwd", s.dtype())?;
+        let (tt, cc, hh, dd, scale) = (int(t, "T")?, int(c, "C")?, int(h, "H")?, int(d, "d")?, 1.0f32 / (d as f32).sqrt());
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&x).arg(&out).arg(&lse).arg(&tt).arg(&cc).arg(&hh).arg(&dd).arg(&scale);
+        let cfg = LaunchConfig { grid_dim: (t.div_ceil(FLASH_BQ).max(1) as u32, bh as u32, 1), block_dim: (32 * WARPS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: x is B·T·3C, out B·T·C, lse B·H·T; each block writes its own rows of its head.
+        unsafe { lb.launch(cfg) }.w()?;
+        Ok((wrap(dev, out, (b, t, c)), wrap(dev, lse, (b, h, t))))
+    })
+}
+
+/// Backward: `dqkv (B, T, 3C)`; all inputs contiguous, `lse` f32.
+pub(crate) fn flash_attention_backward(qkv: &Tensor, merged: &Tensor, lse: &Tensor, dmerged: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (bh, t, c, h, d) = flash_geometry(qkv, n_head)?;
+    let b = bh / h;
+    let (gq, lq) = cuda_storage(qkv, "flash_attention_backward")?;
+    let (go, lo) = cuda_storage(merged, "flash_attention_backward")?;
+    let (gl, ll) = cuda_storage(lse, "flash_attention_backward")?;
+    let (gd, ld) = cuda_storage(dmerged, "flash_attention_backward")?;
+    let s = as_cuda(&gq)?;
+    let dev = s.device();
+    let dtype = s.dtype();
+    with_dtype!(dtype, |T| {
+        let x = dense::<T>(s, &lq, "flash-attention-bwd")?;
+        let o = dense::<T>(as_cuda(&go)?, &lo, "flash-attention-bwd")?;
+        let lse = dense::<f32>(as_cuda(&gl)?, &ll, "flash-attention-bwd")?;
+        let dy = dense::<T>(as_cuda(&gd)?, &ld, "flash-attention-bwd")?;
+        let delta = alloc::<f32>(dev, bh * t)?;
+        let dqkv = alloc::<T>(dev, b * t * 3 * c)?;
+        let (rows, tt, cc, hh, dd, scale) = (int(bh * t, "B·H·T")?, int(t, "T")?, int(c, "C")?, int(h, "H")?, int(d, "d")?, 1.0f32 / (d as f32).sqrt());
+        {
+            let (stream, f) = function(dev, "flash_attention_bwd_delta", dtype)?;
+            let mut lb = stream.launch_builder(&f);
+            lb.arg(&o).arg(&dy).arg(&delta).arg(&rows).arg(&tt).arg(&cc).arg(&hh).arg(&dd);
+            // SAFETY: o and dy are B·T·C, delta B·H·T (one warp per element).
+            unsafe { lb.launch(rows_config(bh * t)) }.w()?;
+        }
+        let tiles = LaunchConfig { grid_dim: (t.div_ceil(FLASH_BT).max(1) as u32, bh as u32, 1), block_dim: (32 * WARPS, 1, 1), shared_mem_bytes: 0 };
+        for kernel in ["flash_attention_bwd_dkdv", "flash_attention_bwd_dq"] {
+            let (stream, f) = function(dev, kernel, dtype)?;
+            let mut lb = stream.launch_builder(&f);
+            lb.arg(&x).arg(&dy).arg(&lse).arg(&delta).arg(&dqkv).arg(&tt).arg(&cc).arg(&hh).arg(&dd).arg(&scale);
+            // SAFETY: x and dqkv are B·T·3C, dy B·T·C, lse and delta B·H·T; dkdv writes the k and
+            // v thirds (each block its own keys), dq the q third (each block its own rows).
+            unsafe { lb.launch(tiles) }.w()?;
+        }
+        Ok(wrap(dev, dqkv, (b, t, 3 * c)))
+    })
+}
+
+// ---- multi-tensor AdamW ------------------------------------------------------------------------
+
+/// Elements per block of `adamw_step` (`ADAMW_CHUNK` in the `.cu` file).
+const ADAMW_CHUNK: usize = 65_536;
+
+/// The device address of a contiguous tensor's first element (`elem` bytes per element).
+fn address<T: CudaDType + DeviceRepr>(s: &CudaStorage, l: &Layout, stream: &CudaStream) -> Result<u64> {
+    let Some((start, _)) = l.contiguous_offsets() else {
+        bail!("adamw: the CUDA kernel needs contiguous tensors")
+    };
+    let (ptr, _sync) = s.as_cuda_slice::<T>()?.device_ptr(stream);
+    Ok(ptr + (start * std::mem::size_of::<T>()) as u64)
+}
+
+/// One `adamw_step` launch over every slot (checked by the caller: same device, f32 state,
+/// one gradient dtype, contiguous, distinct tensors).
+///
+/// The kernel writes `param`, `exp_avg`, `exp_avg_sq` (and the bf16 copies) through addresses
+/// taken from shared borrows of their storages: candle lends only one storage mutably per op,
+/// and a multi-tensor launch needs them all. The storages stay borrowed (their guards held)
+/// until the launch is queued on the device's stream, which orders it after every earlier
+/// write to them and before every later read.
+pub(crate) fn adamw_step_many<'a>(slots: &[crate::adamw::AdamWSlot<'a>], s: &crate::adamw::AdamWScalars) -> Result<()> {
+    let Some(first) = slots.first() else { return Ok(()) };
+    let grad_dtype = first.grad.dtype();
+    let dev = match first.param.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        d => bail!("adamw: expected a CUDA device, got {:?}", d.location()),
+    };
+    let stream = dev.cuda_stream();
+    let mut table: Vec<u64> = Vec::with_capacity(7 * slots.len());
+    let mut chunks: Vec<u64> = Vec::new();
+    let mut guards = Vec::new();
+    for (i, slot) in slots.iter().enumerate() {
+        let n = slot.param.elem_count();
+        let mut addr = |t: &'a Tensor, dtype: DType| -> Result<u64> {
+            let (g, l) = cuda_storage(t, "adamw")?;
+            let a = match dtype {
+                DType::BF16 => address::<bf16>(as_cuda(&g)?, &l, &stream)?,
+                _ => address::<f32>(as_cuda(&g)?, &l, &stream)?,
+            };
+            guards.push(g);
+            Ok(a)
+        };
+        table.push(addr(slot.param, DType::F32)?);
+        table.push(addr(slot.exp_avg, DType::F32)?);
+        table.push(addr(slot.exp_avg_sq, DType::F32)?);
+        table.push(addr(slot.grad, grad_dtype)?);
+        table.push(match slot.param_bf16 {
+            Some(t) => addr(t, DType::BF16)?,
+            None => 0,
+        });
+        table.push(n as u64);
+        table.push(u64::from(slot.decay));
+        for start in (0..n).step_by(ADAMW_CHUNK) {
+            chunks.extend([i as u64, start as u64]);
+        }
+    }
+    if chunks.is_empty() {
+        return Ok(());
+    }
+    let n_chunks = int(chunks.len() / 2, "chunks")?;
+    let table = stream.clone_htod(&table).w()?;
+    let chunk_table = stream.clone_htod(&chunks).w()?;
+    let f = dev.get_or_load_custom_func(&format!("adamw_step_{}", suffix(grad_dtype)?), "brigade", PTX)?.into_cuda_function();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&table).arg(&chunk_table).arg(&n_chunks);
+    for x in [&s.beta1, &s.one_minus_beta1, &s.beta2, &s.one_minus_beta2, &s.inv_sqrt_bias_correction2, &s.eps, &s.step_size, &s.decay_factor] {
+        b.arg(x);
+    }
+    let cfg = LaunchConfig { grid_dim: (n_chunks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: every table entry addresses a live, contiguous tensor of `n` elements of the
+    // stated dtype (the caller checked shapes and dtypes; the guards keep the storages alive);
+    // each block touches elements [start, start + CHUNK) of one tensor, disjoint from every
+    // other block's, and no two slots share a tensor.
+    unsafe { b.launch(cfg) }.w()?;
+    drop(guards);
+    Ok(())
 }
 
 #[cfg(test)]

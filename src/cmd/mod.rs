@@ -6,6 +6,7 @@ pub mod export;
 pub mod generate;
 pub mod inference;
 pub mod inspect;
+pub mod kernels_bench;
 pub mod model;
 pub mod plan;
 pub mod plot;

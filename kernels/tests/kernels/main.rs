@@ -6,8 +6,12 @@
 //! - error cases: bad shapes/dtypes/geometry return errors naming the problem;
 //! - `vmath_accuracy`: the vectorised f32 exp/tanh/GELU/softmax pieces against f64.
 
+mod adamw;
 mod attention;
 mod backward;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod flash;
 mod gradcheck;
 mod linear;
 mod vmath_accuracy;
