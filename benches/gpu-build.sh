@@ -12,18 +12,22 @@ target=${CARGO_TARGET_DIR:-../target-cuda}
 rm -rf .gpu && mkdir -p .gpu/tests
 cargo build --release --features cuda --target-dir "$target" --bin brigade
 strip -o .gpu/brigade "$target/release/brigade"
-# Test binaries: the GPU integration tests, the device unit tests (engine) and the kernels'
-# twins. `--message-format` names each executable.
-cargo test --release --features cuda --target-dir "$target" --no-run --message-format=json \
-    --test gpu --test mixed_precision -p brigade -p brigade-engine -p brigade-kernels 2>/dev/null \
-  | python3 -c '
+# Test binaries: the GPU integration tests and bf16 (brigade), the device unit tests (engine),
+# the kernels against their CPU twins (kernels). `--message-format` names each executable.
+test_binaries() {
+  cargo test --release --features cuda --target-dir "$target" --no-run --message-format=json "$@" 2>/dev/null \
+    | python3 -c '
 import json, sys
 for line in sys.stdin:
     try: m = json.loads(line)
     except ValueError: continue
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         print(m["executable"])' \
-  | while read -r exe; do strip -o ".gpu/tests/$(basename "$exe")" "$exe"; done
+    | while read -r exe; do strip -o ".gpu/tests/$(basename "$exe")" "$exe"; done
+}
+test_binaries -p brigade --test gpu --test mixed_precision
+test_binaries -p brigade-engine --lib
+test_binaries -p brigade-kernels --lib --test kernels
 cp ../shared/cuda/device-env.sh ../shared/peers/torch_gpt.py .gpu/
 [ -f benches/torch_kernels.py ] && cp benches/torch_kernels.py .gpu/
 du -sh .gpu

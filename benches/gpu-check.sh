@@ -6,7 +6,8 @@
 #   2. brigade bench on GPT-2 124M (batch 8 x 1024) at 1, 2 and 4 stages on one GPU, f32 and
 #      bf16: tokens/s, MFU, memory;
 #   3. PyTorch eager (and torch.compile) on the same model, for the ratio;
-#   4. the kernel benchmarks, brigade's and PyTorch's, when the build has them.
+#   4. the kernel benchmarks, brigade's (`brigade kernels-bench`) and PyTorch's
+#      (benches/torch_kernels.py), f32 and bf16.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
@@ -58,9 +59,11 @@ for extra in "" "--compile"; do
       --device cuda --dtype bf16 --fused-adamw $extra 2>&1 | tail -2 | tee -a "$out/torch.txt"
 done
 
-if .gpu/brigade kernels-bench --help >/dev/null 2>&1; then
-  echo "== kernels: brigade vs PyTorch (GPT-2 124M shapes)"
-  timeout 90 .gpu/brigade kernels-bench --device cuda 2>&1 | tee "$out/kernels.txt"
-  [ -f .gpu/torch_kernels.py ] && timeout 90 python3 .gpu/torch_kernels.py 2>&1 | tee -a "$out/kernels.txt"
-fi
+echo "== kernels: brigade vs PyTorch at GPT-2 124M shapes (%peak against PEAK_GBPS, default 4800: H200 HBM3e)"
+for dtype in f32 bf16; do
+  timeout 60 .gpu/brigade kernels-bench --device cuda --dtype "$dtype" --peak-gbps "${PEAK_GBPS:-4800}" 2>&1 \
+    | tee -a "$out/kernels.txt" || status=1
+  timeout 60 python3 .gpu/torch_kernels.py --device cuda --dtype "$dtype" --peak-gbps "${PEAK_GBPS:-4800}" 2>&1 \
+    | tee -a "$out/kernels.txt"
+done
 exit $status

@@ -624,7 +624,9 @@ struct CausalSelfAttention {
 struct AttentionSaved {
     x: Tensor,
     qkv: Tensor,
-    probs: Tensor,
+    /// What the attention backward starts from: the probabilities (materialised path) or the
+    /// per-row log-sum-exp (flash attention, the CPU's f32 path: no T×T matrix kept).
+    saved: brigade_kernels::AttentionSaved,
     merged: Tensor,
 }
 
@@ -640,18 +642,19 @@ impl CausalSelfAttention {
         residual: Option<&Tensor>,
     ) -> Result<(Tensor, AttentionSaved)> {
         let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
-        let (merged, probs) = if qkv.track_op() {
-            brigade_kernels::reference::causal_attention(&qkv, self.n_head)?
+        let (merged, saved) = if qkv.track_op() {
+            let (merged, probs) = brigade_kernels::reference::causal_attention(&qkv, self.n_head)?;
+            (merged, brigade_kernels::AttentionSaved::Probs(probs))
         } else {
-            brigade_kernels::causal_attention(&qkv, self.n_head)?
-        }; // (B, T, C), (B, H, T, T)
+            brigade_kernels::causal_attention_saving(&qkv, self.n_head)?
+        }; // (B, T, C), probabilities (B, H, T, T) or log-sum-exp (B, H, T)
         let out = self.c_proj.forward_residual(&merged, residual)?;
         Ok((
             out,
             AttentionSaved {
                 x: x.clone(),
                 qkv,
-                probs,
+                saved,
                 merged,
             },
         ))
@@ -721,7 +724,7 @@ impl CausalSelfAttention {
     fn backward_input(&self, s: &AttentionSaved, dout: &Tensor) -> Result<(Tensor, Tensor)> {
         let dmerged = self.c_proj.backward_input(dout)?; // (B, T, C)
         let dqkv =
-            brigade_kernels::causal_attention_backward(&s.qkv, &s.probs, &dmerged, self.n_head)?; // (B, T, 3C)
+            brigade_kernels::causal_attention_saved_backward(&s.qkv, &s.merged, &s.saved, &dmerged, self.n_head)?; // (B, T, 3C)
         let dx = self.c_attn.backward_input(&dqkv)?;
         Ok((dx, dqkv))
     }
@@ -814,7 +817,7 @@ impl Layer for Block {
             x,
             &attn.x,
             &attn.qkv,
-            &attn.probs,
+            attn.saved.tensor(),
             &attn.merged,
             &x2,
             &ln2_out,

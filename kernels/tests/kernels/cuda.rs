@@ -1,6 +1,7 @@
 //! The CUDA kernels against their CPU twins, on a GPU when there is one (`--features cuda`);
-//! without a CUDA device each test prints that it skipped and passes. No session has run
-//! these on a GPU yet.
+//! without a CUDA device each test prints `SKIPPED: ...` straight to stderr (past the harness's
+//! capture, so every run shows it) and passes; `benches/gpu-check.sh` fails on a skip. No session
+//! has run these on a GPU yet.
 
 use brigade_kernels as k;
 use candle_core::{DType, Device, Tensor};
@@ -11,8 +12,10 @@ fn gpu() -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(d) => Some(d),
         Err(e) => {
-            eprintln!(
-                "no CUDA device ({}): skipping",
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: no CUDA device ({})",
                 e.to_string().lines().next().unwrap_or("")
             );
             None
