@@ -185,19 +185,25 @@ impl AttentionSaved {
     }
 }
 
+/// The shortest sequence [`causal_attention_saving`] runs by flash attention on the CPU.
+pub const FLASH_MIN_SEQUENCE: usize = 256;
+
 /// Causal attention by the algorithm chosen for `qkv`'s device and dtype, returning `(merged
 /// (B, T, C), saved)` for [`causal_attention_saved_backward`]:
-/// - CPU f32/f64: [`flash_attention`]. Alone it measured as fast as the materialised kernel
-///   at B=16 T=128 C=256 and 1.4-1.7x faster at B=2 T=1024 C=768 (`cargo bench -p
-///   brigade-kernels --bench attention_cpu`); in GPT-2 124M's blocks (`brigade profile`, T=1024,
-///   one example, one thread) forward 4.65 → 3.97 s and backward 8.91 → 7.86 s, saved
-///   activations 97.5 → 47.2 MB per block; in the gpt-tiny preset a wash (±6%) with 21% less
-///   saved memory;
+/// - CPU f32/f64 with `T >= FLASH_MIN_SEQUENCE`: [`flash_attention`]. Alone it measured as
+///   fast as the materialised kernel at B=16 T=128 C=256 and 1.4-1.7x faster at B=2 T=1024
+///   C=768 (`cargo bench -p brigade-kernels --bench attention_cpu`); in GPT-2 124M's blocks
+///   (`brigade profile`, T=1024, one example, one thread) forward 4.65 → 3.97 s and backward
+///   8.91 → 7.86 s, saved activations 97.5 → 47.2 MB per block. In training at T=128 (the
+///   side-by-side GPT, 3 alternating rounds of `train`) it was 0-6% slower (2-stage 1F1B 0.592
+///   vs 0.558 s, 1 thread 1.009 vs 0.973 s), where the probabilities are small anyway: shorter
+///   sequences keep the materialised kernel;
 /// - anything else: [`causal_attention`] (on CUDA its batched products use cuBLAS's tensor
 ///   cores; the flash kernels take its place once `brigade kernels-bench --device cuda` shows
 ///   them faster).
 pub fn causal_attention_saving(qkv: &Tensor, n_head: usize) -> Result<(Tensor, AttentionSaved)> {
-    if fused(qkv) {
+    let long = qkv.dims().get(1).is_some_and(|&t| t >= FLASH_MIN_SEQUENCE);
+    if fused(qkv) && long {
         let (merged, lse) = flash_attention(qkv, n_head)?;
         return Ok((merged, AttentionSaved::LogSumExp(lse)));
     }

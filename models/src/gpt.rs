@@ -1207,6 +1207,28 @@ mod tests {
         }
     }
 
+    /// At sequences of `FLASH_MIN_SEQUENCE` and longer a block's attention runs as flash
+    /// attention on the CPU (only the log-sum-exp saved); its explicit backward still matches
+    /// autograd through the reference composition.
+    #[test]
+    fn long_sequences_take_flash_attention_and_match_autograd() {
+        use brigade_engine::gradcheck::check_layer;
+        let t = brigade_kernels::FLASH_MIN_SEQUENCE + 3;
+        let model = Gpt::new(GptConfig::custom(16, t, 8, 1, 2).unwrap()).unwrap();
+        let block = model.layers()[1].clone();
+        let hidden = (Tensor::randn(0f32, 1.0, (1, t, 8), &Device::Cpu).unwrap() * 2.0).unwrap();
+        let report = check_layer(block.as_ref(), &hidden, 5).unwrap();
+        assert!(report.max() <= 1e-5, "{report:?}");
+        // It took the flash path: it kept (B, H, T) log-sum-exps, not (B, H, T, T) probabilities.
+        // Built as a stage builds it: over detached views of the variables (no autograd graph).
+        let mut store = ParamStore::new(Device::Cpu, 5);
+        block.build(&mut store).unwrap();
+        let mut layer = block.build(&mut store.shared_view()).unwrap();
+        let (_, saved) = layer.forward_train(&hidden, Pass::First).unwrap();
+        let biggest = saved.tensors().iter().map(|s| s.elem_count()).max().unwrap();
+        assert!(biggest < 2 * t * t, "a T x T tensor was kept: {biggest} elements");
+    }
+
     /// Central finite differences on a few entries of several parameters against autograd.
     #[test]
     fn gradients_match_finite_differences() {
