@@ -13,12 +13,13 @@ cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 . .gpu/device-env.sh
+python3 -c 'import tarfile; tarfile.open(".gpu/bundle.tar.xz").extractall(".gpu")' || { echo "cannot unpack .gpu/bundle.tar.xz (run benches/gpu-build.sh here first)"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 status=0
 
 echo "== CUDA tests"
 for t in .gpu/tests/*; do
-  if ! timeout 240 "$t" --test-threads 1 2>&1 | tee "$out/test-$(basename "$t").log" | grep -E 'test result|FAILED|panicked|SKIPPED'; then
+  if ! timeout 240 "$t" --test-threads 1 2>&1 | tee "$out/test-$(basename "$t").log" | grep -E 'test result|FAILED|panicked|SKIPPED|error'; then
     status=1
   fi
   if grep -q 'SKIPPED' "$out/test-$(basename "$t").log"; then echo "a test skipped on the GPU machine"; status=1; fi
