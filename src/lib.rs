@@ -34,10 +34,10 @@ pub mod prelude {
     pub use crate::engine::partition::{Partition, PartitionStrategy};
     pub use crate::engine::pipeline::{EvalStats, Pipeline, PipelineConfig, StepStats};
     pub use crate::engine::schedule::{Action, ActionKind, Schedule, ScheduleKind};
-    pub use crate::engine::{Mode, PipelineModel};
+    pub use crate::engine::{Mode, PipelineModel, StageDevice};
     pub use crate::models::data::{ImageDataset, Split, TokenDataset};
     pub use crate::train::{Dataset, Event, TrainOptions, Trainer};
-    pub use candle_core::{Device, Tensor};
+    pub use candle_core::{DType, Device, Tensor};
 }
 
 /// Errors from any part of brigade, each naming what went wrong.
