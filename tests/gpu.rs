@@ -10,6 +10,8 @@
 //! CPU test (tests/mixed_precision.rs): step 1 within 1e-3, every step within 3%, the mean of
 //! the last 10 of 100 within 2%.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 
@@ -93,6 +95,18 @@ fn train(
     }
 }
 
+/// `train` with 1F1B, 4 micro-batches and lr 1e-3.
+fn train_1f1b(devices: Vec<StageDevice>, dtype: DType, steps: u64) -> Run {
+    train(
+        devices,
+        ScheduleKind::OneFOneB.into(),
+        4,
+        dtype,
+        steps,
+        1e-3,
+    )
+}
+
 /// ‖a − b‖ / ‖b‖ over all parameters together.
 fn weights_gap(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> f64 {
     let (mut diff, mut norm) = (0.0, 0.0);
@@ -138,14 +152,7 @@ fn every_schedule_on_one_gpu_trains_like_one_stage_on_it() {
     let Some(gpu) = gpu("every_schedule_on_one_gpu_trains_like_one_stage_on_it") else {
         return;
     };
-    let single = train(
-        vec![gpu],
-        ScheduleKind::OneFOneB.into(),
-        4,
-        DType::F32,
-        3,
-        1e-3,
-    );
+    let single = train_1f1b(vec![gpu], DType::F32, 3);
     for (name, schedule) in [
         ("gpipe", ScheduleChoice::Kind(ScheduleKind::GPipe)),
         ("1f1b", ScheduleChoice::Kind(ScheduleKind::OneFOneB)),
@@ -173,22 +180,8 @@ fn the_gpu_trains_like_the_cpu_in_f32() {
     let Some(gpu) = gpu("the_gpu_trains_like_the_cpu_in_f32") else {
         return;
     };
-    let on_gpu = train(
-        vec![gpu; 2],
-        ScheduleKind::OneFOneB.into(),
-        4,
-        DType::F32,
-        3,
-        1e-3,
-    );
-    let on_cpu = train(
-        vec![StageDevice::Cpu; 2],
-        ScheduleKind::OneFOneB.into(),
-        4,
-        DType::F32,
-        3,
-        1e-3,
-    );
+    let on_gpu = train_1f1b(vec![gpu; 2], DType::F32, 3);
+    let on_cpu = train_1f1b(vec![StageDevice::Cpu; 2], DType::F32, 3);
     let (l, w) = (
         losses_gap(&on_gpu.losses, &on_cpu.losses),
         weights_gap(&on_gpu.params, &on_cpu.params),
@@ -199,14 +192,7 @@ fn the_gpu_trains_like_the_cpu_in_f32() {
         "GPU vs CPU f32: losses {l:.2e}, weights {w:.2e}"
     );
     // A mixed layout (one stage on each) hands tensors across devices and agrees too.
-    let mixed = train(
-        vec![StageDevice::Cpu, gpu],
-        ScheduleKind::OneFOneB.into(),
-        4,
-        DType::F32,
-        3,
-        1e-3,
-    );
+    let mixed = train_1f1b(vec![StageDevice::Cpu, gpu], DType::F32, 3);
     let (l, w) = (
         losses_gap(&mixed.losses, &on_cpu.losses),
         weights_gap(&mixed.params, &on_cpu.params),
@@ -222,46 +208,9 @@ fn bf16_on_the_gpu_follows_f32() {
     let Some(gpu) = gpu("bf16_on_the_gpu_follows_f32") else {
         return;
     };
-    let f32_run = train(
-        vec![gpu; 2],
-        ScheduleKind::OneFOneB.into(),
-        4,
-        DType::F32,
-        100,
-        1e-3,
-    );
-    let bf16_run = train(
-        vec![gpu; 2],
-        ScheduleKind::OneFOneB.into(),
-        4,
-        DType::BF16,
-        100,
-        1e-3,
-    );
-    let rel: Vec<f64> = f32_run
-        .losses
-        .iter()
-        .zip(&bf16_run.losses)
-        .map(|(a, b)| ((a - b) / a).abs())
-        .collect();
-    eprintln!(
-        "bf16 vs f32 on the GPU: step 1 {:.1e}, largest {:.1e}",
-        rel[0],
-        rel.iter().cloned().fold(0.0, f64::max)
-    );
-    assert!(rel[0] < 1e-3, "step 1: {rel:?}");
-    assert!(
-        rel.iter().all(|r| *r < 0.03),
-        "a step differs by more than 3%: {rel:?}"
-    );
-    let tail = |l: &[f64]| l[l.len() - 10..].iter().sum::<f64>() / 10.0;
-    assert!(
-        ((tail(&f32_run.losses) - tail(&bf16_run.losses)) / tail(&f32_run.losses)).abs() < 0.02
-    );
-    assert!(
-        rel.iter().any(|r| *r > 1e-5),
-        "bf16 equals f32: the layers did not compute in bf16"
-    );
+    let f32_run = train_1f1b(vec![gpu; 2], DType::F32, 100);
+    let bf16_run = train_1f1b(vec![gpu; 2], DType::BF16, 100);
+    common::assert_bf16_follows_f32("bf16 on the GPU", &f32_run.losses, &bf16_run.losses);
     for (name, t) in &bf16_run.params {
         assert_eq!(t.dtype(), DType::F32, "master weight {name}");
     }
