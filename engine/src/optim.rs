@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::f64::consts::PI;
 
+use brigade_kernels::adamw::{self, AdamWSlot, AdamWStep};
 use candle_core::{Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
@@ -69,6 +70,19 @@ impl ParamState {
     }
 }
 
+/// One parameter's part in [`Optimizer::step_many`].
+pub struct ParamUpdate<'a> {
+    /// Canonical name (the state's key).
+    pub name: &'a str,
+    /// The f32 master weight, updated in place.
+    pub var: &'a Var,
+    pub grad: &'a Tensor,
+    /// Whether weight decay applies to this parameter.
+    pub decay: bool,
+    /// A bf16 copy of the parameter the layers compute with, refreshed by the step.
+    pub bf16_copy: Option<&'a Tensor>,
+}
+
 /// An optimizer over named parameters. Each stage owns one for its own parameters.
 #[derive(Debug, Clone)]
 pub struct Optimizer {
@@ -90,9 +104,86 @@ impl Optimizer {
         &self.state
     }
 
-    /// Replaces the state of one parameter (used when resuming).
-    pub fn set_state(&mut self, name: impl Into<String>, state: ParamState) {
-        self.state.insert(name.into(), state);
+    /// Replaces the state of one parameter (used when resuming). The state's tensors are
+    /// copied: [`Optimizer::step_many`] updates them in place, and the caller's stay as given.
+    pub fn set_state(&mut self, name: impl Into<String>, state: ParamState) -> Result<()> {
+        let owned = match state {
+            ParamState::AdamW { exp_avg, exp_avg_sq, step } => {
+                ParamState::AdamW { exp_avg: exp_avg.copy()?, exp_avg_sq: exp_avg_sq.copy()?, step }
+            }
+            ParamState::Sgd { momentum_buffer } => {
+                ParamState::Sgd { momentum_buffer: momentum_buffer.map(|b| b.copy()).transpose()? }
+            }
+        };
+        self.state.insert(name.into(), owned);
+        Ok(())
+    }
+
+    /// One step for many parameters at once: the pipeline's optimizer step. Every gradient is
+    /// first multiplied by `grad_scale` (the clipping factor; 1 for none). Each parameter's
+    /// `bf16_copy`, when given, is overwritten with the updated parameter rounded to bf16 (the
+    /// layers' mixed-precision view).
+    ///
+    /// AdamW runs the fused multi-tensor kernel ([`brigade_kernels::adamw::step_many`]: one pass
+    /// over each tensor on the CPU, one launch for all of them on a GPU), updating the f32
+    /// parameters and moments in place; it gives [`Optimizer::update`]'s numbers bit for bit
+    /// (the single-device reference keeps `update`, candle's composition, as the yardstick).
+    /// SGD runs [`Optimizer::update`] per parameter.
+    pub fn step_many(&mut self, params: &[ParamUpdate<'_>], lr: f64, grad_scale: f64) -> Result<()> {
+        let OptimizerConfig::AdamW { beta1, beta2, eps, weight_decay } = self.config else {
+            for p in params {
+                let grad = if grad_scale < 1.0 { (p.grad * grad_scale)? } else { p.grad.clone() };
+                self.update(p.name, p.var, &grad, lr, p.decay)?;
+                if let Some(copy) = p.bf16_copy {
+                    copy.slice_set(&p.var.as_tensor().to_dtype(copy.dtype())?, 0, 0)?;
+                }
+            }
+            return Ok(());
+        };
+        // Parameters that resumed from different steps (a partial checkpoint) step in groups.
+        let mut by_step: BTreeMap<u64, Vec<(usize, Tensor)>> = BTreeMap::new();
+        for (i, p) in params.iter().enumerate() {
+            let state = match self.state.entry(p.name.to_string()) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    let param = p.var.as_tensor();
+                    e.insert(ParamState::AdamW { exp_avg: param.zeros_like()?, exp_avg_sq: param.zeros_like()?, step: 0 })
+                }
+            };
+            let ParamState::AdamW { exp_avg, exp_avg_sq, step } = state else {
+                candle_core::bail!("optimizer state of {} is not AdamW state", p.name);
+            };
+            if !exp_avg.is_contiguous() {
+                *exp_avg = exp_avg.copy()?;
+            }
+            if !exp_avg_sq.is_contiguous() {
+                *exp_avg_sq = exp_avg_sq.copy()?;
+            }
+            *step += 1;
+            by_step.entry(*step).or_default().push((i, p.grad.contiguous()?));
+        }
+        for (step, group) in by_step {
+            let slots: Vec<AdamWSlot<'_>> = group
+                .iter()
+                .map(|(i, grad)| {
+                    let p = &params[*i];
+                    let Some(ParamState::AdamW { exp_avg, exp_avg_sq, .. }) = self.state.get(p.name) else {
+                        unreachable!("state created above")
+                    };
+                    AdamWSlot {
+                        param: p.var.as_tensor(),
+                        exp_avg,
+                        exp_avg_sq,
+                        grad,
+                        decay: p.decay && weight_decay != 0.0,
+                        param_bf16: p.bf16_copy,
+                    }
+                })
+                .collect();
+            let hyper = AdamWStep { lr, beta1, beta2, eps, weight_decay, step, grad_scale: grad_scale.min(1.0) };
+            adamw::step_many(&slots, &hyper)?;
+        }
+        Ok(())
     }
 
     /// Applies one update to `var` given its gradient. `decay` says whether weight decay
@@ -191,7 +282,7 @@ impl LrSchedule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     fn var(v: &[f32]) -> Var {
         Var::from_tensor(&Tensor::new(v, &Device::Cpu).unwrap()).unwrap()
@@ -257,6 +348,52 @@ mod tests {
                 x -= lr * if nesterov { d + mom * b } else { b };
             }
             assert!((values(&p)[0] as f64 - x).abs() < 1e-6, "nesterov={nesterov}");
+        }
+    }
+
+    /// The pipeline's fused step gives `update`'s numbers bit for bit (AdamW through the
+    /// multi-tensor kernel, SGD through `update` itself), clipped or not, with and without
+    /// decay, and writes the bf16 copies; resumed state is copied, not updated in the caller's
+    /// tensors.
+    #[test]
+    fn step_many_equals_update_per_parameter() {
+        let dev = Device::Cpu;
+        for config in [OptimizerConfig::adamw(), OptimizerConfig::sgd()] {
+            let init = [vec![0.5f32, -1.5, 2.0, 0.25], vec![3.0f32, -0.125]];
+            let (a, b): (Vec<Var>, Vec<Var>) = init.iter().map(|v| (var(v), var(v))).unzip();
+            let (mut fused, mut each) = (Optimizer::new(config), Optimizer::new(config));
+            let resumed = Tensor::new(&[0.1f32, 0.2], &dev).unwrap();
+            if let OptimizerConfig::AdamW { .. } = config {
+                let state = ParamState::AdamW { exp_avg: resumed.clone(), exp_avg_sq: resumed.clone(), step: 3 };
+                fused.set_state("p1", state.clone()).unwrap();
+                each.set_state("p1", state).unwrap();
+            }
+            let copies: Vec<Tensor> = a.iter().map(|v| v.as_tensor().to_dtype(DType::BF16).unwrap()).collect();
+            for (step, scale) in [(0, 1.0), (1, 0.37), (2, 2.5), (3, 0.9)] {
+                let grads: Vec<Tensor> = init
+                    .iter()
+                    .map(|v| {
+                        let g: Vec<f32> = v.iter().map(|x| (x * 1.7 + step as f32).sin()).collect();
+                        Tensor::new(g.as_slice(), &dev).unwrap()
+                    })
+                    .collect();
+                let names = ["p0", "p1"];
+                let updates: Vec<ParamUpdate> = (0..2)
+                    .map(|i| ParamUpdate { name: names[i], var: &a[i], grad: &grads[i], decay: i == 0, bf16_copy: Some(&copies[i]) })
+                    .collect();
+                fused.step_many(&updates, 0.01, scale).unwrap();
+                for i in 0..2 {
+                    let g = if scale < 1.0 { (&grads[i] * scale).unwrap() } else { grads[i].clone() };
+                    each.update(names[i], &b[i], &g, 0.01, i == 0).unwrap();
+                    assert_eq!(values(&a[i]), values(&b[i]), "{config:?} parameter {i} step {step}");
+                    let rounded: Vec<f32> = b[i].as_tensor().to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+                    assert_eq!(copies[i].to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(), rounded);
+                }
+            }
+            assert_eq!(resumed.to_vec1::<f32>().unwrap(), vec![0.1, 0.2], "the resumed state was updated in place");
+            if let ParamState::AdamW { step, .. } = &fused.state()["p1"] {
+                assert_eq!(*step, 7, "p1 resumed at step 3 and took 4 more");
+            }
         }
     }
 

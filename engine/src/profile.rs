@@ -33,7 +33,7 @@ use crate::compute::{LossTarget, Recompute, StageCompute};
 use crate::error::{EngineError, Result};
 use crate::layer::{ParamStore, PipelineModel};
 use crate::loss::loss_terms;
-use crate::optim::{Optimizer, OptimizerConfig};
+use crate::optim::{Optimizer, OptimizerConfig, ParamUpdate};
 use crate::pipeline::{apply_thread_budget, squared_norm};
 
 /// A model's measured costs for one micro-batch size on one device and thread budget.
@@ -309,11 +309,17 @@ fn profile_in_pool(
             })
             .collect::<candle_core::Result<_>>()?;
         let mut optimizer = Optimizer::new(options.optimizer);
+        // What a stage does per step: the norm of each gradient, then one multi-tensor step.
+        let updates: Vec<ParamUpdate<'_>> = layer_vars
+            .iter()
+            .zip(&weight_grads)
+            .map(|((name, var, decay), grad)| ParamUpdate { name, var, grad, decay: *decay, bf16_copy: None })
+            .collect();
         let optimizer_s = typical_time(options, || {
-            for ((name, var, decay), g) in layer_vars.iter().zip(&weight_grads) {
+            for g in &weight_grads {
                 squared_norm(g)?;
-                optimizer.update(name, var, g, 1e-6, *decay)?;
             }
+            optimizer.step_many(&updates, 1e-6, 1.0)?;
             Ok(done()?)
         })?;
         let params = spec

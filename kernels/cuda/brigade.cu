@@ -505,8 +505,8 @@ __device__ void flash_attention_bwd_dq(const T* qkv, const T* dout, const float*
 // ---- AdamW over many tensors in one launch -----------------------------------------------------
 //
 // The update of engine/src/optim.rs (PyTorch's AdamW) on f32 master weights and moments, from
-// f32 or bf16 gradients (the kernel's dtype suffix is the gradient's), optionally writing a
-// bf16 copy of each updated parameter. Every operation is an explicit round-to-nearest
+// f32 or bf16 gradients (the kernel's dtype suffix is the gradient's) first multiplied by the
+// clipping factor (`grad_scale`, 1 for none), optionally writing a bf16 copy of each updated parameter. Every operation is an explicit round-to-nearest
 // intrinsic so nvcc cannot contract pairs into FMAs: the result then equals the CPU twin
 // (kernels/src/adamw.rs) and the engine's candle composition bit for bit. Elementwise, so
 // deterministic with no reductions at all.
@@ -519,7 +519,8 @@ __device__ void flash_attention_bwd_dq(const T* qkv, const T* dout, const float*
 
 template <typename G>
 __device__ void adamw_step(const uint64_t* table, const uint64_t* chunks, int n_chunks, float beta1, float one_minus_beta1, float beta2,
-                           float one_minus_beta2, float inv_sqrt_bc2, float eps, float step_size, float decay_factor) {
+                           float one_minus_beta2, float inv_sqrt_bc2, float eps, float step_size, float decay_factor,
+                           float grad_scale) {
     int ci = blockIdx.x;
     if (ci >= n_chunks) return;
     const uint64_t* e = table + 7 * chunks[2 * ci];
@@ -532,7 +533,7 @@ __device__ void adamw_step(const uint64_t* table, const uint64_t* chunks, int n_
     bool decay = e[6] != 0;
     size_t start = chunks[2 * ci + 1], end = min(n, (size_t)(start + ADAMW_CHUNK));
     for (size_t i = start + threadIdx.x; i < end; i += blockDim.x) {
-        float gi = to_f(g[i]);
+        float gi = __fmul_rn(to_f(g[i]), grad_scale);
         float mi = __fadd_rn(__fmul_rn(m[i], beta1), __fmul_rn(gi, one_minus_beta1));
         float vi = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(__fmul_rn(gi, gi), one_minus_beta2));
         float denom = __fadd_rn(__fmul_rn(__fsqrt_rn(vi), inv_sqrt_bc2), eps);
@@ -609,9 +610,9 @@ __device__ void adamw_step(const uint64_t* table, const uint64_t* chunks, int n_
     }                                                                                                            \
     extern "C" __global__ void adamw_step_##S(const uint64_t* table, const uint64_t* chunks, int n_chunks,         \
                                               float beta1, float omb1, float beta2, float omb2, float inv_sqrt_bc2,  \
-                                              float eps, float step_size, float decay_factor) {                     \
+                                              float eps, float step_size, float decay_factor, float grad_scale) {   \
         adamw_step<T>(table, chunks, n_chunks, beta1, omb1, beta2, omb2, inv_sqrt_bc2, eps, step_size,           \
-                      decay_factor);                                                                             \
+                      decay_factor, grad_scale);                                                                 \
     }
 
 INSTANTIATE(float, f32)

@@ -8,6 +8,7 @@
 //! operation, with the same f64 → f32 roundings candle's scalar ops make, so a step here gives
 //! the engine's numbers exactly:
 //! ```text
+//! g = g·scale                (gradient clipping's factor; 1 leaves g as it is)
 //! m = m·β1 + g·(1 − β1)
 //! v = v·β2 + g²·(1 − β2)
 //! denom = √v · (1 / √(1 − β2ᵗ)) + ε
@@ -32,6 +33,9 @@ pub struct AdamWStep {
     pub eps: f64,
     pub weight_decay: f64,
     pub step: u64,
+    /// Multiplies every gradient before the update (the global-norm clipping factor, applied
+    /// in the same pass instead of a separate one over the gradients); 1 for none.
+    pub grad_scale: f64,
 }
 
 /// The f32 scalars of one step, derived in f64 and rounded once, as candle's affine ops round
@@ -46,6 +50,7 @@ pub struct AdamWScalars {
     pub eps: f32,
     pub step_size: f32,
     pub decay_factor: f32,
+    pub grad_scale: f32,
 }
 
 impl AdamWStep {
@@ -59,6 +64,7 @@ impl AdamWStep {
             eps,
             weight_decay,
             step,
+            grad_scale,
         } = *self;
         if step == 0 {
             bail!("adamw: step counts from 1, got 0")
@@ -72,6 +78,9 @@ impl AdamWStep {
         {
             bail!("adamw: lr, eps and weight decay must be finite and >= 0, got {lr}, {eps}, {weight_decay}")
         }
+        if !(grad_scale.is_finite() && grad_scale >= 0.0) {
+            bail!("adamw: the gradient scale must be finite and >= 0, got {grad_scale}")
+        }
         // The engine's `powi(step as i32)`; past i32::MAX steps both corrections are 1 anyway.
         let t = step.min(i32::MAX as u64) as i32;
         let (bc1, bc2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
@@ -84,6 +93,7 @@ impl AdamWStep {
             eps: eps as f32,
             step_size: (lr / bc1) as f32,
             decay_factor: (1.0 - lr * weight_decay) as f32,
+            grad_scale: grad_scale as f32,
         })
     }
 }
@@ -91,6 +101,8 @@ impl AdamWStep {
 /// One element's update (the CUDA kernel's loop body).
 #[inline(always)]
 fn update(p: &mut f32, m: &mut f32, v: &mut f32, g: f32, s: &AdamWScalars, decay: bool) {
+    // `g * 1.0` is `g` exactly; otherwise this is candle's `grad * scale` (an f32 product).
+    let g = g * s.grad_scale;
     *m = *m * s.beta1 + g * s.one_minus_beta1;
     *v = *v * s.beta2 + (g * g) * s.one_minus_beta2;
     let denom = v.sqrt() * s.inv_sqrt_bias_correction2 + s.eps;

@@ -494,7 +494,7 @@ pub(crate) fn adamw_step_many<'a>(slots: &[crate::adamw::AdamWSlot<'a>], s: &cra
     let f = dev.get_or_load_custom_func(&format!("adamw_step_{}", suffix(grad_dtype)?), "brigade", PTX)?.into_cuda_function();
     let mut b = stream.launch_builder(&f);
     b.arg(&table).arg(&chunk_table).arg(&n_chunks);
-    for x in [&s.beta1, &s.one_minus_beta1, &s.beta2, &s.one_minus_beta2, &s.inv_sqrt_bias_correction2, &s.eps, &s.step_size, &s.decay_factor] {
+    for x in [&s.beta1, &s.one_minus_beta1, &s.beta2, &s.one_minus_beta2, &s.inv_sqrt_bias_correction2, &s.eps, &s.step_size, &s.decay_factor, &s.grad_scale] {
         b.arg(x);
     }
     let cfg = LaunchConfig { grid_dim: (n_chunks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };

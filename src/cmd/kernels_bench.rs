@@ -331,6 +331,7 @@ fn bench_all(args: &KernelsBenchArgs, dev: &Device, dtype: DType, s: Shapes) -> 
                     eps: 1e-8,
                     weight_decay: 0.1,
                     step,
+                    grad_scale: 1.0,
                 };
                 k::adamw::step_many(&slots, &h)
             }),

@@ -21,7 +21,7 @@ use super::threads;
 use crate::compute::{LossTarget, Recompute, StageCompute};
 use crate::layer::{LayerSpec, LossKind, ParamStore};
 use crate::loss::{correct_predictions, loss_terms, microbatch_loss};
-use crate::optim::{Optimizer, OptimizerConfig, ParamState};
+use crate::optim::{Optimizer, OptimizerConfig, ParamState, ParamUpdate};
 use crate::schedule::{Action, ActionKind, Schedule};
 
 pub(super) struct StageSetup {
@@ -223,7 +223,7 @@ impl StageWorker {
         let mut optimizer = Optimizer::new(setup.optimizer);
         for (name, _, _) in store.vars() {
             if let Some(state) = setup.initial_optimizer_state.get(name) {
-                optimizer.set_state(name, state.to_device(store.device())?);
+                optimizer.set_state(name, state.to_device(store.device())?)?;
             }
         }
         let last_chunk = setup.placement.len().saturating_sub(1);
@@ -702,20 +702,29 @@ impl StageWorker {
             StageStop::Failed(a, m) => StageStop::Failed(a, format!("{m} at the optimizer step")),
             other => other,
         })?;
-        self.last_grads = grads.clone();
-        for (name, spec, var) in self.store.vars() {
-            let Some(grad) = grads.get(name) else {
-                continue;
-            };
-            let grad = if clip_scale < 1.0 {
-                (grad * clip_scale)?
-            } else {
-                grad.clone()
-            };
-            self.optimizer
-                .update(name, var, &grad, lr, spec.weight_decay)?;
-        }
-        self.store.refresh_compute_copies(&self.compute_copies)?;
+        // bf16 compute copies are written by the optimizer step itself; other dtypes after it.
+        let (bf16_copies, other_copies): (Vec<_>, Vec<_>) = self
+            .compute_copies
+            .iter()
+            .cloned()
+            .partition(|(_, t)| t.dtype() == DType::BF16);
+        let bf16_copies: HashMap<String, Tensor> = bf16_copies.into_iter().collect();
+        let updates: Vec<ParamUpdate<'_>> = self
+            .store
+            .vars()
+            .filter_map(|(name, spec, var)| {
+                Some(ParamUpdate {
+                    name,
+                    var,
+                    grad: grads.get(name)?,
+                    decay: spec.weight_decay,
+                    bf16_copy: bf16_copies.get(name),
+                })
+            })
+            .collect();
+        self.optimizer.step_many(&updates, lr, clip_scale)?;
+        self.store.refresh_compute_copies(&other_copies)?;
+        self.last_grads = grads;
         Ok(())
     }
 

@@ -110,6 +110,7 @@ static void check_adamw() {
     float b1 = 0.9f, omb1 = (float)(1.0 - 0.9), b2 = 0.95f, omb2 = (float)(1.0 - 0.95);
     double bc1 = 1 - std::pow(0.9, 3), bc2 = 1 - std::pow(0.95, 3);
     float inv = (float)(1 / std::sqrt(bc2)), eps = 1e-8f, step = (float)(6e-4 / bc1), decay = (float)(1 - 6e-4 * 0.1);
+    float scale = 0.37f;  // a clipping factor
     for (int bf = 0; bf < 2; bf++) {
         std::vector<std::vector<float>> p, m, v, g;
         std::vector<std::vector<__nv_bfloat16>> g16, copy;
@@ -126,7 +127,7 @@ static void check_adamw() {
         auto want_p = p, want_m = m, want_v = v;
         for (size_t k = 0; k < sizes.size(); k++)
             for (size_t i = 0; i < sizes[k]; i++) {
-                float gi = g[k][i];
+                float gi = g[k][i] * scale;
                 float& mi = want_m[k][i];
                 float& vi = want_v[k][i];
                 mi = mi * b1 + gi * omb1;
@@ -144,9 +145,9 @@ static void check_adamw() {
         int n_chunks = chunks.size() / 2;
         launch({(unsigned)n_chunks, 1, 1}, {256, 1, 1}, [&] {
             if (bf)
-                adamw_step_bf16(table.data(), chunks.data(), n_chunks, b1, omb1, b2, omb2, inv, eps, step, decay);
+                adamw_step_bf16(table.data(), chunks.data(), n_chunks, b1, omb1, b2, omb2, inv, eps, step, decay, scale);
             else
-                adamw_step_f32(table.data(), chunks.data(), n_chunks, b1, omb1, b2, omb2, inv, eps, step, decay);
+                adamw_step_f32(table.data(), chunks.data(), n_chunks, b1, omb1, b2, omb2, inv, eps, step, decay, scale);
         });
         int before = failures;
         for (size_t k = 0; k < sizes.size(); k++)

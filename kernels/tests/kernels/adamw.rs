@@ -15,6 +15,7 @@ fn hyper(step: u64) -> AdamWStep {
         eps: 1e-8,
         weight_decay: 0.1,
         step,
+        grad_scale: 1.0,
     }
 }
 
@@ -29,6 +30,12 @@ fn engine_update(
 ) -> (Tensor, Tensor, Tensor) {
     let (beta1, beta2, eps, lr, wd) = (h.beta1, h.beta2, h.eps, h.lr, h.weight_decay);
     let t = h.step as i32;
+    // The pipeline's clipping: `grad * scale` only when the factor is below 1.
+    let g = &if h.grad_scale < 1.0 {
+        (g * h.grad_scale).unwrap()
+    } else {
+        g.clone()
+    };
     let m = ((m * beta1).unwrap() + (g * (1.0 - beta1)).unwrap()).unwrap();
     let v = ((v * beta2).unwrap() + (g.sqr().unwrap() * (1.0 - beta2)).unwrap()).unwrap();
     let bc1 = 1.0 - beta1.powi(t);
@@ -66,7 +73,11 @@ fn adamw_twin_equals_the_engine_composition() {
             let mut gv = vec(&grad);
             gv[0] = 0.0;
             let grad = Tensor::new(gv.as_slice(), &Device::Cpu).unwrap();
-            let h = hyper(step);
+            // Every other step clipped, as a global-norm clip would.
+            let h = AdamWStep {
+                grad_scale: if step % 2 == 0 { 0.37 } else { 1.0 },
+                ..hyper(step)
+            };
             adamw::step(&mut p, &mut m, &mut v, &gv, decay, &h).unwrap();
             (tp, tm, tv) = engine_update(&tp, &tm, &tv, &grad, &h, decay);
             assert_eq!(p, vec(&tp), "param, step {step}, decay {decay}");
@@ -92,6 +103,7 @@ fn adamw_twin_matches_the_closed_form_in_f64() {
             eps,
             weight_decay: wd,
             step: t as u64 + 1,
+            grad_scale: 1.0,
         };
         let g32 = [gr[0] as f32, gr[1] as f32];
         adamw::step(&mut p, &mut m, &mut v, &g32, true, &h).unwrap();
@@ -241,6 +253,16 @@ fn bad_adamw_arguments_are_errors() {
         }
     )
     .contains("betas"));
+    for bad in [-1.0, f64::NAN, f64::INFINITY] {
+        assert!(msg(
+            &ok,
+            &AdamWStep {
+                grad_scale: bad,
+                ..hyper(1)
+            }
+        )
+        .contains("gradient scale"));
+    }
     let (mut a, mut b, mut c) = (vec![0f32; 3], vec![0f32; 3], vec![0f32; 2]);
     let e = adamw::step(&mut a, &mut b, &mut c, &[0.0; 3], true, &hyper(1))
         .unwrap_err()

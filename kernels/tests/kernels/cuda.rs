@@ -86,6 +86,7 @@ fn adamw_cuda_equals_the_cpu_twin() {
         eps: 1e-8,
         weight_decay: 0.1,
         step: 7,
+        grad_scale: 0.37,
     };
     let dims: [&[usize]; 3] = [&[1], &[37, 3], &[200_001]];
     for grad_dtype in [DType::F32, DType::BF16] {
