@@ -137,6 +137,8 @@ pub struct RunConfig {
     pub warmup: usize,
     pub steps: usize,
     pub threads_per_stage: usize,
+    /// One thread pool for all stages, or one per stage.
+    pub thread_pools: brigade_engine::pipeline::ThreadPools,
     /// The device of each stage.
     pub devices: Vec<brigade_engine::StageDevice>,
     /// What the layers compute in (f32, or bf16/f16 mixed precision).
@@ -257,6 +259,7 @@ pub fn run(
         .microbatches(config.microbatches)
         .optimizer(config.optimizer)
         .threads_per_stage(config.threads_per_stage)
+        .thread_pools(config.thread_pools)
         .devices(config.devices.clone())
         .compute_dtype(config.compute_dtype)
         .seed(config.seed);

@@ -32,7 +32,7 @@ pub mod prelude {
     pub use crate::engine::compute::Recompute;
     pub use crate::engine::optim::{LrSchedule, OptimizerConfig};
     pub use crate::engine::partition::{Partition, PartitionStrategy};
-    pub use crate::engine::pipeline::{EvalStats, Pipeline, PipelineConfig, StepStats};
+    pub use crate::engine::pipeline::{EvalStats, Pipeline, PipelineConfig, StepStats, ThreadPools};
     pub use crate::engine::schedule::{Action, ActionKind, Schedule, ScheduleKind};
     pub use crate::engine::{Mode, PipelineModel, StageDevice};
     pub use crate::models::data::{ImageDataset, Split, TokenDataset};

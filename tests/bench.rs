@@ -202,6 +202,7 @@ fn a_bench_run_reports_consistent_numbers_and_timelines() {
         warmup: 1,
         steps: 3,
         threads_per_stage: 1,
+        thread_pools: brigade::prelude::ThreadPools::Shared,
         devices: Vec::new(),
         compute_dtype: candle_core::DType::F32,
         context: Some(32),

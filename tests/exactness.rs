@@ -410,3 +410,55 @@ fn more_chunks_than_layers_is_a_clear_error() {
     let err = Pipeline::new(&tiny_gpt(), config(2, ScheduleKind::Interleaved, 3, OptimizerConfig::adamw())).unwrap_err().to_string();
     assert!(err.contains("multiple of the stages"), "{err}");
 }
+
+/// The thread setup changes speed only: one shared pool or a pool per stage, one thread per
+/// stage or two, the losses and weights after three AdamW steps are the same to the bit. The
+/// model is wide enough (width 128, 4 × 64 tokens per micro-batch) that the kernels' parallel
+/// paths and gemm's task split run: a reduction blocked by the thread count, or summed in
+/// whatever order work-stealing finishes, fails this.
+#[test]
+fn thread_pools_and_thread_counts_do_not_change_a_bit() {
+    use brigade::engine::pipeline::ThreadPools;
+    let model = Gpt::new(GptConfig::custom(96, 64, 128, 2, 4).unwrap()).unwrap();
+    let data = TokenDataset::embedded_with_len(2, 50_000);
+    let batches: Vec<(Tensor, Tensor)> = (0..3)
+        .map(|step| {
+            let (x, y) = data.batch(Split::Train, step, 16, 64, 5, &Device::Cpu).unwrap();
+            let fold = |t: Tensor| (t.to_dtype(candle_core::DType::F32).unwrap() / 3.0)
+                .unwrap()
+                .floor()
+                .unwrap()
+                .to_dtype(candle_core::DType::U32)
+                .unwrap();
+            (fold(x), fold(y))
+        })
+        .collect();
+    let run = |pools: ThreadPools, threads: usize| {
+        let cfg = PipelineConfig::default()
+            .stages(2)
+            .schedule(ScheduleKind::OneFOneB)
+            .microbatches(4)
+            .optimizer(OptimizerConfig::adamw())
+            .lr(LrSchedule::constant(1e-3))
+            .threads_per_stage(threads)
+            .thread_pools(pools)
+            .seed(5);
+        let mut pipe = Pipeline::new(&model, cfg).unwrap();
+        let losses: Vec<u64> = batches.iter().map(|(x, y)| pipe.train_step(x, y).unwrap().loss.to_bits()).collect();
+        let weights: BTreeMap<String, Vec<u32>> = pipe
+            .parameters()
+            .unwrap()
+            .into_iter()
+            .map(|(name, t)| (name, t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()))
+            .collect();
+        (losses, weights)
+    };
+    let (losses, weights) = run(ThreadPools::PerStage, 1);
+    for (pools, threads) in [(ThreadPools::Shared, 1), (ThreadPools::PerStage, 2), (ThreadPools::Shared, 2)] {
+        let (l, w) = run(pools, threads);
+        assert_eq!(l, losses, "losses differ with {pools:?} pools of {threads} thread(s) per stage");
+        for (name, bits) in &weights {
+            assert!(w[name] == *bits, "{name} differs with {pools:?} pools of {threads} thread(s) per stage");
+        }
+    }
+}

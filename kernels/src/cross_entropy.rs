@@ -43,8 +43,10 @@ impl CrossEntropySum {
             let sum = T::sum_exp_shift(xr, max);
             (max + sum.ln() - xr[targets[r] as usize]).to_f64()
         };
+        // Row losses in parallel, summed in row order: the same bits on any thread count.
         let total: f64 = if logits.len() >= PAR_MIN_ELEMS {
-            (0..n).into_par_iter().map(row_loss).sum()
+            let rows: Vec<f64> = (0..n).into_par_iter().map(row_loss).collect();
+            rows.iter().sum()
         } else {
             (0..n).map(row_loss).sum()
         };

@@ -105,6 +105,10 @@ impl CustomOp3 for LayerNorm {
     }
 }
 
+/// Rows per block of the backward's weight-gradient partial sums (fixed, so the blocking and
+/// hence the rounding do not depend on the thread count).
+const LN_BWD_ROWS_PER_BLOCK: usize = 64;
+
 /// `(x, w, dy) -> [dx | dw | db]` flattened into one 1-D buffer of `numel(x) + 2C` values.
 pub(crate) struct LayerNormBwd {
     pub(crate) eps: f64,
@@ -141,24 +145,24 @@ impl LayerNormBwd {
             }
             acc
         };
-        let rows = n / c;
-        let acc = if n >= PAR_MIN_ELEMS {
-            // A few blocks per thread balances load; each block owns its accumulators.
-            let blocks = (rayon::current_num_threads() * 4).min(rows).max(1);
-            let rows_per_block = rows.div_ceil(blocks);
-            dx.par_chunks_mut(rows_per_block * c)
+        // Fixed blocks of rows whatever the thread count, their partial sums added in block
+        // order: dw and db come out bit for bit the same on one thread or many, run to run.
+        let block_len = LN_BWD_ROWS_PER_BLOCK * c;
+        let partials: Vec<Vec<T>> = if n >= PAR_MIN_ELEMS {
+            dx.par_chunks_mut(block_len)
                 .enumerate()
-                .map(|(bi, dxb)| block(bi * rows_per_block, dxb))
-                .reduce(
-                    || vec![T::ZERO; 2 * c],
-                    |mut a, b| {
-                        a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
-                        a
-                    },
-                )
+                .map(|(bi, dxb)| block(bi * LN_BWD_ROWS_PER_BLOCK, dxb))
+                .collect()
         } else {
-            block(0, dx)
+            dx.chunks_mut(block_len)
+                .enumerate()
+                .map(|(bi, dxb)| block(bi * LN_BWD_ROWS_PER_BLOCK, dxb))
+                .collect()
         };
+        let mut acc = vec![T::ZERO; 2 * c];
+        for partial in &partials {
+            acc.iter_mut().zip(partial).for_each(|(a, &b)| *a += b);
+        }
         dwb.copy_from_slice(&acc);
         out
     }

@@ -56,6 +56,10 @@ pub struct BenchArgs {
     /// CPU threads per stage (default: cores / stages, as `train`).
     #[arg(long)]
     pub threads_per_stage: Option<usize>,
+    /// One thread pool for all stages (idle stages lend their cores), or one per stage (what
+    /// the simulator models).
+    #[arg(long, value_enum, default_value = "shared")]
+    pub thread_pools: super::ThreadPoolsArg,
     /// Timed runs per profile measurement (for the simulator's prediction).
     #[arg(long, default_value_t = 10)]
     pub profile_repeats: usize,
@@ -151,6 +155,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     threads_per_stage: args
                         .threads_per_stage
                         .unwrap_or_else(|| super::default_threads(*stages)),
+                    thread_pools: args.thread_pools.pools(),
                     devices: args.devices.stage_devices(*stages)?,
                     compute_dtype: args.dtype.dtype(),
                     context: args.model.context,

@@ -55,6 +55,25 @@ impl ComputeDtype {
     }
 }
 
+/// `--thread-pools` of `train` and `bench`: how the stages' CPU threads are pooled.
+#[derive(Clone, Copy, Debug, Default, ValueEnum)]
+pub enum ThreadPoolsArg {
+    /// One pool for all stages: a stage waiting in a bubble lends its cores to the others.
+    #[default]
+    Shared,
+    /// Each stage on its own threads only (what the simulator models).
+    PerStage,
+}
+
+impl ThreadPoolsArg {
+    pub fn pools(self) -> brigade::engine::pipeline::ThreadPools {
+        match self {
+            ThreadPoolsArg::Shared => brigade::engine::pipeline::ThreadPools::Shared,
+            ThreadPoolsArg::PerStage => brigade::engine::pipeline::ThreadPools::PerStage,
+        }
+    }
+}
+
 /// `--optimizer`, parsed by clap for every command that takes it.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum OptimizerArg {

@@ -78,6 +78,9 @@ pub struct TrainArgs {
     /// CPU threads per stage (default: cores / stages).
     #[arg(long)]
     threads_per_stage: Option<usize>,
+    /// One thread pool for all stages (idle stages lend their cores), or one per stage.
+    #[arg(long, value_enum, default_value = "shared")]
+    thread_pools: super::ThreadPoolsArg,
     /// Activation recomputation: off, or full (each stage stashes only its input and reruns
     /// its forward before the backward: less activation memory for one more forward).
     #[arg(long, default_value = "off")]
@@ -369,6 +372,7 @@ fn pipeline_config(
         .recompute(args.recompute)
         .devices(args.devices.stage_devices(layout.0)?)
         .compute_dtype(args.dtype.dtype())
+        .thread_pools(args.thread_pools.pools())
         .seed(args.seed);
     if let Some(t) = args.threads_per_stage {
         pipeline = pipeline.threads_per_stage(t);

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
+use super::threads::ThreadPools;
 use crate::compute::Recompute;
 use crate::device::StageDevice;
 use crate::optim::{LrSchedule, OptimizerConfig, ParamState};
@@ -50,6 +51,9 @@ pub struct PipelineConfig {
     pub grad_clip: Option<f64>,
     /// CPU threads each stage may use for its math; default: cores / stages (at least 1).
     pub threads_per_stage: Option<usize>,
+    /// One pool of threads for all stages (the default: idle stages lend their cores) or one
+    /// per stage.
+    pub thread_pools: ThreadPools,
     /// Seed of the deterministic parameter initialisation.
     pub seed: u64,
     /// Initial values by parameter name (resume, import); others come from the initialiser.
@@ -82,6 +86,7 @@ impl Default for PipelineConfig {
             lr: LrSchedule::constant(1e-3),
             grad_clip: Some(1.0),
             threads_per_stage: None,
+            thread_pools: ThreadPools::Shared,
             seed: 0,
             initial_params: HashMap::new(),
             initial_buffers: HashMap::new(),
@@ -125,6 +130,10 @@ impl PipelineConfig {
     }
     pub fn threads_per_stage(mut self, threads: usize) -> Self {
         self.threads_per_stage = Some(threads);
+        self
+    }
+    pub fn thread_pools(mut self, pools: ThreadPools) -> Self {
+        self.thread_pools = pools;
         self
     }
     pub fn seed(mut self, seed: u64) -> Self {

@@ -14,7 +14,7 @@ use super::config::{PipelineConfig, ScheduleChoice};
 use super::protocol::{Msg, Outcome, Report, SnapshotKind};
 use super::squared_norm;
 use super::stage::{run_stage, StageSetup};
-use super::threads::{self, apply_thread_budget};
+use super::threads::{self, apply_thread_budget, ThreadPools};
 use crate::error::{EngineError, Result};
 use crate::input::{is_integer, BatchCheck};
 use crate::layer::{LayerSpec, PipelineModel};
@@ -210,7 +210,20 @@ impl Pipeline {
             stages.sort_unstable();
         }
 
-        // Each stage gets its own pool of `threads` workers; candle's process-wide knobs follow.
+        // One pool for all stages, or one per stage (`threads.rs`); candle's process-wide knobs
+        // follow the per-stage budget.
+        // Sharing needs two CPU stages: one alone gains nothing from it, and a GPU stage's math
+        // is not on these cores (it keeps its own pool for what it does on the host).
+        let device_of = |index: usize| config.devices.get(index).copied().unwrap_or_default();
+        let cpu_stages: Vec<usize> = (0..config.stages)
+            .filter(|&i| device_of(i) == crate::device::StageDevice::Cpu)
+            .collect();
+        let shared_pool = match config.thread_pools {
+            ThreadPools::Shared if cpu_stages.len() >= 2 => Some(
+                threads::shared_pool(threads * cpu_stages.len()).map_err(EngineError::Config)?,
+            ),
+            _ => None,
+        };
         apply_thread_budget(threads);
         let (report_tx, reports) = unbounded();
         let channels: Vec<(Sender<Msg>, Receiver<Msg>)> =
@@ -240,6 +253,7 @@ impl Pipeline {
                 peers: inboxes.clone(),
                 reports: report_tx.clone(),
                 threads,
+                shared_pool: shared_pool.clone().filter(|_| cpu_stages.contains(&index)),
                 device: config.devices.get(index).copied().unwrap_or_default(),
                 compute_dtype: config.compute_dtype,
             };

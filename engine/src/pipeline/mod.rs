@@ -42,7 +42,7 @@ pub use config::{PipelineConfig, ScheduleChoice};
 pub use driver::{ActionTiming, EvalStats, Pipeline, StepStats};
 
 pub(crate) use threads::apply_thread_budget;
-pub use threads::candle_elementwise_threads;
+pub use threads::{candle_elementwise_threads, ThreadPools};
 
 use candle_core::{DType, Tensor};
 

@@ -44,6 +44,9 @@ pub(super) struct StageSetup {
     pub(super) peers: Vec<Sender<Msg>>,
     pub(super) reports: Sender<Report>,
     pub(super) threads: usize,
+    /// One pool every stage computes in (the stages lend each other their idle cores); `None`:
+    /// the stage builds its own pool of `threads` workers.
+    pub(super) shared_pool: Option<Arc<rayon::ThreadPool>>,
     pub(super) device: crate::device::StageDevice,
     pub(super) compute_dtype: DType,
 }
@@ -93,6 +96,10 @@ pub(super) struct StageWorker {
     pub(super) gradients_in: HashMap<(usize, usize), Tensor>,
     pub(super) reduced_in: Option<(Vec<(String, Tensor)>, f64)>,
     pub(super) waiting: Duration,
+    /// The shared compute pool the stage's math runs in, action by action, while the stage
+    /// thread itself waits for messages outside it; `None` when the whole stage runs in its
+    /// own pool.
+    pub(super) shared_pool: Option<Arc<rayon::ThreadPool>>,
     /// Mixed precision: the dtype the layers compute in, and their copies of the parameters
     /// in it (refreshed from the f32 masters after every optimizer step); empty in f32.
     pub(super) compute_dtype: DType,
@@ -104,18 +111,23 @@ pub(super) fn run_stage(setup: StageSetup) {
     let reports = setup.reports.clone();
     // The stage's math runs inside its own pool, so every rayon loop it starts (its kernels,
     // candle's parallel ops, gemm's tasks) stays on the stage's budget of workers.
-    let pool = match threads::stage_pool(index, setup.threads) {
-        Ok(pool) => pool,
-        Err(message) => {
-            let _ = reports.send(Report::Failed {
-                stage: index,
-                action: None,
-                message,
-            });
-            return;
-        }
+    // With a shared pool, the stage thread stays outside it (a stage waiting for a message
+    // must not hold a worker) and enters it for each action's math (`on_pool`).
+    let own_pool = match &setup.shared_pool {
+        Some(_) => None,
+        None => match threads::stage_pool(index, setup.threads) {
+            Ok(pool) => Some(pool),
+            Err(message) => {
+                let _ = reports.send(Report::Failed {
+                    stage: index,
+                    action: None,
+                    message,
+                });
+                return;
+            }
+        },
     };
-    pool.install(move || {
+    on_pool(own_pool.as_ref(), move || {
         let outcome = catch_unwind(AssertUnwindSafe(|| -> StageResult<()> {
             let mut worker = StageWorker::build(setup)?;
             worker.serve()
@@ -136,6 +148,14 @@ pub(super) fn run_stage(setup: StageSetup) {
         };
         let _ = reports.send(report);
     });
+}
+
+/// Runs `f` inside `pool` when there is one, else right here.
+pub(super) fn on_pool<R: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> R + Send) -> R {
+    match pool {
+        Some(pool) => pool.install(f),
+        None => f(),
+    }
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
@@ -258,6 +278,7 @@ impl StageWorker {
             gradients_in: HashMap::new(),
             reduced_in: None,
             waiting: Duration::ZERO,
+            shared_pool: setup.shared_pool,
             compute_dtype: setup.compute_dtype,
             compute_copies,
         })
@@ -457,7 +478,10 @@ impl StageWorker {
                 }
                 ActionKind::Backward => self.backward(at, mb, true),
                 ActionKind::BackwardInput => self.backward(at, mb, false),
-                ActionKind::BackwardWeight => Ok(self.chunks[at].compute.backward_weight(mb)?),
+                ActionKind::BackwardWeight => {
+                    let compute = &mut self.chunks[at].compute;
+                    Ok(on_pool(self.shared_pool.as_deref(), || compute.backward_weight(mb))?)
+                }
             };
             result.map_err(|e| with_action(e, action))?;
             let others: u64 = self
@@ -580,7 +604,8 @@ impl StageWorker {
         } else {
             None
         };
-        let (y, loss) = self.chunks[at].compute.forward(mb, &x, target)?;
+        let compute = &mut self.chunks[at].compute;
+        let (y, loss) = on_pool(self.shared_pool.as_deref(), || compute.forward(mb, &x, target))?;
         match loss {
             Some(value) if poison_loss => Ok(Some((value * f64::NAN)?)),
             Some(value) => Ok(Some(value)),
@@ -612,11 +637,13 @@ impl StageWorker {
             )
         };
         let compute = &mut self.chunks[at].compute;
-        let dx = if with_weights {
-            compute.backward(mb, dy.as_ref())?
-        } else {
-            compute.backward_input(mb, dy.as_ref())?
-        };
+        let dx = on_pool(self.shared_pool.as_deref(), || {
+            if with_weights {
+                compute.backward(mb, dy.as_ref())
+            } else {
+                compute.backward_input(mb, dy.as_ref())
+            }
+        })?;
         if let Some(dx) = dx {
             let to = chunk.checked_sub(1).ok_or_else(|| {
                 StageStop::Failed(None, "the first chunk has no previous chunk".into())
@@ -688,7 +715,7 @@ impl StageWorker {
             }
         }
         // One reduction and one read for the whole stage (a host sync per step on a GPU).
-        let sq_norm = squared_norm_sum(&untied)?;
+        let sq_norm = on_pool(self.shared_pool.as_deref(), || squared_norm_sum(&untied))?;
         self.report(Report::Partial {
             stage: self.index,
             tied_grads,
@@ -722,7 +749,8 @@ impl StageWorker {
                 })
             })
             .collect();
-        self.optimizer.step_many(&updates, lr, clip_scale)?;
+        let optimizer = &mut self.optimizer;
+        on_pool(self.shared_pool.as_deref(), || optimizer.step_many(&updates, lr, clip_scale))?;
         self.store.refresh_compute_copies(&other_copies)?;
         self.last_grads = grads;
         Ok(())
