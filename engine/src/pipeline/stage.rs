@@ -109,10 +109,10 @@ pub(super) struct StageWorker {
 pub(super) fn run_stage(setup: StageSetup) {
     let index = setup.index;
     let reports = setup.reports.clone();
-    // The stage's math runs inside its own pool, so every rayon loop it starts (its kernels,
-    // candle's parallel ops, gemm's tasks) stays on the stage's budget of workers.
-    // With a shared pool, the stage thread stays outside it (a stage waiting for a message
-    // must not hold a worker) and enters it for each action's math (`on_pool`).
+    // Without a shared pool the whole stage runs inside its own pool, so every rayon loop it
+    // starts (its kernels, candle's parallel ops, gemm's tasks) stays on its budget. With one,
+    // the stage thread stays outside it (a stage waiting for a message must not hold a worker)
+    // and enters it for each action's math (`on_pool`).
     let own_pool = match &setup.shared_pool {
         Some(_) => None,
         None => match threads::stage_pool(index, setup.threads) {
