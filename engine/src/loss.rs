@@ -14,7 +14,8 @@ pub fn loss_terms(targets: &Tensor) -> usize {
     targets.elem_count()
 }
 
-/// `sum(loss over the micro-batch) / global_terms`, a scalar that backpropagates.
+/// `sum(loss over the micro-batch) / global_terms`, a scalar that backpropagates. Half-precision
+/// outputs give an f32 loss (the log-sum-exp is taken in f32) and a gradient in their dtype.
 pub fn microbatch_loss(
     kind: LossKind,
     output: &Tensor,
@@ -24,7 +25,7 @@ pub fn microbatch_loss(
     match kind {
         LossKind::CrossEntropy => {
             let (logits, targets) = flatten_for_classes(output, targets)?;
-            brigade_kernels::cross_entropy_sum(&widened(&logits)?, &targets)? / global_terms as f64
+            brigade_kernels::cross_entropy_sum(&logits, &targets)? / global_terms as f64
         }
     }
 }
@@ -41,7 +42,7 @@ pub fn microbatch_loss_backward(
         LossKind::CrossEntropy => {
             let (logits, targets) = flatten_for_classes(output, targets)?;
             brigade_kernels::cross_entropy_sum_backward(
-                &widened(&logits)?,
+                &logits,
                 &targets,
                 1.0 / global_terms as f64,
             )?
@@ -51,25 +52,17 @@ pub fn microbatch_loss_backward(
     }
 }
 
-/// Mixed precision: half-precision logits are widened to f32, so the log-sum-exp and the sum
-/// over the micro-batch are taken in f32 (the loss gradient goes back in the logits' dtype).
-fn widened(logits: &Tensor) -> Result<Tensor> {
-    match logits.dtype() {
-        DType::BF16 | DType::F16 => logits.to_dtype(DType::F32),
-        _ => Ok(logits.clone()),
-    }
-}
-
 /// Number of positions where the arg-max of `output` equals the target.
 pub fn correct_predictions(output: &Tensor, targets: &Tensor) -> Result<usize> {
+    Ok(correct_predictions_on_device(output, targets)?.to_scalar::<u32>()? as usize)
+}
+
+/// [`correct_predictions`] as a u32 scalar left on the output's device, so an evaluation can
+/// add them up over micro-batches and read the total once (a read is a host sync on a GPU).
+pub fn correct_predictions_on_device(output: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (logits, targets) = flatten_for_classes(output, targets)?;
     let predicted = logits.argmax(D::Minus1)?;
-    let hits = predicted
-        .eq(&targets)?
-        .to_dtype(DType::U32)?
-        .sum_all()?
-        .to_scalar::<u32>()?;
-    Ok(hits as usize)
+    predicted.eq(&targets)?.to_dtype(DType::U32)?.sum_all()
 }
 
 /// Reshapes `(..., V)` logits and `(...)` targets into `(N, V)` and `(N,)`.

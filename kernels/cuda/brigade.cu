@@ -232,9 +232,9 @@ __device__ void cross_entropy_rows(const T* logits, const uint32_t* targets, flo
     }
 }
 
-// One block sums n floats (each thread a strided run, then a fixed tree) into out[0].
-template <typename T>
-__device__ void sum_to_scalar(const float* x, T* out, int n) {
+// One block sums n floats (each thread a strided run, then a fixed tree) into out[0]. The loss
+// stays f32 for bf16 logits too: a bf16 scalar would keep only ~3 significant digits of it.
+__device__ void sum_to_scalar(const float* x, float* out, int n) {
     __shared__ float part[32];
     float s = 0.0f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) s += x[i];
@@ -244,19 +244,20 @@ __device__ void sum_to_scalar(const float* x, T* out, int n) {
     if (threadIdx.x < 32) {
         float v = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.0f;
         v = warp_sum(v);
-        if (threadIdx.x == 0) out[0] = from_f<T>(v);
+        if (threadIdx.x == 0) out[0] = v;
     }
 }
 
-// dlogits = g (softmax(logits) - onehot(target)), g a device scalar.
+// dlogits = g (softmax(logits) - onehot(target)), g an f32 device scalar (the loss's dtype), so
+// each gradient is rounded to T once, from f32.
 template <typename T>
-__device__ void cross_entropy_bwd(const T* logits, const uint32_t* targets, const T* g, T* d, int rows, int v) {
+__device__ void cross_entropy_bwd(const T* logits, const uint32_t* targets, const float* g, T* d, int rows, int v) {
     int r = warp_row();
     if (r >= rows) return;
     const T* xr = logits + (size_t)r * v;
     float m, s;
     row_max_sumexp(xr, v, 1.0f, &m, &s);
-    float gs = to_f(g[0]), inv = 1.0f / s;
+    float gs = g[0], inv = 1.0f / s;
     uint32_t t = targets[r];
     for (int i = lane(); i < v; i += 32)
         d[(size_t)r * v + i] = from_f<T>(gs * (expf(to_f(xr[i]) - m) * inv - (i == (int)t ? 1.0f : 0.0f)));
@@ -585,8 +586,8 @@ __device__ void adamw_step(const uint64_t* table, const uint64_t* chunks, int n_
                                                       int rows, int v) {                                         \
         cross_entropy_rows(logits, targets, loss, rows, v);                                                      \
     }                                                                                                            \
-    extern "C" __global__ void sum_to_scalar_##S(const float* x, T* out, int n) { sum_to_scalar(x, out, n); }   \
-    extern "C" __global__ void cross_entropy_bwd_##S(const T* logits, const uint32_t* targets, const T* g, T* d, \
+    extern "C" __global__ void sum_to_scalar_##S(const float* x, float* out, int n) { sum_to_scalar(x, out, n); } \
+    extern "C" __global__ void cross_entropy_bwd_##S(const T* logits, const uint32_t* targets, const float* g, T* d, \
                                                      int rows, int v) {                                          \
         cross_entropy_bwd(logits, targets, g, d, rows, v);                                                       \
     }                                                                                                            \

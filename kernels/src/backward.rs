@@ -13,7 +13,7 @@
 
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, Var};
 
-use crate::{check_cross_entropy_args, check_layer_norm_args, check_max_pool_args, dense_on_gpu, fused, kernel_device};
+use crate::{check_cross_entropy_args, check_layer_norm_args, check_max_pool_args, dense_on_gpu, fused, is_half, kernel_device};
 
 /// The VJP of `f` at `inputs` for the output gradient `dy`, by candle's autograd: the fallback
 /// for dtypes and devices the fused backward kernels do not cover.
@@ -57,11 +57,17 @@ pub fn softmax_last_dim_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
 }
 
 /// Gradient of `scale * cross_entropy_sum(logits, targets)` with respect to the logits:
-/// `scale * (softmax(logits) - onehot(targets))`.
+/// `scale * (softmax(logits) - onehot(targets))`, in the logits' dtype. For half-precision
+/// logits it is computed in f32 (the loss's dtype, see [`crate::cross_entropy_sum`]) and
+/// rounded once: by the CUDA kernel straight from bf16 logits, elsewhere through an f32 copy.
 pub fn cross_entropy_sum_backward(logits: &Tensor, targets: &Tensor, scale: f64) -> Result<Tensor> {
     check_cross_entropy_args(logits, targets)?;
+    let half = is_half(logits.dtype());
+    if half && !kernel_device(logits) {
+        return cross_entropy_sum_backward(&logits.to_dtype(DType::F32)?, targets, scale)?.to_dtype(logits.dtype());
+    }
     let targets = targets.to_dtype(DType::U32)?;
-    let g = Tensor::new(scale, logits.device())?.to_dtype(logits.dtype())?;
+    let g = Tensor::new(scale, logits.device())?.to_dtype(if half { DType::F32 } else { logits.dtype() })?;
     if !kernel_device(logits) {
         let d = autograd_vjp(&[logits], &g, |t| crate::reference::cross_entropy_sum(&t[0], &targets))?;
         return Ok(d[0].clone());

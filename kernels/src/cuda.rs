@@ -271,7 +271,8 @@ pub(crate) fn causal_softmax_bwd(ps: &CudaStorage, pl: &Layout, gs: &CudaStorage
     })
 }
 
-/// The summed loss as a device scalar: per-row losses, then one fixed-order block reduction.
+/// The summed loss as an f32 device scalar (for bf16 logits too): per-row losses, then one
+/// fixed-order block reduction.
 pub(crate) fn cross_entropy_sum(ls: &CudaStorage, ll: &Layout, ts: &CudaStorage, tl: &Layout) -> Result<(CudaStorage, Shape)> {
     let dev = ls.device();
     let (rows, v) = rows_of(ll);
@@ -287,7 +288,7 @@ pub(crate) fn cross_entropy_sum(ls: &CudaStorage, ll: &Layout, ts: &CudaStorage,
             // SAFETY: logits rows·V, targets and row_loss rows.
             unsafe { b.launch(rows_config(rows)) }.w()?;
         }
-        let out = alloc::<T>(dev, 1)?;
+        let out = alloc::<f32>(dev, 1)?;
         {
             let (stream, f) = function(dev, "sum_to_scalar", ls.dtype())?;
             let mut b = stream.launch_builder(&f);
@@ -306,7 +307,7 @@ pub(crate) fn cross_entropy_sum_bwd(ls: &CudaStorage, ll: &Layout, ts: &CudaStor
     with_dtype!(ls.dtype(), |T| {
         let logits = dense::<T>(ls, ll, "cross-entropy-sum-bwd")?;
         let targets = dense::<u32>(ts, tl, "cross-entropy-sum-bwd")?;
-        let g = dense::<T>(gs, gl, "cross-entropy-sum-bwd")?;
+        let g = dense::<f32>(gs, gl, "cross-entropy-sum-bwd (its scalar gradient is f32)")?;
         let d = alloc::<T>(dev, rows * v)?;
         let (stream, f) = function(dev, "cross_entropy_bwd", ls.dtype())?;
         let (r, vv) = (int(rows, "rows")?, int(v, "V")?);

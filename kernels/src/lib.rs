@@ -64,6 +64,10 @@ fn kernel_device(t: &Tensor) -> bool {
     fused(t) || (cfg!(feature = "cuda") && t.device().is_cuda() && matches!(t.dtype(), DType::F32 | DType::BF16))
 }
 
+fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+}
+
 /// The CUDA kernels read dense rows: a CUDA tensor is made contiguous (free when it already
 /// is); CPU tensors pass as they are (the CPU kernels read any layout).
 pub(crate) fn dense_on_gpu(t: &Tensor) -> Result<Tensor> {
@@ -293,9 +297,16 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// (u32; other integer dtypes are converted). Returns a scalar. Summing lets the pipeline
 /// divide by the *global* batch size, so the loss does not depend on how the batch is split
 /// into micro-batches. A target id >= V is an error naming the id.
+///
+/// Half-precision (bf16/f16) logits give an **f32** loss: the log-sum-exp and the sum are taken
+/// in f32. The CUDA kernel reads bf16 logits as they are (no f32 copy of the `(N, V)` logits,
+/// 1.6 GB at GPT-2's vocabulary and 8 × 1024 positions); elsewhere they are widened first.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     check_cross_entropy_args(logits, targets)?;
     if !kernel_device(logits) {
+        if is_half(logits.dtype()) {
+            return cross_entropy_sum(&logits.to_dtype(DType::F32)?, targets);
+        }
         return reference::cross_entropy_sum(logits, targets);
     }
     let targets = dense_on_gpu(&targets.to_dtype(DType::U32)?)?;

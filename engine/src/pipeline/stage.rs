@@ -20,7 +20,7 @@ use super::testing::{Fault, FaultKind};
 use super::threads;
 use crate::compute::{LossTarget, Recompute, StageCompute};
 use crate::layer::{LayerSpec, LossKind, ParamStore};
-use crate::loss::{correct_predictions, loss_terms, microbatch_loss};
+use crate::loss::{correct_predictions_on_device, loss_terms, microbatch_loss};
 use crate::optim::{Optimizer, OptimizerConfig, ParamState, ParamUpdate};
 use crate::schedule::{Action, ActionKind, Schedule};
 
@@ -765,10 +765,12 @@ impl StageWorker {
         targets: Option<Vec<Tensor>>,
     ) -> StageResult<Outcome> {
         let mut outcome = Outcome::default();
+        // Loss and hit counts are summed on the device and read once after the last micro-batch.
+        let mut sums: Option<(Tensor, Tensor)> = None;
         for &action in schedule.stage_actions(self.index) {
             self.poll_abort()?;
             let (mb, chunk) = (action.microbatch, action.chunk);
-            let step = |w: &mut Self, outcome: &mut Outcome| -> StageResult<()> {
+            let step = |w: &mut Self, outcome: &mut Outcome, sums: &mut Option<(Tensor, Tensor)>| -> StageResult<()> {
                 let at = w.chunk_position(chunk)?;
                 let x = w.input_for(chunk, mb, &inputs)?;
                 let y = w.chunks[at].compute.forward_eval(&x)?;
@@ -784,13 +786,13 @@ impl StageWorker {
                         })?
                         .to_device(w.store.device())?;
                     let target = &target;
-                    let terms = loss_terms(target);
-                    let loss = microbatch_loss(w.loss, &y, target, 1)?
-                        .to_dtype(DType::F64)?
-                        .to_scalar::<f64>()?;
-                    outcome.loss += loss;
-                    outcome.terms += terms;
-                    outcome.correct += correct_predictions(&y, target)?;
+                    outcome.terms += loss_terms(target);
+                    let loss = microbatch_loss(w.loss, &y, target, 1)?.to_dtype(DType::F64)?;
+                    let hits = correct_predictions_on_device(&y, target)?;
+                    *sums = Some(match sums.take() {
+                        None => (loss, hits),
+                        Some((l, h)) => ((l + loss)?, (h + hits)?),
+                    });
                 } else {
                     w.send_to_chunk(
                         chunk + 1,
@@ -803,7 +805,11 @@ impl StageWorker {
                 }
                 Ok(())
             };
-            step(self, &mut outcome).map_err(|e| with_action(e, action))?;
+            step(self, &mut outcome, &mut sums).map_err(|e| with_action(e, action))?;
+        }
+        if let Some((loss, hits)) = sums {
+            outcome.loss = loss.to_scalar::<f64>()?;
+            outcome.correct = hits.to_scalar::<u32>()? as usize;
         }
         Ok(outcome)
     }

@@ -156,3 +156,176 @@ fn adamw_cuda_equals_the_cpu_twin() {
         }
     }
 }
+
+/// The GPU's tolerance against its CPU twin: both compute in f32 (1e-5 for reduction order);
+/// in bf16 the GPU also rounds each output to bf16, at most one bf16 ulp (2^-8 relative) once
+/// f32 differences can tip a rounding. `max_err` is relative to `1 + |twin|`.
+fn twin_tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => 2f64.powi(-8) + 1e-5,
+        _ => 1e-5,
+    }
+}
+
+/// `t` as the twin sees it: on the host, widened to f32.
+fn host_f32(t: &Tensor) -> Tensor {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+/// Random host inputs rounded to `dtype`: `(on the GPU in dtype, on the host in f32)`.
+fn twin_inputs(dev: &Device, x: &Tensor, dtype: DType) -> (Tensor, Tensor) {
+    let rounded = x.to_dtype(dtype).unwrap();
+    (rounded.to_device(dev).unwrap(), host_f32(&rounded))
+}
+
+fn assert_twin(what: &str, dtype: DType, gpu: &Tensor, twin: &Tensor) {
+    assert_eq!(gpu.dtype(), dtype, "{what}: the GPU output's dtype");
+    assert_eq!(gpu.dims(), twin.dims(), "{what}: shape");
+    let err = max_err(&to_f64_vec(&host_f32(gpu)), &to_f64_vec(twin));
+    let tol = twin_tol(dtype);
+    eprintln!("{what} {dtype:?}: {err:.1e}");
+    assert!(err <= tol, "{what} {dtype:?}: {err:e} > {tol:e}");
+}
+
+/// bias-free GELU(tanh) forward and backward, over lengths that are not multiples of a block.
+#[test]
+fn gelu_cuda_matches_the_cpu_twin() {
+    let Some(dev) = gpu() else { return };
+    for n in [1usize, 1000, 4097, 3 * 1024 * 769] {
+        let mut g = rng(n as u64);
+        let x = uniform(&mut g, &[n], 6.0, DType::F32);
+        let dy = uniform(&mut g, &[n], 1.0, DType::F32);
+        for dtype in [DType::F32, DType::BF16] {
+            let ((gx, cx), (gdy, cdy)) = (twin_inputs(&dev, &x, dtype), twin_inputs(&dev, &dy, dtype));
+            let what = format!("gelu n{n}");
+            assert_twin(&what, dtype, &k::gelu_tanh(&gx).unwrap(), &k::gelu_tanh(&cx).unwrap());
+            assert_twin(
+                &format!("{what} backward"),
+                dtype,
+                &k::gelu_tanh_backward(&gx, &gdy).unwrap(),
+                &k::gelu_tanh_backward(&cx, &cdy).unwrap(),
+            );
+        }
+    }
+}
+
+/// LayerNorm forward, and backward's dx, dweight and dbias (the latter from per-block partials
+/// reduced in a fixed order), for widths off the block size, one row, and GPT-2's shape.
+#[test]
+fn layer_norm_cuda_matches_the_cpu_twin() {
+    let Some(dev) = gpu() else { return };
+    for &(rows, c) in &[(1usize, 5usize), (13, 37), (9, 300), (1, 769), (8 * 1024, 768)] {
+        let mut g = rng((rows * 1000 + c) as u64);
+        let x = uniform(&mut g, &[rows, c], 3.0, DType::F32);
+        let w = uniform(&mut g, &[c], 1.0, DType::F32);
+        let b = uniform(&mut g, &[c], 1.0, DType::F32);
+        let dy = uniform(&mut g, &[rows, c], 1.0, DType::F32);
+        for dtype in [DType::F32, DType::BF16] {
+            let [(gx, cx), (gw, cw), (gb, cb), (gdy, cdy)] =
+                [&x, &w, &b, &dy].map(|t| twin_inputs(&dev, t, dtype));
+            let what = format!("layer_norm {rows}x{c}");
+            assert_twin(
+                &what,
+                dtype,
+                &k::layer_norm(&gx, &gw, &gb, 1e-5).unwrap(),
+                &k::layer_norm(&cx, &cw, &cb, 1e-5).unwrap(),
+            );
+            let (gdx, gdw, gdb) = k::layer_norm_backward(&gx, &gw, &gdy, 1e-5).unwrap();
+            let (cdx, cdw, cdb) = k::layer_norm_backward(&cx, &cw, &cdy, 1e-5).unwrap();
+            assert_twin(&format!("{what} dx"), dtype, &gdx, &cdx);
+            assert_twin(&format!("{what} dweight"), dtype, &gdw, &cdw);
+            assert_twin(&format!("{what} dbias"), dtype, &gdb, &cdb);
+        }
+    }
+}
+
+/// Softmax over the last dimension, forward and backward (from the GPU's own output, as a
+/// layer's backward gets it), and log-softmax's forward, up to GPT-2's vocabulary as the row.
+#[test]
+fn softmax_cuda_matches_the_cpu_twin() {
+    let Some(dev) = gpu() else { return };
+    for &(rows, c) in &[(1usize, 1usize), (11, 33), (3, 257), (4, 50257)] {
+        let mut g = rng((rows * 100_000 + c) as u64);
+        let x = uniform(&mut g, &[rows, c], 8.0, DType::F32);
+        let dy = uniform(&mut g, &[rows, c], 1.0, DType::F32);
+        for dtype in [DType::F32, DType::BF16] {
+            let ((gx, cx), (gdy, cdy)) = (twin_inputs(&dev, &x, dtype), twin_inputs(&dev, &dy, dtype));
+            let what = format!("softmax {rows}x{c}");
+            let gy = k::softmax_last_dim(&gx).unwrap();
+            assert_twin(&what, dtype, &gy, &k::softmax_last_dim(&cx).unwrap());
+            assert_twin(
+                &format!("{what} backward"),
+                dtype,
+                &k::softmax_last_dim_backward(&gy, &gdy).unwrap(),
+                &k::softmax_last_dim_backward(&host_f32(&gy), &cdy).unwrap(),
+            );
+            assert_twin(
+                &format!("log_{what}"),
+                dtype,
+                &k::log_softmax_last_dim(&gx).unwrap(),
+                &k::log_softmax_last_dim(&cx).unwrap(),
+            );
+        }
+    }
+}
+
+/// The materialised causal attention (batched products around the fused scale-mask-softmax)
+/// against its CPU twin, `causal_attention_batched`, forward and backward; T = 1 included. f32
+/// only: in bf16 this path rounds its scores and probabilities between launches, which the f32
+/// twin does not model; bf16 attention is checked on the flash kernels above.
+#[test]
+fn batched_causal_attention_cuda_matches_the_cpu_twin() {
+    let Some(dev) = gpu() else { return };
+    for &(b, t, c, h) in &[(1usize, 1usize, 64usize, 1usize), (2, 37, 96, 3), (2, 130, 256, 4)] {
+        let mut g = rng((b * 1000 + t) as u64);
+        let qkv = uniform(&mut g, &[b, t, 3 * c], 2.0, DType::F32);
+        let dy = uniform(&mut g, &[b, t, c], 1.0, DType::F32);
+        let dtype = DType::F32;
+        {
+            let ((gq, cq), (gdy, cdy)) = (twin_inputs(&dev, &qkv, dtype), twin_inputs(&dev, &dy, dtype));
+            let what = format!("attention b{b} t{t} c{c} h{h}");
+            let (gm, gp) = k::causal_attention(&gq, h).unwrap();
+            let (cm, cp) = k::causal_attention_batched(&cq, h).unwrap();
+            assert_twin(&format!("{what} merged"), dtype, &gm, &cm);
+            assert_twin(&format!("{what} probs"), dtype, &gp, &cp);
+            assert_twin(
+                &format!("{what} dqkv"),
+                dtype,
+                &k::causal_attention_backward(&gq, &gp, &gdy, h).unwrap(),
+                &k::causal_attention_batched_backward(&cq, &host_f32(&gp), &cdy, h).unwrap(),
+            );
+        }
+    }
+}
+
+/// Fused softmax cross-entropy: the summed loss is f32 for bf16 logits too (read from bf16
+/// logits, no f32 copy), and the logits' gradient comes back in their dtype; rows up to GPT-2's
+/// vocabulary, one row with one class.
+#[test]
+fn cross_entropy_cuda_matches_the_cpu_twin() {
+    let Some(dev) = gpu() else { return };
+    for &(rows, v) in &[(1usize, 1usize), (7, 1000), (64, 50257)] {
+        let mut g = rng((rows * 100_000 + v) as u64);
+        let logits = uniform(&mut g, &[rows, v], 6.0, DType::F32);
+        let ids: Vec<u32> = (0..rows as u32).map(|r| (r * 7919) % v as u32).collect();
+        let targets = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
+        let gt = targets.to_device(&dev).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let (gl, cl) = twin_inputs(&dev, &logits, dtype);
+            let what = format!("cross_entropy {rows}x{v}");
+            let loss = k::cross_entropy_sum(&gl, &gt).unwrap();
+            // The loss is f32 for either dtype, so it is held to f32's tolerance.
+            assert_twin(&what, DType::F32, &loss, &k::cross_entropy_sum(&cl, &targets).unwrap());
+            let scale = 1.0 / 3.0;
+            assert_twin(
+                &format!("{what} backward"),
+                dtype,
+                &k::cross_entropy_sum_backward(&gl, &gt, scale).unwrap(),
+                &k::cross_entropy_sum_backward(&cl, &targets, scale).unwrap(),
+            );
+        }
+    }
+}

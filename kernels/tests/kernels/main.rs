@@ -149,6 +149,29 @@ fn cross_entropy_matches_reference() {
     );
 }
 
+/// Half-precision logits: the loss is f32, taken from the f32 values of the logits (a bf16 loss
+/// would keep ~3 digits), and the gradient comes back in the logits' dtype, rounded once.
+#[test]
+fn cross_entropy_of_half_logits_is_an_f32_loss_with_a_half_gradient() {
+    let mut g = rng(5);
+    let (n, v) = (37, 301);
+    let t = targets(&mut g, n, v);
+    for half in [DType::BF16, DType::F16] {
+        let logits = uniform(&mut g, &[n, v], 4.0, DType::F32).to_dtype(half).unwrap();
+        let wide = logits.to_dtype(DType::F32).unwrap();
+        let loss = k::cross_entropy_sum(&logits, &t).unwrap();
+        assert_eq!(loss.dtype(), DType::F32, "{half:?} logits");
+        let want = k::cross_entropy_sum(&wide, &t).unwrap();
+        assert_eq!(loss.to_scalar::<f32>().unwrap(), want.to_scalar::<f32>().unwrap());
+        let d = k::cross_entropy_sum_backward(&logits, &t, 0.25).unwrap();
+        assert_eq!(d.dtype(), half);
+        let want = k::cross_entropy_sum_backward(&wide, &t, 0.25).unwrap().to_dtype(half).unwrap();
+        let (d, want) = (d.to_dtype(DType::F32).unwrap(), want.to_dtype(DType::F32).unwrap());
+        let same_bits = d.eq(&want).unwrap().to_dtype(DType::U32).unwrap().sum_all().unwrap();
+        assert_eq!(same_bits.to_scalar::<u32>().unwrap() as usize, n * v, "{half:?} gradient");
+    }
+}
+
 #[test]
 fn gelu_matches_reference() {
     let mut g = rng(4);
