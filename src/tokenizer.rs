@@ -33,6 +33,8 @@ pub const MIN_BPE_VOCAB: usize = 257;
 pub struct TextTokenizer {
     inner: Tokenizer,
     source: String,
+    /// One more than the largest id (ids need not be dense: added tokens may sit far above).
+    id_bound: usize,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -42,6 +44,11 @@ impl std::fmt::Debug for TextTokenizer {
 }
 
 impl TextTokenizer {
+    fn new(inner: Tokenizer, source: String) -> Self {
+        let id_bound = inner.get_vocab(true).values().map(|&id| id as usize + 1).max().unwrap_or(0);
+        Self { inner, source, id_bound }
+    }
+
     /// Loads a `tokenizer.json`, or the one inside a directory (a Hugging Face model directory).
     pub fn load(path: &Path) -> Result<Self, Error> {
         let file = if path.is_dir() { path.join(TOKENIZER_FILE) } else { path.to_path_buf() };
@@ -54,7 +61,7 @@ impl TextTokenizer {
         }
         let inner = Tokenizer::from_file(&file)
             .map_err(|e| Error::Config(format!("{} is not a valid Hugging Face tokenizer.json: {e}", file.display())))?;
-        let tok = Self { inner, source: file.display().to_string() };
+        let tok = Self::new(inner, file.display().to_string());
         if tok.vocab_size() == 0 {
             return Err(Error::Config(format!("tokenizer {} has an empty vocabulary", file.display())));
         }
@@ -105,7 +112,7 @@ impl TextTokenizer {
         tokenizer
             .train_from_files(&mut trainer, names.clone())
             .map_err(|e| Error::Config(format!("training the tokenizer on {}: {e}", names.join(", "))))?;
-        Ok(Self { inner: tokenizer, source: format!("byte-level BPE trained on {}", names.join(", ")) })
+        Ok(Self::new(tokenizer, format!("byte-level BPE trained on {}", names.join(", "))))
     }
 
     pub fn source(&self) -> &str {
@@ -115,7 +122,7 @@ impl TextTokenizer {
     /// Tokens in the vocabulary, special tokens included: the smallest model vocabulary that
     /// can embed every id this tokenizer produces.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.id_bound.max(self.inner.get_vocab_size(true))
     }
 
     /// The id of `<|endoftext|>`, if the vocabulary has it.
@@ -245,6 +252,18 @@ pub fn split_for_encoding(text: &str, target: usize) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vocab_size_covers_sparse_ids() {
+        // Three word ids and one added token far above them: a model must embed id 70000.
+        let json = r#"{"version":"1.0","truncation":null,"padding":null,
+            "added_tokens":[{"id":70000,"content":"<big>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}],
+            "normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,
+            "model":{"type":"WordLevel","vocab":{"a":0,"b":1,"[UNK]":2},"unk_token":"[UNK]"}}"#;
+        let inner: Tokenizer = json.parse().expect("test tokenizer");
+        assert_eq!(inner.get_vocab_size(true), 4, "the count alone would miss the sparse id");
+        assert_eq!(TextTokenizer::new(inner, "test".into()).vocab_size(), 70001);
+    }
 
     #[test]
     fn pieces_cover_the_text_and_cut_only_after_a_newline() {

@@ -409,6 +409,15 @@ fn more_chunks_than_layers_is_a_clear_error() {
     assert!(err.contains("zb-v cuts the model into 6 chunks (3 stages x 2)") && err.contains("4 layers"), "{err}");
     let err = Pipeline::new(&tiny_gpt(), config(2, ScheduleKind::Interleaved, 3, OptimizerConfig::adamw())).unwrap_err().to_string();
     assert!(err.contains("multiple of the stages"), "{err}");
+    // Absurd counts are refused before anything is sized by them (schedule lists, threads).
+    let err = Pipeline::new(&tiny_gpt(), config(1 << 40, ScheduleKind::GPipe, 4, OptimizerConfig::adamw())).unwrap_err().to_string();
+    assert!(err.contains("cannot split 4 layers into 1099511627776 stages"), "{err}");
+    let err = Pipeline::new(&tiny_gpt(), config(usize::MAX, ScheduleKind::ZbV, 4, OptimizerConfig::adamw())).unwrap_err().to_string();
+    assert!(err.contains("zb-v cuts the model into"), "{err}");
+    let err = Pipeline::new(&tiny_gpt(), config(2, ScheduleKind::GPipe, 1 << 40, OptimizerConfig::adamw())).unwrap_err().to_string();
+    assert!(err.contains("actions a schedule may hold"), "{err}");
+    let err = Pipeline::new(&tiny_gpt(), config(2, ScheduleKind::GPipe, 4, OptimizerConfig::adamw()).threads_per_stage(1 << 20)).unwrap_err().to_string();
+    assert!(err.contains("1048576 threads per stage is more than brigade starts (1024)"), "{err}");
 }
 
 /// The thread setup changes speed only: one shared pool or a pool per stage, one thread per

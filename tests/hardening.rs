@@ -193,6 +193,13 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
         (vec!["train", "--optimizer", "adam"], 2, "invalid value 'adam'"),
         (vec!["train", "--stages", "two"], 2, "invalid value 'two'"),
         (vec!["train", "--bogus"], 2, "unexpected argument '--bogus'"),
+        // absurd sizes (typos of a few digits, hostile configs): refused before anything is sized by them
+        (vec!["train", "--stages", "2", "--split", "18446744073709551615,5"], 1, "covers 18446744073709551615 layers but the model has 4"),
+        (vec!["train", "--stages", "1000000000"], 1, "--stages 1000000000 is more than brigade runs (4096)"),
+        (vec!["train", "--schedule", "interleaved-1f1b:1000000000"], 1, "cuts the model into 2000000000 chunks"),
+        (vec!["train", "--stages", "1", "--threads-per-stage", "10000000"], 1, "10000000 threads per stage is more than brigade starts (1024)"),
+        (vec!["train", "--layers", "1152921504606846976"], 1, "n_layer = 1152921504606846976 is larger than brigade supports"),
+        (vec!["train", "--model", "resnet-tiny", "--data", &bad_images, "--image-size", "100000"], 1, "image size 100000 is outside 1..=4096"),
         (vec!["launch"], 2, "unrecognized subcommand 'launch'"),
         // schedule
         (vec!["schedule", "--stages", "0"], 1, "at least one stage"),

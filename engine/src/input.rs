@@ -73,6 +73,9 @@ impl BatchCheck for InputKindCheck {
                         inputs.dims()
                     ));
                 }
+                if inputs.dims()[2] == 0 || inputs.dims()[3] == 0 {
+                    return Err(format!("{model} got images with no pixels (shape {:?})", inputs.dims()));
+                }
                 if inputs.dtype() != DType::F32 {
                     return Err(format!("{model} expects f32 images, got {:?}", inputs.dtype()));
                 }
@@ -140,6 +143,9 @@ mod tests {
         assert!(e.contains("net expects images of shape (batch, 3, height, width), got [2, 1, 4, 4]"), "{e}");
         let e = images().check_batch(&x.to_dtype(DType::F64).unwrap(), None).unwrap_err();
         assert!(e.contains("net expects f32 images, got F64"), "{e}");
+        let empty = Tensor::zeros((2, 3, 0, 4), DType::F32, cpu).unwrap();
+        let e = images().check_batch(&empty, None).unwrap_err();
+        assert!(e.contains("net got images with no pixels (shape [2, 3, 0, 4])"), "{e}");
         let e = images().check_batch(&x, Some(&labels.reshape((2, 1)).unwrap())).unwrap_err();
         assert!(e.contains("image labels must have shape (batch,), got [2, 1]"), "{e}");
         let e = images().check_batch(&x, Some(&Tensor::new(&[1u32, 10], cpu).unwrap())).unwrap_err();

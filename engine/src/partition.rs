@@ -47,7 +47,9 @@ impl Partition {
         if let Some(stage) = counts.iter().position(|&c| c == 0) {
             return Err(PartitionError::EmptyStage { stage, split });
         }
-        let sum: usize = counts.iter().sum();
+        // Saturating: counts from a command line or a saved file may be absurd, and a wrapped
+        // sum could pass the check.
+        let sum = counts.iter().fold(0usize, |a, &c| a.saturating_add(c));
         if sum != num_layers {
             return Err(PartitionError::WrongTotal { split, sum, layers: num_layers });
         }
@@ -235,6 +237,9 @@ mod tests {
         assert!(e.to_string().contains("stage 1 of split 3,0,2 is empty"), "{e}");
         let e = Partition::manual(&[3, 3], 8).unwrap_err();
         assert!(e.to_string().contains("covers 6 layers but the model has 8"), "{e}");
+        // Counts whose sum wraps around usize must not pass as the right total.
+        let e = Partition::manual(&[usize::MAX, 5], 4).unwrap_err();
+        assert!(matches!(e, PartitionError::WrongTotal { .. }), "{e}");
         assert!("3,x".parse::<PartitionStrategy>().is_err());
         let e = PartitionStrategy::Manual(vec![1, 1]).resolve(&[1, 1, 1], 3).unwrap_err();
         assert!(matches!(e, PartitionError::StageCountMismatch { .. }));

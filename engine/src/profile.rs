@@ -173,6 +173,7 @@ pub fn profile_model(
             "profiling needs at least one repeat and one thread".into(),
         ));
     }
+    crate::pipeline::check_thread_budget(options.threads)?;
     apply_thread_budget(options.threads);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(options.threads)

@@ -42,6 +42,12 @@ fn default_layer_norm_epsilon() -> f64 {
     1e-5
 }
 
+/// The largest value any GPT size (vocabulary, context, width, layers, heads) may take; far
+/// above any trained GPT (GPT-3: 96 layers, width 12288).
+pub const GPT_MAX_SIZE: usize = 1 << 24;
+/// The most parameters a model config may describe (2^40, about 1.1 trillion).
+pub const MAX_PARAMS: u128 = 1 << 40;
+
 /// GPT-2 hyper-parameters, named as in Hugging Face's `GPT2Config`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GptConfig {
@@ -123,7 +129,8 @@ impl GptConfig {
         self
     }
 
-    /// Checks the sizes are usable: all positive, heads divide the width, epsilon positive.
+    /// Checks the sizes are usable: all positive and at most [`GPT_MAX_SIZE`], heads divide
+    /// the width, epsilon positive.
     pub fn validate(&self) -> std::result::Result<(), ModelError> {
         let sizes = [
             ("vocab_size", self.vocab_size),
@@ -138,6 +145,23 @@ impl GptConfig {
                     "GPT {field} must be positive"
                 )));
             }
+            if value > GPT_MAX_SIZE {
+                return Err(ModelError::InvalidConfig(format!(
+                    "GPT {field} = {value} is larger than brigade supports ({GPT_MAX_SIZE})"
+                )));
+            }
+        }
+        // An upper bound on the parameters (in u128: the sizes above cannot overflow it), so
+        // that counts and allocations derived from the config stay meaningful.
+        let (v, p, c, l) = [self.vocab_size, self.n_positions, self.n_embd, self.n_layer]
+            .map(|x| x as u128)
+            .into();
+        let params = v * c + p * c + l * (12 * c * c + 13 * c) + 2 * c;
+        if params > MAX_PARAMS {
+            return Err(ModelError::InvalidConfig(format!(
+                "GPT with vocab {}, context {}, width {} and {} layers has ~{params} parameters, more than brigade supports ({MAX_PARAMS})",
+                self.vocab_size, self.n_positions, self.n_embd, self.n_layer
+            )));
         }
         if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(ModelError::InvalidConfig(format!(
@@ -1033,6 +1057,18 @@ mod tests {
 
     fn tiny() -> GptConfig {
         GptConfig::preset("gpt-tiny").unwrap()
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_by_name() {
+        // A size far past any model (a typo, or a hostile config.json) names the field.
+        let e = GptConfig::custom(256, 64, 64, 1 << 60, 4).unwrap_err().to_string();
+        assert!(e.contains("n_layer = 1152921504606846976 is larger than brigade supports"), "{e}");
+        // Each size within bounds, but together over 2^40 parameters.
+        let e = GptConfig::custom(256, 64, 1 << 16, 1 << 16, 4).unwrap_err().to_string();
+        assert!(e.contains("parameters, more than brigade supports"), "{e}");
+        // GPT-2 XL-sized configs are fine.
+        GptConfig::custom(50257, 1024, 1600, 48, 25).unwrap();
     }
 
     /// Builds every layer of `model` in one store.

@@ -68,7 +68,7 @@ pub fn gpt_config_from_hf(value: &Value) -> Result<GptConfig, ModelError> {
         cfg.layer_norm_epsilon = eps.as_f64().ok_or_else(|| bad(format!("layer_norm_epsilon must be a number, got {eps}")))?;
     }
     if let Some(inner) = value.get("n_inner").filter(|v| !v.is_null()) {
-        if inner.as_u64() != Some(4 * cfg.n_embd as u64) {
+        if inner.as_u64() != (cfg.n_embd as u64).checked_mul(4) {
             return Err(bad(format!("n_inner {inner} is not 4 × n_embd; brigade's MLP is 4 × n_embd wide")));
         }
     }

@@ -71,6 +71,9 @@ impl BlockKind {
     }
 }
 
+/// The largest value any ResNet size (blocks per stage, widths, classes, input channels) may take.
+pub const RESNET_MAX_SIZE: usize = 1 << 20;
+
 /// ResNet hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResNetConfig {
@@ -116,6 +119,7 @@ impl ResNetConfig {
         base_width: usize,
         num_classes: usize,
     ) -> std::result::Result<Self, ModelError> {
+        let base_width = base_width.min(RESNET_MAX_SIZE + 1); // validate names it; no overflow
         let widths = [base_width, 2 * base_width, 4 * base_width, 8 * base_width];
         let cfg = Self {
             block,
@@ -138,7 +142,7 @@ impl ResNetConfig {
         self
     }
 
-    /// Checks every size is positive.
+    /// Checks every size is positive and at most [`RESNET_MAX_SIZE`].
     pub fn validate(&self) -> std::result::Result<(), ModelError> {
         if self.layers.contains(&0) {
             return Err(ModelError::InvalidConfig(format!(
@@ -150,6 +154,24 @@ impl ResNetConfig {
             return Err(ModelError::InvalidConfig(format!(
                 "ResNet widths must be positive, got {:?}",
                 self.widths
+            )));
+        }
+        // Far above torchvision's largest (ResNet-152: 36 blocks, widths to 512).
+        let sizes = self.layers.iter().chain(&self.widths).chain([&self.num_classes, &self.in_channels]);
+        if let Some(big) = sizes.copied().find(|&v| v > RESNET_MAX_SIZE) {
+            return Err(ModelError::InvalidConfig(format!(
+                "ResNet size {big} is larger than brigade supports ({RESNET_MAX_SIZE}): layers {:?}, widths {:?}, {} classes, {} input channels",
+                self.layers, self.widths, self.num_classes, self.in_channels
+            )));
+        }
+        // An upper bound on the parameters (a bottleneck block of width w has under 512·w²;
+        // u128 cannot overflow under the bounds above).
+        let blocks: u128 = self.layers.iter().zip(&self.widths).map(|(&n, &w)| n as u128 * 512 * (w as u128).pow(2)).sum();
+        let params = blocks + 4 * (self.widths[3] as u128) * (self.num_classes as u128) + 49 * (self.in_channels as u128) * (self.widths[0] as u128);
+        if params > crate::gpt::MAX_PARAMS {
+            return Err(ModelError::InvalidConfig(format!(
+                "ResNet with layers {:?} and widths {:?} has up to ~{params} parameters, more than brigade supports ({})",
+                self.layers, self.widths, crate::gpt::MAX_PARAMS
             )));
         }
         if self.num_classes == 0 || self.in_channels == 0 {
@@ -1133,6 +1155,15 @@ impl Layer for Head {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_sizes_are_refused() {
+        let e = ResNetConfig::custom(BlockKind::BasicBlock, [2, 2, 2, 2], usize::MAX, 10).unwrap_err().to_string();
+        assert!(e.contains("is larger than brigade supports"), "{e}");
+        let e = ResNetConfig::custom(BlockKind::Bottleneck, [1 << 20, 1, 1, 1], 1 << 12, 10).unwrap_err().to_string();
+        assert!(e.contains("parameters, more than brigade supports"), "{e}");
+        ResNetConfig::custom(BlockKind::Bottleneck, [3, 8, 36, 3], 64, 1000).unwrap(); // ResNet-152
+    }
     use brigade_engine::layer::unique_params;
     use candle_core::{Device, Var};
 

@@ -147,8 +147,8 @@ pub fn run(args: KernelsBenchArgs) -> Result<()> {
     if args.repeats == 0 {
         bail!("--repeats must be at least 1");
     }
-    if args.threads == 0 {
-        bail!("--threads must be at least 1");
+    if args.threads == 0 || args.threads > brigade::engine::pipeline::MAX_THREADS_PER_STAGE {
+        bail!("--threads must be in 1..={}", brigade::engine::pipeline::MAX_THREADS_PER_STAGE);
     }
     let dev = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype, &dev)?;

@@ -88,11 +88,18 @@ pub fn layout_counts(choice: &ScheduleChoice, stages: Option<usize>, microbatche
     if p == 0 {
         bail!("a pipeline needs at least one stage (--stages 0)");
     }
+    // Each stage is a device and a thread: refuse a typo before anything is sized by it.
+    if p > MAX_STAGES {
+        bail!("--stages {p} is more than brigade runs ({MAX_STAGES})");
+    }
     if m == 0 {
         bail!("--microbatches must be at least 1");
     }
     Ok((p, m))
 }
+
+/// The most stages a command accepts.
+const MAX_STAGES: usize = 1 << 12;
 
 /// The most actions `brigade schedule` draws (and `simulate` times): a grid wider than this is
 /// unreadable, and a far larger one (a typo of a few zeros) would exhaust memory instead.

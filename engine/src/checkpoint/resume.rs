@@ -92,11 +92,11 @@ impl Checkpoint {
 fn optimizer_states(
     set: &ShardSet,
     optimizer: OptimizerConfig,
-    step: u64,
+    meta_step: u64,
     params: &[ParamSpec],
 ) -> Result<HashMap<String, ParamState>, CheckpointError> {
     let mut out = HashMap::new();
-    if step == 0 {
+    if meta_step == 0 {
         return Ok(out);
     }
     for p in params {
@@ -110,6 +110,13 @@ fn optimizer_states(
                     .map_err(|e| CheckpointError::invalid(&set.source, format!("{}.step: {e}", p.name)))?;
                 if !(step >= 0.0 && step.fract() == 0.0) {
                     return Err(CheckpointError::invalid(&set.source, format!("{}.step is {step}, not a step count", p.name)));
+                }
+                // A parameter cannot have taken more optimizer steps than the run has.
+                if step > meta_step as f64 {
+                    return Err(CheckpointError::invalid(
+                        &set.source,
+                        format!("{}.step is {step}, but the checkpoint is at step {meta_step}", p.name),
+                    ));
                 }
                 let exp_avg_sq = format!("{}.exp_avg_sq", p.name);
                 let exp_avg_sq_t = set.load(&exp_avg_sq, DType::F32)?;

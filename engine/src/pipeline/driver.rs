@@ -116,6 +116,28 @@ impl Pipeline {
                 "micro-batches must be at least 1".into(),
             ));
         }
+        // Every chunk needs a layer: refuse impossible counts before building anything sized
+        // by them (devices, schedule lists).
+        let (schedule_name, chunks_per_stage) = match &config.schedule {
+            ScheduleChoice::Kind(kind) => (kind.to_string(), kind.default_virtual_stages()),
+            ScheduleChoice::Virtual(kind, v) => (kind.to_string(), *v),
+            ScheduleChoice::Custom(s) => (s.name().to_string(), 1), // checked once built
+        };
+        let chunks = config.stages.saturating_mul(chunks_per_stage);
+        if chunks > layers.len() {
+            let e = crate::partition::PartitionError::MoreStagesThanLayers {
+                stages: chunks,
+                layers: layers.len(),
+            };
+            return Err(if chunks_per_stage == 1 {
+                e.into()
+            } else {
+                EngineError::Config(format!(
+                    "schedule {schedule_name} cuts the model into {chunks} chunks ({} stages x {chunks_per_stage}): {e}",
+                    config.stages
+                ))
+            });
+        }
         crate::device::check_devices(&config.devices, config.stages)?;
         if !matches!(config.compute_dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(EngineError::Config(format!(

@@ -73,18 +73,31 @@ pub(crate) fn shared_pool(workers: usize) -> std::result::Result<Arc<rayon::Thre
         .map_err(|e| format!("thread pool: {e}"))
 }
 
+/// The most threads a stage may be given.
+pub const MAX_THREADS_PER_STAGE: usize = 1024;
+
 /// The threads each stage gets: `requested`, or the cores shared out over the stages (at
 /// least 1).
 pub(crate) fn per_stage(requested: Option<usize>, stages: usize) -> Result<usize> {
     match requested {
         // rayon reads 0 as "choose for me"; a budget of 0 is a mistake, not a default.
         Some(0) => Err(EngineError::Config("threads per stage must be at least 1".into())),
+        // Oversubscription is allowed (it is only slower), but not without bound: candle
+        // spawns one elementwise worker per budgeted thread and panics when it cannot.
+        Some(threads) if threads > MAX_THREADS_PER_STAGE => Err(EngineError::Config(format!(
+            "{threads} threads per stage is more than brigade starts ({MAX_THREADS_PER_STAGE})"
+        ))),
         Some(threads) => Ok(threads),
         None => {
             let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
             Ok((cores / stages.max(1)).max(1))
         }
     }
+}
+
+/// Refuses a thread budget of 0 or above [`MAX_THREADS_PER_STAGE`].
+pub(crate) fn check_thread_budget(threads: usize) -> Result<()> {
+    per_stage(Some(threads), 1).map(|_| ())
 }
 
 /// The rayon pool stage `index` runs its math in: exactly `threads` workers.

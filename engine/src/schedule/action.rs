@@ -155,7 +155,12 @@ impl FromStr for Action {
             return Err(bad(format!("micro-batch `{mb_digits}` is not a number")));
         }
         let number = |digits: &str, what: &str| {
-            digits.parse::<usize>().map_err(|_| bad(format!("{what} number `{digits}` is too large")))
+            // No schedule holds more actions than this, so no id can reach it either.
+            digits
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n < super::MAX_SCHEDULE_ACTIONS)
+                .ok_or_else(|| bad(format!("{what} number `{digits}` is too large")))
         };
         let stage = number(stage_digits, "stage")?;
         let chunk = match chunk_digits {

@@ -242,6 +242,10 @@ pub enum ScheduleKind {
     ZbAuto,
 }
 
+/// The most actions a generated schedule may hold (3 per chunk and micro-batch with a split
+/// backward): far beyond any real pipeline, small enough to build without exhausting memory.
+pub const MAX_SCHEDULE_ACTIONS: usize = 1 << 26;
+
 impl ScheduleKind {
     pub const ALL: [ScheduleKind; 7] = [
         ScheduleKind::GPipe,
@@ -260,13 +264,22 @@ impl ScheduleKind {
 
     /// The schedule with `v` chunks per device; kinds with a fixed `v` refuse any other.
     pub fn build_with(self, stages: usize, microbatches: usize, v: usize) -> Result<Schedule, ScheduleError> {
-        self.check_virtual_stages(v).map_err(|reason| ScheduleError::Unsupported {
+        let unsupported = |reason| ScheduleError::Unsupported {
             schedule: self.to_string(),
             stages,
             microbatches,
             virtual_stages: v,
             reason,
-        })?;
+        };
+        self.check_virtual_stages(v).map_err(unsupported)?;
+        // Counts from a command line can be typos of a few zeros: refuse them here rather than
+        // overflow or exhaust memory building the lists.
+        let actions = [stages, v, microbatches].iter().try_fold(3usize, |a, &n| a.checked_mul(n));
+        if actions.is_none_or(|a| a > MAX_SCHEDULE_ACTIONS) {
+            return Err(unsupported(format!(
+                "{stages} stages x {v} chunks x {microbatches} micro-batches is more than the {MAX_SCHEDULE_ACTIONS} actions a schedule may hold"
+            )));
+        }
         match self {
             ScheduleKind::GPipe => Schedule::gpipe(stages, microbatches),
             ScheduleKind::OneFOneB => Schedule::one_f_one_b(stages, microbatches),

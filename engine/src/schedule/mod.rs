@@ -27,7 +27,7 @@ mod tests;
 
 pub use action::{Action, ActionKind};
 pub use error::{ScheduleError, Stuck};
-pub use generators::ScheduleKind;
+pub use generators::{ScheduleKind, MAX_SCHEDULE_ACTIONS};
 pub use generators::{round_robin, v_shape};
 pub use zero_bubble::{GreedyCosts, GreedyOptions};
 pub use timeline::{ActionCosts, CostModel, TimedAction, Timeline};

@@ -48,7 +48,7 @@ fn action_prints_and_parses_pytorch_tokens() {
 
 #[test]
 fn action_parse_errors_name_the_token() {
-    for bad in ["", "F3", "1F", "1X3", "1F3x", "1f3", "abc", "1F-3", "99999999999999999999999F1"] {
+    for bad in ["", "F3", "1F", "1X3", "1F3x", "1f3", "abc", "1F-3", "99999999999999999999999F1", "0F18446744073709551615", "0.67108864F1"] {
         match bad.parse::<Action>() {
             Err(ScheduleError::BadAction { token, .. }) => assert_eq!(token, bad),
             other => panic!("{bad:?} parsed as {other:?}"),
@@ -59,6 +59,17 @@ fn action_parse_errors_name_the_token() {
 }
 
 // ---- kinds and constructors ----
+
+#[test]
+fn absurd_counts_are_refused_before_building() {
+    // Typos of a few zeros: refused at once, neither overflowing nor exhausting memory.
+    for (p, m, v) in [(2, 1 << 40, 1), (1 << 40, 2, 1), (4, usize::MAX, 2)] {
+        let kind = if v == 1 { ScheduleKind::OneFOneB } else { ScheduleKind::Interleaved };
+        let e = kind.build_with(p, m, v).unwrap_err().to_string();
+        assert!(e.contains("actions a schedule may hold"), "{e}");
+    }
+    ScheduleKind::GPipe.build(2, 1000).unwrap();
+}
 
 #[test]
 fn schedule_kind_names() {

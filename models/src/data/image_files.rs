@@ -23,6 +23,9 @@ use super::DataError;
 
 /// Bytes of one CIFAR-10 record: a label and 3 × 32 × 32 pixels.
 pub const CIFAR_RECORD: usize = 1 + 3 * 32 * 32;
+/// The largest `--image-size` an image folder is resized to (one 4096² RGB image is 201 MB of
+/// f32 pixels; larger sizes are a typo, not a dataset).
+pub const MAX_IMAGE_SIZE: usize = 4096;
 /// CIFAR-10's class names, in label order.
 pub const CIFAR10_CLASSES: [&str; 10] = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
 
@@ -96,8 +99,10 @@ impl ImageDataset {
         if !dir.exists() {
             return Err(DataError::Missing { path: dir.to_path_buf() });
         }
-        if size == 0 {
-            return Err(DataError::InvalidArgument("image size must be at least 1".into()));
+        if size == 0 || size > MAX_IMAGE_SIZE {
+            return Err(DataError::InvalidArgument(format!(
+                "image size {size} is outside 1..={MAX_IMAGE_SIZE}"
+            )));
         }
         let val_dir = ["val", "test"].iter().map(|v| dir.join(v)).find(|d| d.is_dir());
         let (train_files, val_files, names) = match (dir.join("train").is_dir(), val_dir) {
@@ -269,6 +274,10 @@ mod tests {
         assert!(e.contains("broken.png") && e.contains("cannot decode the image"), "{e}");
         let e = ImageDataset::from_image_folder(dir.join("missing"), 12).unwrap_err().to_string();
         assert!(e.contains("does not exist"), "{e}");
+        for size in [0, 100_000] {
+            let e = ImageDataset::from_image_folder(dir.join("x"), size).unwrap_err().to_string();
+            assert!(e.contains(&format!("image size {size} is outside 1..=4096")), "{e}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -15,6 +15,9 @@ use super::{read_file, DataError, Split};
 pub const EMBEDDED_SHAPES_TRAIN: usize = 5000;
 pub const EMBEDDED_SHAPES_VAL: usize = 1000;
 pub const EMBEDDED_SHAPES_SIZE: usize = 32;
+/// The most classes an image dataset may declare (ImageNet-21k has 21,841): a bound on what a
+/// file's metadata or labels can make the loader allocate.
+pub const MAX_CLASSES: usize = 1 << 20;
 
 /// One split: normalised pixels (N·C·H·W, row-major NCHW) and labels.
 #[derive(Debug, Clone, Default)]
@@ -204,6 +207,12 @@ impl ImageDataset {
             None => meta_names.as_ref().map(Vec::len),
         };
         let classes = meta_classes.unwrap_or(max_label + 1);
+        if classes > MAX_CLASSES {
+            return Err(format_err(format!(
+                "{classes} classes (from {}) is more than the {MAX_CLASSES} an image dataset may have",
+                if meta_classes.is_some() { "its metadata" } else { "its largest label" }
+            )));
+        }
         if max_label >= classes {
             return Err(DataError::LabelBeyondClasses {
                 data: path.display().to_string(),

@@ -580,6 +580,20 @@ fn safetensors_errors_are_specific() {
         "{e}"
     );
 
+    // Absurd class counts, from the metadata or from a label, are refused before any
+    // allocation sized by them.
+    for (labels, meta) in [
+        (i64_bytes(&[0, 1]), Some(HashMap::from([("num_classes".to_string(), "18446744073709551615".to_string())]))),
+        (i64_bytes(&[0, 4_294_967_295]), None),
+    ] {
+        let f = write_safetensors(
+            &[("images", Dtype::U8, vec![2, 1, 2, 2], vec![0; 8]), ("labels", Dtype::I64, vec![2], labels)],
+            meta,
+        );
+        let e = ImageDataset::from_safetensors(&f.file.0).unwrap_err().to_string();
+        assert!(e.contains("classes") && e.contains("more than the 1048576 an image dataset may have"), "{e}");
+    }
+
     // val_images without val_labels.
     let f = write_safetensors(
         &[
