@@ -20,7 +20,11 @@ fn main() {
     }
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
-    let nvcc = env::var("CUDA_PATH").map(|p| PathBuf::from(p).join("bin/nvcc")).ok().filter(|p| p.exists()).unwrap_or_else(|| "nvcc".into());
+    let nvcc = env::var("CUDA_PATH")
+        .map(|p| PathBuf::from(p).join("bin/nvcc"))
+        .ok()
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| "nvcc".into());
     let common = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"];
     let run = |args: &[&str]| {
         let o = Command::new(&nvcc).args(common).args(args).arg("cuda/brigade.cu").output().unwrap_or_else(|e| {
@@ -36,8 +40,12 @@ fn main() {
     run(&["--ptx", &format!("-arch=compute_{cap}"), "-o", ptx.to_str().expect("utf-8 OUT_DIR")]);
     check_kernel_names(&std::fs::read_to_string(&ptx).expect("nvcc wrote the PTX"));
     let cubin = out.join("brigade.cubin");
-    let report = run(&["--cubin", &format!("-arch=sm_{cap}"), "-Xptxas", "-v", "-o", cubin.to_str().expect("utf-8 OUT_DIR")]);
-    let spills: Vec<&str> = report.lines().filter(|l| l.contains("spill") && !l.contains(" 0 bytes spill stores, 0 bytes spill loads")).collect();
+    let report =
+        run(&["--cubin", &format!("-arch=sm_{cap}"), "-Xptxas", "-v", "-o", cubin.to_str().expect("utf-8 OUT_DIR")]);
+    let spills: Vec<&str> = report
+        .lines()
+        .filter(|l| l.contains("spill") && !l.contains(" 0 bytes spill stores, 0 bytes spill loads"))
+        .collect();
     if !spills.is_empty() {
         panic!("ptxas reports register spills in brigade's kernels:\n{}", spills.join("\n"));
     }

@@ -54,14 +54,9 @@ pub fn batch(
     seed: u64,
 ) -> Result<(Tensor, Tensor), Error> {
     Ok(match data {
-        Dataset::Tokens(d) => d.batch(
-            Split::Train,
-            index,
-            batch_size,
-            sequence_length(model, context),
-            seed,
-            &Device::Cpu,
-        )?,
+        Dataset::Tokens(d) => {
+            d.batch(Split::Train, index, batch_size, sequence_length(model, context), seed, &Device::Cpu)?
+        }
         Dataset::Images(d) => d.batch(Split::Train, index, batch_size, seed, &Device::Cpu)?,
     })
 }
@@ -115,13 +110,7 @@ pub fn time_breakdown(profile: &Profile) -> String {
 
 /// `BalancedTime` filled with each layer's profiled forward + backward time.
 pub fn balanced_time_strategy(profile: &Profile) -> PartitionStrategy {
-    PartitionStrategy::BalancedTime(
-        profile
-            .layers
-            .iter()
-            .map(|l| (l.microbatch_s() * 1e9).round() as u64)
-            .collect(),
-    )
+    PartitionStrategy::BalancedTime(profile.layers.iter().map(|l| (l.microbatch_s() * 1e9).round() as u64).collect())
 }
 
 /// One bench run's settings.
@@ -231,27 +220,17 @@ pub fn run(
     mut on_step: impl FnMut(),
 ) -> Result<RunResult, Error> {
     if config.steps == 0 {
-        return Err(Error::Config(
-            "a bench run needs at least one measured step".into(),
-        ));
+        return Err(Error::Config("a bench run needs at least one measured step".into()));
     }
     // The schedule is built here, not by the pipeline, so that zb-auto gets this profile's
     // costs: cut the model into p x v chunks, cost them, schedule them.
     let chunks = config.stages * config.virtual_stages;
     let layer_params: Vec<usize> = model.layers().iter().map(|l| l.param_count()).collect();
-    let partition = config
-        .partition
-        .resolve(&layer_params, chunks)
-        .map_err(brigade_engine::error::EngineError::from)?;
+    let partition =
+        config.partition.resolve(&layer_params, chunks).map_err(brigade_engine::error::EngineError::from)?;
     let costs = StageCosts::from_profile(profile, &partition)?;
-    let schedule = schedule_from_costs(
-        config.schedule,
-        config.stages,
-        config.microbatches,
-        config.virtual_stages,
-        &costs,
-        None,
-    )?;
+    let schedule =
+        schedule_from_costs(config.schedule, config.stages, config.microbatches, config.virtual_stages, &costs, None)?;
     let pipeline = PipelineConfig::default()
         .stages(config.stages)
         .partition(PartitionStrategy::Manual(partition.counts().to_vec()))
@@ -301,14 +280,7 @@ pub fn run(
 
     let prediction = predict(&schedule, &costs)?;
     let peak_memory_bytes = (0..p)
-        .map(|s| {
-            prediction.static_bytes[s]
-                + measured
-                    .iter()
-                    .map(|st| st.peak_stash_bytes[s])
-                    .max()
-                    .unwrap_or(0)
-        })
+        .map(|s| prediction.static_bytes[s] + measured.iter().map(|st| st.peak_stash_bytes[s]).max().unwrap_or(0))
         .collect();
     let median_index = {
         let mut order: Vec<usize> = (0..times.len()).collect();
@@ -326,11 +298,7 @@ pub fn run(
         slug(&model_name),
         p,
         config.schedule,
-        if config.virtual_stages > 1 {
-            format!("-v{}", config.virtual_stages)
-        } else {
-            String::new()
-        },
+        if config.virtual_stages > 1 { format!("-v{}", config.virtual_stages) } else { String::new() },
         config.microbatches
     );
     let row = BenchRow {
@@ -357,26 +325,14 @@ pub fn run(
         simulated_bubble: prediction.bubble_fraction,
         stage_busy_s,
         simulated_stage_busy_s: prediction.busy.clone(),
-        peak_stash_bytes: (0..p)
-            .map(|s| {
-                measured
-                    .iter()
-                    .map(|st| st.peak_stash_bytes[s])
-                    .max()
-                    .unwrap_or(0)
-            })
-            .collect(),
+        peak_stash_bytes: (0..p).map(|s| measured.iter().map(|st| st.peak_stash_bytes[s]).max().unwrap_or(0)).collect(),
         simulated_peak_stash_bytes: prediction.peak_stash_bytes.clone(),
         peak_memory_bytes,
         simulated_peak_memory_bytes: prediction.peak_memory.clone(),
         run_name,
     };
     let median_step = measured.swap_remove(median_index);
-    Ok(RunResult {
-        row,
-        median_step,
-        prediction,
-    })
+    Ok(RunResult { row, median_step, prediction })
 }
 
 /// The bench table in Markdown.
@@ -395,13 +351,7 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
             .peak_stash_bytes
             .iter()
             .zip(&r.simulated_peak_stash_bytes)
-            .map(|(m, s)| {
-                if m == s {
-                    format!("{m} B (=)")
-                } else {
-                    format!("{m} / {s} B")
-                }
-            })
+            .map(|(m, s)| if m == s { format!("{m} B (=)") } else { format!("{m} / {s} B") })
             .collect();
         let _ = writeln!(
             t,
@@ -494,9 +444,7 @@ pub fn chrome_trace(step: &StepStats, simulated: Option<&Timeline>) -> serde_jso
 pub fn timeline_svg(title: &str, step: &StepStats, simulated: Option<&Prediction>) -> String {
     let stages = step.stage_actions.len();
     let measured_end = step.elapsed.as_secs_f64();
-    let horizon = simulated
-        .map_or(measured_end, |p| p.step_time.max(measured_end))
-        .max(1e-9);
+    let horizon = simulated.map_or(measured_end, |p| p.step_time.max(measured_end)).max(1e-9);
     let (left, width, row, gap) = (110.0, 900.0, 26.0, 6.0);
     let panels = if simulated.is_some() { 2 } else { 1 };
     let panel_height = stages as f64 * (row + gap) + 24.0;
@@ -514,24 +462,13 @@ pub fn timeline_svg(title: &str, step: &StepStats, simulated: Option<&Prediction
         xml_escape(title)
     );
     let mut top = 40.0;
-    let mut panel = |label: &str,
-                     rows: Vec<Vec<(String, ActionKind, f64, f64)>>,
-                     end: f64,
-                     svg: &mut String| {
-        let _ = writeln!(
-            svg,
-            r#"<text x="10" y="{}" font-weight="bold">{label} ({:.1} ms)</text>"#,
-            top + 12.0,
-            end * 1e3
-        );
+    let mut panel = |label: &str, rows: Vec<Vec<(String, ActionKind, f64, f64)>>, end: f64, svg: &mut String| {
+        let _ =
+            writeln!(svg, r#"<text x="10" y="{}" font-weight="bold">{label} ({:.1} ms)</text>"#, top + 12.0, end * 1e3);
         top += 18.0;
         for (s, actions) in rows.iter().enumerate() {
             let y = top + s as f64 * (row + gap);
-            let _ = writeln!(
-                svg,
-                r#"<text x="10" y="{}">stage {s}</text>"#,
-                y + row * 0.65
-            );
+            let _ = writeln!(svg, r#"<text x="10" y="{}">stage {s}</text>"#, y + row * 0.65);
             // The whole step as idle; actions paint over it.
             let _ = writeln!(
                 svg,
@@ -574,12 +511,7 @@ pub fn timeline_svg(title: &str, step: &StepStats, simulated: Option<&Prediction
             actions
                 .iter()
                 .map(|a: &ActionTiming| {
-                    (
-                        a.action.to_string(),
-                        a.action.kind,
-                        a.start.as_secs_f64(),
-                        a.end.as_secs_f64(),
-                    )
+                    (a.action.to_string(), a.action.kind, a.start.as_secs_f64(), a.end.as_secs_f64())
                 })
                 .collect()
         })
@@ -622,25 +554,10 @@ pub fn timeline_svg(title: &str, step: &StepStats, simulated: Option<&Prediction
 
 /// A file-name-safe form of a model name: `gpt(vocab=256, ctx=16)` → `gpt_vocab_256_ctx_16`.
 fn slug(name: &str) -> String {
-    let mapped: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    mapped
-        .split('_')
-        .filter(|p| !p.is_empty())
-        .collect::<Vec<_>>()
-        .join("_")
+    let mapped: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    mapped.split('_').filter(|p| !p.is_empty()).collect::<Vec<_>>().join("_")
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }

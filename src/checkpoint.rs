@@ -115,7 +115,9 @@ pub fn export(checkpoint: &Path, out: &Path, dtype: ExportDtype, max_shard_bytes
             .iter()
             .map(|name| {
                 let t = ckpt.weights.load(name, listing[name].2)?;
-                let converted = t.to_dtype(out_dtype(t.dtype())).map_err(|e| CheckpointError::invalid(out, format!("{name}: {e}")))?;
+                let converted = t
+                    .to_dtype(out_dtype(t.dtype()))
+                    .map_err(|e| CheckpointError::invalid(out, format!("{name}: {e}")))?;
                 Ok((name.clone(), converted))
             })
             .collect::<Result<Vec<(String, Tensor)>, CheckpointError>>()?;
@@ -164,7 +166,11 @@ fn prepare_export_dir(out: &Path, checkpoint: &Path) -> Result<(), Error> {
         _ => false,
     };
     if same || out.join(META_FILE).exists() || out.join(brigade_engine::checkpoint::LATEST_FILE).exists() {
-        return Err(CheckpointError::invalid(out, "is a checkpoint or save directory; export into a directory of its own").into());
+        return Err(CheckpointError::invalid(
+            out,
+            "is a checkpoint or save directory; export into a directory of its own",
+        )
+        .into());
     }
     brigade_engine::checkpoint::refuse_inside_checkpoint(out, "the export directory")?;
     std::fs::create_dir_all(out).map_err(|e| CheckpointError::Io { path: out.to_path_buf(), source: e })?;
@@ -257,7 +263,10 @@ pub fn import_with(path: &Path, model: Option<&ModelConfig>, skip: &[String]) ->
         if let (true, Some(wte)) = (set.contains("lm_head.weight"), params.get("transformer.wte.weight")) {
             let head = set.load("lm_head.weight", DType::F32)?;
             let same = head.dims() == wte.dims()
-                && (&head - wte).and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>()).map_err(|e| Error::Config(e.to_string()))? == 0.0;
+                && (&head - wte)
+                    .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+                    .map_err(|e| Error::Config(e.to_string()))?
+                    == 0.0;
             if !same {
                 return Err(CheckpointError::invalid(
                     &set.source,
@@ -283,12 +292,11 @@ pub fn import_with(path: &Path, model: Option<&ModelConfig>, skip: &[String]) ->
 }
 
 /// Separates a model's buffers (BatchNorm statistics) from its parameters.
-fn split_buffers(model: &dyn PipelineModel, mut all: HashMap<String, Tensor>) -> (HashMap<String, Tensor>, HashMap<String, Tensor>) {
-    let buffers = model
-        .layers()
-        .iter()
-        .flat_map(|l| l.buffer_specs())
-        .filter_map(|b| all.remove_entry(&b.name))
-        .collect();
+fn split_buffers(
+    model: &dyn PipelineModel,
+    mut all: HashMap<String, Tensor>,
+) -> (HashMap<String, Tensor>, HashMap<String, Tensor>) {
+    let buffers =
+        model.layers().iter().flat_map(|l| l.buffer_specs()).filter_map(|b| all.remove_entry(&b.name)).collect();
     (all, buffers)
 }

@@ -68,7 +68,8 @@ impl Sampling {
             order.truncate(k.max(1));
         }
         let max = logits[order[0]] as f64;
-        let mut weights: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / self.temperature).exp()).collect();
+        let mut weights: Vec<f64> =
+            order.iter().map(|&i| ((logits[i] as f64 - max) / self.temperature).exp()).collect();
         if let Some(p) = self.top_p.filter(|&p| p < 1.0) {
             let total: f64 = weights.iter().sum();
             let mut kept = 0.0;
@@ -175,7 +176,11 @@ fn row(ids: &[u32]) -> Result<Tensor, Error> {
 /// The last position's logits of `(1, T, V)`.
 fn last_logits(logits: &Tensor) -> Result<Vec<f32>, Error> {
     let t = logits.dim(1).map_err(crate::engine::error::EngineError::from)?;
-    Ok(logits.get(0).and_then(|l| l.get(t - 1)).and_then(|l| l.to_vec1()).map_err(crate::engine::error::EngineError::from)?)
+    Ok(logits
+        .get(0)
+        .and_then(|l| l.get(t - 1))
+        .and_then(|l| l.to_vec1())
+        .map_err(crate::engine::error::EngineError::from)?)
 }
 
 #[cfg(test)]

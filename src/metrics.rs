@@ -63,14 +63,13 @@ impl MetricsLog {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(fail)?;
         }
-        let file = OpenOptions::new().create(true).write(true).append(append).truncate(!append).open(path).map_err(fail)?;
+        let file =
+            OpenOptions::new().create(true).write(true).append(append).truncate(!append).open(path).map_err(fail)?;
         let mut log = Self { path: path.to_path_buf(), file, unit: info.unit.clone(), started: Instant::now() };
         let mut record = serde_json::to_value(info).map_err(|e| Error::Config(e.to_string()))?;
         record["event"] = json!("run");
-        record["time_unix"] = json!(std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0));
+        record["time_unix"] =
+            json!(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
         log.write(&record)?;
         Ok(log)
     }
@@ -191,7 +190,11 @@ pub fn read_run(path: &Path) -> Result<Run, Error> {
         }
         let value: serde_json::Value =
             serde_json::from_str(&line).map_err(|e| bad(i + 1, format!("not a JSON record ({e})")))?;
-        let event = value.get("event").and_then(|e| e.as_str()).map(str::to_owned).ok_or_else(|| bad(i + 1, "no \"event\" field".into()))?;
+        let event = value
+            .get("event")
+            .and_then(|e| e.as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| bad(i + 1, "no \"event\" field".into()))?;
         let parsed = |e: serde_json::Error| bad(i + 1, format!("a {event} record {e}"));
         match event.as_str() {
             "run" => info = Some(serde_json::from_value::<RunInfo>(value).map_err(parsed)?),
@@ -206,6 +209,8 @@ pub fn read_run(path: &Path) -> Result<Run, Error> {
             _ => {}
         }
     }
-    let info = info.ok_or_else(|| Error::Config(format!("{} is not a brigade metrics log (no \"run\" record)", file_path.display())))?;
+    let info = info.ok_or_else(|| {
+        Error::Config(format!("{} is not a brigade metrics log (no \"run\" record)", file_path.display()))
+    })?;
     Ok(Run { path: file_path, info, steps: steps.into_values().collect(), evals: evals.into_values().collect() })
 }

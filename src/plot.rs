@@ -110,7 +110,11 @@ fn padded(lo: f64, hi: f64) -> std::ops::Range<f64> {
     (lo - pad)..(hi + pad)
 }
 
-fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, runs: &[Run], smooth: usize) -> std::result::Result<(), String> {
+fn draw<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    runs: &[Run],
+    smooth: usize,
+) -> std::result::Result<(), String> {
     let e = |err: DrawingAreaErrorKind<DB::ErrorType>| err.to_string();
     root.fill(&WHITE).map_err(e)?;
     let (left, right) = root.split_horizontally(SIZE.0 / 2);
@@ -120,7 +124,8 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, runs: &[Run], smooth:
 
     // Loss: training per step, held-out evaluations as dots.
     let losses = runs.iter().flat_map(|r| r.steps.iter().map(|s| s.loss).chain(r.evals.iter().map(|v| v.loss)));
-    let (lo, hi) = losses.filter(|l| l.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), l| (a.min(l), b.max(l)));
+    let (lo, hi) =
+        losses.filter(|l| l.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), l| (a.min(l), b.max(l)));
     let mut chart = ChartBuilder::on(&left)
         .caption("loss (line: train, dots: held-out)", ("sans-serif", 18))
         .margin(12)
@@ -166,7 +171,11 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, runs: &[Run], smooth:
         })
         .collect();
     let top = series.iter().flatten().map(|p| p.1).filter(|v| v.is_finite()).fold(0.0, f64::max);
-    let caption = if smooth > 1 { format!("throughput ({unit}, mean of {smooth} steps)") } else { format!("throughput ({unit})") };
+    let caption = if smooth > 1 {
+        format!("throughput ({unit}, mean of {smooth} steps)")
+    } else {
+        format!("throughput ({unit})")
+    };
     let mut chart = ChartBuilder::on(&right)
         .caption(caption, ("sans-serif", 18))
         .margin(12)

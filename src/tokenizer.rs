@@ -59,8 +59,9 @@ impl TextTokenizer {
                 format!("tokenizer file {} does not exist", file.display())
             }));
         }
-        let inner = Tokenizer::from_file(&file)
-            .map_err(|e| Error::Config(format!("{} is not a valid Hugging Face tokenizer.json: {e}", file.display())))?;
+        let inner = Tokenizer::from_file(&file).map_err(|e| {
+            Error::Config(format!("{} is not a valid Hugging Face tokenizer.json: {e}", file.display()))
+        })?;
         let tok = Self::new(inner, file.display().to_string());
         if tok.vocab_size() == 0 {
             return Err(Error::Config(format!("tokenizer {} has an empty vocabulary", file.display())));
@@ -73,7 +74,11 @@ impl TextTokenizer {
     /// `step-N/` checkpoints).
     pub fn find_near(path: &Path) -> Option<PathBuf> {
         let dir = if path.is_dir() { path.to_path_buf() } else { path.parent()?.to_path_buf() };
-        let found = [Some(dir.as_path()), dir.parent()].into_iter().flatten().map(|d| d.join(TOKENIZER_FILE)).find(|f| f.is_file());
+        let found = [Some(dir.as_path()), dir.parent()]
+            .into_iter()
+            .flatten()
+            .map(|d| d.join(TOKENIZER_FILE))
+            .find(|f| f.is_file());
         found
     }
 
@@ -146,7 +151,12 @@ impl TextTokenizer {
     }
 
     /// [`Self::encode_large`] with pieces of about `chunk_bytes` bytes.
-    pub fn encode_in_chunks(&self, text: &str, chunk_bytes: usize, mut progress: impl FnMut(usize)) -> Result<Vec<u32>, Error> {
+    pub fn encode_in_chunks(
+        &self,
+        text: &str,
+        chunk_bytes: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<u32>, Error> {
         let chunks = split_for_encoding(text, chunk_bytes);
         let mut ids = Vec::with_capacity(text.len() / 3);
         // Groups of chunks per parallel batch, so progress moves while a big file encodes.
@@ -196,7 +206,8 @@ impl TextTokenizer {
         }
         let config_path = dir.join("tokenizer_config.json");
         let text = serde_json::to_string_pretty(&config).map_err(|e| Error::Config(e.to_string()))?;
-        std::fs::write(&config_path, text + "\n").map_err(|e| Error::Config(format!("cannot write {}: {e}", config_path.display())))?;
+        std::fs::write(&config_path, text + "\n")
+            .map_err(|e| Error::Config(format!("cannot write {}: {e}", config_path.display())))?;
         Ok(vec![json, config_path])
     }
 }
@@ -206,7 +217,11 @@ pub fn read_text(path: &Path) -> Result<String, Error> {
     check_text_file(path)?;
     let bytes = std::fs::read(path).map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
     String::from_utf8(bytes).map_err(|e| {
-        Error::Config(format!("{} is not UTF-8 text (invalid byte at offset {})", path.display(), e.utf8_error().valid_up_to()))
+        Error::Config(format!(
+            "{} is not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ))
     })
 }
 

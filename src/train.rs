@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use brigade_engine::checkpoint::{
-    list_checkpoints, prune_checkpoints, remove_dead_partials, same_run, step_dir_name, update_latest, CheckpointMeta, ModelMeta,
-    SaveDirLock, SaveOptions, SavedCheckpoint, TrainingMeta, DEFAULT_MAX_SHARD_BYTES,
+    list_checkpoints, prune_checkpoints, remove_dead_partials, same_run, step_dir_name, update_latest, CheckpointMeta,
+    ModelMeta, SaveDirLock, SaveOptions, SavedCheckpoint, TrainingMeta, DEFAULT_MAX_SHARD_BYTES,
 };
 use brigade_engine::layer::{InputKind, PipelineModel};
 use brigade_engine::pipeline::{EvalStats, Pipeline, PipelineConfig, StepStats};
@@ -71,7 +71,15 @@ pub struct TrainOptions {
 
 impl Default for TrainOptions {
     fn default() -> Self {
-        Self { batch_size: 16, steps: 100, eval_every: 50, eval_batches: 8, data_seed: 0, context: None, checkpoints: None }
+        Self {
+            batch_size: 16,
+            steps: 100,
+            eval_every: 50,
+            eval_batches: 8,
+            data_seed: 0,
+            context: None,
+            checkpoints: None,
+        }
     }
 }
 
@@ -128,7 +136,9 @@ fn claim_save_dir(policy: &CheckpointPolicy, resumed: Option<&CheckpointMeta>) -
         let hint = if resumed.is_some() {
             "choose another --save-dir, or pass --overwrite to replace them".to_string()
         } else {
-            format!("continue that run with --resume {d}, choose another --save-dir, or pass --overwrite to replace them")
+            format!(
+                "continue that run with --resume {d}, choose another --save-dir, or pass --overwrite to replace them"
+            )
         };
         return Err(Error::Config(format!(
             "--save-dir {d} already holds {} checkpoint(s) of another run, e.g. {why}; {hint}",
@@ -143,9 +153,20 @@ fn claim_save_dir(policy: &CheckpointPolicy, resumed: Option<&CheckpointMeta>) -
 pub enum Event {
     /// A training step; `data_seconds` is the time spent getting its batch, before the step
     /// (a pipeline waiting on data shows here, not in `stats.elapsed`).
-    Step { stats: StepStats, items_per_sec: f64, data_seconds: f64 },
-    Eval { step: u64, stats: EvalStats },
-    Saved { step: u64, checkpoint: SavedCheckpoint, seconds: f64 },
+    Step {
+        stats: StepStats,
+        items_per_sec: f64,
+        data_seconds: f64,
+    },
+    Eval {
+        step: u64,
+        stats: EvalStats,
+    },
+    Saved {
+        step: u64,
+        checkpoint: SavedCheckpoint,
+        seconds: f64,
+    },
 }
 
 /// Final numbers of a run.
@@ -212,9 +233,7 @@ impl Trainer {
             (Dataset::Tokens(tokens), InputKind::Tokens { vocab, context }) => {
                 let ctx = options.context.unwrap_or(context);
                 if ctx > context {
-                    return Err(Error::Config(format!(
-                        "context {ctx} exceeds the model's context of {context}"
-                    )));
+                    return Err(Error::Config(format!("context {ctx} exceeds the model's context of {context}")));
                 }
                 tokens.check_vocab(vocab)?;
                 tokens.check_context(ctx)?;
@@ -258,7 +277,12 @@ impl Trainer {
     /// continued run takes exactly the steps the uninterrupted one would have. `data` must be
     /// the data the checkpoint was trained on (checked by its description). `options` gives the
     /// step to stop at and the checkpoint policy.
-    pub fn resume(checkpoint: &Path, data: Dataset, pipeline: PipelineConfig, mut options: TrainOptions) -> Result<Self, Error> {
+    pub fn resume(
+        checkpoint: &Path,
+        data: Dataset,
+        pipeline: PipelineConfig,
+        mut options: TrainOptions,
+    ) -> Result<Self, Error> {
         let (ckpt, _config, model) = crate::checkpoint::open(checkpoint)?;
         let meta = ckpt.meta.clone();
         let meta = &meta;
@@ -346,7 +370,8 @@ impl Trainer {
         if let Some(claimed) = &mut self.save_dir {
             for old in claimed.replaced.drain(..) {
                 if old != saved.dir {
-                    std::fs::remove_dir_all(&old).map_err(|e| brigade_engine::checkpoint::CheckpointError::io(&old, e))?;
+                    std::fs::remove_dir_all(&old)
+                        .map_err(|e| brigade_engine::checkpoint::CheckpointError::io(&old, e))?;
                 }
             }
         }
@@ -410,7 +435,9 @@ impl Trainer {
         };
         match &self.data {
             Dataset::Tokens(d) => {
-                for batch in d.eval_batches(Split::Validation, count, self.options.batch_size, self.context, &self.device)? {
+                for batch in
+                    d.eval_batches(Split::Validation, count, self.options.batch_size, self.context, &self.device)?
+                {
                     let (x, y) = batch?;
                     add(self.pipeline.evaluate(&x, &y)?);
                 }

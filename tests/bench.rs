@@ -2,9 +2,7 @@
 //! per-action timings follow the schedule, the measured activation stash follows the
 //! schedule's depth (GPipe m, 1F1B p − s), and the profile predicts that stash exactly.
 
-use brigade::bench::{
-    batch, chrome_trace, markdown_table, profile_on_data, run, timeline_svg, RunConfig,
-};
+use brigade::bench::{batch, chrome_trace, markdown_table, profile_on_data, run, timeline_svg, RunConfig};
 use brigade::engine::optim::OptimizerConfig;
 use brigade::engine::partition::{Partition, PartitionStrategy};
 use brigade::engine::profile::ProfileOptions;
@@ -13,13 +11,7 @@ use brigade::models::data::TokenDataset;
 use brigade::prelude::*;
 
 fn quick_profile_options() -> ProfileOptions {
-    ProfileOptions {
-        repeats: 1,
-        rounds: 1,
-        warmup: 0,
-        threads: 1,
-        ..ProfileOptions::default()
-    }
+    ProfileOptions { repeats: 1, rounds: 1, warmup: 0, threads: 1, ..ProfileOptions::default() }
 }
 
 #[test]
@@ -29,11 +21,7 @@ fn step_stats_time_every_action_in_schedule_order_and_stash_follows_schedule_dep
     let (x, y) = batch(&data, model.as_ref(), 0, 8, Some(32), 0).unwrap();
     let mut peaks = Vec::new();
     for kind in ScheduleKind::ALL {
-        let config = PipelineConfig::default()
-            .stages(2)
-            .schedule(kind)
-            .microbatches(4)
-            .threads_per_stage(1);
+        let config = PipelineConfig::default().stages(2).schedule(kind).microbatches(4).threads_per_stage(1);
         let mut pipeline = Pipeline::new(model.as_ref(), config).unwrap();
         let stats = pipeline.train_step(&x, &y).unwrap();
         let schedule = pipeline.schedule().clone();
@@ -42,34 +30,21 @@ fn step_stats_time_every_action_in_schedule_order_and_stash_follows_schedule_dep
             let order: Vec<Action> = timed.iter().map(|t| t.action).collect();
             assert_eq!(order, schedule.stage_actions(s), "{kind} stage {s}");
             for w in timed.windows(2) {
-                assert!(
-                    w[0].end <= w[1].start,
-                    "actions overlap on stage {s}: {w:?}"
-                );
+                assert!(w[0].end <= w[1].start, "actions overlap on stage {s}: {w:?}");
             }
-            assert!(timed
-                .iter()
-                .all(|t| t.start <= t.end && t.end <= stats.elapsed));
+            assert!(timed.iter().all(|t| t.start <= t.end && t.end <= stats.elapsed));
             // Computing time never exceeds what the stage's busy clock saw.
             let computing: std::time::Duration = timed.iter().map(|t| t.end - t.start).sum();
-            assert!(
-                computing <= stats.stage_busy[s],
-                "stage {s}: {computing:?} > {:?}",
-                stats.stage_busy[s]
-            );
+            assert!(computing <= stats.stage_busy[s], "stage {s}: {computing:?} > {:?}", stats.stage_busy[s]);
         }
         peaks.push(stats.peak_stash_bytes.clone());
 
         // The profile of one micro-batch predicts the executor's stash to the byte.
-        let profile =
-            profile_on_data(model.as_ref(), &data, 2, Some(32), &quick_profile_options()).unwrap();
+        let profile = profile_on_data(model.as_ref(), &data, 2, Some(32), &quick_profile_options()).unwrap();
         let costs = StageCosts::from_profile(&profile, pipeline.partition()).unwrap();
         let predicted = predict(&schedule, &costs).unwrap();
         for s in 0..2 {
-            assert_eq!(
-                predicted.peak_stash_bytes[s], stats.peak_stash_bytes[s],
-                "{kind} stage {s}"
-            );
+            assert_eq!(predicted.peak_stash_bytes[s], stats.peak_stash_bytes[s], "{kind} stage {s}");
             assert_eq!(
                 predicted.peak_memory[s] - predicted.static_bytes[s],
                 stats.peak_stash_bytes[s],
@@ -92,8 +67,7 @@ fn recomputation_stashes_only_stage_inputs_and_the_profile_predicts_its_peak() {
     let model = brigade::models::preset("gpt-tiny").unwrap();
     let data = Dataset::Tokens(TokenDataset::embedded(0));
     let (x, y) = batch(&data, model.as_ref(), 0, 8, Some(32), 0).unwrap();
-    let profile =
-        profile_on_data(model.as_ref(), &data, 2, Some(32), &quick_profile_options()).unwrap();
+    let profile = profile_on_data(model.as_ref(), &data, 2, Some(32), &quick_profile_options()).unwrap();
     for kind in ScheduleKind::ALL {
         let mut peaks = Vec::new();
         for recompute in [Recompute::Off, Recompute::Full] {
@@ -105,14 +79,10 @@ fn recomputation_stashes_only_stage_inputs_and_the_profile_predicts_its_peak() {
                 .recompute(recompute);
             let mut pipeline = Pipeline::new(model.as_ref(), config).unwrap();
             let stats = pipeline.train_step(&x, &y).unwrap();
-            let costs =
-                StageCosts::from_profile_with(&profile, pipeline.partition(), recompute).unwrap();
+            let costs = StageCosts::from_profile_with(&profile, pipeline.partition(), recompute).unwrap();
             let predicted = predict(pipeline.schedule(), &costs).unwrap();
             for s in 0..2 {
-                assert_eq!(
-                    predicted.peak_stash_bytes[s], stats.peak_stash_bytes[s],
-                    "{kind} {recompute:?} stage {s}"
-                );
+                assert_eq!(predicted.peak_stash_bytes[s], stats.peak_stash_bytes[s], "{kind} {recompute:?} stage {s}");
             }
             peaks.push(stats.peak_stash_bytes.clone());
         }
@@ -124,12 +94,7 @@ fn recomputation_stashes_only_stage_inputs_and_the_profile_predicts_its_peak() {
             if schedule.peak_in_flight(s) == 1 {
                 assert_eq!(full[s], off[s], "{kind} stage {s}");
             } else {
-                assert!(
-                    full[s] <= off[s],
-                    "{kind} stage {s}: recomputation kept {} bytes vs {}",
-                    full[s],
-                    off[s]
-                );
+                assert!(full[s] <= off[s], "{kind} stage {s}: recomputation kept {} bytes vs {}", full[s], off[s]);
             }
         }
         eprintln!("{kind}: peak stash per stage without recomputation {off:?}, with {full:?}");
@@ -140,8 +105,7 @@ fn recomputation_stashes_only_stage_inputs_and_the_profile_predicts_its_peak() {
 fn profile_reports_sizes_from_shapes_and_positive_times() {
     let model = brigade::models::preset("gpt-tiny").unwrap();
     let data = Dataset::Tokens(TokenDataset::embedded(0));
-    let profile =
-        profile_on_data(model.as_ref(), &data, 2, Some(16), &quick_profile_options()).unwrap();
+    let profile = profile_on_data(model.as_ref(), &data, 2, Some(16), &quick_profile_options()).unwrap();
     let layers = model.layers();
     assert_eq!(profile.layers.len(), layers.len());
     assert_eq!(profile.input_shape, vec![2, 16]);
@@ -149,10 +113,7 @@ fn profile_reports_sizes_from_shapes_and_positive_times() {
         assert_eq!(l.name, spec.name());
         assert_eq!(l.param_bytes(), 4 * spec.param_count() as u64);
         assert_eq!(l.optimizer_state_ratio, 2);
-        assert!(
-            l.forward_s > 0.0 && l.backward_input_s > 0.0 && l.optimizer_s > 0.0,
-            "{l:?}"
-        );
+        assert!(l.forward_s > 0.0 && l.backward_input_s > 0.0 && l.optimizer_s > 0.0, "{l:?}");
         assert!((l.backward_s - l.backward_input_s - l.backward_weight_s).abs() < 1e-12);
     }
     // gpt-tiny: width 64, so a block sends (2, 16, 64) f32 downstream and keeps more than that.
@@ -160,15 +121,8 @@ fn profile_reports_sizes_from_shapes_and_positive_times() {
     assert_eq!(block.output_bytes, 2 * 16 * 64 * 4);
     assert!(block.activation_bytes > block.output_bytes);
     // The head's output is the logits (2, 16, 256).
-    assert_eq!(
-        profile.layers.last().unwrap().output_bytes,
-        2 * 16 * 256 * 4
-    );
-    assert!(
-        profile.hop.latency_s > 0.0 && profile.hop.latency_s < 0.1,
-        "{:?}",
-        profile.hop
-    );
+    assert_eq!(profile.layers.last().unwrap().output_bytes, 2 * 16 * 256 * 4);
+    assert!(profile.hop.latency_s > 0.0 && profile.hop.latency_s < 0.1, "{:?}", profile.hop);
     assert!(profile.hop.copy_bytes_per_s > 1e6);
     // Round-trips through JSON (floats to within serde_json's last-digit rounding).
     let json = serde_json::to_string(&profile).unwrap();
@@ -179,10 +133,7 @@ fn profile_reports_sizes_from_shapes_and_positive_times() {
             (&a.name, a.activation_bytes, a.output_bytes, &a.params),
             (&b.name, b.activation_bytes, b.output_bytes, &b.params)
         );
-        assert!(
-            (a.forward_s - b.forward_s).abs() <= 1e-15
-                && (a.backward_s - b.backward_s).abs() <= 1e-15
-        );
+        assert!((a.forward_s - b.forward_s).abs() <= 1e-15 && (a.backward_s - b.backward_s).abs() <= 1e-15);
     }
 }
 
@@ -190,8 +141,7 @@ fn profile_reports_sizes_from_shapes_and_positive_times() {
 fn a_bench_run_reports_consistent_numbers_and_timelines() {
     let model = brigade::models::preset("gpt-tiny").unwrap();
     let data = Dataset::Tokens(TokenDataset::embedded(0));
-    let profile =
-        profile_on_data(model.as_ref(), &data, 2, Some(32), &quick_profile_options()).unwrap();
+    let profile = profile_on_data(model.as_ref(), &data, 2, Some(32), &quick_profile_options()).unwrap();
     let config = RunConfig {
         stages: 2,
         partition: PartitionStrategy::Uniform,
@@ -214,41 +164,22 @@ fn a_bench_run_reports_consistent_numbers_and_timelines() {
     assert_eq!(steps_seen, 4);
     let row = &result.row;
     assert!(row.step_s.min <= row.step_s.median && row.step_s.median <= row.step_s.max);
-    assert!(
-        (0.0..1.0).contains(&row.measured_bubble),
-        "{}",
-        row.measured_bubble
-    );
+    assert!((0.0..1.0).contains(&row.measured_bubble), "{}", row.measured_bubble);
     assert!((row.theoretical_bubble - 1.0 / 5.0).abs() < 1e-12);
     assert!((row.throughput - 8.0 * 32.0 / row.step_s.median).abs() < 1e-6);
     assert!((row.simulation_error - (row.simulated_step_s / row.step_s.median - 1.0)).abs() < 1e-9);
-    assert_eq!(
-        row.partition,
-        format!("{} (uniform)", Partition::uniform(4, 2).unwrap())
-    );
+    assert_eq!(row.partition, format!("{} (uniform)", Partition::uniform(4, 2).unwrap()));
     assert_eq!(row.peak_memory_bytes.len(), 2);
 
     let table = markdown_table(std::slice::from_ref(row));
     assert_eq!(table.lines().count(), 3);
-    assert!(
-        table
-            .lines()
-            .nth(2)
-            .unwrap()
-            .starts_with("| gpt-tiny | 2 2,2 (uniform) | 1f1b | 1 | 4 |"),
-        "{table}"
-    );
+    assert!(table.lines().nth(2).unwrap().starts_with("| gpt-tiny | 2 2,2 (uniform) | 1f1b | 1 | 4 |"), "{table}");
 
     let actions: usize = result.median_step.stage_actions.iter().map(Vec::len).sum();
     assert_eq!(actions, 2 * 2 * 4);
     let trace = chrome_trace(&result.median_step, Some(&result.prediction.timeline));
     let events = trace["traceEvents"].as_array().unwrap();
-    let complete = |pid: u64| {
-        events
-            .iter()
-            .filter(|e| e["ph"] == "X" && e["pid"] == pid)
-            .count()
-    };
+    let complete = |pid: u64| events.iter().filter(|e| e["ph"] == "X" && e["pid"] == pid).count();
     // Every measured action plus each stage's step end; every simulated action.
     assert_eq!(complete(1), actions + 2);
     assert_eq!(complete(2), actions);

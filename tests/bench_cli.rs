@@ -34,7 +34,10 @@ fn bad_bench_input_gets_one_clear_line() {
     assert_fails_with(&["plan", "--devices", "0"], "--devices must be at least 1");
     assert_fails_with(&["plan", "--memory-limit", "0"], "--memory-limit must be a positive number");
     assert_fails_with(&["plan", "--microbatches", "3,5"], "divides the batch size 16");
-    assert_fails_with(&["simulate", "--profile", "/nonexistent/profile.json"], "cannot read profile /nonexistent/profile.json");
+    assert_fails_with(
+        &["simulate", "--profile", "/nonexistent/profile.json"],
+        "cannot read profile /nonexistent/profile.json",
+    );
 }
 
 #[test]
@@ -43,7 +46,17 @@ fn profile_plan_and_bench_run_end_to_end() {
     std::fs::create_dir_all(&dir).unwrap();
 
     let profile_path = dir.join("profile.json");
-    let out = brigade(&["profile", "--microbatch-size", "2", "--context", "16", "--repeats", "1", "--out", profile_path.to_str().unwrap()]);
+    let out = brigade(&[
+        "profile",
+        "--microbatch-size",
+        "2",
+        "--context",
+        "16",
+        "--repeats",
+        "1",
+        "--out",
+        profile_path.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let profile: serde_json::Value = serde_json::from_slice(&std::fs::read(&profile_path).unwrap()).unwrap();
     assert_eq!(profile["layers"].as_array().unwrap().len(), 4);
@@ -51,14 +64,19 @@ fn profile_plan_and_bench_run_end_to_end() {
 
     // Any schedule, here a hand-written one with split backwards, simulated from the profile.
     let schedule = dir.join("split.schedule");
-    std::fs::write(
-        &schedule,
-        "stage 0: 0F0 0F1 0I0 0W0 0I1 0W1\nstage 1: 1F0 1I0 1F1 1I1 1W0 1W1\n",
-    )
-    .unwrap();
+    std::fs::write(&schedule, "stage 0: 0F0 0F1 0I0 0W0 0I1 0W1\nstage 1: 1F0 1I0 1F1 1I1 1W0 1W1\n").unwrap();
     let out = brigade(&[
-        "simulate", "--profile", profile_path.to_str().unwrap(), "--schedule", schedule.to_str().unwrap(),
-        "--stages", "2", "--microbatches", "2", "--split", "3,1",
+        "simulate",
+        "--profile",
+        profile_path.to_str().unwrap(),
+        "--schedule",
+        schedule.to_str().unwrap(),
+        "--stages",
+        "2",
+        "--microbatches",
+        "2",
+        "--split",
+        "3,1",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -68,14 +86,40 @@ fn profile_plan_and_bench_run_end_to_end() {
     assert!(stdout.lines().any(|l| l.starts_with("| 0 | 0: 0..3 |") && l.contains("| 2 |")), "{stdout}");
     assert!(stdout.lines().any(|l| l.starts_with("| 1 | 1: 3..4 |") && l.contains("| 1 |")), "{stdout}");
     assert_fails_with(
-        &["simulate", "--profile", profile_path.to_str().unwrap(), "--schedule", schedule.to_str().unwrap(), "--microbatches", "4"],
+        &[
+            "simulate",
+            "--profile",
+            profile_path.to_str().unwrap(),
+            "--schedule",
+            schedule.to_str().unwrap(),
+            "--microbatches",
+            "4",
+        ],
         "--microbatches 4 disagrees with the schedule file, which is for 2 stages and 2 micro-batches",
     );
     // Counts that would take hours or all memory are refused, not attempted.
-    assert_fails_with(&["simulate", "--profile", profile_path.to_str().unwrap(), "--microbatches", "1000000000"], "more than the 1000000");
-    assert_fails_with(&["simulate", "--profile", profile_path.to_str().unwrap(), "--stages", "100000"], "the profile has 4 layers, so at most 4 stages");
+    assert_fails_with(
+        &["simulate", "--profile", profile_path.to_str().unwrap(), "--microbatches", "1000000000"],
+        "more than the 1000000",
+    );
+    assert_fails_with(
+        &["simulate", "--profile", profile_path.to_str().unwrap(), "--stages", "100000"],
+        "the profile has 4 layers, so at most 4 stages",
+    );
 
-    let out = brigade(&["plan", "--devices", "2", "--batch-size", "8", "--microbatches", "2,4", "--context", "16", "--profile-repeats", "1"]);
+    let out = brigade(&[
+        "plan",
+        "--devices",
+        "2",
+        "--batch-size",
+        "8",
+        "--microbatches",
+        "2,4",
+        "--context",
+        "16",
+        "--profile-repeats",
+        "1",
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // 1 stage: one partition; 2 stages: up to three; x 2 schedules x 2 micro-batch counts.
@@ -86,8 +130,26 @@ fn profile_plan_and_bench_run_end_to_end() {
 
     let bench_dir = dir.join("bench");
     let out = brigade(&[
-        "bench", "--plain", "--layouts", "1,2", "--schedules", "1f1b", "--microbatches", "2", "--batch-size", "4",
-        "--context", "16", "--steps", "1", "--warmup", "0", "--profile-repeats", "1", "--out", bench_dir.to_str().unwrap(),
+        "bench",
+        "--plain",
+        "--layouts",
+        "1,2",
+        "--schedules",
+        "1f1b",
+        "--microbatches",
+        "2",
+        "--batch-size",
+        "4",
+        "--context",
+        "16",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--profile-repeats",
+        "1",
+        "--out",
+        bench_dir.to_str().unwrap(),
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
@@ -95,9 +157,13 @@ fn profile_plan_and_bench_run_end_to_end() {
     assert!(stdout.contains("ctx=16, embd=64, layers=2, heads=4) | 1 4 (uniform) | 1f1b | 1 | 2 |"), "{stdout}");
     assert!(stdout.contains("ctx=16, embd=64, layers=2, heads=4) | 2 2,2 (uniform) | 1f1b | 1 | 2 |"), "{stdout}");
     assert!(stdout.contains("simulator's worst error"), "{stdout}");
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(bench_dir.join("bench.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bench_dir.join("bench.json")).unwrap()).unwrap();
     assert_eq!(json["rows"].as_array().unwrap().len(), 2);
-    for run in ["gpt_vocab_256_ctx_16_embd_64_layers_2_heads_4-p1-1f1b-m2", "gpt_vocab_256_ctx_16_embd_64_layers_2_heads_4-p2-1f1b-m2"] {
+    for run in [
+        "gpt_vocab_256_ctx_16_embd_64_layers_2_heads_4-p1-1f1b-m2",
+        "gpt_vocab_256_ctx_16_embd_64_layers_2_heads_4-p2-1f1b-m2",
+    ] {
         let trace: serde_json::Value =
             serde_json::from_slice(&std::fs::read(bench_dir.join(format!("{run}.trace.json"))).unwrap()).unwrap();
         assert!(!trace["traceEvents"].as_array().unwrap().is_empty());
@@ -108,8 +174,22 @@ fn profile_plan_and_bench_run_end_to_end() {
 #[test]
 fn train_accepts_balanced_time() {
     let out = brigade(&[
-        "train", "--plain", "--steps", "2", "--eval-every", "0", "--eval-batches", "1", "--batch-size", "4",
-        "--context", "16", "--stages", "2", "--partition", "balanced-time",
+        "train",
+        "--plain",
+        "--steps",
+        "2",
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "1",
+        "--batch-size",
+        "4",
+        "--context",
+        "16",
+        "--stages",
+        "2",
+        "--partition",
+        "balanced-time",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));

@@ -57,7 +57,18 @@ fn worst_rel_err(got: &BTreeMap<String, Tensor>, want: &BTreeMap<String, Tensor>
     assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
     let mut worst = (String::new(), 0.0f32);
     for (name, w) in want {
-        let scale = w.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+        let scale = w
+            .to_dtype(DType::F32)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-6);
         let e = max_abs(&got[name], w) / scale;
         if e > worst.1 {
             worst = (name.clone(), e);
@@ -96,7 +107,15 @@ fn pipeline(layout: (usize, ScheduleKind, usize), optimizer: OptimizerConfig) ->
 }
 
 fn options(steps: u64) -> TrainOptions {
-    TrainOptions { batch_size: 8, steps, eval_every: 0, eval_batches: 1, data_seed: 5, context: Some(32), checkpoints: None }
+    TrainOptions {
+        batch_size: 8,
+        steps,
+        eval_every: 0,
+        eval_batches: 1,
+        data_seed: 5,
+        context: Some(32),
+        checkpoints: None,
+    }
 }
 
 fn model_of(name: &str) -> std::sync::Arc<dyn PipelineModel> {
@@ -105,7 +124,9 @@ fn model_of(name: &str) -> std::sync::Arc<dyn PipelineModel> {
 
 /// Trains `steps` steps from scratch; returns the trainer and the per-step losses.
 fn train(setup: &Setup, layout: (usize, ScheduleKind, usize), steps: u64) -> (Trainer, Vec<f64>) {
-    let mut trainer = Trainer::new(model_of(setup.model), data_for(setup.model), pipeline(layout, setup.optimizer), options(steps)).unwrap();
+    let mut trainer =
+        Trainer::new(model_of(setup.model), data_for(setup.model), pipeline(layout, setup.optimizer), options(steps))
+            .unwrap();
     let losses = (0..steps).map(|_| trainer.step().unwrap().loss).collect();
     (trainer, losses)
 }
@@ -117,7 +138,13 @@ fn check_resume(setup: Setup) {
     first.save_checkpoint(&dir.join("ckpt"), 2_000_000_000).unwrap();
     drop(first);
 
-    let mut resumed = Trainer::resume(&dir.join("ckpt"), data_for(setup.model), pipeline(setup.after, OptimizerConfig::sgd()), options(8)).unwrap();
+    let mut resumed = Trainer::resume(
+        &dir.join("ckpt"),
+        data_for(setup.model),
+        pipeline(setup.after, OptimizerConfig::sgd()),
+        options(8),
+    )
+    .unwrap();
     assert_eq!(resumed.pipeline().steps_taken(), 4);
     assert_eq!(resumed.pipeline().schedule().stages(), setup.after.0);
     assert_eq!(resumed.pipeline().partition().stages(), setup.after.0 * setup.after.1.default_virtual_stages());
@@ -260,7 +287,9 @@ fn header(path: &Path) -> BTreeMap<String, (Vec<usize>, DType)> {
 #[test]
 fn export_matches_the_ecosystem_layout_and_round_trips() {
     let root = tmp("export");
-    for (model, fixture_weights) in [("gpt-tiny", "gpt-tiny/model.safetensors"), ("resnet-tiny", "resnet-tiny/model.safetensors")] {
+    for (model, fixture_weights) in
+        [("gpt-tiny", "gpt-tiny/model.safetensors"), ("resnet-tiny", "resnet-tiny/model.safetensors")]
+    {
         let setup = Setup {
             model,
             optimizer: OptimizerConfig::adamw(),
@@ -284,7 +313,9 @@ fn export_matches_the_ecosystem_layout_and_round_trips() {
         let imported = import(&source, Some(&config)).unwrap();
         assert_eq!(imported.config, config);
         let x = if model.starts_with("gpt") {
-            load_tensor(&Path::new(FIXTURES).join("gpt-tiny/input.safetensors"), "input_ids").to_dtype(DType::U32).unwrap()
+            load_tensor(&Path::new(FIXTURES).join("gpt-tiny/input.safetensors"), "input_ids")
+                .to_dtype(DType::U32)
+                .unwrap()
         } else {
             load_tensor(&Path::new(FIXTURES).join("resnet-tiny/input.safetensors"), "images")
         };
@@ -302,7 +333,8 @@ fn export_matches_the_ecosystem_layout_and_round_trips() {
         let sharded = root.join(format!("{model}-sharded"));
         export(&ckpt, &sharded, ExportDtype::F32, 50_000).unwrap();
         let index: ShardIndex =
-            serde_json::from_str(&std::fs::read_to_string(sharded.join("model.safetensors.index.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(sharded.join("model.safetensors.index.json")).unwrap())
+                .unwrap();
         assert_eq!(index.weight_map.len(), fixture.len());
         assert!(index.weight_map.values().collect::<std::collections::BTreeSet<_>>().len() > 2);
         if model.starts_with("gpt") {
@@ -325,7 +357,8 @@ fn export_matches_the_ecosystem_layout_and_round_trips() {
                 continue;
             }
             assert_eq!(t.dtype(), DType::BF16, "{name}");
-            let scale = full.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+            let scale =
+                full.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
             assert!(max_abs(t, full) <= scale * 1e-2, "{name}: bf16 export is not the f32 weights rounded");
         }
     }
@@ -370,7 +403,12 @@ fn shards_follow_the_size_limit_and_load_back() {
         );
     }
     assert!(saved.bytes > 0);
-    let resumed = Trainer::resume(&dir.join("c"), data_for("gpt-tiny"), pipeline((2, ScheduleKind::GPipe, 2), OptimizerConfig::adamw()), options(4));
+    let resumed = Trainer::resume(
+        &dir.join("c"),
+        data_for("gpt-tiny"),
+        pipeline((2, ScheduleKind::GPipe, 2), OptimizerConfig::adamw()),
+        options(4),
+    );
     let mut resumed = resumed.unwrap();
     let got = resumed.pipeline().parameters().unwrap();
     assert_eq!(global_rel_err(&got, &params), 0.0);
@@ -410,7 +448,8 @@ fn failed_save_leaves_the_previous_checkpoint_intact() {
     update_latest(&dir, &target).unwrap();
     let before = snapshot(&dir);
     trainer.step().unwrap();
-    let options = SaveOptions { max_shard_bytes: 100_000, fault: Some(SaveFault::IoError { stage: 1, after_files: 1 }) };
+    let options =
+        SaveOptions { max_shard_bytes: 100_000, fault: Some(SaveFault::IoError { stage: 1, after_files: 1 }) };
     let model = brigade::engine::checkpoint::ModelMeta { name: "gpt-tiny".into(), config: trainer.model().config() };
     let err = trainer.pipeline().save_checkpoint(&target, model, Default::default(), &options).unwrap_err();
     assert!(err.to_string().contains("stage 1") && err.to_string().contains("injected I/O failure"), "{err}");
@@ -473,7 +512,9 @@ fn bad_checkpoints_get_errors_naming_file_and_tensor() {
     );
     expect(
         "garbage",
-        Box::new(|d: &Path| std::fs::write(d.join(shard), b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!").unwrap()),
+        Box::new(|d: &Path| {
+            std::fs::write(d.join(shard), b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!").unwrap()
+        }),
         &[shard, "corrupted"],
     );
     expect(
@@ -484,7 +525,9 @@ fn bad_checkpoints_get_errors_naming_file_and_tensor() {
     expect(
         "extra",
         Box::new(|d: &Path| {
-            rewrite_shard(d, shard, |t| drop(t.insert("transformer.h.0.extra".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap())));
+            rewrite_shard(d, shard, |t| {
+                drop(t.insert("transformer.h.0.extra".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()))
+            });
             let path = d.join("model.safetensors.index.json");
             let mut index: ShardIndex = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
             index.weight_map.insert("transformer.h.0.extra".into(), shard.into());
@@ -495,13 +538,22 @@ fn bad_checkpoints_get_errors_naming_file_and_tensor() {
     expect(
         "unindexed",
         Box::new(|d: &Path| {
-            rewrite_shard(d, shard, |t| drop(t.insert("stray".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap())))
+            rewrite_shard(d, shard, |t| {
+                drop(t.insert("stray".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()))
+            })
         }),
         &[shard, "stray", "not listed"],
     );
     expect(
         "shape",
-        Box::new(|d: &Path| rewrite_shard(d, shard, |t| drop(t.insert("transformer.wpe.weight".into(), Tensor::zeros((64, 63), DType::F32, &Device::Cpu).unwrap())))),
+        Box::new(|d: &Path| {
+            rewrite_shard(d, shard, |t| {
+                drop(t.insert(
+                    "transformer.wpe.weight".into(),
+                    Tensor::zeros((64, 63), DType::F32, &Device::Cpu).unwrap(),
+                ))
+            })
+        }),
         &[shard, "transformer.wpe.weight", "[64, 63]", "[64, 64]"],
     );
     expect(
@@ -517,7 +569,9 @@ fn bad_checkpoints_get_errors_naming_file_and_tensor() {
     expect(
         "optimizer",
         Box::new(|d: &Path| {
-            rewrite_shard(d, "optimizer-00001-of-00002.safetensors", |t| drop(t.remove("transformer.wpe.weight.exp_avg")));
+            rewrite_shard(d, "optimizer-00001-of-00002.safetensors", |t| {
+                drop(t.remove("transformer.wpe.weight.exp_avg"))
+            });
         }),
         &["optimizer-00001-of-00002.safetensors", "transformer.wpe.weight.exp_avg", "missing"],
     );
@@ -544,14 +598,17 @@ fn checkpoint_of_another_model_is_rejected() {
     assert!(ckpt.weights.header_metadata["brigade.config"].contains("\"n_embd\":64"));
     assert_eq!(ckpt.weights.header_metadata["brigade.partition"], "2,2");
     // A different architecture: the tensors themselves disagree.
-    let deeper = ModelConfig::Gpt(brigade::models::GptConfig::preset("gpt-tiny").unwrap().with_n_layer(3)).build().unwrap();
+    let deeper =
+        ModelConfig::Gpt(brigade::models::GptConfig::preset("gpt-tiny").unwrap().with_n_layer(3)).build().unwrap();
     let err = ckpt.load_resume(deeper.as_ref()).unwrap_err().to_string();
     assert!(err.contains("transformer.h.2") && err.contains("missing"), "{err}");
     let resnet = model_of("resnet-tiny");
     let err = ckpt.load_resume(resnet.as_ref()).unwrap_err().to_string();
     assert!(err.contains("conv1.weight") || err.contains("unexpected"), "{err}");
     // Same tensors, different config: caught by the config check.
-    let eps = ModelConfig::Gpt(brigade::models::GptConfig::preset("gpt-tiny").unwrap().with_layer_norm_epsilon(1e-6)).build().unwrap();
+    let eps = ModelConfig::Gpt(brigade::models::GptConfig::preset("gpt-tiny").unwrap().with_layer_norm_epsilon(1e-6))
+        .build()
+        .unwrap();
     let err = brigade::checkpoint::check_model(&ckpt, eps.as_ref()).unwrap_err();
     assert!(matches!(err, Error::Checkpoint(CheckpointError::ModelMismatch { .. })), "{err}");
     assert!(err.to_string().contains("brigade.json"), "{err}");
@@ -648,17 +705,33 @@ fn resume_refuses_a_different_computation() {
     };
     let (mut trainer, _) = train(&setup, setup.before, 1);
     trainer.save_checkpoint(&dir.join("c"), 2_000_000_000).unwrap();
-    let other_m = Trainer::resume(&dir.join("c"), data_for("resnet-tiny"), pipeline((1, ScheduleKind::GPipe, 4), OptimizerConfig::sgd()), options(4));
+    let other_m = Trainer::resume(
+        &dir.join("c"),
+        data_for("resnet-tiny"),
+        pipeline((1, ScheduleKind::GPipe, 4), OptimizerConfig::sgd()),
+        options(4),
+    );
     let err = other_m.err().expect("a different BatchNorm micro-batch size must be refused").to_string();
     assert!(err.contains("--microbatches 2"), "{err}");
     let other_data = Dataset::Images(ImageDataset::embedded_shapes(64, 16, 32, 1).unwrap());
-    let err = Trainer::resume(&dir.join("c"), other_data, pipeline((1, ScheduleKind::GPipe, 2), OptimizerConfig::sgd()), options(4))
-        .err()
-        .expect("other data must be refused")
-        .to_string();
+    let err = Trainer::resume(
+        &dir.join("c"),
+        other_data,
+        pipeline((1, ScheduleKind::GPipe, 2), OptimizerConfig::sgd()),
+        options(4),
+    )
+    .err()
+    .expect("other data must be refused")
+    .to_string();
     assert!(err.contains("seed 0") && err.contains("seed 1"), "{err}");
     // Same micro-batch size on another layout is fine.
-    Trainer::resume(&dir.join("c"), data_for("resnet-tiny"), pipeline((3, ScheduleKind::GPipe, 2), OptimizerConfig::sgd()), options(4)).unwrap();
+    Trainer::resume(
+        &dir.join("c"),
+        data_for("resnet-tiny"),
+        pipeline((3, ScheduleKind::GPipe, 2), OptimizerConfig::sgd()),
+        options(4),
+    )
+    .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -677,7 +750,11 @@ fn resaves_dangling_latest_and_mismatched_state() {
     std::fs::write(dir.join("latest"), "step-00000003\n").unwrap();
     assert_eq!(Checkpoint::open(&dir).unwrap().meta.step, 2);
     // A training state copied in from another save.
-    std::fs::copy(dir.join("step-00000001/training_state.safetensors"), dir.join("step-00000002/training_state.safetensors")).unwrap();
+    std::fs::copy(
+        dir.join("step-00000001/training_state.safetensors"),
+        dir.join("step-00000002/training_state.safetensors"),
+    )
+    .unwrap();
     let err = Checkpoint::open(&dir.join("step-00000002")).unwrap_err().to_string();
     assert!(err.contains("training_state.safetensors") && err.contains("global_step"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
@@ -698,7 +775,8 @@ fn export_protects_checkpoints_and_replaces_stale_files() {
     export(&dir.join("c"), &out, ExportDtype::F32, 50_000).unwrap();
     assert!(!out.join("model.safetensors").exists(), "a stale single file would shadow the new shards");
     assert!(out.join("model.safetensors.index.json").exists());
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["dtype"], "float32");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -740,7 +818,9 @@ fn evaluation_sees_every_training_step() {
             whole: (2, ScheduleKind::OneFOneB, 2),
         };
         let x = if model.starts_with("gpt") {
-            load_tensor(&Path::new(FIXTURES).join("gpt-tiny/input.safetensors"), "input_ids").to_dtype(DType::U32).unwrap()
+            load_tensor(&Path::new(FIXTURES).join("gpt-tiny/input.safetensors"), "input_ids")
+                .to_dtype(DType::U32)
+                .unwrap()
         } else {
             load_tensor(&Path::new(FIXTURES).join("resnet-tiny/input.safetensors"), "images")
         };
@@ -764,8 +844,14 @@ fn evaluation_sees_every_training_step() {
 #[test]
 fn trainer_resume_validates_before_stages_load() {
     let shard = "model-00002-of-00002.safetensors";
-    let (dir, _) = corrupted("trainer-resume", |d: &Path| rewrite_shard(d, shard, |t| drop(t.remove("transformer.ln_f.bias"))));
-    let result = Trainer::resume(&dir.join("c"), data_for("gpt-tiny"), pipeline((3, ScheduleKind::GPipe, 2), OptimizerConfig::adamw()), options(4));
+    let (dir, _) =
+        corrupted("trainer-resume", |d: &Path| rewrite_shard(d, shard, |t| drop(t.remove("transformer.ln_f.bias"))));
+    let result = Trainer::resume(
+        &dir.join("c"),
+        data_for("gpt-tiny"),
+        pipeline((3, ScheduleKind::GPipe, 2), OptimizerConfig::adamw()),
+        options(4),
+    );
     let err = result.err().expect("a damaged checkpoint must not resume").to_string();
     assert!(err.contains(shard) && err.contains("transformer.ln_f.bias") && err.contains("missing"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);

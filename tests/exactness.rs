@@ -24,10 +24,10 @@
 
 use std::collections::BTreeMap;
 
+use brigade::engine::compute::Recompute;
 use brigade::engine::optim::{LrSchedule, OptimizerConfig};
 use brigade::engine::pipeline::{Pipeline, PipelineConfig};
 use brigade::engine::reference::ReferenceTrainer;
-use brigade::engine::compute::Recompute;
 use brigade::engine::schedule::{v_shape, Action, ActionKind, GreedyCosts, Schedule, ScheduleKind};
 use brigade::engine::PipelineModel;
 use brigade::models::data::{ImageDataset, Split, TokenDataset};
@@ -138,7 +138,11 @@ fn split_one_f_one_b(stages: usize, m: usize, lag: usize) -> Schedule {
 
 fn split_and_recompute_variants() -> Vec<Variant> {
     vec![
-        Variant { name: "1f1b I/W lag 1".into(), schedule: Box::new(|p, m| split_one_f_one_b(p, m, 1)), recompute: Recompute::Off },
+        Variant {
+            name: "1f1b I/W lag 1".into(),
+            schedule: Box::new(|p, m| split_one_f_one_b(p, m, 1)),
+            recompute: Recompute::Off,
+        },
         Variant {
             name: "1f1b I/W all W last".into(),
             schedule: Box::new(|p, m| split_one_f_one_b(p, m, usize::MAX)),
@@ -286,10 +290,7 @@ fn gpt_batches() -> impl Fn(u64, usize) -> (Tensor, Tensor) {
     move |step, size| {
         let (x, y) = data.batch(Split::Train, step, size, 12, 9, &Device::Cpu).unwrap();
         // Fold bytes into the small test vocabulary.
-        let fold = |t: Tensor| (t.to_dtype(candle_core::DType::F32).unwrap() / vocab as f64)
-            .unwrap()
-            .floor()
-            .unwrap();
+        let fold = |t: Tensor| (t.to_dtype(candle_core::DType::F32).unwrap() / vocab as f64).unwrap().floor().unwrap();
         let fx = (x.to_dtype(candle_core::DType::F32).unwrap() - (fold(x.clone()) * vocab as f64).unwrap()).unwrap();
         let fy = (y.to_dtype(candle_core::DType::F32).unwrap() - (fold(y.clone()) * vocab as f64).unwrap()).unwrap();
         (fx.to_dtype(candle_core::DType::U32).unwrap(), fy.to_dtype(candle_core::DType::U32).unwrap())
@@ -349,7 +350,9 @@ fn zero_bubble_and_interleaved_resnet_trains_identically() {
     let model = eight_layer_resnet();
     let data = ImageDataset::embedded_shapes(64, 8, RESNET_IMAGE, 5).unwrap();
     let sgd = OptimizerConfig::Sgd { momentum: 0.9, weight_decay: 5e-4, nesterov: false };
-    check_zero_bubble_layouts(&model, sgd, 2, &|step, size| data.batch(Split::Train, step, size, 4, &Device::Cpu).unwrap());
+    check_zero_bubble_layouts(&model, sgd, 2, &|step, size| {
+        data.batch(Split::Train, step, size, 4, &Device::Cpu).unwrap()
+    });
 }
 
 #[test]
@@ -374,8 +377,10 @@ fn gpt_tied_embedding_copies_stay_identical() {
     let model = tiny_gpt();
     let mut pipe = Pipeline::new(&model, config(3, ScheduleKind::OneFOneB, 3, adamw())).unwrap();
     assert_eq!(pipe.tied_parameters()["transformer.wte.weight"], vec![0, 2]);
-    let ids = Tensor::from_vec((0..6 * 8).map(|i| (i * 5 % 48) as u32).collect::<Vec<_>>(), (6, 8), &Device::Cpu).unwrap();
-    let targets = Tensor::from_vec((0..6 * 8).map(|i| (i * 7 % 48) as u32).collect::<Vec<_>>(), (6, 8), &Device::Cpu).unwrap();
+    let ids =
+        Tensor::from_vec((0..6 * 8).map(|i| (i * 5 % 48) as u32).collect::<Vec<_>>(), (6, 8), &Device::Cpu).unwrap();
+    let targets =
+        Tensor::from_vec((0..6 * 8).map(|i| (i * 7 % 48) as u32).collect::<Vec<_>>(), (6, 8), &Device::Cpu).unwrap();
     let before = pipe.parameters().unwrap()["transformer.wte.weight"].clone();
     for _ in 0..3 {
         pipe.train_step(&ids, &targets).unwrap();
@@ -397,7 +402,9 @@ fn gpt_tied_embedding_copies_stay_identical() {
 /// models. A larger eps turns noise into noise-sized steps; the update rule is the same.
 fn adamw() -> OptimizerConfig {
     match OptimizerConfig::adamw() {
-        OptimizerConfig::AdamW { beta1, beta2, weight_decay, .. } => OptimizerConfig::AdamW { beta1, beta2, eps: 1e-5, weight_decay },
+        OptimizerConfig::AdamW { beta1, beta2, weight_decay, .. } => {
+            OptimizerConfig::AdamW { beta1, beta2, eps: 1e-5, weight_decay }
+        }
         other => other,
     }
 }
@@ -405,18 +412,32 @@ fn adamw() -> OptimizerConfig {
 #[test]
 fn more_chunks_than_layers_is_a_clear_error() {
     // gpt-tiny-sized test model: 4 layers, so ZB-V on 3 devices (6 chunks) cannot be cut.
-    let err = Pipeline::new(&tiny_gpt(), config(3, ScheduleKind::ZbV, 3, OptimizerConfig::adamw())).unwrap_err().to_string();
+    let err =
+        Pipeline::new(&tiny_gpt(), config(3, ScheduleKind::ZbV, 3, OptimizerConfig::adamw())).unwrap_err().to_string();
     assert!(err.contains("zb-v cuts the model into 6 chunks (3 stages x 2)") && err.contains("4 layers"), "{err}");
-    let err = Pipeline::new(&tiny_gpt(), config(2, ScheduleKind::Interleaved, 3, OptimizerConfig::adamw())).unwrap_err().to_string();
+    let err = Pipeline::new(&tiny_gpt(), config(2, ScheduleKind::Interleaved, 3, OptimizerConfig::adamw()))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("multiple of the stages"), "{err}");
     // Absurd counts are refused before anything is sized by them (schedule lists, threads).
-    let err = Pipeline::new(&tiny_gpt(), config(1 << 40, ScheduleKind::GPipe, 4, OptimizerConfig::adamw())).unwrap_err().to_string();
+    let err = Pipeline::new(&tiny_gpt(), config(1 << 40, ScheduleKind::GPipe, 4, OptimizerConfig::adamw()))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("cannot split 4 layers into 1099511627776 stages"), "{err}");
-    let err = Pipeline::new(&tiny_gpt(), config(usize::MAX, ScheduleKind::ZbV, 4, OptimizerConfig::adamw())).unwrap_err().to_string();
+    let err = Pipeline::new(&tiny_gpt(), config(usize::MAX, ScheduleKind::ZbV, 4, OptimizerConfig::adamw()))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("zb-v cuts the model into"), "{err}");
-    let err = Pipeline::new(&tiny_gpt(), config(2, ScheduleKind::GPipe, 1 << 40, OptimizerConfig::adamw())).unwrap_err().to_string();
+    let err = Pipeline::new(&tiny_gpt(), config(2, ScheduleKind::GPipe, 1 << 40, OptimizerConfig::adamw()))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("actions a schedule may hold"), "{err}");
-    let err = Pipeline::new(&tiny_gpt(), config(2, ScheduleKind::GPipe, 4, OptimizerConfig::adamw()).threads_per_stage(1 << 20)).unwrap_err().to_string();
+    let err = Pipeline::new(
+        &tiny_gpt(),
+        config(2, ScheduleKind::GPipe, 4, OptimizerConfig::adamw()).threads_per_stage(1 << 20),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("1048576 threads per stage is more than brigade starts (1024)"), "{err}");
 }
 
@@ -433,12 +454,14 @@ fn thread_pools_and_thread_counts_do_not_change_a_bit() {
     let batches: Vec<(Tensor, Tensor)> = (0..3)
         .map(|step| {
             let (x, y) = data.batch(Split::Train, step, 16, 64, 5, &Device::Cpu).unwrap();
-            let fold = |t: Tensor| (t.to_dtype(candle_core::DType::F32).unwrap() / 3.0)
-                .unwrap()
-                .floor()
-                .unwrap()
-                .to_dtype(candle_core::DType::U32)
-                .unwrap();
+            let fold = |t: Tensor| {
+                (t.to_dtype(candle_core::DType::F32).unwrap() / 3.0)
+                    .unwrap()
+                    .floor()
+                    .unwrap()
+                    .to_dtype(candle_core::DType::U32)
+                    .unwrap()
+            };
             (fold(x), fold(y))
         })
         .collect();
@@ -458,7 +481,9 @@ fn thread_pools_and_thread_counts_do_not_change_a_bit() {
             .parameters()
             .unwrap()
             .into_iter()
-            .map(|(name, t)| (name, t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()))
+            .map(|(name, t)| {
+                (name, t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect())
+            })
             .collect();
         (losses, weights)
     };

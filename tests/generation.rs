@@ -17,11 +17,8 @@ use candle_core::{Device, Tensor};
 
 fn trained_tiny() -> (Gpt, HashMap<String, Tensor>) {
     let model = Gpt::new(GptConfig::preset("gpt-tiny").unwrap()).unwrap();
-    let config = PipelineConfig::default()
-        .stages(1)
-        .optimizer(OptimizerConfig::adamw())
-        .lr(LrSchedule::constant(3e-3))
-        .seed(5);
+    let config =
+        PipelineConfig::default().stages(1).optimizer(OptimizerConfig::adamw()).lr(LrSchedule::constant(3e-3)).seed(5);
     let mut pipeline = Pipeline::new(&model, config).unwrap();
     let data = TokenDataset::embedded(0);
     for step in 0..40 {

@@ -44,17 +44,9 @@ fn model() -> Gpt {
 /// AdamW with eps 1e-5: see tests/exactness.rs (`adamw`) for why exactness checks use it.
 fn adamw() -> OptimizerConfig {
     match OptimizerConfig::adamw() {
-        OptimizerConfig::AdamW {
-            beta1,
-            beta2,
-            weight_decay,
-            ..
-        } => OptimizerConfig::AdamW {
-            beta1,
-            beta2,
-            eps: 1e-5,
-            weight_decay,
-        },
+        OptimizerConfig::AdamW { beta1, beta2, weight_decay, .. } => {
+            OptimizerConfig::AdamW { beta1, beta2, eps: 1e-5, weight_decay }
+        }
         other => other,
     }
 }
@@ -64,14 +56,7 @@ struct Run {
     params: BTreeMap<String, Tensor>,
 }
 
-fn train(
-    devices: Vec<StageDevice>,
-    schedule: ScheduleChoice,
-    m: usize,
-    dtype: DType,
-    steps: u64,
-    lr: f64,
-) -> Run {
+fn train(devices: Vec<StageDevice>, schedule: ScheduleChoice, m: usize, dtype: DType, steps: u64, lr: f64) -> Run {
     let data = TokenDataset::embedded_with_len(3, 100_000);
     let config = PipelineConfig::default()
         .stages(devices.len())
@@ -84,67 +69,31 @@ fn train(
     let mut pipe = Pipeline::new(&model(), config).unwrap();
     let mut losses = Vec::new();
     for step in 0..steps {
-        let (x, y) = data
-            .batch(Split::Train, step, 8, 32, 0, &Device::Cpu)
-            .unwrap();
+        let (x, y) = data.batch(Split::Train, step, 8, 32, 0, &Device::Cpu).unwrap();
         losses.push(pipe.train_step(&x, &y).unwrap().loss);
     }
-    Run {
-        losses,
-        params: pipe.parameters().unwrap(),
-    }
+    Run { losses, params: pipe.parameters().unwrap() }
 }
 
 /// `train` with 1F1B, 4 micro-batches and lr 1e-3.
 fn train_1f1b(devices: Vec<StageDevice>, dtype: DType, steps: u64) -> Run {
-    train(
-        devices,
-        ScheduleKind::OneFOneB.into(),
-        4,
-        dtype,
-        steps,
-        1e-3,
-    )
+    train(devices, ScheduleKind::OneFOneB.into(), 4, dtype, steps, 1e-3)
 }
 
 /// ‖a − b‖ / ‖b‖ over all parameters together.
 fn weights_gap(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> f64 {
     let (mut diff, mut norm) = (0.0, 0.0);
     for (name, want) in b {
-        let got = a[name]
-            .to_device(&Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap();
-        let want = want
-            .to_device(&Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap();
-        diff += (&got - &want)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        norm += want
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let got = a[name].to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+        let want = want.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+        diff += (&got - &want).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        norm += want.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
     }
     (diff / norm.max(1e-30)).sqrt()
 }
 
 fn losses_gap(a: &[f64], b: &[f64]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| ((x - y) / y).abs())
-        .fold(0.0, f64::max)
+    a.iter().zip(b).map(|(x, y)| ((x - y) / y).abs()).fold(0.0, f64::max)
 }
 
 #[test]
@@ -157,21 +106,12 @@ fn every_schedule_on_one_gpu_trains_like_one_stage_on_it() {
         ("gpipe", ScheduleChoice::Kind(ScheduleKind::GPipe)),
         ("1f1b", ScheduleChoice::Kind(ScheduleKind::OneFOneB)),
         ("zb-h1", ScheduleChoice::Kind(ScheduleKind::ZbH1)),
-        (
-            "interleaved-1f1b:2",
-            ScheduleChoice::Virtual(ScheduleKind::Interleaved, 2),
-        ),
+        ("interleaved-1f1b:2", ScheduleChoice::Virtual(ScheduleKind::Interleaved, 2)),
     ] {
         let piped = train(vec![gpu; 2], schedule, 4, DType::F32, 3, 1e-3);
-        let (l, w) = (
-            losses_gap(&piped.losses, &single.losses),
-            weights_gap(&piped.params, &single.params),
-        );
+        let (l, w) = (losses_gap(&piped.losses, &single.losses), weights_gap(&piped.params, &single.params));
         eprintln!("{name}: losses {l:.1e}, weights {w:.1e}");
-        assert!(
-            l < 1e-5 && w < 1e-5,
-            "{name} on 2 stages of one GPU: losses {l:.2e}, weights {w:.2e}"
-        );
+        assert!(l < 1e-5 && w < 1e-5, "{name} on 2 stages of one GPU: losses {l:.2e}, weights {w:.2e}");
     }
 }
 
@@ -182,25 +122,13 @@ fn the_gpu_trains_like_the_cpu_in_f32() {
     };
     let on_gpu = train_1f1b(vec![gpu; 2], DType::F32, 3);
     let on_cpu = train_1f1b(vec![StageDevice::Cpu; 2], DType::F32, 3);
-    let (l, w) = (
-        losses_gap(&on_gpu.losses, &on_cpu.losses),
-        weights_gap(&on_gpu.params, &on_cpu.params),
-    );
+    let (l, w) = (losses_gap(&on_gpu.losses, &on_cpu.losses), weights_gap(&on_gpu.params, &on_cpu.params));
     eprintln!("GPU vs CPU: losses {l:.1e}, weights {w:.1e}");
-    assert!(
-        l < 1e-3 && w < 1e-3,
-        "GPU vs CPU f32: losses {l:.2e}, weights {w:.2e}"
-    );
+    assert!(l < 1e-3 && w < 1e-3, "GPU vs CPU f32: losses {l:.2e}, weights {w:.2e}");
     // A mixed layout (one stage on each) hands tensors across devices and agrees too.
     let mixed = train_1f1b(vec![StageDevice::Cpu, gpu], DType::F32, 3);
-    let (l, w) = (
-        losses_gap(&mixed.losses, &on_cpu.losses),
-        weights_gap(&mixed.params, &on_cpu.params),
-    );
-    assert!(
-        l < 1e-3 && w < 1e-3,
-        "CPU+GPU stages vs CPU: losses {l:.2e}, weights {w:.2e}"
-    );
+    let (l, w) = (losses_gap(&mixed.losses, &on_cpu.losses), weights_gap(&mixed.params, &on_cpu.params));
+    assert!(l < 1e-3 && w < 1e-3, "CPU+GPU stages vs CPU: losses {l:.2e}, weights {w:.2e}");
 }
 
 #[test]

@@ -28,7 +28,19 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 /// A tiny, fast run: gpt-tiny at context 32, batch 4 in 2 micro-batches.
-const SMALL: &[&str] = &["--batch-size", "4", "--microbatches", "2", "--context", "32", "--eval-every", "0", "--eval-batches", "1", "--plain"];
+const SMALL: &[&str] = &[
+    "--batch-size",
+    "4",
+    "--microbatches",
+    "2",
+    "--context",
+    "32",
+    "--eval-every",
+    "0",
+    "--eval-batches",
+    "1",
+    "--plain",
+];
 
 /// Trains `steps` steps of the small run into `save` (extra flags appended).
 fn train_into(save: &Path, steps: &str, extra: &[&str]) -> Output {
@@ -98,7 +110,10 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
     let save_as_file = file("a-file", b"x");
     let latin1 = file("latin1.txt", b"caf\xe9 au lait\n");
     let tok300 = root.join("tok300.json");
-    brigade::tokenizer::TextTokenizer::train_bpe(&[concat!(env!("CARGO_MANIFEST_DIR"), "/README.md").into()], 300, 2).unwrap().save(&tok300).unwrap();
+    brigade::tokenizer::TextTokenizer::train_bpe(&[concat!(env!("CARGO_MANIFEST_DIR"), "/README.md").into()], 300, 2)
+        .unwrap()
+        .save(&tok300)
+        .unwrap();
     let tok300 = tok300.to_str().unwrap().to_string();
     let cifar_cut = file("cifar.bin", &[0u8; 3000]);
     let bad_images = root.join("bad-images");
@@ -134,14 +149,22 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
         (vec!["train", "--stages", "5"], 1, "cannot split 4 layers into 5 stages"),
         (vec!["train", "--microbatches", "0"], 1, "--microbatches must be at least 1"),
         (vec!["train", "--batch-size", "0"], 1, "batch size must be at least 1"),
-        (vec!["train", "--batch-size", "10", "--microbatches", "4"], 1, "batch size 10 is not divisible by 4 micro-batches"),
+        (
+            vec!["train", "--batch-size", "10", "--microbatches", "4"],
+            1,
+            "batch size 10 is not divisible by 4 micro-batches",
+        ),
         (vec!["train", "--split", "3,0"], 1, "stage 1 of split 3,0 is empty"),
         (vec!["train", "--split", "a,b"], 1, "cannot parse split \"a,b\""),
         (vec!["train", "--split", "1,1"], 1, "split 1,1 covers 2 layers but the model has 4"),
         (vec!["train", "--partition", "foo"], 1, "unknown --partition \"foo\": expected uniform"),
         (vec!["train", "--schedule", "zigzag"], 1, "unknown schedule \"zigzag\""),
         (vec!["train", "--schedule", &bad_schedule], 1, "0X1"),
-        (vec!["train", "--schedule", &two_stage, "--microbatches", "4"], 1, "--microbatches 4 disagrees with the schedule file"),
+        (
+            vec!["train", "--schedule", &two_stage, "--microbatches", "4"],
+            1,
+            "--microbatches 4 disagrees with the schedule file",
+        ),
         (vec!["train", "--schedule", &two_stage, "--stages", "3"], 1, "--stages 3 disagrees with the schedule file"),
         // train: optimisation settings that would train silently wrong
         (vec!["train", "--lr=-1"], 1, "--lr must be a finite, non-negative learning rate, got -1"),
@@ -168,7 +191,11 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
         (vec!["train", "--data", &empty], 1, "is empty"),
         (vec!["train", "--model", "resnet-tiny", "--data", &not_st], 1, "not.safetensors"),
         // train: imports
-        (vec!["train", "--init-from", "/nonexistent/brigade/hf"], 1, "--init-from /nonexistent/brigade/hf does not exist"),
+        (
+            vec!["train", "--init-from", "/nonexistent/brigade/hf"],
+            1,
+            "--init-from /nonexistent/brigade/hf does not exist",
+        ),
         (vec!["train", "--init-from", fixture_gpt, "--model", "gpt2"], 1, "but the model flags ask for gpt2"),
         (vec!["train", "--init-from", fixture_gpt, "--layers", "3"], 1, "holds a GPT with 2 layers"),
         // train: checkpoints
@@ -179,8 +206,16 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
         (vec!["train", "--save-dir", "/proc/brigade-cannot-write-here"], 1, "cannot be written"),
         (vec!["train", "--resume", &s, "--save-dir", &st], 1, "is inside the checkpoint"),
         (vec!["train", "--resume", &s, "--model", "resnet-tiny"], 1, "checkpoint, but this run asks for resnet-tiny"),
-        (vec!["train", "--resume", &s, "--steps", "1"], 1, "nothing to train: --steps 1 is not beyond the checkpoint's step 2"),
-        (vec!["train", "--resume", &s, "--microbatches", "3", "--steps", "3"], 1, "batch size 4 is not divisible by 3 micro-batches"),
+        (
+            vec!["train", "--resume", &s, "--steps", "1"],
+            1,
+            "nothing to train: --steps 1 is not beyond the checkpoint's step 2",
+        ),
+        (
+            vec!["train", "--resume", &s, "--microbatches", "3", "--steps", "3"],
+            1,
+            "batch size 4 is not divisible by 3 micro-batches",
+        ),
         (vec!["train", "--resume", &s, "--data", readme, "--steps", "3"], 1, "but this run's data is"),
         (vec!["train", "--resume", "/nonexistent/brigade/ckpt"], 1, "/nonexistent/brigade/ckpt"),
         (vec!["train", "--resume", &empty_dir], 1, "no checkpoint here"),
@@ -194,12 +229,28 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
         (vec!["train", "--stages", "two"], 2, "invalid value 'two'"),
         (vec!["train", "--bogus"], 2, "unexpected argument '--bogus'"),
         // absurd sizes (typos of a few digits, hostile configs): refused before anything is sized by them
-        (vec!["train", "--stages", "2", "--split", "18446744073709551615,5"], 1, "covers 18446744073709551615 layers but the model has 4"),
+        (
+            vec!["train", "--stages", "2", "--split", "18446744073709551615,5"],
+            1,
+            "covers 18446744073709551615 layers but the model has 4",
+        ),
         (vec!["train", "--stages", "1000000000"], 1, "--stages 1000000000 is more than brigade runs (4096)"),
         (vec!["train", "--schedule", "interleaved-1f1b:1000000000"], 1, "cuts the model into 2000000000 chunks"),
-        (vec!["train", "--stages", "1", "--threads-per-stage", "10000000"], 1, "10000000 threads per stage is more than brigade starts (1024)"),
-        (vec!["train", "--layers", "1152921504606846976"], 1, "n_layer = 1152921504606846976 is larger than brigade supports"),
-        (vec!["train", "--model", "resnet-tiny", "--data", &bad_images, "--image-size", "100000"], 1, "image size 100000 is outside 1..=4096"),
+        (
+            vec!["train", "--stages", "1", "--threads-per-stage", "10000000"],
+            1,
+            "10000000 threads per stage is more than brigade starts (1024)",
+        ),
+        (
+            vec!["train", "--layers", "1152921504606846976"],
+            1,
+            "n_layer = 1152921504606846976 is larger than brigade supports",
+        ),
+        (
+            vec!["train", "--model", "resnet-tiny", "--data", &bad_images, "--image-size", "100000"],
+            1,
+            "image size 100000 is outside 1..=4096",
+        ),
         (vec!["launch"], 2, "unrecognized subcommand 'launch'"),
         // schedule
         (vec!["schedule", "--stages", "0"], 1, "at least one stage"),
@@ -218,19 +269,59 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
         (vec!["export", "--checkpoint", &s, "--out", &s], 1, "is a checkpoint or save directory"),
         (vec!["export", "--checkpoint", &s, "--out", &in_hf], 1, "is inside the checkpoint"),
         (vec!["export", "--checkpoint", &s, "--out", &out_dir, "--dtype", "f8"], 1, "unknown dtype \"f8\""),
-        (vec!["export", "--checkpoint", "/nonexistent/brigade/ckpt", "--out", &out_dir], 1, "/nonexistent/brigade/ckpt"),
+        (
+            vec!["export", "--checkpoint", "/nonexistent/brigade/ckpt", "--out", &out_dir],
+            1,
+            "/nonexistent/brigade/ckpt",
+        ),
         // predict
-        (vec!["predict", "--checkpoint", &s, "--input", &good_input, "--output", &in_logits], 1, "--output is inside the checkpoint"),
+        (
+            vec!["predict", "--checkpoint", &s, "--input", &good_input, "--output", &in_logits],
+            1,
+            "--output is inside the checkpoint",
+        ),
         (vec!["predict", "--checkpoint", &s, "--input", &good_input, "--output", &a_dir], 1, "is a directory"),
-        (vec!["predict", "--checkpoint", &s, "--input", &good_input, "--output", &good_input], 1, "is the --input file"),
-        (vec!["predict", "--checkpoint", &s, "--input", "/nonexistent/in.safetensors", "--output", &logits], 1, "does not exist"),
+        (
+            vec!["predict", "--checkpoint", &s, "--input", &good_input, "--output", &good_input],
+            1,
+            "is the --input file",
+        ),
+        (
+            vec!["predict", "--checkpoint", &s, "--input", "/nonexistent/in.safetensors", "--output", &logits],
+            1,
+            "does not exist",
+        ),
         (vec!["predict", "--checkpoint", &s, "--input", &not_st, "--output", &logits], 1, "cannot read"),
-        (vec!["predict", "--checkpoint", &s, "--input", &negative, "--output", &logits], 1, "token ids must be non-negative, found -1"),
-        (vec!["predict", "--checkpoint", &s, "--input", &fractional, "--output", &logits], 1, "non-negative integers, found 1.5"),
-        (vec!["predict", "--checkpoint", &s, "--input", &good_input, "--output", &logits, "--stages", "0"], 1, "--stages must be at least 1"),
-        (vec!["predict", "--checkpoint", &s, "--input", &good_input, "--output", &logits, "--stages", "9"], 1, "at most 4 stages"),
-        (vec!["predict", "--checkpoint", &s, "--input", &good_input, "--output", &logits, "--microbatches", "0"], 1, "--microbatches must be at least 1"),
-        (vec!["predict", "--checkpoint", "/nonexistent/brigade/ckpt", "--input", &good_input, "--output", &logits], 1, "does not exist"),
+        (
+            vec!["predict", "--checkpoint", &s, "--input", &negative, "--output", &logits],
+            1,
+            "token ids must be non-negative, found -1",
+        ),
+        (
+            vec!["predict", "--checkpoint", &s, "--input", &fractional, "--output", &logits],
+            1,
+            "non-negative integers, found 1.5",
+        ),
+        (
+            vec!["predict", "--checkpoint", &s, "--input", &good_input, "--output", &logits, "--stages", "0"],
+            1,
+            "--stages must be at least 1",
+        ),
+        (
+            vec!["predict", "--checkpoint", &s, "--input", &good_input, "--output", &logits, "--stages", "9"],
+            1,
+            "at most 4 stages",
+        ),
+        (
+            vec!["predict", "--checkpoint", &s, "--input", &good_input, "--output", &logits, "--microbatches", "0"],
+            1,
+            "--microbatches must be at least 1",
+        ),
+        (
+            vec!["predict", "--checkpoint", "/nonexistent/brigade/ckpt", "--input", &good_input, "--output", &logits],
+            1,
+            "does not exist",
+        ),
         // generate
         (vec!["generate", "--checkpoint", &s, "--prompt", "a", "--prompt-ids", "1"], 2, "cannot be used with"),
         (vec!["generate", "--checkpoint", &s, "--prompt-ids", "-1"], 1, "token id -1 in --prompt-ids is negative"),
@@ -245,28 +336,68 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
         (vec!["generate", "--checkpoint", &s, "--temperature", "1", "--top-p", "1.5"], 1, "top-p must be in (0, 1]"),
         // tokenizers
         (vec!["tokenizer", "train", "--vocab-size", "100", readme], 1, "--vocab-size 100 is too small"),
-        (vec!["tokenizer", "train", "--vocab-size", "300", "/nonexistent/corpus.txt"], 1, "text file /nonexistent/corpus.txt does not exist"),
+        (
+            vec!["tokenizer", "train", "--vocab-size", "300", "/nonexistent/corpus.txt"],
+            1,
+            "text file /nonexistent/corpus.txt does not exist",
+        ),
         (vec!["tokenizer", "train", "--vocab-size", "300", &empty], 1, "is empty"),
         (vec!["tokenizer", "train", "--vocab-size", "300", readme, "--out", &a_dir], 1, "is a directory"),
-        (vec!["tokenize", "--tokenizer", "/nonexistent/tok.json", readme, "--out", &out_dir], 1, "tokenizer file /nonexistent/tok.json does not exist"),
-        (vec!["tokenize", "--tokenizer", &not_st, readme, "--out", &out_dir], 1, "is not a valid Hugging Face tokenizer.json"),
+        (
+            vec!["tokenize", "--tokenizer", "/nonexistent/tok.json", readme, "--out", &out_dir],
+            1,
+            "tokenizer file /nonexistent/tok.json does not exist",
+        ),
+        (
+            vec!["tokenize", "--tokenizer", &not_st, readme, "--out", &out_dir],
+            1,
+            "is not a valid Hugging Face tokenizer.json",
+        ),
         (vec!["tokenize", "--tokenizer", &empty_dir, readme, "--out", &out_dir], 1, "has no tokenizer.json"),
-        (vec!["tokenize", "--tokenizer", &tok300, &latin1, "--out", &out_dir], 1, "is not UTF-8 text (invalid byte at offset 3)"),
+        (
+            vec!["tokenize", "--tokenizer", &tok300, &latin1, "--out", &out_dir],
+            1,
+            "is not UTF-8 text (invalid byte at offset 3)",
+        ),
         (vec!["tokenize", "--tokenizer", &tok300, readme, "--out", readme], 1, "is one of the input files"),
         (vec!["train", "--tokenizer", &tok300], 1, "--tokenizer needs a text file to tokenize"),
-        (vec!["train", "--tokenizer", &tok300, "--data", readme, "--vocab", "256"], 1, "has 300 tokens, more than the model's vocabulary of 256"),
+        (
+            vec!["train", "--tokenizer", &tok300, "--data", readme, "--vocab", "256"],
+            1,
+            "has 300 tokens, more than the model's vocabulary of 256",
+        ),
         (vec!["train", "--tokenizer", &not_st, "--data", readme], 1, "is not a valid Hugging Face tokenizer.json"),
-        (vec!["generate", "--checkpoint", &s, "--tokenizer", &tok300], 1, "has 300 tokens, more than the model's vocabulary of 256"),
-        (vec!["export", "--checkpoint", &s, "--out", &out_dir, "--tokenizer", "/nonexistent/tok.json"], 1, "does not exist"),
+        (
+            vec!["generate", "--checkpoint", &s, "--tokenizer", &tok300],
+            1,
+            "has 300 tokens, more than the model's vocabulary of 256",
+        ),
+        (
+            vec!["export", "--checkpoint", &s, "--out", &out_dir, "--tokenizer", "/nonexistent/tok.json"],
+            1,
+            "does not exist",
+        ),
         // image folders and CIFAR-10
         (vec!["train", "--model", "resnet-tiny", "--data", &empty_dir], 1, "has no class folders"),
         (vec!["train", "--model", "resnet-tiny", "--data", &bad_images], 1, "x.png: cannot decode the image"),
-        (vec!["train", "--model", "resnet-tiny", "--data", &cifar_cut], 1, "3000 bytes is not a whole number of CIFAR-10 records"),
-        (vec!["train", "--model", "resnet-tiny", "--data", "/nonexistent/images"], 1, "/nonexistent/images does not exist"),
+        (
+            vec!["train", "--model", "resnet-tiny", "--data", &cifar_cut],
+            1,
+            "3000 bytes is not a whole number of CIFAR-10 records",
+        ),
+        (
+            vec!["train", "--model", "resnet-tiny", "--data", "/nonexistent/images"],
+            1,
+            "/nonexistent/images does not exist",
+        ),
         // the metrics log and plot
         (vec!["train", "--log", &a_dir], 1, "is a directory"),
         (vec!["train", "--log", &in_log], 1, "--log is inside the checkpoint"),
-        (vec!["plot", "/nonexistent/brigade/metrics.jsonl"], 1, "cannot read the metrics log /nonexistent/brigade/metrics.jsonl"),
+        (
+            vec!["plot", "/nonexistent/brigade/metrics.jsonl"],
+            1,
+            "cannot read the metrics log /nonexistent/brigade/metrics.jsonl",
+        ),
         (vec!["plot", &empty_dir], 1, "a run's --save-dir holds one"),
         (vec!["plot", &not_st], 1, "line 1: not a JSON record"),
         (vec!["plot", &empty], 1, "is not a brigade metrics log (no \"run\" record)"),
@@ -283,7 +414,11 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
         (vec!["plan", "--layers", "100000"], 1, "needs at least"),
         (vec!["bench", "--width", "1000000", "--out", &out_dir], 1, "needs at least"),
         (vec!["bench", "--out", &in_bench], 1, "--out is inside the checkpoint"),
-        (vec!["simulate", "--profile", "/nonexistent/profile.json"], 1, "cannot read profile /nonexistent/profile.json"),
+        (
+            vec!["simulate", "--profile", "/nonexistent/profile.json"],
+            1,
+            "cannot read profile /nonexistent/profile.json",
+        ),
         (vec!["simulate", "--profile", &not_st], 1, "is not a profile written by `brigade profile`"),
     ];
     assert!(cases.len() >= 60, "only {} cases", cases.len());
@@ -291,7 +426,9 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
         assert_clean_failure(args, *code, needle);
         assert_eq!(checkpoint_bytes(&save), before, "{args:?} changed the checkpoints");
     }
-    assert!(!step.join("hf").exists() && !step.join("logits.safetensors").exists() && !step.join("profile.json").exists());
+    assert!(
+        !step.join("hf").exists() && !step.join("logits.safetensors").exists() && !step.join("profile.json").exists()
+    );
     println!("{} bad inputs, each refused with one clear error line", cases.len());
     let _ = std::fs::remove_dir_all(&root);
 }
@@ -348,7 +485,12 @@ fn another_runs_checkpoints_are_never_replaced_by_surprise() {
     // With --overwrite the new run takes the directory; the old run's checkpoints go once it saved.
     let out = train_into(&save, "1", &["--seed", "1", "--overwrite"]);
     assert!(out.status.success(), "{:?}", text(&out));
-    let names: Vec<String> = std::fs::read_dir(&save).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).filter(|n| n.starts_with("step-")).collect();
+    let names: Vec<String> = std::fs::read_dir(&save)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
     assert_eq!(names, vec!["step-00000001".to_string()], "the other run's step-2 should be gone");
     assert_eq!(Checkpoint::open(&save).unwrap().meta.seed, 1);
     let _ = std::fs::remove_dir_all(&root);
@@ -394,7 +536,20 @@ fn bit_rot_is_detected_by_every_reader() {
         vec!["export", "--checkpoint", b, "--out", out_dir.to_str().unwrap()],
         vec!["predict", "--checkpoint", b, "--input", input, "--output", logits.to_str().unwrap()],
         vec!["generate", "--checkpoint", b, "--tokens", "3"],
-        vec!["train", "--init-from", b, "--steps", "1", "--batch-size", "4", "--microbatches", "2", "--plain", "--eval-batches", "1"],
+        vec![
+            "train",
+            "--init-from",
+            b,
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--microbatches",
+            "2",
+            "--plain",
+            "--eval-batches",
+            "1",
+        ],
     ];
     for args in &commands {
         assert_clean_failure(args, 1, "checksum mismatch");
@@ -500,10 +655,14 @@ fn a_non_finite_model_never_becomes_a_checkpoint() {
         .save_checkpoint(&save.join("step-00000001"), meta, Default::default(), &Default::default())
         .unwrap_err()
         .to_string();
-    assert!(err.contains("not saving") && err.contains("step-00000001") && err.contains("transformer.h.0.ln_1.bias"), "{err}");
+    assert!(
+        err.contains("not saving") && err.contains("step-00000001") && err.contains("transformer.h.0.ln_1.bias"),
+        "{err}"
+    );
     assert!(err.contains("diverged"), "{err}");
     assert_eq!(checkpoint_bytes(&save), before, "a refused save changed the checkpoints");
-    let leftovers = std::fs::read_dir(&save).unwrap().flatten().any(|e| e.file_name().to_string_lossy().contains(".partial-"));
+    let leftovers =
+        std::fs::read_dir(&save).unwrap().flatten().any(|e| e.file_name().to_string_lossy().contains(".partial-"));
     assert!(!leftovers, "the refused save left its partial directory");
     // A run that diverges (a NaN loss at step 2) stops before saving anything of it, so
     // --keep-last 1 never prunes the last good checkpoint.
@@ -515,7 +674,10 @@ fn a_non_finite_model_never_becomes_a_checkpoint() {
     assert_eq!(latest.trim(), "step-00000001");
     let ckpt = Checkpoint::open(&wild).unwrap();
     ckpt.verify_all().unwrap();
-    assert!(ckpt.weights.names().all(|n| ckpt.weights.load(n, DType::F32).is_ok()), "latest ({latest}) must hold finite weights");
+    assert!(
+        ckpt.weights.names().all(|n| ckpt.weights.load(n, DType::F32).is_ok()),
+        "latest ({latest}) must hold finite weights"
+    );
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -538,7 +700,10 @@ fn stale_partial_files_are_cleaned_and_fallbacks_reported() {
     let out = brigade(&["inspect", s]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("names step-00000007, which is not a complete checkpoint; using the newest one, step-00000002"), "{stderr}");
+    assert!(
+        stderr.contains("names step-00000007, which is not a complete checkpoint; using the newest one, step-00000002"),
+        "{stderr}"
+    );
     assert!(stdout.contains("step       2 of 2"), "{stdout}");
     let _ = std::fs::remove_dir_all(&root);
 }
@@ -552,7 +717,25 @@ fn output_a_new_user_can_act_on() {
     let save = root.join("run");
     let s = save.to_str().unwrap();
     // No --plain, output piped: the progress bar is off but eval and save lines are printed.
-    let out = brigade(&["train", "--stages", "1", "--steps", "2", "--batch-size", "4", "--microbatches", "1", "--context", "32", "--eval-every", "2", "--eval-batches", "1", "--save-dir", s]);
+    let out = brigade(&[
+        "train",
+        "--stages",
+        "1",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--microbatches",
+        "1",
+        "--context",
+        "32",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "1",
+        "--save-dir",
+        s,
+    ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("held-out loss") && stdout.contains("saved"), "{stdout}");
@@ -584,7 +767,20 @@ fn output_a_new_user_can_act_on() {
     assert_ne!(printed, edited);
     let file = root.join("edited.schedule");
     std::fs::write(&file, edited).unwrap();
-    let mut args = vec!["train", "--schedule", file.to_str().unwrap(), "--steps", "1", "--batch-size", "4", "--context", "32", "--eval-batches", "1", "--plain"];
+    let mut args = vec![
+        "train",
+        "--schedule",
+        file.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--context",
+        "32",
+        "--eval-batches",
+        "1",
+        "--plain",
+    ];
     let out = brigade(&args);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "the file's 2 stages and 2 micro-batches should be used: {stderr}");

@@ -34,9 +34,7 @@ fn losses(dtype: DType) -> (Vec<f64>, Pipeline) {
     let mut pipe = Pipeline::new(&model, config).unwrap();
     let mut out = Vec::new();
     for step in 0..STEPS {
-        let (x, y) = data
-            .batch(Split::Train, step, 8, 32, 0, &Device::Cpu)
-            .unwrap();
+        let (x, y) = data.batch(Split::Train, step, 8, 32, 0, &Device::Cpu).unwrap();
         out.push(pipe.train_step(&x, &y).unwrap().loss);
     }
     (out, pipe)
@@ -48,11 +46,7 @@ fn bf16_mixed_precision_follows_the_f32_loss_curve() {
     let (bf16_losses, mut pipe) = losses(DType::BF16);
     common::assert_bf16_follows_f32("bf16 on the CPU", &f32_losses, &bf16_losses);
     let tail_bf16 = bf16_losses[bf16_losses.len() - 10..].iter().sum::<f64>() / 10.0;
-    assert!(
-        tail_bf16 < bf16_losses[0] * 0.7,
-        "bf16 did not learn: {} -> {tail_bf16}",
-        bf16_losses[0]
-    );
+    assert!(tail_bf16 < bf16_losses[0] * 0.7, "bf16 did not learn: {} -> {tail_bf16}", bf16_losses[0]);
     // Masters, gradient sums and what checkpoints save stay f32.
     for (name, t) in pipe.parameters().unwrap() {
         assert_eq!(t.dtype(), DType::F32, "parameter {name}");
@@ -65,25 +59,10 @@ fn bf16_mixed_precision_follows_the_f32_loss_curve() {
 #[test]
 fn an_unsupported_compute_dtype_is_a_clear_error() {
     let model = Gpt::new(GptConfig::custom(48, 16, 16, 2, 2).unwrap()).unwrap();
-    let err = Pipeline::new(&model, PipelineConfig::default().compute_dtype(DType::U8))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("compute dtype U8") && err.contains("bf16"),
-        "{err}"
-    );
+    let err = Pipeline::new(&model, PipelineConfig::default().compute_dtype(DType::U8)).unwrap_err().to_string();
+    assert!(err.contains("compute dtype U8") && err.contains("bf16"), "{err}");
     // A model whose layers cannot compute in bf16 yet says so when the pipeline is built.
-    let resnet =
-        ResNet::new(ResNetConfig::custom(BlockKind::BasicBlock, [1, 1, 1, 1], 4, 10).unwrap())
-            .unwrap();
-    let err = Pipeline::new(
-        &resnet,
-        PipelineConfig::default().compute_dtype(DType::BF16),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        err.contains("cannot train in BF16 mixed precision") && err.contains("BatchNorm"),
-        "{err}"
-    );
+    let resnet = ResNet::new(ResNetConfig::custom(BlockKind::BasicBlock, [1, 1, 1, 1], 4, 10).unwrap()).unwrap();
+    let err = Pipeline::new(&resnet, PipelineConfig::default().compute_dtype(DType::BF16)).unwrap_err().to_string();
+    assert!(err.contains("cannot train in BF16 mixed precision") && err.contains("BatchNorm"), "{err}");
 }

@@ -106,8 +106,17 @@ struct Fixture {
 fn optimizer_from(v: &Value) -> OptimizerConfig {
     let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("optimizer.{k} missing"));
     match v["kind"].as_str().unwrap() {
-        "adamw" => OptimizerConfig::AdamW { beta1: f("beta1"), beta2: f("beta2"), eps: f("eps"), weight_decay: f("weight_decay") },
-        "sgd" => OptimizerConfig::Sgd { momentum: f("momentum"), weight_decay: f("weight_decay"), nesterov: v["nesterov"].as_bool().unwrap() },
+        "adamw" => OptimizerConfig::AdamW {
+            beta1: f("beta1"),
+            beta2: f("beta2"),
+            eps: f("eps"),
+            weight_decay: f("weight_decay"),
+        },
+        "sgd" => OptimizerConfig::Sgd {
+            momentum: f("momentum"),
+            weight_decay: f("weight_decay"),
+            nesterov: v["nesterov"].as_bool().unwrap(),
+        },
         other => panic!("unknown optimizer {other}"),
     }
 }
@@ -131,9 +140,15 @@ fn load_fixture(name: &'static str) -> Fixture {
             ModelConfig::Gpt(c) => c.n_embd,
             other => panic!("gpt fixture imported as {other:?}"),
         };
-        (imported, batches["input_ids"].to_dtype(DType::U32).unwrap(), batches["targets"].to_dtype(DType::U32).unwrap(), Some(width))
+        (
+            imported,
+            batches["input_ids"].to_dtype(DType::U32).unwrap(),
+            batches["targets"].to_dtype(DType::U32).unwrap(),
+            Some(width),
+        )
     } else {
-        let widths: Vec<usize> = json["widths"].as_array().unwrap().iter().map(|w| w.as_u64().unwrap() as usize).collect();
+        let widths: Vec<usize> =
+            json["widths"].as_array().unwrap().iter().map(|w| w.as_u64().unwrap() as usize).collect();
         let classes = json["num_classes"].as_u64().unwrap() as usize;
         let cfg = ResNetConfig::custom(BlockKind::BasicBlock, [1, 1, 1, 1], widths[0], classes).unwrap();
         assert_eq!(cfg.widths.to_vec(), widths);
@@ -196,7 +211,8 @@ fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
     assert_eq!(got.dims(), want.dims());
     let got = got.to_dtype(DType::F64).unwrap();
     let want = want.to_dtype(DType::F64).unwrap();
-    let diff = (&got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+    let diff =
+        (&got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
     let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap().max(1e-12);
     (diff / scale) as f32
 }
@@ -212,7 +228,12 @@ fn compare_all(what: &str, got: &BTreeMap<String, Tensor>, want: &BTreeMap<Strin
 
 /// Final weights; GPT's key-bias slices are measured apart (see the module docs).
 fn compare_weights(f: &Fixture, got: &BTreeMap<String, Tensor>) -> (f32, String, f32) {
-    assert_eq!(got.keys().collect::<Vec<_>>(), f.weights.keys().collect::<Vec<_>>(), "{}: parameter names differ from PyTorch's", f.name);
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        f.weights.keys().collect::<Vec<_>>(),
+        "{}: parameter names differ from PyTorch's",
+        f.name
+    );
     let mut drift = 0.0f32;
     let errs = f.weights.iter().map(|(n, w)| {
         let g = &got[n];
@@ -237,7 +258,8 @@ fn compare_weights(f: &Fixture, got: &BTreeMap<String, Tensor>) -> (f32, String,
 
 fn check_buffers(f: &Fixture, got: &BTreeMap<String, Tensor>, errors: &mut Errors, what: &str) {
     assert_eq!(got.keys().collect::<Vec<_>>(), f.final_buffers.keys().collect::<Vec<_>>(), "{what}: buffer names");
-    let floats: BTreeMap<String, Tensor> = f.final_buffers.iter().filter(|(_, t)| t.dtype() != DType::I64).map(|(n, t)| (n.clone(), t.clone())).collect();
+    let floats: BTreeMap<String, Tensor> =
+        f.final_buffers.iter().filter(|(_, t)| t.dtype() != DType::I64).map(|(n, t)| (n.clone(), t.clone())).collect();
     for (n, want) in &f.final_buffers {
         if want.dtype() == DType::I64 {
             let g = got[n].to_dtype(DType::I64).unwrap().flatten_all().unwrap().to_vec1::<i64>().unwrap();
@@ -270,7 +292,11 @@ fn assert_errors(f: &Fixture, what: &str, e: &Errors) {
     assert!(e.weights.0 as f64 <= t.weights, "{what}: final {} off PyTorch's by {:e}", e.weights.1, e.weights.0);
     assert!(e.buffers.0 as f64 <= t.weights, "{what}: final {} off PyTorch's by {:e}", e.buffers.1, e.buffers.0);
     let adam_reach: f64 = f.lrs.iter().sum();
-    assert!((e.key_bias_drift as f64) <= adam_reach, "{what}: key bias moved {} (more than Σ lr = {adam_reach})", e.key_bias_drift);
+    assert!(
+        (e.key_bias_drift as f64) <= adam_reach,
+        "{what}: key bias moved {} (more than Σ lr = {adam_reach})",
+        e.key_bias_drift
+    );
 }
 
 fn rel(got: f64, want: f64) -> f64 {
@@ -278,7 +304,11 @@ fn rel(got: f64, want: f64) -> f64 {
 }
 
 fn global_norm(grads: &BTreeMap<String, Tensor>) -> f64 {
-    grads.values().map(|g| g.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()).sum::<f64>().sqrt()
+    grads
+        .values()
+        .map(|g| g.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap())
+        .sum::<f64>()
+        .sqrt()
 }
 
 fn run_pipeline(f: &Fixture, stages: usize, kind: ScheduleKind, microbatches: usize) {
@@ -299,7 +329,12 @@ fn run_pipeline(f: &Fixture, stages: usize, kind: ScheduleKind, microbatches: us
         let stats = pipe.train_step(x, y).unwrap();
         e.loss = e.loss.max(rel(stats.loss, f.losses[step]));
         e.grad_norm = e.grad_norm.max(rel(stats.grad_norm, f.grad_norms[step]));
-        assert!(rel(stats.lr, f.lrs[step]) <= 1e-12, "{what}: LR of step {step} is {} (PyTorch used {})", stats.lr, f.lrs[step]);
+        assert!(
+            rel(stats.lr, f.lrs[step]) <= 1e-12,
+            "{what}: LR of step {step} is {} (PyTorch used {})",
+            stats.lr,
+            f.lrs[step]
+        );
         if step == 0 {
             e.grads = compare_all(&format!("{what} step-1 gradients"), &pipe.gradients().unwrap(), &f.grads);
         }
@@ -313,7 +348,8 @@ fn run_pipeline(f: &Fixture, stages: usize, kind: ScheduleKind, microbatches: us
 fn run_reference(f: &Fixture, accumulation: usize) {
     let what = format!("{} reference accumulation={accumulation}", f.name);
     let mut reference =
-        ReferenceTrainer::with_initial(f.model.as_ref(), f.optimizer, f.lr, f.grad_clip, f.params.clone(), &f.buffers).unwrap();
+        ReferenceTrainer::with_initial(f.model.as_ref(), f.optimizer, f.lr, f.grad_clip, f.params.clone(), &f.buffers)
+            .unwrap();
     let mut e = Errors::default();
     for (step, (x, y)) in f.batches.iter().enumerate() {
         assert!(rel(f.lr.lr(step as u64), f.lrs[step]) <= 1e-12, "{what}: LR of step {step}");

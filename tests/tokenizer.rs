@@ -29,7 +29,8 @@ fn temp_dir(name: &str) -> PathBuf {
 /// About `bytes` of the embedded English-like corpus, as a text file.
 fn corpus_file(dir: &Path, bytes: usize) -> PathBuf {
     let data = TokenDataset::embedded_with_len(1, bytes);
-    let text: Vec<u8> = [Split::Train, Split::Validation].iter().flat_map(|s| data.split_tokens(*s).iter().map(|&t| t as u8)).collect();
+    let text: Vec<u8> =
+        [Split::Train, Split::Validation].iter().flat_map(|s| data.split_tokens(*s).iter().map(|&t| t as u8)).collect();
     let path = dir.join("corpus.txt");
     std::fs::write(&path, text).unwrap();
     path
@@ -59,7 +60,10 @@ fn trained_bpe_round_trips_compresses_and_chunks_exactly() {
     }
     // Saved and loaded: the same ids; the transformers files name the fast tokenizer.
     let saved = tok.save(&dir.join("tok.json")).unwrap();
-    assert_eq!(TextTokenizer::load(&saved).unwrap().encode(&text[..5000]).unwrap(), ids[..tok.encode(&text[..5000]).unwrap().len()]);
+    assert_eq!(
+        TextTokenizer::load(&saved).unwrap().encode(&text[..5000]).unwrap(),
+        ids[..tok.encode(&text[..5000]).unwrap().len()]
+    );
     let files = tok.save_for_transformers(&dir.join("hf"), 128).unwrap();
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&files[1]).unwrap()).unwrap();
     assert_eq!(config["tokenizer_class"], "PreTrainedTokenizerFast");
@@ -90,19 +94,43 @@ fn text_to_tokens_to_a_trained_model_to_text() {
     // train on the text through the tokenizer, 2 stages; the model's vocabulary is the tokenizer's.
     let run = dir.join("run");
     let out = ok(&[
-        "train", "--data", &t(&text_file), "--tokenizer", &t(&tok), "--stages", "2", "--steps", "30", "--batch-size", "8",
-        "--context", "32", "--eval-every", "30", "--eval-batches", "2", "--plain", "--save-dir", &t(&run),
+        "train",
+        "--data",
+        &t(&text_file),
+        "--tokenizer",
+        &t(&tok),
+        "--stages",
+        "2",
+        "--steps",
+        "30",
+        "--batch-size",
+        "8",
+        "--context",
+        "32",
+        "--eval-every",
+        "30",
+        "--eval-batches",
+        "2",
+        "--plain",
+        "--save-dir",
+        &t(&run),
     ]);
     assert!(out.contains("vocab=400"), "{out}");
-    let first: f64 = out.lines().find(|l| l.starts_with("step     1:")).unwrap().split("loss ").nth(1).unwrap()[..6].parse().unwrap();
-    let last: f64 = out.lines().find(|l| l.contains("held-out loss")).unwrap().split("held-out loss ").nth(1).unwrap()[..6].parse().unwrap();
+    let first: f64 = out.lines().find(|l| l.starts_with("step     1:")).unwrap().split("loss ").nth(1).unwrap()[..6]
+        .parse()
+        .unwrap();
+    let last: f64 = out.lines().find(|l| l.contains("held-out loss")).unwrap().split("held-out loss ").nth(1).unwrap()
+        [..6]
+        .parse()
+        .unwrap();
     assert!(first > 5.5 && last < first - 1.0, "the loss falls: {first} -> {last}");
     assert!(run.join("tokenizer.json").is_file(), "the tokenizer goes with the run");
 
     // generate: the prompt is encoded and the output decoded with the run's tokenizer.
     let text = ok(&["generate", "--checkpoint", &t(&run), "--prompt", "The cat", "--tokens", "20"]);
     assert!(text.starts_with("The cat") && text.len() > "The cat".len() + 10, "{text:?}");
-    let with_cache = ok(&["generate", "--checkpoint", &t(&run), "--prompt", "The cat", "--tokens", "20", "--stages", "1"]);
+    let with_cache =
+        ok(&["generate", "--checkpoint", &t(&run), "--prompt", "The cat", "--tokens", "20", "--stages", "1"]);
     let without = ok(&["generate", "--checkpoint", &t(&run), "--prompt", "The cat", "--tokens", "20", "--no-cache"]);
     assert_eq!(with_cache, without);
     assert_eq!(text, without);

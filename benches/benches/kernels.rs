@@ -21,14 +21,10 @@ use criterion::{criterion_group, criterion_main, Criterion};
 /// quality, only reproducible, non-degenerate inputs without ties).
 fn data(dims: &[usize], seed: u64) -> Tensor {
     let n: usize = dims.iter().product();
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let v: Vec<f32> = (0..n)
         .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
         })
         .collect();
@@ -51,28 +47,18 @@ fn pair(
 ) {
     let vars: Vec<Tensor> = inputs
         .iter()
-        .map(|t| {
-            if t.dtype().is_float() {
-                Var::from_tensor(t).unwrap().as_tensor().clone()
-            } else {
-                t.clone()
-            }
-        })
+        .map(|t| if t.dtype().is_float() { Var::from_tensor(t).unwrap().as_tensor().clone() } else { t.clone() })
         .collect();
     let mut g = c.benchmark_group(format!("{name} fwd+bwd"));
     g.bench_function("fused", |bn| bn.iter(|| fwd_bwd(fused(&vars))));
     g.bench_function("reference", |bn| bn.iter(|| fwd_bwd(reference(&vars))));
     // What any elementwise op pays here besides its own kernels: candle's graph walk,
     // `sum_all`'s broadcast gradient, and zero-init + accumulate of each input's gradient.
-    g.bench_function("baseline x*1 (graph overhead)", |bn| {
-        bn.iter(|| fwd_bwd(vars[0].affine(1.0, 0.0)))
-    });
+    g.bench_function("baseline x*1 (graph overhead)", |bn| bn.iter(|| fwd_bwd(vars[0].affine(1.0, 0.0))));
     g.finish();
     let mut g = c.benchmark_group(format!("{name} fwd"));
     g.bench_function("fused", |bn| bn.iter(|| black_box(fused(inputs).unwrap())));
-    g.bench_function("reference", |bn| {
-        bn.iter(|| black_box(reference(inputs).unwrap()))
-    });
+    g.bench_function("reference", |bn| bn.iter(|| black_box(reference(inputs).unwrap())));
     g.finish();
 }
 
@@ -94,32 +80,16 @@ fn bench_layer_norm(c: &mut Criterion) {
         |t| r::layer_norm(&t[0], &t[1], &t[2], 1e-5),
     );
     let dy = data(&[16, 128, 256], 10);
-    bwd_only(c, "layer_norm 16x128x256", || {
-        k::layer_norm_backward(&ins[0], &ins[1], &dy, 1e-5)
-    });
+    bwd_only(c, "layer_norm 16x128x256", || k::layer_norm_backward(&ins[0], &ins[1], &dy, 1e-5));
 }
 
 fn bench_softmax(c: &mut Criterion) {
     let ins = [data(&[16, 4, 128, 128], 4)];
-    pair(
-        c,
-        "softmax 16x4x128x128",
-        &ins,
-        |t| k::softmax_last_dim(&t[0]),
-        |t| r::softmax_last_dim(&t[0]),
-    );
-    pair(
-        c,
-        "log_softmax 16x4x128x128",
-        &ins,
-        |t| k::log_softmax_last_dim(&t[0]),
-        |t| r::log_softmax_last_dim(&t[0]),
-    );
+    pair(c, "softmax 16x4x128x128", &ins, |t| k::softmax_last_dim(&t[0]), |t| r::softmax_last_dim(&t[0]));
+    pair(c, "log_softmax 16x4x128x128", &ins, |t| k::log_softmax_last_dim(&t[0]), |t| r::log_softmax_last_dim(&t[0]));
     let y = k::softmax_last_dim(&ins[0]).unwrap();
     let dy = data(&[16, 4, 128, 128], 11);
-    bwd_only(c, "softmax 16x4x128x128", || {
-        k::softmax_last_dim_backward(&y, &dy)
-    });
+    bwd_only(c, "softmax 16x4x128x128", || k::softmax_last_dim_backward(&y, &dy));
 }
 
 fn bench_cross_entropy(c: &mut Criterion) {
@@ -133,9 +103,7 @@ fn bench_cross_entropy(c: &mut Criterion) {
         |t| k::cross_entropy_sum(&t[0], &t[1]),
         |t| r::cross_entropy_sum(&t[0], &t[1]),
     );
-    bwd_only(c, "cross_entropy 2048x256", || {
-        k::cross_entropy_sum_backward(&ins[0], &ins[1], 1.0 / 2048.0)
-    });
+    bwd_only(c, "cross_entropy 2048x256", || k::cross_entropy_sum_backward(&ins[0], &ins[1], 1.0 / 2048.0));
 }
 
 fn bench_max_pool(c: &mut Criterion) {
@@ -151,17 +119,9 @@ fn bench_max_pool(c: &mut Criterion) {
 
 fn bench_gelu(c: &mut Criterion) {
     let ins = [data(&[16, 128, 1024], 7)];
-    pair(
-        c,
-        "gelu_tanh 16x128x1024",
-        &ins,
-        |t| k::gelu_tanh(&t[0]),
-        |t| r::gelu_tanh(&t[0]),
-    );
+    pair(c, "gelu_tanh 16x128x1024", &ins, |t| k::gelu_tanh(&t[0]), |t| r::gelu_tanh(&t[0]));
     let dy = data(&[16, 128, 1024], 12);
-    bwd_only(c, "gelu_tanh 16x128x1024", || {
-        k::gelu_tanh_backward(&ins[0], &dy)
-    });
+    bwd_only(c, "gelu_tanh 16x128x1024", || k::gelu_tanh_backward(&ins[0], &dy));
 }
 
 // ---- elementwise math: scalar libm vs brigade_kernels::vmath, per instruction set ---------------
@@ -189,9 +149,7 @@ fn gelu_bwd_scalar(x: &[f32], dy: &[f32], dx: &mut [f32]) {
 /// sums): max, exp + sum, scale.
 fn softmax_rows_scalar(x: &[f32], y: &mut [f32], c: usize) {
     for (xr, yr) in x.chunks(c).zip(y.chunks_mut(c)) {
-        let max = xr
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+        let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
         let mut sum = 0.0;
         for (o, &v) in yr.iter_mut().zip(xr) {
             *o = (v - max).exp();
@@ -223,18 +181,14 @@ fn bench_vmath(c: &mut Criterion) {
     // exp on [-5, 0], where softmax's shifted inputs live.
     let neg: Vec<f32> = x.iter().map(|v| -v.abs()).collect();
     let mut g = c.benchmark_group("vmath exp 1M");
-    g.bench_function("scalar libm", |b| {
-        b.iter(|| out.iter_mut().zip(&neg).for_each(|(o, &v)| *o = v.exp()))
-    });
+    g.bench_function("scalar libm", |b| b.iter(|| out.iter_mut().zip(&neg).for_each(|(o, &v)| *o = v.exp())));
     for &isa in &isas {
         g.bench_function(format!("{isa:?}"), |b| b.iter(|| isa.exp(&neg, &mut out)));
     }
     g.finish();
 
     let mut g = c.benchmark_group("vmath tanh 1M");
-    g.bench_function("scalar libm", |b| {
-        b.iter(|| out.iter_mut().zip(&x).for_each(|(o, &v)| *o = v.tanh()))
-    });
+    g.bench_function("scalar libm", |b| b.iter(|| out.iter_mut().zip(&x).for_each(|(o, &v)| *o = v.tanh())));
     for &isa in &isas {
         g.bench_function(format!("{isa:?}"), |b| b.iter(|| isa.tanh(&x, &mut out)));
     }
@@ -243,31 +197,21 @@ fn bench_vmath(c: &mut Criterion) {
     let mut g = c.benchmark_group("vmath gelu fwd 1M");
     g.bench_function("scalar libm", |b| b.iter(|| gelu_fwd_scalar(&x, &mut out)));
     for &isa in &isas {
-        g.bench_function(format!("{isa:?}"), |b| {
-            b.iter(|| isa.gelu_tanh_fwd(&x, &mut out))
-        });
+        g.bench_function(format!("{isa:?}"), |b| b.iter(|| isa.gelu_tanh_fwd(&x, &mut out)));
     }
     g.finish();
 
     let mut g = c.benchmark_group("vmath gelu bwd 1M");
-    g.bench_function("scalar libm", |b| {
-        b.iter(|| gelu_bwd_scalar(&x, &dy, &mut out))
-    });
+    g.bench_function("scalar libm", |b| b.iter(|| gelu_bwd_scalar(&x, &dy, &mut out)));
     for &isa in &isas {
-        g.bench_function(format!("{isa:?}"), |b| {
-            b.iter(|| isa.gelu_tanh_bwd(&x, &dy, &mut out))
-        });
+        g.bench_function(format!("{isa:?}"), |b| b.iter(|| isa.gelu_tanh_bwd(&x, &dy, &mut out)));
     }
     g.finish();
 
     let mut g = c.benchmark_group("vmath softmax rows 8192x128");
-    g.bench_function("scalar libm", |b| {
-        b.iter(|| softmax_rows_scalar(&x, &mut out, 128))
-    });
+    g.bench_function("scalar libm", |b| b.iter(|| softmax_rows_scalar(&x, &mut out, 128)));
     for &isa in &isas {
-        g.bench_function(format!("{isa:?}"), |b| {
-            b.iter(|| softmax_rows_vmath(isa, &x, &mut out, 128))
-        });
+        g.bench_function(format!("{isa:?}"), |b| b.iter(|| softmax_rows_vmath(isa, &x, &mut out, 128)));
     }
     g.finish();
 }

@@ -42,9 +42,7 @@ impl std::str::FromStr for Recompute {
         match s {
             "off" | "none" => Ok(Self::Off),
             "full" => Ok(Self::Full),
-            other => Err(format!(
-                "unknown recomputation `{other}` (expected off or full)"
-            )),
+            other => Err(format!("unknown recomputation `{other}` (expected off or full)")),
         }
     }
 }
@@ -148,11 +146,10 @@ impl StageCompute {
     /// The tensors micro-batch `mb`'s stash keeps besides the stage's input: every layer's
     /// saved tensors and, on the last stage, the output (for memory accounting).
     pub fn stashed_tensors(&self, mb: usize) -> impl Iterator<Item = &Tensor> {
-        self.stash.get(&mb).into_iter().flat_map(|s| {
-            s.output
-                .iter()
-                .chain(s.saved.iter().flatten().flat_map(|saved| saved.tensors()))
-        })
+        self.stash
+            .get(&mb)
+            .into_iter()
+            .flat_map(|s| s.output.iter().chain(s.saved.iter().flatten().flat_map(|saved| saved.tensors())))
     }
 
     /// Whether backward work is still outstanding (a step must not end with any).
@@ -163,20 +160,13 @@ impl StageCompute {
     /// `F`: the training forward of micro-batch `mb`. Returns the stage's output and, on the
     /// last stage (`target` given), the micro-batch's loss: an f64 scalar left on the stage's
     /// device (reading it would be a host synchronisation per micro-batch on a GPU).
-    pub fn forward(
-        &mut self,
-        mb: usize,
-        x: &Tensor,
-        target: Option<LossTarget>,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    pub fn forward(&mut self, mb: usize, x: &Tensor, target: Option<LossTarget>) -> Result<(Tensor, Option<Tensor>)> {
         if self.stash.contains_key(&mb) || self.pending.contains_key(&mb) {
             candle_core::bail!("micro-batch {mb} is already in flight on this stage");
         }
         let (y, saved) = self.run_forward(x, Pass::First)?;
         let loss = match (&target, self.loss) {
-            (Some(t), Some(kind)) => {
-                Some(microbatch_loss(kind, &y, &t.targets, t.global_terms)?.to_dtype(DType::F64)?)
-            }
+            (Some(t), Some(kind)) => Some(microbatch_loss(kind, &y, &t.targets, t.global_terms)?.to_dtype(DType::F64)?),
             (None, None) => None,
             (Some(_), None) => candle_core::bail!("targets given to a stage that computes no loss"),
             (None, Some(_)) => {
@@ -190,13 +180,7 @@ impl StageCompute {
         // The last stage keeps its output (the loss gradient starts from it) unless it reruns
         // the forward anyway.
         let output = (target.is_some() && self.recompute == Recompute::Off).then(|| y.clone());
-        let mut stashed = Stashed {
-            input: x.clone(),
-            saved,
-            output,
-            target,
-            bytes: 0,
-        };
+        let mut stashed = Stashed { input: x.clone(), saved, output, target, bytes: 0 };
         // The first stage's input is the data batch, which the driver holds anyway: not
         // counted (nor anything sharing its storage, e.g. token ids a layer keeps as they are).
         let all = distinct_bytes(
@@ -204,11 +188,7 @@ impl StageCompute {
                 .chain(stashed.output.iter())
                 .chain(stashed.saved.iter().flatten().flat_map(|s| s.tensors())),
         );
-        let data = if self.input_needs_grad {
-            0
-        } else {
-            crate::memory::tensor_bytes(x)
-        };
+        let data = if self.input_needs_grad { 0 } else { crate::memory::tensor_bytes(x) };
         stashed.bytes = all.saturating_sub(data);
         self.live_bytes += stashed.bytes;
         self.stash.insert(mb, stashed);
@@ -236,24 +216,19 @@ impl StageCompute {
     }
 
     fn input_step(&mut self, mb: usize, dy: Option<&Tensor>) -> Result<Option<Tensor>> {
-        let stashed = self.stash.remove(&mb).ok_or_else(|| {
-            candle_core::Error::Msg(format!("no stashed forward for micro-batch {mb}"))
-        })?;
+        let stashed = self
+            .stash
+            .remove(&mb)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no stashed forward for micro-batch {mb}")))?;
         self.live_bytes = self.live_bytes.saturating_sub(stashed.bytes);
         let (saved, output) = match stashed.saved {
             Some(saved) => (saved, stashed.output),
             None => {
                 let (y, saved) = self.run_forward(&stashed.input, Pass::Recompute)?;
                 let output = stashed.target.is_some().then_some(y);
-                let data = if self.input_needs_grad {
-                    0
-                } else {
-                    crate::memory::tensor_bytes(&stashed.input)
-                };
+                let data = if self.input_needs_grad { 0 } else { crate::memory::tensor_bytes(&stashed.input) };
                 let recomputed = distinct_bytes(
-                    std::iter::once(&stashed.input)
-                        .chain(output.iter())
-                        .chain(saved.iter().flat_map(|s| s.tensors())),
+                    std::iter::once(&stashed.input).chain(output.iter()).chain(saved.iter().flat_map(|s| s.tensors())),
                 );
                 self.mark_peak(recomputed.saturating_sub(data));
                 (saved, output)
@@ -264,9 +239,9 @@ impl StageCompute {
                 microbatch_loss_backward(kind, &output, &t.targets, t.global_terms)?
             }
             (None, None, None, Some(dy)) => dy.clone(),
-            (Some(_), ..) => candle_core::bail!(
-                "the last stage's backward starts from the loss, not a received gradient"
-            ),
+            (Some(_), ..) => {
+                candle_core::bail!("the last stage's backward starts from the loss, not a received gradient")
+            }
             _ => candle_core::bail!("no output gradient for micro-batch {mb}"),
         };
         let mut weight_saved = Vec::with_capacity(saved.len());
@@ -290,20 +265,12 @@ impl StageCompute {
         let bytes = if self.input_needs_grad {
             distinct_bytes(weight_saved.iter().flat_map(|s| s.tensors()))
         } else {
-            let all = distinct_bytes(
-                std::iter::once(&stashed.input)
-                    .chain(weight_saved.iter().flat_map(|s| s.tensors())),
-            );
+            let all =
+                distinct_bytes(std::iter::once(&stashed.input).chain(weight_saved.iter().flat_map(|s| s.tensors())));
             all.saturating_sub(crate::memory::tensor_bytes(&stashed.input))
         };
         self.live_bytes += bytes;
-        self.pending.insert(
-            mb,
-            PendingWeights {
-                saved: weight_saved,
-                bytes,
-            },
-        );
+        self.pending.insert(mb, PendingWeights { saved: weight_saved, bytes });
         Ok(self.input_needs_grad.then_some(grad))
     }
 
@@ -316,9 +283,7 @@ impl StageCompute {
 
     fn weight_step(&mut self, mb: usize) -> Result<()> {
         let pending = self.pending.remove(&mb).ok_or_else(|| {
-            candle_core::Error::Msg(format!(
-                "weight-gradient step before input-gradient step for micro-batch {mb}"
-            ))
+            candle_core::Error::Msg(format!("weight-gradient step before input-gradient step for micro-batch {mb}"))
         })?;
         self.live_bytes = self.live_bytes.saturating_sub(pending.bytes);
         for (layer, s) in self.layers.iter_mut().zip(pending.saved) {

@@ -82,19 +82,13 @@ impl FromStr for StageDevice {
     type Err = EngineError;
 
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || {
-            EngineError::Config(format!(
-                "unknown device {s:?}: expected cpu, cuda or cuda:N (N the GPU ordinal)"
-            ))
-        };
+        let bad =
+            || EngineError::Config(format!("unknown device {s:?}: expected cpu, cuda or cuda:N (N the GPU ordinal)"));
         match s.trim() {
             "cpu" => Ok(StageDevice::Cpu),
             "cuda" | "gpu" => Ok(StageDevice::Cuda(0)),
             other => {
-                let ordinal = other
-                    .strip_prefix("cuda:")
-                    .or_else(|| other.strip_prefix("gpu:"))
-                    .ok_or_else(bad)?;
+                let ordinal = other.strip_prefix("cuda:").or_else(|| other.strip_prefix("gpu:")).ok_or_else(bad)?;
                 ordinal.parse().map(StageDevice::Cuda).map_err(|_| bad())
             }
         }
@@ -110,24 +104,10 @@ pub(crate) fn check_devices(devices: &[StageDevice], stages: usize) -> Result<()
         return Err(EngineError::Config(format!(
             "{} devices given ({}) for {stages} stages: give one device per stage",
             devices.len(),
-            devices
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
+            devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")
         )));
     }
-    if let Some(max) = devices
-        .iter()
-        .filter_map(|d| {
-            if let StageDevice::Cuda(i) = d {
-                Some(*i)
-            } else {
-                None
-            }
-        })
-        .max()
-    {
+    if let Some(max) = devices.iter().filter_map(|d| if let StageDevice::Cuda(i) = d { Some(*i) } else { None }).max() {
         let gpus = cuda_device_count()?;
         if max >= gpus {
             return Err(EngineError::Config(format!(
@@ -177,9 +157,7 @@ mod cuda {
     use super::*;
 
     fn no_gpu(e: impl fmt::Display) -> EngineError {
-        EngineError::Config(format!(
-            "no usable CUDA GPU: {e} (is the NVIDIA driver installed and a GPU visible?)"
-        ))
+        EngineError::Config(format!("no usable CUDA GPU: {e} (is the NVIDIA driver installed and a GPU visible?)"))
     }
 
     pub(super) fn device_count() -> Result<usize> {
@@ -196,16 +174,12 @@ mod cuda {
     pub(super) fn open(ordinal: usize) -> Result<Device> {
         let gpus = device_count()?;
         if ordinal >= gpus {
-            return Err(EngineError::Config(format!(
-                "cuda:{ordinal} does not exist: this machine has {gpus} GPU(s)"
-            )));
+            return Err(EngineError::Config(format!("cuda:{ordinal} does not exist: this machine has {gpus} GPU(s)")));
         }
-        let device = Device::new_cuda_with_stream(ordinal)
-            .map_err(|e| no_gpu(format!("cuda:{ordinal}: {e}")))?;
+        let device = Device::new_cuda_with_stream(ordinal).map_err(|e| no_gpu(format!("cuda:{ordinal}: {e}")))?;
         let mut prepared = PREPARED.lock().unwrap_or_else(|p| p.into_inner());
         if prepared.get_or_insert_with(HashSet::new).insert(ordinal) {
-            prepare(ordinal, gpus)
-                .map_err(|e| EngineError::Config(format!("preparing cuda:{ordinal}: {e}")))?;
+            prepare(ordinal, gpus).map_err(|e| EngineError::Config(format!("preparing cuda:{ordinal}: {e}")))?;
         }
         Ok(device)
     }
@@ -221,9 +195,7 @@ mod cuda {
         unsafe {
             let dev = result::device::get(ordinal as i32).map_err(|e| e.to_string())?;
             let mut pool = std::mem::MaybeUninit::uninit();
-            sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), dev)
-                .result()
-                .map_err(|e| e.to_string())?;
+            sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), dev).result().map_err(|e| e.to_string())?;
             let mut threshold: u64 = u64::MAX;
             sys::cuMemPoolSetAttribute(
                 pool.assume_init(),
@@ -235,20 +207,13 @@ mod cuda {
             for peer in (0..gpus).filter(|&p| p != ordinal) {
                 let peer_dev = result::device::get(peer as i32).map_err(|e| e.to_string())?;
                 let mut can = 0i32;
-                sys::cuDeviceCanAccessPeer(&mut can, dev, peer_dev)
-                    .result()
-                    .map_err(|e| e.to_string())?;
+                sys::cuDeviceCanAccessPeer(&mut can, dev, peer_dev).result().map_err(|e| e.to_string())?;
                 if can == 1 {
                     let peer_ctx = CudaContext::new(peer).map_err(|e| e.to_string())?;
                     ctx.bind_to_thread().map_err(|e| e.to_string())?;
                     match sys::cuCtxEnablePeerAccess(peer_ctx.cu_ctx(), 0) {
-                        sys::CUresult::CUDA_SUCCESS
-                        | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {}
-                        other => {
-                            return Err(format!(
-                                "enabling peer access cuda:{ordinal} -> cuda:{peer}: {other:?}"
-                            ))
-                        }
+                        sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {}
+                        other => return Err(format!("enabling peer access cuda:{ordinal} -> cuda:{peer}: {other:?}")),
                     }
                 }
             }
@@ -265,32 +230,19 @@ mod tests {
     fn parses_device_lists() {
         assert_eq!(
             StageDevice::parse_list("cpu, cuda:0,cuda:3,gpu").unwrap(),
-            vec![
-                StageDevice::Cpu,
-                StageDevice::Cuda(0),
-                StageDevice::Cuda(3),
-                StageDevice::Cuda(0)
-            ]
+            vec![StageDevice::Cpu, StageDevice::Cuda(0), StageDevice::Cuda(3), StageDevice::Cuda(0)]
         );
         for bad in ["cuda:x", "tpu", "cuda:", ""] {
             let e = StageDevice::parse_list(bad).unwrap_err().to_string();
-            assert!(
-                e.contains("unknown device") && e.contains("cuda:N"),
-                "{bad}: {e}"
-            );
+            assert!(e.contains("unknown device") && e.contains("cuda:N"), "{bad}: {e}");
         }
         assert_eq!(StageDevice::Cuda(2).to_string(), "cuda:2");
-        assert_eq!(
-            StageDevice::spread("cpu", 3).unwrap(),
-            vec![StageDevice::Cpu; 3]
-        );
+        assert_eq!(StageDevice::spread("cpu", 3).unwrap(), vec![StageDevice::Cpu; 3]);
     }
 
     #[test]
     fn device_lists_must_match_the_stages() {
-        let e = check_devices(&[StageDevice::Cpu], 2)
-            .unwrap_err()
-            .to_string();
+        let e = check_devices(&[StageDevice::Cpu], 2).unwrap_err().to_string();
         assert!(e.contains("1 devices given (cpu) for 2 stages"), "{e}");
         assert!(check_devices(&[], 4).is_ok());
         assert!(check_devices(&[StageDevice::Cpu; 2], 2).is_ok());
@@ -304,10 +256,7 @@ mod tests {
             Ok(device) => assert!(device.is_cuda()),
             Err(e) => {
                 let e = e.to_string();
-                assert!(
-                    e.contains("--features cuda") || e.contains("no usable CUDA GPU"),
-                    "{e}"
-                );
+                assert!(e.contains("--features cuda") || e.contains("no usable CUDA GPU"), "{e}");
             }
         }
     }

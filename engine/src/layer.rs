@@ -59,12 +59,7 @@ pub struct ParamSpec {
 impl ParamSpec {
     pub fn new(name: impl Into<String>, shape: &[usize], init: Init) -> Self {
         let weight_decay = shape.len() >= 2;
-        Self {
-            name: name.into(),
-            shape: shape.to_vec(),
-            init,
-            weight_decay,
-        }
+        Self { name: name.into(), shape: shape.to_vec(), init, weight_decay }
     }
 
     pub fn numel(&self) -> usize {
@@ -86,9 +81,7 @@ impl ParamSpec {
             }
             Init::Uniform { bound } => {
                 let mut rng = param_rng(seed, &self.name);
-                (0..n)
-                    .map(|_| rng.random_range(-bound..=bound) as f32)
-                    .collect()
+                (0..n).map(|_| rng.random_range(-bound..=bound) as f32).collect()
             }
         };
         Tensor::from_vec(data, self.shape.as_slice(), device)
@@ -129,24 +122,15 @@ pub struct ParamStore {
 
 impl ParamStore {
     pub fn new(device: Device, seed: u64) -> Self {
-        Self {
-            device,
-            seed,
-            vars: BTreeMap::new(),
-            overrides: HashMap::new(),
-            view_of: None,
-        }
+        Self { device, seed, vars: BTreeMap::new(), overrides: HashMap::new(), view_of: None }
     }
 
     /// A store whose parameters are this store's, detached: same storage (so they follow every
     /// optimizer step, which updates variables in place), but not variables, so a forward
     /// through layers built from it records no autograd graph. Evaluation uses it.
     pub fn shared_view(&self) -> Self {
-        let view = self
-            .vars
-            .iter()
-            .map(|(n, (spec, var))| (n.clone(), (spec.clone(), var.as_tensor().detach())))
-            .collect();
+        let view =
+            self.vars.iter().map(|(n, (spec, var))| (n.clone(), (spec.clone(), var.as_tensor().detach()))).collect();
         Self {
             device: self.device.clone(),
             seed: self.seed,
@@ -213,10 +197,7 @@ impl ParamStore {
                     spec.shape,
                     existing.shape
                 ),
-                None => candle_core::bail!(
-                    "parameter {} is not in the store this view shares",
-                    spec.name
-                ),
+                None => candle_core::bail!("parameter {} is not in the store this view shares", spec.name),
             };
         }
         if let Some((existing, var)) = self.vars.get(&spec.name) {
@@ -233,12 +214,7 @@ impl ParamStore {
         let value = match self.overrides.get(&spec.name) {
             Some(t) => {
                 if t.dims() != spec.shape.as_slice() {
-                    candle_core::bail!(
-                        "parameter {}: expected shape {:?}, got {:?}",
-                        spec.name,
-                        spec.shape,
-                        t.dims()
-                    );
+                    candle_core::bail!("parameter {}: expected shape {:?}, got {:?}", spec.name, spec.shape, t.dims());
                 }
                 // `Var::from_tensor` below copies into storage of its own; no copy needed here
                 // (a resumed gpt2 would otherwise hold its weights three times at once).
@@ -299,18 +275,12 @@ pub struct Saved {
 impl Saved {
     /// Wraps `value`, which keeps `tensors` alive (listed for memory accounting only).
     pub fn new<T: Any + Send>(value: T, tensors: &[&Tensor]) -> Self {
-        Self {
-            value: Box::new(value),
-            tensors: tensors.iter().map(|t| (*t).clone()).collect(),
-        }
+        Self { value: Box::new(value), tensors: tensors.iter().map(|t| (*t).clone()).collect() }
     }
 
     /// Wraps `value` with handles to the tensors it keeps (collected before `value` took them).
     pub fn with_handles<T: Any + Send>(value: T, tensors: Vec<Tensor>) -> Self {
-        Self {
-            value: Box::new(value),
-            tensors,
-        }
+        Self { value: Box::new(value), tensors }
     }
 
     /// Nothing saved (a layer whose backward needs nothing, e.g. an identity).
@@ -334,9 +304,7 @@ impl Saved {
 
 impl Debug for Saved {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Saved")
-            .field("tensors", &self.tensors.len())
-            .finish()
+        f.debug_struct("Saved").field("tensors", &self.tensors.len()).finish()
     }
 }
 
@@ -363,11 +331,7 @@ impl Gradients {
             Some(acc) => brigade_kernels::accumulate(acc, grad),
             None => {
                 // A fresh, contiguous allocation of its own (`copy` keeps a strided layout).
-                let own = if grad.is_contiguous() {
-                    grad.copy()?
-                } else {
-                    grad.contiguous()?
-                };
+                let own = if grad.is_contiguous() { grad.copy()? } else { grad.contiguous()? };
                 self.by_name.insert(name.to_string(), own);
                 Ok(())
             }
@@ -387,8 +351,7 @@ impl Gradients {
             None => {
                 // A product is a fresh, contiguous allocation: it can be the accumulator as is.
                 // `linear` reads the transposed operand in place and skips the zero-fill.
-                self.by_name
-                    .insert(name.to_string(), brigade_kernels::linear(a, b, None, None)?);
+                self.by_name.insert(name.to_string(), brigade_kernels::linear(a, b, None, None)?);
                 Ok(())
             }
         }
@@ -428,12 +391,7 @@ pub trait Layer: Send {
 
     /// The input gradient for output gradient `dy` (`None` when `need_dx` is false: the
     /// stage's first layer on data), and what [`Layer::backward_weight`] needs.
-    fn backward_input(
-        &mut self,
-        saved: Saved,
-        dy: &Tensor,
-        need_dx: bool,
-    ) -> Result<(Option<Tensor>, Saved)>;
+    fn backward_input(&mut self, saved: Saved, dy: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, Saved)>;
 
     /// The weight gradients, added into `grads` by parameter name.
     fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()>;
@@ -523,10 +481,7 @@ pub trait PipelineModel: Send + Sync + Debug {
     /// Distinct trainable parameters (tied ones once), from the specs alone: nothing is
     /// allocated, so this is cheap even for the largest presets.
     fn num_params(&self) -> usize {
-        unique_params(&self.layers())
-            .iter()
-            .map(ParamSpec::numel)
-            .sum()
+        unique_params(&self.layers()).iter().map(ParamSpec::numel).sum()
     }
 
     /// What a batch must satisfy before the pipeline hands it to the stages (checked on the
@@ -534,11 +489,7 @@ pub trait PipelineModel: Send + Sync + Debug {
     /// The default enforces what [`PipelineModel::input`] promises; a model with further
     /// requirements returns its own check.
     fn batch_check(&self) -> Arc<dyn BatchCheck> {
-        Arc::new(InputKindCheck {
-            model: self.name(),
-            input: self.input(),
-            num_classes: self.num_classes(),
-        })
+        Arc::new(InputKindCheck { model: self.name(), input: self.input(), num_classes: self.num_classes() })
     }
 
     /// Whether the layers can compute in bf16/f16 under mixed precision (f32 masters); a model

@@ -35,6 +35,6 @@ pub use device::StageDevice;
 pub use error::EngineError;
 pub use input::BatchCheck;
 pub use layer::{
-    BufferSpec, Gradients, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec,
-    ParamStore, Pass, PipelineModel, Saved,
+    BufferSpec, Gradients, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, Pass,
+    PipelineModel, Saved,
 };

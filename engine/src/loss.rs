@@ -16,12 +16,7 @@ pub fn loss_terms(targets: &Tensor) -> usize {
 
 /// `sum(loss over the micro-batch) / global_terms`, a scalar that backpropagates. Half-precision
 /// outputs give an f32 loss (the log-sum-exp is taken in f32) and a gradient in their dtype.
-pub fn microbatch_loss(
-    kind: LossKind,
-    output: &Tensor,
-    targets: &Tensor,
-    global_terms: usize,
-) -> Result<Tensor> {
+pub fn microbatch_loss(kind: LossKind, output: &Tensor, targets: &Tensor, global_terms: usize) -> Result<Tensor> {
     match kind {
         LossKind::CrossEntropy => {
             let (logits, targets) = flatten_for_classes(output, targets)?;
@@ -41,13 +36,9 @@ pub fn microbatch_loss_backward(
     match kind {
         LossKind::CrossEntropy => {
             let (logits, targets) = flatten_for_classes(output, targets)?;
-            brigade_kernels::cross_entropy_sum_backward(
-                &logits,
-                &targets,
-                1.0 / global_terms as f64,
-            )?
-            .reshape(output.shape())?
-            .to_dtype(output.dtype())
+            brigade_kernels::cross_entropy_sum_backward(&logits, &targets, 1.0 / global_terms as f64)?
+                .reshape(output.shape())?
+                .to_dtype(output.dtype())
         }
     }
 }

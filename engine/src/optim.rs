@@ -51,7 +51,9 @@ pub enum ParamState {
         /// Steps taken for this parameter (bias correction uses it).
         step: u64,
     },
-    Sgd { momentum_buffer: Option<Tensor> },
+    Sgd {
+        momentum_buffer: Option<Tensor>,
+    },
 }
 
 impl ParamState {
@@ -63,9 +65,9 @@ impl ParamState {
                 exp_avg_sq: exp_avg_sq.to_device(device)?,
                 step: *step,
             },
-            ParamState::Sgd { momentum_buffer } => ParamState::Sgd {
-                momentum_buffer: momentum_buffer.as_ref().map(|b| b.to_device(device)).transpose()?,
-            },
+            ParamState::Sgd { momentum_buffer } => {
+                ParamState::Sgd { momentum_buffer: momentum_buffer.as_ref().map(|b| b.to_device(device)).transpose()? }
+            }
         })
     }
 }
@@ -147,7 +149,11 @@ impl Optimizer {
                 std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::btree_map::Entry::Vacant(e) => {
                     let param = p.var.as_tensor();
-                    e.insert(ParamState::AdamW { exp_avg: param.zeros_like()?, exp_avg_sq: param.zeros_like()?, step: 0 })
+                    e.insert(ParamState::AdamW {
+                        exp_avg: param.zeros_like()?,
+                        exp_avg_sq: param.zeros_like()?,
+                        step: 0,
+                    })
                 }
             };
             let ParamState::AdamW { exp_avg, exp_avg_sq, step } = state else {
@@ -207,25 +213,15 @@ impl Optimizer {
                 let bias_correction1 = 1.0 - beta1.powi(t);
                 let bias_correction2 = 1.0 - beta2.powi(t);
                 let denom = ((exp_avg_sq.sqrt()? / bias_correction2.sqrt())? + eps)?;
-                let decayed = if decay && weight_decay != 0.0 {
-                    (param * (1.0 - lr * weight_decay))?
-                } else {
-                    param.clone()
-                };
+                let decayed =
+                    if decay && weight_decay != 0.0 { (param * (1.0 - lr * weight_decay))? } else { param.clone() };
                 let update = (exp_avg.div(&denom)? * (lr / bias_correction1))?;
                 var.set(&(decayed - update)?)?;
             }
             OptimizerConfig::Sgd { momentum, weight_decay, nesterov } => {
-                let mut g = if decay && weight_decay != 0.0 {
-                    (grad + (param * weight_decay)?)?
-                } else {
-                    grad.clone()
-                };
+                let mut g = if decay && weight_decay != 0.0 { (grad + (param * weight_decay)?)? } else { grad.clone() };
                 if momentum != 0.0 {
-                    let state = self
-                        .state
-                        .entry(name.to_string())
-                        .or_insert(ParamState::Sgd { momentum_buffer: None });
+                    let state = self.state.entry(name.to_string()).or_insert(ParamState::Sgd { momentum_buffer: None });
                     let ParamState::Sgd { momentum_buffer } = state else {
                         candle_core::bail!("optimizer state of {name} is not SGD state");
                     };
@@ -343,7 +339,10 @@ mod tests {
             for g in [0.5f64, -0.25, 1.0] {
                 opt.update("p", &p, &Tensor::new(&[g as f32], &Device::Cpu).unwrap(), lr, true).unwrap();
                 let d = g + wd * x;
-                let b = match buf { None => d, Some(b) => mom * b + d };
+                let b = match buf {
+                    None => d,
+                    Some(b) => mom * b + d,
+                };
                 buf = Some(b);
                 x -= lr * if nesterov { d + mom * b } else { b };
             }
@@ -379,14 +378,27 @@ mod tests {
                     .collect();
                 let names = ["p0", "p1"];
                 let updates: Vec<ParamUpdate> = (0..2)
-                    .map(|i| ParamUpdate { name: names[i], var: &a[i], grad: &grads[i], decay: i == 0, bf16_copy: Some(&copies[i]) })
+                    .map(|i| ParamUpdate {
+                        name: names[i],
+                        var: &a[i],
+                        grad: &grads[i],
+                        decay: i == 0,
+                        bf16_copy: Some(&copies[i]),
+                    })
                     .collect();
                 fused.step_many(&updates, 0.01, scale).unwrap();
                 for i in 0..2 {
                     let g = if scale < 1.0 { (&grads[i] * scale).unwrap() } else { grads[i].clone() };
                     each.update(names[i], &b[i], &g, 0.01, i == 0).unwrap();
                     assert_eq!(values(&a[i]), values(&b[i]), "{config:?} parameter {i} step {step}");
-                    let rounded: Vec<f32> = b[i].as_tensor().to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+                    let rounded: Vec<f32> = b[i]
+                        .as_tensor()
+                        .to_dtype(DType::BF16)
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
                     assert_eq!(copies[i].to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(), rounded);
                 }
             }

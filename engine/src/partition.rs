@@ -177,7 +177,11 @@ impl PartitionStrategy {
             }
             Self::Manual(counts) => {
                 if counts.len() != stages {
-                    return Err(PartitionError::StageCountMismatch { split: join(counts), given: counts.len(), stages });
+                    return Err(PartitionError::StageCountMismatch {
+                        split: join(counts),
+                        given: counts.len(),
+                        stages,
+                    });
                 }
                 Partition::manual(counts, layer_params.len())
             }
@@ -266,7 +270,8 @@ mod tests {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let n = 1 + (seed >> 33) as usize % 9;
             let stages = 1 + (seed >> 40) as usize % n;
-            let costs: Vec<usize> = (0..n).map(|i| 1 + ((seed >> (i % 50)) as usize).wrapping_mul(7919) % 100).collect();
+            let costs: Vec<usize> =
+                (0..n).map(|i| 1 + ((seed >> (i % 50)) as usize).wrapping_mul(7919) % 100).collect();
             let p = Partition::balanced(&costs, stages).unwrap();
             assert_eq!(p.num_layers(), n);
             assert!(p.counts().iter().all(|&c| c > 0));
@@ -306,7 +311,12 @@ mod tests {
             let limit = if case % 2 == 0 { u64::MAX } else { 40 + next() % 200 };
             let fits = |s: usize, r: Range<usize>| (stages - s) as u64 * bytes[r].iter().sum::<u64>() <= limit;
             let stage_time = |counts: &[usize]| {
-                Partition::manual(counts, n).unwrap().ranges().iter().map(|r| times[r.clone()].iter().sum::<f64>()).fold(0.0, f64::max)
+                Partition::manual(counts, n)
+                    .unwrap()
+                    .ranges()
+                    .iter()
+                    .map(|r| times[r.clone()].iter().sum::<f64>())
+                    .fold(0.0, f64::max)
             };
             let feasible: Vec<Vec<usize>> = all_splits(n, stages)
                 .into_iter()
@@ -316,7 +326,10 @@ mod tests {
             match Partition::balanced_time(&times, stages, fits) {
                 Ok(p) => {
                     assert!(p.ranges().into_iter().enumerate().all(|(s, r)| fits(s, r)), "limit broken: {p}");
-                    assert!((stage_time(p.counts()) - brute).abs() < 1e-9, "times {times:?} stages {stages}: {p} vs {brute}");
+                    assert!(
+                        (stage_time(p.counts()) - brute).abs() < 1e-9,
+                        "times {times:?} stages {stages}: {p} vs {brute}"
+                    );
                 }
                 Err(e) => {
                     assert!(feasible.is_empty(), "balancer gave up ({e}) but {feasible:?} fit");

@@ -109,9 +109,12 @@ pub fn plan(request: &PlanRequest, mut profile_for: impl FnMut(usize) -> Result<
         let n = profile.layers.len();
         let params: Vec<usize> = profile.layers.iter().map(|l| l.param_bytes() as usize).collect();
         let times: Vec<f64> = profile.layers.iter().map(|l| l.microbatch_s()).collect();
-        let recompute_options = if request.recompute.is_empty() { vec![Recompute::Off] } else { request.recompute.clone() };
+        let recompute_options =
+            if request.recompute.is_empty() { vec![Recompute::Off] } else { request.recompute.clone() };
         for stages in 1..=request.devices.min(n) {
-            for (&(kind, v), &recompute) in request.schedules.iter().flat_map(|k| recompute_options.iter().map(move |r| (k, r))) {
+            for (&(kind, v), &recompute) in
+                request.schedules.iter().flat_map(|k| recompute_options.iter().map(move |r| (k, r)))
+            {
                 let chunks = stages * v;
                 if chunks > n || (v > 1 && stages == 1) {
                     continue; // more chunks than layers; virtual stages on one device gain nothing
@@ -272,7 +275,11 @@ pub fn explain(ranked: &[Candidate], request: &PlanRequest) -> String {
         );
     }
     if best.stages > 1 {
-        let single = ranked.iter().filter(|c| c.stages == 1 && c.fits).map(|c| c.prediction.step_time).fold(f64::INFINITY, f64::min);
+        let single = ranked
+            .iter()
+            .filter(|c| c.stages == 1 && c.fits)
+            .map(|c| c.prediction.step_time)
+            .fold(f64::INFINITY, f64::min);
         if single.is_finite() {
             let _ = write!(text, " Best single-stage layout: {:.2} ms/step.", 1e3 * single);
         }
@@ -437,7 +444,8 @@ mod tests {
             assert_eq!(c.fits, c.prediction.peak_memory.iter().all(|&b| b <= limit), "{}", c.label());
         }
         assert!(ranked.iter().filter(|c| c.stages == 1).all(|c| !c.fits));
-        let gpipe8 = ranked.iter().find(|c| c.schedule == ScheduleKind::GPipe && c.microbatches == 8 && c.stages == 2).unwrap();
+        let gpipe8 =
+            ranked.iter().find(|c| c.schedule == ScheduleKind::GPipe && c.microbatches == 8 && c.stages == 2).unwrap();
         assert!(!gpipe8.fits);
         assert_eq!((ranked[0].stages, ranked[0].schedule, ranked[0].microbatches), (2, ScheduleKind::OneFOneB, 8));
         assert!(ranked[0].fits);

@@ -169,9 +169,7 @@ pub fn profile_model(
     options: &ProfileOptions,
 ) -> Result<Profile> {
     if options.repeats == 0 || options.threads == 0 {
-        return Err(EngineError::Config(
-            "profiling needs at least one repeat and one thread".into(),
-        ));
+        return Err(EngineError::Config("profiling needs at least one repeat and one thread".into()));
     }
     crate::pipeline::check_thread_budget(options.threads)?;
     apply_thread_budget(options.threads);
@@ -208,10 +206,7 @@ fn profile_in_pool(
 ) -> Result<Profile> {
     let specs = model.layers();
     if specs.is_empty() {
-        return Err(EngineError::Config(format!(
-            "model {} has no layers",
-            model.name()
-        )));
+        return Err(EngineError::Config(format!("model {} has no layers", model.name())));
     }
     let (host_inputs, host_targets) = (inputs.clone(), targets.clone());
     let device = options.device.open()?;
@@ -236,38 +231,22 @@ fn profile_in_pool(
     for (i, spec) in specs.iter().enumerate() {
         // Each layer alone as a one-layer stage, through the same seam the executor runs: the
         // model's input needs no gradient; the last layer computes the loss.
-        let target = (i == last).then(|| LossTarget {
-            targets: targets.clone(),
-            global_terms: terms,
-        });
+        let target = (i == last).then(|| LossTarget { targets: targets.clone(), global_terms: terms });
         let layer = spec.build(&mut view)?;
-        let mut compute = StageCompute::new(
-            vec![layer],
-            i > 0,
-            (i == last).then(|| model.loss()),
-            Recompute::Off,
-        );
+        let mut compute = StageCompute::new(vec![layer], i > 0, (i == last).then(|| model.loss()), Recompute::Off);
         let (y, _) = compute.forward(0, &x, target.clone())?;
         // What the layer keeps, its input's storage left out (the stage boundary or the layer
         // before accounts for it), and whether it keeps that input itself.
         let kept: Vec<Tensor> = compute.stashed_tensors(0).cloned().collect();
         let input_key = storage_key(&x);
         let keeps_input = i > 0 && kept.iter().any(|t| storage_key(t) == input_key);
-        let activation_bytes =
-            crate::compute::distinct_bytes(kept.iter().filter(|t| storage_key(t) != input_key));
-        let input_bytes_kept = if keeps_input && !previous_kept.contains(&input_key) {
-            crate::memory::tensor_bytes(&x)
-        } else {
-            0
-        };
+        let activation_bytes = crate::compute::distinct_bytes(kept.iter().filter(|t| storage_key(t) != input_key));
+        let input_bytes_kept =
+            if keeps_input && !previous_kept.contains(&input_key) { crate::memory::tensor_bytes(&x) } else { 0 };
         previous_kept = kept.iter().map(storage_key).collect();
         let output_bytes = (y.elem_count() * y.dtype().size_in_bytes()) as u64;
         // Downstream of a hidden layer, any gradient costs the same; ones stand in for it.
-        let dy = if i == last {
-            None
-        } else {
-            Some(y.ones_like()?)
-        };
+        let dy = if i == last { None } else { Some(y.ones_like()?) };
         compute.backward(0, dy.as_ref())?;
 
         let (mut f, mut bi, mut bw) = (Vec::new(), Vec::new(), Vec::new());
@@ -289,18 +268,13 @@ fn profile_in_pool(
                 bw.push((t3 - t2).as_secs_f64());
             }
         }
-        let (forward_s, backward_input_s, backward_weight_s) =
-            (median(&mut f), median(&mut bi), median(&mut bw));
+        let (forward_s, backward_input_s, backward_weight_s) = (median(&mut f), median(&mut bi), median(&mut bw));
 
         let grads = compute.take_gradients();
         let layer_vars: Vec<(String, Var, bool)> = spec
             .params()
             .iter()
-            .filter_map(|p| {
-                store
-                    .var(&p.name)
-                    .map(|v| (p.name.clone(), v.clone(), p.weight_decay))
-            })
+            .filter_map(|p| store.var(&p.name).map(|v| (p.name.clone(), v.clone(), p.weight_decay)))
             .collect();
         let weight_grads: Vec<Tensor> = layer_vars
             .iter()
@@ -323,16 +297,8 @@ fn profile_in_pool(
             optimizer.step_many(&updates, 1e-6, 1.0)?;
             Ok(done()?)
         })?;
-        let params = spec
-            .params()
-            .iter()
-            .map(|p| {
-                (
-                    p.name.clone(),
-                    (p.numel() * DType::F32.size_in_bytes()) as u64,
-                )
-            })
-            .collect();
+        let params =
+            spec.params().iter().map(|p| (p.name.clone(), (p.numel() * DType::F32.size_in_bytes()) as u64)).collect();
         out.push(LayerProfile {
             name: spec.name(),
             forward_s,
@@ -365,12 +331,7 @@ fn profile_in_pool(
         compute.backward_weight(1)?;
         dy = dx;
     }
-    let probe_bytes = out
-        .iter()
-        .map(|l| l.output_bytes)
-        .max()
-        .unwrap_or(4096)
-        .max(4096);
+    let probe_bytes = out.iter().map(|l| l.output_bytes).max().unwrap_or(4096).max(4096);
     Ok(Profile {
         model: model.name(),
         device: options.device.to_string(),
@@ -498,12 +459,8 @@ pub fn measure_hop(bytes: usize, round_trips: usize) -> Result<HopProfile> {
         }
     });
     let trip = |t: Tensor| -> Result<Tensor> {
-        to_peer
-            .send(t)
-            .map_err(|_| EngineError::Config("hop probe thread ended".into()))?;
-        main_inbox
-            .recv()
-            .map_err(|_| EngineError::Config("hop probe thread ended".into()))
+        to_peer.send(t).map_err(|_| EngineError::Config("hop probe thread ended".into()))?;
+        main_inbox.recv().map_err(|_| EngineError::Config("hop probe thread ended".into()))
     };
     let mut t = tensor.clone();
     for _ in 0..10 {
@@ -529,10 +486,7 @@ pub fn measure_hop(bytes: usize, round_trips: usize) -> Result<HopProfile> {
         times.push(started.elapsed().as_secs_f64());
     }
     let copy_s = times.into_iter().fold(f64::INFINITY, f64::min).max(1e-9);
-    Ok(HopProfile {
-        latency_s,
-        copy_bytes_per_s: (elems * 4) as f64 / copy_s,
-    })
+    Ok(HopProfile { latency_s, copy_bytes_per_s: (elems * 4) as f64 / copy_s })
 }
 
 #[cfg(test)]

@@ -290,7 +290,8 @@ pub fn schedule_from_costs(
     let mut greedy = costs.greedy_costs(&placement, stages, memory_limit);
     if memory_limit.is_none() {
         for (d, limit) in greedy.limit.iter_mut().enumerate() {
-            let per_microbatch: f64 = (0..placement.len()).filter(|&c| placement[c] == d).map(|c| greedy.stash[c]).sum();
+            let per_microbatch: f64 =
+                (0..placement.len()).filter(|&c| placement[c] == d).map(|c| greedy.stash[c]).sum();
             *limit = stages as f64 * per_microbatch;
         }
     }
@@ -371,10 +372,15 @@ mod tests {
             for p in 1..=5 {
                 for m in [1, 2, 3, 4, 8, 13] {
                     let schedule = kind.build(p, m).unwrap();
-                    let costs = StageCosts::uniform(p, ActionCosts { forward: 1.0, backward_input: 1.5, backward_weight: 0.5 });
+                    let costs =
+                        StageCosts::uniform(p, ActionCosts { forward: 1.0, backward_input: 1.5, backward_weight: 0.5 });
                     let pred = predict(&schedule, &costs).unwrap();
                     let expected = (p as f64 - 1.0) / (m as f64 + p as f64 - 1.0);
-                    assert!((pred.bubble_fraction - expected).abs() < 1e-12, "{kind} p={p} m={m}: {} vs {expected}", pred.bubble_fraction);
+                    assert!(
+                        (pred.bubble_fraction - expected).abs() < 1e-12,
+                        "{kind} p={p} m={m}: {} vs {expected}",
+                        pred.bubble_fraction
+                    );
                     // (m + p - 1) slots of F + B each.
                     assert!((pred.step_time - 3.0 * (m + p - 1) as f64).abs() < 1e-9);
                 }

@@ -170,7 +170,8 @@ impl PipelineModel for Toy {
 }
 
 fn batch(step: u64, size: usize) -> (Tensor, Tensor) {
-    let ids: Vec<u32> = (0..size * 5).map(|i| ((i as u64 * 7 + step * 3 + (i as u64 / 5)) % VOCAB as u64) as u32).collect();
+    let ids: Vec<u32> =
+        (0..size * 5).map(|i| ((i as u64 * 7 + step * 3 + (i as u64 / 5)) % VOCAB as u64) as u32).collect();
     let x = Tensor::from_vec(ids.clone(), (size, 5), &Device::Cpu).unwrap();
     let y: Vec<u32> = ids.iter().map(|v| (v * 5 + 1) % VOCAB as u32).collect();
     (x, Tensor::from_vec(y, (size, 5), &Device::Cpu).unwrap())
@@ -202,7 +203,8 @@ fn every_schedule_and_layout_matches_single_device_training() {
             for m in [1, stages, 2 * stages + 1] {
                 let batch_size = m * 2;
                 let cfg = config(stages, kind, m);
-                let mut reference = ReferenceTrainer::new(&model, cfg.optimizer, cfg.lr, cfg.grad_clip, cfg.seed).unwrap();
+                let mut reference =
+                    ReferenceTrainer::new(&model, cfg.optimizer, cfg.lr, cfg.grad_clip, cfg.seed).unwrap();
                 let mut pipe = Pipeline::new(&model, cfg).unwrap();
                 for step in 0..3 {
                     let (x, y) = batch(step, batch_size);

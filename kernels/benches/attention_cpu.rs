@@ -23,22 +23,14 @@ fn median_ms(reps: usize, mut f: impl FnMut()) -> (f64, f64, f64) {
 }
 
 fn main() -> candle_core::Result<()> {
-    let reps: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(7);
+    let reps: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(7);
     let dev = Device::Cpu;
-    for &(name, b, t, c, h) in &[
-        ("gpt-tiny", 16, 128, 256, 4),
-        ("gpt2-ish", 2, 1024, 768, 12),
-    ] {
+    for &(name, b, t, c, h) in &[("gpt-tiny", 16, 128, 256, 4), ("gpt2-ish", 2, 1024, 768, 12)] {
         let qkv = (Tensor::randn(0f32, 1.0, (b, t, 3 * c), &dev)?).to_dtype(DType::F32)?;
         let dy = Tensor::randn(0f32, 1.0, (b, t, c), &dev)?;
         for threads in [1, 2] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .map_err(candle_core::Error::wrap)?;
+            let pool =
+                rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(candle_core::Error::wrap)?;
             pool.install(|| -> candle_core::Result<()> {
                 let run = |what: &str, f: &mut dyn FnMut()| {
                     let (med, min, max) = median_ms(reps, f);

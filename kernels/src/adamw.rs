@@ -57,25 +57,14 @@ impl AdamWStep {
     /// Errors unless `step >= 1`, the betas are in `[0, 1)`, and `lr`, `eps`, `weight_decay`
     /// are finite and >= 0.
     pub fn scalars(&self) -> Result<AdamWScalars> {
-        let Self {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            step,
-            grad_scale,
-        } = *self;
+        let Self { lr, beta1, beta2, eps, weight_decay, step, grad_scale } = *self;
         if step == 0 {
             bail!("adamw: step counts from 1, got 0")
         }
         if !((0.0..1.0).contains(&beta1) && (0.0..1.0).contains(&beta2)) {
             bail!("adamw: betas must be in [0, 1), got ({beta1}, {beta2})")
         }
-        if ![lr, eps, weight_decay]
-            .iter()
-            .all(|x| x.is_finite() && *x >= 0.0)
-        {
+        if ![lr, eps, weight_decay].iter().all(|x| x.is_finite() && *x >= 0.0) {
             bail!("adamw: lr, eps and weight decay must be finite and >= 0, got {lr}, {eps}, {weight_decay}")
         }
         if !(grad_scale.is_finite() && grad_scale >= 0.0) {
@@ -179,26 +168,19 @@ pub struct AdamWSlot<'a> {
     pub param_bf16: Option<&'a Tensor>,
 }
 
-fn check_slot(
-    i: usize,
-    s: &AdamWSlot<'_>,
-    dev: &candle_core::Device,
-    grad_dtype: DType,
-) -> Result<()> {
+fn check_slot(i: usize, s: &AdamWSlot<'_>, dev: &candle_core::Device, grad_dtype: DType) -> Result<()> {
     let shape = s.param.shape();
     let state = [s.param, s.exp_avg, s.exp_avg_sq];
     if state.iter().any(|t| t.dtype() != DType::F32) {
         bail!("adamw: parameter {i}: param, exp_avg and exp_avg_sq must be f32")
     }
     if s.grad.dtype() != grad_dtype || !matches!(grad_dtype, DType::F32 | DType::BF16) {
-        bail!("adamw: parameter {i}: gradients must all be f32 or all bf16, got {:?} after {grad_dtype:?}", s.grad.dtype())
+        bail!(
+            "adamw: parameter {i}: gradients must all be f32 or all bf16, got {:?} after {grad_dtype:?}",
+            s.grad.dtype()
+        )
     }
-    let all: Vec<&Tensor> = state
-        .iter()
-        .copied()
-        .chain([s.grad])
-        .chain(s.param_bf16)
-        .collect();
+    let all: Vec<&Tensor> = state.iter().copied().chain([s.grad]).chain(s.param_bf16).collect();
     if all.iter().any(|t| t.shape() != shape) {
         bail!("adamw: parameter {i}: param {shape:?}, its moments, grad and bf16 copy must share a shape")
     }
@@ -268,14 +250,7 @@ fn step_cpu(s: &AdamWSlot<'_>, h: &AdamWStep) -> Result<()> {
         s.exp_avg_sq.inplace_op1(&OnCpu(|vs, vl| {
             let v = RefCell::new(f32_mut(vs, vl)?);
             s.param.inplace_op1(&OnCpu(|ps, pl| {
-                step(
-                    f32_mut(ps, pl)?,
-                    &mut m.borrow_mut(),
-                    &mut v.borrow_mut(),
-                    &grad,
-                    s.decay,
-                    h,
-                )
+                step(f32_mut(ps, pl)?, &mut m.borrow_mut(), &mut v.borrow_mut(), &grad, s.decay, h)
             }))
         }))
     }))?;
@@ -283,10 +258,7 @@ fn step_cpu(s: &AdamWSlot<'_>, h: &AdamWStep) -> Result<()> {
         let p: Vec<f32> = s.param.flatten_all()?.to_vec1()?;
         copy.inplace_op1(&OnCpu(|cs, cl| match (cs, cl.contiguous_offsets()) {
             (CpuStorage::BF16(dst), Some((a, b))) => {
-                dst[a..b]
-                    .iter_mut()
-                    .zip(&p)
-                    .for_each(|(d, &x)| *d = bf16::from_f32(x));
+                dst[a..b].iter_mut().zip(&p).for_each(|(d, &x)| *d = bf16::from_f32(x));
                 Ok(())
             }
             _ => bail!("adamw: the parameter copy must be a contiguous bf16 tensor"),

@@ -306,7 +306,12 @@ pub(crate) fn causal_attention_cpu(qkv: &Tensor, n_head: usize) -> Result<(Tenso
 }
 
 /// The fused backward: `dqkv (B, T, 3C)`. Caller checked shapes and `fused(qkv)`.
-pub(crate) fn causal_attention_backward_cpu(qkv: &Tensor, probs: &Tensor, dmerged: &Tensor, n_head: usize) -> Result<Tensor> {
+pub(crate) fn causal_attention_backward_cpu(
+    qkv: &Tensor,
+    probs: &Tensor,
+    dmerged: &Tensor,
+    n_head: usize,
+) -> Result<Tensor> {
     let g = geometry(qkv, n_head)?;
     macro_rules! run {
         ($t:ty) => {{
@@ -403,7 +408,13 @@ impl CustomOp2 for CausalSoftmaxBwd {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::cuda::causal_softmax_bwd(s1, l1, s2, l2, self.scale)
     }
 }

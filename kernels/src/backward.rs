@@ -13,7 +13,9 @@
 
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, Var};
 
-use crate::{check_cross_entropy_args, check_layer_norm_args, check_max_pool_args, dense_on_gpu, fused, is_half, kernel_device};
+use crate::{
+    check_cross_entropy_args, check_layer_norm_args, check_max_pool_args, dense_on_gpu, fused, is_half, kernel_device,
+};
 
 /// The VJP of `f` at `inputs` for the output gradient `dy`, by candle's autograd: the fallback
 /// for dtypes and devices the fused backward kernels do not cover.
@@ -34,10 +36,16 @@ pub fn layer_norm_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, eps: f64) -
         candle_core::bail!("layer_norm_backward: dy {:?} must have the shape of x {:?}", dy.shape(), x.shape())
     }
     if !kernel_device(x) {
-        let g = autograd_vjp(&[x, weight, &weight.zeros_like()?], dy, |t| crate::reference::layer_norm(&t[0], &t[1], &t[2], eps))?;
+        let g = autograd_vjp(&[x, weight, &weight.zeros_like()?], dy, |t| {
+            crate::reference::layer_norm(&t[0], &t[1], &t[2], eps)
+        })?;
         return Ok((g[0].clone(), g[1].clone(), g[2].clone()));
     }
-    let packed = dense_on_gpu(x)?.apply_op3_no_bwd(&dense_on_gpu(weight)?, &dense_on_gpu(&dy.to_dtype(x.dtype())?)?, &crate::layer_norm::LayerNormBwd { eps })?;
+    let packed = dense_on_gpu(x)?.apply_op3_no_bwd(
+        &dense_on_gpu(weight)?,
+        &dense_on_gpu(&dy.to_dtype(x.dtype())?)?,
+        &crate::layer_norm::LayerNormBwd { eps },
+    )?;
     let (n, c) = (x.elem_count(), weight.elem_count());
     Ok((packed.narrow(0, 0, n)?.reshape(x.shape())?, packed.narrow(0, n, c)?, packed.narrow(0, n + c, c)?))
 }
@@ -198,15 +206,15 @@ impl candle_core::CustomOp1 for SumRows {
 pub fn matmul_accumulate(acc: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
     let ((m, k), (k2, n)) = (a.dims2()?, b.dims2()?);
     if k != k2 || acc.dims() != [m, n] {
-        candle_core::bail!(
-            "matmul_accumulate: {:?} += {:?} · {:?} does not fit",
-            acc.dims(),
-            a.dims(),
-            b.dims()
-        )
+        candle_core::bail!("matmul_accumulate: {:?} += {:?} · {:?} does not fit", acc.dims(), a.dims(), b.dims())
     }
     if acc.dtype() != a.dtype() || a.dtype() != b.dtype() {
-        candle_core::bail!("matmul_accumulate: one dtype expected, got {:?}, {:?}, {:?}", acc.dtype(), a.dtype(), b.dtype())
+        candle_core::bail!(
+            "matmul_accumulate: one dtype expected, got {:?}, {:?}, {:?}",
+            acc.dtype(),
+            a.dtype(),
+            b.dtype()
+        )
     }
     if !acc.is_contiguous() {
         candle_core::bail!("matmul_accumulate: the accumulator must be contiguous")
@@ -228,7 +236,15 @@ impl candle_core::InplaceOp3 for MatmulAccumulate {
         "matmul-accumulate"
     }
 
-    fn cpu_fwd(&self, acc: &mut CpuStorage, al: &Layout, a: &CpuStorage, l1: &Layout, b: &CpuStorage, l2: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        acc: &mut CpuStorage,
+        al: &Layout,
+        a: &CpuStorage,
+        l1: &Layout,
+        b: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
         let (start, end) = al
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("matmul-accumulate: the accumulator must be contiguous".into()))?;
@@ -256,7 +272,11 @@ impl MatmulAccumulate {
         let (b_rs, b_cs) = (l2.stride()[0] as isize, l2.stride()[1] as isize);
         // Inside a stage's pool this is the stage's thread budget.
         let threads = rayon::current_num_threads();
-        let parallelism = if threads > 1 && m * n * k >= 1 << 15 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        let parallelism = if threads > 1 && m * n * k >= 1 << 15 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
         // SAFETY: `acc` holds m·n elements laid out row-major (checked contiguous, shape
         // (m, n) by the caller); `a` and `b` are read through their own layouts' offsets and
         // strides, which candle guarantees stay inside their storages for shapes (m, k), (k, n).

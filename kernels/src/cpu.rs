@@ -42,11 +42,7 @@ pub(crate) trait Real: WithDType {
 
     /// `y = 0.5 x (1 + tanh(a (x + b x³)))`.
     fn gelu_tanh_fwd(x: &[Self], y: &mut [Self]) {
-        let (a, b, half) = (
-            Self::from_f64(GELU_A),
-            Self::from_f64(GELU_B),
-            Self::from_f64(0.5),
-        );
+        let (a, b, half) = (Self::from_f64(GELU_A), Self::from_f64(GELU_B), Self::from_f64(0.5));
         for (o, &v) in y.iter_mut().zip(x) {
             *o = half * v * (Self::ONE + (a * v * (Self::ONE + b * v * v)).tanh());
         }
@@ -54,11 +50,7 @@ pub(crate) trait Real: WithDType {
 
     /// `dx = dy * (0.5 (1 + t) + 0.5 x (1 - t²) a (1 + 3 b x²))`, `t = tanh(a (x + b x³))`.
     fn gelu_tanh_bwd(x: &[Self], dy: &[Self], dx: &mut [Self]) {
-        let (a, b, half) = (
-            Self::from_f64(GELU_A),
-            Self::from_f64(GELU_B),
-            Self::from_f64(0.5),
-        );
+        let (a, b, half) = (Self::from_f64(GELU_A), Self::from_f64(GELU_B), Self::from_f64(0.5));
         let three_b = Self::from_f64(3.0 * GELU_B);
         for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
             let t = (a * v * (Self::ONE + b * v * v)).tanh();
@@ -70,8 +62,7 @@ pub(crate) trait Real: WithDType {
     /// The largest element, `-inf` if empty; NaNs are skipped (a row's NaN still reaches the
     /// output through the exp-sum that follows).
     fn row_max(x: &[Self]) -> Self {
-        x.iter()
-            .fold(Self::NEG_INF, |m, &v| if v > m { v } else { m })
+        x.iter().fold(Self::NEG_INF, |m, &v| if v > m { v } else { m })
     }
 
     /// `out = exp(x - shift)`, returning `sum(out)`.
@@ -236,10 +227,7 @@ macro_rules! with_float {
 pub(crate) use with_float;
 
 pub(crate) fn unsupported(op: &str, dt: DType) -> candle_core::Error {
-    candle_core::Error::Msg(format!(
-        "{op}: the fused CPU kernel supports f32 and f64, got {dt:?}"
-    ))
-    .bt()
+    candle_core::Error::Msg(format!("{op}: the fused CPU kernel supports f32 and f64, got {dt:?}")).bt()
 }
 
 /// The elements of `s` in the logical (row-major) order of `l`, borrowed when already dense.
@@ -247,12 +235,7 @@ pub(crate) fn view<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<Co
     let data = T::cpu_storage_as_slice(s)?;
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(Cow::Borrowed(&data[start..end])),
-        None => Ok(Cow::Owned(gather_strided(
-            data,
-            l.dims(),
-            l.stride(),
-            l.start_offset(),
-        ))),
+        None => Ok(Cow::Owned(gather_strided(data, l.dims(), l.stride(), l.start_offset()))),
     }
 }
 
@@ -292,22 +275,14 @@ fn gather_strided<T: Copy>(data: &[T], dims: &[usize], stride: &[usize], offset:
 }
 
 /// Calls `f(row_index, row)` for each `row_len`-sized row of `out`.
-pub(crate) fn for_each_row<T: Send>(
-    out: &mut [T],
-    row_len: usize,
-    f: impl Fn(usize, &mut [T]) + Sync + Send,
-) {
+pub(crate) fn for_each_row<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
     if row_len == 0 || out.is_empty() {
         return;
     }
     if out.len() >= PAR_MIN_ELEMS {
-        out.par_chunks_mut(row_len)
-            .enumerate()
-            .for_each(|(i, r)| f(i, r));
+        out.par_chunks_mut(row_len).enumerate().for_each(|(i, r)| f(i, r));
     } else {
-        out.chunks_mut(row_len)
-            .enumerate()
-            .for_each(|(i, r)| f(i, r));
+        out.chunks_mut(row_len).enumerate().for_each(|(i, r)| f(i, r));
     }
 }
 

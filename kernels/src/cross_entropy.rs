@@ -23,9 +23,7 @@ use crate::cpu::{for_each_row, storage, view, with_float, Real, PAR_MIN_ELEMS};
 
 fn check_targets(targets: &[u32], v: usize) -> Result<()> {
     if let Some((row, &id)) = targets.iter().enumerate().find(|(_, &t)| t as usize >= v) {
-        candle_core::bail!(
-            "cross_entropy_sum: target id {id} at row {row} is out of range for {v} classes"
-        )
+        candle_core::bail!("cross_entropy_sum: target id {id} at row {row} is out of range for {v} classes")
     }
     Ok(())
 }
@@ -59,13 +57,7 @@ impl CustomOp2 for CrossEntropySum {
         "cross-entropy-sum"
     }
 
-    fn cpu_fwd(
-        &self,
-        ls: &CpuStorage,
-        ll: &Layout,
-        ts: &CpuStorage,
-        tl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, ls: &CpuStorage, ll: &Layout, ts: &CpuStorage, tl: &Layout) -> Result<(CpuStorage, Shape)> {
         let targets = view::<u32>(ts, tl)?;
         with_float!(self.name(), ls, |T| {
             let logits = view::<T>(ls, ll)?;
@@ -80,12 +72,22 @@ impl CustomOp2 for CrossEntropySum {
         _loss: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dlogits = crate::dense_on_gpu(logits)?.apply_op3_no_bwd(&crate::dense_on_gpu(targets)?, &crate::dense_on_gpu(grad)?, &CrossEntropySumBwd)?;
+        let dlogits = crate::dense_on_gpu(logits)?.apply_op3_no_bwd(
+            &crate::dense_on_gpu(targets)?,
+            &crate::dense_on_gpu(grad)?,
+            &CrossEntropySumBwd,
+        )?;
         Ok((Some(dlogits), None))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::cuda::cross_entropy_sum(s1, l1, s2, l2)
     }
 }
@@ -130,10 +132,7 @@ impl CustomOp3 for CrossEntropySumBwd {
             let logits = view::<T>(ls, ll)?;
             let g = view::<T>(gs, gl)?;
             if g.len() != 1 {
-                candle_core::bail!(
-                    "cross-entropy-sum-bwd: expected a scalar gradient, got {:?}",
-                    gl.shape()
-                )
+                candle_core::bail!("cross-entropy-sum-bwd: expected a scalar gradient, got {:?}", gl.shape())
             }
             let d = self.run::<T>(&logits, &targets, g[0])?;
             Ok((storage(d), ll.shape().clone()))
@@ -141,7 +140,15 @@ impl CustomOp3 for CrossEntropySumBwd {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::cuda::cross_entropy_sum_bwd(s1, l1, s2, l2, s3, l3)
     }
 }

@@ -20,7 +20,9 @@
 use candle_core::backend::BackendStorage;
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Layout, Result, Shape, Storage, Tensor};
@@ -71,11 +73,16 @@ fn function(dev: &CudaDevice, op: &str, dtype: DType) -> Result<(Arc<CudaStream>
 
 /// One warp per row.
 fn rows_config(rows: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: ((rows as u32).div_ceil(WARPS).max(1), 1, 1), block_dim: (32 * WARPS, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: ((rows as u32).div_ceil(WARPS).max(1), 1, 1),
+        block_dim: (32 * WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 fn int(v: usize, what: &str) -> Result<i32> {
-    i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("CUDA kernel argument {what} = {v} does not fit in i32")))
+    i32::try_from(v)
+        .map_err(|_| candle_core::Error::Msg(format!("CUDA kernel argument {what} = {v} does not fit in i32")))
 }
 
 /// A dense view of `s` through `l`, refusing strided layouts.
@@ -123,7 +130,12 @@ pub(crate) fn gelu_tanh_fwd(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage,
     })
 }
 
-pub(crate) fn gelu_tanh_bwd(xs: &CudaStorage, xl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
+pub(crate) fn gelu_tanh_bwd(
+    xs: &CudaStorage,
+    xl: &Layout,
+    gs: &CudaStorage,
+    gl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
     let dev = xs.device();
     let n = xl.shape().elem_count();
     with_dtype!(xs.dtype(), |T| {
@@ -146,11 +158,20 @@ fn rows_of(l: &Layout) -> (usize, usize) {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn layer_norm_fwd(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout, bs: &CudaStorage, bl: &Layout, eps: f64) -> Result<(CudaStorage, Shape)> {
+pub(crate) fn layer_norm_fwd(
+    xs: &CudaStorage,
+    xl: &Layout,
+    ws: &CudaStorage,
+    wl: &Layout,
+    bs: &CudaStorage,
+    bl: &Layout,
+    eps: f64,
+) -> Result<(CudaStorage, Shape)> {
     let dev = xs.device();
     let (rows, c) = rows_of(xl);
     with_dtype!(xs.dtype(), |T| {
-        let (x, w, bias) = (dense::<T>(xs, xl, "layer-norm")?, dense::<T>(ws, wl, "layer-norm")?, dense::<T>(bs, bl, "layer-norm")?);
+        let (x, w, bias) =
+            (dense::<T>(xs, xl, "layer-norm")?, dense::<T>(ws, wl, "layer-norm")?, dense::<T>(bs, bl, "layer-norm")?);
         let y = alloc::<T>(dev, rows * c)?;
         let (stream, f) = function(dev, "layer_norm_fwd", xs.dtype())?;
         let (r, cc, e) = (int(rows, "rows")?, int(c, "C")?, eps as f32);
@@ -167,12 +188,24 @@ pub(crate) fn layer_norm_fwd(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl
 const LN_ROWS_PER_CHUNK: usize = 64;
 
 /// `[dx | dw | db]` packed, as the CPU op.
-pub(crate) fn layer_norm_bwd(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout, gs: &CudaStorage, gl: &Layout, eps: f64) -> Result<(CudaStorage, Shape)> {
+pub(crate) fn layer_norm_bwd(
+    xs: &CudaStorage,
+    xl: &Layout,
+    ws: &CudaStorage,
+    wl: &Layout,
+    gs: &CudaStorage,
+    gl: &Layout,
+    eps: f64,
+) -> Result<(CudaStorage, Shape)> {
     let dev = xs.device();
     let (rows, c) = rows_of(xl);
     let n = rows * c;
     with_dtype!(xs.dtype(), |T| {
-        let (x, w, dy) = (dense::<T>(xs, xl, "layer-norm-bwd")?, dense::<T>(ws, wl, "layer-norm-bwd")?, dense::<T>(gs, gl, "layer-norm-bwd")?);
+        let (x, w, dy) = (
+            dense::<T>(xs, xl, "layer-norm-bwd")?,
+            dense::<T>(ws, wl, "layer-norm-bwd")?,
+            dense::<T>(gs, gl, "layer-norm-bwd")?,
+        );
         let mut out = alloc::<T>(dev, n + 2 * c)?;
         let stats = alloc::<f32>(dev, 2 * rows)?;
         let chunks = rows.div_ceil(LN_ROWS_PER_CHUNK).max(1);
@@ -190,7 +223,11 @@ pub(crate) fn layer_norm_bwd(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl
             let (stream, f) = function(dev, "layer_norm_bwd_partial", xs.dtype())?;
             let mut b = stream.launch_builder(&f);
             b.arg(&x).arg(&dy).arg(&stats).arg(&partials).arg(&r).arg(&cc).arg(&per);
-            let cfg = LaunchConfig { grid_dim: ((c as u32).div_ceil(256).max(1), chunks as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig {
+                grid_dim: ((c as u32).div_ceil(256).max(1), chunks as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
             // SAFETY: partials is chunks·2C; each (column, chunk) thread writes its two cells.
             unsafe { b.launch(cfg) }.w()?;
         }
@@ -223,7 +260,13 @@ pub(crate) fn softmax_fwd(s: &CudaStorage, l: &Layout, log: bool) -> Result<(Cud
     })
 }
 
-pub(crate) fn softmax_bwd(ys: &CudaStorage, yl: &Layout, gs: &CudaStorage, gl: &Layout, log: bool) -> Result<(CudaStorage, Shape)> {
+pub(crate) fn softmax_bwd(
+    ys: &CudaStorage,
+    yl: &Layout,
+    gs: &CudaStorage,
+    gl: &Layout,
+    log: bool,
+) -> Result<(CudaStorage, Shape)> {
     let dev = ys.device();
     let (rows, c) = rows_of(yl);
     with_dtype!(ys.dtype(), |T| {
@@ -255,7 +298,13 @@ pub(crate) fn causal_softmax_fwd(s: &CudaStorage, l: &Layout, scale: f64) -> Res
     })
 }
 
-pub(crate) fn causal_softmax_bwd(ps: &CudaStorage, pl: &Layout, gs: &CudaStorage, gl: &Layout, scale: f64) -> Result<(CudaStorage, Shape)> {
+pub(crate) fn causal_softmax_bwd(
+    ps: &CudaStorage,
+    pl: &Layout,
+    gs: &CudaStorage,
+    gl: &Layout,
+    scale: f64,
+) -> Result<(CudaStorage, Shape)> {
     let dev = ps.device();
     let (rows, t) = rows_of(pl);
     with_dtype!(ps.dtype(), |T| {
@@ -273,7 +322,12 @@ pub(crate) fn causal_softmax_bwd(ps: &CudaStorage, pl: &Layout, gs: &CudaStorage
 
 /// The summed loss as an f32 device scalar (for bf16 logits too): per-row losses, then one
 /// fixed-order block reduction.
-pub(crate) fn cross_entropy_sum(ls: &CudaStorage, ll: &Layout, ts: &CudaStorage, tl: &Layout) -> Result<(CudaStorage, Shape)> {
+pub(crate) fn cross_entropy_sum(
+    ls: &CudaStorage,
+    ll: &Layout,
+    ts: &CudaStorage,
+    tl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
     let dev = ls.device();
     let (rows, v) = rows_of(ll);
     with_dtype!(ls.dtype(), |T| {
@@ -301,7 +355,14 @@ pub(crate) fn cross_entropy_sum(ls: &CudaStorage, ll: &Layout, ts: &CudaStorage,
     })
 }
 
-pub(crate) fn cross_entropy_sum_bwd(ls: &CudaStorage, ll: &Layout, ts: &CudaStorage, tl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
+pub(crate) fn cross_entropy_sum_bwd(
+    ls: &CudaStorage,
+    ll: &Layout,
+    ts: &CudaStorage,
+    tl: &Layout,
+    gs: &CudaStorage,
+    gl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
     let dev = ls.device();
     let (rows, v) = rows_of(ll);
     with_dtype!(ls.dtype(), |T| {
@@ -350,7 +411,12 @@ fn as_cuda(s: &Storage) -> Result<&CudaStorage> {
 }
 
 fn wrap<T: CudaDType + DeviceRepr>(dev: &CudaDevice, slice: CudaSlice<T>, shape: impl Into<Shape>) -> Tensor {
-    Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone())), shape, BackpropOp::none(), false)
+    Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone())),
+        shape,
+        BackpropOp::none(),
+        false,
+    )
 }
 
 /// The geometry as kernel arguments: `(B·H, T, C, H, d)`, checking the kernels' limits.
@@ -379,10 +445,15 @@ pub(crate) fn flash_attention(qkv: &Tensor, n_head: usize) -> Result<(Tensor, Te
         let out = alloc::<T>(dev, b * t * c)?;
         let lse = alloc::<f32>(dev, bh * t)?;
         let (stream, f) = function(dev, "flash_attention_fwd", s.dtype())?;
-        let (tt, cc, hh, dd, scale) = (int(t, "T")?, int(c, "C")?, int(h, "H")?, int(d, "d")?, 1.0f32 / (d as f32).sqrt());
+        let (tt, cc, hh, dd, scale) =
+            (int(t, "T")?, int(c, "C")?, int(h, "H")?, int(d, "d")?, 1.0f32 / (d as f32).sqrt());
         let mut lb = stream.launch_builder(&f);
         lb.arg(&x).arg(&out).arg(&lse).arg(&tt).arg(&cc).arg(&hh).arg(&dd).arg(&scale);
-        let cfg = LaunchConfig { grid_dim: (t.div_ceil(FLASH_BQ).max(1) as u32, bh as u32, 1), block_dim: (32 * WARPS, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (t.div_ceil(FLASH_BQ).max(1) as u32, bh as u32, 1),
+            block_dim: (32 * WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: x is B·T·3C, out B·T·C, lse B·H·T; each block writes its own rows of its head.
         unsafe { lb.launch(cfg) }.w()?;
         Ok((wrap(dev, out, (b, t, c)), wrap(dev, lse, (b, h, t))))
@@ -390,7 +461,13 @@ pub(crate) fn flash_attention(qkv: &Tensor, n_head: usize) -> Result<(Tensor, Te
 }
 
 /// Backward: `dqkv (B, T, 3C)`; all inputs contiguous, `lse` f32.
-pub(crate) fn flash_attention_backward(qkv: &Tensor, merged: &Tensor, lse: &Tensor, dmerged: &Tensor, n_head: usize) -> Result<Tensor> {
+pub(crate) fn flash_attention_backward(
+    qkv: &Tensor,
+    merged: &Tensor,
+    lse: &Tensor,
+    dmerged: &Tensor,
+    n_head: usize,
+) -> Result<Tensor> {
     let (bh, t, c, h, d) = flash_geometry(qkv, n_head)?;
     let b = bh / h;
     let (gq, lq) = cuda_storage(qkv, "flash_attention_backward")?;
@@ -407,7 +484,8 @@ pub(crate) fn flash_attention_backward(qkv: &Tensor, merged: &Tensor, lse: &Tens
         let dy = dense::<T>(as_cuda(&gd)?, &ld, "flash-attention-bwd")?;
         let delta = alloc::<f32>(dev, bh * t)?;
         let dqkv = alloc::<T>(dev, b * t * 3 * c)?;
-        let (rows, tt, cc, hh, dd, scale) = (int(bh * t, "B·H·T")?, int(t, "T")?, int(c, "C")?, int(h, "H")?, int(d, "d")?, 1.0f32 / (d as f32).sqrt());
+        let (rows, tt, cc, hh, dd, scale) =
+            (int(bh * t, "B·H·T")?, int(t, "T")?, int(c, "C")?, int(h, "H")?, int(d, "d")?, 1.0f32 / (d as f32).sqrt());
         {
             let (stream, f) = function(dev, "flash_attention_bwd_delta", dtype)?;
             let mut lb = stream.launch_builder(&f);
@@ -415,7 +493,11 @@ pub(crate) fn flash_attention_backward(qkv: &Tensor, merged: &Tensor, lse: &Tens
             // SAFETY: o and dy are B·T·C, delta B·H·T (one warp per element).
             unsafe { lb.launch(rows_config(bh * t)) }.w()?;
         }
-        let tiles = LaunchConfig { grid_dim: (t.div_ceil(FLASH_BT).max(1) as u32, bh as u32, 1), block_dim: (32 * WARPS, 1, 1), shared_mem_bytes: 0 };
+        let tiles = LaunchConfig {
+            grid_dim: (t.div_ceil(FLASH_BT).max(1) as u32, bh as u32, 1),
+            block_dim: (32 * WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
         for kernel in ["flash_attention_bwd_dkdv", "flash_attention_bwd_dq"] {
             let (stream, f) = function(dev, kernel, dtype)?;
             let mut lb = stream.launch_builder(&f);
@@ -435,9 +517,7 @@ const ADAMW_CHUNK: usize = 65_536;
 
 /// The device address of a contiguous tensor's first element (`elem` bytes per element).
 fn address<T: CudaDType + DeviceRepr>(s: &CudaStorage, l: &Layout, stream: &CudaStream) -> Result<u64> {
-    let Some((start, _)) = l.contiguous_offsets() else {
-        bail!("adamw: the CUDA kernel needs contiguous tensors")
-    };
+    let Some((start, _)) = l.contiguous_offsets() else { bail!("adamw: the CUDA kernel needs contiguous tensors") };
     let (ptr, _sync) = s.as_cuda_slice::<T>()?.device_ptr(stream);
     Ok(ptr + (start * std::mem::size_of::<T>()) as u64)
 }
@@ -492,10 +572,22 @@ pub(crate) fn adamw_step_many<'a>(slots: &[crate::adamw::AdamWSlot<'a>], s: &cra
     let n_chunks = int(chunks.len() / 2, "chunks")?;
     let table = stream.clone_htod(&table).w()?;
     let chunk_table = stream.clone_htod(&chunks).w()?;
-    let f = dev.get_or_load_custom_func(&format!("adamw_step_{}", suffix(grad_dtype)?), "brigade", PTX)?.into_cuda_function();
+    let f = dev
+        .get_or_load_custom_func(&format!("adamw_step_{}", suffix(grad_dtype)?), "brigade", PTX)?
+        .into_cuda_function();
     let mut b = stream.launch_builder(&f);
     b.arg(&table).arg(&chunk_table).arg(&n_chunks);
-    for x in [&s.beta1, &s.one_minus_beta1, &s.beta2, &s.one_minus_beta2, &s.inv_sqrt_bias_correction2, &s.eps, &s.step_size, &s.decay_factor, &s.grad_scale] {
+    for x in [
+        &s.beta1,
+        &s.one_minus_beta1,
+        &s.beta2,
+        &s.one_minus_beta2,
+        &s.inv_sqrt_bias_correction2,
+        &s.eps,
+        &s.step_size,
+        &s.decay_factor,
+        &s.grad_scale,
+    ] {
         b.arg(x);
     }
     let cfg = LaunchConfig { grid_dim: (n_chunks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };

@@ -20,9 +20,7 @@
 
 use candle_core::{bail, DType, Result, Tensor};
 
-use crate::attention::{
-    exp_in_place, for_each_head, geometry, with_cpu_slice, Geometry, Mat, MatMut, Shared,
-};
+use crate::attention::{exp_in_place, for_each_head, geometry, with_cpu_slice, Geometry, Mat, MatMut, Shared};
 use crate::cpu::Real;
 
 /// Query rows and keys per tile. 64 keeps a tile's scores (16 KiB in f32) in L1 next to the
@@ -74,9 +72,7 @@ unsafe fn gemm_into<T: Real>(
 /// The causal attention output `(B, T, C)` and per-row log-sum-exp `(B, H, T)` (row-major,
 /// same dtype as `qkv`).
 pub(crate) fn forward<T: Real>(g: Geometry, qkv: &[T]) -> (Vec<T>, Vec<T>) {
-    let Geometry {
-        t, c, h, d, scale, ..
-    } = g;
+    let Geometry { t, c, h, d, scale, .. } = g;
     let (n_out, n_lse) = (g.b * t * c, g.b * h * t);
     // Both are written in full below (the first key tile overwrites each output row, the end
     // of each query tile writes its lse), so no zero-fill.
@@ -93,28 +89,12 @@ pub(crate) fn forward<T: Real>(g: Geometry, qkv: &[T]) -> (Vec<T>, Vec<T>) {
         // its own `s`.
         unsafe {
             let base = qkv.as_ptr().add(bi * t * 3 * c + hi * d);
-            let q = Mat {
-                ptr: base,
-                rs: 3 * c as isize,
-                cs: 1,
-            };
-            let k = Mat {
-                ptr: base.add(c),
-                ..q
-            };
-            let v = Mat {
-                ptr: base.add(2 * c),
-                ..q
-            };
-            let y = MatMut {
-                ptr: out.0.add(bi * t * c + hi * d),
-                rs: c as isize,
-            };
+            let q = Mat { ptr: base, rs: 3 * c as isize, cs: 1 };
+            let k = Mat { ptr: base.add(c), ..q };
+            let v = Mat { ptr: base.add(2 * c), ..q };
+            let y = MatMut { ptr: out.0.add(bi * t * c + hi * d), rs: c as isize };
             let lse_row = lse_all.0.add((bi * h + hi) * t);
-            let sm = MatMut {
-                ptr: s.as_mut_ptr(),
-                rs: TILE as isize,
-            };
+            let sm = MatMut { ptr: s.as_mut_ptr(), rs: TILE as isize };
             for r0 in (0..t).step_by(TILE) {
                 let rows = (r0 + TILE).min(t) - r0;
                 // Tiles are aligned, so key tiles 0..=r0 are exactly those a row here sees, and
@@ -127,11 +107,7 @@ pub(crate) fn forward<T: Real>(g: Geometry, qkv: &[T]) -> (Vec<T>, Vec<T>) {
                         let row = std::slice::from_raw_parts_mut(sm.ptr.add(i * TILE), cols);
                         let (keep, masked) = row.split_at_mut(live);
                         let tile_max = T::row_max(keep);
-                        let m_new = if c0 == 0 || tile_max > m[i] {
-                            tile_max
-                        } else {
-                            m[i]
-                        };
+                        let m_new = if c0 == 0 || tile_max > m[i] { tile_max } else { m[i] };
                         let sum = exp_in_place(keep, m_new);
                         masked.iter_mut().for_each(|x| *x = T::ZERO);
                         if c0 == 0 {
@@ -140,30 +116,17 @@ pub(crate) fn forward<T: Real>(g: Geometry, qkv: &[T]) -> (Vec<T>, Vec<T>) {
                             let alpha = (m[i] - m_new).exp();
                             l[i] = l[i] * alpha + sum;
                             if alpha != T::ONE {
-                                let yr = std::slice::from_raw_parts_mut(
-                                    y.ptr.offset((r0 + i) as isize * y.rs),
-                                    d,
-                                );
+                                let yr = std::slice::from_raw_parts_mut(y.ptr.offset((r0 + i) as isize * y.rs), d);
                                 yr.iter_mut().for_each(|x| *x *= alpha);
                             }
                         }
                         m[i] = m_new;
                     }
-                    gemm_into(
-                        rows,
-                        d,
-                        cols,
-                        y.row(r0),
-                        sm.as_mat(),
-                        v.row(c0),
-                        T::ONE,
-                        c0 != 0,
-                    );
+                    gemm_into(rows, d, cols, y.row(r0), sm.as_mat(), v.row(c0), T::ONE, c0 != 0);
                 }
                 for i in 0..rows {
                     let inv = T::ONE / l[i];
-                    let yr =
-                        std::slice::from_raw_parts_mut(y.ptr.offset((r0 + i) as isize * y.rs), d);
+                    let yr = std::slice::from_raw_parts_mut(y.ptr.offset((r0 + i) as isize * y.rs), d);
                     yr.iter_mut().for_each(|x| *x *= inv);
                     *lse_row.add(r0 + i) = m[i] + l[i].ln();
                 }
@@ -179,16 +142,8 @@ pub(crate) fn forward<T: Real>(g: Geometry, qkv: &[T]) -> (Vec<T>, Vec<T>) {
 }
 
 /// `dqkv (B, T, 3C)` from the inputs, the forward's output and log-sum-exp, and `dO`.
-pub(crate) fn backward<T: Real>(
-    g: Geometry,
-    qkv: &[T],
-    merged: &[T],
-    lse: &[T],
-    dmerged: &[T],
-) -> Vec<T> {
-    let Geometry {
-        t, c, h, d, scale, ..
-    } = g;
+pub(crate) fn backward<T: Real>(g: Geometry, qkv: &[T], merged: &[T], lse: &[T], dmerged: &[T]) -> Vec<T> {
+    let Geometry { t, c, h, d, scale, .. } = g;
     // dq is written by key tile 0 for every query tile, dk and dv by each key tile's diagonal
     // query tile: all of it, so no zero-fill.
     let n = g.b * t * 3 * c;
@@ -204,26 +159,12 @@ pub(crate) fn backward<T: Real>(
         // writes columns hi·d.. of each third of batch bi's rows of `dqkv`, and its buffers.
         unsafe {
             let base = qkv.as_ptr().add(bi * t * 3 * c + hi * d);
-            let q = Mat {
-                ptr: base,
-                rs: 3 * c as isize,
-                cs: 1,
-            };
-            let k = Mat {
-                ptr: base.add(c),
-                ..q
-            };
-            let v = Mat {
-                ptr: base.add(2 * c),
-                ..q
-            };
+            let q = Mat { ptr: base, rs: 3 * c as isize, cs: 1 };
+            let k = Mat { ptr: base.add(c), ..q };
+            let v = Mat { ptr: base.add(2 * c), ..q };
             let o = merged.as_ptr().add(bi * t * c + hi * d);
             let dy_ptr = dmerged.as_ptr().add(bi * t * c + hi * d);
-            let dy = Mat {
-                ptr: dy_ptr,
-                rs: c as isize,
-                cs: 1,
-            };
+            let dy = Mat { ptr: dy_ptr, rs: c as isize, cs: 1 };
             let lse = &lse[(bi * h + hi) * t..(bi * h + hi + 1) * t];
             let delta: Vec<T> = (0..t)
                 .map(|i| {
@@ -234,26 +175,11 @@ pub(crate) fn backward<T: Real>(
                 })
                 .collect();
             let dbase = dst.0.add(bi * t * 3 * c + hi * d);
-            let dq = MatMut {
-                ptr: dbase,
-                rs: 3 * c as isize,
-            };
-            let dk = MatMut {
-                ptr: dbase.add(c),
-                ..dq
-            };
-            let dv = MatMut {
-                ptr: dbase.add(2 * c),
-                ..dq
-            };
-            let pm = MatMut {
-                ptr: p.as_mut_ptr(),
-                rs: TILE as isize,
-            };
-            let dsm = MatMut {
-                ptr: ds.as_mut_ptr(),
-                rs: TILE as isize,
-            };
+            let dq = MatMut { ptr: dbase, rs: 3 * c as isize };
+            let dk = MatMut { ptr: dbase.add(c), ..dq };
+            let dv = MatMut { ptr: dbase.add(2 * c), ..dq };
+            let pm = MatMut { ptr: p.as_mut_ptr(), rs: TILE as isize };
+            let dsm = MatMut { ptr: ds.as_mut_ptr(), rs: TILE as isize };
             for c0 in (0..t).step_by(TILE) {
                 let cols = (c0 + TILE).min(t) - c0;
                 for r0 in (c0..t).step_by(TILE) {
@@ -275,36 +201,9 @@ pub(crate) fn backward<T: Real>(
                         dmask.iter_mut().for_each(|x| *x = T::ZERO);
                     }
                     let first = r0 == c0;
-                    gemm_into(
-                        cols,
-                        d,
-                        rows,
-                        dv.row(c0),
-                        pm.as_mat().t(),
-                        dy.row(r0),
-                        T::ONE,
-                        !first,
-                    );
-                    gemm_into(
-                        cols,
-                        d,
-                        rows,
-                        dk.row(c0),
-                        dsm.as_mat().t(),
-                        q.row(r0),
-                        T::ONE,
-                        !first,
-                    );
-                    gemm_into(
-                        rows,
-                        d,
-                        cols,
-                        dq.row(r0),
-                        dsm.as_mat(),
-                        k.row(c0),
-                        T::ONE,
-                        c0 != 0,
-                    );
+                    gemm_into(cols, d, rows, dv.row(c0), pm.as_mat().t(), dy.row(r0), T::ONE, !first);
+                    gemm_into(cols, d, rows, dk.row(c0), dsm.as_mat().t(), q.row(r0), T::ONE, !first);
+                    gemm_into(rows, d, cols, dq.row(r0), dsm.as_mat(), k.row(c0), T::ONE, c0 != 0);
                 }
             }
         }
@@ -330,10 +229,7 @@ pub(crate) fn flash_attention_cpu(qkv: &Tensor, n_head: usize) -> Result<(Tensor
     macro_rules! run {
         ($t:ty) => {{
             let (merged, lse) = with_cpu_slice::<$t, _>(qkv, |x| Ok(forward(g, x)))?;
-            Ok((
-                Tensor::from_vec(merged, (g.b, g.t, g.c), dev)?,
-                Tensor::from_vec(lse, (g.b, g.h, g.t), dev)?,
-            ))
+            Ok((Tensor::from_vec(merged, (g.b, g.t, g.c), dev)?, Tensor::from_vec(lse, (g.b, g.h, g.t), dev)?))
         }};
     }
     match qkv.dtype() {
@@ -380,10 +276,7 @@ pub(crate) fn check_backward(
     n_head: usize,
 ) -> Result<Geometry> {
     let g = geometry(qkv, n_head)?;
-    if merged.dims() != [g.b, g.t, g.c]
-        || dmerged.dims() != [g.b, g.t, g.c]
-        || lse.dims() != [g.b, g.h, g.t]
-    {
+    if merged.dims() != [g.b, g.t, g.c] || dmerged.dims() != [g.b, g.t, g.c] || lse.dims() != [g.b, g.h, g.t] {
         bail!(
             "flash_attention_backward: merged {:?}, dmerged {:?} and lse {:?} must be ({b}, {t}, {c}), ({b}, {t}, {c}) and ({b}, {h}, {t}) for qkv {:?}",
             merged.dims(),
@@ -396,10 +289,7 @@ pub(crate) fn check_backward(
             h = g.h
         )
     }
-    if merged.dtype() != qkv.dtype()
-        || dmerged.dtype() != qkv.dtype()
-        || lse.dtype() != lse_dtype(qkv.dtype())
-    {
+    if merged.dtype() != qkv.dtype() || dmerged.dtype() != qkv.dtype() || lse.dtype() != lse_dtype(qkv.dtype()) {
         bail!(
             "flash_attention_backward: qkv, merged and dmerged must share a dtype and lse be {:?}, got {:?}, {:?}, {:?}, {:?}",
             lse_dtype(qkv.dtype()),

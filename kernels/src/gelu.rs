@@ -49,7 +49,6 @@ impl CustomOp1 for GeluTanh {
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::cuda::gelu_tanh_fwd(s, l)
     }
-
 }
 
 /// `(x, dy) -> dx`.
@@ -60,19 +59,9 @@ impl CustomOp2 for GeluTanhBwd {
         "gelu-tanh-bwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
         if xl.shape() != gl.shape() {
-            candle_core::bail!(
-                "gelu-tanh-bwd: x {:?} and dy {:?} differ in shape",
-                xl.shape(),
-                gl.shape()
-            )
+            candle_core::bail!("gelu-tanh-bwd: x {:?} and dy {:?} differ in shape", xl.shape(), gl.shape())
         }
         with_float!(self.name(), xs, |T| {
             let x = view::<T>(xs, xl)?;
@@ -87,7 +76,13 @@ impl CustomOp2 for GeluTanhBwd {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::cuda::gelu_tanh_bwd(s1, l1, s2, l2)
     }
 }

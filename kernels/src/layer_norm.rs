@@ -90,7 +90,11 @@ impl CustomOp3 for LayerNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let packed = crate::dense_on_gpu(x)?.apply_op3_no_bwd(&crate::dense_on_gpu(w)?, &crate::dense_on_gpu(dy)?, &LayerNormBwd { eps: self.eps })?;
+        let packed = crate::dense_on_gpu(x)?.apply_op3_no_bwd(
+            &crate::dense_on_gpu(w)?,
+            &crate::dense_on_gpu(dy)?,
+            &LayerNormBwd { eps: self.eps },
+        )?;
         let n = x.elem_count();
         let c = w.elem_count();
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
@@ -100,7 +104,15 @@ impl CustomOp3 for LayerNorm {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::cuda::layer_norm_fwd(s1, l1, s2, l2, s3, l3, self.eps)
     }
 }
@@ -149,15 +161,9 @@ impl LayerNormBwd {
         // order: dw and db come out bit for bit the same on one thread or many, run to run.
         let block_len = LN_BWD_ROWS_PER_BLOCK * c;
         let partials: Vec<Vec<T>> = if n >= PAR_MIN_ELEMS {
-            dx.par_chunks_mut(block_len)
-                .enumerate()
-                .map(|(bi, dxb)| block(bi * LN_BWD_ROWS_PER_BLOCK, dxb))
-                .collect()
+            dx.par_chunks_mut(block_len).enumerate().map(|(bi, dxb)| block(bi * LN_BWD_ROWS_PER_BLOCK, dxb)).collect()
         } else {
-            dx.chunks_mut(block_len)
-                .enumerate()
-                .map(|(bi, dxb)| block(bi * LN_BWD_ROWS_PER_BLOCK, dxb))
-                .collect()
+            dx.chunks_mut(block_len).enumerate().map(|(bi, dxb)| block(bi * LN_BWD_ROWS_PER_BLOCK, dxb)).collect()
         };
         let mut acc = vec![T::ZERO; 2 * c];
         for partial in &partials {
@@ -183,11 +189,7 @@ impl CustomOp3 for LayerNormBwd {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         if xl.shape() != gl.shape() {
-            candle_core::bail!(
-                "layer-norm-bwd: x {:?} and dy {:?} differ in shape",
-                xl.shape(),
-                gl.shape()
-            )
+            candle_core::bail!("layer-norm-bwd: x {:?} and dy {:?} differ in shape", xl.shape(), gl.shape())
         }
         with_float!(self.name(), xs, |T| {
             let x = view::<T>(xs, xl)?;
@@ -200,7 +202,15 @@ impl CustomOp3 for LayerNormBwd {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::cuda::layer_norm_bwd(s1, l1, s2, l2, s3, l3, self.eps)
     }
 }

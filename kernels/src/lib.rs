@@ -34,9 +34,9 @@ mod attention;
 mod backward;
 mod cpu;
 mod cross_entropy;
-pub mod flash;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod flash;
 mod gelu;
 mod layer_norm;
 mod linear;
@@ -48,8 +48,8 @@ pub mod vmath;
 use candle_core::{bail, DType, Result, Tensor};
 
 pub use backward::{
-    accumulate, cross_entropy_sum_backward, gelu_tanh_backward, layer_norm_backward, max_pool2d_backward,
-    softmax_last_dim_backward, sum_rows, matmul_accumulate,
+    accumulate, cross_entropy_sum_backward, gelu_tanh_backward, layer_norm_backward, matmul_accumulate,
+    max_pool2d_backward, softmax_last_dim_backward, sum_rows,
 };
 
 /// Whether `t` can take the fused CPU kernels (see the crate docs).
@@ -104,7 +104,12 @@ pub fn causal_attention_batched(qkv: &Tensor, n_head: usize) -> Result<(Tensor, 
 }
 
 /// The backward of [`causal_attention_batched`] (same contract as [`causal_attention_backward`]).
-pub fn causal_attention_batched_backward(qkv: &Tensor, probs: &Tensor, dmerged: &Tensor, n_head: usize) -> Result<Tensor> {
+pub fn causal_attention_batched_backward(
+    qkv: &Tensor,
+    probs: &Tensor,
+    dmerged: &Tensor,
+    n_head: usize,
+) -> Result<Tensor> {
     attention::check_qkv(qkv, n_head)?;
     if !kernel_device(qkv) {
         bail!("causal_attention_batched_backward: no kernels for {:?} on {:?}", qkv.dtype(), qkv.device().location())
@@ -157,7 +162,13 @@ pub fn flash_attention(qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)> 
 
 /// The backward of [`flash_attention`]: `dqkv (B, T, 3C)` from the saved `qkv`, its outputs
 /// `merged` and `lse`, and the gradient of `merged`.
-pub fn flash_attention_backward(qkv: &Tensor, merged: &Tensor, lse: &Tensor, dmerged: &Tensor, n_head: usize) -> Result<Tensor> {
+pub fn flash_attention_backward(
+    qkv: &Tensor,
+    merged: &Tensor,
+    lse: &Tensor,
+    dmerged: &Tensor,
+    n_head: usize,
+) -> Result<Tensor> {
     flash::check_backward(qkv, merged, lse, dmerged, n_head)?;
     if fused(qkv) {
         return flash::flash_attention_backward_cpu(qkv, merged, lse, dmerged, n_head);
@@ -217,7 +228,13 @@ pub fn causal_attention_saving(qkv: &Tensor, n_head: usize) -> Result<(Tensor, A
 
 /// The backward of [`causal_attention_saving`]: `dqkv (B, T, 3C)` from the saved `qkv`, the
 /// forward's output `merged`, what it saved and the gradient of `merged`.
-pub fn causal_attention_saved_backward(qkv: &Tensor, merged: &Tensor, saved: &AttentionSaved, dmerged: &Tensor, n_head: usize) -> Result<Tensor> {
+pub fn causal_attention_saved_backward(
+    qkv: &Tensor,
+    merged: &Tensor,
+    saved: &AttentionSaved,
+    dmerged: &Tensor,
+    n_head: usize,
+) -> Result<Tensor> {
     match saved {
         AttentionSaved::Probs(p) => causal_attention_backward(qkv, p, dmerged, n_head),
         AttentionSaved::LogSumExp(lse) => flash_attention_backward(qkv, merged, lse, dmerged, n_head),
@@ -334,13 +351,7 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     if !fused(x) {
         return reference::max_pool2d(x, kernel, stride, padding);
     }
-    x.apply_op1(max_pool::MaxPool2d {
-        kernel,
-        stride,
-        padding,
-        out_h,
-        out_w,
-    })
+    x.apply_op1(max_pool::MaxPool2d { kernel, stride, padding, out_h, out_w })
 }
 
 // ---- argument validation, shared by the fused and the reference paths ----------------------
@@ -356,18 +367,10 @@ pub(crate) fn check_layer_norm_args(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64
     check_rank_at_least_1("layer_norm", x)?;
     let c = x.dims()[x.rank() - 1];
     if w.dims() != [c] {
-        bail!(
-            "layer_norm: weight must have shape ({c},) to match x {:?}, got {:?}",
-            x.shape(),
-            w.shape()
-        )
+        bail!("layer_norm: weight must have shape ({c},) to match x {:?}, got {:?}", x.shape(), w.shape())
     }
     if b.dims() != [c] {
-        bail!(
-            "layer_norm: bias must have shape ({c},) to match x {:?}, got {:?}",
-            x.shape(),
-            b.shape()
-        )
+        bail!("layer_norm: bias must have shape ({c},) to match x {:?}, got {:?}", x.shape(), b.shape())
     }
     if w.dtype() != x.dtype() || b.dtype() != x.dtype() {
         bail!(
@@ -392,33 +395,19 @@ pub(crate) fn check_cross_entropy_args(logits: &Tensor, targets: &Tensor) -> Res
         bail!("cross_entropy_sum: targets must have shape ({n},) to match logits ({n}, {v}), got {:?}", targets.shape())
     }
     if !targets.dtype().is_int() {
-        bail!(
-            "cross_entropy_sum: targets must be integer class ids, got dtype {:?}",
-            targets.dtype()
-        )
+        bail!("cross_entropy_sum: targets must be integer class ids, got dtype {:?}", targets.dtype())
     }
     if !logits.dtype().is_float() {
-        bail!(
-            "cross_entropy_sum: logits must be a float dtype, got {:?}",
-            logits.dtype()
-        )
+        bail!("cross_entropy_sum: logits must be a float dtype, got {:?}", logits.dtype())
     }
     Ok(())
 }
 
 /// Validates pooling geometry and returns the output `(height, width)`.
-pub(crate) fn check_max_pool_args(
-    x: &Tensor,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-) -> Result<(usize, usize)> {
+pub(crate) fn check_max_pool_args(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<(usize, usize)> {
     let (h, w) = match x.dims() {
         &[_, _, h, w] => (h, w),
-        d => bail!(
-            "max_pool2d: x must have shape (N, C, H, W), got {d:?} (rank {})",
-            d.len()
-        ),
+        d => bail!("max_pool2d: x must have shape (N, C, H, W), got {d:?} (rank {})", d.len()),
     };
     if kernel == 0 {
         bail!("max_pool2d: kernel must be at least 1")

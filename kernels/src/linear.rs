@@ -83,7 +83,9 @@ fn run<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<
     let mut out = match &residual {
         Some(r) => {
             let (rs, rl) = r.storage_and_layout();
-            let (start, end) = rl.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("linear: residual must be contiguous".into()))?;
+            let (start, end) = rl
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("linear: residual must be contiguous".into()))?;
             let res = match &*rs {
                 Storage::Cpu(cpu) => &T::cpu_storage_as_slice(cpu)?[start..end],
                 _ => candle_core::bail!("linear: expected CPU tensors"),
@@ -95,7 +97,11 @@ fn run<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<
         None => Vec::with_capacity(m * n),
     };
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 && m * n * k >= PAR_MIN_FLOPS { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let parallelism = if threads > 1 && m * n * k >= PAR_MIN_FLOPS {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
     if m > 0 && n > 0 {
         // SAFETY: `out` has room for m·n elements (initialised when gemm reads it); `a` and
         // `b` are read through layouts candle guarantees stay inside their storages for shapes

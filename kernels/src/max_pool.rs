@@ -36,13 +36,7 @@ pub(crate) struct MaxPool2d {
 impl MaxPool2d {
     /// Calls `f(out_index, argmax_index)` for every output cell of one `h x w` plane.
     #[inline]
-    fn plane_argmax<T: Real>(
-        &self,
-        plane: &[T],
-        h: usize,
-        w: usize,
-        mut f: impl FnMut(usize, usize),
-    ) {
+    fn plane_argmax<T: Real>(&self, plane: &[T], h: usize, w: usize, mut f: impl FnMut(usize, usize)) {
         let (k, s, p) = (self.kernel, self.stride, self.padding);
         for oi in 0..self.out_h {
             // Window rows [oi*s - p, oi*s - p + k) clipped to [0, h).
@@ -101,21 +95,11 @@ impl CustomOp2 for MaxPool2dBwd {
         "max-pool2d-bwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = xl.shape().dims4()?;
         let p = self.0;
         if gl.dims() != [n, c, p.out_h, p.out_w] {
-            candle_core::bail!(
-                "max-pool2d-bwd: dy has shape {:?}, expected {:?}",
-                gl.shape(),
-                (n, c, p.out_h, p.out_w)
-            )
+            candle_core::bail!("max-pool2d-bwd: dy has shape {:?}, expected {:?}", gl.shape(), (n, c, p.out_h, p.out_w))
         }
         with_float!(self.name(), xs, |T| {
             let x = view::<T>(xs, xl)?;

@@ -44,15 +44,8 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let targets = targets.to_dtype(DType::U32)?;
     let v = logits.dim(1)? as u32;
     // gather does not bounds-check on every backend; check here so a bad id is an error.
-    if let Some((row, &id)) = targets
-        .to_vec1::<u32>()?
-        .iter()
-        .enumerate()
-        .find(|(_, &t)| t >= v)
-    {
-        candle_core::bail!(
-            "cross_entropy_sum: target id {id} at row {row} is out of range for {v} classes"
-        )
+    if let Some((row, &id)) = targets.to_vec1::<u32>()?.iter().enumerate().find(|(_, &t)| t >= v) {
+        candle_core::bail!("cross_entropy_sum: target id {id} at row {row} is out of range for {v} classes")
     }
     let logp = log_softmax_last_dim(logits)?;
     let picked = logp.gather(&targets.unsqueeze(1)?, 1)?;
@@ -71,11 +64,7 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     let (out_h, out_w) = crate::check_max_pool_args(x, kernel, stride, padding)?;
     // index_select needs a dense input.
     let x = x.contiguous()?;
-    let x = if padding > 0 {
-        pad_const(&x, padding, -1e30f64)?
-    } else {
-        x
-    };
+    let x = if padding > 0 { pad_const(&x, padding, -1e30f64)? } else { x };
     let mut out: Option<Tensor> = None;
     for di in 0..kernel {
         let rows: Vec<u32> = (0..out_h).map(|i| (i * stride + di) as u32).collect();
@@ -112,13 +101,12 @@ pub fn causal_attention(qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)>
     let d = c / n_head;
     let (q, k, v) = split_heads(qkv, n_head)?;
     let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (B, H, T, T)
-    // Masked scores are replaced (not added to) so their gradient is exactly zero; the diagonal
-    // is never masked, so every row keeps a finite max.
+                                                                    // Masked scores are replaced (not added to) so their gradient is exactly zero; the diagonal
+                                                                    // is never masked, so every row keeps a finite max.
     let keep: Vec<u8> = (0..t).flat_map(|i| (0..t).map(move |j| u8::from(j <= i))).collect();
     let keep = Tensor::from_vec(keep, (t, t), qkv.device())?.broadcast_as(scores.shape())?;
-    let neg_inf = Tensor::new(f32::NEG_INFINITY, qkv.device())?
-        .to_dtype(scores.dtype())?
-        .broadcast_as(scores.shape())?;
+    let neg_inf =
+        Tensor::new(f32::NEG_INFINITY, qkv.device())?.to_dtype(scores.dtype())?.broadcast_as(scores.shape())?;
     let probs = softmax_last_dim(&keep.where_cond(&scores, &neg_inf)?)?;
     let merged = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
     Ok((merged, probs))

@@ -81,13 +81,7 @@ pub(crate) struct SoftmaxBwd {
 }
 
 impl SoftmaxBwd {
-    fn run<T: Real>(
-        &self,
-        ys: &CpuStorage,
-        yl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn run<T: Real>(&self, ys: &CpuStorage, yl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
         let y = view::<T>(ys, yl)?;
         let dy = view::<T>(gs, gl)?;
         let c = last_dim(yl);
@@ -118,26 +112,21 @@ impl CustomOp2 for SoftmaxBwd {
         }
     }
 
-    fn cpu_fwd(
-        &self,
-        ys: &CpuStorage,
-        yl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, ys: &CpuStorage, yl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
         if yl.shape() != gl.shape() {
-            candle_core::bail!(
-                "{}: y {:?} and dy {:?} differ in shape",
-                self.name(),
-                yl.shape(),
-                gl.shape()
-            )
+            candle_core::bail!("{}: y {:?} and dy {:?} differ in shape", self.name(), yl.shape(), gl.shape())
         }
         with_float!(self.name(), ys, |T| self.run::<T>(ys, yl, gs, gl))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::cuda::softmax_bwd(s1, l1, s2, l2, self.log)
     }
 }

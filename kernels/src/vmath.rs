@@ -85,10 +85,7 @@ impl Isa {
         match self {
             Isa::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => {
-                std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-            }
+            Isa::Avx2Fma => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx2Fma => false,
         }
@@ -96,10 +93,7 @@ impl Isa {
 
     /// Every version this CPU can run (what the tests sweep).
     pub fn all_available() -> Vec<Isa> {
-        [Isa::Portable, Isa::Avx2Fma]
-            .into_iter()
-            .filter(|i| i.available())
-            .collect()
+        [Isa::Portable, Isa::Avx2Fma].into_iter().filter(|i| i.available()).collect()
     }
 }
 

@@ -82,70 +82,34 @@ pub enum DataError {
          below {vocab}); use a model vocab of at least {}",
         *max_id as u64 + 1
     )]
-    TokenBeyondVocab {
-        data: String,
-        max_id: u32,
-        vocab: usize,
-    },
+    TokenBeyondVocab { data: String, max_id: u32, vocab: usize },
 
     #[error(
         "{data}: the {split} split has {len} tokens (of {total} in all) but context {context} \
          needs at least {need}; use a shorter context or more data"
     )]
-    TooShort {
-        data: String,
-        split: Split,
-        len: usize,
-        total: usize,
-        context: usize,
-        need: usize,
-    },
+    TooShort { data: String, split: Split, len: usize, total: usize, context: usize, need: usize },
 
     #[error("{}: {problem}", path.display())]
     Format { path: PathBuf, problem: String },
 
     #[error("{} has no tensor `{name}` (tensors present: {present})", path.display())]
-    MissingTensor {
-        path: PathBuf,
-        name: String,
-        present: String,
-    },
+    MissingTensor { path: PathBuf, name: String, present: String },
 
     #[error("tensor `{name}` in {} has shape {shape:?} but must be {expected}", path.display())]
-    WrongRank {
-        path: PathBuf,
-        name: String,
-        shape: Vec<usize>,
-        expected: &'static str,
-    },
+    WrongRank { path: PathBuf, name: String, shape: Vec<usize>, expected: &'static str },
 
     #[error(
         "{}: `{images}` holds {n_images} images but `{labels}` holds {n_labels} labels",
         path.display()
     )]
-    CountMismatch {
-        path: PathBuf,
-        images: String,
-        n_images: usize,
-        labels: String,
-        n_labels: usize,
-    },
+    CountMismatch { path: PathBuf, images: String, n_images: usize, labels: String, n_labels: usize },
 
     #[error("tensor `{name}` in {} has dtype {dtype}; expected {allowed}", path.display())]
-    UnsupportedDtype {
-        path: PathBuf,
-        name: String,
-        dtype: String,
-        allowed: &'static str,
-    },
+    UnsupportedDtype { path: PathBuf, name: String, dtype: String, allowed: &'static str },
 
     #[error("{}: `{name}`[{index}] = {value} is not a valid class label (must be >= 0)", path.display())]
-    BadLabel {
-        path: PathBuf,
-        name: String,
-        index: usize,
-        value: String,
-    },
+    BadLabel { path: PathBuf, name: String, index: usize, value: String },
 
     #[error("{data}: needs at least 2 images (one train, one validation), has {n}")]
     TooFewImages { data: String, n: usize },
@@ -154,19 +118,10 @@ pub enum DataError {
         "{data}: label {max_label} is beyond the {classes} classes of {origin} (labels must be \
          below {classes})"
     )]
-    LabelBeyondClasses {
-        data: String,
-        max_label: u32,
-        classes: usize,
-        origin: String,
-    },
+    LabelBeyondClasses { data: String, max_label: u32, classes: usize, origin: String },
 
     #[error("{data}: images have {data_channels} channels but the model expects {model_channels}")]
-    ChannelMismatch {
-        data: String,
-        data_channels: usize,
-        model_channels: usize,
-    },
+    ChannelMismatch { data: String, data_channels: usize, model_channels: usize },
 
     #[error("invalid data request: {0}")]
     InvalidArgument(String),
@@ -178,18 +133,11 @@ pub enum DataError {
 /// Reads a whole data file, turning "not found" and "empty" into their own errors.
 fn read_file(path: &Path) -> Result<Vec<u8>, DataError> {
     let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => DataError::Missing {
-            path: path.to_path_buf(),
-        },
-        _ => DataError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        },
+        std::io::ErrorKind::NotFound => DataError::Missing { path: path.to_path_buf() },
+        _ => DataError::Io { path: path.to_path_buf(), source: e },
     })?;
     if bytes.is_empty() {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-        });
+        return Err(DataError::Empty { path: path.to_path_buf() });
     }
     Ok(bytes)
 }

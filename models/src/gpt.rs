@@ -24,8 +24,7 @@
 use std::sync::Arc;
 
 use brigade_engine::{
-    Gradients, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, Pass,
-    PipelineModel, Saved,
+    Gradients, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, Pass, PipelineModel, Saved,
 };
 use candle_core::{bail, DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -72,12 +71,7 @@ impl GptConfig {
             "gpt2-medium" => (50257, 1024, 1024, 24, 16),
             "gpt2-large" => (50257, 1024, 1280, 36, 20),
             "gpt2-xl" => (50257, 1024, 1600, 48, 25),
-            _ => {
-                return Err(ModelError::UnknownPreset {
-                    name: name.to_string(),
-                    valid: PRESET_NAMES.to_vec(),
-                })
-            }
+            _ => return Err(ModelError::UnknownPreset { name: name.to_string(), valid: PRESET_NAMES.to_vec() }),
         };
         Self::custom(v, t, c, l, h)
     }
@@ -90,14 +84,8 @@ impl GptConfig {
         n_layer: usize,
         n_head: usize,
     ) -> std::result::Result<Self, ModelError> {
-        let cfg = Self {
-            vocab_size,
-            n_positions,
-            n_embd,
-            n_layer,
-            n_head,
-            layer_norm_epsilon: default_layer_norm_epsilon(),
-        };
+        let cfg =
+            Self { vocab_size, n_positions, n_embd, n_layer, n_head, layer_norm_epsilon: default_layer_norm_epsilon() };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -141,9 +129,7 @@ impl GptConfig {
         ];
         for (field, value) in sizes {
             if value == 0 {
-                return Err(ModelError::InvalidConfig(format!(
-                    "GPT {field} must be positive"
-                )));
+                return Err(ModelError::InvalidConfig(format!("GPT {field} must be positive")));
             }
             if value > GPT_MAX_SIZE {
                 return Err(ModelError::InvalidConfig(format!(
@@ -153,9 +139,7 @@ impl GptConfig {
         }
         // An upper bound on the parameters (in u128: the sizes above cannot overflow it), so
         // that counts and allocations derived from the config stay meaningful.
-        let (v, p, c, l) = [self.vocab_size, self.n_positions, self.n_embd, self.n_layer]
-            .map(|x| x as u128)
-            .into();
+        let (v, p, c, l) = [self.vocab_size, self.n_positions, self.n_embd, self.n_layer].map(|x| x as u128).into();
         let params = v * c + p * c + l * (12 * c * c + 13 * c) + 2 * c;
         if params > MAX_PARAMS {
             return Err(ModelError::InvalidConfig(format!(
@@ -229,18 +213,11 @@ impl PipelineModel for Gpt {
 
     fn layers(&self) -> Vec<Arc<dyn LayerSpec>> {
         let mut layers: Vec<Arc<dyn LayerSpec>> = Vec::with_capacity(self.cfg.n_layer + 2);
-        layers.push(Arc::new(EmbeddingSpec {
-            cfg: self.cfg.clone(),
-        }));
+        layers.push(Arc::new(EmbeddingSpec { cfg: self.cfg.clone() }));
         for index in 0..self.cfg.n_layer {
-            layers.push(Arc::new(BlockSpec {
-                cfg: self.cfg.clone(),
-                index,
-            }));
+            layers.push(Arc::new(BlockSpec { cfg: self.cfg.clone(), index }));
         }
-        layers.push(Arc::new(HeadSpec {
-            cfg: self.cfg.clone(),
-        }));
+        layers.push(Arc::new(HeadSpec { cfg: self.cfg.clone() }));
         layers
     }
 
@@ -253,10 +230,7 @@ impl PipelineModel for Gpt {
     }
 
     fn input(&self) -> InputKind {
-        InputKind::Tokens {
-            vocab: self.cfg.vocab_size,
-            context: self.cfg.n_positions,
-        }
+        InputKind::Tokens { vocab: self.cfg.vocab_size, context: self.cfg.n_positions }
     }
 
     fn num_classes(&self) -> usize {
@@ -271,11 +245,7 @@ const WTE: &str = "transformer.wte.weight";
 const WPE: &str = "transformer.wpe.weight";
 
 fn wte_spec(cfg: &GptConfig) -> ParamSpec {
-    ParamSpec::new(
-        WTE,
-        &[cfg.vocab_size, cfg.n_embd],
-        Init::Normal { std: INIT_STD },
-    )
+    ParamSpec::new(WTE, &[cfg.vocab_size, cfg.n_embd], Init::Normal { std: INIT_STD })
 }
 
 fn layer_norm_specs(prefix: &str, c: usize) -> [ParamSpec; 2] {
@@ -288,11 +258,7 @@ fn layer_norm_specs(prefix: &str, c: usize) -> [ParamSpec; 2] {
 /// HF `Conv1D` weight `(in, out)` and bias `(out,)`.
 fn conv1d_specs(prefix: &str, d_in: usize, d_out: usize, std: f64) -> [ParamSpec; 2] {
     [
-        ParamSpec::new(
-            format!("{prefix}.weight"),
-            &[d_in, d_out],
-            Init::Normal { std },
-        ),
+        ParamSpec::new(format!("{prefix}.weight"), &[d_in, d_out], Init::Normal { std }),
         ParamSpec::new(format!("{prefix}.bias"), &[d_out], Init::Zeros),
     ]
 }
@@ -306,19 +272,10 @@ struct Param {
 
 /// Gets `N` parameters from the store in spec order.
 fn get_all<const N: usize>(store: &mut ParamStore, specs: &[ParamSpec]) -> Result<[Param; N]> {
-    let params = specs
-        .iter()
-        .map(|s| {
-            Ok(Param {
-                name: s.name.clone(),
-                value: store.get(s)?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let params =
+        specs.iter().map(|s| Ok(Param { name: s.name.clone(), value: store.get(s)? })).collect::<Result<Vec<_>>>()?;
     let got = params.len();
-    params
-        .try_into()
-        .map_err(|_| candle_core::Error::Msg(format!("expected {N} parameters, got {got}")))
+    params.try_into().map_err(|_| candle_core::Error::Msg(format!("expected {N} parameters, got {got}")))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -348,8 +305,7 @@ impl LayerNorm {
 
     /// `dx` for `dy`, recomputing the statistics from the saved input `x`.
     fn backward_input(&self, x: &Tensor, dy: &Tensor) -> Result<(Tensor, LayerNormGrads)> {
-        let (dx, dweight, dbias) =
-            brigade_kernels::layer_norm_backward(x, &self.weight.value, dy, self.eps)?;
+        let (dx, dweight, dbias) = brigade_kernels::layer_norm_backward(x, &self.weight.value, dy, self.eps)?;
         Ok((dx, LayerNormGrads { dweight, dbias }))
     }
 
@@ -391,13 +347,8 @@ impl Conv1D {
     fn backward_input(&self, dy: &Tensor) -> Result<Tensor> {
         let (b, t, d_out) = dy.dims3()?;
         let d_in = self.weight.value.dim(0)?;
-        brigade_kernels::linear(
-            &dy.reshape((b * t, d_out))?,
-            &self.weight.value.t()?,
-            None,
-            None,
-        )?
-        .reshape((b, t, d_in))
+        brigade_kernels::linear(&dy.reshape((b * t, d_out))?, &self.weight.value.t()?, None, None)?
+            .reshape((b, t, d_in))
     }
 
     /// `dW += xᵀ dy` over all tokens, `db += Σ dy`.
@@ -426,23 +377,12 @@ impl LayerSpec for EmbeddingSpec {
 
     fn params(&self) -> Vec<ParamSpec> {
         let cfg = &self.cfg;
-        vec![
-            wte_spec(cfg),
-            ParamSpec::new(
-                WPE,
-                &[cfg.n_positions, cfg.n_embd],
-                Init::Normal { std: INIT_STD },
-            ),
-        ]
+        vec![wte_spec(cfg), ParamSpec::new(WPE, &[cfg.n_positions, cfg.n_embd], Init::Normal { std: INIT_STD })]
     }
 
     fn build(&self, store: &mut ParamStore) -> Result<Box<dyn Layer>> {
         let [wte, wpe] = get_all(store, &self.params())?;
-        Ok(Box::new(Embedding {
-            wte,
-            wpe,
-            vocab: self.cfg.vocab_size,
-        }))
+        Ok(Box::new(Embedding { wte, wpe, vocab: self.cfg.vocab_size }))
     }
 }
 
@@ -461,17 +401,11 @@ impl Embedding {
             dims => bail!("GPT embedding expects token ids of shape (B, T), got {dims:?}"),
         };
         if !matches!(ids.dtype(), DType::U8 | DType::U32 | DType::I64) {
-            bail!(
-                "GPT embedding expects integer token ids (u32/i64/u8), got dtype {:?}",
-                ids.dtype()
-            );
+            bail!("GPT embedding expects integer token ids (u32/i64/u8), got dtype {:?}", ids.dtype());
         }
         let context = self.wpe.value.dim(0)?;
         if t == 0 || b == 0 {
-            bail!(
-                "GPT embedding got an empty batch of token ids, shape {:?}",
-                ids.dims()
-            );
+            bail!("GPT embedding got an empty batch of token ids, shape {:?}", ids.dims());
         }
         if t > context {
             bail!("sequence length {t} exceeds the model's context length {context}");
@@ -482,16 +416,10 @@ impl Embedding {
         // the host, once per step, before they were uploaded.
         if ids.device().is_cpu() {
             let ids64 = ids.to_dtype(DType::I64)?.flatten_all()?;
-            let (lo, hi) = (
-                ids64.min(0)?.to_scalar::<i64>()?,
-                ids64.max(0)?.to_scalar::<i64>()?,
-            );
+            let (lo, hi) = (ids64.min(0)?.to_scalar::<i64>()?, ids64.max(0)?.to_scalar::<i64>()?);
             if lo < 0 || hi >= self.vocab as i64 {
                 let bad = if lo < 0 { lo } else { hi };
-                bail!(
-                    "token id {bad} is out of range for vocabulary size {}",
-                    self.vocab
-                );
+                bail!("token id {bad} is out of range for vocabulary size {}", self.vocab);
             }
         }
         Ok((ids.to_dtype(DType::U32)?.flatten_all()?, b, t))
@@ -515,10 +443,7 @@ impl Layer for Embedding {
         let (flat, b, t) = self.checked_ids(ids)?;
         let context = self.wpe.value.dim(0)?;
         if offset + t > context {
-            bail!(
-                "positions {offset}..{} exceed the model's context length {context}",
-                offset + t
-            );
+            bail!("positions {offset}..{} exceed the model's context length {context}", offset + t);
         }
         self.embed(&flat, b, t, offset)
     }
@@ -529,12 +454,7 @@ impl Layer for Embedding {
         Ok((y, Saved::new(flat.clone(), &[&flat])))
     }
 
-    fn backward_input(
-        &mut self,
-        saved: Saved,
-        dy: &Tensor,
-        _need_dx: bool,
-    ) -> Result<(Option<Tensor>, Saved)> {
+    fn backward_input(&mut self, saved: Saved, dy: &Tensor, _need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
         // Token ids have no gradient; everything here is the weight step's.
         let flat: Tensor = saved.take("GPT embedding")?;
         Ok((None, Saved::new((flat.clone(), dy.clone()), &[&flat, dy])))
@@ -549,9 +469,8 @@ impl Layer for Embedding {
         grads.add(&self.wte.name, &dwte)?;
         // Position rows 0..T get the batch sum; rows past T get zero.
         let context = self.wpe.value.dim(0)?;
-        let dwpe = brigade_kernels::sum_rows(&dy.reshape((b, t * c))?)?
-            .reshape((t, c))?
-            .pad_with_zeros(0, 0, context - t)?;
+        let dwpe =
+            brigade_kernels::sum_rows(&dy.reshape((b, t * c))?)?.reshape((t, c))?.pad_with_zeros(0, 0, context - t)?;
         grads.add(&self.wpe.name, &dwpe)
     }
 }
@@ -577,12 +496,7 @@ impl LayerSpec for BlockSpec {
         let proj_std = INIT_STD / (2.0 * self.cfg.n_layer as f64).sqrt();
         let mut specs = Vec::with_capacity(12);
         specs.extend(layer_norm_specs(&format!("{p}.ln_1"), c));
-        specs.extend(conv1d_specs(
-            &format!("{p}.attn.c_attn"),
-            c,
-            3 * c,
-            INIT_STD,
-        ));
+        specs.extend(conv1d_specs(&format!("{p}.attn.c_attn"), c, 3 * c, INIT_STD));
         specs.extend(conv1d_specs(&format!("{p}.attn.c_proj"), c, c, proj_std));
         specs.extend(layer_norm_specs(&format!("{p}.ln_2"), c));
         specs.extend(conv1d_specs(&format!("{p}.mlp.c_fc"), c, 4 * c, INIT_STD));
@@ -598,38 +512,15 @@ impl LayerSpec for BlockSpec {
             name: self.name(),
             n_embd: self.cfg.n_embd,
             n_positions: self.cfg.n_positions,
-            ln_1: LayerNorm {
-                weight: ln1_w,
-                bias: ln1_b,
-                eps,
-            },
+            ln_1: LayerNorm { weight: ln1_w, bias: ln1_b, eps },
             attn: CausalSelfAttention {
                 n_head: self.cfg.n_head,
-                c_attn: Conv1D {
-                    weight: attn_w,
-                    bias: attn_b,
-                },
-                c_proj: Conv1D {
-                    weight: aproj_w,
-                    bias: aproj_b,
-                },
+                c_attn: Conv1D { weight: attn_w, bias: attn_b },
+                c_proj: Conv1D { weight: aproj_w, bias: aproj_b },
                 cache: None,
             },
-            ln_2: LayerNorm {
-                weight: ln2_w,
-                bias: ln2_b,
-                eps,
-            },
-            mlp: Mlp {
-                c_fc: Conv1D {
-                    weight: fc_w,
-                    bias: fc_b,
-                },
-                c_proj: Conv1D {
-                    weight: mproj_w,
-                    bias: mproj_b,
-                },
-            },
+            ln_2: LayerNorm { weight: ln2_w, bias: ln2_b, eps },
+            mlp: Mlp { c_fc: Conv1D { weight: fc_w, bias: fc_b }, c_proj: Conv1D { weight: mproj_w, bias: mproj_b } },
         }))
     }
 }
@@ -660,11 +551,7 @@ impl CausalSelfAttention {
     /// While candle records a graph (the autograd reference, gradient checks) the attention
     /// core is the differentiable composition; otherwise it is the fused kernel, whose backward
     /// is [`Self::backward_input`]'s explicit call. The exactness tests hold the two together.
-    fn forward_saving(
-        &mut self,
-        x: &Tensor,
-        residual: Option<&Tensor>,
-    ) -> Result<(Tensor, AttentionSaved)> {
+    fn forward_saving(&mut self, x: &Tensor, residual: Option<&Tensor>) -> Result<(Tensor, AttentionSaved)> {
         let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
         let (merged, saved) = if qkv.track_op() {
             let (merged, probs) = brigade_kernels::reference::causal_attention(&qkv, self.n_head)?;
@@ -673,27 +560,14 @@ impl CausalSelfAttention {
             brigade_kernels::causal_attention_saving(&qkv, self.n_head)?
         }; // (B, T, C), probabilities (B, H, T, T) or log-sum-exp (B, H, T)
         let out = self.c_proj.forward_residual(&merged, residual)?;
-        Ok((
-            out,
-            AttentionSaved {
-                x: x.clone(),
-                qkv,
-                saved,
-                merged,
-            },
-        ))
+        Ok((out, AttentionSaved { x: x.clone(), qkv, saved, merged }))
     }
 
     /// Attention of the new positions `offset..offset + T` over every position so far: their
     /// keys and values join the cache, so each step computes only `T` rows of scores instead
     /// of the whole window's. Offset 0 starts a new sequence.
     /// Returns `residual + attention(x)`.
-    fn forward_incremental(
-        &mut self,
-        x: &Tensor,
-        offset: usize,
-        residual: &Tensor,
-    ) -> Result<Tensor> {
+    fn forward_incremental(&mut self, x: &Tensor, offset: usize, residual: &Tensor) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let (h, d) = (self.n_head, c / self.n_head);
         if offset == 0 {
@@ -708,30 +582,22 @@ impl CausalSelfAttention {
         }
         let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
         let split = |i: usize| -> Result<Tensor> {
-            qkv.narrow(2, i * c, c)?
-                .reshape((b, t, h, d))?
-                .transpose(1, 2)?
-                .contiguous() // (B, H, T, D)
+            qkv.narrow(2, i * c, c)?.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()
+            // (B, H, T, D)
         };
         let (q, k_new, v_new) = (split(0)?, split(1)?, split(2)?);
         let (k, v) = match self.cache.take() {
-            Some((k, v)) => (
-                Tensor::cat(&[&k, &k_new], 2)?,
-                Tensor::cat(&[&v, &v_new], 2)?,
-            ), // (B, H, S, D)
+            Some((k, v)) => (Tensor::cat(&[&k, &k_new], 2)?, Tensor::cat(&[&v, &v_new], 2)?), // (B, H, S, D)
             None => (k_new, v_new),
         };
         let s = offset + t;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (B, H, T, S)
                                                                         // New position `offset + i` sees positions `0..=offset + i`; a single new token sees all.
         let scores = if t > 1 {
-            let data: Vec<u8> = (0..t)
-                .flat_map(|i| (0..s).map(move |j| u8::from(j <= offset + i)))
-                .collect();
+            let data: Vec<u8> = (0..t).flat_map(|i| (0..s).map(move |j| u8::from(j <= offset + i))).collect();
             let mask = Tensor::from_vec(data, (t, s), x.device())?.broadcast_as(scores.shape())?;
-            let neg_inf = Tensor::new(f32::NEG_INFINITY, x.device())?
-                .to_dtype(scores.dtype())?
-                .broadcast_as(scores.shape())?;
+            let neg_inf =
+                Tensor::new(f32::NEG_INFINITY, x.device())?.to_dtype(scores.dtype())?.broadcast_as(scores.shape())?;
             mask.where_cond(&scores, &neg_inf)?
         } else {
             scores
@@ -815,15 +681,9 @@ impl Layer for Block {
     fn forward_incremental(&mut self, x: &Tensor, offset: usize) -> Result<Tensor> {
         check_hidden(x, self.n_embd, self.n_positions, "GPT block")?;
         if offset + x.dim(1)? > self.n_positions {
-            bail!(
-                "positions {offset}..{} exceed the model's context length {}",
-                offset + x.dim(1)?,
-                self.n_positions
-            );
+            bail!("positions {offset}..{} exceed the model's context length {}", offset + x.dim(1)?, self.n_positions);
         }
-        let x2 = self
-            .attn
-            .forward_incremental(&self.ln_1.forward(x)?, offset, x)?; // (B, T, C)
+        let x2 = self.attn.forward_incremental(&self.ln_1.forward(x)?, offset, x)?; // (B, T, C)
         self.mlp.forward_residual(&self.ln_2.forward(&x2)?, &x2)
     }
 
@@ -837,40 +697,13 @@ impl Layer for Block {
         let fc_out = self.mlp.c_fc.forward(&ln2_out)?;
         let gelu_out = brigade_kernels::gelu_tanh(&fc_out)?;
         let y = self.mlp.c_proj.forward_residual(&gelu_out, Some(&x2))?;
-        let keep = [
-            x,
-            &attn.x,
-            &attn.qkv,
-            attn.saved.tensor(),
-            &attn.merged,
-            &x2,
-            &ln2_out,
-            &fc_out,
-            &gelu_out,
-        ];
+        let keep = [x, &attn.x, &attn.qkv, attn.saved.tensor(), &attn.merged, &x2, &ln2_out, &fc_out, &gelu_out];
         let keep = keep.into_iter().cloned().collect();
-        let saved = Saved::with_handles(
-            (
-                x.clone(),
-                BlockSaved {
-                    attn,
-                    x2,
-                    ln2_out,
-                    fc_out,
-                    gelu_out,
-                },
-            ),
-            keep,
-        );
+        let saved = Saved::with_handles((x.clone(), BlockSaved { attn, x2, ln2_out, fc_out, gelu_out }), keep);
         Ok((y, saved))
     }
 
-    fn backward_input(
-        &mut self,
-        saved: Saved,
-        dy: &Tensor,
-        _need_dx: bool,
-    ) -> Result<(Option<Tensor>, Saved)> {
+    fn backward_input(&mut self, saved: Saved, dy: &Tensor, _need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
         let (x, s): (Tensor, BlockSaved) = saved.take(&self.name)?;
         // MLP branch: y = x2 + c_proj(gelu(c_fc(ln_2(x2)))).
         let dgelu_out = self.mlp.c_proj.backward_input(dy)?;
@@ -894,16 +727,7 @@ impl Layer for Block {
             dmlp_out: dy.clone(),
             ln2,
         };
-        let keep = [
-            &w.ln1_out,
-            &w.dqkv,
-            &w.merged,
-            &w.dattn_out,
-            &w.ln2_out,
-            &w.dfc_out,
-            &w.gelu_out,
-            &w.dmlp_out,
-        ];
+        let keep = [&w.ln1_out, &w.dqkv, &w.merged, &w.dattn_out, &w.ln2_out, &w.dfc_out, &w.gelu_out, &w.dmlp_out];
         let keep = keep.into_iter().cloned().collect();
         let saved = Saved::with_handles(w, keep);
         Ok((Some(dx), saved))
@@ -912,19 +736,11 @@ impl Layer for Block {
     fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
         let w: BlockWeightGrads = saved.take(&self.name)?;
         self.ln_1.backward_weight(&w.ln1, grads)?;
-        self.attn
-            .c_attn
-            .backward_weight(&w.ln1_out, &w.dqkv, grads)?;
-        self.attn
-            .c_proj
-            .backward_weight(&w.merged, &w.dattn_out, grads)?;
+        self.attn.c_attn.backward_weight(&w.ln1_out, &w.dqkv, grads)?;
+        self.attn.c_proj.backward_weight(&w.merged, &w.dattn_out, grads)?;
         self.ln_2.backward_weight(&w.ln2, grads)?;
-        self.mlp
-            .c_fc
-            .backward_weight(&w.ln2_out, &w.dfc_out, grads)?;
-        self.mlp
-            .c_proj
-            .backward_weight(&w.gelu_out, &w.dmlp_out, grads)
+        self.mlp.c_fc.backward_weight(&w.ln2_out, &w.dfc_out, grads)?;
+        self.mlp.c_proj.backward_weight(&w.gelu_out, &w.dmlp_out, grads)
     }
 }
 
@@ -936,10 +752,7 @@ fn check_hidden(x: &Tensor, n_embd: usize, n_positions: usize, what: &str) -> Re
         dims => bail!("{what} expects hidden states (B, T<={n_positions}, {n_embd}), got {dims:?}"),
     }
     if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-        bail!(
-            "{what} expects f32 (or bf16/f16, mixed precision) hidden states, got {:?}",
-            x.dtype()
-        );
+        bail!("{what} expects f32 (or bf16/f16, mixed precision) hidden states, got {:?}", x.dtype());
     }
     Ok(())
 }
@@ -968,11 +781,7 @@ impl LayerSpec for HeadSpec {
         let [w, b, wte] = get_all(store, &self.params())?;
         Ok(Box::new(Head {
             n_positions: self.cfg.n_positions,
-            ln_f: LayerNorm {
-                weight: w,
-                bias: b,
-                eps: self.cfg.layer_norm_epsilon,
-            },
+            ln_f: LayerNorm { weight: w, bias: b, eps: self.cfg.layer_norm_epsilon },
             wte,
         }))
     }
@@ -999,8 +808,7 @@ impl Head {
         check_hidden(x, c, self.n_positions, "GPT head")?;
         let (b, t, _) = x.dims3()?;
         let h = self.ln_f.forward(x)?.reshape((b * t, c))?; // (B·T, C)
-        let logits =
-            brigade_kernels::linear(&h, &self.wte.value.t()?, None, None)?.reshape((b, t, v))?; // (B, T, V)
+        let logits = brigade_kernels::linear(&h, &self.wte.value.t()?, None, None)?.reshape((b, t, v))?; // (B, T, V)
         Ok((h, logits))
     }
 }
@@ -1019,26 +827,13 @@ impl Layer for Head {
         Ok((logits, Saved::new((x.clone(), h.clone()), &[x, &h])))
     }
 
-    fn backward_input(
-        &mut self,
-        saved: Saved,
-        dlogits: &Tensor,
-        _need_dx: bool,
-    ) -> Result<(Option<Tensor>, Saved)> {
+    fn backward_input(&mut self, saved: Saved, dlogits: &Tensor, _need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
         let (x, h): (Tensor, Tensor) = saved.take("GPT head")?;
         let (b, t, v) = dlogits.dims3()?;
         let dlogits = dlogits.reshape((b * t, v))?;
-        let dh =
-            brigade_kernels::linear(&dlogits, &self.wte.value, None, None)?.reshape(x.shape())?; // (B, T, C)
+        let dh = brigade_kernels::linear(&dlogits, &self.wte.value, None, None)?.reshape(x.shape())?; // (B, T, C)
         let (dx, ln_f) = self.ln_f.backward_input(&x, &dh)?;
-        let saved = Saved::new(
-            HeadWeightGrads {
-                h: h.clone(),
-                dlogits: dlogits.clone(),
-                ln_f,
-            },
-            &[&h, &dlogits],
-        );
+        let saved = Saved::new(HeadWeightGrads { h: h.clone(), dlogits: dlogits.clone(), ln_f }, &[&h, &dlogits]);
         Ok((Some(dx), saved))
     }
 
@@ -1073,11 +868,7 @@ mod tests {
 
     /// Builds every layer of `model` in one store.
     fn build_all(model: &dyn PipelineModel, store: &mut ParamStore) -> Vec<Box<dyn Layer>> {
-        model
-            .layers()
-            .iter()
-            .map(|l| l.build(store).unwrap())
-            .collect()
+        model.layers().iter().map(|l| l.build(store).unwrap()).collect()
     }
 
     fn run(layers: &mut [Box<dyn Layer>], x: &Tensor) -> Result<Tensor> {
@@ -1105,10 +896,7 @@ mod tests {
         }
         // gpt-tiny: wte 256·64 + wpe 64·64 + 2 blocks · (12·64² + 13·64) + ln_f 128.
         let tiny = Gpt::from_preset("gpt-tiny").unwrap();
-        assert_eq!(
-            tiny.num_params(),
-            16384 + 4096 + 2 * (12 * 4096 + 13 * 64) + 128
-        );
+        assert_eq!(tiny.num_params(), 16384 + 4096 + 2 * (12 * 4096 + 13 * 64) + 128);
         // The layer list counts the tied table in both users.
         let per_layer: usize = tiny.layers().iter().map(|l| l.param_count()).sum();
         assert_eq!(per_layer, tiny.num_params() + 256 * 64);
@@ -1118,19 +906,8 @@ mod tests {
     fn layer_list_and_names() {
         let model = Gpt::from_preset("gpt-tiny").unwrap();
         let names: Vec<String> = model.layers().iter().map(|l| l.name()).collect();
-        assert_eq!(
-            names,
-            [
-                "transformer.embed",
-                "transformer.h.0",
-                "transformer.h.1",
-                "lm_head"
-            ]
-        );
-        let params: Vec<String> = unique_params(&model.layers())
-            .into_iter()
-            .map(|p| p.name)
-            .collect();
+        assert_eq!(names, ["transformer.embed", "transformer.h.0", "transformer.h.1", "lm_head"]);
+        let params: Vec<String> = unique_params(&model.layers()).into_iter().map(|p| p.name).collect();
         for n in [
             "transformer.wte.weight",
             "transformer.wpe.weight",
@@ -1150,13 +927,7 @@ mod tests {
             .find(|p| p.name == "transformer.h.0.attn.c_attn.weight")
             .unwrap();
         assert_eq!(attn.shape, vec![64, 192]); // Conv1D layout (in, out)
-        assert_eq!(
-            model.input(),
-            InputKind::Tokens {
-                vocab: 256,
-                context: 64
-            }
-        );
+        assert_eq!(model.input(), InputKind::Tokens { vocab: 256, context: 64 });
         assert_eq!(model.name(), "gpt-tiny");
     }
 
@@ -1191,20 +962,8 @@ mod tests {
         let la = run(&mut layers, &ids(&a, 1, 8)).unwrap();
         let lb = run(&mut layers, &ids(&b, 1, 8)).unwrap();
         let diff = (&la - &lb).unwrap().abs().unwrap();
-        let past = diff
-            .narrow(1, 0, 5)
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let future = diff
-            .narrow(1, 5, 3)
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let past = diff.narrow(1, 0, 5).unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let future = diff.narrow(1, 5, 3).unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(past, 0.0);
         assert!(future > 1e-4);
     }
@@ -1228,13 +987,10 @@ mod tests {
             assert_eq!(report.params.len(), spec.params().len());
             for p in spec.params() {
                 let n = p.numel();
-                let (pairs, _) =
-                    finite_differences(spec.as_ref(), x, 5, &p.name, &[0, n / 3, n - 1], 1e-2)
-                        .unwrap();
+                let (pairs, _) = finite_differences(spec.as_ref(), x, 5, &p.name, &[0, n / 3, n - 1], 1e-2).unwrap();
                 for (analytic, numeric) in pairs {
                     assert!(
-                        (analytic - numeric).abs()
-                            <= 2e-3 + 2e-2 * analytic.abs().max(numeric.abs()),
+                        (analytic - numeric).abs() <= 2e-3 + 2e-2 * analytic.abs().max(numeric.abs()),
                         "{}: explicit {analytic} vs finite difference {numeric}",
                         p.name
                     );
@@ -1273,8 +1029,7 @@ mod tests {
         let mut store = ParamStore::new(Device::Cpu, 3);
         let mut layers = build_all(&model, &mut store);
         let x = ids(&[1, 5, 9, 2, 15, 0, 3, 3, 7, 11], 2, 5);
-        let targets =
-            Tensor::from_slice(&[5u32, 9, 2, 15, 0, 3, 3, 7, 11, 4], 10, &Device::Cpu).unwrap();
+        let targets = Tensor::from_slice(&[5u32, 9, 2, 15, 0, 3, 3, 7, 11, 4], 10, &Device::Cpu).unwrap();
         let loss_of = |layers: &mut [Box<dyn Layer>]| -> Tensor {
             let logits = run(layers, &x).unwrap().reshape((10, 16)).unwrap();
             brigade_kernels::cross_entropy_sum(&logits, &targets).unwrap()
@@ -1306,11 +1061,9 @@ mod tests {
                 let mut eval = |delta: f32| -> f64 {
                     let mut v = base.clone();
                     v[i] += delta;
-                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
+                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
                     let l = loss_of(&mut layers).to_scalar::<f32>().unwrap() as f64;
-                    var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
+                    var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
                     l
                 };
                 let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps as f64);
@@ -1335,10 +1088,7 @@ mod tests {
         let (b, t) = (2, 8);
         let full = run(&mut layers, &ids(&data, b, t)).unwrap(); // (B, T, V)
         let step = |layers: &mut [Box<dyn Layer>], x: &Tensor, offset: usize| {
-            layers
-                .iter_mut()
-                .try_fold(x.clone(), |h, l| l.forward_incremental(&h, offset))
-                .unwrap()
+            layers.iter_mut().try_fold(x.clone(), |h, l| l.forward_incremental(&h, offset)).unwrap()
         };
         let all = ids(&data, b, t);
         let mut pieces = vec![step(&mut layers, &all.narrow(1, 0, 3).unwrap(), 0)];
@@ -1346,44 +1096,18 @@ mod tests {
             pieces.push(step(&mut layers, &all.narrow(1, pos, 1).unwrap(), pos));
         }
         let cached = Tensor::cat(&pieces, 1).unwrap();
-        let diff = (&full - &cached)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            diff < 1e-5,
-            "cached logits differ from the full forward by {diff}"
-        );
+        let diff = (&full - &cached).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "cached logits differ from the full forward by {diff}");
         // Starting again at 0 forgets the old sequence: same logits as the first time.
         let again = step(&mut layers, &all.narrow(1, 0, 3).unwrap(), 0);
-        let d = (&again - &pieces[0])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = (&again - &pieces[0]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(d, 0.0);
         let e = layers[1]
-            .forward_incremental(
-                &Tensor::zeros((2, 1, 64), DType::F32, &Device::Cpu).unwrap(),
-                7,
-            )
+            .forward_incremental(&Tensor::zeros((2, 1, 64), DType::F32, &Device::Cpu).unwrap(), 7)
             .unwrap_err();
         assert!(e.to_string().contains("but 3 positions are cached"), "{e}");
-        let e = layers[0]
-            .forward_incremental(&ids(&[1, 2], 1, 2), 63)
-            .unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("positions 63..65 exceed the model's context length 64"),
-            "{e}"
-        );
+        let e = layers[0].forward_incremental(&ids(&[1, 2], 1, 2), 63).unwrap_err();
+        assert!(e.to_string().contains("positions 63..65 exceed the model's context length 64"), "{e}");
     }
 
     #[test]
@@ -1393,19 +1117,10 @@ mod tests {
         let mut layers = build_all(&model, &mut store);
         let emb = &mut layers[0];
         let too_long: Vec<u32> = vec![1; 65];
-        let e = emb
-            .forward(&ids(&too_long, 1, 65), Mode::Train)
-            .unwrap_err()
-            .to_string();
+        let e = emb.forward(&ids(&too_long, 1, 65), Mode::Train).unwrap_err().to_string();
         assert!(e.contains("exceeds the model's context length 64"), "{e}");
-        let e = emb
-            .forward(&ids(&[1, 256], 1, 2), Mode::Train)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("token id 256 is out of range for vocabulary size 256"),
-            "{e}"
-        );
+        let e = emb.forward(&ids(&[1, 256], 1, 2), Mode::Train).unwrap_err().to_string();
+        assert!(e.contains("token id 256 is out of range for vocabulary size 256"), "{e}");
         let neg = Tensor::from_slice(&[1i64, -1], (1, 2), &Device::Cpu).unwrap();
         let e = emb.forward(&neg, Mode::Train).unwrap_err().to_string();
         assert!(e.contains("token id -1"), "{e}");
@@ -1413,23 +1128,13 @@ mod tests {
         let e = emb.forward(&floats, Mode::Train).unwrap_err().to_string();
         assert!(e.contains("integer token ids"), "{e}");
         let flat = Tensor::from_slice(&[1u32, 2], 2, &Device::Cpu).unwrap();
-        assert!(emb
-            .forward(&flat, Mode::Train)
-            .unwrap_err()
-            .to_string()
-            .contains("(B, T)"));
+        assert!(emb.forward(&flat, Mode::Train).unwrap_err().to_string().contains("(B, T)"));
         let wrong_width = Tensor::zeros((1, 2, 32), DType::F32, &Device::Cpu).unwrap();
-        let e = layers[1]
-            .forward(&wrong_width, Mode::Train)
-            .unwrap_err()
-            .to_string();
+        let e = layers[1].forward(&wrong_width, Mode::Train).unwrap_err().to_string();
         assert!(e.contains("GPT block expects hidden states"), "{e}");
 
         let e = GptConfig::preset("gpt3").unwrap_err().to_string();
-        assert!(
-            e.contains("unknown model preset `gpt3`") && e.contains("gpt2-medium"),
-            "{e}"
-        );
+        assert!(e.contains("unknown model preset `gpt3`") && e.contains("gpt2-medium"), "{e}");
         let e = GptConfig::custom(10, 8, 10, 1, 3).unwrap_err().to_string();
         assert!(e.contains("divisible"), "{e}");
         assert!(Gpt::new(tiny().with_n_layer(0)).is_err());
@@ -1437,18 +1142,13 @@ mod tests {
 
     #[test]
     fn config_serde_and_overrides() {
-        let cfg = GptConfig::preset("gpt2")
-            .unwrap()
-            .with_n_layer(6)
-            .with_n_positions(256);
+        let cfg = GptConfig::preset("gpt2").unwrap().with_n_layer(6).with_n_positions(256);
         let json = serde_json::to_string(&cfg).unwrap();
         let back: GptConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(back, cfg);
         // Epsilon defaults when absent, as in HF config files that omit it.
-        let back: GptConfig = serde_json::from_str(
-            r#"{"vocab_size":256,"n_positions":64,"n_embd":64,"n_layer":2,"n_head":4}"#,
-        )
-        .unwrap();
+        let back: GptConfig =
+            serde_json::from_str(r#"{"vocab_size":256,"n_positions":64,"n_embd":64,"n_layer":2,"n_head":4}"#).unwrap();
         assert_eq!(back, tiny());
         assert_eq!(Gpt::new(back).unwrap().name(), "gpt-tiny");
         assert!(Gpt::new(cfg).unwrap().name().starts_with("gpt(vocab=50257"));
@@ -1460,13 +1160,8 @@ mod tests {
         let layers = model.layers();
         let specs = layers[1].params();
         let get = |n: &str| specs.iter().find(|p| p.name == n).unwrap().clone();
-        assert_eq!(
-            get("transformer.h.0.attn.c_attn.weight").init,
-            Init::Normal { std: 0.02 }
-        );
-        let proj = Init::Normal {
-            std: 0.02 / 24f64.sqrt(),
-        };
+        assert_eq!(get("transformer.h.0.attn.c_attn.weight").init, Init::Normal { std: 0.02 });
+        let proj = Init::Normal { std: 0.02 / 24f64.sqrt() };
         assert_eq!(get("transformer.h.0.attn.c_proj.weight").init, proj);
         assert_eq!(get("transformer.h.0.mlp.c_proj.weight").init, proj);
         assert_eq!(get("transformer.h.0.mlp.c_fc.bias").init, Init::Zeros);

@@ -52,7 +52,9 @@ pub fn gpt_config_from_hf(value: &Value) -> Result<GptConfig, ModelError> {
     }
     let size = |key: &str, default: Option<usize>| -> Result<usize, ModelError> {
         match value.get(key) {
-            Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| bad(format!("{key} must be a positive integer, got {v}"))),
+            Some(v) => {
+                v.as_u64().map(|n| n as usize).ok_or_else(|| bad(format!("{key} must be a positive integer, got {v}")))
+            }
             None => default.ok_or_else(|| bad(format!("{key} is missing"))),
         }
     };
@@ -65,7 +67,8 @@ pub fn gpt_config_from_hf(value: &Value) -> Result<GptConfig, ModelError> {
         layer_norm_epsilon: 1e-5,
     };
     if let Some(eps) = value.get("layer_norm_epsilon") {
-        cfg.layer_norm_epsilon = eps.as_f64().ok_or_else(|| bad(format!("layer_norm_epsilon must be a number, got {eps}")))?;
+        cfg.layer_norm_epsilon =
+            eps.as_f64().ok_or_else(|| bad(format!("layer_norm_epsilon must be a number, got {eps}")))?;
     }
     if let Some(inner) = value.get("n_inner").filter(|v| !v.is_null()) {
         if inner.as_u64() != (cfg.n_embd as u64).checked_mul(4) {
@@ -74,10 +77,14 @@ pub fn gpt_config_from_hf(value: &Value) -> Result<GptConfig, ModelError> {
     }
     if let Some(act) = value.get("activation_function").and_then(Value::as_str) {
         if act != "gelu_new" && act != "gelu_pytorch_tanh" {
-            return Err(bad(format!("activation_function {act:?} is not supported (brigade uses GELU-tanh, \"gelu_new\")")));
+            return Err(bad(format!(
+                "activation_function {act:?} is not supported (brigade uses GELU-tanh, \"gelu_new\")"
+            )));
         }
     }
-    for (key, expected) in [("scale_attn_by_inverse_layer_idx", false), ("tie_word_embeddings", true), ("scale_attn_weights", true)] {
+    for (key, expected) in
+        [("scale_attn_by_inverse_layer_idx", false), ("tie_word_embeddings", true), ("scale_attn_weights", true)]
+    {
         if let Some(v) = value.get(key).and_then(Value::as_bool) {
             if v != expected {
                 return Err(bad(format!("{key} = {v} is not supported")));

@@ -61,7 +61,8 @@ impl ModelConfig {
     }
 
     pub fn from_json(value: &serde_json::Value) -> Result<Self, ModelError> {
-        serde_json::from_value(value.clone()).map_err(|e| ModelError::InvalidConfig(format!("not a brigade model config ({e}): {value}")))
+        serde_json::from_value(value.clone())
+            .map_err(|e| ModelError::InvalidConfig(format!("not a brigade model config ({e}): {value}")))
     }
 }
 

@@ -37,8 +37,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use brigade_engine::{
-    BufferSpec, Gradients, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec,
-    ParamStore, Pass, PipelineModel, Saved,
+    BufferSpec, Gradients, Init, InputKind, Layer, LayerSpec, LossKind, Mode, ParamSpec, ParamStore, Pass,
+    PipelineModel, Saved,
 };
 use candle_core::{bail, DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -96,20 +96,9 @@ impl ResNetConfig {
             "resnet18" => (BlockKind::BasicBlock, [2, 2, 2, 2], TV, 1000),
             "resnet34" => (BlockKind::BasicBlock, [3, 4, 6, 3], TV, 1000),
             "resnet50" => (BlockKind::Bottleneck, [3, 4, 6, 3], TV, 1000),
-            _ => {
-                return Err(ModelError::UnknownPreset {
-                    name: name.to_string(),
-                    valid: PRESET_NAMES.to_vec(),
-                })
-            }
+            _ => return Err(ModelError::UnknownPreset { name: name.to_string(), valid: PRESET_NAMES.to_vec() }),
         };
-        Ok(Self {
-            block,
-            layers,
-            widths,
-            num_classes,
-            in_channels: 3,
-        })
+        Ok(Self { block, layers, widths, num_classes, in_channels: 3 })
     }
 
     /// A config with stage widths `base, 2·base, 4·base, 8·base`, 3 input channels, validated.
@@ -121,13 +110,7 @@ impl ResNetConfig {
     ) -> std::result::Result<Self, ModelError> {
         let base_width = base_width.min(RESNET_MAX_SIZE + 1); // validate names it; no overflow
         let widths = [base_width, 2 * base_width, 4 * base_width, 8 * base_width];
-        let cfg = Self {
-            block,
-            layers,
-            widths,
-            num_classes,
-            in_channels: 3,
-        };
+        let cfg = Self { block, layers, widths, num_classes, in_channels: 3 };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -151,10 +134,7 @@ impl ResNetConfig {
             )));
         }
         if self.widths.contains(&0) {
-            return Err(ModelError::InvalidConfig(format!(
-                "ResNet widths must be positive, got {:?}",
-                self.widths
-            )));
+            return Err(ModelError::InvalidConfig(format!("ResNet widths must be positive, got {:?}", self.widths)));
         }
         // Far above torchvision's largest (ResNet-152: 36 blocks, widths to 512).
         let sizes = self.layers.iter().chain(&self.widths).chain([&self.num_classes, &self.in_channels]);
@@ -166,8 +146,11 @@ impl ResNetConfig {
         }
         // An upper bound on the parameters (a bottleneck block of width w has under 512·w²;
         // u128 cannot overflow under the bounds above).
-        let blocks: u128 = self.layers.iter().zip(&self.widths).map(|(&n, &w)| n as u128 * 512 * (w as u128).pow(2)).sum();
-        let params = blocks + 4 * (self.widths[3] as u128) * (self.num_classes as u128) + 49 * (self.in_channels as u128) * (self.widths[0] as u128);
+        let blocks: u128 =
+            self.layers.iter().zip(&self.widths).map(|(&n, &w)| n as u128 * 512 * (w as u128).pow(2)).sum();
+        let params = blocks
+            + 4 * (self.widths[3] as u128) * (self.num_classes as u128)
+            + 49 * (self.in_channels as u128) * (self.widths[0] as u128);
         if params > crate::gpt::MAX_PARAMS {
             return Err(ModelError::InvalidConfig(format!(
                 "ResNet with layers {:?} and widths {:?} has up to ~{params} parameters, more than brigade supports ({})",
@@ -203,17 +186,12 @@ impl ResNet {
         cfg.validate()?;
         let arch_match = PRESET_NAMES.iter().find_map(|p| {
             let preset = ResNetConfig::preset(p).ok()?;
-            let same_arch = preset.block == cfg.block
-                && preset.layers == cfg.layers
-                && preset.widths == cfg.widths;
+            let same_arch = preset.block == cfg.block && preset.layers == cfg.layers && preset.widths == cfg.widths;
             same_arch.then_some((*p, preset))
         });
         let name = match arch_match {
             Some((p, preset)) if preset == cfg => p.to_string(),
-            Some((p, _)) => format!(
-                "{p}(classes={}, in_channels={})",
-                cfg.num_classes, cfg.in_channels
-            ),
+            Some((p, _)) => format!("{p}(classes={}, in_channels={})", cfg.num_classes, cfg.in_channels),
             None => format!(
                 "resnet({:?}, layers={:?}, widths={:?}, classes={}, in_channels={})",
                 cfg.block, cfg.layers, cfg.widths, cfg.num_classes, cfg.in_channels
@@ -238,10 +216,7 @@ pub fn model_from_preset(name: &str) -> std::result::Result<Arc<dyn PipelineMode
 
 impl PipelineModel for ResNet {
     fn mixed_precision(&self) -> std::result::Result<(), String> {
-        Err(
-            "ResNet's layers compute in f32 only for now (BatchNorm keeps f32 statistics): use f32"
-                .into(),
-        )
+        Err("ResNet's layers compute in f32 only for now (BatchNorm keeps f32 statistics): use f32".into())
     }
 
     fn config(&self) -> serde_json::Value {
@@ -256,10 +231,7 @@ impl PipelineModel for ResNet {
         let cfg = &self.cfg;
         let expansion = cfg.block.expansion();
         let mut layers: Vec<Arc<dyn LayerSpec>> = Vec::new();
-        layers.push(Arc::new(StemSpec {
-            in_channels: cfg.in_channels,
-            width: cfg.widths[0],
-        }));
+        layers.push(Arc::new(StemSpec { in_channels: cfg.in_channels, width: cfg.widths[0] }));
         let mut in_planes = cfg.widths[0];
         for (stage, (&blocks, &planes)) in cfg.layers.iter().zip(&cfg.widths).enumerate() {
             for i in 0..blocks {
@@ -276,10 +248,7 @@ impl PipelineModel for ResNet {
                 in_planes = planes * expansion;
             }
         }
-        layers.push(Arc::new(HeadSpec {
-            in_features: in_planes,
-            num_classes: cfg.num_classes,
-        }));
+        layers.push(Arc::new(HeadSpec { in_features: in_planes, num_classes: cfg.num_classes }));
         layers
     }
 
@@ -288,9 +257,7 @@ impl PipelineModel for ResNet {
     }
 
     fn input(&self) -> InputKind {
-        InputKind::Images {
-            channels: self.cfg.in_channels,
-        }
+        InputKind::Images { channels: self.cfg.in_channels }
     }
 
     fn num_classes(&self) -> usize {
@@ -317,11 +284,8 @@ impl ConvBnPlan {
     /// The BatchNorm's running statistics, named and shaped as torchvision's state dict.
     fn buffer_specs(&self) -> [BufferSpec; 3] {
         let c = self.c_out;
-        let spec = |suffix: &str, shape: Vec<usize>, dtype| BufferSpec {
-            name: format!("{}.{suffix}", self.bn),
-            shape,
-            dtype,
-        };
+        let spec =
+            |suffix: &str, shape: Vec<usize>, dtype| BufferSpec { name: format!("{}.{suffix}", self.bn), shape, dtype };
         [
             spec("running_mean", vec![c], DType::F32),
             spec("running_var", vec![c], DType::F32),
@@ -332,11 +296,7 @@ impl ConvBnPlan {
     fn specs(&self) -> [ParamSpec; 3] {
         let k = self.kernel;
         [
-            ParamSpec::new(
-                format!("{}.weight", self.conv),
-                &[self.c_out, self.c_in, k, k],
-                Init::KaimingNormalFanOut,
-            ),
+            ParamSpec::new(format!("{}.weight", self.conv), &[self.c_out, self.c_in, k, k], Init::KaimingNormalFanOut),
             ParamSpec::new(format!("{}.weight", self.bn), &[self.c_out], Init::Ones),
             ParamSpec::new(format!("{}.bias", self.bn), &[self.c_out], Init::Zeros),
         ]
@@ -352,12 +312,7 @@ impl ConvBnPlan {
                 stride: self.stride,
                 padding: self.padding,
             },
-            bn: BatchNorm2d::new(
-                self.bn.clone(),
-                store.get(&gamma)?,
-                store.get(&beta)?,
-                &device,
-            )?,
+            bn: BatchNorm2d::new(self.bn.clone(), store.get(&gamma)?, store.get(&beta)?, &device)?,
         })
     }
 }
@@ -390,15 +345,8 @@ impl Conv2d {
     /// gradient over the batch (batch and channel axes swapped), the stride becoming a dilation.
     fn backward_weight(&self, x: &Tensor, dy: &Tensor, grads: &mut Gradients) -> Result<()> {
         let (_, _, kh, kw) = self.weight.dims4()?;
-        let dw = x
-            .transpose(0, 1)?
-            .conv2d(&dy.transpose(0, 1)?, self.padding, 1, self.stride, 1)?
-            .transpose(0, 1)?;
-        let dw = if dw.dim(2)? != kh || dw.dim(3)? != kw {
-            dw.narrow(2, 0, kh)?.narrow(3, 0, kw)?
-        } else {
-            dw
-        };
+        let dw = x.transpose(0, 1)?.conv2d(&dy.transpose(0, 1)?, self.padding, 1, self.stride, 1)?.transpose(0, 1)?;
+        let dw = if dw.dim(2)? != kh || dw.dim(3)? != kw { dw.narrow(2, 0, kh)?.narrow(3, 0, kw)? } else { dw };
         grads.add(&self.weight_name, &dw)
     }
 }
@@ -415,12 +363,7 @@ struct BatchNorm2d {
 }
 
 impl BatchNorm2d {
-    fn new(
-        name: String,
-        weight: Tensor,
-        bias: Tensor,
-        device: &candle_core::Device,
-    ) -> Result<Self> {
+    fn new(name: String, weight: Tensor, bias: Tensor, device: &candle_core::Device) -> Result<Self> {
         let c = weight.dim(0)?;
         Ok(Self {
             name,
@@ -440,12 +383,7 @@ impl BatchNorm2d {
     fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         if c != self.channels() {
-            bail!(
-                "{}: expected {} channels, got input {:?}",
-                self.name,
-                self.channels(),
-                x.dims()
-            );
+            bail!("{}: expected {} channels, got input {:?}", self.name, self.channels(), x.dims());
         }
         let per_channel = (1, c, 1, 1);
         let normed = match mode {
@@ -466,8 +404,7 @@ impl BatchNorm2d {
                 // Running statistics: detached, unbiased variance, PyTorch's momentum rule.
                 let m = BN_MOMENTUM;
                 let batch_mean = mean.detach().flatten_all()?;
-                let batch_var =
-                    (var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?;
+                let batch_var = (var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?;
                 self.running_mean = ((&self.running_mean * (1.0 - m))? + (batch_mean * m)?)?;
                 self.running_var = ((&self.running_var * (1.0 - m))? + (batch_var * m)?)?;
                 self.num_batches_tracked += 1;
@@ -479,9 +416,7 @@ impl BatchNorm2d {
                 x.broadcast_sub(&mean)?.broadcast_div(&std)?
             }
         };
-        normed
-            .broadcast_mul(&self.weight.reshape(per_channel)?)?
-            .broadcast_add(&self.bias.reshape(per_channel)?)
+        normed.broadcast_mul(&self.weight.reshape(per_channel)?)?.broadcast_add(&self.bias.reshape(per_channel)?)
     }
 
     /// Training forward of the explicit path: normalises with the micro-batch's statistics
@@ -490,12 +425,7 @@ impl BatchNorm2d {
     fn forward_train(&mut self, x: &Tensor, pass: Pass) -> Result<(Tensor, Tensor, Tensor)> {
         let (n, c, h, w) = x.dims4()?;
         if c != self.channels() {
-            bail!(
-                "{}: expected {} channels, got input {:?}",
-                self.name,
-                self.channels(),
-                x.dims()
-            );
+            bail!("{}: expected {} channels, got input {:?}", self.name, self.channels(), x.dims());
         }
         let count = n * h * w;
         if count < 2 {
@@ -528,20 +458,14 @@ impl BatchNorm2d {
     /// The input gradient from the normalised input and standard deviation, with the gain and
     /// bias gradients (per-channel reductions the input gradient needs anyway):
     /// `dx = γ/σ · (dy − mean(dy) − x̂ · mean(dy · x̂))`.
-    fn backward(
-        &self,
-        normed: &Tensor,
-        std: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    fn backward(&self, normed: &Tensor, std: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (n, c, h, w) = dy.dims4()?;
         let count = (n * h * w) as f64;
         let dbias = dy.sum_keepdim((0, 2, 3))?; // (1, C, 1, 1)
         let dweight = (dy * normed)?.sum_keepdim((0, 2, 3))?;
         let gain = self.weight.reshape((1, c, 1, 1))?.broadcast_div(std)?;
-        let centered = dy
-            .broadcast_sub(&(&dbias / count)?)?
-            .broadcast_sub(&normed.broadcast_mul(&(&dweight / count)?)?)?;
+        let centered =
+            dy.broadcast_sub(&(&dbias / count)?)?.broadcast_sub(&normed.broadcast_mul(&(&dweight / count)?)?)?;
         let dx = centered.broadcast_mul(&gain)?;
         Ok((dx, dweight.flatten_all()?, dbias.flatten_all()?))
     }
@@ -549,14 +473,8 @@ impl BatchNorm2d {
     fn buffers(&self) -> Vec<(String, Tensor)> {
         let nbt = Tensor::new(self.num_batches_tracked, self.running_mean.device());
         let mut out = vec![
-            (
-                format!("{}.running_mean", self.name),
-                self.running_mean.clone(),
-            ),
-            (
-                format!("{}.running_var", self.name),
-                self.running_var.clone(),
-            ),
+            (format!("{}.running_mean", self.name), self.running_mean.clone()),
+            (format!("{}.running_var", self.name), self.running_var.clone()),
         ];
         // A 0-dim i64 tensor cannot fail to build on a live device; skip it if it somehow did.
         if let Ok(nbt) = nbt {
@@ -571,30 +489,16 @@ impl BatchNorm2d {
         let c = self.channels();
         let mut take = |suffix: &str| -> Result<Tensor> {
             let key = format!("{}.{suffix}", self.name);
-            buffers
-                .remove(&key)
-                .ok_or_else(|| candle_core::Error::Msg(format!("missing buffer {key}")))
+            buffers.remove(&key).ok_or_else(|| candle_core::Error::Msg(format!("missing buffer {key}")))
         };
-        let (mean, var, nbt) = (
-            take("running_mean")?,
-            take("running_var")?,
-            take("num_batches_tracked")?,
-        );
+        let (mean, var, nbt) = (take("running_mean")?, take("running_var")?, take("num_batches_tracked")?);
         for (what, t) in [("running_mean", &mean), ("running_var", &var)] {
             if t.dims() != [c] {
-                bail!(
-                    "buffer {}.{what}: expected shape [{c}], got {:?}",
-                    self.name,
-                    t.dims()
-                );
+                bail!("buffer {}.{what}: expected shape [{c}], got {:?}", self.name, t.dims());
             }
         }
         if nbt.elem_count() != 1 {
-            bail!(
-                "buffer {}.num_batches_tracked: expected a scalar, got {:?}",
-                self.name,
-                nbt.dims()
-            );
+            bail!("buffer {}.num_batches_tracked: expected a scalar, got {:?}", self.name, nbt.dims());
         }
         self.running_mean = mean.to_dtype(DType::F32)?.to_device(&device)?;
         self.running_var = var.to_dtype(DType::F32)?.to_device(&device)?;
@@ -631,14 +535,7 @@ impl ConvBn {
 
     fn forward_train(&mut self, x: &Tensor, pass: Pass) -> Result<(Tensor, ConvBnSaved)> {
         let (y, normed, std) = self.bn.forward_train(&self.conv.forward(x)?, pass)?;
-        Ok((
-            y,
-            ConvBnSaved {
-                x: x.clone(),
-                normed,
-                std,
-            },
-        ))
+        Ok((y, ConvBnSaved { x: x.clone(), normed, std }))
     }
 
     /// The input gradient (when `need_dx`) and what the weight step needs.
@@ -649,20 +546,8 @@ impl ConvBn {
         need_dx: bool,
     ) -> Result<(Option<Tensor>, ConvBnWeightGrads)> {
         let (dconv_out, dgamma, dbeta) = self.bn.backward(&s.normed, &s.std, dy)?;
-        let dx = if need_dx {
-            Some(self.conv.backward_input(s.x.dims(), &dconv_out)?)
-        } else {
-            None
-        };
-        Ok((
-            dx,
-            ConvBnWeightGrads {
-                x: s.x,
-                dconv_out,
-                dgamma,
-                dbeta,
-            },
-        ))
+        let dx = if need_dx { Some(self.conv.backward_input(s.x.dims(), &dconv_out)?) } else { None };
+        Ok((dx, ConvBnWeightGrads { x: s.x, dconv_out, dgamma, dbeta }))
     }
 
     fn backward_weight(&self, w: &ConvBnWeightGrads, grads: &mut Gradients) -> Result<()> {
@@ -710,10 +595,7 @@ fn load_bn_buffers<'a>(
 fn check_images(x: &Tensor, channels: usize, what: &str) -> Result<()> {
     match x.dims() {
         &[_, c, _, _] if c == channels => {}
-        &[_, c, _, _] => bail!(
-            "{what} expects {channels} input channels, got {c} (input {:?})",
-            x.dims()
-        ),
+        &[_, c, _, _] => bail!("{what} expects {channels} input channels, got {c} (input {:?})", x.dims()),
         dims => bail!("{what} expects a 4-D input (N, {channels}, H, W), got {dims:?}"),
     }
     if x.dtype() != DType::F32 {
@@ -759,10 +641,7 @@ impl LayerSpec for StemSpec {
     }
 
     fn build(&self, store: &mut ParamStore) -> Result<Box<dyn Layer>> {
-        Ok(Box::new(Stem {
-            in_channels: self.in_channels,
-            conv_bn: self.plan().build(store)?,
-        }))
+        Ok(Box::new(Stem { in_channels: self.in_channels, conv_bn: self.plan().build(store)? }))
     }
 }
 
@@ -789,12 +668,7 @@ impl Layer for Stem {
         Ok((y, saved))
     }
 
-    fn backward_input(
-        &mut self,
-        saved: Saved,
-        dy: &Tensor,
-        need_dx: bool,
-    ) -> Result<(Option<Tensor>, Saved)> {
+    fn backward_input(&mut self, saved: Saved, dy: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
         let (unit, h): (ConvBnSaved, Tensor) = saved.take("ResNet stem")?;
         let dh = relu_backward(&h, &brigade_kernels::max_pool2d_backward(&h, dy, 3, 2, 1)?)?;
         let (dx, w) = self.conv_bn.backward_input(unit, &dh, need_dx)?;
@@ -804,8 +678,7 @@ impl Layer for Stem {
     }
 
     fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
-        self.conv_bn
-            .backward_weight(&saved.take::<ConvBnWeightGrads>("ResNet stem")?, grads)
+        self.conv_bn.backward_weight(&saved.take::<ConvBnWeightGrads>("ResNet stem")?, grads)
     }
 
     fn buffers(&self) -> Vec<(String, Tensor)> {
@@ -845,10 +718,7 @@ impl BlockSpec {
         let (planes, s) = (self.planes, self.stride);
         let main = match self.kind {
             BlockKind::BasicBlock => {
-                vec![
-                    unit(1, self.in_planes, planes, 3, s),
-                    unit(2, planes, planes, 3, 1),
-                ]
+                vec![unit(1, self.in_planes, planes, 3, s), unit(2, planes, planes, 3, 1)]
             }
             // v1.5: the stride sits on the 3×3 conv, not the first 1×1.
             BlockKind::Bottleneck => vec![
@@ -878,18 +748,12 @@ impl LayerSpec for BlockSpec {
 
     fn params(&self) -> Vec<ParamSpec> {
         let (main, downsample) = self.plan();
-        main.iter()
-            .chain(&downsample)
-            .flat_map(|u| u.specs())
-            .collect()
+        main.iter().chain(&downsample).flat_map(|u| u.specs()).collect()
     }
 
     fn buffer_specs(&self) -> Vec<BufferSpec> {
         let (main, downsample) = self.plan();
-        main.iter()
-            .chain(&downsample)
-            .flat_map(|u| u.buffer_specs())
-            .collect()
+        main.iter().chain(&downsample).flat_map(|u| u.buffer_specs()).collect()
     }
 
     fn build(&self, store: &mut ParamStore) -> Result<Box<dyn Layer>> {
@@ -954,32 +818,14 @@ impl Layer for Block {
             None => (x.clone(), None),
         };
         let y = (out + identity)?.relu()?;
-        let mut keep: Vec<Tensor> = units
-            .iter()
-            .chain(&shortcut)
-            .flat_map(|u| u.tensors())
-            .cloned()
-            .collect();
+        let mut keep: Vec<Tensor> = units.iter().chain(&shortcut).flat_map(|u| u.tensors()).cloned().collect();
         keep.extend(relus.iter().cloned());
         keep.push(y.clone());
-        let saved = Saved::with_handles(
-            BlockSaved {
-                units,
-                relus,
-                shortcut,
-                y: y.clone(),
-            },
-            keep,
-        );
+        let saved = Saved::with_handles(BlockSaved { units, relus, shortcut, y: y.clone() }, keep);
         Ok((y, saved))
     }
 
-    fn backward_input(
-        &mut self,
-        saved: Saved,
-        dy: &Tensor,
-        need_dx: bool,
-    ) -> Result<(Option<Tensor>, Saved)> {
+    fn backward_input(&mut self, saved: Saved, dy: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
         let s: BlockSaved = saved.take(&self.name)?;
         let dsum = relu_backward(&s.y, dy)?;
         let mut weights = Vec::with_capacity(self.main.len());
@@ -988,8 +834,7 @@ impl Layer for Block {
         for (unit, saved) in self.main.iter().zip(s.units).rev() {
             let (dx, w) = unit.backward_input(saved, &grad, true)?;
             weights.push(w);
-            grad =
-                dx.ok_or_else(|| candle_core::Error::Msg("conv+BN gave no input gradient".into()))?;
+            grad = dx.ok_or_else(|| candle_core::Error::Msg("conv+BN gave no input gradient".into()))?;
             if let Some(relu_out) = relus.pop() {
                 grad = relu_backward(&relu_out, &grad)?;
             }
@@ -998,34 +843,19 @@ impl Layer for Block {
         let (dshortcut, shortcut) = match (&self.downsample, s.shortcut) {
             (Some(ds), Some(saved)) => {
                 let (dx, w) = ds.backward_input(saved, &dsum, true)?;
-                (
-                    dx.ok_or_else(|| {
-                        candle_core::Error::Msg("downsample gave no input gradient".into())
-                    })?,
-                    Some(w),
-                )
+                (dx.ok_or_else(|| candle_core::Error::Msg("downsample gave no input gradient".into()))?, Some(w))
             }
             (None, None) => (dsum, None),
             _ => bail!("{}: saved state does not match the shortcut", self.name),
         };
-        let dx = if need_dx {
-            Some((grad + dshortcut)?)
-        } else {
-            None
-        };
-        let keep = weights
-            .iter()
-            .chain(&shortcut)
-            .flat_map(|w| w.tensors())
-            .cloned()
-            .collect();
+        let dx = if need_dx { Some((grad + dshortcut)?) } else { None };
+        let keep = weights.iter().chain(&shortcut).flat_map(|w| w.tensors()).cloned().collect();
         let saved = Saved::with_handles((weights, shortcut), keep);
         Ok((dx, saved))
     }
 
     fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
-        let (weights, shortcut): (Vec<ConvBnWeightGrads>, Option<ConvBnWeightGrads>) =
-            saved.take(&self.name)?;
+        let (weights, shortcut): (Vec<ConvBnWeightGrads>, Option<ConvBnWeightGrads>) = saved.take(&self.name)?;
         for (unit, w) in self.main.iter().zip(&weights) {
             unit.backward_weight(w, grads)?;
         }
@@ -1036,19 +866,11 @@ impl Layer for Block {
     }
 
     fn buffers(&self) -> Vec<(String, Tensor)> {
-        self.main
-            .iter()
-            .chain(&self.downsample)
-            .flat_map(|u| u.bn.buffers())
-            .collect()
+        self.main.iter().chain(&self.downsample).flat_map(|u| u.bn.buffers()).collect()
     }
 
     fn load_buffers(&mut self, buffers: &HashMap<String, Tensor>) -> Result<()> {
-        let bns = self
-            .main
-            .iter_mut()
-            .chain(self.downsample.as_mut())
-            .map(|u| &mut u.bn);
+        let bns = self.main.iter_mut().chain(self.downsample.as_mut()).map(|u| &mut u.bn);
         load_bn_buffers(bns, buffers)
     }
 }
@@ -1079,11 +901,7 @@ impl LayerSpec for HeadSpec {
     fn params(&self) -> Vec<ParamSpec> {
         let bound = 1.0 / (self.in_features as f64).sqrt();
         vec![
-            ParamSpec::new(
-                "fc.weight",
-                &[self.num_classes, self.in_features],
-                Init::Uniform { bound },
-            ),
+            ParamSpec::new("fc.weight", &[self.num_classes, self.in_features], Init::Uniform { bound }),
             ParamSpec::new("fc.bias", &[self.num_classes], Init::Uniform { bound }),
         ]
     }
@@ -1091,11 +909,7 @@ impl LayerSpec for HeadSpec {
     fn build(&self, store: &mut ParamStore) -> Result<Box<dyn Layer>> {
         let [w, b] = <[ParamSpec; 2]>::try_from(self.params())
             .map_err(|_| candle_core::Error::Msg("fc: expected two parameters".into()))?;
-        Ok(Box::new(Head {
-            in_features: self.in_features,
-            weight: store.get(&w)?,
-            bias: store.get(&b)?,
-        }))
+        Ok(Box::new(Head { in_features: self.in_features, weight: store.get(&w)?, bias: store.get(&b)? }))
     }
 }
 
@@ -1116,33 +930,17 @@ impl Layer for Head {
     fn forward_train(&mut self, x: &Tensor, _pass: Pass) -> Result<(Tensor, Saved)> {
         check_images(x, self.in_features, "ResNet head")?;
         let pooled = x.mean((2, 3))?; // (N, C)
-        let y = pooled
-            .matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)?;
-        Ok((
-            y,
-            Saved::new((pooled.clone(), x.dims().to_vec()), &[&pooled]),
-        ))
+        let y = pooled.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+        Ok((y, Saved::new((pooled.clone(), x.dims().to_vec()), &[&pooled])))
     }
 
-    fn backward_input(
-        &mut self,
-        saved: Saved,
-        dy: &Tensor,
-        _need_dx: bool,
-    ) -> Result<(Option<Tensor>, Saved)> {
+    fn backward_input(&mut self, saved: Saved, dy: &Tensor, _need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
         let (pooled, dims): (Tensor, Vec<usize>) = saved.take("ResNet head")?;
         let (n, c, h, w) = (dims[0], dims[1], dims[2], dims[3]);
         // The mean over H·W spreads each channel's gradient evenly over its positions.
         let dpooled = (dy.matmul(&self.weight)? / (h * w) as f64)?; // (N, C)
-        let dx = dpooled
-            .reshape((n, c, 1, 1))?
-            .broadcast_as((n, c, h, w))?
-            .contiguous()?;
-        Ok((
-            Some(dx),
-            Saved::new((pooled.clone(), dy.clone()), &[&pooled, dy]),
-        ))
+        let dx = dpooled.reshape((n, c, 1, 1))?.broadcast_as((n, c, h, w))?.contiguous()?;
+        Ok((Some(dx), Saved::new((pooled.clone(), dy.clone()), &[&pooled, dy])))
     }
 
     fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
@@ -1162,17 +960,14 @@ mod tests {
         assert!(e.contains("is larger than brigade supports"), "{e}");
         let e = ResNetConfig::custom(BlockKind::Bottleneck, [1 << 20, 1, 1, 1], 1 << 12, 10).unwrap_err().to_string();
         assert!(e.contains("parameters, more than brigade supports"), "{e}");
-        ResNetConfig::custom(BlockKind::Bottleneck, [3, 8, 36, 3], 64, 1000).unwrap(); // ResNet-152
+        ResNetConfig::custom(BlockKind::Bottleneck, [3, 8, 36, 3], 64, 1000).unwrap();
+        // ResNet-152
     }
     use brigade_engine::layer::unique_params;
     use candle_core::{Device, Var};
 
     fn build_all(model: &dyn PipelineModel, store: &mut ParamStore) -> Vec<Box<dyn Layer>> {
-        model
-            .layers()
-            .iter()
-            .map(|l| l.build(store).unwrap())
-            .collect()
+        model.layers().iter().map(|l| l.build(store).unwrap()).collect()
     }
 
     fn run(layers: &mut [Box<dyn Layer>], x: &Tensor, mode: Mode) -> Result<Tensor> {
@@ -1185,33 +980,19 @@ mod tests {
 
     /// Deterministic pseudo-random images in [-1, 1].
     fn images(n: usize, c: usize, hw: usize) -> Tensor {
-        let data: Vec<f32> = (0..n * c * hw * hw)
-            .map(|i| ((i * 7919 % 1009) as f32 / 504.5) - 1.0)
-            .collect();
+        let data: Vec<f32> = (0..n * c * hw * hw).map(|i| ((i * 7919 % 1009) as f32 / 504.5) - 1.0).collect();
         Tensor::from_vec(data, (n, c, hw, hw), &Device::Cpu).unwrap()
     }
 
     #[test]
     fn param_counts_match_torchvision() {
-        for (name, n) in [
-            ("resnet18", 11_689_512usize),
-            ("resnet34", 21_797_672),
-            ("resnet50", 25_557_032),
-        ] {
+        for (name, n) in [("resnet18", 11_689_512usize), ("resnet34", 21_797_672), ("resnet50", 25_557_032)] {
             assert_eq!(ResNet::from_preset(name).unwrap().num_params(), n, "{name}");
         }
         // resnet-tiny by hand: stem 8·3·49 + 16; layer1.0 2·(8·8·9) + 32;
         // layer2.0 16·8·9 + 16·16·9 + 64 + (16·8 + 32); layer3.0, layer4.0 likewise; fc 64·10 + 10.
-        let by_hand = (1176 + 16)
-            + (1152 + 32)
-            + (3456 + 64 + 160)
-            + (13824 + 128 + 576)
-            + (55296 + 256 + 2176)
-            + 650;
-        assert_eq!(
-            ResNet::from_preset("resnet-tiny").unwrap().num_params(),
-            by_hand
-        );
+        let by_hand = (1176 + 16) + (1152 + 32) + (3456 + 64 + 160) + (13824 + 128 + 576) + (55296 + 256 + 2176) + 650;
+        assert_eq!(ResNet::from_preset("resnet-tiny").unwrap().num_params(), by_hand);
     }
 
     #[test]
@@ -1222,10 +1003,7 @@ mod tests {
         assert_eq!(names[0], "stem");
         assert_eq!(
             names[1..9],
-            [
-                "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0",
-                "layer4.1"
-            ]
+            ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0", "layer4.1"]
         );
         assert_eq!(names[9], "fc");
         let params: Vec<ParamSpec> = unique_params(&model.layers());
@@ -1249,33 +1027,16 @@ mod tests {
         let r50 = ResNet::from_preset("resnet50").unwrap();
         let layers = r50.layers();
         assert_eq!(layers.len(), 1 + 16 + 1);
-        let l2 = layers
-            .iter()
-            .find(|l| l.name() == "layer2.0")
-            .unwrap()
-            .params();
+        let l2 = layers.iter().find(|l| l.name() == "layer2.0").unwrap().params();
         let shape = |n: &str| l2.iter().find(|p| p.name == n).map(|p| p.shape.clone());
         assert_eq!(shape("layer2.0.conv1.weight"), Some(vec![128, 256, 1, 1]));
         assert_eq!(shape("layer2.0.conv2.weight"), Some(vec![128, 128, 3, 3]));
         assert_eq!(shape("layer2.0.conv3.weight"), Some(vec![512, 128, 1, 1]));
-        assert_eq!(
-            shape("layer2.0.downsample.0.weight"),
-            Some(vec![512, 256, 1, 1])
-        );
-        assert!(unique_params(&layers)
-            .iter()
-            .any(|p| p.name == "layer1.0.downsample.1.bias"));
-        let fc = unique_params(&layers)
-            .into_iter()
-            .find(|p| p.name == "fc.weight")
-            .unwrap();
+        assert_eq!(shape("layer2.0.downsample.0.weight"), Some(vec![512, 256, 1, 1]));
+        assert!(unique_params(&layers).iter().any(|p| p.name == "layer1.0.downsample.1.bias"));
+        let fc = unique_params(&layers).into_iter().find(|p| p.name == "fc.weight").unwrap();
         assert_eq!(fc.shape, vec![1000, 2048]);
-        assert_eq!(
-            fc.init,
-            Init::Uniform {
-                bound: 1.0 / 2048f64.sqrt()
-            }
-        );
+        assert_eq!(fc.init, Init::Uniform { bound: 1.0 / 2048f64.sqrt() });
     }
 
     #[test]
@@ -1292,14 +1053,7 @@ mod tests {
         }
         assert_eq!(
             shapes,
-            [
-                vec![2, 8, 8, 8],
-                vec![2, 8, 8, 8],
-                vec![2, 16, 4, 4],
-                vec![2, 32, 2, 2],
-                vec![2, 64, 1, 1],
-                vec![2, 10]
-            ]
+            [vec![2, 8, 8, 8], vec![2, 8, 8, 8], vec![2, 16, 4, 4], vec![2, 32, 2, 2], vec![2, 64, 1, 1], vec![2, 10]]
         );
         assert_eq!(run(&mut layers, &x, Mode::Eval).unwrap().dims(), &[2, 10]);
 
@@ -1307,12 +1061,7 @@ mod tests {
         let model = ResNet::new(cfg).unwrap();
         let mut store = ParamStore::new(Device::Cpu, 0);
         let mut layers = build_all(&model, &mut store);
-        assert_eq!(
-            run(&mut layers, &images(2, 3, 16), Mode::Train)
-                .unwrap()
-                .dims(),
-            &[2, 7]
-        );
+        assert_eq!(run(&mut layers, &images(2, 3, 16), Mode::Train).unwrap().dims(), &[2, 7]);
     }
 
     fn bn_layer(c: usize) -> BatchNorm2d {
@@ -1338,55 +1087,23 @@ mod tests {
         let mut bn = bn_layer(2);
         // (N=1, C=2, 2, 2): channel 0 = 1,2,3,4 (mean 2.5, var 1.25, unbiased 5/3);
         // channel 1 = 0,0,0,4 (mean 1, var 3, unbiased 4).
-        let x = Tensor::from_slice(
-            &[1f32, 2., 3., 4., 0., 0., 0., 4.],
-            (1, 2, 2, 2),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let x = Tensor::from_slice(&[1f32, 2., 3., 4., 0., 0., 0., 4.], (1, 2, 2, 2), &Device::Cpu).unwrap();
         let y = bn.forward(&x, Mode::Train).unwrap();
         let (s0, s1) = ((1.25f32 + 1e-5).sqrt(), (3f32 + 1e-5).sqrt());
-        close(
-            &vals(&y),
-            &[
-                -1.5 / s0,
-                -0.5 / s0,
-                0.5 / s0,
-                1.5 / s0,
-                -1. / s1,
-                -1. / s1,
-                -1. / s1,
-                3. / s1,
-            ],
-        );
+        close(&vals(&y), &[-1.5 / s0, -0.5 / s0, 0.5 / s0, 1.5 / s0, -1. / s1, -1. / s1, -1. / s1, 3. / s1]);
         close(&vals(&bn.running_mean), &[0.25, 0.1]);
         close(&vals(&bn.running_var), &[0.9 + 0.1 * 5. / 3., 0.9 + 0.4]);
         assert_eq!(bn.num_batches_tracked, 1);
         // A second micro-batch updates again (once per micro-batch).
         bn.forward(&x, Mode::Train).unwrap();
-        close(
-            &vals(&bn.running_mean),
-            &[0.9 * 0.25 + 0.25, 0.9 * 0.1 + 0.1],
-        );
+        close(&vals(&bn.running_mean), &[0.9 * 0.25 + 0.25, 0.9 * 0.1 + 0.1]);
         assert_eq!(bn.num_batches_tracked, 2);
         // Eval uses the running statistics and leaves them alone.
         let (rm, rv) = (vals(&bn.running_mean), vals(&bn.running_var));
         let y = bn.forward(&x, Mode::Eval).unwrap();
         let e0 = |v: f32| (v - rm[0]) / (rv[0] + 1e-5).sqrt();
         let e1 = |v: f32| (v - rm[1]) / (rv[1] + 1e-5).sqrt();
-        close(
-            &vals(&y),
-            &[
-                e0(1.),
-                e0(2.),
-                e0(3.),
-                e0(4.),
-                e1(0.),
-                e1(0.),
-                e1(0.),
-                e1(4.),
-            ],
-        );
+        close(&vals(&y), &[e0(1.), e0(2.), e0(3.), e0(4.), e1(0.), e1(0.), e1(0.), e1(4.)]);
         assert_eq!(bn.num_batches_tracked, 2);
         close(&vals(&bn.running_mean), &rm);
     }
@@ -1400,24 +1117,11 @@ mod tests {
         let stem: HashMap<String, Tensor> = layers[0].buffers().into_iter().collect();
         let mut keys: Vec<_> = stem.keys().cloned().collect();
         keys.sort();
-        assert_eq!(
-            keys,
-            [
-                "bn1.num_batches_tracked",
-                "bn1.running_mean",
-                "bn1.running_var"
-            ]
-        );
+        assert_eq!(keys, ["bn1.num_batches_tracked", "bn1.running_mean", "bn1.running_var"]);
         assert_eq!(stem["bn1.num_batches_tracked"].dtype(), DType::I64);
-        assert_eq!(
-            stem["bn1.num_batches_tracked"].to_scalar::<i64>().unwrap(),
-            1
-        );
+        assert_eq!(stem["bn1.num_batches_tracked"].to_scalar::<i64>().unwrap(), 1);
         let l2: Vec<String> = layers[2].buffers().into_iter().map(|(k, _)| k).collect();
-        assert!(
-            l2.contains(&"layer2.0.downsample.1.running_var".to_string()),
-            "{l2:?}"
-        );
+        assert!(l2.contains(&"layer2.0.downsample.1.running_var".to_string()), "{l2:?}");
         assert_eq!(l2.len(), 9);
 
         // Load into a fresh model: Eval outputs then match.
@@ -1432,22 +1136,12 @@ mod tests {
         close(&ya, &yb);
 
         let mut bad = stem.clone();
-        bad.insert(
-            "bn2.running_mean".into(),
-            Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap(),
-        );
+        bad.insert("bn2.running_mean".into(), Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap());
         let e = fresh[0].load_buffers(&bad).unwrap_err().to_string();
-        assert!(
-            e.contains("unknown buffers") && e.contains("bn2.running_mean"),
-            "{e}"
-        );
+        assert!(e.contains("unknown buffers") && e.contains("bn2.running_mean"), "{e}");
         let mut missing = stem.clone();
         missing.remove("bn1.running_var");
-        assert!(fresh[0]
-            .load_buffers(&missing)
-            .unwrap_err()
-            .to_string()
-            .contains("missing buffer bn1.running_var"));
+        assert!(fresh[0].load_buffers(&missing).unwrap_err().to_string().contains("missing buffer bn1.running_var"));
     }
 
     /// Checks autograd's gradient of `loss` against central finite differences on a few entries
@@ -1462,11 +1156,9 @@ mod tests {
                 let mut eval = |delta: f32| -> f64 {
                     let mut v = base.clone();
                     v[i] += delta;
-                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
+                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
                     let l = loss().to_scalar::<f32>().unwrap() as f64;
-                    var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
+                    var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
                     l
                 };
                 let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps as f64);
@@ -1486,8 +1178,7 @@ mod tests {
     fn explicit_backward_matches_autograd_and_finite_differences() {
         use brigade_engine::gradcheck::{check_layer, finite_differences};
         for kind in [BlockKind::BasicBlock, BlockKind::Bottleneck] {
-            let model =
-                ResNet::new(ResNetConfig::custom(kind, [1, 2, 1, 1], 4, 5).unwrap()).unwrap();
+            let model = ResNet::new(ResNetConfig::custom(kind, [1, 2, 1, 1], 4, 5).unwrap()).unwrap();
             // 64×64 leaves layer4 a 2×2 map: BatchNorm on a 1×1 map with 2 images has a zero true
             // input gradient, and two implementations then only agree on rounding noise.
             let mut x = images(2, 3, 64);
@@ -1500,8 +1191,7 @@ mod tests {
                 for p in spec.params().iter().take(4) {
                     let n = p.numel();
                     let (pairs, scale) =
-                        finite_differences(spec.as_ref(), &x, 9, &p.name, &[0, n / 2, n - 1], 1e-3)
-                            .unwrap();
+                        finite_differences(spec.as_ref(), &x, 9, &p.name, &[0, n / 2, n - 1], 1e-3).unwrap();
                     for (analytic, numeric) in pairs {
                         // Judged against the whole gradient's scale, loosely: a step of 1e-3 moves a
                         // few values across ReLU and max-pool kinks, each worth an O(1) error in
@@ -1514,12 +1204,7 @@ mod tests {
                         );
                     }
                 }
-                x = spec
-                    .build(&mut store)
-                    .unwrap()
-                    .forward(&x, Mode::Train)
-                    .unwrap()
-                    .detach();
+                x = spec.build(&mut store).unwrap().forward(&x, Mode::Train).unwrap().detach();
             }
         }
     }
@@ -1541,11 +1226,7 @@ mod tests {
             "fc.bias",
         ];
         check_grads(&store, &names, 1e-3, || {
-            brigade_kernels::cross_entropy_sum(
-                &run(&mut layers, &x, Mode::Train).unwrap(),
-                &targets,
-            )
-            .unwrap()
+            brigade_kernels::cross_entropy_sum(&run(&mut layers, &x, Mode::Train).unwrap(), &targets).unwrap()
         });
     }
 
@@ -1559,17 +1240,9 @@ mod tests {
         let x = images(2, 3, 16);
         let r = images(2, 8, 4).affine(0.7, 0.1).unwrap(); // a fixed random projection
         for mode in [Mode::Train, Mode::Eval] {
-            check_grads(
-                &store,
-                &["conv1.weight", "bn1.weight", "bn1.bias"],
-                1e-3,
-                || {
-                    (stem.forward(&x, mode).unwrap() * &r)
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                },
-            );
+            check_grads(&store, &["conv1.weight", "bn1.weight", "bn1.bias"], 1e-3, || {
+                (stem.forward(&x, mode).unwrap() * &r).unwrap().sum_all().unwrap()
+            });
         }
     }
 
@@ -1578,64 +1251,33 @@ mod tests {
         let model = ResNet::from_preset("resnet-tiny").unwrap();
         let mut store = ParamStore::new(Device::Cpu, 0);
         let mut layers = build_all(&model, &mut store);
-        let e = layers[0]
-            .forward(&images(1, 1, 32), Mode::Train)
-            .unwrap_err()
-            .to_string();
+        let e = layers[0].forward(&images(1, 1, 32), Mode::Train).unwrap_err().to_string();
         assert!(e.contains("expects 3 input channels, got 1"), "{e}");
         let u8s = Tensor::zeros((1, 3, 8, 8), DType::U8, &Device::Cpu).unwrap();
-        assert!(layers[0]
-            .forward(&u8s, Mode::Train)
-            .unwrap_err()
-            .to_string()
-            .contains("f32"));
+        assert!(layers[0].forward(&u8s, Mode::Train).unwrap_err().to_string().contains("f32"));
         let flat = Tensor::zeros((3, 8, 8), DType::F32, &Device::Cpu).unwrap();
-        assert!(layers[0]
-            .forward(&flat, Mode::Train)
-            .unwrap_err()
-            .to_string()
-            .contains("4-D"));
+        assert!(layers[0].forward(&flat, Mode::Train).unwrap_err().to_string().contains("4-D"));
         // One value per channel cannot be batch-normalised in training (PyTorch refuses too).
-        let e = run(&mut layers, &images(1, 3, 32), Mode::Train)
-            .unwrap_err()
-            .to_string();
+        let e = run(&mut layers, &images(1, 3, 32), Mode::Train).unwrap_err().to_string();
         assert!(e.contains("more than one value per channel"), "{e}");
-        assert_eq!(
-            run(&mut layers, &images(1, 3, 32), Mode::Eval)
-                .unwrap()
-                .dims(),
-            &[1, 10]
-        );
+        assert_eq!(run(&mut layers, &images(1, 3, 32), Mode::Eval).unwrap().dims(), &[1, 10]);
 
         let e = ResNetConfig::preset("resnet101").unwrap_err().to_string();
-        assert!(
-            e.contains("unknown model preset `resnet101`") && e.contains("resnet50"),
-            "{e}"
-        );
+        assert!(e.contains("unknown model preset `resnet101`") && e.contains("resnet50"), "{e}");
         assert!(ResNetConfig::custom(BlockKind::BasicBlock, [1, 0, 1, 1], 8, 10).is_err());
-        assert!(ResNet::new(
-            ResNetConfig::preset("resnet18")
-                .unwrap()
-                .with_num_classes(0)
-        )
-        .is_err());
+        assert!(ResNet::new(ResNetConfig::preset("resnet18").unwrap().with_num_classes(0)).is_err());
     }
 
     #[test]
     fn config_serde_names_and_overrides() {
-        let cfg = ResNetConfig::preset("resnet50")
-            .unwrap()
-            .with_num_classes(10);
+        let cfg = ResNetConfig::preset("resnet50").unwrap().with_num_classes(10);
         let json = serde_json::to_string(&cfg).unwrap();
         assert!(json.contains("\"bottleneck\""), "{json}");
         assert_eq!(serde_json::from_str::<ResNetConfig>(&json).unwrap(), cfg);
         let model = ResNet::new(cfg).unwrap();
         assert_eq!(model.name(), "resnet50(classes=10, in_channels=3)");
         assert_eq!(model.num_classes(), 10);
-        assert_eq!(
-            ResNet::from_preset("resnet-tiny").unwrap().name(),
-            "resnet-tiny"
-        );
+        assert_eq!(ResNet::from_preset("resnet-tiny").unwrap().name(), "resnet-tiny");
         assert_eq!(model.input(), InputKind::Images { channels: 3 });
         assert_eq!(model.loss(), LossKind::CrossEntropy);
     }
@@ -1648,9 +1290,6 @@ mod tests {
             assert_eq!(crate::preset(n).unwrap().name(), *n);
         }
         let e = crate::preset("vgg16").unwrap_err().to_string();
-        assert!(
-            e.contains("`vgg16`") && e.contains("gpt2-xl") && e.contains("resnet-tiny"),
-            "{e}"
-        );
+        assert!(e.contains("`vgg16`") && e.contains("gpt2-xl") && e.contains("resnet-tiny"), "{e}");
     }
 }

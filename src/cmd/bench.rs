@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use brigade::bench::{
-    balanced_time_strategy, chrome_trace, markdown_table, profile_on_data, run as run_one,
-    time_breakdown, timeline_svg, BenchRow, RunConfig,
+    balanced_time_strategy, chrome_trace, markdown_table, profile_on_data, run as run_one, time_breakdown,
+    timeline_svg, BenchRow, RunConfig,
 };
 use brigade::engine::partition::PartitionStrategy;
 use brigade::engine::profile::{Profile, ProfileOptions};
@@ -93,21 +93,14 @@ fn layouts(specs: &[String], partition: &str) -> Result<Vec<(usize, PartitionStr
         .map(|spec| {
             let spec = spec.trim();
             if spec.contains('+') {
-                let counts = spec
-                    .split('+')
-                    .map(|c| c.trim().parse::<usize>())
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|_| {
-                        anyhow::anyhow!(
-                            "bad layout {spec:?}: expected a stage count or layer counts like 3+1"
-                        )
-                    })?;
+                let counts =
+                    spec.split('+').map(|c| c.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>().map_err(
+                        |_| anyhow::anyhow!("bad layout {spec:?}: expected a stage count or layer counts like 3+1"),
+                    )?;
                 Ok((counts.len(), PartitionStrategy::Manual(counts)))
             } else {
                 let stages = spec.parse::<usize>().map_err(|_| {
-                    anyhow::anyhow!(
-                        "bad layout {spec:?}: expected a stage count or layer counts like 3+1"
-                    )
+                    anyhow::anyhow!("bad layout {spec:?}: expected a stage count or layer counts like 3+1")
                 })?;
                 if stages == 0 {
                     bail!("bad layout {spec:?}: a pipeline needs at least one stage");
@@ -125,10 +118,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let optimizer = args.optimizer.config(None);
     for &m in &args.microbatches {
         if m == 0 || !args.batch_size.is_multiple_of(m) {
-            bail!(
-                "batch size {} is not divisible by {m} micro-batches",
-                args.batch_size
-            );
+            bail!("batch size {} is not divisible by {m} micro-batches", args.batch_size);
         }
     }
     if args.steps == 0 {
@@ -136,8 +126,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let (model, data) = args.model.model_and_data(args.seed)?;
     let load_start = load_average();
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
 
     let mut runs = Vec::new();
     for (stages, partition) in &layouts {
@@ -152,9 +141,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     batch_size: args.batch_size,
                     warmup: args.warmup,
                     steps: args.steps,
-                    threads_per_stage: args
-                        .threads_per_stage
-                        .unwrap_or_else(|| super::default_threads(*stages)),
+                    threads_per_stage: args.threads_per_stage.unwrap_or_else(|| super::default_threads(*stages)),
                     thread_pools: args.thread_pools.pools(),
                     devices: args.devices.stage_devices(*stages)?,
                     compute_dtype: args.dtype.dtype(),
@@ -177,9 +164,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     if let Some(index) = args.run_index {
         // A child of the bench below: one run, results on stdout, progress on stderr.
-        let config = runs
-            .get_mut(index)
-            .with_context(|| format!("no bench run {index}"))?;
+        let config = runs.get_mut(index).with_context(|| format!("no bench run {index}"))?;
         let (row, profile) = execute(&args, model, &data, config, || eprintln!("{STEP_MARK}"))?;
         println!("{ROW_MARK}{}", serde_json::to_string(&row)?);
         println!("{PROFILE_MARK}{}", serde_json::to_string(&profile)?);
@@ -212,20 +197,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Ok(done) => done,
             Err(e) => {
                 let why = format!("{e:#}");
-                bar.println(format!(
-                    "{label}: failed: {}",
-                    why.lines().next().unwrap_or_default()
-                ));
+                bar.println(format!("{label}: failed: {}", why.lines().next().unwrap_or_default()));
                 failed.push((label, why));
                 bar.inc((config.warmup + config.steps) as u64);
                 continue;
             }
         };
         rows.push(row);
-        if !profiles
-            .iter()
-            .any(|p| (p.threads, p.microbatch_size) == (profile.threads, profile.microbatch_size))
-        {
+        if !profiles.iter().any(|p| (p.threads, p.microbatch_size) == (profile.threads, profile.microbatch_size)) {
             profiles.push(profile);
         }
     }
@@ -237,16 +216,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     print!("{}", markdown_table(&rows));
     for (label, why) in &failed {
-        println!(
-            "failed: {label}: {}",
-            why.lines().next().unwrap_or_default()
-        );
+        println!("failed: {label}: {}", why.lines().next().unwrap_or_default());
     }
-    let worst = rows.iter().max_by(|a, b| {
-        a.simulation_error
-            .abs()
-            .total_cmp(&b.simulation_error.abs())
-    });
+    let worst = rows.iter().max_by(|a, b| a.simulation_error.abs().total_cmp(&b.simulation_error.abs()));
     if let Some(w) = worst {
         println!(
             "\nsimulator's worst error vs the median step: {:+.1}% ({} stage(s), {}, m={}); mean |error| {:.1}% vs median, {:.1}% vs min (worst {:+.1}%)",
@@ -261,10 +233,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let load_end = load_average();
     println!("load average (1 min) at start {load_start}, at end {load_end}: other processes share these cores");
-    if let (true, Some(pool)) = (
-        args.in_process,
-        brigade::engine::pipeline::candle_elementwise_threads(),
-    ) {
+    if let (true, Some(pool)) = (args.in_process, brigade::engine::pipeline::candle_elementwise_threads()) {
         let other = runs.iter().filter(|r| r.threads_per_stage != pool).count();
         if other > 0 {
             println!(
@@ -290,11 +259,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let path = args.out.join("bench.json");
     std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")
         .with_context(|| format!("cannot write {}", path.display()))?;
-    println!(
-        "wrote {} and a .trace.json + .svg per run in {}",
-        path.display(),
-        args.out.display()
-    );
+    println!("wrote {} and a .trace.json + .svg per run in {}", path.display(), args.out.display());
     Ok(())
 }
 
@@ -319,13 +284,8 @@ fn execute(
         seed: args.seed,
         device: config.devices.first().copied().unwrap_or_default(),
     };
-    let profile = profile_on_data(
-        model.as_ref(),
-        data,
-        args.batch_size / config.microbatches,
-        args.model.context,
-        &options,
-    )?;
+    let profile =
+        profile_on_data(model.as_ref(), data, args.batch_size / config.microbatches, args.model.context, &options)?;
     if config.partition == PartitionStrategy::BalancedTime(Vec::new()) {
         config.partition = balanced_time_strategy(&profile);
     }
@@ -346,11 +306,8 @@ fn execute(
         config.batch_size
     );
     let svg_path = args.out.join(format!("{name}.svg"));
-    std::fs::write(
-        &svg_path,
-        timeline_svg(&title, &result.median_step, Some(&result.prediction)),
-    )
-    .with_context(|| format!("cannot write {}", svg_path.display()))?;
+    std::fs::write(&svg_path, timeline_svg(&title, &result.median_step, Some(&result.prediction)))
+        .with_context(|| format!("cannot write {}", svg_path.display()))?;
     Ok((result.row, profile))
 }
 
@@ -384,25 +341,14 @@ fn run_in_child(index: usize, mut on_step: impl FnMut()) -> Result<(BenchRow, Pr
     }
     let mut stdout = String::new();
     if let Some(mut out) = child.stdout.take() {
-        out.read_to_string(&mut stdout)
-            .context("reading a bench run's results")?;
+        out.read_to_string(&mut stdout).context("reading a bench run's results")?;
     }
     let status = child.wait().context("waiting for a bench run")?;
     if !status.success() {
-        let why = errors
-            .iter()
-            .rev()
-            .find(|l| l.starts_with("error: "))
-            .cloned()
-            .unwrap_or_else(|| errors.join("; "));
+        let why = errors.iter().rev().find(|l| l.starts_with("error: ")).cloned().unwrap_or_else(|| errors.join("; "));
         bail!("{}", why.trim_start_matches("error: "));
     }
-    let field = |mark: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(mark))
-            .map(str::to_string)
-    };
+    let field = |mark: &str| stdout.lines().find_map(|l| l.strip_prefix(mark)).map(str::to_string);
     let row = field(ROW_MARK).context("a bench run reported no results")?;
     let profile = field(PROFILE_MARK).context("a bench run reported no profile")?;
     Ok((serde_json::from_str(&row)?, serde_json::from_str(&profile)?))

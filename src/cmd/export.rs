@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use brigade::tokenizer::TextTokenizer;
 use brigade::checkpoint::ExportDtype;
+use brigade::tokenizer::TextTokenizer;
 use clap::Args;
 
 use super::parse_size;
@@ -44,7 +44,11 @@ pub fn run(args: ExportArgs) -> Result<()> {
             .unwrap_or_default();
         let vocab = config["vocab_size"].as_u64().unwrap_or(0) as usize;
         if tok.vocab_size() > vocab {
-            bail!("the tokenizer {} has {} tokens, more than the model's vocabulary of {vocab}", tok.source(), tok.vocab_size());
+            bail!(
+                "the tokenizer {} has {} tokens, more than the model's vocabulary of {vocab}",
+                tok.source(),
+                tok.vocab_size()
+            );
         }
         let context = config["n_positions"].as_u64().unwrap_or(1024) as usize;
         files.extend(tok.save_for_transformers(&summary.dir, context)?);
@@ -64,12 +68,21 @@ pub fn run(args: ExportArgs) -> Result<()> {
     }
     match summary.format {
         "gpt2" => {
-            println!("load with: transformers.GPT2LMHeadModel.from_pretrained({:?})", summary.dir.display().to_string());
+            println!(
+                "load with: transformers.GPT2LMHeadModel.from_pretrained({:?})",
+                summary.dir.display().to_string()
+            );
             if auto_tokenizer {
-                println!("           transformers.AutoTokenizer.from_pretrained({:?})", summary.dir.display().to_string());
+                println!(
+                    "           transformers.AutoTokenizer.from_pretrained({:?})",
+                    summary.dir.display().to_string()
+                );
             }
         }
-        _ => println!("load with: model.load_state_dict(safetensors.torch.load_file(\"{}/model.safetensors\"), strict=True)", summary.dir.display()),
+        _ => println!(
+            "load with: model.load_state_dict(safetensors.torch.load_file(\"{}/model.safetensors\"), strict=True)",
+            summary.dir.display()
+        ),
     }
     Ok(())
 }

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use brigade::engine::InputKind;
-use clap::Args;
 use brigade::generate::{Decoding, Sampling};
 use brigade::tokenizer::TextTokenizer;
+use clap::Args;
 
 use super::inference::inference_pipeline;
 
@@ -67,7 +67,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let tokenizer = tokenizer_path.as_deref().map(TextTokenizer::load).transpose()?;
     if let Some(tok) = &tokenizer {
         if tok.vocab_size() > vocab {
-            bail!("the tokenizer {} has {} tokens, more than the model's vocabulary of {vocab}", tok.source(), tok.vocab_size());
+            bail!(
+                "the tokenizer {} has {} tokens, more than the model's vocabulary of {vocab}",
+                tok.source(),
+                tok.vocab_size()
+            );
         }
     }
     let byte_level = vocab <= 256 && tokenizer.is_none();
@@ -94,7 +98,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     if ids.is_empty() {
         let start = match &tokenizer {
-            Some(tok) => tok.end_of_text().map_or_else(|| tok.encode("\n").map(|t| t.first().copied().unwrap_or(0)), Ok)?,
+            Some(tok) => {
+                tok.end_of_text().map_or_else(|| tok.encode("\n").map(|t| t.first().copied().unwrap_or(0)), Ok)?
+            }
             None if byte_level => b'\n' as u32,
             None => 0,
         };

@@ -81,7 +81,12 @@ pub fn run(args: InspectArgs) -> Result<()> {
     }
     println!("files:");
     for (file, (n, bytes)) in &by_file {
-        println!("  {:<48} {:>5} tensors {:>12.3} MB", file.file_name().unwrap_or_default().to_string_lossy(), n, *bytes as f64 / 1e6);
+        println!(
+            "  {:<48} {:>5} tensors {:>12.3} MB",
+            file.file_name().unwrap_or_default().to_string_lossy(),
+            n,
+            *bytes as f64 / 1e6
+        );
     }
     // Parameters per stage for the requested layout.
     let layers = model.layers();
@@ -97,7 +102,8 @@ pub fn run(args: InspectArgs) -> Result<()> {
     for (s, range) in partition.ranges().into_iter().enumerate() {
         let names: Vec<String> = layers[range.clone()].iter().map(|l| l.name()).collect();
         let params: usize = layers[range].iter().map(|l| l.param_count()).sum();
-        let shown = if names.len() > 4 { format!("{} .. {}", names[0], names[names.len() - 1]) } else { names.join(", ") };
+        let shown =
+            if names.len() > 4 { format!("{} .. {}", names[0], names[names.len() - 1]) } else { names.join(", ") };
         println!("  stage {s}: {params:>14} parameters  [{shown}]");
     }
     if args.tensors {

@@ -60,46 +60,18 @@ struct Shapes {
 
 impl Shapes {
     fn gpt2() -> Self {
-        Self {
-            b: 8,
-            t: 1024,
-            c: 768,
-            h: 12,
-            v: 50257,
-            layers: 12,
-        }
+        Self { b: 8, t: 1024, c: 768, h: 12, v: 50257, layers: 12 }
     }
     fn small() -> Self {
-        Self {
-            b: 2,
-            t: 256,
-            c: 256,
-            h: 4,
-            v: 50257,
-            layers: 2,
-        }
+        Self { b: 2, t: 256, c: 256, h: 4, v: 50257, layers: 2 }
     }
     /// GPT-2's parameter tensors at these shapes (wte, wpe, per block ln_1, attn, ln_2, mlp; ln_f).
     fn parameter_shapes(&self) -> Vec<Vec<usize>> {
         let (c, v, t) = (self.c, self.v, self.t);
         let mut out = vec![vec![v, c], vec![t, c]];
         for _ in 0..self.layers {
-            out.extend([
-                vec![c],
-                vec![c],
-                vec![c, 3 * c],
-                vec![3 * c],
-                vec![c, c],
-                vec![c],
-            ]);
-            out.extend([
-                vec![c],
-                vec![c],
-                vec![c, 4 * c],
-                vec![4 * c],
-                vec![4 * c, c],
-                vec![c],
-            ]);
+            out.extend([vec![c], vec![c], vec![c, 3 * c], vec![3 * c], vec![c, c], vec![c]]);
+            out.extend([vec![c], vec![c], vec![c, 4 * c], vec![4 * c], vec![4 * c, c], vec![c]]);
         }
         out.extend([vec![c], vec![c]]);
         out
@@ -152,27 +124,15 @@ pub fn run(args: KernelsBenchArgs) -> Result<()> {
     }
     let dev = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype, &dev)?;
-    let shapes = if args.small {
-        Shapes::small()
-    } else {
-        Shapes::gpt2()
-    };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads)
-        .build()
-        .context("cannot start the thread pool")?;
+    let shapes = if args.small { Shapes::small() } else { Shapes::gpt2() };
+    let pool =
+        rayon::ThreadPoolBuilder::new().num_threads(args.threads).build().context("cannot start the thread pool")?;
     pool.install(|| bench_all(&args, &dev, dtype, shapes))
 }
 
 fn bench_all(args: &KernelsBenchArgs, dev: &Device, dtype: DType, s: Shapes) -> Result<()> {
-    let only: Vec<String> = args
-        .only
-        .as_deref()
-        .unwrap_or("")
-        .split(',')
-        .map(|w| w.trim().to_string())
-        .filter(|w| !w.is_empty())
-        .collect();
+    let only: Vec<String> =
+        args.only.as_deref().unwrap_or("").split(',').map(|w| w.trim().to_string()).filter(|w| !w.is_empty()).collect();
     let wanted = |name: &str| only.is_empty() || only.iter().any(|w| name.contains(w.as_str()));
     let elem = dtype.size_in_bytes() as f64;
     let (n, c, v) = (s.b * s.t, s.c, s.v);
@@ -182,12 +142,7 @@ fn bench_all(args: &KernelsBenchArgs, dev: &Device, dtype: DType, s: Shapes) -> 
 
     let mut cases: Vec<Case> = Vec::new();
     if wanted("layer_norm") {
-        let (x, w, bias, dy) = (
-            rand(&[n, c], 1.0)?,
-            rand(&[c], 1.0)?,
-            rand(&[c], 1.0)?,
-            rand(&[n, c], 1.0)?,
-        );
+        let (x, w, bias, dy) = (rand(&[n, c], 1.0)?, rand(&[c], 1.0)?, rand(&[c], 1.0)?, rand(&[n, c], 1.0)?);
         let (x2, w2) = (x.clone(), w.clone());
         cases.push(Case {
             name: "layer_norm_fwd",
@@ -224,9 +179,7 @@ fn bench_all(args: &KernelsBenchArgs, dev: &Device, dtype: DType, s: Shapes) -> 
     }
     if wanted("cross_entropy") {
         let logits = rand(&[n, v], 2.0)?;
-        let ids: Vec<u32> = (0..n)
-            .map(|i| ((i as u64 * 2_654_435_761) % v as u64) as u32)
-            .collect();
+        let ids: Vec<u32> = (0..n).map(|i| ((i as u64 * 2_654_435_761) % v as u64) as u32).collect();
         let targets = Tensor::new(ids.as_slice(), dev)?;
         let (l2, t2) = (logits.clone(), targets.clone());
         cases.push(Case {
@@ -291,24 +244,14 @@ fn bench_all(args: &KernelsBenchArgs, dev: &Device, dtype: DType, s: Shapes) -> 
         let shapes = s.parameter_shapes();
         let count: usize = shapes.iter().map(|d| d.iter().product::<usize>()).sum();
         let f32s = |scale: f64| -> candle_core::Result<Vec<Tensor>> {
-            shapes
-                .iter()
-                .map(|d| (Tensor::randn(0f32, 1.0, d.as_slice(), dev)? * scale)?.abs())
-                .collect()
+            shapes.iter().map(|d| (Tensor::randn(0f32, 1.0, d.as_slice(), dev)? * scale)?.abs()).collect()
         };
         let (params, ms, vs) = (f32s(0.02)?, f32s(0.01)?, f32s(1e-4)?);
-        let grads: Vec<Tensor> = shapes
-            .iter()
-            .map(|d| rand(d, 0.01))
-            .collect::<candle_core::Result<_>>()?;
+        let grads: Vec<Tensor> = shapes.iter().map(|d| rand(d, 0.01)).collect::<candle_core::Result<_>>()?;
         let mut step = 0u64;
         cases.push(Case {
             name: "adamw_step_many",
-            shape: format!(
-                "{} tensors, {:.1}M params",
-                shapes.len(),
-                count as f64 / 1e6
-            ),
+            shape: format!("{} tensors, {:.1}M params", shapes.len(), count as f64 / 1e6),
             // Reads param, m, v, grad; writes param, m, v.
             bytes: Some(count as f64 * (24.0 + elem)),
             flops: None,
@@ -370,14 +313,9 @@ fn bench_all(args: &KernelsBenchArgs, dev: &Device, dtype: DType, s: Shapes) -> 
         times.sort_by(|a, b| a.total_cmp(b));
         let secs = times[times.len() / 2];
         let gbps = case.bytes.map(|b| b / secs / 1e9);
-        let share = gbps
-            .zip(args.peak_gbps)
-            .map(|(g, p)| format!("{:.0}%", 100.0 * g / p));
+        let share = gbps.zip(args.peak_gbps).map(|(g, p)| format!("{:.0}%", 100.0 * g / p));
         let tflops = case.flops.map(|f| f / secs / 1e12);
-        let opt = |x: Option<f64>, prec: usize| {
-            x.map(|v| format!("{v:.prec$}"))
-                .unwrap_or_else(|| "-".into())
-        };
+        let opt = |x: Option<f64>, prec: usize| x.map(|v| format!("{v:.prec$}")).unwrap_or_else(|| "-".into());
         println!(
             "{:32} {:34} {:>6} {:>11.3} {:>9} {:>6} {:>8}",
             case.name,
@@ -399,31 +337,18 @@ mod tests {
     #[test]
     fn gpt2_parameter_shapes_count_124m() {
         // GPT-2 small's published count (tied lm_head counted once).
-        let n: usize = Shapes::gpt2()
-            .parameter_shapes()
-            .iter()
-            .map(|d| d.iter().product::<usize>())
-            .sum();
+        let n: usize = Shapes::gpt2().parameter_shapes().iter().map(|d| d.iter().product::<usize>()).sum();
         assert_eq!(n, 124_439_808);
     }
 
     #[test]
     fn devices_and_dtypes_are_checked() {
         assert!(parse_device("cpu").unwrap().is_cpu());
-        assert!(parse_device("gpu")
-            .unwrap_err()
-            .to_string()
-            .contains("expected cpu, cuda or cuda:N"));
+        assert!(parse_device("gpu").unwrap_err().to_string().contains("expected cpu, cuda or cuda:N"));
         if !cfg!(feature = "cuda") {
-            assert!(parse_device("cuda:0")
-                .unwrap_err()
-                .to_string()
-                .contains("no CUDA support"));
+            assert!(parse_device("cuda:0").unwrap_err().to_string().contains("no CUDA support"));
         }
-        assert!(parse_dtype("bf16", &Device::Cpu)
-            .unwrap_err()
-            .to_string()
-            .contains("needs a CUDA device"));
+        assert!(parse_dtype("bf16", &Device::Cpu).unwrap_err().to_string().contains("needs a CUDA device"));
         assert_eq!(parse_dtype("F32", &Device::Cpu).unwrap(), DType::F32);
     }
 }

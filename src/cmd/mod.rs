@@ -26,9 +26,7 @@ use clap::ValueEnum;
 /// CPU threads a stage gets by default: the cores shared out over the stages (at least 1),
 /// as the executor does.
 pub fn default_threads(stages: usize) -> usize {
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     (cores / stages.max(1)).max(1)
 }
 
@@ -89,24 +87,15 @@ impl OptimizerArg {
             (OptimizerArg::Adamw, None) => OptimizerConfig::adamw(),
             (OptimizerArg::Sgd, None) => OptimizerConfig::sgd(),
             (OptimizerArg::Adamw, Some(wd)) => match OptimizerConfig::adamw() {
-                OptimizerConfig::AdamW {
-                    beta1, beta2, eps, ..
-                } => OptimizerConfig::AdamW {
-                    beta1,
-                    beta2,
-                    eps,
-                    weight_decay: wd,
-                },
+                OptimizerConfig::AdamW { beta1, beta2, eps, .. } => {
+                    OptimizerConfig::AdamW { beta1, beta2, eps, weight_decay: wd }
+                }
                 other => other,
             },
             (OptimizerArg::Sgd, Some(wd)) => match OptimizerConfig::sgd() {
-                OptimizerConfig::Sgd {
-                    momentum, nesterov, ..
-                } => OptimizerConfig::Sgd {
-                    momentum,
-                    weight_decay: wd,
-                    nesterov,
-                },
+                OptimizerConfig::Sgd { momentum, nesterov, .. } => {
+                    OptimizerConfig::Sgd { momentum, weight_decay: wd, nesterov }
+                }
                 other => other,
             },
         }
@@ -129,13 +118,10 @@ pub fn plural(n: usize, one: &str, many: &str) -> String {
 /// Parses `2GB`, `500MB`, `64KiB`, `1000` (bytes).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid size {text:?}: expected e.g. 2GB, 500MB or a byte count"))?;
+    let value: f64 =
+        number.parse().map_err(|_| format!("invalid size {text:?}: expected e.g. 2GB, 500MB or a byte count"))?;
     let scale: f64 = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 1.0,
         "KB" | "K" => 1e3,
@@ -144,11 +130,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "KIB" => 1024.0,
         "MIB" => 1024.0 * 1024.0,
         "GIB" => 1024.0 * 1024.0 * 1024.0,
-        other => {
-            return Err(format!(
-                "invalid size unit {other:?} in {text:?}: use B, KB, MB, GB, KiB, MiB or GiB"
-            ))
-        }
+        other => return Err(format!("invalid size unit {other:?} in {text:?}: use B, KB, MB, GB, KiB, MiB or GiB")),
     };
     let bytes = (value * scale).round();
     if bytes < 1.0 {
@@ -166,9 +148,7 @@ pub fn schedule_specs(names: &[String]) -> Result<Vec<(ScheduleKind, usize)>> {
             let (kind, v) = match n.split_once(':') {
                 Some((k, v)) => {
                     let v = v.trim().parse::<usize>().map_err(|_| {
-                        anyhow::anyhow!(
-                            "bad schedule {n:?}: expected NAME or NAME:V, V the chunks per device"
-                        )
+                        anyhow::anyhow!("bad schedule {n:?}: expected NAME or NAME:V, V the chunks per device")
                     })?;
                     (k.parse::<ScheduleKind>()?, v)
                 }
@@ -178,8 +158,7 @@ pub fn schedule_specs(names: &[String]) -> Result<Vec<(ScheduleKind, usize)>> {
                 }
             };
             // Refuse a v the kind cannot run before anything is profiled.
-            kind.check_virtual_stages(v)
-                .map_err(|why| anyhow::anyhow!("schedule {n:?}: {why}"))?;
+            kind.check_virtual_stages(v).map_err(|why| anyhow::anyhow!("schedule {n:?}: {why}"))?;
             Ok((kind, v))
         })
         .collect()

@@ -96,11 +96,7 @@ impl ModelArgs {
 
     /// `--tokenizer`, loaded.
     pub fn text_tokenizer(&self) -> Result<Option<TextTokenizer>> {
-        Ok(self
-            .tokenizer
-            .as_deref()
-            .map(TextTokenizer::load)
-            .transpose()?)
+        Ok(self.tokenizer.as_deref().map(TextTokenizer::load).transpose()?)
     }
 
     /// The data a model of `config`'s family trains on: `--data`, or the embedded default
@@ -108,9 +104,7 @@ impl ModelArgs {
     pub fn data_for(&self, config: &ModelConfig, seed: u64) -> Result<Dataset> {
         Ok(match config {
             ModelConfig::Gpt(cfg) => Dataset::Tokens(match (&self.data, self.text_tokenizer()?) {
-                (Some(path), Some(tok)) if !is_token_file(path) => {
-                    tokenized_text(path, &tok, cfg.vocab_size)?
-                }
+                (Some(path), Some(tok)) if !is_token_file(path) => tokenized_text(path, &tok, cfg.vocab_size)?,
                 (Some(path), Some(tok)) => {
                     check_tokenizer_fits(&tok, cfg.vocab_size)?;
                     TokenDataset::from_path(path)?
@@ -122,12 +116,9 @@ impl ModelArgs {
                 (None, None) => TokenDataset::embedded(seed),
             }),
             ModelConfig::Resnet(_) => Dataset::Images(match &self.data {
-                Some(path) if is_cifar(path) => {
-                    ImageDataset::from_cifar10(path)?.with_augment(self.augment())
-                }
+                Some(path) if is_cifar(path) => ImageDataset::from_cifar10(path)?.with_augment(self.augment()),
                 Some(path) if path.is_dir() => {
-                    ImageDataset::from_image_folder(path, self.image_size)?
-                        .with_augment(self.augment())
+                    ImageDataset::from_image_folder(path, self.image_size)?.with_augment(self.augment())
                 }
                 Some(path) => ImageDataset::from_safetensors(path)?,
                 None => {
@@ -163,16 +154,12 @@ impl ModelArgs {
 
 /// CIFAR-10 binary data: a `.bin` file or a directory of them.
 fn is_cifar(path: &std::path::Path) -> bool {
-    is_token_file(path)
-        || ["data_batch_1.bin", "test_batch.bin"]
-            .iter()
-            .any(|f| path.join(f).is_file())
+    is_token_file(path) || ["data_batch_1.bin", "test_batch.bin"].iter().any(|f| path.join(f).is_file())
 }
 
 /// A nanoGPT-style token file (`.bin`), as opposed to text.
 fn is_token_file(path: &std::path::Path) -> bool {
-    path.extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("bin"))
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("bin"))
 }
 
 /// A tokenizer whose ids the model cannot embed is refused, naming both sizes.
@@ -189,11 +176,7 @@ fn check_tokenizer_fits(tok: &TextTokenizer, model_vocab: usize) -> Result<()> {
 }
 
 /// A text file tokenized on the fly (in parallel), as a token dataset.
-fn tokenized_text(
-    path: &std::path::Path,
-    tok: &TextTokenizer,
-    model_vocab: usize,
-) -> Result<TokenDataset> {
+fn tokenized_text(path: &std::path::Path, tok: &TextTokenizer, model_vocab: usize) -> Result<TokenDataset> {
     check_tokenizer_fits(tok, model_vocab)?;
     if !path.exists() {
         bail!("--data {} does not exist", path.display());
@@ -216,21 +199,16 @@ fn tokenized_text(
         started.elapsed().as_secs_f64()
     );
     let ids: Vec<u16> = ids.into_iter().map(|i| i as u16).collect();
-    let source = format!(
-        "{} tokenized with {} ({n} tokens)",
-        path.display(),
-        tok.source()
-    );
+    let source = format!("{} tokenized with {} ({n} tokens)", path.display(), tok.source());
     Ok(TokenDataset::from_tokens(source, ids, model_vocab)?)
 }
 
 /// A ResNet's class and channel counts follow its data.
 pub fn fit_to_data(config: ModelConfig, data: &Dataset) -> ModelConfig {
     match (config, data) {
-        (ModelConfig::Resnet(cfg), Dataset::Images(d)) => ModelConfig::Resnet(
-            cfg.with_num_classes(d.num_classes())
-                .with_in_channels(d.channels()),
-        ),
+        (ModelConfig::Resnet(cfg), Dataset::Images(d)) => {
+            ModelConfig::Resnet(cfg.with_num_classes(d.num_classes()).with_in_channels(d.channels()))
+        }
         (config, _) => config,
     }
 }
@@ -261,10 +239,7 @@ impl DeviceArgs {
             None => StageDevice::spread(&self.device.to_ascii_lowercase(), stages)?,
         };
         if devices.len() != stages {
-            bail!(
-                "--devices names {} devices for {stages} stages: give one per stage",
-                devices.len()
-            );
+            bail!("--devices names {} devices for {stages} stages: give one per stage", devices.len());
         }
         if devices.iter().any(|d| d.is_cuda()) {
             // Fails now, with the reason, rather than in every stage thread.
@@ -304,13 +279,8 @@ pub fn training_memory(
     let b = microbatch as f64;
     let (params, activations) = match config {
         ModelConfig::Gpt(g) => {
-            let (v, t, c, l, h) = (
-                g.vocab_size as f64,
-                g.n_positions as f64,
-                g.n_embd as f64,
-                g.n_layer as f64,
-                g.n_head as f64,
-            );
+            let (v, t, c, l, h) =
+                (g.vocab_size as f64, g.n_positions as f64, g.n_embd as f64, g.n_layer as f64, g.n_head as f64);
             let s = context.map_or(t, |c| c as f64);
             let params = v * c + t * c + l * (12.0 * c * c + 13.0 * c) + 2.0 * c;
             // Per block about 17·s·c values plus 2.5·h·s² for attention (Korthikanti et al.),

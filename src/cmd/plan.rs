@@ -79,9 +79,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         None => None,
     };
     let (model, data) = args.model.model_and_data(args.seed)?;
-    let threads = args
-        .threads_per_stage
-        .unwrap_or_else(|| super::default_threads(args.devices));
+    let threads = args.threads_per_stage.unwrap_or_else(|| super::default_threads(args.devices));
     let request = PlanRequest {
         devices: args.devices,
         batch_size: args.batch_size,
@@ -103,27 +101,19 @@ pub fn run(args: PlanArgs) -> Result<()> {
     let mut profiled = HashMap::new();
     let mut unusable = Vec::new();
     let ranked = plan(&request, |b| {
-        spinner.set_message(format!(
-            "profiling {} at micro-batch size {b} on {threads} thread(s)",
-            model.name()
-        ));
+        spinner.set_message(format!("profiling {} at micro-batch size {b} on {threads} thread(s)", model.name()));
         spinner.tick();
-        let p = profile_on_data(model.as_ref(), &data, b, args.model.context, &options).map_err(
-            |e| {
-                unusable.push((b, e.to_string()));
-                brigade::engine::EngineError::Config(e.to_string())
-            },
-        )?;
+        let p = profile_on_data(model.as_ref(), &data, b, args.model.context, &options).map_err(|e| {
+            unusable.push((b, e.to_string()));
+            brigade::engine::EngineError::Config(e.to_string())
+        })?;
         profiled.insert(b, p.clone());
         Ok(p)
     })?;
     spinner.finish_and_clear();
     for (b, why) in &unusable {
         let why = why.lines().next().unwrap_or_default();
-        println!(
-            "skipped micro-batch size {b} (m = {}): {why}",
-            args.batch_size / b
-        );
+        println!("skipped micro-batch size {b} (m = {}): {why}", args.batch_size / b);
     }
 
     println!(
@@ -133,20 +123,13 @@ pub fn run(args: PlanArgs) -> Result<()> {
         args.batch_size,
         args.devices,
         threads,
-        memory_limit
-            .map(|l| format!(", memory limit {} per device", human_bytes(l)))
-            .unwrap_or_default()
+        memory_limit.map(|l| format!(", memory limit {} per device", human_bytes(l))).unwrap_or_default()
     );
     println!();
     println!("| rank | stages | layers (partition) | schedule | m | simulated ms/step | examples/s | bubble | peak memory per stage | fits |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for (i, c) in ranked.iter().take(args.top).enumerate() {
-        let memory: Vec<String> = c
-            .prediction
-            .peak_memory
-            .iter()
-            .map(|b| human_bytes(*b))
-            .collect();
+        let memory: Vec<String> = c.prediction.peak_memory.iter().map(|b| human_bytes(*b)).collect();
         println!(
             "| {} | {} | {} ({}) | {} | {} | {:.2} | {:.0} | {:.1}% | {} | {} |",
             i + 1,

@@ -46,7 +46,13 @@ pub fn run(args: PredictArgs) -> Result<()> {
     if args.input.canonicalize().ok() == args.output.canonicalize().ok() {
         bail!("--output {} is the --input file; write the logits to another file", args.output.display());
     }
-    let (mut pipeline, model) = inference_pipeline(&args.checkpoint, args.model.as_deref(), args.stages, args.split.as_deref(), args.microbatches)?;
+    let (mut pipeline, model) = inference_pipeline(
+        &args.checkpoint,
+        args.model.as_deref(),
+        args.stages,
+        args.split.as_deref(),
+        args.microbatches,
+    )?;
     let tensors = candle_core::safetensors::load(&args.input, &Device::Cpu)
         .with_context(|| format!("cannot read {} as safetensors", args.input.display()))?;
     let input = ["input_ids", "tokens", "images", "input"]
@@ -84,8 +90,12 @@ pub fn run(args: PredictArgs) -> Result<()> {
     let logits = pipeline.predict(&input)?;
     let path = &args.output;
     // Written like checkpoint files: flushed, and readable by others (0644).
-    brigade::engine::checkpoint::write_safetensors(path, &[("logits".to_string(), logits.clone())], &Default::default())
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    brigade::engine::checkpoint::write_safetensors(
+        path,
+        &[("logits".to_string(), logits.clone())],
+        &Default::default(),
+    )
+    .with_context(|| format!("cannot write {}", path.display()))?;
     println!(
         "{}: logits {:?} for input {:?} in {:.3}s on {} stages -> {}",
         model.name(),

@@ -60,18 +60,11 @@ pub fn run(args: ProfileArgs) -> Result<()> {
         seed: args.seed,
         device,
     };
-    let profile = profile_on_data(
-        model.as_ref(),
-        &data,
-        args.microbatch_size,
-        args.model.context,
-        &options,
-    )?;
+    let profile = profile_on_data(model.as_ref(), &data, args.microbatch_size, args.model.context, &options)?;
     let json = serde_json::to_string_pretty(&profile)?;
     match &args.out {
         Some(path) => {
-            std::fs::write(path, json + "\n")
-                .with_context(|| format!("cannot write {}", path.display()))?;
+            std::fs::write(path, json + "\n").with_context(|| format!("cannot write {}", path.display()))?;
             eprintln!("wrote {}", path.display());
         }
         None => println!("{json}"),
@@ -90,15 +83,8 @@ pub fn balanced_time(
     seed: u64,
     device: brigade::engine::StageDevice,
 ) -> Result<PartitionStrategy> {
-    let options = ProfileOptions {
-        repeats: 5,
-        rounds: 3,
-        warmup: 1,
-        threads,
-        seed,
-        device,
-        ..ProfileOptions::default()
-    };
+    let options =
+        ProfileOptions { repeats: 5, rounds: 3, warmup: 1, threads, seed, device, ..ProfileOptions::default() };
     let profile = profile_on_data(model, data, microbatch_size, context, &options)
         .context("profiling for --partition balanced-time")?;
     Ok(balanced_time_strategy(&profile))

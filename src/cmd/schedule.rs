@@ -59,7 +59,8 @@ pub fn schedule_choice(spec: &str) -> Result<ScheduleChoice> {
         let builtin = kind.build(schedule.stages(), schedule.microbatches()).ok();
         if builtin.as_ref().map(|b| b.actions()) != Some(schedule.actions()) {
             let name = format!("custom (edited {} from {})", schedule.name(), path.display());
-            let edited = Schedule::from_actions(name, schedule.stages(), schedule.microbatches(), schedule.actions().to_vec())?;
+            let edited =
+                Schedule::from_actions(name, schedule.stages(), schedule.microbatches(), schedule.actions().to_vec())?;
             return Ok(ScheduleChoice::Custom(edited));
         }
     }
@@ -68,10 +69,17 @@ pub fn schedule_choice(spec: &str) -> Result<ScheduleChoice> {
 
 /// The stage and micro-batch counts: the flags, else a schedule file's own, else the defaults.
 /// Flags that disagree with a file are an error naming both.
-pub fn layout_counts(choice: &ScheduleChoice, stages: Option<usize>, microbatches: Option<usize>, defaults: (usize, usize)) -> Result<(usize, usize)> {
+pub fn layout_counts(
+    choice: &ScheduleChoice,
+    stages: Option<usize>,
+    microbatches: Option<usize>,
+    defaults: (usize, usize),
+) -> Result<(usize, usize)> {
     let (p, m) = match choice {
         ScheduleChoice::Custom(s) => {
-            for (flag, given, own) in [("--stages", stages, s.stages()), ("--microbatches", microbatches, s.microbatches())] {
+            for (flag, given, own) in
+                [("--stages", stages, s.stages()), ("--microbatches", microbatches, s.microbatches())]
+            {
                 if given.is_some_and(|g| g != own) {
                     bail!(
                         "{flag} {} disagrees with the schedule file, which is for {} and {}; drop the flag or edit the file",
@@ -133,10 +141,9 @@ fn bubble_formula(name: &str) -> (&'static str, &'static str) {
         Ok(ScheduleKind::Interleaved) => ("(p-1)/(vm+p-1)", " (Narayanan et al.)"),
         Ok(ScheduleKind::ZbH1) => ("(p-1)(F+I-W) idle per stage", " (Qi et al.)"),
         Ok(ScheduleKind::ZbAuto) => ("as ZB-H1 (v=1) or ZB-V (v=2)", ""),
-        Ok(ScheduleKind::ZbH2) | Ok(ScheduleKind::ZbV) => (
-            "(p-1)(F+I-2W)",
-            " (Qi et al.; the paper's zero leaves out the (p-1)F ramp the simulation counts)",
-        ),
+        Ok(ScheduleKind::ZbH2) | Ok(ScheduleKind::ZbV) => {
+            ("(p-1)(F+I-2W)", " (Qi et al.; the paper's zero leaves out the (p-1)F ramp the simulation counts)")
+        }
         _ => ("(p-1)/(m+p-1)", ""),
     }
 }

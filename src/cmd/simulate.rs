@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use brigade::bench::balanced_time_strategy;
 use brigade::engine::partition::PartitionStrategy;
+use brigade::engine::pipeline::ScheduleChoice;
 use brigade::engine::plan::human_bytes;
 use brigade::engine::profile::Profile;
-use brigade::engine::pipeline::ScheduleChoice;
 use brigade::engine::schedule::ScheduleKind;
 use brigade::engine::simulate::{predict, schedule_from_costs, StageCosts};
 use clap::Args;
@@ -51,7 +51,11 @@ pub fn run(args: SimulateArgs) -> Result<()> {
     };
     // Before building: a schedule for absurd stage counts would take long to validate.
     if stages > profile.layers.len() {
-        bail!("--stages {stages}: the profile has {} layers, so at most {} stages", profile.layers.len(), profile.layers.len());
+        bail!(
+            "--stages {stages}: the profile has {} layers, so at most {} stages",
+            profile.layers.len(),
+            profile.layers.len()
+        );
     }
     let schedule = super::schedule::build_schedule(choice, stages, microbatches, "brigade simulate")?;
     let chunks = schedule.chunks();

@@ -59,7 +59,10 @@ fn train(args: TrainTokenizerArgs) -> Result<()> {
         bytes as f64 / 1e6 / seconds.max(1e-9)
     );
     if tokenizer.vocab_size() < args.vocab_size {
-        println!("note: the text has fewer merges than asked (pairs seen at least {} times); the vocabulary is smaller", args.min_frequency);
+        println!(
+            "note: the text has fewer merges than asked (pairs seen at least {} times); the vocabulary is smaller",
+            args.min_frequency
+        );
     }
     println!("wrote {}", file.display());
     Ok(())
@@ -87,12 +90,18 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
     if args.out.is_dir() {
         bail!("--out {} is a directory; give a file name such as train.bin", args.out.display());
     }
-    if let Some(same) = args.files.iter().find(|f| f.canonicalize().ok().is_some_and(|f| Some(f) == args.out.canonicalize().ok())) {
+    if let Some(same) =
+        args.files.iter().find(|f| f.canonicalize().ok().is_some_and(|f| Some(f) == args.out.canonicalize().ok()))
+    {
         bail!("--out {} is one of the input files", same.display());
     }
     let wide = tokenizer.vocab_size() > 1 << 16;
     let total: u64 = args.files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
-    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressBar::new(total) } else { ProgressBar::hidden() };
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template("{bytes}/{total_bytes} [{bar:30}] {bytes_per_sec} ETA {eta}")
             .expect("static template")
@@ -113,7 +122,8 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
         }
     }
     bar.finish_and_clear();
-    let out = std::fs::File::create(&args.out).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", args.out.display()))?;
+    let out =
+        std::fs::File::create(&args.out).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", args.out.display()))?;
     let mut out = std::io::BufWriter::new(out);
     for &id in &ids {
         if wide {

@@ -126,20 +126,14 @@ pub struct TrainArgs {
 /// (each would otherwise train silently wrong, or fail late).
 fn check_train_args(args: &TrainArgs) -> Result<()> {
     if !args.lr.is_finite() || args.lr < 0.0 {
-        bail!(
-            "--lr must be a finite, non-negative learning rate, got {}",
-            args.lr
-        );
+        bail!("--lr must be a finite, non-negative learning rate, got {}", args.lr);
     }
     if let Some(min) = args.min_lr {
         if !min.is_finite() || min < 0.0 {
             bail!("--min-lr must be a finite, non-negative learning rate, got {min}");
         }
         if min > args.lr {
-            bail!(
-                "--min-lr {min} is above --lr {}: the cosine decays from --lr down to --min-lr",
-                args.lr
-            );
+            bail!("--min-lr {min} is above --lr {}: the cosine decays from --lr down to --min-lr", args.lr);
         }
     }
     if let Some(wd) = args.weight_decay {
@@ -148,15 +142,10 @@ fn check_train_args(args: &TrainArgs) -> Result<()> {
         }
     }
     if !args.grad_clip.is_finite() || args.grad_clip < 0.0 {
-        bail!(
-            "--grad-clip must be a finite, non-negative norm (0 disables clipping), got {}",
-            args.grad_clip
-        );
+        bail!("--grad-clip must be a finite, non-negative norm (0 disables clipping), got {}", args.grad_clip);
     }
     if args.keep_last == Some(0) {
-        bail!(
-            "--keep-last 0 would keep no checkpoint; keep at least 1 (the newest is never deleted)"
-        );
+        bail!("--keep-last 0 would keep no checkpoint; keep at least 1 (the newest is never deleted)");
     }
     if args.threads_per_stage == Some(0) {
         bail!("--threads-per-stage must be at least 1");
@@ -172,10 +161,7 @@ fn check_train_args(args: &TrainArgs) -> Result<()> {
     if let Some(log) = &args.log {
         brigade::engine::checkpoint::refuse_inside_checkpoint(log, "--log")?;
         if log.is_dir() {
-            bail!(
-                "--log {} is a directory; give a file name such as run.jsonl",
-                log.display()
-            );
+            bail!("--log {} is a directory; give a file name such as run.jsonl", log.display());
         }
     }
     Ok(())
@@ -186,7 +172,9 @@ fn partition_strategy(args: &TrainArgs) -> Result<PartitionStrategy> {
     match &args.split {
         Some(split) => Ok(split.parse::<PartitionStrategy>()?),
         None => match args.partition.trim().to_ascii_lowercase().as_str() {
-            "uniform" | "balanced" | "balanced-params" | "balanced-time" => Ok(args.partition.parse::<PartitionStrategy>()?),
+            "uniform" | "balanced" | "balanced-params" | "balanced-time" => {
+                Ok(args.partition.parse::<PartitionStrategy>()?)
+            }
             other => bail!(
                 "unknown --partition {other:?}: expected uniform (equal layer counts), balanced (by parameters) or \
                  balanced-time (by profiled time); give layer counts with --split 3,3,2"
@@ -200,8 +188,7 @@ fn partition_strategy(args: &TrainArgs) -> Result<PartitionStrategy> {
 fn check_init_matches(args: &TrainArgs, imported: &brigade::models::ModelConfig) -> Result<()> {
     use brigade::models::ModelConfig;
     let m = &args.model;
-    let shape_flags =
-        m.layers.is_some() || m.width.is_some() || m.heads.is_some() || m.vocab.is_some();
+    let shape_flags = m.layers.is_some() || m.width.is_some() || m.heads.is_some() || m.vocab.is_some();
     if m.model.is_none() && !shape_flags && m.context.is_none() {
         return Ok(());
     }
@@ -211,10 +198,9 @@ fn check_init_matches(args: &TrainArgs, imported: &brigade::models::ModelConfig)
             "GPT with {} layers, width {}, {} heads, vocabulary {}, context {}",
             g.n_layer, g.n_embd, g.n_head, g.vocab_size, g.n_positions
         ),
-        ModelConfig::Resnet(r) => format!(
-            "ResNet with blocks {:?}, widths {:?}, {} classes",
-            r.layers, r.widths, r.num_classes
-        ),
+        ModelConfig::Resnet(r) => {
+            format!("ResNet with blocks {:?}, widths {:?}, {} classes", r.layers, r.widths, r.num_classes)
+        }
     };
     let agree = match (&asked, imported) {
         // A shorter --context trains on shorter sequences of the same model.
@@ -255,12 +241,7 @@ fn check_init_matches(args: &TrainArgs, imported: &brigade::models::ModelConfig)
 /// What a run starts from: the checkpoint it resumes, or the weights it imports, or nothing.
 enum Start {
     Fresh,
-    Resume {
-        step: u64,
-        planned_steps: u64,
-        lr_horizon: u64,
-        batch_size: usize,
-    },
+    Resume { step: u64, planned_steps: u64, lr_horizon: u64, batch_size: usize },
     Import(brigade::checkpoint::Imported),
 }
 
@@ -308,11 +289,7 @@ fn model_and_data(args: &TrainArgs) -> Result<(Arc<dyn PipelineModel>, Dataset, 
     }
     let weights = brigade::checkpoint::import_with(init, Some(&config), &args.init_skip)?;
     check_init_matches(args, &weights.config)?;
-    println!(
-        "init     {} weights from {}",
-        weights.params.len() + weights.buffers.len(),
-        weights.source
-    );
+    println!("init     {} weights from {}", weights.params.len() + weights.buffers.len(), weights.source);
     let data = args.model.data_for(&weights.config, args.seed)?;
     let model = weights.config.build()?;
     Ok((model, data, Start::Import(weights)))
@@ -323,9 +300,8 @@ fn model_and_data(args: &TrainArgs) -> Result<(Arc<dyn PipelineModel>, Dataset, 
 fn check_disk_space(dir: &std::path::Path, params: usize, optimizer_states: usize) -> Result<()> {
     let needed = params as f64 * 4.0 * (1.0 + optimizer_states as f64);
     // The directory may not exist yet: its nearest existing ancestor is on the same file system.
-    let Some(existing) = std::path::absolute(dir)
-        .ok()
-        .and_then(|d| d.ancestors().find(|a| a.exists()).map(|a| a.to_path_buf()))
+    let Some(existing) =
+        std::path::absolute(dir).ok().and_then(|d| d.ancestors().find(|a| a.exists()).map(|a| a.to_path_buf()))
     else {
         return Ok(());
     };
@@ -355,12 +331,7 @@ fn pipeline_config(
     steps: u64,
 ) -> Result<PipelineConfig> {
     let warmup = args.warmup.unwrap_or(steps / 20);
-    let lr = LrSchedule::warmup_cosine(
-        args.lr,
-        warmup,
-        steps,
-        args.min_lr.unwrap_or(args.lr / 10.0),
-    );
+    let lr = LrSchedule::warmup_cosine(args.lr, warmup, steps, args.min_lr.unwrap_or(args.lr / 10.0));
     let mut pipeline = PipelineConfig::default()
         .stages(layout.0)
         .partition(partition)
@@ -384,11 +355,7 @@ fn train_options(args: &TrainArgs, steps: u64) -> TrainOptions {
     TrainOptions {
         batch_size: args.batch_size,
         steps,
-        eval_every: if args.eval_every == 0 {
-            steps
-        } else {
-            args.eval_every
-        },
+        eval_every: if args.eval_every == 0 { steps } else { args.eval_every },
         eval_batches: args.eval_batches,
         data_seed: args.seed,
         context: args.model.context,
@@ -406,52 +373,30 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
     check_train_args(&args)?;
     // A text --data without --tokenizer uses the tokenizer of the run it resumes, or of the
     // Hugging Face directory it starts from, when there is one; otherwise it is bytes.
-    let text_data = args
-        .model
-        .data
-        .as_ref()
-        .is_some_and(|d| !d.extension().is_some_and(|e| e.eq_ignore_ascii_case("bin")));
+    let text_data =
+        args.model.data.as_ref().is_some_and(|d| !d.extension().is_some_and(|e| e.eq_ignore_ascii_case("bin")));
     if args.model.tokenizer.is_none() && text_data {
-        let from_init = args
-            .init_from
-            .as_ref()
-            .map(|p| p.join(brigade::tokenizer::TOKENIZER_FILE))
-            .filter(|f| f.is_file());
-        let found = args
-            .resume
-            .as_deref()
-            .and_then(brigade::tokenizer::TextTokenizer::find_near)
-            .or(from_init);
+        let from_init =
+            args.init_from.as_ref().map(|p| p.join(brigade::tokenizer::TOKENIZER_FILE)).filter(|f| f.is_file());
+        let found = args.resume.as_deref().and_then(brigade::tokenizer::TextTokenizer::find_near).or(from_init);
         if let Some(found) = found {
             println!("tokenizer {}", found.display());
             args.model.tokenizer = Some(found);
         }
     }
     let schedule = super::schedule::schedule_choice(&args.schedule)?;
-    let (stages, microbatches) =
-        super::schedule::layout_counts(&schedule, args.stages, args.microbatches, (2, 4))?;
+    let (stages, microbatches) = super::schedule::layout_counts(&schedule, args.stages, args.microbatches, (2, 4))?;
     let (model, data, start) = model_and_data(&args)?;
     let mut partition = partition_strategy(&args)?;
     if partition == PartitionStrategy::BalancedTime(Vec::new()) {
-        let threads = args
-            .threads_per_stage
-            .unwrap_or_else(|| super::default_threads(stages));
+        let threads = args.threads_per_stage.unwrap_or_else(|| super::default_threads(stages));
         let mb = (args.batch_size / microbatches).max(1);
         let device = args.devices.first()?;
-        partition = super::profile::balanced_time(
-            model.as_ref(),
-            &data,
-            mb,
-            args.model.context,
-            threads,
-            args.seed,
-            device,
-        )?;
+        partition =
+            super::profile::balanced_time(model.as_ref(), &data, mb, args.model.context, threads, args.seed, device)?;
     }
     let (first_step, batch) = match &start {
-        Start::Resume {
-            step, batch_size, ..
-        } => (*step, *batch_size),
+        Start::Resume { step, batch_size, .. } => (*step, *batch_size),
         _ => (0, args.batch_size),
     };
     let steps = match (&start, args.steps) {
@@ -467,11 +412,7 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
     if steps <= first_step {
         bail!(
             "nothing to train: --steps {steps} is not beyond {}; ask for more steps",
-            if first_step == 0 {
-                "step 0".to_string()
-            } else {
-                format!("the checkpoint's step {first_step}")
-            }
+            if first_step == 0 { "step 0".to_string() } else { format!("the checkpoint's step {first_step}") }
         );
     }
     // Refused before any of it is allocated (a resumed run: its checkpoint's config and batch).
@@ -528,13 +469,7 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
     // The tokenizer goes with the run's checkpoints, for `generate`, `export` and resuming.
     if let (Some(dir), Some(tok)) = (&args.save_dir, args.model.text_tokenizer()?) {
         let dest = dir.join(brigade::tokenizer::TOKENIZER_FILE);
-        if args
-            .model
-            .tokenizer
-            .as_deref()
-            .and_then(|t| t.canonicalize().ok())
-            != dest.canonicalize().ok()
-        {
+        if args.model.tokenizer.as_deref().and_then(|t| t.canonicalize().ok()) != dest.canonicalize().ok() {
             tok.save(&dest)?;
         }
     }
@@ -542,11 +477,7 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
     let summary = train_with_progress(&mut trainer, args.plain, steps, log.as_mut())?;
     print_summary(&summary);
     if let Some(log) = &log {
-        println!(
-            "metrics  {} (plot with: brigade plot {})",
-            log.path().display(),
-            log.path().display()
-        );
+        println!("metrics  {} (plot with: brigade plot {})", log.path().display(), log.path().display());
     }
     Ok(())
 }
@@ -560,16 +491,9 @@ fn train_with_progress(
     steps: u64,
     mut log: Option<&mut MetricsLog>,
 ) -> Result<Summary> {
-    let images = matches!(
-        trainer.model().input(),
-        brigade::engine::InputKind::Images { .. }
-    );
+    let images = matches!(trainer.model().input(), brigade::engine::InputKind::Images { .. });
     let interactive = !plain && std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let bar = if interactive {
-        ProgressBar::new(steps)
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = if interactive { ProgressBar::new(steps) } else { ProgressBar::hidden() };
     bar.set_style(
         // At most 80 columns: "step 1000/1000 [20] loss 5.5500 | 123456 tok/s ETA 12m" fits.
         ProgressStyle::with_template("step {pos}/{len} [{bar:20}] {msg} ETA {eta}")
@@ -594,11 +518,7 @@ fn train_with_progress(
             }
         }
         match event {
-            Event::Step {
-                stats,
-                items_per_sec,
-                ..
-            } => {
+            Event::Step { stats, items_per_sec, .. } => {
                 bar.set_position(stats.step + 1);
                 if plain {
                     println!(
@@ -609,27 +529,13 @@ fn train_with_progress(
                         items_per_sec
                     );
                 }
-                bar.set_message(format!(
-                    "loss {:.4} | {:.0} {unit}",
-                    stats.loss, items_per_sec
-                ));
+                bar.set_message(format!("loss {:.4} | {:.0} {unit}", stats.loss, items_per_sec));
             }
             Event::Eval { step, stats } => {
-                let acc = if images {
-                    format!(", accuracy {:.1}%", 100.0 * stats.accuracy())
-                } else {
-                    String::new()
-                };
-                say(format!(
-                    "step {step:>5}: held-out loss {:.4}{acc}",
-                    stats.loss
-                ));
+                let acc = if images { format!(", accuracy {:.1}%", 100.0 * stats.accuracy()) } else { String::new() };
+                say(format!("step {step:>5}: held-out loss {:.4}{acc}", stats.loss));
             }
-            Event::Saved {
-                step,
-                checkpoint,
-                seconds,
-            } => {
+            Event::Saved { step, checkpoint, seconds } => {
                 say(format!(
                     "step {step:>5}: saved {} ({:.1} MB in {seconds:.2}s)",
                     checkpoint.dir.display(),
@@ -644,16 +550,8 @@ fn train_with_progress(
 
 /// The run's metrics log: `--log`, else `<save-dir>/metrics.jsonl`, else none. A resumed run
 /// appends to it; a new run starts it afresh.
-fn open_log(
-    args: &TrainArgs,
-    trainer: &mut Trainer,
-    first_step: u64,
-) -> Result<Option<MetricsLog>> {
-    let Some(path) = args
-        .log
-        .clone()
-        .or_else(|| args.save_dir.as_ref().map(|d| d.join(METRICS_FILE)))
-    else {
+fn open_log(args: &TrainArgs, trainer: &mut Trainer, first_step: u64) -> Result<Option<MetricsLog>> {
+    let Some(path) = args.log.clone().or_else(|| args.save_dir.as_ref().map(|d| d.join(METRICS_FILE))) else {
         return Ok(None);
     };
     let name = match (&args.log, &args.save_dir) {
@@ -661,13 +559,8 @@ fn open_log(
         (None, Some(dir)) => dir.file_name(),
         (None, None) => None,
     };
-    let name = name
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "run".into());
-    let images = matches!(
-        trainer.model().input(),
-        brigade::engine::InputKind::Images { .. }
-    );
+    let name = name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+    let images = matches!(trainer.model().input(), brigade::engine::InputKind::Images { .. });
     let (model, batch_size) = (trainer.model().name(), trainer.options().batch_size);
     let p = trainer.pipeline();
     let stages = p.partition().stages();
@@ -693,10 +586,7 @@ fn open_log(
 }
 
 fn print_summary(summary: &Summary) {
-    let eval = summary
-        .final_eval
-        .map(|e| format!("{:.4}", e.loss))
-        .unwrap_or_else(|| "not evaluated".into());
+    let eval = summary.final_eval.map(|e| format!("{:.4}", e.loss)).unwrap_or_else(|| "not evaluated".into());
     let ran = if summary.ran == summary.steps {
         plural(summary.ran as usize, "step", "steps")
     } else {
@@ -713,11 +603,7 @@ fn print_summary(summary: &Summary) {
         summary.first_loss,
         summary.last_loss
     );
-    let utilization: Vec<String> = summary
-        .stage_utilization
-        .iter()
-        .map(|u| format!("{:.0}%", 100.0 * u))
-        .collect();
+    let utilization: Vec<String> = summary.stage_utilization.iter().map(|u| format!("{:.0}%", 100.0 * u)).collect();
     println!(
         "median step {:.3}s (+ {:.1} ms getting its batch); stage utilization (busy / step time): {}",
         summary.median_step.as_secs_f64(),

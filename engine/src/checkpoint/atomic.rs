@@ -35,7 +35,8 @@ impl StagingDir {
             .ok_or_else(|| CheckpointError::invalid(target, "a checkpoint path needs a final directory name"))?
             .to_string_lossy()
             .into_owned();
-        let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let nonce =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let tmp = parent.join(format!(".{name}{PARTIAL_MARK}{}-{nonce}", std::process::id()));
         std::fs::create_dir(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
         Ok(Self { tmp, target: target.to_path_buf(), committed: false })
@@ -126,7 +127,10 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, CheckpointError> {
 /// a checkpoint and the newest complete one is used instead.
 pub fn resolve_checkpoint_noting(path: &Path) -> Result<(PathBuf, Option<String>), CheckpointError> {
     if !path.exists() {
-        return Err(CheckpointError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such checkpoint directory")));
+        return Err(CheckpointError::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such checkpoint directory"),
+        ));
     }
     if path.join(META_FILE).is_file() {
         return Ok((path.to_path_buf(), None));
@@ -136,7 +140,10 @@ pub fn resolve_checkpoint_noting(path: &Path) -> Result<(PathBuf, Option<String>
         let name = std::fs::read_to_string(&latest).map_err(|e| CheckpointError::io(&latest, e))?;
         let name = name.trim();
         if name.is_empty() || name.contains('/') || name.contains('\\') || name.starts_with('.') {
-            return Err(CheckpointError::invalid(&latest, format!("names {name:?}, which is not a checkpoint directory name")));
+            return Err(CheckpointError::invalid(
+                &latest,
+                format!("names {name:?}, which is not a checkpoint directory name"),
+            ));
         }
         let dir = path.join(name);
         if !dir.join(META_FILE).is_file() {
@@ -194,7 +201,11 @@ pub fn remove_dead_partials(save_dir: &Path) -> Vec<PathBuf> {
         if alive {
             continue;
         }
-        let gone = if entry.path().is_dir() { std::fs::remove_dir_all(entry.path()) } else { std::fs::remove_file(entry.path()) };
+        let gone = if entry.path().is_dir() {
+            std::fs::remove_dir_all(entry.path())
+        } else {
+            std::fs::remove_file(entry.path())
+        };
         if gone.is_ok() {
             removed.push(entry.path());
         }

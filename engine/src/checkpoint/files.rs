@@ -57,7 +57,12 @@ pub fn plan_shards(prefix: &str, per_stage: &[Vec<TensorInfo>], max_bytes: u64) 
                     files.push(current.take().expect("checked Some"));
                 }
             }
-            let file = current.get_or_insert_with(|| ShardFile { stage, file_name: String::new(), names: Vec::new(), bytes: 0 });
+            let file = current.get_or_insert_with(|| ShardFile {
+                stage,
+                file_name: String::new(),
+                names: Vec::new(),
+                bytes: 0,
+            });
             file.names.push(t.name.clone());
             file.bytes += size;
         }
@@ -126,7 +131,8 @@ pub fn write_safetensors(
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(|e| CheckpointError::io(path, e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| CheckpointError::io(path, e))?;
     }
     let f = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
     f.sync_all().map_err(|e| CheckpointError::io(path, e))?;
@@ -201,7 +207,10 @@ impl ShardSet {
             let mut found: HashMap<String, (usize, Vec<usize>, safetensors::Dtype)> = HashMap::new();
             for name in file_names {
                 if name.is_empty() || name.contains('/') || name.contains('\\') || name.starts_with('.') {
-                    return Err(CheckpointError::invalid(&index_path, format!("shard file name {name:?} is not a file in this directory")));
+                    return Err(CheckpointError::invalid(
+                        &index_path,
+                        format!("shard file name {name:?} is not a file in this directory"),
+                    ));
                 }
                 let path = dir.join(name);
                 let file = set.map_file(&path)?;
@@ -321,7 +330,8 @@ impl ShardSet {
     /// truncated file is caught) and lists its tensors.
     fn header(&mut self, file: usize) -> Result<Vec<(String, Vec<usize>, safetensors::Dtype)>, CheckpointError> {
         let (path, map) = &self.files[file];
-        let st = SafeTensors::deserialize(map).map_err(|e| CheckpointError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+        let st = SafeTensors::deserialize(map)
+            .map_err(|e| CheckpointError::Corrupt { path: path.clone(), reason: e.to_string() })?;
         if self.header_metadata.is_empty() {
             if let Ok((_, meta)) = SafeTensors::read_metadata(map) {
                 if let Some(m) = meta.metadata() {
@@ -352,7 +362,12 @@ impl ShardSet {
     pub fn listing(&self) -> BTreeMap<String, (PathBuf, Vec<usize>, DType)> {
         self.entries
             .iter()
-            .map(|(n, e)| (n.clone(), (self.files[e.file].0.clone(), e.shape.clone(), from_st_dtype(e.dtype).unwrap_or(DType::U8))))
+            .map(|(n, e)| {
+                (
+                    n.clone(),
+                    (self.files[e.file].0.clone(), e.shape.clone(), from_st_dtype(e.dtype).unwrap_or(DType::U8)),
+                )
+            })
             .collect()
     }
 
@@ -370,7 +385,10 @@ impl ShardSet {
     /// recorded checksum first (the first time), and a value that is not finite is an error:
     /// no checkpoint or exported model legitimately holds one.
     pub fn load(&self, name: &str, dtype: DType) -> Result<Tensor, CheckpointError> {
-        let entry = self.entries.get(name).ok_or_else(|| CheckpointError::MissingTensor { path: self.source.clone(), name: name.into() })?;
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| CheckpointError::MissingTensor { path: self.source.clone(), name: name.into() })?;
         self.verified(entry.file)?;
         let (path, map) = &self.files[entry.file];
         let corrupt = |reason: String| CheckpointError::Corrupt { path: path.clone(), reason };
@@ -387,7 +405,11 @@ impl ShardSet {
     /// before anything is returned; a tensor in the files that is not expected is an error too
     /// (`what` says what kind of tensor, for the message). Values are converted to the expected
     /// entry's first allowed dtype.
-    pub fn load_validated(&self, expected: &[ExpectedTensor], what: &'static str) -> Result<HashMap<String, Tensor>, CheckpointError> {
+    pub fn load_validated(
+        &self,
+        expected: &[ExpectedTensor],
+        what: &'static str,
+    ) -> Result<HashMap<String, Tensor>, CheckpointError> {
         self.load_mapped(expected, |name| Some(name.to_string()), what)
     }
 
@@ -421,7 +443,10 @@ impl ShardSet {
                 return Err(CheckpointError::UnexpectedTensor { path: self.path_of(name), name: name.clone(), what });
             }
             if let Some(other) = in_file.insert(c.clone(), name.clone()) {
-                return Err(CheckpointError::invalid(&self.source, format!("tensors {other} and {name} both map to {c}")));
+                return Err(CheckpointError::invalid(
+                    &self.source,
+                    format!("tensors {other} and {name} both map to {c}"),
+                ));
             }
         }
         for e in expected {
@@ -431,7 +456,12 @@ impl ShardSet {
             let entry = &self.entries[file_name];
             let path = self.path_of(file_name);
             if entry.shape != e.shape {
-                return Err(CheckpointError::Shape { path, name: file_name.clone(), found: entry.shape.clone(), expected: e.shape.clone() });
+                return Err(CheckpointError::Shape {
+                    path,
+                    name: file_name.clone(),
+                    found: entry.shape.clone(),
+                    expected: e.shape.clone(),
+                });
             }
             let ok = from_st_dtype(entry.dtype).is_some_and(|d| e.dtypes.contains(&d));
             if !ok {

@@ -26,8 +26,8 @@
 mod atomic;
 mod files;
 mod resume;
-mod seal;
 mod savedir;
+mod seal;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -37,18 +37,21 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use atomic::{
-    list_checkpoints, prune_checkpoints, remove_dead_partials, resolve_checkpoint, resolve_checkpoint_noting, step_dir_name,
-    update_latest, StagingDir, LATEST_FILE,
+    list_checkpoints, prune_checkpoints, remove_dead_partials, resolve_checkpoint, resolve_checkpoint_noting,
+    step_dir_name, update_latest, StagingDir, LATEST_FILE,
 };
 pub(crate) use files::write_file_durably;
 pub use files::{
-    dtype_name, plan_shards, read_index, write_index, write_safetensors, ExpectedTensor, ShardFile, ShardIndex, ShardSet,
-    TensorInfo,
+    dtype_name, plan_shards, read_index, write_index, write_safetensors, ExpectedTensor, ShardFile, ShardIndex,
+    ShardSet, TensorInfo,
 };
 
 pub use resume::{expected_weights, ResumeState, StageLoader};
 pub use savedir::{checkpoint_containing, refuse_inside_checkpoint, same_run, SaveDirLock, LOCK_FILE};
-pub use seal::{first_non_finite, seal, verify_all, verify_bytes, verify_file, Checksums, FileSum, CHECKSUMS_FILE, CHECKSUM_ALGORITHM};
+pub use seal::{
+    first_non_finite, seal, verify_all, verify_bytes, verify_file, Checksums, FileSum, CHECKSUMS_FILE,
+    CHECKSUM_ALGORITHM,
+};
 
 use crate::optim::{LrSchedule, OptimizerConfig};
 
@@ -173,7 +176,10 @@ impl CheckpointMeta {
         let meta: CheckpointMeta = serde_json::from_str(&text)
             .map_err(|e| CheckpointError::invalid(&path, format!("not valid checkpoint metadata: {e}")))?;
         if meta.format != Self::FORMAT {
-            return Err(CheckpointError::invalid(&path, format!("format is {:?}, not {:?}", meta.format, Self::FORMAT)));
+            return Err(CheckpointError::invalid(
+                &path,
+                format!("format is {:?}, not {:?}", meta.format, Self::FORMAT),
+            ));
         }
         if meta.format_version > FORMAT_VERSION {
             return Err(CheckpointError::invalid(
@@ -233,7 +239,10 @@ fn check_training_state(dir: &Path, meta: &CheckpointMeta) -> Result<(), Checkpo
     let set = ShardSet::open_file(&path)?;
     for (name, want) in [("global_step", meta.step), ("data_position", meta.training.data_position)] {
         let t = set.load(name, DType::I64)?;
-        let found = t.flatten_all().and_then(|t| t.to_vec1::<i64>()).map_err(|e| CheckpointError::invalid(&path, format!("{name}: {e}")))?;
+        let found = t
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<i64>())
+            .map_err(|e| CheckpointError::invalid(&path, format!("{name}: {e}")))?;
         if found != [want as i64] {
             return Err(CheckpointError::invalid(
                 &path,

@@ -109,7 +109,10 @@ fn optimizer_states(
                     .and_then(|s| s.to_scalar::<f64>())
                     .map_err(|e| CheckpointError::invalid(&set.source, format!("{}.step: {e}", p.name)))?;
                 if !(step >= 0.0 && step.fract() == 0.0) {
-                    return Err(CheckpointError::invalid(&set.source, format!("{}.step is {step}, not a step count", p.name)));
+                    return Err(CheckpointError::invalid(
+                        &set.source,
+                        format!("{}.step is {step}, not a step count", p.name),
+                    ));
                 }
                 // A parameter cannot have taken more optimizer steps than the run has.
                 if step > meta_step as f64 {
@@ -121,7 +124,11 @@ fn optimizer_states(
                 let exp_avg_sq = format!("{}.exp_avg_sq", p.name);
                 let exp_avg_sq_t = set.load(&exp_avg_sq, DType::F32)?;
                 check_non_negative(set, &exp_avg_sq, &exp_avg_sq_t)?;
-                ParamState::AdamW { exp_avg: set.load(&format!("{}.exp_avg", p.name), DType::F32)?, exp_avg_sq: exp_avg_sq_t, step: step as u64 }
+                ParamState::AdamW {
+                    exp_avg: set.load(&format!("{}.exp_avg", p.name), DType::F32)?,
+                    exp_avg_sq: exp_avg_sq_t,
+                    step: step as u64,
+                }
             }
             OptimizerConfig::Sgd { momentum, .. } if momentum != 0.0 => {
                 ParamState::Sgd { momentum_buffer: Some(set.load(&format!("{}.momentum_buffer", p.name), DType::F32)?) }
@@ -159,9 +166,21 @@ fn expected_optimizer(optimizer: OptimizerConfig, step: u64, params: &[ParamSpec
     for p in params {
         match optimizer {
             OptimizerConfig::AdamW { .. } => {
-                expected.push(ExpectedTensor { name: format!("{}.exp_avg", p.name), shape: p.shape.clone(), dtypes: vec![DType::F32] });
-                expected.push(ExpectedTensor { name: format!("{}.exp_avg_sq", p.name), shape: p.shape.clone(), dtypes: vec![DType::F32] });
-                expected.push(ExpectedTensor { name: format!("{}.step", p.name), shape: vec![1], dtypes: vec![DType::F64] });
+                expected.push(ExpectedTensor {
+                    name: format!("{}.exp_avg", p.name),
+                    shape: p.shape.clone(),
+                    dtypes: vec![DType::F32],
+                });
+                expected.push(ExpectedTensor {
+                    name: format!("{}.exp_avg_sq", p.name),
+                    shape: p.shape.clone(),
+                    dtypes: vec![DType::F32],
+                });
+                expected.push(ExpectedTensor {
+                    name: format!("{}.step", p.name),
+                    shape: vec![1],
+                    dtypes: vec![DType::F64],
+                });
             }
             OptimizerConfig::Sgd { momentum, .. } if momentum != 0.0 => {
                 expected.push(ExpectedTensor {
@@ -191,9 +210,18 @@ impl Checkpoint {
     /// Validates the checkpoint against `model` without reading tensor data, and turns it into
     /// a loader the pipeline's stages read from (see `PipelineConfig::resume_from_checkpoint`).
     pub fn into_stage_loader(self, model: &dyn PipelineModel) -> Result<StageLoader, CheckpointError> {
-        self.weights.check_mapped(&expected_weights(model, &[DType::F32]), |n| Some(n.to_string()), "parameter or buffer")?;
+        self.weights.check_mapped(
+            &expected_weights(model, &[DType::F32]),
+            |n| Some(n.to_string()),
+            "parameter or buffer",
+        )?;
         self.check_optimizer(model)?;
-        Ok(StageLoader { weights: self.weights, optimizer: self.optimizer, optimizer_config: self.meta.optimizer, step: self.meta.step })
+        Ok(StageLoader {
+            weights: self.weights,
+            optimizer: self.optimizer,
+            optimizer_config: self.meta.optimizer,
+            step: self.meta.step,
+        })
     }
 }
 

@@ -41,18 +41,30 @@ impl SaveDirLock {
         }
         std::fs::create_dir_all(dir).map_err(|e| unwritable(dir, e))?;
         let path = dir.join(LOCK_FILE);
-        let mut file =
-            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(|e| unwritable(dir, e))?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| unwritable(dir, e))?;
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
                 let holder = holder.trim();
-                let who = if holder.is_empty() { "another process".to_string() } else { format!("another brigade run (pid {holder})") };
+                let who = if holder.is_empty() {
+                    "another process".to_string()
+                } else {
+                    format!("another brigade run (pid {holder})")
+                };
                 return Err(CheckpointError::invalid(
                     dir,
-                    format!("is in use: {who} holds {}; wait for it to finish or choose another --save-dir", path.display()),
+                    format!(
+                        "is in use: {who} holds {}; wait for it to finish or choose another --save-dir",
+                        path.display()
+                    ),
                 ));
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(CheckpointError::io(&path, e)),
@@ -107,7 +119,10 @@ pub fn refuse_inside_checkpoint(path: &Path, what: &str) -> Result<(), Checkpoin
     match checkpoint_containing(path) {
         Some(ckpt) => Err(CheckpointError::invalid(
             path,
-            format!("{what} is inside the checkpoint {}; write it somewhere else (a checkpoint is never written into)", ckpt.display()),
+            format!(
+                "{what} is inside the checkpoint {}; write it somewhere else (a checkpoint is never written into)",
+                ckpt.display()
+            ),
         )),
         None => Ok(()),
     }

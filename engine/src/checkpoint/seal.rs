@@ -56,12 +56,16 @@ impl Checksums {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(CheckpointError::io(&path, e)),
         };
-        let sums: Checksums = serde_json::from_str(&text)
-            .map_err(|e| CheckpointError::invalid(&path, format!("not a valid checksum list ({e}); the file is damaged")))?;
+        let sums: Checksums = serde_json::from_str(&text).map_err(|e| {
+            CheckpointError::invalid(&path, format!("not a valid checksum list ({e}); the file is damaged"))
+        })?;
         if sums.algorithm != CHECKSUM_ALGORITHM {
             return Err(CheckpointError::invalid(
                 &path,
-                format!("checksums use {:?}, which this brigade does not know ({CHECKSUM_ALGORITHM} expected)", sums.algorithm),
+                format!(
+                    "checksums use {:?}, which this brigade does not know ({CHECKSUM_ALGORITHM} expected)",
+                    sums.algorithm
+                ),
             ));
         }
         Ok(Some(sums))
@@ -102,8 +106,9 @@ pub fn verify_bytes(path: &Path, bytes: &[u8], sum: &FileSum) -> Result<(), Chec
 /// Reads a whole (small) file and checks it against the checkpoint's checksums, if it has any.
 pub fn verify_file(path: &Path, sums: Option<&Checksums>) -> Result<(), CheckpointError> {
     let Some(sums) = sums else { return Ok(()) };
-    let sum = sums.get(path).ok_or_else(|| {
-        CheckpointError::Checksum { path: path.to_path_buf(), reason: format!("is not listed in {CHECKSUMS_FILE}: it is not part of the saved checkpoint") }
+    let sum = sums.get(path).ok_or_else(|| CheckpointError::Checksum {
+        path: path.to_path_buf(),
+        reason: format!("is not listed in {CHECKSUMS_FILE}: it is not part of the saved checkpoint"),
     })?;
     let bytes = std::fs::read(path).map_err(|e| CheckpointError::io(path, e))?;
     verify_bytes(path, &bytes, sum)
@@ -207,7 +212,8 @@ pub fn seal(dir: &Path) -> Result<Checksums, CheckpointError> {
 
 /// Every floating-point tensor of the safetensors file `bytes` is finite.
 fn check_finite(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| CheckpointError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| CheckpointError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?;
     for (name, view) in st.tensors() {
         if let Some(i) = first_non_finite(view.dtype(), view.data()) {
             return Err(CheckpointError::Diverged {
@@ -232,7 +238,11 @@ pub fn verify_all(dir: &Path, sums: &Checksums) -> Result<(usize, u64), Checkpoi
             let file = std::fs::File::open(&path).map_err(|e| CheckpointError::io(&path, e))?;
             let len = file.metadata().map_err(|e| CheckpointError::io(&path, e))?.len();
             // SAFETY: read-only map; brigade never writes a committed checkpoint's files in place.
-            let map = if len == 0 { None } else { Some(unsafe { Mmap::map(&file) }.map_err(|e| CheckpointError::io(&path, e))?) };
+            let map = if len == 0 {
+                None
+            } else {
+                Some(unsafe { Mmap::map(&file) }.map_err(|e| CheckpointError::io(&path, e))?)
+            };
             verify_bytes(&path, map.as_deref().unwrap_or(&[]), sum)?;
             Ok(sum.bytes)
         })

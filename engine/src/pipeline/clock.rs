@@ -26,9 +26,7 @@ impl ActionClock {
     pub(super) fn start(device: &Device) -> Result<Self> {
         #[cfg(feature = "cuda")]
         {
-            Ok(Self {
-                gpu: gpu::Marks::start(device)?,
-            })
+            Ok(Self { gpu: gpu::Marks::start(device)? })
         }
         #[cfg(not(feature = "cuda"))]
         {
@@ -76,9 +74,7 @@ mod gpu {
     }
 
     fn event(stream: &CudaStream) -> Result<CudaEvent> {
-        stream
-            .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
-            .w()
+        stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).w()
     }
 
     impl Marks {
@@ -88,12 +84,7 @@ mod gpu {
             };
             let stream = cuda.cuda_stream();
             let origin = event(&stream)?;
-            Ok(Some(Self {
-                stream,
-                origin,
-                origin_at: Instant::now(),
-                ends: Vec::new(),
-            }))
+            Ok(Some(Self { stream, origin, origin_at: Instant::now(), ends: Vec::new() }))
         }
 
         pub(super) fn record(&mut self) -> Result<()> {
@@ -103,18 +94,13 @@ mod gpu {
 
         pub(super) fn timings(self, host: Vec<Timing>) -> Result<Vec<Timing>> {
             if host.len() != self.ends.len() {
-                candle_core::bail!(
-                    "{} actions timed on the host but {} on the GPU",
-                    host.len(),
-                    self.ends.len()
-                );
+                candle_core::bail!("{} actions timed on the host but {} on the GPU", host.len(), self.ends.len());
             }
             let mut out = Vec::with_capacity(host.len());
             let mut previous_end = self.origin_at;
             for ((action, host_start, _), end) in host.into_iter().zip(&self.ends) {
                 let gpu_ms = self.origin.elapsed_ms(end).w()?;
-                let end_at =
-                    self.origin_at + Duration::from_secs_f64(f64::from(gpu_ms.max(0.0)) / 1e3);
+                let end_at = self.origin_at + Duration::from_secs_f64(f64::from(gpu_ms.max(0.0)) / 1e3);
                 let start_at = previous_end.max(host_start).min(end_at);
                 out.push((action, start_at, end_at));
                 previous_end = end_at;

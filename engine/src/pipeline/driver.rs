@@ -112,9 +112,7 @@ impl Pipeline {
             return Err(crate::partition::PartitionError::ZeroStages.into());
         }
         if config.microbatches == 0 {
-            return Err(EngineError::Config(
-                "micro-batches must be at least 1".into(),
-            ));
+            return Err(EngineError::Config("micro-batches must be at least 1".into()));
         }
         // Every chunk needs a layer: refuse impossible counts before building anything sized
         // by them (devices, schedule lists).
@@ -125,10 +123,7 @@ impl Pipeline {
         };
         let chunks = config.stages.saturating_mul(chunks_per_stage);
         if chunks > layers.len() {
-            let e = crate::partition::PartitionError::MoreStagesThanLayers {
-                stages: chunks,
-                layers: layers.len(),
-            };
+            let e = crate::partition::PartitionError::MoreStagesThanLayers { stages: chunks, layers: layers.len() };
             return Err(if chunks_per_stage == 1 {
                 e.into()
             } else {
@@ -158,9 +153,7 @@ impl Pipeline {
         let layer_params: Vec<usize> = layers.iter().map(|l| l.param_count()).collect();
         let schedule = match &config.schedule {
             ScheduleChoice::Kind(kind) => kind.build(config.stages, config.microbatches)?,
-            ScheduleChoice::Virtual(kind, v) => {
-                kind.build_with(config.stages, config.microbatches, *v)?
-            }
+            ScheduleChoice::Virtual(kind, v) => kind.build_with(config.stages, config.microbatches, *v)?,
             ScheduleChoice::Custom(s) => {
                 if s.stages() != config.stages || s.microbatches() != config.microbatches {
                     return Err(EngineError::Config(format!(
@@ -184,50 +177,37 @@ impl Pipeline {
         // The model is cut into one piece per chunk (p x v with virtual stages), in model order;
         // the schedule's routing table says which device holds each.
         let placement = Arc::new(schedule.placement().to_vec());
-        let partition = config
-            .partition
-            .resolve(&layer_params, placement.len())
-            .map_err(|e| {
-                if placement.len() == config.stages {
-                    EngineError::from(e)
-                } else {
-                    EngineError::Config(format!(
-                        "schedule {} cuts the model into {} chunks ({} stages x {}): {e}",
-                        schedule.name(),
-                        placement.len(),
-                        config.stages,
-                        placement.len() / config.stages.max(1)
-                    ))
-                }
-            })?;
-        let chunk_layers: Vec<Vec<Arc<dyn LayerSpec>>> = partition
-            .ranges()
-            .into_iter()
-            .map(|r| layers[r].to_vec())
-            .collect();
+        let partition = config.partition.resolve(&layer_params, placement.len()).map_err(|e| {
+            if placement.len() == config.stages {
+                EngineError::from(e)
+            } else {
+                EngineError::Config(format!(
+                    "schedule {} cuts the model into {} chunks ({} stages x {}): {e}",
+                    schedule.name(),
+                    placement.len(),
+                    config.stages,
+                    placement.len() / config.stages.max(1)
+                ))
+            }
+        })?;
+        let chunk_layers: Vec<Vec<Arc<dyn LayerSpec>>> =
+            partition.ranges().into_iter().map(|r| layers[r].to_vec()).collect();
         let device_chunks: Vec<Vec<(usize, Vec<Arc<dyn LayerSpec>>)>> = (0..config.stages)
             .map(|d| {
-                (0..placement.len())
-                    .filter(|&c| placement[c] == d)
-                    .map(|c| (c, chunk_layers[c].clone()))
-                    .collect()
+                (0..placement.len()).filter(|&c| placement[c] == d).map(|c| (c, chunk_layers[c].clone())).collect()
             })
             .collect();
 
         // Which parameter names live on more than one stage (weight tying across stages).
         let mut holders: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (s, chunks) in device_chunks.iter().enumerate() {
-            let names: HashSet<String> = chunks
-                .iter()
-                .flat_map(|(_, specs)| specs.iter().flat_map(|l| l.params()))
-                .map(|p| p.name)
-                .collect();
+            let names: HashSet<String> =
+                chunks.iter().flat_map(|(_, specs)| specs.iter().flat_map(|l| l.params())).map(|p| p.name).collect();
             for name in names {
                 holders.entry(name).or_default().push(s);
             }
         }
-        let mut tied: BTreeMap<String, Vec<usize>> =
-            holders.into_iter().filter(|(_, s)| s.len() > 1).collect();
+        let mut tied: BTreeMap<String, Vec<usize>> = holders.into_iter().filter(|(_, s)| s.len() > 1).collect();
         for stages in tied.values_mut() {
             stages.sort_unstable();
         }
@@ -237,27 +217,22 @@ impl Pipeline {
         // Sharing needs two CPU stages: one alone gains nothing from it, and a GPU stage's math
         // is not on these cores (it keeps its own pool for what it does on the host).
         let device_of = |index: usize| config.devices.get(index).copied().unwrap_or_default();
-        let cpu_stages: Vec<usize> = (0..config.stages)
-            .filter(|&i| device_of(i) == crate::device::StageDevice::Cpu)
-            .collect();
+        let cpu_stages: Vec<usize> =
+            (0..config.stages).filter(|&i| device_of(i) == crate::device::StageDevice::Cpu).collect();
         let shared_pool = match config.thread_pools {
-            ThreadPools::Shared if cpu_stages.len() >= 2 => Some(
-                threads::shared_pool(threads * cpu_stages.len()).map_err(EngineError::Config)?,
-            ),
+            ThreadPools::Shared if cpu_stages.len() >= 2 => {
+                Some(threads::shared_pool(threads * cpu_stages.len()).map_err(EngineError::Config)?)
+            }
             _ => None,
         };
         apply_thread_budget(threads);
         let (report_tx, reports) = unbounded();
-        let channels: Vec<(Sender<Msg>, Receiver<Msg>)> =
-            (0..config.stages).map(|_| unbounded()).collect();
+        let channels: Vec<(Sender<Msg>, Receiver<Msg>)> = (0..config.stages).map(|_| unbounded()).collect();
         let inboxes: Vec<Sender<Msg>> = channels.iter().map(|(tx, _)| tx.clone()).collect();
         let mut handles = Vec::with_capacity(config.stages);
         for (index, ((_, inbox), chunks)) in channels.into_iter().zip(device_chunks).enumerate() {
-            let stage_tied: Vec<String> = tied
-                .iter()
-                .filter(|(_, s)| s.contains(&index))
-                .map(|(n, _)| n.clone())
-                .collect();
+            let stage_tied: Vec<String> =
+                tied.iter().filter(|(_, s)| s.contains(&index)).map(|(n, _)| n.clone()).collect();
             let setup = StageSetup {
                 index,
                 placement: placement.clone(),
@@ -282,9 +257,7 @@ impl Pipeline {
             let handle = std::thread::Builder::new()
                 .name(format!("brigade-stage-{index}"))
                 .spawn(move || run_stage(setup))
-                .map_err(|e| {
-                    EngineError::Config(format!("cannot start stage thread {index}: {e}"))
-                })?;
+                .map_err(|e| EngineError::Config(format!("cannot start stage thread {index}: {e}")))?;
             handles.push(Some(handle));
         }
         let mut pipeline = Self {
@@ -297,10 +270,7 @@ impl Pipeline {
             grad_clip: config.grad_clip,
             optimizer: config.optimizer,
             seed: config.seed,
-            param_names: crate::layer::unique_params(&layers)
-                .into_iter()
-                .map(|p| p.name)
-                .collect(),
+            param_names: crate::layer::unique_params(&layers).into_iter().map(|p| p.name).collect(),
             inboxes,
             reports,
             handles,
@@ -328,10 +298,7 @@ impl Pipeline {
     /// The devices holding the first chunk (which gets the inputs) and the last (the targets).
     fn entry_and_exit(&self) -> (usize, usize) {
         let placement = self.schedule.placement();
-        (
-            placement.first().copied().unwrap_or(0),
-            placement.last().copied().unwrap_or(0),
-        )
+        (placement.first().copied().unwrap_or(0), placement.last().copied().unwrap_or(0))
     }
 
     pub fn schedule(&self) -> &Schedule {
@@ -374,16 +341,8 @@ impl Pipeline {
         for s in (0..stages).filter(|&s| s != first).chain([first]) {
             let msg = Msg::Train {
                 schedule: self.schedule.clone(),
-                inputs: if s == first {
-                    input_chunks.clone()
-                } else {
-                    Vec::new()
-                },
-                targets: if s == last {
-                    target_chunks.clone()
-                } else {
-                    Vec::new()
-                },
+                inputs: if s == first { input_chunks.clone() } else { Vec::new() },
+                targets: if s == last { target_chunks.clone() } else { Vec::new() },
                 global_terms,
                 lr,
             };
@@ -395,11 +354,7 @@ impl Pipeline {
         let mut tied_sums: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut partial_from = vec![false; stages];
         self.gather(&mut partial_from, |report| match report {
-            Report::Partial {
-                stage,
-                tied_grads,
-                sq_norm: s,
-            } => {
+            Report::Partial { stage, tied_grads, sq_norm: s } => {
                 sq_norm += s;
                 // Summed on the device of the first copy to arrive (device to device on GPUs,
                 // a peer copy between GPUs); each holder copies the sum back to its own device.
@@ -426,26 +381,18 @@ impl Pipeline {
             _ => 1.0,
         };
         for s in 0..stages {
-            let tied_grads = self
-                .tied
-                .iter()
-                .filter(|(_, holders)| holders.contains(&s))
-                .map(|(name, _)| {
-                    let sum = tied_sums.get(name).cloned().ok_or_else(|| {
-                        EngineError::Config(format!(
-                            "no gradient arrived for tied parameter {name}"
-                        ))
-                    })?;
-                    Ok((name.clone(), sum))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            self.send(
-                s,
-                Msg::Reduced {
-                    tied_grads,
-                    clip_scale,
-                },
-            )?;
+            let tied_grads =
+                self.tied
+                    .iter()
+                    .filter(|(_, holders)| holders.contains(&s))
+                    .map(|(name, _)| {
+                        let sum = tied_sums.get(name).cloned().ok_or_else(|| {
+                            EngineError::Config(format!("no gradient arrived for tied parameter {name}"))
+                        })?;
+                        Ok((name.clone(), sum))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+            self.send(s, Msg::Reduced { tied_grads, clip_scale })?;
         }
 
         let mut done = vec![false; stages];
@@ -454,22 +401,14 @@ impl Pipeline {
         let mut stage_actions = vec![Vec::new(); stages];
         let mut peak_stash_bytes = vec![0; stages];
         self.gather(&mut done, |report| match report {
-            Report::Done {
-                stage,
-                outcome,
-                busy,
-            } => {
+            Report::Done { stage, outcome, busy } => {
                 loss += outcome.loss;
                 stage_busy[stage] = busy;
                 let since = |t: Instant| t.saturating_duration_since(started);
                 stage_actions[stage] = outcome
                     .timings
                     .iter()
-                    .map(|&(action, start, end)| ActionTiming {
-                        action,
-                        start: since(start),
-                        end: since(end),
-                    })
+                    .map(|&(action, start, end)| ActionTiming { action, start: since(start), end: since(end) })
                     .collect();
                 peak_stash_bytes[stage] = outcome.peak_stash_bytes;
                 Ok(Some(stage))
@@ -477,16 +416,8 @@ impl Pipeline {
             _ => Ok(None),
         })?;
         let elapsed = started.elapsed();
-        let stats = StepStats {
-            step: self.step,
-            loss,
-            grad_norm,
-            lr,
-            elapsed,
-            stage_busy,
-            stage_actions,
-            peak_stash_bytes,
-        };
+        let stats =
+            StepStats { step: self.step, loss, grad_norm, lr, elapsed, stage_busy, stage_actions, peak_stash_bytes };
         self.step += 1;
         Ok(stats)
     }
@@ -497,33 +428,17 @@ impl Pipeline {
         self.ensure_running()?;
         self.check_labelled_batch(inputs, targets)?;
         let batch = inputs.dim(0)?;
-        let m = if batch % self.microbatches == 0 {
-            self.microbatches
-        } else {
-            1
-        };
+        let m = if batch % self.microbatches == 0 { self.microbatches } else { 1 };
         let stages = self.inboxes.len();
-        let schedule = Arc::new(Schedule::forward_only_on(
-            self.schedule.placement(),
-            stages,
-            m,
-        )?);
+        let schedule = Arc::new(Schedule::forward_only_on(self.schedule.placement(), stages, m)?);
         let input_chunks = split_batch(inputs, m)?;
         let target_chunks = split_batch(targets, m)?;
         let (first, last) = self.entry_and_exit();
         for s in (0..stages).filter(|&s| s != first).chain([first]) {
             let msg = Msg::Eval {
                 schedule: schedule.clone(),
-                inputs: if s == first {
-                    input_chunks.clone()
-                } else {
-                    Vec::new()
-                },
-                targets: if s == last {
-                    target_chunks.clone()
-                } else {
-                    Vec::new()
-                },
+                inputs: if s == first { input_chunks.clone() } else { Vec::new() },
+                targets: if s == last { target_chunks.clone() } else { Vec::new() },
             };
             self.send(s, msg)?;
         }
@@ -538,47 +453,27 @@ impl Pipeline {
             }
             _ => Ok(None),
         })?;
-        Ok(EvalStats {
-            loss: totals.loss / totals.terms.max(1) as f64,
-            correct: totals.correct,
-            terms: totals.terms,
-        })
+        Ok(EvalStats { loss: totals.loss / totals.terms.max(1) as f64, correct: totals.correct, terms: totals.terms })
     }
 
     /// The model's outputs (logits) for `inputs`, computed forward-only in evaluation mode and
     /// pipelined over the same stages; micro-batched like training when the batch divides.
     pub fn predict(&mut self, inputs: &Tensor) -> Result<Tensor> {
         self.ensure_running()?;
-        self.batch_check
-            .check_batch(inputs, None)
-            .map_err(EngineError::Input)?;
+        self.batch_check.check_batch(inputs, None).map_err(EngineError::Input)?;
         let batch = inputs.dim(0)?;
         if batch == 0 {
-            return Err(EngineError::Input(
-                "cannot predict on an empty batch".into(),
-            ));
+            return Err(EngineError::Input("cannot predict on an empty batch".into()));
         }
-        let m = if batch % self.microbatches == 0 {
-            self.microbatches
-        } else {
-            1
-        };
+        let m = if batch % self.microbatches == 0 { self.microbatches } else { 1 };
         let stages = self.inboxes.len();
-        let schedule = Arc::new(Schedule::forward_only_on(
-            self.schedule.placement(),
-            stages,
-            m,
-        )?);
+        let schedule = Arc::new(Schedule::forward_only_on(self.schedule.placement(), stages, m)?);
         let input_chunks = split_batch(inputs, m)?;
         let (first, _) = self.entry_and_exit();
         for s in (0..stages).filter(|&s| s != first).chain([first]) {
             let msg = Msg::Predict {
                 schedule: schedule.clone(),
-                inputs: if s == first {
-                    input_chunks.clone()
-                } else {
-                    Vec::new()
-                },
+                inputs: if s == first { input_chunks.clone() } else { Vec::new() },
             };
             self.send(s, msg)?;
         }
@@ -604,21 +499,13 @@ impl Pipeline {
     /// micro-batch; the model must support [`crate::Layer::forward_incremental`].
     pub fn decode(&mut self, inputs: &Tensor, offset: usize) -> Result<Tensor> {
         self.ensure_running()?;
-        self.batch_check
-            .check_batch(inputs, None)
-            .map_err(EngineError::Input)?;
+        self.batch_check.check_batch(inputs, None).map_err(EngineError::Input)?;
         if inputs.dim(0)? == 0 {
             return Err(EngineError::Input("cannot decode an empty batch".into()));
         }
         let stages = self.inboxes.len();
         for s in (0..stages).rev() {
-            self.send(
-                s,
-                Msg::Decode {
-                    input: (s == 0).then(|| inputs.clone()),
-                    offset,
-                },
-            )?;
+            self.send(s, Msg::Decode { input: (s == 0).then(|| inputs.clone()), offset })?;
         }
         let mut done = vec![false; stages];
         let mut output = None;
@@ -631,8 +518,7 @@ impl Pipeline {
             }
             _ => Ok(None),
         })?;
-        output
-            .ok_or_else(|| EngineError::Config("the last stage returned no decoding output".into()))
+        output.ok_or_else(|| EngineError::Config("the last stage returned no decoding output".into()))
     }
 
     /// Every parameter, copied to the CPU, by canonical name (tied copies once).
@@ -705,9 +591,7 @@ impl Pipeline {
     /// inputs and targets, divisible into the micro-batches; integer targets for the loss),
     /// then the model's.
     fn check_labelled_batch(&self, inputs: &Tensor, targets: &Tensor) -> Result<()> {
-        let batch = inputs
-            .dim(0)
-            .map_err(|_| EngineError::Input("inputs must have a batch dimension".into()))?;
+        let batch = inputs.dim(0).map_err(|_| EngineError::Input("inputs must have a batch dimension".into()))?;
         if targets.dims().first() != Some(&batch) {
             return Err(EngineError::Input(format!(
                 "inputs have batch size {batch} but targets have shape {:?}",
@@ -726,9 +610,7 @@ impl Pipeline {
                 targets.dtype()
             )));
         }
-        self.batch_check
-            .check_batch(inputs, Some(targets))
-            .map_err(EngineError::Input)
+        self.batch_check.check_batch(inputs, Some(targets)).map_err(EngineError::Input)
     }
 
     pub(super) fn send(&mut self, stage: usize, msg: Msg) -> Result<()> {
@@ -740,18 +622,10 @@ impl Pipeline {
 
     /// Receives reports until every stage marked `false` in `pending` has been accounted for
     /// by `accept` (which returns the stage it accounts for). A failure report aborts all.
-    fn gather(
-        &mut self,
-        pending: &mut [bool],
-        mut accept: impl FnMut(Report) -> Result<Option<usize>>,
-    ) -> Result<()> {
+    fn gather(&mut self, pending: &mut [bool], mut accept: impl FnMut(Report) -> Result<Option<usize>>) -> Result<()> {
         while pending.iter().any(|done| !done) {
             match self.reports.recv_timeout(Duration::from_millis(100)) {
-                Ok(Report::Failed {
-                    stage,
-                    action,
-                    message,
-                }) => {
+                Ok(Report::Failed { stage, action, message }) => {
                     return Err(self.stop(Some((stage, action, message))));
                 }
                 Ok(Report::Aborted { stage }) => {
@@ -764,14 +638,10 @@ impl Pipeline {
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     // A thread that ended without reporting would otherwise hang the step.
-                    if let Some(stage) = (0..pending.len()).find(|&s| {
-                        !pending[s] && self.handles[s].as_ref().is_none_or(|h| h.is_finished())
-                    }) {
-                        return Err(self.stop(Some((
-                            stage,
-                            None,
-                            "stage thread ended unexpectedly".into(),
-                        ))));
+                    if let Some(stage) = (0..pending.len())
+                        .find(|&s| !pending[s] && self.handles[s].as_ref().is_none_or(|h| h.is_finished()))
+                    {
+                        return Err(self.stop(Some((stage, None, "stage thread ended unexpectedly".into()))));
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => {
@@ -802,12 +672,7 @@ impl Pipeline {
         }
         // A stage that failed while others were being aborted may have the real cause.
         while let Ok(report) = self.reports.try_recv() {
-            if let Report::Failed {
-                stage,
-                action,
-                message,
-            } = report
-            {
+            if let Report::Failed { stage, action, message } = report {
                 let replace = match &first {
                     None => true,
                     Some((_, _, m)) => synthetic(m),
@@ -818,11 +683,7 @@ impl Pipeline {
             }
         }
         let (stage, action, message) = first.unwrap_or((0, None, "unknown failure".into()));
-        let err = EngineError::StageFailed {
-            stage,
-            action,
-            message,
-        };
+        let err = EngineError::StageFailed { stage, action, message };
         self.stopped = Some(err.to_string());
         err
     }
@@ -844,7 +705,5 @@ impl Drop for Pipeline {
 fn split_batch(t: &Tensor, parts: usize) -> Result<Vec<Tensor>> {
     let batch = t.dim(0)?;
     let size = batch / parts;
-    (0..parts)
-        .map(|i| Ok(t.narrow(0, i * size, size)?))
-        .collect()
+    (0..parts).map(|i| Ok(t.narrow(0, i * size, size)?)).collect()
 }

@@ -42,23 +42,50 @@ pub(super) enum Msg {
         targets: Vec<Tensor>,
     },
     /// Chunk `chunk`'s input for `microbatch` (sent by the device holding chunk `chunk - 1`).
-    Activation { chunk: usize, microbatch: usize, tensor: Tensor },
+    Activation {
+        chunk: usize,
+        microbatch: usize,
+        tensor: Tensor,
+    },
     /// Chunk `chunk`'s output gradient for `microbatch` (from the holder of chunk `chunk + 1`).
-    Gradient { chunk: usize, microbatch: usize, tensor: Tensor },
+    Gradient {
+        chunk: usize,
+        microbatch: usize,
+        tensor: Tensor,
+    },
     /// The summed gradients of this stage's tied parameters and the global clipping factor.
-    Reduced { tied_grads: Vec<(String, Tensor)>, clip_scale: f64 },
+    Reduced {
+        tied_grads: Vec<(String, Tensor)>,
+        clip_scale: f64,
+    },
     /// Forward-only over a batch; the last stage returns the outputs (logits).
-    Predict { schedule: Arc<Schedule>, inputs: Vec<Tensor> },
+    Predict {
+        schedule: Arc<Schedule>,
+        inputs: Vec<Tensor>,
+    },
     /// Incremental decoding of positions `offset..` (KV cache): stage 0 gets the new token
     /// ids, later stages the activation of micro-batch 0; the last stage returns the logits.
-    Decode { input: Option<Tensor>, offset: usize },
-    Snapshot { kind: SnapshotKind, reply: Sender<Vec<(String, Tensor)>> },
+    Decode {
+        input: Option<Tensor>,
+        offset: usize,
+    },
+    Snapshot {
+        kind: SnapshotKind,
+        reply: Sender<Vec<(String, Tensor)>>,
+    },
     /// What this stage would save: (weights and buffers, optimizer state).
-    Manifest { reply: Sender<StageResult<save::Manifest>> },
+    Manifest {
+        reply: Sender<StageResult<save::Manifest>>,
+    },
     /// Write these files (into a staging directory) from this stage's own tensors.
-    Save { job: Arc<save::SaveJob>, reply: Sender<std::result::Result<u64, String>> },
+    Save {
+        job: Arc<save::SaveJob>,
+        reply: Sender<std::result::Result<u64, String>>,
+    },
     /// Answered as soon as the stage is built and idle.
-    Ping { reply: Sender<()> },
+    Ping {
+        reply: Sender<()>,
+    },
     /// Tests only ([`super::testing::inject_fault`]): fail as `Fault` says.
     InjectFault(Fault),
     /// Another stage failed: stop at once, mid-step if need be.
@@ -70,10 +97,24 @@ pub(super) enum Msg {
 /// What stages send the driver, on one channel shared by all stages.
 pub(super) enum Report {
     /// End of backward: what the global collective needs from this stage.
-    Partial { stage: usize, tied_grads: Vec<(String, Tensor)>, sq_norm: f64 },
-    Done { stage: usize, outcome: Outcome, busy: Duration },
-    Failed { stage: usize, action: Option<Action>, message: String },
-    Aborted { stage: usize },
+    Partial {
+        stage: usize,
+        tied_grads: Vec<(String, Tensor)>,
+        sq_norm: f64,
+    },
+    Done {
+        stage: usize,
+        outcome: Outcome,
+        busy: Duration,
+    },
+    Failed {
+        stage: usize,
+        action: Option<Action>,
+        message: String,
+    },
+    Aborted {
+        stage: usize,
+    },
 }
 
 /// What a stage measured or produced during one step message.

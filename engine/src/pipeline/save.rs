@@ -130,7 +130,12 @@ impl Pipeline {
             .collect();
         let num_params: usize = {
             let params: HashSet<&str> = self.param_names.iter().map(String::as_str).collect();
-            weights.iter().flatten().filter(|t| params.contains(t.name.as_str())).map(|t| t.shape.iter().product::<usize>()).sum()
+            weights
+                .iter()
+                .flatten()
+                .filter(|t| params.contains(t.name.as_str()))
+                .map(|t| t.shape.iter().product::<usize>())
+                .sum()
         };
         let num_tensors = weights.iter().map(Vec::len).sum();
         let weight_files = plan_shards(WEIGHTS_PREFIX, &weights, options.max_shard_bytes);

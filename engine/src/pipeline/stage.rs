@@ -118,11 +118,7 @@ pub(super) fn run_stage(setup: StageSetup) {
         None => match threads::stage_pool(index, setup.threads) {
             Ok(pool) => Some(pool),
             Err(message) => {
-                let _ = reports.send(Report::Failed {
-                    stage: index,
-                    action: None,
-                    message,
-                });
+                let _ = reports.send(Report::Failed { stage: index, action: None, message });
                 return;
             }
         },
@@ -135,16 +131,8 @@ pub(super) fn run_stage(setup: StageSetup) {
         let report = match outcome {
             Ok(Ok(())) => return,
             Ok(Err(StageStop::Aborted)) => Report::Aborted { stage: index },
-            Ok(Err(StageStop::Failed(action, message))) => Report::Failed {
-                stage: index,
-                action,
-                message,
-            },
-            Err(panic) => Report::Failed {
-                stage: index,
-                action: None,
-                message: panic_message(&panic),
-            },
+            Ok(Err(StageStop::Failed(action, message))) => Report::Failed { stage: index, action, message },
+            Err(panic) => Report::Failed { stage: index, action: None, message: panic_message(&panic) },
         };
         let _ = reports.send(report);
     });
@@ -171,37 +159,25 @@ impl StageWorker {
     fn build(mut setup: StageSetup) -> StageResult<Self> {
         if let Some(loader) = setup.checkpoint.take() {
             // This stage reads exactly its own tensors from the (memory-mapped) checkpoint.
-            let all_specs: Vec<Arc<dyn LayerSpec>> = setup
-                .chunks
-                .iter()
-                .flat_map(|(_, s)| s.iter().cloned())
-                .collect();
+            let all_specs: Vec<Arc<dyn LayerSpec>> = setup.chunks.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
             let params = crate::layer::unique_params(&all_specs);
             let buffers: Vec<_> = all_specs.iter().flat_map(|s| s.buffer_specs()).collect();
-            let state = loader.load_stage(&params, &buffers).map_err(|e| {
-                StageStop::Failed(None, format!("loading its part of the checkpoint: {e}"))
-            })?;
+            let state = loader
+                .load_stage(&params, &buffers)
+                .map_err(|e| StageStop::Failed(None, format!("loading its part of the checkpoint: {e}")))?;
             setup.initial = state.params;
             setup.initial_buffers = state.buffers;
             setup.initial_optimizer_state = state.optimizer;
         }
-        let device = setup
-            .device
-            .open()
-            .map_err(|e| StageStop::Failed(None, format!("opening {}: {e}", setup.device)))?;
+        let device =
+            setup.device.open().map_err(|e| StageStop::Failed(None, format!("opening {}: {e}", setup.device)))?;
         let mut store = ParamStore::new(device, setup.seed).with_overrides(setup.initial);
-        let all_specs: Vec<Arc<dyn LayerSpec>> = setup
-            .chunks
-            .iter()
-            .flat_map(|(_, s)| s.iter().cloned())
-            .collect();
+        let all_specs: Vec<Arc<dyn LayerSpec>> = setup.chunks.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
         // The variables the optimizer updates in place; the layers compute on detached views of
         // them, so no autograd graph is ever recorded (the layers own their backward). Chunks on
         // one device share the variables (a tied weight held twice here is one variable).
         for spec in crate::layer::unique_params(&all_specs) {
-            store
-                .get(&spec)
-                .map_err(|e| StageStop::Failed(None, format!("building layers: {e}")))?;
+            store.get(&spec).map_err(|e| StageStop::Failed(None, format!("building layers: {e}")))?;
         }
         let (mut view, compute_copies) = if setup.compute_dtype == DType::F32 {
             (store.shared_view(), Vec::new())
@@ -222,21 +198,13 @@ impl StageWorker {
                 let mine: HashMap<String, Tensor> = spec
                     .buffer_specs()
                     .into_iter()
-                    .filter_map(|b| {
-                        setup
-                            .initial_buffers
-                            .get(&b.name)
-                            .map(|t| (b.name, t.clone()))
-                    })
+                    .filter_map(|b| setup.initial_buffers.get(&b.name).map(|t| (b.name, t.clone())))
                     .map(|(name, t)| Ok((name, t.to_device(store.device())?)))
                     .collect::<candle_core::Result<_>>()?;
                 if !mine.is_empty() {
-                    layer.load_buffers(&mine).map_err(|e| {
-                        StageStop::Failed(
-                            None,
-                            format!("restoring buffers of {}: {e}", spec.name()),
-                        )
-                    })?;
+                    layer
+                        .load_buffers(&mine)
+                        .map_err(|e| StageStop::Failed(None, format!("restoring buffers of {}: {e}", spec.name())))?;
                 }
             }
         }
@@ -289,59 +257,33 @@ impl StageWorker {
         loop {
             let msg = self.inbox.recv().map_err(|_| StageStop::Aborted)?;
             match msg {
-                Msg::Train {
-                    schedule,
-                    inputs,
-                    targets,
-                    global_terms,
-                    lr,
-                } => {
+                Msg::Train { schedule, inputs, targets, global_terms, lr } => {
                     let started = Instant::now();
                     self.waiting = Duration::ZERO;
                     let outcome = self.train(&schedule, inputs, targets, global_terms, lr)?;
                     let busy = started.elapsed().saturating_sub(self.waiting);
-                    self.report(Report::Done {
-                        stage: self.index,
-                        outcome,
-                        busy,
-                    })?;
+                    self.report(Report::Done { stage: self.index, outcome, busy })?;
                 }
-                Msg::Eval {
-                    schedule,
-                    inputs,
-                    targets,
-                } => {
+                Msg::Eval { schedule, inputs, targets } => {
                     let started = Instant::now();
                     self.waiting = Duration::ZERO;
                     let outcome = self.eval(&schedule, inputs, Some(targets))?;
                     let busy = started.elapsed().saturating_sub(self.waiting);
-                    self.report(Report::Done {
-                        stage: self.index,
-                        outcome,
-                        busy,
-                    })?;
+                    self.report(Report::Done { stage: self.index, outcome, busy })?;
                 }
                 Msg::Predict { schedule, inputs } => {
                     let started = Instant::now();
                     self.waiting = Duration::ZERO;
                     let outcome = self.eval(&schedule, inputs, None)?;
                     let busy = started.elapsed().saturating_sub(self.waiting);
-                    self.report(Report::Done {
-                        stage: self.index,
-                        outcome,
-                        busy,
-                    })?;
+                    self.report(Report::Done { stage: self.index, outcome, busy })?;
                 }
                 Msg::Decode { input, offset } => {
                     let started = Instant::now();
                     self.waiting = Duration::ZERO;
                     let outcome = self.decode(input, offset)?;
                     let busy = started.elapsed().saturating_sub(self.waiting);
-                    self.report(Report::Done {
-                        stage: self.index,
-                        outcome,
-                        busy,
-                    })?;
+                    self.report(Report::Done { stage: self.index, outcome, busy })?;
                 }
                 Msg::Snapshot { kind, reply } => {
                     let _ = reply.send(self.snapshot(kind)?);
@@ -355,10 +297,7 @@ impl StageWorker {
                 Msg::Ping { reply } => {
                     let _ = reply.send(());
                 }
-                Msg::Activation { .. }
-                | Msg::Gradient { .. }
-                | Msg::Reduced { .. }
-                | Msg::InjectFault(_) => {
+                Msg::Activation { .. } | Msg::Gradient { .. } | Msg::Reduced { .. } | Msg::InjectFault(_) => {
                     // Data can arrive before this stage has seen its own step message.
                     self.buffer(msg);
                 }
@@ -373,24 +312,13 @@ impl StageWorker {
 
     fn buffer(&mut self, msg: Msg) {
         match msg {
-            Msg::Activation {
-                chunk,
-                microbatch,
-                tensor,
-            } => {
+            Msg::Activation { chunk, microbatch, tensor } => {
                 self.activations_in.insert((chunk, microbatch), tensor);
             }
-            Msg::Gradient {
-                chunk,
-                microbatch,
-                tensor,
-            } => {
+            Msg::Gradient { chunk, microbatch, tensor } => {
                 self.gradients_in.insert((chunk, microbatch), tensor);
             }
-            Msg::Reduced {
-                tied_grads,
-                clip_scale,
-            } => self.reduced_in = Some((tied_grads, clip_scale)),
+            Msg::Reduced { tied_grads, clip_scale } => self.reduced_in = Some((tied_grads, clip_scale)),
             Msg::InjectFault(fault) => self.fault = Some(fault),
             _ => {}
         }
@@ -464,14 +392,10 @@ impl StageWorker {
             let poison_loss = self.armed_fault(Some(action))?;
             let (action_start, waited_before) = (Instant::now(), self.waiting);
             let mb = action.microbatch;
-            let at = self
-                .chunk_position(action.chunk)
-                .map_err(|e| with_action(e, action))?;
+            let at = self.chunk_position(action.chunk).map_err(|e| with_action(e, action))?;
             let result: StageResult<()> = match action.kind {
                 ActionKind::Forward => {
-                    if let Some(loss) =
-                        self.forward_train(at, mb, &inputs, &targets, global_terms, poison_loss)?
-                    {
+                    if let Some(loss) = self.forward_train(at, mb, &inputs, &targets, global_terms, poison_loss)? {
                         losses.push((mb, loss));
                     }
                     Ok(())
@@ -484,21 +408,12 @@ impl StageWorker {
                 }
             };
             result.map_err(|e| with_action(e, action))?;
-            let others: u64 = self
-                .chunks
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != at)
-                .map(|(_, c)| c.compute.live_bytes())
-                .sum();
+            let others: u64 =
+                self.chunks.iter().enumerate().filter(|(i, _)| *i != at).map(|(_, c)| c.compute.live_bytes()).sum();
             device_peak = device_peak.max(others + self.chunks[at].compute.take_peak_bytes());
             clock.action_done()?;
             // F and B wait for their input first: the action starts when it arrives.
-            outcome.timings.push((
-                action,
-                action_start + (self.waiting - waited_before),
-                Instant::now(),
-            ));
+            outcome.timings.push((action, action_start + (self.waiting - waited_before), Instant::now()));
         }
         outcome.peak_stash_bytes = device_peak;
         outcome.loss = self.read_losses(&losses)?;
@@ -524,16 +439,10 @@ impl StageWorker {
         for (mb, loss) in losses {
             let value = loss.to_scalar::<f64>()?;
             if !value.is_finite() {
-                return Err(StageStop::Failed(
-                    None,
-                    format!("non-finite loss ({value}) at micro-batch {mb}"),
-                ));
+                return Err(StageStop::Failed(None, format!("non-finite loss ({value}) at micro-batch {mb}")));
             }
         }
-        Err(StageStop::Failed(
-            None,
-            format!("non-finite loss ({total}) summed over the step"),
-        ))
+        Err(StageStop::Failed(None, format!("non-finite loss ({total}) summed over the step")))
     }
 
     /// Bytes every chunk keeps for backward steps right now.
@@ -546,12 +455,7 @@ impl StageWorker {
         self.chunks
             .iter()
             .position(|c| c.index == chunk)
-            .ok_or_else(|| {
-                StageStop::Failed(
-                    None,
-                    format!("stage {} does not hold chunk {chunk}", self.index),
-                )
-            })
+            .ok_or_else(|| StageStop::Failed(None, format!("stage {} does not hold chunk {chunk}", self.index)))
     }
 
     fn is_last_chunk(&self, chunk: usize) -> bool {
@@ -574,8 +478,7 @@ impl StageWorker {
                 x
             }
         } else {
-            self.wait_for(|w| w.activations_in.remove(&(chunk, mb)))?
-                .to_device(self.store.device())?
+            self.wait_for(|w| w.activations_in.remove(&(chunk, mb)))?.to_device(self.store.device())?
         };
         Ok(x)
     }
@@ -594,13 +497,9 @@ impl StageWorker {
         let chunk = self.chunks[at].index;
         let x = self.input_for(chunk, mb, inputs)?;
         let target = if self.is_last_chunk(chunk) {
-            let targets = targets.get(mb).ok_or_else(|| {
-                StageStop::Failed(None, format!("no targets for micro-batch {mb}"))
-            })?;
-            Some(LossTarget {
-                targets: targets.to_device(self.store.device())?,
-                global_terms,
-            })
+            let targets =
+                targets.get(mb).ok_or_else(|| StageStop::Failed(None, format!("no targets for micro-batch {mb}")))?;
+            Some(LossTarget { targets: targets.to_device(self.store.device())?, global_terms })
         } else {
             None
         };
@@ -610,14 +509,7 @@ impl StageWorker {
             Some(value) if poison_loss => Ok(Some((value * f64::NAN)?)),
             Some(value) => Ok(Some(value)),
             None => {
-                self.send_to_chunk(
-                    chunk + 1,
-                    Msg::Activation {
-                        chunk: chunk + 1,
-                        microbatch: mb,
-                        tensor: y,
-                    },
-                )?;
+                self.send_to_chunk(chunk + 1, Msg::Activation { chunk: chunk + 1, microbatch: mb, tensor: y })?;
                 Ok(None)
             }
         }
@@ -631,10 +523,7 @@ impl StageWorker {
         let dy = if self.is_last_chunk(chunk) {
             None
         } else {
-            Some(
-                self.wait_for(|w| w.gradients_in.remove(&(chunk, mb)))?
-                    .to_device(self.store.device())?,
-            )
+            Some(self.wait_for(|w| w.gradients_in.remove(&(chunk, mb)))?.to_device(self.store.device())?)
         };
         let compute = &mut self.chunks[at].compute;
         let dx = on_pool(self.shared_pool.as_deref(), || {
@@ -645,17 +534,10 @@ impl StageWorker {
             }
         })?;
         if let Some(dx) = dx {
-            let to = chunk.checked_sub(1).ok_or_else(|| {
-                StageStop::Failed(None, "the first chunk has no previous chunk".into())
-            })?;
-            self.send_to_chunk(
-                to,
-                Msg::Gradient {
-                    chunk: to,
-                    microbatch: mb,
-                    tensor: dx,
-                },
-            )?;
+            let to = chunk
+                .checked_sub(1)
+                .ok_or_else(|| StageStop::Failed(None, "the first chunk has no previous chunk".into()))?;
+            self.send_to_chunk(to, Msg::Gradient { chunk: to, microbatch: mb, tensor: dx })?;
         }
         Ok(())
     }
@@ -663,27 +545,22 @@ impl StageWorker {
     /// Routes `msg` to the device holding `chunk` (the routing table); a chunk on this device
     /// gets it straight into the buffers.
     fn send_to_chunk(&mut self, chunk: usize, msg: Msg) -> StageResult<()> {
-        let device = *self.placement.get(chunk).ok_or_else(|| {
-            StageStop::Failed(None, format!("no chunk {chunk} in the routing table"))
-        })?;
+        let device = *self
+            .placement
+            .get(chunk)
+            .ok_or_else(|| StageStop::Failed(None, format!("no chunk {chunk} in the routing table")))?;
         if device == self.index {
             self.buffer(msg);
             return Ok(());
         }
-        let tx = self
-            .peers
-            .get(device)
-            .ok_or_else(|| StageStop::Failed(None, format!("no stage {device}")))?;
+        let tx = self.peers.get(device).ok_or_else(|| StageStop::Failed(None, format!("no stage {device}")))?;
         tx.send(msg).map_err(|_| StageStop::Aborted)
     }
 
     /// The end-of-step collective and the optimizer step.
     fn finish_step(&mut self, lr: f64) -> StageResult<()> {
         if self.chunks.iter().any(|c| c.compute.has_pending_work()) {
-            return Err(StageStop::Failed(
-                None,
-                "step ended with unfinished backward work".into(),
-            ));
+            return Err(StageStop::Failed(None, "step ended with unfinished backward work".into()));
         }
         // A parameter used by two chunks here (a tied weight) gets both chunks' sums.
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -716,11 +593,7 @@ impl StageWorker {
         }
         // One reduction and one read for the whole stage (a host sync per step on a GPU).
         let sq_norm = on_pool(self.shared_pool.as_deref(), || squared_norm_sum(&untied))?;
-        self.report(Report::Partial {
-            stage: self.index,
-            tied_grads,
-            sq_norm,
-        })?;
+        self.report(Report::Partial { stage: self.index, tied_grads, sq_norm })?;
         let (reduced, clip_scale) = self.wait_for(|w| w.reduced_in.take())?;
         for (name, grad) in reduced {
             grads.insert(name, grad.to_device(self.store.device())?);
@@ -730,11 +603,8 @@ impl StageWorker {
             other => other,
         })?;
         // bf16 compute copies are written by the optimizer step itself; other dtypes after it.
-        let (bf16_copies, other_copies): (Vec<_>, Vec<_>) = self
-            .compute_copies
-            .iter()
-            .cloned()
-            .partition(|(_, t)| t.dtype() == DType::BF16);
+        let (bf16_copies, other_copies): (Vec<_>, Vec<_>) =
+            self.compute_copies.iter().cloned().partition(|(_, t)| t.dtype() == DType::BF16);
         let bf16_copies: HashMap<String, Tensor> = bf16_copies.into_iter().collect();
         let updates: Vec<ParamUpdate<'_>> = self
             .store
@@ -758,12 +628,7 @@ impl StageWorker {
 
     /// Forward-only in evaluation mode. With targets, the last stage sums loss and accuracy;
     /// without, it keeps the outputs (prediction).
-    fn eval(
-        &mut self,
-        schedule: &Schedule,
-        inputs: Vec<Tensor>,
-        targets: Option<Vec<Tensor>>,
-    ) -> StageResult<Outcome> {
+    fn eval(&mut self, schedule: &Schedule, inputs: Vec<Tensor>, targets: Option<Vec<Tensor>>) -> StageResult<Outcome> {
         let mut outcome = Outcome::default();
         // Loss and hit counts are summed on the device and read once after the last micro-batch.
         let mut sums: Option<(Tensor, Tensor)> = None;
@@ -781,9 +646,7 @@ impl StageWorker {
                     };
                     let target = targets
                         .get(mb)
-                        .ok_or_else(|| {
-                            StageStop::Failed(None, format!("no targets for micro-batch {mb}"))
-                        })?
+                        .ok_or_else(|| StageStop::Failed(None, format!("no targets for micro-batch {mb}")))?
                         .to_device(w.store.device())?;
                     let target = &target;
                     outcome.terms += loss_terms(target);
@@ -794,14 +657,7 @@ impl StageWorker {
                         Some((l, h)) => ((l + loss)?, (h + hits)?),
                     });
                 } else {
-                    w.send_to_chunk(
-                        chunk + 1,
-                        Msg::Activation {
-                            chunk: chunk + 1,
-                            microbatch: mb,
-                            tensor: y,
-                        },
-                    )?;
+                    w.send_to_chunk(chunk + 1, Msg::Activation { chunk: chunk + 1, microbatch: mb, tensor: y })?;
                 }
                 Ok(())
             };
@@ -830,23 +686,11 @@ impl StageWorker {
             let y = self.chunks[at]
                 .compute
                 .forward_incremental(&x, offset)
-                .map_err(|e| {
-                    StageStop::Failed(
-                        None,
-                        format!("incremental decoding at position {offset}: {e}"),
-                    )
-                })?;
+                .map_err(|e| StageStop::Failed(None, format!("incremental decoding at position {offset}: {e}")))?;
             if self.is_last_chunk(chunk) {
                 outcome.outputs.push((0, y));
             } else {
-                self.send_to_chunk(
-                    chunk + 1,
-                    Msg::Activation {
-                        chunk: chunk + 1,
-                        microbatch: 0,
-                        tensor: y,
-                    },
-                )?;
+                self.send_to_chunk(chunk + 1, Msg::Activation { chunk: chunk + 1, microbatch: 0, tensor: y })?;
             }
         }
         Ok(outcome)
@@ -876,26 +720,15 @@ impl StageWorker {
             SnapshotKind::OptimizerState => {
                 for (name, state) in self.optimizer.state() {
                     match state {
-                        ParamState::AdamW {
-                            exp_avg,
-                            exp_avg_sq,
-                            step,
-                        } => {
+                        ParamState::AdamW { exp_avg, exp_avg_sq, step } => {
                             out.push((format!("{name}.exp_avg"), cpu(exp_avg)?));
                             out.push((format!("{name}.exp_avg_sq"), cpu(exp_avg_sq)?));
-                            out.push((
-                                format!("{name}.step"),
-                                Tensor::new(&[*step as f64], &Device::Cpu)?,
-                            ));
+                            out.push((format!("{name}.step"), Tensor::new(&[*step as f64], &Device::Cpu)?));
                         }
-                        ParamState::Sgd {
-                            momentum_buffer: Some(buf),
-                        } => {
+                        ParamState::Sgd { momentum_buffer: Some(buf) } => {
                             out.push((format!("{name}.momentum_buffer"), cpu(buf)?));
                         }
-                        ParamState::Sgd {
-                            momentum_buffer: None,
-                        } => {}
+                        ParamState::Sgd { momentum_buffer: None } => {}
                     }
                 }
             }

@@ -28,12 +28,8 @@ pub enum ActionKind {
 }
 
 impl ActionKind {
-    pub const ALL: [ActionKind; 4] = [
-        ActionKind::Forward,
-        ActionKind::Backward,
-        ActionKind::BackwardInput,
-        ActionKind::BackwardWeight,
-    ];
+    pub const ALL: [ActionKind; 4] =
+        [ActionKind::Forward, ActionKind::Backward, ActionKind::BackwardInput, ActionKind::BackwardWeight];
 
     pub fn letter(self) -> char {
         match self {

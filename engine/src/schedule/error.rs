@@ -18,7 +18,9 @@ pub struct Stuck {
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ScheduleError {
-    #[error("a schedule needs at least one stage and one micro-batch (got stages={stages}, microbatches={microbatches})")]
+    #[error(
+        "a schedule needs at least one stage and one micro-batch (got stages={stages}, microbatches={microbatches})"
+    )]
     Empty { stages: usize, microbatches: usize },
 
     #[error("schedule has {got} stage lists but stages={expected}")]
@@ -27,7 +29,9 @@ pub enum ScheduleError {
     #[error("unknown schedule `{0}` (expected gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v or zb-auto)")]
     UnknownKind(String),
 
-    #[error("chunk {chunk} is listed on stage {first} and on stage {second}: a model chunk lives on one device\n{grid}")]
+    #[error(
+        "chunk {chunk} is listed on stage {first} and on stage {second}: a model chunk lives on one device\n{grid}"
+    )]
     ChunkOnTwoStages { chunk: usize, first: usize, second: usize, grid: String },
 
     #[error("bad routing table: {0}")]
@@ -63,7 +67,9 @@ pub enum ScheduleError {
     #[error("stage {stage} micro-batch {microbatch} is missing {missing}{}\n{grid}", more_suffix(*.more))]
     MissingWork { stage: usize, microbatch: usize, missing: String, more: usize, grid: String },
 
-    #[error("{full} and {split} are both listed: a micro-batch's backward is either one B or one I plus one W\n{grid}")]
+    #[error(
+        "{full} and {split} are both listed: a micro-batch's backward is either one B or one I plus one W\n{grid}"
+    )]
     ConflictingBackward { full: Action, split: Action, grid: String },
 
     #[error("some stages run backwards but stage(s) {} run only forwards: every stage must train, or none\n{grid}", list(.stages))]

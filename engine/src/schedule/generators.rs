@@ -162,13 +162,15 @@ impl Schedule {
         }
         let placement = if v == 2 { v_shape(stages) } else { (0..stages).collect() };
         let costs = GreedyCosts::unit(&placement, limit);
-        let best = Schedule::best_greedy(&costs, stages, microbatches, &GreedyOptions::variants())
-            .map_err(|reason| ScheduleError::Unsupported {
-                schedule: kind.to_string(),
-                stages,
-                microbatches,
-                virtual_stages: v,
-                reason,
+        let best =
+            Schedule::best_greedy(&costs, stages, microbatches, &GreedyOptions::variants()).map_err(|reason| {
+                ScheduleError::Unsupported {
+                    schedule: kind.to_string(),
+                    stages,
+                    microbatches,
+                    virtual_stages: v,
+                    reason,
+                }
             })?;
         Schedule::from_actions(kind.to_string(), stages, microbatches, best.actions)
     }
@@ -224,7 +226,6 @@ pub fn v_shape(stages: usize) -> Vec<usize> {
 pub fn round_robin(stages: usize, v: usize) -> Vec<usize> {
     (0..stages * v).map(|c| c % stages).collect()
 }
-
 
 /// The built-in training schedules, as named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

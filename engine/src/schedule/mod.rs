@@ -27,10 +27,10 @@ mod tests;
 
 pub use action::{Action, ActionKind};
 pub use error::{ScheduleError, Stuck};
-pub use generators::{ScheduleKind, MAX_SCHEDULE_ACTIONS};
 pub use generators::{round_robin, v_shape};
-pub use zero_bubble::{GreedyCosts, GreedyOptions};
+pub use generators::{ScheduleKind, MAX_SCHEDULE_ACTIONS};
 pub use timeline::{ActionCosts, CostModel, TimedAction, Timeline};
+pub use zero_bubble::{GreedyCosts, GreedyOptions};
 
 /// A validated pipeline schedule. Only constructors that validate can build one, so holding a
 /// `Schedule` means it runs to completion under the executor's rules.

@@ -115,10 +115,9 @@ impl Schedule {
             if label == "time" || label == "step" {
                 continue; // the grid's ruler row
             }
-            let stage = label
-                .strip_prefix("stage")
-                .and_then(|n| n.trim().parse::<usize>().ok())
-                .ok_or_else(|| parse_err(line_no, format!("expected `stage N` before `{}`, got `{label}`", &line[split_at..=split_at])))?;
+            let stage = label.strip_prefix("stage").and_then(|n| n.trim().parse::<usize>().ok()).ok_or_else(|| {
+                parse_err(line_no, format!("expected `stage N` before `{}`, got `{label}`", &line[split_at..=split_at]))
+            })?;
             let actions = body
                 .split_whitespace()
                 .filter(|cell| !cell.chars().all(|c| c == '.') && !cell.chars().all(|c| c == '-'))
@@ -126,7 +125,10 @@ impl Schedule {
                 .collect::<Result<Vec<Action>, _>>()?;
             // Rows beyond the line count cannot all be present, so reject before allocating.
             if stage >= line_count {
-                return Err(parse_err(line_no, format!("stage {stage}, but {line_count} lines cannot hold rows for stages 0..={stage}")));
+                return Err(parse_err(
+                    line_no,
+                    format!("stage {stage}, but {line_count} lines cannot hold rows for stages 0..={stage}"),
+                ));
             }
             if rows.len() <= stage {
                 rows.resize(stage + 1, None);
@@ -148,7 +150,8 @@ impl Schedule {
             None => "custom".to_string(),
             Some(h) => {
                 if h.stages.is_some_and(|n| n != stages) {
-                    let reason = format!("header says stages={} but there are {stages} stage rows", h.stages.unwrap_or(0));
+                    let reason =
+                        format!("header says stages={} but there are {stages} stage rows", h.stages.unwrap_or(0));
                     return Err(parse_err(h.line, reason));
                 }
                 if h.microbatches.is_some_and(|n| n != microbatches) {
@@ -160,10 +163,8 @@ impl Schedule {
                 }
                 let chunks = actions.iter().flatten().map(|a| a.chunk + 1).max().unwrap_or(0);
                 if h.chunks.is_some_and(|n| n != chunks) {
-                    let reason = format!(
-                        "header says chunks={} but the actions use chunks 0..{chunks}",
-                        h.chunks.unwrap_or(0)
-                    );
+                    let reason =
+                        format!("header says chunks={} but the actions use chunks 0..{chunks}", h.chunks.unwrap_or(0));
                     return Err(parse_err(h.line, reason));
                 }
                 h.name

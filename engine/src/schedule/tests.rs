@@ -48,7 +48,19 @@ fn action_prints_and_parses_pytorch_tokens() {
 
 #[test]
 fn action_parse_errors_name_the_token() {
-    for bad in ["", "F3", "1F", "1X3", "1F3x", "1f3", "abc", "1F-3", "99999999999999999999999F1", "0F18446744073709551615", "0.67108864F1"] {
+    for bad in [
+        "",
+        "F3",
+        "1F",
+        "1X3",
+        "1F3x",
+        "1f3",
+        "abc",
+        "1F-3",
+        "99999999999999999999999F1",
+        "0F18446744073709551615",
+        "0.67108864F1",
+    ] {
         match bad.parse::<Action>() {
             Err(ScheduleError::BadAction { token, .. }) => assert_eq!(token, bad),
             other => panic!("{bad:?} parsed as {other:?}"),
@@ -163,7 +175,10 @@ fn one_f_one_b_holds_at_most_p_minus_s_microbatches() {
             let warmup = (p - s - 1).min(m);
             assert!(actions[..warmup].iter().all(|a| a.kind == ActionKind::Forward));
             for pair in actions[warmup..].windows(2) {
-                assert!(!(pair[0].kind == ActionKind::Forward && pair[1].kind == ActionKind::Forward), "{p}x{m} stage {s}");
+                assert!(
+                    !(pair[0].kind == ActionKind::Forward && pair[1].kind == ActionKind::Forward),
+                    "{p}x{m} stage {s}"
+                );
             }
         }
     }
@@ -227,10 +242,17 @@ fn timeline_uses_the_given_costs() {
     // of stage 1's backwards: B0 5.5-8, B1 8-10.5.
     let costs = ActionCosts { forward: 1.0, backward_input: 2.0, backward_weight: 0.5 };
     let timeline = Schedule::gpipe(2, 2).unwrap().timeline(costs);
-    let spans = |s| timeline.stage_entries(s).iter().map(|t| (t.action.to_string(), t.start, t.end)).collect::<Vec<_>>();
+    let spans =
+        |s| timeline.stage_entries(s).iter().map(|t| (t.action.to_string(), t.start, t.end)).collect::<Vec<_>>();
     let span = |t: &str, a: f64, b: f64| (t.to_string(), a, b);
-    assert_eq!(spans(0), vec![span("0F0", 0.0, 1.0), span("0F1", 1.0, 2.0), span("0B0", 5.5, 8.0), span("0B1", 8.0, 10.5)]);
-    assert_eq!(spans(1), vec![span("1F0", 1.0, 2.0), span("1F1", 2.0, 3.0), span("1B0", 3.0, 5.5), span("1B1", 5.5, 8.0)]);
+    assert_eq!(
+        spans(0),
+        vec![span("0F0", 0.0, 1.0), span("0F1", 1.0, 2.0), span("0B0", 5.5, 8.0), span("0B1", 8.0, 10.5)]
+    );
+    assert_eq!(
+        spans(1),
+        vec![span("1F0", 1.0, 2.0), span("1F1", 2.0, 3.0), span("1B0", 3.0, 5.5), span("1B1", 5.5, 8.0)]
+    );
     assert_eq!(timeline.makespan(), 10.5);
     assert_eq!(timeline.idle_time(), 7.0);
     assert!((timeline.bubble_fraction() - 1.0 / 3.0).abs() < 1e-12);
@@ -290,7 +312,10 @@ fn parse_infers_counts_without_header() {
     let text = "\n  # hand-written\nstage 1: 1F0 1B0 1F1 1B1\nstage 0: 0F0 0F1 0B0 0B1\n";
     let schedule = Schedule::parse(text).unwrap();
     assert_eq!((schedule.stages(), schedule.microbatches(), schedule.name()), (2, 2, "custom"));
-    assert_eq!(schedule, Schedule::from_actions("custom", 2, 2, lists(&["0F0 0F1 0B0 0B1", "1F0 1B0 1F1 1B1"])).unwrap());
+    assert_eq!(
+        schedule,
+        Schedule::from_actions("custom", 2, 2, lists(&["0F0 0F1 0B0 0B1", "1F0 1B0 1F1 1B1"])).unwrap()
+    );
 
     let edited_grid = "stage 0 | 0F0 . 0F1 --- 0B0 0B1\nstage 1 | . 1F0 1B0 -- 1F1 1B1\n";
     assert_eq!(Schedule::parse(edited_grid).unwrap().stage_actions(1), list("1F0 1B0 1F1 1B1"));
@@ -385,7 +410,10 @@ fn rejects_half_a_split_backward() {
 #[test]
 fn rejects_full_and_split_backward_together() {
     let err = rejection(&["0F0 0B0 0I0 0W0", "1F0 1B0"], 1);
-    assert!(matches!(err, ScheduleError::ConflictingBackward { full, split, .. } if full == act("0B0") && split == act("0I0")), "{err:?}");
+    assert!(
+        matches!(err, ScheduleError::ConflictingBackward { full, split, .. } if full == act("0B0") && split == act("0I0")),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -397,14 +425,20 @@ fn rejects_stages_that_only_forward_in_training() {
 #[test]
 fn rejects_backward_before_forward() {
     let err = rejection(&["0F0 0F1 0B0 0B1", "1F0 1B1 1F1 1B0"], 2);
-    assert!(matches!(err, ScheduleError::OutOfOrder { action, needs, .. } if action == act("1B1") && needs == act("1F1")), "{err:?}");
+    assert!(
+        matches!(err, ScheduleError::OutOfOrder { action, needs, .. } if action == act("1B1") && needs == act("1F1")),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("[1B1][1F1]"), "{err}");
 }
 
 #[test]
 fn rejects_weight_grad_before_input_grad() {
     let err = rejection(&["0F0 0W0 0I0", "1F0 1B0"], 1);
-    assert!(matches!(err, ScheduleError::OutOfOrder { action, needs, .. } if action == act("0W0") && needs == act("0I0")), "{err:?}");
+    assert!(
+        matches!(err, ScheduleError::OutOfOrder { action, needs, .. } if action == act("0W0") && needs == act("0I0")),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -507,14 +541,22 @@ fn bubbles_follow_the_papers_under_unit_costs() {
     for p in 2..=4 {
         for m in [p, 2 * p, 4 * p] {
             let b = |k: ScheduleKind| unit_bubble(&k.build(p, m).unwrap());
-            let (ofob, inter, h1, h2, zbv) =
-                (b(ScheduleKind::OneFOneB), b(ScheduleKind::Interleaved), b(ScheduleKind::ZbH1), b(ScheduleKind::ZbH2), b(ScheduleKind::ZbV));
+            let (ofob, inter, h1, h2, zbv) = (
+                b(ScheduleKind::OneFOneB),
+                b(ScheduleKind::Interleaved),
+                b(ScheduleKind::ZbH1),
+                b(ScheduleKind::ZbH2),
+                b(ScheduleKind::ZbV),
+            );
             eprintln!("p={p} m={m}: 1f1b {ofob:.3} interleaved {inter:.3} zb-h1 {h1:.3} zb-h2 {h2:.3} zb-v {zbv:.3}");
             // The interleaved chunks are half a stage: F = 1/2 in the same units.
             assert!(inter <= ofob + 1e-9, "p={p} m={m}");
             assert!(h1 < ofob, "p={p} m={m}");
             assert!((ofob - ScheduleKind::OneFOneB.theoretical_bubble(p, m, 1)).abs() < 1e-9);
-            assert!((inter - ScheduleKind::Interleaved.theoretical_bubble(p, m, 2)).abs() < 1e-9, "interleaved p={p} m={m}: {inter}");
+            assert!(
+                (inter - ScheduleKind::Interleaved.theoretical_bubble(p, m, 2)).abs() < 1e-9,
+                "interleaved p={p} m={m}: {inter}"
+            );
             assert!((h1 - ScheduleKind::ZbH1.theoretical_bubble(p, m, 1)).abs() < 1e-9, "zb-h1 p={p} m={m}: {h1}");
             assert!(h2 <= h1 + 1e-9 && zbv <= h1 + 1e-9, "p={p} m={m}");
             // With equal costs ZB-H1 already reaches the ramp's bound, (p-1)F per stage; ZB-V's
@@ -522,7 +564,10 @@ fn bubbles_follow_the_papers_under_unit_costs() {
             assert!((h1 - (p as f64 - 1.0) / (3.0 * m as f64 + p as f64 - 1.0)).abs() < 1e-9, "zb-h1 p={p} m={m}");
             assert!(zbv < h1, "zb-v p={p} m={m}");
             if m >= 2 * p {
-                assert!((zbv - (p as f64 - 1.0) / (6.0 * m as f64 + p as f64 - 1.0)).abs() < 1e-9, "zb-v p={p} m={m}: {zbv}");
+                assert!(
+                    (zbv - (p as f64 - 1.0) / (6.0 * m as f64 + p as f64 - 1.0)).abs() < 1e-9,
+                    "zb-v p={p} m={m}: {zbv}"
+                );
             }
         }
     }

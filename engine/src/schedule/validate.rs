@@ -61,7 +61,10 @@ pub(super) fn validate_parts(
             }
             match placed_at.get(&action.chunk) {
                 Some(&(first_on, first_pos)) if first_on != listed_on => {
-                    let marks = [Mark::cell(first_on, first_pos, &format!("chunk {} on stage {first_on}", action.chunk)), here.note("and on this stage")];
+                    let marks = [
+                        Mark::cell(first_on, first_pos, &format!("chunk {} on stage {first_on}", action.chunk)),
+                        here.note("and on this stage"),
+                    ];
                     return Err(ScheduleError::ChunkOnTwoStages {
                         chunk: action.chunk,
                         first: first_on,
@@ -105,7 +108,8 @@ pub(super) fn validate_parts(
             for kind in [ActionKind::BackwardInput, ActionKind::BackwardWeight] {
                 if let Some((split_on, split_pos)) = listed(full.chunk, kind, full.microbatch) {
                     let split = Action { kind, ..full };
-                    let marks = [Mark::cell(s, pos, "full backward"), Mark::cell(split_on, split_pos, "split backward")];
+                    let marks =
+                        [Mark::cell(s, pos, "full backward"), Mark::cell(split_on, split_pos, "split backward")];
                     return Err(ScheduleError::ConflictingBackward { full, split, grid: grid(&marks) });
                 }
             }
@@ -159,9 +163,8 @@ fn check_complete(
     let chunks = placement.len();
     // The stage a chunk's missing work belongs on (a chunk listed nowhere: its own index).
     let stage_of = |c: usize| if placement[c] == usize::MAX { c } else { placement[c] };
-    let listed = |chunk: usize, kind, microbatch| {
-        position.get(&Action { stage: placement[chunk], chunk, kind, microbatch })
-    };
+    let listed =
+        |chunk: usize, kind, microbatch| position.get(&Action { stage: placement[chunk], chunk, kind, microbatch });
     let missing_at = |c: usize, mb: usize| -> Option<String> {
         let has = |kind| listed(c, kind, mb).is_some();
         let token = |kind| Action::on_chunk(stage_of(c), c, kind, mb).to_string();
@@ -176,7 +179,8 @@ fn check_complete(
             missing.push(token(ActionKind::Forward));
         }
         if training {
-            let (tb, ti, tw) = (token(ActionKind::Backward), token(ActionKind::BackwardInput), token(ActionKind::BackwardWeight));
+            let (tb, ti, tw) =
+                (token(ActionKind::Backward), token(ActionKind::BackwardInput), token(ActionKind::BackwardWeight));
             match (b, i, w) {
                 (false, false, false) => missing.push(format!("{tb} (or {ti} and {tw})")),
                 (false, true, false) => missing.push(format!("{tw} (its {ti} is listed)")),
@@ -189,9 +193,9 @@ fn check_complete(
 
     // Complete pairs each have a listed F, so the first incomplete pair is found within
     // (number of actions + 1) steps, even for absurd stage or micro-batch counts.
-    let first = (0..chunks).flat_map(|c| (0..microbatches).map(move |mb| (c, mb))).find_map(|(c, mb)| {
-        missing_at(c, mb).map(|missing| (c, mb, missing))
-    });
+    let first = (0..chunks)
+        .flat_map(|c| (0..microbatches).map(move |mb| (c, mb)))
+        .find_map(|(c, mb)| missing_at(c, mb).map(|missing| (c, mb, missing)));
     let Some((chunk, microbatch, missing)) = first else { return Ok(()) };
     let complete = position
         .keys()

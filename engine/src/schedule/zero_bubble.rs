@@ -149,15 +149,16 @@ impl Schedule {
         microbatches: usize,
     ) -> Result<Schedule, super::ScheduleError> {
         let name = name.into();
-        let best = Schedule::best_greedy(costs, stages, microbatches, &GreedyOptions::all_variants()).map_err(|reason| {
-            super::ScheduleError::Unsupported {
-                schedule: name.clone(),
-                stages,
-                microbatches,
-                virtual_stages: costs.chunks() / stages.max(1),
-                reason,
-            }
-        })?;
+        let best =
+            Schedule::best_greedy(costs, stages, microbatches, &GreedyOptions::all_variants()).map_err(|reason| {
+                super::ScheduleError::Unsupported {
+                    schedule: name.clone(),
+                    stages,
+                    microbatches,
+                    virtual_stages: costs.chunks() / stages.max(1),
+                    reason,
+                }
+            })?;
         Schedule::from_actions(name, stages, microbatches, best.actions)
     }
 
@@ -304,12 +305,19 @@ fn greedy(costs: &GreedyCosts, stages: usize, m: usize, options: GreedyOptions) 
                             c != on_device[d][0] || committed[d] + reserve[d] <= costs.limit[d] + 1e-9
                         }
                     })
-                    .min_by_key(|&&c| if options.depth_first { (Reverse(c), next_forward[c]) } else { (Reverse(0), next_forward[c] * chunks + chunks - c) })
+                    .min_by_key(|&&c| {
+                        if options.depth_first {
+                            (Reverse(c), next_forward[c])
+                        } else {
+                            (Reverse(0), next_forward[c] * chunks + chunks - c)
+                        }
+                    })
                     .copied();
                 let admits = forward.is_some_and(|c| c == on_device[d][0]);
                 let weight_first = options.weight_before_admission && admits && !pending_weights[d].is_empty();
 
-                let backward = if options.forward_first && forward.is_some() && !weight_first { None } else { backward };
+                let backward =
+                    if options.forward_first && forward.is_some() && !weight_first { None } else { backward };
                 let (action, duration) = if let Some(c) = backward {
                     let mb = next_backward[c];
                     next_backward[c] += 1;

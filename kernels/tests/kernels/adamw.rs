@@ -8,15 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::gradcheck::{rng, uniform};
 
 fn hyper(step: u64) -> AdamWStep {
-    AdamWStep {
-        lr: 6e-4,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        step,
-        grad_scale: 1.0,
-    }
+    AdamWStep { lr: 6e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 1.0 }
 }
 
 /// The engine's update, verbatim in candle ops: returns (param, exp_avg, exp_avg_sq).
@@ -31,21 +23,13 @@ fn engine_update(
     let (beta1, beta2, eps, lr, wd) = (h.beta1, h.beta2, h.eps, h.lr, h.weight_decay);
     let t = h.step as i32;
     // The pipeline's clipping: `grad * scale` only when the factor is below 1.
-    let g = &if h.grad_scale < 1.0 {
-        (g * h.grad_scale).unwrap()
-    } else {
-        g.clone()
-    };
+    let g = &if h.grad_scale < 1.0 { (g * h.grad_scale).unwrap() } else { g.clone() };
     let m = ((m * beta1).unwrap() + (g * (1.0 - beta1)).unwrap()).unwrap();
     let v = ((v * beta2).unwrap() + (g.sqr().unwrap() * (1.0 - beta2)).unwrap()).unwrap();
     let bc1 = 1.0 - beta1.powi(t);
     let bc2 = 1.0 - beta2.powi(t);
     let denom = ((v.sqrt().unwrap() / bc2.sqrt()).unwrap() + eps).unwrap();
-    let decayed = if decay && wd != 0.0 {
-        (p * (1.0 - lr * wd)).unwrap()
-    } else {
-        p.clone()
-    };
+    let decayed = if decay && wd != 0.0 { (p * (1.0 - lr * wd)).unwrap() } else { p.clone() };
     let update = (m.div(&denom).unwrap() * (lr / bc1)).unwrap();
     ((decayed - update).unwrap(), m, v)
 }
@@ -61,23 +45,15 @@ fn adamw_twin_equals_the_engine_composition() {
     for decay in [true, false] {
         let p0 = uniform(&mut g, &[n], 1.0, DType::F32);
         let (mut p, mut m, mut v) = (vec(&p0), vec![0f32; n], vec![0f32; n]);
-        let (mut tp, mut tm, mut tv) = (
-            p0.clone(),
-            p0.zeros_like().unwrap(),
-            p0.zeros_like().unwrap(),
-        );
+        let (mut tp, mut tm, mut tv) = (p0.clone(), p0.zeros_like().unwrap(), p0.zeros_like().unwrap());
         for step in 1..=5 {
             // Gradients spanning magnitudes, zeros included (the first step's v is then 0).
-            let grad =
-                (uniform(&mut g, &[n], 1.0, DType::F32) * 10f64.powi(step as i32 - 3)).unwrap();
+            let grad = (uniform(&mut g, &[n], 1.0, DType::F32) * 10f64.powi(step as i32 - 3)).unwrap();
             let mut gv = vec(&grad);
             gv[0] = 0.0;
             let grad = Tensor::new(gv.as_slice(), &Device::Cpu).unwrap();
             // Every other step clipped, as a global-norm clip would.
-            let h = AdamWStep {
-                grad_scale: if step % 2 == 0 { 0.37 } else { 1.0 },
-                ..hyper(step)
-            };
+            let h = AdamWStep { grad_scale: if step % 2 == 0 { 0.37 } else { 1.0 }, ..hyper(step) };
             adamw::step(&mut p, &mut m, &mut v, &gv, decay, &h).unwrap();
             (tp, tm, tv) = engine_update(&tp, &tm, &tv, &grad, &h, decay);
             assert_eq!(p, vec(&tp), "param, step {step}, decay {decay}");
@@ -96,15 +72,7 @@ fn adamw_twin_matches_the_closed_form_in_f64() {
     let mut expect = [1.0f64, -2.0];
     let (mut em, mut ev) = ([0.0f64; 2], [0.0f64; 2]);
     for (t, gr) in grads.iter().enumerate() {
-        let h = AdamWStep {
-            lr,
-            beta1: b1,
-            beta2: b2,
-            eps,
-            weight_decay: wd,
-            step: t as u64 + 1,
-            grad_scale: 1.0,
-        };
+        let h = AdamWStep { lr, beta1: b1, beta2: b2, eps, weight_decay: wd, step: t as u64 + 1, grad_scale: 1.0 };
         let g32 = [gr[0] as f32, gr[1] as f32];
         adamw::step(&mut p, &mut m, &mut v, &g32, true, &h).unwrap();
         let t = t as i32 + 1;
@@ -126,47 +94,22 @@ fn step_many_updates_tensors_in_place() {
     // Odd sizes, one past the rayon chunk (65536), one with no decay.
     let dims: [&[usize]; 3] = [&[1], &[37, 3], &[70_001]];
     for grad_dtype in [DType::F32, DType::BF16] {
-        let params: Vec<Tensor> = dims
-            .iter()
-            .map(|d| uniform(&mut g, d, 1.0, DType::F32).contiguous().unwrap())
-            .collect();
-        let ms: Vec<Tensor> = dims
-            .iter()
-            .map(|d| uniform(&mut g, d, 0.1, DType::F32))
-            .collect();
-        let vs: Vec<Tensor> = dims
-            .iter()
-            .map(|d| uniform(&mut g, d, 0.1, DType::F32).abs().unwrap())
-            .collect();
-        let grads: Vec<Tensor> = dims
-            .iter()
-            .map(|d| uniform(&mut g, d, 1.0, grad_dtype))
-            .collect();
-        let copies: Vec<Tensor> = dims
-            .iter()
-            .map(|d| Tensor::zeros(*d, DType::BF16, &Device::Cpu).unwrap())
-            .collect();
+        let params: Vec<Tensor> =
+            dims.iter().map(|d| uniform(&mut g, d, 1.0, DType::F32).contiguous().unwrap()).collect();
+        let ms: Vec<Tensor> = dims.iter().map(|d| uniform(&mut g, d, 0.1, DType::F32)).collect();
+        let vs: Vec<Tensor> = dims.iter().map(|d| uniform(&mut g, d, 0.1, DType::F32).abs().unwrap()).collect();
+        let grads: Vec<Tensor> = dims.iter().map(|d| uniform(&mut g, d, 1.0, grad_dtype)).collect();
+        let copies: Vec<Tensor> = dims.iter().map(|d| Tensor::zeros(*d, DType::BF16, &Device::Cpu).unwrap()).collect();
         // The twin on slices, from the same starting values.
-        let mut want: Vec<[Vec<f32>; 3]> = (0..3)
-            .map(|i| [vec(&params[i]), vec(&ms[i]), vec(&vs[i])])
-            .collect();
-        let gf: Vec<Vec<f32>> = grads
-            .iter()
-            .map(|t| vec(&t.to_dtype(DType::F32).unwrap()))
-            .collect();
+        let mut want: Vec<[Vec<f32>; 3]> = (0..3).map(|i| [vec(&params[i]), vec(&ms[i]), vec(&vs[i])]).collect();
+        let gf: Vec<Vec<f32>> = grads.iter().map(|t| vec(&t.to_dtype(DType::F32).unwrap())).collect();
         let h = hyper(3);
         {
             let mut slices: Vec<AdamWSlices> = want
                 .iter_mut()
                 .zip(&gf)
                 .enumerate()
-                .map(|(i, ([p, m, v], g))| AdamWSlices {
-                    param: p,
-                    exp_avg: m,
-                    exp_avg_sq: v,
-                    grad: g,
-                    decay: i != 1,
-                })
+                .map(|(i, ([p, m, v], g))| AdamWSlices { param: p, exp_avg: m, exp_avg_sq: v, grad: g, decay: i != 1 })
                 .collect();
             adamw::step_many_slices(&mut slices, &h).unwrap();
         }
@@ -182,20 +125,13 @@ fn step_many_updates_tensors_in_place() {
             .collect();
         let before = vec(&params[2]);
         adamw::step_many(&slots, &h).unwrap();
-        assert_ne!(
-            before,
-            vec(&params[2]),
-            "the parameter tensor itself must change"
-        );
+        assert_ne!(before, vec(&params[2]), "the parameter tensor itself must change");
         for i in 0..3 {
             assert_eq!(vec(&params[i]), want[i][0], "param {i} {grad_dtype:?}");
             assert_eq!(vec(&ms[i]), want[i][1], "exp_avg {i}");
             assert_eq!(vec(&vs[i]), want[i][2], "exp_avg_sq {i}");
             let copy = vec(&copies[i].to_dtype(DType::F32).unwrap());
-            let rounded: Vec<f32> = want[i][0]
-                .iter()
-                .map(|&x| half::bf16::from_f32(x).to_f32())
-                .collect();
+            let rounded: Vec<f32> = want[i][0].iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
             assert_eq!(copy, rounded, "bf16 copy {i}");
         }
     }
@@ -207,10 +143,7 @@ fn bad_adamw_arguments_are_errors() {
     let z = |n: usize| Tensor::zeros(n, DType::F32, dev).unwrap();
     let (p, m, v, gr) = (z(4), z(4), z(4), z(4));
     let msg = |slots: &[AdamWSlot], h: &AdamWStep| {
-        adamw::step_many(slots, h)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default()
+        adamw::step_many(slots, h).err().map(|e| e.to_string()).unwrap_or_default()
     };
     let slot = |g: &'static str| -> String {
         let g5 = z(5);
@@ -221,51 +154,18 @@ fn bad_adamw_arguments_are_errors() {
             _ => &gr,
         };
         let exp_avg = if g == "twice" { &p } else { &m };
-        msg(
-            &[AdamWSlot {
-                param: &p,
-                exp_avg,
-                exp_avg_sq: &v,
-                grad,
-                decay: true,
-                param_bf16: None,
-            }],
-            &hyper(1),
-        )
+        msg(&[AdamWSlot { param: &p, exp_avg, exp_avg_sq: &v, grad, decay: true, param_bf16: None }], &hyper(1))
     };
     assert!(slot("short").contains("share a shape"), "{}", slot("short"));
     assert!(slot("int").contains("f32 or all bf16"));
     assert!(slot("twice").contains("passed twice"));
-    let ok = [AdamWSlot {
-        param: &p,
-        exp_avg: &m,
-        exp_avg_sq: &v,
-        grad: &gr,
-        decay: true,
-        param_bf16: None,
-    }];
+    let ok = [AdamWSlot { param: &p, exp_avg: &m, exp_avg_sq: &v, grad: &gr, decay: true, param_bf16: None }];
     assert!(msg(&ok, &hyper(0)).contains("step counts from 1"));
-    assert!(msg(
-        &ok,
-        &AdamWStep {
-            beta2: 1.0,
-            ..hyper(1)
-        }
-    )
-    .contains("betas"));
+    assert!(msg(&ok, &AdamWStep { beta2: 1.0, ..hyper(1) }).contains("betas"));
     for bad in [-1.0, f64::NAN, f64::INFINITY] {
-        assert!(msg(
-            &ok,
-            &AdamWStep {
-                grad_scale: bad,
-                ..hyper(1)
-            }
-        )
-        .contains("gradient scale"));
+        assert!(msg(&ok, &AdamWStep { grad_scale: bad, ..hyper(1) }).contains("gradient scale"));
     }
     let (mut a, mut b, mut c) = (vec![0f32; 3], vec![0f32; 3], vec![0f32; 2]);
-    let e = adamw::step(&mut a, &mut b, &mut c, &[0.0; 3], true, &hyper(1))
-        .unwrap_err()
-        .to_string();
+    let e = adamw::step(&mut a, &mut b, &mut c, &[0.0; 3], true, &hyper(1)).unwrap_err().to_string();
     assert!(e.contains("one length"), "{e}");
 }

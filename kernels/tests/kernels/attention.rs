@@ -118,7 +118,6 @@ fn bad_attention_shapes_are_errors() {
     assert!(msg(k::causal_attention_backward(&x, &p, &bad_dy, 2).map(|_| ())).contains("dmerged"));
 }
 
-
 /// The GPU's algorithm (batched products around the fused scale-mask-softmax and its
 /// backward), run through the ops' CPU twins, against the fused CPU kernel and the reference.
 #[test]

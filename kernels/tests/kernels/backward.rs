@@ -27,7 +27,11 @@ fn backward_functions_match_autograd_of_the_reference() {
         let tol = if dtype == DType::F64 { 1e-10 } else { 2e-5 };
         let mut g = rng(7);
         // LayerNorm: dx, dweight, dbias.
-        let (x, w, b) = (uniform(&mut g, &[3, 5, 24], 2.0, dtype), uniform(&mut g, &[24], 1.0, dtype), uniform(&mut g, &[24], 1.0, dtype));
+        let (x, w, b) = (
+            uniform(&mut g, &[3, 5, 24], 2.0, dtype),
+            uniform(&mut g, &[24], 1.0, dtype),
+            uniform(&mut g, &[24], 1.0, dtype),
+        );
         let dy = uniform(&mut g, &[3, 5, 24], 1.0, dtype);
         let (dx, dw, db) = k::layer_norm_backward(&x, &w, &dy, 1e-5).unwrap();
         let want = autograd(&[&x, &w, &b], &dy, |t| r::layer_norm(&t[0], &t[1], &t[2], 1e-5));
@@ -51,7 +55,12 @@ fn backward_functions_match_autograd_of_the_reference() {
         let targets = Tensor::new(&[0u32, 10, 3, 3, 7, 1], &Device::Cpu).unwrap();
         let scale = Tensor::new(0.125f64, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         let want = autograd(&[&logits], &scale, |t| r::cross_entropy_sum(&t[0], &targets));
-        assert_close("cross-entropy dlogits", &k::cross_entropy_sum_backward(&logits, &targets, 0.125).unwrap(), &want[0], tol);
+        assert_close(
+            "cross-entropy dlogits",
+            &k::cross_entropy_sum_backward(&logits, &targets, 0.125).unwrap(),
+            &want[0],
+            tol,
+        );
         // Max pooling (distinct values: no ties), with padding and stride.
         let x = distinct(&mut g, &[2, 3, 9, 7], 0.01, dtype);
         let dy = uniform(&mut g, &[2, 3, 5, 4], 1.0, dtype);

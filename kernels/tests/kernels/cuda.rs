@@ -13,11 +13,8 @@ fn gpu() -> Option<Device> {
         Ok(d) => Some(d),
         Err(e) => {
             use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: no CUDA device ({})",
-                e.to_string().lines().next().unwrap_or("")
-            );
+            let _ =
+                writeln!(std::io::stderr(), "SKIPPED: no CUDA device ({})", e.to_string().lines().next().unwrap_or(""));
             None
         }
     }
@@ -30,14 +27,9 @@ fn gpu() -> Option<Device> {
 #[test]
 fn flash_attention_cuda_matches_the_cpu_twin() {
     let Some(dev) = gpu() else { return };
-    for &(b, t, c, h) in &[
-        (1, 1, 64, 1),
-        (2, 31, 64, 2),
-        (2, 65, 128, 2),
-        (1, 130, 96, 3),
-        (2, 200, 64, 2),
-        (1, 257, 256, 4),
-    ] {
+    for &(b, t, c, h) in
+        &[(1, 1, 64, 1), (2, 31, 64, 2), (2, 65, 128, 2), (1, 130, 96, 3), (2, 200, 64, 2), (1, 257, 256, 4)]
+    {
         let mut g = rng((b * 100 + t) as u64);
         let qkv = uniform(&mut g, &[b, t, 3 * c], 2.0, DType::F32);
         let dy = uniform(&mut g, &[b, t, c], 1.0, DType::F32);
@@ -51,23 +43,12 @@ fn flash_attention_cuda_matches_the_cpu_twin() {
             let gd = k::flash_attention_backward(&gq, &gm, &glse, &gdy, h).unwrap();
             // The twin's backward gets the GPU's (rounded) output, as the GPU's backward does.
             let gm_host = f32(&gm.to_device(&Device::Cpu).unwrap());
-            let dqkv =
-                k::flash_attention_backward(&f32(&qkv), &gm_host, &lse, &f32(&dy), h).unwrap();
-            for (what, a, e) in [
-                ("merged", &gm, &m),
-                ("lse", &glse, &lse),
-                ("dqkv", &gd, &dqkv),
-            ] {
+            let dqkv = k::flash_attention_backward(&f32(&qkv), &gm_host, &lse, &f32(&dy), h).unwrap();
+            for (what, a, e) in [("merged", &gm, &m), ("lse", &glse, &lse), ("dqkv", &gd, &dqkv)] {
                 let tol = if what == "lse" { 1e-5 } else { tol };
-                let err = max_err(
-                    &to_f64_vec(&a.to_device(&Device::Cpu).unwrap()),
-                    &to_f64_vec(e),
-                );
+                let err = max_err(&to_f64_vec(&a.to_device(&Device::Cpu).unwrap()), &to_f64_vec(e));
                 eprintln!("flash {what} b{b} t{t} c{c} h{h} {dtype:?}: {err:.1e}");
-                assert!(
-                    err < tol,
-                    "flash {what} b{b} t{t} c{c} h{h} {dtype:?}: {err:e} > {tol:e}"
-                );
+                assert!(err < tol, "flash {what} b{b} t{t} c{c} h{h} {dtype:?}: {err:e} > {tol:e}");
             }
         }
     }
@@ -79,15 +60,7 @@ fn flash_attention_cuda_matches_the_cpu_twin() {
 fn adamw_cuda_equals_the_cpu_twin() {
     use brigade_kernels::adamw::{step_many, AdamWSlot, AdamWStep};
     let Some(dev) = gpu() else { return };
-    let h = AdamWStep {
-        lr: 6e-4,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        step: 7,
-        grad_scale: 0.37,
-    };
+    let h = AdamWStep { lr: 6e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 7, grad_scale: 0.37 };
     let dims: [&[usize]; 3] = [&[1], &[37, 3], &[200_001]];
     for grad_dtype in [DType::F32, DType::BF16] {
         let mut g = rng(31);
@@ -115,14 +88,8 @@ fn adamw_cuda_equals_the_cpu_twin() {
         copy: impl Fn(&Tensor, &Device) -> Tensor,
     ) {
         let run = |d: &Device| -> Vec<Vec<f64>> {
-            let ts: Vec<Vec<Tensor>> = host
-                .iter()
-                .map(|s| s.iter().map(|t| copy(t, d)).collect())
-                .collect();
-            let bf: Vec<Tensor> = host
-                .iter()
-                .map(|s| Tensor::zeros(s[0].shape(), DType::BF16, d).unwrap())
-                .collect();
+            let ts: Vec<Vec<Tensor>> = host.iter().map(|s| s.iter().map(|t| copy(t, d)).collect()).collect();
+            let bf: Vec<Tensor> = host.iter().map(|s| Tensor::zeros(s[0].shape(), DType::BF16, d).unwrap()).collect();
             let slots: Vec<AdamWSlot> = ts
                 .iter()
                 .zip(&bf)
@@ -139,20 +106,12 @@ fn adamw_cuda_equals_the_cpu_twin() {
             step_many(&slots, h).unwrap();
             ts.iter()
                 .zip(&bf)
-                .flat_map(|(t, b)| {
-                    [&t[0], &t[1], &t[2], b]
-                        .map(|x| to_f64_vec(&x.to_device(&Device::Cpu).unwrap()))
-                })
+                .flat_map(|(t, b)| [&t[0], &t[1], &t[2], b].map(|x| to_f64_vec(&x.to_device(&Device::Cpu).unwrap())))
                 .collect()
         };
         let (cpu, gpu) = (run(&Device::Cpu), run(dev));
         for (i, (a, e)) in gpu.iter().zip(&cpu).enumerate() {
-            assert_eq!(
-                a,
-                e,
-                "adamw tensor {i} (param/m/v/bf16 of slot {}) with {grad_dtype:?} gradients",
-                i / 4
-            );
+            assert_eq!(a, e, "adamw tensor {i} (param/m/v/bf16 of slot {}) with {grad_dtype:?} gradients", i / 4);
         }
     }
 }
@@ -169,10 +128,7 @@ fn twin_tol(dtype: DType) -> f64 {
 
 /// `t` as the twin sees it: on the host, widened to f32.
 fn host_f32(t: &Tensor) -> Tensor {
-    t.to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
+    t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap()
 }
 
 /// Random host inputs rounded to `dtype`: `(on the GPU in dtype, on the host in f32)`.
@@ -224,8 +180,7 @@ fn layer_norm_cuda_matches_the_cpu_twin() {
         let b = uniform(&mut g, &[c], 1.0, DType::F32);
         let dy = uniform(&mut g, &[rows, c], 1.0, DType::F32);
         for dtype in [DType::F32, DType::BF16] {
-            let [(gx, cx), (gw, cw), (gb, cb), (gdy, cdy)] =
-                [&x, &w, &b, &dy].map(|t| twin_inputs(&dev, t, dtype));
+            let [(gx, cx), (gw, cw), (gb, cb), (gdy, cdy)] = [&x, &w, &b, &dy].map(|t| twin_inputs(&dev, t, dtype));
             let what = format!("layer_norm {rows}x{c}");
             assert_twin(
                 &what,

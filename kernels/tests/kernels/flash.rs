@@ -51,15 +51,9 @@ fn check(b: usize, t: usize, c: usize, n_head: usize, dtype: DType, tol: f64) {
     let qkv = uniform(&mut g, &[b, t, 3 * c], 2.0, dtype);
     let dy = uniform(&mut g, &[b, t, c], 1.0, dtype);
     let (flash, reference) = both(&qkv, n_head, &dy);
-    for (what, (a, e)) in ["merged", "lse", "dqkv"]
-        .iter()
-        .zip(flash.iter().zip(&reference))
-    {
+    for (what, (a, e)) in ["merged", "lse", "dqkv"].iter().zip(flash.iter().zip(&reference)) {
         let err = max_err(a, e);
-        assert!(
-            err < tol,
-            "{what} b{b} t{t} c{c} h{n_head} {dtype:?}: error {err:e} > {tol:e}"
-        );
+        assert!(err < tol, "{what} b{b} t{t} c{c} h{n_head} {dtype:?}: error {err:e} > {tol:e}");
     }
 }
 
@@ -83,19 +77,13 @@ fn flash_attention_matches_the_reference() {
 
 #[test]
 fn flash_attention_is_independent_of_the_thread_count() {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(3)
-        .build()
-        .unwrap();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
     let mut g = rng(8);
     let qkv = uniform(&mut g, &[3, 97, 3 * 64], 2.0, DType::F32);
     let dy = uniform(&mut g, &[3, 97, 64], 1.0, DType::F32);
     let serial = both(&qkv, 2, &dy).0;
     let parallel = pool.install(|| both(&qkv, 2, &dy).0);
-    assert_eq!(
-        serial, parallel,
-        "the per-head tasks must not depend on the thread count"
-    );
+    assert_eq!(serial, parallel, "the per-head tasks must not depend on the thread count");
 }
 
 #[test]
@@ -104,9 +92,7 @@ fn flash_attention_reads_strided_inputs() {
     let wide = uniform(&mut g, &[2, 70, 3 * 32 + 10], 2.0, DType::F64);
     let qkv = wide.narrow(2, 4, 3 * 32).unwrap();
     assert!(!qkv.is_contiguous());
-    let dy = uniform(&mut g, &[2, 32, 70], 1.0, DType::F64)
-        .transpose(1, 2)
-        .unwrap();
+    let dy = uniform(&mut g, &[2, 32, 70], 1.0, DType::F64).transpose(1, 2).unwrap();
     assert!(!dy.is_contiguous());
     let (flash, reference) = both(&qkv, 1, &dy);
     for (a, e) in flash.iter().zip(&reference) {
@@ -146,18 +132,8 @@ fn bad_flash_attention_arguments_are_errors() {
     let (m, lse) = k::flash_attention(&x, 2).unwrap();
     let bad = Tensor::zeros((2, 4, 5), DType::F32, dev).unwrap();
     assert!(msg(k::flash_attention_backward(&x, &m, &lse, &bad, 2)).contains("dmerged"));
-    assert!(msg(k::flash_attention_backward(
-        &x,
-        &m,
-        &lse.to_dtype(DType::F64).unwrap(),
-        &m,
-        2
-    ))
-    .contains("lse"));
-    assert!(
-        msg(k::flash_attention(&x.to_dtype(DType::BF16).unwrap(), 2).map(|p| p.0))
-            .contains("no kernels")
-    );
+    assert!(msg(k::flash_attention_backward(&x, &m, &lse.to_dtype(DType::F64).unwrap(), &m, 2)).contains("lse"));
+    assert!(msg(k::flash_attention(&x.to_dtype(DType::BF16).unwrap(), 2).map(|p| p.0)).contains("no kernels"));
 }
 
 #[test]

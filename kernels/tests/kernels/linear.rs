@@ -21,14 +21,23 @@ fn composition(x: &Tensor, w: &Tensor, b: Option<&Tensor>, r: Option<&Tensor>) -
 fn check(m: usize, kk: usize, n: usize, dtype: DType, transposed_w: bool, tol: f64) {
     let mut g = rng((m * 100 + kk * 10 + n) as u64);
     let x = uniform(&mut g, &[m, kk], 1.0, dtype);
-    let w = if transposed_w { uniform(&mut g, &[n, kk], 1.0, dtype).t().unwrap() } else { uniform(&mut g, &[kk, n], 1.0, dtype) };
+    let w = if transposed_w {
+        uniform(&mut g, &[n, kk], 1.0, dtype).t().unwrap()
+    } else {
+        uniform(&mut g, &[kk, n], 1.0, dtype)
+    };
     let b = uniform(&mut g, &[n], 1.0, dtype);
     let r = uniform(&mut g, &[m, n], 1.0, dtype);
     for (bias, res) in [(None, None), (Some(&b), None), (None, Some(&r)), (Some(&b), Some(&r))] {
         let got = to_f64_vec(&k::linear(&x, &w, bias, res).unwrap());
         let want = to_f64_vec(&composition(&x, &w, bias, res));
         let err = max_err(&got, &want);
-        assert!(err < tol, "{m}x{kk}x{n} {dtype:?} wT={transposed_w} bias={} res={}: {err:e}", bias.is_some(), res.is_some());
+        assert!(
+            err < tol,
+            "{m}x{kk}x{n} {dtype:?} wT={transposed_w} bias={} res={}: {err:e}",
+            bias.is_some(),
+            res.is_some()
+        );
     }
 }
 

@@ -58,25 +58,13 @@ fn layer_norm_matches_reference() {
     let x = uniform(&mut g, &[37, 6], 1.0, DType::F32);
     let w = uniform(&mut g, &[37], 1.0, DType::F32);
     let b = uniform(&mut g, &[37], 1.0, DType::F32);
-    compare(
-        "layer_norm transposed",
-        &[x, w, b],
-        t_first,
-        ln_fused,
-        ln_ref,
-        F32_TOL,
-    );
+    compare("layer_norm transposed", &[x, w, b], t_first, ln_fused, ln_ref, F32_TOL);
 }
 
 #[test]
 fn softmax_and_log_softmax_match_reference() {
     let mut g = rng(2);
-    for (dims, scale) in [
-        (vec![3, 5, 33], 3.0),
-        (vec![4, 1], 1.0),
-        (vec![70, 257], 3.0),
-        (vec![3, 9], 500.0),
-    ] {
+    for (dims, scale) in [(vec![3, 5, 33], 3.0), (vec![4, 1], 1.0), (vec![70, 257], 3.0), (vec![3, 9], 500.0)] {
         let x = uniform(&mut g, &dims, scale, DType::F32);
         compare(
             "softmax",
@@ -177,24 +165,10 @@ fn gelu_matches_reference() {
     let mut g = rng(4);
     for dims in [vec![3, 37], vec![40_000]] {
         let x = uniform(&mut g, &dims, 5.0, DType::F32);
-        compare(
-            "gelu_tanh",
-            &[x],
-            same,
-            |t| k::gelu_tanh(&t[0]),
-            |t| r::gelu_tanh(&t[0]),
-            F32_TOL,
-        );
+        compare("gelu_tanh", &[x], same, |t| k::gelu_tanh(&t[0]), |t| r::gelu_tanh(&t[0]), F32_TOL);
     }
     let x = uniform(&mut g, &[9, 5], 3.0, DType::F32);
-    compare(
-        "gelu_tanh transposed",
-        &[x],
-        t_first,
-        |t| k::gelu_tanh(&t[0]),
-        |t| r::gelu_tanh(&t[0]),
-        F32_TOL,
-    );
+    compare("gelu_tanh transposed", &[x], t_first, |t| k::gelu_tanh(&t[0]), |t| r::gelu_tanh(&t[0]), F32_TOL);
 }
 
 #[test]
@@ -205,8 +179,8 @@ fn max_pool_matches_reference() {
         (&[2, 3, 8, 8], 2, 2, 0),
         (&[1, 2, 7, 5], 3, 1, 1),
         (&[1, 2, 5, 6], 1, 1, 0),
-        (&[1, 1, 7, 7], 2, 3, 0), // stride > kernel: some cells in no window
-        (&[1, 1, 3, 3], 5, 1, 2), // kernel larger than the unpadded input
+        (&[1, 1, 7, 7], 2, 3, 0),   // stride > kernel: some cells in no window
+        (&[1, 1, 3, 3], 5, 1, 2),   // kernel larger than the unpadded input
         (&[4, 8, 32, 32], 3, 2, 1), // rayon path
     ];
     for &(dims, kernel, stride, padding) in cases {
@@ -240,13 +214,7 @@ fn max_pool_ties_go_to_first_max_like_pytorch() {
     let y = k::max_pool2d(&x, 3, 2, 1).unwrap();
     assert_eq!(y.dims(), &[1, 1, 2, 2]);
     let grads = y.sum_all().unwrap().backward().unwrap();
-    let dx = grads
-        .get(&x)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let dx = grads.get(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     #[rustfmt::skip]
     let expected = [1., 1., 0., 0.,
                     1., 1., 0., 0.,
@@ -258,19 +226,8 @@ fn max_pool_ties_go_to_first_max_like_pytorch() {
     let mut v = vec![0f32; 9];
     v[4] = 1.0;
     let x = candle_core::Var::from_vec(v, (1, 1, 3, 3), &Device::Cpu).unwrap();
-    let grads = k::max_pool2d(&x, 2, 1, 0)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let dx = grads
-        .get(&x)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let grads = k::max_pool2d(&x, 2, 1, 0).unwrap().sum_all().unwrap().backward().unwrap();
+    let dx = grads.get(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(dx, [0., 0., 0., 0., 4., 0., 0., 0., 0.]);
 }
 
@@ -314,13 +271,7 @@ fn layer_norm_grad_matches_finite_differences() {
         // Non-contiguous x.
         let x = uniform(&mut g, &[7, 3], 1.0, dtype);
         let ins = [x, ins[1].clone(), ins[2].clone()];
-        check_grads(
-            "layer_norm transposed",
-            &ins,
-            |t| ln_fused(&t_first(t)),
-            h,
-            tol,
-        );
+        check_grads("layer_norm transposed", &ins, |t| ln_fused(&t_first(t)), h, tol);
     }
 }
 
@@ -331,35 +282,11 @@ fn softmax_grads_match_finite_differences() {
         let mut g = rng(12);
         let x = [uniform(&mut g, &[3, 2, 5], 2.0, dtype)];
         check_grads("softmax", &x, |t| k::softmax_last_dim(&t[0]), h, tol);
-        check_grads(
-            "log_softmax",
-            &x,
-            |t| k::log_softmax_last_dim(&t[0]),
-            h,
-            tol,
-        );
-        check_grads(
-            "reference::softmax",
-            &x,
-            |t| r::softmax_last_dim(&t[0]),
-            h,
-            tol,
-        );
-        check_grads(
-            "reference::log_softmax",
-            &x,
-            |t| r::log_softmax_last_dim(&t[0]),
-            h,
-            tol,
-        );
+        check_grads("log_softmax", &x, |t| k::log_softmax_last_dim(&t[0]), h, tol);
+        check_grads("reference::softmax", &x, |t| r::softmax_last_dim(&t[0]), h, tol);
+        check_grads("reference::log_softmax", &x, |t| r::log_softmax_last_dim(&t[0]), h, tol);
         let x = [uniform(&mut g, &[6, 4], 2.0, dtype)];
-        check_grads(
-            "softmax transposed",
-            &x,
-            |t| k::softmax_last_dim(&t_first(t)[0]),
-            h,
-            tol,
-        );
+        check_grads("softmax transposed", &x, |t| k::softmax_last_dim(&t_first(t)[0]), h, tol);
     }
 }
 
@@ -370,20 +297,8 @@ fn cross_entropy_grad_matches_finite_differences() {
         let mut g = rng(13);
         let logits = [uniform(&mut g, &[5, 6], 2.0, dtype)];
         let t = targets(&mut g, 5, 6);
-        check_grads(
-            "cross_entropy_sum",
-            &logits,
-            |x| k::cross_entropy_sum(&x[0], &t),
-            h,
-            tol,
-        );
-        check_grads(
-            "reference::cross_entropy_sum",
-            &logits,
-            |x| r::cross_entropy_sum(&x[0], &t),
-            h,
-            tol,
-        );
+        check_grads("cross_entropy_sum", &logits, |x| k::cross_entropy_sum(&x[0], &t), h, tol);
+        check_grads("reference::cross_entropy_sum", &logits, |x| r::cross_entropy_sum(&x[0], &t), h, tol);
     }
 }
 
@@ -410,20 +325,8 @@ fn max_pool_grad_matches_finite_differences() {
         let mut g = rng(15);
         let x = [distinct(&mut g, &[1, 2, 5, 6], 0.05, dtype)];
         for (kernel, stride, padding) in [(3, 2, 1), (2, 1, 0), (3, 3, 1)] {
-            check_grads(
-                "max_pool2d",
-                &x,
-                |t| k::max_pool2d(&t[0], kernel, stride, padding),
-                h,
-                1e-4,
-            );
-            check_grads(
-                "reference::max_pool2d",
-                &x,
-                |t| r::max_pool2d(&t[0], kernel, stride, padding),
-                h,
-                1e-4,
-            );
+            check_grads("max_pool2d", &x, |t| k::max_pool2d(&t[0], kernel, stride, padding), h, 1e-4);
+            check_grads("reference::max_pool2d", &x, |t| r::max_pool2d(&t[0], kernel, stride, padding), h, 1e-4);
         }
     }
 }
@@ -445,29 +348,12 @@ fn bad_inputs_are_errors_not_panics() {
     let w3 = Tensor::ones(3, DType::F32, dev).unwrap();
     let scalar = Tensor::new(1f32, dev).unwrap();
 
-    for (f, what) in [
-        (
-            k::layer_norm as fn(&Tensor, &Tensor, &Tensor, f64) -> _,
-            "fused",
-        ),
-        (r::layer_norm, "reference"),
-    ] {
-        assert!(
-            err_msg(f(&x, &w3, &w, 1e-5)).contains("weight must have shape (4,)"),
-            "{what}"
-        );
-        assert!(
-            err_msg(f(&x, &w, &w3, 1e-5)).contains("bias must have shape (4,)"),
-            "{what}"
-        );
-        assert!(
-            err_msg(f(&scalar, &w, &w, 1e-5)).contains("rank >= 1"),
-            "{what}"
-        );
-        assert!(
-            err_msg(f(&x, &w.to_dtype(DType::F64).unwrap(), &w, 1e-5)).contains("share a dtype"),
-            "{what}"
-        );
+    for (f, what) in [(k::layer_norm as fn(&Tensor, &Tensor, &Tensor, f64) -> _, "fused"), (r::layer_norm, "reference")]
+    {
+        assert!(err_msg(f(&x, &w3, &w, 1e-5)).contains("weight must have shape (4,)"), "{what}");
+        assert!(err_msg(f(&x, &w, &w3, 1e-5)).contains("bias must have shape (4,)"), "{what}");
+        assert!(err_msg(f(&scalar, &w, &w, 1e-5)).contains("rank >= 1"), "{what}");
+        assert!(err_msg(f(&x, &w.to_dtype(DType::F64).unwrap(), &w, 1e-5)).contains("share a dtype"), "{what}");
         assert!(err_msg(f(&x, &w, &w, -1.0)).contains("eps"), "{what}");
     }
     assert!(err_msg(k::softmax_last_dim(&scalar)).contains("rank >= 1"));
@@ -478,8 +364,7 @@ fn bad_inputs_are_errors_not_panics() {
         let m = err_msg(f(&x, &t));
         assert!(m.contains("target id 7") && m.contains("row 1"), "{m}");
         assert!(err_msg(f(&x.unsqueeze(0).unwrap(), &t)).contains("logits must have shape (N, V)"));
-        assert!(err_msg(f(&x, &Tensor::new(&[0u32], dev).unwrap()))
-            .contains("targets must have shape (2,)"));
+        assert!(err_msg(f(&x, &Tensor::new(&[0u32], dev).unwrap())).contains("targets must have shape (2,)"));
         assert!(err_msg(f(&x, &t.to_dtype(DType::F32).unwrap())).contains("integer class ids"));
     }
 

@@ -27,10 +27,7 @@ const STRIDE: u64 = 97;
 /// Every `STRIDE`-th f32 over the whole line (both signs, including inf and NaN patterns), plus
 /// the integers and halves in [-20, 20] at step 1/1024 and a set of edge values.
 fn sweep_inputs(stride: u64) -> Vec<f32> {
-    let mut v: Vec<f32> = (0..1u64 << 32)
-        .step_by(stride as usize)
-        .map(|b| f32::from_bits(b as u32))
-        .collect();
+    let mut v: Vec<f32> = (0..1u64 << 32).step_by(stride as usize).map(|b| f32::from_bits(b as u32)).collect();
     v.extend((-20 * 1024..=20 * 1024).map(|i| i as f32 / 1024.0));
     v.extend(EDGES);
     v
@@ -93,8 +90,7 @@ fn exp_err(x: f32, got: f32, want: f64) -> Option<f64> {
     }
     if got.is_nan() || got.is_infinite() {
         // Right at the top of the range the relative bound allows rounding up to inf.
-        return (got == f32::INFINITY && want > f32::MAX as f64 * (1.0 - EXP_MAX_REL_ERR))
-            .then_some(0.0);
+        return (got == f32::INFINITY && want > f32::MAX as f64 * (1.0 - EXP_MAX_REL_ERR)).then_some(0.0);
     }
     let g = got as f64;
     if want >= f32::MIN_POSITIVE as f64 {
@@ -121,13 +117,7 @@ fn tanh_err(x: f32, got: f32) -> Option<f64> {
 }
 
 /// The worst error of `f` over `xs`, panicking with the input on a contract violation.
-fn worst(
-    name: &str,
-    xs: &[f32],
-    out: &[f32],
-    err: impl Fn(f32, f32) -> Option<f64>,
-    bound: f64,
-) -> f64 {
+fn worst(name: &str, xs: &[f32], out: &[f32], err: impl Fn(f32, f32) -> Option<f64>, bound: f64) -> f64 {
     let mut w = (0.0f64, 0.0f32);
     for (&x, &y) in xs.iter().zip(out) {
         match err(x, y) {
@@ -136,19 +126,11 @@ fn worst(
                     w = (e, x)
                 }
             }
-            Some(e) => panic!(
-                "{name}({x:e} = bits {:#x}) = {y:e}: error {e:.3e} > {bound:.1e}",
-                x.to_bits()
-            ),
+            Some(e) => panic!("{name}({x:e} = bits {:#x}) = {y:e}: error {e:.3e} > {bound:.1e}", x.to_bits()),
             None => panic!("{name}({x:e} = bits {:#x}) = {y:e} is wrong", x.to_bits()),
         }
     }
-    eprintln!(
-        "{name}: worst error {:.3e} at x = {:e} ({} inputs)",
-        w.0,
-        w.1,
-        xs.len()
-    );
+    eprintln!("{name}: worst error {:.3e} at x = {:e} ({} inputs)", w.0, w.1, xs.len());
     w.0
 }
 
@@ -157,45 +139,19 @@ fn exp_is_within_its_documented_bound() {
     let xs = sweep_inputs(STRIDE);
     for isa in Isa::all_available() {
         let out = run_sliced(&xs, |x, o| isa.exp(x, o));
-        worst(
-            &format!("{isa:?} exp"),
-            &xs,
-            &out,
-            |x, y| exp_err(x, y, (x as f64).exp()),
-            EXP_MAX_REL_ERR,
-        );
+        worst(&format!("{isa:?} exp"), &xs, &out, |x, y| exp_err(x, y, (x as f64).exp()), EXP_MAX_REL_ERR);
         // Random inputs where softmax lives (x - max <= 0, mostly small).
         let mut g = rng(21);
-        let xs: Vec<f32> = (0..1 << 20)
-            .map(|_| g.random_range(-30.0..0.0f32))
-            .collect();
+        let xs: Vec<f32> = (0..1 << 20).map(|_| g.random_range(-30.0..0.0f32)).collect();
         let out = run_sliced(&xs, |x, o| isa.exp(x, o));
-        worst(
-            &format!("{isa:?} exp random"),
-            &xs,
-            &out,
-            |x, y| exp_err(x, y, (x as f64).exp()),
-            EXP_MAX_REL_ERR,
-        );
+        worst(&format!("{isa:?} exp random"), &xs, &out, |x, y| exp_err(x, y, (x as f64).exp()), EXP_MAX_REL_ERR);
     }
 }
 
 #[test]
 fn exp_special_values() {
     for isa in Isa::all_available() {
-        let xs = [
-            0.0,
-            -0.0,
-            f32::NEG_INFINITY,
-            f32::INFINITY,
-            f32::NAN,
-            -f32::NAN,
-            -100.0,
-            -200.0,
-            89.0,
-            1e30,
-            -1e30,
-        ];
+        let xs = [0.0, -0.0, f32::NEG_INFINITY, f32::INFINITY, f32::NAN, -f32::NAN, -100.0, -200.0, 89.0, 1e30, -1e30];
         let mut out = [0.0f32; 11];
         isa.exp(&xs, &mut out);
         // exp(0) is exactly 1: softmax's largest element gets exactly exp(0).
@@ -206,11 +162,7 @@ fn exp_special_values() {
         assert!(out[4].is_nan() && out[5].is_nan(), "{isa:?} NaN: {out:?}");
         // exp(-100) = 3.7e-44: a subnormal, correctly rounded (26 · 2^-149 = 3.64e-44).
         let want = (-100f64).exp();
-        assert!(
-            (out[6] as f64 - want).abs() <= f64::powi(2.0, -150),
-            "{isa:?} exp(-100) = {:e}",
-            out[6]
-        );
+        assert!((out[6] as f64 - want).abs() <= f64::powi(2.0, -150), "{isa:?} exp(-100) = {:e}", out[6]);
         assert!(out[6] > 0.0, "{isa:?}");
         assert_eq!(out[7], 0.0, "{isa:?}");
         assert_eq!(out[8], f32::INFINITY, "{isa:?}");
@@ -224,30 +176,14 @@ fn tanh_is_within_its_documented_bound() {
     let xs = sweep_inputs(STRIDE);
     for isa in Isa::all_available() {
         let out = run_sliced(&xs, |x, o| isa.tanh(x, o));
-        worst(
-            &format!("{isa:?} tanh"),
-            &xs,
-            &out,
-            tanh_err,
-            TANH_MAX_REL_ERR,
-        );
+        worst(&format!("{isa:?} tanh"), &xs, &out, tanh_err, TANH_MAX_REL_ERR);
     }
 }
 
 #[test]
 fn tanh_special_values() {
     for isa in Isa::all_available() {
-        let xs = [
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::NAN,
-            -0.0,
-            0.0,
-            1e-40,
-            -1e-40,
-            50.0,
-            -50.0,
-        ];
+        let xs = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -0.0, 0.0, 1e-40, -1e-40, 50.0, -50.0];
         let mut out = [0.0f32; 9];
         isa.tanh(&xs, &mut out);
         assert_eq!(&out[..2], &[1.0, -1.0], "{isa:?}");
@@ -280,12 +216,7 @@ fn gelu_ref(x: f32) -> (f64, f64, f64, f64) {
     let amp = 1.0 + 2.0 * u.abs() * c;
     // The tail's factor σ(2u)σ(-2u) has d ln / du = 2(c - s), so its relative error is
     // up to 2|u| times `u`'s on either side.
-    (
-        x * s,
-        s + tail,
-        (x * s).abs() * amp,
-        s * amp + tail.abs() * (1.0 + 2.0 * u.abs()),
-    )
+    (x * s, s + tail, (x * s).abs() * amp, s * amp + tail.abs() * (1.0 + 2.0 * u.abs()))
 }
 
 #[test]
@@ -299,8 +230,7 @@ fn gelu_reference_formula_is_the_tanh_formula() {
         let u = GELU_A * (xd + GELU_B * xd * xd * xd);
         let t = u.tanh();
         let g2 = 0.5 * xd * (1.0 + t);
-        let dg2 =
-            0.5 * (1.0 + t) + 0.5 * xd * (1.0 - t * t) * GELU_A * (1.0 + 3.0 * GELU_B * xd * xd);
+        let dg2 = 0.5 * (1.0 + t) + 0.5 * xd * (1.0 - t * t) * GELU_A * (1.0 + 3.0 * GELU_B * xd * xd);
         assert!((g - g2).abs() <= 1e-12 * (1.0 + g2.abs()), "gelu({x})");
         assert!((dg - dg2).abs() <= 1e-12 * (1.0 + dg2.abs()), "gelu'({x})");
     }
@@ -338,21 +268,10 @@ fn gelu_fwd_and_bwd_are_within_their_documented_bound() {
             let slack_b = sub * (2.0 + 2.0 * xa * GELU_A * (1.0 + 3.0 * GELU_B * xa * xa));
             // Error beyond the subnormal slack, relative to the scale of the bound; the floor
             // keeps x = 0 (scale 0) from being 0 / 0.
-            let scaled = |err: f64, slack: f64, scale: f64| {
-                (err - slack).max(0.0) / scale.max(f64::MIN_POSITIVE)
-            };
+            let scaled = |err: f64, slack: f64, scale: f64| (err - slack).max(0.0) / scale.max(f64::MIN_POSITIVE);
             let ef = scaled((y[i] as f64 - g).abs(), slack_f, sg);
-            let eb = scaled(
-                (dx[i] as f64 - want_dx).abs(),
-                dy[i].abs() as f64 * slack_b,
-                dy[i].abs() as f64 * sdg,
-            );
-            assert!(
-                ef <= GELU_MAX_ERR,
-                "{isa:?} gelu({:e}) = {:e}, want {g:e} (scaled error {ef:.2e})",
-                xs[i],
-                y[i]
-            );
+            let eb = scaled((dx[i] as f64 - want_dx).abs(), dy[i].abs() as f64 * slack_b, dy[i].abs() as f64 * sdg);
+            assert!(ef <= GELU_MAX_ERR, "{isa:?} gelu({:e}) = {:e}, want {g:e} (scaled error {ef:.2e})", xs[i], y[i]);
             assert!(
                 eb <= GELU_MAX_ERR,
                 "{isa:?} gelu'({:e}) · {} = {:e}, want {want_dx:e} (scaled error {eb:.2e})",
@@ -363,28 +282,14 @@ fn gelu_fwd_and_bwd_are_within_their_documented_bound() {
             wf = wf.max(ef);
             wb = wb.max(eb);
         }
-        eprintln!(
-            "{isa:?} gelu: worst scaled error fwd {wf:.3e}, bwd {wb:.3e} ({} inputs)",
-            xs.len()
-        );
+        eprintln!("{isa:?} gelu: worst scaled error fwd {wf:.3e}, bwd {wb:.3e} ({} inputs)", xs.len());
     }
 }
 
 #[test]
 fn gelu_special_values() {
     for isa in Isa::all_available() {
-        let xs = [
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::NAN,
-            0.0,
-            1e4,
-            -1e4,
-            1e20,
-            -1e20,
-            f32::MAX,
-            f32::MIN,
-        ];
+        let xs = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 0.0, 1e4, -1e4, 1e20, -1e20, f32::MAX, f32::MIN];
         let mut y = [0.0f32; 10];
         let mut d = [0.0f32; 10];
         isa.gelu_tanh_fwd(&xs, &mut y);
@@ -422,21 +327,14 @@ fn row_reductions_match_f64_for_every_remainder() {
             let want_max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             assert_eq!(isa.max(&x), want_max, "{isa:?} max n={n}");
             // Sums: error within n ulp-ish of the absolute sum (f32 accumulation).
-            let tol =
-                |scale: f64| 4.0 * f32::EPSILON as f64 * (n as f64).sqrt().max(1.0) * scale + 1e-30;
+            let tol = |scale: f64| 4.0 * f32::EPSILON as f64 * (n as f64).sqrt().max(1.0) * scale + 1e-30;
             let s = isa.sum(&x) as f64;
             let want: f64 = xd().sum();
-            assert!(
-                (s - want).abs() <= tol(abs_sum(xd())),
-                "{isa:?} sum n={n}: {s} vs {want}"
-            );
+            assert!((s - want).abs() <= tol(abs_sum(xd())), "{isa:?} sum n={n}: {s} vs {want}");
             let d = isa.dot(&x, &y) as f64;
             let want: f64 = xd().zip(&y).map(|(a, &b)| a * b as f64).sum();
             let scale = abs_sum(xd().zip(&y).map(|(a, &b)| a * b as f64));
-            assert!(
-                (d - want).abs() <= tol(scale),
-                "{isa:?} dot n={n}: {d} vs {want}"
-            );
+            assert!((d - want).abs() <= tol(scale), "{isa:?} dot n={n}: {d} vs {want}");
             // exp-sum with a shift, and the per-element exps it stores.
             let shift = isa.max(&x);
             let mut e = vec![0.0f32; n];
@@ -453,20 +351,14 @@ fn row_reductions_match_f64_for_every_remainder() {
             );
             for (i, (&ei, &xi)) in e.iter().zip(&x).enumerate() {
                 let w = ((xi - shift) as f64).exp();
-                assert!(
-                    (ei as f64 - w).abs() <= EXP_MAX_REL_ERR * w,
-                    "{isa:?} exp_shift_sum n={n} [{i}]"
-                );
+                assert!((ei as f64 - w).abs() <= EXP_MAX_REL_ERR * w, "{isa:?} exp_shift_sum n={n} [{i}]");
             }
             // LayerNorm's reductions: sum of squared deviations, and the backward's sums with
             // their dw/db accumulation (into non-zero accumulators, as across rows).
             let mean = (xd().sum::<f64>() / n.max(1) as f64) as f32;
             let v = isa.sum_sq_dev(&x, mean) as f64;
             let want: f64 = xd().map(|a| (a - mean as f64).powi(2)).sum();
-            assert!(
-                (v - want).abs() <= tol(want),
-                "{isa:?} sum_sq_dev n={n}: {v} vs {want}"
-            );
+            assert!((v - want).abs() <= tol(want), "{isa:?} sum_sq_dev n={n}: {v} vs {want}");
             let w: Vec<f32> = (0..n).map(|_| g.random_range(0.5..1.5f32)).collect();
             let (mut dw, mut db) = (y.clone(), w.clone());
             let rstd = 0.7f32;
@@ -477,26 +369,14 @@ fn row_reductions_match_f64_for_every_remainder() {
             let want_gx: f64 = (0..n).map(|i| gi(i) * xhat(i)).sum();
             let scale_g = abs_sum((0..n).map(gi));
             let scale_gx = abs_sum((0..n).map(|i| gi(i) * xhat(i)));
-            assert!(
-                (sg as f64 - want_g).abs() <= tol(scale_g),
-                "{isa:?} ln sum(g) n={n}"
-            );
-            assert!(
-                (sgx as f64 - want_gx).abs() <= tol(scale_gx),
-                "{isa:?} ln sum(g xhat) n={n}"
-            );
+            assert!((sg as f64 - want_g).abs() <= tol(scale_g), "{isa:?} ln sum(g) n={n}");
+            assert!((sgx as f64 - want_gx).abs() <= tol(scale_gx), "{isa:?} ln sum(g xhat) n={n}");
             for i in 0..n {
                 let want_dw = y[i] as f64 + y[i] as f64 * xhat(i);
                 let want_db = w[i] as f64 + y[i] as f64;
                 let e = 4.0 * f32::EPSILON as f64;
-                assert!(
-                    (dw[i] as f64 - want_dw).abs() <= e * (1.0 + want_dw.abs()),
-                    "{isa:?} dw n={n} [{i}]"
-                );
-                assert!(
-                    (db[i] as f64 - want_db).abs() <= e * (1.0 + want_db.abs()),
-                    "{isa:?} db n={n} [{i}]"
-                );
+                assert!((dw[i] as f64 - want_dw).abs() <= e * (1.0 + want_dw.abs()), "{isa:?} dw n={n} [{i}]");
+                assert!((db[i] as f64 - want_db).abs() <= e * (1.0 + want_db.abs()), "{isa:?} db n={n} [{i}]");
             }
             // Log-softmax backward: dx = dy - exp(y) dy_sum, with y <= 0 like log-probabilities.
             let ly: Vec<f32> = x.iter().map(|&v| v - shift - 3.0).collect();
@@ -517,11 +397,7 @@ fn row_reductions_match_f64_for_every_remainder() {
         assert_eq!(isa.max(&x), 3.0, "{isa:?}");
         assert!(isa.sum_exp_shift(&x, 3.0).is_nan(), "{isa:?}");
         // All -inf (a fully masked row): max is -inf, as the scalar scan gives.
-        assert_eq!(
-            isa.max(&[f32::NEG_INFINITY; 20]),
-            f32::NEG_INFINITY,
-            "{isa:?}"
-        );
+        assert_eq!(isa.max(&[f32::NEG_INFINITY; 20]), f32::NEG_INFINITY, "{isa:?}");
         assert_eq!(isa.max(&[]), f32::NEG_INFINITY, "{isa:?}");
     }
 }
@@ -538,11 +414,7 @@ fn to64(t: &Tensor) -> Tensor {
 #[test]
 fn fused_f32_ops_match_f64_compositions_tightly() {
     let mut g = rng(24);
-    for (dims, scale) in [
-        (vec![3, 5, 33], 3.0),
-        (vec![70, 257], 8.0),
-        (vec![16, 128], 30.0),
-    ] {
+    for (dims, scale) in [(vec![3, 5, 33], 3.0), (vec![70, 257], 8.0), (vec![16, 128], 30.0)] {
         let x = uniform(&mut g, &dims, scale, DType::F32);
         compare(
             "softmax f32 vs f64 composition",
@@ -618,9 +490,7 @@ fn exhaustive_exp_and_tanh_error() {
         let (e, t) = (0u64..1 << 16)
             .into_par_iter()
             .map(|hi| {
-                let xs: Vec<f32> = (0..1u32 << 16)
-                    .map(|lo| f32::from_bits(((hi as u32) << 16) | lo))
-                    .collect();
+                let xs: Vec<f32> = (0..1u32 << 16).map(|lo| f32::from_bits(((hi as u32) << 16) | lo)).collect();
                 let mut ye = vec![0.0f32; xs.len()];
                 let mut yt = vec![0.0f32; xs.len()];
                 isa.exp(&xs, &mut ye);
@@ -628,10 +498,8 @@ fn exhaustive_exp_and_tanh_error() {
                 let mut w = ((0.0f64, 0.0f32), (0.0f64, 0.0f32));
                 for i in 0..xs.len() {
                     let x = xs[i];
-                    let ee = exp_err(x, ye[i], (x as f64).exp())
-                        .unwrap_or_else(|| panic!("exp({x:e}) = {:e}", ye[i]));
-                    let et =
-                        tanh_err(x, yt[i]).unwrap_or_else(|| panic!("tanh({x:e}) = {:e}", yt[i]));
+                    let ee = exp_err(x, ye[i], (x as f64).exp()).unwrap_or_else(|| panic!("exp({x:e}) = {:e}", ye[i]));
+                    let et = tanh_err(x, yt[i]).unwrap_or_else(|| panic!("tanh({x:e}) = {:e}", yt[i]));
                     if ee > w.0 .0 {
                         w.0 = (ee, x);
                     }
@@ -643,17 +511,9 @@ fn exhaustive_exp_and_tanh_error() {
             })
             .reduce(
                 || ((0.0, 0.0), (0.0, 0.0)),
-                |a, b| {
-                    (
-                        if a.0 .0 >= b.0 .0 { a.0 } else { b.0 },
-                        if a.1 .0 >= b.1 .0 { a.1 } else { b.1 },
-                    )
-                },
+                |a, b| (if a.0 .0 >= b.0 .0 { a.0 } else { b.0 }, if a.1 .0 >= b.1 .0 { a.1 } else { b.1 }),
             );
-        eprintln!(
-            "{isa:?}: exp worst {:.3e} at {:e}; tanh worst {:.3e} at {:e}",
-            e.0, e.1, t.0, t.1
-        );
+        eprintln!("{isa:?}: exp worst {:.3e} at {:e}; tanh worst {:.3e} at {:e}", e.0, e.1, t.0, t.1);
         assert!(e.0 <= EXP_MAX_REL_ERR && t.0 <= TANH_MAX_REL_ERR);
     }
 }

@@ -69,27 +69,15 @@ const THINGS: &[(&str, &str)] = &[
 ];
 
 const ADJECTIVES: &[&str] = &[
-    "big", "small", "red", "blue", "green", "old", "new", "little", "happy", "yellow", "soft",
-    "funny", "brown", "shiny",
+    "big", "small", "red", "blue", "green", "old", "new", "little", "happy", "yellow", "soft", "funny", "brown",
+    "shiny",
 ];
-const VERBS_TRANSITIVE: &[&str] = &[
-    "sees", "likes", "finds", "wants", "has", "takes", "holds", "drops", "loves", "hides",
-    "paints", "throws",
-];
+const VERBS_TRANSITIVE: &[&str] =
+    &["sees", "likes", "finds", "wants", "has", "takes", "holds", "drops", "loves", "hides", "paints", "throws"];
 /// Third person singular; the plural form is the same word without its final "s".
-const VERBS_INTRANSITIVE: &[&str] = &[
-    "runs", "jumps", "sleeps", "sings", "swims", "sits", "plays", "walks", "hops", "dances",
-];
-const ADVERBS: &[&str] = &[
-    "quickly",
-    "slowly",
-    "happily",
-    "quietly",
-    "again",
-    "all day",
-    "every morning",
-    "at night",
-];
+const VERBS_INTRANSITIVE: &[&str] =
+    &["runs", "jumps", "sleeps", "sings", "swims", "sits", "plays", "walks", "hops", "dances"];
+const ADVERBS: &[&str] = &["quickly", "slowly", "happily", "quietly", "again", "all day", "every morning", "at night"];
 const PLACES: &[&str] = &[
     "in the garden",
     "on the hill",
@@ -203,10 +191,7 @@ impl Writer {
 /// pure-ASCII text, deterministic in `seed`.
 pub(crate) fn generate(seed: u64, target_bytes: usize) -> Vec<u8> {
     let mut rng = DetRng::for_stream(seed, 0x7E57, 0);
-    let mut w = Writer {
-        out: Vec::with_capacity(target_bytes + 1024),
-        line_start: true,
-    };
+    let mut w = Writer { out: Vec::with_capacity(target_bytes + 1024), line_start: true };
     while w.out.len() < target_bytes {
         match rng.below(10) {
             0..=4 => story(&mut rng, &mut w),
@@ -252,21 +237,9 @@ fn story(rng: &mut DetRng, w: &mut Writer) {
     for _ in 0..3 + rng.below(5) {
         let &(thing, things) = rng.pick(THINGS);
         let s = match rng.below(10) {
-            0 => format!(
-                "the {animal} {} {}.",
-                rng.pick(VERBS_INTRANSITIVE),
-                rng.pick(PLACES)
-            ),
-            1 => format!(
-                "the {animal} {} {}.",
-                rng.pick(VERBS_INTRANSITIVE),
-                rng.pick(ADVERBS)
-            ),
-            2 => format!(
-                "{pron} {} the {}{thing}.",
-                rng.pick(VERBS_TRANSITIVE),
-                opt_adj(rng)
-            ),
+            0 => format!("the {animal} {} {}.", rng.pick(VERBS_INTRANSITIVE), rng.pick(PLACES)),
+            1 => format!("the {animal} {} {}.", rng.pick(VERBS_INTRANSITIVE), rng.pick(ADVERBS)),
+            2 => format!("{pron} {} the {}{thing}.", rng.pick(VERBS_TRANSITIVE), opt_adj(rng)),
             3 => format!(
                 "{hero} and the {animal} {} {}.",
                 plural_verb(rng.pick::<&str>(VERBS_INTRANSITIVE)),
@@ -305,9 +278,7 @@ fn story(rng: &mut DetRng, w: &mut Writer) {
         w.sentence(&s);
     }
     if rng.chance(0.3) {
-        w.sentence(&format!(
-            "at night {hero} and the {animals} sleep. the end."
-        ));
+        w.sentence(&format!("at night {hero} and the {animals} sleep. the end."));
     }
 }
 
@@ -337,12 +308,7 @@ fn arithmetic(rng: &mut DetRng, w: &mut Writer) {
                 if rng.chance(0.5) {
                     format!("{} times {} is {}.", NUMBERS[a], NUMBERS[b], NUMBERS[a * b])
                 } else {
-                    format!(
-                        "what is {} times {}? it is {}.",
-                        NUMBERS[a],
-                        NUMBERS[b],
-                        NUMBERS[a * b]
-                    )
+                    format!("what is {} times {}? it is {}.", NUMBERS[a], NUMBERS[b], NUMBERS[a * b])
                 }
             }
             _ => {

@@ -27,7 +27,8 @@ pub const CIFAR_RECORD: usize = 1 + 3 * 32 * 32;
 /// f32 pixels; larger sizes are a typo, not a dataset).
 pub const MAX_IMAGE_SIZE: usize = 4096;
 /// CIFAR-10's class names, in label order.
-pub const CIFAR10_CLASSES: [&str; 10] = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
+pub const CIFAR10_CLASSES: [&str; 10] =
+    ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
 
 fn format_err(path: &Path, problem: impl Into<String>) -> DataError {
     DataError::Format { path: path.to_path_buf(), problem: problem.into() }
@@ -58,7 +59,10 @@ fn class_folders(dir: &Path) -> Result<Vec<(String, Vec<PathBuf>)>, DataError> {
         classes.push((name, files));
     }
     if classes.is_empty() {
-        return Err(format_err(dir, "has no class folders: expected one sub-folder of PNG/JPEG images per class (DIR/<class>/*.png)"));
+        return Err(format_err(
+            dir,
+            "has no class folders: expected one sub-folder of PNG/JPEG images per class (DIR/<class>/*.png)",
+        ));
     }
     if let Some((name, _)) = classes.iter().find(|(_, files)| files.is_empty()) {
         return Err(format_err(dir, format!("class folder `{name}` has no PNG or JPEG images")));
@@ -100,9 +104,7 @@ impl ImageDataset {
             return Err(DataError::Missing { path: dir.to_path_buf() });
         }
         if size == 0 || size > MAX_IMAGE_SIZE {
-            return Err(DataError::InvalidArgument(format!(
-                "image size {size} is outside 1..={MAX_IMAGE_SIZE}"
-            )));
+            return Err(DataError::InvalidArgument(format!("image size {size} is outside 1..={MAX_IMAGE_SIZE}")));
         }
         let val_dir = ["val", "test"].iter().map(|v| dir.join(v)).find(|d| d.is_dir());
         let (train_files, val_files, names) = match (dir.join("train").is_dir(), val_dir) {
@@ -112,10 +114,17 @@ impl ImageDataset {
                 let names: Vec<String> = train.iter().map(|(n, _)| n.clone()).collect();
                 let val_names: Vec<String> = val.iter().map(|(n, _)| n.clone()).collect();
                 if names != val_names {
-                    return Err(format_err(dir, format!("train classes {names:?} differ from {} classes {val_names:?}", val_dir.display())));
+                    return Err(format_err(
+                        dir,
+                        format!("train classes {names:?} differ from {} classes {val_names:?}", val_dir.display()),
+                    ));
                 }
                 let label = |classes: Vec<(String, Vec<PathBuf>)>| -> Vec<(PathBuf, u32)> {
-                    classes.into_iter().enumerate().flat_map(|(k, (_, files))| files.into_iter().map(move |f| (f, k as u32))).collect()
+                    classes
+                        .into_iter()
+                        .enumerate()
+                        .flat_map(|(k, (_, files))| files.into_iter().map(move |f| (f, k as u32)))
+                        .collect()
                 };
                 (label(train), label(val), names)
             }
@@ -125,12 +134,19 @@ impl ImageDataset {
                 let (mut train, mut val) = (Vec::new(), Vec::new());
                 for (k, (name, files)) in classes.into_iter().enumerate() {
                     if files.len() < 2 {
-                        return Err(format_err(dir, format!("class folder `{name}` has 1 image; each class needs 2 (one is held out)")));
+                        return Err(format_err(
+                            dir,
+                            format!("class folder `{name}` has 1 image; each class needs 2 (one is held out)"),
+                        ));
                     }
                     let n_val = ((files.len() as f64 * 0.1).ceil() as usize).clamp(1, files.len() - 1);
                     let cut = files.len() - n_val;
                     for (i, f) in files.into_iter().enumerate() {
-                        if i < cut { train.push((f, k as u32)) } else { val.push((f, k as u32)) }
+                        if i < cut {
+                            train.push((f, k as u32))
+                        } else {
+                            val.push((f, k as u32))
+                        }
                     }
                 }
                 (train, val, names)
@@ -155,10 +171,14 @@ impl ImageDataset {
             return Err(DataError::Missing { path: path.to_path_buf() });
         }
         let (train, val) = if path.is_dir() {
-            let train_files: Vec<PathBuf> = (1..=5).map(|i| path.join(format!("data_batch_{i}.bin"))).filter(|f| f.is_file()).collect();
+            let train_files: Vec<PathBuf> =
+                (1..=5).map(|i| path.join(format!("data_batch_{i}.bin"))).filter(|f| f.is_file()).collect();
             let test = path.join("test_batch.bin");
             if train_files.is_empty() || !test.is_file() {
-                return Err(format_err(path, "is not a CIFAR-10 directory: expected data_batch_1.bin .. data_batch_5.bin and test_batch.bin"));
+                return Err(format_err(
+                    path,
+                    "is not a CIFAR-10 directory: expected data_batch_1.bin .. data_batch_5.bin and test_batch.bin",
+                ));
             }
             let parts = train_files.par_iter().map(|f| read_cifar(f)).collect::<Result<Vec<_>, _>>()?;
             let train = Images {
@@ -176,7 +196,12 @@ impl ImageDataset {
             let val = Images { pixels: all.pixels.split_off(cut * 3072), labels: all.labels.split_off(cut) };
             (all, val)
         };
-        let source = format!("CIFAR-10 {} ({} train + {} validation, 3x32x32, 10 classes)", path.display(), train.labels.len(), val.labels.len());
+        let source = format!(
+            "CIFAR-10 {} ({} train + {} validation, 3x32x32, 10 classes)",
+            path.display(),
+            train.labels.len(),
+            val.labels.len()
+        );
         let names = CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect();
         Ok(Self::normalised(train, val, (3, 32, 32), names, source))
     }
@@ -283,7 +308,9 @@ mod tests {
 
     /// `n` CIFAR records: label `i % 10`, pixel j of record i = (i + j) % 256.
     fn cifar_bytes(n: usize) -> Vec<u8> {
-        (0..n).flat_map(|i| std::iter::once((i % 10) as u8).chain((0..3072).map(move |j| ((i + j) % 256) as u8))).collect()
+        (0..n)
+            .flat_map(|i| std::iter::once((i % 10) as u8).chain((0..3072).map(move |j| ((i + j) % 256) as u8)))
+            .collect()
     }
 
     #[test]
@@ -347,13 +374,18 @@ mod tests {
         };
         let mut moves = std::collections::HashSet::new();
         for (out, src) in x.iter().zip(&x0) {
-            let found = (0..9).flat_map(|dy| (0..9).flat_map(move |dx| [(dy, dx, false), (dy, dx, true)])).find(|&(dy, dx, f)| shifted(src, dy, dx, f) == *out);
+            let found = (0..9)
+                .flat_map(|dy| (0..9).flat_map(move |dx| [(dy, dx, false), (dy, dx, true)]))
+                .find(|&(dy, dx, f)| shifted(src, dy, dx, f) == *out);
             moves.insert(found.expect("an augmented image is a crop (and maybe a flip) of its source"));
         }
         assert!(moves.len() > 4 && moves.iter().any(|m| m.2) && moves.iter().any(|m| !m.2), "{moves:?}");
         let (v, _) = augmented.batch(Split::Validation, 3, 3, 0, &Device::Cpu).unwrap();
         let (v0, _) = plain.batch(Split::Validation, 3, 3, 0, &Device::Cpu).unwrap();
-        assert_eq!(v.flatten_all().unwrap().to_vec1::<f32>().unwrap(), v0.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            v0.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

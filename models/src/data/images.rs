@@ -74,12 +74,9 @@ impl ImageDataset {
     pub fn from_safetensors(path: impl AsRef<Path>) -> Result<Self, DataError> {
         let path = path.as_ref();
         let bytes = read_file(path)?;
-        let format_err = |problem: String| DataError::Format {
-            path: path.to_path_buf(),
-            problem,
-        };
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| format_err(format!("not a valid safetensors file ({e})")))?;
+        let format_err = |problem: String| DataError::Format { path: path.to_path_buf(), problem };
+        let st =
+            SafeTensors::deserialize(&bytes).map_err(|e| format_err(format!("not a valid safetensors file ({e})")))?;
         let (_, header) = SafeTensors::read_metadata(&bytes)
             .map_err(|e| format_err(format!("not a valid safetensors file ({e})")))?;
         let meta: HashMap<String, String> = header.metadata().clone().unwrap_or_default();
@@ -135,23 +132,11 @@ impl ImageDataset {
                         n_labels: vl.len(),
                     });
                 }
-                (
-                    Images {
-                        pixels: train_px,
-                        labels: train_labels,
-                    },
-                    Images {
-                        pixels: vpx,
-                        labels: vl,
-                    },
-                )
+                (Images { pixels: train_px, labels: train_labels }, Images { pixels: vpx, labels: vl })
             }
             (false, false) => {
                 if n < 2 {
-                    return Err(DataError::TooFewImages {
-                        data: path.display().to_string(),
-                        n,
-                    });
+                    return Err(DataError::TooFewImages { data: path.display().to_string(), n });
                 }
                 let n_val = ((n as f64 * 0.1).ceil() as usize).clamp(1, n - 1);
                 let cut = n - n_val;
@@ -160,20 +145,10 @@ impl ImageDataset {
                 let vpx = px.split_off(cut * per);
                 let mut labels = train_labels;
                 let vl = labels.split_off(cut);
-                (
-                    Images { pixels: px, labels },
-                    Images {
-                        pixels: vpx,
-                        labels: vl,
-                    },
-                )
+                (Images { pixels: px, labels }, Images { pixels: vpx, labels: vl })
             }
             (true, false) | (false, true) => {
-                let (have, lack) = if has_vi {
-                    ("val_images", "val_labels")
-                } else {
-                    ("val_labels", "val_images")
-                };
+                let (have, lack) = if has_vi { ("val_images", "val_labels") } else { ("val_labels", "val_images") };
                 return Err(DataError::MissingTensor {
                     path: path.to_path_buf(),
                     name: format!("{lack} (the file has {have}, which needs it)"),
@@ -188,22 +163,14 @@ impl ImageDataset {
             });
         }
 
-        let max_label = train
-            .labels
-            .iter()
-            .chain(&val.labels)
-            .copied()
-            .max()
-            .unwrap_or(0) as usize;
-        let meta_names: Option<Vec<String>> = meta
-            .get("class_names")
-            .and_then(|s| serde_json::from_str(s).ok());
+        let max_label = train.labels.iter().chain(&val.labels).copied().max().unwrap_or(0) as usize;
+        let meta_names: Option<Vec<String>> = meta.get("class_names").and_then(|s| serde_json::from_str(s).ok());
         let meta_classes = match meta.get("num_classes").or_else(|| meta.get("classes")) {
-            Some(s) => Some(s.trim().parse::<usize>().map_err(|_| {
-                format_err(format!(
-                    "metadata num_classes = {s:?} is not a whole number"
-                ))
-            })?),
+            Some(s) => Some(
+                s.trim()
+                    .parse::<usize>()
+                    .map_err(|_| format_err(format!("metadata num_classes = {s:?} is not a whole number")))?,
+            ),
             None => meta_names.as_ref().map(Vec::len),
         };
         let classes = meta_classes.unwrap_or(max_label + 1);
@@ -237,12 +204,7 @@ impl ImageDataset {
     /// The embedded shapes set: `n_train` + `n_val` images of 3 × `size` × `size`, 10 balanced
     /// classes (see [`SHAPE_CLASSES`]), deterministic in `seed`. Train and validation images
     /// are independent draws. `size` must be at least 8.
-    pub fn embedded_shapes(
-        n_train: usize,
-        n_val: usize,
-        size: usize,
-        seed: u64,
-    ) -> Result<Self, DataError> {
+    pub fn embedded_shapes(n_train: usize, n_val: usize, size: usize, seed: u64) -> Result<Self, DataError> {
         if size < MIN_SHAPE_SIZE {
             return Err(DataError::InvalidArgument(format!(
                 "embedded shapes need images of at least {MIN_SHAPE_SIZE}x{MIN_SHAPE_SIZE} \
@@ -260,12 +222,7 @@ impl ImageDataset {
 
     /// [`Self::embedded_shapes`] with the default 5000 + 1000 images of 32×32.
     pub fn embedded(seed: u64) -> Self {
-        Self::draw_shapes(
-            EMBEDDED_SHAPES_TRAIN,
-            EMBEDDED_SHAPES_VAL,
-            EMBEDDED_SHAPES_SIZE,
-            seed,
-        )
+        Self::draw_shapes(EMBEDDED_SHAPES_TRAIN, EMBEDDED_SHAPES_VAL, EMBEDDED_SHAPES_SIZE, seed)
     }
 
     /// The generator behind both constructors; arguments already validated.
@@ -278,14 +235,8 @@ impl ImageDataset {
         );
         let names = SHAPE_CLASSES.iter().map(|s| s.to_string()).collect();
         Self::normalised(
-            Images {
-                pixels: tp,
-                labels: tl,
-            },
-            Images {
-                pixels: vp,
-                labels: vl,
-            },
+            Images { pixels: tp, labels: tl },
+            Images { pixels: vp, labels: vl },
             (3, size, size),
             names,
             source,
@@ -419,13 +370,7 @@ impl ImageDataset {
                 model_channels: channels,
             });
         }
-        let max_label = self
-            .train
-            .labels
-            .iter()
-            .chain(&self.val.labels)
-            .copied()
-            .max();
+        let max_label = self.train.labels.iter().chain(&self.val.labels).copied().max();
         if let Some(max_label) = max_label {
             if max_label as usize >= num_classes {
                 return Err(DataError::LabelBeyondClasses {
@@ -451,9 +396,7 @@ impl ImageDataset {
         device: &Device,
     ) -> Result<(Tensor, Tensor), DataError> {
         if batch_size == 0 {
-            return Err(DataError::InvalidArgument(
-                "batch size must be at least 1".into(),
-            ));
+            return Err(DataError::InvalidArgument("batch size must be at least 1".into()));
         }
         let n = self.len(split);
         let mut rng = DetRng::for_stream(seed, split.stream_id(), index);
@@ -484,7 +427,12 @@ impl ImageDataset {
 
     /// Training images `picks`, each shifted by its crop offset `(dy, dx)` in the padded image
     /// (`pad` = no shift) and mirrored when asked; pixels shifted in from the padding are 0.
-    fn gather_augmented(&self, picks: &[usize], moves: &[(usize, usize, bool)], device: &Device) -> Result<(Tensor, Tensor), DataError> {
+    fn gather_augmented(
+        &self,
+        picks: &[usize],
+        moves: &[(usize, usize, bool)],
+        device: &Device,
+    ) -> Result<(Tensor, Tensor), DataError> {
         let (c, h, w, pad) = (self.channels, self.height, self.width, self.augment.pad);
         let per = c * h * w;
         let mut px = vec![0f32; picks.len() * per];
@@ -527,9 +475,7 @@ impl ImageDataset {
         device: &'a Device,
     ) -> Result<impl Iterator<Item = Result<(Tensor, Tensor), DataError>> + 'a, DataError> {
         if batch_size == 0 {
-            return Err(DataError::InvalidArgument(
-                "batch size must be at least 1".into(),
-            ));
+            return Err(DataError::InvalidArgument("batch size must be at least 1".into()));
         }
         let n = self.len(split);
         if n < batch_size {
@@ -544,12 +490,7 @@ impl ImageDataset {
         }))
     }
 
-    fn gather(
-        &self,
-        split: Split,
-        picks: &[usize],
-        device: &Device,
-    ) -> Result<(Tensor, Tensor), DataError> {
+    fn gather(&self, split: Split, picks: &[usize], device: &Device) -> Result<(Tensor, Tensor), DataError> {
         let data = self.split(split);
         let per = self.channels * self.height * self.width;
         let mut px = Vec::with_capacity(picks.len() * per);
@@ -569,11 +510,7 @@ impl ImageDataset {
 type RawImages = (Vec<f32>, (usize, usize, usize), usize);
 
 /// Reads a rank-4 image tensor as f32 (u8 scaled to [0, 1]).
-fn read_images(
-    path: &Path,
-    name: &str,
-    view: &safetensors::tensor::TensorView<'_>,
-) -> Result<RawImages, DataError> {
+fn read_images(path: &Path, name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<RawImages, DataError> {
     let shape = view.shape();
     if shape.len() != 4 {
         return Err(DataError::WrongRank {
@@ -595,22 +532,10 @@ fn read_images(
     let d = view.data();
     let px: Vec<f32> = match view.dtype() {
         Dtype::U8 => d.iter().map(|&b| b as f32 / 255.0).collect(),
-        Dtype::F32 => d
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F64 => d
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32)
-            .collect(),
-        Dtype::F16 => d
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => d
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
+        Dtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F64 => d.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32).collect(),
+        Dtype::F16 => d.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::BF16 => d.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         other => {
             return Err(DataError::UnsupportedDtype {
                 path: path.to_path_buf(),
@@ -630,11 +555,7 @@ fn read_images(
 }
 
 /// Reads a rank-1 integer label tensor; negative labels are an error.
-fn read_labels(
-    path: &Path,
-    name: &str,
-    view: &safetensors::tensor::TensorView<'_>,
-) -> Result<Vec<u32>, DataError> {
+fn read_labels(path: &Path, name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<u32>, DataError> {
     let shape = view.shape();
     if shape.len() != 1 {
         return Err(DataError::WrongRank {
@@ -648,30 +569,12 @@ fn read_labels(
     let wide: Vec<i128> = match view.dtype() {
         Dtype::U8 => d.iter().map(|&b| b as i128).collect(),
         Dtype::I8 => d.iter().map(|&b| b as i8 as i128).collect(),
-        Dtype::U16 => d
-            .chunks_exact(2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]) as i128)
-            .collect(),
-        Dtype::I16 => d
-            .chunks_exact(2)
-            .map(|b| i16::from_le_bytes([b[0], b[1]]) as i128)
-            .collect(),
-        Dtype::U32 => d
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i128)
-            .collect(),
-        Dtype::I32 => d
-            .chunks_exact(4)
-            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i128)
-            .collect(),
-        Dtype::U64 => d
-            .chunks_exact(8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as i128)
-            .collect(),
-        Dtype::I64 => d
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as i128)
-            .collect(),
+        Dtype::U16 => d.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as i128).collect(),
+        Dtype::I16 => d.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]]) as i128).collect(),
+        Dtype::U32 => d.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i128).collect(),
+        Dtype::I32 => d.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i128).collect(),
+        Dtype::U64 => d.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as i128).collect(),
+        Dtype::I64 => d.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as i128).collect(),
         other => {
             return Err(DataError::UnsupportedDtype {
                 path: path.to_path_buf(),

@@ -77,12 +77,7 @@ fn draw(rng: &mut DetRng, class: usize, size: usize, img: &mut [f32]) {
     let specks: Vec<(f32, f32, f32, [f32; 3])> = (0..rng.below(3))
         .map(|_| {
             let (x, y) = (rng.range(0.0, s), rng.range(0.0, s));
-            (
-                x,
-                y,
-                rng.range(0.5, 1.0),
-                [rng.unit(), rng.unit(), rng.unit()],
-            )
+            (x, y, rng.range(0.5, 1.0), [rng.unit(), rng.unit(), rng.unit()])
         })
         .collect();
 
@@ -92,9 +87,7 @@ fn draw(rng: &mut DetRng, class: usize, size: usize, img: &mut [f32]) {
             let (ux, uy) = (px - cx, py - cy);
             let (dx, dy) = (cos * ux + sin * uy, -sin * ux + cos * uy);
             let on = inside(class, dx, dy, r, t, diag_sign);
-            let speck = specks
-                .iter()
-                .find(|(sx, sy, sr, _)| (px - sx).abs() <= *sr && (py - sy).abs() <= *sr);
+            let speck = specks.iter().find(|(sx, sy, sr, _)| (px - sx).abs() <= *sr && (py - sy).abs() <= *sr);
             // Lighting gradient across the image, centred so the mean stays the colour.
             let light = gx * (x as f32 / s - 0.5) + gy * (y as f32 / s - 0.5);
             for ch in 0..3 {

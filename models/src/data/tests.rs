@@ -52,12 +52,8 @@ fn text_file_round_trips_bytes() {
     let ds = TokenDataset::from_text_file(&f.0).unwrap();
     assert_eq!(ds.vocab(), 256);
     assert_eq!(ds.len(), text.len());
-    let all: Vec<u8> = ds
-        .split_tokens(Split::Train)
-        .iter()
-        .chain(ds.split_tokens(Split::Validation))
-        .map(|&t| t as u8)
-        .collect();
+    let all: Vec<u8> =
+        ds.split_tokens(Split::Train).iter().chain(ds.split_tokens(Split::Validation)).map(|&t| t as u8).collect();
     assert_eq!(all, text);
     // Last 10% (rounded up) is validation.
     assert_eq!(ds.val_len(), text.len().div_ceil(10));
@@ -66,10 +62,7 @@ fn text_file_round_trips_bytes() {
     assert_eq!(ds.max_id(), 255);
     // from_path treats a non-.bin extension as text.
     let again = TokenDataset::from_path(&f.0).unwrap();
-    assert_eq!(
-        again.split_tokens(Split::Train),
-        ds.split_tokens(Split::Train)
-    );
+    assert_eq!(again.split_tokens(Split::Train), ds.split_tokens(Split::Train));
 }
 
 #[test]
@@ -77,11 +70,7 @@ fn bin_file_parses_little_endian_u16() {
     let ids = [0u16, 1, 256, 513, 50256, 7, 42, 1000, 2, 3];
     let f = TempFile::with_bytes("bin", &bin_bytes(&ids));
     let ds = TokenDataset::from_bin_file(&f.0).unwrap();
-    let all: Vec<u16> = [
-        ds.split_tokens(Split::Train),
-        ds.split_tokens(Split::Validation),
-    ]
-    .concat();
+    let all: Vec<u16> = [ds.split_tokens(Split::Train), ds.split_tokens(Split::Validation)].concat();
     assert_eq!(all, ids);
     assert_eq!(ds.vocab(), GPT2_VOCAB);
     assert_eq!(ds.max_id(), 50256);
@@ -103,11 +92,7 @@ fn targets_are_inputs_shifted_by_one() {
     assert_eq!(x.dims(), &[4, 16]);
     assert_eq!(y.dims(), &[4, 16]);
     assert_eq!(x.dtype(), candle_core::DType::U32);
-    let train: Vec<u32> = ds
-        .split_tokens(Split::Train)
-        .iter()
-        .map(|&t| t as u32)
-        .collect();
+    let train: Vec<u32> = ds.split_tokens(Split::Train).iter().map(|&t| t as u32).collect();
     for (xr, yr) in rows(&x).iter().zip(rows(&y)) {
         assert_eq!(&xr[1..], &yr[..15]);
         // The row plus its last target is a contiguous window of the training tokens.
@@ -129,10 +114,7 @@ fn token_batches_are_deterministic_in_seed_split_index() {
     assert_ne!(get(Split::Train, 10, 1).0, get(Split::Train, 11, 1).0);
     assert_ne!(get(Split::Train, 10, 1).0, get(Split::Train, 10, 2).0);
     assert_eq!(get(Split::Validation, 3, 1), get(Split::Validation, 3, 1));
-    assert_ne!(
-        get(Split::Validation, 3, 1).0,
-        get(Split::Validation, 4, 1).0
-    );
+    assert_ne!(get(Split::Validation, 3, 1).0, get(Split::Validation, 4, 1).0);
     // A freshly built dataset from the same seed gives the same batches (resume after restart).
     let ds2 = TokenDataset::embedded_with_len(0, 50_000);
     let (x2, _) = ds2.batch(Split::Train, 10, 8, 32, 1, &dev).unwrap();
@@ -168,10 +150,7 @@ fn token_eval_batches_are_fixed_and_cover_the_split() {
     let ds = TokenDataset::from_tokens("positions", tokens, 1000).unwrap();
     let dev = Device::Cpu;
     let collect = || -> Vec<Vec<Vec<u32>>> {
-        ds.eval_batches(Split::Validation, 3, 2, 10, &dev)
-            .unwrap()
-            .map(|b| rows(&b.unwrap().0))
-            .collect()
+        ds.eval_batches(Split::Validation, 3, 2, 10, &dev).unwrap().map(|b| rows(&b.unwrap().0)).collect()
     };
     let a = collect();
     assert_eq!(a.len(), 3);
@@ -194,10 +173,7 @@ fn fit_context_grows_a_short_validation_split() {
     assert_eq!(ds.split_tokens(Split::Validation)[0], 83); // still the tail
     ds.check_context(16).unwrap();
     // Impossible: 100 tokens cannot hold two windows of 61.
-    assert!(matches!(
-        ds.fit_context(60),
-        Err(DataError::TooShort { .. })
-    ));
+    assert!(matches!(ds.fit_context(60), Err(DataError::TooShort { .. })));
 }
 
 #[test]
@@ -212,10 +188,7 @@ fn token_errors_name_the_file_and_problem() {
     assert!(matches!(e, DataError::Empty { .. }), "{e}");
     assert!(e.to_string().contains("empty"));
     let empty_bin = TempFile::with_bytes("bin", b"");
-    assert!(matches!(
-        TokenDataset::from_path(&empty_bin.0),
-        Err(DataError::Empty { .. })
-    ));
+    assert!(matches!(TokenDataset::from_path(&empty_bin.0), Err(DataError::Empty { .. })));
 
     let odd = TempFile::with_bytes("bin", &[1, 0, 2]);
     let e = TokenDataset::from_bin_file(&odd.0).unwrap_err();
@@ -226,21 +199,8 @@ fn token_errors_name_the_file_and_problem() {
     let ds = TokenDataset::from_text_file(&short.0).unwrap();
     let e = ds.check_context(8).unwrap_err();
     let msg = e.to_string();
-    assert!(
-        matches!(
-            e,
-            DataError::TooShort {
-                len: 2,
-                need: 9,
-                ..
-            }
-        ),
-        "{msg}"
-    );
-    assert!(
-        msg.contains(&short.0.display().to_string()) && msg.contains("2 tokens"),
-        "{msg}"
-    );
+    assert!(matches!(e, DataError::TooShort { len: 2, need: 9, .. }), "{msg}");
+    assert!(msg.contains(&short.0.display().to_string()) && msg.contains("2 tokens"), "{msg}");
     assert!(ds.batch(Split::Train, 0, 1, 32, 0, &Device::Cpu).is_err());
     assert!(ds.batch(Split::Train, 0, 0, 4, 0, &Device::Cpu).is_err());
     ds.batch(Split::Train, 0, 2, 4, 0, &Device::Cpu).unwrap();
@@ -249,14 +209,7 @@ fn token_errors_name_the_file_and_problem() {
     let ds = TokenDataset::from_bin_file(&big.0).unwrap();
     let e = ds.check_vocab(50000).unwrap_err();
     let msg = e.to_string();
-    assert!(matches!(
-        e,
-        DataError::TokenBeyondVocab {
-            max_id: 50256,
-            vocab: 50000,
-            ..
-        }
-    ));
+    assert!(matches!(e, DataError::TokenBeyondVocab { max_id: 50256, vocab: 50000, .. }));
     assert!(msg.contains("50256") && msg.contains("50000"), "{msg}");
     ds.check_vocab(50257).unwrap();
     assert!(TokenDataset::from_tokens("mem", vec![1, 300], 256).is_err());
@@ -271,52 +224,26 @@ fn embedded_text_sample_is_english_like() {
     let start = std::time::Instant::now();
     let ds = TokenDataset::embedded(0);
     let elapsed = start.elapsed();
-    assert!(
-        (EMBEDDED_TEXT_BYTES..EMBEDDED_TEXT_BYTES + 2000).contains(&ds.len()),
-        "{} bytes",
-        ds.len()
-    );
+    assert!((EMBEDDED_TEXT_BYTES..EMBEDDED_TEXT_BYTES + 2000).contains(&ds.len()), "{} bytes", ds.len());
     // Generous bound: tests build at opt-level 1; release generation is far faster.
     assert!(elapsed.as_secs_f64() < 3.0, "generation took {elapsed:?}");
     assert_eq!(ds.vocab(), 256);
-    let text: Vec<u8> = [
-        ds.split_tokens(Split::Train),
-        ds.split_tokens(Split::Validation),
-    ]
-    .concat()
-    .into_iter()
-    .map(|t| t as u8)
-    .collect();
-    assert!(text
-        .iter()
-        .all(|b| b.is_ascii() && (b.is_ascii_graphic() || b" \n".contains(b))));
+    let text: Vec<u8> = [ds.split_tokens(Split::Train), ds.split_tokens(Split::Validation)]
+        .concat()
+        .into_iter()
+        .map(|t| t as u8)
+        .collect();
+    assert!(text.iter().all(|b| b.is_ascii() && (b.is_ascii_graphic() || b" \n".contains(b))));
     let text = String::from_utf8(text).unwrap();
     println!("{}", &text[..600]);
-    assert_eq!(
-        text,
-        String::from_utf8(corpus::generate(0, EMBEDDED_TEXT_BYTES)).unwrap()
-    );
-    assert_ne!(
-        &text[..1000],
-        &String::from_utf8(corpus::generate(1, 1000)).unwrap()[..1000]
-    );
+    assert_eq!(text, String::from_utf8(corpus::generate(0, EMBEDDED_TEXT_BYTES)).unwrap());
+    assert_ne!(&text[..1000], &String::from_utf8(corpus::generate(1, 1000)).unwrap()[..1000]);
 
-    for needle in [
-        " plus ",
-        " minus ",
-        " times ",
-        " says ",
-        "\"Where is the ",
-        "The sky is blue.",
-    ] {
+    for needle in [" plus ", " minus ", " times ", " says ", "\"Where is the ", "The sky is blue."] {
         assert!(text.contains(needle), "corpus lacks {needle:?}");
     }
     // Every "a plus b is c." is correct arithmetic.
-    let num = |w: &str| {
-        corpus::NUMBERS
-            .iter()
-            .position(|n| n.eq_ignore_ascii_case(w))
-    };
+    let num = |w: &str| corpus::NUMBERS.iter().position(|n| n.eq_ignore_ascii_case(w));
     let mut checked = 0;
     for sentence in text.split(['.', '?', '\n']) {
         let words: Vec<&str> = sentence.split_whitespace().collect();
@@ -357,10 +284,7 @@ fn embedded_text_is_predictable_from_short_context() {
         nll -= ((hits + 0.01) / (total + 1.28)).ln();
     }
     let per_byte = nll / (val.len() - 3) as f64;
-    assert!(
-        per_byte < 1.6,
-        "4-gram validation loss {per_byte:.3} nats/byte"
-    );
+    assert!(per_byte < 1.6, "4-gram validation loss {per_byte:.3} nats/byte");
     println!("4-gram validation loss: {per_byte:.3} nats/byte");
 }
 
@@ -377,10 +301,8 @@ fn write_safetensors(
     meta: Option<HashMap<String, String>>,
 ) -> ImageFile {
     let file = TempFile::new("safetensors");
-    let views: Vec<(&str, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, d, s, b)| (*n, TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
+    let views: Vec<(&str, TensorView<'_>)> =
+        tensors.iter().map(|(n, d, s, b)| (*n, TensorView::new(*d, s.clone(), b).unwrap())).collect();
     safetensors::serialize_to_file(views, meta, &file.0).unwrap();
     ImageFile { file }
 }
@@ -400,10 +322,7 @@ fn safetensors_u8_images_load_normalised_with_tail_validation() {
     let px: Vec<u8> = (0..n).flat_map(|i| [i as u8 * 10; 4]).collect();
     let labels: Vec<i64> = (0..n as i64).map(|i| i % 4).collect();
     let f = write_safetensors(
-        &[
-            ("images", Dtype::U8, vec![n, 1, 2, 2], px),
-            ("labels", Dtype::I64, vec![n], i64_bytes(&labels)),
-        ],
+        &[("images", Dtype::U8, vec![n, 1, 2, 2], px), ("labels", Dtype::I64, vec![n], i64_bytes(&labels))],
         None,
     );
     let ds = ImageDataset::from_safetensors(&f.file.0).unwrap();
@@ -412,15 +331,10 @@ fn safetensors_u8_images_load_normalised_with_tail_validation() {
     assert_eq!(ds.num_classes(), 4);
     assert_eq!(ds.labels(Split::Validation), &[2, 3]); // images 18 and 19
                                                        // Train pixels are zero-mean, unit-variance after normalisation.
-    let train: Vec<f32> = (0..18)
-        .flat_map(|i| ds.image(Split::Train, i).unwrap().to_vec())
-        .collect();
+    let train: Vec<f32> = (0..18).flat_map(|i| ds.image(Split::Train, i).unwrap().to_vec()).collect();
     let mean = train.iter().sum::<f32>() / train.len() as f32;
     let var = train.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / train.len() as f32;
-    assert!(
-        mean.abs() < 1e-4 && (var - 1.0).abs() < 1e-3,
-        "mean {mean} var {var}"
-    );
+    assert!(mean.abs() < 1e-4 && (var - 1.0).abs() < 1e-3, "mean {mean} var {var}");
     // Order within the split is kept: image i is brighter than image i - 1.
     assert!(ds.image(Split::Train, 5).unwrap()[0] > ds.image(Split::Train, 4).unwrap()[0]);
     // Validation uses the same transform: image 19 = (190/255 - m) / s.
@@ -441,12 +355,7 @@ fn safetensors_explicit_validation_and_metadata() {
             ("images", Dtype::F32, vec![6, 3, 4, 4], img(6, 0.5)),
             ("labels", Dtype::U8, vec![6], vec![0, 1, 0, 1, 0, 1]),
             ("val_images", Dtype::F32, vec![2, 3, 4, 4], img(2, 0.25)),
-            (
-                "val_labels",
-                Dtype::I32,
-                vec![2],
-                [0i32, 1].iter().flat_map(|x| x.to_le_bytes()).collect(),
-            ),
+            ("val_labels", Dtype::I32, vec![2], [0i32, 1].iter().flat_map(|x| x.to_le_bytes()).collect()),
         ],
         Some(meta),
     );
@@ -459,17 +368,7 @@ fn safetensors_explicit_validation_and_metadata() {
     ds.check_model(3, 3).unwrap();
     ds.check_model(3, 2).unwrap(); // labels are only 0 and 1
     let e = ds.check_model(3, 1).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            DataError::LabelBeyondClasses {
-                max_label: 1,
-                classes: 1,
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, DataError::LabelBeyondClasses { max_label: 1, classes: 1, .. }), "{e}");
 }
 
 #[test]
@@ -478,10 +377,7 @@ fn safetensors_errors_are_specific() {
 
     // Missing file.
     let missing = std::env::temp_dir().join("brigade-data-test-nope.safetensors");
-    assert!(matches!(
-        ImageDataset::from_safetensors(&missing),
-        Err(DataError::Missing { .. })
-    ));
+    assert!(matches!(ImageDataset::from_safetensors(&missing), Err(DataError::Missing { .. })));
 
     // Not a safetensors file.
     let junk = TempFile::with_bytes("safetensors", b"definitely not safetensors");
@@ -489,23 +385,14 @@ fn safetensors_errors_are_specific() {
     assert!(matches!(e, DataError::Format { .. }), "{e}");
 
     // Missing `labels`.
-    let f = write_safetensors(
-        &[("images", Dtype::U8, vec![4, 1, 2, 2], vec![0; 16])],
-        None,
-    );
+    let f = write_safetensors(&[("images", Dtype::U8, vec![4, 1, 2, 2], vec![0; 16])], None);
     let e = ImageDataset::from_safetensors(&f.file.0).unwrap_err();
-    assert!(
-        matches!(&e, DataError::MissingTensor { name, .. } if name == "labels"),
-        "{e}"
-    );
+    assert!(matches!(&e, DataError::MissingTensor { name, .. } if name == "labels"), "{e}");
     assert!(e.to_string().contains(&path_of(&f)) && e.to_string().contains("images"));
 
     // Wrong rank of images.
     let f = write_safetensors(
-        &[
-            ("images", Dtype::U8, vec![4, 4], vec![0; 16]),
-            ("labels", Dtype::U8, vec![4], vec![0; 4]),
-        ],
+        &[("images", Dtype::U8, vec![4, 4], vec![0; 16]), ("labels", Dtype::U8, vec![4], vec![0; 4])],
         None,
     );
     let e = ImageDataset::from_safetensors(&f.file.0).unwrap_err();
@@ -514,32 +401,16 @@ fn safetensors_errors_are_specific() {
 
     // Image / label count mismatch.
     let f = write_safetensors(
-        &[
-            ("images", Dtype::U8, vec![4, 1, 2, 2], vec![0; 16]),
-            ("labels", Dtype::U8, vec![3], vec![0; 3]),
-        ],
+        &[("images", Dtype::U8, vec![4, 1, 2, 2], vec![0; 16]), ("labels", Dtype::U8, vec![3], vec![0; 3])],
         None,
     );
     let e = ImageDataset::from_safetensors(&f.file.0).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            DataError::CountMismatch {
-                n_images: 4,
-                n_labels: 3,
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, DataError::CountMismatch { n_images: 4, n_labels: 3, .. }), "{e}");
     assert!(e.to_string().contains("4 images") && e.to_string().contains("3 labels"));
 
     // Float labels.
     let f = write_safetensors(
-        &[
-            ("images", Dtype::U8, vec![2, 1, 2, 2], vec![0; 8]),
-            ("labels", Dtype::F32, vec![2], f32_bytes(&[0.0, 1.0])),
-        ],
+        &[("images", Dtype::U8, vec![2, 1, 2, 2], vec![0; 8]), ("labels", Dtype::F32, vec![2], f32_bytes(&[0.0, 1.0]))],
         None,
     );
     let e = ImageDataset::from_safetensors(&f.file.0).unwrap_err();
@@ -547,10 +418,7 @@ fn safetensors_errors_are_specific() {
 
     // Negative label.
     let f = write_safetensors(
-        &[
-            ("images", Dtype::U8, vec![2, 1, 2, 2], vec![0; 8]),
-            ("labels", Dtype::I64, vec![2], i64_bytes(&[0, -1])),
-        ],
+        &[("images", Dtype::U8, vec![2, 1, 2, 2], vec![0; 8]), ("labels", Dtype::I64, vec![2], i64_bytes(&[0, -1]))],
         None,
     );
     let e = ImageDataset::from_safetensors(&f.file.0).unwrap_err();
@@ -558,27 +426,11 @@ fn safetensors_errors_are_specific() {
 
     // Label beyond the classes the metadata declares.
     let f = write_safetensors(
-        &[
-            ("images", Dtype::U8, vec![3, 1, 2, 2], vec![0; 12]),
-            ("labels", Dtype::U8, vec![3], vec![0, 1, 5]),
-        ],
-        Some(HashMap::from([(
-            "num_classes".to_string(),
-            "3".to_string(),
-        )])),
+        &[("images", Dtype::U8, vec![3, 1, 2, 2], vec![0; 12]), ("labels", Dtype::U8, vec![3], vec![0, 1, 5])],
+        Some(HashMap::from([("num_classes".to_string(), "3".to_string())])),
     );
     let e = ImageDataset::from_safetensors(&f.file.0).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            DataError::LabelBeyondClasses {
-                max_label: 5,
-                classes: 3,
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, DataError::LabelBeyondClasses { max_label: 5, classes: 3, .. }), "{e}");
 
     // Absurd class counts, from the metadata or from a label, are refused before any
     // allocation sized by them.
@@ -621,16 +473,10 @@ fn safetensors_errors_are_specific() {
 
     // A single image cannot be split.
     let f = write_safetensors(
-        &[
-            ("images", Dtype::U8, vec![1, 1, 2, 2], vec![0; 4]),
-            ("labels", Dtype::U8, vec![1], vec![0]),
-        ],
+        &[("images", Dtype::U8, vec![1, 1, 2, 2], vec![0; 4]), ("labels", Dtype::U8, vec![1], vec![0])],
         None,
     );
-    assert!(matches!(
-        ImageDataset::from_safetensors(&f.file.0),
-        Err(DataError::TooFewImages { n: 1, .. })
-    ));
+    assert!(matches!(ImageDataset::from_safetensors(&f.file.0), Err(DataError::TooFewImages { n: 1, .. })));
 }
 
 #[test]
@@ -638,27 +484,10 @@ fn check_model_rejects_channel_and_class_mismatch() {
     let ds = ImageDataset::embedded_shapes(20, 10, 16, 0).unwrap();
     ds.check_model(3, 10).unwrap();
     let e = ds.check_model(1, 10).unwrap_err();
-    assert!(matches!(
-        e,
-        DataError::ChannelMismatch {
-            data_channels: 3,
-            model_channels: 1,
-            ..
-        }
-    ));
+    assert!(matches!(e, DataError::ChannelMismatch { data_channels: 3, model_channels: 1, .. }));
     assert!(e.to_string().contains("3 channels") && e.to_string().contains("expects 1"));
     let e = ds.check_model(3, 5).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            DataError::LabelBeyondClasses {
-                max_label: 9,
-                classes: 5,
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, DataError::LabelBeyondClasses { max_label: 9, classes: 5, .. }), "{e}");
     assert!(e.to_string().contains("label 9"));
 }
 
@@ -673,10 +502,7 @@ fn image_batches_are_deterministic_and_shaped() {
         let (x, y) = ds.batch(split, index, 8, seed, &dev).unwrap();
         assert_eq!(x.dims(), &[8, 3, 16, 16]);
         assert_eq!(y.dims(), &[8]);
-        (
-            x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            y.to_vec1::<u32>().unwrap(),
-        )
+        (x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), y.to_vec1::<u32>().unwrap())
     };
     assert_eq!(get(Split::Train, 3, 1), get(Split::Train, 3, 1));
     assert_ne!(get(Split::Train, 3, 1), get(Split::Train, 4, 1));
@@ -694,10 +520,7 @@ fn image_batches_are_deterministic_and_shaped() {
     // Same seed gives the same images after regenerating (resume).
     let ds2 = ImageDataset::embedded_shapes(200, 50, 16, 4).unwrap();
     let (x2, _) = ds2.batch(Split::Train, 3, 8, 1, &dev).unwrap();
-    assert_eq!(
-        x2.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        get(Split::Train, 3, 1).0
-    );
+    assert_eq!(x2.flatten_all().unwrap().to_vec1::<f32>().unwrap(), get(Split::Train, 3, 1).0);
     assert!(ds.batch(Split::Train, 0, 0, 1, &dev).is_err());
 }
 
@@ -705,26 +528,13 @@ fn image_batches_are_deterministic_and_shaped() {
 fn image_eval_batches_walk_the_split_in_order() {
     let ds = ImageDataset::embedded_shapes(30, 23, 8, 0).unwrap();
     let dev = Device::Cpu;
-    let batches: Vec<(Tensor, Tensor)> = ds
-        .eval_batches(Split::Validation, 5, &dev)
-        .unwrap()
-        .map(|b| b.unwrap())
-        .collect();
+    let batches: Vec<(Tensor, Tensor)> =
+        ds.eval_batches(Split::Validation, 5, &dev).unwrap().map(|b| b.unwrap()).collect();
     assert_eq!(batches.len(), 4); // 23 / 5: the last 3 images are dropped
     assert_eq!(ds.eval_batch_count(Split::Validation, 5), 4);
-    let labels: Vec<u32> = batches
-        .iter()
-        .flat_map(|(_, y)| y.to_vec1::<u32>().unwrap())
-        .collect();
+    let labels: Vec<u32> = batches.iter().flat_map(|(_, y)| y.to_vec1::<u32>().unwrap()).collect();
     assert_eq!(labels, &ds.labels(Split::Validation)[..20]);
-    let first = batches[0]
-        .0
-        .get(1)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let first = batches[0].0.get(1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(first, ds.image(Split::Validation, 1).unwrap());
     assert!(ds.eval_batches(Split::Validation, 24, &dev).is_err());
     assert!(ds.eval_batches(Split::Validation, 0, &dev).is_err());
@@ -739,10 +549,7 @@ fn embedded_shapes_are_balanced_normalised_and_split_disjoint() {
     let ds = ImageDataset::embedded(0);
     let elapsed = start.elapsed();
     assert!(elapsed.as_secs_f64() < 5.0, "generation took {elapsed:?}");
-    assert_eq!(
-        (ds.train_len(), ds.val_len()),
-        (EMBEDDED_SHAPES_TRAIN, EMBEDDED_SHAPES_VAL)
-    );
+    assert_eq!((ds.train_len(), ds.val_len()), (EMBEDDED_SHAPES_TRAIN, EMBEDDED_SHAPES_VAL));
     assert_eq!(ds.image_shape(), (3, 32, 32));
     assert_eq!(ds.class_names().len(), 10);
     assert_eq!(ds.class_names()[7], "ring");
@@ -757,25 +564,14 @@ fn embedded_shapes_are_balanced_normalised_and_split_disjoint() {
                 .collect();
             let mean = vals.iter().sum::<f32>() / vals.len() as f32;
             let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / vals.len() as f32;
-            assert!(
-                mean.abs() < tol && (var - 1.0).abs() < 0.1,
-                "{split} ch{ch}: {mean} {var}"
-            );
+            assert!(mean.abs() < tol && (var - 1.0).abs() < 0.1, "{split} ch{ch}: {mean} {var}");
         }
     }
     // No validation image is a copy of a training image.
-    let key = |img: &[f32]| {
-        img.iter()
-            .take(64)
-            .map(|v| v.to_bits())
-            .collect::<Vec<u32>>()
-    };
-    let train: std::collections::HashSet<_> = (0..ds.train_len())
-        .map(|i| key(ds.image(Split::Train, i).unwrap()))
-        .collect();
-    assert!(
-        (0..ds.val_len()).all(|i| !train.contains(&key(ds.image(Split::Validation, i).unwrap())))
-    );
+    let key = |img: &[f32]| img.iter().take(64).map(|v| v.to_bits()).collect::<Vec<u32>>();
+    let train: std::collections::HashSet<_> =
+        (0..ds.train_len()).map(|i| key(ds.image(Split::Train, i).unwrap())).collect();
+    assert!((0..ds.val_len()).all(|i| !train.contains(&key(ds.image(Split::Validation, i).unwrap()))));
     // Another seed draws other images.
     let other = ImageDataset::embedded_shapes(10, 10, 32, 1).unwrap();
     assert_ne!(other.image(Split::Train, 0), ds.image(Split::Train, 0));
@@ -799,14 +595,8 @@ fn shape_features(img: &[f32], size: usize) -> [f32; 6] {
         }
     }
     bg.iter_mut().for_each(|b| *b /= nb);
-    let dist: Vec<f32> = (0..plane)
-        .map(|p| {
-            (0..3)
-                .map(|ch| (img[ch * plane + p] - bg[ch]).powi(2))
-                .sum::<f32>()
-                .sqrt()
-        })
-        .collect();
+    let dist: Vec<f32> =
+        (0..plane).map(|p| (0..3).map(|ch| (img[ch * plane + p] - bg[ch]).powi(2)).sum::<f32>().sqrt()).collect();
     let max = dist.iter().cloned().fold(0.0, f32::max);
     let mask: Vec<bool> = dist.iter().map(|&d| d > 0.5 * max).collect();
     let on = |x: usize, y: usize| mask[y * size + x];
@@ -892,9 +682,7 @@ fn embedded_shape_classes_differ_and_are_separable() {
     let size = 32;
     let ds = ImageDataset::embedded_shapes(1000, 500, size, 11).unwrap();
     let feats = |split| -> Vec<[f32; 6]> {
-        (0..ds.len(split))
-            .map(|i| shape_features(ds.image(split, i).unwrap(), size))
-            .collect()
+        (0..ds.len(split)).map(|i| shape_features(ds.image(split, i).unwrap(), size)).collect()
     };
     let (train_f, val_f) = (feats(Split::Train), feats(Split::Validation));
     let mut centroid = [[0f32; 6]; 10];
@@ -913,25 +701,14 @@ fn embedded_shape_classes_differ_and_are_separable() {
     // Every pair of classes differs in some mean statistic by a large margin.
     for a in 0..10 {
         for b in a + 1..10 {
-            let gap = (0..6)
-                .map(|k| (centroid[a][k] - centroid[b][k]).abs() / spread[k])
-                .fold(0.0, f32::max);
-            assert!(
-                gap > 0.5,
-                "classes {a} and {b} have near-identical statistics ({gap})"
-            );
+            let gap = (0..6).map(|k| (centroid[a][k] - centroid[b][k]).abs() / spread[k]).fold(0.0, f32::max);
+            assert!(gap > 0.5, "classes {a} and {b} have near-identical statistics ({gap})");
         }
     }
     let mut correct = 0;
     for (f, &l) in val_f.iter().zip(ds.labels(Split::Validation)) {
-        let dist = |c: &[f32; 6]| {
-            (0..6)
-                .map(|k| ((f[k] - c[k]) / spread[k]).powi(2))
-                .sum::<f32>()
-        };
-        let pred = (0..10)
-            .min_by(|&a, &b| dist(&centroid[a]).total_cmp(&dist(&centroid[b])))
-            .unwrap();
+        let dist = |c: &[f32; 6]| (0..6).map(|k| ((f[k] - c[k]) / spread[k]).powi(2)).sum::<f32>();
+        let pred = (0..10).min_by(|&a, &b| dist(&centroid[a]).total_cmp(&dist(&centroid[b]))).unwrap();
         correct += usize::from(pred as u32 == l);
     }
     let acc = correct as f32 / val_f.len() as f32;

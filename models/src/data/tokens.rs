@@ -36,11 +36,7 @@ impl TokenDataset {
         let bytes = read_file(path)?;
         let n = bytes.len();
         let tokens = bytes.into_iter().map(u16::from).collect();
-        Self::build(
-            tokens,
-            256,
-            format!("bytes of {} ({n} bytes)", path.display()),
-        )
+        Self::build(tokens, 256, format!("bytes of {} ({n} bytes)", path.display()))
     }
 
     /// A nanoGPT-style token file: little-endian `uint16` ids back to back. The vocabulary is
@@ -49,31 +45,19 @@ impl TokenDataset {
         let path = path.as_ref();
         let bytes = read_file(path)?;
         if bytes.len() % 2 != 0 {
-            return Err(DataError::OddLength {
-                path: path.to_path_buf(),
-                len: bytes.len(),
-            });
+            return Err(DataError::OddLength { path: path.to_path_buf(), len: bytes.len() });
         }
-        let tokens: Vec<u16> = bytes
-            .chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .collect();
+        let tokens: Vec<u16> = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
         let max = tokens.iter().copied().max().unwrap_or(0) as usize;
         let vocab = GPT2_VOCAB.max(max + 1);
         let n = tokens.len();
-        Self::build(
-            tokens,
-            vocab,
-            format!("uint16 tokens of {} ({n} tokens)", path.display()),
-        )
+        Self::build(tokens, vocab, format!("uint16 tokens of {} ({n} tokens)", path.display()))
     }
 
     /// `.bin` → [`Self::from_bin_file`], anything else → [`Self::from_text_file`].
     pub fn from_path(path: impl AsRef<Path>) -> Result<Self, DataError> {
         let path = path.as_ref();
-        let is_bin = path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("bin"));
+        let is_bin = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("bin"));
         if is_bin {
             Self::from_bin_file(path)
         } else {
@@ -106,11 +90,7 @@ impl TokenDataset {
     }
 
     /// Tokens from memory (e.g. already tokenised elsewhere). `description` is used in errors.
-    pub fn from_tokens(
-        description: impl Into<String>,
-        tokens: Vec<u16>,
-        vocab: usize,
-    ) -> Result<Self, DataError> {
+    pub fn from_tokens(description: impl Into<String>, tokens: Vec<u16>, vocab: usize) -> Result<Self, DataError> {
         let description = description.into();
         if tokens.is_empty() {
             return Err(DataError::NoData { data: description });
@@ -127,13 +107,7 @@ impl TokenDataset {
         }
         let max_id = tokens.iter().copied().max().unwrap_or(0);
         let split_at = default_split(tokens.len());
-        Ok(Self {
-            tokens,
-            split_at,
-            vocab,
-            max_id,
-            source,
-        })
+        Ok(Self { tokens, split_at, vocab, max_id, source })
     }
 
     /// Vocabulary size the data implies (256 for bytes; ≥ 50257 for `.bin`).
@@ -192,9 +166,7 @@ impl TokenDataset {
     /// shifted target).
     pub fn check_context(&self, context: usize) -> Result<(), DataError> {
         if context == 0 {
-            return Err(DataError::InvalidArgument(
-                "context length must be at least 1".into(),
-            ));
+            return Err(DataError::InvalidArgument("context length must be at least 1".into()));
         }
         for split in [Split::Train, Split::Validation] {
             let len = self.split_tokens(split).len();
@@ -241,9 +213,7 @@ impl TokenDataset {
         let tokens = self.checked_split(split, batch_size, context)?;
         let starts_available = (tokens.len() - context) as u64;
         let mut rng = DetRng::for_stream(seed, split.stream_id(), index);
-        let starts: Vec<usize> = (0..batch_size)
-            .map(|_| rng.below(starts_available) as usize)
-            .collect();
+        let starts: Vec<usize> = (0..batch_size).map(|_| rng.below(starts_available) as usize).collect();
         windows_to_tensors(tokens, &starts, context, device)
     }
 
@@ -273,21 +243,12 @@ impl TokenDataset {
         }))
     }
 
-    fn checked_split(
-        &self,
-        split: Split,
-        batch_size: usize,
-        context: usize,
-    ) -> Result<&[u16], DataError> {
+    fn checked_split(&self, split: Split, batch_size: usize, context: usize) -> Result<&[u16], DataError> {
         if batch_size == 0 {
-            return Err(DataError::InvalidArgument(
-                "batch size must be at least 1".into(),
-            ));
+            return Err(DataError::InvalidArgument("batch size must be at least 1".into()));
         }
         if context == 0 {
-            return Err(DataError::InvalidArgument(
-                "context length must be at least 1".into(),
-            ));
+            return Err(DataError::InvalidArgument("context length must be at least 1".into()));
         }
         let tokens = self.split_tokens(split);
         if tokens.len() < context + 1 {
