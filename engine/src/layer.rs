@@ -72,14 +72,17 @@ impl ParamSpec {
         let data: Vec<f32> = match self.init {
             Init::Zeros => vec![0.0; n],
             Init::Ones => vec![1.0; n],
-            Init::Normal { std } => sample_normal(seed, &self.name, n, std),
+            Init::Normal { std } => sample_normal(seed, &self.name, n, std)?,
             Init::KaimingNormalFanOut => {
                 // fan_out = out_channels * kernel area, for a conv weight (O, I, kh, kw).
                 let fan_out = self.shape[0] * self.shape.iter().skip(2).product::<usize>();
                 let std = (2.0 / fan_out.max(1) as f64).sqrt();
-                sample_normal(seed, &self.name, n, std)
+                sample_normal(seed, &self.name, n, std)?
             }
             Init::Uniform { bound } => {
+                if !(bound.is_finite() && bound >= 0.0) {
+                    candle_core::bail!("{}: uniform init bound must be finite and non-negative, got {bound}", self.name)
+                }
                 let mut rng = param_rng(seed, &self.name);
                 (0..n).map(|_| rng.random_range(-bound..=bound) as f32).collect()
             }
@@ -98,10 +101,15 @@ fn param_rng(seed: u64, name: &str) -> StdRng {
     StdRng::seed_from_u64(h ^ seed.wrapping_mul(0x9E3779B97F4A7C15))
 }
 
-fn sample_normal(seed: u64, name: &str, n: usize, std: f64) -> Vec<f32> {
+fn sample_normal(seed: u64, name: &str, n: usize, std: f64) -> Result<Vec<f32>> {
+    // `Init::Normal` is public: a NaN or negative std is the caller's input, not a bug here.
+    let bad = || candle_core::Error::Msg(format!("{name}: normal init needs a finite std >= 0, got {std}"));
+    if !(std.is_finite() && std >= 0.0) {
+        return Err(bad());
+    }
+    let normal = Normal::new(0.0, std).map_err(|_| bad())?;
     let mut rng = param_rng(seed, name);
-    let normal = Normal::new(0.0, std).expect("std is finite and non-negative");
-    (0..n).map(|_| normal.sample(&mut rng) as f32).collect()
+    Ok((0..n).map(|_| normal.sample(&mut rng) as f32).collect())
 }
 
 /// A stage's parameters: one `Var` per name, created on the stage's device.
@@ -511,4 +519,21 @@ pub fn unique_params(layers: &[Arc<dyn LayerSpec>]) -> Vec<ParamSpec> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_init_parameters_are_errors_not_panics() {
+        let dev = Device::Cpu;
+        for init in [Init::Normal { std: -1.0 }, Init::Normal { std: f64::NAN }, Init::Uniform { bound: f64::INFINITY }]
+        {
+            let e = ParamSpec::new("w", &[2, 2], init).initial_value(0, &dev).unwrap_err().to_string();
+            assert!(e.contains("w: ") && e.contains("init"), "{e}");
+        }
+        let w = ParamSpec::new("w", &[2, 2], Init::Normal { std: 0.02 }).initial_value(0, &dev).unwrap();
+        assert_eq!(w.dims(), &[2, 2]);
+    }
 }

@@ -198,11 +198,14 @@ impl Optimizer {
         let param = var.as_tensor();
         match self.config {
             OptimizerConfig::AdamW { beta1, beta2, eps, weight_decay } => {
-                let state = self.state.entry(name.to_string()).or_insert_with(|| ParamState::AdamW {
-                    exp_avg: param.zeros_like().expect("zeros_like of an existing tensor"),
-                    exp_avg_sq: param.zeros_like().expect("zeros_like of an existing tensor"),
-                    step: 0,
-                });
+                let state = match self.state.entry(name.to_string()) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(e) => e.insert(ParamState::AdamW {
+                        exp_avg: param.zeros_like()?,
+                        exp_avg_sq: param.zeros_like()?,
+                        step: 0,
+                    }),
+                };
                 let ParamState::AdamW { exp_avg, exp_avg_sq, step } = state else {
                     candle_core::bail!("optimizer state of {name} is not AdamW state");
                 };
