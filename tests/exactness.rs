@@ -218,11 +218,14 @@ fn check_against_reference(
     assert_close(&format!("{what} buffers"), &pipe.buffers().unwrap(), &reference.buffers());
 }
 
+/// A schedule generator for `(stages, micro-batches)`; `None` where it has no such schedule.
+type ScheduleFor = Box<dyn Fn(usize, usize) -> Option<Schedule>>;
+
 /// The virtual-stage and zero-bubble schedules: interleaved 1F1B (v = 2), ZB-H1, ZB-H2, ZB-V,
 /// and the cost-based generator (uneven F/I/W costs, 1F1B's memory) with one chunk per device
 /// and with two in a V.
-fn zero_bubble_variants() -> Vec<(String, Box<dyn Fn(usize, usize) -> Option<Schedule>>)> {
-    let mut out: Vec<(String, Box<dyn Fn(usize, usize) -> Option<Schedule>>)> = Vec::new();
+fn zero_bubble_variants() -> Vec<(String, ScheduleFor)> {
+    let mut out: Vec<(String, ScheduleFor)> = Vec::new();
     for kind in [ScheduleKind::Interleaved, ScheduleKind::ZbH1, ScheduleKind::ZbH2, ScheduleKind::ZbV] {
         // Interleaving needs m a multiple of p: build() refuses the others (tested elsewhere).
         out.push((kind.to_string(), Box::new(move |p, m| kind.build(p, m).ok())));

@@ -232,12 +232,9 @@ fn greedy(costs: &GreedyCosts, stages: usize, m: usize, options: GreedyOptions) 
     let on_device: Vec<Vec<usize>> = (0..stages).map(|d| (0..chunks).filter(|&c| place[c] == d).collect()).collect();
     // Memory a micro-batch reserves when it enters a device: all its chunks' stashes there.
     let reserve: Vec<f64> = on_device.iter().map(|cs| cs.iter().map(|&c| costs.stash[c]).sum()).collect();
-    for d in 0..stages {
-        if reserve[d] > costs.limit[d] + 1e-9 {
-            return Err(format!(
-                "device {d}'s memory limit ({}) is below one micro-batch's stash there ({})",
-                costs.limit[d], reserve[d]
-            ));
+    for (d, (&need, &limit)) in reserve.iter().zip(&costs.limit).enumerate() {
+        if need > limit + 1e-9 {
+            return Err(format!("device {d}'s memory limit ({limit}) is below one micro-batch's stash there ({need})"));
         }
     }
 
