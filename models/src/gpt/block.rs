@@ -1,0 +1,197 @@
+//! The transformer block (pre-LayerNorm): `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`, with
+//! its explicit backward.
+
+use brigade_engine::{Gradients, Layer, LayerSpec, Mode, ParamSpec, ParamStore, Pass, Saved};
+use candle_core::{bail, DType, Result, Tensor};
+
+use super::attention::{AttentionSaved, CausalSelfAttention};
+use super::config::INIT_STD;
+use super::GptConfig;
+use crate::blocks::{conv1d_specs, get_all, layer_norm_specs, Conv1D, LayerNorm, LayerNormGrads};
+
+// ---------------------------------------------------------------------------------------------
+// Transformer block.
+
+#[derive(Debug, Clone)]
+pub struct BlockSpec {
+    pub(super) cfg: GptConfig,
+    pub(super) index: usize,
+}
+
+impl LayerSpec for BlockSpec {
+    fn name(&self) -> String {
+        format!("transformer.h.{}", self.index)
+    }
+
+    fn params(&self) -> Vec<ParamSpec> {
+        let p = self.name();
+        let c = self.cfg.n_embd;
+        // Residual projections are scaled down by √(2·n_layer): two residual adds per block.
+        let proj_std = INIT_STD / (2.0 * self.cfg.n_layer as f64).sqrt();
+        let mut specs = Vec::with_capacity(12);
+        specs.extend(layer_norm_specs(&format!("{p}.ln_1"), c));
+        specs.extend(conv1d_specs(&format!("{p}.attn.c_attn"), c, 3 * c, INIT_STD));
+        specs.extend(conv1d_specs(&format!("{p}.attn.c_proj"), c, c, proj_std));
+        specs.extend(layer_norm_specs(&format!("{p}.ln_2"), c));
+        specs.extend(conv1d_specs(&format!("{p}.mlp.c_fc"), c, 4 * c, INIT_STD));
+        specs.extend(conv1d_specs(&format!("{p}.mlp.c_proj"), 4 * c, c, proj_std));
+        specs
+    }
+
+    fn build(&self, store: &mut ParamStore) -> Result<Box<dyn Layer>> {
+        let [ln1_w, ln1_b, attn_w, attn_b, aproj_w, aproj_b, ln2_w, ln2_b, fc_w, fc_b, mproj_w, mproj_b] =
+            get_all(store, &self.params())?;
+        let eps = self.cfg.layer_norm_epsilon;
+        Ok(Box::new(Block {
+            name: self.name(),
+            n_embd: self.cfg.n_embd,
+            n_positions: self.cfg.n_positions,
+            ln_1: LayerNorm { weight: ln1_w, bias: ln1_b, eps },
+            attn: CausalSelfAttention {
+                n_head: self.cfg.n_head,
+                c_attn: Conv1D { weight: attn_w, bias: attn_b },
+                c_proj: Conv1D { weight: aproj_w, bias: aproj_b },
+                cache: None,
+            },
+            ln_2: LayerNorm { weight: ln2_w, bias: ln2_b, eps },
+            mlp: Mlp { c_fc: Conv1D { weight: fc_w, bias: fc_b }, c_proj: Conv1D { weight: mproj_w, bias: mproj_b } },
+        }))
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Mlp {
+    pub(super) c_fc: Conv1D,   // C → 4C
+    pub(super) c_proj: Conv1D, // 4C → C
+}
+
+impl Mlp {
+    /// `residual + c_proj(gelu(c_fc(x)))`, the residual added by the last gemm call.
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let h = brigade_kernels::gelu_tanh(&self.c_fc.forward(x)?)?; // (B, T, 4C)
+        self.c_proj.forward_residual(&h, Some(residual)) // (B, T, C)
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Block {
+    pub(super) name: String,
+    pub(super) n_embd: usize,
+    pub(super) n_positions: usize,
+    pub(super) ln_1: LayerNorm,
+    pub(super) attn: CausalSelfAttention,
+    pub(super) ln_2: LayerNorm,
+    pub(super) mlp: Mlp,
+}
+
+/// A block's forward, kept for its backward.
+pub(super) struct BlockSaved {
+    pub(super) attn: AttentionSaved,
+    /// The residual stream after attention (ln_2's input).
+    pub(super) x2: Tensor,
+    /// ln_2's output (c_fc's input), c_fc's output (GELU's input), GELU's output.
+    pub(super) ln2_out: Tensor,
+    pub(super) fc_out: Tensor,
+    pub(super) gelu_out: Tensor,
+}
+
+/// What a block's weight step needs: each projection's input and output gradient, and the
+/// LayerNorms' gradients.
+pub(super) struct BlockWeightGrads {
+    pub(super) ln1_out: Tensor,
+    pub(super) dqkv: Tensor,
+    pub(super) merged: Tensor,
+    pub(super) dattn_out: Tensor,
+    pub(super) ln1: LayerNormGrads,
+    pub(super) ln2_out: Tensor,
+    pub(super) dfc_out: Tensor,
+    pub(super) gelu_out: Tensor,
+    pub(super) dmlp_out: Tensor,
+    pub(super) ln2: LayerNormGrads,
+}
+
+impl Layer for Block {
+    fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+        check_hidden(x, self.n_embd, self.n_positions, "GPT block")?;
+        let (x2, _) = self.attn.forward_saving(&self.ln_1.forward(x)?, Some(x))?; // (B, T, C)
+        self.mlp.forward_residual(&self.ln_2.forward(&x2)?, &x2)
+    }
+
+    fn forward_incremental(&mut self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        check_hidden(x, self.n_embd, self.n_positions, "GPT block")?;
+        if offset + x.dim(1)? > self.n_positions {
+            bail!("positions {offset}..{} exceed the model's context length {}", offset + x.dim(1)?, self.n_positions);
+        }
+        let x2 = self.attn.forward_incremental(&self.ln_1.forward(x)?, offset, x)?; // (B, T, C)
+        self.mlp.forward_residual(&self.ln_2.forward(&x2)?, &x2)
+    }
+
+    fn forward_train(&mut self, x: &Tensor, _pass: Pass) -> Result<(Tensor, Saved)> {
+        check_hidden(x, self.n_embd, self.n_positions, "GPT block")?;
+        let ln1_out = self.ln_1.forward(x)?;
+        // Residual connections are added by the output projections' gemm calls.
+        let (x2, mut attn) = self.attn.forward_saving(&ln1_out, Some(x))?;
+        attn.x = ln1_out; // the attention's input is ln_1's output; the block input is `x`
+        let ln2_out = self.ln_2.forward(&x2)?;
+        let fc_out = self.mlp.c_fc.forward(&ln2_out)?;
+        let gelu_out = brigade_kernels::gelu_tanh(&fc_out)?;
+        let y = self.mlp.c_proj.forward_residual(&gelu_out, Some(&x2))?;
+        let keep = [x, &attn.x, &attn.qkv, attn.saved.tensor(), &attn.merged, &x2, &ln2_out, &fc_out, &gelu_out];
+        let keep = keep.into_iter().cloned().collect();
+        let saved = Saved::with_handles((x.clone(), BlockSaved { attn, x2, ln2_out, fc_out, gelu_out }), keep);
+        Ok((y, saved))
+    }
+
+    fn backward_input(&mut self, saved: Saved, dy: &Tensor, _need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
+        let (x, s): (Tensor, BlockSaved) = saved.take(&self.name)?;
+        // MLP branch: y = x2 + c_proj(gelu(c_fc(ln_2(x2)))).
+        let dgelu_out = self.mlp.c_proj.backward_input(dy)?;
+        let dfc_out = brigade_kernels::gelu_tanh_backward(&s.fc_out, &dgelu_out)?;
+        let dln2_out = self.mlp.c_fc.backward_input(&dfc_out)?;
+        let (dx2_ln, ln2) = self.ln_2.backward_input(&s.x2, &dln2_out)?;
+        let dx2 = (dy + dx2_ln)?;
+        // Attention branch: x2 = x + attn(ln_1(x)).
+        let (dln1_out, dqkv) = self.attn.backward_input(&s.attn, &dx2)?;
+        let (dx_ln, ln1) = self.ln_1.backward_input(&x, &dln1_out)?;
+        let dx = (&dx2 + dx_ln)?;
+        let w = BlockWeightGrads {
+            ln1_out: s.attn.x,
+            dqkv,
+            merged: s.attn.merged,
+            dattn_out: dx2,
+            ln1,
+            ln2_out: s.ln2_out,
+            dfc_out,
+            gelu_out: s.gelu_out,
+            dmlp_out: dy.clone(),
+            ln2,
+        };
+        let keep = [&w.ln1_out, &w.dqkv, &w.merged, &w.dattn_out, &w.ln2_out, &w.dfc_out, &w.gelu_out, &w.dmlp_out];
+        let keep = keep.into_iter().cloned().collect();
+        let saved = Saved::with_handles(w, keep);
+        Ok((Some(dx), saved))
+    }
+
+    fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
+        let w: BlockWeightGrads = saved.take(&self.name)?;
+        self.ln_1.backward_weight(&w.ln1, grads)?;
+        self.attn.c_attn.backward_weight(&w.ln1_out, &w.dqkv, grads)?;
+        self.attn.c_proj.backward_weight(&w.merged, &w.dattn_out, grads)?;
+        self.ln_2.backward_weight(&w.ln2, grads)?;
+        self.mlp.c_fc.backward_weight(&w.ln2_out, &w.dfc_out, grads)?;
+        self.mlp.c_proj.backward_weight(&w.gelu_out, &w.dmlp_out, grads)
+    }
+}
+
+/// Hidden states between layers must be `(B, T, C)` floats (f32; bf16 or f16 under mixed
+/// precision) with `T <= context`.
+pub(super) fn check_hidden(x: &Tensor, n_embd: usize, n_positions: usize, what: &str) -> Result<()> {
+    match x.dims() {
+        &[_, t, c] if c == n_embd && t <= n_positions => {}
+        dims => bail!("{what} expects hidden states (B, T<={n_positions}, {n_embd}), got {dims:?}"),
+    }
+    if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        bail!("{what} expects f32 (or bf16/f16, mixed precision) hidden states, got {:?}", x.dtype());
+    }
+    Ok(())
+}
