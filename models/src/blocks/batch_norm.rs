@@ -10,6 +10,33 @@ use candle_core::{bail, DType, Result, Tensor};
 const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
 
+/// Which statistics a BatchNorm normalises with: the one place training and evaluation differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Statistics {
+    /// The micro-batch's own (training), folding them into the running statistics when
+    /// `update_running`.
+    Batch { update_running: bool },
+    /// The running statistics (evaluation); they stay as they are.
+    Running,
+}
+
+impl Statistics {
+    /// For [`Layer::forward`](brigade_engine::Layer::forward): every training call is a
+    /// micro-batch and counts in the running statistics.
+    pub(crate) fn of(mode: Mode) -> Self {
+        match mode {
+            Mode::Train => Self::Batch { update_running: true },
+            Mode::Eval => Self::Running,
+        }
+    }
+
+    /// For the explicit training path: a recomputation leaves the running statistics alone, so
+    /// activation recomputation never counts a micro-batch twice.
+    pub(crate) fn train(pass: Pass) -> Self {
+        Self::Batch { update_running: pass == Pass::First }
+    }
+}
+
 /// `BatchNorm2d` with PyTorch's semantics, per micro-batch (see the module docs).
 #[derive(Debug)]
 pub(crate) struct BatchNorm2d {
@@ -38,15 +65,18 @@ impl BatchNorm2d {
         self.running_mean.dims()[0]
     }
 
-    /// `(N, C, H, W)` → `(N, C, H, W)`.
-    pub(crate) fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    /// `(N, C, H, W)` → `(N, C, H, W)`, with the normalised input and the per-channel standard
+    /// deviation the backward needs. The one forward of every path: the autograd reference and
+    /// evaluation (through [`Statistics::of`]) and the explicit training path
+    /// ([`Statistics::train`]); only the statistics differ between training and evaluation.
+    pub(crate) fn forward(&mut self, x: &Tensor, statistics: Statistics) -> Result<(Tensor, Tensor, Tensor)> {
         let (n, c, h, w) = x.dims4()?;
         if c != self.channels() {
             bail!("{}: expected {} channels, got input {:?}", self.name, self.channels(), x.dims());
         }
         let per_channel = (1, c, 1, 1);
-        let normed = match mode {
-            Mode::Train => {
+        let (normed, std) = match statistics {
+            Statistics::Batch { update_running } => {
                 let count = n * h * w;
                 if count < 2 {
                     bail!(
@@ -56,58 +86,31 @@ impl BatchNorm2d {
                         x.dims()
                     );
                 }
+                // Composed from differentiable ops, so under autograd the gradient flows through
+                // the statistics as in PyTorch.
                 let mean = x.mean_keepdim((0, 2, 3))?; // (1, C, 1, 1)
                 let centered = x.broadcast_sub(&mean)?;
                 let var = centered.sqr()?.mean_keepdim((0, 2, 3))?; // biased, (1, C, 1, 1)
-                let normed = centered.broadcast_div(&(&var + BN_EPS)?.sqrt()?)?;
-                // Running statistics: detached, unbiased variance, PyTorch's momentum rule.
-                let m = BN_MOMENTUM;
-                let batch_mean = mean.detach().flatten_all()?;
-                let batch_var = (var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?;
-                self.running_mean = ((&self.running_mean * (1.0 - m))? + (batch_mean * m)?)?;
-                self.running_var = ((&self.running_var * (1.0 - m))? + (batch_var * m)?)?;
-                self.num_batches_tracked += 1;
-                normed
+                let std = (&var + BN_EPS)?.sqrt()?;
+                let normed = centered.broadcast_div(&std)?;
+                if update_running {
+                    // Running statistics: detached (buffers, outside any autograd graph),
+                    // unbiased variance, PyTorch's momentum rule.
+                    let m = BN_MOMENTUM;
+                    let batch_mean = mean.detach().flatten_all()?;
+                    let batch_var = (var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?;
+                    self.running_mean = ((&self.running_mean * (1.0 - m))? + (batch_mean * m)?)?;
+                    self.running_var = ((&self.running_var * (1.0 - m))? + (batch_var * m)?)?;
+                    self.num_batches_tracked += 1;
+                }
+                (normed, std)
             }
-            Mode::Eval => {
+            Statistics::Running => {
                 let mean = self.running_mean.reshape(per_channel)?;
                 let std = (self.running_var.reshape(per_channel)? + BN_EPS)?.sqrt()?;
-                x.broadcast_sub(&mean)?.broadcast_div(&std)?
+                (x.broadcast_sub(&mean)?.broadcast_div(&std)?, std)
             }
         };
-        normed.broadcast_mul(&self.weight.reshape(per_channel)?)?.broadcast_add(&self.bias.reshape(per_channel)?)
-    }
-
-    /// Training forward of the explicit path: normalises with the micro-batch's statistics
-    /// (updating the running ones on the first pass only) and returns the output with the
-    /// normalised input and the per-channel standard deviation the backward needs.
-    pub(crate) fn forward_train(&mut self, x: &Tensor, pass: Pass) -> Result<(Tensor, Tensor, Tensor)> {
-        let (n, c, h, w) = x.dims4()?;
-        if c != self.channels() {
-            bail!("{}: expected {} channels, got input {:?}", self.name, self.channels(), x.dims());
-        }
-        let count = n * h * w;
-        if count < 2 {
-            bail!(
-                "{}: training BatchNorm needs more than one value per channel, got input {:?} (use a larger \
-                 micro-batch or larger images)",
-                self.name,
-                x.dims()
-            );
-        }
-        let per_channel = (1, c, 1, 1);
-        let mean = x.mean_keepdim((0, 2, 3))?; // (1, C, 1, 1)
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim((0, 2, 3))?; // biased
-        let std = (&var + BN_EPS)?.sqrt()?;
-        let normed = centered.broadcast_div(&std)?;
-        if pass == Pass::First {
-            let m = BN_MOMENTUM;
-            let batch_var = (var.flatten_all()? * (count as f64 / (count - 1) as f64))?;
-            self.running_mean = ((&self.running_mean * (1.0 - m))? + (mean.flatten_all()? * m)?)?;
-            self.running_var = ((&self.running_var * (1.0 - m))? + (batch_var * m)?)?;
-            self.num_batches_tracked += 1;
-        }
         let y = normed
             .broadcast_mul(&self.weight.reshape(per_channel)?)?
             .broadcast_add(&self.bias.reshape(per_channel)?)?;
@@ -213,19 +216,19 @@ mod tests {
         // (N=1, C=2, 2, 2): channel 0 = 1,2,3,4 (mean 2.5, var 1.25, unbiased 5/3);
         // channel 1 = 0,0,0,4 (mean 1, var 3, unbiased 4).
         let x = Tensor::from_slice(&[1f32, 2., 3., 4., 0., 0., 0., 4.], (1, 2, 2, 2), &Device::Cpu).unwrap();
-        let y = bn.forward(&x, Mode::Train).unwrap();
+        let (y, _, _) = bn.forward(&x, Statistics::of(Mode::Train)).unwrap();
         let (s0, s1) = ((1.25f32 + 1e-5).sqrt(), (3f32 + 1e-5).sqrt());
         close(&vals(&y), &[-1.5 / s0, -0.5 / s0, 0.5 / s0, 1.5 / s0, -1. / s1, -1. / s1, -1. / s1, 3. / s1]);
         close(&vals(&bn.running_mean), &[0.25, 0.1]);
         close(&vals(&bn.running_var), &[0.9 + 0.1 * 5. / 3., 0.9 + 0.4]);
         assert_eq!(bn.num_batches_tracked, 1);
         // A second micro-batch updates again (once per micro-batch).
-        bn.forward(&x, Mode::Train).unwrap();
+        bn.forward(&x, Statistics::of(Mode::Train)).unwrap();
         close(&vals(&bn.running_mean), &[0.9 * 0.25 + 0.25, 0.9 * 0.1 + 0.1]);
         assert_eq!(bn.num_batches_tracked, 2);
         // Eval uses the running statistics and leaves them alone.
         let (rm, rv) = (vals(&bn.running_mean), vals(&bn.running_var));
-        let y = bn.forward(&x, Mode::Eval).unwrap();
+        let (y, _, _) = bn.forward(&x, Statistics::of(Mode::Eval)).unwrap();
         let e0 = |v: f32| (v - rm[0]) / (rv[0] + 1e-5).sqrt();
         let e1 = |v: f32| (v - rm[1]) / (rv[1] + 1e-5).sqrt();
         close(&vals(&y), &[e0(1.), e0(2.), e0(3.), e0(4.), e1(0.), e1(0.), e1(0.), e1(4.)]);

@@ -1,10 +1,10 @@
 //! Conv + BatchNorm, the unit every ResNet layer is made of: its plan (names, shapes, buffers),
 //! forward, input gradient and weight gradient; and ReLU's backward, which joins the units.
 
-use brigade_engine::{BufferSpec, Gradients, Init, Mode, ParamSpec, ParamStore, Pass};
+use brigade_engine::{BufferSpec, Gradients, Init, ParamSpec, ParamStore};
 use candle_core::{DType, Result, Tensor};
 
-use super::{BatchNorm2d, Conv2d};
+use super::{BatchNorm2d, Conv2d, Statistics};
 
 /// What one conv (no bias) followed by a BatchNorm needs; drives both `params()` and `build()`.
 #[derive(Debug, Clone)]
@@ -77,12 +77,9 @@ pub(crate) struct ConvBnWeightGrads {
 }
 
 impl ConvBn {
-    pub(crate) fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        self.bn.forward(&self.conv.forward(x)?, mode)
-    }
-
-    pub(crate) fn forward_train(&mut self, x: &Tensor, pass: Pass) -> Result<(Tensor, ConvBnSaved)> {
-        let (y, normed, std) = self.bn.forward_train(&self.conv.forward(x)?, pass)?;
+    /// Conv, then BatchNorm with `statistics`; returns the output and what the backward needs.
+    pub(crate) fn forward(&mut self, x: &Tensor, statistics: Statistics) -> Result<(Tensor, ConvBnSaved)> {
+        let (y, normed, std) = self.bn.forward(&self.conv.forward(x)?, statistics)?;
         Ok((y, ConvBnSaved { x: x.clone(), normed, std }))
     }
 

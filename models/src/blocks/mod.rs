@@ -9,7 +9,7 @@ mod layer_norm;
 mod linear;
 mod param;
 
-pub(crate) use batch_norm::{load_bn_buffers, BatchNorm2d};
+pub(crate) use batch_norm::{load_bn_buffers, BatchNorm2d, Statistics};
 pub(crate) use conv::Conv2d;
 pub(crate) use conv_bn::{relu_backward, ConvBn, ConvBnPlan, ConvBnSaved, ConvBnWeightGrads};
 pub(crate) use layer_norm::{layer_norm_specs, LayerNorm, LayerNormGrads};

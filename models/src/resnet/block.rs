@@ -7,7 +7,7 @@ use brigade_engine::{BufferSpec, Gradients, Layer, LayerSpec, Mode, ParamSpec, P
 use candle_core::{bail, Result, Tensor};
 
 use super::{check_images, BlockKind};
-use crate::blocks::{load_bn_buffers, relu_backward, ConvBn, ConvBnPlan, ConvBnSaved, ConvBnWeightGrads};
+use crate::blocks::{load_bn_buffers, relu_backward, ConvBn, ConvBnPlan, ConvBnSaved, ConvBnWeightGrads, Statistics};
 
 // ---------------------------------------------------------------------------------------------
 // Residual blocks.
@@ -95,25 +95,10 @@ pub(super) struct Block {
     pub(super) downsample: Option<ConvBn>,
 }
 
-impl Layer for Block {
-    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        check_images(x, self.in_planes, &format!("ResNet block {}", self.name))?;
-        let last = self.main.len() - 1;
-        let mut out = x.clone();
-        for (i, unit) in self.main.iter_mut().enumerate() {
-            out = unit.forward(&out, mode)?;
-            if i < last {
-                out = out.relu()?;
-            }
-        }
-        let identity = match &mut self.downsample {
-            Some(ds) => ds.forward(x, mode)?,
-            None => x.clone(),
-        };
-        (out + identity)?.relu() // (N, planes·expansion, H/stride, W/stride)
-    }
-
-    fn forward_train(&mut self, x: &Tensor, pass: Pass) -> Result<(Tensor, Saved)> {
+impl Block {
+    /// `(N, in, H, W)` → `(N, planes·expansion, H/stride, W/stride)`, with what the backward
+    /// needs. The one forward of every path.
+    fn forward_saving(&mut self, x: &Tensor, statistics: Statistics) -> Result<(Tensor, BlockSaved)> {
         check_images(x, self.in_planes, &format!("ResNet block {}", self.name))?;
         let last = self.main.len() - 1;
         let mut units = Vec::with_capacity(self.main.len());
@@ -121,7 +106,7 @@ impl Layer for Block {
         let mut relus = Vec::with_capacity(last);
         let mut out = x.clone();
         for (i, unit) in self.main.iter_mut().enumerate() {
-            let (y, s) = unit.forward_train(&out, pass)?;
+            let (y, s) = unit.forward(&out, statistics)?;
             units.push(s);
             out = y;
             if i < last {
@@ -131,17 +116,27 @@ impl Layer for Block {
         }
         let (identity, shortcut) = match &mut self.downsample {
             Some(ds) => {
-                let (y, s) = ds.forward_train(x, pass)?;
+                let (y, s) = ds.forward(x, statistics)?;
                 (y, Some(s))
             }
             None => (x.clone(), None),
         };
         let y = (out + identity)?.relu()?;
-        let mut keep: Vec<Tensor> = units.iter().chain(&shortcut).flat_map(|u| u.tensors()).cloned().collect();
-        keep.extend(relus.iter().cloned());
-        keep.push(y.clone());
-        let saved = Saved::with_handles(BlockSaved { units, relus, shortcut, y: y.clone() }, keep);
-        Ok((y, saved))
+        Ok((y.clone(), BlockSaved { units, relus, shortcut, y }))
+    }
+}
+
+impl Layer for Block {
+    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        Ok(self.forward_saving(x, Statistics::of(mode))?.0)
+    }
+
+    fn forward_train(&mut self, x: &Tensor, pass: Pass) -> Result<(Tensor, Saved)> {
+        let (y, s) = self.forward_saving(x, Statistics::train(pass))?;
+        let mut keep: Vec<Tensor> = s.units.iter().chain(&s.shortcut).flat_map(|u| u.tensors()).cloned().collect();
+        keep.extend(s.relus.iter().cloned());
+        keep.push(s.y.clone());
+        Ok((y, Saved::with_handles(s, keep)))
     }
 
     fn backward_input(&mut self, saved: Saved, dy: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, Saved)> {

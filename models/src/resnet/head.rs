@@ -41,17 +41,24 @@ pub(super) struct Head {
     pub(super) bias: Tensor,   // (classes,)
 }
 
-impl Layer for Head {
-    fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+impl Head {
+    /// `(N, C, H, W)` → logits `(N, classes)`, with the pooled features `(N, C)` the weight
+    /// gradient needs. The one forward of every path.
+    fn forward_saving(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         check_images(x, self.in_features, "ResNet head")?;
         let pooled = x.mean((2, 3))?; // (N, C)
-        pooled.matmul(&self.weight.t()?)?.broadcast_add(&self.bias) // (N, classes)
+        let y = pooled.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?; // (N, classes)
+        Ok((y, pooled))
+    }
+}
+
+impl Layer for Head {
+    fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+        Ok(self.forward_saving(x)?.0)
     }
 
     fn forward_train(&mut self, x: &Tensor, _pass: Pass) -> Result<(Tensor, Saved)> {
-        check_images(x, self.in_features, "ResNet head")?;
-        let pooled = x.mean((2, 3))?; // (N, C)
-        let y = pooled.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+        let (y, pooled) = self.forward_saving(x)?;
         Ok((y, Saved::new((pooled.clone(), x.dims().to_vec()), &[&pooled])))
     }
 

@@ -6,7 +6,7 @@ use brigade_engine::{BufferSpec, Gradients, Layer, LayerSpec, Mode, ParamSpec, P
 use candle_core::{Result, Tensor};
 
 use super::check_images;
-use crate::blocks::{load_bn_buffers, relu_backward, ConvBn, ConvBnPlan, ConvBnSaved, ConvBnWeightGrads};
+use crate::blocks::{load_bn_buffers, relu_backward, ConvBn, ConvBnPlan, ConvBnSaved, ConvBnWeightGrads, Statistics};
 
 // ---------------------------------------------------------------------------------------------
 // Stem.
@@ -55,21 +55,27 @@ pub(super) struct Stem {
     pub(super) conv_bn: ConvBn,
 }
 
+impl Stem {
+    /// `(N, C, H, W)` → `(N, w0, H/4, W/4)`, with the conv+BN unit's saved state and the ReLU
+    /// output (the max-pool's input). The one forward of every path.
+    fn forward_saving(&mut self, x: &Tensor, statistics: Statistics) -> Result<(Tensor, (ConvBnSaved, Tensor))> {
+        check_images(x, self.in_channels, "ResNet stem")?; // (N, 3, H, W)
+        let (h, unit) = self.conv_bn.forward(x, statistics)?;
+        let h = h.relu()?; // (N, w0, H/2, W/2)
+        let y = brigade_kernels::max_pool2d(&h, 3, 2, 1)?; // (N, w0, H/4, W/4)
+        Ok((y, (unit, h)))
+    }
+}
+
 impl Layer for Stem {
     fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        check_images(x, self.in_channels, "ResNet stem")?; // (N, 3, H, W)
-        let h = self.conv_bn.forward(x, mode)?.relu()?; // (N, w0, H/2, W/2)
-        brigade_kernels::max_pool2d(&h, 3, 2, 1) // (N, w0, H/4, W/4)
+        Ok(self.forward_saving(x, Statistics::of(mode))?.0)
     }
 
     fn forward_train(&mut self, x: &Tensor, pass: Pass) -> Result<(Tensor, Saved)> {
-        check_images(x, self.in_channels, "ResNet stem")?;
-        let (h, unit) = self.conv_bn.forward_train(x, pass)?;
-        let h = h.relu()?;
-        let y = brigade_kernels::max_pool2d(&h, 3, 2, 1)?;
+        let (y, (unit, h)) = self.forward_saving(x, Statistics::train(pass))?;
         let keep = unit.tensors().into_iter().chain([&h]).cloned().collect();
-        let saved = Saved::with_handles((unit, h.clone()), keep);
-        Ok((y, saved))
+        Ok((y, Saved::with_handles((unit, h), keep)))
     }
 
     fn backward_input(&mut self, saved: Saved, dy: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
