@@ -66,10 +66,13 @@ pub(super) struct Mlp {
 }
 
 impl Mlp {
-    /// `residual + c_proj(gelu(c_fc(x)))`, the residual added by the last gemm call.
-    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let h = brigade_kernels::gelu_tanh(&self.c_fc.forward(x)?)?; // (B, T, 4C)
-        self.c_proj.forward_residual(&h, Some(residual)) // (B, T, C)
+    /// `residual + c_proj(gelu(c_fc(x)))`, the residual added by the last gemm call; with
+    /// c_fc's output (GELU's input) and GELU's output, which the backward needs.
+    fn forward_saving(&self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let fc_out = self.c_fc.forward(x)?; // (B, T, 4C)
+        let gelu_out = brigade_kernels::gelu_tanh(&fc_out)?;
+        let y = self.c_proj.forward_residual(&gelu_out, Some(residual))?; // (B, T, C)
+        Ok((y, fc_out, gelu_out))
     }
 }
 
@@ -86,6 +89,8 @@ pub(super) struct Block {
 
 /// A block's forward, kept for its backward.
 pub(super) struct BlockSaved {
+    /// The block's input (ln_1's input).
+    pub(super) x: Tensor,
     pub(super) attn: AttentionSaved,
     /// The residual stream after attention (ln_2's input).
     pub(super) x2: Tensor,
@@ -110,11 +115,22 @@ pub(super) struct BlockWeightGrads {
     pub(super) ln2: LayerNormGrads,
 }
 
+impl Block {
+    /// `(B, T, C)` → `(B, T, C)`, with what the backward needs. The one forward of every path:
+    /// [`Layer::forward`] (the autograd reference, evaluation) and [`Layer::forward_train`].
+    fn forward_saving(&mut self, x: &Tensor) -> Result<(Tensor, BlockSaved)> {
+        check_hidden(x, self.n_embd, self.n_positions, "GPT block")?;
+        // Residual connections are added by the output projections' gemm calls.
+        let (x2, attn) = self.attn.forward_saving(&self.ln_1.forward(x)?, Some(x))?; // (B, T, C)
+        let ln2_out = self.ln_2.forward(&x2)?;
+        let (y, fc_out, gelu_out) = self.mlp.forward_saving(&ln2_out, &x2)?;
+        Ok((y, BlockSaved { x: x.clone(), attn, x2, ln2_out, fc_out, gelu_out }))
+    }
+}
+
 impl Layer for Block {
     fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
-        check_hidden(x, self.n_embd, self.n_positions, "GPT block")?;
-        let (x2, _) = self.attn.forward_saving(&self.ln_1.forward(x)?, Some(x))?; // (B, T, C)
-        self.mlp.forward_residual(&self.ln_2.forward(&x2)?, &x2)
+        Ok(self.forward_saving(x)?.0)
     }
 
     fn forward_incremental(&mut self, x: &Tensor, offset: usize) -> Result<Tensor> {
@@ -123,27 +139,19 @@ impl Layer for Block {
             bail!("positions {offset}..{} exceed the model's context length {}", offset + x.dim(1)?, self.n_positions);
         }
         let x2 = self.attn.forward_incremental(&self.ln_1.forward(x)?, offset, x)?; // (B, T, C)
-        self.mlp.forward_residual(&self.ln_2.forward(&x2)?, &x2)
+        Ok(self.mlp.forward_saving(&self.ln_2.forward(&x2)?, &x2)?.0)
     }
 
     fn forward_train(&mut self, x: &Tensor, _pass: Pass) -> Result<(Tensor, Saved)> {
-        check_hidden(x, self.n_embd, self.n_positions, "GPT block")?;
-        let ln1_out = self.ln_1.forward(x)?;
-        // Residual connections are added by the output projections' gemm calls.
-        let (x2, mut attn) = self.attn.forward_saving(&ln1_out, Some(x))?;
-        attn.x = ln1_out; // the attention's input is ln_1's output; the block input is `x`
-        let ln2_out = self.ln_2.forward(&x2)?;
-        let fc_out = self.mlp.c_fc.forward(&ln2_out)?;
-        let gelu_out = brigade_kernels::gelu_tanh(&fc_out)?;
-        let y = self.mlp.c_proj.forward_residual(&gelu_out, Some(&x2))?;
-        let keep = [x, &attn.x, &attn.qkv, attn.saved.tensor(), &attn.merged, &x2, &ln2_out, &fc_out, &gelu_out];
+        let (y, s) = self.forward_saving(x)?;
+        let a = &s.attn;
+        let keep = [&s.x, &a.x, &a.qkv, a.saved.tensor(), &a.merged, &s.x2, &s.ln2_out, &s.fc_out, &s.gelu_out];
         let keep = keep.into_iter().cloned().collect();
-        let saved = Saved::with_handles((x.clone(), BlockSaved { attn, x2, ln2_out, fc_out, gelu_out }), keep);
-        Ok((y, saved))
+        Ok((y, Saved::with_handles(s, keep)))
     }
 
     fn backward_input(&mut self, saved: Saved, dy: &Tensor, _need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
-        let (x, s): (Tensor, BlockSaved) = saved.take(&self.name)?;
+        let s: BlockSaved = saved.take(&self.name)?;
         // MLP branch: y = x2 + c_proj(gelu(c_fc(ln_2(x2)))).
         let dgelu_out = self.mlp.c_proj.backward_input(dy)?;
         let dfc_out = brigade_kernels::gelu_tanh_backward(&s.fc_out, &dgelu_out)?;
@@ -152,7 +160,7 @@ impl Layer for Block {
         let dx2 = (dy + dx2_ln)?;
         // Attention branch: x2 = x + attn(ln_1(x)).
         let (dln1_out, dqkv) = self.attn.backward_input(&s.attn, &dx2)?;
-        let (dx_ln, ln1) = self.ln_1.backward_input(&x, &dln1_out)?;
+        let (dx_ln, ln1) = self.ln_1.backward_input(&s.x, &dln1_out)?;
         let dx = (&dx2 + dx_ln)?;
         let w = BlockWeightGrads {
             ln1_out: s.attn.x,
