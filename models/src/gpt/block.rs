@@ -2,15 +2,13 @@
 //! its explicit backward.
 
 use brigade_engine::{Gradients, Layer, LayerSpec, Mode, ParamSpec, ParamStore, Pass, Saved};
-use candle_core::{bail, DType, Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 
 use super::attention::{AttentionSaved, CausalSelfAttention};
+use super::check_hidden;
 use super::config::INIT_STD;
 use super::GptConfig;
 use crate::blocks::{conv1d_specs, get_all, layer_norm_specs, Conv1D, LayerNorm, LayerNormGrads};
-
-// ---------------------------------------------------------------------------------------------
-// Transformer block.
 
 #[derive(Debug, Clone)]
 pub struct BlockSpec {
@@ -189,17 +187,4 @@ impl Layer for Block {
         self.mlp.c_fc.backward_weight(&w.ln2_out, &w.dfc_out, grads)?;
         self.mlp.c_proj.backward_weight(&w.gelu_out, &w.dmlp_out, grads)
     }
-}
-
-/// Hidden states between layers must be `(B, T, C)` floats (f32; bf16 or f16 under mixed
-/// precision) with `T <= context`.
-pub(super) fn check_hidden(x: &Tensor, n_embd: usize, n_positions: usize, what: &str) -> Result<()> {
-    match x.dims() {
-        &[_, t, c] if c == n_embd && t <= n_positions => {}
-        dims => bail!("{what} expects hidden states (B, T<={n_positions}, {n_embd}), got {dims:?}"),
-    }
-    if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-        bail!("{what} expects f32 (or bf16/f16, mixed precision) hidden states, got {:?}", x.dtype());
-    }
-    Ok(())
 }

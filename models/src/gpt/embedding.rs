@@ -14,9 +14,6 @@ pub(super) fn wte_spec(cfg: &GptConfig) -> ParamSpec {
     ParamSpec::new(WTE, &[cfg.vocab_size, cfg.n_embd], Init::Normal { std: INIT_STD })
 }
 
-// ---------------------------------------------------------------------------------------------
-// Embedding: token ids → token + position embeddings.
-
 #[derive(Debug, Clone)]
 pub struct EmbeddingSpec {
     pub(super) cfg: GptConfig,
@@ -77,6 +74,13 @@ impl Embedding {
         Ok((ids.to_dtype(DType::U32)?.flatten_all()?, b, t))
     }
 
+    /// `(B, T)` ids → `(B, T, C)`, with the flattened ids the weight gradient needs. The one
+    /// forward of [`Layer::forward`] and [`Layer::forward_train`] (decoding adds an offset).
+    fn forward_saving(&self, ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (flat, b, t) = self.checked_ids(ids)?;
+        Ok((self.embed(&flat, b, t, 0)?, flat))
+    }
+
     /// Token plus position embeddings of positions `offset..offset + t`.
     fn embed(&self, flat: &Tensor, b: usize, t: usize, offset: usize) -> Result<Tensor> {
         let tok = self.wte.value.index_select(flat, 0)?.reshape((b, t, ()))?; // (B, T, C)
@@ -87,8 +91,7 @@ impl Embedding {
 
 impl Layer for Embedding {
     fn forward(&mut self, ids: &Tensor, _mode: Mode) -> Result<Tensor> {
-        let (flat, b, t) = self.checked_ids(ids)?;
-        self.embed(&flat, b, t, 0)
+        Ok(self.forward_saving(ids)?.0)
     }
 
     fn forward_incremental(&mut self, ids: &Tensor, offset: usize) -> Result<Tensor> {
@@ -101,8 +104,7 @@ impl Layer for Embedding {
     }
 
     fn forward_train(&mut self, ids: &Tensor, _pass: Pass) -> Result<(Tensor, Saved)> {
-        let (flat, b, t) = self.checked_ids(ids)?;
-        let y = self.embed(&flat, b, t, 0)?;
+        let (y, flat) = self.forward_saving(ids)?;
         Ok((y, Saved::new(flat.clone(), &[&flat])))
     }
 

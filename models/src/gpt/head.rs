@@ -3,13 +3,10 @@
 use brigade_engine::{Gradients, Layer, LayerSpec, Mode, ParamSpec, ParamStore, Pass, Saved};
 use candle_core::{Result, Tensor};
 
-use super::block::check_hidden;
+use super::check_hidden;
 use super::embedding::wte_spec;
 use super::GptConfig;
 use crate::blocks::{get_all, layer_norm_specs, LayerNorm, LayerNormGrads, Param};
-
-// ---------------------------------------------------------------------------------------------
-// Head: final LayerNorm and the LM head tied to the token embedding.
 
 #[derive(Debug, Clone)]
 pub struct HeadSpec {

@@ -9,9 +9,6 @@ use candle_core::{bail, Result, Tensor};
 use super::{check_images, BlockKind};
 use crate::blocks::{load_bn_buffers, relu_backward, ConvBn, ConvBnPlan, ConvBnSaved, ConvBnWeightGrads, Statistics};
 
-// ---------------------------------------------------------------------------------------------
-// Residual blocks.
-
 #[derive(Debug, Clone)]
 pub struct BlockSpec {
     pub(super) prefix: String, // "layer2.0"

@@ -5,9 +5,6 @@ use candle_core::{Result, Tensor};
 
 use super::check_images;
 
-// ---------------------------------------------------------------------------------------------
-// Head: global average pool + fc.
-
 #[derive(Debug, Clone)]
 pub struct HeadSpec {
     pub(super) in_features: usize,

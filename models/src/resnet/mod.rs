@@ -35,7 +35,7 @@
 //!
 //! Files: `config` (sizes, presets, limits), `model` (the [`PipelineModel`] glue), one file per
 //! layer kind (`stem`, `block`, `head`), tests in `tests`. The shared building blocks (conv,
-//! BatchNorm, conv+BN) are in [`crate::blocks`].
+//! BatchNorm, conv+BN) are in `models/src/blocks/`.
 
 mod block;
 mod config;
@@ -52,11 +52,11 @@ pub use model::{model_from_preset, ResNet};
 pub use stem::StemSpec;
 
 #[cfg(doc)]
-use brigade_engine::{Layer, PipelineModel};
+use brigade_engine::{Layer, Mode, PipelineModel};
 use candle_core::{bail, DType, Result, Tensor};
 
 /// Checks a `(N, C, H, W)` f32 input with the expected channel count.
-pub(super) fn check_images(x: &Tensor, channels: usize, what: &str) -> Result<()> {
+fn check_images(x: &Tensor, channels: usize, what: &str) -> Result<()> {
     match x.dims() {
         &[_, c, _, _] if c == channels => {}
         &[_, c, _, _] => bail!("{what} expects {channels} input channels, got {c} (input {:?})", x.dims()),

@@ -8,9 +8,6 @@ use candle_core::{Result, Tensor};
 use super::check_images;
 use crate::blocks::{load_bn_buffers, relu_backward, ConvBn, ConvBnPlan, ConvBnSaved, ConvBnWeightGrads, Statistics};
 
-// ---------------------------------------------------------------------------------------------
-// Stem.
-
 #[derive(Debug, Clone)]
 pub struct StemSpec {
     pub(super) in_channels: usize,
