@@ -2,6 +2,7 @@
 //! kernel, or the differentiable composition while autograd records), the output projection,
 //! incremental decoding with a KV cache, and the input gradient.
 
+use brigade_engine::Gradients;
 use candle_core::{bail, Result, Tensor};
 
 use crate::blocks::Conv1D;
@@ -98,5 +99,20 @@ impl CausalSelfAttention {
             brigade_kernels::causal_attention_saved_backward(&s.qkv, &s.merged, &s.saved, &dmerged, self.n_head)?; // (B, T, 3C)
         let dx = self.c_attn.backward_input(&dqkv)?;
         Ok((dx, dqkv))
+    }
+
+    /// The two projections' weight gradients from their inputs (`x`: the attention's input,
+    /// ln_1's output; `merged`: the merged heads) and output gradients (`dqkv`; `dout`). Only
+    /// these are kept for the weight step, not the probabilities.
+    pub(super) fn backward_weight(
+        &self,
+        x: &Tensor,
+        dqkv: &Tensor,
+        merged: &Tensor,
+        dout: &Tensor,
+        grads: &mut Gradients,
+    ) -> Result<()> {
+        self.c_attn.backward_weight(x, dqkv, grads)?;
+        self.c_proj.backward_weight(merged, dout, grads)
     }
 }

@@ -72,6 +72,28 @@ impl Mlp {
         let y = self.c_proj.forward_residual(&gelu_out, Some(residual))?; // (B, T, C)
         Ok((y, fc_out, gelu_out))
     }
+
+    /// The input gradient for `dy` from c_fc's saved output; returns it with c_fc's output
+    /// gradient, which the weight step needs.
+    fn backward_input(&self, fc_out: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let dgelu_out = self.c_proj.backward_input(dy)?;
+        let dfc_out = brigade_kernels::gelu_tanh_backward(fc_out, &dgelu_out)?;
+        Ok((self.c_fc.backward_input(&dfc_out)?, dfc_out))
+    }
+
+    /// The two projections' weight gradients from their inputs (`x`: ln_2's output; GELU's
+    /// output) and output gradients (`dfc_out`; `dy`).
+    fn backward_weight(
+        &self,
+        x: &Tensor,
+        dfc_out: &Tensor,
+        gelu_out: &Tensor,
+        dy: &Tensor,
+        grads: &mut Gradients,
+    ) -> Result<()> {
+        self.c_fc.backward_weight(x, dfc_out, grads)?;
+        self.c_proj.backward_weight(gelu_out, dy, grads)
+    }
 }
 
 #[derive(Debug)]
@@ -151,9 +173,7 @@ impl Layer for Block {
     fn backward_input(&mut self, saved: Saved, dy: &Tensor, _need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
         let s: BlockSaved = saved.take(&self.name)?;
         // MLP branch: y = x2 + c_proj(gelu(c_fc(ln_2(x2)))).
-        let dgelu_out = self.mlp.c_proj.backward_input(dy)?;
-        let dfc_out = brigade_kernels::gelu_tanh_backward(&s.fc_out, &dgelu_out)?;
-        let dln2_out = self.mlp.c_fc.backward_input(&dfc_out)?;
+        let (dln2_out, dfc_out) = self.mlp.backward_input(&s.fc_out, dy)?;
         let (dx2_ln, ln2) = self.ln_2.backward_input(&s.x2, &dln2_out)?;
         let dx2 = (dy + dx2_ln)?;
         // Attention branch: x2 = x + attn(ln_1(x)).
@@ -181,10 +201,8 @@ impl Layer for Block {
     fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
         let w: BlockWeightGrads = saved.take(&self.name)?;
         self.ln_1.backward_weight(&w.ln1, grads)?;
-        self.attn.c_attn.backward_weight(&w.ln1_out, &w.dqkv, grads)?;
-        self.attn.c_proj.backward_weight(&w.merged, &w.dattn_out, grads)?;
+        self.attn.backward_weight(&w.ln1_out, &w.dqkv, &w.merged, &w.dattn_out, grads)?;
         self.ln_2.backward_weight(&w.ln2, grads)?;
-        self.mlp.c_fc.backward_weight(&w.ln2_out, &w.dfc_out, grads)?;
-        self.mlp.c_proj.backward_weight(&w.gelu_out, &w.dmlp_out, grads)
+        self.mlp.backward_weight(&w.ln2_out, &w.dfc_out, &w.gelu_out, &w.dmlp_out, grads)
     }
 }

@@ -23,8 +23,8 @@
 //! the same micro-batches; it does *not* match one BatchNorm over the full mini-batch. The
 //! running statistics are updated once per micro-batch forward, like PyTorch: momentum 0.1,
 //! `running_mean ← 0.9·running_mean + 0.1·mean`, `running_var ← 0.9·running_var + 0.1·var_unbiased`,
-//! `num_batches_tracked += 1`. (An engine that re-runs a forward, e.g. for activation
-//! recomputation, would update them twice.) Like PyTorch, training needs more than one value
+//! `num_batches_tracked += 1`. (A recomputation before a backward, [`Pass::Recompute`], leaves
+//! them alone, so activation recomputation never counts a micro-batch twice.) Like PyTorch, training needs more than one value
 //! per channel (`N·H·W > 1`); otherwise the forward is an error. [`Mode::Eval`] normalises with
 //! the running statistics.
 //!
@@ -52,7 +52,7 @@ pub use model::{model_from_preset, ResNet};
 pub use stem::StemSpec;
 
 #[cfg(doc)]
-use brigade_engine::{Layer, Mode, PipelineModel};
+use brigade_engine::{Layer, Mode, Pass, PipelineModel};
 use candle_core::{bail, DType, Result, Tensor};
 
 /// Checks a `(N, C, H, W)` f32 input with the expected channel count.
