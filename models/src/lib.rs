@@ -1,6 +1,13 @@
 //! brigade-models: GPT-2 and ResNet as ordered layer lists the engine can partition, and the
 //! datasets they train on (including embedded defaults that need no download).
+//!
+//! Each family is a folder (`gpt/`, `resnet/`): its config and presets, the [`PipelineModel`]
+//! glue, one file per layer kind (spec, forward, input and weight gradient together), and its
+//! tests. The building blocks the families share (linear/`Conv1D`, LayerNorm, conv, BatchNorm,
+//! conv+BN) are in `blocks/`. Every layer has one forward, used by the autograd reference,
+//! evaluation and the explicit training path alike.
 
+mod blocks;
 pub mod data;
 pub mod gpt;
 pub mod hf;

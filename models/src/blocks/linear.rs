@@ -1,0 +1,62 @@
+//! Hugging Face's `Conv1D`, a linear layer stored `(in, out)`: its parameters, forward (with an
+//! optional residual added by the same gemm), input gradient and weight gradient.
+
+use brigade_engine::{Gradients, Init, ParamSpec};
+use candle_core::{Result, Tensor};
+
+use super::Param;
+
+/// HF `Conv1D` weight `(in, out)` and bias `(out,)`.
+pub(crate) fn conv1d_specs(prefix: &str, d_in: usize, d_out: usize, std: f64) -> [ParamSpec; 2] {
+    [
+        ParamSpec::new(format!("{prefix}.weight"), &[d_in, d_out], Init::Normal { std }),
+        ParamSpec::new(format!("{prefix}.bias"), &[d_out], Init::Zeros),
+    ]
+}
+
+/// HF's `Conv1D`: a linear layer with weight stored `(in, out)`, `y = x @ W + b`.
+#[derive(Debug)]
+pub(crate) struct Conv1D {
+    pub(crate) weight: Param,
+    pub(crate) bias: Param,
+}
+
+impl Conv1D {
+    /// `(B, T, in)` → `(B, T, out)`.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_residual(x, None)
+    }
+
+    /// `residual + x @ W + b`, the residual connection written by the same gemm call.
+    pub(crate) fn forward_residual(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, d_in) = x.dims3()?;
+        let d_out = self.weight.value.dim(1)?;
+        // A 2-D product over the flattened tokens: one gemm.
+        let residual = residual.map(|r| r.reshape((b * t, d_out))).transpose()?;
+        brigade_kernels::linear(
+            &x.reshape((b * t, d_in))?,
+            &self.weight.value,
+            Some(&self.bias.value),
+            residual.as_ref(),
+        )?
+        .reshape((b, t, d_out))
+    }
+
+    /// `dx = dy @ Wᵀ`, `(B, T, out)` → `(B, T, in)`.
+    pub(crate) fn backward_input(&self, dy: &Tensor) -> Result<Tensor> {
+        let (b, t, d_out) = dy.dims3()?;
+        let d_in = self.weight.value.dim(0)?;
+        brigade_kernels::linear(&dy.reshape((b * t, d_out))?, &self.weight.value.t()?, None, None)?
+            .reshape((b, t, d_in))
+    }
+
+    /// `dW += xᵀ dy` over all tokens, `db += Σ dy`.
+    pub(crate) fn backward_weight(&self, x: &Tensor, dy: &Tensor, grads: &mut Gradients) -> Result<()> {
+        let (b, t, d_in) = x.dims3()?;
+        let d_out = dy.dim(2)?;
+        let x = x.reshape((b * t, d_in))?;
+        let dy = dy.reshape((b * t, d_out))?;
+        grads.add_matmul(&self.weight.name, &x.t()?, &dy)?;
+        grads.add(&self.bias.name, &brigade_kernels::sum_rows(&dy)?)
+    }
+}

@@ -1,0 +1,326 @@
+//! GPT tests: parameter counts and names against Hugging Face, shapes, causality, every layer's
+//! explicit backward against autograd and finite differences, KV-cache decoding, bad inputs.
+
+use brigade_engine::layer::unique_params;
+use brigade_engine::{Init, InputKind, Layer, Mode, ParamStore, Pass, PipelineModel};
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use super::embedding::{WPE, WTE};
+use super::*;
+
+fn tiny() -> GptConfig {
+    GptConfig::preset("gpt-tiny").unwrap()
+}
+
+#[test]
+fn absurd_sizes_are_refused_by_name() {
+    // A size far past any model (a typo, or a hostile config.json) names the field.
+    let e = GptConfig::custom(256, 64, 64, 1 << 60, 4).unwrap_err().to_string();
+    assert!(e.contains("n_layer = 1152921504606846976 is larger than brigade supports"), "{e}");
+    // Each size within bounds, but together over 2^40 parameters.
+    let e = GptConfig::custom(256, 64, 1 << 16, 1 << 16, 4).unwrap_err().to_string();
+    assert!(e.contains("parameters, more than brigade supports"), "{e}");
+    // GPT-2 XL-sized configs are fine.
+    GptConfig::custom(50257, 1024, 1600, 48, 25).unwrap();
+}
+
+/// Builds every layer of `model` in one store.
+fn build_all(model: &dyn PipelineModel, store: &mut ParamStore) -> Vec<Box<dyn Layer>> {
+    model.layers().iter().map(|l| l.build(store).unwrap()).collect()
+}
+
+fn run(layers: &mut [Box<dyn Layer>], x: &Tensor) -> Result<Tensor> {
+    let mut h = x.clone();
+    for l in layers.iter_mut() {
+        h = l.forward(&h, Mode::Train)?;
+    }
+    Ok(h)
+}
+
+fn ids(data: &[u32], b: usize, t: usize) -> Tensor {
+    Tensor::from_slice(data, (b, t), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn param_counts_match_hugging_face() {
+    let expected = [
+        ("gpt2", 124_439_808usize),
+        ("gpt2-medium", 354_823_168),
+        ("gpt2-large", 774_030_080),
+        ("gpt2-xl", 1_557_611_200),
+    ];
+    for (name, n) in expected {
+        assert_eq!(Gpt::from_preset(name).unwrap().num_params(), n, "{name}");
+    }
+    // gpt-tiny: wte 256·64 + wpe 64·64 + 2 blocks · (12·64² + 13·64) + ln_f 128.
+    let tiny = Gpt::from_preset("gpt-tiny").unwrap();
+    assert_eq!(tiny.num_params(), 16384 + 4096 + 2 * (12 * 4096 + 13 * 64) + 128);
+    // The layer list counts the tied table in both users.
+    let per_layer: usize = tiny.layers().iter().map(|l| l.param_count()).sum();
+    assert_eq!(per_layer, tiny.num_params() + 256 * 64);
+}
+
+#[test]
+fn layer_list_and_names() {
+    let model = Gpt::from_preset("gpt-tiny").unwrap();
+    let names: Vec<String> = model.layers().iter().map(|l| l.name()).collect();
+    assert_eq!(names, ["transformer.embed", "transformer.h.0", "transformer.h.1", "lm_head"]);
+    let params: Vec<String> = unique_params(&model.layers()).into_iter().map(|p| p.name).collect();
+    for n in [
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "transformer.h.1.ln_1.weight",
+        "transformer.h.1.attn.c_attn.weight",
+        "transformer.h.1.attn.c_attn.bias",
+        "transformer.h.1.attn.c_proj.weight",
+        "transformer.h.1.ln_2.bias",
+        "transformer.h.1.mlp.c_fc.weight",
+        "transformer.h.1.mlp.c_proj.bias",
+        "transformer.ln_f.weight",
+    ] {
+        assert!(params.iter().any(|p| p == n), "missing {n}");
+    }
+    let attn =
+        unique_params(&model.layers()).into_iter().find(|p| p.name == "transformer.h.0.attn.c_attn.weight").unwrap();
+    assert_eq!(attn.shape, vec![64, 192]); // Conv1D layout (in, out)
+    assert_eq!(model.input(), InputKind::Tokens { vocab: 256, context: 64 });
+    assert_eq!(model.name(), "gpt-tiny");
+}
+
+#[test]
+fn forward_shapes_and_tied_head() {
+    let model = Gpt::from_preset("gpt-tiny").unwrap();
+    let mut store = ParamStore::new(Device::Cpu, 0);
+    let mut layers = build_all(&model, &mut store);
+    let data: Vec<u32> = (0..2 * 10).map(|i| (i * 37 % 256) as u32).collect();
+    let logits = run(&mut layers, &ids(&data, 2, 10)).unwrap();
+    assert_eq!(logits.dims(), &[2, 10, 256]);
+    // Tied: one Var for the table, and its gradient gets contributions from both layers.
+    assert_eq!(store.len(), unique_params(&model.layers()).len());
+    let loss = logits.sqr().unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let wte = store.var(WTE).unwrap();
+    let g = grads.get(wte.as_tensor()).unwrap();
+    // Rows of tokens never fed in still get gradient through the head.
+    let unused_row = g.get(1).unwrap().abs().unwrap().sum_all().unwrap();
+    assert!(unused_row.to_scalar::<f32>().unwrap() > 0.0);
+}
+
+#[test]
+fn causal_future_tokens_do_not_change_past_logits() {
+    let model = Gpt::from_preset("gpt-tiny").unwrap();
+    let mut store = ParamStore::new(Device::Cpu, 1);
+    let mut layers = build_all(&model, &mut store);
+    let a: Vec<u32> = vec![5, 17, 200, 3, 99, 42, 7, 8];
+    let mut b = a.clone();
+    b[5] = 250;
+    b[7] = 1;
+    let la = run(&mut layers, &ids(&a, 1, 8)).unwrap();
+    let lb = run(&mut layers, &ids(&b, 1, 8)).unwrap();
+    let diff = (&la - &lb).unwrap().abs().unwrap();
+    let past = diff.narrow(1, 0, 5).unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let future = diff.narrow(1, 5, 3).unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(past, 0.0);
+    assert!(future > 1e-4);
+}
+
+/// Every layer's hand-written backward (input and weight steps) against autograd through its
+/// `forward`, and a few entries of every parameter's gradient against finite differences.
+#[test]
+fn explicit_backward_matches_autograd_and_finite_differences() {
+    use brigade_engine::gradcheck::{check_layer, finite_differences};
+    let model = Gpt::new(GptConfig::custom(16, 8, 8, 2, 2).unwrap()).unwrap();
+    let layers = model.layers();
+    let ids = ids(&[1, 5, 9, 2, 15, 0, 3, 3, 7, 11], 2, 5);
+    // Hidden states of a trained model's order of magnitude, so LayerNorm is well
+    // conditioned for finite differences.
+    let hidden = (Tensor::randn(0f32, 1.0, (2, 5, 8), &Device::Cpu).unwrap() * 2.0).unwrap();
+    for (i, spec) in layers.iter().enumerate() {
+        let x = if i == 0 { &ids } else { &hidden };
+        let report = check_layer(spec.as_ref(), x, 5).unwrap();
+        assert!(report.max() <= 1e-5, "{}: {report:?}", spec.name());
+        assert_eq!(report.input.is_some(), i > 0, "{}", spec.name());
+        assert_eq!(report.params.len(), spec.params().len());
+        for p in spec.params() {
+            let n = p.numel();
+            let (pairs, _) = finite_differences(spec.as_ref(), x, 5, &p.name, &[0, n / 3, n - 1], 1e-2).unwrap();
+            for (analytic, numeric) in pairs {
+                assert!(
+                    (analytic - numeric).abs() <= 2e-3 + 2e-2 * analytic.abs().max(numeric.abs()),
+                    "{}: explicit {analytic} vs finite difference {numeric}",
+                    p.name
+                );
+            }
+        }
+    }
+}
+
+/// At sequences of `FLASH_MIN_SEQUENCE` and longer a block's attention runs as flash
+/// attention on the CPU (only the log-sum-exp saved); its explicit backward still matches
+/// autograd through the reference composition.
+#[test]
+fn long_sequences_take_flash_attention_and_match_autograd() {
+    use brigade_engine::gradcheck::check_layer;
+    let t = brigade_kernels::FLASH_MIN_SEQUENCE + 3;
+    let model = Gpt::new(GptConfig::custom(16, t, 8, 1, 2).unwrap()).unwrap();
+    let block = model.layers()[1].clone();
+    let hidden = (Tensor::randn(0f32, 1.0, (1, t, 8), &Device::Cpu).unwrap() * 2.0).unwrap();
+    let report = check_layer(block.as_ref(), &hidden, 5).unwrap();
+    assert!(report.max() <= 1e-5, "{report:?}");
+    // It took the flash path: it kept (B, H, T) log-sum-exps, not (B, H, T, T) probabilities.
+    // Built as a stage builds it: over detached views of the variables (no autograd graph).
+    let mut store = ParamStore::new(Device::Cpu, 5);
+    block.build(&mut store).unwrap();
+    let mut layer = block.build(&mut store.shared_view()).unwrap();
+    let (_, saved) = layer.forward_train(&hidden, Pass::First).unwrap();
+    let biggest = saved.tensors().iter().map(|s| s.elem_count()).max().unwrap();
+    assert!(biggest < 2 * t * t, "a T x T tensor was kept: {biggest} elements");
+}
+
+/// Central finite differences on a few entries of several parameters against autograd.
+#[test]
+fn gradients_match_finite_differences() {
+    let cfg = GptConfig::custom(16, 8, 8, 2, 2).unwrap();
+    let model = Gpt::new(cfg).unwrap();
+    let mut store = ParamStore::new(Device::Cpu, 3);
+    let mut layers = build_all(&model, &mut store);
+    let x = ids(&[1, 5, 9, 2, 15, 0, 3, 3, 7, 11], 2, 5);
+    let targets = Tensor::from_slice(&[5u32, 9, 2, 15, 0, 3, 3, 7, 11, 4], 10, &Device::Cpu).unwrap();
+    let loss_of = |layers: &mut [Box<dyn Layer>]| -> Tensor {
+        let logits = run(layers, &x).unwrap().reshape((10, 16)).unwrap();
+        brigade_kernels::cross_entropy_sum(&logits, &targets).unwrap()
+    };
+    // GPT-2's 0.02-std embeddings make LayerNorm's input tiny, so a finite-difference step
+    // would be a large relative change; scale them to a trained model's order of magnitude.
+    for name in [WTE, WPE] {
+        let var = store.var(name).unwrap();
+        var.set(&(var.as_tensor() * 25.0).unwrap()).unwrap();
+    }
+    let grads = loss_of(&mut layers).backward().unwrap();
+    let names = [
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "transformer.h.0.ln_1.weight",
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.1.attn.c_proj.weight",
+        "transformer.h.1.mlp.c_fc.bias",
+        "transformer.h.0.mlp.c_proj.weight",
+        "transformer.ln_f.bias",
+    ];
+    for name in names {
+        let var: Var = store.var(name).unwrap().clone();
+        let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
+        let analytic: Vec<f32> = analytic.to_vec1().unwrap();
+        let base: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        for &i in &[0usize, 3, base.len() / 2, base.len() - 1] {
+            let eps = 1e-2f32;
+            let mut eval = |delta: f32| -> f64 {
+                let mut v = base.clone();
+                v[i] += delta;
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                let l = loss_of(&mut layers).to_scalar::<f32>().unwrap() as f64;
+                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+                l
+            };
+            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps as f64);
+            let a = analytic[i] as f64;
+            assert!(
+                (numeric - a).abs() <= 1e-3 + 2e-2 * a.abs().max(numeric.abs()),
+                "{name}[{i}]: autograd {a} vs finite difference {numeric}"
+            );
+        }
+    }
+}
+
+/// Decoding with the KV cache (a 3-token prefill, then one token at a time) gives the
+/// full forward's logits at every position; out-of-order offsets and positions past the
+/// context are errors.
+#[test]
+fn incremental_forward_matches_full_forward() {
+    let model = Gpt::from_preset("gpt-tiny").unwrap();
+    let mut store = ParamStore::new(Device::Cpu, 7);
+    let mut layers = build_all(&model, &mut store);
+    let data: Vec<u32> = vec![3, 141, 59, 26, 5, 35, 89, 79, 32, 38, 4, 62, 64, 33, 83, 27];
+    let (b, t) = (2, 8);
+    let full = run(&mut layers, &ids(&data, b, t)).unwrap(); // (B, T, V)
+    let step = |layers: &mut [Box<dyn Layer>], x: &Tensor, offset: usize| {
+        layers.iter_mut().try_fold(x.clone(), |h, l| l.forward_incremental(&h, offset)).unwrap()
+    };
+    let all = ids(&data, b, t);
+    let mut pieces = vec![step(&mut layers, &all.narrow(1, 0, 3).unwrap(), 0)];
+    for pos in 3..t {
+        pieces.push(step(&mut layers, &all.narrow(1, pos, 1).unwrap(), pos));
+    }
+    let cached = Tensor::cat(&pieces, 1).unwrap();
+    let diff = (&full - &cached).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-5, "cached logits differ from the full forward by {diff}");
+    // Starting again at 0 forgets the old sequence: same logits as the first time.
+    let again = step(&mut layers, &all.narrow(1, 0, 3).unwrap(), 0);
+    let d = (&again - &pieces[0]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(d, 0.0);
+    let e =
+        layers[1].forward_incremental(&Tensor::zeros((2, 1, 64), DType::F32, &Device::Cpu).unwrap(), 7).unwrap_err();
+    assert!(e.to_string().contains("but 3 positions are cached"), "{e}");
+    let e = layers[0].forward_incremental(&ids(&[1, 2], 1, 2), 63).unwrap_err();
+    assert!(e.to_string().contains("positions 63..65 exceed the model's context length 64"), "{e}");
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let model = Gpt::from_preset("gpt-tiny").unwrap();
+    let mut store = ParamStore::new(Device::Cpu, 0);
+    let mut layers = build_all(&model, &mut store);
+    let emb = &mut layers[0];
+    let too_long: Vec<u32> = vec![1; 65];
+    let e = emb.forward(&ids(&too_long, 1, 65), Mode::Train).unwrap_err().to_string();
+    assert!(e.contains("exceeds the model's context length 64"), "{e}");
+    let e = emb.forward(&ids(&[1, 256], 1, 2), Mode::Train).unwrap_err().to_string();
+    assert!(e.contains("token id 256 is out of range for vocabulary size 256"), "{e}");
+    let neg = Tensor::from_slice(&[1i64, -1], (1, 2), &Device::Cpu).unwrap();
+    let e = emb.forward(&neg, Mode::Train).unwrap_err().to_string();
+    assert!(e.contains("token id -1"), "{e}");
+    let floats = Tensor::zeros((1, 2), DType::F32, &Device::Cpu).unwrap();
+    let e = emb.forward(&floats, Mode::Train).unwrap_err().to_string();
+    assert!(e.contains("integer token ids"), "{e}");
+    let flat = Tensor::from_slice(&[1u32, 2], 2, &Device::Cpu).unwrap();
+    assert!(emb.forward(&flat, Mode::Train).unwrap_err().to_string().contains("(B, T)"));
+    let wrong_width = Tensor::zeros((1, 2, 32), DType::F32, &Device::Cpu).unwrap();
+    let e = layers[1].forward(&wrong_width, Mode::Train).unwrap_err().to_string();
+    assert!(e.contains("GPT block expects hidden states"), "{e}");
+
+    let e = GptConfig::preset("gpt3").unwrap_err().to_string();
+    assert!(e.contains("unknown model preset `gpt3`") && e.contains("gpt2-medium"), "{e}");
+    let e = GptConfig::custom(10, 8, 10, 1, 3).unwrap_err().to_string();
+    assert!(e.contains("divisible"), "{e}");
+    assert!(Gpt::new(tiny().with_n_layer(0)).is_err());
+}
+
+#[test]
+fn config_serde_and_overrides() {
+    let cfg = GptConfig::preset("gpt2").unwrap().with_n_layer(6).with_n_positions(256);
+    let json = serde_json::to_string(&cfg).unwrap();
+    let back: GptConfig = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, cfg);
+    // Epsilon defaults when absent, as in HF config files that omit it.
+    let back: GptConfig =
+        serde_json::from_str(r#"{"vocab_size":256,"n_positions":64,"n_embd":64,"n_layer":2,"n_head":4}"#).unwrap();
+    assert_eq!(back, tiny());
+    assert_eq!(Gpt::new(back).unwrap().name(), "gpt-tiny");
+    assert!(Gpt::new(cfg).unwrap().name().starts_with("gpt(vocab=50257"));
+}
+
+#[test]
+fn init_follows_gpt2() {
+    let model = Gpt::from_preset("gpt2").unwrap();
+    let layers = model.layers();
+    let specs = layers[1].params();
+    let get = |n: &str| specs.iter().find(|p| p.name == n).unwrap().clone();
+    assert_eq!(get("transformer.h.0.attn.c_attn.weight").init, Init::Normal { std: 0.02 });
+    let proj = Init::Normal { std: 0.02 / 24f64.sqrt() };
+    assert_eq!(get("transformer.h.0.attn.c_proj.weight").init, proj);
+    assert_eq!(get("transformer.h.0.mlp.c_proj.weight").init, proj);
+    assert_eq!(get("transformer.h.0.mlp.c_fc.bias").init, Init::Zeros);
+    assert_eq!(get("transformer.h.0.ln_2.weight").init, Init::Ones);
+    assert!(!get("transformer.h.0.ln_2.weight").weight_decay);
+    assert!(get("transformer.h.0.mlp.c_fc.weight").weight_decay);
+}
