@@ -357,7 +357,12 @@ impl Trainer {
             },
             total_steps: self.options.steps,
         };
-        let options = SaveOptions { max_shard_bytes, fault: save_fault_from_env() };
+        #[allow(unused_mut)] // Only the `testing` build changes it.
+        let mut options = SaveOptions::with_max_shard_bytes(max_shard_bytes);
+        #[cfg(feature = "testing")]
+        {
+            options.fault = save_fault_from_env();
+        }
         Ok(self.pipeline.save_checkpoint(dir, model, training, &options)?)
     }
 
@@ -525,8 +530,11 @@ impl Trainer {
     }
 }
 
-/// Test hook for the crash-safety tests: `BRIGADE_TEST_SAVE_FAULT=abort:N` kills the process
-/// after N files of a save are written; `io:STAGE:N` makes stage STAGE fail after N files.
+/// Test hook for the crash-safety tests, compiled only with the `testing` feature (which only
+/// the tests enable, for the binary they start): `BRIGADE_TEST_SAVE_FAULT=abort:N` kills the
+/// process after N files of a save are written; `io:STAGE:N` makes stage STAGE fail after N
+/// files. A default build never reads the variable.
+#[cfg(feature = "testing")]
 fn save_fault_from_env() -> Option<brigade_engine::checkpoint::SaveFault> {
     use brigade_engine::checkpoint::SaveFault;
     let spec = std::env::var("BRIGADE_TEST_SAVE_FAULT").ok()?;

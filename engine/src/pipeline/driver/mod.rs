@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Tensor};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 
+mod save;
+
 use super::config::{PipelineConfig, ScheduleChoice};
-use super::protocol::{Msg, Outcome, Report, SnapshotKind};
-use super::squared_norm;
-use super::stage::{run_stage, StageSetup};
+use super::norm::squared_norm;
+use super::protocol::{Msg, Outcome, Report, SnapshotKind, StageSetup};
+use super::stage::run_stage;
 use super::threads::{self, apply_thread_budget, ThreadPools};
 use crate::error::{EngineError, Result};
 use crate::input::{is_integer, BatchCheck};
@@ -71,25 +73,25 @@ impl EvalStats {
 /// A running pipeline: stage threads that own their layers, parameters, gradients and
 /// optimizer state.
 pub struct Pipeline {
-    pub(super) model_name: String,
+    model_name: String,
     /// The model's checks of every batch, run before the batch reaches a stage.
-    pub(super) batch_check: Arc<dyn BatchCheck>,
-    pub(super) partition: Partition,
-    pub(super) schedule: Arc<Schedule>,
-    pub(super) microbatches: usize,
-    pub(super) lr: LrSchedule,
-    pub(super) grad_clip: Option<f64>,
-    pub(super) optimizer: OptimizerConfig,
-    pub(super) seed: u64,
+    batch_check: Arc<dyn BatchCheck>,
+    partition: Partition,
+    schedule: Arc<Schedule>,
+    microbatches: usize,
+    lr: LrSchedule,
+    grad_clip: Option<f64>,
+    optimizer: OptimizerConfig,
+    seed: u64,
     /// Every distinct parameter name of the model.
-    pub(super) param_names: Vec<String>,
-    pub(super) inboxes: Vec<Sender<Msg>>,
-    pub(super) reports: Receiver<Report>,
-    pub(super) handles: Vec<Option<JoinHandle<()>>>,
+    param_names: Vec<String>,
+    inboxes: Vec<Sender<Msg>>,
+    reports: Receiver<Report>,
+    handles: Vec<Option<JoinHandle<()>>>,
     /// Parameter name → stages that hold a copy (only names held by two or more stages).
-    pub(super) tied: BTreeMap<String, Vec<usize>>,
-    pub(super) step: u64,
-    pub(super) stopped: Option<String>,
+    tied: BTreeMap<String, Vec<usize>>,
+    step: u64,
+    stopped: Option<String>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -295,6 +297,11 @@ impl Pipeline {
         &self.partition
     }
 
+    /// How many stages (devices, threads) the pipeline runs.
+    pub(super) fn stage_count(&self) -> usize {
+        self.inboxes.len()
+    }
+
     /// The devices holding the first chunk (which gets the inputs) and the last (the targets).
     fn entry_and_exit(&self) -> (usize, usize) {
         let placement = self.schedule.placement();
@@ -334,7 +341,7 @@ impl Pipeline {
         let target_chunks = split_batch(targets, m)?;
         let global_terms = loss_terms(targets);
         let lr = self.lr.lr(self.step);
-        let stages = self.inboxes.len();
+        let stages = self.stage_count();
         let (first, last) = self.entry_and_exit();
         // The device with the inputs last, so no stage receives data before its step message
         // (stages buffer early data anyway).
@@ -429,7 +436,7 @@ impl Pipeline {
         self.check_labelled_batch(inputs, targets)?;
         let batch = inputs.dim(0)?;
         let m = if batch % self.microbatches == 0 { self.microbatches } else { 1 };
-        let stages = self.inboxes.len();
+        let stages = self.stage_count();
         let schedule = Arc::new(Schedule::forward_only_on(self.schedule.placement(), stages, m)?);
         let input_chunks = split_batch(inputs, m)?;
         let target_chunks = split_batch(targets, m)?;
@@ -466,7 +473,7 @@ impl Pipeline {
             return Err(EngineError::Input("cannot predict on an empty batch".into()));
         }
         let m = if batch % self.microbatches == 0 { self.microbatches } else { 1 };
-        let stages = self.inboxes.len();
+        let stages = self.stage_count();
         let schedule = Arc::new(Schedule::forward_only_on(self.schedule.placement(), stages, m)?);
         let input_chunks = split_batch(inputs, m)?;
         let (first, _) = self.entry_and_exit();
@@ -503,7 +510,7 @@ impl Pipeline {
         if inputs.dim(0)? == 0 {
             return Err(EngineError::Input("cannot decode an empty batch".into()));
         }
-        let stages = self.inboxes.len();
+        let stages = self.stage_count();
         for s in (0..stages).rev() {
             self.send(s, Msg::Decode { input: (s == 0).then(|| inputs.clone()), offset })?;
         }
@@ -572,7 +579,7 @@ impl Pipeline {
     }
 
     /// Stage `s` ended instead of answering; it has reported why (or `gather` notices it died).
-    pub(super) fn stage_gone(&mut self, s: usize) -> EngineError {
+    fn stage_gone(&mut self, s: usize) -> EngineError {
         let mut pending: Vec<bool> = (0..self.inboxes.len()).map(|i| i != s).collect();
         match self.gather(&mut pending, |_| Ok(None)) {
             Err(e) => e,
