@@ -75,8 +75,9 @@ pub(super) enum Msg {
         schedule: Arc<Schedule>,
         inputs: Vec<Tensor>,
     },
-    /// Incremental decoding of positions `offset..` (KV cache): stage 0 gets the new token
-    /// ids, later stages the activation of micro-batch 0; the last stage returns the logits.
+    /// Incremental decoding of positions `offset..` (KV cache): the holder of chunk 0 gets the
+    /// new token ids, the other chunks the activation of micro-batch 0; the holder of the last
+    /// chunk returns the logits.
     Decode {
         input: Option<Tensor>,
         offset: usize,

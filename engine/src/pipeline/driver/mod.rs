@@ -511,8 +511,10 @@ impl Pipeline {
             return Err(EngineError::Input("cannot decode an empty batch".into()));
         }
         let stages = self.stage_count();
-        for s in (0..stages).rev() {
-            self.send(s, Msg::Decode { input: (s == 0).then(|| inputs.clone()), offset })?;
+        // The ids go to the device holding chunk 0, which is not device 0 under every placement.
+        let (first, _) = self.entry_and_exit();
+        for s in (0..stages).filter(|&s| s != first).chain([first]) {
+            self.send(s, Msg::Decode { input: (s == first).then(|| inputs.clone()), offset })?;
         }
         let mut done = vec![false; stages];
         let mut output = None;
