@@ -302,6 +302,18 @@ impl Pipeline {
         self.inboxes.len()
     }
 
+    /// Sends every stage its message of a step, `msg(stage)`, the device holding the first chunk
+    /// (the one with the inputs) last, so no stage receives data before its own step message
+    /// (stages buffer early data anyway).
+    fn fan_out(&mut self, mut msg: impl FnMut(usize) -> Msg) -> Result<()> {
+        let (first, _) = self.entry_and_exit();
+        for s in (0..self.stage_count()).filter(|&s| s != first).chain([first]) {
+            let message = msg(s);
+            self.send(s, message)?;
+        }
+        Ok(())
+    }
+
     /// The devices holding the first chunk (which gets the inputs) and the last (the targets).
     fn entry_and_exit(&self) -> (usize, usize) {
         let placement = self.schedule.placement();
@@ -343,18 +355,14 @@ impl Pipeline {
         let lr = self.lr.lr(self.step);
         let stages = self.stage_count();
         let (first, last) = self.entry_and_exit();
-        // The device with the inputs last, so no stage receives data before its step message
-        // (stages buffer early data anyway).
-        for s in (0..stages).filter(|&s| s != first).chain([first]) {
-            let msg = Msg::Train {
-                schedule: self.schedule.clone(),
-                inputs: if s == first { input_chunks.clone() } else { Vec::new() },
-                targets: if s == last { target_chunks.clone() } else { Vec::new() },
-                global_terms,
-                lr,
-            };
-            self.send(s, msg)?;
-        }
+        let schedule = self.schedule.clone();
+        self.fan_out(|s| Msg::Train {
+            schedule: schedule.clone(),
+            inputs: if s == first { input_chunks.clone() } else { Vec::new() },
+            targets: if s == last { target_chunks.clone() } else { Vec::new() },
+            global_terms,
+            lr,
+        })?;
 
         // The collective: sum tied gradients, compute the global norm once.
         let mut sq_norm = 0.0;
@@ -441,14 +449,11 @@ impl Pipeline {
         let input_chunks = split_batch(inputs, m)?;
         let target_chunks = split_batch(targets, m)?;
         let (first, last) = self.entry_and_exit();
-        for s in (0..stages).filter(|&s| s != first).chain([first]) {
-            let msg = Msg::Eval {
-                schedule: schedule.clone(),
-                inputs: if s == first { input_chunks.clone() } else { Vec::new() },
-                targets: if s == last { target_chunks.clone() } else { Vec::new() },
-            };
-            self.send(s, msg)?;
-        }
+        self.fan_out(|s| Msg::Eval {
+            schedule: schedule.clone(),
+            inputs: if s == first { input_chunks.clone() } else { Vec::new() },
+            targets: if s == last { target_chunks.clone() } else { Vec::new() },
+        })?;
         let mut done = vec![false; stages];
         let mut totals = Outcome::default();
         self.gather(&mut done, |report| match report {
@@ -477,13 +482,10 @@ impl Pipeline {
         let schedule = Arc::new(Schedule::forward_only_on(self.schedule.placement(), stages, m)?);
         let input_chunks = split_batch(inputs, m)?;
         let (first, _) = self.entry_and_exit();
-        for s in (0..stages).filter(|&s| s != first).chain([first]) {
-            let msg = Msg::Predict {
-                schedule: schedule.clone(),
-                inputs: if s == first { input_chunks.clone() } else { Vec::new() },
-            };
-            self.send(s, msg)?;
-        }
+        self.fan_out(|s| Msg::Predict {
+            schedule: schedule.clone(),
+            inputs: if s == first { input_chunks.clone() } else { Vec::new() },
+        })?;
         let mut done = vec![false; stages];
         let mut outputs = Vec::new();
         self.gather(&mut done, |report| match report {
@@ -513,9 +515,7 @@ impl Pipeline {
         let stages = self.stage_count();
         // The ids go to the device holding chunk 0, which is not device 0 under every placement.
         let (first, _) = self.entry_and_exit();
-        for s in (0..stages).filter(|&s| s != first).chain([first]) {
-            self.send(s, Msg::Decode { input: (s == first).then(|| inputs.clone()), offset })?;
-        }
+        self.fan_out(|s| Msg::Decode { input: (s == first).then(|| inputs.clone()), offset })?;
         let mut done = vec![false; stages];
         let mut output = None;
         self.gather(&mut done, |report| match report {

@@ -222,33 +222,13 @@ impl StageWorker {
             let msg = self.inbox.recv().map_err(|_| StageStop::Aborted)?;
             match msg {
                 Msg::Train { schedule, inputs, targets, global_terms, lr } => {
-                    let started = Instant::now();
-                    self.waiting = Duration::ZERO;
-                    let outcome = self.train(&schedule, inputs, targets, global_terms, lr)?;
-                    let busy = started.elapsed().saturating_sub(self.waiting);
-                    self.report(Report::Done { stage: self.index, outcome, busy })?;
+                    self.timed_step(|w| w.train(&schedule, inputs, targets, global_terms, lr))?
                 }
                 Msg::Eval { schedule, inputs, targets } => {
-                    let started = Instant::now();
-                    self.waiting = Duration::ZERO;
-                    let outcome = self.eval(&schedule, inputs, Some(targets))?;
-                    let busy = started.elapsed().saturating_sub(self.waiting);
-                    self.report(Report::Done { stage: self.index, outcome, busy })?;
+                    self.timed_step(|w| w.eval(&schedule, inputs, Some(targets)))?
                 }
-                Msg::Predict { schedule, inputs } => {
-                    let started = Instant::now();
-                    self.waiting = Duration::ZERO;
-                    let outcome = self.eval(&schedule, inputs, None)?;
-                    let busy = started.elapsed().saturating_sub(self.waiting);
-                    self.report(Report::Done { stage: self.index, outcome, busy })?;
-                }
-                Msg::Decode { input, offset } => {
-                    let started = Instant::now();
-                    self.waiting = Duration::ZERO;
-                    let outcome = self.decode(input, offset)?;
-                    let busy = started.elapsed().saturating_sub(self.waiting);
-                    self.report(Report::Done { stage: self.index, outcome, busy })?;
-                }
+                Msg::Predict { schedule, inputs } => self.timed_step(|w| w.eval(&schedule, inputs, None))?,
+                Msg::Decode { input, offset } => self.timed_step(|w| w.decode(input, offset))?,
                 Msg::Snapshot { kind, reply } => {
                     let _ = reply.send(self.snapshot(kind)?);
                 }
@@ -270,6 +250,16 @@ impl StageWorker {
                 Msg::Abort | Msg::Shutdown => return Ok(()),
             }
         }
+    }
+
+    /// Runs one step message's `work` and reports it done, with the time the stage spent
+    /// computing (the step's time less what it waited for messages).
+    fn timed_step(&mut self, work: impl FnOnce(&mut Self) -> StageResult<Outcome>) -> StageResult<()> {
+        let started = Instant::now();
+        self.waiting = Duration::ZERO;
+        let outcome = work(self)?;
+        let busy = started.elapsed().saturating_sub(self.waiting);
+        self.report(Report::Done { stage: self.index, outcome, busy })
     }
 
     fn report(&self, report: Report) -> StageResult<()> {
