@@ -470,6 +470,10 @@ impl Trainer {
         let mut step_time = Duration::ZERO;
         let mut step_times = Vec::new();
         let mut data_times = Vec::new();
+        // The last held-out loss: a finite step can still leave weights that predict only NaN
+        // (a huge --lr). Such weights are not saved over a checkpoint already there.
+        let mut held_out_finite = true;
+        let mut warned_non_finite = false;
         for _ in start..self.options.steps {
             let (stats, data_time) = self.step_timed()?;
             data_times.push(data_time);
@@ -500,10 +504,31 @@ impl Trainer {
             if every > 0 && self.options.eval_batches > 0 && (step % every == 0 || step == self.options.steps) {
                 let stats = self.evaluate()?;
                 final_eval = Some(stats);
+                held_out_finite = stats.loss.is_finite();
                 on_event(&Event::Eval { step, stats });
+                if !held_out_finite && !warned_non_finite {
+                    // Once per run, on stderr: a warning is no event of the run the caller
+                    // could be matching on.
+                    let keeping = match &self.options.checkpoints {
+                        Some(policy) => format!(
+                            "; while it is not finite, no checkpoint is saved over those in {}",
+                            policy.dir.display()
+                        ),
+                        None => String::new(),
+                    };
+                    eprintln!(
+                        "warning: step {step}: the held-out loss is {}: the model predicts nothing useful \
+                         (try a lower --lr, or --grad-clip){keeping}",
+                        stats.loss
+                    );
+                    warned_non_finite = true;
+                }
             }
             if let Some(policy) = self.options.checkpoints.clone() {
-                if (policy.every > 0 && step % policy.every == 0) || step == self.options.steps {
+                let due = (policy.every > 0 && step % policy.every == 0) || step == self.options.steps;
+                // Weights with a non-finite held-out loss go only into an empty directory (a
+                // first checkpoint is all there is to inspect), never over checkpoints there.
+                if due && (held_out_finite || list_checkpoints(&policy.dir)?.is_empty()) {
                     let started = Instant::now();
                     let checkpoint = self.save_periodic(&policy)?;
                     on_event(&Event::Saved { step, checkpoint, seconds: started.elapsed().as_secs_f64() });
