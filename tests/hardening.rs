@@ -829,7 +829,9 @@ fn weights_with_a_non_finite_held_out_loss_never_replace_a_checkpoint() {
         brigade(&args)
     };
     // --overwrite: the first run's checkpoint (same name, step-00000001) would be replaced.
-    let out = wild(&save, &["--overwrite"]);
+    // The run logs elsewhere: a new run restarts the save directory's metrics log.
+    let log = root.join("wild.jsonl");
+    let out = wild(&save, &["--overwrite", "--log", log.to_str().unwrap()]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     let warnings: Vec<&str> = stderr.lines().filter(|l| l.starts_with("warning:")).collect();
