@@ -144,13 +144,16 @@ pub(super) struct Outcome {
     pub peak_stash_bytes: u64,
 }
 
+/// A model chunk as the driver hands it to a stage: (its index in model order, its layers).
+pub(super) type ChunkLayers = (usize, Vec<Arc<dyn LayerSpec>>);
+
 /// Everything a stage thread starts from (the driver builds one per stage).
 pub(super) struct StageSetup {
     pub index: usize,
     /// The routing table: `placement[c]` is the device holding chunk `c`.
     pub placement: Arc<Vec<usize>>,
-    /// This device's chunks, in model order: (chunk index, its layers).
-    pub chunks: Vec<(usize, Vec<Arc<dyn LayerSpec>>)>,
+    /// This device's chunks, in model order.
+    pub chunks: Vec<ChunkLayers>,
     pub seed: u64,
     pub initial: HashMap<String, Tensor>,
     pub initial_buffers: HashMap<String, Tensor>,

@@ -14,7 +14,7 @@ mod save;
 
 use super::config::{PipelineConfig, ScheduleChoice};
 use super::norm::squared_norm;
-use super::protocol::{Msg, Outcome, Report, SnapshotKind, StageSetup};
+use super::protocol::{ChunkLayers, Msg, Outcome, Report, SnapshotKind, StageSetup};
 use super::stage::run_stage;
 use super::threads::{self, apply_thread_budget, ThreadPools};
 use crate::error::{EngineError, Result};
@@ -194,7 +194,7 @@ impl Pipeline {
         })?;
         let chunk_layers: Vec<Vec<Arc<dyn LayerSpec>>> =
             partition.ranges().into_iter().map(|r| layers[r].to_vec()).collect();
-        let device_chunks: Vec<Vec<(usize, Vec<Arc<dyn LayerSpec>>)>> = (0..config.stages)
+        let device_chunks: Vec<Vec<ChunkLayers>> = (0..config.stages)
             .map(|d| {
                 (0..placement.len()).filter(|&c| placement[c] == d).map(|c| (c, chunk_layers[c].clone())).collect()
             })
