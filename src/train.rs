@@ -357,12 +357,9 @@ impl Trainer {
             },
             total_steps: self.options.steps,
         };
-        #[allow(unused_mut)] // Only the `testing` build changes it.
-        let mut options = SaveOptions::with_max_shard_bytes(max_shard_bytes);
+        let options = SaveOptions::with_max_shard_bytes(max_shard_bytes);
         #[cfg(feature = "testing")]
-        {
-            options.fault = save_fault_from_env();
-        }
+        let options = SaveOptions { fault: save_fault_from_env(), ..options };
         Ok(self.pipeline.save_checkpoint(dir, model, training, &options)?)
     }
 
