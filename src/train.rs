@@ -357,7 +357,9 @@ impl Trainer {
             },
             total_steps: self.options.steps,
         };
-        let options = SaveOptions { max_shard_bytes, fault: save_fault_from_env() };
+        let options = SaveOptions::with_max_shard_bytes(max_shard_bytes);
+        #[cfg(feature = "testing")]
+        let options = SaveOptions { fault: save_fault_from_env(), ..options };
         Ok(self.pipeline.save_checkpoint(dir, model, training, &options)?)
     }
 
@@ -465,6 +467,10 @@ impl Trainer {
         let mut step_time = Duration::ZERO;
         let mut step_times = Vec::new();
         let mut data_times = Vec::new();
+        // The last held-out loss: a finite step can still leave weights that predict only NaN
+        // (a huge --lr). Such weights are not saved over a checkpoint already there.
+        let mut held_out_finite = true;
+        let mut warned_non_finite = false;
         for _ in start..self.options.steps {
             let (stats, data_time) = self.step_timed()?;
             data_times.push(data_time);
@@ -495,10 +501,31 @@ impl Trainer {
             if every > 0 && self.options.eval_batches > 0 && (step % every == 0 || step == self.options.steps) {
                 let stats = self.evaluate()?;
                 final_eval = Some(stats);
+                held_out_finite = stats.loss.is_finite();
                 on_event(&Event::Eval { step, stats });
+                if !held_out_finite && !warned_non_finite {
+                    // Once per run, on stderr: a warning is no event of the run the caller
+                    // could be matching on.
+                    let keeping = match &self.options.checkpoints {
+                        Some(policy) => format!(
+                            "; while it is not finite, no checkpoint is saved over those in {}",
+                            policy.dir.display()
+                        ),
+                        None => String::new(),
+                    };
+                    eprintln!(
+                        "warning: step {step}: the held-out loss is {}: the model predicts nothing useful \
+                         (try a lower --lr, or --grad-clip){keeping}",
+                        stats.loss
+                    );
+                    warned_non_finite = true;
+                }
             }
             if let Some(policy) = self.options.checkpoints.clone() {
-                if (policy.every > 0 && step % policy.every == 0) || step == self.options.steps {
+                let due = (policy.every > 0 && step % policy.every == 0) || step == self.options.steps;
+                // Weights with a non-finite held-out loss go only into an empty directory (a
+                // first checkpoint is all there is to inspect), never over checkpoints there.
+                if due && (held_out_finite || list_checkpoints(&policy.dir)?.is_empty()) {
                     let started = Instant::now();
                     let checkpoint = self.save_periodic(&policy)?;
                     on_event(&Event::Saved { step, checkpoint, seconds: started.elapsed().as_secs_f64() });
@@ -525,8 +552,11 @@ impl Trainer {
     }
 }
 
-/// Test hook for the crash-safety tests: `BRIGADE_TEST_SAVE_FAULT=abort:N` kills the process
-/// after N files of a save are written; `io:STAGE:N` makes stage STAGE fail after N files.
+/// Test hook for the crash-safety tests, compiled only with the `testing` feature (which only
+/// the tests enable, for the binary they start): `BRIGADE_TEST_SAVE_FAULT=abort:N` kills the
+/// process after N files of a save are written; `io:STAGE:N` makes stage STAGE fail after N
+/// files. A default build never reads the variable.
+#[cfg(feature = "testing")]
 fn save_fault_from_env() -> Option<brigade_engine::checkpoint::SaveFault> {
     use brigade_engine::checkpoint::SaveFault;
     let spec = std::env::var("BRIGADE_TEST_SAVE_FAULT").ok()?;

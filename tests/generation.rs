@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use brigade::engine::optim::{LrSchedule, OptimizerConfig};
 use brigade::engine::pipeline::{Pipeline, PipelineConfig};
-use brigade::engine::schedule::ScheduleKind;
+use brigade::engine::schedule::{Action, ActionKind, Schedule, ScheduleKind};
 use brigade::generate::{generate, Decoding, Sampling};
 use brigade::models::data::{Split, TokenDataset};
 use brigade::models::{Gpt, GptConfig};
@@ -46,6 +46,15 @@ fn run(p: &mut Pipeline, prompt: &[u32], tokens: usize, decoding: Decoding, samp
     out
 }
 
+/// GPipe over two chunks with the devices swapped: device 1 runs chunk 0, device 0 chunk 1.
+fn reversed_two_chunks() -> Schedule {
+    let list = |device: usize, chunk: usize| -> Vec<Action> {
+        let kinds = [ActionKind::Forward, ActionKind::Forward, ActionKind::Backward, ActionKind::Backward];
+        kinds.iter().zip([0, 1, 0, 1]).map(|(&kind, mb)| Action::on_chunk(device, chunk, kind, mb)).collect()
+    };
+    Schedule::from_actions("reversed", 2, 2, vec![list(0, 1), list(1, 0)]).unwrap()
+}
+
 #[test]
 fn greedy_kv_cache_equals_full_window_on_one_and_more_stages() {
     let (model, params) = trained_tiny();
@@ -69,6 +78,13 @@ fn greedy_kv_cache_equals_full_window_on_one_and_more_stages() {
         let mut chunked = Pipeline::new(&model, config).unwrap();
         assert_eq!(run(&mut chunked, &prompt, 56, Decoding::Cached, Sampling::greedy()), reference, "{kind}");
     }
+    // A hand-written placement whose first chunk is not on device 0: the token ids must go to
+    // the device holding chunk 0 (device 1 here), and the activation comes back to device 0.
+    let mut config = PipelineConfig::default().stages(2).schedule(reversed_two_chunks()).microbatches(2);
+    config.initial_params = params.clone();
+    let mut reversed = Pipeline::new(&model, config).unwrap();
+    assert_eq!(reversed.schedule().placement(), [1, 0]);
+    assert_eq!(run(&mut reversed, &prompt, 56, Decoding::Cached, Sampling::greedy()), reference, "chunk 0 on device 1");
     // A second generation on the same pipeline starts a fresh cache.
     let other: Vec<u32> = b"A dog".iter().map(|&b| b as u32).collect();
     let mut two = pipeline(&model, &params, 2);

@@ -810,3 +810,44 @@ fn library_errors_are_typed() {
     Checkpoint::open(&save).unwrap().verify_all().unwrap().expect("checksums recorded");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A step can be finite while the weights it leaves predict only NaN (`--lr 1e30`: the step's
+/// loss is computed before the update). The run warns once and saves nothing over the
+/// checkpoints already in the save directory; into an empty one it still writes its first
+/// checkpoint, the only thing there is to inspect.
+#[test]
+fn weights_with_a_non_finite_held_out_loss_never_replace_a_checkpoint() {
+    let root = temp_dir("nan-eval");
+    let save = root.join("run");
+    assert!(train_into(&save, "1", &[]).status.success());
+    let before = checkpoint_bytes(&save);
+    let wild = |dir: &Path, extra: &[&str]| {
+        let mut args = vec!["train", "--stages", "2", "--steps", "1", "--save-dir", dir.to_str().unwrap()];
+        args.extend(["--batch-size", "4", "--microbatches", "2", "--context", "32", "--plain"]);
+        args.extend(["--eval-every", "1", "--eval-batches", "1", "--lr", "1e30", "--warmup", "0"]);
+        args.extend(extra);
+        brigade(&args)
+    };
+    // --overwrite: the first run's checkpoint (same name, step-00000001) would be replaced.
+    // The run logs elsewhere: a new run restarts the save directory's metrics log.
+    let log = root.join("wild.jsonl");
+    let out = wild(&save, &["--overwrite", "--log", log.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.starts_with("warning:")).collect();
+    assert_eq!(warnings.len(), 1, "one warning: {stderr}");
+    assert!(warnings[0].contains("held-out loss is NaN") || warnings[0].contains("held-out loss is inf"), "{stderr}");
+    assert!(warnings[0].contains("no checkpoint is saved over those in"), "{stderr}");
+    assert!(!stdout.contains(": saved "), "nothing is saved: {stdout}");
+    assert_eq!(checkpoint_bytes(&save), before, "the good checkpoint changed");
+    Checkpoint::open(&save).unwrap().verify_all().unwrap();
+    // An empty save directory gets the run's checkpoint, with the same warning.
+    let empty = root.join("empty");
+    let out = wild(&empty, &[]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert_eq!(stderr.lines().filter(|l| l.starts_with("warning:")).count(), 1, "{stderr}");
+    assert!(stdout.contains(": saved "), "{stdout}");
+    assert_eq!(std::fs::read_to_string(empty.join("latest")).unwrap().trim(), "step-00000001");
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -207,8 +207,9 @@ pub struct SavedCheckpoint {
     pub files: Vec<PathBuf>,
 }
 
-/// A fault injected into a save, to prove saves are atomic. Test-only in spirit, but public so
-/// integration tests and the CLI's hidden test hook can reach it.
+/// A fault injected into a save, to prove saves are atomic. Tests only: it exists with the
+/// `testing` cargo feature, which only the tests (and the CLI binary they start) enable.
+#[cfg(feature = "testing")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SaveFault {
     /// The given stage fails with an I/O error after writing this many of its files.
@@ -223,12 +224,25 @@ pub enum SaveFault {
 pub struct SaveOptions {
     /// Largest shard file in bytes (a single tensor larger than this gets a shard of its own).
     pub max_shard_bytes: u64,
+    /// Tests only (the `testing` feature): make the save fail or kill the process mid-way.
+    #[cfg(feature = "testing")]
     pub fault: Option<SaveFault>,
+}
+
+impl SaveOptions {
+    /// Shards of at most `max_shard_bytes` (a larger single tensor gets one of its own).
+    pub fn with_max_shard_bytes(max_shard_bytes: u64) -> Self {
+        Self {
+            max_shard_bytes,
+            #[cfg(feature = "testing")]
+            fault: None,
+        }
+    }
 }
 
 impl Default for SaveOptions {
     fn default() -> Self {
-        Self { max_shard_bytes: DEFAULT_MAX_SHARD_BYTES, fault: None }
+        Self::with_max_shard_bytes(DEFAULT_MAX_SHARD_BYTES)
     }
 }
 

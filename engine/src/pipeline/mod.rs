@@ -2,12 +2,15 @@
 //! driver (the caller's thread) that hands out work and runs the end-of-step collective.
 //!
 //! Data flow of a training step:
-//! 1. The driver splits the global batch into `m` micro-batches and sends stage 0 the inputs
-//!    and the last stage the targets, together with the (validated) schedule.
+//! 1. The driver splits the global batch into `m` micro-batches and sends the inputs to the
+//!    device holding the first model chunk and the targets to the one holding the last (stage 0
+//!    and the last stage, unless the schedule places chunks otherwise, e.g. V-shaped), together
+//!    with the (validated) schedule.
 //! 2. Every stage runs its own action list in order. `F` runs the stage's layers and sends the
 //!    activation downstream; `B`/`I` backpropagate (the last stage from its loss, the others
-//!    from `sum(y * dy)` with `dy` received from downstream) and send the input gradient
-//!    upstream; `W` accumulates the weight gradients that `I` set aside.
+//!    from the output gradient `dy` received from downstream, through each layer's own
+//!    explicit input-gradient and weight-gradient code) and send the input gradient upstream;
+//!    `W` accumulates the weight gradients that `I` set aside.
 //! 3. Each stage reports its squared gradient norm and the gradients of weights it shares with
 //!    other stages (GPT's tied embedding). The driver sums the tied copies, computes the global
 //!    norm once, and answers with the summed tied gradients and the clipping factor.
@@ -23,17 +26,20 @@
 //! pipeline is then stopped for good (its stages' states are mid-step).
 //!
 //! Modules: `config` (what shapes a pipeline), `protocol` (the messages between the driver
-//! and the stages), `driver` (the caller-side [`Pipeline`]), `stage` (a stage thread's
-//! runtime around its [`crate::compute::StageCompute`]), `threads` (the thread budget),
-//! `save` (checkpoints written by every stage at once) and `testing` (fault injection, for
-//! tests only).
+//! and the stages; a leaf the others build on), `driver` (the caller-side [`Pipeline`], with
+//! `driver::save`, the plan and the final files of a checkpoint), `stage` (a stage thread's
+//! runtime around its [`crate::compute::StageCompute`], with `stage::save`, the shards each
+//! stage writes from its own thread), `clock` (action timings), `norm` (gradient norms),
+//! `threads` (the thread budget) and, with the `testing` feature only, `testing` (fault
+//! injection).
 
 mod clock;
 mod config;
 mod driver;
+mod norm;
 mod protocol;
-mod save;
 mod stage;
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod testing;
 mod threads;
@@ -44,23 +50,4 @@ pub use driver::{ActionTiming, EvalStats, Pipeline, StepStats};
 pub(crate) use threads::{apply_thread_budget, check_thread_budget};
 pub use threads::{candle_elementwise_threads, ThreadPools, MAX_THREADS_PER_STAGE};
 
-use candle_core::{DType, Tensor};
-
-/// The squared L2 norm of `t`, summed in f64 (gradient clipping, here and in the reference).
-pub(crate) fn squared_norm(t: &Tensor) -> candle_core::Result<f64> {
-    squared_norm_sum(std::slice::from_ref(t))
-}
-
-/// The squared L2 norm of all of `tensors` together, each summed in f64 and the sums added in
-/// order on the tensors' device, then read once (one host synchronisation on a GPU).
-pub(crate) fn squared_norm_sum(tensors: &[Tensor]) -> candle_core::Result<f64> {
-    let mut total: Option<Tensor> = None;
-    for t in tensors {
-        let sq = t.to_dtype(DType::F64)?.sqr()?.sum_all()?;
-        total = Some(match total {
-            Some(acc) => (acc + sq)?,
-            None => sq,
-        });
-    }
-    total.map_or(Ok(0.0), |t| t.to_scalar::<f64>())
-}
+pub(crate) use norm::squared_norm;

@@ -1,15 +1,27 @@
 //! The message protocol between the driver and the stage threads: what the driver (and
-//! neighbouring stages) send into a stage's inbox, and what stages report back.
+//! neighbouring stages) send into a stage's inbox, what stages report back, why a stage stops,
+//! and what a checkpoint save asks of a stage.
+//!
+//! A leaf: it imports nothing else of the pipeline, so the driver, the stage runtime and the
+//! test hooks all depend on it and never on each other's internals. Its types are plain
+//! messages, so their fields are open to the pipeline.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use candle_core::DType;
 use candle_core::Tensor;
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 
-use super::save;
-use super::stage::StageResult;
-use super::testing::Fault;
+#[cfg(feature = "testing")]
+use crate::checkpoint::SaveFault;
+use crate::checkpoint::{ShardFile, StageLoader, TensorInfo};
+use crate::compute::Recompute;
+use crate::device::StageDevice;
+use crate::layer::{LayerSpec, LossKind};
+use crate::optim::{OptimizerConfig, ParamState};
 use crate::schedule::{Action, Schedule};
 
 /// Which per-stage tensors a snapshot gathers.
@@ -63,8 +75,9 @@ pub(super) enum Msg {
         schedule: Arc<Schedule>,
         inputs: Vec<Tensor>,
     },
-    /// Incremental decoding of positions `offset..` (KV cache): stage 0 gets the new token
-    /// ids, later stages the activation of micro-batch 0; the last stage returns the logits.
+    /// Incremental decoding of positions `offset..` (KV cache): the holder of chunk 0 gets the
+    /// new token ids, the other chunks the activation of micro-batch 0; the holder of the last
+    /// chunk returns the logits.
     Decode {
         input: Option<Tensor>,
         offset: usize,
@@ -75,18 +88,19 @@ pub(super) enum Msg {
     },
     /// What this stage would save: (weights and buffers, optimizer state).
     Manifest {
-        reply: Sender<StageResult<save::Manifest>>,
+        reply: Sender<StageResult<Manifest>>,
     },
     /// Write these files (into a staging directory) from this stage's own tensors.
     Save {
-        job: Arc<save::SaveJob>,
+        job: Arc<SaveJob>,
         reply: Sender<std::result::Result<u64, String>>,
     },
     /// Answered as soon as the stage is built and idle.
     Ping {
         reply: Sender<()>,
     },
-    /// Tests only ([`super::testing::inject_fault`]): fail as `Fault` says.
+    /// Tests only (`testing::inject_fault`): fail as `Fault` says.
+    #[cfg(feature = "testing")]
     InjectFault(Fault),
     /// Another stage failed: stop at once, mid-step if need be.
     Abort,
@@ -120,12 +134,98 @@ pub(super) enum Report {
 /// What a stage measured or produced during one step message.
 #[derive(Default)]
 pub(super) struct Outcome {
-    pub(super) loss: f64,
-    pub(super) correct: usize,
-    pub(super) terms: usize,
+    pub loss: f64,
+    pub correct: usize,
+    pub terms: usize,
     /// Model outputs by micro-batch (prediction only, last stage).
-    pub(super) outputs: Vec<(usize, Tensor)>,
+    pub outputs: Vec<(usize, Tensor)>,
     /// Training only: (action, start, end) in execution order, and the stash's high-water mark.
-    pub(super) timings: Vec<(Action, Instant, Instant)>,
-    pub(super) peak_stash_bytes: u64,
+    pub timings: Vec<(Action, Instant, Instant)>,
+    pub peak_stash_bytes: u64,
+}
+
+/// A model chunk as the driver hands it to a stage: (its index in model order, its layers).
+pub(super) type ChunkLayers = (usize, Vec<Arc<dyn LayerSpec>>);
+
+/// Everything a stage thread starts from (the driver builds one per stage).
+pub(super) struct StageSetup {
+    pub index: usize,
+    /// The routing table: `placement[c]` is the device holding chunk `c`.
+    pub placement: Arc<Vec<usize>>,
+    /// This device's chunks, in model order.
+    pub chunks: Vec<ChunkLayers>,
+    pub seed: u64,
+    pub initial: HashMap<String, Tensor>,
+    pub initial_buffers: HashMap<String, Tensor>,
+    pub initial_optimizer_state: HashMap<String, ParamState>,
+    pub checkpoint: Option<Arc<StageLoader>>,
+    pub recompute: Recompute,
+    pub optimizer: OptimizerConfig,
+    pub loss: LossKind,
+    pub tied: Vec<String>,
+    pub inbox: Receiver<Msg>,
+    /// Every device's inbox, by device index (this one's included).
+    pub peers: Vec<Sender<Msg>>,
+    pub reports: Sender<Report>,
+    pub threads: usize,
+    /// One pool every stage computes in (the stages lend each other their idle cores); `None`:
+    /// the stage builds its own pool of `threads` workers.
+    pub shared_pool: Option<Arc<rayon::ThreadPool>>,
+    pub device: StageDevice,
+    pub compute_dtype: DType,
+}
+
+/// Why a stage stopped working on a step.
+pub(super) enum StageStop {
+    Aborted,
+    Failed(Option<Action>, String),
+}
+
+impl From<candle_core::Error> for StageStop {
+    fn from(e: candle_core::Error) -> Self {
+        StageStop::Failed(None, e.to_string())
+    }
+}
+
+pub(super) type StageResult<T> = std::result::Result<T, StageStop>;
+
+/// What one stage holds that a checkpoint keeps (its answer to `Msg::Manifest`).
+pub(super) struct Manifest {
+    /// Parameters, then buffers.
+    pub weights: Vec<TensorInfo>,
+    pub optimizer: Vec<TensorInfo>,
+}
+
+/// The files every stage writes (`Msg::Save`), shared by all of them.
+pub(super) struct SaveJob {
+    /// The staging directory the files go into.
+    pub dir: PathBuf,
+    /// Every file of the checkpoint; each stage writes those marked with its index.
+    pub files: Vec<ShardFile>,
+    /// The safetensors metadata every file carries.
+    pub header: HashMap<String, String>,
+    #[cfg(feature = "testing")]
+    pub fault: Option<SaveFault>,
+}
+
+/// Where to inject a failure, for testing that a failing stage stops the pipeline
+/// (`testing::inject_fault`).
+#[cfg(feature = "testing")]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fault {
+    pub stage: usize,
+    /// `Some(action)`: just before that action; `None`: at the optimizer step.
+    pub at: Option<Action>,
+    pub kind: FaultKind,
+}
+
+#[cfg(feature = "testing")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// The stage returns an error.
+    Error,
+    /// The stage thread panics.
+    Panic,
+    /// The loss becomes NaN (only meaningful for a forward on the last stage).
+    NonFiniteLoss,
 }

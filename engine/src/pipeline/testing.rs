@@ -1,33 +1,15 @@
-//! Fault injection, for tests only: makes a chosen stage fail (error, panic, non-finite loss) at
-//! a chosen action, to check that one failing stage stops the whole pipeline cleanly.
+//! Fault injection, for tests only (compiled with the `testing` cargo feature, which only the
+//! tests enable): makes a chosen stage fail (error, panic, non-finite loss) at a chosen action,
+//! to check that one failing stage stops the whole pipeline cleanly.
 //!
 //! Not part of the pipeline's configuration: a fault is armed on a running pipeline with
 //! [`inject_fault`], which sends it to the stage's inbox. The stage keeps it until the pipeline
-//! ends, so the next step meets it. Hidden from the documentation; nothing outside tests uses it.
+//! ends, so the next step meets it.
 
 use super::driver::Pipeline;
 use super::protocol::Msg;
+pub use super::protocol::{Fault, FaultKind};
 use crate::error::{EngineError, Result};
-use crate::schedule::Action;
-
-/// Where to inject a failure, for testing that a failing stage stops the pipeline.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Fault {
-    pub stage: usize,
-    /// `Some(action)`: just before that action; `None`: at the optimizer step.
-    pub at: Option<Action>,
-    pub kind: FaultKind,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FaultKind {
-    /// The stage returns an error.
-    Error,
-    /// The stage thread panics.
-    Panic,
-    /// The loss becomes NaN (only meaningful for a forward on the last stage).
-    NonFiniteLoss,
-}
 
 /// Arms `fault` in its stage of `pipeline`; the next training step meets it.
 ///
@@ -35,7 +17,7 @@ pub enum FaultKind {
 /// is in place before the next step's work arrives.
 pub fn inject_fault(pipeline: &mut Pipeline, fault: Fault) -> Result<()> {
     pipeline.ensure_running()?;
-    let stages = pipeline.inboxes.len();
+    let stages = pipeline.stage_count();
     if fault.stage >= stages {
         return Err(EngineError::Config(format!("no stage {} to inject a fault into ({stages} stages)", fault.stage)));
     }

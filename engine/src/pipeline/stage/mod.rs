@@ -14,96 +14,59 @@ use candle_core::{DType, Device, Tensor};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::clock::ActionClock;
-use super::protocol::{Msg, Outcome, Report, SnapshotKind};
-use super::squared_norm_sum;
-use super::testing::{Fault, FaultKind};
+use super::norm::squared_norm_sum;
+#[cfg(feature = "testing")]
+use super::protocol::{Fault, FaultKind};
+use super::protocol::{Msg, Outcome, Report, SnapshotKind, StageResult, StageSetup, StageStop};
 use super::threads;
-use crate::compute::{LossTarget, Recompute, StageCompute};
+use crate::compute::{LossTarget, StageCompute};
 use crate::layer::{LayerSpec, LossKind, ParamStore};
 use crate::loss::{correct_predictions_on_device, loss_terms, microbatch_loss};
-use crate::optim::{Optimizer, OptimizerConfig, ParamState, ParamUpdate};
+use crate::optim::{Optimizer, ParamState, ParamUpdate};
 use crate::schedule::{Action, ActionKind, Schedule};
 
-pub(super) struct StageSetup {
-    pub(super) index: usize,
-    /// The routing table: `placement[c]` is the device holding chunk `c`.
-    pub(super) placement: Arc<Vec<usize>>,
-    /// This device's chunks, in model order: (chunk index, its layers).
-    pub(super) chunks: Vec<(usize, Vec<Arc<dyn LayerSpec>>)>,
-    pub(super) seed: u64,
-    pub(super) initial: HashMap<String, Tensor>,
-    pub(super) initial_buffers: HashMap<String, Tensor>,
-    pub(super) initial_optimizer_state: HashMap<String, ParamState>,
-    pub(super) checkpoint: Option<Arc<crate::checkpoint::StageLoader>>,
-    pub(super) recompute: Recompute,
-    pub(super) optimizer: OptimizerConfig,
-    pub(super) loss: LossKind,
-    pub(super) tied: Vec<String>,
-    pub(super) inbox: Receiver<Msg>,
-    /// Every device's inbox, by device index (this one's included).
-    pub(super) peers: Vec<Sender<Msg>>,
-    pub(super) reports: Sender<Report>,
-    pub(super) threads: usize,
-    /// One pool every stage computes in (the stages lend each other their idle cores); `None`:
-    /// the stage builds its own pool of `threads` workers.
-    pub(super) shared_pool: Option<Arc<rayon::ThreadPool>>,
-    pub(super) device: crate::device::StageDevice,
-    pub(super) compute_dtype: DType,
-}
-
-/// Why a stage stopped working on a step.
-pub(super) enum StageStop {
-    Aborted,
-    Failed(Option<Action>, String),
-}
-
-impl From<candle_core::Error> for StageStop {
-    fn from(e: candle_core::Error) -> Self {
-        StageStop::Failed(None, e.to_string())
-    }
-}
-
-pub(super) type StageResult<T> = std::result::Result<T, StageStop>;
+mod save;
 
 /// One model chunk a device holds.
-pub(super) struct Chunk {
+struct Chunk {
     /// Its index in model order.
-    pub(super) index: usize,
+    index: usize,
     /// Its math: its layers (built over detached views of the device's variables) and
     /// everything in flight between forward and backward steps.
-    pub(super) compute: StageCompute,
+    compute: StageCompute,
 }
 
 /// A stage's world: its chunks' layers, parameters, gradients, optimizer state, and channels.
-pub(super) struct StageWorker {
-    pub(super) index: usize,
-    pub(super) placement: Arc<Vec<usize>>,
+struct StageWorker {
+    index: usize,
+    placement: Arc<Vec<usize>>,
     /// This device's chunks, in model order.
-    pub(super) chunks: Vec<Chunk>,
-    pub(super) store: ParamStore,
-    pub(super) optimizer: Optimizer,
-    pub(super) loss: LossKind,
-    pub(super) tied: Vec<String>,
-    pub(super) inbox: Receiver<Msg>,
-    pub(super) peers: Vec<Sender<Msg>>,
-    pub(super) reports: Sender<Report>,
-    /// A failure armed by a test (`testing::inject_fault`); `None` outside tests.
-    pub(super) fault: Option<Fault>,
+    chunks: Vec<Chunk>,
+    store: ParamStore,
+    optimizer: Optimizer,
+    loss: LossKind,
+    tied: Vec<String>,
+    inbox: Receiver<Msg>,
+    peers: Vec<Sender<Msg>>,
+    reports: Sender<Report>,
+    /// A failure armed by a test (`testing::inject_fault`).
+    #[cfg(feature = "testing")]
+    fault: Option<Fault>,
     /// The previous step's gradients (tied copies summed, unclipped), for inspection.
-    pub(super) last_grads: BTreeMap<String, Tensor>,
+    last_grads: BTreeMap<String, Tensor>,
     /// Received activations and gradients by (receiving chunk, micro-batch).
-    pub(super) activations_in: HashMap<(usize, usize), Tensor>,
-    pub(super) gradients_in: HashMap<(usize, usize), Tensor>,
-    pub(super) reduced_in: Option<(Vec<(String, Tensor)>, f64)>,
-    pub(super) waiting: Duration,
+    activations_in: HashMap<(usize, usize), Tensor>,
+    gradients_in: HashMap<(usize, usize), Tensor>,
+    reduced_in: Option<(Vec<(String, Tensor)>, f64)>,
+    waiting: Duration,
     /// The shared compute pool the stage's math runs in, action by action, while the stage
     /// thread itself waits for messages outside it; `None` when the whole stage runs in its
     /// own pool.
-    pub(super) shared_pool: Option<Arc<rayon::ThreadPool>>,
+    shared_pool: Option<Arc<rayon::ThreadPool>>,
     /// Mixed precision: the dtype the layers compute in, and their copies of the parameters
     /// in it (refreshed from the f32 masters after every optimizer step); empty in f32.
-    pub(super) compute_dtype: DType,
-    pub(super) compute_copies: Vec<(String, Tensor)>,
+    compute_dtype: DType,
+    compute_copies: Vec<(String, Tensor)>,
 }
 
 pub(super) fn run_stage(setup: StageSetup) {
@@ -240,6 +203,7 @@ impl StageWorker {
             inbox: setup.inbox,
             peers: setup.peers,
             reports: setup.reports,
+            #[cfg(feature = "testing")]
             fault: None,
             last_grads: BTreeMap::new(),
             activations_in: HashMap::new(),
@@ -258,33 +222,13 @@ impl StageWorker {
             let msg = self.inbox.recv().map_err(|_| StageStop::Aborted)?;
             match msg {
                 Msg::Train { schedule, inputs, targets, global_terms, lr } => {
-                    let started = Instant::now();
-                    self.waiting = Duration::ZERO;
-                    let outcome = self.train(&schedule, inputs, targets, global_terms, lr)?;
-                    let busy = started.elapsed().saturating_sub(self.waiting);
-                    self.report(Report::Done { stage: self.index, outcome, busy })?;
+                    self.timed_step(|w| w.train(&schedule, inputs, targets, global_terms, lr))?
                 }
                 Msg::Eval { schedule, inputs, targets } => {
-                    let started = Instant::now();
-                    self.waiting = Duration::ZERO;
-                    let outcome = self.eval(&schedule, inputs, Some(targets))?;
-                    let busy = started.elapsed().saturating_sub(self.waiting);
-                    self.report(Report::Done { stage: self.index, outcome, busy })?;
+                    self.timed_step(|w| w.eval(&schedule, inputs, Some(targets)))?
                 }
-                Msg::Predict { schedule, inputs } => {
-                    let started = Instant::now();
-                    self.waiting = Duration::ZERO;
-                    let outcome = self.eval(&schedule, inputs, None)?;
-                    let busy = started.elapsed().saturating_sub(self.waiting);
-                    self.report(Report::Done { stage: self.index, outcome, busy })?;
-                }
-                Msg::Decode { input, offset } => {
-                    let started = Instant::now();
-                    self.waiting = Duration::ZERO;
-                    let outcome = self.decode(input, offset)?;
-                    let busy = started.elapsed().saturating_sub(self.waiting);
-                    self.report(Report::Done { stage: self.index, outcome, busy })?;
-                }
+                Msg::Predict { schedule, inputs } => self.timed_step(|w| w.eval(&schedule, inputs, None))?,
+                Msg::Decode { input, offset } => self.timed_step(|w| w.decode(input, offset))?,
                 Msg::Snapshot { kind, reply } => {
                     let _ = reply.send(self.snapshot(kind)?);
                 }
@@ -297,13 +241,25 @@ impl StageWorker {
                 Msg::Ping { reply } => {
                     let _ = reply.send(());
                 }
-                Msg::Activation { .. } | Msg::Gradient { .. } | Msg::Reduced { .. } | Msg::InjectFault(_) => {
+                #[cfg(feature = "testing")]
+                Msg::InjectFault(_) => self.buffer(msg),
+                Msg::Activation { .. } | Msg::Gradient { .. } | Msg::Reduced { .. } => {
                     // Data can arrive before this stage has seen its own step message.
                     self.buffer(msg);
                 }
                 Msg::Abort | Msg::Shutdown => return Ok(()),
             }
         }
+    }
+
+    /// Runs one step message's `work` and reports it done, with the time the stage spent
+    /// computing (the step's time less what it waited for messages).
+    fn timed_step(&mut self, work: impl FnOnce(&mut Self) -> StageResult<Outcome>) -> StageResult<()> {
+        let started = Instant::now();
+        self.waiting = Duration::ZERO;
+        let outcome = work(self)?;
+        let busy = started.elapsed().saturating_sub(self.waiting);
+        self.report(Report::Done { stage: self.index, outcome, busy })
     }
 
     fn report(&self, report: Report) -> StageResult<()> {
@@ -319,6 +275,7 @@ impl StageWorker {
                 self.gradients_in.insert((chunk, microbatch), tensor);
             }
             Msg::Reduced { tied_grads, clip_scale } => self.reduced_in = Some((tied_grads, clip_scale)),
+            #[cfg(feature = "testing")]
             Msg::InjectFault(fault) => self.fault = Some(fault),
             _ => {}
         }
@@ -357,6 +314,7 @@ impl StageWorker {
     }
 
     /// Fails here if a test armed a fault at `at`; `Ok(true)` asks for a poisoned (NaN) loss.
+    #[cfg(feature = "testing")]
     fn armed_fault(&self, at: Option<Action>) -> StageResult<bool> {
         match self.fault {
             Some(f) if f.at == at => match f.kind {
@@ -366,6 +324,12 @@ impl StageWorker {
             },
             _ => Ok(false),
         }
+    }
+
+    /// Without the `testing` feature no fault can be armed.
+    #[cfg(not(feature = "testing"))]
+    fn armed_fault(&self, _at: Option<Action>) -> StageResult<bool> {
+        Ok(false)
     }
 
     fn train(
@@ -696,7 +660,7 @@ impl StageWorker {
         Ok(outcome)
     }
 
-    pub(super) fn snapshot(&self, kind: SnapshotKind) -> StageResult<Vec<(String, Tensor)>> {
+    fn snapshot(&self, kind: SnapshotKind) -> StageResult<Vec<(String, Tensor)>> {
         let cpu = |t: &Tensor| t.to_device(&Device::Cpu).and_then(|t| t.copy());
         let mut out = Vec::new();
         match kind {

@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Tensor};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 
+mod save;
+
 use super::config::{PipelineConfig, ScheduleChoice};
-use super::protocol::{Msg, Outcome, Report, SnapshotKind};
-use super::squared_norm;
-use super::stage::{run_stage, StageSetup};
+use super::norm::squared_norm;
+use super::protocol::{ChunkLayers, Msg, Outcome, Report, SnapshotKind, StageSetup};
+use super::stage::run_stage;
 use super::threads::{self, apply_thread_budget, ThreadPools};
 use crate::error::{EngineError, Result};
 use crate::input::{is_integer, BatchCheck};
@@ -71,25 +73,25 @@ impl EvalStats {
 /// A running pipeline: stage threads that own their layers, parameters, gradients and
 /// optimizer state.
 pub struct Pipeline {
-    pub(super) model_name: String,
+    model_name: String,
     /// The model's checks of every batch, run before the batch reaches a stage.
-    pub(super) batch_check: Arc<dyn BatchCheck>,
-    pub(super) partition: Partition,
-    pub(super) schedule: Arc<Schedule>,
-    pub(super) microbatches: usize,
-    pub(super) lr: LrSchedule,
-    pub(super) grad_clip: Option<f64>,
-    pub(super) optimizer: OptimizerConfig,
-    pub(super) seed: u64,
+    batch_check: Arc<dyn BatchCheck>,
+    partition: Partition,
+    schedule: Arc<Schedule>,
+    microbatches: usize,
+    lr: LrSchedule,
+    grad_clip: Option<f64>,
+    optimizer: OptimizerConfig,
+    seed: u64,
     /// Every distinct parameter name of the model.
-    pub(super) param_names: Vec<String>,
-    pub(super) inboxes: Vec<Sender<Msg>>,
-    pub(super) reports: Receiver<Report>,
-    pub(super) handles: Vec<Option<JoinHandle<()>>>,
+    param_names: Vec<String>,
+    inboxes: Vec<Sender<Msg>>,
+    reports: Receiver<Report>,
+    handles: Vec<Option<JoinHandle<()>>>,
     /// Parameter name → stages that hold a copy (only names held by two or more stages).
-    pub(super) tied: BTreeMap<String, Vec<usize>>,
-    pub(super) step: u64,
-    pub(super) stopped: Option<String>,
+    tied: BTreeMap<String, Vec<usize>>,
+    step: u64,
+    stopped: Option<String>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -192,7 +194,7 @@ impl Pipeline {
         })?;
         let chunk_layers: Vec<Vec<Arc<dyn LayerSpec>>> =
             partition.ranges().into_iter().map(|r| layers[r].to_vec()).collect();
-        let device_chunks: Vec<Vec<(usize, Vec<Arc<dyn LayerSpec>>)>> = (0..config.stages)
+        let device_chunks: Vec<Vec<ChunkLayers>> = (0..config.stages)
             .map(|d| {
                 (0..placement.len()).filter(|&c| placement[c] == d).map(|c| (c, chunk_layers[c].clone())).collect()
             })
@@ -295,6 +297,23 @@ impl Pipeline {
         &self.partition
     }
 
+    /// How many stages (devices, threads) the pipeline runs.
+    pub(super) fn stage_count(&self) -> usize {
+        self.inboxes.len()
+    }
+
+    /// Sends every stage its message of a step, `msg(stage)`, the device holding the first chunk
+    /// (the one with the inputs) last, so no stage receives data before its own step message
+    /// (stages buffer early data anyway).
+    fn fan_out(&mut self, mut msg: impl FnMut(usize) -> Msg) -> Result<()> {
+        let (first, _) = self.entry_and_exit();
+        for s in (0..self.stage_count()).filter(|&s| s != first).chain([first]) {
+            let message = msg(s);
+            self.send(s, message)?;
+        }
+        Ok(())
+    }
+
     /// The devices holding the first chunk (which gets the inputs) and the last (the targets).
     fn entry_and_exit(&self) -> (usize, usize) {
         let placement = self.schedule.placement();
@@ -334,20 +353,16 @@ impl Pipeline {
         let target_chunks = split_batch(targets, m)?;
         let global_terms = loss_terms(targets);
         let lr = self.lr.lr(self.step);
-        let stages = self.inboxes.len();
+        let stages = self.stage_count();
         let (first, last) = self.entry_and_exit();
-        // The device with the inputs last, so no stage receives data before its step message
-        // (stages buffer early data anyway).
-        for s in (0..stages).filter(|&s| s != first).chain([first]) {
-            let msg = Msg::Train {
-                schedule: self.schedule.clone(),
-                inputs: if s == first { input_chunks.clone() } else { Vec::new() },
-                targets: if s == last { target_chunks.clone() } else { Vec::new() },
-                global_terms,
-                lr,
-            };
-            self.send(s, msg)?;
-        }
+        let schedule = self.schedule.clone();
+        self.fan_out(|s| Msg::Train {
+            schedule: schedule.clone(),
+            inputs: if s == first { input_chunks.clone() } else { Vec::new() },
+            targets: if s == last { target_chunks.clone() } else { Vec::new() },
+            global_terms,
+            lr,
+        })?;
 
         // The collective: sum tied gradients, compute the global norm once.
         let mut sq_norm = 0.0;
@@ -429,19 +444,16 @@ impl Pipeline {
         self.check_labelled_batch(inputs, targets)?;
         let batch = inputs.dim(0)?;
         let m = if batch % self.microbatches == 0 { self.microbatches } else { 1 };
-        let stages = self.inboxes.len();
+        let stages = self.stage_count();
         let schedule = Arc::new(Schedule::forward_only_on(self.schedule.placement(), stages, m)?);
         let input_chunks = split_batch(inputs, m)?;
         let target_chunks = split_batch(targets, m)?;
         let (first, last) = self.entry_and_exit();
-        for s in (0..stages).filter(|&s| s != first).chain([first]) {
-            let msg = Msg::Eval {
-                schedule: schedule.clone(),
-                inputs: if s == first { input_chunks.clone() } else { Vec::new() },
-                targets: if s == last { target_chunks.clone() } else { Vec::new() },
-            };
-            self.send(s, msg)?;
-        }
+        self.fan_out(|s| Msg::Eval {
+            schedule: schedule.clone(),
+            inputs: if s == first { input_chunks.clone() } else { Vec::new() },
+            targets: if s == last { target_chunks.clone() } else { Vec::new() },
+        })?;
         let mut done = vec![false; stages];
         let mut totals = Outcome::default();
         self.gather(&mut done, |report| match report {
@@ -466,17 +478,14 @@ impl Pipeline {
             return Err(EngineError::Input("cannot predict on an empty batch".into()));
         }
         let m = if batch % self.microbatches == 0 { self.microbatches } else { 1 };
-        let stages = self.inboxes.len();
+        let stages = self.stage_count();
         let schedule = Arc::new(Schedule::forward_only_on(self.schedule.placement(), stages, m)?);
         let input_chunks = split_batch(inputs, m)?;
         let (first, _) = self.entry_and_exit();
-        for s in (0..stages).filter(|&s| s != first).chain([first]) {
-            let msg = Msg::Predict {
-                schedule: schedule.clone(),
-                inputs: if s == first { input_chunks.clone() } else { Vec::new() },
-            };
-            self.send(s, msg)?;
-        }
+        self.fan_out(|s| Msg::Predict {
+            schedule: schedule.clone(),
+            inputs: if s == first { input_chunks.clone() } else { Vec::new() },
+        })?;
         let mut done = vec![false; stages];
         let mut outputs = Vec::new();
         self.gather(&mut done, |report| match report {
@@ -503,10 +512,10 @@ impl Pipeline {
         if inputs.dim(0)? == 0 {
             return Err(EngineError::Input("cannot decode an empty batch".into()));
         }
-        let stages = self.inboxes.len();
-        for s in (0..stages).rev() {
-            self.send(s, Msg::Decode { input: (s == 0).then(|| inputs.clone()), offset })?;
-        }
+        let stages = self.stage_count();
+        // The ids go to the device holding chunk 0, which is not device 0 under every placement.
+        let (first, _) = self.entry_and_exit();
+        self.fan_out(|s| Msg::Decode { input: (s == first).then(|| inputs.clone()), offset })?;
         let mut done = vec![false; stages];
         let mut output = None;
         self.gather(&mut done, |report| match report {
@@ -572,7 +581,7 @@ impl Pipeline {
     }
 
     /// Stage `s` ended instead of answering; it has reported why (or `gather` notices it died).
-    pub(super) fn stage_gone(&mut self, s: usize) -> EngineError {
+    fn stage_gone(&mut self, s: usize) -> EngineError {
         let mut pending: Vec<bool> = (0..self.inboxes.len()).map(|i| i != s).collect();
         match self.gather(&mut pending, |_| Ok(None)) {
             Err(e) => e,

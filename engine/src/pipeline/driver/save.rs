@@ -1,97 +1,24 @@
-//! Saving a checkpoint from a running pipeline: every stage writes its own shards from its own
-//! thread, all stages at once, so no stage's tensors are gathered anywhere. The driver only
-//! plans the files (names encode the shard count, so the plan comes first), then writes the
-//! small index and metadata files and renames the finished directory into place.
+//! The driver half of saving a checkpoint from a running pipeline: every stage writes its own
+//! shards from its own thread (`stage::save`), all stages at once, so no stage's tensors are
+//! gathered anywhere. The driver only plans the files (names encode the shard count, so the
+//! plan comes first), then writes the small index and metadata files and renames the finished
+//! directory into place.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use crossbeam_channel::unbounded;
 
-use super::driver::Pipeline;
-use super::protocol::{Msg, SnapshotKind};
-use super::stage::{StageResult, StageStop, StageWorker};
+use super::Pipeline;
 use crate::checkpoint::{
-    plan_shards, write_index, write_safetensors, CheckpointError, CheckpointMeta, ModelMeta, SaveFault, SaveOptions,
+    plan_shards, write_index, write_safetensors, CheckpointError, CheckpointMeta, ModelMeta, SaveOptions,
     SavedCheckpoint, ShardFile, StagingDir, TensorInfo, TrainingMeta, FORMAT_VERSION, META_FILE, OPTIMIZER_PREFIX,
     TRAINING_STATE_FILE, WEIGHTS_PREFIX,
 };
 use crate::error::{EngineError, Result};
-
-/// Shard files this process has written, for [`SaveFault::Abort`] (counted across saves, so a
-/// test can kill a run in the middle of its second save).
-static FILES_WRITTEN_BY_PROCESS: AtomicUsize = AtomicUsize::new(0);
-
-type NamedTensors = Vec<(String, Tensor)>;
-
-/// What one stage holds that a checkpoint keeps.
-pub(super) struct Manifest {
-    /// Parameters, then buffers.
-    weights: Vec<TensorInfo>,
-    optimizer: Vec<TensorInfo>,
-}
-
-/// The files every stage writes, shared by all of them.
-pub(super) struct SaveJob {
-    dir: PathBuf,
-    files: Vec<ShardFile>,
-    header: HashMap<String, String>,
-    fault: Option<SaveFault>,
-}
-
-impl StageWorker {
-    /// The stage's checkpointable tensors, by canonical name, without copying them.
-    fn saveable(&self) -> StageResult<(NamedTensors, NamedTensors)> {
-        let mut weights: Vec<(String, Tensor)> =
-            self.store.vars().map(|(name, _, var)| (name.to_string(), var.as_tensor().clone())).collect();
-        for layer in self.chunks.iter().flat_map(|c| c.compute.layers()) {
-            weights.extend(layer.buffers());
-        }
-        let optimizer = self.snapshot(SnapshotKind::OptimizerState)?;
-        Ok((weights, optimizer))
-    }
-
-    pub(super) fn manifest(&self) -> StageResult<Manifest> {
-        let (weights, optimizer) = self.saveable()?;
-        let infos = |v: &[(String, Tensor)]| v.iter().map(|(n, t)| TensorInfo::of(n.clone(), t)).collect();
-        Ok(Manifest { weights: infos(&weights), optimizer: infos(&optimizer) })
-    }
-
-    /// Writes this stage's files of `job`; returns the bytes written.
-    pub(super) fn write_shards(&self, job: &SaveJob) -> std::result::Result<u64, String> {
-        let (weights, optimizer) = self.saveable().map_err(|e| match e {
-            StageStop::Failed(_, m) => m,
-            StageStop::Aborted => "aborted".into(),
-        })?;
-        let tensors: HashMap<String, Tensor> = weights.into_iter().chain(optimizer).collect();
-        let mut bytes = 0;
-        for (mine, file) in job.files.iter().filter(|f| f.stage == self.index).enumerate() {
-            if let Some(SaveFault::IoError { stage, after_files }) = job.fault {
-                if stage == self.index && mine == after_files {
-                    return Err(format!("injected I/O failure writing {}", file.file_name));
-                }
-            }
-            let mut contents = Vec::with_capacity(file.names.len());
-            for name in &file.names {
-                let t = tensors.get(name).ok_or_else(|| format!("stage {} has no tensor {name}", self.index))?;
-                let t = t.to_device(&Device::Cpu).map_err(|e| format!("{name}: {e}"))?;
-                contents.push((name.clone(), t));
-            }
-            let path = job.dir.join(&file.file_name);
-            bytes += write_safetensors(&path, &contents, &job.header).map_err(|e| e.to_string())?;
-            if let Some(SaveFault::Abort { after_files }) = job.fault {
-                if FILES_WRITTEN_BY_PROCESS.fetch_add(1, Ordering::SeqCst) + 1 >= after_files {
-                    // Simulates `kill -9` in the middle of a save.
-                    std::process::abort();
-                }
-            }
-        }
-        Ok(bytes)
-    }
-}
+use crate::pipeline::protocol::{Msg, SaveJob, StageStop};
 
 impl Pipeline {
     /// Writes a checkpoint of the current state to `dir` (replacing it if it exists, atomically:
@@ -105,7 +32,7 @@ impl Pipeline {
         options: &SaveOptions,
     ) -> Result<SavedCheckpoint> {
         self.ensure_running()?;
-        let stages = self.inboxes.len();
+        let stages = self.stage_count();
         let mut manifests = Vec::with_capacity(stages);
         for s in 0..stages {
             let (tx, rx) = unbounded();
@@ -158,6 +85,7 @@ impl Pipeline {
             dir: staging.path().to_path_buf(),
             files: all_files.clone(),
             header: header.clone(),
+            #[cfg(feature = "testing")]
             fault: options.fault,
         });
         // All stages write at once; then collect every answer.
