@@ -810,3 +810,122 @@ fn library_errors_are_typed() {
     Checkpoint::open(&save).unwrap().verify_all().unwrap().expect("checksums recorded");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A full or closed stdout or stderr ends a command with one `error:` line (or, for a reader
+/// that has gone away, quietly), never a panic.
+#[test]
+fn a_full_or_closed_output_stream_is_no_panic() {
+    use std::process::Stdio;
+    let run = |args: &[&str], stdout: Stdio, stderr: Stdio| {
+        Command::new(env!("CARGO_BIN_EXE_brigade")).args(args).stdout(stdout).stderr(stderr).output().unwrap()
+    };
+    let full = || Stdio::from(std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap());
+    // stdout on a full disk: one error line naming it, exit code 1.
+    for args in [&["presets"][..], &["schedule", "--stages", "4", "--microbatches", "8"]] {
+        let out = run(args, full(), Stdio::piped());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().filter(|l| l.starts_with("error:")).count(), 1, "{stderr}");
+        assert!(stderr.starts_with("error: cannot write to stdout"), "{stderr}");
+    }
+    // stderr on a full disk, for an error and for clap's usage error: only the exit code says it.
+    for (args, code) in [(&["train", "--stages", "0"][..], 1), (&["train", "--bogus"], 2)] {
+        let out = run(args, Stdio::piped(), full());
+        assert_eq!(out.status.code(), Some(code), "{args:?}");
+    }
+    // Both full.
+    let out = run(&["presets"], full(), full());
+    assert_eq!(out.status.code(), Some(1));
+    // A reader that stops reading (`brigade schedule | head`): a quiet exit.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_brigade"))
+        .args(["schedule", "--stages", "8", "--microbatches", "4000", "--format", "text"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "a broken pipe should be quiet: {stderr}");
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+}
+
+/// The output guard every writing command shares: nothing lands inside a checkpoint, on a save
+/// directory's own files (`latest`, the lock, a step name, the run's `tokenizer.json` and
+/// `metrics.jsonl`), on a save directory, or on the command's own inputs; each refused before
+/// any work, with one error line, every file of the run byte-identical afterwards.
+#[test]
+fn writers_never_land_on_a_run_or_their_inputs() {
+    let root = temp_dir("writers");
+    let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+    let tok = root.join("tok.json");
+    brigade::tokenizer::TextTokenizer::train_bpe(&[readme.into()], 300, 2).unwrap().save(&tok).unwrap();
+    let tok = tok.to_str().unwrap().to_string();
+    let save = root.join("run");
+    let out = train_into(&save, "2", &["--tokenizer", &tok, "--data", readme]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(save.join("tokenizer.json").is_file() && save.join("metrics.jsonl").is_file());
+    let before = checkpoint_bytes(&save);
+    let s = save.to_str().unwrap().to_string();
+    let own = |name: &str| save.join(name).to_str().unwrap().to_string();
+    let (latest, run_tok, metrics, lock, future_step) =
+        (own("latest"), own("tokenizer.json"), own("metrics.jsonl"), own(".lock"), own("step-00000009"));
+    let (in_step, plot_in_step) = (own("step-00000002/x.bin"), own("step-00000002/plot"));
+    // A link elsewhere onto the run's `latest` is the run's `latest`.
+    let link = root.join("link-to-latest");
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(save.join("latest"), &link).unwrap();
+    let link = link.to_str().unwrap().to_string();
+    let text_file = root.join("corpus.txt");
+    std::fs::write(&text_file, "some text to tokenize, some text to tokenize\n").unwrap();
+    let text_file = text_file.to_str().unwrap().to_string();
+    let hard_link = root.join("corpus-link.txt");
+    std::fs::hard_link(&text_file, &hard_link).unwrap();
+    let hard_link = hard_link.to_str().unwrap().to_string();
+    let input = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gpt-tiny/input.safetensors");
+    let v = "--vocab-size";
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        // tokenizer train --out
+        (vec!["tokenizer", "train", v, "300", readme, "--out", &latest], "own latest"),
+        (vec!["tokenizer", "train", v, "300", readme, "--out", &run_tok], "own tokenizer.json"),
+        (vec!["tokenizer", "train", v, "300", readme, "--out", &in_step], "is inside the checkpoint"),
+        (vec!["tokenizer", "train", v, "300", readme, "--out", &link], "own latest"),
+        (vec!["tokenizer", "train", v, "300", &text_file, "--out", &text_file], "is one of the input files"),
+        (vec!["tokenizer", "train", v, "300", &text_file, "--out", &hard_link], "is one of the input files"),
+        (vec!["tokenizer", "train", v, "300", readme, "--out", &future_step], "own step-00000009"),
+        // tokenize --out
+        (vec!["tokenize", "--tokenizer", &tok, readme, "--out", &latest], "own latest"),
+        (vec!["tokenize", "--tokenizer", &tok, readme, "--out", &run_tok], "own tokenizer.json"),
+        (vec!["tokenize", "--tokenizer", &tok, readme, "--out", &in_step], "is inside the checkpoint"),
+        (vec!["tokenize", "--tokenizer", &tok, readme, "--out", &tok], "is one of the input files"),
+        (vec!["tokenize", "--tokenizer", &tok, &text_file, "--out", &hard_link], "is one of the input files"),
+        // predict --output, profile --out, plan --json, plot --out
+        (vec!["predict", "--checkpoint", &s, "--input", input, "--output", &latest], "own latest"),
+        (vec!["predict", "--checkpoint", &s, "--input", input, "--output", &run_tok], "own tokenizer.json"),
+        (vec!["predict", "--checkpoint", &s, "--input", input, "--output", &metrics], "own metrics.jsonl"),
+        (vec!["profile", "--out", &latest], "own latest"),
+        (vec!["profile", "--out", &lock], "own .lock"),
+        (vec!["profile", "--out", &metrics], "own metrics.jsonl"),
+        (vec!["plan", "--json", &run_tok], "own tokenizer.json"),
+        (vec!["plot", &s, "--out", &plot_in_step], "is inside the checkpoint"),
+        // train --log and --save-dir: another run's log, the run's own files, its inputs
+        (vec!["train", "--log", &latest], "own latest"),
+        (vec!["train", "--log", &metrics], "own metrics.jsonl"),
+        (vec!["train", "--log", &run_tok], "own tokenizer.json"),
+        (vec!["train", "--data", &text_file, "--log", &text_file], "is one of the input files"),
+        // export --out and bench --out
+        (vec!["export", "--checkpoint", &s, "--out", &future_step], "own step-00000009"),
+        (vec!["export", "--checkpoint", &s, "--out", &s], "is a checkpoint or save directory"),
+        (vec!["bench", "--out", &s], "is a checkpoint or save directory"),
+    ];
+    for (args, needle) in &cases {
+        assert_clean_failure(args, 1, needle);
+        assert_eq!(checkpoint_bytes(&save), before, "{args:?} changed the run's files");
+    }
+    assert_eq!(std::fs::read(&text_file).unwrap(), b"some text to tokenize, some text to tokenize\n");
+    // The run's own log, in its own save directory, is still its to write.
+    let out = train_into(&save, "3", &["--resume", &s, "--tokenizer", &tok, "--data", readme, "--log", &metrics]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let _ = std::fs::remove_dir_all(&root);
+}

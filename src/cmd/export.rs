@@ -7,6 +7,7 @@ use brigade::checkpoint::ExportDtype;
 use brigade::tokenizer::TextTokenizer;
 use clap::Args;
 
+use super::output::OutputPath;
 use super::parse_size;
 
 #[derive(Args)]
@@ -29,6 +30,7 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {
+    OutputPath::new(&args.out, "--out").input(&args.checkpoint).inputs(&args.tokenizer).check()?;
     let dtype: ExportDtype = args.dtype.parse()?;
     // Loaded first: a bad --tokenizer is refused before anything is written.
     let tokenizer_path = args.tokenizer.clone().or_else(|| TextTokenizer::find_near(&args.checkpoint));

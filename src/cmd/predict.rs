@@ -8,6 +8,7 @@ use candle_core::{DType, Device};
 use clap::Args;
 
 use super::inference::inference_pipeline;
+use super::output::OutputPath;
 
 #[derive(Args)]
 pub struct PredictArgs {
@@ -46,6 +47,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
     if args.input.canonicalize().ok() == args.output.canonicalize().ok() {
         bail!("--output {} is the --input file; write the logits to another file", args.output.display());
     }
+    OutputPath::new(&args.output, "--output").input(&args.input).input(&args.checkpoint).check()?;
     let (mut pipeline, model) = inference_pipeline(
         &args.checkpoint,
         args.model.as_deref(),

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use brigade::tokenizer::{read_text, TextTokenizer};
 use clap::{Args, Subcommand};
+
+use super::output::OutputPath;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args)]
@@ -44,6 +46,7 @@ pub fn run(args: TokenizerArgs) -> Result<()> {
 }
 
 fn train(args: TrainTokenizerArgs) -> Result<()> {
+    OutputPath::new(&args.out, "--out").inputs(&args.files).check()?;
     if args.out.is_dir() {
         bail!("--out {} is a directory; give a file name such as tokenizer.json", args.out.display());
     }
@@ -86,15 +89,11 @@ pub struct TokenizeArgs {
 }
 
 pub fn tokenize(args: TokenizeArgs) -> Result<()> {
-    let tokenizer = TextTokenizer::load(&args.tokenizer)?;
+    OutputPath::new(&args.out, "--out").inputs(&args.files).input(&args.tokenizer).check()?;
     if args.out.is_dir() {
         bail!("--out {} is a directory; give a file name such as train.bin", args.out.display());
     }
-    if let Some(same) =
-        args.files.iter().find(|f| f.canonicalize().ok().is_some_and(|f| Some(f) == args.out.canonicalize().ok()))
-    {
-        bail!("--out {} is one of the input files", same.display());
-    }
+    let tokenizer = TextTokenizer::load(&args.tokenizer)?;
     let wide = tokenizer.vocab_size() > 1 << 16;
     let total: u64 = args.files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {

@@ -16,6 +16,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::model::ModelArgs;
+use super::output::OutputPath;
 use super::{plural, OptimizerArg};
 
 #[derive(Args)]
@@ -155,11 +156,17 @@ fn check_train_args(args: &TrainArgs) -> Result<()> {
             bail!("--init-from {} does not exist", init.display());
         }
     }
+    // --save-dir may be the --resume directory (a run continues in its own save directory).
+    let inputs = [&args.model.data, &args.model.tokenizer, &args.init_from].into_iter().flatten();
     if let Some(save) = &args.save_dir {
-        brigade::engine::checkpoint::refuse_inside_checkpoint(save, "--save-dir")?;
+        OutputPath::new(save, "--save-dir").save_dir().inputs(inputs.clone()).check()?;
     }
     if let Some(log) = &args.log {
-        brigade::engine::checkpoint::refuse_inside_checkpoint(log, "--log")?;
+        OutputPath::new(log, "--log")
+            .inputs(inputs)
+            .inputs(&args.resume)
+            .own_save_dir(args.save_dir.as_deref())
+            .check()?;
         if log.is_dir() {
             bail!("--log {} is a directory; give a file name such as run.jsonl", log.display());
         }
