@@ -929,3 +929,89 @@ fn writers_never_land_on_a_run_or_their_inputs() {
     assert!(out.status.success(), "{:?}", text(&out));
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// Inputs are checked at their full width before they reach a model: `predict` refuses token
+/// ids outside the vocabulary (an int64 id of 2^32 + 1 is not id 1) and non-finite images;
+/// `export` checks the tokenizer against the model before writing anything, and leaves nothing
+/// behind when it fails.
+#[test]
+fn ids_and_inputs_are_checked_at_full_width() {
+    let root = temp_dir("width");
+    let save = root.join("run");
+    assert!(train_into(&save, "1", &[]).status.success());
+    let s = save.to_str().unwrap().to_string();
+    let before = checkpoint_bytes(&save);
+    let ids = |name: &str, t: Tensor| -> String {
+        let p = root.join(name);
+        t.save_safetensors("input_ids", &p).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let cpu = &Device::Cpu;
+    let wraps = ids("wraps.safetensors", Tensor::new(&[[1i64, (1i64 << 32) + 1]], cpu).unwrap());
+    let beyond = ids("beyond.safetensors", Tensor::new(&[[1u32, 256]], cpu).unwrap());
+    let beyond_f = ids("beyond-f.safetensors", Tensor::new(&[[1f32, 300.0]], cpu).unwrap());
+    let logits = root.join("logits.safetensors").to_str().unwrap().to_string();
+    let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+    let tok = root.join("tok300.json");
+    brigade::tokenizer::TextTokenizer::train_bpe(&[readme.into()], 300, 2).unwrap().save(&tok).unwrap();
+    let tok = tok.to_str().unwrap().to_string();
+    let hf = root.join("hf").to_str().unwrap().to_string();
+    fn p<'a>(s: &'a str, input: &'a str, logits: &'a str) -> Vec<&'a str> {
+        vec!["predict", "--checkpoint", s, "--input", input, "--output", logits]
+    }
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (p(&s, &wraps, &logits), "token id 4294967297 is outside the model's vocabulary of 256"),
+        (p(&s, &beyond, &logits), "token id 256 is outside the model's vocabulary of 256"),
+        (p(&s, &beyond_f, &logits), "token id 300 is outside the model's vocabulary of 256"),
+        (
+            vec!["export", "--checkpoint", &s, "--out", &hf, "--tokenizer", &tok],
+            "more than the model's vocabulary of 256",
+        ),
+    ];
+    for (args, needle) in &cases {
+        assert_clean_failure(args, 1, needle);
+        assert_eq!(checkpoint_bytes(&save), before, "{args:?} changed the checkpoints");
+    }
+    assert!(!Path::new(&logits).exists());
+    let left: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(!left.iter().any(|n| n.to_string_lossy().contains("hf")), "a failed export left {left:?}");
+    // A good export still lands whole.
+    let out = brigade(&["export", "--checkpoint", &s, "--out", &hf]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(Path::new(&hf).join("model.safetensors").is_file() && Path::new(&hf).join("config.json").is_file());
+
+    // An image of NaNs gives no logits.
+    let resnet = root.join("resnet");
+    let r = resnet.to_str().unwrap();
+    let out = brigade(&[
+        "train",
+        "--model",
+        "resnet-tiny",
+        "--stages",
+        "1",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--microbatches",
+        "1",
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "1",
+        "--plain",
+        "--save-dir",
+        r,
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let nan = root.join("nan.safetensors");
+    Tensor::full(f32::NAN, (1, 3, 32, 32), cpu).unwrap().save_safetensors("images", &nan).unwrap();
+    let nan = nan.to_str().unwrap();
+    assert_clean_failure(
+        &["predict", "--checkpoint", r, "--input", nan, "--output", &logits],
+        1,
+        "images must be finite",
+    );
+    assert!(!Path::new(&logits).exists());
+    let _ = std::fs::remove_dir_all(&root);
+}

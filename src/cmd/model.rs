@@ -181,13 +181,6 @@ fn tokenized_text(path: &std::path::Path, tok: &TextTokenizer, model_vocab: usiz
     if !path.exists() {
         bail!("--data {} does not exist", path.display());
     }
-    if tok.vocab_size() > 1 << 16 {
-        bail!(
-            "the tokenizer {} has {} tokens; token datasets hold 16-bit ids (at most 65536 tokens)",
-            tok.source(),
-            tok.vocab_size()
-        );
-    }
     let text = brigade::tokenizer::read_text(path)?;
     let started = std::time::Instant::now();
     let ids = tok.encode_large(&text, |_| {})?;
@@ -198,7 +191,6 @@ fn tokenized_text(path: &std::path::Path, tok: &TextTokenizer, model_vocab: usiz
         text.len() as f64 / 1e6,
         started.elapsed().as_secs_f64()
     );
-    let ids: Vec<u16> = ids.into_iter().map(|i| i as u16).collect();
     let source = format!("{} tokenized with {} ({n} tokens)", path.display(), tok.source());
     Ok(TokenDataset::from_tokens(source, ids, model_vocab)?)
 }
