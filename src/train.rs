@@ -253,6 +253,9 @@ impl Trainer {
             }
             (Dataset::Images(images), InputKind::Images { channels }) => {
                 images.check_model(channels, model.num_classes())?;
+                if options.eval_batches > 0 {
+                    images.check_eval_batch(options.batch_size)?;
+                }
                 0
             }
             (Dataset::Tokens(_), InputKind::Images { .. }) => {

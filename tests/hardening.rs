@@ -1015,3 +1015,84 @@ fn ids_and_inputs_are_checked_at_full_width() {
     assert!(!Path::new(&logits).exists());
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// What would only fail late, or train silently wrong, is refused before training: a
+/// validation split smaller than one batch, a one-class classification set (folder or CIFAR),
+/// a cut-off JPEG, a vocabulary that cannot fit, a prompt or text encoded to nothing.
+#[test]
+fn data_problems_are_refused_before_training() {
+    let root = temp_dir("upfront");
+    let save = root.join("run");
+    assert!(train_into(&save, "1", &[]).status.success());
+    let s = save.to_str().unwrap().to_string();
+    let before = checkpoint_bytes(&save);
+    let cifar = |name: &str, labels: &[u8]| -> String {
+        let mut bytes = Vec::new();
+        for &l in labels {
+            bytes.push(l);
+            bytes.extend((0..3072).map(|i| (i % 251) as u8));
+        }
+        let p = root.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    // 20 records: 18 train, 2 validation.
+    let small_val = cifar("small-val.bin", &[0, 1].repeat(10));
+    let one_label = cifar("one-label.bin", &[3; 20]);
+    let folder = |name: &str, classes: &[&str], file: &str, bytes: &[u8]| -> String {
+        let dir = root.join(name);
+        for c in classes {
+            std::fs::create_dir_all(dir.join(c)).unwrap();
+            for i in 0..3 {
+                std::fs::write(dir.join(c).join(format!("{i}{file}")), bytes).unwrap();
+            }
+        }
+        dir.to_str().unwrap().to_string()
+    };
+    // A valid 1x1 PNG.
+    let png: &[u8] = b"\x89\x50\x4e\x47\x0d\x0a\x1a\x0a\x00\x00\x00\x0d\x49\x48\x44\x52\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4\x89\x00\x00\x00\x0d\x49\x44\x41\x54\x78\xda\x63\x64\x60\xf8\x5f\x0f\x00\x02\x87\x01\x80\xeb\x47\xba\x92\x00\x00\x00\x00\x49\x45\x4e\x44\xae\x42\x60\x82";
+    let one_class = folder("one-class", &["cat"], ".png", png);
+    let cut_jpeg = folder("cut-jpeg", &["cat", "dog"], ".jpg", b"\xFF\xD8\xFF\xE0 cut here");
+    let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+    let sparse = root.join("sparse.json");
+    std::fs::write(
+        &sparse,
+        r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+            "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+            "model":{"type":"WordLevel","vocab":{"a":0,"[UNK]":1},"unk_token":"[UNK]"}}"#,
+    )
+    .unwrap();
+    let sparse = sparse.to_str().unwrap().to_string();
+    let blank = root.join("blank.txt");
+    std::fs::write(&blank, "  \n \n").unwrap();
+    let blank = blank.to_str().unwrap().to_string();
+    let resnet = |data: &str, extra: &[&str]| -> Vec<String> {
+        let mut args = vec!["train", "--model", "resnet-tiny", "--stages", "1", "--batch-size", "4"];
+        args.extend(["--microbatches", "1", "--data", data]);
+        args.extend(extra);
+        args.into_iter().map(String::from).collect()
+    };
+    let owned = |args: &[&str]| -> Vec<String> { args.iter().map(|a| a.to_string()).collect() };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (resnet(&small_val, &[]), "the validation split has 2 images, fewer than one batch of 4"),
+        (resnet(&one_label, &[]), "every training record has label 3"),
+        (resnet(&one_class, &[]), "has one class folder (`cat`)"),
+        (resnet(&cut_jpeg, &[]), "the JPEG is truncated"),
+        (resnet(&cut_jpeg, &["--image-size", "100000"]), "image size 100000 is outside"),
+        (owned(&["tokenizer", "train", "--vocab-size", "4294967295", readme]), "more than brigade trains"),
+        (owned(&["tokenizer", "train", "--vocab-size", "100000000", readme]), "would need at least"),
+        (owned(&["generate", "--checkpoint", &s, "--tokenizer", &sparse, "--prompt", "   "]), "to no tokens at all"),
+        (owned(&["train", "--data", &blank, "--tokenizer", &sparse, "--vocab", "256"]), "to no tokens at all"),
+    ];
+    for (args, needle) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_clean_failure(&args, 1, needle);
+        assert_eq!(checkpoint_bytes(&save), before, "{args:?} changed the checkpoints");
+    }
+    // The same small CIFAR file trains when a batch fits its validation split.
+    let mut args = vec!["train", "--model", "resnet-tiny", "--stages", "1", "--batch-size", "2", "--microbatches", "1"];
+    args.extend(["--steps", "1", "--eval-batches", "1", "--plain", "--data", &small_val]);
+    let out = brigade(&args);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let _ = std::fs::remove_dir_all(&root);
+}

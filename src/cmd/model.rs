@@ -184,6 +184,9 @@ fn tokenized_text(path: &std::path::Path, tok: &TextTokenizer, model_vocab: usiz
     let text = brigade::tokenizer::read_text(path)?;
     let started = std::time::Instant::now();
     let ids = tok.encode_large(&text, |_| {})?;
+    if ids.is_empty() {
+        bail!("the tokenizer {} encodes {} to no tokens at all; nothing to train on", tok.source(), path.display());
+    }
     let n = ids.len();
     eprintln!(
         "tokenized {} ({:.1} MB) into {n} tokens in {:.2}s",

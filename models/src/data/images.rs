@@ -460,6 +460,20 @@ impl ImageDataset {
     }
 
     /// Number of full batches [`Self::eval_batches`] yields.
+    /// Errors unless the validation split holds at least one batch of `batch_size` images:
+    /// checked before training, not found at the first evaluation.
+    pub fn check_eval_batch(&self, batch_size: usize) -> Result<(), DataError> {
+        let n = self.len(Split::Validation);
+        if n < batch_size {
+            return Err(DataError::InvalidArgument(format!(
+                "{}: the validation split has {n} images, fewer than one batch of {batch_size}; use --batch-size {n} \
+                 or less, or more validation images",
+                self.source
+            )));
+        }
+        Ok(())
+    }
+
     pub fn eval_batch_count(&self, split: Split, batch_size: usize) -> usize {
         self.len(split).checked_div(batch_size).unwrap_or(0)
     }
