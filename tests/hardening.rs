@@ -1096,3 +1096,88 @@ fn data_problems_are_refused_before_training() {
     assert!(out.status.success(), "{:?}", text(&out));
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A resume knows its data and tokenizer by content: the same content under another path
+/// resumes; other content of the same name and size, or a tokenizer with swapped ids, is
+/// refused; a flag that conflicts with the resumed run is an error, never ignored.
+#[test]
+fn resume_knows_its_data_by_content() {
+    let root = temp_dir("identity");
+    let readme = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let data = root.join("data.txt");
+    std::fs::write(&data, &readme).unwrap();
+    let tok = root.join("tok.json");
+    brigade::tokenizer::TextTokenizer::train_bpe(&[data.clone()], 300, 2).unwrap().save(&tok).unwrap();
+    let save = root.join("run");
+    let (d, t) = (data.to_str().unwrap(), tok.to_str().unwrap());
+    let out = train_into(&save, "2", &["--data", d, "--tokenizer", t]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let s = save.to_str().unwrap().to_string();
+    let before = checkpoint_bytes(&save);
+
+    // The same bytes elsewhere; one byte changed at the same path and size.
+    std::fs::create_dir_all(root.join("moved")).unwrap();
+    let moved = root.join("moved").join("other-name.txt");
+    std::fs::write(&moved, &readme).unwrap();
+    let mut changed = readme.clone();
+    let at = changed.iter().position(|&b| b == b'e').unwrap();
+    changed[at] = b'a';
+    let changed_path = root.join("moved").join("data.txt");
+    std::fs::write(&changed_path, &changed).unwrap();
+    // The tokenizer with two ids swapped, and an exact copy elsewhere.
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tok).unwrap()).unwrap();
+    let vocab = json["model"]["vocab"].as_object_mut().unwrap();
+    let keys: Vec<String> = vocab.keys().take(2).cloned().collect();
+    let (a, b) = (vocab[&keys[0]].clone(), vocab[&keys[1]].clone());
+    vocab.insert(keys[0].clone(), b);
+    vocab.insert(keys[1].clone(), a);
+    let swapped = root.join("swapped.json");
+    std::fs::write(&swapped, serde_json::to_string(&json).unwrap()).unwrap();
+    let tok_copy = root.join("moved").join("tokenizer-copy.json");
+    std::fs::copy(&tok, &tok_copy).unwrap();
+    let (m, c, sw, tc) = (
+        moved.to_str().unwrap(),
+        changed_path.to_str().unwrap(),
+        swapped.to_str().unwrap(),
+        tok_copy.to_str().unwrap(),
+    );
+
+    let resume = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec!["train", "--resume", &s, "--save-dir", &s, "--steps", "3"];
+        args.extend(SMALL);
+        if extra.contains(&"--context") {
+            // The one asked for replaces SMALL's.
+            let at = args.iter().position(|a| *a == "--context").unwrap();
+            args.drain(at..at + 2);
+        }
+        args.extend(extra);
+        args.into_iter().map(String::from).collect()
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (resume(&["--data", c, "--tokenizer", t]), "(its content differs)"),
+        (resume(&["--data", d, "--tokenizer", sw]), "differs in content from the run's tokenizer"),
+        (resume(&["--data", d, "--tokenizer", t, "--vocab", "512"]), "--vocab 512 conflicts with the checkpoint"),
+        (resume(&["--data", d, "--tokenizer", t, "--layers", "3"]), "--layers 3 conflicts with the checkpoint"),
+        (resume(&["--data", d, "--tokenizer", t, "--context", "16"]), "--context 16 conflicts with the checkpoint"),
+        (resume(&[]), "this run's data is"),
+    ];
+    for (args, needle) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        // A tokenized --data prints its progress line on stderr before the refusal: the one
+        // error line need not come first here.
+        let out = brigade(&args);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{args:?}: expected one error line: {stderr}");
+        assert!(errors[0].contains(needle), "{args:?}: expected {needle:?} in: {stderr}");
+        assert_eq!(checkpoint_bytes(&save), before, "{args:?} changed the checkpoints");
+    }
+    // The same data and tokenizer, stored elsewhere: the run continues.
+    let args = resume(&["--data", m, "--tokenizer", tc]);
+    let out = brigade(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(text(&out).0.contains("done: 1 step (step 2 to 3)"), "{:?}", text(&out));
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -272,6 +272,7 @@ fn model_and_data(args: &TrainArgs) -> Result<(Arc<dyn PipelineModel>, Dataset, 
                 );
             }
         }
+        check_resume_flags(args, &ckpt, &config)?;
         println!("resume   {} (step {})", ckpt.dir.display(), ckpt.meta.step);
         // The embedded data is generated from the run's seed, which the checkpoint keeps.
         let data = args.model.data_for(&config, ckpt.meta.seed)?;
@@ -300,6 +301,61 @@ fn model_and_data(args: &TrainArgs) -> Result<(Arc<dyn PipelineModel>, Dataset, 
     let data = args.model.data_for(&weights.config, args.seed)?;
     let model = weights.config.build()?;
     Ok((model, data, Start::Import(weights)))
+}
+
+/// With `--resume`, the model and data come from the checkpoint: a flag that says otherwise
+/// (`--vocab`, `--layers`, `--width`, `--heads`, `--context`, a `--tokenizer` other than the
+/// run's) is an error naming both values, never silently ignored. Tokenizers are compared by
+/// content, so the run's tokenizer copied elsewhere is accepted.
+fn check_resume_flags(
+    args: &TrainArgs,
+    ckpt: &brigade::engine::checkpoint::Checkpoint,
+    config: &brigade::models::ModelConfig,
+) -> Result<()> {
+    let m = &args.model;
+    if let brigade::models::ModelConfig::Gpt(g) = config {
+        let flags = [
+            ("--vocab", m.vocab, g.vocab_size),
+            ("--layers", m.layers, g.n_layer),
+            ("--width", m.width, g.n_embd),
+            ("--heads", m.heads, g.n_head),
+        ];
+        for (flag, asked, has) in flags {
+            if let Some(asked) = asked.filter(|a| *a != has) {
+                bail!(
+                    "{flag} {asked} conflicts with the checkpoint {} ({flag} {has}); a resumed run keeps its model: \
+                     drop {flag}",
+                    ckpt.dir.display()
+                );
+            }
+        }
+        let trained = ckpt.meta.training.context;
+        if let Some(asked) = m.context.filter(|c| trained > 0 && *c != trained) {
+            bail!(
+                "--context {asked} conflicts with the checkpoint {} (trained at context {trained}); a resumed run keeps \
+                 its context: drop --context",
+                ckpt.dir.display()
+            );
+        }
+    }
+    let runs = brigade::tokenizer::TextTokenizer::find_near(&ckpt.dir);
+    if let (Some(asked), Some(runs)) = (&m.tokenizer, runs) {
+        let content = |p: &std::path::Path| -> Option<serde_json::Value> {
+            let file = if p.is_dir() { p.join(brigade::tokenizer::TOKENIZER_FILE) } else { p.to_path_buf() };
+            serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()
+        };
+        if let (Some(a), Some(b)) = (content(asked), content(&runs)) {
+            if a != b {
+                bail!(
+                    "--tokenizer {} differs in content from the run's tokenizer {}; resume with the run's tokenizer \
+                     (or leave --tokenizer out to use it)",
+                    asked.display(),
+                    runs.display()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A save directory whose file system cannot hold even one checkpoint is refused now, not when

@@ -474,6 +474,26 @@ impl ImageDataset {
         Ok(())
     }
 
+    /// A hash of the images and labels of both splits and their shape (xxh3-128): the same
+    /// images from any path hash alike, other images of the same count do not.
+    pub fn content_hash(&self) -> String {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        hasher.update(b"brigade-images-v1");
+        for n in [self.channels, self.height, self.width, self.classes] {
+            hasher.update(&(n as u64).to_le_bytes());
+        }
+        for split in [&self.train, &self.val] {
+            hasher.update(&(split.labels.len() as u64).to_le_bytes());
+            for chunk in split.labels.chunks(1 << 14) {
+                hasher.update(&chunk.iter().flat_map(|l| l.to_le_bytes()).collect::<Vec<u8>>());
+            }
+            for chunk in split.pixels.chunks(1 << 14) {
+                hasher.update(&chunk.iter().flat_map(|p| p.to_bits().to_le_bytes()).collect::<Vec<u8>>());
+            }
+        }
+        format!("xxh3-128:{:032x}", hasher.digest128())
+    }
+
     pub fn eval_batch_count(&self, split: Split, batch_size: usize) -> usize {
         self.len(split).checked_div(batch_size).unwrap_or(0)
     }

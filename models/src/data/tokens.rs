@@ -256,6 +256,24 @@ impl TokenDataset {
         self.max_id
     }
 
+    /// A hash of the ids, train then validation (xxh3-128 of the ids as `u32` little-endian,
+    /// whatever their stored width; and the split point): the same tokens from any path hash
+    /// alike, other tokens of the same count do not.
+    pub fn content_hash(&self) -> String {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        hasher.update(b"brigade-tokens-v1");
+        hasher.update(&(self.split_at as u64).to_le_bytes());
+        let mut buffer = Vec::with_capacity(4 << 16);
+        let all = self.tokens.slice(0..self.tokens.len());
+        let mut ids = all.iter().peekable();
+        while ids.peek().is_some() {
+            buffer.clear();
+            buffer.extend(ids.by_ref().take(1 << 16).flat_map(u32::to_le_bytes));
+            hasher.update(&buffer);
+        }
+        format!("xxh3-128:{:032x}", hasher.digest128())
+    }
+
     /// Human-readable origin, e.g. `bytes of data/shakespeare.txt (1115394 bytes)`.
     pub fn source(&self) -> &str {
         &self.source
