@@ -315,7 +315,7 @@ impl Trainer {
                 meta.model.name, meta.microbatches, meta.training.batch_size, meta.microbatches
             )));
         }
-        check_same_data(&meta, &data)?;
+        check_same_data(meta, &data)?;
         options.batch_size = meta.training.batch_size;
         options.data_seed = meta.training.data_seed;
         options.context = (meta.training.context > 0).then_some(meta.training.context);

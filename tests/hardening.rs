@@ -1107,7 +1107,7 @@ fn resume_knows_its_data_by_content() {
     let data = root.join("data.txt");
     std::fs::write(&data, &readme).unwrap();
     let tok = root.join("tok.json");
-    brigade::tokenizer::TextTokenizer::train_bpe(&[data.clone()], 300, 2).unwrap().save(&tok).unwrap();
+    brigade::tokenizer::TextTokenizer::train_bpe(std::slice::from_ref(&data), 300, 2).unwrap().save(&tok).unwrap();
     let save = root.join("run");
     let (d, t) = (data.to_str().unwrap(), tok.to_str().unwrap());
     let out = train_into(&save, "2", &["--data", d, "--tokenizer", t]);

@@ -40,7 +40,7 @@ fn corpus_file(dir: &Path, bytes: usize) -> PathBuf {
 fn trained_bpe_round_trips_compresses_and_chunks_exactly() {
     let dir = temp_dir("lib");
     let text_file = corpus_file(&dir, 200_000);
-    let tok = TextTokenizer::train_bpe(&[text_file.clone()], 500, 2).unwrap();
+    let tok = TextTokenizer::train_bpe(std::slice::from_ref(&text_file), 500, 2).unwrap();
     assert_eq!(tok.vocab_size(), 500);
     assert!(tok.end_of_text().is_some());
     let text = std::fs::read_to_string(&text_file).unwrap();

@@ -274,7 +274,7 @@ fn embedded_text_is_predictable_from_short_context() {
     let ds = TokenDataset::embedded_with_len(0, 400_000);
     let train = ds.split_tokens(Split::Train).to_vec();
     let val = ds.split_tokens(Split::Validation).to_vec();
-    let key = |w: &[u32]| (w[0] as u32) << 16 | (w[1] as u32) << 8 | w[2] as u32;
+    let key = |w: &[u32]| w[0] << 16 | w[1] << 8 | w[2];
     let mut counts: HashMap<u32, [u32; 128]> = HashMap::new();
     for w in train.windows(4) {
         counts.entry(key(w)).or_insert([0; 128])[w[3] as usize] += 1;
