@@ -1053,6 +1053,23 @@ fn data_problems_are_refused_before_training() {
     let png: &[u8] = b"\x89\x50\x4e\x47\x0d\x0a\x1a\x0a\x00\x00\x00\x0d\x49\x48\x44\x52\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4\x89\x00\x00\x00\x0d\x49\x44\x41\x54\x78\xda\x63\x64\x60\xf8\x5f\x0f\x00\x02\x87\x01\x80\xeb\x47\xba\x92\x00\x00\x00\x00\x49\x45\x4e\x44\xae\x42\x60\x82";
     let one_class = folder("one-class", &["cat"], ".png", png);
     let cut_jpeg = folder("cut-jpeg", &["cat", "dog"], ".jpg", b"\xFF\xD8\xFF\xE0 cut here");
+    // More 4096x4096 images than this machine's memory holds decoded (about 400 MB each): the
+    // folder is refused with the estimate before any file is read (so they may be empty).
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(64 << 30, |kib| kib * 1024);
+    let per_class = (available / (400 << 20)) as usize + 2;
+    let many = root.join("many");
+    for c in ["a", "b"] {
+        std::fs::create_dir_all(many.join(c)).unwrap();
+        for i in 0..per_class {
+            std::fs::write(many.join(c).join(format!("{i}.png")), b"").unwrap();
+        }
+    }
+    let many = many.to_str().unwrap().to_string();
     let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
     let sparse = root.join("sparse.json");
     std::fs::write(
@@ -1079,6 +1096,7 @@ fn data_problems_are_refused_before_training() {
         (resnet(&one_class, &[]), "has one class folder (`cat`)"),
         (resnet(&cut_jpeg, &[]), "the JPEG is truncated"),
         (resnet(&cut_jpeg, &["--image-size", "100000"]), "image size 100000 is outside"),
+        (resnet(&many, &["--image-size", "4096"]), "images at 4096x4096 needs at least"),
         (owned(&["tokenizer", "train", "--vocab-size", "4294967295", readme]), "more than brigade trains"),
         (owned(&["tokenizer", "train", "--vocab-size", "100000000", readme]), "would need at least"),
         (owned(&["generate", "--checkpoint", &s, "--tokenizer", &sparse, "--prompt", "   "]), "to no tokens at all"),

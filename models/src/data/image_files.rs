@@ -70,6 +70,30 @@ fn class_folders(dir: &Path) -> Result<Vec<(String, Vec<PathBuf>)>, DataError> {
     Ok(classes)
 }
 
+/// Refuses a folder whose images, decoded at `size` × `size`, cannot fit in the memory this
+/// machine has available (read from `/proc/meminfo`; elsewhere nothing is refused), with the
+/// estimate, before decoding any: the allocator would otherwise abort the process.
+fn check_decoded_fit(dir: &Path, files: usize, size: usize) -> Result<(), DataError> {
+    // f32 RGB planes, held twice while the per-file buffers are joined.
+    let needed = files as f64 * 3.0 * (size as f64).powi(2) * 4.0 * 2.0;
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|kib| kib * 1024.0)
+    });
+    if let Some(available) = available.filter(|a| needed > *a) {
+        return Err(format_err(
+            dir,
+            format!(
+                "decoding {files} images at {size}x{size} needs at least {:.1} GB, but this machine has {:.1} GB \
+                 available; choose a smaller --image-size",
+                needed / 1e9,
+                available / 1e9
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A JPEG decoder fills a cut-off file's missing rows with grey and reports success, where
 /// PNG's checksums catch it; so a JPEG must end with its end-of-image marker (FF D9), allowing
 /// a little padding after it.
@@ -172,6 +196,7 @@ impl ImageDataset {
                 (train, val, names)
             }
         };
+        check_decoded_fit(dir, train_files.len() + val_files.len(), size)?;
         let train = decode_all(&train_files, size)?;
         let val = decode_all(&val_files, size)?;
         if let [name] = names.as_slice() {
