@@ -1097,6 +1097,8 @@ fn data_problems_are_refused_before_training() {
         (resnet(&cut_jpeg, &[]), "the JPEG is truncated"),
         (resnet(&cut_jpeg, &["--image-size", "100000"]), "image size 100000 is outside"),
         (resnet(&many, &["--image-size", "4096"]), "images at 4096x4096 needs at least"),
+        (resnet(&small_val, &["--image-size", "64"]), "--image-size 64 does not apply to"),
+        (resnet(&small_val, &["--image-size", "100000"]), "its images are 32x32"),
         (owned(&["tokenizer", "train", "--vocab-size", "4294967295", readme]), "more than brigade trains"),
         (owned(&["tokenizer", "train", "--vocab-size", "100000000", readme]), "would need at least"),
         (owned(&["generate", "--checkpoint", &s, "--tokenizer", &sparse, "--prompt", "   "]), "to no tokens at all"),
