@@ -64,8 +64,41 @@ enum Command {
     KernelsBench(cmd::kernels_bench::KernelsBenchArgs),
 }
 
+/// `println!` and `eprintln!` panic when their stream fails ("failed printing to stdout"): a
+/// stdout on a full disk, a closed pipe (`brigade schedule | head`), a closed stderr. Every
+/// command prints through them, so the one place to turn that into the house's behaviour is
+/// the panic hook: a write error on stdout becomes one `error:` line and exit code 1; a broken
+/// pipe, which only means the reader has seen enough, a quiet exit with the code a shell gives
+/// a process killed by SIGPIPE (141); a failing stderr, where nothing can be said, exit code 1.
+/// Every other panic keeps the default report.
+fn exit_cleanly_on_closed_streams() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        let broken_pipe = message.contains("Broken pipe") || message.contains("os error 32");
+        if let Some(why) = message.strip_prefix("failed printing to stdout: ") {
+            if broken_pipe {
+                std::process::exit(141);
+            }
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "error: cannot write to stdout: {why}");
+            std::process::exit(1);
+        }
+        if message.starts_with("failed printing to stderr") {
+            std::process::exit(if broken_pipe { 141 } else { 1 });
+        }
+        default_hook(info);
+    }));
+}
+
 fn main() -> ExitCode {
     keep_freed_memory();
+    exit_cleanly_on_closed_streams();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
@@ -87,10 +120,18 @@ fn main() -> ExitCode {
         Command::Tokenize(args) => cmd::tokenizer::tokenize(args),
         Command::KernelsBench(args) => cmd::kernels_bench::run(args),
     };
+    // What is still buffered must reach stdout too, or the run fails like any other write.
+    let result = result.and_then(|()| {
+        use std::io::Write;
+        std::io::stdout().flush().map_err(|e| anyhow::Error::new(e).context("cannot write to stdout"))
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::from(141),
         Err(e) => {
-            eprintln!("error: {}", describe(&e));
+            use std::io::Write;
+            // A closed or full stderr leaves only the exit code to say it.
+            let _ = writeln!(std::io::stderr(), "error: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
@@ -112,11 +153,19 @@ fn usage_error(e: clap::Error) -> ExitCode {
     let mut paragraphs = rendered.split("\n\n");
     let first = paragraphs.next().unwrap_or_default();
     let line = first.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
-    eprintln!("{line}");
+    use std::io::Write;
+    // Written, not `eprintln!`ed: a closed stderr must not turn exit code 2 into a panic's.
+    let mut stderr = std::io::stderr();
+    let _ = writeln!(stderr, "{line}");
     if let Some(hint) = rendered.lines().rev().find(|l| l.contains("--help")) {
-        eprintln!("{}", hint.trim());
+        let _ = writeln!(stderr, "{}", hint.trim());
     }
     ExitCode::from(2)
+}
+
+/// A write to a pipe whose reader has gone (`brigade ... | head`): not an error to report.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
 /// The error and its causes on one line, skipping causes a message already spells out.

@@ -27,6 +27,10 @@ pub const END_OF_TEXT: &str = "<|endoftext|>";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// Smallest vocabulary a byte-level BPE tokenizer can have: 256 bytes and `<|endoftext|>`.
 pub const MIN_BPE_VOCAB: usize = 257;
+/// Largest `--vocab-size` brigade trains: 4M tokens, 40 times GPT-4's 100k. The trainer sizes its
+/// tables by the vocabulary asked for, so a typo of a few digits would otherwise end in an
+/// allocation failure rather than an error.
+pub const MAX_BPE_VOCAB: usize = 1 << 22;
 
 /// A loaded or trained tokenizer.
 #[derive(Clone)]
@@ -95,12 +99,21 @@ impl TextTokenizer {
                  (256 bytes and {END_OF_TEXT})"
             )));
         }
-        if vocab_size > u32::MAX as usize {
-            return Err(Error::Config(format!("--vocab-size {vocab_size} is too large")));
+        if vocab_size > MAX_BPE_VOCAB {
+            // About 100 bytes per token in the trainer's tables (merges, strings, pair counts).
+            return Err(Error::Config(format!(
+                "--vocab-size {vocab_size} is more than brigade trains ({MAX_BPE_VOCAB} tokens); its tables alone \
+                 would need at least {:.1} GB",
+                vocab_size as f64 * 100.0 / 1e9
+            )));
         }
         for f in files {
             check_text_file(f)?;
         }
+        // No text of n bytes yields more than n merges: the tables need not be larger.
+        let text_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+        let vocab_size =
+            vocab_size.min(MIN_BPE_VOCAB.saturating_add(usize::try_from(text_bytes).unwrap_or(usize::MAX)));
         let mut tokenizer = Tokenizer::new(BPE::default());
         tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         tokenizer.with_decoder(Some(ByteLevelDecoder::default()));

@@ -253,6 +253,9 @@ impl Trainer {
             }
             (Dataset::Images(images), InputKind::Images { channels }) => {
                 images.check_model(channels, model.num_classes())?;
+                if options.eval_batches > 0 {
+                    images.check_eval_batch(options.batch_size)?;
+                }
                 0
             }
             (Dataset::Tokens(_), InputKind::Images { .. }) => {
@@ -312,17 +315,7 @@ impl Trainer {
                 meta.model.name, meta.microbatches, meta.training.batch_size, meta.microbatches
             )));
         }
-        let source = match &data {
-            Dataset::Tokens(d) => d.source(),
-            Dataset::Images(d) => d.source(),
-        };
-        if !meta.training.data.is_empty() && source != meta.training.data {
-            return Err(Error::Config(format!(
-                "the checkpoint was trained on {}, but this run's data is {source}; resume on the same data \
-                 (the same --data and --image-size)",
-                meta.training.data
-            )));
-        }
+        check_same_data(meta, &data)?;
         options.batch_size = meta.training.batch_size;
         options.data_seed = meta.training.data_seed;
         options.context = (meta.training.context > 0).then_some(meta.training.context);
@@ -355,6 +348,7 @@ impl Trainer {
                 Dataset::Tokens(d) => d.source().to_string(),
                 Dataset::Images(d) => d.source().to_string(),
             },
+            data_hash: data_hash(&self.data),
             total_steps: self.options.steps,
         };
         let options = SaveOptions::with_max_shard_bytes(max_shard_bytes);
@@ -566,4 +560,36 @@ fn save_fault_from_env() -> Option<brigade_engine::checkpoint::SaveFault> {
         ["io", stage, n] => Some(SaveFault::IoError { stage: stage.parse().ok()?, after_files: n.parse().ok()? }),
         _ => None,
     }
+}
+
+/// The content hash a checkpoint records of its data (see [`TrainingMeta::data_hash`]).
+fn data_hash(data: &Dataset) -> String {
+    match data {
+        Dataset::Tokens(d) => d.content_hash(),
+        Dataset::Images(d) => d.content_hash(),
+    }
+}
+
+/// A resume continues on the checkpoint's data: the same content, wherever it is now (checked
+/// by hash; a checkpoint without one falls back to comparing the description: path and size).
+fn check_same_data(meta: &CheckpointMeta, data: &Dataset) -> Result<(), Error> {
+    let source = match data {
+        Dataset::Tokens(d) => d.source(),
+        Dataset::Images(d) => d.source(),
+    };
+    let recorded = &meta.training.data_hash;
+    let same = if recorded.is_empty() {
+        meta.training.data.is_empty() || source == meta.training.data
+    } else {
+        *recorded == data_hash(data)
+    };
+    if !same {
+        let what = if recorded.is_empty() { "" } else { " (its content differs)" };
+        return Err(Error::Config(format!(
+            "the checkpoint was trained on {}, but this run's data is {source}{what}; resume on the same data \
+             (the same --data, --tokenizer and --image-size)",
+            meta.training.data
+        )));
+    }
+    Ok(())
 }

@@ -851,3 +851,394 @@ fn weights_with_a_non_finite_held_out_loss_never_replace_a_checkpoint() {
     assert_eq!(std::fs::read_to_string(empty.join("latest")).unwrap().trim(), "step-00000001");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A full or closed stdout or stderr ends a command with one `error:` line (or, for a reader
+/// that has gone away, quietly), never a panic.
+#[test]
+fn a_full_or_closed_output_stream_is_no_panic() {
+    use std::process::Stdio;
+    let run = |args: &[&str], stdout: Stdio, stderr: Stdio| {
+        Command::new(env!("CARGO_BIN_EXE_brigade")).args(args).stdout(stdout).stderr(stderr).output().unwrap()
+    };
+    let full = || Stdio::from(std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap());
+    // stdout on a full disk: one error line naming it, exit code 1.
+    for args in [&["presets"][..], &["schedule", "--stages", "4", "--microbatches", "8"]] {
+        let out = run(args, full(), Stdio::piped());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().filter(|l| l.starts_with("error:")).count(), 1, "{stderr}");
+        assert!(stderr.starts_with("error: cannot write to stdout"), "{stderr}");
+    }
+    // stderr on a full disk, for an error and for clap's usage error: only the exit code says it.
+    for (args, code) in [(&["train", "--stages", "0"][..], 1), (&["train", "--bogus"], 2)] {
+        let out = run(args, Stdio::piped(), full());
+        assert_eq!(out.status.code(), Some(code), "{args:?}");
+    }
+    // Both full.
+    let out = run(&["presets"], full(), full());
+    assert_eq!(out.status.code(), Some(1));
+    // A reader that stops reading (`brigade schedule | head`): a quiet exit.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_brigade"))
+        .args(["schedule", "--stages", "8", "--microbatches", "4000", "--format", "text"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "a broken pipe should be quiet: {stderr}");
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+}
+
+/// The output guard every writing command shares: nothing lands inside a checkpoint, on a save
+/// directory's own files (`latest`, the lock, a step name, the run's `tokenizer.json` and
+/// `metrics.jsonl`), on a save directory, or on the command's own inputs; each refused before
+/// any work, with one error line, every file of the run byte-identical afterwards.
+#[test]
+fn writers_never_land_on_a_run_or_their_inputs() {
+    let root = temp_dir("writers");
+    let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+    let tok = root.join("tok.json");
+    brigade::tokenizer::TextTokenizer::train_bpe(&[readme.into()], 300, 2).unwrap().save(&tok).unwrap();
+    let tok = tok.to_str().unwrap().to_string();
+    let save = root.join("run");
+    let out = train_into(&save, "2", &["--tokenizer", &tok, "--data", readme]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(save.join("tokenizer.json").is_file() && save.join("metrics.jsonl").is_file());
+    let before = checkpoint_bytes(&save);
+    let s = save.to_str().unwrap().to_string();
+    let own = |name: &str| save.join(name).to_str().unwrap().to_string();
+    let (latest, run_tok, metrics, lock, future_step) =
+        (own("latest"), own("tokenizer.json"), own("metrics.jsonl"), own(".lock"), own("step-00000009"));
+    let (in_step, plot_in_step) = (own("step-00000002/x.bin"), own("step-00000002/plot"));
+    // A link elsewhere onto the run's `latest` is the run's `latest`.
+    let link = root.join("link-to-latest");
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(save.join("latest"), &link).unwrap();
+    let link = link.to_str().unwrap().to_string();
+    let text_file = root.join("corpus.txt");
+    std::fs::write(&text_file, "some text to tokenize, some text to tokenize\n").unwrap();
+    let text_file = text_file.to_str().unwrap().to_string();
+    let hard_link = root.join("corpus-link.txt");
+    std::fs::hard_link(&text_file, &hard_link).unwrap();
+    let hard_link = hard_link.to_str().unwrap().to_string();
+    let input = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gpt-tiny/input.safetensors");
+    let v = "--vocab-size";
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        // tokenizer train --out
+        (vec!["tokenizer", "train", v, "300", readme, "--out", &latest], "own latest"),
+        (vec!["tokenizer", "train", v, "300", readme, "--out", &run_tok], "own tokenizer.json"),
+        (vec!["tokenizer", "train", v, "300", readme, "--out", &in_step], "is inside the checkpoint"),
+        (vec!["tokenizer", "train", v, "300", readme, "--out", &link], "own latest"),
+        (vec!["tokenizer", "train", v, "300", &text_file, "--out", &text_file], "is one of the input files"),
+        (vec!["tokenizer", "train", v, "300", &text_file, "--out", &hard_link], "is one of the input files"),
+        (vec!["tokenizer", "train", v, "300", readme, "--out", &future_step], "own step-00000009"),
+        // tokenize --out
+        (vec!["tokenize", "--tokenizer", &tok, readme, "--out", &latest], "own latest"),
+        (vec!["tokenize", "--tokenizer", &tok, readme, "--out", &run_tok], "own tokenizer.json"),
+        (vec!["tokenize", "--tokenizer", &tok, readme, "--out", &in_step], "is inside the checkpoint"),
+        (vec!["tokenize", "--tokenizer", &tok, readme, "--out", &tok], "is one of the input files"),
+        (vec!["tokenize", "--tokenizer", &tok, &text_file, "--out", &hard_link], "is one of the input files"),
+        // predict --output, profile --out, plan --json, plot --out
+        (vec!["predict", "--checkpoint", &s, "--input", input, "--output", &latest], "own latest"),
+        (vec!["predict", "--checkpoint", &s, "--input", input, "--output", &run_tok], "own tokenizer.json"),
+        (vec!["predict", "--checkpoint", &s, "--input", input, "--output", &metrics], "own metrics.jsonl"),
+        (vec!["profile", "--out", &latest], "own latest"),
+        (vec!["profile", "--out", &lock], "own .lock"),
+        (vec!["profile", "--out", &metrics], "own metrics.jsonl"),
+        (vec!["plan", "--json", &run_tok], "own tokenizer.json"),
+        (vec!["plot", &s, "--out", &plot_in_step], "is inside the checkpoint"),
+        // train --log and --save-dir: another run's log, the run's own files, its inputs
+        (vec!["train", "--log", &latest], "own latest"),
+        (vec!["train", "--log", &metrics], "own metrics.jsonl"),
+        (vec!["train", "--log", &run_tok], "own tokenizer.json"),
+        (vec!["train", "--data", &text_file, "--log", &text_file], "is one of the input files"),
+        // export --out and bench --out
+        (vec!["export", "--checkpoint", &s, "--out", &future_step], "own step-00000009"),
+        (vec!["export", "--checkpoint", &s, "--out", &s], "is a checkpoint or save directory"),
+        (vec!["bench", "--out", &s], "is a checkpoint or save directory"),
+    ];
+    for (args, needle) in &cases {
+        assert_clean_failure(args, 1, needle);
+        assert_eq!(checkpoint_bytes(&save), before, "{args:?} changed the run's files");
+    }
+    assert_eq!(std::fs::read(&text_file).unwrap(), b"some text to tokenize, some text to tokenize\n");
+    // The run's own log, in its own save directory, is still its to write.
+    let out = train_into(&save, "3", &["--resume", &s, "--tokenizer", &tok, "--data", readme, "--log", &metrics]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Inputs are checked at their full width before they reach a model: `predict` refuses token
+/// ids outside the vocabulary (an int64 id of 2^32 + 1 is not id 1) and non-finite images;
+/// `export` checks the tokenizer against the model before writing anything, and leaves nothing
+/// behind when it fails.
+#[test]
+fn ids_and_inputs_are_checked_at_full_width() {
+    let root = temp_dir("width");
+    let save = root.join("run");
+    assert!(train_into(&save, "1", &[]).status.success());
+    let s = save.to_str().unwrap().to_string();
+    let before = checkpoint_bytes(&save);
+    let ids = |name: &str, t: Tensor| -> String {
+        let p = root.join(name);
+        t.save_safetensors("input_ids", &p).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let cpu = &Device::Cpu;
+    let wraps = ids("wraps.safetensors", Tensor::new(&[[1i64, (1i64 << 32) + 1]], cpu).unwrap());
+    let beyond = ids("beyond.safetensors", Tensor::new(&[[1u32, 256]], cpu).unwrap());
+    let beyond_f = ids("beyond-f.safetensors", Tensor::new(&[[1f32, 300.0]], cpu).unwrap());
+    let logits = root.join("logits.safetensors").to_str().unwrap().to_string();
+    let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+    let tok = root.join("tok300.json");
+    brigade::tokenizer::TextTokenizer::train_bpe(&[readme.into()], 300, 2).unwrap().save(&tok).unwrap();
+    let tok = tok.to_str().unwrap().to_string();
+    let hf = root.join("hf").to_str().unwrap().to_string();
+    fn p<'a>(s: &'a str, input: &'a str, logits: &'a str) -> Vec<&'a str> {
+        vec!["predict", "--checkpoint", s, "--input", input, "--output", logits]
+    }
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (p(&s, &wraps, &logits), "token id 4294967297 is outside the model's vocabulary of 256"),
+        (p(&s, &beyond, &logits), "token id 256 is outside the model's vocabulary of 256"),
+        (p(&s, &beyond_f, &logits), "token id 300 is outside the model's vocabulary of 256"),
+        (
+            vec!["export", "--checkpoint", &s, "--out", &hf, "--tokenizer", &tok],
+            "more than the model's vocabulary of 256",
+        ),
+    ];
+    for (args, needle) in &cases {
+        assert_clean_failure(args, 1, needle);
+        assert_eq!(checkpoint_bytes(&save), before, "{args:?} changed the checkpoints");
+    }
+    assert!(!Path::new(&logits).exists());
+    let left: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(!left.iter().any(|n| n.to_string_lossy().contains("hf")), "a failed export left {left:?}");
+    // A good export still lands whole.
+    let out = brigade(&["export", "--checkpoint", &s, "--out", &hf]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(Path::new(&hf).join("model.safetensors").is_file() && Path::new(&hf).join("config.json").is_file());
+
+    // An image of NaNs gives no logits.
+    let resnet = root.join("resnet");
+    let r = resnet.to_str().unwrap();
+    let out = brigade(&[
+        "train",
+        "--model",
+        "resnet-tiny",
+        "--stages",
+        "1",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--microbatches",
+        "1",
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "1",
+        "--plain",
+        "--save-dir",
+        r,
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let nan = root.join("nan.safetensors");
+    Tensor::full(f32::NAN, (1, 3, 32, 32), cpu).unwrap().save_safetensors("images", &nan).unwrap();
+    let nan = nan.to_str().unwrap();
+    assert_clean_failure(
+        &["predict", "--checkpoint", r, "--input", nan, "--output", &logits],
+        1,
+        "images must be finite",
+    );
+    assert!(!Path::new(&logits).exists());
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// What would only fail late, or train silently wrong, is refused before training: a
+/// validation split smaller than one batch, a one-class classification set (folder or CIFAR),
+/// a cut-off JPEG, a vocabulary that cannot fit, a prompt or text encoded to nothing.
+#[test]
+fn data_problems_are_refused_before_training() {
+    let root = temp_dir("upfront");
+    let save = root.join("run");
+    assert!(train_into(&save, "1", &[]).status.success());
+    let s = save.to_str().unwrap().to_string();
+    let before = checkpoint_bytes(&save);
+    let cifar = |name: &str, labels: &[u8]| -> String {
+        let mut bytes = Vec::new();
+        for &l in labels {
+            bytes.push(l);
+            bytes.extend((0..3072).map(|i| (i % 251) as u8));
+        }
+        let p = root.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    // 20 records: 18 train, 2 validation.
+    let small_val = cifar("small-val.bin", &[0, 1].repeat(10));
+    let one_label = cifar("one-label.bin", &[3; 20]);
+    let folder = |name: &str, classes: &[&str], file: &str, bytes: &[u8]| -> String {
+        let dir = root.join(name);
+        for c in classes {
+            std::fs::create_dir_all(dir.join(c)).unwrap();
+            for i in 0..3 {
+                std::fs::write(dir.join(c).join(format!("{i}{file}")), bytes).unwrap();
+            }
+        }
+        dir.to_str().unwrap().to_string()
+    };
+    // A valid 1x1 PNG.
+    let png: &[u8] = b"\x89\x50\x4e\x47\x0d\x0a\x1a\x0a\x00\x00\x00\x0d\x49\x48\x44\x52\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4\x89\x00\x00\x00\x0d\x49\x44\x41\x54\x78\xda\x63\x64\x60\xf8\x5f\x0f\x00\x02\x87\x01\x80\xeb\x47\xba\x92\x00\x00\x00\x00\x49\x45\x4e\x44\xae\x42\x60\x82";
+    let one_class = folder("one-class", &["cat"], ".png", png);
+    let cut_jpeg = folder("cut-jpeg", &["cat", "dog"], ".jpg", b"\xFF\xD8\xFF\xE0 cut here");
+    // More 4096x4096 images than this machine's memory holds decoded (about 400 MB each): the
+    // folder is refused with the estimate before any file is read (so they may be empty).
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(64 << 30, |kib| kib * 1024);
+    let per_class = (available / (400 << 20)) as usize + 2;
+    let many = root.join("many");
+    for c in ["a", "b"] {
+        std::fs::create_dir_all(many.join(c)).unwrap();
+        for i in 0..per_class {
+            std::fs::write(many.join(c).join(format!("{i}.png")), b"").unwrap();
+        }
+    }
+    let many = many.to_str().unwrap().to_string();
+    let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+    let sparse = root.join("sparse.json");
+    std::fs::write(
+        &sparse,
+        r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+            "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+            "model":{"type":"WordLevel","vocab":{"a":0,"[UNK]":1},"unk_token":"[UNK]"}}"#,
+    )
+    .unwrap();
+    let sparse = sparse.to_str().unwrap().to_string();
+    let blank = root.join("blank.txt");
+    std::fs::write(&blank, "  \n \n").unwrap();
+    let blank = blank.to_str().unwrap().to_string();
+    let resnet = |data: &str, extra: &[&str]| -> Vec<String> {
+        let mut args = vec!["train", "--model", "resnet-tiny", "--stages", "1", "--batch-size", "4"];
+        args.extend(["--microbatches", "1", "--data", data]);
+        args.extend(extra);
+        args.into_iter().map(String::from).collect()
+    };
+    let owned = |args: &[&str]| -> Vec<String> { args.iter().map(|a| a.to_string()).collect() };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (resnet(&small_val, &[]), "the validation split has 2 images, fewer than one batch of 4"),
+        (resnet(&one_label, &[]), "every training record has label 3"),
+        (resnet(&one_class, &[]), "has one class folder (`cat`)"),
+        (resnet(&cut_jpeg, &[]), "the JPEG is truncated"),
+        (resnet(&cut_jpeg, &["--image-size", "100000"]), "image size 100000 is outside"),
+        (resnet(&many, &["--image-size", "4096"]), "images at 4096x4096 needs at least"),
+        (resnet(&small_val, &["--image-size", "64"]), "--image-size 64 does not apply to"),
+        (resnet(&small_val, &["--image-size", "100000"]), "its images are 32x32"),
+        (owned(&["tokenizer", "train", "--vocab-size", "4294967295", readme]), "more than brigade trains"),
+        (owned(&["tokenizer", "train", "--vocab-size", "100000000", readme]), "would need at least"),
+        (owned(&["generate", "--checkpoint", &s, "--tokenizer", &sparse, "--prompt", "   "]), "to no tokens at all"),
+        (owned(&["train", "--data", &blank, "--tokenizer", &sparse, "--vocab", "256"]), "to no tokens at all"),
+    ];
+    for (args, needle) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_clean_failure(&args, 1, needle);
+        assert_eq!(checkpoint_bytes(&save), before, "{args:?} changed the checkpoints");
+    }
+    // The same small CIFAR file trains when a batch fits its validation split.
+    let mut args = vec!["train", "--model", "resnet-tiny", "--stages", "1", "--batch-size", "2", "--microbatches", "1"];
+    args.extend(["--steps", "1", "--eval-batches", "1", "--plain", "--data", &small_val]);
+    let out = brigade(&args);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A resume knows its data and tokenizer by content: the same content under another path
+/// resumes; other content of the same name and size, or a tokenizer with swapped ids, is
+/// refused; a flag that conflicts with the resumed run is an error, never ignored.
+#[test]
+fn resume_knows_its_data_by_content() {
+    let root = temp_dir("identity");
+    let readme = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let data = root.join("data.txt");
+    std::fs::write(&data, &readme).unwrap();
+    let tok = root.join("tok.json");
+    brigade::tokenizer::TextTokenizer::train_bpe(std::slice::from_ref(&data), 300, 2).unwrap().save(&tok).unwrap();
+    let save = root.join("run");
+    let (d, t) = (data.to_str().unwrap(), tok.to_str().unwrap());
+    let out = train_into(&save, "2", &["--data", d, "--tokenizer", t]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let s = save.to_str().unwrap().to_string();
+    let before = checkpoint_bytes(&save);
+
+    // The same bytes elsewhere; one byte changed at the same path and size.
+    std::fs::create_dir_all(root.join("moved")).unwrap();
+    let moved = root.join("moved").join("other-name.txt");
+    std::fs::write(&moved, &readme).unwrap();
+    let mut changed = readme.clone();
+    let at = changed.iter().position(|&b| b == b'e').unwrap();
+    changed[at] = b'a';
+    let changed_path = root.join("moved").join("data.txt");
+    std::fs::write(&changed_path, &changed).unwrap();
+    // The tokenizer with two ids swapped, and an exact copy elsewhere.
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tok).unwrap()).unwrap();
+    let vocab = json["model"]["vocab"].as_object_mut().unwrap();
+    let keys: Vec<String> = vocab.keys().take(2).cloned().collect();
+    let (a, b) = (vocab[&keys[0]].clone(), vocab[&keys[1]].clone());
+    vocab.insert(keys[0].clone(), b);
+    vocab.insert(keys[1].clone(), a);
+    let swapped = root.join("swapped.json");
+    std::fs::write(&swapped, serde_json::to_string(&json).unwrap()).unwrap();
+    let tok_copy = root.join("moved").join("tokenizer-copy.json");
+    std::fs::copy(&tok, &tok_copy).unwrap();
+    let (m, c, sw, tc) = (
+        moved.to_str().unwrap(),
+        changed_path.to_str().unwrap(),
+        swapped.to_str().unwrap(),
+        tok_copy.to_str().unwrap(),
+    );
+
+    let resume = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec!["train", "--resume", &s, "--save-dir", &s, "--steps", "3"];
+        args.extend(SMALL);
+        if extra.contains(&"--context") {
+            // The one asked for replaces SMALL's.
+            let at = args.iter().position(|a| *a == "--context").unwrap();
+            args.drain(at..at + 2);
+        }
+        args.extend(extra);
+        args.into_iter().map(String::from).collect()
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (resume(&["--data", c, "--tokenizer", t]), "(its content differs)"),
+        (resume(&["--data", d, "--tokenizer", sw]), "differs in content from the run's tokenizer"),
+        (resume(&["--data", d, "--tokenizer", t, "--vocab", "512"]), "--vocab 512 conflicts with the checkpoint"),
+        (resume(&["--data", d, "--tokenizer", t, "--layers", "3"]), "--layers 3 conflicts with the checkpoint"),
+        (resume(&["--data", d, "--tokenizer", t, "--context", "16"]), "--context 16 conflicts with the checkpoint"),
+        (resume(&[]), "this run's data is"),
+    ];
+    for (args, needle) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        // A tokenized --data prints its progress line on stderr before the refusal: the one
+        // error line need not come first here.
+        let out = brigade(&args);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{args:?}: expected one error line: {stderr}");
+        assert!(errors[0].contains(needle), "{args:?}: expected {needle:?} in: {stderr}");
+        assert_eq!(checkpoint_bytes(&save), before, "{args:?} changed the checkpoints");
+    }
+    // The same data and tokenizer, stored elsewhere: the run continues.
+    let args = resume(&["--data", m, "--tokenizer", tc]);
+    let out = brigade(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(text(&out).0.contains("done: 1 step (step 2 to 3)"), "{:?}", text(&out));
+    let _ = std::fs::remove_dir_all(&root);
+}

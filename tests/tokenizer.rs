@@ -30,7 +30,7 @@ fn temp_dir(name: &str) -> PathBuf {
 fn corpus_file(dir: &Path, bytes: usize) -> PathBuf {
     let data = TokenDataset::embedded_with_len(1, bytes);
     let text: Vec<u8> =
-        [Split::Train, Split::Validation].iter().flat_map(|s| data.split_tokens(*s).iter().map(|&t| t as u8)).collect();
+        [Split::Train, Split::Validation].iter().flat_map(|s| data.split_tokens(*s).iter().map(|t| t as u8)).collect();
     let path = dir.join("corpus.txt");
     std::fs::write(&path, text).unwrap();
     path
@@ -40,7 +40,7 @@ fn corpus_file(dir: &Path, bytes: usize) -> PathBuf {
 fn trained_bpe_round_trips_compresses_and_chunks_exactly() {
     let dir = temp_dir("lib");
     let text_file = corpus_file(&dir, 200_000);
-    let tok = TextTokenizer::train_bpe(&[text_file.clone()], 500, 2).unwrap();
+    let tok = TextTokenizer::train_bpe(std::slice::from_ref(&text_file), 500, 2).unwrap();
     assert_eq!(tok.vocab_size(), 500);
     assert!(tok.end_of_text().is_some());
     let text = std::fs::read_to_string(&text_file).unwrap();
@@ -141,5 +141,88 @@ fn text_to_tokens_to_a_trained_model_to_text() {
     assert!(out.contains("AutoTokenizer.from_pretrained"), "{out}");
     assert_eq!(std::fs::read(hf.join("tokenizer.json")).unwrap(), std::fs::read(run.join("tokenizer.json")).unwrap());
     assert!(hf.join("tokenizer_config.json").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Token ids of any width, end to end: a tokenizer whose largest id is 70000 but which has only
+/// 4 entries writes uint32 (the width recorded in the sidecar), `train` reads it as uint32, and
+/// the same file without its sidecar is refused rather than read as uint16.
+#[test]
+fn wide_token_ids_survive_tokenize_and_train() {
+    let dir = temp_dir("wide");
+    let t = |p: &Path| p.to_str().unwrap().to_string();
+    let tok = dir.join("sparse.json");
+    std::fs::write(
+        &tok,
+        r#"{"version":"1.0","truncation":null,"padding":null,
+            "added_tokens":[],
+            "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+            "model":{"type":"WordLevel","vocab":{"a":0,"c":1,"[UNK]":2,"b":70000},"unk_token":"[UNK]"}}"#,
+    )
+    .unwrap();
+    let text_file = dir.join("text.txt");
+    std::fs::write(&text_file, "a b c a b c c a ".repeat(100)).unwrap();
+    let bin = dir.join("wide.bin");
+    let out = ok(&["tokenize", "--tokenizer", &t(&tok), &t(&text_file), "--out", &t(&bin)]);
+    assert!(out.contains("(uint32)"), "{out}");
+    let bytes = std::fs::read(&bin).unwrap();
+    let ids: Vec<u32> = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    assert_eq!(ids.len(), 800);
+    assert_eq!(&ids[..6], &[0, 70000, 1, 0, 70000, 1]);
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("wide.bin.json")).unwrap()).unwrap();
+    assert_eq!(sidecar["dtype"], "uint32");
+    assert_eq!(sidecar["tokens"], 800);
+    assert_eq!(sidecar["vocab_size"], 70001);
+    let data = TokenDataset::from_path(&bin).unwrap();
+    assert_eq!((data.max_id(), data.len(), data.vocab()), (70000, 800, 70001));
+
+    let bin_path = t(&bin);
+    let train = || {
+        brigade(&[
+            "train",
+            "--data",
+            &bin_path,
+            "--stages",
+            "1",
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--microbatches",
+            "1",
+            "--context",
+            "8",
+            "--eval-batches",
+            "1",
+            "--plain",
+            "--vocab",
+            "70001",
+        ])
+    };
+    let out = train();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("vocab=70001") && stdout.contains("uint32 tokens"), "{stdout}");
+
+    // Without the sidecar the width is unknown: refused, not read as uint16.
+    std::fs::remove_file(dir.join("wide.bin.json")).unwrap();
+    let out = train();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("as in a uint32 token file"), "{stderr}");
+    // A sidecar that disagrees with the file is refused too.
+    std::fs::write(dir.join("wide.bin.json"), r#"{"dtype":"uint32","tokens":5,"vocab_size":70001}"#).unwrap();
+    let stderr = String::from_utf8_lossy(&train().stderr).into_owned();
+    assert!(stderr.contains("records 5"), "{stderr}");
+
+    // A tokenizer that encodes the text to nothing writes nothing.
+    let blank = dir.join("blank.txt");
+    std::fs::write(&blank, "   \n\n  ").unwrap();
+    let out = brigade(&["tokenize", "--tokenizer", &t(&tok), &t(&blank), "--out", &t(&dir.join("none.bin"))]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("to no tokens at all"), "{stderr}");
+    assert!(!dir.join("none.bin").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 pub use image_files::{CIFAR10_CLASSES, CIFAR_RECORD};
 pub use images::{Augment, ImageDataset, EMBEDDED_SHAPES_SIZE, EMBEDDED_SHAPES_TRAIN, EMBEDDED_SHAPES_VAL};
 pub use shapes::{MIN_SHAPE_SIZE, SHAPE_CLASSES};
-pub use tokens::{TokenDataset, EMBEDDED_TEXT_BYTES, GPT2_VOCAB, VAL_FRACTION};
+pub use tokens::{TokenDataset, TokenFileInfo, TokenIds, TokenSlice, EMBEDDED_TEXT_BYTES, GPT2_VOCAB, VAL_FRACTION};
 
 /// Which part of a dataset to draw from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

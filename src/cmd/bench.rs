@@ -112,7 +112,7 @@ fn layouts(specs: &[String], partition: &str) -> Result<Vec<(usize, PartitionStr
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    brigade::engine::checkpoint::refuse_inside_checkpoint(&args.out, "--out")?;
+    super::output::OutputPath::new(&args.out, "--out").check()?;
     let layouts = layouts(&args.layouts, &args.partition)?;
     let schedules = super::schedule_specs(&args.schedules)?;
     let optimizer = args.optimizer.config(None);

@@ -96,6 +96,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         bail!("prompt token id {bad} is beyond the vocabulary of {vocab}");
     }
+    if ids.is_empty() && !args.prompt.is_empty() {
+        // Generating from an empty start instead would silently ignore the prompt.
+        bail!("the tokenizer encodes the prompt {:?} to no tokens at all", args.prompt);
+    }
     if ids.is_empty() {
         let start = match &tokenizer {
             Some(tok) => {

@@ -8,6 +8,7 @@ pub mod inference;
 pub mod inspect;
 pub mod kernels_bench;
 pub mod model;
+pub mod output;
 pub mod plan;
 pub mod plot;
 pub mod predict;

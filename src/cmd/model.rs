@@ -116,11 +116,21 @@ impl ModelArgs {
                 (None, None) => TokenDataset::embedded(seed),
             }),
             ModelConfig::Resnet(_) => Dataset::Images(match &self.data {
-                Some(path) if is_cifar(path) => ImageDataset::from_cifar10(path)?.with_augment(self.augment()),
+                Some(path) if is_cifar(path) => {
+                    self.check_image_size_applies(path, 32)?;
+                    ImageDataset::from_cifar10(path)?.with_augment(self.augment())
+                }
                 Some(path) if path.is_dir() => {
                     ImageDataset::from_image_folder(path, self.image_size)?.with_augment(self.augment())
                 }
-                Some(path) => ImageDataset::from_safetensors(path)?,
+                Some(path) => {
+                    let images = ImageDataset::from_safetensors(path)?;
+                    let (_, height, width) = images.image_shape();
+                    if height == width {
+                        self.check_image_size_applies(path, height)?;
+                    }
+                    images
+                }
                 None => {
                     // 6000 RGB images of f32 pixels, drawn up front.
                     let side = self.image_size as f64;
@@ -134,6 +144,21 @@ impl ModelArgs {
                 }
             }),
         })
+    }
+
+    /// Data whose images have a fixed size (CIFAR-10, a safetensors set) is not resized: a
+    /// `--image-size` other than the default and that size is an error, not silently ignored.
+    fn check_image_size_applies(&self, path: &std::path::Path, size: usize) -> Result<()> {
+        const DEFAULT_IMAGE_SIZE: usize = 32;
+        if self.image_size != DEFAULT_IMAGE_SIZE && self.image_size != size {
+            bail!(
+                "--image-size {} does not apply to {}: its images are {size}x{size} and are used as they are; \
+                 leave --image-size out",
+                self.image_size,
+                path.display()
+            );
+        }
+        Ok(())
     }
 
     /// The model (with overrides) and the data it trains on; a ResNet's class and channel
@@ -181,16 +206,12 @@ fn tokenized_text(path: &std::path::Path, tok: &TextTokenizer, model_vocab: usiz
     if !path.exists() {
         bail!("--data {} does not exist", path.display());
     }
-    if tok.vocab_size() > 1 << 16 {
-        bail!(
-            "the tokenizer {} has {} tokens; token datasets hold 16-bit ids (at most 65536 tokens)",
-            tok.source(),
-            tok.vocab_size()
-        );
-    }
     let text = brigade::tokenizer::read_text(path)?;
     let started = std::time::Instant::now();
     let ids = tok.encode_large(&text, |_| {})?;
+    if ids.is_empty() {
+        bail!("the tokenizer {} encodes {} to no tokens at all; nothing to train on", tok.source(), path.display());
+    }
     let n = ids.len();
     eprintln!(
         "tokenized {} ({:.1} MB) into {n} tokens in {:.2}s",
@@ -198,7 +219,6 @@ fn tokenized_text(path: &std::path::Path, tok: &TextTokenizer, model_vocab: usiz
         text.len() as f64 / 1e6,
         started.elapsed().as_secs_f64()
     );
-    let ids: Vec<u16> = ids.into_iter().map(|i| i as u16).collect();
     let source = format!("{} tokenized with {} ({n} tokens)", path.display(), tok.source());
     Ok(TokenDataset::from_tokens(source, ids, model_vocab)?)
 }

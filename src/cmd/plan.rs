@@ -68,6 +68,11 @@ pub struct PlanArgs {
 }
 
 pub fn run(args: PlanArgs) -> Result<()> {
+    if let Some(path) = &args.json {
+        super::output::OutputPath::new(path, "--json")
+            .inputs(args.model.data.iter().chain(&args.model.tokenizer))
+            .check()?;
+    }
     if args.devices == 0 {
         bail!("--devices must be at least 1");
     }

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 
+use super::output::OutputPath;
+
 #[derive(Args)]
 pub struct PlotArgs {
     /// Runs: metrics logs (`--log` files) or save directories holding `metrics.jsonl`.
@@ -29,6 +31,11 @@ pub fn run(args: PlotArgs) -> Result<()> {
     if args.smooth == 0 {
         bail!("--smooth must be at least 1 (1: raw throughput)");
     }
+    // Before reading anything: the chart files must not land on a run or a checkpoint.
+    let logs = args.runs.iter().map(|r| r.join(brigade::metrics::METRICS_FILE));
+    for file in [args.out.with_extension("svg"), args.out.with_extension("png")] {
+        OutputPath::new(&file, "--out").inputs(&args.runs).inputs(logs.clone()).check()?;
+    }
     let mut runs = args.runs.iter().map(|p| brigade::metrics::read_run(p)).collect::<Result<Vec<_>, _>>()?;
     for (i, run) in runs.iter_mut().enumerate() {
         if let Some(label) = args.labels.get(i) {
@@ -37,7 +44,6 @@ pub fn run(args: PlotArgs) -> Result<()> {
             run.info.label = run.path.display().to_string();
         }
     }
-    brigade::engine::checkpoint::refuse_inside_checkpoint(&args.out, "--out")?;
     let plotted = brigade::plot::plot(&runs, &args.out, args.smooth)?;
     for run in &runs {
         let last = run.steps.last().expect("plot checks every run has steps");

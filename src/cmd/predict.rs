@@ -8,6 +8,7 @@ use candle_core::{DType, Device};
 use clap::Args;
 
 use super::inference::inference_pipeline;
+use super::output::OutputPath;
 
 #[derive(Args)]
 pub struct PredictArgs {
@@ -46,6 +47,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
     if args.input.canonicalize().ok() == args.output.canonicalize().ok() {
         bail!("--output {} is the --input file; write the logits to another file", args.output.display());
     }
+    OutputPath::new(&args.output, "--output").input(&args.input).input(&args.checkpoint).check()?;
     let (mut pipeline, model) = inference_pipeline(
         &args.checkpoint,
         args.model.as_deref(),
@@ -68,23 +70,37 @@ pub fn run(args: PredictArgs) -> Result<()> {
             )
         })?;
     let input = match model.input() {
-        InputKind::Tokens { .. } => {
+        InputKind::Tokens { vocab, .. } => {
             if input.dtype().is_float() {
                 // Converting would saturate a negative or fractional id silently.
                 let values: Vec<f64> = input.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
                 if let Some(bad) = values.iter().find(|v| v.fract() != 0.0 || **v < 0.0) {
                     bail!("{}: token ids must be non-negative integers, found {bad}", args.input.display());
                 }
-            } else if matches!(input.dtype(), DType::I64) {
-                // A cast would wrap a negative id around to a huge one.
-                let values: Vec<i64> = input.flatten_all()?.to_vec1()?;
+                if let Some(bad) = values.iter().find(|v| **v >= vocab as f64) {
+                    bail!("{}: token id {bad} is outside the model's vocabulary of {vocab}", args.input.display());
+                }
+            } else {
+                // Checked at full width: a cast would wrap a negative id around, or cut an id
+                // of 2^32 or more to 32 bits.
+                let values: Vec<i64> = input.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
                 if let Some(bad) = values.iter().find(|v| **v < 0) {
                     bail!("{}: token ids must be non-negative, found {bad}", args.input.display());
+                }
+                if let Some(bad) = values.iter().find(|v| **v as u64 >= vocab as u64) {
+                    bail!("{}: token id {bad} is outside the model's vocabulary of {vocab}", args.input.display());
                 }
             }
             input.to_dtype(DType::U32)?
         }
-        InputKind::Images { .. } => input.to_dtype(DType::F32)?,
+        InputKind::Images { .. } => {
+            let images = input.to_dtype(DType::F32)?;
+            let values: Vec<f32> = images.flatten_all()?.to_vec1()?;
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                bail!("{}: pixel {i} is {}; images must be finite numbers", args.input.display(), values[i]);
+            }
+            images
+        }
     };
     let started = std::time::Instant::now();
     let logits = pipeline.predict(&input)?;

@@ -11,6 +11,7 @@ use brigade::train::Dataset;
 use clap::Args;
 
 use super::model::{check_device, ModelArgs};
+use super::output::OutputPath;
 
 #[derive(Args)]
 pub struct ProfileArgs {
@@ -45,7 +46,7 @@ pub struct ProfileArgs {
 pub fn run(args: ProfileArgs) -> Result<()> {
     let device = check_device(&args.device)?;
     if let Some(out) = &args.out {
-        brigade::engine::checkpoint::refuse_inside_checkpoint(out, "--out")?;
+        OutputPath::new(out, "--out").inputs(args.model.data.iter().chain(&args.model.tokenizer)).check()?;
     }
     if args.microbatch_size == 0 {
         bail!("--microbatch-size must be at least 1");

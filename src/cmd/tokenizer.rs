@@ -5,8 +5,11 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
+use brigade::models::data::TokenFileInfo;
 use brigade::tokenizer::{read_text, TextTokenizer};
 use clap::{Args, Subcommand};
+
+use super::output::OutputPath;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args)]
@@ -44,6 +47,7 @@ pub fn run(args: TokenizerArgs) -> Result<()> {
 }
 
 fn train(args: TrainTokenizerArgs) -> Result<()> {
+    OutputPath::new(&args.out, "--out").inputs(&args.files).check()?;
     if args.out.is_dir() {
         bail!("--out {} is a directory; give a file name such as tokenizer.json", args.out.display());
     }
@@ -76,8 +80,8 @@ pub struct TokenizeArgs {
     /// A tokenizer.json (or a directory holding one, e.g. a Hugging Face model).
     #[arg(long)]
     tokenizer: PathBuf,
-    /// Output token file: uint16 little-endian ids (nanoGPT's .bin), or uint32 when the
-    /// vocabulary has more than 65536 tokens.
+    /// Output token file: uint16 little-endian ids (nanoGPT's .bin), or uint32 when an id can
+    /// be 65536 or more; the width is recorded in the sidecar OUT.json, which `train` reads.
     #[arg(long)]
     out: PathBuf,
     /// Put <|endoftext|> between files (when the tokenizer has it).
@@ -86,16 +90,14 @@ pub struct TokenizeArgs {
 }
 
 pub fn tokenize(args: TokenizeArgs) -> Result<()> {
-    let tokenizer = TextTokenizer::load(&args.tokenizer)?;
+    let sidecar = TokenFileInfo::sidecar(&args.out);
+    for out in [&args.out, &sidecar] {
+        OutputPath::new(out, "--out").inputs(&args.files).input(&args.tokenizer).check()?;
+    }
     if args.out.is_dir() {
         bail!("--out {} is a directory; give a file name such as train.bin", args.out.display());
     }
-    if let Some(same) =
-        args.files.iter().find(|f| f.canonicalize().ok().is_some_and(|f| Some(f) == args.out.canonicalize().ok()))
-    {
-        bail!("--out {} is one of the input files", same.display());
-    }
-    let wide = tokenizer.vocab_size() > 1 << 16;
+    let tokenizer = TextTokenizer::load(&args.tokenizer)?;
     let total: u64 = args.files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         ProgressBar::new(total)
@@ -122,6 +124,19 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
         }
     }
     bar.finish_and_clear();
+    if ids.is_empty() {
+        bail!(
+            "the tokenizer {} encodes {} to no tokens at all; nothing to write",
+            tokenizer.source(),
+            args.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    // The width comes from the largest id the tokenizer can give (or, belt and braces, gave),
+    // and is recorded in the sidecar so that no reader has to guess it.
+    let largest = ids.iter().copied().max().unwrap_or(0);
+    let bound = (tokenizer.vocab_size() as u64).max(u64::from(largest) + 1);
+    let info = TokenFileInfo::for_vocab(bound, ids.len() as u64);
+    let wide = info.width() == 4;
     let out =
         std::fs::File::create(&args.out).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", args.out.display()))?;
     let mut out = std::io::BufWriter::new(out);
@@ -133,6 +148,8 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
         }
     }
     out.flush()?;
+    let json = serde_json::to_string_pretty(&info)? + "\n";
+    std::fs::write(&sidecar, json).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", sidecar.display()))?;
     let seconds = started.elapsed().as_secs_f64();
     println!(
         "{} tokens ({}) from {:.1} MB in {seconds:.2}s: {:.2} MB/s overall, {:.2} MB/s encoding; {:.2} bytes per token",
@@ -143,6 +160,6 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
         total as f64 / 1e6 / encode_seconds.max(1e-9),
         total as f64 / ids.len().max(1) as f64
     );
-    println!("wrote {}", args.out.display());
+    println!("wrote {} (width recorded in {})", args.out.display(), sidecar.display());
     Ok(())
 }

@@ -16,6 +16,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::model::ModelArgs;
+use super::output::OutputPath;
 use super::{plural, OptimizerArg};
 
 #[derive(Args)]
@@ -155,11 +156,17 @@ fn check_train_args(args: &TrainArgs) -> Result<()> {
             bail!("--init-from {} does not exist", init.display());
         }
     }
+    // --save-dir may be the --resume directory (a run continues in its own save directory).
+    let inputs = [&args.model.data, &args.model.tokenizer, &args.init_from].into_iter().flatten();
     if let Some(save) = &args.save_dir {
-        brigade::engine::checkpoint::refuse_inside_checkpoint(save, "--save-dir")?;
+        OutputPath::new(save, "--save-dir").save_dir().inputs(inputs.clone()).check()?;
     }
     if let Some(log) = &args.log {
-        brigade::engine::checkpoint::refuse_inside_checkpoint(log, "--log")?;
+        OutputPath::new(log, "--log")
+            .inputs(inputs)
+            .inputs(&args.resume)
+            .own_save_dir(args.save_dir.as_deref())
+            .check()?;
         if log.is_dir() {
             bail!("--log {} is a directory; give a file name such as run.jsonl", log.display());
         }
@@ -265,6 +272,7 @@ fn model_and_data(args: &TrainArgs) -> Result<(Arc<dyn PipelineModel>, Dataset, 
                 );
             }
         }
+        check_resume_flags(args, &ckpt, &config)?;
         println!("resume   {} (step {})", ckpt.dir.display(), ckpt.meta.step);
         // The embedded data is generated from the run's seed, which the checkpoint keeps.
         let data = args.model.data_for(&config, ckpt.meta.seed)?;
@@ -293,6 +301,61 @@ fn model_and_data(args: &TrainArgs) -> Result<(Arc<dyn PipelineModel>, Dataset, 
     let data = args.model.data_for(&weights.config, args.seed)?;
     let model = weights.config.build()?;
     Ok((model, data, Start::Import(weights)))
+}
+
+/// With `--resume`, the model and data come from the checkpoint: a flag that says otherwise
+/// (`--vocab`, `--layers`, `--width`, `--heads`, `--context`, a `--tokenizer` other than the
+/// run's) is an error naming both values, never silently ignored. Tokenizers are compared by
+/// content, so the run's tokenizer copied elsewhere is accepted.
+fn check_resume_flags(
+    args: &TrainArgs,
+    ckpt: &brigade::engine::checkpoint::Checkpoint,
+    config: &brigade::models::ModelConfig,
+) -> Result<()> {
+    let m = &args.model;
+    if let brigade::models::ModelConfig::Gpt(g) = config {
+        let flags = [
+            ("--vocab", m.vocab, g.vocab_size),
+            ("--layers", m.layers, g.n_layer),
+            ("--width", m.width, g.n_embd),
+            ("--heads", m.heads, g.n_head),
+        ];
+        for (flag, asked, has) in flags {
+            if let Some(asked) = asked.filter(|a| *a != has) {
+                bail!(
+                    "{flag} {asked} conflicts with the checkpoint {} ({flag} {has}); a resumed run keeps its model: \
+                     drop {flag}",
+                    ckpt.dir.display()
+                );
+            }
+        }
+        let trained = ckpt.meta.training.context;
+        if let Some(asked) = m.context.filter(|c| trained > 0 && *c != trained) {
+            bail!(
+                "--context {asked} conflicts with the checkpoint {} (trained at context {trained}); a resumed run keeps \
+                 its context: drop --context",
+                ckpt.dir.display()
+            );
+        }
+    }
+    let runs = brigade::tokenizer::TextTokenizer::find_near(&ckpt.dir);
+    if let (Some(asked), Some(runs)) = (&m.tokenizer, runs) {
+        let content = |p: &std::path::Path| -> Option<serde_json::Value> {
+            let file = if p.is_dir() { p.join(brigade::tokenizer::TOKENIZER_FILE) } else { p.to_path_buf() };
+            serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()
+        };
+        if let (Some(a), Some(b)) = (content(asked), content(&runs)) {
+            if a != b {
+                bail!(
+                    "--tokenizer {} differs in content from the run's tokenizer {}; resume with the run's tokenizer \
+                     (or leave --tokenizer out to use it)",
+                    asked.display(),
+                    runs.display()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A save directory whose file system cannot hold even one checkpoint is refused now, not when

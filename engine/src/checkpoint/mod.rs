@@ -138,6 +138,10 @@ pub struct TrainingMeta {
     pub data_position: u64,
     /// Where the data came from (`embedded`, or a path), for humans and for a resume check.
     pub data: String,
+    /// A hash of the data's content: a resume recognises the same data under another path,
+    /// and refuses other data of the same name or size. Empty in older checkpoints.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub data_hash: String,
     /// Steps the run was asked for (the LR schedule's horizon).
     pub total_steps: u64,
 }

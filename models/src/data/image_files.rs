@@ -70,12 +70,56 @@ fn class_folders(dir: &Path) -> Result<Vec<(String, Vec<PathBuf>)>, DataError> {
     Ok(classes)
 }
 
+/// Refuses a folder whose images, decoded at `size` × `size`, cannot fit in the memory this
+/// machine has available (read from `/proc/meminfo`; elsewhere nothing is refused), with the
+/// estimate, before decoding any: the allocator would otherwise abort the process.
+fn check_decoded_fit(dir: &Path, files: usize, size: usize) -> Result<(), DataError> {
+    // f32 RGB planes, held twice while the per-file buffers are joined.
+    let needed = files as f64 * 3.0 * (size as f64).powi(2) * 4.0 * 2.0;
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|kib| kib * 1024.0)
+    });
+    if let Some(available) = available.filter(|a| needed > *a) {
+        return Err(format_err(
+            dir,
+            format!(
+                "decoding {files} images at {size}x{size} needs at least {:.1} GB, but this machine has {:.1} GB \
+                 available; choose a smaller --image-size",
+                needed / 1e9,
+                available / 1e9
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A JPEG decoder fills a cut-off file's missing rows with grey and reports success, where
+/// PNG's checksums catch it; so a JPEG must end with its end-of-image marker (FF D9), allowing
+/// a little padding after it.
+fn check_jpeg_complete(path: &Path) -> Result<(), DataError> {
+    let is_jpeg = path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+        let e = e.to_ascii_lowercase();
+        e == "jpg" || e == "jpeg"
+    });
+    if !is_jpeg {
+        return Ok(());
+    }
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+    let tail = &bytes[bytes.len().saturating_sub(64)..];
+    if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
+        return Err(format_err(path, "cannot decode the image (the JPEG is truncated: no end-of-image marker)"));
+    }
+    Ok(())
+}
+
 /// Decodes `files` in parallel to `size` × `size` RGB, [0, 1], channel planes.
 fn decode_all(files: &[(PathBuf, u32)], size: usize) -> Result<Images, DataError> {
     let per = 3 * size * size;
     let decoded: Vec<Vec<f32>> = files
         .par_iter()
         .map(|(path, _)| {
+            check_jpeg_complete(path)?;
             let img = image::open(path).map_err(|e| format_err(path, format!("cannot decode the image ({e})")))?;
             let img = if img.width() as usize != size || img.height() as usize != size {
                 img.resize_exact(size as u32, size as u32, image::imageops::FilterType::Triangle)
@@ -152,8 +196,17 @@ impl ImageDataset {
                 (train, val, names)
             }
         };
+        check_decoded_fit(dir, train_files.len() + val_files.len(), size)?;
         let train = decode_all(&train_files, size)?;
         let val = decode_all(&val_files, size)?;
+        if let [name] = names.as_slice() {
+            // One class trains to loss 0 and learns nothing. (Checked after decoding, so a
+            // broken image is named first.)
+            return Err(format_err(
+                dir,
+                format!("has one class folder (`{name}`); a classifier needs at least 2 classes (one sub-folder each)"),
+            ));
+        }
         let source = format!(
             "image folder {} ({} train + {} validation, 3x{size}x{size}, {} classes)",
             dir.display(),
@@ -202,6 +255,16 @@ impl ImageDataset {
             train.labels.len(),
             val.labels.len()
         );
+        let classes: std::collections::BTreeSet<u32> = train.labels.iter().copied().collect();
+        if classes.len() < 2 {
+            return Err(format_err(
+                path,
+                format!(
+                    "every training record has label {}; a classifier needs at least 2 classes",
+                    classes.first().copied().unwrap_or(0)
+                ),
+            ));
+        }
         let names = CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect();
         Ok(Self::normalised(train, val, (3, 32, 32), names, source))
     }
@@ -303,6 +366,23 @@ mod tests {
             let e = ImageDataset::from_image_folder(dir.join("x"), size).unwrap_err().to_string();
             assert!(e.contains(&format!("image size {size} is outside 1..=4096")), "{e}");
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_cut_off_jpeg_and_a_single_class_are_refused() {
+        let dir = temp_dir("cut");
+        image_folder(&dir.join("ok"), &[("a", [1, 2, 3]), ("b", [4, 5, 6])], 3);
+        ImageDataset::from_image_folder(dir.join("ok"), 12).unwrap();
+        // The same JPEG cut in half: the decoder alone would fill it with grey and succeed.
+        let jpeg = dir.join("ok").join("b").join("2.jpg");
+        let bytes = std::fs::read(&jpeg).unwrap();
+        std::fs::write(&jpeg, &bytes[..bytes.len() / 2]).unwrap();
+        let e = ImageDataset::from_image_folder(dir.join("ok"), 12).unwrap_err().to_string();
+        assert!(e.contains("2.jpg") && e.contains("the JPEG is truncated"), "{e}");
+        image_folder(&dir.join("one"), &[("only", [1, 2, 3])], 3);
+        let e = ImageDataset::from_image_folder(dir.join("one"), 12).unwrap_err().to_string();
+        assert!(e.contains("has one class folder (`only`)"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

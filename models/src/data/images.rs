@@ -460,6 +460,40 @@ impl ImageDataset {
     }
 
     /// Number of full batches [`Self::eval_batches`] yields.
+    /// Errors unless the validation split holds at least one batch of `batch_size` images:
+    /// checked before training, not found at the first evaluation.
+    pub fn check_eval_batch(&self, batch_size: usize) -> Result<(), DataError> {
+        let n = self.len(Split::Validation);
+        if n < batch_size {
+            return Err(DataError::InvalidArgument(format!(
+                "{}: the validation split has {n} images, fewer than one batch of {batch_size}; use --batch-size {n} \
+                 or less, or more validation images",
+                self.source
+            )));
+        }
+        Ok(())
+    }
+
+    /// A hash of the images and labels of both splits and their shape (xxh3-128): the same
+    /// images from any path hash alike, other images of the same count do not.
+    pub fn content_hash(&self) -> String {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        hasher.update(b"brigade-images-v1");
+        for n in [self.channels, self.height, self.width, self.classes] {
+            hasher.update(&(n as u64).to_le_bytes());
+        }
+        for split in [&self.train, &self.val] {
+            hasher.update(&(split.labels.len() as u64).to_le_bytes());
+            for chunk in split.labels.chunks(1 << 14) {
+                hasher.update(&chunk.iter().flat_map(|l| l.to_le_bytes()).collect::<Vec<u8>>());
+            }
+            for chunk in split.pixels.chunks(1 << 14) {
+                hasher.update(&chunk.iter().flat_map(|p| p.to_bits().to_le_bytes()).collect::<Vec<u8>>());
+            }
+        }
+        format!("xxh3-128:{:032x}", hasher.digest128())
+    }
+
     pub fn eval_batch_count(&self, split: Split, batch_size: usize) -> usize {
         self.len(split).checked_div(batch_size).unwrap_or(0)
     }
