@@ -283,13 +283,13 @@ mod tests {
 
     #[test]
     fn vocab_size_covers_sparse_ids() {
-        // Three word ids and one added token far above them: a model must embed id 70000.
-        let json = r#"{"version":"1.0","truncation":null,"padding":null,
-            "added_tokens":[{"id":70000,"content":"<big>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}],
+        // A word-level vocabulary whose ids are not dense (a pruned or hand-edited
+        // tokenizer.json): three entries, the largest id 70000. A model must embed id 70000.
+        let json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
             "normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,
-            "model":{"type":"WordLevel","vocab":{"a":0,"b":1,"[UNK]":2},"unk_token":"[UNK]"}}"#;
+            "model":{"type":"WordLevel","vocab":{"a":0,"b":1,"[UNK]":70000},"unk_token":"[UNK]"}}"#;
         let inner: Tokenizer = json.parse().expect("test tokenizer");
-        assert_eq!(inner.get_vocab_size(true), 4, "the count alone would miss the sparse id");
+        assert_eq!(inner.get_vocab_size(true), 3, "the count alone would miss the sparse id");
         assert_eq!(TextTokenizer::new(inner, "test".into()).vocab_size(), 70001);
     }
 
