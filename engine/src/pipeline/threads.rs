@@ -33,14 +33,17 @@
 //! 3. **candle's elementwise pool** (`candle_core::utils::barrier_pool`: candle's unary and
 //!    binary maps of at least 64K elements). One per process, sized once at its first use from
 //!    `CANDLE_NUM_THREADS` (else `RAYON_NUM_THREADS`, else the physical cores); it cannot be
-//!    resized or replaced, every thread shares it and calls queue on one lock. brigade no
-//!    longer sizes it (that took `set_var`, and only the first budget counted). The training
-//!    path keeps its large elementwise work in brigade's fused kernels (GELU, LayerNorm,
-//!    softmax, cross-entropy, gradient sums, the optimizer), so the pool only sees candle ops
-//!    that models call directly on large tensors; a user who sees its spinning worker compete
-//!    with the stages can still size it with `CANDLE_NUM_THREADS=1` in the environment before
-//!    starting the program. Results do not depend on its size (each element is computed
-//!    independently). [`candle_elementwise_threads`] reports its size.
+//!    resized or replaced, every thread shares it, calls queue on one lock, and its workers
+//!    spin before parking. The library does not size it (that took `set_var`, and only the
+//!    first budget counted). The training path still reaches it: brigade's fused kernels do
+//!    GELU, LayerNorm, softmax, cross-entropy, gradient sums and the optimizer, but the
+//!    models' own candle ops on large tensors (residual-stream adds of `(B, T, C)` from 64K
+//!    elements, ResNet's elementwise ops) go through it, and with one worker on 2 cores it
+//!    slowed 2-stage gpt-tiny steps by 10-12% (its worker spins on a core the stages need).
+//!    So the `brigade` binary sets `CANDLE_NUM_THREADS=1` when the user has not set it, once,
+//!    at the top of `main` before any thread exists (a library caller sizes it the same way,
+//!    or leaves candle's default: the physical cores). Results do not depend on its size
+//!    (each element is computed independently). [`candle_elementwise_threads`] reports it.
 //!
 //! Consequences: pipelines in one process with different budgets compute the same numbers,
 //! each with its own budget; only the elementwise pool (3) is shared. rayon's global pool,
