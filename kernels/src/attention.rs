@@ -119,7 +119,7 @@ fn forward<T: Real>(g: Geometry, qkv: &[T]) -> (Vec<T>, Vec<T>) {
                     live.iter_mut().for_each(|x| *x *= inv);
                     masked.iter_mut().for_each(|x| *x = T::ZERO);
                 }
-                gemm_into(rows, d, r1, y.row(r0), p.row(r0).as_mat(), v, T::ONE, false, 1);
+                gemm_into(rows, d, r1, y.row(r0), p.row(r0).into_mat(), v, T::ONE, false, 1);
             }
         }
     });
@@ -154,6 +154,8 @@ fn backward<T: Real>(g: Geometry, qkv: &[T], probs: &[T], dmerged: &[T]) -> Vec<
     let dst = Shared(dqkv.as_mut_ptr());
     let scale = T::from_f64(scale);
     for_each_head(g, |bi, hi| {
+        // Rebinding captures the whole `Shared` (Send) rather than its raw-pointer field.
+        #[allow(clippy::redundant_locals)]
         let dst = dst;
         let mut ds = vec![T::ZERO; t * t];
         // SAFETY: reads stay inside (bi, hi)'s slices of qkv/probs/dmerged; this task alone
@@ -186,14 +188,14 @@ fn backward<T: Real>(g: Geometry, qkv: &[T], probs: &[T], dmerged: &[T]) -> Vec<
                     masked.iter_mut().for_each(|x| *x = T::ZERO);
                 }
                 // dQ rows r0..r1 = dS[r0..r1, 0..r1] · K[0..r1].
-                gemm_into(rows, d, r1, dq.row(r0), dsm.row(r0).as_mat(), k, T::ONE, false, 1);
+                gemm_into(rows, d, r1, dq.row(r0), dsm.row(r0).into_mat(), k, T::ONE, false, 1);
             }
             // Column blocks: dV[c0..c1] = P[c0.., c0..c1]ᵀ · dY[c0..], dK likewise with dS, Q.
             for c0 in (0..t).step_by(BLOCK) {
                 let c1 = block_end(c0, t);
                 let (cols, rest) = (c1 - c0, t - c0);
                 gemm_into(cols, d, rest, dv.row(c0), p.row(c0).col(c0).t(), dy.row(c0), T::ONE, false, 1);
-                gemm_into(cols, d, rest, dk.row(c0), dsm.as_mat().row(c0).col(c0).t(), q.row(c0), T::ONE, false, 1);
+                gemm_into(cols, d, rest, dk.row(c0), dsm.into_mat().row(c0).col(c0).t(), q.row(c0), T::ONE, false, 1);
             }
         }
     });

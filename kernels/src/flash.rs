@@ -81,7 +81,7 @@ pub(crate) fn forward<T: Real>(g: Geometry, qkv: &[T]) -> (Vec<T>, Vec<T>) {
                         }
                         m[i] = m_new;
                     }
-                    gemm_into(rows, d, cols, y.row(r0), sm.as_mat(), v.row(c0), T::ONE, c0 != 0, 1);
+                    gemm_into(rows, d, cols, y.row(r0), sm.into_mat(), v.row(c0), T::ONE, c0 != 0, 1);
                 }
                 for i in 0..rows {
                     let inv = T::ONE / l[i];
@@ -160,9 +160,9 @@ pub(crate) fn backward<T: Real>(g: Geometry, qkv: &[T], merged: &[T], lse: &[T],
                         dmask.iter_mut().for_each(|x| *x = T::ZERO);
                     }
                     let first = r0 == c0;
-                    gemm_into(cols, d, rows, dv.row(c0), pm.as_mat().t(), dy.row(r0), T::ONE, !first, 1);
-                    gemm_into(cols, d, rows, dk.row(c0), dsm.as_mat().t(), q.row(r0), T::ONE, !first, 1);
-                    gemm_into(rows, d, cols, dq.row(r0), dsm.as_mat(), k.row(c0), T::ONE, c0 != 0, 1);
+                    gemm_into(cols, d, rows, dv.row(c0), pm.into_mat().t(), dy.row(r0), T::ONE, !first, 1);
+                    gemm_into(cols, d, rows, dk.row(c0), dsm.into_mat().t(), q.row(r0), T::ONE, !first, 1);
+                    gemm_into(rows, d, cols, dq.row(r0), dsm.into_mat(), k.row(c0), T::ONE, c0 != 0, 1);
                 }
             }
         }

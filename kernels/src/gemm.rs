@@ -64,7 +64,7 @@ impl<T> MatMut<T> {
     pub(crate) unsafe fn row(self, r: usize) -> Self {
         MatMut { ptr: self.ptr.offset(r as isize * self.rs), ..self }
     }
-    pub(crate) fn as_mat(self) -> Mat<T> {
+    pub(crate) fn into_mat(self) -> Mat<T> {
         Mat { ptr: self.ptr, rs: self.rs, cs: 1 }
     }
 }
@@ -487,6 +487,8 @@ fn conv_tiled<T: WithDType>(p: &Conv, x: &[T], xl: &Layout, w: &[T], wl: &Layout
         }
         // SAFETY: dense (c_out, k) and (k, size) buffers.
         let y = unsafe { product(p.c_out, size, k, dense(&kernel, k), dense(&col, size), threads) };
+        // Rebinding captures the whole `Shared` (Send) rather than its raw-pointer field.
+        #[allow(clippy::redundant_locals)]
         let dst = dst;
         for (j, pixel) in (start..start + size).enumerate() {
             for o in 0..p.c_out {

@@ -117,7 +117,7 @@ fn run<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<
 pub(crate) fn linear_cpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
     // Broadcast (stride 0) operands are made dense: gemm's packing expects real strides.
     let dense = |t: &Tensor| -> Result<Tensor> {
-        if t.stride().iter().any(|&s| s == 0) && t.elem_count() > 1 {
+        if t.stride().contains(&0) && t.elem_count() > 1 {
             t.contiguous()
         } else {
             Ok(t.clone())

@@ -42,12 +42,15 @@ fn matmul_gives_candles_bits() {
     }
 }
 
+/// Input dims, kernel dims, padding, stride, dilation.
+type ConvCase = ([usize; 4], [usize; 4], usize, usize, usize);
+
 #[test]
 fn conv2d_gives_candles_bits_on_each_algorithm() {
     // (input dims, kernel dims, padding, stride, dilation): 1×1 unit stride (one product per
     // image), 1×1 stride 2 (full im2col), 3×3 padded and strided (im2col tiles; 40×40 outputs
     // take more than one 512-pixel tile), and a dilated one as the weight gradient runs it.
-    let cases: [([usize; 4], [usize; 4], usize, usize, usize); 5] = [
+    let cases: [ConvCase; 5] = [
         ([2, 5, 6, 7], [4, 5, 1, 1], 0, 1, 1),
         ([2, 5, 7, 6], [4, 5, 1, 1], 0, 2, 1),
         ([2, 3, 40, 40], [6, 3, 3, 3], 1, 1, 1),
