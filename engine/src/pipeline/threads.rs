@@ -23,7 +23,9 @@
 //!    through brigade's one GEMM call (`brigade_kernels`' `gemm` module: linear layers, weight
 //!    gradients, attention, `brigade_kernels::matmul` and `conv2d`), which takes the thread
 //!    count as an argument: `rayon::current_num_threads()`, the size of the pool the calling
-//!    stage runs in. A thread-local set by the stage runtime would carry the same number with
+//!    stage runs in. (ResNet's convolutions and classifier head take this path once their call
+//!    sites use `brigade_kernels::conv2d` / `matmul`; while they call candle's, their products
+//!    split over candle's default, the physical cores: speed only.) A thread-local set by the stage runtime would carry the same number with
 //!    more moving parts; the pool's size is already per stage and cannot go stale. Under
 //!    [`ThreadPools::Shared`] a product may split over the whole shared pool (its idle
 //!    workers are what sharing lends). Speed only: gemm splits output tiles and accumulates `k`
@@ -37,9 +39,10 @@
 //!    spin before parking. The library does not size it (that took `set_var`, and only the
 //!    first budget counted). The training path still reaches it: brigade's fused kernels do
 //!    GELU, LayerNorm, softmax, cross-entropy, gradient sums and the optimizer, but the
-//!    models' own candle ops on large tensors (residual-stream adds of `(B, T, C)` from 64K
-//!    elements, ResNet's elementwise ops) go through it, and with one worker on 2 cores it
-//!    slowed 2-stage gpt-tiny steps by 10-12% (its worker spins on a core the stages need).
+//!    models' own candle ops on tensors of 64K elements or more (a `(2, 128, 256)` activation
+//!    already is one) go through it: measured on 2 cores, 2-stage GPT (width 256, context
+//!    128, micro-batch 2), its one worker took about 10% as much CPU as the stages and the
+//!    steps were 10-12% slower (its worker spins on a core the stages need).
 //!    So the `brigade` binary sets `CANDLE_NUM_THREADS=1` when the user has not set it, once,
 //!    at the top of `main` before any thread exists (a library caller sizes it the same way,
 //!    or leaves candle's default: the physical cores). Results do not depend on its size
