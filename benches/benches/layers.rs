@@ -23,7 +23,11 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 /// (the output gradient: ones).
 fn layer(c: &mut Criterion, name: &str, layers: &[Arc<dyn LayerSpec>], index: usize, x: &Tensor) {
     let mut store = ParamStore::new(Device::Cpu, 0);
-    let mut built: Vec<_> = layers.iter().map(|l| l.build(&mut store).unwrap()).collect();
+    // The autograd build (variables) for the stash accounting; the explicit path runs on
+    // layers built over detached parameters, as a stage's are (no graph, brigade's GEMM).
+    let mut tracked: Vec<_> = layers.iter().map(|l| l.build(&mut store).unwrap()).collect();
+    let mut view = store.shared_view();
+    let mut built: Vec<_> = layers.iter().map(|l| l.build(&mut view).unwrap()).collect();
     // The layer's real input: everything before it, run once.
     let mut h = x.clone();
     for l in built.iter_mut().take(index) {
@@ -57,7 +61,7 @@ fn layer(c: &mut Criterion, name: &str, layers: &[Arc<dyn LayerSpec>], index: us
             BatchSize::SmallInput,
         )
     });
-    let y = l.borrow_mut().forward(&input, Mode::Train).unwrap();
+    let y = tracked[index].forward(&input, Mode::Train).unwrap();
     g.bench_function("stash accounting (graph walk)", |b| b.iter(|| black_box(retained_bytes(&y))));
     g.finish();
 }
