@@ -19,6 +19,19 @@ fn keep_freed_memory() {
     }
 }
 
+/// Keeps candle's elementwise thread pool to the calling thread unless the user sizes it
+/// (`CANDLE_NUM_THREADS`). That pool is one per process, sized once from the environment, and
+/// its spinning worker competes with the stages' own pools, which already parallelise the
+/// math (measured: 2-stage gpt-tiny steps 10-12% slower with one worker on 2 cores). The
+/// library has no call to size it, so the binary sets the variable here, once, before any
+/// thread exists: the only environment brigade writes (see `brigade_engine::pipeline`'s
+/// `threads` module).
+fn keep_candle_elementwise_inline() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -98,6 +111,7 @@ fn exit_cleanly_on_closed_streams() {
 
 fn main() -> ExitCode {
     keep_freed_memory();
+    keep_candle_elementwise_inline();
     exit_cleanly_on_closed_streams();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

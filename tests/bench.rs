@@ -114,7 +114,9 @@ fn profile_reports_sizes_from_shapes_and_positive_times() {
         assert_eq!(l.param_bytes(), 4 * spec.param_count() as u64);
         assert_eq!(l.optimizer_state_ratio, 2);
         assert!(l.forward_s > 0.0 && l.backward_input_s > 0.0 && l.optimizer_s > 0.0, "{l:?}");
-        assert!((l.backward_s - l.backward_input_s - l.backward_weight_s).abs() < 1e-12);
+        // Every gpt-tiny layer has weights: the weight gradient is timed work of its own, not
+        // a share of the backward (`backward_s` is I + W by construction).
+        assert!(spec.param_count() > 0 && l.backward_weight_s > 0.0, "{l:?}");
     }
     // gpt-tiny: width 64, so a block sends (2, 16, 64) f32 downstream and keeps more than that.
     let block = &profile.layers[1];

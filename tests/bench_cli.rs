@@ -104,6 +104,10 @@ fn profile_plan_and_bench_run_end_to_end() {
     );
     assert_fails_with(
         &["simulate", "--profile", profile_path.to_str().unwrap(), "--stages", "100000"],
+        "--stages 100000 is more than brigade runs (4096)",
+    );
+    assert_fails_with(
+        &["simulate", "--profile", profile_path.to_str().unwrap(), "--stages", "9"],
         "the profile has 4 layers, so at most 4 stages",
     );
 
@@ -128,46 +132,51 @@ fn profile_plan_and_bench_run_end_to_end() {
     assert!(rows[0].starts_with("| 1 |"), "{stdout}");
     assert!(stdout.contains("Recommended: "), "{stdout}");
 
-    let bench_dir = dir.join("bench");
-    let out = brigade(&[
-        "bench",
-        "--plain",
-        "--layouts",
-        "1,2",
-        "--schedules",
-        "1f1b",
-        "--microbatches",
-        "2",
-        "--batch-size",
-        "4",
-        "--context",
-        "16",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--profile-repeats",
-        "1",
-        "--out",
-        bench_dir.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    // A context override makes a custom GPT, named by its sizes.
-    assert!(stdout.contains("ctx=16, embd=64, layers=2, heads=4) | 1 4 (uniform) | 1f1b | 1 | 2 |"), "{stdout}");
-    assert!(stdout.contains("ctx=16, embd=64, layers=2, heads=4) | 2 2,2 (uniform) | 1f1b | 1 | 2 |"), "{stdout}");
-    assert!(stdout.contains("simulator's worst error"), "{stdout}");
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(bench_dir.join("bench.json")).unwrap()).unwrap();
-    assert_eq!(json["rows"].as_array().unwrap().len(), 2);
-    for run in [
-        "gpt_vocab_256_ctx_16_embd_64_layers_2_heads_4-p1-1f1b-m2",
-        "gpt_vocab_256_ctx_16_embd_64_layers_2_heads_4-p2-1f1b-m2",
-    ] {
-        let trace: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(bench_dir.join(format!("{run}.trace.json"))).unwrap()).unwrap();
-        assert!(!trace["traceEvents"].as_array().unwrap().is_empty());
-        assert!(std::fs::read_to_string(bench_dir.join(format!("{run}.svg"))).unwrap().starts_with("<svg"));
+    // In this process (the default) and a fresh process per configuration: same report.
+    for mode in [None, Some("--process-per-run")] {
+        let bench_dir = dir.join(format!("bench{}", mode.unwrap_or("")));
+        let mut args = vec![
+            "bench",
+            "--plain",
+            "--layouts",
+            "1,2",
+            "--schedules",
+            "1f1b",
+            "--microbatches",
+            "2",
+            "--batch-size",
+            "4",
+            "--context",
+            "16",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--profile-repeats",
+            "1",
+            "--out",
+            bench_dir.to_str().unwrap(),
+        ];
+        args.extend(mode);
+        let out = brigade(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{mode:?}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        // A context override makes a custom GPT, named by its sizes.
+        assert!(stdout.contains("ctx=16, embd=64, layers=2, heads=4) | 1 4 (uniform) | 1f1b | 1 | 2 |"), "{stdout}");
+        assert!(stdout.contains("ctx=16, embd=64, layers=2, heads=4) | 2 2,2 (uniform) | 1f1b | 1 | 2 |"), "{stdout}");
+        assert!(stdout.contains("simulator's worst error"), "{stdout}");
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(bench_dir.join("bench.json")).unwrap()).unwrap();
+        assert_eq!(json["rows"].as_array().unwrap().len(), 2);
+        for run in [
+            "gpt_vocab_256_ctx_16_embd_64_layers_2_heads_4-p1-1f1b-m2",
+            "gpt_vocab_256_ctx_16_embd_64_layers_2_heads_4-p2-1f1b-m2",
+        ] {
+            let trace: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(bench_dir.join(format!("{run}.trace.json"))).unwrap()).unwrap();
+            assert!(!trace["traceEvents"].as_array().unwrap().is_empty());
+            assert!(std::fs::read_to_string(bench_dir.join(format!("{run}.svg"))).unwrap().starts_with("<svg"));
+        }
     }
 }
 

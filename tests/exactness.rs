@@ -441,7 +441,21 @@ fn more_chunks_than_layers_is_a_clear_error() {
     )
     .unwrap_err()
     .to_string();
-    assert!(err.contains("1048576 threads per stage is more than brigade starts (1024)"), "{err}");
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert!(
+        err.contains(&format!(
+            "1048576 threads per stage over 2 stage(s) is more than brigade starts on {cores} cores"
+        )),
+        "{err}"
+    );
+    // The limit is 8 threads per core over all the stages: at it a pipeline starts, one past
+    // it is refused.
+    let most = brigade::engine::pipeline::max_threads();
+    assert_eq!(most, 8 * cores);
+    let budget = |threads| config(2, ScheduleKind::GPipe, 4, OptimizerConfig::adamw()).threads_per_stage(threads);
+    Pipeline::new(&tiny_gpt(), budget(most / 2)).expect("8 threads per core over 2 stages is allowed");
+    let err = Pipeline::new(&tiny_gpt(), budget(most / 2 + 1)).unwrap_err().to_string();
+    assert!(err.contains(&format!("at most 8 per core: {most} threads in all")), "{err}");
 }
 
 /// The thread setup changes speed only: one shared pool or a pool per stage, one thread per

@@ -241,7 +241,7 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
         (
             vec!["train", "--stages", "1", "--threads-per-stage", "10000000"],
             1,
-            "10000000 threads per stage is more than brigade starts (1024)",
+            "10000000 threads per stage over 1 stage(s) is more than brigade starts on",
         ),
         (
             vec!["train", "--layers", "1152921504606846976"],

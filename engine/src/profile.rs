@@ -34,7 +34,7 @@ use crate::error::{EngineError, Result};
 use crate::layer::{ParamStore, PipelineModel};
 use crate::loss::loss_terms;
 use crate::optim::{Optimizer, OptimizerConfig, ParamUpdate};
-use crate::pipeline::{apply_thread_budget, squared_norm};
+use crate::pipeline::{squared_norm, start_elementwise_pool};
 
 /// A model's measured costs for one micro-batch size on one device and thread budget.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -172,7 +172,7 @@ pub fn profile_model(
         return Err(EngineError::Config("profiling needs at least one repeat and one thread".into()));
     }
     crate::pipeline::check_thread_budget(options.threads)?;
-    apply_thread_budget(options.threads);
+    start_elementwise_pool();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(options.threads)
         .build()

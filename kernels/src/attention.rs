@@ -25,6 +25,7 @@ use candle_core::{bail, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::{view, Real};
+use crate::gemm::{gemm_into, Mat, MatMut};
 
 /// Rows per causal block. Small enough that the skipped triangle is most of the masked work,
 /// large enough that each product stays an efficient gemm.
@@ -59,81 +60,11 @@ pub(crate) struct Geometry {
     pub(crate) scale: f64,
 }
 
-/// A read-only strided matrix view (`rs` between rows, `cs` between columns).
-#[derive(Clone, Copy)]
-pub(crate) struct Mat<T> {
-    pub(crate) ptr: *const T,
-    pub(crate) rs: isize,
-    pub(crate) cs: isize,
-}
-
-impl<T> Mat<T> {
-    /// The view starting at row `r`.
-    pub(crate) unsafe fn row(self, r: usize) -> Self {
-        Mat { ptr: self.ptr.offset(r as isize * self.rs), ..self }
-    }
-    /// The transposed view.
-    pub(crate) fn t(self) -> Self {
-        Mat { ptr: self.ptr, rs: self.cs, cs: self.rs }
-    }
-    /// The view starting at column `c`.
-    unsafe fn col(self, c: usize) -> Self {
-        Mat { ptr: self.ptr.offset(c as isize * self.cs), ..self }
-    }
-}
-
-/// A writable strided matrix view.
-#[derive(Clone, Copy)]
-pub(crate) struct MatMut<T> {
-    pub(crate) ptr: *mut T,
-    pub(crate) rs: isize,
-}
-
-impl<T> MatMut<T> {
-    pub(crate) unsafe fn row(self, r: usize) -> Self {
-        MatMut { ptr: self.ptr.offset(r as isize * self.rs), ..self }
-    }
-    pub(crate) fn as_mat(self) -> Mat<T> {
-        Mat { ptr: self.ptr, rs: self.rs, cs: 1 }
-    }
-}
-
 /// Raw pointers crossing into rayon tasks. Every task writes a disjoint set of elements.
 #[derive(Clone, Copy)]
 pub(crate) struct Shared<T>(pub(crate) *mut T);
 unsafe impl<T> Send for Shared<T> {}
 unsafe impl<T> Sync for Shared<T> {}
-
-/// `dst (m×n) = scale · a (m×k) · b (k×n)`, overwriting `dst` (columns contiguous).
-///
-/// # Safety
-/// The views must cover `m×k`, `k×n` and `m×n` valid elements; `dst` must not alias `a`/`b`.
-unsafe fn product<T: Real>(m: usize, n: usize, k: usize, dst: MatMut<T>, a: Mat<T>, b: Mat<T>, scale: T) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.ptr,
-        1,
-        dst.rs,
-        false,
-        a.ptr,
-        a.cs,
-        a.rs,
-        b.ptr,
-        b.cs,
-        b.rs,
-        T::ZERO,
-        scale,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
-}
 
 /// Runs `task(batch, head)` for every pair, on the current rayon pool when there is more
 /// than one thread (the caller's stage pool sets the budget).
@@ -176,7 +107,7 @@ fn forward<T: Real>(g: Geometry, qkv: &[T]) -> (Vec<T>, Vec<T>) {
                 let r1 = block_end(r0, t);
                 let rows = r1 - r0;
                 // Scores of the block's rows against keys 0..r1, already scaled.
-                product(rows, r1, d, p.row(r0), q.row(r0), k.t(), scale);
+                gemm_into(rows, r1, d, p.row(r0), q.row(r0), k.t(), scale, false, 1);
                 for i in r0..r1 {
                     // Columns past the block's end are masked and not written by the product.
                     std::ptr::write_bytes(p.ptr.add(i * t + r1), 0, t - r1);
@@ -188,7 +119,7 @@ fn forward<T: Real>(g: Geometry, qkv: &[T]) -> (Vec<T>, Vec<T>) {
                     live.iter_mut().for_each(|x| *x *= inv);
                     masked.iter_mut().for_each(|x| *x = T::ZERO);
                 }
-                product(rows, d, r1, y.row(r0), p.row(r0).as_mat(), v, T::ONE);
+                gemm_into(rows, d, r1, y.row(r0), p.row(r0).into_mat(), v, T::ONE, false, 1);
             }
         }
     });
@@ -223,6 +154,8 @@ fn backward<T: Real>(g: Geometry, qkv: &[T], probs: &[T], dmerged: &[T]) -> Vec<
     let dst = Shared(dqkv.as_mut_ptr());
     let scale = T::from_f64(scale);
     for_each_head(g, |bi, hi| {
+        // Rebinding captures the whole `Shared` (Send) rather than its raw-pointer field.
+        #[allow(clippy::redundant_locals)]
         let dst = dst;
         let mut ds = vec![T::ZERO; t * t];
         // SAFETY: reads stay inside (bi, hi)'s slices of qkv/probs/dmerged; this task alone
@@ -243,7 +176,7 @@ fn backward<T: Real>(g: Geometry, qkv: &[T], probs: &[T], dmerged: &[T]) -> Vec<
                 let r1 = block_end(r0, t);
                 let rows = r1 - r0;
                 // dP for the block's rows against keys 0..r1, then dS in place.
-                product(rows, r1, d, dsm.row(r0), dy.row(r0), v.t(), T::ONE);
+                gemm_into(rows, r1, d, dsm.row(r0), dy.row(r0), v.t(), T::ONE, false, 1);
                 for i in r0..r1 {
                     let pr = std::slice::from_raw_parts(p.ptr.add(i * t), i + 1);
                     let row = std::slice::from_raw_parts_mut(dsm.ptr.add(i * t), r1);
@@ -255,14 +188,14 @@ fn backward<T: Real>(g: Geometry, qkv: &[T], probs: &[T], dmerged: &[T]) -> Vec<
                     masked.iter_mut().for_each(|x| *x = T::ZERO);
                 }
                 // dQ rows r0..r1 = dS[r0..r1, 0..r1] · K[0..r1].
-                product(rows, d, r1, dq.row(r0), dsm.row(r0).as_mat(), k, T::ONE);
+                gemm_into(rows, d, r1, dq.row(r0), dsm.row(r0).into_mat(), k, T::ONE, false, 1);
             }
             // Column blocks: dV[c0..c1] = P[c0.., c0..c1]ᵀ · dY[c0..], dK likewise with dS, Q.
             for c0 in (0..t).step_by(BLOCK) {
                 let c1 = block_end(c0, t);
                 let (cols, rest) = (c1 - c0, t - c0);
-                product(cols, d, rest, dv.row(c0), p.row(c0).col(c0).t(), dy.row(c0), T::ONE);
-                product(cols, d, rest, dk.row(c0), dsm.as_mat().row(c0).col(c0).t(), q.row(c0), T::ONE);
+                gemm_into(cols, d, rest, dv.row(c0), p.row(c0).col(c0).t(), dy.row(c0), T::ONE, false, 1);
+                gemm_into(cols, d, rest, dk.row(c0), dsm.into_mat().row(c0).col(c0).t(), q.row(c0), T::ONE, false, 1);
             }
         }
     });

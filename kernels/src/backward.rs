@@ -13,6 +13,8 @@
 
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, Var};
 
+use crate::gemm::{gemm_into, stage_threads, Mat, MatMut};
+
 use crate::{
     check_cross_entropy_args, check_layer_norm_args, check_max_pool_args, dense_on_gpu, fused, is_half, kernel_device,
 };
@@ -220,7 +222,7 @@ pub fn matmul_accumulate(acc: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
         candle_core::bail!("matmul_accumulate: the accumulator must be contiguous")
     }
     if !fused(acc) || !a.device().is_cpu() || !b.device().is_cpu() {
-        return accumulate(acc, &a.matmul(b)?);
+        return accumulate(acc, &crate::gemm::matmul(a, b)?);
     }
     acc.inplace_op3(a, b, &MatmulAccumulate { m, n, k })
 }
@@ -268,41 +270,21 @@ impl MatmulAccumulate {
         if m == 0 || n == 0 {
             return;
         }
-        let (a_rs, a_cs) = (l1.stride()[0] as isize, l1.stride()[1] as isize);
-        let (b_rs, b_cs) = (l2.stride()[0] as isize, l2.stride()[1] as isize);
-        // Inside a stage's pool this is the stage's thread budget.
-        let threads = rayon::current_num_threads();
-        let parallelism = if threads > 1 && m * n * k >= 1 << 15 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
+        let a = Mat {
+            ptr: a.as_ptr().wrapping_add(l1.start_offset()),
+            rs: l1.stride()[0] as isize,
+            cs: l1.stride()[1] as isize,
         };
-        // SAFETY: `acc` holds m·n elements laid out row-major (checked contiguous, shape
-        // (m, n) by the caller); `a` and `b` are read through their own layouts' offsets and
-        // strides, which candle guarantees stay inside their storages for shapes (m, k), (k, n).
-        // Nothing else aliases `acc` during the call (candle holds its write lock).
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                acc.as_mut_ptr(),
-                1,
-                n as isize,
-                true,
-                a.as_ptr().add(l1.start_offset()),
-                a_cs,
-                a_rs,
-                b.as_ptr().add(l2.start_offset()),
-                b_cs,
-                b_rs,
-                T::from_f64(1.0),
-                T::from_f64(1.0),
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
+        let b = Mat {
+            ptr: b.as_ptr().wrapping_add(l2.start_offset()),
+            rs: l2.stride()[0] as isize,
+            cs: l2.stride()[1] as isize,
+        };
+        let dst = MatMut { ptr: acc.as_mut_ptr(), rs: n as isize };
+        // SAFETY: `acc` holds m·n initialised elements laid out row-major (checked contiguous,
+        // shape (m, n) by the caller); `a` and `b` are read through their own layouts' offsets
+        // and strides, which candle guarantees stay inside their storages for shapes (m, k),
+        // (k, n). Nothing else aliases `acc` during the call (candle holds its write lock).
+        unsafe { gemm_into(m, n, k, dst, a, b, T::from_f64(1.0), true, stage_threads()) }
     }
 }

@@ -20,54 +20,13 @@
 
 use candle_core::{bail, DType, Result, Tensor};
 
-use crate::attention::{exp_in_place, for_each_head, geometry, with_cpu_slice, Geometry, Mat, MatMut, Shared};
+use crate::attention::{exp_in_place, for_each_head, geometry, with_cpu_slice, Geometry, Shared};
 use crate::cpu::Real;
+use crate::gemm::{gemm_into, Mat, MatMut};
 
 /// Query rows and keys per tile. 64 keeps a tile's scores (16 KiB in f32) in L1 next to the
 /// operands' rows, and matches the GPU kernels' tile.
 pub const TILE: usize = 64;
-
-/// `dst (m×n) = beta · a (m×k) · b (k×n)`, plus `dst` when `accumulate` (columns of `dst`
-/// contiguous).
-///
-/// # Safety
-/// The views must cover `m×k`, `k×n` and `m×n` valid elements; `dst` must not alias `a`/`b`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into<T: Real>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: MatMut<T>,
-    a: Mat<T>,
-    b: Mat<T>,
-    beta: T,
-    accumulate: bool,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.ptr,
-        1,
-        dst.rs,
-        accumulate,
-        a.ptr,
-        a.cs,
-        a.rs,
-        b.ptr,
-        b.cs,
-        b.rs,
-        T::ONE,
-        beta,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
-}
 
 /// The causal attention output `(B, T, C)` and per-row log-sum-exp `(B, H, T)` (row-major,
 /// same dtype as `qkv`).
@@ -101,7 +60,7 @@ pub(crate) fn forward<T: Real>(g: Geometry, qkv: &[T]) -> (Vec<T>, Vec<T>) {
                 // every row has at least one live key (itself or earlier) in each of them.
                 for c0 in (0..=r0).step_by(TILE) {
                     let cols = (c0 + TILE).min(t) - c0;
-                    gemm_into(rows, cols, d, sm, q.row(r0), k.row(c0).t(), scale, false);
+                    gemm_into(rows, cols, d, sm, q.row(r0), k.row(c0).t(), scale, false, 1);
                     for i in 0..rows {
                         let live = (r0 + i + 1).min(c0 + cols) - c0;
                         let row = std::slice::from_raw_parts_mut(sm.ptr.add(i * TILE), cols);
@@ -122,7 +81,7 @@ pub(crate) fn forward<T: Real>(g: Geometry, qkv: &[T]) -> (Vec<T>, Vec<T>) {
                         }
                         m[i] = m_new;
                     }
-                    gemm_into(rows, d, cols, y.row(r0), sm.as_mat(), v.row(c0), T::ONE, c0 != 0);
+                    gemm_into(rows, d, cols, y.row(r0), sm.into_mat(), v.row(c0), T::ONE, c0 != 0, 1);
                 }
                 for i in 0..rows {
                     let inv = T::ONE / l[i];
@@ -184,8 +143,8 @@ pub(crate) fn backward<T: Real>(g: Geometry, qkv: &[T], merged: &[T], lse: &[T],
                 let cols = (c0 + TILE).min(t) - c0;
                 for r0 in (c0..t).step_by(TILE) {
                     let rows = (r0 + TILE).min(t) - r0;
-                    gemm_into(rows, cols, d, pm, q.row(r0), k.row(c0).t(), scale, false);
-                    gemm_into(rows, cols, d, dsm, dy.row(r0), v.row(c0).t(), T::ONE, false);
+                    gemm_into(rows, cols, d, pm, q.row(r0), k.row(c0).t(), scale, false, 1);
+                    gemm_into(rows, cols, d, dsm, dy.row(r0), v.row(c0).t(), T::ONE, false, 1);
                     for i in 0..rows {
                         let qi = r0 + i;
                         let live = (qi + 1).min(c0 + cols) - c0;
@@ -201,9 +160,9 @@ pub(crate) fn backward<T: Real>(g: Geometry, qkv: &[T], merged: &[T], lse: &[T],
                         dmask.iter_mut().for_each(|x| *x = T::ZERO);
                     }
                     let first = r0 == c0;
-                    gemm_into(cols, d, rows, dv.row(c0), pm.as_mat().t(), dy.row(r0), T::ONE, !first);
-                    gemm_into(cols, d, rows, dk.row(c0), dsm.as_mat().t(), q.row(r0), T::ONE, !first);
-                    gemm_into(rows, d, cols, dq.row(r0), dsm.as_mat(), k.row(c0), T::ONE, c0 != 0);
+                    gemm_into(cols, d, rows, dv.row(c0), pm.into_mat().t(), dy.row(r0), T::ONE, !first, 1);
+                    gemm_into(cols, d, rows, dk.row(c0), dsm.into_mat().t(), q.row(r0), T::ONE, !first, 1);
+                    gemm_into(rows, d, cols, dq.row(r0), dsm.into_mat(), k.row(c0), T::ONE, c0 != 0, 1);
                 }
             }
         }

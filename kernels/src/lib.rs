@@ -38,6 +38,7 @@ mod cross_entropy;
 pub mod cuda;
 pub mod flash;
 mod gelu;
+mod gemm;
 mod layer_norm;
 mod linear;
 mod max_pool;
@@ -46,6 +47,8 @@ mod softmax;
 pub mod vmath;
 
 use candle_core::{bail, DType, Result, Tensor};
+
+pub use gemm::{conv2d, matmul, stage_threads};
 
 pub use backward::{
     accumulate, cross_entropy_sum_backward, gelu_tanh_backward, layer_norm_backward, matmul_accumulate,
@@ -266,7 +269,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<&T
         bail!("linear: x, w, bias and residual must share a dtype")
     }
     if all.clone().any(|t| t.track_op() || !fused(t)) {
-        let mut y = x.matmul(w)?;
+        let mut y = matmul(x, w)?;
         if let Some(b) = bias {
             y = y.broadcast_add(b)?;
         }

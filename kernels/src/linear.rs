@@ -11,9 +11,7 @@ use candle_core::{Result, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::Real;
-
-/// Operands at or above this many multiply-adds use the stage's rayon threads.
-const PAR_MIN_FLOPS: usize = 1 << 15;
+use crate::gemm::{gemm_into, stage_threads, Mat, MatMut};
 
 /// A 2-D operand read in place: its storage, element offset and (row, column) strides.
 struct Operand<'a, T> {
@@ -96,38 +94,15 @@ fn run<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<
         // gemm overwrites every element when it does not read the destination.
         None => Vec::with_capacity(m * n),
     };
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 && m * n * k >= PAR_MIN_FLOPS {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     if m > 0 && n > 0 {
-        // SAFETY: `out` has room for m·n elements (initialised when gemm reads it); `a` and
+        let dst = MatMut { ptr: out.as_mut_ptr(), rs: n as isize };
+        // SAFETY: `out` has room for m·n elements (initialised when gemm reads them); `a` and
         // `b` are read through layouts candle guarantees stay inside their storages for shapes
         // (m, k) and (k, n); `out` is a fresh buffer aliasing neither.
         unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                out.as_mut_ptr(),
-                1,
-                n as isize,
-                accumulate,
-                a.data.as_ptr().add(a.offset),
-                a.cs,
-                a.rs,
-                b.data.as_ptr().add(b.offset),
-                b.cs,
-                b.rs,
-                T::ONE,
-                T::ONE,
-                false,
-                false,
-                false,
-                parallelism,
-            );
+            let a = Mat { ptr: a.data.as_ptr().add(a.offset), rs: a.rs, cs: a.cs };
+            let b = Mat { ptr: b.data.as_ptr().add(b.offset), rs: b.rs, cs: b.cs };
+            gemm_into(m, n, k, dst, a, b, T::ONE, accumulate, stage_threads());
             if !accumulate {
                 out.set_len(m * n);
             }
@@ -142,7 +117,7 @@ fn run<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<
 pub(crate) fn linear_cpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
     // Broadcast (stride 0) operands are made dense: gemm's packing expects real strides.
     let dense = |t: &Tensor| -> Result<Tensor> {
-        if t.stride().iter().any(|&s| s == 0) && t.elem_count() > 1 {
+        if t.stride().contains(&0) && t.elem_count() > 1 {
             t.contiguous()
         } else {
             Ok(t.clone())

@@ -72,10 +72,13 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     pub plain: bool,
-    /// Run every configuration in this one process instead of a fresh process each (faster to
-    /// start, same results; but candle's elementwise pool keeps the first run's thread budget,
-    /// so runs with another budget may time differently).
+    /// Run each configuration in a fresh `brigade` process instead of this one (same results
+    /// and, since no thread setting is process-wide, the same timings within noise; what
+    /// `brigade train` runs in).
     #[arg(long)]
+    pub process_per_run: bool,
+    /// Run every configuration in this one process: the default (kept for old command lines).
+    #[arg(long, hide = true, conflicts_with = "process_per_run")]
     pub in_process: bool,
     /// Seed of the weights and of the data order.
     #[arg(long, default_value_t = 0)]
@@ -186,7 +189,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if args.plain {
             eprintln!("{label}");
         }
-        let outcome = if args.in_process {
+        let outcome = if !args.process_per_run {
             execute(&args, model.clone(), &data, config, || bar.inc(1))
         } else {
             run_in_child(i, || bar.inc(1))
@@ -233,15 +236,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let load_end = load_average();
     println!("load average (1 min) at start {load_start}, at end {load_end}: other processes share these cores");
-    if let (true, Some(pool)) = (args.in_process, brigade::engine::pipeline::candle_elementwise_threads()) {
-        let other = runs.iter().filter(|r| r.threads_per_stage != pool).count();
-        if other > 0 {
-            println!(
-                "note (--in-process): candle's elementwise pool has {pool} thread(s) for the whole process; \
-                 {other} run(s) with another thread budget may time differently than in a fresh process"
-            );
-        }
-    }
     profiles.sort_by_key(|p| (p.threads, p.microbatch_size));
     println!("\nwhere the time goes (profile):");
     for p in &profiles {
@@ -311,14 +305,11 @@ fn execute(
     Ok((result.row, profile))
 }
 
-/// Runs configuration `index` in a fresh `brigade` process with this process's arguments.
-///
-/// Why a process per run: faithful timings, not correct results (`--in-process` computes the
-/// same). candle sizes its elementwise thread pool once per process, from the first thread
-/// budget it sees, and no per-thread setting exists (see `brigade_engine::pipeline`'s
-/// `threads` module), so in one process every run after the first would inherit the first
-/// run's budget (measured: 2-stage gpt-tiny steps twice as slow after a 1-stage run). A fresh
-/// process is also what `brigade train` runs in.
+/// Runs configuration `index` in a fresh `brigade` process with this process's arguments
+/// (`--process-per-run`). Not needed for faithful timings any more: no thread setting is
+/// process-wide (see `brigade_engine::pipeline`'s `threads` module), so a run times the same
+/// in one process as in a fresh one; kept to check that, and for a run that must start clean
+/// (a fresh allocator, what `brigade train` runs in).
 fn run_in_child(index: usize, mut on_step: impl FnMut()) -> Result<(BenchRow, Profile)> {
     let exe = std::env::current_exe().context("cannot find the brigade executable")?;
     let mut child = Command::new(exe)

@@ -119,8 +119,13 @@ pub fn run(args: KernelsBenchArgs) -> Result<()> {
     if args.repeats == 0 {
         bail!("--repeats must be at least 1");
     }
-    if args.threads == 0 || args.threads > brigade::engine::pipeline::MAX_THREADS_PER_STAGE {
-        bail!("--threads must be in 1..={}", brigade::engine::pipeline::MAX_THREADS_PER_STAGE);
+    let most = brigade::engine::pipeline::max_threads();
+    if args.threads == 0 || args.threads > most {
+        bail!(
+            "--threads must be in 1..={most} ({} per core, {} cores)",
+            brigade::engine::pipeline::MAX_THREADS_PER_CORE,
+            brigade::engine::pipeline::available_cores()
+        );
     }
     let dev = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype, &dev)?;

@@ -47,7 +47,7 @@ mod threads;
 pub use config::{PipelineConfig, ScheduleChoice};
 pub use driver::{ActionTiming, EvalStats, Pipeline, StepStats};
 
-pub(crate) use threads::{apply_thread_budget, check_thread_budget};
-pub use threads::{candle_elementwise_threads, ThreadPools, MAX_THREADS_PER_STAGE};
+pub use threads::{available_cores, candle_elementwise_threads, max_threads, ThreadPools, MAX_THREADS_PER_CORE};
+pub(crate) use threads::{check_thread_budget, start_elementwise_pool};
 
 pub(crate) use norm::squared_norm;

@@ -1,8 +1,11 @@
 //! The thread budget: how many CPU threads a stage may spend on its math, and how that number
-//! reaches the code that spends it.
+//! reaches the code that spends it. Nothing here touches process-wide settings: no environment
+//! variable is read or written at run time, so two pipelines in one program keep their own
+//! budgets, and `brigade bench` can time configurations in one process.
 //!
-//! A stage's math runs on three kinds of threads, and only the first can be sized per stage.
-//! (Findings from candle-core 0.11.1's `utils.rs` and `cpu_backend`, and gemm-common 0.19.)
+//! A stage's math runs on the threads of one rayon pool, and brigade passes that pool's size
+//! explicitly to every matrix product. (Findings from candle-core 0.11.1's `utils.rs` and
+//! `cpu_backend`, and gemm-common 0.19.)
 //!
 //! 1. **The rayon pool the stage computes in.** By default ([`ThreadPools::Shared`]) one pool
 //!    of `threads × stages` workers serves every stage: the stage thread waits for messages
@@ -10,35 +13,46 @@
 //!    to the others. With [`ThreadPools::PerStage`] each stage runs inside its own pool of
 //!    `threads` workers ([`stage_pool`]). Either way every rayon parallel loop a stage starts
 //!    lands in that pool: brigade's kernels (which size their work from
-//!    `rayon::current_num_threads()`, with reductions blocked independently of it), candle's
-//!    rayon-parallel CPU ops (conv2d's im2col and friends), and the tasks gemm spawns for a
-//!    matrix product.
-//! 2. **How many tasks each matrix product is cut into.** candle's CPU matmul passes
-//!    `gemm::Parallelism::Rayon(n)` with `n` read from the `RAYON_NUM_THREADS` environment
-//!    variable *on every call* (default: the physical cores); it never passes gemm's `0`
-//!    ("the current pool's size"), and there is no per-thread or per-call setting. So `n` is
-//!    process-wide and [`apply_thread_budget`] sets it. The tasks still run on the calling
-//!    stage's pool; `n` only decides the split (an `n` above the pool's size queues tasks on
-//!    fewer workers and shrinks each one's tiles). Speed only: gemm splits output tiles and
-//!    accumulates `k` in the same blocked order whatever `n` is.
-//! 3. **candle's elementwise pool** (`candle_core::utils::barrier_pool`: unary and binary maps
-//!    of at least 64K elements). One per process, sized once, at its first use, from
+//!    `rayon::current_num_threads()`, with reductions blocked independently of it), and the
+//!    tasks gemm spawns for a matrix product.
+//! 2. **How many tasks each matrix product is cut into.** candle's CPU `matmul` (and its
+//!    `conv2d`, built on it) reads that number from the `RAYON_NUM_THREADS` environment
+//!    variable on every call: process-wide, so a pipeline could only steer it with
+//!    `std::env::set_var` (unsound while other threads run, and a second pipeline changed the
+//!    first one's). brigade does not use it on the training path: every CPU product goes
+//!    through brigade's one GEMM call (`brigade_kernels`' `gemm` module: linear layers, weight
+//!    gradients, attention, `brigade_kernels::matmul` and `conv2d`), which takes the thread
+//!    count as an argument: `rayon::current_num_threads()`, the size of the pool the calling
+//!    stage runs in. (ResNet's convolutions and classifier head take this path once their call
+//!    sites use `brigade_kernels::conv2d` / `matmul`; while they call candle's, their products
+//!    split over candle's default, the physical cores: speed only.) A thread-local set by the stage runtime would carry the same number with
+//!    more moving parts; the pool's size is already per stage and cannot go stale. Under
+//!    [`ThreadPools::Shared`] a product may split over the whole shared pool (its idle
+//!    workers are what sharing lends). Speed only: gemm splits output tiles and accumulates `k`
+//!    in the same blocked order whatever the split (`thread_pools_and_thread_counts_do_not_
+//!    change_a_bit` in tests/exactness.rs, and brigade's products give candle's bits, tested
+//!    in brigade-kernels).
+//! 3. **candle's elementwise pool** (`candle_core::utils::barrier_pool`: candle's unary and
+//!    binary maps of at least 64K elements). One per process, sized once at its first use from
 //!    `CANDLE_NUM_THREADS` (else `RAYON_NUM_THREADS`, else the physical cores); it cannot be
 //!    resized or replaced, every thread shares it, calls queue on one lock, and its workers
-//!    spin before parking. Sized above 1 while several stages run, its spinning worker takes a
-//!    core and the stages queue on its lock: measured 2x slower steps for gpt-tiny on 2 stages.
-//!    [`apply_thread_budget`] sizes it from the first budget the process applies (it builds
-//!    the pool right then, so a later pipeline with another budget cannot size it by accident)
-//!    and leaves it alone afterwards. Results do not depend on its size (each element is
-//!    computed independently).
+//!    spin before parking. The library does not size it (that took `set_var`, and only the
+//!    first budget counted). The training path still reaches it: brigade's fused kernels do
+//!    GELU, LayerNorm, softmax, cross-entropy, gradient sums and the optimizer, but the
+//!    models' own candle ops on tensors of 64K elements or more (a `(2, 128, 256)` activation
+//!    already is one) go through it: measured on 2 cores, 2-stage GPT (width 256, context
+//!    128, micro-batch 2), its one worker took about 10% as much CPU as the stages and the
+//!    steps were 10-12% slower (its worker spins on a core the stages need).
+//!    So the `brigade` binary sets `CANDLE_NUM_THREADS=1` when the user has not set it, once,
+//!    at the top of `main` before any thread exists (a library caller sizes it the same way,
+//!    or leaves candle's default: the physical cores). Results do not depend on its size
+//!    (each element is computed independently). [`candle_elementwise_threads`] reports it.
 //!
-//! Consequences: several pipelines in one process with different budgets compute the same
-//! numbers but not at the same speed as each would alone (2 and 3 are shared). That is why
-//! `brigade bench` runs each configuration in a fresh process by default: for faithful
-//! timings, not for correct results (`--in-process` gives the same losses). rayon's global
-//! pool, sized from `RAYON_NUM_THREADS` at its first use, runs no stage work (driver-side
-//! work such as checkpoint hashing uses it); candle's own rayon pool (`Device::with_context`)
-//! is never entered.
+//! Consequences: pipelines in one process with different budgets compute the same numbers,
+//! each with its own budget; only the elementwise pool (3) is shared. rayon's global pool,
+//! sized from `RAYON_NUM_THREADS` at its first use, runs no stage work (driver-side work such
+//! as checkpoint hashing uses it); candle's own rayon pool (`Device::with_context`) is never
+//! entered.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -73,29 +87,41 @@ pub(crate) fn shared_pool(workers: usize) -> std::result::Result<Arc<rayon::Thre
         .map_err(|e| format!("thread pool: {e}"))
 }
 
-/// The most threads a stage may be given.
-pub const MAX_THREADS_PER_STAGE: usize = 1024;
+/// How many threads brigade starts per core, at most, over all the stages of a pipeline.
+/// Oversubscription is allowed (it is only slower), but not without bound: 2,000 threads on
+/// two cores neither refuse nor finish in any useful time.
+pub const MAX_THREADS_PER_CORE: usize = 8;
+
+/// The cores this process may run on (`std::thread::available_parallelism`, at least 1).
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// The most threads brigade starts for one pipeline (all stages together) or one profile:
+/// [`MAX_THREADS_PER_CORE`] per available core.
+pub fn max_threads() -> usize {
+    MAX_THREADS_PER_CORE.saturating_mul(available_cores())
+}
 
 /// The threads each stage gets: `requested`, or the cores shared out over the stages (at
-/// least 1).
+/// least 1). Refuses 0, and budgets whose total over `stages` exceeds [`max_threads`].
 pub(crate) fn per_stage(requested: Option<usize>, stages: usize) -> Result<usize> {
+    let cores = available_cores();
     match requested {
         // rayon reads 0 as "choose for me"; a budget of 0 is a mistake, not a default.
         Some(0) => Err(EngineError::Config("threads per stage must be at least 1".into())),
-        // Oversubscription is allowed (it is only slower), but not without bound: candle
-        // spawns one elementwise worker per budgeted thread and panics when it cannot.
-        Some(threads) if threads > MAX_THREADS_PER_STAGE => Err(EngineError::Config(format!(
-            "{threads} threads per stage is more than brigade starts ({MAX_THREADS_PER_STAGE})"
+        Some(threads) if threads.saturating_mul(stages.max(1)) > max_threads() => Err(EngineError::Config(format!(
+            "{threads} threads per stage over {} stage(s) is more than brigade starts on {cores} cores \
+                 (at most {MAX_THREADS_PER_CORE} per core: {} threads in all)",
+            stages.max(1),
+            max_threads()
         ))),
         Some(threads) => Ok(threads),
-        None => {
-            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-            Ok((cores / stages.max(1)).max(1))
-        }
+        None => Ok((cores / stages.max(1)).max(1)),
     }
 }
 
-/// Refuses a thread budget of 0 or above [`MAX_THREADS_PER_STAGE`].
+/// Refuses a thread budget of 0 or above [`max_threads`] (a profile's single pool).
 pub(crate) fn check_thread_budget(threads: usize) -> Result<()> {
     per_stage(Some(threads), 1).map(|_| ())
 }
@@ -109,40 +135,27 @@ pub(crate) fn stage_pool(index: usize, threads: usize) -> std::result::Result<ra
         .map_err(|e| format!("thread pool: {e}"))
 }
 
-/// Makes candle's process-wide CPU parallelism (items 2 and 3 of the module documentation)
-/// follow a budget of `threads` per stage. Called before any stage thread starts.
-pub(crate) fn apply_thread_budget(threads: usize) {
-    // Read by candle on every matmul: set it to this budget each time.
-    set_if_different("RAYON_NUM_THREADS", threads);
-    // Read once, when the elementwise pool is built: only the first budget can size it.
-    ELEMENTWISE_POOL_THREADS.get_or_init(|| {
-        set_if_different("CANDLE_NUM_THREADS", threads);
-        measure_elementwise_pool()
-    });
-}
-
-/// The size of candle's elementwise pool (its workers plus the calling thread), once brigade
-/// has applied a thread budget; `None` before. It can differ from the first budget when
-/// something in the process used the pool before the first pipeline or profile.
+/// The size of candle's elementwise pool (its workers plus the calling thread), once a
+/// pipeline or a profile has started in this process; `None` before. brigade does not size
+/// the pool (item 3 of the module documentation): this reports what the environment gave it.
 pub fn candle_elementwise_threads() -> Option<usize> {
     ELEMENTWISE_POOL_THREADS.get().copied()
 }
 
+/// Builds candle's elementwise pool if nothing has yet, so that it starts before the stages
+/// do rather than in the middle of one's step, and records its size.
+pub(crate) fn start_elementwise_pool() {
+    ELEMENTWISE_POOL_THREADS.get_or_init(measure_elementwise_pool);
+}
+
 static ELEMENTWISE_POOL_THREADS: OnceLock<usize> = OnceLock::new();
 
-/// Builds candle's elementwise pool if nothing has yet, and counts the threads it runs a job
-/// on: each worker gets its index and the caller the next one.
+/// Counts the threads candle's elementwise pool runs a job on (building it if needed): each
+/// worker gets its index and the caller the next one.
 fn measure_elementwise_pool() -> usize {
     let highest = AtomicUsize::new(0);
     candle_core::utils::barrier_pool().execute(|thread| {
         highest.fetch_max(thread, Ordering::Relaxed);
     });
     highest.into_inner() + 1
-}
-
-fn set_if_different(var: &str, threads: usize) {
-    let wanted = threads.to_string();
-    if std::env::var(var).ok().as_deref() != Some(wanted.as_str()) {
-        std::env::set_var(var, &wanted);
-    }
 }

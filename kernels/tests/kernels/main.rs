@@ -12,6 +12,7 @@ mod backward;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod flash;
+mod gemm;
 mod gradcheck;
 mod linear;
 mod vmath_accuracy;

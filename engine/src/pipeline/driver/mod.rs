@@ -16,7 +16,7 @@ use super::config::{PipelineConfig, ScheduleChoice};
 use super::norm::squared_norm;
 use super::protocol::{ChunkLayers, Msg, Outcome, Report, SnapshotKind, StageSetup};
 use super::stage::run_stage;
-use super::threads::{self, apply_thread_budget, ThreadPools};
+use super::threads::{self, start_elementwise_pool, ThreadPools};
 use crate::error::{EngineError, Result};
 use crate::input::{is_integer, BatchCheck};
 use crate::layer::{LayerSpec, PipelineModel};
@@ -227,7 +227,7 @@ impl Pipeline {
             }
             _ => None,
         };
-        apply_thread_budget(threads);
+        start_elementwise_pool();
         let (report_tx, reports) = unbounded();
         let channels: Vec<(Sender<Msg>, Receiver<Msg>)> = (0..config.stages).map(|_| unbounded()).collect();
         let inboxes: Vec<Sender<Msg>> = channels.iter().map(|(tx, _)| tx.clone()).collect();
