@@ -15,7 +15,7 @@ pub(crate) struct Conv2d {
 impl Conv2d {
     /// `(N, in, H, W)` → `(N, out, H', W')`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.conv2d(&self.weight, self.padding, self.stride, 1, 1)
+        brigade_kernels::conv2d(x, &self.weight, self.padding, self.stride, 1)
     }
 
     /// The input gradient: a transposed convolution of `dy` with the same weight. The output
@@ -32,7 +32,8 @@ impl Conv2d {
     /// gradient over the batch (batch and channel axes swapped), the stride becoming a dilation.
     pub(crate) fn backward_weight(&self, x: &Tensor, dy: &Tensor, grads: &mut Gradients) -> Result<()> {
         let (_, _, kh, kw) = self.weight.dims4()?;
-        let dw = x.transpose(0, 1)?.conv2d(&dy.transpose(0, 1)?, self.padding, 1, self.stride, 1)?.transpose(0, 1)?;
+        let dw = brigade_kernels::conv2d(&x.transpose(0, 1)?, &dy.transpose(0, 1)?, self.padding, 1, self.stride)?
+            .transpose(0, 1)?;
         let dw = if dw.dim(2)? != kh || dw.dim(3)? != kw { dw.narrow(2, 0, kh)?.narrow(3, 0, kw)? } else { dw };
         grads.add(&self.weight_name, &dw)
     }

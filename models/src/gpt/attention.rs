@@ -73,8 +73,8 @@ impl CausalSelfAttention {
             None => (k_new, v_new),
         };
         let s = offset + t;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (B, H, T, S)
-                                                                        // New position `offset + i` sees positions `0..=offset + i`; a single new token sees all.
+        let scores = (brigade_kernels::matmul(&q, &k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (B, H, T, S)
+                                                                                           // New position `offset + i` sees positions `0..=offset + i`; a single new token sees all.
         let scores = if t > 1 {
             let data: Vec<u8> = (0..t).flat_map(|i| (0..s).map(move |j| u8::from(j <= offset + i))).collect();
             let mask = Tensor::from_vec(data, (t, s), x.device())?.broadcast_as(scores.shape())?;
@@ -85,7 +85,7 @@ impl CausalSelfAttention {
             scores
         };
         let probs = brigade_kernels::softmax_last_dim(&scores)?; // (B, H, T, S)
-        let y = probs.matmul(&v)?; // (B, H, T, D)
+        let y = brigade_kernels::matmul(&probs, &v)?; // (B, H, T, D)
         self.cache = Some((k, v));
         let merged = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)
         self.c_proj.forward_residual(&merged, Some(residual))

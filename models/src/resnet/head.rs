@@ -44,7 +44,7 @@ impl Head {
     fn forward_saving(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         check_images(x, self.in_features, "ResNet head")?;
         let pooled = x.mean((2, 3))?; // (N, C)
-        let y = pooled.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?; // (N, classes)
+        let y = brigade_kernels::matmul(&pooled, &self.weight.t()?)?.broadcast_add(&self.bias)?; // (N, classes)
         Ok((y, pooled))
     }
 }
@@ -63,7 +63,7 @@ impl Layer for Head {
         let (pooled, dims): (Tensor, Vec<usize>) = saved.take("ResNet head")?;
         let (n, c, h, w) = (dims[0], dims[1], dims[2], dims[3]);
         // The mean over H·W spreads each channel's gradient evenly over its positions.
-        let dpooled = (dy.matmul(&self.weight)? / (h * w) as f64)?; // (N, C)
+        let dpooled = (brigade_kernels::matmul(dy, &self.weight)? / (h * w) as f64)?; // (N, C)
         let dx = dpooled.reshape((n, c, 1, 1))?.broadcast_as((n, c, h, w))?.contiguous()?;
         Ok((Some(dx), Saved::new((pooled.clone(), dy.clone()), &[&pooled, dy])))
     }
