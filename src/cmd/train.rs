@@ -432,7 +432,33 @@ fn train_options(args: &TrainArgs, steps: u64) -> TrainOptions {
     }
 }
 
+/// The variables a launcher sets in every process it starts, with the world size: Open MPI's
+/// `mpirun`, MPICH / Intel MPI (Hydra) and Slurm's PMI, MVAPICH, and Slurm's `srun` (a job step's
+/// task count; not `SLURM_NTASKS`, which a batch script itself also sees while it is one process).
+const LAUNCHER_WORLD_SIZE_VARS: [&str; 4] =
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"];
+
+/// This build trains in one process: started as one of several ranks, every rank would train
+/// the whole model alone and race the others for one save directory. Refuse before anything
+/// else happens (`env` reads a variable; the process environment outside tests).
+fn refuse_multi_process_launch(env: impl Fn(&str) -> Option<String>) -> Result<()> {
+    for name in LAUNCHER_WORLD_SIZE_VARS {
+        let Some(value) = env(name) else { continue };
+        match value.trim().parse::<u64>() {
+            Ok(0 | 1) => {}
+            Ok(size) => bail!(
+                "started as one of {size} processes ({name}={value}), but this brigade trains in one process: \
+                 every process would train alone and race for one save directory; run a single `brigade train` \
+                 without mpirun/srun (its stages are threads)"
+            ),
+            Err(_) => bail!("{name}={value} is not a process count: was this started by mpirun or srun?"),
+        }
+    }
+    Ok(())
+}
+
 pub fn run(mut args: TrainArgs) -> Result<()> {
+    refuse_multi_process_launch(|name| std::env::var(name).ok())?;
     check_train_args(&args)?;
     // A text --data without --tokenizer uses the tokenizer of the run it resumes, or of the
     // Hugging Face directory it starts from, when there is one; otherwise it is bytes.
@@ -673,4 +699,22 @@ fn print_summary(summary: &Summary) {
         summary.median_data.as_secs_f64() * 1e3,
         utilization.join(", ")
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refuse_multi_process_launch;
+
+    #[test]
+    fn a_launcher_world_size_above_one_is_refused_and_one_process_is_not() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(n, _)| *n == name).map(|(_, v)| v.to_string())
+        };
+        assert!(refuse_multi_process_launch(env(&[])).is_ok());
+        assert!(refuse_multi_process_launch(env(&[("OMPI_COMM_WORLD_SIZE", "1"), ("SLURM_NTASKS", "8")])).is_ok());
+        let e = refuse_multi_process_launch(env(&[("SLURM_STEP_NUM_TASKS", "4")])).unwrap_err().to_string();
+        assert!(e.contains("one of 4 processes (SLURM_STEP_NUM_TASKS=4)"), "{e}");
+        let e = refuse_multi_process_launch(env(&[("PMI_SIZE", "two")])).unwrap_err().to_string();
+        assert!(e.contains("PMI_SIZE=two is not a process count"), "{e}");
+    }
 }

@@ -30,7 +30,8 @@
 //! `driver::save`, the plan and the final files of a checkpoint), `stage` (a stage thread's
 //! runtime around its [`crate::compute::StageCompute`], with `stage::save`, the shards each
 //! stage writes from its own thread), `clock` (action timings), `norm` (gradient norms),
-//! `threads` (the thread budget) and, with the `testing` feature only, `testing` (fault
+//! `threads` (the thread budget), `transport` (how stages' hand-offs and the end-of-step
+//! collective travel: the seam between the stage runtime and crossbeam or MPI) and, with the `testing` feature only, `testing` (fault
 //! injection).
 
 mod clock;
@@ -43,6 +44,7 @@ mod stage;
 #[doc(hidden)]
 pub mod testing;
 mod threads;
+mod transport;
 
 pub use config::{PipelineConfig, ScheduleChoice};
 pub use driver::{ActionTiming, EvalStats, Pipeline, StepStats};

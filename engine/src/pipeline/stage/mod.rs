@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 
 use super::clock::ActionClock;
 use super::norm::squared_norm_sum;
@@ -19,6 +19,7 @@ use super::norm::squared_norm_sum;
 use super::protocol::{Fault, FaultKind};
 use super::protocol::{Msg, Outcome, Report, SnapshotKind, StageResult, StageSetup, StageStop};
 use super::threads;
+use super::transport::{Crossbeam, HandOff, Mailbox, Transport};
 use crate::compute::{LossTarget, StageCompute};
 use crate::layer::{LayerSpec, LossKind, ParamStore};
 use crate::loss::{correct_predictions_on_device, loss_terms, microbatch_loss};
@@ -46,17 +47,16 @@ struct StageWorker {
     optimizer: Optimizer,
     loss: LossKind,
     tied: Vec<String>,
-    inbox: Receiver<Msg>,
-    peers: Vec<Sender<Msg>>,
+    /// Hand-offs to and from the other devices, and the end-of-step collective.
+    transport: Box<dyn Transport>,
     reports: Sender<Report>,
     /// A failure armed by a test (`testing::inject_fault`).
     #[cfg(feature = "testing")]
     fault: Option<Fault>,
     /// The previous step's gradients (tied copies summed, unclipped), for inspection.
     last_grads: BTreeMap<String, Tensor>,
-    /// Received activations and gradients by (receiving chunk, micro-batch).
-    activations_in: HashMap<(usize, usize), Tensor>,
-    gradients_in: HashMap<(usize, usize), Tensor>,
+    /// Received activations and gradients by (kind, receiving chunk, micro-batch).
+    handoffs: Mailbox,
     reduced_in: Option<(Vec<(String, Tensor)>, f64)>,
     waiting: Duration,
     /// The shared compute pool the stage's math runs in, action by action, while the stage
@@ -200,14 +200,12 @@ impl StageWorker {
             optimizer,
             loss: setup.loss,
             tied: setup.tied,
-            inbox: setup.inbox,
-            peers: setup.peers,
+            transport: Box::new(Crossbeam::new(setup.inbox, setup.peers, setup.reports.clone())),
             reports: setup.reports,
             #[cfg(feature = "testing")]
             fault: None,
             last_grads: BTreeMap::new(),
-            activations_in: HashMap::new(),
-            gradients_in: HashMap::new(),
+            handoffs: Mailbox::default(),
             reduced_in: None,
             waiting: Duration::ZERO,
             shared_pool: setup.shared_pool,
@@ -219,7 +217,7 @@ impl StageWorker {
     /// The stage's main loop: waits for work between steps.
     fn serve(&mut self) -> StageResult<()> {
         loop {
-            let msg = self.inbox.recv().map_err(|_| StageStop::Aborted)?;
+            let msg = self.transport.recv().map_err(|_| StageStop::Aborted)?;
             match msg {
                 Msg::Train { schedule, inputs, targets, global_terms, lr } => {
                     self.timed_step(|w| w.train(&schedule, inputs, targets, global_terms, lr))?
@@ -267,13 +265,11 @@ impl StageWorker {
     }
 
     fn buffer(&mut self, msg: Msg) {
+        let msg = match Mailbox::handoff_of(msg) {
+            Ok((key, tensor)) => return self.handoffs.deliver(key, tensor),
+            Err(other) => other,
+        };
         match msg {
-            Msg::Activation { chunk, microbatch, tensor } => {
-                self.activations_in.insert((chunk, microbatch), tensor);
-            }
-            Msg::Gradient { chunk, microbatch, tensor } => {
-                self.gradients_in.insert((chunk, microbatch), tensor);
-            }
             Msg::Reduced { tied_grads, clip_scale } => self.reduced_in = Some((tied_grads, clip_scale)),
             #[cfg(feature = "testing")]
             Msg::InjectFault(fault) => self.fault = Some(fault),
@@ -288,7 +284,7 @@ impl StageWorker {
                 return Ok(found);
             }
             let started = Instant::now();
-            let msg = self.inbox.recv().map_err(|_| StageStop::Aborted)?;
+            let msg = self.transport.recv().map_err(|_| StageStop::Aborted)?;
             self.waiting += started.elapsed();
             match msg {
                 Msg::Abort | Msg::Shutdown => return Err(StageStop::Aborted),
@@ -304,7 +300,7 @@ impl StageWorker {
     /// Takes in anything already delivered, so an abort is noticed between actions even when
     /// the next action needs no message.
     fn poll_abort(&mut self) -> StageResult<()> {
-        while let Ok(msg) = self.inbox.try_recv() {
+        while let Some(msg) = self.transport.try_recv() {
             match msg {
                 Msg::Abort | Msg::Shutdown => return Err(StageStop::Aborted),
                 other => self.buffer(other),
@@ -442,7 +438,7 @@ impl StageWorker {
                 x
             }
         } else {
-            self.wait_for(|w| w.activations_in.remove(&(chunk, mb)))?.to_device(self.store.device())?
+            self.wait_for(|w| w.handoffs.take(HandOff::activation(chunk, mb)))?.to_device(self.store.device())?
         };
         Ok(x)
     }
@@ -473,7 +469,7 @@ impl StageWorker {
             Some(value) if poison_loss => Ok(Some((value * f64::NAN)?)),
             Some(value) => Ok(Some(value)),
             None => {
-                self.send_to_chunk(chunk + 1, Msg::Activation { chunk: chunk + 1, microbatch: mb, tensor: y })?;
+                self.send_to_chunk(HandOff::activation(chunk + 1, mb), y)?;
                 Ok(None)
             }
         }
@@ -487,7 +483,7 @@ impl StageWorker {
         let dy = if self.is_last_chunk(chunk) {
             None
         } else {
-            Some(self.wait_for(|w| w.gradients_in.remove(&(chunk, mb)))?.to_device(self.store.device())?)
+            Some(self.wait_for(|w| w.handoffs.take(HandOff::gradient(chunk, mb)))?.to_device(self.store.device())?)
         };
         let compute = &mut self.chunks[at].compute;
         let dx = on_pool(self.shared_pool.as_deref(), || {
@@ -501,24 +497,24 @@ impl StageWorker {
             let to = chunk
                 .checked_sub(1)
                 .ok_or_else(|| StageStop::Failed(None, "the first chunk has no previous chunk".into()))?;
-            self.send_to_chunk(to, Msg::Gradient { chunk: to, microbatch: mb, tensor: dx })?;
+            self.send_to_chunk(HandOff::gradient(to, mb), dx)?;
         }
         Ok(())
     }
 
-    /// Routes `msg` to the device holding `chunk` (the routing table); a chunk on this device
-    /// gets it straight into the buffers.
-    fn send_to_chunk(&mut self, chunk: usize, msg: Msg) -> StageResult<()> {
+    /// Routes `tensor` to the device holding `key`'s chunk (the routing table); a chunk on this
+    /// device gets it straight into the mailbox.
+    fn send_to_chunk(&mut self, key: HandOff, tensor: Tensor) -> StageResult<()> {
+        let chunk = key.chunk;
         let device = *self
             .placement
             .get(chunk)
             .ok_or_else(|| StageStop::Failed(None, format!("no chunk {chunk} in the routing table")))?;
         if device == self.index {
-            self.buffer(msg);
+            self.handoffs.deliver(key, tensor);
             return Ok(());
         }
-        let tx = self.peers.get(device).ok_or_else(|| StageStop::Failed(None, format!("no stage {device}")))?;
-        tx.send(msg).map_err(|_| StageStop::Aborted)
+        self.transport.send(device, key, tensor).map_err(|_| StageStop::Aborted)
     }
 
     /// The end-of-step collective and the optimizer step.
@@ -557,7 +553,7 @@ impl StageWorker {
         }
         // One reduction and one read for the whole stage (a host sync per step on a GPU).
         let sq_norm = on_pool(self.shared_pool.as_deref(), || squared_norm_sum(&untied))?;
-        self.report(Report::Partial { stage: self.index, tied_grads, sq_norm })?;
+        self.transport.contribute(self.index, tied_grads, sq_norm).map_err(|_| StageStop::Aborted)?;
         let (reduced, clip_scale) = self.wait_for(|w| w.reduced_in.take())?;
         for (name, grad) in reduced {
             grads.insert(name, grad.to_device(self.store.device())?);
@@ -621,7 +617,7 @@ impl StageWorker {
                         Some((l, h)) => ((l + loss)?, (h + hits)?),
                     });
                 } else {
-                    w.send_to_chunk(chunk + 1, Msg::Activation { chunk: chunk + 1, microbatch: mb, tensor: y })?;
+                    w.send_to_chunk(HandOff::activation(chunk + 1, mb), y)?;
                 }
                 Ok(())
             };
@@ -654,7 +650,7 @@ impl StageWorker {
             if self.is_last_chunk(chunk) {
                 outcome.outputs.push((0, y));
             } else {
-                self.send_to_chunk(chunk + 1, Msg::Activation { chunk: chunk + 1, microbatch: 0, tensor: y })?;
+                self.send_to_chunk(HandOff::activation(chunk + 1, 0), y)?;
             }
         }
         Ok(outcome)

@@ -1,0 +1,48 @@
+//! The in-process transport: every stage is a thread with a crossbeam inbox; peers send into
+//! it directly and the end-of-step collective goes through the driver's report channel (the
+//! driver answers with `Msg::Reduced` into the same inbox). This is the engine's behaviour
+//! from before the seam, message for message.
+
+use candle_core::Tensor;
+use crossbeam_channel::{Receiver, Sender};
+
+use super::{Closed, HandOff, HandOffKind, Transport};
+use crate::pipeline::protocol::{Msg, Report};
+
+/// One stage's ends of the in-process channels.
+pub(in crate::pipeline) struct Crossbeam {
+    inbox: Receiver<Msg>,
+    /// Every device's inbox, by device index (this one's included).
+    peers: Vec<Sender<Msg>>,
+    reports: Sender<Report>,
+}
+
+impl Crossbeam {
+    pub fn new(inbox: Receiver<Msg>, peers: Vec<Sender<Msg>>, reports: Sender<Report>) -> Self {
+        Self { inbox, peers, reports }
+    }
+}
+
+impl Transport for Crossbeam {
+    fn send(&self, to: usize, key: HandOff, tensor: Tensor) -> Result<(), Closed> {
+        let HandOff { kind, chunk, microbatch } = key;
+        let msg = match kind {
+            HandOffKind::Activation => Msg::Activation { chunk, microbatch, tensor },
+            HandOffKind::Gradient => Msg::Gradient { chunk, microbatch, tensor },
+        };
+        // Unbounded: a send never waits for the receiver.
+        self.peers.get(to).ok_or(Closed)?.send(msg).map_err(|_| Closed)
+    }
+
+    fn recv(&self) -> Result<Msg, Closed> {
+        self.inbox.recv().map_err(|_| Closed)
+    }
+
+    fn try_recv(&self) -> Option<Msg> {
+        self.inbox.try_recv().ok()
+    }
+
+    fn contribute(&self, stage: usize, tied_grads: Vec<(String, Tensor)>, sq_norm: f64) -> Result<(), Closed> {
+        self.reports.send(Report::Partial { stage, tied_grads, sq_norm }).map_err(|_| Closed)
+    }
+}
