@@ -113,19 +113,27 @@ pub enum Decoding {
     FullWindow,
 }
 
-/// Generates `tokens` tokens after `prompt` (not empty) with a GPT `pipeline` of context
-/// `context`, calling `on_token` with each as soon as it is chosen (to stream it). Returns the
-/// generated tokens. `seed` seeds the sampler.
+/// What to generate: how many tokens, how each is picked, where the logits come from, and the
+/// sampler's seed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Generation {
+    pub tokens: usize,
+    pub sampling: Sampling,
+    pub decoding: Decoding,
+    pub seed: u64,
+}
+
+/// Generates `request.tokens` tokens after `prompt` (not empty) with a GPT `pipeline` of
+/// context `context`, calling `on_token` with each as soon as it is chosen (to stream it).
+/// Returns the generated tokens.
 pub fn generate(
     pipeline: &mut Pipeline,
     context: usize,
     prompt: &[u32],
-    tokens: usize,
-    sampling: Sampling,
-    decoding: Decoding,
-    seed: u64,
+    request: Generation,
     mut on_token: impl FnMut(u32) -> Result<(), Error>,
 ) -> Result<Vec<u32>, Error> {
+    let Generation { tokens, sampling, decoding, seed } = request;
     sampling.validate()?;
     if prompt.is_empty() {
         return Err(Error::Config("generation needs a prompt of at least one token".into()));

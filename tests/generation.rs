@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use brigade::engine::optim::{LrSchedule, OptimizerConfig};
 use brigade::engine::pipeline::{Pipeline, PipelineConfig};
 use brigade::engine::schedule::{Action, ActionKind, Schedule, ScheduleKind};
-use brigade::generate::{generate, Decoding, Sampling};
+use brigade::generate::{generate, Decoding, Generation, Sampling};
 use brigade::models::data::{Split, TokenDataset};
 use brigade::models::{Gpt, GptConfig};
 use candle_core::{Device, Tensor};
@@ -37,7 +37,7 @@ fn pipeline(model: &Gpt, params: &HashMap<String, Tensor>, stages: usize) -> Pip
 
 fn run(p: &mut Pipeline, prompt: &[u32], tokens: usize, decoding: Decoding, sampling: Sampling) -> Vec<u32> {
     let mut streamed = Vec::new();
-    let out = generate(p, 64, prompt, tokens, sampling, decoding, 3, |t| {
+    let out = generate(p, 64, prompt, Generation { tokens, sampling, decoding, seed: 3 }, |t| {
         streamed.push(t);
         Ok(())
     })

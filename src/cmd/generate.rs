@@ -117,7 +117,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     // progress (and can be stopped) instead of printing everything at the end.
     let mut out = Utf8Stream::new(byte_level, tokenizer);
     out.push(&ids)?;
-    brigade::generate::generate(&mut pipeline, context, &ids, args.tokens, sampling, decoding, args.seed, |next| {
+    let request = brigade::generate::Generation { tokens: args.tokens, sampling, decoding, seed: args.seed };
+    brigade::generate::generate(&mut pipeline, context, &ids, request, |next| {
         out.push(&[next]).map_err(|e| brigade::Error::Config(format!("writing the output: {e}")))
     })?;
     out.finish()?;

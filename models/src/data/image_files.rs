@@ -404,7 +404,7 @@ mod tests {
         assert_eq!(ds.class_names()[3], "cat");
         let (mean, std) = ds.normalisation();
         let px = ds.image(Split::Train, 5).unwrap();
-        assert!((px[1 * 1024 + 7] * std[1] + mean[1] - ((5 + 1024 + 7) % 256) as f32 / 255.0).abs() < 1e-5);
+        assert!((px[1024 + 7] * std[1] + mean[1] - ((5 + 1024 + 7) % 256) as f32 / 255.0).abs() < 1e-5);
         // The directory layout: data batches train, the test batch validates.
         std::fs::write(dir.join("test_batch.bin"), cifar_bytes(4)).unwrap();
         let ds = ImageDataset::from_cifar10(&dir).unwrap();
