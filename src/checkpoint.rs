@@ -145,6 +145,20 @@ pub fn export(checkpoint: &Path, out: &Path, dtype: ExportDtype, max_shard_bytes
             files.push(path);
             "gpt2"
         }
+        ModelConfig::Llama(cfg) => {
+            let path = out.join("config.json");
+            let mut hf = cfg.hf_config_json();
+            hf["dtype"] = match dtype {
+                ExportDtype::F32 => "float32",
+                ExportDtype::Bf16 => "bfloat16",
+                ExportDtype::F16 => "float16",
+            }
+            .into();
+            let text = serde_json::to_string_pretty(&hf).expect("json");
+            std::fs::write(&path, text).map_err(|e| CheckpointError::Io { path: path.clone(), source: e })?;
+            files.push(path);
+            "llama"
+        }
         ModelConfig::Resnet(cfg) => {
             // torchvision has no config file; this one says which constructor to call.
             let path = out.join("config.json");
