@@ -261,6 +261,9 @@ pub fn import_with(path: &Path, model: Option<&ModelConfig>, skip: &[String]) ->
             .map_err(|e| CheckpointError::Io { path: config_path.clone(), source: e })?;
         let value: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| CheckpointError::invalid(&config_path, format!("not valid JSON: {e}")))?;
+        if value["model_type"].as_str() == Some("llama") {
+            return import_llama(path, &config_path, &value, &wanted, keep);
+        }
         let cfg = gpt_config_from_hf(&value).map_err(|e| CheckpointError::invalid(&config_path, e.to_string()))?;
         let config = ModelConfig::Gpt(cfg);
         let built = config.build()?;
@@ -303,6 +306,37 @@ pub fn import_with(path: &Path, model: Option<&ModelConfig>, skip: &[String]) ->
     let tensors = set.load_mapped(&wanted(built.as_ref(), &float), keep, "torchvision ResNet tensor")?;
     let (params, buffers) = split_buffers(built.as_ref(), tensors);
     Ok(Imported { config: config.clone(), params, buffers, source: path.display().to_string() })
+}
+
+/// A Hugging Face `LlamaForCausalLM` directory: brigade's names are HF's, so tensors load as
+/// they are named; old versions' `rotary_emb.inv_freq` buffers (recomputed from the config)
+/// and a tied model's stored `lm_head.weight` are left out.
+fn import_llama(
+    path: &Path,
+    config_path: &Path,
+    value: &serde_json::Value,
+    wanted: &dyn Fn(&dyn PipelineModel, &[DType]) -> Vec<brigade_engine::checkpoint::ExpectedTensor>,
+    keep: impl Fn(&str) -> Option<String>,
+) -> Result<Imported, Error> {
+    let cfg = brigade_models::LlamaConfig::from_hf_config_json(value)
+        .map_err(|e| CheckpointError::invalid(config_path, e.to_string()))?;
+    let tied = cfg.tie_word_embeddings;
+    let config = ModelConfig::Llama(cfg);
+    let built = config.build()?;
+    let set = ShardSet::open(path, "model")?;
+    let params = set.load_mapped(
+        &wanted(built.as_ref(), &[DType::F32, DType::BF16, DType::F16]),
+        |name| {
+            let derived = name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight");
+            if derived {
+                None
+            } else {
+                keep(name)
+            }
+        },
+        "Llama parameter",
+    )?;
+    Ok(Imported { config, params, buffers: HashMap::new(), source: path.display().to_string() })
 }
 
 /// Separates a model's buffers (BatchNorm statistics) from its parameters.

@@ -1,6 +1,6 @@
 //! The Llama family pinned to Hugging Face's `LlamaForCausalLM`: the logits of a tiny model
 //! (grouped-query heads, untied head, rope_theta 500; `tests/fixtures/llama-tiny`, made by
-//! `make_fixtures.py --only llama`) at 1e-5 in f32, on one stage and across three, and with
+//! `make_fixtures.py --only llama`, imported from its `save_pretrained` directory) at 1e-5 in f32, on one stage and across three, and with
 //! the KV cache.
 //!
 //! The fixture's logits were computed in float64 from the stored float32 weights (PyTorch's
@@ -23,9 +23,18 @@ fn fixture() -> (ModelConfig, HashMap<String, Tensor>, Tensor, Tensor) {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("brigade_config.json")).unwrap()).unwrap();
     let config = ModelConfig::from_json(&json).unwrap();
+    // The ordinary import path (`--init-from`, `predict`) reads the save_pretrained directory
+    // (transformers 5.x's config.json, with `rope_parameters`) to the same model and weights.
+    let imported = brigade::checkpoint::import(&dir, None).unwrap();
+    assert_eq!(imported.config, config);
+    let weights = load("model.safetensors");
+    assert_eq!(imported.params.len(), weights.len());
+    for (name, w) in &weights {
+        assert_eq!(max_abs(&imported.params[name], w), 0.0, "{name}");
+    }
     let ids = load("input.safetensors")["input_ids"].to_dtype(DType::U32).unwrap();
     let logits = load("logits.safetensors")["logits"].clone();
-    (config, load("model.safetensors"), ids, logits)
+    (config, weights, ids, logits)
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {

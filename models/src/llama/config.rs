@@ -259,3 +259,78 @@ impl LlamaConfig {
         })
     }
 }
+
+impl LlamaConfig {
+    /// The config of a Hugging Face `LlamaForCausalLM` `config.json` as any transformers
+    /// version writes it: RoPE from `rope_parameters` (5.x) or `rope_theta` / `rope_scaling`
+    /// (older), HF's defaults for absent keys. Features brigade's Llama lacks are refused by
+    /// name rather than ignored.
+    pub fn from_hf_config_json(v: &serde_json::Value) -> Result<Self, ModelError> {
+        let bad = |msg: String| ModelError::InvalidConfig(format!("Llama config.json: {msg}"));
+        let size = |key: &str| -> Result<Option<usize>, ModelError> {
+            match &v[key] {
+                serde_json::Value::Null => Ok(None),
+                x => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| bad(format!("{key} must be a count, got {x}"))),
+            }
+        };
+        let float = |x: &serde_json::Value, key: &str| -> Result<Option<f64>, ModelError> {
+            match &x[key] {
+                serde_json::Value::Null => Ok(None),
+                y => y.as_f64().map(Some).ok_or_else(|| bad(format!("{key} must be a number, got {y}"))),
+            }
+        };
+        let required = |key: &str| size(key)?.ok_or_else(|| bad(format!("{key} is missing")));
+        if let Some(t) = v["model_type"].as_str() {
+            if t != "llama" {
+                return Err(bad(format!("model_type `{t}` is not `llama`")));
+            }
+        }
+        if let Some(act) = v["hidden_act"].as_str() {
+            if act != "silu" {
+                return Err(bad(format!("hidden_act `{act}`: brigade's Llama uses silu (SwiGLU)")));
+            }
+        }
+        if v["mlp_bias"].as_bool() == Some(true) {
+            return Err(bad("mlp_bias: brigade's Llama has no MLP biases".to_string()));
+        }
+        let heads = required("num_attention_heads")?;
+        let hidden = required("hidden_size")?;
+        // 5.x keeps RoPE in `rope_parameters`; older versions in `rope_theta` + `rope_scaling`.
+        let rope = if v["rope_parameters"].is_object() { &v["rope_parameters"] } else { &v["rope_scaling"] };
+        let rope_theta = float(&v["rope_parameters"], "rope_theta")?.or(float(v, "rope_theta")?).unwrap_or(10000.0);
+        let rope_type = rope["rope_type"].as_str().or(rope["type"].as_str()).unwrap_or("default");
+        let rope_scaling = match rope_type {
+            "default" => None,
+            "llama3" => {
+                let f = |key: &str| float(rope, key)?.ok_or_else(|| bad(format!("rope scaling's {key} is missing")));
+                let original = rope["original_max_position_embeddings"]
+                    .as_u64()
+                    .ok_or_else(|| bad("rope scaling's original_max_position_embeddings is missing".to_string()))?;
+                Some(Llama3RopeScaling {
+                    factor: f("factor")?,
+                    low_freq_factor: f("low_freq_factor")?,
+                    high_freq_factor: f("high_freq_factor")?,
+                    original_max_position_embeddings: original as usize,
+                })
+            }
+            other => return Err(bad(format!("rope_type `{other}` is not supported (default or llama3)"))),
+        };
+        let cfg = Self {
+            vocab_size: required("vocab_size")?,
+            hidden_size: hidden,
+            intermediate_size: required("intermediate_size")?,
+            num_hidden_layers: required("num_hidden_layers")?,
+            num_attention_heads: heads,
+            num_key_value_heads: size("num_key_value_heads")?.unwrap_or(heads),
+            head_dim: size("head_dim")?.unwrap_or(hidden / heads.max(1)),
+            rms_norm_eps: float(v, "rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: size("max_position_embeddings")?.unwrap_or(2048),
+            tie_word_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
+            attention_bias: v["attention_bias"].as_bool().unwrap_or(false),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}

@@ -258,3 +258,40 @@ fn config_serde_names_and_overrides() {
     assert_eq!(hf["rope_scaling"]["rope_type"], "llama3");
     assert_eq!(hf["rope_parameters"]["rope_theta"], 500000.0);
 }
+
+#[test]
+fn hugging_face_config_json_of_every_transformers_version() {
+    // brigade's own export reads back to the same config, for every preset.
+    for name in PRESET_NAMES {
+        let cfg = LlamaConfig::preset(name).unwrap();
+        assert_eq!(LlamaConfig::from_hf_config_json(&cfg.hf_config_json()).unwrap(), cfg, "{name}");
+    }
+    // Llama 3.2 as transformers 4.x wrote it: rope_theta and rope_scaling, no head_dim.
+    let old = serde_json::json!({
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+        "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "tie_word_embeddings": true, "hidden_act": "silu"
+    });
+    assert_eq!(LlamaConfig::from_hf_config_json(&old).unwrap(), LlamaConfig::preset("llama3.2-1b").unwrap());
+    // As 5.x writes it: rope_parameters.
+    let mut new = old.clone();
+    new.as_object_mut().unwrap().remove("rope_theta");
+    new["rope_parameters"] = new["rope_scaling"].clone();
+    new["rope_parameters"]["rope_theta"] = 500000.0.into();
+    new.as_object_mut().unwrap().remove("rope_scaling");
+    assert_eq!(LlamaConfig::from_hf_config_json(&new).unwrap(), LlamaConfig::preset("llama3.2-1b").unwrap());
+    // What brigade cannot build is refused by name.
+    let mut yarn = new.clone();
+    yarn["rope_parameters"]["rope_type"] = "yarn".into();
+    let e = LlamaConfig::from_hf_config_json(&yarn).unwrap_err().to_string();
+    assert!(e.contains("rope_type `yarn` is not supported"), "{e}");
+    let mut gelu = old.clone();
+    gelu["hidden_act"] = "gelu".into();
+    assert!(LlamaConfig::from_hf_config_json(&gelu).unwrap_err().to_string().contains("hidden_act `gelu`"));
+    let mut missing = old;
+    missing.as_object_mut().unwrap().remove("vocab_size");
+    assert!(LlamaConfig::from_hf_config_json(&missing).unwrap_err().to_string().contains("vocab_size is missing"));
+}
