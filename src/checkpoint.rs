@@ -308,6 +308,9 @@ pub fn import_with(path: &Path, model: Option<&ModelConfig>, skip: &[String]) ->
     Ok(Imported { config: config.clone(), params, buffers, source: path.display().to_string() })
 }
 
+/// The tensors an import wants of a model, in the dtypes it accepts.
+type WantedTensors<'a> = &'a dyn Fn(&dyn PipelineModel, &[DType]) -> Vec<brigade_engine::checkpoint::ExpectedTensor>;
+
 /// A Hugging Face `LlamaForCausalLM` directory: brigade's names are HF's, so tensors load as
 /// they are named; old versions' `rotary_emb.inv_freq` buffers (recomputed from the config)
 /// and a tied model's stored `lm_head.weight` are left out.
@@ -315,7 +318,7 @@ fn import_llama(
     path: &Path,
     config_path: &Path,
     value: &serde_json::Value,
-    wanted: &dyn Fn(&dyn PipelineModel, &[DType]) -> Vec<brigade_engine::checkpoint::ExpectedTensor>,
+    wanted: WantedTensors<'_>,
     keep: impl Fn(&str) -> Option<String>,
 ) -> Result<Imported, Error> {
     let cfg = brigade_models::LlamaConfig::from_hf_config_json(value)
