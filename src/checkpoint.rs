@@ -145,6 +145,20 @@ pub fn export(checkpoint: &Path, out: &Path, dtype: ExportDtype, max_shard_bytes
             files.push(path);
             "gpt2"
         }
+        ModelConfig::Llama(cfg) => {
+            let path = out.join("config.json");
+            let mut hf = cfg.hf_config_json();
+            hf["dtype"] = match dtype {
+                ExportDtype::F32 => "float32",
+                ExportDtype::Bf16 => "bfloat16",
+                ExportDtype::F16 => "float16",
+            }
+            .into();
+            let text = serde_json::to_string_pretty(&hf).expect("json");
+            std::fs::write(&path, text).map_err(|e| CheckpointError::Io { path: path.clone(), source: e })?;
+            files.push(path);
+            "llama"
+        }
         ModelConfig::Resnet(cfg) => {
             // torchvision has no config file; this one says which constructor to call.
             let path = out.join("config.json");
@@ -247,6 +261,9 @@ pub fn import_with(path: &Path, model: Option<&ModelConfig>, skip: &[String]) ->
             .map_err(|e| CheckpointError::Io { path: config_path.clone(), source: e })?;
         let value: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| CheckpointError::invalid(&config_path, format!("not valid JSON: {e}")))?;
+        if value["model_type"].as_str() == Some("llama") {
+            return import_llama(path, &config_path, &value, &wanted, keep);
+        }
         let cfg = gpt_config_from_hf(&value).map_err(|e| CheckpointError::invalid(&config_path, e.to_string()))?;
         let config = ModelConfig::Gpt(cfg);
         let built = config.build()?;
@@ -289,6 +306,40 @@ pub fn import_with(path: &Path, model: Option<&ModelConfig>, skip: &[String]) ->
     let tensors = set.load_mapped(&wanted(built.as_ref(), &float), keep, "torchvision ResNet tensor")?;
     let (params, buffers) = split_buffers(built.as_ref(), tensors);
     Ok(Imported { config: config.clone(), params, buffers, source: path.display().to_string() })
+}
+
+/// The tensors an import wants of a model, in the dtypes it accepts.
+type WantedTensors<'a> = &'a dyn Fn(&dyn PipelineModel, &[DType]) -> Vec<brigade_engine::checkpoint::ExpectedTensor>;
+
+/// A Hugging Face `LlamaForCausalLM` directory: brigade's names are HF's, so tensors load as
+/// they are named; old versions' `rotary_emb.inv_freq` buffers (recomputed from the config)
+/// and a tied model's stored `lm_head.weight` are left out.
+fn import_llama(
+    path: &Path,
+    config_path: &Path,
+    value: &serde_json::Value,
+    wanted: WantedTensors<'_>,
+    keep: impl Fn(&str) -> Option<String>,
+) -> Result<Imported, Error> {
+    let cfg = brigade_models::LlamaConfig::from_hf_config_json(value)
+        .map_err(|e| CheckpointError::invalid(config_path, e.to_string()))?;
+    let tied = cfg.tie_word_embeddings;
+    let config = ModelConfig::Llama(cfg);
+    let built = config.build()?;
+    let set = ShardSet::open(path, "model")?;
+    let params = set.load_mapped(
+        &wanted(built.as_ref(), &[DType::F32, DType::BF16, DType::F16]),
+        |name| {
+            let derived = name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight");
+            if derived {
+                None
+            } else {
+                keep(name)
+            }
+        },
+        "Llama parameter",
+    )?;
+    Ok(Imported { config, params, buffers: HashMap::new(), source: path.display().to_string() })
 }
 
 /// Separates a model's buffers (BatchNorm statistics) from its parameters.

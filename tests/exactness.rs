@@ -1,6 +1,6 @@
 //! Every schedule and every stage layout trains exactly like plain single-device training.
 //!
-//! For GPT and ResNet, GPipe and 1F1B, p in {1, 2, 3, 4} stages and m in {1, p, 2p+1}
+//! For GPT, Llama and ResNet, GPipe and 1F1B, p in {1, 2, 3, 4} stages and m in {1, p, 2p+1}
 //! micro-batches: k optimizer steps on the pipeline give the same losses, gradients, weights
 //! (and BatchNorm running statistics) as the single-device reference, to 1e-5 relative in f32.
 //!
@@ -32,7 +32,7 @@ use brigade::engine::schedule::{v_shape, Action, ActionKind, GreedyCosts, Schedu
 use brigade::engine::PipelineModel;
 use brigade::models::data::{ImageDataset, Split, TokenDataset};
 use brigade::models::resnet::BlockKind;
-use brigade::models::{Gpt, GptConfig, ResNet, ResNetConfig};
+use brigade::models::{Gpt, GptConfig, Llama, LlamaConfig, ResNet, ResNetConfig};
 use candle_core::{Device, Tensor};
 
 const STEPS: u64 = 2;
@@ -512,4 +512,75 @@ fn thread_pools_and_thread_counts_do_not_change_a_bit() {
             assert!(w[name] == *bits, "{name} differs with {pools:?} pools of {threads} thread(s) per stage");
         }
     }
+}
+
+/// A Llama small enough for every layout: 4 query heads over 2 k/v heads (grouped-query
+/// attention), width 16, SwiGLU width 24, untied head, rope_theta 500; `layers` blocks.
+fn small_llama(layers: usize, tied: bool) -> Llama {
+    let cfg = LlamaConfig::preset("llama-tiny")
+        .unwrap()
+        .with_vocab_size(48)
+        .with_max_position_embeddings(16)
+        .with_num_attention_heads(4)
+        .with_hidden_size(16)
+        .with_num_key_value_heads(2)
+        .with_intermediate_size(24)
+        .with_num_hidden_layers(layers)
+        .with_rope_theta(500.0)
+        .with_tie_word_embeddings(tied);
+    Llama::new(cfg).unwrap()
+}
+
+/// [`adamw`] with `eps` 1e-3. Llama's embedding rows get gradients of order 1e-5 where a
+/// token's positions nearly cancel (its 0.02-std table and RMSNorm leave them smaller than
+/// GPT's), the size of eps 1e-5 itself, so their float noise still moved the weights by more
+/// than the tolerance (7e-5 at p=2, m=2 on step 0, every gradient within 1e-6). The update
+/// rule is the same; a larger eps keeps noise-sized gradients to noise-sized steps.
+fn llama_adamw() -> OptimizerConfig {
+    match adamw() {
+        OptimizerConfig::AdamW { beta1, beta2, weight_decay, .. } => {
+            OptimizerConfig::AdamW { beta1, beta2, eps: 1e-3, weight_decay }
+        }
+        other => other,
+    }
+}
+
+#[test]
+fn llama_with_adamw_trains_identically_on_every_layout() {
+    check_all_layouts(&small_llama(2, false), llama_adamw(), 2, true, gpt_batches());
+}
+
+#[test]
+fn llama_matches_full_batch_training_on_every_layout() {
+    let sgd = OptimizerConfig::Sgd { momentum: 0.9, weight_decay: 1e-4, nesterov: true };
+    check_all_layouts(&small_llama(2, true), sgd, 2, false, gpt_batches());
+}
+
+#[test]
+fn llama_split_backward_and_recomputation_train_like_the_reference() {
+    let variants = split_and_recompute_variants();
+    check_layouts(&small_llama(2, false), llama_adamw(), 2, true, &gpt_batches(), &variants, &[2, 3]);
+}
+
+#[test]
+fn zero_bubble_and_interleaved_llama_trains_identically() {
+    // Tied: on ZB-V both users of the table sit on device 0; elsewhere on two devices.
+    check_zero_bubble_layouts(&small_llama(6, true), llama_adamw(), 2, &gpt_batches());
+}
+
+#[test]
+fn llama_tied_embedding_copies_stay_identical() {
+    let model = small_llama(2, true);
+    let mut pipe = Pipeline::new(&model, config(3, ScheduleKind::OneFOneB, 3, llama_adamw())).unwrap();
+    assert_eq!(pipe.tied_parameters()["model.embed_tokens.weight"], vec![0, 2]);
+    let ids =
+        Tensor::from_vec((0..6 * 8).map(|i| (i * 5 % 48) as u32).collect::<Vec<_>>(), (6, 8), &Device::Cpu).unwrap();
+    let targets =
+        Tensor::from_vec((0..6 * 8).map(|i| (i * 7 % 48) as u32).collect::<Vec<_>>(), (6, 8), &Device::Cpu).unwrap();
+    for _ in 0..3 {
+        pipe.train_step(&ids, &targets).unwrap();
+    }
+    let by_stage = pipe.parameters_by_stage().unwrap();
+    let (first, last) = (&by_stage[0]["model.embed_tokens.weight"], &by_stage[2]["model.embed_tokens.weight"]);
+    assert_eq!(rel_err(first, last), 0.0, "tied copies diverged");
 }

@@ -1,16 +1,17 @@
-//! brigade-models: GPT-2 and ResNet as ordered layer lists the engine can partition, and the
+//! brigade-models: GPT-2, the Llama family and ResNet as ordered layer lists the engine can partition, and the
 //! datasets they train on (including embedded defaults that need no download).
 //!
-//! Each family is a folder (`gpt/`, `resnet/`): its config and presets, the [`PipelineModel`]
+//! Each family is a folder (`gpt/`, `llama/`, `resnet/`): its config and presets, the [`PipelineModel`]
 //! glue, one file per layer kind (spec, forward, input and weight gradient together), and its
-//! tests. The building blocks the families share (linear/`Conv1D`, LayerNorm, conv, BatchNorm,
-//! conv+BN) are in `blocks/`. Every layer has one forward, used by the autograd reference,
+//! tests. The building blocks the families share (linear/`Conv1D`, `nn.Linear`, LayerNorm,
+//! RMSNorm, RoPE, conv, BatchNorm, conv+BN) are in `blocks/`. Every layer has one forward, used by the autograd reference,
 //! evaluation and the explicit training path alike.
 
 mod blocks;
 pub mod data;
 pub mod gpt;
 pub mod hf;
+pub mod llama;
 pub mod resnet;
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use brigade_engine::PipelineModel;
 
 pub use gpt::{Gpt, GptConfig};
+pub use llama::{Llama, LlamaConfig};
 pub use resnet::{BlockKind, ResNet, ResNetConfig};
 
 /// Errors from building a model description (before any tensor exists).
@@ -40,6 +42,7 @@ impl From<ModelError> for candle_core::Error {
 #[serde(tag = "family", rename_all = "lowercase")]
 pub enum ModelConfig {
     Gpt(GptConfig),
+    Llama(LlamaConfig),
     Resnet(ResNetConfig),
 }
 
@@ -48,6 +51,8 @@ impl ModelConfig {
     pub fn preset(name: &str) -> Result<Self, ModelError> {
         if gpt::PRESET_NAMES.contains(&name) {
             Ok(Self::Gpt(GptConfig::preset(name)?))
+        } else if llama::PRESET_NAMES.contains(&name) {
+            Ok(Self::Llama(LlamaConfig::preset(name)?))
         } else if resnet::PRESET_NAMES.contains(&name) {
             Ok(Self::Resnet(ResNetConfig::preset(name)?))
         } else {
@@ -59,6 +64,7 @@ impl ModelConfig {
     pub fn build(&self) -> Result<Arc<dyn PipelineModel>, ModelError> {
         Ok(match self {
             Self::Gpt(cfg) => Arc::new(Gpt::new(cfg.clone())?),
+            Self::Llama(cfg) => Arc::new(Llama::new(cfg.clone())?),
             Self::Resnet(cfg) => Arc::new(ResNet::new(cfg.clone())?),
         })
     }
@@ -73,9 +79,9 @@ impl ModelConfig {
     }
 }
 
-/// Every model preset name, GPT family first.
+/// Every model preset name: GPT, then Llama, then ResNet.
 pub fn preset_names() -> Vec<&'static str> {
-    gpt::PRESET_NAMES.iter().chain(resnet::PRESET_NAMES.iter()).copied().collect()
+    gpt::PRESET_NAMES.iter().chain(llama::PRESET_NAMES).chain(resnet::PRESET_NAMES).copied().collect()
 }
 
 /// The model for any preset name (`gpt2`, `resnet18`, `gpt-tiny`, ...), with its default
@@ -83,6 +89,8 @@ pub fn preset_names() -> Vec<&'static str> {
 pub fn preset(name: &str) -> Result<Arc<dyn PipelineModel>, ModelError> {
     if gpt::PRESET_NAMES.contains(&name) {
         gpt::model_from_preset(name)
+    } else if llama::PRESET_NAMES.contains(&name) {
+        llama::model_from_preset(name)
     } else if resnet::PRESET_NAMES.contains(&name) {
         resnet::model_from_preset(name)
     } else {

@@ -1,5 +1,5 @@
 //! Model and data selection shared by every command that needs a model (`train`, `profile`,
-//! `plan`, `bench`): a preset plus GPT size overrides, and the data it trains on.
+//! `plan`, `bench`): a preset plus GPT or Llama size overrides, and the data it trains on.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,6 +42,12 @@ pub struct ModelArgs {
     /// GPT: vocabulary size (default: the preset's, or 256 for byte-level text).
     #[arg(long)]
     pub vocab: Option<usize>,
+    /// Llama: key/value heads (grouped-query attention; must divide --heads).
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    /// Llama: the SwiGLU MLP's width (intermediate_size).
+    #[arg(long)]
+    pub ffn: Option<usize>,
     /// ResNet: image side for the embedded shapes set, and the side image-folder images are
     /// resized to.
     #[arg(long, default_value_t = 32)]
@@ -57,9 +63,40 @@ impl ModelArgs {
         self.model.as_deref().unwrap_or("gpt-tiny")
     }
 
-    /// The preset's config with the GPT size overrides applied (validated).
+    /// The preset's config with the GPT or Llama size overrides applied (validated).
     pub fn config(&self) -> Result<ModelConfig> {
-        Ok(match ModelConfig::preset(self.name())? {
+        let preset = ModelConfig::preset(self.name())?;
+        if !matches!(preset, ModelConfig::Llama(_)) && (self.kv_heads.is_some() || self.ffn.is_some()) {
+            bail!("--kv-heads and --ffn shape a Llama-family model (--model llama-tiny, ...), not {}", self.name());
+        }
+        Ok(match preset {
+            ModelConfig::Llama(mut cfg) => {
+                if let Some(v) = self.vocab {
+                    cfg = cfg.with_vocab_size(v);
+                } else if let Some(tok) = self.text_tokenizer()? {
+                    cfg = cfg.with_vocab_size(tok.vocab_size());
+                }
+                if let Some(t) = self.context {
+                    cfg = cfg.with_max_position_embeddings(t);
+                }
+                if let Some(l) = self.layers {
+                    cfg = cfg.with_num_hidden_layers(l);
+                }
+                if let Some(h) = self.heads {
+                    cfg = cfg.with_num_attention_heads(h);
+                }
+                if let Some(c) = self.width {
+                    cfg = cfg.with_hidden_size(c);
+                }
+                if let Some(kv) = self.kv_heads {
+                    cfg = cfg.with_num_key_value_heads(kv);
+                }
+                if let Some(f) = self.ffn {
+                    cfg = cfg.with_intermediate_size(f);
+                }
+                cfg.validate()?;
+                ModelConfig::Llama(cfg)
+            }
             ModelConfig::Gpt(mut cfg) => {
                 if let Some(v) = self.vocab {
                     cfg = cfg.with_vocab_size(v);
@@ -102,11 +139,16 @@ impl ModelArgs {
     /// The data a model of `config`'s family trains on: `--data`, or the embedded default
     /// (`seed` picks it).
     pub fn data_for(&self, config: &ModelConfig, seed: u64) -> Result<Dataset> {
-        Ok(match config {
-            ModelConfig::Gpt(cfg) => Dataset::Tokens(match (&self.data, self.text_tokenizer()?) {
-                (Some(path), Some(tok)) if !is_token_file(path) => tokenized_text(path, &tok, cfg.vocab_size)?,
+        let token_vocab = match config {
+            ModelConfig::Gpt(cfg) => Some(cfg.vocab_size),
+            ModelConfig::Llama(cfg) => Some(cfg.vocab_size),
+            ModelConfig::Resnet(_) => None,
+        };
+        Ok(match (config, token_vocab) {
+            (_, Some(vocab)) => Dataset::Tokens(match (&self.data, self.text_tokenizer()?) {
+                (Some(path), Some(tok)) if !is_token_file(path) => tokenized_text(path, &tok, vocab)?,
                 (Some(path), Some(tok)) => {
-                    check_tokenizer_fits(&tok, cfg.vocab_size)?;
+                    check_tokenizer_fits(&tok, vocab)?;
                     TokenDataset::from_path(path)?
                 }
                 (Some(path), None) => TokenDataset::from_path(path)?,
@@ -115,7 +157,7 @@ impl ModelArgs {
                 }
                 (None, None) => TokenDataset::embedded(seed),
             }),
-            ModelConfig::Resnet(_) => Dataset::Images(match &self.data {
+            (_, None) => Dataset::Images(match &self.data {
                 Some(path) if is_cifar(path) => {
                     self.check_image_size_applies(path, 32)?;
                     ImageDataset::from_cifar10(path)?.with_augment(self.augment())
@@ -306,6 +348,27 @@ pub fn training_memory(
             // Per block about 17·s·c values plus 2.5·h·s² for attention (Korthikanti et al.),
             // and the logits with their gradient.
             let activations = 4.0 * b * s * (l * (17.0 * c + 2.5 * h * s) + 2.0 * v);
+            (params, activations)
+        }
+        ModelConfig::Llama(m) => {
+            let (v, t, c, l) = (
+                m.vocab_size as f64,
+                m.max_position_embeddings as f64,
+                m.hidden_size as f64,
+                m.num_hidden_layers as f64,
+            );
+            let (h, kv, d, f) = (
+                m.num_attention_heads as f64,
+                m.num_key_value_heads as f64,
+                m.head_dim as f64,
+                m.intermediate_size as f64,
+            );
+            let s = context.map_or(t, |c| c as f64);
+            let head = if m.tie_word_embeddings { 0.0 } else { v * c };
+            let params = v * c + l * (2.0 * c + c * (h + 2.0 * kv) * d + h * d * c + 3.0 * c * f) + c + head;
+            // Per block: the residual stream, norms, q/k/v, heads, the MLP's gate/up and
+            // product, and the h·s² probabilities; then the logits with their gradient.
+            let activations = 4.0 * b * s * (l * (6.0 * c + 2.0 * (h + 2.0 * kv) * d + 5.0 * f + h * s) + 2.0 * v);
             (params, activations)
         }
         ModelConfig::Resnet(_) => match config.build() {

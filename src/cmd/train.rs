@@ -205,6 +205,16 @@ fn check_init_matches(args: &TrainArgs, imported: &brigade::models::ModelConfig)
             "GPT with {} layers, width {}, {} heads, vocabulary {}, context {}",
             g.n_layer, g.n_embd, g.n_head, g.vocab_size, g.n_positions
         ),
+        ModelConfig::Llama(l) => format!(
+            "Llama with {} layers, width {}, {} heads ({} kv), MLP {}, vocabulary {}, context {}",
+            l.num_hidden_layers,
+            l.hidden_size,
+            l.num_attention_heads,
+            l.num_key_value_heads,
+            l.intermediate_size,
+            l.vocab_size,
+            l.max_position_embeddings
+        ),
         ModelConfig::Resnet(r) => {
             format!("ResNet with blocks {:?}, widths {:?}, {} classes", r.layers, r.widths, r.num_classes)
         }

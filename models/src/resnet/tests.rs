@@ -305,7 +305,7 @@ fn config_serde_names_and_overrides() {
 #[test]
 fn lib_preset_dispatch() {
     let names = crate::preset_names();
-    assert_eq!(names.len(), 9);
+    assert_eq!(names.len(), 15); // 5 GPT, 6 Llama, 4 ResNet
     for n in &names {
         assert_eq!(crate::preset(n).unwrap().name(), *n);
     }

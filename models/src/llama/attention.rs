@@ -1,0 +1,172 @@
+//! Causal grouped-query self-attention with rotary positions: the q/k/v projections as one
+//! product, RoPE on queries and keys, the attention core, the output projection, incremental
+//! decoding with a KV cache of the k/v heads only, and the explicit input gradient.
+//!
+//! Grouped-query heads are read in place, with no `repeat_kv` copy: the `G` query heads that
+//! share a k/v head are stacked along the row axis, `(B, KV, G·T, D)`, so one batched product
+//! per k/v head scores all of them against the shared keys, and the backward's products sum
+//! the group's key and value gradients in the same gemm.
+
+use brigade_engine::Gradients;
+use candle_core::{bail, Result, Tensor};
+
+use crate::blocks::{FusedLinear, Rope};
+
+#[derive(Debug)]
+pub(super) struct GroupedQueryAttention {
+    pub(super) n_head: usize,
+    pub(super) n_kv_head: usize,
+    pub(super) head_dim: usize,
+    /// q, k and v projections, `C → (H + 2·KV)·D`.
+    pub(super) qkv: FusedLinear,
+    /// `H·D → C`.
+    pub(super) o_proj: FusedLinear,
+    /// RoPE's tables, grown to the longest sequence seen (see [`Self::ensure_positions`]).
+    pub(super) rope: Rope,
+    pub(super) inv_freq: Vec<f64>,
+    /// Incremental decoding's rotated keys and values of every position so far, `(B, KV, S, D)`.
+    pub(super) cache: Option<(Tensor, Tensor)>,
+}
+
+/// What attention's forward keeps for its backward.
+pub(super) struct AttentionSaved {
+    /// The attention's input (the q/k/v projections' input).
+    pub(super) x: Tensor,
+    /// Rotated queries `(B, KV, G·T, D)`, rotated keys and values `(B, KV, T, D)`.
+    pub(super) q: Tensor,
+    pub(super) k: Tensor,
+    pub(super) v: Tensor,
+    /// Attention probabilities `(B, KV, G·T, T)`.
+    pub(super) probs: Tensor,
+    /// The merged heads `(B, T, H·D)`, the output projection's input.
+    pub(super) merged: Tensor,
+}
+
+impl GroupedQueryAttention {
+    /// Grows the RoPE tables to cover positions `0..end`: to the next power of two, so a
+    /// long-context config (Llama 3.2's 131072 positions) costs only what is used.
+    pub(super) fn ensure_positions(&mut self, end: usize) -> Result<()> {
+        if self.rope.positions() < end {
+            let device = self.o_proj.parts[0].weight.value.device().clone();
+            self.rope = Rope::new(&self.inv_freq, end.next_power_of_two(), &device)?;
+        }
+        Ok(())
+    }
+
+    fn group(&self) -> usize {
+        self.n_head / self.n_kv_head
+    }
+
+    /// Projects `x` `(B, T, C)` at positions `offset..` to rotated queries `(B, KV, G·T, D)`
+    /// and rotated keys and values `(B, KV, T, D)`.
+    fn project(&self, x: &Tensor, offset: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kv, d, g) = (self.n_head, self.n_kv_head, self.head_dim, self.group());
+        let qkv = self.qkv.forward(x)?; // (B, T, (H + 2KV)·D)
+        let q = self.rope.forward(&qkv.narrow(2, 0, h * d)?.reshape((b, t, h, d))?, offset)?;
+        // Head `i·G + j` is the j-th query head of k/v head i (HF's `repeat_kv` order).
+        let q = q.reshape((b, t, kv, g, d))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((b, kv, g * t, d))?;
+        let k = self.rope.forward(&qkv.narrow(2, h * d, kv * d)?.reshape((b, t, kv, d))?, offset)?;
+        let k = k.transpose(1, 2)?.contiguous()?;
+        let v = qkv.narrow(2, (h + kv) * d, kv * d)?.reshape((b, t, kv, d))?.transpose(1, 2)?.contiguous()?;
+        Ok((q, k, v))
+    }
+
+    /// The attention core of `T` new positions `offset..offset + T` over keys and values of
+    /// positions `0..S`: the heads `(B, KV, G·T, D)` and the probabilities `(B, KV, G·T, S)`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, t: usize, offset: usize) -> Result<(Tensor, Tensor)> {
+        let s = k.dim(2)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (self.head_dim as f64).sqrt()))?; // (B, KV, G·T, S)
+                                                                                    // Row `j·T + i` is position `offset + i`, which sees positions `0..=offset + i`: with a
+                                                                                    // single new position (decoding) that is all of them.
+        let scores = if t > 1 {
+            let rows = self.group() * t;
+            let data: Vec<u8> = (0..rows).flat_map(|r| (0..s).map(move |j| u8::from(j <= offset + r % t))).collect();
+            let mask = Tensor::from_vec(data, (rows, s), q.device())?.broadcast_as(scores.shape())?;
+            let neg_inf =
+                Tensor::new(f32::NEG_INFINITY, q.device())?.to_dtype(scores.dtype())?.broadcast_as(scores.shape())?;
+            mask.where_cond(&scores, &neg_inf)?
+        } else {
+            scores
+        };
+        let probs = brigade_kernels::softmax_last_dim(&scores)?;
+        Ok((probs.matmul(v)?, probs))
+    }
+
+    /// `(B, KV, G·T, D)` → `(B, T, H·D)`.
+    fn merge(&self, y: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+        let (kv, g, d) = (self.n_kv_head, self.group(), self.head_dim);
+        y.reshape((b, kv, g, t, d))?.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((b, t, kv * g * d))
+    }
+
+    /// `residual + attention(x)` for `x` `(B, T, C)`, keeping what the backward needs.
+    pub(super) fn forward_saving(&mut self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, AttentionSaved)> {
+        let (b, t, _) = x.dims3()?;
+        let (q, k, v) = self.project(x, 0)?;
+        let (y, probs) = self.attend(&q, &k, &v, t, 0)?;
+        let merged = self.merge(&y, b, t)?;
+        let out = self.o_proj.forward_residual(&merged, Some(residual))?;
+        Ok((out, AttentionSaved { x: x.clone(), q, k, v, probs, merged }))
+    }
+
+    /// Attention of the new positions `offset..offset + T` over every position so far: their
+    /// keys and values join the cache (k/v heads only). Offset 0 starts a new sequence.
+    /// Returns `residual + attention(x)`.
+    pub(super) fn forward_incremental(&mut self, x: &Tensor, offset: usize, residual: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        if offset == 0 {
+            self.cache = None;
+        }
+        let cached = match &self.cache {
+            Some((k, _)) => k.dim(2)?,
+            None => 0,
+        };
+        if cached != offset {
+            bail!("incremental attention at position {offset}, but {cached} positions are cached (start again at 0)");
+        }
+        let (q, k_new, v_new) = self.project(x, offset)?;
+        let (k, v) = match self.cache.take() {
+            Some((k, v)) => (Tensor::cat(&[&k, &k_new], 2)?, Tensor::cat(&[&v, &v_new], 2)?),
+            None => (k_new, v_new),
+        };
+        let (y, _) = self.attend(&q, &k, &v, t, offset)?;
+        self.cache = Some((k, v));
+        self.o_proj.forward_residual(&self.merge(&y, b, t)?, Some(residual))
+    }
+
+    /// The input gradient; returns it with the q/k/v projections' output gradient, which
+    /// their weight step needs.
+    pub(super) fn backward_input(&self, s: &AttentionSaved, dout: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t, _) = dout.dims3()?;
+        let (h, kv, d, g) = (self.n_head, self.n_kv_head, self.head_dim, self.group());
+        let dmerged = self.o_proj.backward_input(dout)?; // (B, T, H·D)
+        let dy =
+            dmerged.reshape((b, t, kv, g, d))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((b, kv, g * t, d))?;
+        let dprobs = dy.matmul(&s.v.t()?)?; // (B, KV, G·T, T)
+                                            // One product per k/v head sums its group's value gradients.
+        let dv = s.probs.t()?.matmul(&dy)?; // (B, KV, T, D)
+        let dscores = (brigade_kernels::softmax_last_dim_backward(&s.probs, &dprobs)? * (1.0 / (d as f64).sqrt()))?;
+        let dq = dscores.matmul(&s.k)?; // (B, KV, G·T, D)
+        let dk = dscores.t()?.matmul(&s.q)?; // (B, KV, T, D)
+        let dq = dq.reshape((b, kv, g, t, d))?.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((b, t, h, d))?;
+        let dq = self.rope.backward(&dq, 0)?.reshape((b, t, h * d))?;
+        let dk = self.rope.backward(&dk.transpose(1, 2)?.contiguous()?, 0)?.reshape((b, t, kv * d))?;
+        let dv = dv.transpose(1, 2)?.contiguous()?.reshape((b, t, kv * d))?;
+        let dqkv = Tensor::cat(&[&dq, &dk, &dv], 2)?; // (B, T, (H + 2KV)·D)
+        Ok((self.qkv.backward_input(&dqkv)?, dqkv))
+    }
+
+    /// The projections' weight gradients from their inputs (`x`; the merged heads) and output
+    /// gradients (`dqkv`; `dout`).
+    pub(super) fn backward_weight(
+        &self,
+        x: &Tensor,
+        dqkv: &Tensor,
+        merged: &Tensor,
+        dout: &Tensor,
+        grads: &mut Gradients,
+    ) -> Result<()> {
+        self.qkv.backward_weight(x, dqkv, grads)?;
+        self.o_proj.backward_weight(merged, dout, grads)
+    }
+}
