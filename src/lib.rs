@@ -18,6 +18,8 @@
 pub use brigade_engine as engine;
 pub use brigade_kernels as kernels;
 pub use brigade_models as models;
+/// candle-nn, whose modules and `VarBuilder` user-defined layers are built from.
+pub use candle_nn;
 
 pub mod bench;
 pub mod checkpoint;
@@ -30,14 +32,16 @@ pub mod train;
 /// Everything a training script usually needs.
 pub mod prelude {
     pub use crate::engine::compute::Recompute;
+    pub use crate::engine::custom::{Sequential, SequentialModel};
     pub use crate::engine::optim::{LrSchedule, OptimizerConfig};
     pub use crate::engine::partition::{Partition, PartitionStrategy};
     pub use crate::engine::pipeline::{EvalStats, Pipeline, PipelineConfig, StepStats, ThreadPools};
     pub use crate::engine::schedule::{Action, ActionKind, Schedule, ScheduleKind};
-    pub use crate::engine::{Mode, PipelineModel, StageDevice};
+    pub use crate::engine::{CustomLoss, InputKind, LossKind, Mode, PipelineModel, StageDevice};
     pub use crate::models::data::{ImageDataset, Split, TokenDataset};
     pub use crate::train::{Dataset, Event, TrainOptions, Trainer};
-    pub use candle_core::{DType, Device, Tensor};
+    pub use candle_core::{DType, Device, Module, Tensor};
+    pub use candle_nn::VarBuilder;
 }
 
 /// Errors from any part of brigade, each naming what went wrong.

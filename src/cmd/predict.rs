@@ -84,7 +84,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
             }
             input.to_dtype(DType::U32)?
         }
-        InputKind::Images { .. } => input.to_dtype(DType::F32)?,
+        InputKind::Images { .. } | InputKind::Features { .. } => input.to_dtype(DType::F32)?,
     };
     let started = std::time::Instant::now();
     let logits = pipeline.predict(&input)?;
