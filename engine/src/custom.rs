@@ -27,9 +27,10 @@
 //! per micro-batch), and on a variable copy of its input. Mixed precision is refused.
 //!
 //! Known trap: candle-nn's fused `LayerNorm`/`RmsNorm` modules (on contiguous inputs) and
-//! `softmax_last_dim` have no backward in candle: training through them fails with candle's
-//! "backward not supported" error. Use [`layer_norm`] here (same parameters, composed of
-//! differentiable ops) and `candle_nn::ops::softmax`; the tests check both.
+//! `softmax_last_dim` record no backward: candle's autograd silently stops at them, and plain
+//! candle training would leave everything before them untrained. Here an autograd layer whose
+//! parameter or input gets no gradient is an error naming it. Use [`layer_norm`] (same
+//! parameters, composed of differentiable ops) and `candle_nn::ops::softmax` instead.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Debug;
@@ -59,10 +60,10 @@ type CheckFn = dyn Fn(&Tensor, Option<&Tensor>) -> std::result::Result<(), Strin
 fn brigade_init(name: &str, shape: &Shape, init: candle_nn::Init) -> Result<Init> {
     use candle_nn::init::NormalOrUniform;
     Ok(match init {
-        candle_nn::Init::Const(v) if v == 0.0 => Init::Zeros,
-        candle_nn::Init::Const(v) if v == 1.0 => Init::Ones,
+        candle_nn::Init::Const(0.0) => Init::Zeros,
+        candle_nn::Init::Const(1.0) => Init::Ones,
         candle_nn::Init::Const(value) => Init::Constant { value },
-        candle_nn::Init::Randn { mean, stdev } if mean == 0.0 => Init::Normal { std: stdev },
+        candle_nn::Init::Randn { mean: 0.0, stdev } => Init::Normal { std: stdev },
         candle_nn::Init::Uniform { lo, up } if lo == -up => Init::Uniform { bound: up },
         candle_nn::Init::Kaiming { dist, fan, non_linearity } => {
             let std = non_linearity.gain() / (fan.for_shape(shape).max(1) as f64).sqrt();
@@ -141,7 +142,11 @@ impl SimpleBackend for StoreBackend<'_> {
             candle_core::bail!("{name}: the layer asked for a parameter it did not ask for when the model was defined")
         };
         if spec.shape != s.dims() {
-            candle_core::bail!("parameter {name} requested with shape {:?} but defined with {:?}", s.dims(), spec.shape);
+            candle_core::bail!(
+                "parameter {name} requested with shape {:?} but defined with {:?}",
+                s.dims(),
+                spec.shape
+            );
         }
         let tensor = self.store.lock().map_err(|_| poisoned())?.get(spec)?;
         let param = if tensor.is_variable() {
@@ -220,7 +225,8 @@ impl LayerSpec for AutogradLayerSpec {
         let module = (self.build)(vb)?;
         let backend = Arc::try_unwrap(params)
             .map_err(|_| candle_core::Error::Msg(format!("{}: the module kept its VarBuilder", self.name)))?;
-        let params = backend.params.into_inner().map_err(|_| candle_core::Error::Msg("parameter store poisoned".into()))?;
+        let params =
+            backend.params.into_inner().map_err(|_| candle_core::Error::Msg("parameter store poisoned".into()))?;
         Ok(Box::new(AutogradLayer { name: self.name.clone(), module, params }))
     }
 }
@@ -262,6 +268,20 @@ impl AutogradLayer {
     }
 }
 
+impl AutogradLayer {
+    /// The error for a gradient candle's autograd did not produce: the output does not depend
+    /// on `what` through recorded ops, which is almost always an op without a backward that
+    /// silently cut the graph (training on would leave weights unchanged without a word).
+    fn cut_graph(&self, what: &str) -> candle_core::Error {
+        candle_core::Error::Msg(format!(
+            "{}: the output has no gradient with respect to {what}. An op without a backward cut candle's autograd \
+             graph: candle-nn's fused layer_norm, rms_norm and softmax_last_dim are such ops; use \
+             brigade_engine::custom::layer_norm and candle_nn::ops::softmax instead",
+            self.name
+        ))
+    }
+}
+
 impl Layer for AutogradLayer {
     fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
         self.refresh()?;
@@ -283,20 +303,30 @@ impl Layer for AutogradLayer {
     fn backward_input(&mut self, saved: Saved, dy: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
         let (input, y): (Option<Tensor>, Tensor) = saved.take(&self.name)?;
         if dy.dims() != y.dims() {
-            candle_core::bail!("{}: output gradient of shape {:?} for an output of shape {:?}", self.name, dy.dims(), y.dims());
+            candle_core::bail!(
+                "{}: output gradient of shape {:?} for an output of shape {:?}",
+                self.name,
+                dy.dims(),
+                y.dims()
+            );
         }
         // d(sum(y * dy))/dy = dy exactly: backpropagating this scalar is backpropagating dy.
         let grads = (&y * dy.detach().to_dtype(y.dtype())?)?.sum_all()?.backward()?;
         let dx = match (&input, need_dx) {
             (_, false) => None,
-            (Some(input), true) => Some(match grads.get(input) {
-                Some(g) => g.clone(),
-                None => input.zeros_like()?, // the output does not depend on the input
-            }),
+            (Some(input), true) => match grads.get(input) {
+                Some(g) => Some(g.clone()),
+                None => return Err(self.cut_graph("its input")),
+            },
             (None, true) => candle_core::bail!("{}: an integer input has no gradient to pass back", self.name),
         };
-        let weight_grads: Vec<(String, Tensor)> =
-            self.params.iter().filter_map(|p| grads.get(&p.var).map(|g| (p.name.clone(), g.clone()))).collect();
+        let mut weight_grads = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            match grads.get(&p.var) {
+                Some(g) => weight_grads.push((p.name.clone(), g.clone())),
+                None => return Err(self.cut_graph(&format!("parameter {}", p.name))),
+            }
+        }
         let handles = weight_grads.iter().map(|(_, g)| g.clone()).collect();
         Ok((dx, Saved::with_handles(weight_grads, handles)))
     }
