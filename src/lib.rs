@@ -14,7 +14,7 @@
 //! - [`generate`]: text generation (KV-cache decoding, samplers).
 //! - [`metrics`], [`plot`]: the JSON-lines record of a run, and charts of runs.
 //! - [`tokenizer`]: Hugging Face tokenizers: load `tokenizer.json`, train byte-level BPE.
-//! - [`bench`]: runs layouts and schedules, measures them against the simulator, draws timelines.
+//! - [`bench`](mod@bench): runs layouts and schedules, measures them against the simulator, draws timelines.
 //!
 //! # Defining a model
 //!

@@ -9,7 +9,7 @@
 //! - [`partition`]: how a layer list is cut into stages.
 //! - [`optim`]: AdamW and SGD with visible state, and the learning-rate schedule.
 //! - [`pipeline`]: the threaded executor: one OS thread per stage, crossbeam channels between.
-//! - [`reference`]: plain single-device training, the yardstick every schedule must match.
+//! - [`reference`](mod@reference): plain single-device training, the yardstick every schedule must match.
 //! - [`checkpoint`]: the layout-independent checkpoint format (safetensors shards, atomic writes,
 //!   validated loads).
 //! - [`device`]: where a stage runs (CPU, or a CUDA GPU on a stream of its own).
