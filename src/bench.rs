@@ -40,7 +40,7 @@ pub fn clone_dataset(data: &Dataset) -> Dataset {
 pub fn sequence_length(model: &dyn PipelineModel, context: Option<usize>) -> usize {
     match model.input() {
         InputKind::Tokens { context: c, .. } => context.unwrap_or(c),
-        InputKind::Images { .. } => 0,
+        InputKind::Images { .. } | InputKind::Features { .. } => 0,
     }
 }
 

@@ -264,6 +264,13 @@ impl Trainer {
             (Dataset::Images(_), InputKind::Tokens { .. }) => {
                 return Err(Error::Config(format!("{} is a language model but the data is images", model.name())))
             }
+            (_, InputKind::Features { .. }) => {
+                return Err(Error::Config(format!(
+                    "{} takes feature tensors, which this trainer's datasets (tokens, images) are not: train it with \
+                     Pipeline::train_step (see the custom_mlp example)",
+                    model.name()
+                )))
+            }
         };
         // Before the pipeline starts (which may load a large checkpoint): a save directory that
         // cannot be used should fail in milliseconds, not after loading or training.

@@ -1,5 +1,5 @@
 //! Checks a layer's hand-written backward: against candle's autograd through the layer's own
-//! [`Layer::forward`], and against central finite differences. Every layer in brigade's models
+//! [`Layer::forward`](crate::Layer::forward), and against central finite differences. Every layer in brigade's models
 //! is tested with it, and a user writing a layer can run it the same way.
 //!
 //! The layer is built twice from the same deterministic initialisation: once over variables

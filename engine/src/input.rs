@@ -86,6 +86,16 @@ impl BatchCheck for InputKindCheck {
                     check_ids_below(targets, self.num_classes, "label", "classes")?;
                 }
             }
+            InputKind::Features { shape } => {
+                if inputs.dtype() != DType::F32 || inputs.rank() == 0 || &inputs.dims()[1..] != shape.as_slice() {
+                    return Err(format!(
+                        "{model} expects f32 inputs of shape (batch, {}), got {:?} {:?}",
+                        shape.iter().map(usize::to_string).collect::<Vec<_>>().join(", "),
+                        inputs.dims(),
+                        inputs.dtype()
+                    ));
+                }
+            }
         }
         Ok(())
     }

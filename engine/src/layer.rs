@@ -44,6 +44,10 @@ pub enum Init {
     Uniform {
         bound: f64,
     },
+    /// Every element `value` (candle-nn's `Init::Const` other than 0 and 1).
+    Constant {
+        value: f64,
+    },
 }
 
 /// A parameter's name, shape, initialiser, and whether weight decay applies to it.
@@ -79,6 +83,7 @@ impl ParamSpec {
                 let std = (2.0 / fan_out.max(1) as f64).sqrt();
                 sample_normal(seed, &self.name, n, std)?
             }
+            Init::Constant { value } => vec![value as f32; n],
             Init::Uniform { bound } => {
                 if !(bound.is_finite() && bound >= 0.0) {
                     candle_core::bail!("{}: uniform init bound must be finite and non-negative, got {bound}", self.name)
@@ -452,13 +457,62 @@ pub trait LayerSpec: Send + Sync + Debug {
     }
 }
 
-/// What the last stage computes from the model's output and the targets.
+/// What the last stage computes from the model's output and the targets. Every loss is a sum
+/// over the micro-batch's terms divided by the terms of the whole global batch (see
+/// [`crate::loss`]), so it does not depend on how the batch is split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LossKind {
     /// Cross-entropy over the last dimension against integer class/token ids. Works for
-    /// language models (`(B, T, V)` logits, `(B, T)` targets) and classifiers (`(B, K)`, `(B,)`).
+    /// language models (`(B, T, V)` logits, `(B, T)` targets, token cross-entropy) and
+    /// classifiers (`(B, K)`, `(B,)`, class cross-entropy).
     CrossEntropy,
+    /// Mean squared error against float targets of the output's shape (regression): the mean
+    /// over every element of the global batch's targets.
+    MeanSquaredError,
+    /// A loss of the user's: see [`CustomLoss`].
+    Custom(CustomLoss),
 }
+
+impl LossKind {
+    /// Whether the targets are integer class or token ids (the driver checks their dtype).
+    pub fn needs_integer_targets(&self) -> bool {
+        matches!(self, Self::CrossEntropy)
+    }
+}
+
+/// A user-supplied loss: a function of `(output, targets)` returning the *sum* of the
+/// micro-batch's loss terms as a scalar, written with candle ops (brigade differentiates it
+/// with candle's autograd). brigade divides it by the number of target elements in the whole
+/// global batch, so the reported loss is the mean per target element.
+///
+/// A plain function (or a closure that captures nothing) keeps [`LossKind`] `Copy` and lets
+/// every stage thread call it; `name` identifies it in messages and comparisons.
+#[derive(Clone, Copy)]
+pub struct CustomLoss {
+    pub name: &'static str,
+    pub sum: fn(&Tensor, &Tensor) -> Result<Tensor>,
+}
+
+impl CustomLoss {
+    pub fn new(name: &'static str, sum: fn(&Tensor, &Tensor) -> Result<Tensor>) -> Self {
+        Self { name, sum }
+    }
+}
+
+impl Debug for CustomLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CustomLoss({})", self.name)
+    }
+}
+
+/// Two custom losses are the same loss when they have the same name.
+impl PartialEq for CustomLoss {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for CustomLoss {}
 
 /// The element type a model takes as input.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -467,6 +521,9 @@ pub enum InputKind {
     Tokens { vocab: usize, context: usize },
     /// Images `(B, C, H, W)` in f32 with the given channel count.
     Images { channels: usize },
+    /// f32 tensors `(B, ..shape)`: feature vectors and other inputs of user-defined models
+    /// (see [`crate::custom`]).
+    Features { shape: Vec<usize> },
 }
 
 /// A model the engine can partition and train.

@@ -5,9 +5,9 @@
 //! (tokens, for a language model) in the whole global batch. Summing those over micro-batches
 //! gives the global-batch mean, so losses and gradients do not depend on how the batch is split.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, Var, D};
 
-use crate::layer::LossKind;
+use crate::layer::{CustomLoss, LossKind};
 
 /// Number of loss terms in `targets` (tokens for `(B, T)`, examples for `(B,)`).
 pub fn loss_terms(targets: &Tensor) -> usize {
@@ -22,6 +22,8 @@ pub fn microbatch_loss(kind: LossKind, output: &Tensor, targets: &Tensor, global
             let (logits, targets) = flatten_for_classes(output, targets)?;
             brigade_kernels::cross_entropy_sum(&logits, &targets)? / global_terms as f64
         }
+        LossKind::MeanSquaredError => squared_error_diff(output, targets)?.sqr()?.sum_all()? / global_terms as f64,
+        LossKind::Custom(custom) => custom_sum(custom, output, targets)? / global_terms as f64,
     }
 }
 
@@ -40,7 +42,41 @@ pub fn microbatch_loss_backward(
                 .reshape(output.shape())?
                 .to_dtype(output.dtype())
         }
+        LossKind::MeanSquaredError => squared_error_diff(output, targets)? * (2.0 / global_terms as f64),
+        LossKind::Custom(custom) => {
+            // The user's loss is any candle expression: differentiate it with candle's autograd,
+            // from a variable copy of the (graph-free) output.
+            let out = Var::from_tensor(&output.detach())?;
+            let sum = custom_sum(custom, out.as_tensor(), targets)?;
+            let grads = sum.backward()?;
+            let grad = match grads.get(out.as_tensor()) {
+                Some(g) => g.clone(),
+                None => output.zeros_like()?, // the loss does not depend on the output
+            };
+            grad * (1.0 / global_terms as f64)
+        }
     }
+}
+
+/// `output - targets` for a regression loss, after checking the shapes match.
+fn squared_error_diff(output: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if output.dims() != targets.dims() {
+        candle_core::bail!(
+            "mean squared error: targets of shape {:?} do not match model output of shape {:?}",
+            targets.dims(),
+            output.dims()
+        );
+    }
+    output - targets.to_dtype(output.dtype())?
+}
+
+/// The user's summed loss, checked to be a scalar.
+fn custom_sum(custom: CustomLoss, output: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let sum = (custom.sum)(output, targets)?;
+    if sum.elem_count() != 1 {
+        candle_core::bail!("custom loss {} must return a scalar, got shape {:?}", custom.name, sum.dims());
+    }
+    sum.reshape(())
 }
 
 /// Number of positions where the arg-max of `output` equals the target.
@@ -51,6 +87,10 @@ pub fn correct_predictions(output: &Tensor, targets: &Tensor) -> Result<usize> {
 /// [`correct_predictions`] as a u32 scalar left on the output's device, so an evaluation can
 /// add them up over micro-batches and read the total once (a read is a host sync on a GPU).
 pub fn correct_predictions_on_device(output: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if targets.dtype().is_float() {
+        // Regression targets (mean squared error, custom losses): nothing to classify.
+        return Tensor::new(0u32, output.device());
+    }
     let (logits, targets) = flatten_for_classes(output, targets)?;
     let predicted = logits.argmax(D::Minus1)?;
     predicted.eq(&targets)?.to_dtype(DType::U32)?.sum_all()

@@ -14,7 +14,7 @@
 //!   tiles in increasing order, which is what the GPU's separate, atomic-free `dQ` kernel does.
 //!
 //! Memory is `O(T)` per head besides the inputs: two `TILE×TILE` buffers per task instead of
-//! the `(B, H, T, T)` probabilities the materialised path ([`crate::attention`]) keeps for its
+//! the `(B, H, T, T)` probabilities the materialised path (`attention`) keeps for its
 //! backward. The log-sum-exp is f32 for f32/bf16 inputs (bf16 would cost the probabilities
 //! three significant digits) and f64 for f64.
 

@@ -6,14 +6,14 @@
 //!
 //! Each op is a fused CPU kernel registered as a candle custom op (`CustomOp1/2/3`) whose
 //! `bwd` applies a second, fused backward custom op — one pass over memory where the
-//! composition makes a temporary per elementary op. [`reference`] keeps the composition
+//! composition makes a temporary per elementary op. [`reference`](mod@reference) keeps the composition
 //! versions: they are the CPU twins every fused kernel is tested against (values and
 //! gradients), the finite-difference tests check both, and the benchmarks use them as the
 //! baseline.
 //!
 //! # Dtypes and devices
 //! The fused kernels run for **f32 and f64 tensors on the CPU**. Any other dtype (bf16, f16)
-//! or device (CUDA, Metal) transparently falls back to the [`reference`] composition, which is
+//! or device (CUDA, Metal) transparently falls back to the [`reference`](mod@reference) composition, which is
 //! slower but correct and differentiable everywhere; a future CUDA kernel slots in as the
 //! custom ops' `cuda_fwd`. Argument validation is shared, so both paths reject the same inputs
 //! with the same error messages.
@@ -84,7 +84,7 @@ pub(crate) fn dense_on_gpu(t: &Tensor) -> Result<Tensor> {
 /// Causal self-attention from the fused projection `qkv` `(B, T, 3C)`; returns `(merged
 /// (B, T, C), probs (B, H, T, T))` (see [`reference::causal_attention`] for the math). Not
 /// differentiable through autograd: the pipeline pairs it with
-/// [`causal_attention_backward`]; the composition in [`reference`] is the autograd path.
+/// [`causal_attention_backward`]; the composition in [`reference`](mod@reference) is the autograd path.
 pub fn causal_attention(qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)> {
     attention::check_qkv(qkv, n_head)?;
     if fused(qkv) {

@@ -93,13 +93,14 @@ pub fn run(args: PredictArgs) -> Result<()> {
             }
             input.to_dtype(DType::U32)?
         }
-        InputKind::Images { .. } => {
-            let images = input.to_dtype(DType::F32)?;
-            let values: Vec<f32> = images.flatten_all()?.to_vec1()?;
+        kind @ (InputKind::Images { .. } | InputKind::Features { .. }) => {
+            let values_tensor = input.to_dtype(DType::F32)?;
+            let values: Vec<f32> = values_tensor.flatten_all()?.to_vec1()?;
             if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                bail!("{}: pixel {i} is {}; images must be finite numbers", args.input.display(), values[i]);
+                let what = if matches!(kind, InputKind::Images { .. }) { "images" } else { "features" };
+                bail!("{}: value {i} is {}; {what} must be finite numbers", args.input.display(), values[i]);
             }
-            images
+            values_tensor
         }
     };
     let started = std::time::Instant::now();

@@ -259,7 +259,7 @@ fn check_init_matches(args: &TrainArgs, imported: &brigade::models::ModelConfig)
 enum Start {
     Fresh,
     Resume { step: u64, planned_steps: u64, lr_horizon: u64, batch_size: usize },
-    Import(brigade::checkpoint::Imported),
+    Import(Box<brigade::checkpoint::Imported>),
 }
 
 /// The model and data: from the checkpoint when resuming, else the preset (with overrides),
@@ -310,7 +310,7 @@ fn model_and_data(args: &TrainArgs) -> Result<(Arc<dyn PipelineModel>, Dataset, 
     println!("init     {} weights from {}", weights.params.len() + weights.buffers.len(), weights.source);
     let data = args.model.data_for(&weights.config, args.seed)?;
     let model = weights.config.build()?;
-    Ok((model, data, Start::Import(weights)))
+    Ok((model, data, Start::Import(Box::new(weights))))
 }
 
 /// With `--resume`, the model and data come from the checkpoint: a flag that says otherwise

@@ -22,7 +22,7 @@
 //!
 //! Failure: an error, a panic or a non-finite loss in any stage is reported to the driver,
 //! which broadcasts `Abort` to every stage inbox. Blocked stages wake on it, every thread
-//! ends, and the step returns [`EngineError::StageFailed`] naming the stage and action. The
+//! ends, and the step returns [`EngineError::StageFailed`](crate::EngineError::StageFailed) naming the stage and action. The
 //! pipeline is then stopped for good (its stages' states are mid-step).
 //!
 //! Modules: `config` (what shapes a pipeline), `protocol` (the messages between the driver

@@ -146,7 +146,7 @@ impl Schedule {
     }
 
     /// The papers' bubble for this schedule's kind (by its name; see
-    /// [`ScheduleKind::theoretical_bubble`]); for other schedules the classic GPipe / 1F1B
+    /// [`ScheduleKind::theoretical_bubble`](super::ScheduleKind::theoretical_bubble)); for other schedules the classic GPipe / 1F1B
     /// `(p-1)/(m+p-1)`, as a yardstick.
     pub fn theoretical_bubble(&self) -> f64 {
         let v = self.virtual_stages().unwrap_or(1);

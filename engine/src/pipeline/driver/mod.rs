@@ -76,6 +76,8 @@ pub struct Pipeline {
     model_name: String,
     /// The model's checks of every batch, run before the batch reaches a stage.
     batch_check: Arc<dyn BatchCheck>,
+    /// Whether the loss takes integer class or token ids (regression losses take floats).
+    integer_targets: bool,
     partition: Partition,
     schedule: Arc<Schedule>,
     microbatches: usize,
@@ -265,6 +267,7 @@ impl Pipeline {
         let mut pipeline = Self {
             model_name: model.name(),
             batch_check: model.batch_check(),
+            integer_targets: model.loss().needs_integer_targets(),
             partition,
             schedule: Arc::new(schedule),
             microbatches: config.microbatches,
@@ -613,7 +616,7 @@ impl Pipeline {
                 self.microbatches
             )));
         }
-        if !is_integer(targets.dtype()) {
+        if self.integer_targets && !is_integer(targets.dtype()) {
             return Err(EngineError::Input(format!(
                 "targets must be integer class or token ids, got {:?}",
                 targets.dtype()
