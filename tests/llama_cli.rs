@@ -32,7 +32,14 @@ fn llama_presets_train_resume_generate_and_export() {
     args.extend(shape);
     let text = ok(&args);
     assert!(text.contains("pipeline 2 stages"), "{text}");
-    let text = ok(&["train", "--resume", save_s, "--steps", "6", "--stages", "2"]);
+    // A shape flag that conflicts with the run is an error, never ignored; the same value is fine.
+    for (flag, value) in [("--kv-heads", "2"), ("--ffn", "64"), ("--layers", "4")] {
+        let err = brigade(&["train", "--resume", save_s, "--steps", "6", flag, value]);
+        let stderr = String::from_utf8_lossy(&err.stderr);
+        assert_eq!(err.status.code(), Some(1), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(&format!("{flag} {value} conflicts with the checkpoint")), "{stderr}");
+    }
+    let text = ok(&["train", "--resume", save_s, "--steps", "6", "--stages", "2", "--kv-heads", "1"]);
     assert!(text.contains("step 4 to 6"), "{text}");
     let inspect = ok(&["inspect", save_s]);
     assert!(inspect.contains("\"num_key_value_heads\":1"), "{inspect}");

@@ -323,14 +323,26 @@ fn check_resume_flags(
     config: &brigade::models::ModelConfig,
 ) -> Result<()> {
     let m = &args.model;
-    if let brigade::models::ModelConfig::Gpt(g) = config {
-        let flags = [
+    // The shape flags the checkpoint's family has, with the values it was trained with.
+    let shape: Vec<(&str, Option<usize>, usize)> = match config {
+        brigade::models::ModelConfig::Gpt(g) => vec![
             ("--vocab", m.vocab, g.vocab_size),
             ("--layers", m.layers, g.n_layer),
             ("--width", m.width, g.n_embd),
             ("--heads", m.heads, g.n_head),
-        ];
-        for (flag, asked, has) in flags {
+        ],
+        brigade::models::ModelConfig::Llama(l) => vec![
+            ("--vocab", m.vocab, l.vocab_size),
+            ("--layers", m.layers, l.num_hidden_layers),
+            ("--width", m.width, l.hidden_size),
+            ("--heads", m.heads, l.num_attention_heads),
+            ("--kv-heads", m.kv_heads, l.num_key_value_heads),
+            ("--ffn", m.ffn, l.intermediate_size),
+        ],
+        _ => Vec::new(),
+    };
+    if !shape.is_empty() {
+        for (flag, asked, has) in shape {
             if let Some(asked) = asked.filter(|a| *a != has) {
                 bail!(
                     "{flag} {asked} conflicts with the checkpoint {} ({flag} {has}); a resumed run keeps its model: \
