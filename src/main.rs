@@ -46,7 +46,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a model split into pipeline stages.
-    Train(cmd::train::TrainArgs),
+    Train(Box<cmd::train::TrainArgs>),
     /// Print a schedule's time x stage grid, its action lists and its bubble.
     Schedule(cmd::schedule::ScheduleArgs),
     /// List the model presets with their parameter and layer counts.
@@ -118,7 +118,7 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(e),
     };
     let result = match cli.command {
-        Command::Train(args) => cmd::train::run(args),
+        Command::Train(args) => cmd::train::run(*args),
         Command::Schedule(args) => cmd::schedule::run(args),
         Command::Presets => cmd::presets::run(),
         Command::Export(args) => cmd::export::run(args),

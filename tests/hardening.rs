@@ -219,6 +219,14 @@ fn bad_inputs_fail_cleanly_and_touch_no_checkpoint() {
             "batch size 4 is not divisible by 3 micro-batches",
         ),
         (vec!["train", "--resume", &s, "--data", readme, "--steps", "3"], 1, "but this run's data is"),
+        // a training setting the resumed run would ignore: refused, naming the checkpoint's value
+        (vec!["train", "--resume", &s, "--batch-size", "8"], 1, "--batch-size 8 conflicts with the checkpoint"),
+        (vec!["train", "--resume", &s, "--seed", "7"], 1, "--seed 7 conflicts with the checkpoint"),
+        (vec!["train", "--resume", &s, "--optimizer", "sgd"], 1, "(--optimizer adamw)"),
+        (vec!["train", "--resume", &s, "--lr", "0.1"], 1, "--lr 0.1 conflicts with the checkpoint"),
+        (vec!["train", "--resume", &s, "--grad-clip", "0"], 1, "(--grad-clip 1)"),
+        (vec!["train", "--resume", &s, "--weight-decay", "0"], 1, "(--weight-decay 0.1)"),
+        (vec!["train", "--resume", &s, "--warmup", "50"], 1, "--warmup 50 conflicts with the checkpoint"),
         (vec!["train", "--resume", "/nonexistent/brigade/ckpt"], 1, "/nonexistent/brigade/ckpt"),
         (vec!["train", "--resume", &empty_dir], 1, "no checkpoint here"),
         // train: command-line syntax (exit code 2)

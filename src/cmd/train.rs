@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use brigade::engine::optim::LrSchedule;
+use brigade::engine::optim::{LrSchedule, OptimizerConfig};
 use brigade::engine::partition::PartitionStrategy;
 use brigade::engine::pipeline::{PipelineConfig, ScheduleChoice};
 use brigade::engine::plan::human_bytes;
@@ -45,31 +45,36 @@ pub struct TrainArgs {
     /// Micro-batches per global batch (default: 4, or the --schedule file's).
     #[arg(long)]
     microbatches: Option<usize>,
-    /// Global batch size (examples, or sequences for GPT).
-    #[arg(long, default_value_t = 16)]
-    batch_size: usize,
+    /// Global batch size (examples, or sequences for GPT) [default: 16; with --resume, the
+    /// checkpoint's].
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Step to stop at (default 1000; with --resume, the checkpoint's planned total).
     #[arg(long)]
     steps: Option<u64>,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 3e-3)]
-    lr: f64,
+    /// Peak learning rate [default: 3e-3; with --resume, the checkpoint's].
+    #[arg(long)]
+    lr: Option<f64>,
     /// Linear warm-up steps (default: 5% of steps).
     #[arg(long)]
     warmup: Option<u64>,
     /// Final learning rate of the cosine decay (default: lr / 10).
     #[arg(long)]
     min_lr: Option<f64>,
-    #[arg(long, value_enum, default_value = "adamw")]
-    optimizer: OptimizerArg,
+    /// [default: adamw; with --resume, the checkpoint's]
+    #[arg(long, value_enum)]
+    optimizer: Option<OptimizerArg>,
     /// Weight decay (default: 0.1 for AdamW, 5e-4 for SGD).
     #[arg(long)]
     weight_decay: Option<f64>,
-    /// Clip the global gradient norm to this value (0 disables).
-    #[arg(long, default_value_t = 1.0)]
-    grad_clip: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// Clip the global gradient norm to this value (0 disables) [default: 1; with --resume, the
+    /// checkpoint's].
+    #[arg(long)]
+    grad_clip: Option<f64>,
+    /// Seed of the initial weights and the data order [default: 0; with --resume, the
+    /// checkpoint's].
+    #[arg(long)]
+    seed: Option<u64>,
     /// Evaluate on held-out data every N steps (0: only at the end).
     #[arg(long, default_value_t = 100)]
     eval_every: u64,
@@ -125,16 +130,36 @@ pub struct TrainArgs {
 
 /// Flag values that are well-formed but mean nothing sensible: refused before anything runs
 /// (each would otherwise train silently wrong, or fail late).
+/// The defaults of the flags a resumed run takes from its checkpoint instead (each is an
+/// `Option` so that one given explicitly can be compared with the checkpoint).
+impl TrainArgs {
+    fn batch_size(&self) -> usize {
+        self.batch_size.unwrap_or(16)
+    }
+    fn lr(&self) -> f64 {
+        self.lr.unwrap_or(3e-3)
+    }
+    fn optimizer(&self) -> OptimizerArg {
+        self.optimizer.unwrap_or(OptimizerArg::Adamw)
+    }
+    fn grad_clip(&self) -> f64 {
+        self.grad_clip.unwrap_or(1.0)
+    }
+    fn seed(&self) -> u64 {
+        self.seed.unwrap_or(0)
+    }
+}
+
 fn check_train_args(args: &TrainArgs) -> Result<()> {
-    if !args.lr.is_finite() || args.lr < 0.0 {
-        bail!("--lr must be a finite, non-negative learning rate, got {}", args.lr);
+    if !args.lr().is_finite() || args.lr() < 0.0 {
+        bail!("--lr must be a finite, non-negative learning rate, got {}", args.lr());
     }
     if let Some(min) = args.min_lr {
         if !min.is_finite() || min < 0.0 {
             bail!("--min-lr must be a finite, non-negative learning rate, got {min}");
         }
-        if min > args.lr {
-            bail!("--min-lr {min} is above --lr {}: the cosine decays from --lr down to --min-lr", args.lr);
+        if min > args.lr() {
+            bail!("--min-lr {min} is above --lr {}: the cosine decays from --lr down to --min-lr", args.lr());
         }
     }
     if let Some(wd) = args.weight_decay {
@@ -142,8 +167,8 @@ fn check_train_args(args: &TrainArgs) -> Result<()> {
             bail!("--weight-decay must be a finite, non-negative number, got {wd}");
         }
     }
-    if !args.grad_clip.is_finite() || args.grad_clip < 0.0 {
-        bail!("--grad-clip must be a finite, non-negative norm (0 disables clipping), got {}", args.grad_clip);
+    if !args.grad_clip().is_finite() || args.grad_clip() < 0.0 {
+        bail!("--grad-clip must be a finite, non-negative norm (0 disables clipping), got {}", args.grad_clip());
     }
     if args.keep_last == Some(0) {
         bail!("--keep-last 0 would keep no checkpoint; keep at least 1 (the newest is never deleted)");
@@ -272,7 +297,7 @@ fn model_and_data(args: &TrainArgs) -> Result<(Arc<dyn PipelineModel>, Dataset, 
         }
         if args.model.model.is_some() {
             // An explicit model must be the checkpoint's (with the same overrides).
-            let (asked, _) = args.model.model_and_data(args.seed)?;
+            let (asked, _) = args.model.model_and_data(args.seed())?;
             if asked.config() != ckpt.meta.model.config {
                 bail!(
                     "--resume {} holds a {} checkpoint, but this run asks for {}",
@@ -296,19 +321,19 @@ fn model_and_data(args: &TrainArgs) -> Result<(Arc<dyn PipelineModel>, Dataset, 
         return Ok((model, data, start));
     }
     let Some(init) = &args.init_from else {
-        let (model, data) = args.model.model_and_data(args.seed)?;
+        let (model, data) = args.model.model_and_data(args.seed())?;
         return Ok((model, data, Start::Fresh));
     };
     let mut config = args.model.config()?;
     if !args.init_skip.is_empty() {
         // The skipped layers are fresh, so they may take this data's shape.
-        let data = args.model.data_for(&config, args.seed)?;
+        let data = args.model.data_for(&config, args.seed())?;
         config = super::model::fit_to_data(config, &data);
     }
     let weights = brigade::checkpoint::import_with(init, Some(&config), &args.init_skip)?;
     check_init_matches(args, &weights.config)?;
     println!("init     {} weights from {}", weights.params.len() + weights.buffers.len(), weights.source);
-    let data = args.model.data_for(&weights.config, args.seed)?;
+    let data = args.model.data_for(&weights.config, args.seed())?;
     let model = weights.config.build()?;
     Ok((model, data, Start::Import(Box::new(weights))))
 }
@@ -356,6 +381,38 @@ fn check_resume_flags(
             bail!(
                 "--context {asked} conflicts with the checkpoint {} (trained at context {trained}); a resumed run keeps \
                  its context: drop --context",
+                ckpt.dir.display()
+            );
+        }
+    }
+    // The training settings a resumed run takes from its checkpoint: a flag that asks for
+    // another value would be ignored, so it is refused instead.
+    let meta = &ckpt.meta;
+    let (kind, decay) = match meta.optimizer {
+        OptimizerConfig::AdamW { weight_decay, .. } => ("adamw", weight_decay),
+        OptimizerConfig::Sgd { weight_decay, .. } => ("sgd", weight_decay),
+    };
+    let schedule = &meta.lr_schedule;
+    let number = |v: f64| format!("{v}");
+    let settings: [(&str, Option<String>, String); 8] = [
+        ("--batch-size", args.batch_size.map(|b| b.to_string()), meta.training.batch_size.to_string()),
+        ("--seed", args.seed.map(|v| v.to_string()), meta.seed.to_string()),
+        (
+            "--optimizer",
+            args.optimizer.map(|o| if matches!(o, OptimizerArg::Adamw) { "adamw" } else { "sgd" }.to_string()),
+            kind.to_string(),
+        ),
+        ("--weight-decay", args.weight_decay.map(number), number(decay)),
+        ("--lr", args.lr.map(number), number(schedule.base_lr)),
+        ("--min-lr", args.min_lr.map(number), number(schedule.min_lr)),
+        ("--warmup", args.warmup.map(|w| w.to_string()), schedule.warmup_steps.to_string()),
+        ("--grad-clip", args.grad_clip.map(number), number(meta.grad_clip.unwrap_or(0.0))),
+    ];
+    for (flag, asked, has) in settings {
+        if let Some(asked) = asked.filter(|a| *a != has) {
+            bail!(
+                "{flag} {asked} conflicts with the checkpoint {} ({flag} {has}); a resumed run keeps its training \
+                 settings: drop {flag}",
                 ckpt.dir.display()
             );
         }
@@ -416,20 +473,20 @@ fn pipeline_config(
     steps: u64,
 ) -> Result<PipelineConfig> {
     let warmup = args.warmup.unwrap_or(steps / 20);
-    let lr = LrSchedule::warmup_cosine(args.lr, warmup, steps, args.min_lr.unwrap_or(args.lr / 10.0));
+    let lr = LrSchedule::warmup_cosine(args.lr(), warmup, steps, args.min_lr.unwrap_or(args.lr() / 10.0));
     let mut pipeline = PipelineConfig::default()
         .stages(layout.0)
         .partition(partition)
         .schedule(schedule)
         .microbatches(layout.1)
-        .optimizer(args.optimizer.config(args.weight_decay))
+        .optimizer(args.optimizer().config(args.weight_decay))
         .lr(lr)
-        .grad_clip((args.grad_clip > 0.0).then_some(args.grad_clip))
+        .grad_clip((args.grad_clip() > 0.0).then_some(args.grad_clip()))
         .recompute(args.recompute)
         .devices(args.devices.stage_devices(layout.0)?)
         .compute_dtype(args.dtype.dtype())
         .thread_pools(args.thread_pools.pools())
-        .seed(args.seed);
+        .seed(args.seed());
     if let Some(t) = args.threads_per_stage {
         pipeline = pipeline.threads_per_stage(t);
     }
@@ -438,11 +495,11 @@ fn pipeline_config(
 
 fn train_options(args: &TrainArgs, steps: u64) -> TrainOptions {
     TrainOptions {
-        batch_size: args.batch_size,
+        batch_size: args.batch_size(),
         steps,
         eval_every: if args.eval_every == 0 { steps } else { args.eval_every },
         eval_batches: args.eval_batches,
-        data_seed: args.seed,
+        data_seed: args.seed(),
         context: args.model.context,
         checkpoints: args.save_dir.as_ref().map(|dir| CheckpointPolicy {
             dir: dir.clone(),
@@ -501,14 +558,14 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
     let mut partition = partition_strategy(&args)?;
     if partition == PartitionStrategy::BalancedTime(Vec::new()) {
         let threads = args.threads_per_stage.unwrap_or_else(|| super::default_threads(stages));
-        let mb = (args.batch_size / microbatches).max(1);
+        let mb = (args.batch_size() / microbatches).max(1);
         let device = args.devices.first()?;
         partition =
-            super::profile::balanced_time(model.as_ref(), &data, mb, args.model.context, threads, args.seed, device)?;
+            super::profile::balanced_time(model.as_ref(), &data, mb, args.model.context, threads, args.seed(), device)?;
     }
     let (first_step, batch) = match &start {
         Start::Resume { step, batch_size, .. } => (*step, *batch_size),
-        _ => (0, args.batch_size),
+        _ => (0, args.batch_size()),
     };
     let steps = match (&start, args.steps) {
         (_, Some(steps)) => steps,
@@ -532,12 +589,12 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
         &config,
         (batch / microbatches).max(1),
         args.model.context,
-        args.optimizer.states(),
+        args.optimizer().states(),
     );
     super::model::check_fits(&format!("training {}", model.name()), needed, &detail)?;
 
     if let Some(dir) = &args.save_dir {
-        check_disk_space(dir, model.num_params(), args.optimizer.states())?;
+        check_disk_space(dir, model.num_params(), args.optimizer().states())?;
     }
     let mut pipeline = pipeline_config(&args, schedule, (stages, microbatches), partition, steps)?;
     let options = train_options(&args, steps);
