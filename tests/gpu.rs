@@ -143,3 +143,45 @@ fn bf16_on_the_gpu_follows_f32() {
         assert_eq!(t.dtype(), DType::F32, "master weight {name}");
     }
 }
+
+/// The hand-off race (pipeline::handoff): stage 0 runs long kernels (a wide model, a long
+/// sequence) and hands its activation over at once, while stage 1's stream is idle and would
+/// copy it at once if nothing made it wait. Without the sender's event the copy reads a
+/// half-written buffer; the synchronised run (every stage synchronises after every action, so
+/// no hand-off can race) is the reference. The same kernels in the same order, so the two agree
+/// to rounding; repeated, because a race shows only sometimes.
+#[test]
+fn hand_offs_between_gpu_stages_do_not_race() {
+    let Some(gpu) = gpu("hand_offs_between_gpu_stages_do_not_race") else {
+        return;
+    };
+    let model = Gpt::new(GptConfig::custom(512, 512, 512, 8, 4).unwrap()).unwrap();
+    let data = TokenDataset::embedded_with_len(3, 100_000);
+    let run = |sync: bool| {
+        let config = PipelineConfig::default()
+            .stages(2)
+            .schedule(ScheduleKind::OneFOneB)
+            .microbatches(4)
+            .optimizer(adamw())
+            .lr(LrSchedule::constant(1e-3))
+            .devices(vec![gpu; 2])
+            .sync_each_action(sync);
+        let mut pipe = Pipeline::new(&model, config).unwrap();
+        let mut losses = Vec::new();
+        for step in 0..2 {
+            let (x, y) = data.batch(Split::Train, step, 16, 512, 0, &Device::Cpu).unwrap();
+            losses.push(pipe.train_step(&x, &y).unwrap().loss);
+        }
+        Run { losses, params: pipe.parameters().unwrap() }
+    };
+    let reference = run(true);
+    for attempt in 0..5 {
+        let raced = run(false);
+        let (l, w) = (losses_gap(&raced.losses, &reference.losses), weights_gap(&raced.params, &reference.params));
+        eprintln!("attempt {attempt}: losses {l:.1e}, weights {w:.1e}");
+        assert!(
+            l < 1e-5 && w < 1e-5,
+            "attempt {attempt}: unsynchronised vs synchronised: losses {l:.2e}, weights {w:.2e}"
+        );
+    }
+}

@@ -30,12 +30,14 @@
 //! `driver::save`, the plan and the final files of a checkpoint), `stage` (a stage thread's
 //! runtime around its [`crate::compute::StageCompute`], with `stage::save`, the shards each
 //! stage writes from its own thread), `clock` (action timings), `norm` (gradient norms),
-//! `threads` (the thread budget) and, with the `testing` feature only, `testing` (fault
+//! `threads` (the thread budget), `handoff` (how a tensor crosses from one stream to another: the
+//! ownership rule every message carrying a tensor follows) and, with the `testing` feature only, `testing` (fault
 //! injection).
 
 mod clock;
 mod config;
 mod driver;
+mod handoff;
 mod norm;
 mod protocol;
 mod stage;

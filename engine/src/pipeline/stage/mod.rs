@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::clock::ActionClock;
+use super::handoff::{self, HandOff};
 use super::norm::squared_norm_sum;
 #[cfg(feature = "testing")]
 use super::protocol::{Fault, FaultKind};
@@ -55,9 +56,9 @@ struct StageWorker {
     /// The previous step's gradients (tied copies summed, unclipped), for inspection.
     last_grads: BTreeMap<String, Tensor>,
     /// Received activations and gradients by (receiving chunk, micro-batch).
-    activations_in: HashMap<(usize, usize), Tensor>,
-    gradients_in: HashMap<(usize, usize), Tensor>,
-    reduced_in: Option<(Vec<(String, Tensor)>, f64)>,
+    activations_in: HashMap<(usize, usize), HandOff>,
+    gradients_in: HashMap<(usize, usize), HandOff>,
+    reduced_in: Option<(Vec<(String, HandOff)>, f64)>,
     waiting: Duration,
     /// The shared compute pool the stage's math runs in, action by action, while the stage
     /// thread itself waits for messages outside it; `None` when the whole stage runs in its
@@ -67,6 +68,8 @@ struct StageWorker {
     /// in it (refreshed from the f32 masters after every optimizer step); empty in f32.
     compute_dtype: DType,
     compute_copies: Vec<(String, Tensor)>,
+    /// Debug: synchronise the device after every action, so no hand-off can race.
+    sync_each_action: bool,
 }
 
 pub(super) fn run_stage(setup: StageSetup) {
@@ -213,6 +216,7 @@ impl StageWorker {
             shared_pool: setup.shared_pool,
             compute_dtype: setup.compute_dtype,
             compute_copies,
+            sync_each_action: setup.sync_each_action,
         })
     }
 
@@ -372,6 +376,9 @@ impl StageWorker {
                 }
             };
             result.map_err(|e| with_action(e, action))?;
+            if self.sync_each_action {
+                handoff::synchronize(self.store.device()).map_err(|e| with_action(e.into(), action))?;
+            }
             let others: u64 =
                 self.chunks.iter().enumerate().filter(|(i, _)| *i != at).map(|(_, c)| c.compute.live_bytes()).sum();
             device_peak = device_peak.max(others + self.chunks[at].compute.take_peak_bytes());
@@ -442,7 +449,7 @@ impl StageWorker {
                 x
             }
         } else {
-            self.wait_for(|w| w.activations_in.remove(&(chunk, mb)))?.to_device(self.store.device())?
+            self.wait_for(|w| w.activations_in.remove(&(chunk, mb)))?.receive(self.store.device())?
         };
         Ok(x)
     }
@@ -473,7 +480,10 @@ impl StageWorker {
             Some(value) if poison_loss => Ok(Some((value * f64::NAN)?)),
             Some(value) => Ok(Some(value)),
             None => {
-                self.send_to_chunk(chunk + 1, Msg::Activation { chunk: chunk + 1, microbatch: mb, tensor: y })?;
+                self.send_to_chunk(
+                    chunk + 1,
+                    Msg::Activation { chunk: chunk + 1, microbatch: mb, tensor: HandOff::send(y)? },
+                )?;
                 Ok(None)
             }
         }
@@ -487,7 +497,7 @@ impl StageWorker {
         let dy = if self.is_last_chunk(chunk) {
             None
         } else {
-            Some(self.wait_for(|w| w.gradients_in.remove(&(chunk, mb)))?.to_device(self.store.device())?)
+            Some(self.wait_for(|w| w.gradients_in.remove(&(chunk, mb)))?.receive(self.store.device())?)
         };
         let compute = &mut self.chunks[at].compute;
         let dx = on_pool(self.shared_pool.as_deref(), || {
@@ -501,7 +511,7 @@ impl StageWorker {
             let to = chunk
                 .checked_sub(1)
                 .ok_or_else(|| StageStop::Failed(None, "the first chunk has no previous chunk".into()))?;
-            self.send_to_chunk(to, Msg::Gradient { chunk: to, microbatch: mb, tensor: dx })?;
+            self.send_to_chunk(to, Msg::Gradient { chunk: to, microbatch: mb, tensor: HandOff::send(dx)? })?;
         }
         Ok(())
     }
@@ -550,7 +560,7 @@ impl StageWorker {
                 }
             };
             if tied.contains(&name.to_string()) {
-                tied_grads.push((name.to_string(), grad));
+                tied_grads.push((name.to_string(), HandOff::send(grad)?));
             } else {
                 untied.push(grad);
             }
@@ -560,7 +570,7 @@ impl StageWorker {
         self.report(Report::Partial { stage: self.index, tied_grads, sq_norm })?;
         let (reduced, clip_scale) = self.wait_for(|w| w.reduced_in.take())?;
         for (name, grad) in reduced {
-            grads.insert(name, grad.to_device(self.store.device())?);
+            grads.insert(name, grad.receive(self.store.device())?);
         }
         self.armed_fault(None).map_err(|e| match e {
             StageStop::Failed(a, m) => StageStop::Failed(a, format!("{m} at the optimizer step")),
@@ -621,11 +631,15 @@ impl StageWorker {
                         Some((l, h)) => ((l + loss)?, (h + hits)?),
                     });
                 } else {
-                    w.send_to_chunk(chunk + 1, Msg::Activation { chunk: chunk + 1, microbatch: mb, tensor: y })?;
+                    let tensor = HandOff::send(y)?;
+                    w.send_to_chunk(chunk + 1, Msg::Activation { chunk: chunk + 1, microbatch: mb, tensor })?;
                 }
                 Ok(())
             };
             step(self, &mut outcome, &mut sums).map_err(|e| with_action(e, action))?;
+            if self.sync_each_action {
+                handoff::synchronize(self.store.device()).map_err(|e| with_action(e.into(), action))?;
+            }
         }
         if let Some((loss, hits)) = sums {
             outcome.loss = loss.to_scalar::<f64>()?;
@@ -654,7 +668,8 @@ impl StageWorker {
             if self.is_last_chunk(chunk) {
                 outcome.outputs.push((0, y));
             } else {
-                self.send_to_chunk(chunk + 1, Msg::Activation { chunk: chunk + 1, microbatch: 0, tensor: y })?;
+                let tensor = HandOff::send(y)?;
+                self.send_to_chunk(chunk + 1, Msg::Activation { chunk: chunk + 1, microbatch: 0, tensor })?;
             }
         }
         Ok(outcome)
