@@ -185,3 +185,41 @@ fn hand_offs_between_gpu_stages_do_not_race() {
         );
     }
 }
+
+/// GPU training takes flash attention by the CPU's rule (`attention_algorithm`): from
+/// `FLASH_MIN_SEQUENCE` positions, in f32 and bf16, for head widths the CUDA kernels take; a
+/// short sequence or a wider head keeps the materialised probabilities. The flash path's
+/// output and input gradient match the materialised path's on the same GPU.
+#[test]
+fn gpu_attention_takes_flash_from_the_cpu_threshold() {
+    use brigade::kernels::{self as k, AttentionSaved};
+    let Some(_) = gpu("gpu_attention_takes_flash_from_the_cpu_threshold") else {
+        return;
+    };
+    let dev = Device::new_cuda(0).unwrap();
+    let (b, h, d) = (2, 4, 64);
+    for dtype in [DType::F32, DType::BF16] {
+        let qkv =
+            |t: usize, d: usize| Tensor::randn(0f32, 1.0, (b, t, 3 * h * d), &dev).unwrap().to_dtype(dtype).unwrap();
+        let long = qkv(k::FLASH_MIN_SEQUENCE, d);
+        let (merged, saved) = k::causal_attention_saving(&long, h).unwrap();
+        assert!(matches!(saved, AttentionSaved::LogSumExp(_)), "{dtype:?}: T = FLASH_MIN_SEQUENCE takes flash");
+        let dy = Tensor::randn(0f32, 1.0, merged.dims(), &dev).unwrap().to_dtype(dtype).unwrap();
+        let dqkv = k::causal_attention_saved_backward(&long, &merged, &saved, &dy, h).unwrap();
+        let (want, probs) = k::causal_attention(&long, h).unwrap();
+        let want_d = k::causal_attention_backward(&long, &probs, &dy, h).unwrap();
+        let gap = |a: &Tensor, b: &Tensor| {
+            let a = a.to_dtype(DType::F64).unwrap();
+            let b = b.to_dtype(DType::F64).unwrap();
+            let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            diff / b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+        };
+        let tol = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
+        assert!(gap(&merged, &want) < tol, "{dtype:?}: flash vs materialised output {:.2e}", gap(&merged, &want));
+        assert!(gap(&dqkv, &want_d) < tol, "{dtype:?}: flash vs materialised dqkv {:.2e}", gap(&dqkv, &want_d));
+        let short = qkv(k::FLASH_MIN_SEQUENCE - 1, d);
+        assert!(matches!(k::causal_attention_saving(&short, h).unwrap().1, AttentionSaved::Probs(_)));
+        let wide = qkv(k::FLASH_MIN_SEQUENCE, 128);
+        assert!(matches!(k::causal_attention_saving(&wide, h).unwrap().1, AttentionSaved::Probs(_)));
+    }
+}
