@@ -10,12 +10,17 @@ cd "$(dirname "$0")/.."
 eval "$(../shared/cuda/toolchain.sh)"
 target=${CARGO_TARGET_DIR:-../target-cuda}
 rm -rf .gpu && mkdir -p .gpu/tests
+# Every target type-checks with the feature first, with every error shown: a broken GPU path
+# stops the build here, before anything is packed.
+cargo check --release --features cuda --target-dir "$target" --workspace --all-targets
 cargo build --release --features cuda --target-dir "$target" --bin brigade
 strip -o .gpu/brigade "$target/release/brigade"
-# Test binaries: the GPU integration tests and bf16 (brigade), the device unit tests (engine),
+# Test binaries: the GPU integration tests (brigade), the device unit tests (engine),
 # the kernels against their CPU twins (kernels). `--message-format` names each executable.
 test_binaries() {
-  cargo test --release --features cuda --target-dir "$target" --no-run --message-format=json "$@" 2>/dev/null \
+  # json-render-diagnostics: the JSON on stdout names the executables, and warnings and errors
+  # still reach the terminal (stderr), rendered as usual.
+  cargo test --release --features cuda --target-dir "$target" --no-run --message-format=json-render-diagnostics "$@" \
     | python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -25,7 +30,8 @@ for line in sys.stdin:
         print(m["executable"])' \
     | while read -r exe; do strip -o ".gpu/tests/$(basename "$exe")" "$exe"; done
 }
-test_binaries -p brigade --test gpu --test mixed_precision
+# Only the binaries with GPU tests (gpu-check.sh filters each to its GPU tests).
+test_binaries -p brigade --test gpu
 test_binaries -p brigade-engine --lib
 test_binaries -p brigade-kernels --lib --test kernels
 cp ../shared/cuda/device-env.sh ../shared/peers/torch_gpt.py benches/torch_kernels.py .gpu/

@@ -143,3 +143,83 @@ fn bf16_on_the_gpu_follows_f32() {
         assert_eq!(t.dtype(), DType::F32, "master weight {name}");
     }
 }
+
+/// The hand-off race (pipeline::handoff): stage 0 runs long kernels (a wide model, a long
+/// sequence) and hands its activation over at once, while stage 1's stream is idle and would
+/// copy it at once if nothing made it wait. Without the sender's event the copy reads a
+/// half-written buffer; the synchronised run (every stage synchronises after every action, so
+/// no hand-off can race) is the reference. The same kernels in the same order, so the two agree
+/// to rounding; repeated, because a race shows only sometimes.
+#[test]
+fn hand_offs_between_gpu_stages_do_not_race() {
+    let Some(gpu) = gpu("hand_offs_between_gpu_stages_do_not_race") else {
+        return;
+    };
+    let model = Gpt::new(GptConfig::custom(512, 512, 512, 8, 4).unwrap()).unwrap();
+    let data = TokenDataset::embedded_with_len(3, 100_000);
+    let run = |sync: bool| {
+        let config = PipelineConfig::default()
+            .stages(2)
+            .schedule(ScheduleKind::OneFOneB)
+            .microbatches(4)
+            .optimizer(adamw())
+            .lr(LrSchedule::constant(1e-3))
+            .devices(vec![gpu; 2])
+            .sync_each_action(sync);
+        let mut pipe = Pipeline::new(&model, config).unwrap();
+        let mut losses = Vec::new();
+        for step in 0..2 {
+            let (x, y) = data.batch(Split::Train, step, 16, 512, 0, &Device::Cpu).unwrap();
+            losses.push(pipe.train_step(&x, &y).unwrap().loss);
+        }
+        Run { losses, params: pipe.parameters().unwrap() }
+    };
+    let reference = run(true);
+    for attempt in 0..5 {
+        let raced = run(false);
+        let (l, w) = (losses_gap(&raced.losses, &reference.losses), weights_gap(&raced.params, &reference.params));
+        eprintln!("attempt {attempt}: losses {l:.1e}, weights {w:.1e}");
+        assert!(
+            l < 1e-5 && w < 1e-5,
+            "attempt {attempt}: unsynchronised vs synchronised: losses {l:.2e}, weights {w:.2e}"
+        );
+    }
+}
+
+/// GPU training takes flash attention by the CPU's rule (`attention_algorithm`): from
+/// `FLASH_MIN_SEQUENCE` positions, in f32 and bf16, for head widths the CUDA kernels take; a
+/// short sequence or a wider head keeps the materialised probabilities. The flash path's
+/// output and input gradient match the materialised path's on the same GPU.
+#[test]
+fn gpu_attention_takes_flash_from_the_cpu_threshold() {
+    use brigade::kernels::{self as k, AttentionSaved};
+    let Some(_) = gpu("gpu_attention_takes_flash_from_the_cpu_threshold") else {
+        return;
+    };
+    let dev = Device::new_cuda(0).unwrap();
+    let (b, h, d) = (2, 4, 64);
+    for dtype in [DType::F32, DType::BF16] {
+        let qkv =
+            |t: usize, d: usize| Tensor::randn(0f32, 1.0, (b, t, 3 * h * d), &dev).unwrap().to_dtype(dtype).unwrap();
+        let long = qkv(k::FLASH_MIN_SEQUENCE, d);
+        let (merged, saved) = k::causal_attention_saving(&long, h).unwrap();
+        assert!(matches!(saved, AttentionSaved::LogSumExp(_)), "{dtype:?}: T = FLASH_MIN_SEQUENCE takes flash");
+        let dy = Tensor::randn(0f32, 1.0, merged.dims(), &dev).unwrap().to_dtype(dtype).unwrap();
+        let dqkv = k::causal_attention_saved_backward(&long, &merged, &saved, &dy, h).unwrap();
+        let (want, probs) = k::causal_attention(&long, h).unwrap();
+        let want_d = k::causal_attention_backward(&long, &probs, &dy, h).unwrap();
+        let gap = |a: &Tensor, b: &Tensor| {
+            let a = a.to_dtype(DType::F64).unwrap();
+            let b = b.to_dtype(DType::F64).unwrap();
+            let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            diff / b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+        };
+        let tol = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
+        assert!(gap(&merged, &want) < tol, "{dtype:?}: flash vs materialised output {:.2e}", gap(&merged, &want));
+        assert!(gap(&dqkv, &want_d) < tol, "{dtype:?}: flash vs materialised dqkv {:.2e}", gap(&dqkv, &want_d));
+        let short = qkv(k::FLASH_MIN_SEQUENCE - 1, d);
+        assert!(matches!(k::causal_attention_saving(&short, h).unwrap().1, AttentionSaved::Probs(_)));
+        let wide = qkv(k::FLASH_MIN_SEQUENCE, 128);
+        assert!(matches!(k::causal_attention_saving(&wide, h).unwrap().1, AttentionSaved::Probs(_)));
+    }
+}

@@ -12,7 +12,9 @@
 //!
 //! Once per GPU per process, opening a device also raises the memory pool's release threshold
 //! (the default pool hands its memory back to the driver at every synchronisation, and the next
-//! step pays to get it again) and enables peer access to every other GPU that supports it, so
+//! step pays to get it again) where the GPU has memory pools at all
+//! (`CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED`; some virtualised GPUs have none: a warning, and
+//! the stage runs without the threshold), and enables peer access to every other GPU that supports it, so
 //! a transfer between stages on two GPUs is one peer copy instead of two trips through the host.
 //!
 //! Without the `cuda` feature, asking for a GPU is an error that says how to get one.
@@ -157,7 +159,23 @@ mod cuda {
     use super::*;
 
     fn no_gpu(e: impl fmt::Display) -> EngineError {
-        EngineError::Config(format!("no usable CUDA GPU: {e} (is the NVIDIA driver installed and a GPU visible?)"))
+        let e = e.to_string();
+        EngineError::Config(format!("no usable CUDA GPU: {e}; {}", fix_for(&e)))
+    }
+
+    /// What to do about a driver error, in the words of the error's name.
+    fn fix_for(error: &str) -> &'static str {
+        if error.contains("INSUFFICIENT_DRIVER") || error.contains("UNSUPPORTED_PTX_VERSION") {
+            "the NVIDIA driver is older than the CUDA this binary was built with: build with the toolkit \
+             pinned to the driver's CUDA (../shared/cuda/toolchain.sh pins 13.0 for driver 580)"
+        } else if error.contains("NO_DEVICE") || error.contains("0 devices") {
+            "no GPU is visible: check `nvidia-smi` and CUDA_VISIBLE_DEVICES"
+        } else if error.contains("CUDA_ERROR_UNKNOWN") || error.contains("NOT_INITIALIZED") {
+            "the CUDA driver did not initialise: is this the real libcuda.so.1 (not a build stub) and is \
+             the NVIDIA driver loaded (`nvidia-smi`)?"
+        } else {
+            "is the NVIDIA driver installed and a GPU visible (`nvidia-smi`)?"
+        }
     }
 
     pub(super) fn device_count() -> Result<usize> {
@@ -194,16 +212,22 @@ mod cuda {
         // the pool handle is the device's default pool, which the driver owns.
         unsafe {
             let dev = result::device::get(ordinal as i32).map_err(|e| e.to_string())?;
-            let mut pool = std::mem::MaybeUninit::uninit();
-            sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), dev).result().map_err(|e| e.to_string())?;
-            let mut threshold: u64 = u64::MAX;
-            sys::cuMemPoolSetAttribute(
-                pool.assume_init(),
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut threshold as *mut u64).cast(),
-            )
-            .result()
-            .map_err(|e| e.to_string())?;
+            let pools = ctx
+                .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)
+                .map_err(|e| e.to_string())?;
+            if pools == 1 {
+                if let Err(e) = keep_pool_memory(dev) {
+                    eprintln!(
+                        "warning: cuda:{ordinal}: cannot raise the memory pool's release threshold ({e}); \
+                         training runs, paying to get memory back from the driver after each synchronisation"
+                    );
+                }
+            } else {
+                eprintln!(
+                    "warning: cuda:{ordinal} has no memory pools (some virtualised GPUs): training runs without \
+                     the pool's release threshold, on the driver's own allocations"
+                );
+            }
             for peer in (0..gpus).filter(|&p| p != ordinal) {
                 let peer_dev = result::device::get(peer as i32).map_err(|e| e.to_string())?;
                 let mut can = 0i32;
@@ -219,6 +243,24 @@ mod cuda {
             }
         }
         Ok(())
+    }
+
+    /// Raises the device's default pool's release threshold to the maximum, so memory freed
+    /// during a step stays in the pool for the next one.
+    ///
+    /// # Safety
+    /// `dev` is a valid device and its primary context is current on this thread.
+    unsafe fn keep_pool_memory(dev: sys::CUdevice) -> std::result::Result<(), String> {
+        let mut pool = std::mem::MaybeUninit::uninit();
+        sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), dev).result().map_err(|e| e.to_string())?;
+        let mut threshold: u64 = u64::MAX;
+        sys::cuMemPoolSetAttribute(
+            pool.assume_init(),
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+        .map_err(|e| e.to_string())
     }
 }
 

@@ -203,12 +203,21 @@ impl AttentionSaved {
     }
 }
 
-/// The shortest sequence [`causal_attention_saving`] runs by flash attention on the CPU.
+/// The shortest sequence [`causal_attention_saving`] runs by flash attention (CPU and CUDA).
 pub const FLASH_MIN_SEQUENCE: usize = 256;
 
-/// Causal attention by the algorithm chosen for `qkv`'s device and dtype, returning `(merged
-/// (B, T, C), saved)` for [`causal_attention_saved_backward`]:
-/// - CPU f32/f64 with `T >= FLASH_MIN_SEQUENCE`: [`flash_attention`]. Alone it measured as
+/// The algorithm [`causal_attention_saving`] takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionAlgorithm {
+    /// [`flash_attention`]: keeps each row's log-sum-exp, recomputes the probabilities.
+    Flash,
+    /// [`causal_attention`]: keeps the `(B, H, T, T)` probabilities.
+    Materialised,
+}
+
+/// The one place the attention algorithm is chosen, for `qkv` `(B, T, 3C)` with `n_head`
+/// heads, by the same rule on every device with flash kernels:
+/// - `T >= FLASH_MIN_SEQUENCE` on the CPU in f32/f64: [`flash_attention`]. Alone it measured as
 ///   fast as the materialised kernel at B=16 T=128 C=256 and 1.4-1.7x faster at B=2 T=1024
 ///   C=768 (`cargo bench -p brigade-kernels --bench attention_cpu`); in GPT-2 124M's blocks
 ///   (`brigade profile`, T=1024, one example, one thread) forward 4.65 → 3.97 s and backward
@@ -216,12 +225,58 @@ pub const FLASH_MIN_SEQUENCE: usize = 256;
 ///   side-by-side GPT, 3 alternating rounds of `train`) it was 0-6% slower (2-stage 1F1B 0.592
 ///   vs 0.558 s, 1 thread 1.009 vs 0.973 s), where the probabilities are small anyway: shorter
 ///   sequences keep the materialised kernel;
-/// - anything else: [`causal_attention`] (on CUDA its batched products use cuBLAS's tensor
-///   cores; the flash kernels take its place once `brigade kernels-bench --device cuda` shows
-///   them faster).
+/// - `T >= FLASH_MIN_SEQUENCE` on CUDA in f32/bf16, where the CUDA flash kernels take the head
+///   width (up to 64) and `B·H` (the grid): [`flash_attention`], by the CPU's threshold. It
+///   saves the `(B, H, T, T)` probabilities (GPT-2 124M at B=8 T=1024: 201 MB per block in
+///   f32) and their softmax pass; its speed against cuBLAS's batched products is still to be
+///   measured on a GPU (`brigade kernels-bench --device cuda`, benches/gpu-check.sh);
+/// - anything else: [`causal_attention`] (on CUDA batched products on cuBLAS's tensor cores).
+///
+/// On a GPU each distinct choice is written to stderr once per process (`attention: ...`), so
+/// a run's log says what it trained with.
+pub fn attention_algorithm(qkv: &Tensor, n_head: usize) -> AttentionAlgorithm {
+    let (b, t, c) = match qkv.dims() {
+        &[b, t, c3] => (b, t, c3 / 3),
+        _ => return AttentionAlgorithm::Materialised,
+    };
+    let long = t >= FLASH_MIN_SEQUENCE;
+    if fused(qkv) {
+        return if long { AttentionAlgorithm::Flash } else { AttentionAlgorithm::Materialised };
+    }
+    #[cfg(feature = "cuda")]
+    if kernel_device(qkv) {
+        let head_dim = c.checked_div(n_head).unwrap_or(0);
+        let fits = head_dim > 0 && head_dim <= cuda::FLASH_MAX_HEAD_DIM && b * n_head <= 65_535;
+        let algorithm = if long && fits { AttentionAlgorithm::Flash } else { AttentionAlgorithm::Materialised };
+        log_choice_once(format!(
+            "attention: {algorithm:?} on {:?} {:?} (T={t}, head width {head_dim}; flash from T={FLASH_MIN_SEQUENCE}, \
+             head width <= {})",
+            qkv.device().location(),
+            qkv.dtype(),
+            cuda::FLASH_MAX_HEAD_DIM
+        ));
+        return algorithm;
+    }
+    let _ = (b, c, n_head, long);
+    AttentionAlgorithm::Materialised
+}
+
+/// Writes `line` to stderr the first time it is seen in this process.
+#[cfg(feature = "cuda")]
+fn log_choice_once(line: String) {
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if !seen.contains(&line) {
+        eprintln!("{line}");
+        seen.push(line);
+    }
+}
+
+/// Causal attention by the algorithm [`attention_algorithm`] chooses for `qkv`, returning
+/// `(merged (B, T, C), saved)` for [`causal_attention_saved_backward`].
 pub fn causal_attention_saving(qkv: &Tensor, n_head: usize) -> Result<(Tensor, AttentionSaved)> {
-    let long = qkv.dims().get(1).is_some_and(|&t| t >= FLASH_MIN_SEQUENCE);
-    if fused(qkv) && long {
+    attention::check_qkv(qkv, n_head)?;
+    if attention_algorithm(qkv, n_head) == AttentionAlgorithm::Flash {
         let (merged, lse) = flash_attention(qkv, n_head)?;
         return Ok((merged, AttentionSaved::LogSumExp(lse)));
     }

@@ -485,6 +485,8 @@ fn pipeline_config(
         .recompute(args.recompute)
         .devices(args.devices.stage_devices(layout.0)?)
         .compute_dtype(args.dtype.dtype())
+        // Debug switch (pipeline::handoff): synchronise every stage after every action.
+        .sync_each_action(std::env::var_os("BRIGADE_SYNC_EACH_ACTION").is_some_and(|v| v == "1"))
         .thread_pools(args.thread_pools.pools())
         .seed(args.seed());
     if let Some(t) = args.threads_per_stage {

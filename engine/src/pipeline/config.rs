@@ -73,6 +73,10 @@ pub struct PipelineConfig {
     /// mixed precision: the forward and backward run in it, while the master weights, the
     /// optimizer state and the gradient sums stay f32 (checkpoints hold the f32 masters).
     pub compute_dtype: DType,
+    /// Debug: every stage synchronises its device after every action, so no hand-off between
+    /// streams can race (see `pipeline::handoff`). Slower; to bisect a numerical surprise on a
+    /// GPU. No effect on the CPU. The CLI sets it from `BRIGADE_SYNC_EACH_ACTION=1`.
+    pub sync_each_action: bool,
 }
 
 impl Default for PipelineConfig {
@@ -95,6 +99,7 @@ impl Default for PipelineConfig {
             recompute: Recompute::Off,
             devices: Vec::new(),
             compute_dtype: DType::F32,
+            sync_each_action: false,
         }
     }
 }
@@ -159,6 +164,12 @@ impl PipelineConfig {
     /// The dtype layers compute in (see [`PipelineConfig::compute_dtype`]).
     pub fn compute_dtype(mut self, dtype: DType) -> Self {
         self.compute_dtype = dtype;
+        self
+    }
+
+    /// Synchronise every stage's device after every action (see [`PipelineConfig::sync_each_action`]).
+    pub fn sync_each_action(mut self, on: bool) -> Self {
+        self.sync_each_action = on;
         self
     }
 

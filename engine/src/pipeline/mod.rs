@@ -31,12 +31,15 @@
 //! runtime around its [`crate::compute::StageCompute`], with `stage::save`, the shards each
 //! stage writes from its own thread), `clock` (action timings), `norm` (gradient norms),
 //! `threads` (the thread budget), `transport` (how stages' hand-offs and the end-of-step
-//! collective travel: the seam between the stage runtime and crossbeam or MPI) and, with the `testing` feature only, `testing` (fault
+//! collective travel: the seam between the stage runtime and crossbeam or MPI), `handoff` (how a
+//! tensor crosses from one stream to another: the ownership rule every message carrying a
+//! tensor follows) and, with the `testing` feature only, `testing` (fault
 //! injection).
 
 mod clock;
 mod config;
 mod driver;
+mod handoff;
 mod norm;
 mod protocol;
 mod stage;

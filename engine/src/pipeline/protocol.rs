@@ -2,7 +2,8 @@
 //! neighbouring stages) send into a stage's inbox, what stages report back, why a stage stops,
 //! and what a checkpoint save asks of a stage.
 //!
-//! A leaf: it imports nothing else of the pipeline, so the driver, the stage runtime and the
+//! A leaf: it imports nothing else of the pipeline but `handoff` (itself a leaf: how a tensor
+//! crosses streams), so the driver, the stage runtime and the
 //! test hooks all depend on it and never on each other's internals. Its types are plain
 //! messages, so their fields are open to the pipeline.
 
@@ -23,6 +24,8 @@ use crate::device::StageDevice;
 use crate::layer::{LayerSpec, LossKind};
 use crate::optim::{OptimizerConfig, ParamState};
 use crate::schedule::{Action, Schedule};
+
+use super::handoff::HandOff;
 
 /// Which per-stage tensors a snapshot gathers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,17 +60,17 @@ pub(super) enum Msg {
     Activation {
         chunk: usize,
         microbatch: usize,
-        tensor: Tensor,
+        tensor: HandOff,
     },
     /// Chunk `chunk`'s output gradient for `microbatch` (from the holder of chunk `chunk + 1`).
     Gradient {
         chunk: usize,
         microbatch: usize,
-        tensor: Tensor,
+        tensor: HandOff,
     },
     /// The summed gradients of this stage's tied parameters and the global clipping factor.
     Reduced {
-        tied_grads: Vec<(String, Tensor)>,
+        tied_grads: Vec<(String, HandOff)>,
         clip_scale: f64,
     },
     /// Forward-only over a batch; the last stage returns the outputs (logits).
@@ -113,7 +116,7 @@ pub(super) enum Report {
     /// End of backward: what the global collective needs from this stage.
     Partial {
         stage: usize,
-        tied_grads: Vec<(String, Tensor)>,
+        tied_grads: Vec<(String, HandOff)>,
         sq_norm: f64,
     },
     Done {
@@ -173,6 +176,8 @@ pub(super) struct StageSetup {
     pub shared_pool: Option<Arc<rayon::ThreadPool>>,
     pub device: StageDevice,
     pub compute_dtype: DType,
+    /// Debug: synchronise the stage's device after every action (`PipelineConfig::sync_each_action`).
+    pub sync_each_action: bool,
 }
 
 /// Why a stage stopped working on a step.

@@ -13,6 +13,7 @@ use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 mod save;
 
 use super::config::{PipelineConfig, ScheduleChoice};
+use super::handoff::HandOff;
 use super::norm::squared_norm;
 use super::protocol::{ChunkLayers, Msg, Outcome, Report, SnapshotKind, StageSetup};
 use super::stage::run_stage;
@@ -257,6 +258,7 @@ impl Pipeline {
                 shared_pool: shared_pool.clone().filter(|_| cpu_stages.contains(&index)),
                 device: config.devices.get(index).copied().unwrap_or_default(),
                 compute_dtype: config.compute_dtype,
+                sync_each_action: config.sync_each_action,
             };
             let handle = std::thread::Builder::new()
                 .name(format!("brigade-stage-{index}"))
@@ -376,13 +378,14 @@ impl Pipeline {
                 sq_norm += s;
                 // Summed on the device of the first copy to arrive (device to device on GPUs,
                 // a peer copy between GPUs); each holder copies the sum back to its own device.
+                // Each copy arrives as a hand-off: the summing stream waits for its sender first.
                 for (name, grad) in tied_grads {
                     let sum = match tied_sums.remove(&name) {
                         Some(acc) => {
-                            let grad = grad.to_device(acc.device())?;
+                            let grad = grad.receive(acc.device())?;
                             (acc + grad)?
                         }
-                        None => grad,
+                        None => grad.into_local(),
                     };
                     tied_sums.insert(name, sum);
                 }
@@ -407,7 +410,7 @@ impl Pipeline {
                         let sum = tied_sums.get(name).cloned().ok_or_else(|| {
                             EngineError::Config(format!("no gradient arrived for tied parameter {name}"))
                         })?;
-                        Ok((name.clone(), sum))
+                        Ok((name.clone(), HandOff::send(sum)?))
                     })
                     .collect::<Result<Vec<_>>>()?;
             self.send(s, Msg::Reduced { tied_grads, clip_scale })?;

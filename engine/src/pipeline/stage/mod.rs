@@ -14,12 +14,13 @@ use candle_core::{DType, Device, Tensor};
 use crossbeam_channel::Sender;
 
 use super::clock::ActionClock;
+use super::handoff::{self, HandOff};
 use super::norm::squared_norm_sum;
 #[cfg(feature = "testing")]
 use super::protocol::{Fault, FaultKind};
 use super::protocol::{Msg, Outcome, Report, SnapshotKind, StageResult, StageSetup, StageStop};
 use super::threads;
-use super::transport::{Crossbeam, HandOff, Mailbox, Transport};
+use super::transport::{Crossbeam, Mailbox, Route, Transport};
 use crate::compute::{LossTarget, StageCompute};
 use crate::layer::{LayerSpec, LossKind, ParamStore};
 use crate::loss::{correct_predictions_on_device, loss_terms, microbatch_loss};
@@ -57,7 +58,7 @@ struct StageWorker {
     last_grads: BTreeMap<String, Tensor>,
     /// Received activations and gradients by (kind, receiving chunk, micro-batch).
     handoffs: Mailbox,
-    reduced_in: Option<(Vec<(String, Tensor)>, f64)>,
+    reduced_in: Option<(Vec<(String, HandOff)>, f64)>,
     waiting: Duration,
     /// The shared compute pool the stage's math runs in, action by action, while the stage
     /// thread itself waits for messages outside it; `None` when the whole stage runs in its
@@ -67,6 +68,8 @@ struct StageWorker {
     /// in it (refreshed from the f32 masters after every optimizer step); empty in f32.
     compute_dtype: DType,
     compute_copies: Vec<(String, Tensor)>,
+    /// Debug: synchronise the device after every action, so no hand-off can race.
+    sync_each_action: bool,
 }
 
 pub(super) fn run_stage(setup: StageSetup) {
@@ -211,6 +214,7 @@ impl StageWorker {
             shared_pool: setup.shared_pool,
             compute_dtype: setup.compute_dtype,
             compute_copies,
+            sync_each_action: setup.sync_each_action,
         })
     }
 
@@ -368,6 +372,9 @@ impl StageWorker {
                 }
             };
             result.map_err(|e| with_action(e, action))?;
+            if self.sync_each_action {
+                handoff::synchronize(self.store.device()).map_err(|e| with_action(e.into(), action))?;
+            }
             let others: u64 =
                 self.chunks.iter().enumerate().filter(|(i, _)| *i != at).map(|(_, c)| c.compute.live_bytes()).sum();
             device_peak = device_peak.max(others + self.chunks[at].compute.take_peak_bytes());
@@ -438,7 +445,7 @@ impl StageWorker {
                 x
             }
         } else {
-            self.wait_for(|w| w.handoffs.take(HandOff::activation(chunk, mb)))?.to_device(self.store.device())?
+            self.wait_for(|w| w.handoffs.take(Route::activation(chunk, mb)))?.receive(self.store.device())?
         };
         Ok(x)
     }
@@ -469,7 +476,7 @@ impl StageWorker {
             Some(value) if poison_loss => Ok(Some((value * f64::NAN)?)),
             Some(value) => Ok(Some(value)),
             None => {
-                self.send_to_chunk(HandOff::activation(chunk + 1, mb), y)?;
+                self.send_to_chunk(Route::activation(chunk + 1, mb), y)?;
                 Ok(None)
             }
         }
@@ -483,7 +490,7 @@ impl StageWorker {
         let dy = if self.is_last_chunk(chunk) {
             None
         } else {
-            Some(self.wait_for(|w| w.handoffs.take(HandOff::gradient(chunk, mb)))?.to_device(self.store.device())?)
+            Some(self.wait_for(|w| w.handoffs.take(Route::gradient(chunk, mb)))?.receive(self.store.device())?)
         };
         let compute = &mut self.chunks[at].compute;
         let dx = on_pool(self.shared_pool.as_deref(), || {
@@ -497,15 +504,17 @@ impl StageWorker {
             let to = chunk
                 .checked_sub(1)
                 .ok_or_else(|| StageStop::Failed(None, "the first chunk has no previous chunk".into()))?;
-            self.send_to_chunk(HandOff::gradient(to, mb), dx)?;
+            self.send_to_chunk(Route::gradient(to, mb), dx)?;
         }
         Ok(())
     }
 
     /// Routes `tensor` to the device holding `key`'s chunk (the routing table); a chunk on this
     /// device gets it straight into the mailbox.
-    fn send_to_chunk(&mut self, key: HandOff, tensor: Tensor) -> StageResult<()> {
+    fn send_to_chunk(&mut self, key: Route, tensor: Tensor) -> StageResult<()> {
         let chunk = key.chunk;
+        // Recorded after the kernels that produced it, whichever stream reads it next.
+        let tensor = HandOff::send(tensor)?;
         let device = *self
             .placement
             .get(chunk)
@@ -546,7 +555,7 @@ impl StageWorker {
                 }
             };
             if tied.contains(&name.to_string()) {
-                tied_grads.push((name.to_string(), grad));
+                tied_grads.push((name.to_string(), HandOff::send(grad)?));
             } else {
                 untied.push(grad);
             }
@@ -556,7 +565,7 @@ impl StageWorker {
         self.transport.contribute(self.index, tied_grads, sq_norm).map_err(|_| StageStop::Aborted)?;
         let (reduced, clip_scale) = self.wait_for(|w| w.reduced_in.take())?;
         for (name, grad) in reduced {
-            grads.insert(name, grad.to_device(self.store.device())?);
+            grads.insert(name, grad.receive(self.store.device())?);
         }
         self.armed_fault(None).map_err(|e| match e {
             StageStop::Failed(a, m) => StageStop::Failed(a, format!("{m} at the optimizer step")),
@@ -617,11 +626,14 @@ impl StageWorker {
                         Some((l, h)) => ((l + loss)?, (h + hits)?),
                     });
                 } else {
-                    w.send_to_chunk(HandOff::activation(chunk + 1, mb), y)?;
+                    w.send_to_chunk(Route::activation(chunk + 1, mb), y)?;
                 }
                 Ok(())
             };
             step(self, &mut outcome, &mut sums).map_err(|e| with_action(e, action))?;
+            if self.sync_each_action {
+                handoff::synchronize(self.store.device()).map_err(|e| with_action(e.into(), action))?;
+            }
         }
         if let Some((loss, hits)) = sums {
             outcome.loss = loss.to_scalar::<f64>()?;
@@ -650,7 +662,7 @@ impl StageWorker {
             if self.is_last_chunk(chunk) {
                 outcome.outputs.push((0, y));
             } else {
-                self.send_to_chunk(HandOff::activation(chunk + 1, 0), y)?;
+                self.send_to_chunk(Route::activation(chunk + 1, 0), y)?;
             }
         }
         Ok(outcome)

@@ -3,10 +3,10 @@
 //! driver answers with `Msg::Reduced` into the same inbox). This is the engine's behaviour
 //! from before the seam, message for message.
 
-use candle_core::Tensor;
 use crossbeam_channel::{Receiver, Sender};
 
-use super::{Closed, HandOff, HandOffKind, Transport};
+use super::{Closed, Route, RouteKind, Transport};
+use crate::pipeline::handoff::HandOff;
 use crate::pipeline::protocol::{Msg, Report};
 
 /// One stage's ends of the in-process channels.
@@ -24,11 +24,11 @@ impl Crossbeam {
 }
 
 impl Transport for Crossbeam {
-    fn send(&self, to: usize, key: HandOff, tensor: Tensor) -> Result<(), Closed> {
-        let HandOff { kind, chunk, microbatch } = key;
+    fn send(&self, to: usize, key: Route, tensor: HandOff) -> Result<(), Closed> {
+        let Route { kind, chunk, microbatch } = key;
         let msg = match kind {
-            HandOffKind::Activation => Msg::Activation { chunk, microbatch, tensor },
-            HandOffKind::Gradient => Msg::Gradient { chunk, microbatch, tensor },
+            RouteKind::Activation => Msg::Activation { chunk, microbatch, tensor },
+            RouteKind::Gradient => Msg::Gradient { chunk, microbatch, tensor },
         };
         // Unbounded: a send never waits for the receiver.
         self.peers.get(to).ok_or(Closed)?.send(msg).map_err(|_| Closed)
@@ -42,7 +42,7 @@ impl Transport for Crossbeam {
         self.inbox.try_recv().ok()
     }
 
-    fn contribute(&self, stage: usize, tied_grads: Vec<(String, Tensor)>, sq_norm: f64) -> Result<(), Closed> {
+    fn contribute(&self, stage: usize, tied_grads: Vec<(String, HandOff)>, sq_norm: f64) -> Result<(), Closed> {
         self.reports.send(Report::Partial { stage, tied_grads, sq_norm }).map_err(|_| Closed)
     }
 }

@@ -6,7 +6,7 @@
 //! The contract every implementation keeps:
 //! - [`Transport::send`] never waits for the receiver: the message is buffered (an unbounded
 //!   channel here; a non-blocking send whose buffer lives until completion across processes).
-//! - Receives are matched by [`HandOff`] (kind, chunk, micro-batch): whatever arrives is kept
+//! - Receives are matched by [`Route`] (kind, chunk, micro-batch): whatever arrives is kept
 //!   in the stage's [`Mailbox`] until the action that needs exactly that key runs, so arrival
 //!   order never matters and a message for a later action never blocks an earlier one.
 //!
@@ -25,14 +25,13 @@ mod crossbeam;
 
 use std::collections::HashMap;
 
-use candle_core::Tensor;
-
 pub(super) use self::crossbeam::Crossbeam;
+use super::handoff::HandOff;
 use super::protocol::Msg;
 
 /// What a hand-off between stages carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(super) enum HandOffKind {
+pub(super) enum RouteKind {
     /// A chunk's input for a micro-batch (from the holder of the previous chunk).
     Activation,
     /// A chunk's output gradient for a micro-batch (from the holder of the next chunk).
@@ -41,20 +40,20 @@ pub(super) enum HandOffKind {
 
 /// The key receives are matched by: which chunk receives it, for which micro-batch, and what.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(super) struct HandOff {
-    pub kind: HandOffKind,
+pub(super) struct Route {
+    pub kind: RouteKind,
     /// The receiving chunk.
     pub chunk: usize,
     pub microbatch: usize,
 }
 
-impl HandOff {
+impl Route {
     pub fn activation(chunk: usize, microbatch: usize) -> Self {
-        Self { kind: HandOffKind::Activation, chunk, microbatch }
+        Self { kind: RouteKind::Activation, chunk, microbatch }
     }
 
     pub fn gradient(chunk: usize, microbatch: usize) -> Self {
-        Self { kind: HandOffKind::Gradient, chunk, microbatch }
+        Self { kind: RouteKind::Gradient, chunk, microbatch }
     }
 }
 
@@ -65,7 +64,7 @@ pub(super) struct Closed;
 /// How a stage's messages travel. One per stage, owned by its runtime.
 pub(super) trait Transport: Send {
     /// Sends `tensor` under `key` to device `to` without waiting for it to be received.
-    fn send(&self, to: usize, key: HandOff, tensor: Tensor) -> Result<(), Closed>;
+    fn send(&self, to: usize, key: Route, tensor: HandOff) -> Result<(), Closed>;
     /// Waits for the next message to this stage: a hand-off from any peer, the collective's
     /// answer, or a control message.
     fn recv(&self) -> Result<Msg, Closed>;
@@ -74,29 +73,29 @@ pub(super) trait Transport: Send {
     /// This stage's share of the end-of-step collective (its squared gradient norm and the
     /// gradients of parameters it shares with other stages); the answer arrives through
     /// [`Transport::recv`] as `Msg::Reduced`.
-    fn contribute(&self, stage: usize, tied_grads: Vec<(String, Tensor)>, sq_norm: f64) -> Result<(), Closed>;
+    fn contribute(&self, stage: usize, tied_grads: Vec<(String, HandOff)>, sq_norm: f64) -> Result<(), Closed>;
 }
 
 /// Received hand-offs by key, kept until the action that needs them runs.
 #[derive(Default)]
 pub(super) struct Mailbox {
-    waiting: HashMap<HandOff, Tensor>,
+    waiting: HashMap<Route, HandOff>,
 }
 
 impl Mailbox {
-    pub fn deliver(&mut self, key: HandOff, tensor: Tensor) {
+    pub fn deliver(&mut self, key: Route, tensor: HandOff) {
         self.waiting.insert(key, tensor);
     }
 
-    pub fn take(&mut self, key: HandOff) -> Option<Tensor> {
+    pub fn take(&mut self, key: Route) -> Option<HandOff> {
         self.waiting.remove(&key)
     }
 
     /// The hand-off `msg` carries, as (key, tensor); any other message back as it was.
-    pub fn handoff_of(msg: Msg) -> Result<(HandOff, Tensor), Msg> {
+    pub fn handoff_of(msg: Msg) -> Result<(Route, HandOff), Msg> {
         match msg {
-            Msg::Activation { chunk, microbatch, tensor } => Ok((HandOff::activation(chunk, microbatch), tensor)),
-            Msg::Gradient { chunk, microbatch, tensor } => Ok((HandOff::gradient(chunk, microbatch), tensor)),
+            Msg::Activation { chunk, microbatch, tensor } => Ok((Route::activation(chunk, microbatch), tensor)),
+            Msg::Gradient { chunk, microbatch, tensor } => Ok((Route::gradient(chunk, microbatch), tensor)),
             other => Err(other),
         }
     }
@@ -104,27 +103,28 @@ impl Mailbox {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::Device;
+    use candle_core::{Device, Tensor};
 
     use super::*;
 
     #[test]
     fn mailbox_matches_by_kind_chunk_and_microbatch_in_any_arrival_order() {
-        let t = |v: f32| Tensor::new(&[v], &Device::Cpu).unwrap();
+        let t = |v: f32| HandOff::send(Tensor::new(&[v], &Device::Cpu).unwrap()).unwrap();
         let mut mailbox = Mailbox::default();
-        mailbox.deliver(HandOff::gradient(1, 0), t(3.0));
-        mailbox.deliver(HandOff::activation(1, 1), t(2.0));
-        mailbox.deliver(HandOff::activation(1, 0), t(1.0));
-        assert!(mailbox.take(HandOff::activation(2, 0)).is_none());
-        let value = |x: Option<Tensor>| x.unwrap().to_vec1::<f32>().unwrap()[0];
-        assert_eq!(value(mailbox.take(HandOff::activation(1, 0))), 1.0);
-        assert_eq!(value(mailbox.take(HandOff::gradient(1, 0))), 3.0);
-        assert_eq!(value(mailbox.take(HandOff::activation(1, 1))), 2.0);
-        assert!(mailbox.take(HandOff::activation(1, 0)).is_none(), "a hand-off is taken once");
+        mailbox.deliver(Route::gradient(1, 0), t(3.0));
+        mailbox.deliver(Route::activation(1, 1), t(2.0));
+        mailbox.deliver(Route::activation(1, 0), t(1.0));
+        assert!(mailbox.take(Route::activation(2, 0)).is_none());
+        let value = |x: Option<HandOff>| x.unwrap().receive(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap()[0];
+        assert_eq!(value(mailbox.take(Route::activation(1, 0))), 1.0);
+        assert_eq!(value(mailbox.take(Route::gradient(1, 0))), 3.0);
+        assert_eq!(value(mailbox.take(Route::activation(1, 1))), 2.0);
+        assert!(mailbox.take(Route::activation(1, 0)).is_none(), "a hand-off is taken once");
     }
 
     #[test]
     fn crossbeam_sends_never_wait_and_keep_their_keys() {
+        let cpu = |v: f32| HandOff::send(Tensor::new(&[v], &Device::Cpu).unwrap()).unwrap();
         let (tx0, rx0) = crossbeam_channel::unbounded();
         let (tx1, rx1) = crossbeam_channel::unbounded();
         let (reports, _report_rx) = crossbeam_channel::unbounded();
@@ -132,17 +132,18 @@ mod tests {
         let stage1 = Crossbeam::new(rx1, vec![tx0, tx1], reports);
         // Many sends with nobody receiving yet: none blocks.
         for mb in 0..64 {
-            stage0.send(1, HandOff::activation(1, mb), Tensor::new(&[mb as f32], &Device::Cpu).unwrap()).unwrap();
+            stage0.send(1, Route::activation(1, mb), cpu(mb as f32)).unwrap();
         }
-        stage1.send(0, HandOff::gradient(0, 5), Tensor::new(&[5f32], &Device::Cpu).unwrap()).unwrap();
+        stage1.send(0, Route::gradient(0, 5), cpu(5.0)).unwrap();
         let (key, _) = Mailbox::handoff_of(stage0.recv().unwrap()).ok().unwrap();
-        assert_eq!(key, HandOff::gradient(0, 5));
+        assert_eq!(key, Route::gradient(0, 5));
         let mut mailbox = Mailbox::default();
         while let Some(msg) = stage1.try_recv() {
             let (key, tensor) = Mailbox::handoff_of(msg).ok().unwrap();
             mailbox.deliver(key, tensor);
         }
-        let got = mailbox.take(HandOff::activation(1, 63)).unwrap().to_vec1::<f32>().unwrap();
+        let got =
+            mailbox.take(Route::activation(1, 63)).unwrap().receive(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(got, vec![63.0]);
     }
 }
