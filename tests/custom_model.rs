@@ -182,6 +182,7 @@ fn split_one_f_one_b(p: usize, m: usize) -> Schedule {
 
 /// Every schedule x p in 1..=4 x recomputation off/full.
 fn check_every_layout(model: &dyn PipelineModel, batch: &dyn Fn(u64, usize) -> (Tensor, Tensor)) {
+    let mut kinds = std::collections::BTreeSet::new();
     for p in 1..=4 {
         for m in [p, 2 * p + 1] {
             for recompute in [Recompute::Off, Recompute::Full] {
@@ -192,13 +193,22 @@ fn check_every_layout(model: &dyn PipelineModel, batch: &dyn Fn(u64, usize) -> (
                         schedules.extend(kind.build(p, m).ok());
                     }
                 }
+                // Two chunks per device: as many chunks as the four layers allow.
+                if 2 * p <= 4 {
+                    for kind in [ScheduleKind::Interleaved, ScheduleKind::ZbV] {
+                        schedules.extend(kind.build(p, m).ok());
+                    }
+                }
                 for schedule in schedules {
                     let what = format!("{} {} p={p} m={m} recompute={recompute}", model.name(), schedule.name());
+                    kinds.insert(schedule.name().to_string());
                     check(model, config(p, m, schedule, recompute), batch, &what);
                 }
             }
         }
     }
+    // GPipe, 1F1B, 1F1B with I and W apart, ZB-H1, ZB-H2, interleaved and ZB-V all ran.
+    assert!(kinds.len() >= 7, "schedules covered: {kinds:?}");
 }
 
 #[test]
