@@ -37,7 +37,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "brigade", version, about = "Pipeline-parallel training of GPT and ResNet models")]
+#[command(name = "brigade", version, about = "Pipeline-parallel training of GPT, Llama, ResNet and your own models")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,13 +51,13 @@ enum Command {
     Schedule(cmd::schedule::ScheduleArgs),
     /// List the model presets with their parameter and layer counts.
     Presets,
-    /// Write a checkpoint's weights as Hugging Face GPT-2 / torchvision ResNet files.
+    /// Write a checkpoint's weights as Hugging Face GPT-2 / Llama or torchvision ResNet files.
     Export(cmd::export::ExportArgs),
     /// Show a checkpoint: metadata, tensors, and parameters per stage for a layout.
     Inspect(cmd::inspect::InspectArgs),
     /// Run a checkpoint forward-only over pipeline stages: inputs in, logits out.
     Predict(cmd::predict::PredictArgs),
-    /// Generate text from a GPT checkpoint, pipelined over stages.
+    /// Generate text from a GPT or Llama checkpoint, pipelined over stages.
     Generate(cmd::generate::GenerateArgs),
     /// Measure each layer's time, memory and transfer size, and a stage hop; JSON out.
     Profile(cmd::profile::ProfileArgs),

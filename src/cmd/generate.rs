@@ -13,7 +13,7 @@ use super::inference::inference_pipeline;
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// A brigade GPT checkpoint or a Hugging Face GPT-2 directory.
+    /// A brigade GPT or Llama checkpoint, or a Hugging Face GPT-2 or Llama directory.
     #[arg(long)]
     checkpoint: PathBuf,
     /// Prompt text: encoded with the tokenizer (--tokenizer, or the tokenizer.json in or beside
