@@ -132,31 +132,11 @@ pub fn export(checkpoint: &Path, out: &Path, dtype: ExportDtype, max_shard_bytes
     }
     let format = match &config {
         ModelConfig::Gpt(cfg) => {
-            let path = out.join("config.json");
-            let mut hf = gpt2_config_json(cfg);
-            hf["dtype"] = match dtype {
-                ExportDtype::F32 => "float32",
-                ExportDtype::Bf16 => "bfloat16",
-                ExportDtype::F16 => "float16",
-            }
-            .into();
-            let text = serde_json::to_string_pretty(&hf).expect("json");
-            std::fs::write(&path, text).map_err(|e| CheckpointError::Io { path: path.clone(), source: e })?;
-            files.push(path);
+            files.push(write_hf_config(out, gpt2_config_json(cfg), dtype)?);
             "gpt2"
         }
         ModelConfig::Llama(cfg) => {
-            let path = out.join("config.json");
-            let mut hf = cfg.hf_config_json();
-            hf["dtype"] = match dtype {
-                ExportDtype::F32 => "float32",
-                ExportDtype::Bf16 => "bfloat16",
-                ExportDtype::F16 => "float16",
-            }
-            .into();
-            let text = serde_json::to_string_pretty(&hf).expect("json");
-            std::fs::write(&path, text).map_err(|e| CheckpointError::Io { path: path.clone(), source: e })?;
-            files.push(path);
+            files.push(write_hf_config(out, cfg.hf_config_json(), dtype)?);
             "llama"
         }
         ModelConfig::Resnet(cfg) => {
@@ -222,6 +202,21 @@ pub struct Imported {
     pub buffers: HashMap<String, Tensor>,
     /// What was read, for messages.
     pub source: String,
+}
+
+/// Writes a transformers `config.json` into `out`, with the `dtype` the weights were written
+/// in; returns its path.
+fn write_hf_config(out: &Path, mut hf: serde_json::Value, dtype: ExportDtype) -> Result<PathBuf, CheckpointError> {
+    let path = out.join("config.json");
+    hf["dtype"] = match dtype {
+        ExportDtype::F32 => "float32",
+        ExportDtype::Bf16 => "bfloat16",
+        ExportDtype::F16 => "float16",
+    }
+    .into();
+    let text = serde_json::to_string_pretty(&hf).expect("json");
+    std::fs::write(&path, text).map_err(|e| CheckpointError::Io { path: path.clone(), source: e })?;
+    Ok(path)
 }
 
 /// Reads pretrained weights for fine-tuning:
