@@ -677,6 +677,9 @@ pub struct Prediction {
     /// Per stage: `step_time - busy - all_reduce` (the stage's bubble, in seconds: waiting
     /// for other stages and for messages).
     pub idle: Vec<f64>,
+    /// Seconds from the step's start until every device's gradients are all-reduced (the
+    /// makespan without data parallelism); the optimizer steps follow.
+    pub gradients_reduced: f64,
     /// Seconds the step loses to communication: its time minus the same step's with every
     /// hand-off free and no all-reduce.
     pub exposed_communication: f64,
@@ -783,6 +786,7 @@ pub fn predict(schedule: &Schedule, costs: &StageCosts) -> Result<Prediction> {
         busy,
         all_reduce,
         idle,
+        gradients_reduced: reduced,
         exposed_communication: (step_time - free_step).max(0.0),
         link_bytes: link_bytes(schedule.microbatches(), costs),
         bubble_fraction,
