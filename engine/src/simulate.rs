@@ -12,6 +12,15 @@
 //! Costs are per model chunk (one per stage without virtual stages); times and memory are
 //! summed per device following the schedule's routing table.
 //!
+//! Messages cross links ([`Link`]: `latency + bytes / bandwidth`, per [`LinkKind`]: in-process,
+//! shared memory, NVLink, PCIe, InfiniBand, Ethernet). A [`Cluster`] lays `data_parallel`
+//! replicas of the pipeline on nodes, so which link each hand-off crosses follows from the
+//! layout ([`StageCosts::place_on`]); with data parallelism each device all-reduces its
+//! gradients in a ring across its replicas once its last action is done, before the optimizer
+//! steps. By default (one replica, stage threads of one process) a hand-off costs the
+//! profile's measured hop, as it always has. Links are not shared: two messages on one link at
+//! once each get its full bandwidth.
+//!
 //! Memory follows each device's action order, exactly as the executor counts it: parameters,
 //! gradients and optimizer state are always held (a parameter two chunks of one device share,
 //! such as GPT's tied embedding under ZB-V, once); a forward stashes one micro-batch's
