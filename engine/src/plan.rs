@@ -10,6 +10,11 @@
 //! step time, then by peak memory (so of two equally fast schedules the leaner one wins, as
 //! 1F1B does over GPipe). Combinations a schedule cannot run (interleaving with `m` not a
 //! multiple of `p`, more chunks than layers) are left out.
+//!
+//! On a [`Cluster`] (data-parallel replicas, nodes, links) each layout is priced with its
+//! hand-offs and gradient all-reduce on the links it crosses ([`StageCosts::place_on`]); each
+//! replica takes `batch_size / data_parallel` of the batch, and stage counts whose replicas do
+//! not fit the nodes are left out.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -19,14 +24,15 @@ use crate::error::{EngineError, Result};
 use crate::partition::{Partition, PartitionError};
 use crate::profile::Profile;
 use crate::schedule::ScheduleKind;
-use crate::simulate::{predict, range_memory, schedule_from_costs, Prediction, StageCosts};
+use crate::simulate::{predict, range_memory, schedule_from_costs, Cluster, Prediction, StageCosts};
 
 /// What to search over.
 #[derive(Debug, Clone)]
 pub struct PlanRequest {
     /// Most stages (one device each).
     pub devices: usize,
-    /// Global batch size; only micro-batch counts that divide it are tried.
+    /// Global batch size (all data-parallel replicas together); only micro-batch counts that
+    /// divide a replica's share are tried.
     pub batch_size: usize,
     pub microbatches: Vec<usize>,
     /// Schedules with their chunks per device (`v`).
@@ -36,6 +42,9 @@ pub struct PlanRequest {
     /// Activation recomputation settings to try (recomputing costs a forward per backward,
     /// so it only wins where memory requires it).
     pub recompute: Vec<Recompute>,
+    /// Replicas, nodes and links ([`Cluster::default`]: one replica, stages as threads of one
+    /// process, as today).
+    pub cluster: Cluster,
 }
 
 /// One simulated configuration.
@@ -83,14 +92,25 @@ pub fn plan(request: &PlanRequest, mut profile_for: impl FnMut(usize) -> Result<
     if request.devices == 0 {
         return Err(PartitionError::ZeroStages.into());
     }
+    request.cluster.check(1)?;
+    let replicas = request.cluster.data_parallel;
+    if !request.batch_size.is_multiple_of(replicas) || request.batch_size < replicas {
+        return Err(EngineError::Config(format!(
+            "the batch size {} does not split evenly over {replicas} data-parallel replicas",
+            request.batch_size
+        )));
+    }
+    let replica_batch = request.batch_size / replicas;
     let mut sizes: Vec<usize> = request.microbatches.clone();
     sizes.sort_unstable();
     sizes.dedup();
-    sizes.retain(|&m| m > 0 && request.batch_size.is_multiple_of(m));
+    sizes.retain(|&m| m > 0 && replica_batch.is_multiple_of(m));
     if sizes.is_empty() {
         return Err(EngineError::Config(format!(
-            "none of the micro-batch counts {:?} divides the batch size {}",
-            request.microbatches, request.batch_size
+            "none of the micro-batch counts {:?} divides the batch size {}{}",
+            request.microbatches,
+            replica_batch,
+            if replicas > 1 { format!(" of each of {replicas} replicas") } else { String::new() }
         )));
     }
     let limit = request.memory_limit.unwrap_or(u64::MAX);
@@ -99,7 +119,7 @@ pub fn plan(request: &PlanRequest, mut profile_for: impl FnMut(usize) -> Result<
     // skipped, not fatal: the other counts are still worth ranking.
     let mut first_failure = None;
     for m in sizes {
-        let profile = match profile_for(request.batch_size / m) {
+        let profile = match profile_for(replica_batch / m) {
             Ok(p) => p,
             Err(e) => {
                 first_failure.get_or_insert(e);
@@ -112,6 +132,9 @@ pub fn plan(request: &PlanRequest, mut profile_for: impl FnMut(usize) -> Result<
         let recompute_options =
             if request.recompute.is_empty() { vec![Recompute::Off] } else { request.recompute.clone() };
         for stages in 1..=request.devices.min(n) {
+            if request.cluster.check(stages).is_err() {
+                continue; // this many stages' replicas do not fit the nodes
+            }
             for (&(kind, v), &recompute) in
                 request.schedules.iter().flat_map(|k| recompute_options.iter().map(move |r| (k, r)))
             {
@@ -154,7 +177,8 @@ pub fn plan(request: &PlanRequest, mut profile_for: impl FnMut(usize) -> Result<
                 add("balanced-time", Partition::balanced_time(&times, chunks, fits))?;
                 for (counts, names) in partitions {
                     let partition = Partition::manual(&counts, n)?;
-                    let costs = StageCosts::from_profile_with(&profile, &partition, recompute)?;
+                    let mut costs = StageCosts::from_profile_with(&profile, &partition, recompute)?;
+                    costs.place_on(schedule.placement(), &request.cluster)?;
                     let schedule = if kind == ScheduleKind::ZbAuto {
                         match schedule_from_costs(kind, stages, m, v, &costs, request.memory_limit) {
                             Ok(s) => s,
@@ -363,7 +387,42 @@ mod tests {
             schedules: vec![(ScheduleKind::GPipe, 1), (ScheduleKind::OneFOneB, 1)],
             memory_limit: limit,
             recompute: vec![Recompute::Off],
+            cluster: Cluster::default(),
         }
+    }
+
+    #[test]
+    fn links_and_replicas_reshape_the_ranking() {
+        use crate::simulate::{LinkKind, LinkSpec};
+        // Free links: 2 stages win (see ranks_by_predicted_time_and_breaks_ties_by_memory).
+        // One device per node over a link of 100 ms per message: more than a whole step on one
+        // stage (at most 96 ms), so one stage wins.
+        let mut req = request(None);
+        req.cluster = Cluster {
+            devices_per_node: Some(1),
+            nodes: Some(2),
+            inter_node: LinkSpec { kind: LinkKind::Ethernet, bytes_per_s: None, latency_s: Some(0.1) },
+            ..Cluster::default()
+        };
+        let ranked = plan(&req, |b| Ok(profile(b, 1.0))).unwrap();
+        assert_eq!(ranked[0].stages, 1, "{}", ranked[0].label());
+        let two = ranked.iter().find(|c| c.stages == 2).unwrap();
+        assert!(two.prediction.exposed_communication >= 0.2, "{}", two.prediction.exposed_communication);
+        // 2 replicas on 2 devices: only one stage each fits; each replica profiles half the batch.
+        let mut req = request(None);
+        req.cluster = Cluster { data_parallel: 2, devices_per_node: Some(2), nodes: Some(1), ..Cluster::default() };
+        let mut asked = Vec::new();
+        let ranked = plan(&req, |b| {
+            asked.push(b);
+            Ok(profile(b, 1.0))
+        })
+        .unwrap();
+        assert!(ranked.iter().all(|c| c.stages == 1));
+        assert_eq!(asked, vec![4, 2, 1], "micro-batches of the 4 examples a replica gets");
+        assert!(ranked.iter().all(|c| c.microbatches != 8), "8 does not divide a replica's 4");
+        req.batch_size = 7;
+        let err = plan(&req, |b| Ok(profile(b, 1.0))).unwrap_err().to_string();
+        assert!(err.contains("does not split evenly over 2 data-parallel replicas"), "{err}");
     }
 
     #[test]

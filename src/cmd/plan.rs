@@ -65,6 +65,9 @@ pub struct PlanArgs {
     /// Seed of the weights and of the profiled batch.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Data-parallel replicas, nodes and links; --devices counts the stages of one replica.
+    #[command(flatten)]
+    pub cluster: super::simulate::ClusterArgs,
 }
 
 pub fn run(args: PlanArgs) -> Result<()> {
@@ -92,6 +95,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         schedules: super::schedule_specs(&args.schedules)?,
         memory_limit,
         recompute: args.recompute.clone(),
+        cluster: args.cluster.cluster(),
     };
     let options = ProfileOptions {
         repeats: args.profile_repeats,
@@ -130,13 +134,16 @@ pub fn run(args: PlanArgs) -> Result<()> {
         threads,
         memory_limit.map(|l| format!(", memory limit {} per device", human_bytes(l))).unwrap_or_default()
     );
+    if request.cluster != brigade::engine::simulate::Cluster::default() {
+        println!("{} (with the most stages)", args.cluster.describe(args.devices));
+    }
     println!();
-    println!("| rank | stages | layers (partition) | schedule | m | simulated ms/step | examples/s | bubble | peak memory per stage | fits |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| rank | stages | layers (partition) | schedule | m | simulated ms/step | examples/s | bubble | peak memory per stage | fits | communication ms |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (i, c) in ranked.iter().take(args.top).enumerate() {
         let memory: Vec<String> = c.prediction.peak_memory.iter().map(|b| human_bytes(*b)).collect();
         println!(
-            "| {} | {} | {} ({}) | {} | {} | {:.2} | {:.0} | {:.1}% | {} | {} |",
+            "| {} | {} | {} ({}) | {} | {} | {:.2} | {:.0} | {:.1}% | {} | {} | {:.2} |",
             i + 1,
             c.stages,
             c.partition,
@@ -158,7 +165,8 @@ pub fn run(args: PlanArgs) -> Result<()> {
             c.throughput(args.batch_size),
             100.0 * c.prediction.bubble_fraction,
             memory.join(", "),
-            if c.fits { "yes" } else { "no" }
+            if c.fits { "yes" } else { "no" },
+            1e3 * c.prediction.exposed_communication
         );
     }
     if ranked.len() > args.top {
@@ -174,7 +182,9 @@ pub fn run(args: PlanArgs) -> Result<()> {
                     "stages": c.stages, "partition": c.partition.counts(), "partition_strategy": c.partition_name,
                     "schedule": c.schedule.to_string(), "virtual_stages": c.virtual_stages, "microbatches": c.microbatches, "recompute": c.recompute.to_string(),
                     "simulated_step_s": c.prediction.step_time, "bubble": c.prediction.bubble_fraction,
-                    "busy_s": c.prediction.busy, "idle_s": c.prediction.idle,
+                    "busy_s": c.prediction.busy, "idle_s": c.prediction.idle, "all_reduce_s": c.prediction.all_reduce,
+                    "exposed_communication_s": c.prediction.exposed_communication,
+                    "link_bytes": c.prediction.link_bytes.iter().map(|(k, b)| (k.to_string(), *b)).collect::<std::collections::BTreeMap<_, _>>(),
                     "peak_memory_bytes": c.prediction.peak_memory, "fits": c.fits,
                 })
             })
