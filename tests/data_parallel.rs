@@ -265,3 +265,48 @@ fn a_data_parallel_checkpoint_resumes_on_one_pipeline() {
     assert!(e <= 1e-5, "weights after resume off by {e:e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn brigade(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_brigade")).args(args).output().expect("run brigade")
+}
+
+#[test]
+fn train_takes_data_parallel_and_refuses_bad_counts_in_one_line() {
+    for (args, needle) in [
+        (vec!["--data-parallel", "0"], "--data-parallel must be at least 1"),
+        (
+            vec!["--data-parallel", "3", "--microbatches", "2", "--batch-size", "8"],
+            "batch size 8 is not divisible by --data-parallel 3 x 2 micro-batches (6)",
+        ),
+    ] {
+        let out = brigade(&[&["train", "--model", "gpt-tiny", "--steps", "1"], args.as_slice()].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.lines().filter(|l| l.starts_with("error:")).count() == 1 && stderr.contains(needle), "{stderr}");
+    }
+    let out = brigade(&[
+        "train",
+        "--model",
+        "gpt-tiny",
+        "--data-parallel",
+        "2",
+        "--stages",
+        "2",
+        "--microbatches",
+        "2",
+        "--batch-size",
+        "8",
+        "--context",
+        "32",
+        "--steps",
+        "2",
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "1",
+        "--plain",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("2 stages x 2 data-parallel replicas"), "{stdout}");
+}
