@@ -33,7 +33,9 @@ use crate::optim::{LrSchedule, OptimizerConfig};
 use crate::partition::Partition;
 use crate::schedule::{Action, Schedule};
 
-/// What one training step measured.
+/// What one training step measured. With data parallelism the loss and gradient norm are the
+/// global batch's, and the per-stage lists (`stage_busy`, `stage_actions`, `peak_stash_bytes`)
+/// replica 0's.
 #[derive(Debug, Clone)]
 pub struct StepStats {
     /// 0-based index of the optimizer step just taken.
@@ -48,9 +50,6 @@ pub struct StepStats {
     pub stage_busy: Vec<Duration>,
     /// Each stage's actions in execution order, timed from the step's start (for timelines).
     pub stage_actions: Vec<Vec<ActionTiming>>,
-    /// With data parallelism, `stage_busy`, `stage_actions` and `peak_stash_bytes` are replica
-    /// 0's.
-    ///
     /// Each stage's largest total of activation bytes kept for backward steps during the
     /// step: measured at action boundaries from what the layers saved (each storage once),
     /// and while a recomputed forward's activations are alive.
@@ -160,11 +159,7 @@ impl Pipeline {
         }
         // One device per stage (every replica's copy of it there), or one per stage of each replica.
         let per_slot_devices = replicas > 1 && config.devices.len() == replicas * config.stages;
-        if !per_slot_devices {
-            crate::device::check_devices(&config.devices, config.stages)?;
-        } else {
-            crate::device::check_devices(&config.devices, replicas * config.stages)?;
-        }
+        crate::device::check_devices(&config.devices, if per_slot_devices { replicas } else { 1 } * config.stages)?;
         if !matches!(config.compute_dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(EngineError::Config(format!(
                 "compute dtype {:?} is not supported: use f32 (exact) or bf16/f16 (mixed precision, f32 master weights)",
