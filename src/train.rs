@@ -304,17 +304,19 @@ impl Trainer {
             .grad_clip(meta.grad_clip)
             .seed(meta.seed)
             .resume_from_checkpoint(loader);
-        if !meta.training.batch_size.is_multiple_of(pipeline.microbatches.max(1)) {
+        // Every data-parallel replica runs `microbatches` of the global batch.
+        let parts = pipeline.microbatches.max(1) * pipeline.data_parallel.max(1);
+        if !meta.training.batch_size.is_multiple_of(parts) {
             return Err(Error::Config(format!(
-                "the checkpoint's batch size {} is not divisible by {} micro-batches; resume with a micro-batch count that divides it",
-                meta.training.batch_size, pipeline.microbatches
+                "the checkpoint's batch size {} is not divisible by {parts} micro-batches; resume with a micro-batch count that divides it",
+                meta.training.batch_size
             )));
         }
         // BatchNorm normalises each micro-batch with its own statistics: another micro-batch
         // size is another computation, not the same run continued.
         let has_buffers = model.layers().iter().any(|l| !l.buffer_specs().is_empty());
         let saved_mb = meta.training.batch_size / meta.microbatches.max(1);
-        let mb = meta.training.batch_size / pipeline.microbatches.max(1);
+        let mb = meta.training.batch_size / parts;
         if has_buffers && mb != saved_mb {
             return Err(Error::Config(format!(
                 "{} normalises each micro-batch with BatchNorm: the checkpoint used micro-batches of {saved_mb} ({} of batch {}), \

@@ -42,9 +42,16 @@ pub struct TrainArgs {
     /// gpipe, 1f1b, or a schedule file in the format `brigade schedule` prints.
     #[arg(long, default_value = "1f1b")]
     schedule: String,
-    /// Micro-batches per global batch (default: 4, or the --schedule file's).
+    /// Micro-batches per global batch (default: 4, or the --schedule file's); with
+    /// --data-parallel, per replica.
     #[arg(long)]
     microbatches: Option<usize>,
+    /// Data parallel x pipeline parallel: replicate the pipeline D times (threads of this
+    /// process); each replica trains on its contiguous slice of the global batch, and each
+    /// stage's gradients are summed over the replicas every step. The batch must divide by
+    /// D x micro-batches. Results equal one pipeline's on the same global batch.
+    #[arg(long, default_value_t = 1)]
+    data_parallel: usize,
     /// Global batch size (examples, or sequences for GPT) [default: 16; with --resume, the
     /// checkpoint's].
     #[arg(long)]
@@ -175,6 +182,9 @@ fn check_train_args(args: &TrainArgs) -> Result<()> {
     }
     if args.threads_per_stage == Some(0) {
         bail!("--threads-per-stage must be at least 1");
+    }
+    if args.data_parallel == 0 {
+        bail!("--data-parallel must be at least 1 (1: one pipeline, no replicas)");
     }
     if let Some(init) = &args.init_from {
         if !init.exists() {
@@ -479,6 +489,7 @@ fn pipeline_config(
         .partition(partition)
         .schedule(schedule)
         .microbatches(layout.1)
+        .data_parallel(args.data_parallel)
         .optimizer(args.optimizer().config(args.weight_decay))
         .lr(lr)
         .grad_clip((args.grad_clip() > 0.0).then_some(args.grad_clip()))
@@ -569,6 +580,15 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
         Start::Resume { step, batch_size, .. } => (*step, *batch_size),
         _ => (0, args.batch_size()),
     };
+    let replicas = args.data_parallel;
+    if replicas > 1 && batch % (replicas * microbatches) != 0 {
+        bail!(
+            "batch size {batch} is not divisible by --data-parallel {replicas} x {} ({}): each replica takes \
+             an equal slice of the batch, cut into equal micro-batches",
+            plural(microbatches, "micro-batch", "micro-batches"),
+            replicas * microbatches
+        );
+    }
     let steps = match (&start, args.steps) {
         (_, Some(steps)) => steps,
         (Start::Resume { planned_steps, .. }, None) => *planned_steps,
@@ -624,16 +644,18 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
     {
         let batch = trainer.options().batch_size;
         let p = trainer.pipeline();
+        let replicas = p.data_parallel();
         println!(
-            "pipeline {} (layers {}), schedule {}, {} of {}",
+            "pipeline {}{} (layers {}), schedule {}, {} of {}",
             plural(p.schedule().stages(), "stage", "stages"),
+            if replicas > 1 { format!(" x {replicas} data-parallel replicas") } else { String::new() },
             match p.schedule().chunks() {
                 c if c == p.schedule().stages() => p.partition().to_string(),
                 c => format!("{} in {c} chunks", p.partition()),
             },
             p.schedule().name(),
             plural(p.microbatches(), "micro-batch", "micro-batches"),
-            batch / p.microbatches().max(1)
+            batch / (p.microbatches() * replicas).max(1)
         );
     }
     // The tokenizer goes with the run's checkpoints, for `generate`, `export` and resuming.

@@ -1,5 +1,6 @@
-//! What shapes a pipeline: stage count, partition, schedule, micro-batches, optimizer, learning
-//! rate, thread budget, initial state and recomputation, with a builder-style API.
+//! What shapes a pipeline: stage count, data-parallel replicas, partition, schedule,
+//! micro-batches, optimizer, learning rate, thread budget, initial state and recomputation, with
+//! a builder-style API.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,6 +43,12 @@ impl From<Schedule> for ScheduleChoice {
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
     pub stages: usize,
+    /// Data parallelism: the pipeline is replicated this many times (threads of this process),
+    /// each replica training on its contiguous slice of the global batch with the same
+    /// schedule; each stage's gradients are summed over its replicas once per step (see
+    /// `pipeline::replicas`). The global batch must divide by `data_parallel × microbatches`.
+    /// Default 1 (one pipeline).
+    pub data_parallel: usize,
     pub partition: PartitionStrategy,
     pub schedule: ScheduleChoice,
     pub microbatches: usize,
@@ -67,7 +74,9 @@ pub struct PipelineConfig {
     pub checkpoint: Option<Arc<crate::checkpoint::StageLoader>>,
     /// What stages keep between a micro-batch's forward and its backward.
     pub recompute: Recompute,
-    /// The device of each stage (one per stage); empty: every stage on the CPU.
+    /// The device of each stage (one per stage); empty: every stage on the CPU. With data
+    /// parallelism, either one per stage (every replica's copy of a stage on it) or one per
+    /// stage of every replica, replica by replica (`data_parallel × stages`).
     pub devices: Vec<StageDevice>,
     /// The dtype layers compute in. F32 (the default) is the exactness mode. BF16 or F16 is
     /// mixed precision: the forward and backward run in it, while the master weights, the
@@ -83,6 +92,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             stages: 2,
+            data_parallel: 1,
             partition: PartitionStrategy::Uniform,
             schedule: ScheduleChoice::Kind(ScheduleKind::OneFOneB),
             microbatches: 4,
@@ -107,6 +117,11 @@ impl Default for PipelineConfig {
 impl PipelineConfig {
     pub fn stages(mut self, stages: usize) -> Self {
         self.stages = stages;
+        self
+    }
+    /// Replicate the pipeline `replicas` times (see [`PipelineConfig::data_parallel`]).
+    pub fn data_parallel(mut self, replicas: usize) -> Self {
+        self.data_parallel = replicas;
         self
     }
     pub fn partition(mut self, partition: PartitionStrategy) -> Self {

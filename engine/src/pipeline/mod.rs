@@ -30,7 +30,8 @@
 //! `driver::save`, the plan and the final files of a checkpoint), `stage` (a stage thread's
 //! runtime around its [`crate::compute::StageCompute`], with `stage::save`, the shards each
 //! stage writes from its own thread), `clock` (action timings), `norm` (gradient norms),
-//! `threads` (the thread budget), `transport` (how stages' hand-offs and the end-of-step
+//! `threads` (the thread budget), `replicas` (data parallelism: the sum of each stage's
+//! gradients over the pipeline's replicas), `transport` (how stages' hand-offs and the end-of-step
 //! collective travel: the seam between the stage runtime and crossbeam or MPI), `handoff` (how a
 //! tensor crosses from one stream to another: the ownership rule every message carrying a
 //! tensor follows) and, with the `testing` feature only, `testing` (fault
@@ -42,6 +43,7 @@ mod driver;
 mod handoff;
 mod norm;
 mod protocol;
+mod replicas;
 mod stage;
 #[cfg(feature = "testing")]
 #[doc(hidden)]

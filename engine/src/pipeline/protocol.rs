@@ -3,7 +3,7 @@
 //! and what a checkpoint save asks of a stage.
 //!
 //! A leaf: it imports nothing else of the pipeline but `handoff` (itself a leaf: how a tensor
-//! crosses streams), so the driver, the stage runtime and the
+//! crosses streams) and the `replicas` trait (a leaf too), so the driver, the stage runtime and the
 //! test hooks all depend on it and never on each other's internals. Its types are plain
 //! messages, so their fields are open to the pipeline.
 
@@ -26,6 +26,7 @@ use crate::optim::{OptimizerConfig, ParamState};
 use crate::schedule::{Action, Schedule};
 
 use super::handoff::HandOff;
+use super::replicas::ReplicaReduce;
 
 /// Which per-stage tensors a snapshot gathers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +154,12 @@ pub(super) type ChunkLayers = (usize, Vec<Arc<dyn LayerSpec>>);
 /// Everything a stage thread starts from (the driver builds one per stage).
 pub(super) struct StageSetup {
     pub index: usize,
+    /// The id the stage reports under: `replica × stages + index` (its index with one replica).
+    pub slot: usize,
+    /// Data parallelism: the stage's replica (0 with one), and the reduction of its gradients
+    /// over the replicas (`None` with one).
+    pub replica: usize,
+    pub replicas: Option<Arc<dyn ReplicaReduce>>,
     /// The routing table: `placement[c]` is the device holding chunk `c`.
     pub placement: Arc<Vec<usize>>,
     /// This device's chunks, in model order.

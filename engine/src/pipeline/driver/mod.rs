@@ -1,6 +1,12 @@
 //! The driver: the caller-side [`Pipeline`]. It partitions the model, starts the stage
 //! threads, splits batches into micro-batches, runs the end-of-step collective (tied gradients,
 //! global norm, clipping factor), gathers snapshots, and stops every stage when one fails.
+//!
+//! With data parallelism (`PipelineConfig::data_parallel` = D) it starts D replicas of every
+//! stage; stage `s` of replica `r` is slot `r × stages + s` in its lists, so replica 0's slots
+//! are the stage indices. Training reaches every replica; the collective reads replica 0 (its
+//! stages' gradients are already summed over the replicas, identical in all of them) and
+//! answers all; evaluation, prediction, decoding, snapshots and checkpoints use replica 0.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -16,6 +22,7 @@ use super::config::{PipelineConfig, ScheduleChoice};
 use super::handoff::HandOff;
 use super::norm::squared_norm;
 use super::protocol::{ChunkLayers, Msg, Outcome, Report, SnapshotKind, StageSetup};
+use super::replicas::{InProcessReduce, ReplicaReduce};
 use super::stage::run_stage;
 use super::threads::{self, start_elementwise_pool, ThreadPools};
 use crate::error::{EngineError, Result};
@@ -26,7 +33,9 @@ use crate::optim::{LrSchedule, OptimizerConfig};
 use crate::partition::Partition;
 use crate::schedule::{Action, Schedule};
 
-/// What one training step measured.
+/// What one training step measured. With data parallelism the loss and gradient norm are the
+/// global batch's, and the per-stage lists (`stage_busy`, `stage_actions`, `peak_stash_bytes`)
+/// replica 0's.
 #[derive(Debug, Clone)]
 pub struct StepStats {
     /// 0-based index of the optimizer step just taken.
@@ -88,6 +97,12 @@ pub struct Pipeline {
     seed: u64,
     /// Every distinct parameter name of the model.
     param_names: Vec<String>,
+    /// Stages per replica.
+    stages: usize,
+    /// Data-parallel replicas (1: one pipeline), and the reduction their stages sum through.
+    replicas: usize,
+    reduce: Option<Arc<dyn ReplicaReduce>>,
+    /// Every stage thread's inbox, by slot (`replica × stages + stage`).
     inboxes: Vec<Sender<Msg>>,
     reports: Receiver<Report>,
     handles: Vec<Option<JoinHandle<()>>>,
@@ -119,6 +134,10 @@ impl Pipeline {
         if config.microbatches == 0 {
             return Err(EngineError::Config("micro-batches must be at least 1".into()));
         }
+        let replicas = config.data_parallel;
+        if replicas == 0 {
+            return Err(EngineError::Config("data-parallel replicas must be at least 1".into()));
+        }
         // Every chunk needs a layer: refuse impossible counts before building anything sized
         // by them (devices, schedule lists).
         let (schedule_name, chunks_per_stage) = match &config.schedule {
@@ -138,7 +157,9 @@ impl Pipeline {
                 ))
             });
         }
-        crate::device::check_devices(&config.devices, config.stages)?;
+        // One device per stage (every replica's copy of it there), or one per stage of each replica.
+        let per_slot_devices = replicas > 1 && config.devices.len() == replicas * config.stages;
+        crate::device::check_devices(&config.devices, if per_slot_devices { replicas } else { 1 } * config.stages)?;
         if !matches!(config.compute_dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(EngineError::Config(format!(
                 "compute dtype {:?} is not supported: use f32 (exact) or bf16/f16 (mixed precision, f32 master weights)",
@@ -154,7 +175,8 @@ impl Pipeline {
                 ))
             })?;
         }
-        let threads = threads::per_stage(config.threads_per_stage, config.stages)?;
+        // Every replica's stages count against one budget.
+        let threads = threads::per_stage(config.threads_per_stage, config.stages.saturating_mul(replicas))?;
         let layer_params: Vec<usize> = layers.iter().map(|l| l.param_count()).collect();
         let schedule = match &config.schedule {
             ScheduleChoice::Kind(kind) => kind.build(config.stages, config.microbatches)?,
@@ -221,9 +243,12 @@ impl Pipeline {
         // follow the per-stage budget.
         // Sharing needs two CPU stages: one alone gains nothing from it, and a GPU stage's math
         // is not on these cores (it keeps its own pool for what it does on the host).
-        let device_of = |index: usize| config.devices.get(index).copied().unwrap_or_default();
-        let cpu_stages: Vec<usize> =
-            (0..config.stages).filter(|&i| device_of(i) == crate::device::StageDevice::Cpu).collect();
+        let slots = config.stages * replicas;
+        let device_of = |slot: usize| {
+            let at = if per_slot_devices { slot } else { slot % config.stages };
+            config.devices.get(at).copied().unwrap_or_default()
+        };
+        let cpu_stages: Vec<usize> = (0..slots).filter(|&i| device_of(i) == crate::device::StageDevice::Cpu).collect();
         let shared_pool = match config.thread_pools {
             ThreadPools::Shared if cpu_stages.len() >= 2 => {
                 Some(threads::shared_pool(threads * cpu_stages.len()).map_err(EngineError::Config)?)
@@ -231,15 +256,24 @@ impl Pipeline {
             _ => None,
         };
         start_elementwise_pool();
+        let reduce: Option<Arc<dyn ReplicaReduce>> =
+            (replicas > 1).then(|| Arc::new(InProcessReduce::new(replicas, config.stages)) as Arc<dyn ReplicaReduce>);
         let (report_tx, reports) = unbounded();
-        let channels: Vec<(Sender<Msg>, Receiver<Msg>)> = (0..config.stages).map(|_| unbounded()).collect();
+        let channels: Vec<(Sender<Msg>, Receiver<Msg>)> = (0..slots).map(|_| unbounded()).collect();
         let inboxes: Vec<Sender<Msg>> = channels.iter().map(|(tx, _)| tx.clone()).collect();
-        let mut handles = Vec::with_capacity(config.stages);
-        for (index, ((_, inbox), chunks)) in channels.into_iter().zip(device_chunks).enumerate() {
+        let mut handles = Vec::with_capacity(slots);
+        let slot_chunks = (0..replicas).flat_map(|_| device_chunks.iter().cloned());
+        for (slot, ((_, inbox), chunks)) in channels.into_iter().zip(slot_chunks).enumerate() {
+            let (replica, index) = (slot / config.stages, slot % config.stages);
             let stage_tied: Vec<String> =
                 tied.iter().filter(|(_, s)| s.contains(&index)).map(|(n, _)| n.clone()).collect();
+            // A replica's stages hand off among themselves only.
+            let peers = inboxes[replica * config.stages..(replica + 1) * config.stages].to_vec();
             let setup = StageSetup {
                 index,
+                slot,
+                replica,
+                replicas: reduce.clone(),
                 placement: placement.clone(),
                 chunks,
                 seed: config.seed,
@@ -252,18 +286,22 @@ impl Pipeline {
                 loss: model.loss(),
                 tied: stage_tied,
                 inbox,
-                peers: inboxes.clone(),
+                peers,
                 reports: report_tx.clone(),
                 threads,
-                shared_pool: shared_pool.clone().filter(|_| cpu_stages.contains(&index)),
-                device: config.devices.get(index).copied().unwrap_or_default(),
+                shared_pool: shared_pool.clone().filter(|_| cpu_stages.contains(&slot)),
+                device: device_of(slot),
                 compute_dtype: config.compute_dtype,
                 sync_each_action: config.sync_each_action,
             };
             let handle = std::thread::Builder::new()
-                .name(format!("brigade-stage-{index}"))
+                .name(if replicas > 1 {
+                    format!("brigade-r{replica}-stage-{index}")
+                } else {
+                    format!("brigade-stage-{index}")
+                })
                 .spawn(move || run_stage(setup))
-                .map_err(|e| EngineError::Config(format!("cannot start stage thread {index}: {e}")))?;
+                .map_err(|e| EngineError::Config(format!("cannot start stage thread {slot}: {e}")))?;
             handles.push(Some(handle));
         }
         let mut pipeline = Self {
@@ -278,6 +316,9 @@ impl Pipeline {
             optimizer: config.optimizer,
             seed: config.seed,
             param_names: crate::layer::unique_params(&layers).into_iter().map(|p| p.name).collect(),
+            stages: config.stages,
+            replicas,
+            reduce,
             inboxes,
             reports,
             handles,
@@ -302,19 +343,33 @@ impl Pipeline {
         &self.partition
     }
 
-    /// How many stages (devices, threads) the pipeline runs.
+    /// How many stages (devices, threads) one replica of the pipeline runs.
     pub(super) fn stage_count(&self) -> usize {
-        self.inboxes.len()
+        self.stages
     }
 
-    /// Sends every stage its message of a step, `msg(stage)`, the device holding the first chunk
-    /// (the one with the inputs) last, so no stage receives data before its own step message
-    /// (stages buffer early data anyway).
+    /// How many data-parallel replicas of the pipeline run (1 without data parallelism).
+    pub fn data_parallel(&self) -> usize {
+        self.replicas
+    }
+
+    /// Sends every stage of replica 0 its message of a step, `msg(stage)` (see
+    /// [`Pipeline::fan_out_replicas`]).
     fn fan_out(&mut self, mut msg: impl FnMut(usize) -> Msg) -> Result<()> {
+        self.fan_out_replicas(1, |_, s| msg(s))
+    }
+
+    /// Sends every stage of the first `replicas` replicas its message of a step,
+    /// `msg(replica, stage)`, the device holding the first chunk (the one with the inputs)
+    /// last, so no stage receives data before its own step message (stages buffer early data
+    /// anyway).
+    fn fan_out_replicas(&mut self, replicas: usize, mut msg: impl FnMut(usize, usize) -> Msg) -> Result<()> {
         let (first, _) = self.entry_and_exit();
-        for s in (0..self.stage_count()).filter(|&s| s != first).chain([first]) {
-            let message = msg(s);
-            self.send(s, message)?;
+        for r in 0..replicas {
+            for s in (0..self.stage_count()).filter(|&s| s != first).chain([first]) {
+                let message = msg(r, s);
+                self.send(r * self.stages + s, message)?;
+            }
         }
         Ok(())
     }
@@ -352,28 +407,35 @@ impl Pipeline {
     pub fn train_step(&mut self, inputs: &Tensor, targets: &Tensor) -> Result<StepStats> {
         self.ensure_running()?;
         let started = Instant::now();
-        self.check_labelled_batch(inputs, targets)?;
-        let m = self.microbatches;
-        let input_chunks = split_batch(inputs, m)?;
-        let target_chunks = split_batch(targets, m)?;
+        let (m, replicas) = (self.microbatches, self.replicas);
+        self.check_labelled_batch(inputs, targets, replicas * m)?;
+        // Replica r trains on micro-batches r·m .. (r+1)·m: its contiguous slice of the batch.
+        // Every micro-batch's loss is weighted by the global batch's terms, so the replicas'
+        // summed gradients are the global batch's.
+        let input_chunks = split_batch(inputs, replicas * m)?;
+        let target_chunks = split_batch(targets, replicas * m)?;
         let global_terms = loss_terms(targets);
         let lr = self.lr.lr(self.step);
         let stages = self.stage_count();
+        let slots = self.inboxes.len();
         let (first, last) = self.entry_and_exit();
         let schedule = self.schedule.clone();
-        self.fan_out(|s| Msg::Train {
+        self.fan_out_replicas(replicas, |r, s| Msg::Train {
             schedule: schedule.clone(),
-            inputs: if s == first { input_chunks.clone() } else { Vec::new() },
-            targets: if s == last { target_chunks.clone() } else { Vec::new() },
+            inputs: if s == first { input_chunks[r * m..(r + 1) * m].to_vec() } else { Vec::new() },
+            targets: if s == last { target_chunks[r * m..(r + 1) * m].to_vec() } else { Vec::new() },
             global_terms,
             lr,
         })?;
 
-        // The collective: sum tied gradients, compute the global norm once.
+        // The collective: sum tied gradients, compute the global norm once. Every replica's
+        // stages report, but their gradients are already summed over the replicas (the same in
+        // each), so replica 0's make the norm and the tied sums, and every replica gets them.
         let mut sq_norm = 0.0;
         let mut tied_sums: BTreeMap<String, Tensor> = BTreeMap::new();
-        let mut partial_from = vec![false; stages];
+        let mut partial_from = vec![false; slots];
         self.gather(&mut partial_from, |report| match report {
+            Report::Partial { stage, .. } if stage >= stages => Ok(Some(stage)),
             Report::Partial { stage, tied_grads, sq_norm: s } => {
                 sq_norm += s;
                 // Summed on the device of the first copy to arrive (device to device on GPUs,
@@ -401,7 +463,8 @@ impl Pipeline {
             Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
             _ => 1.0,
         };
-        for s in 0..stages {
+        for slot in 0..slots {
+            let s = slot % stages;
             let tied_grads =
                 self.tied
                     .iter()
@@ -413,15 +476,20 @@ impl Pipeline {
                         Ok((name.clone(), HandOff::send(sum)?))
                     })
                     .collect::<Result<Vec<_>>>()?;
-            self.send(s, Msg::Reduced { tied_grads, clip_scale })?;
+            self.send(slot, Msg::Reduced { tied_grads, clip_scale })?;
         }
 
-        let mut done = vec![false; stages];
+        let mut done = vec![false; slots];
         let mut loss = 0.0;
         let mut stage_busy = vec![Duration::ZERO; stages];
         let mut stage_actions = vec![Vec::new(); stages];
         let mut peak_stash_bytes = vec![0; stages];
         self.gather(&mut done, |report| match report {
+            Report::Done { stage, outcome, .. } if stage >= stages => {
+                // Another replica's share of the (global-batch weighted) loss.
+                loss += outcome.loss;
+                Ok(Some(stage))
+            }
             Report::Done { stage, outcome, busy } => {
                 loss += outcome.loss;
                 stage_busy[stage] = busy;
@@ -447,7 +515,7 @@ impl Pipeline {
     /// pipelined over the same stages. Returns the summed statistics of the batch.
     pub fn evaluate(&mut self, inputs: &Tensor, targets: &Tensor) -> Result<EvalStats> {
         self.ensure_running()?;
-        self.check_labelled_batch(inputs, targets)?;
+        self.check_labelled_batch(inputs, targets, self.microbatches)?;
         let batch = inputs.dim(0)?;
         let m = if batch % self.microbatches == 0 { self.microbatches } else { 1 };
         let stages = self.stage_count();
@@ -574,8 +642,34 @@ impl Pipeline {
 
     fn snapshot_by_stage(&mut self, kind: SnapshotKind) -> Result<Vec<BTreeMap<String, Tensor>>> {
         self.ensure_running()?;
-        let mut out = Vec::with_capacity(self.inboxes.len());
-        for s in 0..self.inboxes.len() {
+        self.snapshot_slots(kind, 0..self.stage_count())
+    }
+
+    /// Each replica's parameters (every stage's, tied copies once), replica by replica: data
+    /// parallelism keeps them bit-identical.
+    pub fn replica_parameters(&mut self) -> Result<Vec<BTreeMap<String, Tensor>>> {
+        let stages = self.stage_count();
+        (0..self.replicas)
+            .map(|r| {
+                let mut merged = BTreeMap::new();
+                for stage in self.snapshot_slots(SnapshotKind::Params, r * stages..(r + 1) * stages)? {
+                    for (name, t) in stage {
+                        merged.entry(name).or_insert(t);
+                    }
+                }
+                Ok(merged)
+            })
+            .collect()
+    }
+
+    fn snapshot_slots(
+        &mut self,
+        kind: SnapshotKind,
+        slots: std::ops::Range<usize>,
+    ) -> Result<Vec<BTreeMap<String, Tensor>>> {
+        self.ensure_running()?;
+        let mut out = Vec::with_capacity(slots.len());
+        for s in slots {
             let (tx, rx) = unbounded();
             self.send(s, Msg::Snapshot { kind, reply: tx })?;
             match rx.recv() {
@@ -603,9 +697,9 @@ impl Pipeline {
     }
 
     /// The driver's own checks of a training or evaluation batch (a batch dimension shared by
-    /// inputs and targets, divisible into the micro-batches; integer targets for the loss),
+    /// inputs and targets, divisible into `parts` micro-batches; integer targets for the loss),
     /// then the model's.
-    fn check_labelled_batch(&self, inputs: &Tensor, targets: &Tensor) -> Result<()> {
+    fn check_labelled_batch(&self, inputs: &Tensor, targets: &Tensor, parts: usize) -> Result<()> {
         let batch = inputs.dim(0).map_err(|_| EngineError::Input("inputs must have a batch dimension".into()))?;
         if targets.dims().first() != Some(&batch) {
             return Err(EngineError::Input(format!(
@@ -613,11 +707,15 @@ impl Pipeline {
                 targets.dims()
             )));
         }
-        if batch % self.microbatches != 0 {
-            return Err(EngineError::Input(format!(
-                "batch size {batch} is not divisible into {} micro-batches",
-                self.microbatches
-            )));
+        if batch % parts != 0 {
+            return Err(EngineError::Input(if self.replicas > 1 && parts != self.microbatches {
+                format!(
+                    "batch size {batch} is not divisible into {} data-parallel replicas x {} micro-batches ({parts})",
+                    self.replicas, self.microbatches
+                )
+            } else {
+                format!("batch size {batch} is not divisible into {parts} micro-batches")
+            }));
         }
         if self.integer_targets && !is_integer(targets.dtype()) {
             return Err(EngineError::Input(format!(
@@ -672,6 +770,10 @@ impl Pipeline {
         for inbox in &self.inboxes {
             let _ = inbox.send(Msg::Abort);
         }
+        // Stages waiting for their other replicas' gradients wake too.
+        if let Some(reduce) = &self.reduce {
+            reduce.abort();
+        }
         // Failures the driver inferred (a thread gone, an abort) give way to a stage's own report.
         let synthetic = |m: &str| {
             m == "aborted"
@@ -697,7 +799,14 @@ impl Pipeline {
                 }
             }
         }
-        let (stage, action, message) = first.unwrap_or((0, None, "unknown failure".into()));
+        let (slot, action, message) = first.unwrap_or((0, None, "unknown failure".into()));
+        // Reports name slots; the error names the stage, and its replica when there are several.
+        let stage = slot % self.stages.max(1);
+        let message = if self.replicas > 1 {
+            format!("data-parallel replica {}: {message}", slot / self.stages.max(1))
+        } else {
+            message
+        };
         let err = EngineError::StageFailed { stage, action, message };
         self.stopped = Some(err.to_string());
         err
@@ -708,6 +817,11 @@ impl Drop for Pipeline {
     fn drop(&mut self) {
         for inbox in &self.inboxes {
             let _ = inbox.send(Msg::Shutdown);
+        }
+        // No step is in flight between calls; should one be (a caller unwinding mid-step),
+        // stages waiting for their other replicas must not keep the join waiting.
+        if let Some(reduce) = &self.reduce {
+            reduce.abort();
         }
         for handle in self.handles.iter_mut() {
             if let Some(h) = handle.take() {

@@ -124,7 +124,9 @@ impl Pipeline {
             step: self.step,
             partition: self.partition.counts().to_vec(),
             schedule: self.schedule.name().to_string(),
-            microbatches: self.microbatches,
+            // A data-parallel run's checkpoint is the one-pipeline run's with as many micro-batches
+            // (the same computation), so it resumes on any number of replicas.
+            microbatches: self.microbatches * self.replicas,
             optimizer: self.optimizer,
             lr_schedule: self.lr,
             seed: self.seed,

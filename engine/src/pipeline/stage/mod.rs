@@ -19,6 +19,7 @@ use super::norm::squared_norm_sum;
 #[cfg(feature = "testing")]
 use super::protocol::{Fault, FaultKind};
 use super::protocol::{Msg, Outcome, Report, SnapshotKind, StageResult, StageSetup, StageStop};
+use super::replicas::{ReduceError, ReplicaReduce};
 use super::threads;
 use super::transport::{Crossbeam, Mailbox, Route, Transport};
 use crate::compute::{LossTarget, StageCompute};
@@ -41,6 +42,11 @@ struct Chunk {
 /// A stage's world: its chunks' layers, parameters, gradients, optimizer state, and channels.
 struct StageWorker {
     index: usize,
+    /// The id this stage reports under: its index, offset by its replica's (data parallelism).
+    slot: usize,
+    /// Data parallelism: this stage's replica, and the sum of its gradients over all replicas.
+    replica: usize,
+    replicas: Option<Arc<dyn ReplicaReduce>>,
     placement: Arc<Vec<usize>>,
     /// This device's chunks, in model order.
     chunks: Vec<Chunk>,
@@ -73,7 +79,7 @@ struct StageWorker {
 }
 
 pub(super) fn run_stage(setup: StageSetup) {
-    let index = setup.index;
+    let index = setup.slot;
     let reports = setup.reports.clone();
     // Without a shared pool the whole stage runs inside its own pool, so every rayon loop it
     // starts (its kernels, candle's parallel ops, gemm's tasks) stays on its budget. With one,
@@ -197,6 +203,9 @@ impl StageWorker {
             .collect();
         Ok(Self {
             index: setup.index,
+            slot: setup.slot,
+            replica: setup.replica,
+            replicas: setup.replicas,
             placement: setup.placement,
             chunks,
             store,
@@ -261,7 +270,7 @@ impl StageWorker {
         self.waiting = Duration::ZERO;
         let outcome = work(self)?;
         let busy = started.elapsed().saturating_sub(self.waiting);
-        self.report(Report::Done { stage: self.index, outcome, busy })
+        self.report(Report::Done { stage: self.slot, outcome, busy })
     }
 
     fn report(&self, report: Report) -> StageResult<()> {
@@ -542,6 +551,7 @@ impl StageWorker {
                 grads.insert(name, sum);
             }
         }
+        self.sum_over_replicas(&mut grads)?;
         let tied: HashSet<&String> = self.tied.iter().collect();
         let mut untied = Vec::new();
         let mut tied_grads = Vec::new();
@@ -562,7 +572,7 @@ impl StageWorker {
         }
         // One reduction and one read for the whole stage (a host sync per step on a GPU).
         let sq_norm = on_pool(self.shared_pool.as_deref(), || squared_norm_sum(&untied))?;
-        self.transport.contribute(self.index, tied_grads, sq_norm).map_err(|_| StageStop::Aborted)?;
+        self.transport.contribute(self.slot, tied_grads, sq_norm).map_err(|_| StageStop::Aborted)?;
         let (reduced, clip_scale) = self.wait_for(|w| w.reduced_in.take())?;
         for (name, grad) in reduced {
             grads.insert(name, grad.receive(self.store.device())?);
@@ -592,6 +602,25 @@ impl StageWorker {
         on_pool(self.shared_pool.as_deref(), || optimizer.step_many(&updates, lr, clip_scale))?;
         self.store.refresh_compute_copies(&other_copies)?;
         self.last_grads = grads;
+        Ok(())
+    }
+
+    /// Data parallelism: replaces every gradient by its sum over this stage's replicas (the
+    /// global batch's gradient), before anything reads them. Time spent waiting for the other
+    /// replicas counts as waiting.
+    fn sum_over_replicas(&mut self, grads: &mut BTreeMap<String, Tensor>) -> StageResult<()> {
+        let Some(replicas) = self.replicas.clone() else { return Ok(()) };
+        let names: Vec<String> = grads.keys().cloned().collect();
+        let mine: Vec<Tensor> = std::mem::take(grads).into_values().collect();
+        let started = Instant::now();
+        let summed = replicas.all_reduce(self.index, self.replica, mine).map_err(|e| match e {
+            ReduceError::Aborted => StageStop::Aborted,
+            ReduceError::Failed(why) => StageStop::Failed(None, format!("summing gradients over replicas: {why}")),
+        })?;
+        self.waiting += started.elapsed();
+        for (name, g) in names.into_iter().zip(summed) {
+            grads.insert(name, g.to_device(self.store.device())?);
+        }
         Ok(())
     }
 
