@@ -310,18 +310,6 @@ impl AutogradLayer {
     }
 }
 
-/// What an autograd layer's recorded graph keeps alive until its backward, for memory
-/// accounting: the output and every intermediate candle's autograd reached from a variable
-/// (each a handle; views share their storage, which the engine counts once). The layer's
-/// parameters and its input are variables and are not among them (the caller adds the input).
-/// Not counted: constants that depend on no variable (a mask built inside the forward), which
-/// ops on the graph may also hold.
-fn graph_tensors(output: &Tensor) -> Vec<Tensor> {
-    let graph = output.sorted_nodes().into_iter().filter(|t| !t.is_variable()).cloned();
-    // The output itself may have no graph (a layer that returns a constant); it is kept anyway.
-    graph.chain([output.clone()]).collect()
-}
-
 impl Layer for AutogradLayer {
     fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         self.refresh()?;
@@ -336,7 +324,7 @@ impl Layer for AutogradLayer {
         let y = self.module.forward_t(input.as_ref().unwrap_or(x), true)?;
         // The next layer gets the value only: the graph stays with this layer's backward.
         let out = y.detach();
-        let handles = input.iter().cloned().chain(graph_tensors(&y)).collect();
+        let handles = input.iter().cloned().chain(crate::memory::graph_tensors(&y)).collect();
         Ok((out, Saved::with_handles((input, y), handles)))
     }
 
