@@ -125,8 +125,9 @@
 //!
 //! The built-in models implement [`Layer`](engine::Layer) by hand: forward, input gradient and
 //! weight gradient, with fused kernels, saving only what the backward needs. That is the fast
-//! path: the `custom_transformer` example's hand-written transformer takes several times the
-//! step time and memory of the built-in GPT of the same shape (see the README). Autograd layers
+//! path: the `custom_transformer` example's hand-written transformer takes about 6 times the
+//! CPU time per run and 3.4 times the activation memory of the built-in GPT of the same shape
+//! (measured in the README's "Your own model"). Autograd layers
 //! also copy their parameters into variables before each forward and keep the whole graph.
 //! Start with autograd layers; write a [`LayerSpec`](engine::LayerSpec) and
 //! [`Layer`](engine::Layer) for the layers that dominate the step, or need zero-bubble's
