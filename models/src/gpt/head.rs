@@ -78,8 +78,8 @@ impl Layer for Head {
         let (x, h): (Tensor, Tensor) = saved.take("GPT head")?;
         let (dh, lm_head) = self.lm_head.backward_input(&h, dlogits)?;
         let (dx, ln_f) = self.ln_f.backward_input(&x, &dh.reshape(x.shape())?)?; // (B, T, C)
-        let kept = [lm_head.h.clone(), lm_head.dlogits.clone()];
-        Ok((Some(dx), Saved::with_handles(HeadWeightGrads { lm_head, ln_f }, kept.to_vec())))
+        let kept = vec![lm_head.h.clone(), lm_head.dlogits.clone()];
+        Ok((Some(dx), Saved::with_handles(HeadWeightGrads { lm_head, ln_f }, kept)))
     }
 
     fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {

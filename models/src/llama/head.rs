@@ -86,8 +86,8 @@ impl Layer for Head {
         let (x, h): (Tensor, Tensor) = saved.take("Llama head")?;
         let (dh, lm_head) = self.lm_head.backward_input(&h, dlogits)?;
         let (dx, norm) = self.norm.backward_input(&x, &dh.reshape(x.shape())?)?;
-        let kept = [lm_head.h.clone(), lm_head.dlogits.clone()];
-        Ok((Some(dx), Saved::with_handles(HeadWeightGrads { lm_head, norm }, kept.to_vec())))
+        let kept = vec![lm_head.h.clone(), lm_head.dlogits.clone()];
+        Ok((Some(dx), Saved::with_handles(HeadWeightGrads { lm_head, norm }, kept)))
     }
 
     fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
