@@ -6,7 +6,13 @@
 //!
 //! ```text
 //! cargo run --release --example custom_mlp -- --steps 200
+//! # your own data: a safetensors file with f32 `inputs` (N, 8) and `targets` (N, 2); the last
+//! # 64 rows are held out
+//! cargo run --release --example custom_mlp -- --steps 200 --data regression.safetensors
 //! ```
+//!
+//! (`brigade train` trains the built-in presets only; a model of your own trains through the
+//! Rust API, as here.)
 
 use brigade::candle_nn;
 use brigade::engine::custom::layer_norm;
@@ -16,13 +22,40 @@ use brigade::prelude::*;
 const FEATURES: usize = 8;
 const WIDTH: usize = 32;
 
-/// `--steps N` (default 100).
-fn steps_from_args() -> anyhow::Result<u64> {
+const BATCH: usize = 64;
+
+/// The value of `--name`, if given.
+fn arg(name: &str) -> anyhow::Result<Option<String>> {
     let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == "--steps") {
-        Some(i) => Ok(args.get(i + 1).ok_or_else(|| anyhow::anyhow!("--steps needs a number"))?.parse()?),
-        None => Ok(100),
+    match args.iter().position(|a| a == name) {
+        Some(i) => Ok(Some(args.get(i + 1).ok_or_else(|| anyhow::anyhow!("{name} needs a value"))?.clone())),
+        None => Ok(None),
     }
+}
+
+/// Features and targets from a safetensors file: f32 `inputs` `(N, FEATURES)` and `targets`
+/// `(N, 2)`, at least two batches of rows.
+fn load_features(path: &str) -> anyhow::Result<(Tensor, Tensor)> {
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)?;
+    let mut take = |name: &str, width: usize| -> anyhow::Result<Tensor> {
+        let t = tensors.remove(name).ok_or_else(|| anyhow::anyhow!("{path} has no tensor `{name}`"))?;
+        if t.dtype() != DType::F32 || t.rank() != 2 || t.dim(1)? != width {
+            anyhow::bail!("{path}: `{name}` must be f32 of shape (N, {width}), not {:?} {:?}", t.dtype(), t.dims());
+        }
+        Ok(t)
+    };
+    let (inputs, targets) = (take("inputs", FEATURES)?, take("targets", 2)?);
+    if inputs.dim(0)? != targets.dim(0)? || inputs.dim(0)? < 2 * BATCH {
+        anyhow::bail!("{path}: `inputs` and `targets` need the same number of rows, at least {}", 2 * BATCH);
+    }
+    Ok((inputs, targets))
+}
+
+/// Batch `step` of the file's training rows (all but the last `BATCH`), cycling through them.
+fn file_batch(data: &(Tensor, Tensor), step: u64) -> anyhow::Result<(Tensor, Tensor)> {
+    let batches = (data.0.dim(0)? - BATCH) / BATCH;
+    let start = (step as usize % batches) * BATCH;
+    Ok((data.0.narrow(0, start, BATCH)?, data.1.narrow(0, start, BATCH)?))
 }
 
 /// A batch of the synthetic task: `x` uniform-ish in [-1, 1], `y = sin(3 · x · w)`.
@@ -40,7 +73,8 @@ fn batch(step: u64, size: usize, w: &Tensor) -> anyhow::Result<(Tensor, Tensor)>
 }
 
 fn main() -> anyhow::Result<()> {
-    let steps = steps_from_args()?;
+    let steps: u64 = arg("--steps")?.map(|s| s.parse()).transpose()?.unwrap_or(100);
+    let file = arg("--data")?.map(|path| load_features(&path)).transpose()?;
     let model = Sequential::new("custom-mlp")
         .layer("input", |vb| {
             let fc = candle_nn::linear(FEATURES, WIDTH, vb)?;
@@ -67,7 +101,10 @@ fn main() -> anyhow::Result<()> {
 
     let mut records = Vec::new();
     for step in 0..steps {
-        let (x, y) = batch(step, 64, &w)?;
+        let (x, y) = match &file {
+            Some(data) => file_batch(data, step)?,
+            None => batch(step, BATCH, &w)?,
+        };
         let stats = pipeline.train_step(&x, &y)?;
         if step % 10 == 0 || step + 1 == steps {
             println!("step {step}: loss {:.4}", stats.loss);
@@ -77,13 +114,19 @@ fn main() -> anyhow::Result<()> {
             loss: stats.loss,
             lr: stats.lr,
             grad_norm: stats.grad_norm,
-            items_per_sec: 64.0 / stats.elapsed.as_secs_f64(),
+            items_per_sec: BATCH as f64 / stats.elapsed.as_secs_f64(),
             step_seconds: stats.elapsed.as_secs_f64(),
             data_seconds: 0.0,
             stage_utilization: Vec::new(),
         });
     }
-    let (x, y) = batch(1 << 20, 64, &w)?;
+    let (x, y) = match &file {
+        Some((inputs, targets)) => {
+            let rows = inputs.dim(0)?;
+            (inputs.narrow(0, rows - BATCH, BATCH)?, targets.narrow(0, rows - BATCH, BATCH)?)
+        }
+        None => batch(1 << 20, BATCH, &w)?,
+    };
     println!("held-out loss {:.4}", pipeline.evaluate(&x, &y)?.loss);
 
     let run = Run {
@@ -94,7 +137,7 @@ fn main() -> anyhow::Result<()> {
             stages: 2,
             schedule: "1f1b".into(),
             microbatches: 4,
-            batch_size: 64,
+            batch_size: BATCH,
             unit: "ex/s".into(),
             ..RunInfo::default()
         },

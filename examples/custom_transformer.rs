@@ -99,8 +99,14 @@ fn block(vb: VarBuilder) -> candle_core::Result<impl Module> {
     })
 }
 
-/// Trains `model` for `steps` steps on 2 stages; returns the mean step time after the first.
-fn train(model: &dyn PipelineModel, kind: ScheduleKind, steps: u64, data: &TokenDataset) -> anyhow::Result<Duration> {
+/// Trains `model` for `steps` steps on 2 stages; returns the mean step time after the first
+/// and each stage's most bytes of activations kept for backward steps at once.
+fn train(
+    model: &dyn PipelineModel,
+    kind: ScheduleKind,
+    steps: u64,
+    data: &TokenDataset,
+) -> anyhow::Result<(Duration, Vec<u64>)> {
     let config = PipelineConfig::default()
         .stages(2)
         .schedule(kind)
@@ -110,6 +116,7 @@ fn train(model: &dyn PipelineModel, kind: ScheduleKind, steps: u64, data: &Token
         .seed(0);
     let mut pipeline = Pipeline::new(model, config)?;
     let mut timed = Duration::ZERO;
+    let mut peak_stash = vec![0u64; 2];
     for step in 0..steps {
         let (x, y) = data.batch(Split::Train, step, BATCH, CONTEXT, 0, &Device::Cpu)?;
         let started = Instant::now();
@@ -117,13 +124,16 @@ fn train(model: &dyn PipelineModel, kind: ScheduleKind, steps: u64, data: &Token
         if step > 0 {
             timed += started.elapsed();
         }
+        for (peak, &bytes) in peak_stash.iter_mut().zip(&stats.peak_stash_bytes) {
+            *peak = (*peak).max(bytes);
+        }
         if step % 5 == 0 || step + 1 == steps {
             println!("  {} {kind} step {step}: loss {:.3}", model.name(), stats.loss);
         }
     }
     let (x, y) = data.batch(Split::Validation, 0, BATCH, CONTEXT, 0, &Device::Cpu)?;
     println!("  {} {kind}: held-out loss {:.3}", model.name(), pipeline.evaluate(&x, &y)?.loss);
-    Ok(timed / (steps.saturating_sub(1).max(1) as u32))
+    Ok((timed / (steps.saturating_sub(1).max(1) as u32), peak_stash))
 }
 
 /// Peak resident memory of this process (Linux), for the comparison.
@@ -155,8 +165,15 @@ fn main() -> anyhow::Result<()> {
         let kinds: &[ScheduleKind] =
             if only.is_some() { &[ScheduleKind::OneFOneB] } else { &[ScheduleKind::OneFOneB, ScheduleKind::GPipe] };
         for &kind in kinds {
-            let step = train(model, kind, steps, &data)?;
-            println!("  {} {kind}: {:.1} ms per step", model.name(), step.as_secs_f64() * 1e3);
+            let (step, peak_stash) = train(model, kind, steps, &data)?;
+            let stash: Vec<String> =
+                peak_stash.iter().map(|b| format!("{:.2}", *b as f64 / (1 << 20) as f64)).collect();
+            println!(
+                "  {} {kind}: {:.1} ms per step, peak stash per stage {} MiB",
+                model.name(),
+                step.as_secs_f64() * 1e3,
+                stash.join(" / ")
+            );
         }
     }
     if let Some(rss) = peak_rss_mib() {

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use brigade::candle_nn::{self, Module, VarBuilder};
+use brigade::candle_nn::{self, Module, ModuleT, VarBuilder};
 use brigade::engine::compute::Recompute;
 use brigade::engine::custom::{layer_norm, Sequential, SequentialModel};
 use brigade::engine::optim::{LrSchedule, OptimizerConfig};
@@ -356,4 +356,133 @@ fn bad_definitions_and_batches_are_clear_errors() {
     // Autograd layers compute in f32: mixed precision is refused up front.
     assert!(model.mixed_precision().unwrap_err().contains("f32"));
     let _ = Arc::new(model);
+}
+
+/// Records the `train` flag of every forward it runs (an identity otherwise).
+struct ModeProbe {
+    seen: Arc<std::sync::Mutex<Vec<bool>>>,
+}
+
+impl ModuleT for ModeProbe {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.seen.lock().unwrap().push(train);
+        x.affine(1.0, 0.0)
+    }
+}
+
+/// `proj_in`, a mode probe, candle-nn's dropout (unless `dropout` is false), `proj_out`.
+fn probed_model(seen: &Arc<std::sync::Mutex<Vec<bool>>>, dropout: bool) -> SequentialModel {
+    let seen = seen.clone();
+    let mut model = Sequential::new("probed")
+        .layer("proj_in", |vb| candle_nn::linear(4, WIDTH, vb))
+        .layer("probe", move |_| Ok(ModeProbe { seen: seen.clone() }));
+    if dropout {
+        model = model.layer("dropout", |_| Ok(candle_nn::Dropout::new(0.5)));
+    }
+    model
+        .layer("proj_out", |vb| candle_nn::linear(WIDTH, 3, vb))
+        .loss(LossKind::MeanSquaredError)
+        .input(InputKind::Features { shape: vec![4] })
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn autograd_layers_see_train_and_eval_modes() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let take = || std::mem::take(&mut *seen.lock().unwrap());
+    let (x, y) = features(0, 8, 3);
+    for recompute in [Recompute::Off, Recompute::Full] {
+        let cfg = config(2, 2, Schedule::one_f_one_b(2, 2).unwrap(), recompute);
+        let mut pipe = Pipeline::new(&probed_model(&seen, true), cfg.clone()).unwrap();
+        let mut plain = Pipeline::new(&probed_model(&seen, false), cfg.clone()).unwrap();
+        // Same weights (names and seed), and dropout is off outside training: identical outputs.
+        assert_eq!(
+            pipe.predict(&x).unwrap().to_vec2::<f32>().unwrap(),
+            plain.predict(&x).unwrap().to_vec2::<f32>().unwrap()
+        );
+        take();
+        pipe.train_step(&x, &y).unwrap();
+        let trained = take();
+        // Two micro-batches, and under recomputation each forward runs again before its backward.
+        let forwards = if recompute == Recompute::Full { 4 } else { 2 };
+        assert_eq!(trained, vec![true; forwards], "recompute={recompute}");
+        pipe.evaluate(&x, &y).unwrap();
+        pipe.predict(&x).unwrap();
+        let evaluated = take();
+        assert!(!evaluated.is_empty() && evaluated.iter().all(|train| !train), "{evaluated:?}");
+    }
+    // The single-device reference trains in training mode too.
+    let model = probed_model(&seen, false);
+    let mut reference =
+        ReferenceTrainer::new(&model, OptimizerConfig::sgd(), LrSchedule::constant(0.1), None, 0).unwrap();
+    take();
+    reference.train_step(&x, &y, 2).unwrap();
+    let trained = take();
+    assert!(!trained.is_empty() && trained.iter().all(|train| *train), "{trained:?}");
+}
+
+#[test]
+fn candle_nn_batch_norm_is_refused_when_defined() {
+    let e = Sequential::new("bn")
+        .layer("bn", |vb| candle_nn::batch_norm(4, candle_nn::BatchNormConfig::default(), vb))
+        .loss(LossKind::MeanSquaredError)
+        .input(InputKind::Features { shape: vec![4] })
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bn.running_mean") && e.contains("BatchNorm is not supported"), "{e}");
+}
+
+#[test]
+fn the_stash_counts_what_an_autograd_layer_keeps() {
+    // One layer 4 -> 1024 -> 3 on a batch of 8: the graph keeps three (8, 1024) f32
+    // intermediates (the product, the bias sum, the GELU), 32 KiB each, besides the layer's
+    // small input copy and output. The weights (and views of them) are not activations.
+    const HIDDEN: usize = 1024;
+    let intermediate = (8 * HIDDEN * 4) as u64;
+    let model = Sequential::new("wide")
+        .layer("wide", |vb| {
+            let fc1 = candle_nn::linear(4, HIDDEN, vb.pp("fc1"))?;
+            let fc2 = candle_nn::linear(HIDDEN, 3, vb.pp("fc2"))?;
+            Ok(move |x: &Tensor| fc2.forward(&fc1.forward(x)?.gelu_erf()?))
+        })
+        .loss(LossKind::MeanSquaredError)
+        .input(InputKind::Features { shape: vec![4] })
+        .build()
+        .unwrap();
+    let (x, y) = features(0, 8, 3);
+    for recompute in [Recompute::Off, Recompute::Full] {
+        let mut pipe = Pipeline::new(&model, config(1, 1, Schedule::gpipe(1, 1).unwrap(), recompute)).unwrap();
+        let peak = pipe.train_step(&x, &y).unwrap().peak_stash_bytes[0];
+        assert!((3 * intermediate..4 * intermediate).contains(&peak), "recompute={recompute}: {peak} bytes");
+    }
+}
+
+#[test]
+fn brigade_train_refuses_feature_data_and_points_to_the_rust_api() {
+    // `brigade train` trains the built-in presets; f32 features and targets belong to a model
+    // defined in Rust. Before, a GPT preset read such a file as text and trained on its bytes.
+    let dir = std::env::temp_dir().join(format!("brigade-features-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("regression.safetensors");
+    let (x, y) = features(0, 16, 3);
+    candle_core::safetensors::save(&[("inputs", x), ("targets", y)].into_iter().collect(), &file).unwrap();
+    for model in ["gpt-tiny", "llama-tiny", "resnet-tiny"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_brigade"))
+            .args(["train", "--model", model, "--steps", "1", "--data"])
+            .arg(&file)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{model}: {stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{model}: {stderr}");
+        assert!(
+            errors[0].contains("presets only") && errors[0].contains("examples/custom_mlp.rs"),
+            "{model}: {stderr}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -26,6 +26,20 @@
 //! copies of its parameters, refreshed before each forward (one copy of the layer's parameters
 //! per micro-batch), and on a variable copy of its input. Mixed precision is refused.
 //!
+//! Training and evaluation: a layer's module is a candle-nn [`ModuleT`] (every `Module` is one),
+//! run with `train = true` by every training forward (`F`, its recomputation, the single-device
+//! reference) and `train = false` by evaluation, `predict` and decoding, so candle-nn's
+//! `Dropout` (or a module of the user's) switches itself off outside training. Random ops draw
+//! afresh on each run: under recomputation the backward's forward draws a new dropout mask, so
+//! the gradient is that of the redrawn mask (as with PyTorch's checkpointing without RNG-state
+//! replay), and such a layer cannot match a reference bit for bit. candle-nn's `BatchNorm` is
+//! refused when the model is defined (its running statistics would be trained as parameters).
+//!
+//! Memory: the stash a forward keeps, as `Pipeline` step statistics and `profile` report it,
+//! counts for an autograd layer its input's variable copy, its output and every intermediate
+//! of the recorded graph (each storage once). Not counted: constants built inside the forward
+//! that depend on no parameter or input (a causal mask), which ops of the graph may also hold.
+//!
 //! Known trap: candle-nn's fused `LayerNorm`/`RmsNorm` modules (on contiguous inputs) and
 //! `softmax_last_dim` record no backward: candle's autograd silently stops at them, and plain
 //! candle training would leave everything before them untrained. Here an autograd layer whose
@@ -36,9 +50,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
+use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
-use candle_nn::VarBuilder;
+use candle_nn::{ModuleT, VarBuilder};
 
 use crate::input::{BatchCheck, InputKindCheck};
 use crate::layer::{
@@ -46,8 +60,10 @@ use crate::layer::{
     PipelineModel, Saved,
 };
 
-/// A module that can live on a stage thread.
-pub type BoxedModule = Box<dyn Module + Send>;
+/// A module that can live on a stage thread. [`ModuleT`] so that modules that behave differently
+/// in training and evaluation (candle-nn's `Dropout`) learn which one runs; every candle
+/// `Module` (and every `Fn(&Tensor) -> Result<Tensor>` closure) is one.
+pub type BoxedModule = Box<dyn ModuleT + Send>;
 
 /// What builds an autograd layer's module from its parameters.
 type BuildFn = dyn Fn(VarBuilder) -> Result<BoxedModule> + Send + Sync;
@@ -78,6 +94,9 @@ fn brigade_init(name: &str, shape: &Shape, init: candle_nn::Init) -> Result<Init
         ),
     })
 }
+
+/// The names candle-nn's `batch_norm` gives its running statistics (buffers, not parameters).
+const RUNNING_STATISTICS: [&str; 2] = [".running_mean", ".running_var"];
 
 /// The backend that only records which parameters a layer asks for (names, shapes,
 /// initialisers), so a model's parameter list is known without building it on a stage.
@@ -187,7 +206,7 @@ impl AutogradLayerSpec {
     /// `name`. `build` runs once here (on zeros, to learn the parameters) and once per stage.
     pub fn new<M, F>(name: impl Into<String>, build: F) -> Result<Self>
     where
-        M: Module + Send + 'static,
+        M: ModuleT + Send + 'static,
         F: Fn(VarBuilder) -> Result<M> + Send + Sync + 'static,
     {
         let name = name.into();
@@ -200,6 +219,15 @@ impl AutogradLayerSpec {
         let vb = VarBuilder::from_backend(Box::new(recorder), DType::F32, Device::Cpu).pp(&name);
         build(vb).map_err(|e| candle_core::Error::Msg(format!("defining layer {name}: {e}")))?;
         let params = specs.lock().map_err(|_| candle_core::Error::Msg("parameter recorder poisoned".into()))?.clone();
+        if let Some(stat) = params.iter().find(|p| RUNNING_STATISTICS.iter().any(|s| p.name.ends_with(s))) {
+            candle_core::bail!(
+                "layer {name}: {} is a batch norm's running statistic, which an autograd layer would train as a \
+                 parameter; candle-nn's BatchNorm is not supported in autograd layers (its statistics are buffers, \
+                 updated once per micro-batch, which these layers cannot keep yet): use an explicit layer, or a norm \
+                 without running statistics such as brigade_engine::custom::layer_norm",
+                stat.name
+            );
+        }
         Ok(Self { name, build, params })
     }
 }
@@ -283,9 +311,9 @@ impl AutogradLayer {
 }
 
 impl Layer for AutogradLayer {
-    fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         self.refresh()?;
-        self.module.forward(x)
+        self.module.forward_t(x, mode == Mode::Train)
     }
 
     fn forward_train(&mut self, x: &Tensor, _pass: Pass) -> Result<(Tensor, Saved)> {
@@ -293,10 +321,10 @@ impl Layer for AutogradLayer {
         // A variable copy of a float input, so the backward yields its gradient; integer inputs
         // (token ids) have none.
         let input = if x.dtype().is_float() { Some(Var::from_tensor(&x.detach())?.as_tensor().clone()) } else { None };
-        let y = self.module.forward(input.as_ref().unwrap_or(x))?;
+        let y = self.module.forward_t(input.as_ref().unwrap_or(x), true)?;
         // The next layer gets the value only: the graph stays with this layer's backward.
         let out = y.detach();
-        let handles = input.iter().cloned().chain([y.clone()]).collect();
+        let handles = input.iter().cloned().chain(crate::memory::graph_tensors(&y)).collect();
         Ok((out, Saved::with_handles((input, y), handles)))
     }
 
@@ -381,7 +409,7 @@ impl Sequential {
     /// [`VarBuilder`] prefixed with `name`. Errors surface in [`Sequential::build`].
     pub fn layer<M, F>(mut self, name: impl Into<String>, build: F) -> Self
     where
-        M: Module + Send + 'static,
+        M: ModuleT + Send + 'static,
         F: Fn(VarBuilder) -> Result<M> + Send + Sync + 'static,
     {
         self.autograd = true;
@@ -566,7 +594,7 @@ pub struct LayerNorm {
     eps: f64,
 }
 
-impl Module for LayerNorm {
+impl candle_core::Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let size = x.dim(candle_core::D::Minus1)? as f64;
         let centred = x.broadcast_sub(&(x.sum_keepdim(candle_core::D::Minus1)? / size)?)?;

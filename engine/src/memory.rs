@@ -34,6 +34,29 @@ pub fn retained_bytes(output: &Tensor) -> u64 {
     total
 }
 
+/// Handles to what the autograd graph behind `output` keeps alive until its backward: the
+/// output and every intermediate reached from a variable, for callers that count bytes with
+/// other tensors (each storage once). Variables and views of their storage (a transposed
+/// weight) are left out: parameters and an autograd layer's input copy, which the caller
+/// counts itself. Not included: constants that depend on no variable (a mask built in the
+/// forward), which ops of the graph may also hold.
+pub fn graph_tensors(output: &Tensor) -> Vec<Tensor> {
+    let nodes = output.sorted_nodes();
+    let variables: HashSet<usize> = nodes.iter().filter(|t| t.is_variable()).map(|t| storage_key(t)).collect();
+    let mut kept: Vec<Tensor> = nodes.into_iter().filter(|t| !variables.contains(&storage_key(t))).cloned().collect();
+    // The output itself may have no graph (a layer returning a constant); it is kept anyway.
+    if !kept.iter().any(|t| t.id() == output.id()) {
+        kept.push(output.clone());
+    }
+    kept
+}
+
+/// The address of `t`'s storage, which identifies the allocation (views share it).
+fn storage_key(t: &Tensor) -> usize {
+    let (storage, _) = t.storage_and_layout();
+    &*storage as *const Storage as usize
+}
+
 /// Bytes held by `t`'s own storage (the whole allocation, even if `t` is a view of part of it).
 pub fn tensor_bytes(t: &Tensor) -> u64 {
     let (storage, layout) = t.storage_and_layout();
@@ -79,6 +102,13 @@ mod tests {
         // Nothing trainable behind a plain tensor: autograd keeps nothing.
         assert_eq!(retained_bytes(&x.relu()?), 0);
         assert_eq!(tensor_bytes(&t), 128);
+        // The graph's handles: h, r and the view t, not the weight nor its transposed view.
+        let wt = w.as_tensor().t()?;
+        let out = x.matmul(&wt)?.relu()?;
+        let kept = graph_tensors(&out);
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        assert!(kept.iter().all(|k| storage_key(k) != storage_key(&wt)));
+        assert_eq!(graph_tensors(&t).len(), 3);
         Ok(())
     }
 }

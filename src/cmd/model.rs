@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use brigade::engine::{PipelineModel, StageDevice};
-use brigade::models::data::{Augment, ImageDataset, TokenDataset};
+use brigade::models::data::{Augment, DataError, ImageDataset, TokenDataset};
 use brigade::models::ModelConfig;
 use brigade::tokenizer::TextTokenizer;
 use brigade::train::Dataset;
@@ -144,6 +144,11 @@ impl ModelArgs {
             ModelConfig::Llama(cfg) => Some(cfg.vocab_size),
             ModelConfig::Resnet(_) => None,
         };
+        if let (Some(path), Some(_)) = (&self.data, token_vocab) {
+            if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors")) {
+                bail!("{}", not_preset_data(path));
+            }
+        }
         Ok(match (config, token_vocab) {
             (_, Some(vocab)) => Dataset::Tokens(match (&self.data, self.text_tokenizer()?) {
                 (Some(path), Some(tok)) if !is_token_file(path) => tokenized_text(path, &tok, vocab)?,
@@ -166,7 +171,14 @@ impl ModelArgs {
                     ImageDataset::from_image_folder(path, self.image_size)?.with_augment(self.augment())
                 }
                 Some(path) => {
-                    let images = ImageDataset::from_safetensors(path)?;
+                    let images = ImageDataset::from_safetensors(path).map_err(|e| match &e {
+                        DataError::MissingTensor { present, .. }
+                            if present.split(", ").any(|n| ["inputs", "features", "targets"].contains(&n)) =>
+                        {
+                            anyhow::anyhow!("{}", not_preset_data(path))
+                        }
+                        _ => e.into(),
+                    })?;
                     let (_, height, width) = images.image_shape();
                     if height == width {
                         self.check_image_size_applies(path, height)?;
@@ -225,6 +237,18 @@ fn is_cifar(path: &std::path::Path) -> bool {
 }
 
 /// A nanoGPT-style token file (`.bin`), as opposed to text.
+/// The refusal of data for a model `brigade train` has no preset for (f32 features and
+/// targets): such models are defined in Rust, and the CLI trains the built-in presets only.
+fn not_preset_data(path: &std::path::Path) -> String {
+    format!(
+        "{} is not data for a preset: `brigade train` reads a safetensors file only as a ResNet image set \
+         (`images`, `labels`) and trains the built-in presets only (`brigade presets`); a model of your own, such as \
+         one on f32 features and targets, trains through the Rust API (see examples/custom_mlp.rs and the \
+         \"Defining a model\" guide)",
+        path.display()
+    )
+}
+
 fn is_token_file(path: &std::path::Path) -> bool {
     path.extension().is_some_and(|e| e.eq_ignore_ascii_case("bin"))
 }

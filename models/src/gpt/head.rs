@@ -6,7 +6,7 @@ use candle_core::{Result, Tensor};
 use super::check_hidden;
 use super::embedding::wte_spec;
 use super::GptConfig;
-use crate::blocks::{get_all, layer_norm_specs, LayerNorm, LayerNormGrads, Param};
+use crate::blocks::{get_all, layer_norm_specs, LayerNorm, LayerNormGrads, LmHead, LmHeadGrads};
 
 #[derive(Debug, Clone)]
 pub struct HeadSpec {
@@ -30,7 +30,7 @@ impl LayerSpec for HeadSpec {
         Ok(Box::new(Head {
             n_positions: self.cfg.n_positions,
             ln_f: LayerNorm { weight: w, bias: b, eps: self.cfg.layer_norm_epsilon },
-            wte,
+            lm_head: LmHead { table: wte },
         }))
     }
 }
@@ -39,24 +39,23 @@ impl LayerSpec for HeadSpec {
 pub(super) struct Head {
     pub(super) n_positions: usize,
     pub(super) ln_f: LayerNorm,
-    pub(super) wte: Param, // (V, C)
+    pub(super) lm_head: LmHead, // over the tied token table (V, C)
 }
 
-/// What the head's weight step needs: the tied table's gradient is `dlogitsᵀ h`.
+/// What the head's weight step needs: the tied table's and `ln_f`'s.
 pub(super) struct HeadWeightGrads {
-    pub(super) h: Tensor,
-    pub(super) dlogits: Tensor,
+    pub(super) lm_head: LmHeadGrads,
     pub(super) ln_f: LayerNormGrads,
 }
 
 impl Head {
     /// `(B, T, C)` → normalised `(B·T, C)` and logits `(B, T, V)`.
     fn logits(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (v, c) = self.wte.value.dims2()?;
+        let (_, c) = self.lm_head.dims()?;
         check_hidden(x, c, self.n_positions, "GPT head")?;
         let (b, t, _) = x.dims3()?;
         let h = self.ln_f.forward(x)?.reshape((b * t, c))?; // (B·T, C)
-        let logits = brigade_kernels::linear(&h, &self.wte.value.t()?, None, None)?.reshape((b, t, v))?; // (B, T, V)
+        let logits = self.lm_head.forward(&h, b, t)?; // (B, T, V)
         Ok((h, logits))
     }
 }
@@ -77,17 +76,15 @@ impl Layer for Head {
 
     fn backward_input(&mut self, saved: Saved, dlogits: &Tensor, _need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
         let (x, h): (Tensor, Tensor) = saved.take("GPT head")?;
-        let (b, t, v) = dlogits.dims3()?;
-        let dlogits = dlogits.reshape((b * t, v))?;
-        let dh = brigade_kernels::linear(&dlogits, &self.wte.value, None, None)?.reshape(x.shape())?; // (B, T, C)
-        let (dx, ln_f) = self.ln_f.backward_input(&x, &dh)?;
-        let saved = Saved::new(HeadWeightGrads { h: h.clone(), dlogits: dlogits.clone(), ln_f }, &[&h, &dlogits]);
-        Ok((Some(dx), saved))
+        let (dh, lm_head) = self.lm_head.backward_input(&h, dlogits)?;
+        let (dx, ln_f) = self.ln_f.backward_input(&x, &dh.reshape(x.shape())?)?; // (B, T, C)
+        let kept = vec![lm_head.h.clone(), lm_head.dlogits.clone()];
+        Ok((Some(dx), Saved::with_handles(HeadWeightGrads { lm_head, ln_f }, kept)))
     }
 
     fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
         let w: HeadWeightGrads = saved.take("GPT head")?;
         self.ln_f.backward_weight(&w.ln_f, grads)?;
-        grads.add_matmul(&self.wte.name, &w.dlogits.t()?, &w.h)
+        self.lm_head.backward_weight(&w.lm_head, grads)
     }
 }

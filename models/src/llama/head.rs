@@ -8,7 +8,7 @@ use super::check_hidden;
 use super::config::INIT_STD;
 use super::embedding::embed_spec;
 use super::LlamaConfig;
-use crate::blocks::{get_all, rms_norm_spec, Param, RmsNorm, RmsNormGrads};
+use crate::blocks::{get_all, rms_norm_spec, LmHead, LmHeadGrads, RmsNorm, RmsNormGrads};
 
 pub(super) const LM_HEAD: &str = "lm_head.weight";
 
@@ -38,7 +38,7 @@ impl LayerSpec for HeadSpec {
         Ok(Box::new(Head {
             context: self.cfg.max_position_embeddings,
             norm: RmsNorm { weight: norm, eps: self.cfg.rms_norm_eps },
-            table,
+            lm_head: LmHead { table },
         }))
     }
 }
@@ -47,24 +47,23 @@ impl LayerSpec for HeadSpec {
 pub(super) struct Head {
     pub(super) context: usize,
     pub(super) norm: RmsNorm,
-    pub(super) table: Param, // (V, C)
+    pub(super) lm_head: LmHead, // over its own or the tied table (V, C)
 }
 
-/// What the head's weight step needs: the table's gradient is `dlogitsᵀ h`.
+/// What the head's weight step needs: the table's and the norm's.
 pub(super) struct HeadWeightGrads {
-    pub(super) h: Tensor,
-    pub(super) dlogits: Tensor,
+    pub(super) lm_head: LmHeadGrads,
     pub(super) norm: RmsNormGrads,
 }
 
 impl Head {
     /// `(B, T, C)` → normalised `(B·T, C)` and logits `(B, T, V)`.
     fn logits(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (v, c) = self.table.value.dims2()?;
+        let (_, c) = self.lm_head.dims()?;
         check_hidden(x, c, self.context, "Llama head")?;
         let (b, t, _) = x.dims3()?;
         let h = self.norm.forward(x)?.reshape((b * t, c))?;
-        let logits = brigade_kernels::linear(&h, &self.table.value.t()?, None, None)?.reshape((b, t, v))?;
+        let logits = self.lm_head.forward(&h, b, t)?;
         Ok((h, logits))
     }
 }
@@ -85,17 +84,15 @@ impl Layer for Head {
 
     fn backward_input(&mut self, saved: Saved, dlogits: &Tensor, _need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
         let (x, h): (Tensor, Tensor) = saved.take("Llama head")?;
-        let (b, t, v) = dlogits.dims3()?;
-        let dlogits = dlogits.reshape((b * t, v))?;
-        let dh = brigade_kernels::linear(&dlogits, &self.table.value, None, None)?.reshape(x.shape())?;
-        let (dx, norm) = self.norm.backward_input(&x, &dh)?;
-        let saved = Saved::new(HeadWeightGrads { h: h.clone(), dlogits: dlogits.clone(), norm }, &[&h, &dlogits]);
-        Ok((Some(dx), saved))
+        let (dh, lm_head) = self.lm_head.backward_input(&h, dlogits)?;
+        let (dx, norm) = self.norm.backward_input(&x, &dh.reshape(x.shape())?)?;
+        let kept = vec![lm_head.h.clone(), lm_head.dlogits.clone()];
+        Ok((Some(dx), Saved::with_handles(HeadWeightGrads { lm_head, norm }, kept)))
     }
 
     fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()> {
         let w: HeadWeightGrads = saved.take("Llama head")?;
         self.norm.backward_weight(&w.norm, grads)?;
-        grads.add_matmul(&self.table.name, &w.dlogits.t()?, &w.h)
+        self.lm_head.backward_weight(&w.lm_head, grads)
     }
 }
