@@ -175,7 +175,7 @@ fn profile_plan_and_bench_run_end_to_end() {
             serde_json::from_slice(&std::fs::read(bench_dir.join("bench.json")).unwrap()).unwrap();
         assert_eq!(json["rows"].as_array().unwrap().len(), 2);
         assert!(json["rows"].as_array().unwrap().iter().all(|r| r["steps"] == 3), "{json}");
-        let rounds = json["round_medians_s"].as_array().unwrap();
+        let rounds = json["rounds_by_run"].as_array().unwrap();
         assert!(rounds.iter().all(|r| r["round_medians_s"].as_array().unwrap().len() == 3), "{json}");
         assert!(json["noise"]["apart"].as_f64().unwrap() >= 0.0, "{json}");
         assert!(json["simulator"]["mean_abs_error"].as_f64().unwrap() >= 0.0, "{json}");

@@ -284,7 +284,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "rows": rows,
-        "round_medians_s": combined.iter().map(|c| serde_json::json!({
+        "rounds_by_run": combined.iter().map(|c| serde_json::json!({
             "run_name": c.row.run_name,
             "round_medians_s": c.round_medians_s,
             "spread": c.spread(),
