@@ -142,6 +142,15 @@ fn profile_reports_sizes_from_shapes_and_positive_times() {
 }
 
 #[test]
+fn the_stage_order_split_times_both_backwards() {
+    let model = brigade::models::preset("gpt-tiny").unwrap();
+    let data = Dataset::Tokens(TokenDataset::embedded(0));
+    let (x, y) = batch(&data, model.as_ref(), 0, 2, Some(16), 0).unwrap();
+    let split = brigade::engine::profile::stage_order_split(model.as_ref(), &x, &y, &quick_profile_options()).unwrap();
+    assert!(split.fused_s > 0.0 && split.split_s > 0.0 && split.overhead().is_finite(), "{split:?}");
+}
+
+#[test]
 fn a_bench_run_reports_consistent_numbers_and_timelines() {
     let model = brigade::models::preset("gpt-tiny").unwrap();
     let data = Dataset::Tokens(TokenDataset::embedded(0));

@@ -378,6 +378,98 @@ fn profile_in_pool(
     })
 }
 
+/// The whole model's backward in stage order, fused and split: what a zero-bubble schedule
+/// changes beyond each layer's `I + W` timed back to back (per layer in [`LayerProfile`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StageOrderSplit {
+    /// Two micro-batches' fused backwards after their forwards (`F0 F1 B0 B1`), seconds.
+    pub fused_s: f64,
+    /// The same split, each `W` deferred behind the other micro-batch's `I` as zero-bubble
+    /// schedules defer it (`F0 F1 I0 I1 W0 W1`), seconds of backward.
+    pub split_s: f64,
+}
+
+impl StageOrderSplit {
+    /// `(split − fused) / fused`.
+    pub fn overhead(&self) -> f64 {
+        (self.split_s - self.fused_s) / self.fused_s.max(1e-12)
+    }
+}
+
+/// Runs the whole model as one stage on two copies of the micro-batch `inputs` / `targets`
+/// and times the backward part of `F0 F1 B0 B1` against `F0 F1 I0 I1 W0 W1`: the lowest over
+/// `rounds` of the median of `repeats`, in a pool of `threads`, as [`profile_model`] times.
+pub fn stage_order_split(
+    model: &dyn PipelineModel,
+    inputs: &Tensor,
+    targets: &Tensor,
+    options: &ProfileOptions,
+) -> Result<StageOrderSplit> {
+    if options.repeats == 0 || options.threads == 0 {
+        return Err(EngineError::Config("profiling needs at least one repeat and one thread".into()));
+    }
+    crate::pipeline::check_thread_budget(options.threads)?;
+    start_elementwise_pool();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(options.threads)
+        .build()
+        .map_err(|e| EngineError::Config(format!("profiler thread pool: {e}")))?;
+    pool.install(|| {
+        let device = options.device.open()?;
+        let (inputs, targets) = (inputs.to_device(&device)?, targets.to_device(&device)?);
+        let specs = model.layers();
+        let mut store = ParamStore::new(device.clone(), options.seed);
+        for spec in crate::layer::unique_params(&specs) {
+            store.get(&spec)?;
+        }
+        let mut view = store.shared_view();
+        let layers = specs.iter().map(|s| s.build(&mut view)).collect::<candle_core::Result<Vec<_>>>()?;
+        let mut compute = StageCompute::new(layers, false, Some(model.loss()), Recompute::Off);
+        let target = LossTarget { targets: targets.clone(), global_terms: 2 * loss_terms(&targets) };
+        let done = || device.synchronize();
+        let (mut best_fused, mut best_split) = (f64::INFINITY, f64::INFINITY);
+        for _round in 0..options.rounds.max(1) {
+            let (mut fused, mut split) = (Vec::new(), Vec::new());
+            for run in 0..options.warmup + options.repeats {
+                for mb in 0..2 {
+                    compute.forward(mb, &inputs, Some(target.clone()))?;
+                }
+                done()?;
+                let t0 = Instant::now();
+                for mb in 0..2 {
+                    compute.backward(mb, None)?;
+                }
+                done()?;
+                let t1 = Instant::now();
+                // Each phase starts from empty gradient sums (the first micro-batch's W sets
+                // them, the second adds), so both accumulate alike.
+                compute.take_gradients();
+                for mb in 0..2 {
+                    compute.forward(mb, &inputs, Some(target.clone()))?;
+                }
+                done()?;
+                let t2 = Instant::now();
+                for mb in 0..2 {
+                    compute.backward_input(mb, None)?;
+                }
+                for mb in 0..2 {
+                    compute.backward_weight(mb)?;
+                }
+                done()?;
+                let t3 = Instant::now();
+                compute.take_gradients();
+                if run >= options.warmup {
+                    fused.push((t1 - t0).as_secs_f64());
+                    split.push((t3 - t2).as_secs_f64());
+                }
+            }
+            best_fused = best_fused.min(median(&mut fused));
+            best_split = best_split.min(median(&mut split));
+        }
+        Ok(StageOrderSplit { fused_s: best_fused, split_s: best_split })
+    })
+}
+
 /// Runs the model as a one-stage pipeline (1F1B, the profile's optimizer, threads and device)
 /// on the profiled micro-batch repeated m = 1, 2 and 4 times, and fits what the step takes
 /// beyond the layers' and optimizer's profiled times. Each step time is measured as the layer

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use brigade::bench::{balanced_time_strategy, profile_on_data};
 use brigade::engine::partition::PartitionStrategy;
-use brigade::engine::profile::{Profile, ProfileOptions};
+use brigade::engine::profile::{stage_order_split, Profile, ProfileOptions};
 use brigade::engine::PipelineModel;
 use brigade::train::Dataset;
 use clap::Args;
@@ -65,6 +65,16 @@ pub fn run(args: ProfileArgs) -> Result<()> {
     };
     let profile = profile_on_data(model.as_ref(), &data, args.microbatch_size, args.model.context, &options)?;
     eprint!("{}", split_table(&profile));
+    // The same in stage order: each W deferred behind another micro-batch's I, as zero-bubble
+    // schedules run it (its data no longer warm from its I).
+    let (x, y) = brigade::bench::batch(&data, model.as_ref(), 0, args.microbatch_size, args.model.context, args.seed)?;
+    let order = stage_order_split(model.as_ref(), &x, &y, &options)?;
+    eprintln!(
+        "whole model in stage order, 2 micro-batches: F0 F1 B0 B1 backward {:.3} ms, F0 F1 I0 I1 W0 W1 backward {:.3} ms: {:+.1}%",
+        1e3 * order.fused_s,
+        1e3 * order.split_s,
+        100.0 * order.overhead()
+    );
     let json = serde_json::to_string_pretty(&profile)?;
     match &args.out {
         Some(path) => {
