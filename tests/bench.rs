@@ -117,6 +117,8 @@ fn profile_reports_sizes_from_shapes_and_positive_times() {
         // Every gpt-tiny layer has weights: the weight gradient is timed work of its own, not
         // a share of the backward (`backward_s` is I + W by construction).
         assert!(spec.param_count() > 0 && l.backward_weight_s > 0.0, "{l:?}");
+        // The fused backward is timed too, so that the split's cost can be read off.
+        assert!(l.backward_fused_s > 0.0 && l.split_overhead().is_some_and(f64::is_finite), "{l:?}");
     }
     // gpt-tiny: width 64, so a block sends (2, 16, 64) f32 downstream and keeps more than that.
     let block = &profile.layers[1];
@@ -137,6 +139,15 @@ fn profile_reports_sizes_from_shapes_and_positive_times() {
         );
         assert!((a.forward_s - b.forward_s).abs() <= 1e-15 && (a.backward_s - b.backward_s).abs() <= 1e-15);
     }
+}
+
+#[test]
+fn the_stage_order_split_times_both_backwards() {
+    let model = brigade::models::preset("gpt-tiny").unwrap();
+    let data = Dataset::Tokens(TokenDataset::embedded(0));
+    let (x, y) = batch(&data, model.as_ref(), 0, 2, Some(16), 0).unwrap();
+    let split = brigade::engine::profile::stage_order_split(model.as_ref(), &x, &y, &quick_profile_options()).unwrap();
+    assert!(split.fused_s > 0.0 && split.split_s > 0.0 && split.overhead().is_finite(), "{split:?}");
 }
 
 #[test]

@@ -28,6 +28,7 @@ fn bad_bench_input_gets_one_clear_line() {
     assert_fails_with(&["train", "--steps", "1", "--devices", "cpu,cpu,cpu"], "3 devices for 2 stages");
 
     assert_fails_with(&["bench", "--layouts", "0"], "at least one stage");
+    assert_fails_with(&["bench", "--rounds", "0"], "--rounds must be at least 1");
     assert_fails_with(&["bench", "--layouts", "2x"], "bad layout \"2x\"");
     assert_fails_with(&["bench", "--microbatches", "3"], "batch size 16 is not divisible by 3 micro-batches");
     assert_fails_with(&["bench", "--schedules", "zigzag"], "unknown schedule `zigzag`");
@@ -165,9 +166,19 @@ fn profile_plan_and_bench_run_end_to_end() {
         assert!(stdout.contains("ctx=16, embd=64, layers=2, heads=4) | 1 4 (uniform) | 1f1b | 1 | 2 |"), "{stdout}");
         assert!(stdout.contains("ctx=16, embd=64, layers=2, heads=4) | 2 2,2 (uniform) | 1f1b | 1 | 2 |"), "{stdout}");
         assert!(stdout.contains("simulator's worst error"), "{stdout}");
+        // Three rounds (the default) of one step each, and the first configuration twice per
+        // round: its two copies' gap is the noise, set beside the simulator's error.
+        assert!(stdout.contains("3 round(s) of 1 measured step(s) per configuration"), "{stdout}");
+        assert!(stdout.contains("noise: 1 stage(s), 1f1b, m=2 ran twice per round"), "{stdout}");
+        assert!(stdout.contains("simulator against the noise: mean |error| "), "{stdout}");
         let json: serde_json::Value =
             serde_json::from_slice(&std::fs::read(bench_dir.join("bench.json")).unwrap()).unwrap();
         assert_eq!(json["rows"].as_array().unwrap().len(), 2);
+        assert!(json["rows"].as_array().unwrap().iter().all(|r| r["steps"] == 3), "{json}");
+        let rounds = json["rounds_by_run"].as_array().unwrap();
+        assert!(rounds.iter().all(|r| r["round_medians_s"].as_array().unwrap().len() == 3), "{json}");
+        assert!(json["noise"]["apart"].as_f64().unwrap() >= 0.0, "{json}");
+        assert!(json["simulator"]["mean_abs_error"].as_f64().unwrap() >= 0.0, "{json}");
         for run in [
             "gpt_vocab_256_ctx_16_embd_64_layers_2_heads_4-p1-1f1b-m2",
             "gpt_vocab_256_ctx_16_embd_64_layers_2_heads_4-p2-1f1b-m2",

@@ -355,6 +355,7 @@ mod tests {
                     backward_s: 2e-3 * scale,
                     backward_input_s: 2e-3 * scale,
                     backward_weight_s: 0.0,
+                    backward_fused_s: 2e-3 * scale,
                     optimizer_s: 0.0,
                     activation_bytes: 1000 * b as u64,
                     input_bytes_kept: 0,

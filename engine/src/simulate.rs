@@ -923,6 +923,7 @@ mod tests {
             backward_s: 2.0,
             backward_input_s: 2.0,
             backward_weight_s: 0.0,
+            backward_fused_s: 2.0,
             optimizer_s: 0.25,
             activation_bytes: 0,
             input_bytes_kept: 0,
