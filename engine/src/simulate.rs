@@ -980,6 +980,7 @@ mod tests {
             backward_s: backward,
             backward_input_s: backward,
             backward_weight_s: 0.0,
+            backward_fused_s: backward,
             optimizer_s: 0.0,
             activation_bytes: 0,
             input_bytes_kept: 0,

@@ -314,6 +314,8 @@ pub fn modelled_profile(preset: &str, gpu: &GpuArgs) -> Result<Profile> {
                 backward_s: (2.0 * products + 2.0 * scores) / flops_per_s,
                 backward_input_s: (products + 2.0 * scores) / flops_per_s,
                 backward_weight_s: products / flops_per_s,
+                // The FLOP model has no split overhead: a fused B costs I + W.
+                backward_fused_s: (2.0 * products + 2.0 * scores) / flops_per_s,
                 optimizer_s: 28.0 * param_count as f64 / (gpu.hbm_gbps * 1e9),
                 activation_bytes,
                 input_bytes_kept: 0,
