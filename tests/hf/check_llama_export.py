@@ -37,14 +37,13 @@ def main():
         return 0
 
     tok = transformers.AutoTokenizer.from_pretrained(args.export)
-    model, info = transformers.LlamaForCausalLM.from_pretrained(
-        args.export, output_loading_info=True, torch_dtype=torch.float32
-    )
+    model, info = transformers.LlamaForCausalLM.from_pretrained(args.export, output_loading_info=True)
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         print(f"FAIL: loading {args.export}: {bad}")
         return 1
-    model.eval()
+    # brigade generates from its f32 checkpoint, whatever --dtype the export has.
+    model = model.float().eval()
 
     inputs = tok(args.prompt, return_tensors="pt")
     with torch.no_grad():
