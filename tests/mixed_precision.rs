@@ -69,7 +69,7 @@ fn bf16_mixed_precision_follows_the_f32_loss_curve() {
 fn bf16_llama_follows_the_f32_loss_curve_within_one_percent() {
     let model = || Llama::new(LlamaConfig::preset("llama-tiny").unwrap()).unwrap();
     let (f32_losses, _) = losses_of(&model(), DType::F32);
-    let (bf16_losses, pipe) = losses_of(&model(), DType::BF16);
+    let (bf16_losses, mut pipe) = losses_of(&model(), DType::BF16);
     let gaps = common::assert_bf16_follows_f32("llama-tiny bf16 on the CPU", &f32_losses, &bf16_losses);
     let (step, worst) = gaps.iter().enumerate().fold((0, 0.0), |a, (i, &g)| if g > a.1 { (i, g) } else { a });
     assert!(worst < 0.01, "step {}: f32 {} vs bf16 {} ({worst:.4})", step + 1, f32_losses[step], bf16_losses[step]);

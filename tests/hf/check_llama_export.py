@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Check a `brigade export` of a Llama checkpoint in Hugging Face transformers: the directory
 loads with `AutoTokenizer.from_pretrained` and `LlamaForCausalLM.from_pretrained` (no missing
-or unexpected keys), and transformers' greedy `generate` writes the same text as
-`brigade generate` on the checkpoint it was exported from.
+or unexpected keys); transformers' greedy `generate` writes the same text as `brigade generate`
+on the checkpoint it was exported from; and the logits of that text (every position) match
+`brigade predict`'s to --tol. (A small model's greedy text is often one token repeated, which
+few mistakes would change; the logits catch the rest.)
 
     check_llama_export.py --brigade BIN --checkpoint RUN --export DIR [--prompt TEXT] [--tokens N]
 
@@ -27,6 +29,7 @@ def main():
     p.add_argument("--export", required=True, help="the directory `brigade export` wrote")
     p.add_argument("--prompt", default="The model")
     p.add_argument("--tokens", type=int, default=24)
+    p.add_argument("--tol", type=float, default=1e-4, help="largest |logit difference| allowed")
     args = p.parse_args()
 
     try:
@@ -74,7 +77,32 @@ def main():
     if not same:
         print("FAIL: greedy generations differ")
         return 1
-    print(f"OK: {args.tokens} greedy tokens agree ({type(tok).__name__}, transformers {transformers.__version__})")
+
+    # The logits of the whole generated sequence, in transformers and in brigade.
+    import os
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ids_file, logits_file = os.path.join(tmp, "ids.safetensors"), os.path.join(tmp, "logits.safetensors")
+        save_file({"input_ids": out.contiguous()}, ids_file)
+        run = subprocess.run(
+            [args.brigade, "predict", "--checkpoint", args.checkpoint, "--input", ids_file, "--output", logits_file],
+            capture_output=True, text=True, check=False,
+        )
+        if run.returncode != 0:
+            print(f"FAIL: brigade predict exited {run.returncode}:\n{run.stderr}")
+            return 1
+        brigade_logits = load_file(logits_file)["logits"].double()
+    with torch.no_grad():
+        hf_logits = model(input_ids=out).logits.double()
+    diff = (hf_logits - brigade_logits).abs().max().item()
+    print(f"logits         max |transformers - brigade predict| {diff:.2e} over {tuple(hf_logits.shape)}")
+    if not diff <= args.tol:
+        print(f"FAIL: logits differ by more than {args.tol}")
+        return 1
+    print(f"OK: {args.tokens} greedy tokens and the logits agree ({type(tok).__name__}, transformers {transformers.__version__})")
     return 0
 
 
