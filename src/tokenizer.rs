@@ -8,6 +8,10 @@
 //! `<|endoftext|>` as the one special token. Saved beside exported weights, it loads with
 //! `transformers.AutoTokenizer.from_pretrained(dir)`.
 //!
+//! A byte-level run (no tokenizer: ids are the text's bytes) exports [`TextTokenizer::bytes`]:
+//! the same 256 byte symbols with no merges, so id `b` is byte `b` and transformers'
+//! `AutoTokenizer` encodes text exactly as brigade's byte-level data and `generate` do.
+//!
 //! Large files are encoded in parallel in chunks cut only where GPT-2's pre-tokeniser would
 //! cut anyway (after a newline between two non-spaces), so the ids are exactly those of
 //! encoding the whole text at once.
@@ -133,6 +137,20 @@ impl TextTokenizer {
         Ok(Self::new(tokenizer, format!("byte-level BPE trained on {}", names.join(", "))))
     }
 
+    /// The byte-level tokenizer of runs without one: id `b` is byte `b` (256 tokens, no merges,
+    /// no special tokens), written in byte-level BPE form (GPT-2's printable stand-ins for the
+    /// bytes) so that Hugging Face's fast tokenizer loads it and encodes bytes to the same ids.
+    pub fn bytes() -> Self {
+        let vocab: tokenizers::models::bpe::Vocab =
+            byte_symbols().iter().enumerate().map(|(byte, symbol)| (symbol.to_string(), byte as u32)).collect();
+        let bpe = BPE::builder().vocab_and_merges(vocab, Vec::new()).build().expect("256 distinct symbols, no merges");
+        let mut tokenizer = Tokenizer::new(bpe);
+        // No regex split: with no merges the pieces do not matter, and every byte is its own token.
+        tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, false)));
+        tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+        Self::new(tokenizer, "bytes (id = byte)".into())
+    }
+
     pub fn source(&self) -> &str {
         &self.source
     }
@@ -225,6 +243,24 @@ impl TextTokenizer {
     }
 }
 
+/// GPT-2's printable stand-in for each byte (`bytes_to_unicode`): printable Latin-1 bytes stand
+/// for themselves, the other 68 for the code points from 256 up, in byte order.
+fn byte_symbols() -> [char; 256] {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let mut symbols = ['\0'; 256];
+    let mut next_extra = 256;
+    for (b, symbol) in (0u32..).zip(symbols.iter_mut()) {
+        let code = if printable(b) {
+            b
+        } else {
+            next_extra += 1;
+            next_extra - 1
+        };
+        *symbol = char::from_u32(code).expect("below the surrogates");
+    }
+    symbols
+}
+
 /// Reads a text file for tokenisation: it must exist, be non-empty UTF-8.
 pub fn read_text(path: &Path) -> Result<String, Error> {
     check_text_file(path)?;
@@ -291,6 +327,20 @@ mod tests {
         let inner: Tokenizer = json.parse().expect("test tokenizer");
         assert_eq!(inner.get_vocab_size(true), 3, "the count alone would miss the sparse id");
         assert_eq!(TextTokenizer::new(inner, "test".into()).vocab_size(), 70001);
+    }
+
+    #[test]
+    fn the_byte_tokenizer_maps_every_byte_to_its_own_id() {
+        let tok = TextTokenizer::bytes();
+        assert_eq!(tok.vocab_size(), 256);
+        assert_eq!(tok.end_of_text(), None);
+        let symbols = byte_symbols();
+        assert_eq!(ByteLevel::alphabet(), symbols.iter().copied().collect(), "GPT-2's byte symbols");
+        for text in ["hello, world\n  two  spaces\tand a tab", "é ü 日本 🦀 \u{0}\u{7f}", " leading space"] {
+            let ids = tok.encode(text).unwrap();
+            assert_eq!(ids, text.bytes().map(u32::from).collect::<Vec<_>>(), "{text:?}");
+            assert_eq!(tok.decode(&ids).unwrap(), text);
+        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `brigade export`: a checkpoint's weights as Hugging Face GPT-2 / torchvision ResNet files.
+//! `brigade export`: a checkpoint's weights as Hugging Face GPT-2 / Llama or torchvision ResNet
+//! files, with the run's tokenizer for transformers' `AutoTokenizer` (language models).
 
 use std::path::{Path, PathBuf};
 
@@ -24,8 +25,9 @@ pub struct ExportArgs {
     dtype: String,
     #[arg(long, default_value = "2GB", value_parser = parse_size)]
     max_shard_size: u64,
-    /// GPT: the tokenizer.json to write beside the weights (default: the one in or beside the
-    /// checkpoint, if any), with a tokenizer_config.json, for transformers' AutoTokenizer.
+    /// GPT and Llama: the tokenizer.json to write beside the weights (default: the one in or
+    /// beside the checkpoint; bytes for a 256-token model without one), with a
+    /// tokenizer_config.json, for transformers' AutoTokenizer.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
 }
@@ -38,19 +40,22 @@ pub fn run(args: ExportArgs) -> Result<()> {
     let tokenizer = tokenizer_path.as_deref().map(TextTokenizer::load).transpose()?;
     // The tokenizer against the model, before anything is written.
     let (_, config, _) = brigade::checkpoint::open(&args.checkpoint)?;
-    let gpt_context = match (&config, &tokenizer) {
-        (ModelConfig::Gpt(g), Some(tok)) => {
-            if tok.vocab_size() > g.vocab_size {
-                bail!(
-                    "the tokenizer {} has {} tokens, more than the model's vocabulary of {}",
-                    tok.source(),
-                    tok.vocab_size(),
-                    g.vocab_size
-                );
-            }
-            Some(g.n_positions)
-        }
-        _ => None,
+    let language_model = match &config {
+        ModelConfig::Gpt(g) => Some((g.vocab_size, g.n_positions)),
+        ModelConfig::Llama(l) => Some((l.vocab_size, l.max_position_embeddings)),
+        ModelConfig::Resnet(_) => None,
+    };
+    let tokenizer = match (language_model, tokenizer) {
+        (Some((vocab, _)), Some(tok)) if tok.vocab_size() > vocab => bail!(
+            "the tokenizer {} has {} tokens, more than the model's vocabulary of {vocab}",
+            tok.source(),
+            tok.vocab_size()
+        ),
+        // A run without a tokenizer on a 256-token vocabulary trained on bytes (text --data, or
+        // the embedded corpus): its tokenizer is the bytes themselves, as for `generate`.
+        (Some((vocab, _)), None) if vocab == BYTE_VOCAB => Some(TextTokenizer::bytes()),
+        (Some(_), tok) => tok,
+        (None, _) => None,
     };
     let started = std::time::Instant::now();
     // Everything goes into a staging directory beside --out, moved into place only when
@@ -59,8 +64,9 @@ pub fn run(args: ExportArgs) -> Result<()> {
     let result = (|| -> Result<_> {
         let summary = brigade::checkpoint::export(&args.checkpoint, &staging, dtype, args.max_shard_size)?;
         let mut files = summary.files.clone();
-        if let (Some(tok), Some(context), "gpt2") = (&tokenizer, gpt_context, summary.format) {
+        if let (Some(tok), Some((_, context))) = (&tokenizer, language_model) {
             files.extend(tok.save_for_transformers(&staging, context)?);
+            set_special_token_ids(&staging.join("config.json"), tok)?;
         }
         publish(&staging, &args.out)?;
         Ok((summary, files))
@@ -69,7 +75,6 @@ pub fn run(args: ExportArgs) -> Result<()> {
     let (mut summary, files) = result?;
     summary.dir = args.out.clone();
     let files: Vec<PathBuf> = files.iter().map(|f| args.out.join(f.file_name().unwrap_or_default())).collect();
-    let auto_tokenizer = gpt_context.is_some() && summary.format == "gpt2";
     println!(
         "exported {} tensors ({:.1} MB, {}) to {} in {:.2}s as {}",
         summary.tensors,
@@ -82,24 +87,42 @@ pub fn run(args: ExportArgs) -> Result<()> {
     for f in &files {
         println!("  {}", f.display());
     }
-    match summary.format {
-        "gpt2" => {
-            println!(
-                "load with: transformers.GPT2LMHeadModel.from_pretrained({:?})",
-                summary.dir.display().to_string()
-            );
-            if auto_tokenizer {
-                println!(
-                    "           transformers.AutoTokenizer.from_pretrained({:?})",
-                    summary.dir.display().to_string()
-                );
+    let dir = summary.dir.display().to_string();
+    let class = match summary.format {
+        "gpt2" => Some("GPT2LMHeadModel"),
+        "llama" => Some("LlamaForCausalLM"),
+        _ => None,
+    };
+    match class {
+        Some(class) => {
+            println!("load with: transformers.{class}.from_pretrained({dir:?})");
+            if tokenizer.is_some() {
+                println!("           transformers.AutoTokenizer.from_pretrained({dir:?})");
             }
         }
-        _ => println!(
-            "load with: model.load_state_dict(safetensors.torch.load_file(\"{}/model.safetensors\"), strict=True)",
-            summary.dir.display()
+        None => println!(
+            "load with: model.load_state_dict(safetensors.torch.load_file(\"{dir}/model.safetensors\"), strict=True)"
         ),
     }
+    Ok(())
+}
+
+/// The vocabulary of byte-level runs (ids are bytes).
+const BYTE_VOCAB: usize = 256;
+
+/// Points `config.json`'s `bos_token_id` / `eos_token_id` at the exported tokenizer's
+/// `<|endoftext|>` (so transformers' `generate` stops there), or null when it has none: the
+/// ids a config carries by default (Llama-2's 1 and 2, GPT-2's 50256) belong to other tokenizers.
+fn set_special_token_ids(config_path: &Path, tokenizer: &TextTokenizer) -> Result<()> {
+    let text =
+        std::fs::read_to_string(config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
+    let mut config: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", config_path.display()))?;
+    let id = serde_json::json!(tokenizer.end_of_text());
+    config["bos_token_id"] = id.clone();
+    config["eos_token_id"] = id;
+    std::fs::write(config_path, serde_json::to_string_pretty(&config)?)
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
     Ok(())
 }
 

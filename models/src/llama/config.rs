@@ -256,6 +256,11 @@ impl LlamaConfig {
             "initializer_range": INIT_STD,
             "pretraining_tp": 1,
             "use_cache": true,
+            // Which ids are special is the tokenizer's business (`brigade export` fills them in
+            // from the one it writes); null rather than absent, or transformers would assume
+            // Llama-2's 1 and 2 and stop `generate` at whatever token has id 2.
+            "bos_token_id": null,
+            "eos_token_id": null,
         })
     }
 }
