@@ -1,6 +1,11 @@
 //! The driver: the caller-side [`Pipeline`]. It partitions the model, starts the stage
 //! threads, splits batches into micro-batches, runs the end-of-step collective (tied gradients,
 //! global norm, clipping factor), gathers snapshots, and stops every stage when one fails.
+//!
+//! Across processes (MPI ranks, [`World::Ranks`]) every rank runs this same driver on the same
+//! batches, but starts and feeds only the stages it owns; the stages other ranks own are proxy
+//! inboxes the rank's MPI thread sends on. The collective sums the local stages' partials,
+//! then all-reduces them over the ranks, so every rank computes the numbers one process would.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -18,6 +23,7 @@ use super::norm::squared_norm;
 use super::protocol::{ChunkLayers, Msg, Outcome, Report, SnapshotKind, StageSetup};
 use super::stage::run_stage;
 use super::threads::{self, start_elementwise_pool, ThreadPools};
+use super::transport::World;
 use crate::error::{EngineError, Result};
 use crate::input::{is_integer, BatchCheck};
 use crate::layer::{LayerSpec, PipelineModel};
@@ -93,6 +99,11 @@ pub struct Pipeline {
     handles: Vec<Option<JoinHandle<()>>>,
     /// Parameter name → stages that hold a copy (only names held by two or more stages).
     tied: BTreeMap<String, Vec<usize>>,
+    /// The shape of each tied parameter (ranks holding no copy add zeros to the sum).
+    tied_shapes: BTreeMap<String, Vec<usize>>,
+    /// The processes the stages run in, and which stages this one runs.
+    world: World,
+    local: Vec<bool>,
     step: u64,
     stopped: Option<String>,
 }
@@ -139,6 +150,9 @@ impl Pipeline {
             });
         }
         crate::device::check_devices(&config.devices, config.stages)?;
+        let world = config.world.clone();
+        world.check_fits(config.stages).map_err(EngineError::Config)?;
+        let local: Vec<bool> = (0..config.stages).map(|s| world.owns(s, config.stages)).collect();
         if !matches!(config.compute_dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(EngineError::Config(format!(
                 "compute dtype {:?} is not supported: use f32 (exact) or bf16/f16 (mixed precision, f32 master weights)",
@@ -216,6 +230,11 @@ impl Pipeline {
         for stages in tied.values_mut() {
             stages.sort_unstable();
         }
+        let tied_shapes: BTreeMap<String, Vec<usize>> = crate::layer::unique_params(&layers)
+            .into_iter()
+            .filter(|p| tied.contains_key(&p.name))
+            .map(|p| (p.name, p.shape))
+            .collect();
 
         // One pool for all stages, or one per stage (`threads.rs`); candle's process-wide knobs
         // follow the per-stage budget.
@@ -223,7 +242,7 @@ impl Pipeline {
         // is not on these cores (it keeps its own pool for what it does on the host).
         let device_of = |index: usize| config.devices.get(index).copied().unwrap_or_default();
         let cpu_stages: Vec<usize> =
-            (0..config.stages).filter(|&i| device_of(i) == crate::device::StageDevice::Cpu).collect();
+            (0..config.stages).filter(|&i| local[i] && device_of(i) == crate::device::StageDevice::Cpu).collect();
         let shared_pool = match config.thread_pools {
             ThreadPools::Shared if cpu_stages.len() >= 2 => {
                 Some(threads::shared_pool(threads * cpu_stages.len()).map_err(EngineError::Config)?)
@@ -235,7 +254,14 @@ impl Pipeline {
         let channels: Vec<(Sender<Msg>, Receiver<Msg>)> = (0..config.stages).map(|_| unbounded()).collect();
         let inboxes: Vec<Sender<Msg>> = channels.iter().map(|(tx, _)| tx.clone()).collect();
         let mut handles = Vec::with_capacity(config.stages);
+        // Stages other ranks own: their inboxes here are proxies the MPI thread sends on.
+        let mut proxies = Vec::new();
         for (index, ((_, inbox), chunks)) in channels.into_iter().zip(device_chunks).enumerate() {
+            if !local[index] {
+                proxies.push((index, world.owner(index, config.stages), inbox));
+                handles.push(None);
+                continue;
+            }
             let stage_tied: Vec<String> =
                 tied.iter().filter(|(_, s)| s.contains(&index)).map(|(n, _)| n.clone()).collect();
             let setup = StageSetup {
@@ -266,6 +292,13 @@ impl Pipeline {
                 .map_err(|e| EngineError::Config(format!("cannot start stage thread {index}: {e}")))?;
             handles.push(Some(handle));
         }
+        #[cfg(feature = "mpi")]
+        if let World::Ranks(ranks) = &world {
+            let incoming = (0..config.stages).filter(|&s| local[s]).map(|s| (s, inboxes[s].clone())).collect();
+            ranks.attach(super::transport::Attachment { outgoing: proxies, incoming }).map_err(EngineError::Config)?;
+        }
+        #[cfg(not(feature = "mpi"))]
+        drop(proxies);
         let mut pipeline = Self {
             model_name: model.name(),
             batch_check: model.batch_check(),
@@ -282,17 +315,22 @@ impl Pipeline {
             reports,
             handles,
             tied,
+            tied_shapes,
+            world,
+            local,
             step: 0,
             stopped: None,
         };
         // Building layers can fail (e.g. a wrong shape in `initial_params`); surface it now.
-        for s in 0..pipeline.inboxes.len() {
+        for s in pipeline.local_stages() {
             let (tx, rx) = unbounded();
             pipeline.send(s, Msg::Ping { reply: tx })?;
             if rx.recv().is_err() {
                 return Err(pipeline.stage_gone(s));
             }
         }
+        // Every rank's stages are built before any rank trains.
+        pipeline.world.barrier().map_err(EngineError::Config)?;
         Ok(pipeline)
     }
 
@@ -307,12 +345,47 @@ impl Pipeline {
         self.inboxes.len()
     }
 
+    /// The stages this process runs (all of them but under MPI).
+    pub(super) fn local_stages(&self) -> Vec<usize> {
+        (0..self.stage_count()).filter(|&s| self.local[s]).collect()
+    }
+
+    /// A `gather` list waiting for this process's stages (the others are accounted for).
+    fn pending_local(&self) -> Vec<bool> {
+        self.local.iter().map(|&mine| !mine).collect()
+    }
+
+    /// The processes this pipeline runs in.
+    pub fn world(&self) -> &World {
+        &self.world
+    }
+
+    /// Whether this process prints and writes the run's shared files (rank 0; always in one process).
+    pub fn is_lead_process(&self) -> bool {
+        self.world.is_lead()
+    }
+
+    /// Refuses what only one process can do (its stages' outputs stay on their ranks).
+    fn single_process(&self, what: &str) -> Result<()> {
+        if self.world.is_distributed() {
+            return Err(EngineError::Config(format!(
+                "{what} runs in one process; across MPI ranks brigade trains, evaluates and saves checkpoints"
+            )));
+        }
+        Ok(())
+    }
+
+    fn collective_error(why: String) -> EngineError {
+        EngineError::Config(format!("MPI collective failed: {why}"))
+    }
+
     /// Sends every stage its message of a step, `msg(stage)`, the device holding the first chunk
     /// (the one with the inputs) last, so no stage receives data before its own step message
     /// (stages buffer early data anyway).
     fn fan_out(&mut self, mut msg: impl FnMut(usize) -> Msg) -> Result<()> {
         let (first, _) = self.entry_and_exit();
-        for s in (0..self.stage_count()).filter(|&s| s != first).chain([first]) {
+        let mine: Vec<usize> = self.local_stages();
+        for s in mine.iter().copied().filter(|&s| s != first).chain(Some(first).filter(|f| mine.contains(f))) {
             let message = msg(s);
             self.send(s, message)?;
         }
@@ -372,7 +445,7 @@ impl Pipeline {
         // The collective: sum tied gradients, compute the global norm once.
         let mut sq_norm = 0.0;
         let mut tied_sums: BTreeMap<String, Tensor> = BTreeMap::new();
-        let mut partial_from = vec![false; stages];
+        let mut partial_from = self.pending_local();
         self.gather(&mut partial_from, |report| match report {
             Report::Partial { stage, tied_grads, sq_norm: s } => {
                 sq_norm += s;
@@ -393,6 +466,9 @@ impl Pipeline {
             }
             _ => Ok(None),
         })?;
+        if self.world.is_distributed() {
+            (sq_norm, tied_sums) = self.sum_over_ranks(sq_norm, tied_sums)?;
+        }
         for grad in tied_sums.values() {
             sq_norm += squared_norm(grad)?;
         }
@@ -401,7 +477,7 @@ impl Pipeline {
             Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
             _ => 1.0,
         };
-        for s in 0..stages {
+        for s in self.local_stages() {
             let tied_grads =
                 self.tied
                     .iter()
@@ -416,7 +492,7 @@ impl Pipeline {
             self.send(s, Msg::Reduced { tied_grads, clip_scale })?;
         }
 
-        let mut done = vec![false; stages];
+        let mut done = self.pending_local();
         let mut loss = 0.0;
         let mut stage_busy = vec![Duration::ZERO; stages];
         let mut stage_actions = vec![Vec::new(); stages];
@@ -436,6 +512,18 @@ impl Pipeline {
             }
             _ => Ok(None),
         })?;
+        if self.world.is_distributed() {
+            // The loss lives on the last stage's rank; busy times and stash peaks on each stage's.
+            let mut values = vec![loss];
+            values.extend(stage_busy.iter().map(|b| b.as_secs_f64()));
+            values.extend(peak_stash_bytes.iter().map(|&b| b as f64));
+            let sums = self.world.sum_f64(values).map_err(Self::collective_error)?;
+            loss = sums[0];
+            for s in (0..stages).filter(|&s| !self.local[s]) {
+                stage_busy[s] = Duration::from_secs_f64(sums[1 + s].max(0.0));
+                peak_stash_bytes[s] = sums[1 + stages + s] as u64;
+            }
+        }
         let elapsed = started.elapsed();
         let stats =
             StepStats { step: self.step, loss, grad_norm, lr, elapsed, stage_busy, stage_actions, peak_stash_bytes };
@@ -460,7 +548,7 @@ impl Pipeline {
             inputs: if s == first { input_chunks.clone() } else { Vec::new() },
             targets: if s == last { target_chunks.clone() } else { Vec::new() },
         })?;
-        let mut done = vec![false; stages];
+        let mut done = self.pending_local();
         let mut totals = Outcome::default();
         self.gather(&mut done, |report| match report {
             Report::Done { stage, outcome, .. } => {
@@ -471,6 +559,13 @@ impl Pipeline {
             }
             _ => Ok(None),
         })?;
+        if self.world.is_distributed() {
+            let sums = self
+                .world
+                .sum_f64(vec![totals.loss, totals.correct as f64, totals.terms as f64])
+                .map_err(Self::collective_error)?;
+            (totals.loss, totals.correct, totals.terms) = (sums[0], sums[1] as usize, sums[2] as usize);
+        }
         Ok(EvalStats { loss: totals.loss / totals.terms.max(1) as f64, correct: totals.correct, terms: totals.terms })
     }
 
@@ -478,6 +573,7 @@ impl Pipeline {
     /// pipelined over the same stages; micro-batched like training when the batch divides.
     pub fn predict(&mut self, inputs: &Tensor) -> Result<Tensor> {
         self.ensure_running()?;
+        self.single_process("prediction")?;
         self.batch_check.check_batch(inputs, None).map_err(EngineError::Input)?;
         let batch = inputs.dim(0)?;
         if batch == 0 {
@@ -514,6 +610,7 @@ impl Pipeline {
     /// micro-batch; the model must support [`crate::Layer::forward_incremental`].
     pub fn decode(&mut self, inputs: &Tensor, offset: usize) -> Result<Tensor> {
         self.ensure_running()?;
+        self.single_process("decoding")?;
         self.batch_check.check_batch(inputs, None).map_err(EngineError::Input)?;
         if inputs.dim(0)? == 0 {
             return Err(EngineError::Input("cannot decode an empty batch".into()));
@@ -574,6 +671,7 @@ impl Pipeline {
 
     fn snapshot_by_stage(&mut self, kind: SnapshotKind) -> Result<Vec<BTreeMap<String, Tensor>>> {
         self.ensure_running()?;
+        self.single_process("gathering parameters, gradients or optimizer state")?;
         let mut out = Vec::with_capacity(self.inboxes.len());
         for s in 0..self.inboxes.len() {
             let (tx, rx) = unbounded();
@@ -665,6 +763,46 @@ impl Pipeline {
             }
         }
         Ok(())
+    }
+
+    /// The end-of-step collective across ranks: this rank's partial (its stages' squared norms,
+    /// its tied gradient sums) summed with every other rank's. Tied gradients travel as one
+    /// f32 vector in name order, zeros where this rank holds no copy; with two holders the sum
+    /// is the one a single process computes, bit for bit (a + b = b + a).
+    fn sum_over_ranks(
+        &self,
+        sq_norm: f64,
+        mut tied_sums: BTreeMap<String, Tensor>,
+    ) -> Result<(f64, BTreeMap<String, Tensor>)> {
+        let sq_norm = self.world.sum_f64(vec![sq_norm]).map_err(Self::collective_error)?[0];
+        if self.tied_shapes.is_empty() {
+            return Ok((sq_norm, tied_sums));
+        }
+        let mut flat: Vec<f32> = Vec::new();
+        for (name, shape) in &self.tied_shapes {
+            match tied_sums.remove(name) {
+                Some(sum) if sum.dtype() == DType::F32 => {
+                    flat.extend(sum.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+                }
+                Some(sum) => {
+                    return Err(EngineError::Config(format!(
+                        "tied gradient {name} is {:?}; across ranks tied gradients are summed in f32",
+                        sum.dtype()
+                    )))
+                }
+                None => flat.extend(std::iter::repeat_n(0f32, shape.iter().product())),
+            }
+        }
+        let flat = self.world.sum_f32(flat).map_err(Self::collective_error)?;
+        let mut offset = 0;
+        let mut sums = BTreeMap::new();
+        for (name, shape) in &self.tied_shapes {
+            let len: usize = shape.iter().product();
+            let values = flat.get(offset..offset + len).ok_or_else(|| Self::collective_error("short sum".into()))?;
+            sums.insert(name.clone(), Tensor::from_slice(values, shape.as_slice(), &candle_core::Device::Cpu)?);
+            offset += len;
+        }
+        Ok((sq_norm, sums))
     }
 
     /// Aborts every stage, joins the threads, and returns the error naming the first failure.
