@@ -125,8 +125,7 @@ impl World {
 
     /// The rank that runs stage `stage` of `stages`.
     pub fn owner(&self, stage: usize, stages: usize) -> usize {
-        let (_, size) = self.rank_and_size();
-        stage / (stages / size).max(1)
+        owner_of(stage, stages, self.rank_and_size().1)
     }
 
     /// `stages` split evenly over the ranks, or why not.
@@ -177,6 +176,11 @@ impl World {
     }
 }
 
+/// The rank of `size` that runs stage `stage` of `stages`: contiguous blocks of `stages / size`.
+fn owner_of(stage: usize, stages: usize, size: usize) -> usize {
+    stage / (stages / size.max(1)).max(1)
+}
+
 /// Received hand-offs by key, kept until the action that needs them runs.
 #[derive(Default)]
 pub(super) struct Mailbox {
@@ -221,6 +225,16 @@ mod tests {
         assert_eq!(value(mailbox.take(Route::gradient(1, 0))), 3.0);
         assert_eq!(value(mailbox.take(Route::activation(1, 1))), 2.0);
         assert!(mailbox.take(Route::activation(1, 0)).is_none(), "a hand-off is taken once");
+    }
+
+    #[test]
+    fn ranks_own_contiguous_blocks_of_stages_and_one_process_owns_all() {
+        assert_eq!((0..4).map(|s| owner_of(s, 4, 4)).collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert_eq!((0..4).map(|s| owner_of(s, 4, 2)).collect::<Vec<_>>(), [0, 0, 1, 1]);
+        assert_eq!((0..3).map(|s| owner_of(s, 3, 1)).collect::<Vec<_>>(), [0, 0, 0]);
+        let world = World::Local;
+        assert!((0..5).all(|s| world.owns(s, 5)) && world.is_lead() && !world.is_distributed());
+        assert!(world.check_fits(3).is_ok());
     }
 
     #[test]

@@ -434,3 +434,26 @@ fn decode(bytes: &[u8]) -> Result<(usize, Msg), String> {
     };
     Ok((device, msg))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hand_off_survives_its_byte_message_with_key_dtype_shape_and_bits() {
+        let tensor = Tensor::arange(0f32, 24.0, &Device::Cpu).unwrap().reshape((2, 3, 4)).unwrap();
+        let tensor = (tensor / 7.0).unwrap();
+        let bytes = encode(3, Route::gradient(5, 7), HandOff::send(tensor.clone()).unwrap()).unwrap();
+        let (device, msg) = decode(&bytes).unwrap();
+        assert_eq!(device, 3);
+        let (key, got) = Mailbox::handoff_of(msg).ok().unwrap();
+        assert_eq!(key, Route::gradient(5, 7));
+        let got = got.receive(&Device::Cpu).unwrap();
+        assert_eq!(got.dims(), &[2, 3, 4]);
+        assert_eq!(
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        assert!(decode(&bytes[..bytes.len() / 2]).is_err(), "a truncated message is an error, not a panic");
+    }
+}
