@@ -172,10 +172,10 @@ impl Pipeline {
         let bytes = serde_json::to_vec(&local).map_err(|e| collective(e.to_string()))?;
         let mut by_stage: Vec<Option<Manifest>> = (0..self.stage_count()).map(|_| None).collect();
         for rank_bytes in self.world().all_gather(bytes).map_err(collective)? {
-            let stages: Vec<(usize, Vec<(String, String, Vec<usize>)>, Vec<(String, String, Vec<usize>)>)> =
+            let stages: Vec<(usize, Vec<WireInfo>, Vec<WireInfo>)> =
                 serde_json::from_slice(&rank_bytes).map_err(|e| collective(format!("a manifest: {e}")))?;
             for (stage, weights, optimizer) in stages {
-                let decode = |infos: Vec<(String, String, Vec<usize>)>| -> Result<Vec<TensorInfo>> {
+                let decode = |infos: Vec<WireInfo>| -> Result<Vec<TensorInfo>> {
                     infos
                         .into_iter()
                         .map(|(name, dtype, shape)| {
@@ -206,6 +206,9 @@ impl Pipeline {
         Ok(PathBuf::from(String::from_utf8(first).map_err(|e| collective(e.to_string()))?))
     }
 }
+
+/// A manifest entry as the ranks exchange it: (name, dtype, shape).
+type WireInfo = (String, String, Vec<usize>);
 
 fn collective(why: String) -> EngineError {
     EngineError::Config(format!("saving across MPI ranks: {why}"))
