@@ -262,28 +262,30 @@ mod ranks {
 
     #[test]
     fn every_built_in_schedule_runs_over_ranks_as_it_does_in_one_process() {
-        let cases: [(&str, usize); 7] = [
-            ("gpipe", 2),
-            ("interleaved-1f1b", 2),
-            ("zb-h1", 2),
-            ("zb-h2", 2),
-            ("zb-v", 2),
-            ("zb-auto", 2),
-            ("1f1b", 4),
+        // (schedule, stages, ranks): one stage per rank, and two per rank once.
+        let cases: [(&str, usize, usize); 8] = [
+            ("gpipe", 2, 2),
+            ("interleaved-1f1b", 2, 2),
+            ("zb-h1", 2, 2),
+            ("zb-h2", 2, 2),
+            ("zb-v", 2, 2),
+            ("zb-auto", 2, 2),
+            ("1f1b", 4, 4),
+            ("1f1b", 4, 2),
         ];
-        for (schedule, n) in cases {
+        for (schedule, stages, n) in cases {
             let Some(mut mpi) = mpirun() else { return };
-            let stages = n.to_string();
+            let stages = stages.to_string();
             let layout = ["--stages", &stages, "--schedule", schedule];
-            let (one, many) = (dir(&format!("{schedule}-one")), dir(&format!("{schedule}-{n}")));
+            let (one, many) = (dir(&format!("{schedule}-{stages}-one")), dir(&format!("{schedule}-{stages}-{n}")));
             in_process(&args(&one, 2, &layout));
             on_ranks(&mut mpi, n, &args(&many, 2, &layout));
             let (a, b) = (losses(&one), losses(&many));
             assert_eq!(a.len(), 2, "{schedule}");
             for (step, loss) in &a {
-                // Two ranks sum in the order one process does; over 4 the global norm's four
-                // partial sums may associate differently.
-                let tolerance = if n == 2 { 0.0 } else { 1e-6 * loss.abs() };
+                // Two partial norms sum alike in any order; four may associate differently (in
+                // one process they sum in arrival order), a last-bit change of the clipping factor.
+                let tolerance = if stages == "2" { 0.0 } else { 1e-6 * loss.abs() };
                 assert!(
                     (loss - b[step]).abs() <= tolerance,
                     "{schedule} over {n} ranks, step {step}: {loss} vs {}",
