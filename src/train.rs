@@ -274,7 +274,11 @@ impl Trainer {
         };
         // Before the pipeline starts (which may load a large checkpoint): a save directory that
         // cannot be used should fail in milliseconds, not after loading or training.
-        let save_dir = options.checkpoints.as_ref().map(|policy| claim_save_dir(policy, resumed)).transpose()?;
+        // Across MPI ranks rank 0 alone claims the directory, commits checkpoints and keeps `latest`.
+        let save_dir = match &options.checkpoints {
+            Some(policy) if pipeline.world.is_lead() => Some(claim_save_dir(policy, resumed)?),
+            _ => None,
+        };
         let pipeline = Pipeline::new(model.as_ref(), pipeline)?;
         Ok(Self { pipeline, model, data, options, context, device: Device::Cpu, save_dir })
     }
@@ -370,6 +374,9 @@ impl Trainer {
     fn save_periodic(&mut self, policy: &CheckpointPolicy) -> Result<SavedCheckpoint, Error> {
         let dir = policy.dir.join(step_dir_name(self.pipeline.steps_taken()));
         let saved = self.save_checkpoint(&dir, policy.max_shard_bytes)?;
+        if !self.pipeline.is_lead_process() {
+            return Ok(saved);
+        }
         update_latest(&policy.dir, &saved.dir)?;
         // With `overwrite`: the other run's checkpoints go once this run has one to replace them.
         if let Some(claimed) = &mut self.save_dir {

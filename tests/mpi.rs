@@ -1,11 +1,21 @@
-//! `brigade` started by a multi-process launcher (mpirun, srun). This build trains in one
-//! process, so a launch as several ranks must end every rank with one `error:` line before it
-//! touches anything (no N runs racing for one save directory). The checks through the launchers'
-//! environment variables always run; the one under a real `mpirun` skips, saying why, only when
-//! mpirun is not installed (CI installs Open MPI).
+//! `brigade` started by a multi-process launcher (mpirun, srun).
+//!
+//! Without the `mpi` feature brigade trains in one process, so a launch as several ranks must
+//! end every rank with one `error:` line before it touches anything (no N runs racing for one
+//! save directory). The checks through the launchers' environment variables always run; the one
+//! under a real `mpirun` skips, saying why, only when mpirun is not installed (CI installs Open
+//! MPI).
+//!
+//! With the feature (`cargo test --release --features mpi --test mpi`) the stages run as ranks:
+//! 2-rank 1F1B equals the in-process 2-stage run bit for bit (losses and checkpoints), every
+//! built-in schedule runs over 2 ranks and one over 4, checkpoints move from ranks to one
+//! process and back, and a failing rank ends the job with one `error:` line naming it.
 
+#[cfg(not(feature = "mpi"))]
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
+#[cfg(not(feature = "mpi"))]
+use std::process::Output;
 
 fn brigade() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_brigade"));
@@ -15,17 +25,20 @@ fn brigade() -> Command {
     command
 }
 
+#[cfg(not(feature = "mpi"))]
 fn save_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("brigade-mpi-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
 
+#[cfg(not(feature = "mpi"))]
 fn train_args(dir: &std::path::Path) -> Vec<String> {
     ["train", "--steps", "2", "--save-dir", dir.to_str().unwrap()].iter().map(|s| s.to_string()).collect()
 }
 
 /// Exit code 1 and exactly one line, an `error:` naming the launch.
+#[cfg(not(feature = "mpi"))]
 fn assert_refused(out: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "should refuse; stderr: {stderr}");
@@ -35,6 +48,7 @@ fn assert_refused(out: &Output, needle: &str) {
     assert!(out.stdout.is_empty(), "nothing may run before the refusal: {}", String::from_utf8_lossy(&out.stdout));
 }
 
+#[cfg(not(feature = "mpi"))]
 #[test]
 fn every_launcher_environment_with_several_processes_is_refused_before_anything_runs() {
     for var in ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"] {
@@ -45,6 +59,7 @@ fn every_launcher_environment_with_several_processes_is_refused_before_anything_
     }
 }
 
+#[cfg(not(feature = "mpi"))]
 #[test]
 fn one_process_under_a_launcher_runs_as_today() {
     // World size 1 (and a batch script's SLURM_NTASKS) is one process: training goes on to its
@@ -60,6 +75,7 @@ fn one_process_under_a_launcher_runs_as_today() {
     assert!(stderr.contains("at least one stage") && !stderr.contains("processes"), "{stderr}");
 }
 
+#[cfg(not(feature = "mpi"))]
 #[test]
 fn under_mpirun_every_rank_refuses_and_the_job_ends() {
     let Ok(version) = Command::new("mpirun").arg("--version").output() else {
@@ -84,4 +100,258 @@ fn under_mpirun_every_rank_refuses_and_the_job_ends() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("step"), "no rank may train: {stdout}");
     assert!(!dir.exists(), "the save directory must not be created");
+}
+
+#[cfg(feature = "mpi")]
+mod ranks {
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Output};
+    use std::time::{Duration, Instant};
+
+    use super::brigade;
+
+    /// A small GPT run; `extra` adds the layout. One thread per stage, own pools: what each
+    /// rank does, so the in-process reference computes with the same thread counts.
+    fn args(dir: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = [
+            "train",
+            "--plain",
+            "--steps",
+            &steps.to_string(),
+            "--batch-size",
+            "8",
+            "--microbatches",
+            "4",
+            "--context",
+            "32",
+            "--eval-every",
+            "2",
+            "--eval-batches",
+            "1",
+            "--threads-per-stage",
+            "1",
+            "--thread-pools",
+            "per-stage",
+            "--save-every",
+            "2",
+            "--save-dir",
+            dir.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("brigade-ranks-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    /// mpirun, or why this test cannot run here.
+    fn mpirun() -> Option<Command> {
+        match Command::new("mpirun").arg("--version").output() {
+            Ok(out) if out.status.success() => {
+                let mut c = Command::new("mpirun");
+                c.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+                Some(c)
+            }
+            _ => {
+                println!(
+                    "SKIPPED: mpirun is not installed (apt-get install openmpi-bin libopenmpi-dev runs this test)"
+                );
+                None
+            }
+        }
+    }
+
+    fn in_process(args: &[String]) -> Output {
+        let out = brigade().args(args).output().expect("run brigade");
+        assert!(out.status.success(), "in-process run failed: {}", String::from_utf8_lossy(&out.stderr));
+        out
+    }
+
+    fn on_ranks(mpirun: &mut Command, n: usize, args: &[String]) -> Output {
+        let out = mpirun
+            .args(["--oversubscribe", "-n", &n.to_string(), env!("CARGO_BIN_EXE_brigade")])
+            .args(args)
+            .output()
+            .expect("run mpirun");
+        assert!(
+            out.status.success(),
+            "{n} ranks failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Step → loss from the run's metrics log (JSON: every digit of the f64).
+    fn losses(dir: &Path) -> BTreeMap<u64, f64> {
+        let log = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics.jsonl");
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get("event").and_then(|e| e.as_str()) == Some("step"))
+            .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+            .collect()
+    }
+
+    /// A safetensors file's tensor table (names, dtypes, shapes, offsets) and data bytes; the
+    /// free-form metadata is left out (its JSON key order is a hash map's, not the tensors').
+    fn tensors_of(bytes: &[u8]) -> (serde_json::Value, Vec<u8>) {
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let mut table: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        table.as_object_mut().unwrap().remove("__metadata__");
+        (table, bytes[8 + n..].to_vec())
+    }
+
+    /// Every safetensors file of the save directory's latest checkpoint, by name.
+    fn latest_tensors(dir: &Path) -> BTreeMap<String, (serde_json::Value, Vec<u8>)> {
+        let latest = std::fs::read_to_string(dir.join("latest")).expect("latest");
+        let ckpt = dir.join(latest.trim());
+        let files: BTreeMap<String, (serde_json::Value, Vec<u8>)> = std::fs::read_dir(&ckpt)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), tensors_of(&std::fs::read(&p).unwrap())))
+            .collect();
+        assert!(files.keys().any(|f| f.starts_with("model")), "no weights in {}", ckpt.display());
+        files
+    }
+
+    /// brigade's `error:` lines. Open MPI may glue a log line of its own (`[host:pid] ...
+    /// ORTE_ERROR_LOG: ...`) in front of one when several processes write stderr at once.
+    fn error_lines(stderr: &str) -> Vec<&str> {
+        stderr.match_indices("error: ").map(|(at, _)| stderr[at..].lines().next().unwrap_or_default()).collect()
+    }
+
+    #[test]
+    fn two_rank_1f1b_is_the_in_process_run_bit_for_bit_and_checkpoints_move_both_ways() {
+        let Some(mut mpi) = mpirun() else { return };
+        let layout = ["--stages", "2", "--schedule", "1f1b"];
+        let (one, two) = (dir("one-process"), dir("two-ranks"));
+        let out = in_process(&args(&one, 4, &layout));
+        let ranked = on_ranks(&mut mpi, 2, &args(&two, 4, &layout));
+        // Rank 0 prints for the job: one summary.
+        let stdout = String::from_utf8_lossy(&ranked.stdout);
+        assert_eq!(stdout.lines().filter(|l| l.starts_with("done:")).count(), 1, "{stdout}");
+        let reference = losses(&one);
+        assert_eq!(reference.len(), 4, "{}", String::from_utf8_lossy(&out.stdout));
+        assert_eq!(losses(&two), reference, "2-rank 1F1B must equal the in-process run bit for bit");
+        assert!(latest_tensors(&one) == latest_tensors(&two), "the checkpoints' tensors differ");
+        assert_eq!(std::fs::read_to_string(two.join("latest")).unwrap().trim(), "step-00000004");
+
+        // The 2-rank checkpoint continues on one process, and the 1-process one on 2 ranks.
+        in_process(&args(&two, 6, &["--resume", two.to_str().unwrap(), "--schedule", "1f1b", "--stages", "2"]));
+        let mut mpi = mpirun().unwrap();
+        on_ranks(
+            &mut mpi,
+            2,
+            &args(&one, 6, &["--resume", one.to_str().unwrap(), "--schedule", "1f1b", "--stages", "2"]),
+        );
+        let (a, b) = (losses(&one), losses(&two));
+        assert_eq!(a.len(), 6);
+        assert_eq!(a, b, "resumed across layouts, the runs must stay equal");
+        assert!(latest_tensors(&one) == latest_tensors(&two), "the resumed checkpoints' tensors differ");
+        let _ = std::fs::remove_dir_all(&one);
+        let _ = std::fs::remove_dir_all(&two);
+    }
+
+    #[test]
+    fn every_built_in_schedule_runs_over_ranks_as_it_does_in_one_process() {
+        // (schedule, stages, ranks): one stage per rank, and two per rank once.
+        let cases: [(&str, usize, usize); 8] = [
+            ("gpipe", 2, 2),
+            ("interleaved-1f1b", 2, 2),
+            ("zb-h1", 2, 2),
+            ("zb-h2", 2, 2),
+            ("zb-v", 2, 2),
+            ("zb-auto", 2, 2),
+            ("1f1b", 4, 4),
+            ("1f1b", 4, 2),
+        ];
+        for (schedule, stages, n) in cases {
+            let Some(mut mpi) = mpirun() else { return };
+            let stages = stages.to_string();
+            let layout = ["--stages", &stages, "--schedule", schedule];
+            let (one, many) = (dir(&format!("{schedule}-{stages}-one")), dir(&format!("{schedule}-{stages}-{n}")));
+            in_process(&args(&one, 2, &layout));
+            on_ranks(&mut mpi, n, &args(&many, 2, &layout));
+            let (a, b) = (losses(&one), losses(&many));
+            assert_eq!(a.len(), 2, "{schedule}");
+            for (step, loss) in &a {
+                // Two partial norms sum alike in any order; four may associate differently (in
+                // one process they sum in arrival order), a last-bit change of the clipping factor.
+                let tolerance = if stages == "2" { 0.0 } else { 1e-6 * loss.abs() };
+                assert!(
+                    (loss - b[step]).abs() <= tolerance,
+                    "{schedule} over {n} ranks, step {step}: {loss} vs {}",
+                    b[step]
+                );
+            }
+            let _ = std::fs::remove_dir_all(&one);
+            let _ = std::fs::remove_dir_all(&many);
+        }
+    }
+
+    #[test]
+    fn a_failing_rank_ends_every_rank_with_one_error_line_naming_it() {
+        let Some(mut mpi) = mpirun() else { return };
+        let dir = dir("fault");
+        // Stage 1 (rank 1's) fails writing its first checkpoint shard; rank 0 waits in the save.
+        let started = Instant::now();
+        let out = mpi
+            .args(["--oversubscribe", "-n", "2", "-x", "BRIGADE_TEST_SAVE_FAULT=io:1:0", env!("CARGO_BIN_EXE_brigade")])
+            .args(args(&dir, 4, &["--stages", "2"]))
+            .output()
+            .expect("run mpirun");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(started.elapsed() < Duration::from_secs(60), "the job must end promptly");
+        let errors = error_lines(&stderr);
+        assert_eq!(errors.len(), 1, "one error line expected: {stderr}");
+        assert!(errors[0].starts_with("error: rank 1: ") && errors[0].contains("stage 1"), "{stderr}");
+        assert!(!dir.join("latest").exists(), "no checkpoint was committed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn ranks_with_different_flags_or_a_world_that_does_not_fit_are_refused_before_training() {
+        let Some(mut mpi) = mpirun() else { return };
+        let dir = dir("misfit");
+        let out = mpi
+            .args(["--oversubscribe", "-n", "3", env!("CARGO_BIN_EXE_brigade")])
+            .args(args(&dir, 2, &["--stages", "2"]))
+            .output()
+            .expect("run mpirun");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        let errors = error_lines(&stderr);
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(errors[0].contains("2 stages do not split over 3 processes"), "{stderr}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("step "), "nothing may train");
+
+        let mut mpi = mpirun().unwrap();
+        let bin = env!("CARGO_BIN_EXE_brigade");
+        let a = args(&dir, 2, &["--stages", "2", "--lr", "0.001"]);
+        let b = args(&dir, 2, &["--stages", "2", "--lr", "0.002"]);
+        let out = mpi
+            .args(["--oversubscribe", "-n", "1", bin])
+            .args(&a)
+            .arg(":")
+            .args(["-n", "1", bin])
+            .args(&b)
+            .output()
+            .expect("run mpirun");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        let errors = error_lines(&stderr);
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(errors[0].contains("rank 1 was started with other flags than rank 0"), "{stderr}");
+        assert!(!dir.join("latest").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use brigade::engine::optim::{LrSchedule, OptimizerConfig};
 use brigade::engine::partition::PartitionStrategy;
-use brigade::engine::pipeline::{PipelineConfig, ScheduleChoice};
+use brigade::engine::pipeline::{PipelineConfig, ScheduleChoice, World};
 use brigade::engine::plan::human_bytes;
 use brigade::engine::PipelineModel;
 use brigade::metrics::{MetricsLog, RunInfo, METRICS_FILE};
@@ -533,6 +533,7 @@ const LAUNCHER_WORLD_SIZE_VARS: [&str; 4] =
 /// This build trains in one process: started as one of several ranks, every rank would train
 /// the whole model alone and race the others for one save directory. Refuse before anything
 /// else happens (`env` reads a variable; the process environment outside tests).
+#[cfg_attr(feature = "mpi", allow(dead_code))]
 fn refuse_multi_process_launch(env: impl Fn(&str) -> Option<String>) -> Result<()> {
     for name in LAUNCHER_WORLD_SIZE_VARS {
         let Some(value) = env(name) else { continue };
@@ -549,8 +550,95 @@ fn refuse_multi_process_launch(env: impl Fn(&str) -> Option<String>) -> Result<(
     Ok(())
 }
 
-pub fn run(mut args: TrainArgs) -> Result<()> {
+pub fn run(args: TrainArgs) -> Result<()> {
+    let world = launch_world()?;
+    let result = train(args, world.clone());
+    #[cfg(feature = "mpi")]
+    if let (Err(e), World::Ranks(ranks)) = (&result, &world) {
+        end_every_rank(ranks, e);
+    }
+    result
+}
+
+/// One process: this build has no MPI, so a launch as several ranks is refused.
+#[cfg(not(feature = "mpi"))]
+fn launch_world() -> Result<World> {
     refuse_multi_process_launch(|name| std::env::var(name).ok())?;
+    Ok(World::Local)
+}
+
+/// Started by mpirun or srun as several processes: join the MPI job, quiet every rank's
+/// standard output but rank 0's, and check that every rank got the same flags. Alone (or a
+/// world of one) it is one process, exactly as without the feature.
+#[cfg(feature = "mpi")]
+fn launch_world() -> Result<World> {
+    let launched = LAUNCHER_WORLD_SIZE_VARS
+        .iter()
+        .filter_map(|name| std::env::var(name).ok())
+        .any(|size| size.trim().parse::<u64>().map_or(true, |n| n > 1));
+    if !launched {
+        return Ok(World::Local);
+    }
+    let ranks = brigade::engine::pipeline::Ranks::start().map_err(|e| anyhow::anyhow!("cannot start MPI: {e}"))?;
+    if ranks.size() <= 1 {
+        return Ok(World::Local);
+    }
+    if ranks.rank() != 0 {
+        quiet_stdout();
+    }
+    let world = World::Ranks(ranks.clone());
+    if let Err(e) = same_flags_everywhere(&ranks) {
+        end_every_rank(&ranks, &e);
+    }
+    Ok(world)
+}
+
+/// Ranks compare a hash of their command line: different flags would train different models
+/// (or deadlock on different schedules). Every rank knows every hash; rank 0 reports.
+#[cfg(feature = "mpi")]
+fn same_flags_everywhere(ranks: &brigade::engine::pipeline::Ranks) -> Result<()> {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same command line hashes alike in every process.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    std::env::args_os().skip(1).collect::<Vec<_>>().hash(&mut hasher);
+    let all = ranks.all_gather(hasher.finish().to_le_bytes().to_vec()).map_err(anyhow::Error::msg)?;
+    let differ: Vec<String> =
+        all.iter().enumerate().filter(|(_, h)| **h != all[0]).map(|(r, _)| r.to_string()).collect();
+    if !differ.is_empty() {
+        bail!(
+            "rank {} was started with other flags than rank 0 (their configuration hashes differ): every rank must \
+             run the same `brigade train` command",
+            differ.join(", rank ")
+        );
+    }
+    Ok(())
+}
+
+/// Ends the whole job for an error on this rank: one `error:` line naming the rank, then
+/// `MPI_Abort`, which ends every rank. An error every rank meets (a bad flag) is reported by
+/// rank 0; the others wait a moment first, so the abort usually ends them before they print.
+#[cfg(feature = "mpi")]
+fn end_every_rank(ranks: &brigade::engine::pipeline::Ranks, e: &anyhow::Error) -> ! {
+    use std::io::Write;
+    if ranks.rank() != 0 {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    let _ = std::io::stdout().flush();
+    let _ = writeln!(std::io::stderr(), "error: rank {}: {e:#}", ranks.rank());
+    ranks.abort(1)
+}
+
+/// Rank 0 prints for the job: the other ranks' standard output goes to /dev/null.
+#[cfg(feature = "mpi")]
+fn quiet_stdout() {
+    use std::os::fd::AsRawFd;
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: dup2 onto stdout's descriptor; Rust's stdout has written nothing yet.
+        unsafe { libc::dup2(null.as_raw_fd(), libc::STDOUT_FILENO) };
+    }
+}
+
+fn train(mut args: TrainArgs, world: World) -> Result<()> {
     check_train_args(&args)?;
     // A text --data without --tokenizer uses the tokenizer of the run it resumes, or of the
     // Hugging Face directory it starts from, when there is one; otherwise it is bytes.
@@ -566,7 +654,11 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
         }
     }
     let schedule = super::schedule::schedule_choice(&args.schedule)?;
-    let (stages, microbatches) = super::schedule::layout_counts(&schedule, args.stages, args.microbatches, (2, 4))?;
+    // Under MPI the stages default to one per rank.
+    let default_stages = if world.is_distributed() { world.rank_and_size().1 } else { 2 };
+    let (stages, microbatches) =
+        super::schedule::layout_counts(&schedule, args.stages, args.microbatches, (default_stages, 4))?;
+    world.check_fits(stages).map_err(anyhow::Error::msg)?;
     let (model, data, start) = model_and_data(&args)?;
     let mut partition = partition_strategy(&args)?;
     if partition == PartitionStrategy::BalancedTime(Vec::new()) {
@@ -618,7 +710,7 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
     if let Some(dir) = &args.save_dir {
         check_disk_space(dir, model.num_params(), args.optimizer().states())?;
     }
-    let mut pipeline = pipeline_config(&args, schedule, (stages, microbatches), partition, steps)?;
+    let mut pipeline = pipeline_config(&args, schedule, (stages, microbatches), partition, steps)?.world(world.clone());
     let options = train_options(&args, steps);
     println!("model    {}", model.name());
     println!("data     {}", data.describe());
@@ -659,13 +751,13 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
         );
     }
     // The tokenizer goes with the run's checkpoints, for `generate`, `export` and resuming.
-    if let (Some(dir), Some(tok)) = (&args.save_dir, args.model.text_tokenizer()?) {
+    if let (Some(dir), Some(tok), true) = (&args.save_dir, args.model.text_tokenizer()?, world.is_lead()) {
         let dest = dir.join(brigade::tokenizer::TOKENIZER_FILE);
         if args.model.tokenizer.as_deref().and_then(|t| t.canonicalize().ok()) != dest.canonicalize().ok() {
             tok.save(&dest)?;
         }
     }
-    let mut log = open_log(&args, &mut trainer, first_step)?;
+    let mut log = if world.is_lead() { open_log(&args, &mut trainer, first_step)? } else { None };
     let summary = train_with_progress(&mut trainer, args.plain, steps, log.as_mut())?;
     print_summary(&summary);
     if let Some(log) = &log {

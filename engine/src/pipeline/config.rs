@@ -8,6 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 
 use super::threads::ThreadPools;
+use super::transport::World;
 use crate::compute::Recompute;
 use crate::device::StageDevice;
 use crate::optim::{LrSchedule, OptimizerConfig, ParamState};
@@ -86,6 +87,9 @@ pub struct PipelineConfig {
     /// streams can race (see `pipeline::handoff`). Slower; to bisect a numerical surprise on a
     /// GPU. No effect on the CPU. The CLI sets it from `BRIGADE_SYNC_EACH_ACTION=1`.
     pub sync_each_action: bool,
+    /// The processes the stages run in: this one (the default) or MPI ranks (`mpi` feature),
+    /// each rank running the stages it owns.
+    pub world: World,
 }
 
 impl Default for PipelineConfig {
@@ -110,11 +114,18 @@ impl Default for PipelineConfig {
             devices: Vec::new(),
             compute_dtype: DType::F32,
             sync_each_action: false,
+            world: World::Local,
         }
     }
 }
 
 impl PipelineConfig {
+    /// Runs this process's share of the stages of a multi-process job.
+    pub fn world(mut self, world: World) -> Self {
+        self.world = world;
+        self
+    }
+
     pub fn stages(mut self, stages: usize) -> Self {
         self.stages = stages;
         self

@@ -7,6 +7,11 @@
 //! are the stage indices. Training reaches every replica; the collective reads replica 0 (its
 //! stages' gradients are already summed over the replicas, identical in all of them) and
 //! answers all; evaluation, prediction, decoding, snapshots and checkpoints use replica 0.
+//!
+//! Across processes (MPI ranks, [`World::Ranks`]) every rank runs this same driver on the same
+//! batches, but starts and feeds only the stages it owns; the stages other ranks own are proxy
+//! inboxes the rank's MPI thread sends on. The collective sums the local stages' partials,
+//! then all-reduces them over the ranks, so every rank computes the numbers one process would.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -25,6 +30,7 @@ use super::protocol::{ChunkLayers, Msg, Outcome, Report, SnapshotKind, StageSetu
 use super::replicas::{InProcessReduce, ReplicaReduce};
 use super::stage::run_stage;
 use super::threads::{self, start_elementwise_pool, ThreadPools};
+use super::transport::World;
 use crate::error::{EngineError, Result};
 use crate::input::{is_integer, BatchCheck};
 use crate::layer::{LayerSpec, PipelineModel};
@@ -108,6 +114,11 @@ pub struct Pipeline {
     handles: Vec<Option<JoinHandle<()>>>,
     /// Parameter name → stages that hold a copy (only names held by two or more stages).
     tied: BTreeMap<String, Vec<usize>>,
+    /// The shape of each tied parameter (ranks holding no copy add zeros to the sum).
+    tied_shapes: BTreeMap<String, Vec<usize>>,
+    /// The processes the stages run in, and which stages this one runs.
+    world: World,
+    local: Vec<bool>,
     step: u64,
     stopped: Option<String>,
 }
@@ -160,6 +171,16 @@ impl Pipeline {
         // One device per stage (every replica's copy of it there), or one per stage of each replica.
         let per_slot_devices = replicas > 1 && config.devices.len() == replicas * config.stages;
         crate::device::check_devices(&config.devices, if per_slot_devices { replicas } else { 1 } * config.stages)?;
+        let world = config.world.clone();
+        world.check_fits(config.stages).map_err(EngineError::Config)?;
+        if replicas > 1 && world.is_distributed() {
+            return Err(EngineError::Config(
+                "data parallelism across MPI ranks is not supported yet: run the D replicas in one process \
+                 (--data-parallel without a launcher), or the stages over ranks with --data-parallel 1"
+                    .into(),
+            ));
+        }
+        let local: Vec<bool> = (0..config.stages).map(|s| world.owns(s, config.stages)).collect();
         if !matches!(config.compute_dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(EngineError::Config(format!(
                 "compute dtype {:?} is not supported: use f32 (exact) or bf16/f16 (mixed precision, f32 master weights)",
@@ -238,6 +259,11 @@ impl Pipeline {
         for stages in tied.values_mut() {
             stages.sort_unstable();
         }
+        let tied_shapes: BTreeMap<String, Vec<usize>> = crate::layer::unique_params(&layers)
+            .into_iter()
+            .filter(|p| tied.contains_key(&p.name))
+            .map(|p| (p.name, p.shape))
+            .collect();
 
         // One pool for all stages, or one per stage (`threads.rs`); candle's process-wide knobs
         // follow the per-stage budget.
@@ -248,7 +274,9 @@ impl Pipeline {
             let at = if per_slot_devices { slot } else { slot % config.stages };
             config.devices.get(at).copied().unwrap_or_default()
         };
-        let cpu_stages: Vec<usize> = (0..slots).filter(|&i| device_of(i) == crate::device::StageDevice::Cpu).collect();
+        let cpu_stages: Vec<usize> = (0..slots)
+            .filter(|&i| local[i % config.stages] && device_of(i) == crate::device::StageDevice::Cpu)
+            .collect();
         let shared_pool = match config.thread_pools {
             ThreadPools::Shared if cpu_stages.len() >= 2 => {
                 Some(threads::shared_pool(threads * cpu_stages.len()).map_err(EngineError::Config)?)
@@ -262,9 +290,17 @@ impl Pipeline {
         let channels: Vec<(Sender<Msg>, Receiver<Msg>)> = (0..slots).map(|_| unbounded()).collect();
         let inboxes: Vec<Sender<Msg>> = channels.iter().map(|(tx, _)| tx.clone()).collect();
         let mut handles = Vec::with_capacity(slots);
+        // Stages other ranks own: their inboxes here are proxies the MPI thread sends on (one
+        // replica only: data parallelism runs in one process).
+        let mut proxies = Vec::new();
         let slot_chunks = (0..replicas).flat_map(|_| device_chunks.iter().cloned());
         for (slot, ((_, inbox), chunks)) in channels.into_iter().zip(slot_chunks).enumerate() {
             let (replica, index) = (slot / config.stages, slot % config.stages);
+            if !local[index] {
+                proxies.push((index, world.owner(index, config.stages), inbox));
+                handles.push(None);
+                continue;
+            }
             let stage_tied: Vec<String> =
                 tied.iter().filter(|(_, s)| s.contains(&index)).map(|(n, _)| n.clone()).collect();
             // A replica's stages hand off among themselves only.
@@ -304,6 +340,13 @@ impl Pipeline {
                 .map_err(|e| EngineError::Config(format!("cannot start stage thread {slot}: {e}")))?;
             handles.push(Some(handle));
         }
+        #[cfg(feature = "mpi")]
+        if let World::Ranks(ranks) = &world {
+            let incoming = (0..config.stages).filter(|&s| local[s]).map(|s| (s, inboxes[s].clone())).collect();
+            ranks.attach(super::transport::Attachment { outgoing: proxies, incoming }).map_err(EngineError::Config)?;
+        }
+        #[cfg(not(feature = "mpi"))]
+        drop(proxies);
         let mut pipeline = Self {
             model_name: model.name(),
             batch_check: model.batch_check(),
@@ -323,17 +366,22 @@ impl Pipeline {
             reports,
             handles,
             tied,
+            tied_shapes,
+            world,
+            local,
             step: 0,
             stopped: None,
         };
         // Building layers can fail (e.g. a wrong shape in `initial_params`); surface it now.
-        for s in 0..pipeline.inboxes.len() {
+        for s in pipeline.local_stages() {
             let (tx, rx) = unbounded();
             pipeline.send(s, Msg::Ping { reply: tx })?;
             if rx.recv().is_err() {
                 return Err(pipeline.stage_gone(s));
             }
         }
+        // Every rank's stages are built before any rank trains.
+        pipeline.world.barrier().map_err(EngineError::Config)?;
         Ok(pipeline)
     }
 
@@ -353,6 +401,41 @@ impl Pipeline {
         self.replicas
     }
 
+    /// The stages this process runs (all of them but under MPI).
+    pub(super) fn local_stages(&self) -> Vec<usize> {
+        (0..self.stage_count()).filter(|&s| self.local[s]).collect()
+    }
+
+    /// A `gather` list over every slot (stage of a replica), waiting for this process's stages
+    /// (the others are accounted for).
+    fn pending_local(&self) -> Vec<bool> {
+        (0..self.stages * self.replicas).map(|slot| !self.local[slot % self.stages]).collect()
+    }
+
+    /// The processes this pipeline runs in.
+    pub fn world(&self) -> &World {
+        &self.world
+    }
+
+    /// Whether this process prints and writes the run's shared files (rank 0; always in one process).
+    pub fn is_lead_process(&self) -> bool {
+        self.world.is_lead()
+    }
+
+    /// Refuses what only one process can do (its stages' outputs stay on their ranks).
+    fn single_process(&self, what: &str) -> Result<()> {
+        if self.world.is_distributed() {
+            return Err(EngineError::Config(format!(
+                "{what} runs in one process; across MPI ranks brigade trains, evaluates and saves checkpoints"
+            )));
+        }
+        Ok(())
+    }
+
+    fn collective_error(why: String) -> EngineError {
+        EngineError::Config(format!("MPI collective failed: {why}"))
+    }
+
     /// Sends every stage of replica 0 its message of a step, `msg(stage)` (see
     /// [`Pipeline::fan_out_replicas`]).
     fn fan_out(&mut self, mut msg: impl FnMut(usize) -> Msg) -> Result<()> {
@@ -365,8 +448,9 @@ impl Pipeline {
     /// anyway).
     fn fan_out_replicas(&mut self, replicas: usize, mut msg: impl FnMut(usize, usize) -> Msg) -> Result<()> {
         let (first, _) = self.entry_and_exit();
+        let mine: Vec<usize> = self.local_stages();
         for r in 0..replicas {
-            for s in (0..self.stage_count()).filter(|&s| s != first).chain([first]) {
+            for s in mine.iter().copied().filter(|&s| s != first).chain(Some(first).filter(|f| mine.contains(f))) {
                 let message = msg(r, s);
                 self.send(r * self.stages + s, message)?;
             }
@@ -433,7 +517,7 @@ impl Pipeline {
         // each), so replica 0's make the norm and the tied sums, and every replica gets them.
         let mut sq_norm = 0.0;
         let mut tied_sums: BTreeMap<String, Tensor> = BTreeMap::new();
-        let mut partial_from = vec![false; slots];
+        let mut partial_from = self.pending_local();
         self.gather(&mut partial_from, |report| match report {
             Report::Partial { stage, .. } if stage >= stages => Ok(Some(stage)),
             Report::Partial { stage, tied_grads, sq_norm: s } => {
@@ -455,6 +539,9 @@ impl Pipeline {
             }
             _ => Ok(None),
         })?;
+        if self.world.is_distributed() {
+            (sq_norm, tied_sums) = self.sum_over_ranks(sq_norm, tied_sums)?;
+        }
         for grad in tied_sums.values() {
             sq_norm += squared_norm(grad)?;
         }
@@ -463,7 +550,8 @@ impl Pipeline {
             Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
             _ => 1.0,
         };
-        for slot in 0..slots {
+        let local_slots: Vec<usize> = (0..slots).filter(|&slot| self.local[slot % stages]).collect();
+        for slot in local_slots {
             let s = slot % stages;
             let tied_grads =
                 self.tied
@@ -479,7 +567,7 @@ impl Pipeline {
             self.send(slot, Msg::Reduced { tied_grads, clip_scale })?;
         }
 
-        let mut done = vec![false; slots];
+        let mut done = self.pending_local();
         let mut loss = 0.0;
         let mut stage_busy = vec![Duration::ZERO; stages];
         let mut stage_actions = vec![Vec::new(); stages];
@@ -504,6 +592,18 @@ impl Pipeline {
             }
             _ => Ok(None),
         })?;
+        if self.world.is_distributed() {
+            // The loss lives on the last stage's rank; busy times and stash peaks on each stage's.
+            let mut values = vec![loss];
+            values.extend(stage_busy.iter().map(|b| b.as_secs_f64()));
+            values.extend(peak_stash_bytes.iter().map(|&b| b as f64));
+            let sums = self.world.sum_f64(values).map_err(Self::collective_error)?;
+            loss = sums[0];
+            for s in (0..stages).filter(|&s| !self.local[s]) {
+                stage_busy[s] = Duration::from_secs_f64(sums[1 + s].max(0.0));
+                peak_stash_bytes[s] = sums[1 + stages + s] as u64;
+            }
+        }
         let elapsed = started.elapsed();
         let stats =
             StepStats { step: self.step, loss, grad_norm, lr, elapsed, stage_busy, stage_actions, peak_stash_bytes };
@@ -528,7 +628,7 @@ impl Pipeline {
             inputs: if s == first { input_chunks.clone() } else { Vec::new() },
             targets: if s == last { target_chunks.clone() } else { Vec::new() },
         })?;
-        let mut done = vec![false; stages];
+        let mut done = self.pending_local();
         let mut totals = Outcome::default();
         self.gather(&mut done, |report| match report {
             Report::Done { stage, outcome, .. } => {
@@ -539,6 +639,13 @@ impl Pipeline {
             }
             _ => Ok(None),
         })?;
+        if self.world.is_distributed() {
+            let sums = self
+                .world
+                .sum_f64(vec![totals.loss, totals.correct as f64, totals.terms as f64])
+                .map_err(Self::collective_error)?;
+            (totals.loss, totals.correct, totals.terms) = (sums[0], sums[1] as usize, sums[2] as usize);
+        }
         Ok(EvalStats { loss: totals.loss / totals.terms.max(1) as f64, correct: totals.correct, terms: totals.terms })
     }
 
@@ -546,6 +653,7 @@ impl Pipeline {
     /// pipelined over the same stages; micro-batched like training when the batch divides.
     pub fn predict(&mut self, inputs: &Tensor) -> Result<Tensor> {
         self.ensure_running()?;
+        self.single_process("prediction")?;
         self.batch_check.check_batch(inputs, None).map_err(EngineError::Input)?;
         let batch = inputs.dim(0)?;
         if batch == 0 {
@@ -582,6 +690,7 @@ impl Pipeline {
     /// micro-batch; the model must support [`crate::Layer::forward_incremental`].
     pub fn decode(&mut self, inputs: &Tensor, offset: usize) -> Result<Tensor> {
         self.ensure_running()?;
+        self.single_process("decoding")?;
         self.batch_check.check_batch(inputs, None).map_err(EngineError::Input)?;
         if inputs.dim(0)? == 0 {
             return Err(EngineError::Input("cannot decode an empty batch".into()));
@@ -642,6 +751,7 @@ impl Pipeline {
 
     fn snapshot_by_stage(&mut self, kind: SnapshotKind) -> Result<Vec<BTreeMap<String, Tensor>>> {
         self.ensure_running()?;
+        self.single_process("gathering parameters, gradients or optimizer state")?;
         self.snapshot_slots(kind, 0..self.stage_count())
     }
 
@@ -763,6 +873,46 @@ impl Pipeline {
             }
         }
         Ok(())
+    }
+
+    /// The end-of-step collective across ranks: this rank's partial (its stages' squared norms,
+    /// its tied gradient sums) summed with every other rank's. Tied gradients travel as one
+    /// f32 vector in name order, zeros where this rank holds no copy; with two holders the sum
+    /// is the one a single process computes, bit for bit (a + b = b + a).
+    fn sum_over_ranks(
+        &self,
+        sq_norm: f64,
+        mut tied_sums: BTreeMap<String, Tensor>,
+    ) -> Result<(f64, BTreeMap<String, Tensor>)> {
+        let sq_norm = self.world.sum_f64(vec![sq_norm]).map_err(Self::collective_error)?[0];
+        if self.tied_shapes.is_empty() {
+            return Ok((sq_norm, tied_sums));
+        }
+        let mut flat: Vec<f32> = Vec::new();
+        for (name, shape) in &self.tied_shapes {
+            match tied_sums.remove(name) {
+                Some(sum) if sum.dtype() == DType::F32 => {
+                    flat.extend(sum.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+                }
+                Some(sum) => {
+                    return Err(EngineError::Config(format!(
+                        "tied gradient {name} is {:?}; across ranks tied gradients are summed in f32",
+                        sum.dtype()
+                    )))
+                }
+                None => flat.extend(std::iter::repeat_n(0f32, shape.iter().product())),
+            }
+        }
+        let flat = self.world.sum_f32(flat).map_err(Self::collective_error)?;
+        let mut offset = 0;
+        let mut sums = BTreeMap::new();
+        for (name, shape) in &self.tied_shapes {
+            let len: usize = shape.iter().product();
+            let values = flat.get(offset..offset + len).ok_or_else(|| Self::collective_error("short sum".into()))?;
+            sums.insert(name.clone(), Tensor::from_slice(values, shape.as_slice(), &candle_core::Device::Cpu)?);
+            offset += len;
+        }
+        Ok((sq_norm, sums))
     }
 
     /// Aborts every stage, joins the threads, and returns the error naming the first failure.

@@ -1,7 +1,10 @@
 //! The transport seam: the one interface through which a stage's runtime sends and receives
 //! what crosses between devices (activations downstream, input gradients upstream) and takes
 //! part in the end-of-step collective. [`Crossbeam`] is the in-process implementation (one
-//! channel inbox per stage thread); a cross-process one (MPI ranks) implements the same trait.
+//! channel inbox per stage thread). Across processes (`mpi` feature, [`World::Ranks`]) each
+//! stage keeps that same transport: a stage on another rank is a proxy inbox that the rank's
+//! MPI thread drains and sends on, and what arrives from other ranks is delivered into the local
+//! stage's inbox (`mpi.rs`); the driver adds the ranks' all-reduce to the end-of-step collective.
 //!
 //! The contract every implementation keeps:
 //! - [`Transport::send`] never waits for the receiver: the message is buffered (an unbounded
@@ -22,10 +25,18 @@
 //! last action, and whose inputs depend on nothing but that stage's own finished actions.
 
 mod crossbeam;
+#[cfg(feature = "mpi")]
+mod mpi;
 
 use std::collections::HashMap;
+#[cfg(feature = "mpi")]
+use std::sync::Arc;
 
 pub(super) use self::crossbeam::Crossbeam;
+#[cfg(feature = "mpi")]
+pub(super) use self::mpi::Attachment;
+#[cfg(feature = "mpi")]
+pub use self::mpi::Ranks;
 use super::handoff::HandOff;
 use super::protocol::Msg;
 
@@ -76,6 +87,100 @@ pub(super) trait Transport: Send {
     fn contribute(&self, stage: usize, tied_grads: Vec<(String, HandOff)>, sq_norm: f64) -> Result<(), Closed>;
 }
 
+/// Which processes the pipeline's stages live in: all in this one (the default), or spread
+/// over the ranks of an MPI job, each running the same driver over the stages it owns.
+#[derive(Debug, Clone, Default)]
+pub enum World {
+    #[default]
+    Local,
+    #[cfg(feature = "mpi")]
+    Ranks(Arc<Ranks>),
+}
+
+impl World {
+    /// This process's rank and the world size ((0, 1) in one process).
+    pub fn rank_and_size(&self) -> (usize, usize) {
+        match self {
+            World::Local => (0, 1),
+            #[cfg(feature = "mpi")]
+            World::Ranks(r) => (r.rank(), r.size()),
+        }
+    }
+
+    /// More than one process takes part.
+    pub fn is_distributed(&self) -> bool {
+        self.rank_and_size().1 > 1
+    }
+
+    /// The process that prints, writes the checkpoint's manifest and `latest` (rank 0).
+    pub fn is_lead(&self) -> bool {
+        self.rank_and_size().0 == 0
+    }
+
+    /// Whether this process runs stage `stage` of `stages`: rank `r` of `W` owns the contiguous
+    /// stages `r*S/W .. (r+1)*S/W` (call [`World::check_fits`] first).
+    pub fn owns(&self, stage: usize, stages: usize) -> bool {
+        self.owner(stage, stages) == self.rank_and_size().0
+    }
+
+    /// The rank that runs stage `stage` of `stages`.
+    pub fn owner(&self, stage: usize, stages: usize) -> usize {
+        owner_of(stage, stages, self.rank_and_size().1)
+    }
+
+    /// `stages` split evenly over the ranks, or why not.
+    pub fn check_fits(&self, stages: usize) -> Result<(), String> {
+        let (_, size) = self.rank_and_size();
+        if stages.is_multiple_of(size) {
+            return Ok(());
+        }
+        Err(format!(
+            "{stages} stages do not split over {size} processes: each rank runs the same number of stages, so start \
+             a process count that divides {stages} (one per stage: mpirun -n {stages}), or pass --stages as a \
+             multiple of {size}"
+        ))
+    }
+
+    /// Element-wise sums over the processes (the values themselves in one process).
+    pub(super) fn sum_f64(&self, values: Vec<f64>) -> Result<Vec<f64>, String> {
+        match self {
+            World::Local => Ok(values),
+            #[cfg(feature = "mpi")]
+            World::Ranks(r) => r.sum_f64(values),
+        }
+    }
+
+    pub(super) fn sum_f32(&self, values: Vec<f32>) -> Result<Vec<f32>, String> {
+        match self {
+            World::Local => Ok(values),
+            #[cfg(feature = "mpi")]
+            World::Ranks(r) => r.sum_f32(values),
+        }
+    }
+
+    /// Every process's `bytes`, by rank.
+    pub(super) fn all_gather(&self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>, String> {
+        match self {
+            World::Local => Ok(vec![bytes]),
+            #[cfg(feature = "mpi")]
+            World::Ranks(r) => r.all_gather(bytes),
+        }
+    }
+
+    pub(super) fn barrier(&self) -> Result<(), String> {
+        match self {
+            World::Local => Ok(()),
+            #[cfg(feature = "mpi")]
+            World::Ranks(r) => r.barrier(),
+        }
+    }
+}
+
+/// The rank of `size` that runs stage `stage` of `stages`: contiguous blocks of `stages / size`.
+fn owner_of(stage: usize, stages: usize, size: usize) -> usize {
+    stage / (stages / size.max(1)).max(1)
+}
+
 /// Received hand-offs by key, kept until the action that needs them runs.
 #[derive(Default)]
 pub(super) struct Mailbox {
@@ -120,6 +225,16 @@ mod tests {
         assert_eq!(value(mailbox.take(Route::gradient(1, 0))), 3.0);
         assert_eq!(value(mailbox.take(Route::activation(1, 1))), 2.0);
         assert!(mailbox.take(Route::activation(1, 0)).is_none(), "a hand-off is taken once");
+    }
+
+    #[test]
+    fn ranks_own_contiguous_blocks_of_stages_and_one_process_owns_all() {
+        assert_eq!((0..4).map(|s| owner_of(s, 4, 4)).collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert_eq!((0..4).map(|s| owner_of(s, 4, 2)).collect::<Vec<_>>(), [0, 0, 1, 1]);
+        assert_eq!((0..3).map(|s| owner_of(s, 3, 1)).collect::<Vec<_>>(), [0, 0, 0]);
+        let world = World::Local;
+        assert!((0..5).all(|s| world.owns(s, 5)) && world.is_lead() && !world.is_distributed());
+        assert!(world.check_fits(3).is_ok());
     }
 
     #[test]
