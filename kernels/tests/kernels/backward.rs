@@ -109,6 +109,23 @@ fn accumulate_adds_in_place_and_sum_rows_matches_a_reduction() {
     assert!(k::sum_rows(&Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()).is_err());
 }
 
+/// Many row blocks, summed in parallel: close to candle's reduction, and the same bits on one
+/// thread and on a pool of two.
+#[test]
+fn sum_rows_over_many_blocks_is_thread_count_independent() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let mut g = rng(12);
+    for dtype in [DType::F32, DType::F64] {
+        for rows in [1000, 2048, 129] {
+            let x = uniform(&mut g, &[rows, 67], 1.0, dtype);
+            let one = k::sum_rows(&x).unwrap();
+            assert_close("sum_rows blocks", &one, &x.sum(0).unwrap(), 1e-4);
+            let two = pool.install(|| k::sum_rows(&x)).unwrap();
+            assert_eq!(to_f64_vec(&one), to_f64_vec(&two), "{rows} rows {dtype:?}");
+        }
+    }
+}
+
 #[test]
 fn matmul_accumulate_adds_the_product_in_place() {
     let mut g = rng(5);
