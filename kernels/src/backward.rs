@@ -111,6 +111,58 @@ pub fn max_pool2d_backward(x: &Tensor, dy: &Tensor, kernel: usize, stride: usize
     x.apply_op2_no_bwd(dy, &crate::max_pool::MaxPool2dBwd(op))
 }
 
+/// `a + b` for two gradients of one shape and dtype (a residual connection's two branches),
+/// on the CPU in f32/f64 one parallel pass on the caller's rayon pool (the stage's threads);
+/// elsewhere candle's add. Same values as `a + b`: candle runs its binary ops on its own
+/// thread pool, outside the stage's budget (1.1% of the 2-thread GPT step, two per block).
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.shape() != b.shape() || a.dtype() != b.dtype() {
+        candle_core::bail!("add: {:?} {:?} and {:?} {:?} differ", a.shape(), a.dtype(), b.shape(), b.dtype())
+    }
+    if !fused(a) || !b.device().is_cpu() || a.track_op() || b.track_op() {
+        return a + b;
+    }
+    a.apply_op2_no_bwd(b, &Add)
+}
+
+struct Add;
+
+impl candle_core::CustomOp2 for Add {
+    fn name(&self) -> &'static str {
+        "add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, candle_core::Shape)> {
+        fn run<T: candle_core::WithDType>(a: &[T], b: &[T]) -> Vec<T> {
+            crate::cpu::new_rows(a.len(), ADD_CHUNK, |r, out: &mut [T]| {
+                let start = r * ADD_CHUNK;
+                for ((o, &u), &v) in out.iter_mut().zip(&a[start..]).zip(&b[start..]) {
+                    *o = u + v;
+                }
+            })
+        }
+        let out = match (a, b) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(run(&crate::cpu::view::<f32>(a, al)?, &crate::cpu::view::<f32>(b, bl)?))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                CpuStorage::F64(run(&crate::cpu::view::<f64>(a, al)?, &crate::cpu::view::<f64>(b, bl)?))
+            }
+            _ => candle_core::bail!("add: f32 or f64 tensors of one dtype expected"),
+        };
+        Ok((out, al.shape().clone()))
+    }
+}
+
+/// Elements per parallel task in [`add`].
+const ADD_CHUNK: usize = 4096;
+
 /// `acc += g`, in place. Both must have the same shape and dtype, and `acc` must be contiguous
 /// and own its storage alone (a fresh result of a computation, not a view of a parameter);
 /// `g` may have any layout. Off the fused path it falls back to copying `acc + g` into `acc`.

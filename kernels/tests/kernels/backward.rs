@@ -151,3 +151,22 @@ fn matmul_accumulate_adds_the_product_in_place() {
         assert!(e.contains("does not fit"), "{e}");
     }
 }
+
+/// `add` equals candle's `a + b` bit for bit (dense and strided, both dtypes, one and two
+/// threads) and rejects mismatched operands.
+#[test]
+fn add_matches_candle_on_any_thread_count() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let mut g = rng(13);
+    for dtype in [DType::F32, DType::F64] {
+        for (rows, cols) in [(3, 5), (300, 257)] {
+            let a = uniform(&mut g, &[rows, cols], 1.0, dtype);
+            let b = uniform(&mut g, &[cols, rows], 1.0, dtype).t().unwrap();
+            let want = to_f64_vec(&(&a + &b).unwrap());
+            assert_eq!(to_f64_vec(&k::add(&a, &b).unwrap()), want);
+            assert_eq!(to_f64_vec(&pool.install(|| k::add(&a, &b)).unwrap()), want);
+        }
+    }
+    let z = |d: &[usize]| Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();
+    assert!(k::add(&z(&[2, 3]), &z(&[3, 2])).is_err());
+}
