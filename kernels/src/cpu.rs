@@ -9,12 +9,15 @@
 //!   rows and can stay simple.
 //! - [`for_each_row`]: runs a per-row closure over an output buffer, on rayon when the tensor
 //!   is large enough for the fork/join cost (a few µs) to pay off, sequentially otherwise.
+//!   [`new_rows`] does the same over a fresh buffer, zeroing each row just before its closure
+//!   runs (in cache, on the thread that fills it) instead of a whole-buffer memset first.
 //! - The row kernels on [`Real`] (`gelu_tanh_fwd`, `exp_shift_sum`, ...): the elementwise inner
 //!   loops of the fused ops. The trait's default bodies are plain scalar libm loops, which f64
 //!   keeps (it is the precision reference); f32 overrides them with the vectorised versions in
 //!   [`crate::vmath`].
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, DType, Layout, Result, WithDType};
 use rayon::prelude::*;
@@ -289,4 +292,39 @@ pub(crate) fn for_each_row<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(us
 /// Wraps a result buffer as storage (keeps the `WithDType` import out of every kernel file).
 pub(crate) fn storage<T: WithDType>(v: Vec<T>) -> CpuStorage {
     T::to_cpu_storage_owned(v)
+}
+
+/// A fresh `len`-element buffer whose `row_len`-sized rows are filled by `f(row_index, row)`,
+/// like [`for_each_row`] over `vec![0; len]`: each row is zeroed first, so a closure that
+/// writes only part of its row (the causal softmax) still leaves zeros in the rest.
+///
+/// Why not `vec![0; len]`: for a reused heap block that is a memset over the whole buffer on
+/// the calling thread, a full pass through memory (the buffers here are megabytes) before the
+/// kernel writes every element again. Here each row is zeroed while it is in cache, by the
+/// thread about to fill it.
+pub(crate) fn new_rows<T: WithDType>(len: usize, row_len: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) -> Vec<T> {
+    if row_len == 0 || len == 0 {
+        return vec![T::zero(); len];
+    }
+    let fill = |(i, row): (usize, &mut [MaybeUninit<T>])| f(i, zeroed(row));
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    let spare = &mut out.spare_capacity_mut()[..len];
+    if len >= PAR_MIN_ELEMS {
+        spare.par_chunks_mut(row_len).enumerate().for_each(fill);
+    } else {
+        spare.chunks_mut(row_len).enumerate().for_each(fill);
+    }
+    // SAFETY: the chunks above cover all `len` elements and each was initialised.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// Zeroes a row of uninitialised elements and returns it as initialised.
+pub(crate) fn zeroed<T: WithDType>(row: &mut [MaybeUninit<T>]) -> &mut [T] {
+    row.iter_mut().for_each(|o| {
+        o.write(T::zero());
+    });
+    // SAFETY: every element of `row` was initialised just above, and `MaybeUninit<T>` has the
+    // layout of `T`.
+    unsafe { &mut *(row as *mut [MaybeUninit<T>] as *mut [T]) }
 }

@@ -19,7 +19,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{for_each_row, storage, view, with_float, Real, PAR_MIN_ELEMS};
+use crate::cpu::{new_rows, storage, view, with_float, Real, PAR_MIN_ELEMS};
 
 fn check_targets(targets: &[u32], v: usize) -> Result<()> {
     if let Some((row, &id)) = targets.iter().enumerate().find(|(_, &t)| t as usize >= v) {
@@ -100,8 +100,7 @@ impl CrossEntropySumBwd {
         let n = targets.len();
         let v = logits.len().checked_div(n).unwrap_or(0);
         check_targets(targets, v)?;
-        let mut d = vec![T::ZERO; logits.len()];
-        for_each_row(&mut d, v, |r, dr| {
+        let d = new_rows(logits.len(), v, |r, dr: &mut [T]| {
             let xr = &logits[r * v..(r + 1) * v];
             let max = T::row_max(xr);
             let sum = T::exp_shift_sum(xr, max, dr);

@@ -17,7 +17,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
-use crate::cpu::{for_each_row, storage, view, with_float};
+use crate::cpu::{new_rows, storage, view, with_float};
 
 /// Elementwise work is split into rows of this many elements for the parallel driver.
 const CHUNK: usize = 4096;
@@ -32,8 +32,7 @@ impl CustomOp1 for GeluTanh {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         with_float!(self.name(), s, |T| {
             let x = view::<T>(s, l)?;
-            let mut y = vec![T::ZERO; x.len()];
-            for_each_row(&mut y, CHUNK, |r, yr| {
+            let y = new_rows(x.len(), CHUNK, |r, yr: &mut [T]| {
                 let n = yr.len();
                 T::gelu_tanh_fwd(&x[r * CHUNK..r * CHUNK + n], yr);
             });
@@ -66,8 +65,7 @@ impl CustomOp2 for GeluTanhBwd {
         with_float!(self.name(), xs, |T| {
             let x = view::<T>(xs, xl)?;
             let dy = view::<T>(gs, gl)?;
-            let mut dx = vec![T::ZERO; x.len()];
-            for_each_row(&mut dx, CHUNK, |r, dxr| {
+            let dx = new_rows(x.len(), CHUNK, |r, dxr: &mut [T]| {
                 let (lo, hi) = (r * CHUNK, r * CHUNK + dxr.len());
                 T::gelu_tanh_bwd(&x[lo..hi], &dy[lo..hi], dxr);
             });

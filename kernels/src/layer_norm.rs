@@ -53,8 +53,7 @@ impl LayerNorm {
         let b = view::<T>(bs, bl)?;
         let c = w.len();
         let eps = T::from_f64(self.eps);
-        let mut y = vec![T::ZERO; x.len()];
-        crate::cpu::for_each_row(&mut y, c, |r, yr| {
+        let y = crate::cpu::new_rows(x.len(), c, |r, yr: &mut [T]| {
             let xr = &x[r * c..(r + 1) * c];
             let (mean, rstd) = row_stats(xr, eps);
             for (((o, &v), &wv), &bv) in yr.iter_mut().zip(xr).zip(w.iter()).zip(b.iter()) {

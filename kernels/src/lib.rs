@@ -51,7 +51,7 @@ use candle_core::{bail, DType, Result, Tensor};
 pub use gemm::{conv2d, matmul, stage_threads};
 
 pub use backward::{
-    accumulate, cross_entropy_sum_backward, gelu_tanh_backward, layer_norm_backward, matmul_accumulate,
+    accumulate, add, cross_entropy_sum_backward, gelu_tanh_backward, layer_norm_backward, matmul_accumulate,
     max_pool2d_backward, softmax_last_dim_backward, sum_rows,
 };
 
@@ -304,6 +304,55 @@ pub fn causal_attention_saved_backward(
 /// Operands may be strided (`w.t()` is read in place). When any input is recording an autograd
 /// graph, or off the fused dtypes/devices, it is the plain composition (differentiable).
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
+    if !check_linear(x, w, bias, residual)? {
+        let mut y = matmul(x, w)?;
+        if let Some(b) = bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(r) = residual {
+            y = (y + r)?;
+        }
+        return Ok(y);
+    }
+    linear::linear_cpu(x, w, bias, residual)
+}
+
+/// The MLP's first projection and its activation: `(pre, gelu_tanh(pre))` for
+/// `pre = x · w + bias` (shapes as in [`linear`]). On the fused path one gemm writes `pre` and
+/// one pass per row adds the bias and writes the GELU (see `linear.rs`); `pre` is
+/// [`linear`]'s result and the activation is [`gelu_tanh`]'s of it. Tracked or off the fused
+/// dtypes/devices, it is that composition (differentiable).
+pub fn linear_gelu(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<(Tensor, Tensor)> {
+    if !check_linear(x, w, Some(bias), None)? {
+        let pre = linear(x, w, Some(bias), None)?;
+        let act = gelu_tanh(&pre)?;
+        return Ok((pre, act));
+    }
+    linear::linear_gelu_cpu(x, w, bias)
+}
+
+/// The input gradient through a projection into [`linear_gelu`]'s activation, back to the
+/// pre-activation: `gelu_tanh_backward(pre, dy · w)` for `dy` `(M, K)`, `w` `(K, N)` (a
+/// transposed weight, read in place) and `pre` `(M, N)`. On the fused path the GELU backward
+/// runs in place over the product's buffer (see `linear.rs`), with the same values as the
+/// composition, which it is when tracked or off the fused dtypes/devices.
+pub fn linear_gelu_backward(dy: &Tensor, w: &Tensor, pre: &Tensor) -> Result<Tensor> {
+    let (m, n) = (dy.dims2()?.0, w.dims2()?.1);
+    if pre.dims() != [m, n] {
+        bail!("linear_gelu_backward: pre must have shape ({m}, {n}), got {:?}", pre.dims())
+    }
+    if pre.dtype() != dy.dtype() {
+        bail!("linear_gelu_backward: dy, w and pre must share a dtype")
+    }
+    if !check_linear(dy, w, None, None)? || pre.track_op() || !fused(pre) {
+        return gelu_tanh_backward(pre, &linear(dy, w, None, None)?);
+    }
+    linear::linear_gelu_backward_cpu(dy, w, pre)
+}
+
+/// Checks [`linear`]'s arguments; returns whether they take the fused CPU path (all untracked,
+/// on the fused dtypes and device) rather than the composition.
+fn check_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<bool> {
     let ((m, k), (k2, n)) = (x.dims2()?, w.dims2()?);
     if k != k2 {
         bail!("linear: x {:?} and w {:?} do not chain", x.dims(), w.dims())
@@ -323,17 +372,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<&T
     if all.clone().any(|t| t.dtype() != x.dtype()) {
         bail!("linear: x, w, bias and residual must share a dtype")
     }
-    if all.clone().any(|t| t.track_op() || !fused(t)) {
-        let mut y = matmul(x, w)?;
-        if let Some(b) = bias {
-            y = y.broadcast_add(b)?;
-        }
-        if let Some(r) = residual {
-            y = (y + r)?;
-        }
-        return Ok(y);
-    }
-    linear::linear_cpu(x, w, bias, residual)
+    Ok(!all.clone().any(|t| t.track_op() || !fused(t)))
 }
 
 /// Layer normalisation over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.

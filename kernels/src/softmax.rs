@@ -16,7 +16,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
-use crate::cpu::{for_each_row, storage, view, with_float, Real};
+use crate::cpu::{new_rows, storage, view, with_float, Real};
 
 fn last_dim(l: &Layout) -> usize {
     l.dims().last().copied().unwrap_or(1)
@@ -30,9 +30,8 @@ impl Softmax {
     fn fwd<T: Real>(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = view::<T>(s, l)?;
         let c = last_dim(l);
-        let mut y = vec![T::ZERO; x.len()];
         let log = self.log;
-        for_each_row(&mut y, c, |r, yr| {
+        let y = new_rows(x.len(), c, |r, yr: &mut [T]| {
             let xr = &x[r * c..(r + 1) * c];
             let max = T::row_max(xr);
             let sum = T::exp_shift_sum(xr, max, yr);
@@ -85,9 +84,8 @@ impl SoftmaxBwd {
         let y = view::<T>(ys, yl)?;
         let dy = view::<T>(gs, gl)?;
         let c = last_dim(yl);
-        let mut dx = vec![T::ZERO; y.len()];
         let log = self.log;
-        for_each_row(&mut dx, c, |r, dxr| {
+        let dx = new_rows(y.len(), c, |r, dxr: &mut [T]| {
             let yr = &y[r * c..(r + 1) * c];
             let gr = &dy[r * c..(r + 1) * c];
             if log {

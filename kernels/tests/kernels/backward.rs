@@ -109,6 +109,23 @@ fn accumulate_adds_in_place_and_sum_rows_matches_a_reduction() {
     assert!(k::sum_rows(&Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()).is_err());
 }
 
+/// Many row blocks, summed in parallel: close to candle's reduction, and the same bits on one
+/// thread and on a pool of two.
+#[test]
+fn sum_rows_over_many_blocks_is_thread_count_independent() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let mut g = rng(12);
+    for dtype in [DType::F32, DType::F64] {
+        for rows in [1000, 2048, 129] {
+            let x = uniform(&mut g, &[rows, 67], 1.0, dtype);
+            let one = k::sum_rows(&x).unwrap();
+            assert_close("sum_rows blocks", &one, &x.sum(0).unwrap(), 1e-4);
+            let two = pool.install(|| k::sum_rows(&x)).unwrap();
+            assert_eq!(to_f64_vec(&one), to_f64_vec(&two), "{rows} rows {dtype:?}");
+        }
+    }
+}
+
 #[test]
 fn matmul_accumulate_adds_the_product_in_place() {
     let mut g = rng(5);
@@ -133,4 +150,23 @@ fn matmul_accumulate_adds_the_product_in_place() {
         let e = k::matmul_accumulate(&acc, &b, &a).unwrap_err().to_string();
         assert!(e.contains("does not fit"), "{e}");
     }
+}
+
+/// `add` equals candle's `a + b` bit for bit (dense and strided, both dtypes, one and two
+/// threads) and rejects mismatched operands.
+#[test]
+fn add_matches_candle_on_any_thread_count() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let mut g = rng(13);
+    for dtype in [DType::F32, DType::F64] {
+        for (rows, cols) in [(3, 5), (300, 257)] {
+            let a = uniform(&mut g, &[rows, cols], 1.0, dtype);
+            let b = uniform(&mut g, &[cols, rows], 1.0, dtype).t().unwrap();
+            let want = to_f64_vec(&(&a + &b).unwrap());
+            assert_eq!(to_f64_vec(&k::add(&a, &b).unwrap()), want);
+            assert_eq!(to_f64_vec(&pool.install(|| k::add(&a, &b)).unwrap()), want);
+        }
+    }
+    let z = |d: &[usize]| Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();
+    assert!(k::add(&z(&[2, 3]), &z(&[3, 2])).is_err());
 }

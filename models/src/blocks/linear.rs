@@ -42,6 +42,27 @@ impl Conv1D {
         .reshape((b, t, d_out))
     }
 
+    /// `(x @ W + b, gelu_tanh(x @ W + b))`, both `(B, T, out)`: a projection and its GELU in
+    /// one fused call (no bias pass before the gemm, no separate GELU op reading it back).
+    pub(crate) fn forward_gelu(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t, d_in) = x.dims3()?;
+        let d_out = self.weight.value.dim(1)?;
+        let (pre, act) =
+            brigade_kernels::linear_gelu(&x.reshape((b * t, d_in))?, &self.weight.value, &self.bias.value)?;
+        Ok((pre.reshape((b, t, d_out))?, act.reshape((b, t, d_out))?))
+    }
+
+    /// The gradient of [`Self::forward_gelu`]'s input projection's pre-activation `pre`
+    /// `(B, T, in)` when this layer reads its activation: `gelu'(pre) · (dy @ Wᵀ)`, in one
+    /// fused call (the GELU backward in place over the product).
+    pub(crate) fn backward_input_gelu(&self, dy: &Tensor, pre: &Tensor) -> Result<Tensor> {
+        let (b, t, d_out) = dy.dims3()?;
+        let d_in = self.weight.value.dim(0)?;
+        let pre = pre.reshape((b * t, d_in))?;
+        brigade_kernels::linear_gelu_backward(&dy.reshape((b * t, d_out))?, &self.weight.value.t()?, &pre)?
+            .reshape((b, t, d_in))
+    }
+
     /// `dx = dy @ Wᵀ`, `(B, T, out)` → `(B, T, in)`.
     pub(crate) fn backward_input(&self, dy: &Tensor) -> Result<Tensor> {
         let (b, t, d_out) = dy.dims3()?;

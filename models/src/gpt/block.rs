@@ -67,8 +67,7 @@ impl Mlp {
     /// `residual + c_proj(gelu(c_fc(x)))`, the residual added by the last gemm call; with
     /// c_fc's output (GELU's input) and GELU's output, which the backward needs.
     fn forward_saving(&self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let fc_out = self.c_fc.forward(x)?; // (B, T, 4C)
-        let gelu_out = brigade_kernels::gelu_tanh(&fc_out)?;
+        let (fc_out, gelu_out) = self.c_fc.forward_gelu(x)?; // (B, T, 4C) each
         let y = self.c_proj.forward_residual(&gelu_out, Some(residual))?; // (B, T, C)
         Ok((y, fc_out, gelu_out))
     }
@@ -76,8 +75,7 @@ impl Mlp {
     /// The input gradient for `dy` from c_fc's saved output; returns it with c_fc's output
     /// gradient, which the weight step needs.
     fn backward_input(&self, fc_out: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-        let dgelu_out = self.c_proj.backward_input(dy)?;
-        let dfc_out = brigade_kernels::gelu_tanh_backward(fc_out, &dgelu_out)?;
+        let dfc_out = self.c_proj.backward_input_gelu(dy, fc_out)?;
         Ok((self.c_fc.backward_input(&dfc_out)?, dfc_out))
     }
 
@@ -175,11 +173,11 @@ impl Layer for Block {
         // MLP branch: y = x2 + c_proj(gelu(c_fc(ln_2(x2)))).
         let (dln2_out, dfc_out) = self.mlp.backward_input(&s.fc_out, dy)?;
         let (dx2_ln, ln2) = self.ln_2.backward_input(&s.x2, &dln2_out)?;
-        let dx2 = (dy + dx2_ln)?;
+        let dx2 = brigade_kernels::add(dy, &dx2_ln)?;
         // Attention branch: x2 = x + attn(ln_1(x)).
         let (dln1_out, dqkv) = self.attn.backward_input(&s.attn, &dx2)?;
         let (dx_ln, ln1) = self.ln_1.backward_input(&s.x, &dln1_out)?;
-        let dx = (&dx2 + dx_ln)?;
+        let dx = brigade_kernels::add(&dx2, &dx_ln)?;
         let w = BlockWeightGrads {
             ln1_out: s.attn.x,
             dqkv,
