@@ -43,7 +43,10 @@ mod layer_norm;
 mod linear;
 mod max_pool;
 pub mod reference;
+mod rms_norm;
+mod rope;
 mod softmax;
+mod swiglu;
 pub mod vmath;
 
 use candle_core::{bail, DType, Result, Tensor};
@@ -412,7 +415,148 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     x.apply_op1(max_pool::MaxPool2d { kernel, stride, padding, out_h, out_w })
 }
 
+// ---- Llama's ops: RMSNorm, RoPE, SwiGLU --------------------------------------------------------
+//
+// Each has an explicit backward (the Llama layers own theirs). The fused kernels run when every
+// input is an f32/f64 CPU tensor outside an autograd graph; anything else (bf16, a GPU, inputs
+// recording a graph) takes the `reference` composition, which autograd differentiates, so the
+// layers' explicit backward is checked against a different computation than its own.
+
+/// Whether every tensor in `ts` can take a fused CPU kernel with no autograd graph to record.
+fn fused_untracked(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| fused(t) && !t.track_op())
+}
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) · weight`, the statistics in f32
+/// for bf16/f16 inputs (as Hugging Face's `LlamaRMSNorm`).
+///
+/// # Shapes
+/// - `x`: `(..., C)`, `weight`: `(C,)`; returns the shape of `x`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    check_rms_norm_args(x, weight, eps)?;
+    if !fused_untracked(&[x, weight]) {
+        return reference::rms_norm(x, weight, eps);
+    }
+    x.apply_op2_no_bwd(weight, &rms_norm::RmsNorm { eps })
+}
+
+/// The backward of [`rms_norm`]: `(dx, dweight)` for the output gradient `dy`, recomputing the
+/// statistics from `x`.
+pub fn rms_norm_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    check_rms_norm_args(x, weight, eps)?;
+    if dy.dims() != x.dims() || dy.dtype() != x.dtype() {
+        bail!("rms_norm_backward: dy {:?} {:?} must match x {:?} {:?}", dy.dims(), dy.dtype(), x.dims(), x.dtype())
+    }
+    if !fused_untracked(&[x, weight, dy]) {
+        return reference::rms_norm_backward(x, weight, dy, eps);
+    }
+    let packed = x.apply_op3_no_bwd(weight, dy, &rms_norm::RmsNormBwd { eps })?;
+    let (n, c) = (x.elem_count(), weight.elem_count());
+    Ok((packed.narrow(0, 0, n)?.reshape(x.shape())?, packed.narrow(0, n, c)?))
+}
+
+/// Rotary position embeddings in Hugging Face's `rotate_half` convention:
+/// `x · cos + rotate_half(x) · sin`, `rotate_half([a, b]) = [−b, a]` over the head's halves.
+///
+/// # Shapes
+/// - `x`: `(B, T, H, D)` with `D` even; `cos`, `sin`: `(T, D)`, the tables of `x`'s positions
+///   (any float dtype; they are converted to `x`'s). Returns the shape of `x`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rope_either(x, cos, sin, false)
+}
+
+/// The backward of [`rope`] (the transposed rotation): `dx = dy · cos − rotate_half(dy · sin)`.
+pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rope_either(dy, cos, sin, true)
+}
+
+fn rope_either(x: &Tensor, cos: &Tensor, sin: &Tensor, transpose: bool) -> Result<Tensor> {
+    check_rope_args(x, cos, sin)?;
+    let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+    if !fused_untracked(&[x, &cos, &sin]) {
+        return if transpose { reference::rope_backward(x, &cos, &sin) } else { reference::rope(x, &cos, &sin) };
+    }
+    x.apply_op3_no_bwd(&cos, &sin, &rope::Rope { transpose })
+}
+
+/// SwiGLU's activation from the gate and up projections' joint output: `[gate | up]`
+/// `(..., 2F)` → `silu(gate) · up` `(..., F)`.
+pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
+    check_swiglu_args(gate_up)?;
+    if !fused_untracked(&[gate_up]) {
+        return reference::swiglu(gate_up);
+    }
+    gate_up.apply_op1_no_bwd(&swiglu::SwiGlu)
+}
+
+/// The backward of [`swiglu`]: `[dgate | dup]` `(..., 2F)` from the saved `gate_up` and the
+/// gradient `dact` `(..., F)` of its output.
+pub fn swiglu_backward(gate_up: &Tensor, dact: &Tensor) -> Result<Tensor> {
+    let f = check_swiglu_args(gate_up)?;
+    let mut want = gate_up.dims().to_vec();
+    if let Some(last) = want.last_mut() {
+        *last = f;
+    }
+    if dact.dims() != want || dact.dtype() != gate_up.dtype() {
+        bail!("swiglu_backward: dact {:?} {:?} must be {want:?} {:?}", dact.dims(), dact.dtype(), gate_up.dtype())
+    }
+    if !fused_untracked(&[gate_up, dact]) {
+        return reference::swiglu_backward(gate_up, dact);
+    }
+    gate_up.apply_op2_no_bwd(dact, &swiglu::SwiGluBwd)
+}
+
 // ---- argument validation, shared by the fused and the reference paths ----------------------
+
+pub(crate) fn check_rms_norm_args(x: &Tensor, w: &Tensor, eps: f64) -> Result<()> {
+    check_rank_at_least_1("rms_norm", x)?;
+    let c = x.dims()[x.rank() - 1];
+    if w.dims() != [c] {
+        bail!("rms_norm: weight must have shape ({c},) to match x {:?}, got {:?}", x.shape(), w.shape())
+    }
+    if w.dtype() != x.dtype() || !x.dtype().is_float() {
+        bail!("rms_norm: x and weight must share a float dtype, got {:?} and {:?}", x.dtype(), w.dtype())
+    }
+    if !(eps.is_finite() && eps > 0.0) {
+        bail!("rms_norm: eps must be finite and > 0, got {eps}")
+    }
+    Ok(())
+}
+
+pub(crate) fn check_rope_args(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<()> {
+    let (t, d) = match x.dims() {
+        &[_, t, _, d] => (t, d),
+        dims => bail!("rope: x must have shape (B, T, H, D), got {dims:?}"),
+    };
+    if d % 2 != 0 {
+        bail!("rope: the head width must be even, got {d}")
+    }
+    if cos.dims() != [t, d] || sin.dims() != [t, d] {
+        bail!(
+            "rope: cos and sin must have shape ({t}, {d}) to match x {:?}, got {:?} and {:?}",
+            x.dims(),
+            cos.dims(),
+            sin.dims()
+        )
+    }
+    if !x.dtype().is_float() || !cos.dtype().is_float() || !sin.dtype().is_float() {
+        bail!("rope: x and the tables must be floats, got {:?}, {:?}, {:?}", x.dtype(), cos.dtype(), sin.dtype())
+    }
+    Ok(())
+}
+
+/// Checks `[gate | up]` and returns `F`, half its last dimension.
+pub(crate) fn check_swiglu_args(gate_up: &Tensor) -> Result<usize> {
+    check_rank_at_least_1("swiglu", gate_up)?;
+    let w = gate_up.dims()[gate_up.rank() - 1];
+    if w % 2 != 0 {
+        bail!("swiglu: the last dimension holds [gate | up] and must be even, got {:?}", gate_up.dims())
+    }
+    if !gate_up.dtype().is_float() {
+        bail!("swiglu: gate_up must be a float dtype, got {:?}", gate_up.dtype())
+    }
+    Ok(w / 2)
+}
 
 pub(crate) fn check_rank_at_least_1(op: &str, x: &Tensor) -> Result<()> {
     if x.rank() == 0 {
