@@ -18,6 +18,13 @@
 //! custom ops' `cuda_fwd`. Argument validation is shared, so both paths reject the same inputs
 //! with the same error messages.
 //!
+//! # Llama's ops
+//! [`rms_norm`], [`rope`] and [`swiglu`] come with explicit backwards ([`rms_norm_backward`],
+//! ...), as the Llama layers own theirs: fused CPU kernels (`rms_norm.rs`, `rope.rs`,
+//! `swiglu.rs`, split over the stage's rayon pool) and CUDA kernels for f32/bf16, with the
+//! [`reference`](mod@reference) compositions as their twins. Inputs recording an autograd graph
+//! take the composition, which candle differentiates.
+//!
 //! # Attention and the optimizer
 //! [`causal_attention`] keeps the `(B, H, T, T)` probabilities for its backward (fused CPU
 //! kernel; on CUDA batched products around a fused scale-mask-softmax). [`flash_attention`]
@@ -417,14 +424,15 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
 
 // ---- Llama's ops: RMSNorm, RoPE, SwiGLU --------------------------------------------------------
 //
-// Each has an explicit backward (the Llama layers own theirs). The fused kernels run when every
-// input is an f32/f64 CPU tensor outside an autograd graph; anything else (bf16, a GPU, inputs
-// recording a graph) takes the `reference` composition, which autograd differentiates, so the
-// layers' explicit backward is checked against a different computation than its own.
+// Each has an explicit backward (the Llama layers own theirs). The kernels run when every input
+// is outside an autograd graph and on a kernel device (f32/f64 on the CPU; with the `cuda`
+// feature f32/bf16 on a GPU); anything else (bf16 on the CPU, inputs recording a graph) takes
+// the `reference` composition, which autograd differentiates, so the layers' explicit backward
+// is checked against a different computation than its own.
 
-/// Whether every tensor in `ts` can take a fused CPU kernel with no autograd graph to record.
-fn fused_untracked(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| fused(t) && !t.track_op())
+/// Whether every tensor in `ts` can take a kernel with no autograd graph to record.
+fn kernel_untracked(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| kernel_device(t) && !t.track_op())
 }
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) · weight`, the statistics in f32
@@ -434,10 +442,10 @@ fn fused_untracked(ts: &[&Tensor]) -> bool {
 /// - `x`: `(..., C)`, `weight`: `(C,)`; returns the shape of `x`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     check_rms_norm_args(x, weight, eps)?;
-    if !fused_untracked(&[x, weight]) {
+    if !kernel_untracked(&[x, weight]) {
         return reference::rms_norm(x, weight, eps);
     }
-    x.apply_op2_no_bwd(weight, &rms_norm::RmsNorm { eps })
+    dense_on_gpu(x)?.apply_op2_no_bwd(&dense_on_gpu(weight)?, &rms_norm::RmsNorm { eps })
 }
 
 /// The backward of [`rms_norm`]: `(dx, dweight)` for the output gradient `dy`, recomputing the
@@ -447,10 +455,11 @@ pub fn rms_norm_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, eps: f64) -> 
     if dy.dims() != x.dims() || dy.dtype() != x.dtype() {
         bail!("rms_norm_backward: dy {:?} {:?} must match x {:?} {:?}", dy.dims(), dy.dtype(), x.dims(), x.dtype())
     }
-    if !fused_untracked(&[x, weight, dy]) {
+    if !kernel_untracked(&[x, weight, dy]) {
         return reference::rms_norm_backward(x, weight, dy, eps);
     }
-    let packed = x.apply_op3_no_bwd(weight, dy, &rms_norm::RmsNormBwd { eps })?;
+    let packed =
+        dense_on_gpu(x)?.apply_op3_no_bwd(&dense_on_gpu(weight)?, &dense_on_gpu(dy)?, &rms_norm::RmsNormBwd { eps })?;
     let (n, c) = (x.elem_count(), weight.elem_count());
     Ok((packed.narrow(0, 0, n)?.reshape(x.shape())?, packed.narrow(0, n, c)?))
 }
@@ -473,20 +482,20 @@ pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> 
 fn rope_either(x: &Tensor, cos: &Tensor, sin: &Tensor, transpose: bool) -> Result<Tensor> {
     check_rope_args(x, cos, sin)?;
     let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
-    if !fused_untracked(&[x, &cos, &sin]) {
+    if !kernel_untracked(&[x, &cos, &sin]) {
         return if transpose { reference::rope_backward(x, &cos, &sin) } else { reference::rope(x, &cos, &sin) };
     }
-    x.apply_op3_no_bwd(&cos, &sin, &rope::Rope { transpose })
+    dense_on_gpu(x)?.apply_op3_no_bwd(&dense_on_gpu(&cos)?, &dense_on_gpu(&sin)?, &rope::Rope { transpose })
 }
 
 /// SwiGLU's activation from the gate and up projections' joint output: `[gate | up]`
 /// `(..., 2F)` → `silu(gate) · up` `(..., F)`.
 pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
     check_swiglu_args(gate_up)?;
-    if !fused_untracked(&[gate_up]) {
+    if !kernel_untracked(&[gate_up]) {
         return reference::swiglu(gate_up);
     }
-    gate_up.apply_op1_no_bwd(&swiglu::SwiGlu)
+    dense_on_gpu(gate_up)?.apply_op1_no_bwd(&swiglu::SwiGlu)
 }
 
 /// The backward of [`swiglu`]: `[dgate | dup]` `(..., 2F)` from the saved `gate_up` and the
@@ -500,10 +509,10 @@ pub fn swiglu_backward(gate_up: &Tensor, dact: &Tensor) -> Result<Tensor> {
     if dact.dims() != want || dact.dtype() != gate_up.dtype() {
         bail!("swiglu_backward: dact {:?} {:?} must be {want:?} {:?}", dact.dims(), dact.dtype(), gate_up.dtype())
     }
-    if !fused_untracked(&[gate_up, dact]) {
+    if !kernel_untracked(&[gate_up, dact]) {
         return reference::swiglu_backward(gate_up, dact);
     }
-    gate_up.apply_op2_no_bwd(dact, &swiglu::SwiGluBwd)
+    dense_on_gpu(gate_up)?.apply_op2_no_bwd(&dense_on_gpu(dact)?, &swiglu::SwiGluBwd)
 }
 
 // ---- argument validation, shared by the fused and the reference paths ----------------------

@@ -1,4 +1,5 @@
-//! Fused RMSNorm over the last dimension (Llama's norm), forward and backward, on the CPU.
+//! Fused RMSNorm over the last dimension (Llama's norm), forward and backward, on the CPU (the
+//! CUDA twins are `rms_norm_*` in `cuda/brigade.cu`, launched from `cuda.rs`).
 //!
 //! Forward, per row of length `C`: `r = 1 / sqrt(mean(x²) + eps)`, `y = x · r · w`: one
 //! reduction and one pass, where the composition makes six full-size temporaries on one thread.
@@ -51,6 +52,17 @@ impl CustomOp2 for RmsNorm {
             });
             Ok((storage(y), xl.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::rms_norm_fwd(s1, l1, s2, l2, self.eps)
     }
 }
 
@@ -130,5 +142,18 @@ impl CustomOp3 for RmsNormBwd {
             let len = out.len();
             Ok((storage(out), Shape::from(len)))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::rms_norm_bwd(s1, l1, s2, l2, s3, l3, self.eps)
     }
 }

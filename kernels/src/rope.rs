@@ -1,6 +1,7 @@
-//! Fused rotary position embeddings on the CPU, forward and backward, in Hugging Face's
-//! `rotate_half` convention: the head's first half pairs with its second half,
-//! `rope(x) = x · cos + rotate_half(x) · sin`, `rotate_half([a, b]) = [−b, a]`.
+//! Fused rotary position embeddings on the CPU (CUDA twin: `rope` in `cuda/brigade.cu`),
+//! forward and backward, in Hugging Face's `rotate_half` convention: the head's first half
+//! pairs with its second half, `rope(x) = x · cos + rotate_half(x) · sin`,
+//! `rotate_half([a, b]) = [−b, a]`.
 //!
 //! The backward is the transposed rotation, `dx = dy · cos − rotate_half(dy · sin)`: per pair
 //! `(i, i + D/2)`, `dx_i = dy_i cos_i + dy_{i+D/2} sin_{i+D/2}` and
@@ -85,5 +86,18 @@ impl CustomOp3 for Rope {
             });
             Ok((storage(y), xl.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::rope(s1, l1, s2, l2, s3, l3, self.transpose)
     }
 }

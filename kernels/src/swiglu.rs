@@ -1,5 +1,6 @@
-//! Fused SwiGLU activation on the CPU, forward and backward: `silu(gate) · up` from the gate
-//! and up projections' joint output `[gate | up]` `(..., 2F)`, as Llama's MLP computes it.
+//! Fused SwiGLU activation on the CPU (CUDA twins: `swiglu_*` in `cuda/brigade.cu`), forward
+//! and backward: `silu(gate) · up` from the gate and up projections' joint output
+//! `[gate | up]` `(..., 2F)`, as Llama's MLP computes it.
 //!
 //! With `σ = 1 / (1 + e^−g)`:
 //! - forward: `a = g σ · u`, `(..., 2F) → (..., F)`;
@@ -87,6 +88,11 @@ impl CustomOp1 for SwiGlu {
             Ok((storage(a), Shape::from(dims)))
         })
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::swiglu_fwd(s, l)
+    }
 }
 
 /// `([gate | up] (..., 2F), da (..., F)) -> [dgate | dup] (..., 2F)`.
@@ -129,5 +135,16 @@ impl CustomOp2 for SwiGluBwd {
             });
             Ok((storage(out), l.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::swiglu_bwd(s1, l1, s2, l2)
     }
 }

@@ -27,8 +27,8 @@ impl SwiGlu {
     /// The input gradient for `dy` from the saved gate/up output; returns it with the gate/up
     /// output gradient, which the weight step needs.
     pub(super) fn backward_input(&self, gate_up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        // silu(g) = g·σ(g), silu'(g) = σ(g)·(1 + g·(1 − σ(g))), written as [dgate | dup].
         let dact = self.down.backward_input(dy)?; // (B, T, F)
-                                                  // silu(g) = g·σ(g), silu'(g) = σ(g)·(1 + g·(1 − σ(g))), written as [dgate | dup].
         let dgate_up = brigade_kernels::swiglu_backward(gate_up, &dact)?;
         Ok((self.gate_up.backward_input(&dgate_up)?, dgate_up))
     }
