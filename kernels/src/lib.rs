@@ -515,6 +515,30 @@ pub fn swiglu_backward(gate_up: &Tensor, dact: &Tensor) -> Result<Tensor> {
     dense_on_gpu(gate_up)?.apply_op2_no_bwd(&dense_on_gpu(dact)?, &swiglu::SwiGluBwd)
 }
 
+/// Causal softmax of attention scores, scaled: each row of the last dimension `S`, counted over
+/// all leading dimensions as `r`, sees keys `0..=r % S` (the rest come out 0). So `(B, H, T, T)`
+/// scores, and grouped-query heads stacked as `(B, KV, G·T, T)`, are causal per head. One pass,
+/// where scale, mask and softmax are three.
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    check_rank_at_least_1("causal_softmax", scores)?;
+    if !kernel_untracked(&[scores]) {
+        return reference::causal_softmax(scores, scale);
+    }
+    dense_on_gpu(scores)?.apply_op1_no_bwd(&attention::CausalSoftmax { scale })
+}
+
+/// The backward of [`causal_softmax`] from its output: `scale · P ⊙ (dP − rowsum(dP ⊙ P))`.
+pub fn causal_softmax_backward(probs: &Tensor, dprobs: &Tensor, scale: f64) -> Result<Tensor> {
+    check_rank_at_least_1("causal_softmax_backward", probs)?;
+    if probs.dims() != dprobs.dims() || probs.dtype() != dprobs.dtype() {
+        bail!("causal_softmax_backward: probs {:?} and dprobs {:?} differ", probs.dims(), dprobs.dims())
+    }
+    if !kernel_untracked(&[probs, dprobs]) {
+        return reference::causal_softmax_backward(probs, dprobs, scale);
+    }
+    dense_on_gpu(probs)?.apply_op2_no_bwd(&dense_on_gpu(dprobs)?, &attention::CausalSoftmaxBwd { scale })
+}
+
 // ---- argument validation, shared by the fused and the reference paths ----------------------
 
 pub(crate) fn check_rms_norm_args(x: &Tensor, w: &Tensor, eps: f64) -> Result<()> {

@@ -109,6 +109,32 @@ pub fn swiglu_backward(gate_up: &Tensor, dact: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[&dgate, &dup], D::Minus1)
 }
 
+/// Row `r` of `x` viewed as `(rows, S)` keeps columns `0..=r % S`; the rest become `fill`.
+fn causal_rows(x: &Tensor, fill: f32) -> Result<Tensor> {
+    let s = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / s.max(1);
+    let keep: Vec<u8> = (0..rows).flat_map(|r| (0..s).map(move |j| u8::from(j <= r % s))).collect();
+    let keep = Tensor::from_vec(keep, x.shape(), x.device())?;
+    let fill = Tensor::new(fill, x.device())?.to_dtype(x.dtype())?.broadcast_as(x.shape())?;
+    keep.where_cond(x, &fill)
+}
+
+/// Causal softmax of scaled scores (see `brigade_kernels::causal_softmax`): scale, mask the
+/// keys past each row's position with `-inf` (replaced, so their gradient is exactly zero),
+/// softmax.
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    crate::check_rank_at_least_1("causal_softmax", scores)?;
+    softmax_last_dim(&causal_rows(&(scores * scale)?, f32::NEG_INFINITY)?)
+}
+
+/// The explicit backward of [`causal_softmax`]: `scale · P ⊙ (dP − rowsum(dP ⊙ P))` (masked
+/// entries have `P = 0`).
+pub fn causal_softmax_backward(probs: &Tensor, dprobs: &Tensor, scale: f64) -> Result<Tensor> {
+    crate::check_rank_at_least_1("causal_softmax_backward", probs)?;
+    let s = (dprobs * probs)?.sum_keepdim(D::Minus1)?;
+    (probs * dprobs.broadcast_sub(&s)?)? * scale
+}
+
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     crate::check_rank_at_least_1("softmax_last_dim", x)?;

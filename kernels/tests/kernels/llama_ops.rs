@@ -1,5 +1,6 @@
-//! Llama's ops (RMSNorm, RoPE, SwiGLU): the fused CPU kernels against their reference twins
-//! (values, and the explicit backwards against autograd through the reference composition),
+//! Llama's ops (RMSNorm, RoPE, SwiGLU, the causal softmax of grouped heads): the fused CPU
+//! kernels against their reference twins (values, and the explicit backwards against autograd
+//! through the reference composition),
 //! the fused backwards against finite differences of the fused forwards, the rayon path,
 //! strided inputs, the half-precision fallback and bad arguments.
 //!
@@ -151,6 +152,42 @@ fn swiglu_matches_its_twin_forward_and_backward() {
             assert_close(&format!("{what} vs autograd of the twin"), &dgu, &want[0], t);
         }
     }
+}
+
+#[test]
+fn causal_softmax_matches_its_twin_forward_and_backward() {
+    for dtype in [DType::F64, DType::F32] {
+        let mut g = rng(28);
+        // (B, KV, G·T, T): grouped heads stacked by rows; one key; and the rayon path.
+        for dims in [vec![2, 2, 3 * 5, 5], vec![3, 1, 1], vec![4, 2, 2 * 64, 64]] {
+            let scores = uniform(&mut g, &dims, 4.0, dtype);
+            let dp = uniform(&mut g, &dims, 1.0, dtype);
+            untracked(&[&scores, &dp]);
+            let what = format!("causal_softmax {dims:?} {dtype:?}");
+            let scale = 0.3;
+            let p = k::causal_softmax(&scores, scale).unwrap();
+            assert_close(&what, &p, &r::causal_softmax(&scores, scale).unwrap(), tol(dtype));
+            // Row r sees keys 0..=r % T: everything past it is exactly zero.
+            let t = *dims.last().unwrap();
+            let rows = to_f64_vec(&p);
+            for (row, vals) in rows.chunks(t).enumerate() {
+                assert!(vals[row % t + 1..].iter().all(|&v| v == 0.0), "{what}: row {row} sees the future");
+            }
+            let ds = k::causal_softmax_backward(&p, &dp, scale).unwrap();
+            let twin = r::causal_softmax_backward(&p, &dp, scale).unwrap();
+            assert_close(&format!("{what} backward vs twin"), &ds, &twin, tol(dtype));
+            let want = autograd(&[&scores], &dp, |ts| r::causal_softmax(&ts[0], scale));
+            assert_close(&format!("{what} backward vs autograd of the twin"), &ds, &want[0], tol(dtype) * 10.0);
+        }
+    }
+    let mut g = rng(29);
+    let x = uniform(&mut g, &[2, 6, 3], 2.0, DType::F64);
+    check_explicit(
+        "causal_softmax",
+        &x,
+        |x| k::causal_softmax(x, 0.7),
+        |x, dp| k::causal_softmax_backward(&k::causal_softmax(x, 0.7)?, dp, 0.7),
+    );
 }
 
 /// Central finite differences of `sum(r · f(x))` in f64 against the explicit `grad(x, r)`, one
