@@ -561,7 +561,7 @@ pub(crate) fn check_rope_args(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<
         &[_, t, _, d] => (t, d),
         dims => bail!("rope: x must have shape (B, T, H, D), got {dims:?}"),
     };
-    if d % 2 != 0 {
+    if !d.is_multiple_of(2) {
         bail!("rope: the head width must be even, got {d}")
     }
     if cos.dims() != [t, d] || sin.dims() != [t, d] {
@@ -582,7 +582,7 @@ pub(crate) fn check_rope_args(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<
 pub(crate) fn check_swiglu_args(gate_up: &Tensor) -> Result<usize> {
     check_rank_at_least_1("swiglu", gate_up)?;
     let w = gate_up.dims()[gate_up.rank() - 1];
-    if w % 2 != 0 {
+    if !w.is_multiple_of(2) {
         bail!("swiglu: the last dimension holds [gate | up] and must be even, got {:?}", gate_up.dims())
     }
     if !gate_up.dtype().is_float() {

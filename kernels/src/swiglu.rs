@@ -52,7 +52,7 @@ fn sigmoid<T: NegExp>(g: &[T], out: &mut [T]) {
 /// The half widths `F` of `[gate | up]` rows, checked even.
 fn half_width(op: &str, l: &Layout) -> Result<usize> {
     match l.dims().last() {
-        Some(&w) if w % 2 == 0 => Ok(w / 2),
+        Some(&w) if w.is_multiple_of(2) => Ok(w / 2),
         _ => candle_core::bail!("{op}: the last dimension must hold [gate | up] (even width), got {:?}", l.dims()),
     }
 }
