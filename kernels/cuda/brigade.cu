@@ -618,3 +618,139 @@ __device__ void adamw_step(const uint64_t* table, const uint64_t* chunks, int n_
 
 INSTANTIATE(float, f32)
 INSTANTIATE(__nv_bfloat16, bf16)
+
+// ---- Llama: RMSNorm, RoPE, SwiGLU (twins of kernels/src/{rms_norm,rope,swiglu}.rs) ------------
+
+// 1 / sqrt(mean(x²) + eps) of a row (one warp).
+template <typename T>
+__device__ float row_inv_rms(const T* xr, int c, float eps) {
+    float s = 0.0f;
+    for (int i = lane(); i < c; i += 32) {
+        float v = to_f(xr[i]);
+        s += v * v;
+    }
+    return rsqrtf(warp_sum(s) / c + eps);
+}
+
+template <typename T>
+__device__ void rms_norm_fwd(const T* x, const T* w, T* y, int rows, int c, float eps) {
+    int r = warp_row();
+    if (r >= rows) return;
+    const T* xr = x + (size_t)r * c;
+    float inv = row_inv_rms(xr, c, eps);
+    for (int i = lane(); i < c; i += 32) y[(size_t)r * c + i] = from_f<T>(to_f(xr[i]) * inv * to_f(w[i]));
+}
+
+// dx = r (g − n mean(g n)), n = x r, g = dy w; saves r per row for the gain's partial sums.
+template <typename T>
+__device__ void rms_norm_bwd_dx(const T* x, const T* w, const T* dy, T* dx, float* inv_rms, int rows, int c, float eps) {
+    int r = warp_row();
+    if (r >= rows) return;
+    const T* xr = x + (size_t)r * c;
+    const T* gr = dy + (size_t)r * c;
+    float inv = row_inv_rms(xr, c, eps);
+    float gx = 0.0f;
+    for (int i = lane(); i < c; i += 32) gx += to_f(gr[i]) * to_f(w[i]) * to_f(xr[i]);
+    float mean_gn = warp_sum(gx) * inv / c;
+    for (int i = lane(); i < c; i += 32)
+        dx[(size_t)r * c + i] = from_f<T>((to_f(gr[i]) * to_f(w[i]) - to_f(xr[i]) * inv * mean_gn) * inv);
+    if (lane() == 0) inv_rms[r] = inv;
+}
+
+// Partial dweight: block (column tile, row chunk) sums dy · n over its rows, rows in order.
+template <typename T>
+__device__ void rms_norm_bwd_partial(const T* x, const T* dy, const float* inv_rms, float* partials, int rows, int c, int rows_per_chunk) {
+    int col = blockIdx.x * blockDim.x + threadIdx.x;
+    int chunk = blockIdx.y;
+    if (col >= c) return;
+    int r0 = chunk * rows_per_chunk, r1 = min(rows, r0 + rows_per_chunk);
+    float dw = 0.0f;
+    for (int r = r0; r < r1; r++) dw += to_f(dy[(size_t)r * c + col]) * to_f(x[(size_t)r * c + col]) * inv_rms[r];
+    partials[(size_t)chunk * c + col] = dw;
+}
+
+// Sums the chunks' partials in chunk order into dweight.
+template <typename T>
+__device__ void rms_norm_bwd_reduce(const float* partials, T* out, int c, int chunks) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= c) return;
+    float s = 0.0f;
+    for (int k = 0; k < chunks; k++) s += partials[(size_t)k * c + j];
+    out[j] = from_f<T>(s);
+}
+
+// x (B, T, H, D), tables (T, D): y = x cos + rotate_half(x) sin, or with `transpose` the
+// backward dy cos − rotate_half(dy sin). One thread per element.
+template <typename T>
+__device__ void rope(const T* x, const T* cs, const T* sn, T* y, size_t n, int t, int h, int d, int transpose) {
+    int half = d / 2;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        int j = (int)(i % d);
+        size_t head = i / d;
+        int p = (int)((head / h) % t);
+        const T* cr = cs + (size_t)p * d;
+        const T* sr = sn + (size_t)p * d;
+        float v = to_f(x[i]);
+        float out;
+        if (j < half) {
+            float other = to_f(x[i + half]);
+            out = transpose ? v * to_f(cr[j]) + other * to_f(sr[j + half]) : v * to_f(cr[j]) - other * to_f(sr[j]);
+        } else {
+            float other = to_f(x[i - half]);
+            out = transpose ? v * to_f(cr[j]) - other * to_f(sr[j - half]) : v * to_f(cr[j]) + other * to_f(sr[j]);
+        }
+        y[i] = from_f<T>(out);
+    }
+}
+
+// [gate | up] (rows, 2F) -> silu(gate) up (rows, F).
+template <typename T>
+__device__ void swiglu_fwd(const T* gu, T* a, size_t n, int f) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / f;
+        int j = (int)(i % f);
+        float g = to_f(gu[r * 2 * f + j]), u = to_f(gu[r * 2 * f + f + j]);
+        float s = 1.0f / (1.0f + __expf(-g));
+        a[i] = from_f<T>(g * s * u);
+    }
+}
+
+// ([gate | up], da) -> [dgate | dup]: du = da g σ, dg = da u σ (1 + g (1 − σ)).
+template <typename T>
+__device__ void swiglu_bwd(const T* gu, const T* da, T* dgu, size_t n, int f) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / f;
+        int j = (int)(i % f);
+        float g = to_f(gu[r * 2 * f + j]), u = to_f(gu[r * 2 * f + f + j]), d = to_f(da[i]);
+        float s = 1.0f / (1.0f + __expf(-g));
+        dgu[r * 2 * f + j] = from_f<T>(d * u * (s * (1.0f + g * (1.0f - s))));
+        dgu[r * 2 * f + f + j] = from_f<T>(d * g * s);
+    }
+}
+
+#define INSTANTIATE_LLAMA(T, S)                                                                                  \
+    extern "C" __global__ void rms_norm_fwd_##S(const T* x, const T* w, T* y, int rows, int c, float eps) {    \
+        rms_norm_fwd(x, w, y, rows, c, eps);                                                                     \
+    }                                                                                                            \
+    extern "C" __global__ void rms_norm_bwd_dx_##S(const T* x, const T* w, const T* dy, T* dx, float* inv_rms,  \
+                                                   int rows, int c, float eps) {                                 \
+        rms_norm_bwd_dx(x, w, dy, dx, inv_rms, rows, c, eps);                                                    \
+    }                                                                                                            \
+    extern "C" __global__ void rms_norm_bwd_partial_##S(const T* x, const T* dy, const float* inv_rms,          \
+                                                        float* partials, int rows, int c, int per_chunk) {       \
+        rms_norm_bwd_partial(x, dy, inv_rms, partials, rows, c, per_chunk);                                      \
+    }                                                                                                            \
+    extern "C" __global__ void rms_norm_bwd_reduce_##S(const float* partials, T* out, int c, int chunks) {      \
+        rms_norm_bwd_reduce(partials, out, c, chunks);                                                           \
+    }                                                                                                            \
+    extern "C" __global__ void rope_##S(const T* x, const T* cs, const T* sn, T* y, size_t n, int t, int h,     \
+                                        int d, int transpose) {                                                  \
+        rope(x, cs, sn, y, n, t, h, d, transpose);                                                               \
+    }                                                                                                            \
+    extern "C" __global__ void swiglu_fwd_##S(const T* gu, T* a, size_t n, int f) { swiglu_fwd(gu, a, n, f); }  \
+    extern "C" __global__ void swiglu_bwd_##S(const T* gu, const T* da, T* dgu, size_t n, int f) {              \
+        swiglu_bwd(gu, da, dgu, n, f);                                                                           \
+    }
+
+INSTANTIATE_LLAMA(float, f32)
+INSTANTIATE_LLAMA(__nv_bfloat16, bf16)

@@ -51,6 +51,13 @@ pub const OPS: &[&str] = &[
     "flash_attention_bwd_dkdv",
     "flash_attention_bwd_dq",
     "adamw_step",
+    "rms_norm_fwd",
+    "rms_norm_bwd_dx",
+    "rms_norm_bwd_partial",
+    "rms_norm_bwd_reduce",
+    "rope",
+    "swiglu_fwd",
+    "swiglu_bwd",
 ];
 
 /// Warps (rows) per block of the one-warp-per-row kernels; matches `WARPS` in the `.cu` file.
@@ -622,4 +629,156 @@ mod tests {
         wanted.sort();
         assert_eq!(got, wanted, "the module and the launched list differ");
     }
+}
+
+// ---- Llama: RMSNorm, RoPE, SwiGLU -------------------------------------------------------------
+
+pub(crate) fn rms_norm_fwd(
+    xs: &CudaStorage,
+    xl: &Layout,
+    ws: &CudaStorage,
+    wl: &Layout,
+    eps: f64,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = xs.device();
+    let (rows, c) = rows_of(xl);
+    with_dtype!(xs.dtype(), |T| {
+        let (x, w) = (dense::<T>(xs, xl, "rms-norm")?, dense::<T>(ws, wl, "rms-norm")?);
+        let y = alloc::<T>(dev, rows * c)?;
+        let (stream, f) = function(dev, "rms_norm_fwd", xs.dtype())?;
+        let (r, cc, e) = (int(rows, "rows")?, int(c, "C")?, eps as f32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&w).arg(&y).arg(&r).arg(&cc).arg(&e);
+        // SAFETY: x, y are rows·C; w is C.
+        unsafe { b.launch(rows_config(rows)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), xl.shape().clone()))
+    })
+}
+
+/// `[dx | dweight]` packed, as the CPU op: `dx` one warp per row (saving each row's 1/rms),
+/// then `dweight` as fixed row chunks' partial sums added in chunk order.
+pub(crate) fn rms_norm_bwd(
+    xs: &CudaStorage,
+    xl: &Layout,
+    ws: &CudaStorage,
+    wl: &Layout,
+    gs: &CudaStorage,
+    gl: &Layout,
+    eps: f64,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = xs.device();
+    let (rows, c) = rows_of(xl);
+    let n = rows * c;
+    with_dtype!(xs.dtype(), |T| {
+        let (x, w, dy) = (
+            dense::<T>(xs, xl, "rms-norm-bwd")?,
+            dense::<T>(ws, wl, "rms-norm-bwd")?,
+            dense::<T>(gs, gl, "rms-norm-bwd")?,
+        );
+        let mut out = alloc::<T>(dev, n + c)?;
+        let inv_rms = alloc::<f32>(dev, rows)?;
+        let chunks = rows.div_ceil(LN_ROWS_PER_CHUNK).max(1);
+        let partials = alloc::<f32>(dev, chunks * c)?;
+        let (r, cc, e, per) = (int(rows, "rows")?, int(c, "C")?, eps as f32, int(LN_ROWS_PER_CHUNK, "rows per chunk")?);
+        {
+            let mut dx = out.slice_mut(0..n.max(1));
+            let (stream, f) = function(dev, "rms_norm_bwd_dx", xs.dtype())?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&x).arg(&w).arg(&dy).arg(&mut dx).arg(&inv_rms).arg(&r).arg(&cc).arg(&e);
+            // SAFETY: x, dy, dx are rows·C, w is C, inv_rms is rows.
+            unsafe { b.launch(rows_config(rows)) }.w()?;
+        }
+        {
+            let (stream, f) = function(dev, "rms_norm_bwd_partial", xs.dtype())?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&x).arg(&dy).arg(&inv_rms).arg(&partials).arg(&r).arg(&cc).arg(&per);
+            let cfg = LaunchConfig {
+                grid_dim: ((c as u32).div_ceil(256).max(1), chunks as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: partials is chunks·C; each (column, chunk) thread writes its one cell.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        {
+            let mut dw = out.slice_mut(n..n + c);
+            let k = int(chunks, "chunks")?;
+            let (stream, f) = function(dev, "rms_norm_bwd_reduce", xs.dtype())?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&partials).arg(&mut dw).arg(&cc).arg(&k);
+            // SAFETY: dw is the last C elements of out.
+            unsafe { b.launch(LaunchConfig::for_num_elems(c.max(1) as u32)) }.w()?;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(n + c)))
+    })
+}
+
+/// RoPE over `x` `(B, T, H, D)` with `(T, D)` tables; `transpose`: the backward.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rope(
+    xs: &CudaStorage,
+    xl: &Layout,
+    cs: &CudaStorage,
+    cl: &Layout,
+    ss: &CudaStorage,
+    sl: &Layout,
+    transpose: bool,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = xs.device();
+    let (t, h, d) = match xl.dims() {
+        &[_, t, h, d] => (t, h, d),
+        dims => bail!("rope: x must be (B, T, H, D), got {dims:?}"),
+    };
+    let n = xl.shape().elem_count();
+    with_dtype!(xs.dtype(), |T| {
+        let (x, cos, sin) = (dense::<T>(xs, xl, "rope")?, dense::<T>(cs, cl, "rope")?, dense::<T>(ss, sl, "rope")?);
+        let y = alloc::<T>(dev, n)?;
+        let (stream, f) = function(dev, "rope", xs.dtype())?;
+        let (tt, hh, dd, tr) = (int(t, "T")?, int(h, "H")?, int(d, "D")?, i32::from(transpose));
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&cos).arg(&sin).arg(&y).arg(&n).arg(&tt).arg(&hh).arg(&dd).arg(&tr);
+        // SAFETY: x and y hold n = B·T·H·D elements, the tables T·D (checked by the wrapper).
+        unsafe { b.launch(LaunchConfig::for_num_elems(n.max(1) as u32)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), xl.shape().clone()))
+    })
+}
+
+pub(crate) fn swiglu_fwd(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device();
+    let (rows, w) = rows_of(l);
+    let f = w / 2;
+    let n = rows * f;
+    let mut dims = l.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = f;
+    }
+    with_dtype!(s.dtype(), |T| {
+        let gu = dense::<T>(s, l, "swiglu")?;
+        let a = alloc::<T>(dev, n)?;
+        let (stream, func) = function(dev, "swiglu_fwd", s.dtype())?;
+        let ff = int(f, "F")?;
+        let mut b = stream.launch_builder(&func);
+        b.arg(&gu).arg(&a).arg(&n).arg(&ff);
+        // SAFETY: gu holds rows·2F elements, a rows·F.
+        unsafe { b.launch(LaunchConfig::for_num_elems(n.max(1) as u32)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(a, dev.clone()), Shape::from(dims)))
+    })
+}
+
+pub(crate) fn swiglu_bwd(s: &CudaStorage, l: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device();
+    let (rows, w) = rows_of(l);
+    let f = w / 2;
+    let n = rows * f;
+    with_dtype!(s.dtype(), |T| {
+        let (gu, da) = (dense::<T>(s, l, "swiglu-bwd")?, dense::<T>(gs, gl, "swiglu-bwd")?);
+        let dgu = alloc::<T>(dev, 2 * n)?;
+        let (stream, func) = function(dev, "swiglu_bwd", s.dtype())?;
+        let ff = int(f, "F")?;
+        let mut b = stream.launch_builder(&func);
+        b.arg(&gu).arg(&da).arg(&dgu).arg(&n).arg(&ff);
+        // SAFETY: gu and dgu hold rows·2F elements, da rows·F.
+        unsafe { b.launch(LaunchConfig::for_num_elems(n.max(1) as u32)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(dgu, dev.clone()), l.shape().clone()))
+    })
 }

@@ -18,6 +18,13 @@
 //! custom ops' `cuda_fwd`. Argument validation is shared, so both paths reject the same inputs
 //! with the same error messages.
 //!
+//! # Llama's ops
+//! [`rms_norm`], [`rope`] and [`swiglu`] come with explicit backwards ([`rms_norm_backward`],
+//! ...), as the Llama layers own theirs: fused CPU kernels (`rms_norm.rs`, `rope.rs`,
+//! `swiglu.rs`, split over the stage's rayon pool) and CUDA kernels for f32/bf16, with the
+//! [`reference`](mod@reference) compositions as their twins. Inputs recording an autograd graph
+//! take the composition, which candle differentiates.
+//!
 //! # Attention and the optimizer
 //! [`causal_attention`] keeps the `(B, H, T, T)` probabilities for its backward (fused CPU
 //! kernel; on CUDA batched products around a fused scale-mask-softmax). [`flash_attention`]
@@ -43,7 +50,10 @@ mod layer_norm;
 mod linear;
 mod max_pool;
 pub mod reference;
+mod rms_norm;
+mod rope;
 mod softmax;
+mod swiglu;
 pub mod vmath;
 
 use candle_core::{bail, DType, Result, Tensor};
@@ -451,7 +461,174 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     x.apply_op1(max_pool::MaxPool2d { kernel, stride, padding, out_h, out_w })
 }
 
+// ---- Llama's ops: RMSNorm, RoPE, SwiGLU --------------------------------------------------------
+//
+// Each has an explicit backward (the Llama layers own theirs). The kernels run when every input
+// is outside an autograd graph and on a kernel device (f32/f64 on the CPU; with the `cuda`
+// feature f32/bf16 on a GPU); anything else (bf16 on the CPU, inputs recording a graph) takes
+// the `reference` composition, which autograd differentiates, so the layers' explicit backward
+// is checked against a different computation than its own.
+
+/// Whether every tensor in `ts` can take a kernel with no autograd graph to record.
+fn kernel_untracked(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| kernel_device(t) && !t.track_op())
+}
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) · weight`, the statistics in f32
+/// for bf16/f16 inputs (as Hugging Face's `LlamaRMSNorm`).
+///
+/// # Shapes
+/// - `x`: `(..., C)`, `weight`: `(C,)`; returns the shape of `x`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    check_rms_norm_args(x, weight, eps)?;
+    if !kernel_untracked(&[x, weight]) {
+        return reference::rms_norm(x, weight, eps);
+    }
+    dense_on_gpu(x)?.apply_op2_no_bwd(&dense_on_gpu(weight)?, &rms_norm::RmsNorm { eps })
+}
+
+/// The backward of [`rms_norm`]: `(dx, dweight)` for the output gradient `dy`, recomputing the
+/// statistics from `x`.
+pub fn rms_norm_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    check_rms_norm_args(x, weight, eps)?;
+    if dy.dims() != x.dims() || dy.dtype() != x.dtype() {
+        bail!("rms_norm_backward: dy {:?} {:?} must match x {:?} {:?}", dy.dims(), dy.dtype(), x.dims(), x.dtype())
+    }
+    if !kernel_untracked(&[x, weight, dy]) {
+        return reference::rms_norm_backward(x, weight, dy, eps);
+    }
+    let packed =
+        dense_on_gpu(x)?.apply_op3_no_bwd(&dense_on_gpu(weight)?, &dense_on_gpu(dy)?, &rms_norm::RmsNormBwd { eps })?;
+    let (n, c) = (x.elem_count(), weight.elem_count());
+    Ok((packed.narrow(0, 0, n)?.reshape(x.shape())?, packed.narrow(0, n, c)?))
+}
+
+/// Rotary position embeddings in Hugging Face's `rotate_half` convention:
+/// `x · cos + rotate_half(x) · sin`, `rotate_half([a, b]) = [−b, a]` over the head's halves.
+///
+/// # Shapes
+/// - `x`: `(B, T, H, D)` with `D` even; `cos`, `sin`: `(T, D)`, the tables of `x`'s positions
+///   (any float dtype; they are converted to `x`'s). Returns the shape of `x`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rope_either(x, cos, sin, false)
+}
+
+/// The backward of [`rope`] (the transposed rotation): `dx = dy · cos − rotate_half(dy · sin)`.
+pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rope_either(dy, cos, sin, true)
+}
+
+fn rope_either(x: &Tensor, cos: &Tensor, sin: &Tensor, transpose: bool) -> Result<Tensor> {
+    check_rope_args(x, cos, sin)?;
+    let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+    if !kernel_untracked(&[x, &cos, &sin]) {
+        return if transpose { reference::rope_backward(x, &cos, &sin) } else { reference::rope(x, &cos, &sin) };
+    }
+    dense_on_gpu(x)?.apply_op3_no_bwd(&dense_on_gpu(&cos)?, &dense_on_gpu(&sin)?, &rope::Rope { transpose })
+}
+
+/// SwiGLU's activation from the gate and up projections' joint output: `[gate | up]`
+/// `(..., 2F)` → `silu(gate) · up` `(..., F)`.
+pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
+    check_swiglu_args(gate_up)?;
+    if !kernel_untracked(&[gate_up]) {
+        return reference::swiglu(gate_up);
+    }
+    dense_on_gpu(gate_up)?.apply_op1_no_bwd(&swiglu::SwiGlu)
+}
+
+/// The backward of [`swiglu`]: `[dgate | dup]` `(..., 2F)` from the saved `gate_up` and the
+/// gradient `dact` `(..., F)` of its output.
+pub fn swiglu_backward(gate_up: &Tensor, dact: &Tensor) -> Result<Tensor> {
+    let f = check_swiglu_args(gate_up)?;
+    let mut want = gate_up.dims().to_vec();
+    if let Some(last) = want.last_mut() {
+        *last = f;
+    }
+    if dact.dims() != want || dact.dtype() != gate_up.dtype() {
+        bail!("swiglu_backward: dact {:?} {:?} must be {want:?} {:?}", dact.dims(), dact.dtype(), gate_up.dtype())
+    }
+    if !kernel_untracked(&[gate_up, dact]) {
+        return reference::swiglu_backward(gate_up, dact);
+    }
+    dense_on_gpu(gate_up)?.apply_op2_no_bwd(&dense_on_gpu(dact)?, &swiglu::SwiGluBwd)
+}
+
+/// Causal softmax of attention scores, scaled: each row of the last dimension `S`, counted over
+/// all leading dimensions as `r`, sees keys `0..=r % S` (the rest come out 0). So `(B, H, T, T)`
+/// scores, and grouped-query heads stacked as `(B, KV, G·T, T)`, are causal per head. One pass,
+/// where scale, mask and softmax are three.
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    check_rank_at_least_1("causal_softmax", scores)?;
+    if !kernel_untracked(&[scores]) {
+        return reference::causal_softmax(scores, scale);
+    }
+    dense_on_gpu(scores)?.apply_op1_no_bwd(&attention::CausalSoftmax { scale })
+}
+
+/// The backward of [`causal_softmax`] from its output: `scale · P ⊙ (dP − rowsum(dP ⊙ P))`.
+pub fn causal_softmax_backward(probs: &Tensor, dprobs: &Tensor, scale: f64) -> Result<Tensor> {
+    check_rank_at_least_1("causal_softmax_backward", probs)?;
+    if probs.dims() != dprobs.dims() || probs.dtype() != dprobs.dtype() {
+        bail!("causal_softmax_backward: probs {:?} and dprobs {:?} differ", probs.dims(), dprobs.dims())
+    }
+    if !kernel_untracked(&[probs, dprobs]) {
+        return reference::causal_softmax_backward(probs, dprobs, scale);
+    }
+    dense_on_gpu(probs)?.apply_op2_no_bwd(&dense_on_gpu(dprobs)?, &attention::CausalSoftmaxBwd { scale })
+}
+
 // ---- argument validation, shared by the fused and the reference paths ----------------------
+
+pub(crate) fn check_rms_norm_args(x: &Tensor, w: &Tensor, eps: f64) -> Result<()> {
+    check_rank_at_least_1("rms_norm", x)?;
+    let c = x.dims()[x.rank() - 1];
+    if w.dims() != [c] {
+        bail!("rms_norm: weight must have shape ({c},) to match x {:?}, got {:?}", x.shape(), w.shape())
+    }
+    if w.dtype() != x.dtype() || !x.dtype().is_float() {
+        bail!("rms_norm: x and weight must share a float dtype, got {:?} and {:?}", x.dtype(), w.dtype())
+    }
+    if !(eps.is_finite() && eps > 0.0) {
+        bail!("rms_norm: eps must be finite and > 0, got {eps}")
+    }
+    Ok(())
+}
+
+pub(crate) fn check_rope_args(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<()> {
+    let (t, d) = match x.dims() {
+        &[_, t, _, d] => (t, d),
+        dims => bail!("rope: x must have shape (B, T, H, D), got {dims:?}"),
+    };
+    if !d.is_multiple_of(2) {
+        bail!("rope: the head width must be even, got {d}")
+    }
+    if cos.dims() != [t, d] || sin.dims() != [t, d] {
+        bail!(
+            "rope: cos and sin must have shape ({t}, {d}) to match x {:?}, got {:?} and {:?}",
+            x.dims(),
+            cos.dims(),
+            sin.dims()
+        )
+    }
+    if !x.dtype().is_float() || !cos.dtype().is_float() || !sin.dtype().is_float() {
+        bail!("rope: x and the tables must be floats, got {:?}, {:?}, {:?}", x.dtype(), cos.dtype(), sin.dtype())
+    }
+    Ok(())
+}
+
+/// Checks `[gate | up]` and returns `F`, half its last dimension.
+pub(crate) fn check_swiglu_args(gate_up: &Tensor) -> Result<usize> {
+    check_rank_at_least_1("swiglu", gate_up)?;
+    let w = gate_up.dims()[gate_up.rank() - 1];
+    if !w.is_multiple_of(2) {
+        bail!("swiglu: the last dimension holds [gate | up] and must be even, got {:?}", gate_up.dims())
+    }
+    if !gate_up.dtype().is_float() {
+        bail!("swiglu: gate_up must be a float dtype, got {:?}", gate_up.dtype())
+    }
+    Ok(w / 2)
+}
 
 pub(crate) fn check_rank_at_least_1(op: &str, x: &Tensor) -> Result<()> {
     if x.rank() == 0 {

@@ -20,6 +20,121 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     normed.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
+/// The dtype RMSNorm's statistics are taken in: f32 for half-precision inputs (as Hugging
+/// Face's `LlamaRMSNorm`), the input's own otherwise.
+fn rms_stats_dtype(dtype: DType) -> DType {
+    if crate::is_half(dtype) {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// The normalised input `x / rms(x)` (before the gain) and `1 / rms(x)` per row, both in
+/// [`rms_stats_dtype`].
+fn rms_normalise(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let x = x.to_dtype(rms_stats_dtype(x.dtype()))?;
+    // eps inside the square root, as in every Llama implementation.
+    let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    Ok((x.broadcast_mul(&inv_rms)?, inv_rms))
+}
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) · weight`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    crate::check_rms_norm_args(x, weight, eps)?;
+    let (normed, _) = rms_normalise(x, eps)?;
+    normed.to_dtype(x.dtype())?.broadcast_mul(weight)
+}
+
+/// The explicit backward of [`rms_norm`]: `(dx, dweight)`, with `n = x / rms(x)` and
+/// `g = dy · weight`, `dx = (g − n · mean(g · n)) / rms(x)` and `dweight = Σ_rows dy · n`.
+pub fn rms_norm_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    crate::check_rms_norm_args(x, weight, eps)?;
+    let stats = rms_stats_dtype(x.dtype());
+    let (normed, inv_rms) = rms_normalise(x, eps)?;
+    let g = dy.to_dtype(stats)?.broadcast_mul(&weight.to_dtype(stats)?)?;
+    let dot = (&g * &normed)?.mean_keepdim(D::Minus1)?;
+    let dx = (g - normed.broadcast_mul(&dot)?)?.broadcast_mul(&inv_rms)?.to_dtype(x.dtype())?;
+    let c = normed.dim(D::Minus1)?;
+    // In the compute dtype, as the forward's product of the rounded normalised input and gain.
+    let n_rounded = normed.to_dtype(x.dtype())?;
+    let dweight = crate::sum_rows(&(dy * n_rounded)?.reshape(((), c))?)?;
+    Ok((dx, dweight))
+}
+
+/// `[a, b]` → `[−b, a]` over the last dimension's halves.
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let (a, b) = (x.narrow(D::Minus1, 0, half)?, x.narrow(D::Minus1, half, half)?);
+    Tensor::cat(&[&b.neg()?, &a], D::Minus1)
+}
+
+/// `(T, D)` tables → `(1, T, 1, D)` in `dtype`, to broadcast over `(B, T, H, D)`.
+fn rope_tables(cos: &Tensor, sin: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let shape = |m: &Tensor| m.to_dtype(dtype)?.unsqueeze(0)?.unsqueeze(2);
+    Ok((shape(cos)?, shape(sin)?))
+}
+
+/// Rotary position embeddings (`rotate_half` convention): `x · cos + rotate_half(x) · sin` for
+/// `x` `(B, T, H, D)` and tables `(T, D)`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    crate::check_rope_args(x, cos, sin)?;
+    let (cos, sin) = rope_tables(cos, sin, x.dtype())?;
+    x.broadcast_mul(&cos)? + rotate_half(x)?.broadcast_mul(&sin)?
+}
+
+/// The explicit backward of [`rope`]: the rotation is orthogonal and `rotate_half`'s transpose
+/// is its negation, so `dx = dy · cos − rotate_half(dy · sin)`.
+pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    crate::check_rope_args(dy, cos, sin)?;
+    let (cos, sin) = rope_tables(cos, sin, dy.dtype())?;
+    dy.broadcast_mul(&cos)? - rotate_half(&dy.broadcast_mul(&sin)?)?
+}
+
+/// SwiGLU's activation: `[gate | up]` `(..., 2F)` → `silu(gate) · up` `(..., F)`.
+pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
+    let f = crate::check_swiglu_args(gate_up)?;
+    gate_up.narrow(D::Minus1, 0, f)?.silu()? * gate_up.narrow(D::Minus1, f, f)?
+}
+
+/// The explicit backward of [`swiglu`]: `[dgate | dup]` from `gate_up` and the output gradient
+/// `dact`, with `silu'(g) = σ(g) (1 + g (1 − σ(g)))`.
+pub fn swiglu_backward(gate_up: &Tensor, dact: &Tensor) -> Result<Tensor> {
+    let f = crate::check_swiglu_args(gate_up)?;
+    let (gate, up) = (gate_up.narrow(D::Minus1, 0, f)?, gate_up.narrow(D::Minus1, f, f)?);
+    let sigmoid = (gate.neg()?.exp()? + 1.0)?.recip()?;
+    let dup = (dact * (&gate * &sigmoid)?)?;
+    let dsilu = (&sigmoid * ((&gate * (1.0 - &sigmoid)?)? + 1.0)?)?;
+    let dgate = ((dact * up)? * dsilu)?;
+    Tensor::cat(&[&dgate, &dup], D::Minus1)
+}
+
+/// Row `r` of `x` viewed as `(rows, S)` keeps columns `0..=r % S`; the rest become `fill`.
+fn causal_rows(x: &Tensor, fill: f32) -> Result<Tensor> {
+    let s = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / s.max(1);
+    let keep: Vec<u8> = (0..rows).flat_map(|r| (0..s).map(move |j| u8::from(j <= r % s))).collect();
+    let keep = Tensor::from_vec(keep, x.shape(), x.device())?;
+    let fill = Tensor::new(fill, x.device())?.to_dtype(x.dtype())?.broadcast_as(x.shape())?;
+    keep.where_cond(x, &fill)
+}
+
+/// Causal softmax of scaled scores (see `brigade_kernels::causal_softmax`): scale, mask the
+/// keys past each row's position with `-inf` (replaced, so their gradient is exactly zero),
+/// softmax.
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    crate::check_rank_at_least_1("causal_softmax", scores)?;
+    softmax_last_dim(&causal_rows(&(scores * scale)?, f32::NEG_INFINITY)?)
+}
+
+/// The explicit backward of [`causal_softmax`]: `scale · P ⊙ (dP − rowsum(dP ⊙ P))` (masked
+/// entries have `P = 0`).
+pub fn causal_softmax_backward(probs: &Tensor, dprobs: &Tensor, scale: f64) -> Result<Tensor> {
+    crate::check_rank_at_least_1("causal_softmax_backward", probs)?;
+    let s = (dprobs * probs)?.sum_keepdim(D::Minus1)?;
+    (probs * dprobs.broadcast_sub(&s)?)? * scale
+}
+
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     crate::check_rank_at_least_1("softmax_last_dim", x)?;

@@ -182,6 +182,65 @@ fn bench_all(args: &KernelsBenchArgs, dev: &Device, dtype: DType, s: Shapes) -> 
             run: Box::new(move || k::gelu_tanh_backward(&x2, &dy).map(drop)),
         });
     }
+    // Llama's ops at the same token count and width: RoPE over H heads of C / H, SwiGLU with
+    // an intermediate width of 4C (the shape of GPT-2's MLP).
+    if wanted("rms_norm") {
+        let (x, w, dy) = (rand(&[n, c], 1.0)?, rand(&[c], 1.0)?, rand(&[n, c], 1.0)?);
+        let (x2, w2) = (x.clone(), w.clone());
+        cases.push(Case {
+            name: "rms_norm_fwd",
+            shape: format!("({n}, {c})"),
+            bytes: Some(2.0 * (n * c) as f64 * elem),
+            flops: None,
+            run: Box::new(move || k::rms_norm(&x, &w, 1e-5).map(drop)),
+        });
+        cases.push(Case {
+            name: "rms_norm_bwd",
+            shape: format!("({n}, {c})"),
+            bytes: Some(3.0 * (n * c) as f64 * elem),
+            flops: None,
+            run: Box::new(move || k::rms_norm_backward(&x2, &w2, &dy, 1e-5).map(drop)),
+        });
+    }
+    if wanted("rope") {
+        let d = c / s.h;
+        let (x, cos, sin) = (rand(&[s.b, s.t, s.h, d], 1.0)?, rand(&[s.t, d], 1.0)?, rand(&[s.t, d], 1.0)?);
+        let (x2, cos2, sin2) = (x.clone(), cos.clone(), sin.clone());
+        let shape = format!("({}, {}, {}, {d})", s.b, s.t, s.h);
+        cases.push(Case {
+            name: "rope_fwd",
+            shape: shape.clone(),
+            bytes: Some(2.0 * (n * c) as f64 * elem),
+            flops: None,
+            run: Box::new(move || k::rope(&x, &cos, &sin).map(drop)),
+        });
+        cases.push(Case {
+            name: "rope_bwd",
+            shape,
+            bytes: Some(2.0 * (n * c) as f64 * elem),
+            flops: None,
+            run: Box::new(move || k::rope_backward(&x2, &cos2, &sin2).map(drop)),
+        });
+    }
+    if wanted("swiglu") {
+        let f = 4 * c;
+        let (gate_up, da) = (rand(&[n, 2 * f], 2.0)?, rand(&[n, f], 1.0)?);
+        let gate_up2 = gate_up.clone();
+        cases.push(Case {
+            name: "swiglu_fwd",
+            shape: format!("({n}, {})", 2 * f),
+            bytes: Some(3.0 * (n * f) as f64 * elem),
+            flops: None,
+            run: Box::new(move || k::swiglu(&gate_up).map(drop)),
+        });
+        cases.push(Case {
+            name: "swiglu_bwd",
+            shape: format!("({n}, {})", 2 * f),
+            bytes: Some(5.0 * (n * f) as f64 * elem),
+            flops: None,
+            run: Box::new(move || k::swiglu_backward(&gate_up2, &da).map(drop)),
+        });
+    }
     if wanted("cross_entropy") {
         let logits = rand(&[n, v], 2.0)?;
         let ids: Vec<u32> = (0..n).map(|i| ((i as u64 * 2_654_435_761) % v as u64) as u32).collect();
@@ -287,7 +346,7 @@ fn bench_all(args: &KernelsBenchArgs, dev: &Device, dtype: DType, s: Shapes) -> 
     }
     if cases.is_empty() {
         bail!(
-            "--only {:?} matches no kernel (layer_norm, gelu, cross_entropy, attention, adamw)",
+            "--only {:?} matches no kernel (layer_norm, gelu, rms_norm, rope, swiglu, cross_entropy, attention, adamw)",
             args.only.as_deref().unwrap_or("")
         );
     }

@@ -329,6 +329,97 @@ static void check_cross_entropy(int rows, int v) {
     check_all(what, d, wd, 1e-5);
 }
 
+static void check_rms_norm(int rows, int c) {
+    std::mt19937 rng(rows * 11 + c);
+    auto x = randv(rng, (size_t)rows * c, 2), w = randv(rng, c, 1), dy = randv(rng, (size_t)rows * c, 1);
+    std::vector<float> y((size_t)rows * c, NAN), dx((size_t)rows * c, NAN), inv_rms(rows, NAN);
+    float eps = 1e-5f;
+    launch(rows_grid(rows), ROWS_BLOCK, [&] { rms_norm_fwd_f32(x.data(), w.data(), y.data(), rows, c, eps); });
+    launch(rows_grid(rows), ROWS_BLOCK, [&] { rms_norm_bwd_dx_f32(x.data(), w.data(), dy.data(), dx.data(), inv_rms.data(), rows, c, eps); });
+    int per = 4, chunks = (rows + per - 1) / per;
+    std::vector<float> partials((size_t)chunks * c, NAN), dw(c, NAN);
+    launch({(unsigned)((c + 255) / 256), (unsigned)chunks, 1}, {256, 1, 1},
+           [&] { rms_norm_bwd_partial_f32(x.data(), dy.data(), inv_rms.data(), partials.data(), rows, c, per); });
+    launch(elems_grid(c), ELEMS_BLOCK, [&] { rms_norm_bwd_reduce_f32(partials.data(), dw.data(), c, chunks); });
+    std::vector<double> wy((size_t)rows * c), wdx((size_t)rows * c), wdw(c, 0.0);
+    for (int r = 0; r < rows; r++) {
+        double q = 0, gn = 0;
+        for (int i = 0; i < c; i++) q += (double)x[(size_t)r * c + i] * x[(size_t)r * c + i];
+        double inv = 1 / std::sqrt(q / c + eps);
+        for (int i = 0; i < c; i++) {
+            size_t k = (size_t)r * c + i;
+            double n = x[k] * inv;
+            wy[k] = n * w[i];
+            gn += (double)dy[k] * w[i] * n;
+            wdw[i] += dy[k] * n;
+        }
+        for (int i = 0; i < c; i++) {
+            size_t k = (size_t)r * c + i;
+            wdx[k] = ((double)dy[k] * w[i] - x[k] * inv * gn / c) * inv;
+        }
+    }
+    char what[64];
+    std::snprintf(what, sizeof what, "rms_norm_fwd rows %d c %d", rows, c);
+    check_all(what, y, wy, 1e-5);
+    std::snprintf(what, sizeof what, "rms_norm_bwd_dx rows %d c %d", rows, c);
+    check_all(what, dx, wdx, 1e-5);
+    std::snprintf(what, sizeof what, "rms_norm_bwd dw rows %d c %d", rows, c);
+    check_all(what, dw, wdw, 1e-5);
+}
+
+// Tables whose halves differ, so a kernel pairing the wrong entries fails.
+static void check_rope(int b, int t, int h, int d) {
+    std::mt19937 rng(b * 100 + t * 10 + d);
+    size_t n = (size_t)b * t * h * d;
+    auto x = randv(rng, n, 2), cs = randv(rng, (size_t)t * d, 1), sn = randv(rng, (size_t)t * d, 1);
+    std::vector<float> y(n, NAN), dx(n, NAN);
+    launch(elems_grid(n), ELEMS_BLOCK, [&] { rope_f32(x.data(), cs.data(), sn.data(), y.data(), n, t, h, d, 0); });
+    launch(elems_grid(n), ELEMS_BLOCK, [&] { rope_f32(x.data(), cs.data(), sn.data(), dx.data(), n, t, h, d, 1); });
+    std::vector<double> wy(n), wdx(n);
+    int half = d / 2;
+    for (size_t row = 0; row < n / d; row++) {
+        int p = (int)((row / h) % t);
+        const float* xr = &x[row * d];
+        const float* c = &cs[(size_t)p * d];
+        const float* s = &sn[(size_t)p * d];
+        for (int j = 0; j < d; j++) {
+            // rotate_half(x) = [-x2, x1]; the transpose: dx = dy cos - rotate_half(dy sin).
+            double rot = j < half ? -(double)xr[j + half] : xr[j - half];
+            wy[row * d + j] = (double)xr[j] * c[j] + rot * s[j];
+            double rot_ds = j < half ? -(double)xr[j + half] * s[j + half] : (double)xr[j - half] * s[j - half];
+            wdx[row * d + j] = (double)xr[j] * c[j] - rot_ds;
+        }
+    }
+    char what[64];
+    std::snprintf(what, sizeof what, "rope %dx%dx%dx%d", b, t, h, d);
+    check_all(what, y, wy, 1e-5);
+    std::snprintf(what, sizeof what, "rope backward %dx%dx%dx%d", b, t, h, d);
+    check_all(what, dx, wdx, 1e-5);
+}
+
+static void check_swiglu(int rows, int f) {
+    std::mt19937 rng(rows * 13 + f);
+    size_t n = (size_t)rows * f;
+    auto gu = randv(rng, 2 * n, 8), da = randv(rng, n, 1);
+    std::vector<float> a(n, NAN), dgu(2 * n, NAN);
+    launch(elems_grid(n), ELEMS_BLOCK, [&] { swiglu_fwd_f32(gu.data(), a.data(), n, f); });
+    launch(elems_grid(n), ELEMS_BLOCK, [&] { swiglu_bwd_f32(gu.data(), da.data(), dgu.data(), n, f); });
+    std::vector<double> wa(n), wdgu(2 * n);
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < f; j++) {
+            double g = gu[(size_t)r * 2 * f + j], u = gu[(size_t)r * 2 * f + f + j], d = da[(size_t)r * f + j];
+            double s = 1 / (1 + std::exp(-g));
+            wa[(size_t)r * f + j] = g * s * u;
+            wdgu[(size_t)r * 2 * f + j] = d * u * s * (1 + g * (1 - s));
+            wdgu[(size_t)r * 2 * f + f + j] = d * g * s;
+        }
+    char what[64];
+    std::snprintf(what, sizeof what, "swiglu_fwd rows %d f %d", rows, f);
+    check_all(what, a, wa, 1e-5);
+    std::snprintf(what, sizeof what, "swiglu_bwd rows %d f %d", rows, f);
+    check_all(what, dgu, wdgu, 1e-5);
+}
+
 int main() {
     check_gelu();
     check_layer_norm(13, 37);
@@ -347,6 +438,13 @@ int main() {
     check_flash(2, 97, 96, 3);
     check_flash(1, 70, 128, 2);
     check_adamw();
+    check_rms_norm(13, 37);
+    check_rms_norm(1, 5);
+    check_rms_norm(9, 300);
+    check_rope(1, 1, 1, 2);
+    check_rope(2, 7, 3, 8);
+    check_swiglu(3, 700);
+    check_swiglu(1, 1);
     std::printf("%s\n", failures ? "FAILED" : "all ok");
     return failures ? 1 : 0;
 }

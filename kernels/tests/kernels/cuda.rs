@@ -284,3 +284,72 @@ fn cross_entropy_cuda_matches_the_cpu_twin() {
         }
     }
 }
+
+/// Llama's RMSNorm forward and backward (dx, and dweight from fixed row chunks' partials), for
+/// widths off the warp size, one row, and SmolLM2-135M's width over a batch of 4 × 512.
+#[test]
+fn rms_norm_cuda_matches_the_cpu_twin() {
+    let Some(dev) = gpu() else { return };
+    for &(rows, c) in &[(1usize, 5usize), (13, 37), (9, 300), (4 * 512, 576)] {
+        let mut g = rng((rows * 1000 + c) as u64 + 7);
+        let x = uniform(&mut g, &[rows, c], 3.0, DType::F32);
+        let w = uniform(&mut g, &[c], 1.0, DType::F32);
+        let dy = uniform(&mut g, &[rows, c], 1.0, DType::F32);
+        for dtype in [DType::F32, DType::BF16] {
+            let [(gx, cx), (gw, cw), (gdy, cdy)] = [&x, &w, &dy].map(|t| twin_inputs(&dev, t, dtype));
+            let what = format!("rms_norm {rows}x{c}");
+            assert_twin(&what, dtype, &k::rms_norm(&gx, &gw, 1e-5).unwrap(), &k::rms_norm(&cx, &cw, 1e-5).unwrap());
+            let (gdx, gdw) = k::rms_norm_backward(&gx, &gw, &gdy, 1e-5).unwrap();
+            let (cdx, cdw) = k::rms_norm_backward(&cx, &cw, &cdy, 1e-5).unwrap();
+            assert_twin(&format!("{what} dx"), dtype, &gdx, &cdx);
+            assert_twin(&format!("{what} dweight"), dtype, &gdw, &cdw);
+        }
+    }
+}
+
+/// RoPE forward and backward over `(B, T, H, D)` with tables whose halves differ (so a kernel
+/// pairing the wrong entries fails), a head width of 2, and Llama's 64.
+#[test]
+fn rope_cuda_matches_the_cpu_twin() {
+    let Some(dev) = gpu() else { return };
+    for &(b, t, h, d) in &[(1usize, 1usize, 1usize, 2usize), (2, 7, 3, 8), (2, 130, 9, 64)] {
+        let mut g = rng((b * 1000 + t * 10 + d) as u64);
+        let x = uniform(&mut g, &[b, t, h, d], 2.0, DType::F32);
+        let cos = uniform(&mut g, &[t, d], 1.0, DType::F32);
+        let sin = uniform(&mut g, &[t, d], 1.0, DType::F32);
+        for dtype in [DType::F32, DType::BF16] {
+            let [(gx, cx), (gc, cc), (gs, cs)] = [&x, &cos, &sin].map(|t| twin_inputs(&dev, t, dtype));
+            let what = format!("rope {b}x{t}x{h}x{d}");
+            assert_twin(&what, dtype, &k::rope(&gx, &gc, &gs).unwrap(), &k::rope(&cx, &cc, &cs).unwrap());
+            assert_twin(
+                &format!("{what} backward"),
+                dtype,
+                &k::rope_backward(&gx, &gc, &gs).unwrap(),
+                &k::rope_backward(&cx, &cc, &cs).unwrap(),
+            );
+        }
+    }
+}
+
+/// SwiGLU (`silu(gate) · up` from `[gate | up]`) forward and backward, gate values reaching the
+/// sigmoid's tails. The GPU's `__expf` is within a few ulp of the twin's exp, inside the 1e-5.
+#[test]
+fn swiglu_cuda_matches_the_cpu_twin() {
+    let Some(dev) = gpu() else { return };
+    for &(rows, f) in &[(1usize, 1usize), (7, 688), (4 * 512, 1536)] {
+        let mut g = rng((rows * 10_000 + f) as u64);
+        let gu = uniform(&mut g, &[rows, 2 * f], 12.0, DType::F32);
+        let da = uniform(&mut g, &[rows, f], 1.0, DType::F32);
+        for dtype in [DType::F32, DType::BF16] {
+            let [(ggu, cgu), (gda, cda)] = [&gu, &da].map(|t| twin_inputs(&dev, t, dtype));
+            let what = format!("swiglu {rows}x{f}");
+            assert_twin(&what, dtype, &k::swiglu(&ggu).unwrap(), &k::swiglu(&cgu).unwrap());
+            assert_twin(
+                &format!("{what} backward"),
+                dtype,
+                &k::swiglu_backward(&ggu, &gda).unwrap(),
+                &k::swiglu_backward(&cgu, &cda).unwrap(),
+            );
+        }
+    }
+}

@@ -15,6 +15,7 @@ mod flash;
 mod gemm;
 mod gradcheck;
 mod linear;
+mod llama_ops;
 mod vmath_accuracy;
 
 use brigade_kernels as k;

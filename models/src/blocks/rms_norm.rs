@@ -1,9 +1,10 @@
 //! RMSNorm over the last dimension (Zhang & Sennrich 2019), as Llama and its descendants use it:
-//! `y = x / sqrt(mean(x²) + eps) · weight`, with the statistics in f32 whatever the compute
-//! dtype (as Hugging Face's `LlamaRMSNorm` does), and its explicit backward.
+//! `y = x / sqrt(mean(x²) + eps) · weight`, with the statistics in f32 for half-precision
+//! inputs (as Hugging Face's `LlamaRMSNorm` does), and its explicit backward. The math is
+//! `brigade_kernels::rms_norm` (a fused CPU kernel, or its reference composition).
 
 use brigade_engine::{Gradients, Init, ParamSpec};
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor};
 
 use super::Param;
 
@@ -24,33 +25,16 @@ pub(crate) struct RmsNormGrads {
 }
 
 impl RmsNorm {
-    /// The normalised input (before the gain), in f32, and the reciprocal RMS per row.
-    fn normalise(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let x = x.to_dtype(DType::F32)?;
-        // eps inside the square root, as in every Llama implementation.
-        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
-        Ok((x.broadcast_mul(&inv_rms)?, inv_rms))
-    }
-
     /// `(..., C)` → `(..., C)` in the input's dtype.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (normed, _) = self.normalise(x)?;
-        normed.to_dtype(x.dtype())?.broadcast_mul(&self.weight.value)
+        brigade_kernels::rms_norm(x, &self.weight.value, self.eps)
     }
 
     /// `dx` for `dy`, recomputing the statistics from the saved input `x`:
-    /// `dx = r · (g − n · mean(g · n))` with `n = x · r` and `g = dy · weight`.
+    /// `dx = r · (g − n · mean(g · n))` with `n = x · r` and `g = dy · weight`; the gain's
+    /// gradient `Σ_rows dy · n` comes out of the same pass.
     pub(crate) fn backward_input(&self, x: &Tensor, dy: &Tensor) -> Result<(Tensor, RmsNormGrads)> {
-        let (normed, inv_rms) = self.normalise(x)?;
-        let dy32 = dy.to_dtype(DType::F32)?;
-        let g = dy32.broadcast_mul(&self.weight.value.to_dtype(DType::F32)?)?;
-        let dot = (&g * &normed)?.mean_keepdim(D::Minus1)?;
-        let dx = (g - normed.broadcast_mul(&dot)?)?.broadcast_mul(&inv_rms)?.to_dtype(x.dtype())?;
-        let c = normed.dim(D::Minus1)?;
-        // The gain's gradient: Σ over rows of dy · n (in the compute dtype, as the forward's
-        // product of the rounded normalised input with the gain).
-        let n_rounded = normed.to_dtype(x.dtype())?;
-        let dweight = brigade_kernels::sum_rows(&(dy * n_rounded)?.reshape(((), c))?)?;
+        let (dx, dweight) = brigade_kernels::rms_norm_backward(x, &self.weight.value, dy, self.eps)?;
         Ok((dx, RmsNormGrads { dweight }))
     }
 

@@ -2,8 +2,10 @@
 //! head dimension's first half pairs with its second half (not even with odd entries), so
 //! `rope(x) = x · cos + rotate_half(x) · sin` with `rotate_half([a, b]) = [−b, a]` and each
 //! frequency repeated over both halves. Also Llama 3's frequency scaling, and the backward.
+//! The rotation itself is `brigade_kernels::rope` (a fused CPU kernel, or its reference
+//! composition); this file owns the tables.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{Device, Result, Tensor};
 
 /// Llama 3's RoPE scaling (HF `rope_type: "llama3"`): long wavelengths are slowed by `factor`,
 /// short ones kept, and the band between interpolated smoothly.
@@ -70,32 +72,23 @@ impl Rope {
         self.cos.dim(0).unwrap_or(0)
     }
 
-    /// The tables of positions `offset..offset + t`, shaped `(1, t, 1, D)` to broadcast over
-    /// `(B, T, H, D)`, in `dtype`.
-    fn tables(&self, offset: usize, t: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let get = |m: &Tensor| m.narrow(0, offset, t)?.to_dtype(dtype)?.unsqueeze(0)?.unsqueeze(2);
-        Ok((get(&self.cos)?, get(&self.sin)?))
+    /// The tables of positions `offset..offset + t`, each `(t, D)`.
+    fn tables(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        Ok((self.cos.narrow(0, offset, t)?, self.sin.narrow(0, offset, t)?))
     }
 
     /// Rotates `x` `(B, T, H, D)` holding positions `offset..offset + T`.
     pub(crate) fn forward(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
-        let (cos, sin) = self.tables(offset, x.dim(1)?, x.dtype())?;
-        x.broadcast_mul(&cos)? + rotate_half(x)?.broadcast_mul(&sin)?
+        let (cos, sin) = self.tables(offset, x.dim(1)?)?;
+        brigade_kernels::rope(x, &cos, &sin)
     }
 
     /// The input gradient: the rotation is orthogonal, and `rotate_half`'s transpose is its
     /// negation, so `dx = dy · cos − rotate_half(dy · sin)`.
     pub(crate) fn backward(&self, dy: &Tensor, offset: usize) -> Result<Tensor> {
-        let (cos, sin) = self.tables(offset, dy.dim(1)?, dy.dtype())?;
-        dy.broadcast_mul(&cos)? - rotate_half(&dy.broadcast_mul(&sin)?)?
+        let (cos, sin) = self.tables(offset, dy.dim(1)?)?;
+        brigade_kernels::rope_backward(dy, &cos, &sin)
     }
-}
-
-/// `[a, b]` → `[−b, a]` over the last dimension's halves.
-fn rotate_half(x: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let (a, b) = (x.narrow(D::Minus1, 0, half)?, x.narrow(D::Minus1, half, half)?);
-    Tensor::cat(&[&b.neg()?, &a], D::Minus1)
 }
 
 #[cfg(test)]

@@ -76,21 +76,30 @@ impl GroupedQueryAttention {
     /// positions `0..S`: the heads `(B, KV, G·T, D)` and the probabilities `(B, KV, G·T, S)`.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, t: usize, offset: usize) -> Result<(Tensor, Tensor)> {
         let s = k.dim(2)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (self.head_dim as f64).sqrt()))?; // (B, KV, G·T, S)
-                                                                                    // Row `j·T + i` is position `offset + i`, which sees positions `0..=offset + i`: with a
-                                                                                    // single new position (decoding) that is all of them.
-        let scores = if t > 1 {
+        let scale = self.scale();
+        // Unscaled scores (B, KV, G·T, S). Row `j·T + i` is position `offset + i`, which sees
+        // positions `0..=offset + i`. A whole sequence (training, a prefill from 0) is causal row
+        // by row, which the fused scale-mask-softmax computes in one pass; a single new position
+        // (decoding) sees every position; a chunk after a cached prefix gets its mask here.
+        let scores = q.matmul(&k.t()?)?;
+        let probs = if offset == 0 && s == t {
+            brigade_kernels::causal_softmax(&scores, scale)?
+        } else if t > 1 {
             let rows = self.group() * t;
             let data: Vec<u8> = (0..rows).flat_map(|r| (0..s).map(move |j| u8::from(j <= offset + r % t))).collect();
             let mask = Tensor::from_vec(data, (rows, s), q.device())?.broadcast_as(scores.shape())?;
             let neg_inf =
                 Tensor::new(f32::NEG_INFINITY, q.device())?.to_dtype(scores.dtype())?.broadcast_as(scores.shape())?;
-            mask.where_cond(&scores, &neg_inf)?
+            brigade_kernels::softmax_last_dim(&mask.where_cond(&(scores * scale)?, &neg_inf)?)?
         } else {
-            scores
+            brigade_kernels::softmax_last_dim(&(scores * scale)?)?
         };
-        let probs = brigade_kernels::softmax_last_dim(&scores)?;
         Ok((probs.matmul(v)?, probs))
+    }
+
+    /// The scores' scale, `1 / sqrt(D)`.
+    fn scale(&self) -> f64 {
+        1.0 / (self.head_dim as f64).sqrt()
     }
 
     /// `(B, KV, G·T, D)` → `(B, T, H·D)`.
@@ -142,10 +151,12 @@ impl GroupedQueryAttention {
         let dmerged = self.o_proj.backward_input(dout)?; // (B, T, H·D)
         let dy =
             dmerged.reshape((b, t, kv, g, d))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((b, kv, g * t, d))?;
-        let dprobs = dy.matmul(&s.v.t()?)?; // (B, KV, G·T, T)
-                                            // One product per k/v head sums its group's value gradients.
-        let dv = s.probs.t()?.matmul(&dy)?; // (B, KV, T, D)
-        let dscores = (brigade_kernels::softmax_last_dim_backward(&s.probs, &dprobs)? * (1.0 / (d as f64).sqrt()))?;
+        // dprobs (B, KV, G·T, T); dv (B, KV, T, D): one product per k/v head sums its group's
+        // value gradients.
+        let dprobs = dy.matmul(&s.v.t()?)?;
+        let dv = s.probs.t()?.matmul(&dy)?;
+        // Training's probabilities are the whole sequence's (offset 0): causal row by row.
+        let dscores = brigade_kernels::causal_softmax_backward(&s.probs, &dprobs, self.scale())?;
         let dq = dscores.matmul(&s.k)?; // (B, KV, G·T, D)
         let dk = dscores.t()?.matmul(&s.q)?; // (B, KV, T, D)
         let dq = dq.reshape((b, kv, g, t, d))?.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((b, t, h, d))?;

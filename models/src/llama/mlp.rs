@@ -19,8 +19,7 @@ impl SwiGlu {
     /// the gate/up output and the product (down's input), which the backward needs.
     pub(super) fn forward_saving(&self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let gate_up = self.gate_up.forward(x)?; // (B, T, 2F)
-        let f = gate_up.dim(2)? / 2;
-        let act = (gate_up.narrow(2, 0, f)?.silu()? * gate_up.narrow(2, f, f)?)?; // (B, T, F)
+        let act = brigade_kernels::swiglu(&gate_up)?; // (B, T, F)
         let y = self.down.forward_residual(&act, Some(residual))?;
         Ok((y, gate_up, act))
     }
@@ -28,15 +27,9 @@ impl SwiGlu {
     /// The input gradient for `dy` from the saved gate/up output; returns it with the gate/up
     /// output gradient, which the weight step needs.
     pub(super) fn backward_input(&self, gate_up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        // silu(g) = g·σ(g), silu'(g) = σ(g)·(1 + g·(1 − σ(g))), written as [dgate | dup].
         let dact = self.down.backward_input(dy)?; // (B, T, F)
-        let f = gate_up.dim(2)? / 2;
-        let (gate, up) = (gate_up.narrow(2, 0, f)?, gate_up.narrow(2, f, f)?);
-        // silu(g) = g·σ(g), silu'(g) = σ(g)·(1 + g·(1 − σ(g))).
-        let sigmoid = (gate.neg()?.exp()? + 1.0)?.recip()?;
-        let dup = (&dact * (&gate * &sigmoid)?)?;
-        let dsilu = (&sigmoid * ((&gate * (1.0 - &sigmoid)?)? + 1.0)?)?;
-        let dgate = ((dact * up)? * dsilu)?;
-        let dgate_up = Tensor::cat(&[&dgate, &dup], 2)?;
+        let dgate_up = brigade_kernels::swiglu_backward(gate_up, &dact)?;
         Ok((self.gate_up.backward_input(&dgate_up)?, dgate_up))
     }
 
