@@ -406,10 +406,11 @@ impl Pipeline {
         (0..self.stage_count()).filter(|&s| self.local[s]).collect()
     }
 
-    /// A `gather` list over every slot (stage of a replica), waiting for this process's stages
-    /// (the others are accounted for).
-    fn pending_local(&self) -> Vec<bool> {
-        (0..self.stages * self.replicas).map(|slot| !self.local[slot % self.stages]).collect()
+    /// A `gather` list over the slots of the first `replicas` replicas (stage `s` of replica `r`
+    /// is slot `r × stages + s`), waiting for this process's stages (the others are accounted
+    /// for). A step waits for every replica; evaluation runs on replica 0 alone.
+    fn pending_local(&self, replicas: usize) -> Vec<bool> {
+        (0..self.stages * replicas).map(|slot| !self.local[slot % self.stages]).collect()
     }
 
     /// The processes this pipeline runs in.
@@ -517,7 +518,7 @@ impl Pipeline {
         // each), so replica 0's make the norm and the tied sums, and every replica gets them.
         let mut sq_norm = 0.0;
         let mut tied_sums: BTreeMap<String, Tensor> = BTreeMap::new();
-        let mut partial_from = self.pending_local();
+        let mut partial_from = self.pending_local(self.replicas);
         self.gather(&mut partial_from, |report| match report {
             Report::Partial { stage, .. } if stage >= stages => Ok(Some(stage)),
             Report::Partial { stage, tied_grads, sq_norm: s } => {
@@ -567,7 +568,7 @@ impl Pipeline {
             self.send(slot, Msg::Reduced { tied_grads, clip_scale })?;
         }
 
-        let mut done = self.pending_local();
+        let mut done = self.pending_local(self.replicas);
         let mut loss = 0.0;
         let mut stage_busy = vec![Duration::ZERO; stages];
         let mut stage_actions = vec![Vec::new(); stages];
@@ -628,7 +629,7 @@ impl Pipeline {
             inputs: if s == first { input_chunks.clone() } else { Vec::new() },
             targets: if s == last { target_chunks.clone() } else { Vec::new() },
         })?;
-        let mut done = self.pending_local();
+        let mut done = self.pending_local(1);
         let mut totals = Outcome::default();
         self.gather(&mut done, |report| match report {
             Report::Done { stage, outcome, .. } => {
