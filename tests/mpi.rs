@@ -318,6 +318,211 @@ mod ranks {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A job under a watchdog: stdout and stderr drained as they come (a full pipe would stall
+    /// the ranks), and every process of the job killed if it outlives `limit`, so a hang fails
+    /// the test instead of hanging it.
+    struct Job {
+        mpirun: std::process::Child,
+        stdout: Option<std::thread::JoinHandle<String>>,
+        stderr: Option<std::thread::JoinHandle<String>>,
+    }
+
+    impl Job {
+        fn start(mpirun: &mut Command) -> Job {
+            use std::io::Read;
+            use std::process::Stdio;
+            let mut child = mpirun.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run mpirun");
+            let drain = |mut pipe: Box<dyn Read + Send>| {
+                std::thread::spawn(move || {
+                    let mut bytes = Vec::new();
+                    let _ = pipe.read_to_end(&mut bytes);
+                    String::from_utf8_lossy(&bytes).into_owned()
+                })
+            };
+            let stdout = Some(drain(Box::new(child.stdout.take().unwrap())));
+            let stderr = Some(drain(Box::new(child.stderr.take().unwrap())));
+            Job { mpirun: child, stdout, stderr }
+        }
+
+        fn running(&mut self) -> bool {
+            matches!(self.mpirun.try_wait(), Ok(None))
+        }
+
+        /// The pid of rank `rank`: the process under mpirun whose environment says so.
+        fn rank_pid(&self, rank: usize) -> Option<u32> {
+            let wanted = format!("OMPI_COMM_WORLD_RANK={rank}");
+            descendants(self.mpirun.id()).into_iter().find(|pid| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == wanted.as_bytes()))
+            })
+        }
+
+        /// Waits for the job to end (exit status, stdout, stderr); fails the test, after killing
+        /// every process of the job, if it has not ended within `limit`.
+        fn wait(&mut self, limit: Duration) -> (std::process::ExitStatus, String, String) {
+            let deadline = Instant::now() + limit;
+            while self.running() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let hung = self.running();
+            self.kill();
+            let status = self.mpirun.wait().expect("wait for mpirun");
+            let stdout = self.stdout.take().and_then(|t| t.join().ok()).unwrap_or_default();
+            let stderr = self.stderr.take().and_then(|t| t.join().ok()).unwrap_or_default();
+            assert!(
+                !hung,
+                "the job hung: still running {limit:?} on; killed it.\nstdout:\n{stdout}\nstderr:\n{stderr}"
+            );
+            (status, stdout, stderr)
+        }
+
+        /// Kills every process of the job still running (ranks first: mpirun killed first
+        /// would leave them behind).
+        fn kill(&mut self) {
+            if self.running() {
+                for pid in descendants(self.mpirun.id()) {
+                    let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+                }
+                let _ = self.mpirun.kill();
+            }
+        }
+    }
+
+    impl Drop for Job {
+        /// A failed assertion must not leave the job running.
+        fn drop(&mut self) {
+            self.kill();
+            let _ = self.mpirun.wait();
+        }
+    }
+
+    /// Every process below `pid` (mpirun's ranks and anything they started), from /proc.
+    fn descendants(pid: u32) -> Vec<u32> {
+        let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                    .filter_map(|p| {
+                        // `pid (comm) state ppid ...`: the command name may hold spaces, so
+                        // parse after its closing parenthesis.
+                        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                        let ppid = stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()?;
+                        Some((p, ppid))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut found = vec![pid];
+        let mut at = 0;
+        while at < found.len() {
+            let parent = found[at];
+            found.extend(parents.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+            at += 1;
+        }
+        found.remove(0);
+        found
+    }
+
+    /// The checkpoint `latest` names, after checking that it resumes on one process (one stage:
+    /// another layout than the ranks') and trains `more` steps from where it stopped.
+    fn resumes_on_one_process(dir: &Path, more: u64) -> u64 {
+        let latest = std::fs::read_to_string(dir.join("latest")).expect("`latest` must survive the crash");
+        let step: u64 = latest.trim().strip_prefix("step-").and_then(|s| s.parse().ok()).expect("a step directory");
+        assert!(dir.join(latest.trim()).is_dir(), "`latest` names {latest}, which is gone");
+        let out = in_process(&args(dir, step + more, &["--resume", dir.to_str().unwrap(), "--stages", "1"]));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains(&format!("step {step})")), "should resume from step {step}: {stdout}");
+        let trained = losses(dir);
+        assert!(
+            (step + 1..=step + more).all(|s| trained.get(&s).is_some_and(|l| l.is_finite())),
+            "the resumed run should log steps {} to {}: {trained:?}",
+            step + 1,
+            step + more
+        );
+        step
+    }
+
+    #[test]
+    fn a_rank_killed_mid_step_ends_the_job_and_leaves_the_last_checkpoint_resumable() {
+        let Some(mut mpi) = mpirun() else { return };
+        let dir = dir("killed-mid-step");
+        // Far more steps than the test waits for: the job only ends by the kill.
+        let mut job = Job::start(mpi.args(["--oversubscribe", "-n", "2", env!("CARGO_BIN_EXE_brigade")]).args(args(
+            &dir,
+            100_000,
+            &["--stages", "2", "--schedule", "1f1b"],
+        )));
+        // Two checkpoints committed (so one replaced another as `latest`), and training on.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let committed = |dir: &Path| std::fs::read_to_string(dir.join("latest")).unwrap_or_default();
+        while committed(&dir).trim() < "step-00000004" {
+            assert!(job.running() && Instant::now() < deadline, "no second checkpoint within a minute");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = job.rank_pid(1).expect("rank 1's process");
+        let status = Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("run kill");
+        assert!(status.success(), "kill -KILL {pid} failed");
+        let killed = Instant::now();
+        let (status, _, stderr) = job.wait(Duration::from_secs(30));
+        assert!(!status.success(), "the job must fail: {stderr}");
+        println!("ended {:?} after the kill; stderr:\n{stderr}", killed.elapsed());
+        // Rank 1 cannot speak once killed: mpirun names it and the signal ("mpirun noticed that
+        // process rank 1 with PID 0 on node ... exited on signal 9 (Killed)"; Open MPI 4.1 prints
+        // PID 0 for a process killed from outside).
+        assert!(
+            stderr.contains("rank 1") && stderr.contains("signal 9"),
+            "stderr should name the killed rank and the signal: {stderr}"
+        );
+        assert!(
+            error_lines(&stderr).is_empty(),
+            "the surviving rank is ended, not left to report a failure of its own: {stderr}"
+        );
+        resumes_on_one_process(&dir, 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_rank_killed_mid_save_leaves_the_previous_checkpoint_as_latest_and_resumable() {
+        let Some(mut mpi) = mpirun() else { return };
+        let dir = dir("killed-mid-save");
+        let bin = env!("CARGO_BIN_EXE_brigade");
+        let train = args(&dir, 100_000, &["--stages", "2", "--schedule", "1f1b"]);
+        // Rank 1's stage writes 2 shard files per save (weights, optimizer state). The test hook
+        // aborts the process (SIGABRT, no unwinding, no cleanup: as `kill -9` would) after its
+        // 3rd file: in the middle of step 4's save, one file written, one not, while rank 0
+        // waits for the save to complete. Only rank 1 gets the variable (`env` execs brigade,
+        // same pid, same flags).
+        let mut job = Job::start(
+            mpi.args(["--oversubscribe", "-n", "1", bin])
+                .args(&train)
+                .args([":", "-n", "1", "env", "BRIGADE_TEST_SAVE_FAULT=abort:3", bin])
+                .args(&train),
+        );
+        let started = Instant::now();
+        let (status, stdout, stderr) = job.wait(Duration::from_secs(60));
+        assert!(!status.success(), "the job must fail: {stderr}");
+        println!("ended {:?} after the start; stderr:\n{stderr}", started.elapsed());
+        assert!(
+            stderr.contains("rank 1") && stderr.contains("signal 6"),
+            "stderr should name the aborted rank and the signal: {stderr}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("latest")).expect("latest").trim(),
+            "step-00000002",
+            "the interrupted save must not become `latest`: {stdout}"
+        );
+        assert!(
+            !dir.join("step-00000004").exists(),
+            "a half-written checkpoint must never appear under its final name"
+        );
+        let partial =
+            std::fs::read_dir(&dir).unwrap().flatten().any(|e| e.file_name().to_string_lossy().contains(".partial-"));
+        assert!(partial, "the killed save should have left its hidden partial directory");
+        assert_eq!(resumes_on_one_process(&dir, 2), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn ranks_with_different_flags_or_a_world_that_does_not_fit_are_refused_before_training() {
         let Some(mut mpi) = mpirun() else { return };
