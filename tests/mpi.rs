@@ -516,9 +516,22 @@ mod ranks {
             !dir.join("step-00000004").exists(),
             "a half-written checkpoint must never appear under its final name"
         );
-        let partial =
-            std::fs::read_dir(&dir).unwrap().flatten().any(|e| e.file_name().to_string_lossy().contains(".partial-"));
-        assert!(partial, "the killed save should have left its hidden partial directory");
+        // Killed between shard writes: the hidden staging directory holds rank 1's first file
+        // (and whatever rank 0 wrote meanwhile), not all four shards, and no metadata.
+        let partial = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(".step-00000004.partial-"))
+            .expect("the killed save should have left its hidden partial directory");
+        let written: Vec<String> = std::fs::read_dir(&partial)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let shards = written.iter().filter(|f| f.ends_with("-of-00002.safetensors")).count();
+        assert!((1..4).contains(&shards), "the save should have died between shard writes: {written:?}");
+        assert!(!written.iter().any(|f| f == "brigade.json"), "no metadata before every shard is in: {written:?}");
         assert_eq!(resumes_on_one_process(&dir, 2), 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
