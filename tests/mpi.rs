@@ -9,7 +9,11 @@
 //! With the feature (`cargo test --release --features mpi --test mpi`) the stages run as ranks:
 //! 2-rank 1F1B equals the in-process 2-stage run bit for bit (losses and checkpoints), every
 //! built-in schedule runs over 2 ranks and one over 4, checkpoints move from ranks to one
-//! process and back, and a failing rank ends the job with one `error:` line naming it.
+//! process and back, and a failing rank ends the job with one `error:` line naming it. A rank
+//! killed mid-step (SIGKILL from outside) or mid-save (the save hook's abort between its shard
+//! writes) ends the job within seconds, mpirun naming the rank and the signal, and `latest`
+//! keeps naming a complete checkpoint that resumes on one process; a watchdog fails, rather
+//! than hangs, a test whose job outlives its bound.
 
 #[cfg(not(feature = "mpi"))]
 use std::path::PathBuf;
@@ -460,6 +464,8 @@ mod ranks {
             assert!(job.running() && Instant::now() < deadline, "no second checkpoint within a minute");
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Step 4's save has completed on both ranks (rank 0 commits after rank 1's shards are
+        // in), so rank 1 is in step 5: computing, or waiting for rank 0's activations.
         let pid = job.rank_pid(1).expect("rank 1's process");
         let status = Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("run kill");
         assert!(status.success(), "kill -KILL {pid} failed");
@@ -493,13 +499,13 @@ mod ranks {
         // 3rd file: in the middle of step 4's save, one file written, one not, while rank 0
         // waits for the save to complete. Only rank 1 gets the variable (`env` execs brigade,
         // same pid, same flags).
+        let started = Instant::now();
         let mut job = Job::start(
             mpi.args(["--oversubscribe", "-n", "1", bin])
                 .args(&train)
                 .args([":", "-n", "1", "env", "BRIGADE_TEST_SAVE_FAULT=abort:3", bin])
                 .args(&train),
         );
-        let started = Instant::now();
         let (status, stdout, stderr) = job.wait(Duration::from_secs(60));
         assert!(!status.success(), "the job must fail: {stderr}");
         println!("ended {:?} after the start; stderr:\n{stderr}", started.elapsed());
