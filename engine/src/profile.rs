@@ -517,7 +517,7 @@ fn measure_overhead(
     Ok(fit_overhead(&counts, &excess))
 }
 
-/// Seconds [`measure_overhead`] may spend: a few seconds on a model of 50 ms per micro-batch
+/// Seconds `measure_overhead` may spend: a few seconds on a model of 50 ms per micro-batch
 /// (at the default 10 repeats), a bounded share of a profile of a larger one.
 pub const OVERHEAD_BUDGET_S: f64 = 20.0;
 

@@ -217,7 +217,7 @@ fn add_into<T: candle_core::WithDType + std::ops::AddAssign>(acc: &mut [T], g: &
 /// Column sums of a 2-D `(N, C)` tensor: `(C,)`. A bias's gradient is this over the output
 /// gradient's rows; candle's reduction over dimension 0 walks the matrix column by column
 /// (6.6% of a GPT training step on one core), this adds whole rows into one accumulator row,
-/// which vectorises. The rows are summed in fixed blocks of [`SUM_ROWS_BLOCK`], in parallel on
+/// which vectorises. The rows are summed in fixed blocks of `SUM_ROWS_BLOCK` (128), in parallel on
 /// the caller's rayon pool, and the block sums then added in order: the same bits whatever the
 /// thread count (it ran on one thread only, 1.5% of the 2-thread GPT step).
 pub fn sum_rows(x: &Tensor) -> Result<Tensor> {
