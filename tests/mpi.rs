@@ -294,6 +294,24 @@ mod ranks {
     }
 
     #[test]
+    fn a_world_that_does_not_fit_the_replicas_is_refused_before_training() {
+        let Some(mut mpi) = mpirun() else { return };
+        let dir = dir("dp-misfit");
+        let out = mpi
+            .args(["--oversubscribe", "-n", "3", env!("CARGO_BIN_EXE_brigade")])
+            .args(args(&dir, 2, &["--stages", "2", "--data-parallel", "2"]))
+            .output()
+            .expect("run mpirun");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        let errors = error_lines(&stderr);
+        assert!(!errors.is_empty() && errors.iter().all(|e| e.contains("do not split over 3 processes")), "{stderr}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("step "), "no rank may train");
+        assert!(!dir.join("latest").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn every_built_in_schedule_runs_over_ranks_as_it_does_in_one_process() {
         // (schedule, stages, ranks): one stage per rank, and two per rank once.
         let cases: [(&str, usize, usize); 8] = [

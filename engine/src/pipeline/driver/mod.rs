@@ -9,9 +9,11 @@
 //! answers all; evaluation, prediction, decoding, snapshots and checkpoints use replica 0.
 //!
 //! Across processes (MPI ranks, [`World::Ranks`]) every rank runs this same driver on the same
-//! batches, but starts and feeds only the stages it owns; the stages other ranks own are proxy
-//! inboxes the rank's MPI thread sends on. The collective sums the local stages' partials,
-//! then all-reduces them over the ranks, so every rank computes the numbers one process would.
+//! batches, but starts and feeds only the slots it owns (a contiguous block, within one
+//! replica); the slots other ranks own are proxy inboxes the rank's MPI thread sends on, and
+//! replicas sum their gradients through the MPI `ReplicaReduce`. The collective sums the local
+//! stages' partials (replica 0's; other replicas' ranks add zeros), then all-reduces them over
+//! the ranks, so every rank computes the numbers one process would.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
