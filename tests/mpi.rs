@@ -265,6 +265,53 @@ mod ranks {
     }
 
     #[test]
+    fn four_ranks_of_data_parallel_2_x_2_stages_are_the_in_process_run_and_resume_on_one_process() {
+        let Some(mut mpi) = mpirun() else { return };
+        let layout = ["--stages", "2", "--data-parallel", "2", "--schedule", "1f1b"];
+        let (one, four) = (dir("dp-one-process"), dir("dp-four-ranks"));
+        in_process(&args(&one, 4, &layout));
+        // Ranks 0-1 run replica 0's two stages, ranks 2-3 replica 1's.
+        let ranked = on_ranks(&mut mpi, 4, &args(&four, 4, &layout));
+        let stdout = String::from_utf8_lossy(&ranked.stdout);
+        assert!(stdout.contains("2 stages x 2 data-parallel replicas"), "{stdout}");
+        let reference = losses(&one);
+        assert_eq!(reference.len(), 4);
+        // Each stage's gradients are summed in replica order in both runs, and every other sum
+        // has at most two non-zero terms: the same bits.
+        assert_eq!(losses(&four), reference, "DP 2 x PP 2 over 4 ranks must equal the in-process run");
+        assert!(latest_tensors(&one) == latest_tensors(&four), "the checkpoints' tensors differ");
+
+        // Only replica 0 wrote: one checkpoint per save, resumable on one process (one pipeline).
+        let resume =
+            |dir: &Path| args(dir, 6, &["--resume", dir.to_str().unwrap(), "--schedule", "1f1b", "--stages", "2"]);
+        in_process(&resume(&four));
+        in_process(&resume(&one));
+        let (a, b) = (losses(&one), losses(&four));
+        assert_eq!(a.len(), 6);
+        assert_eq!(a, b, "the 4-rank checkpoint must continue on one process as the in-process one does");
+        let _ = std::fs::remove_dir_all(&one);
+        let _ = std::fs::remove_dir_all(&four);
+    }
+
+    #[test]
+    fn a_world_that_does_not_fit_the_replicas_is_refused_before_training() {
+        let Some(mut mpi) = mpirun() else { return };
+        let dir = dir("dp-misfit");
+        let out = mpi
+            .args(["--oversubscribe", "-n", "3", env!("CARGO_BIN_EXE_brigade")])
+            .args(args(&dir, 2, &["--stages", "2", "--data-parallel", "2"]))
+            .output()
+            .expect("run mpirun");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        let errors = error_lines(&stderr);
+        assert!(!errors.is_empty() && errors.iter().all(|e| e.contains("do not split over 3 processes")), "{stderr}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("step "), "no rank may train");
+        assert!(!dir.join("latest").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn every_built_in_schedule_runs_over_ranks_as_it_does_in_one_process() {
         // (schedule, stages, ranks): one stage per rank, and two per rank once.
         let cases: [(&str, usize, usize); 8] = [

@@ -654,11 +654,13 @@ fn train(mut args: TrainArgs, world: World) -> Result<()> {
         }
     }
     let schedule = super::schedule::schedule_choice(&args.schedule)?;
-    // Under MPI the stages default to one per rank.
-    let default_stages = if world.is_distributed() { world.rank_and_size().1 } else { 2 };
+    // Under MPI the stages default to one per rank of each data-parallel replica (the ranks
+    // split into `--data-parallel` consecutive groups, one pipeline each).
+    let default_stages =
+        if world.is_distributed() { (world.rank_and_size().1 / args.data_parallel.max(1)).max(1) } else { 2 };
     let (stages, microbatches) =
         super::schedule::layout_counts(&schedule, args.stages, args.microbatches, (default_stages, 4))?;
-    world.check_fits(stages).map_err(anyhow::Error::msg)?;
+    world.check_fits(stages, args.data_parallel).map_err(anyhow::Error::msg)?;
     let (model, data, start) = model_and_data(&args)?;
     let mut partition = partition_strategy(&args)?;
     if partition == PartitionStrategy::BalancedTime(Vec::new()) {

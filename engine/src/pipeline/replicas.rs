@@ -14,8 +14,8 @@
 //!
 //! The sum is taken in replica order (replica 0 + 1 + ... + D-1) whatever order the replicas
 //! arrive in, so results do not depend on timing. [`InProcessReduce`] serves replicas that are
-//! threads of one process; a cross-process implementation (an MPI all-reduce over the ranks
-//! holding one stage) implements the same trait.
+//! threads of one process; `transport::MpiReduce` (`mpi` feature) serves replicas on different
+//! MPI ranks, with the same sum in the same order, so both give the same bits.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -80,7 +80,7 @@ impl InProcessReduce {
 }
 
 /// The element-wise sum of every replica's gradients, in replica order.
-fn sum_in_replica_order(contributions: Vec<Vec<Tensor>>) -> candle_core::Result<Vec<Tensor>> {
+pub(crate) fn sum_in_replica_order(contributions: Vec<Vec<Tensor>>) -> candle_core::Result<Vec<Tensor>> {
     let mut replicas = contributions.into_iter();
     let Some(mut sum) = replicas.next() else { return Ok(Vec::new()) };
     for grads in replicas {

@@ -9,9 +9,11 @@
 //! answers all; evaluation, prediction, decoding, snapshots and checkpoints use replica 0.
 //!
 //! Across processes (MPI ranks, [`World::Ranks`]) every rank runs this same driver on the same
-//! batches, but starts and feeds only the stages it owns; the stages other ranks own are proxy
-//! inboxes the rank's MPI thread sends on. The collective sums the local stages' partials,
-//! then all-reduces them over the ranks, so every rank computes the numbers one process would.
+//! batches, but starts and feeds only the slots it owns (a contiguous block, within one
+//! replica); the slots other ranks own are proxy inboxes the rank's MPI thread sends on, and
+//! replicas sum their gradients through the MPI `ReplicaReduce`. The collective sums the local
+//! stages' partials (replica 0's; other replicas' ranks add zeros), then all-reduces them over
+//! the ranks, so every rank computes the numbers one process would.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -172,15 +174,10 @@ impl Pipeline {
         let per_slot_devices = replicas > 1 && config.devices.len() == replicas * config.stages;
         crate::device::check_devices(&config.devices, if per_slot_devices { replicas } else { 1 } * config.stages)?;
         let world = config.world.clone();
-        world.check_fits(config.stages).map_err(EngineError::Config)?;
-        if replicas > 1 && world.is_distributed() {
-            return Err(EngineError::Config(
-                "data parallelism across MPI ranks is not supported yet: run the D replicas in one process \
-                 (--data-parallel without a launcher), or the stages over ranks with --data-parallel 1"
-                    .into(),
-            ));
-        }
-        let local: Vec<bool> = (0..config.stages).map(|s| world.owns(s, config.stages)).collect();
+        world.check_fits(config.stages, replicas).map_err(EngineError::Config)?;
+        // Which slots (stage `s` of replica `r`: `r × stages + s`) this process runs.
+        let slots = config.stages * replicas;
+        let local: Vec<bool> = (0..slots).map(|slot| world.owns(slot, slots)).collect();
         if !matches!(config.compute_dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(EngineError::Config(format!(
                 "compute dtype {:?} is not supported: use f32 (exact) or bf16/f16 (mixed precision, f32 master weights)",
@@ -269,14 +266,12 @@ impl Pipeline {
         // follow the per-stage budget.
         // Sharing needs two CPU stages: one alone gains nothing from it, and a GPU stage's math
         // is not on these cores (it keeps its own pool for what it does on the host).
-        let slots = config.stages * replicas;
         let device_of = |slot: usize| {
             let at = if per_slot_devices { slot } else { slot % config.stages };
             config.devices.get(at).copied().unwrap_or_default()
         };
-        let cpu_stages: Vec<usize> = (0..slots)
-            .filter(|&i| local[i % config.stages] && device_of(i) == crate::device::StageDevice::Cpu)
-            .collect();
+        let cpu_stages: Vec<usize> =
+            (0..slots).filter(|&i| local[i] && device_of(i) == crate::device::StageDevice::Cpu).collect();
         let shared_pool = match config.thread_pools {
             ThreadPools::Shared if cpu_stages.len() >= 2 => {
                 Some(threads::shared_pool(threads * cpu_stages.len()).map_err(EngineError::Config)?)
@@ -284,20 +279,26 @@ impl Pipeline {
             _ => None,
         };
         start_elementwise_pool();
-        let reduce: Option<Arc<dyn ReplicaReduce>> =
-            (replicas > 1).then(|| Arc::new(InProcessReduce::new(replicas, config.stages)) as Arc<dyn ReplicaReduce>);
+        let reduce: Option<Arc<dyn ReplicaReduce>> = match &world {
+            _ if replicas == 1 => None,
+            #[cfg(feature = "mpi")]
+            World::Ranks(ranks) if world.is_distributed() => Some(
+                super::transport::MpiReduce::start(ranks.clone(), replicas, config.stages)
+                    .map_err(EngineError::Config)?,
+            ),
+            _ => Some(Arc::new(InProcessReduce::new(replicas, config.stages))),
+        };
         let (report_tx, reports) = unbounded();
         let channels: Vec<(Sender<Msg>, Receiver<Msg>)> = (0..slots).map(|_| unbounded()).collect();
         let inboxes: Vec<Sender<Msg>> = channels.iter().map(|(tx, _)| tx.clone()).collect();
         let mut handles = Vec::with_capacity(slots);
-        // Stages other ranks own: their inboxes here are proxies the MPI thread sends on (one
-        // replica only: data parallelism runs in one process).
+        // Slots other ranks own: their inboxes here are proxies the MPI thread sends on.
         let mut proxies = Vec::new();
         let slot_chunks = (0..replicas).flat_map(|_| device_chunks.iter().cloned());
         for (slot, ((_, inbox), chunks)) in channels.into_iter().zip(slot_chunks).enumerate() {
             let (replica, index) = (slot / config.stages, slot % config.stages);
-            if !local[index] {
-                proxies.push((index, world.owner(index, config.stages), inbox));
+            if !local[slot] {
+                proxies.push((slot, world.owner(slot, slots), inbox));
                 handles.push(None);
                 continue;
             }
@@ -342,7 +343,7 @@ impl Pipeline {
         }
         #[cfg(feature = "mpi")]
         if let World::Ranks(ranks) = &world {
-            let incoming = (0..config.stages).filter(|&s| local[s]).map(|s| (s, inboxes[s].clone())).collect();
+            let incoming = (0..slots).filter(|&s| local[s]).map(|s| (s, inboxes[s].clone())).collect();
             ranks.attach(super::transport::Attachment { outgoing: proxies, incoming }).map_err(EngineError::Config)?;
         }
         #[cfg(not(feature = "mpi"))]
@@ -373,7 +374,8 @@ impl Pipeline {
             stopped: None,
         };
         // Building layers can fail (e.g. a wrong shape in `initial_params`); surface it now.
-        for s in pipeline.local_stages() {
+        let local_slots: Vec<usize> = (0..slots).filter(|&s| pipeline.local[s]).collect();
+        for s in local_slots {
             let (tx, rx) = unbounded();
             pipeline.send(s, Msg::Ping { reply: tx })?;
             if rx.recv().is_err() {
@@ -401,7 +403,8 @@ impl Pipeline {
         self.replicas
     }
 
-    /// The stages this process runs (all of them but under MPI).
+    /// The stages of replica 0 this process runs (all of them but under MPI; none on the ranks
+    /// of other replicas): the ones that evaluate and write checkpoints.
     pub(super) fn local_stages(&self) -> Vec<usize> {
         (0..self.stage_count()).filter(|&s| self.local[s]).collect()
     }
@@ -410,7 +413,7 @@ impl Pipeline {
     /// is slot `r × stages + s`), waiting for this process's stages (the others are accounted
     /// for). A step waits for every replica; evaluation runs on replica 0 alone.
     fn pending_local(&self, replicas: usize) -> Vec<bool> {
-        (0..self.stages * replicas).map(|slot| !self.local[slot % self.stages]).collect()
+        (0..self.stages * replicas).map(|slot| !self.local[slot]).collect()
     }
 
     /// The processes this pipeline runs in.
@@ -449,8 +452,8 @@ impl Pipeline {
     /// anyway).
     fn fan_out_replicas(&mut self, replicas: usize, mut msg: impl FnMut(usize, usize) -> Msg) -> Result<()> {
         let (first, _) = self.entry_and_exit();
-        let mine: Vec<usize> = self.local_stages();
         for r in 0..replicas {
+            let mine: Vec<usize> = (0..self.stages).filter(|&s| self.local[r * self.stages + s]).collect();
             for s in mine.iter().copied().filter(|&s| s != first).chain(Some(first).filter(|f| mine.contains(f))) {
                 let message = msg(r, s);
                 self.send(r * self.stages + s, message)?;
@@ -551,7 +554,7 @@ impl Pipeline {
             Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
             _ => 1.0,
         };
-        let local_slots: Vec<usize> = (0..slots).filter(|&slot| self.local[slot % stages]).collect();
+        let local_slots: Vec<usize> = (0..slots).filter(|&slot| self.local[slot]).collect();
         for slot in local_slots {
             let s = slot % stages;
             let tied_grads =

@@ -34,9 +34,9 @@ use std::sync::Arc;
 
 pub(super) use self::crossbeam::Crossbeam;
 #[cfg(feature = "mpi")]
-pub(super) use self::mpi::Attachment;
-#[cfg(feature = "mpi")]
 pub use self::mpi::Ranks;
+#[cfg(feature = "mpi")]
+pub(super) use self::mpi::{Attachment, MpiReduce};
 use super::handoff::HandOff;
 use super::protocol::Msg;
 
@@ -117,27 +117,40 @@ impl World {
         self.rank_and_size().0 == 0
     }
 
-    /// Whether this process runs stage `stage` of `stages`: rank `r` of `W` owns the contiguous
-    /// stages `r*S/W .. (r+1)*S/W` (call [`World::check_fits`] first).
-    pub fn owns(&self, stage: usize, stages: usize) -> bool {
-        self.owner(stage, stages) == self.rank_and_size().0
+    /// Whether this process runs slot `slot` of `slots` (a slot is stage `s` of data-parallel
+    /// replica `r`, `r × stages + s`; without data parallelism slots are stages): rank `k` of
+    /// `W` owns the contiguous slots `k*N/W .. (k+1)*N/W` (call [`World::check_fits`] first).
+    /// Slots are numbered replica by replica, so rank `replica × W/D + j` runs the `j`-th block
+    /// of its replica's stages: a replica's ranks are consecutive.
+    pub fn owns(&self, slot: usize, slots: usize) -> bool {
+        self.owner(slot, slots) == self.rank_and_size().0
     }
 
-    /// The rank that runs stage `stage` of `stages`.
-    pub fn owner(&self, stage: usize, stages: usize) -> usize {
-        owner_of(stage, stages, self.rank_and_size().1)
+    /// The rank that runs slot `slot` of `slots`.
+    pub fn owner(&self, slot: usize, slots: usize) -> usize {
+        owner_of(slot, slots, self.rank_and_size().1)
     }
 
-    /// `stages` split evenly over the ranks, or why not.
-    pub fn check_fits(&self, stages: usize) -> Result<(), String> {
+    /// `replicas` copies of `stages` stages split evenly over the ranks, each rank within one
+    /// replica, or why not.
+    pub fn check_fits(&self, stages: usize, replicas: usize) -> Result<(), String> {
         let (_, size) = self.rank_and_size();
-        if stages.is_multiple_of(size) {
+        let replicas = replicas.max(1);
+        if size == 1 || (size.is_multiple_of(replicas) && stages.is_multiple_of(size / replicas)) {
             return Ok(());
         }
+        if replicas == 1 {
+            return Err(format!(
+                "{stages} stages do not split over {size} processes: each rank runs the same number of stages, so \
+                 start a process count that divides {stages} (one per stage: mpirun -n {stages}), or pass --stages \
+                 as a multiple of {size}"
+            ));
+        }
         Err(format!(
-            "{stages} stages do not split over {size} processes: each rank runs the same number of stages, so start \
-             a process count that divides {stages} (one per stage: mpirun -n {stages}), or pass --stages as a \
-             multiple of {size}"
+            "{replicas} data-parallel replicas of {stages} stages do not split over {size} processes: every \
+             replica runs on {size}/{replicas} ranks, so the process count must be {replicas} times a divisor of \
+             {stages} (one per stage: mpirun -n {})",
+            replicas * stages
         ))
     }
 
@@ -176,9 +189,9 @@ impl World {
     }
 }
 
-/// The rank of `size` that runs stage `stage` of `stages`: contiguous blocks of `stages / size`.
-fn owner_of(stage: usize, stages: usize, size: usize) -> usize {
-    stage / (stages / size.max(1)).max(1)
+/// The rank of `size` that runs slot `slot` of `slots`: contiguous blocks of `slots / size`.
+fn owner_of(slot: usize, slots: usize, size: usize) -> usize {
+    slot / (slots / size.max(1)).max(1)
 }
 
 /// Received hand-offs by key, kept until the action that needs them runs.
@@ -232,9 +245,12 @@ mod tests {
         assert_eq!((0..4).map(|s| owner_of(s, 4, 4)).collect::<Vec<_>>(), [0, 1, 2, 3]);
         assert_eq!((0..4).map(|s| owner_of(s, 4, 2)).collect::<Vec<_>>(), [0, 0, 1, 1]);
         assert_eq!((0..3).map(|s| owner_of(s, 3, 1)).collect::<Vec<_>>(), [0, 0, 0]);
+        // Data parallel 2 x 4 stages (slot = replica x 4 + stage) on 4 ranks: ranks 0-1 run
+        // replica 0, two stages each, and ranks 2-3 replica 1.
+        assert_eq!((0..8).map(|s| owner_of(s, 8, 4)).collect::<Vec<_>>(), [0, 0, 1, 1, 2, 2, 3, 3]);
         let world = World::Local;
         assert!((0..5).all(|s| world.owns(s, 5)) && world.is_lead() && !world.is_distributed());
-        assert!(world.check_fits(3).is_ok());
+        assert!(world.check_fits(3, 1).is_ok() && world.check_fits(3, 2).is_ok());
     }
 
     #[test]

@@ -16,11 +16,21 @@
 //!   its channels (a send wakes it at once) with a timeout that backs off from 10 µs to 200 µs
 //!   before it probes again, so it does not eat a core of a 2-core machine.
 //!
-//! Stage ownership: with `S` stages over `W` ranks (`W` divides `S`), rank `r` owns the
-//! contiguous stages `r*S/W .. (r+1)*S/W`; one stage per rank is the usual layout.
+//! - Data parallelism ([`MpiReduce`]): each replica's copy of a stage sends its gradients to the
+//!   ranks holding the other replicas' copies (one point-to-point message each, its own tag)
+//!   and sums what it receives in replica order, exactly as the in-process reduction does. Point
+//!   to point rather than an all-reduce because a rank with several stages reaches their
+//!   reductions in whatever order its stage threads finish, and MPI collectives must be entered
+//!   in one order on every rank; and because a sum in replica order gives the same bits as one
+//!   process, whatever MPI's reduction order would be.
+//!
+//! Stage ownership: with `S` stages, `D` data-parallel replicas and `W` ranks (`W/D` divides
+//! `S`), slot `r × S + s` (stage `s` of replica `r`) belongs to rank `slot / (S·D/W)`: rank
+//! `replica × W/D + j` runs the `j`-th contiguous block of its replica's stages; one stage per
+//! rank is the usual layout.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -34,12 +44,15 @@ use mpi::request::{Request, StaticScope};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 
-use super::{Mailbox, Route, RouteKind};
+use super::{owner_of, Mailbox, Route, RouteKind};
 use crate::pipeline::handoff::HandOff;
 use crate::pipeline::protocol::Msg;
+use crate::pipeline::replicas::{sum_in_replica_order, ReduceError, ReplicaReduce};
 
 /// The MPI tag of hand-off messages (collectives do not match point-to-point tags).
 const HANDOFF_TAG: i32 = 20;
+/// The MPI tag of one replica's gradients of one stage, sent to the other replicas' copies.
+const REPLICA_TAG: i32 = 21;
 /// No abort requested (`Ranks::abort` stores the exit code).
 const NO_ABORT: i32 = i32::MIN;
 const MIN_IDLE: Duration = Duration::from_micros(10);
@@ -71,8 +84,15 @@ pub(in crate::pipeline) struct Attachment {
     pub incoming: Vec<(usize, Sender<Msg>)>,
 }
 
+/// One replica's gradients of one stage, as received: (replica, gradients).
+type ReplicaGrads = (usize, Vec<Tensor>);
+
 enum Job {
     Attach(Attachment),
+    /// Where each local stage's replica gradients go: (stage, its channel).
+    AttachReplicas(Vec<(usize, Sender<ReplicaGrads>)>),
+    /// A replica-gradient message to a rank.
+    SendReplica(usize, Vec<u8>),
     SumF64(Vec<f64>, Sender<Vec<f64>>),
     SumF32(Vec<f32>, Sender<Vec<f32>>),
     Gather(Vec<u8>, Sender<Vec<Vec<u8>>>),
@@ -184,6 +204,8 @@ fn communicate(jobs: Receiver<Job>, ready: Sender<Ready>, abort: Arc<AtomicI32>)
         outgoing: Vec::new(),
         incoming: HashMap::new(),
         early: Vec::new(),
+        replica_inboxes: HashMap::new(),
+        early_replicas: Vec::new(),
         in_flight: Vec::new(),
         idle: MIN_IDLE,
     };
@@ -221,6 +243,9 @@ struct Comm {
     incoming: HashMap<usize, Sender<Msg>>,
     /// Hand-offs that arrived before this rank's pipeline attached (a faster peer).
     early: Vec<(usize, Msg)>,
+    /// By stage: where other replicas' gradients of it go, and those that came before that.
+    replica_inboxes: HashMap<usize, Sender<ReplicaGrads>>,
+    early_replicas: Vec<(usize, ReplicaGrads)>,
     in_flight: Vec<InFlight>,
     idle: Duration,
 }
@@ -235,6 +260,13 @@ impl Comm {
                     self.deliver(device, msg);
                 }
             }
+            Job::AttachReplicas(inboxes) => {
+                self.replica_inboxes = inboxes.into_iter().collect();
+                for (stage, grads) in std::mem::take(&mut self.early_replicas) {
+                    self.deliver_replica(stage, grads);
+                }
+            }
+            Job::SendReplica(rank, bytes) => self.send(rank, bytes, REPLICA_TAG),
             Job::SumF64(values, reply) => {
                 let sum = self.sum(values);
                 let _ = reply.send(sum);
@@ -303,7 +335,7 @@ impl Comm {
         for (rank, device, key, tensor) in outbound {
             busy = true;
             match encode(device, key, tensor) {
-                Ok(bytes) => self.send(rank, bytes),
+                Ok(bytes) => self.send(rank, bytes, HANDOFF_TAG),
                 Err(e) => self.fail(&format!("cannot send a hand-off to rank {rank}: {e}")),
             }
         }
@@ -328,16 +360,32 @@ impl Comm {
                 Err(e) => self.fail(&format!("a hand-off from rank {} is corrupt: {e}", status.source_rank())),
             }
         }
+        while let Some(probed) = self.world.any_process().immediate_matched_probe_with_tag(REPLICA_TAG) {
+            busy = true;
+            let (bytes, status) = probed.matched_receive_vec::<u8>();
+            match decode_replica(&bytes) {
+                Ok((stage, grads)) => self.deliver_replica(stage, grads),
+                Err(e) => self.fail(&format!("replica gradients from rank {} are corrupt: {e}", status.source_rank())),
+            }
+        }
         busy
     }
 
-    fn send(&mut self, rank: usize, bytes: Vec<u8>) {
+    fn deliver_replica(&mut self, stage: usize, grads: ReplicaGrads) {
+        match self.replica_inboxes.get(&stage) {
+            // A closed channel is a pipeline that has stopped: nothing waits for the sum.
+            Some(inbox) => drop(inbox.send(grads)),
+            None => self.early_replicas.push((stage, grads)),
+        }
+    }
+
+    fn send(&mut self, rank: usize, bytes: Vec<u8>, tag: i32) {
         if let Some(count) = self.sent.get(rank) {
             count.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         }
         let buffer: &'static [u8] = Box::leak(bytes.into_boxed_slice());
         let raw = buffer as *const [u8] as *mut [u8];
-        let request = self.world.process_at_rank(rank as i32).immediate_send_with_tag(StaticScope, buffer, HANDOFF_TAG);
+        let request = self.world.process_at_rank(rank as i32).immediate_send_with_tag(StaticScope, buffer, tag);
         self.in_flight.push(InFlight { request: Some(request), buffer: raw });
     }
 
@@ -435,6 +483,116 @@ fn decode(bytes: &[u8]) -> Result<(usize, Msg), String> {
     Ok((device, msg))
 }
 
+/// One replica's gradients of one stage as one byte message: a safetensors buffer with the
+/// tensors named by position and (stage, replica, count) in its metadata.
+fn encode_replica(stage: usize, replica: usize, grads: &[Tensor]) -> Result<Vec<u8>, String> {
+    let on_cpu: Vec<(String, Tensor)> = grads
+        .iter()
+        .enumerate()
+        .map(|(i, g)| Ok((i.to_string(), g.to_device(&Device::Cpu)?)))
+        .collect::<candle_core::Result<_>>()
+        .map_err(|e| e.to_string())?;
+    let header: HashMap<String, String> = [
+        ("stage".to_string(), stage.to_string()),
+        ("replica".to_string(), replica.to_string()),
+        ("count".to_string(), grads.len().to_string()),
+    ]
+    .into_iter()
+    .collect();
+    safetensors::serialize(on_cpu.iter().map(|(n, t)| (n.as_str(), t)), Some(header)).map_err(|e| e.to_string())
+}
+
+/// (stage, (replica, gradients in order)).
+fn decode_replica(bytes: &[u8]) -> Result<(usize, ReplicaGrads), String> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
+    let header = meta.metadata().as_ref().ok_or("no header")?;
+    let field = |name: &str| -> Result<usize, String> {
+        header.get(name).and_then(|v| v.parse().ok()).ok_or_else(|| format!("no {name} in the header"))
+    };
+    let (stage, replica, count) = (field("stage")?, field("replica")?, field("count")?);
+    let mut tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| e.to_string())?;
+    let grads = (0..count)
+        .map(|i| tensors.remove(&i.to_string()).ok_or_else(|| format!("no gradient {i} of {count}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((stage, (replica, grads)))
+}
+
+/// [`ReplicaReduce`] for replicas on different ranks: each copy of a stage sends its gradients
+/// to every other replica's copy and sums all of them in replica order (the in-process sum,
+/// bit for bit). A stage's round `n + 1` cannot start anywhere before every rank has passed
+/// the end-of-step collective of round `n`, so arrivals are matched to rounds by order alone.
+pub(in crate::pipeline) struct MpiReduce {
+    ranks: Arc<Ranks>,
+    replicas: usize,
+    stages: usize,
+    /// By stage: other replicas' gradients as they arrive, and those not yet summed.
+    arrivals: Vec<Mutex<Arrivals>>,
+    aborted: AtomicBool,
+}
+
+struct Arrivals {
+    inbox: Receiver<ReplicaGrads>,
+    waiting: HashMap<usize, VecDeque<Vec<Tensor>>>,
+}
+
+impl MpiReduce {
+    /// Registers this rank's stages with the communication thread (before any replica trains).
+    pub fn start(ranks: Arc<Ranks>, replicas: usize, stages: usize) -> Result<Arc<dyn ReplicaReduce>, String> {
+        let (senders, arrivals): (Vec<_>, Vec<_>) = (0..stages)
+            .map(|stage| {
+                let (tx, rx) = unbounded();
+                ((stage, tx), Mutex::new(Arrivals { inbox: rx, waiting: HashMap::new() }))
+            })
+            .unzip();
+        ranks.jobs.send(Job::AttachReplicas(senders)).map_err(|_| gone())?;
+        Ok(Arc::new(Self { ranks, replicas, stages, arrivals, aborted: AtomicBool::new(false) }))
+    }
+}
+
+impl ReplicaReduce for MpiReduce {
+    fn all_reduce(&self, stage: usize, replica: usize, grads: Vec<Tensor>) -> Result<Vec<Tensor>, ReduceError> {
+        if replica >= self.replicas || stage >= self.stages {
+            return Err(ReduceError::Failed(format!(
+                "stage {stage} of replica {replica}, with {} stages x {} replicas",
+                self.stages, self.replicas
+            )));
+        }
+        let bytes = encode_replica(stage, replica, &grads).map_err(ReduceError::Failed)?;
+        let slots = self.stages * self.replicas;
+        for other in (0..self.replicas).filter(|&r| r != replica) {
+            let rank = owner_of(other * self.stages + stage, slots, self.ranks.size());
+            self.ranks.jobs.send(Job::SendReplica(rank, bytes.clone())).map_err(|_| ReduceError::Failed(gone()))?;
+        }
+        let mut contributions: Vec<Option<Vec<Tensor>>> = vec![None; self.replicas];
+        contributions[replica] = Some(grads);
+        // A stage thread panicking mid-wait leaves only whole entries behind.
+        let mut arrivals = self.arrivals[stage].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        loop {
+            for (r, slot) in contributions.iter_mut().enumerate().filter(|(_, c)| c.is_none()) {
+                *slot = arrivals.waiting.get_mut(&r).and_then(VecDeque::pop_front);
+            }
+            if contributions.iter().all(Option::is_some) {
+                break;
+            }
+            if self.aborted.load(Ordering::SeqCst) {
+                return Err(ReduceError::Aborted);
+            }
+            match arrivals.inbox.recv_timeout(Duration::from_millis(50)) {
+                Ok((r, g)) => arrivals.waiting.entry(r).or_default().push_back(g),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(ReduceError::Failed(gone())),
+            }
+        }
+        drop(arrivals);
+        sum_in_replica_order(contributions.into_iter().flatten().collect())
+            .map_err(|e| ReduceError::Failed(e.to_string()))
+    }
+
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,5 +613,18 @@ mod tests {
             tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         );
         assert!(decode(&bytes[..bytes.len() / 2]).is_err(), "a truncated message is an error, not a panic");
+    }
+
+    #[test]
+    fn replica_gradients_survive_their_byte_message_in_order() {
+        let grads: Vec<Tensor> =
+            (0..12).map(|i| (Tensor::arange(0f32, 6.0, &Device::Cpu).unwrap() / (i as f64 + 3.0)).unwrap()).collect();
+        let bytes = encode_replica(3, 1, &grads).unwrap();
+        let (stage, (replica, got)) = decode_replica(&bytes).unwrap();
+        assert_eq!((stage, replica, got.len()), (3, 1, 12));
+        for (want, got) in grads.iter().zip(&got) {
+            assert_eq!(want.to_vec1::<f32>().unwrap(), got.to_vec1::<f32>().unwrap());
+        }
+        assert!(decode_replica(&bytes[..bytes.len() / 2]).is_err());
     }
 }
