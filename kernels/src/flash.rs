@@ -13,6 +13,12 @@
 //!   `dV += Pᵀ dO`, `dK += dSᵀ Q` and `dQ += dS K`. `dQ` of a query tile therefore sums its key
 //!   tiles in increasing order, which is what the GPU's separate, atomic-free `dQ` kernel does.
 //!
+//! Grouped-query attention (Llama's) runs the same per-head tiles on separate `q (B, T, H, D)`
+//! and `k`, `v (B, T, KV, D)` ([`grouped_flash_attention`]): query head `h` reads k/v head
+//! `h / (H / KV)` in place, never a `repeat_kv` copy, and each backward task owns one k/v head,
+//! running its group's query heads in order so that dk/dv sum over the group without atomics.
+//! It is CPU-only; the CUDA kernels take the fused `qkv` of equal head counts.
+//!
 //! Memory is `O(T)` per head besides the inputs: two `TILE×TILE` buffers per task instead of
 //! the `(B, H, T, T)` probabilities the materialised path (`attention`) keeps for its
 //! backward. The log-sum-exp is f32 for f32/bf16 inputs (bf16 would cost the probabilities

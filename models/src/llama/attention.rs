@@ -5,7 +5,10 @@
 //! Grouped-query heads are read in place, with no `repeat_kv` copy: the `G` query heads that
 //! share a k/v head are stacked along the row axis, `(B, KV, G·T, D)`, so one batched product
 //! per k/v head scores all of them against the shared keys, and the backward's products sum
-//! the group's key and value gradients in the same gemm.
+//! the group's key and value gradients in the same gemm. Training sequences of
+//! `FLASH_MIN_SEQUENCE` and longer on the CPU take flash attention instead, by GPT's rule
+//! (`brigade_kernels::flash::grouped_flash_attention`): each query head reads its k/v head in
+//! place, only each row's log-sum-exp is kept, and the backward sums dk/dv over the group.
 
 use brigade_engine::Gradients;
 use brigade_kernels::{flash, AttentionAlgorithm};
@@ -131,10 +134,10 @@ impl GroupedQueryAttention {
 
     /// `residual + attention(x)` for `x` `(B, T, C)`, keeping what the backward needs.
     ///
-    /// While candle records a graph (the autograd reference, gradient checks) and off the CPU
-    /// the core keeps the probabilities; untracked f32/f64 sequences of `FLASH_MIN_SEQUENCE`
-    /// and longer on the CPU take flash attention, as GPT's blocks do. The exactness tests and
-    /// gradient checks hold the two together.
+    /// While candle records a graph (the autograd reference, gradient checks), and off the
+    /// CPU, the core keeps the probabilities; untracked f32/f64 sequences of
+    /// `FLASH_MIN_SEQUENCE` and longer on the CPU take flash attention, as GPT's blocks do.
+    /// The exactness tests and gradient checks hold the two together.
     pub(super) fn forward_saving(&mut self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, AttentionSaved)> {
         let (b, t, _) = x.dims3()?;
         let (q, k, v) = self.project_heads(x, 0)?;
@@ -185,7 +188,8 @@ impl GroupedQueryAttention {
         let (b, t, _) = dout.dims3()?;
         let (h, kv, d, g) = (self.n_head, self.n_kv_head, self.head_dim, self.group());
         let dmerged = self.o_proj.backward_input(dout)?; // (B, T, H·D)
-                                                         // dq (B, T, H, D), dk and dv (B, T, KV, D), before RoPE's backward.
+
+        // dq (B, T, H, D), dk and dv (B, T, KV, D), before RoPE's backward.
         let (dq, dk, dv) = match s.algorithm {
             AttentionAlgorithm::Flash => {
                 let heads = |y: &Tensor| y.reshape((b, t, h, d));
@@ -199,12 +203,8 @@ impl GroupedQueryAttention {
                 )?
             }
             AttentionAlgorithm::Materialised => {
-                let dy = dmerged.reshape((b, t, kv, g, d))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((
-                    b,
-                    kv,
-                    g * t,
-                    d,
-                ))?;
+                let dy = dmerged.reshape((b, t, kv, g, d))?.permute((0, 2, 3, 1, 4))?.contiguous()?;
+                let dy = dy.reshape((b, kv, g * t, d))?;
                 // dprobs (B, KV, G·T, T); dv (B, KV, T, D): one product per k/v head sums its
                 // group's value gradients.
                 let dprobs = dy.matmul(&s.v.t()?)?;
