@@ -162,3 +162,105 @@ fn the_saving_api_picks_flash_on_the_cpu_and_the_reference_elsewhere() {
     assert!(max_err(&to_f64_vec(&m), &to_f64_vec(&rm)) < 3e-2);
     assert!(max_err(&to_f64_vec(&d), &rd) < 1e-1);
 }
+
+/// Grouped-query flash attention's `(out, lse, dq, dk, dv)` and the reference's: the MHA
+/// reference over k/v heads repeated to every query head (HF's `repeat_kv`), its dk/dv summed
+/// back over each group.
+fn grouped_both(q: &Tensor, kv: [&Tensor; 2], dy: &Tensor) -> ([Vec<f64>; 5], [Vec<f64>; 5]) {
+    let [kt, vt] = kv;
+    let (b, t, h, d) = q.dims4().unwrap();
+    let n_kv = kt.dim(2).unwrap();
+    let g = h / n_kv;
+    let (out, lse) = k::flash::grouped_flash_attention(q, kt, vt).unwrap();
+    let (dq, dk, dv) = k::flash::grouped_flash_attention_backward(q, kt, vt, &out, &lse, dy).unwrap();
+    let repeat = |x: &Tensor| {
+        x.unsqueeze(3).unwrap().broadcast_as((b, t, n_kv, g, d)).unwrap().contiguous().unwrap().reshape((b, t, h * d))
+    };
+    let flat = |x: &Tensor| x.reshape((b, t, h * d)).unwrap();
+    let qkv = Tensor::cat(&[&flat(q), &repeat(kt).unwrap(), &repeat(vt).unwrap()], 2).unwrap();
+    let (rm, rp) = r::causal_attention(&qkv, h).unwrap();
+    let rd = r::causal_attention_backward(&qkv, &rp, &flat(dy), h).unwrap();
+    let part = |i: usize| rd.narrow(2, i * h * d, h * d).unwrap();
+    let fold = |x: Tensor| x.reshape((b, t, n_kv, g, d)).unwrap().sum(3).unwrap();
+    (
+        [&out, &lse, &dq, &dk, &dv].map(to_f64_vec),
+        [
+            to_f64_vec(&rm),
+            lse_by_hand(&qkv, h),
+            to_f64_vec(&part(0)),
+            to_f64_vec(&fold(part(1))),
+            to_f64_vec(&fold(part(2))),
+        ],
+    )
+}
+
+fn check_grouped(b: usize, t: usize, heads: (usize, usize), d: usize, dtype: DType, tol: f64) {
+    let (h, kv) = heads;
+    let mut g = rng((b * 1000 + t * 10 + h * 3 + kv) as u64);
+    let q = uniform(&mut g, &[b, t, h, d], 2.0, dtype);
+    let kt = uniform(&mut g, &[b, t, kv, d], 2.0, dtype);
+    let vt = uniform(&mut g, &[b, t, kv, d], 2.0, dtype);
+    let dy = uniform(&mut g, &[b, t, h, d], 1.0, dtype);
+    let (flash, reference) = grouped_both(&q, [&kt, &vt], &dy);
+    for (what, (a, e)) in ["out", "lse", "dq", "dk", "dv"].iter().zip(flash.iter().zip(&reference)) {
+        let err = max_err(a, e);
+        assert!(err < tol, "{what} b{b} t{t} h{h} kv{kv} d{d} {dtype:?}: error {err:e} > {tol:e}");
+    }
+}
+
+#[test]
+fn grouped_flash_attention_matches_the_repeated_reference() {
+    // (B, T, (H, KV), D): groups of 1, 2, 3 and 4 (multi-query), T within, at and past the tile.
+    for &(b, t, heads, d) in &[
+        (1, 1, (2, 1), 8),
+        (2, 5, (4, 2), 8),
+        (1, 64, (3, 3), 16),
+        (2, 65, (6, 2), 16),
+        (1, 130, (4, 1), 32),
+        (2, 200, (9, 3), 64),
+    ] {
+        check_grouped(b, t, heads, d, DType::F64, 1e-12);
+        check_grouped(b, t, heads, d, DType::F32, 1e-5);
+    }
+}
+
+#[test]
+fn grouped_flash_attention_is_independent_of_the_thread_count() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    let mut g = rng(13);
+    let q = uniform(&mut g, &[3, 97, 4, 16], 2.0, DType::F32);
+    let kt = uniform(&mut g, &[3, 97, 2, 16], 2.0, DType::F32);
+    let vt = uniform(&mut g, &[3, 97, 2, 16], 2.0, DType::F32);
+    let dy = uniform(&mut g, &[3, 97, 4, 16], 1.0, DType::F32);
+    let serial = grouped_both(&q, [&kt, &vt], &dy).0;
+    let parallel = pool.install(|| grouped_both(&q, [&kt, &vt], &dy).0);
+    assert_eq!(serial, parallel, "the per-head tasks must not depend on the thread count");
+}
+
+#[test]
+fn grouped_flash_attention_takes_long_cpu_sequences_only() {
+    let at = |t: usize, dtype: DType| Tensor::zeros((1, t, 2, 4), dtype, &Device::Cpu).unwrap();
+    assert!(k::flash::grouped_takes_flash(&at(k::FLASH_MIN_SEQUENCE, DType::F32)));
+    assert!(!k::flash::grouped_takes_flash(&at(k::FLASH_MIN_SEQUENCE - 1, DType::F32)));
+    assert!(!k::flash::grouped_takes_flash(&at(k::FLASH_MIN_SEQUENCE, DType::BF16)));
+}
+
+#[test]
+fn bad_grouped_flash_attention_arguments_are_errors() {
+    let z = |s: &[usize]| Tensor::zeros(s, DType::F32, &Device::Cpu).unwrap();
+    let msg = |r: candle_core::Result<(Tensor, Tensor)>| r.err().map(|e| e.to_string()).unwrap_or_default();
+    let q = z(&[2, 4, 4, 8]);
+    assert!(msg(k::flash::grouped_flash_attention(&q, &z(&[2, 4, 3, 8]), &z(&[2, 4, 3, 8]))).contains("multiple"));
+    assert!(msg(k::flash::grouped_flash_attention(&q, &z(&[2, 4, 2, 8]), &z(&[2, 4, 2, 4]))).contains("(B, T, KV, D)"));
+    assert!(msg(k::flash::grouped_flash_attention(&q, &z(&[2, 5, 2, 8]), &z(&[2, 5, 2, 8]))).contains("(B, T, KV, D)"));
+    let bf = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
+    let kv = z(&[2, 4, 2, 8]);
+    assert!(msg(k::flash::grouped_flash_attention(&bf(&q), &bf(&kv), &bf(&kv))).contains("no kernels"));
+    let (out, lse) = k::flash::grouped_flash_attention(&q, &kv, &kv).unwrap();
+    let back = |lse: &Tensor, dy: &Tensor| {
+        k::flash::grouped_flash_attention_backward(&q, &kv, &kv, &out, lse, dy).err().map(|e| e.to_string())
+    };
+    assert!(back(&lse, &z(&[2, 4, 4, 4])).unwrap_or_default().contains("dout"));
+    assert!(back(&lse.to_dtype(DType::F64).unwrap(), &out).unwrap_or_default().contains("lse"));
+    assert!(back(&lse, &out).is_none());
+}

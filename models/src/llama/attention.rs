@@ -5,9 +5,13 @@
 //! Grouped-query heads are read in place, with no `repeat_kv` copy: the `G` query heads that
 //! share a k/v head are stacked along the row axis, `(B, KV, G·T, D)`, so one batched product
 //! per k/v head scores all of them against the shared keys, and the backward's products sum
-//! the group's key and value gradients in the same gemm.
+//! the group's key and value gradients in the same gemm. Training sequences of
+//! `FLASH_MIN_SEQUENCE` and longer on the CPU take flash attention instead, by GPT's rule
+//! (`brigade_kernels::flash::grouped_flash_attention`): each query head reads its k/v head in
+//! place, only each row's log-sum-exp is kept, and the backward sums dk/dv over the group.
 
 use brigade_engine::Gradients;
+use brigade_kernels::{flash, AttentionAlgorithm};
 use candle_core::{bail, Result, Tensor};
 
 use crate::blocks::{FusedLinear, Rope};
@@ -32,12 +36,16 @@ pub(super) struct GroupedQueryAttention {
 pub(super) struct AttentionSaved {
     /// The attention's input (the q/k/v projections' input).
     pub(super) x: Tensor,
-    /// Rotated queries `(B, KV, G·T, D)`, rotated keys and values `(B, KV, T, D)`.
+    /// Which attention core ran, and so the layouts below.
+    pub(super) algorithm: AttentionAlgorithm,
+    /// Rotated queries, rotated keys and values: `(B, KV, G·T, D)` and `(B, KV, T, D)`
+    /// (materialised), or `(B, T, H, D)` and `(B, T, KV, D)` (flash).
     pub(super) q: Tensor,
     pub(super) k: Tensor,
     pub(super) v: Tensor,
-    /// Attention probabilities `(B, KV, G·T, T)`.
-    pub(super) probs: Tensor,
+    /// What the softmax's backward starts from: the probabilities `(B, KV, G·T, T)`
+    /// (materialised) or each query row's log-sum-exp `(B, H, T)` (flash: no T×T matrix).
+    pub(super) softmax: Tensor,
     /// The merged heads `(B, T, H·D)`, the output projection's input.
     pub(super) merged: Tensor,
 }
@@ -57,18 +65,34 @@ impl GroupedQueryAttention {
         self.n_head / self.n_kv_head
     }
 
+    /// Projects `x` `(B, T, C)` at positions `offset..` to rotated queries `(B, T, H, D)`,
+    /// rotated keys `(B, T, KV, D)` and values `(B, T, KV, D)` (a view of the projection).
+    fn project_heads(&self, x: &Tensor, offset: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kv, d) = (self.n_head, self.n_kv_head, self.head_dim);
+        let qkv = self.qkv.forward(x)?; // (B, T, (H + 2KV)·D)
+        let q = self.rope.forward(&qkv.narrow(2, 0, h * d)?.reshape((b, t, h, d))?, offset)?;
+        let k = self.rope.forward(&qkv.narrow(2, h * d, kv * d)?.reshape((b, t, kv, d))?, offset)?;
+        let v = qkv.narrow(2, (h + kv) * d, kv * d)?.reshape((b, t, kv, d))?;
+        Ok((q, k, v))
+    }
+
     /// Projects `x` `(B, T, C)` at positions `offset..` to rotated queries `(B, KV, G·T, D)`
     /// and rotated keys and values `(B, KV, T, D)`.
     fn project(&self, x: &Tensor, offset: usize) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, t, _) = x.dims3()?;
-        let (h, kv, d, g) = (self.n_head, self.n_kv_head, self.head_dim, self.group());
-        let qkv = self.qkv.forward(x)?; // (B, T, (H + 2KV)·D)
-        let q = self.rope.forward(&qkv.narrow(2, 0, h * d)?.reshape((b, t, h, d))?, offset)?;
+        let (q, k, v) = self.project_heads(x, offset)?;
+        self.stack_groups(&q, &k, &v)
+    }
+
+    /// [`Self::project_heads`]'s layouts to the materialised core's: queries `(B, KV, G·T, D)`,
+    /// keys and values `(B, KV, T, D)`.
+    fn stack_groups(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _, _) = q.dims4()?;
+        let (kv, d, g) = (self.n_kv_head, self.head_dim, self.group());
         // Head `i·G + j` is the j-th query head of k/v head i (HF's `repeat_kv` order).
         let q = q.reshape((b, t, kv, g, d))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((b, kv, g * t, d))?;
-        let k = self.rope.forward(&qkv.narrow(2, h * d, kv * d)?.reshape((b, t, kv, d))?, offset)?;
         let k = k.transpose(1, 2)?.contiguous()?;
-        let v = qkv.narrow(2, (h + kv) * d, kv * d)?.reshape((b, t, kv, d))?.transpose(1, 2)?.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
         Ok((q, k, v))
     }
 
@@ -109,13 +133,28 @@ impl GroupedQueryAttention {
     }
 
     /// `residual + attention(x)` for `x` `(B, T, C)`, keeping what the backward needs.
+    ///
+    /// While candle records a graph (the autograd reference, gradient checks), and off the
+    /// CPU, the core keeps the probabilities; untracked f32/f64 sequences of
+    /// `FLASH_MIN_SEQUENCE` and longer on the CPU take flash attention, as GPT's blocks do.
+    /// The exactness tests and gradient checks hold the two together.
     pub(super) fn forward_saving(&mut self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, AttentionSaved)> {
         let (b, t, _) = x.dims3()?;
-        let (q, k, v) = self.project(x, 0)?;
-        let (y, probs) = self.attend(&q, &k, &v, t, 0)?;
-        let merged = self.merge(&y, b, t)?;
+        let (q, k, v) = self.project_heads(x, 0)?;
+        let (q, k, v, softmax, merged, algorithm) = if !q.track_op() && flash::grouped_takes_flash(&q) {
+            // The saved values are dense, so the backward need not gather them again.
+            let v = v.contiguous()?;
+            let (y, lse) = flash::grouped_flash_attention(&q, &k, &v)?; // (B, T, H, D), (B, H, T)
+            let merged = y.reshape((b, t, self.n_head * self.head_dim))?;
+            (q, k, v, lse, merged, AttentionAlgorithm::Flash)
+        } else {
+            let (q, k, v) = self.stack_groups(&q, &k, &v)?;
+            let (y, probs) = self.attend(&q, &k, &v, t, 0)?;
+            let merged = self.merge(&y, b, t)?;
+            (q, k, v, probs, merged, AttentionAlgorithm::Materialised)
+        };
         let out = self.o_proj.forward_residual(&merged, Some(residual))?;
-        Ok((out, AttentionSaved { x: x.clone(), q, k, v, probs, merged }))
+        Ok((out, AttentionSaved { x: x.clone(), algorithm, q, k, v, softmax, merged }))
     }
 
     /// Attention of the new positions `offset..offset + T` over every position so far: their
@@ -149,20 +188,38 @@ impl GroupedQueryAttention {
         let (b, t, _) = dout.dims3()?;
         let (h, kv, d, g) = (self.n_head, self.n_kv_head, self.head_dim, self.group());
         let dmerged = self.o_proj.backward_input(dout)?; // (B, T, H·D)
-        let dy =
-            dmerged.reshape((b, t, kv, g, d))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((b, kv, g * t, d))?;
-        // dprobs (B, KV, G·T, T); dv (B, KV, T, D): one product per k/v head sums its group's
-        // value gradients.
-        let dprobs = dy.matmul(&s.v.t()?)?;
-        let dv = s.probs.t()?.matmul(&dy)?;
-        // Training's probabilities are the whole sequence's (offset 0): causal row by row.
-        let dscores = brigade_kernels::causal_softmax_backward(&s.probs, &dprobs, self.scale())?;
-        let dq = dscores.matmul(&s.k)?; // (B, KV, G·T, D)
-        let dk = dscores.t()?.matmul(&s.q)?; // (B, KV, T, D)
-        let dq = dq.reshape((b, kv, g, t, d))?.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((b, t, h, d))?;
+
+        // dq (B, T, H, D), dk and dv (B, T, KV, D), before RoPE's backward.
+        let (dq, dk, dv) = match s.algorithm {
+            AttentionAlgorithm::Flash => {
+                let heads = |y: &Tensor| y.reshape((b, t, h, d));
+                flash::grouped_flash_attention_backward(
+                    &s.q,
+                    &s.k,
+                    &s.v,
+                    &heads(&s.merged)?,
+                    &s.softmax,
+                    &heads(&dmerged)?,
+                )?
+            }
+            AttentionAlgorithm::Materialised => {
+                let dy = dmerged.reshape((b, t, kv, g, d))?.permute((0, 2, 3, 1, 4))?.contiguous()?;
+                let dy = dy.reshape((b, kv, g * t, d))?;
+                // dprobs (B, KV, G·T, T); dv (B, KV, T, D): one product per k/v head sums its
+                // group's value gradients.
+                let dprobs = dy.matmul(&s.v.t()?)?;
+                let dv = s.softmax.t()?.matmul(&dy)?;
+                // Training's probabilities are the whole sequence's (offset 0): causal row by row.
+                let dscores = brigade_kernels::causal_softmax_backward(&s.softmax, &dprobs, self.scale())?;
+                let dq = dscores.matmul(&s.k)?; // (B, KV, G·T, D)
+                let dk = dscores.t()?.matmul(&s.q)?; // (B, KV, T, D)
+                let dq = dq.reshape((b, kv, g, t, d))?.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((b, t, h, d))?;
+                (dq, dk.transpose(1, 2)?.contiguous()?, dv.transpose(1, 2)?.contiguous()?)
+            }
+        };
         let dq = self.rope.backward(&dq, 0)?.reshape((b, t, h * d))?;
-        let dk = self.rope.backward(&dk.transpose(1, 2)?.contiguous()?, 0)?.reshape((b, t, kv * d))?;
-        let dv = dv.transpose(1, 2)?.contiguous()?.reshape((b, t, kv * d))?;
+        let dk = self.rope.backward(&dk, 0)?.reshape((b, t, kv * d))?;
+        let dv = dv.reshape((b, t, kv * d))?;
         let dqkv = Tensor::cat(&[&dq, &dk, &dv], 2)?; // (B, T, (H + 2KV)·D)
         Ok((self.qkv.backward_input(&dqkv)?, dqkv))
     }
@@ -179,5 +236,45 @@ impl GroupedQueryAttention {
     ) -> Result<()> {
         self.qkv.backward_weight(x, dqkv, grads)?;
         self.o_proj.backward_weight(merged, dout, grads)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use brigade_engine::gradcheck::check_layer;
+    use brigade_engine::{ParamStore, Pass, PipelineModel};
+    use candle_core::{Device, Tensor};
+
+    use crate::llama::{Llama, LlamaConfig};
+
+    /// At sequences of `FLASH_MIN_SEQUENCE` and longer a block's grouped-query attention (here
+    /// 4 query heads over 2 k/v heads) runs as flash attention on the CPU, keeping only the
+    /// log-sum-exp; its explicit backward still matches autograd through the materialised
+    /// composition, dk/dv summed over each group.
+    #[test]
+    fn long_sequences_take_grouped_flash_attention_and_match_autograd() {
+        let t = brigade_kernels::FLASH_MIN_SEQUENCE + 3;
+        let cfg = LlamaConfig::preset("llama-tiny")
+            .unwrap()
+            .with_vocab_size(16)
+            .with_max_position_embeddings(t)
+            .with_num_attention_heads(4)
+            .with_hidden_size(16)
+            .with_intermediate_size(12)
+            .with_num_hidden_layers(1)
+            .with_num_key_value_heads(2);
+        let model = Llama::new(cfg).unwrap();
+        let block = model.layers()[1].clone();
+        let hidden = (Tensor::randn(0f32, 1.0, (2, t, 16), &Device::Cpu).unwrap() * 2.0).unwrap();
+        let report = check_layer(block.as_ref(), &hidden, 5).unwrap();
+        assert!(report.max() <= 1e-5, "{report:?}");
+        // It took the flash path: it kept (B, H, T) log-sum-exps, not (B, KV, G·T, T)
+        // probabilities. Built as a stage builds it: over detached views of the variables.
+        let mut store = ParamStore::new(Device::Cpu, 5);
+        block.build(&mut store).unwrap();
+        let mut layer = block.build(&mut store.shared_view()).unwrap();
+        let (_, saved) = layer.forward_train(&hidden, Pass::First).unwrap();
+        let biggest = saved.tensors().iter().map(|s| s.elem_count()).max().unwrap();
+        assert!(biggest < 2 * t * t, "a T x T tensor was kept: {biggest} elements");
     }
 }

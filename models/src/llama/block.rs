@@ -161,7 +161,7 @@ impl Layer for DecoderBlock {
     fn forward_train(&mut self, x: &Tensor, _pass: Pass) -> Result<(Tensor, Saved)> {
         let (y, s) = self.forward_saving(x)?;
         let a = &s.attn;
-        let keep = [&s.x, &a.x, &a.q, &a.k, &a.v, &a.probs, &a.merged, &s.x2, &s.norm2_out, &s.gate_up, &s.act];
+        let keep = [&s.x, &a.x, &a.q, &a.k, &a.v, &a.softmax, &a.merged, &s.x2, &s.norm2_out, &s.gate_up, &s.act];
         let keep = keep.into_iter().cloned().collect();
         Ok((y, Saved::with_handles(s, keep)))
     }
