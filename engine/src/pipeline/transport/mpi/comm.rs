@@ -1,0 +1,293 @@
+//! The communication thread: the only code in the process that calls MPI. It initialises MPI,
+//! sends what the proxy inboxes hold, probes for and delivers what other ranks sent, runs the
+//! collectives the rest of the process asks for (non-blocking, testing them while hand-offs keep
+//! flowing), ends the job when asked to abort, and finalises MPI once every send has completed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
+use mpi::collective::SystemOperation;
+use mpi::datatype::Equivalence;
+use mpi::point_to_point::MatchedReceiveVec;
+use mpi::request::{Request, StaticScope};
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
+
+use super::wire::{decode, decode_replica, encode};
+use super::{Job, ReplicaGrads, NO_ABORT};
+use crate::pipeline::protocol::Msg;
+use crate::pipeline::transport::Mailbox;
+
+/// The MPI tag of hand-off messages (collectives do not match point-to-point tags).
+const HANDOFF_TAG: i32 = 20;
+/// The MPI tag of one replica's gradients of one stage, sent to the other replicas' copies.
+const REPLICA_TAG: i32 = 21;
+const MIN_IDLE: Duration = Duration::from_micros(10);
+const MAX_IDLE: Duration = Duration::from_micros(200);
+
+pub(super) type Ready = Result<(usize, usize, Arc<Vec<AtomicU64>>), String>;
+
+/// The communication thread: MPI's whole life, from initialisation to finalisation.
+pub(super) fn communicate(jobs: Receiver<Job>, ready: Sender<Ready>, abort: Arc<AtomicI32>) {
+    // Only this thread ever calls MPI.
+    let Some((universe, _)) = mpi::initialize_with_threading(mpi::Threading::Funneled) else {
+        let _ = ready.send(Err("MPI was already initialised in this process".into()));
+        return;
+    };
+    let world = universe.world();
+    let (rank, size) = (world.rank() as usize, world.size() as usize);
+    let sent = Arc::new((0..size).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
+    if ready.send(Ok((rank, size, sent.clone()))).is_err() {
+        return;
+    }
+    let mut comm = Comm {
+        world,
+        rank,
+        abort,
+        sent,
+        outgoing: Vec::new(),
+        incoming: HashMap::new(),
+        early: Vec::new(),
+        replica_inboxes: HashMap::new(),
+        early_replicas: Vec::new(),
+        in_flight: Vec::new(),
+        idle: MIN_IDLE,
+    };
+    loop {
+        let busy = comm.pump();
+        match jobs.try_recv() {
+            Ok(Job::Shutdown) | Err(TryRecvError::Disconnected) => break,
+            Ok(job) => comm.run(job),
+            Err(TryRecvError::Empty) if busy => comm.idle = MIN_IDLE,
+            Err(TryRecvError::Empty) => comm.wait(&jobs),
+        }
+    }
+    // Every hand-off sent must be delivered before MPI_Finalize.
+    while !comm.in_flight.is_empty() {
+        if !comm.pump() {
+            std::thread::sleep(MIN_IDLE);
+        }
+    }
+    drop(comm);
+    drop(universe);
+}
+
+/// A non-blocking send and the buffer it reads, freed once the request completes.
+struct InFlight {
+    request: Option<Request<'static, [u8], StaticScope>>,
+    buffer: *mut [u8],
+}
+
+struct Comm {
+    world: SimpleCommunicator,
+    rank: usize,
+    abort: Arc<AtomicI32>,
+    sent: Arc<Vec<AtomicU64>>,
+    outgoing: Vec<(usize, usize, Receiver<Msg>)>,
+    incoming: HashMap<usize, Sender<Msg>>,
+    /// Hand-offs that arrived before this rank's pipeline attached (a faster peer).
+    early: Vec<(usize, Msg)>,
+    /// By stage: where other replicas' gradients of it go, and those that came before that.
+    replica_inboxes: HashMap<usize, Sender<ReplicaGrads>>,
+    early_replicas: Vec<(usize, ReplicaGrads)>,
+    in_flight: Vec<InFlight>,
+    idle: Duration,
+}
+
+impl Comm {
+    fn run(&mut self, job: Job) {
+        match job {
+            Job::Attach(attachment) => {
+                self.outgoing = attachment.outgoing;
+                self.incoming = attachment.incoming.into_iter().collect();
+                for (device, msg) in std::mem::take(&mut self.early) {
+                    self.deliver(device, msg);
+                }
+            }
+            Job::AttachReplicas(inboxes) => {
+                self.replica_inboxes = inboxes.into_iter().collect();
+                for (stage, grads) in std::mem::take(&mut self.early_replicas) {
+                    self.deliver_replica(stage, grads);
+                }
+            }
+            Job::SendReplica(rank, bytes) => self.send(rank, bytes, REPLICA_TAG),
+            Job::SumF64(values, reply) => {
+                let sum = self.sum(values);
+                let _ = reply.send(sum);
+            }
+            Job::SumF32(values, reply) => {
+                let sum = self.sum(values);
+                let _ = reply.send(sum);
+            }
+            Job::Gather(bytes, reply) => {
+                let gathered = self.gather(bytes);
+                let _ = reply.send(gathered);
+            }
+            Job::Barrier(reply) => {
+                let mut request = self.world.immediate_barrier();
+                loop {
+                    match request.test() {
+                        Ok(_) => break,
+                        Err(pending) => request = pending,
+                    }
+                    self.progress();
+                }
+                let _ = reply.send(());
+            }
+            Job::Shutdown => {}
+        }
+    }
+
+    /// Waits for a send into a proxy inbox or a job, at most the current back-off.
+    fn wait(&mut self, jobs: &Receiver<Job>) {
+        let mut select = Select::new();
+        select.recv(jobs);
+        for (_, _, rx) in &self.outgoing {
+            select.recv(rx);
+        }
+        let _ = select.ready_timeout(self.idle);
+        self.idle = (self.idle * 2).min(MAX_IDLE);
+    }
+
+    /// One turn of a wait inside a collective: keep hand-offs flowing, back off when idle.
+    fn progress(&mut self) {
+        if self.pump() {
+            self.idle = MIN_IDLE;
+        } else {
+            std::thread::sleep(self.idle);
+            self.idle = (self.idle * 2).min(MAX_IDLE);
+        }
+    }
+
+    /// Sends what the proxy inboxes hold, retires finished sends, delivers what has arrived.
+    /// Whether anything happened.
+    fn pump(&mut self) -> bool {
+        let code = self.abort.load(Ordering::SeqCst);
+        if code != NO_ABORT {
+            self.world.abort(code);
+        }
+        let mut busy = false;
+        let mut outbound = Vec::new();
+        for (device, rank, rx) in &self.outgoing {
+            while let Ok(msg) = rx.try_recv() {
+                // Control messages to a proxy (abort, shutdown) concern the stage's own rank.
+                if let Ok((key, tensor)) = Mailbox::handoff_of(msg) {
+                    outbound.push((*rank, *device, key, tensor));
+                }
+            }
+        }
+        for (rank, device, key, tensor) in outbound {
+            busy = true;
+            match encode(device, key, tensor) {
+                Ok(bytes) => self.send(rank, bytes, HANDOFF_TAG),
+                Err(e) => self.fail(&format!("cannot send a hand-off to rank {rank}: {e}")),
+            }
+        }
+        let before = self.in_flight.len();
+        self.in_flight.retain_mut(|flight| match flight.request.take().map(Request::test) {
+            Some(Ok(_)) | None => {
+                // SAFETY: the request that read the buffer has completed; it came from Box::leak.
+                unsafe { drop(Box::from_raw(flight.buffer)) };
+                false
+            }
+            Some(Err(pending)) => {
+                flight.request = Some(pending);
+                true
+            }
+        });
+        busy |= self.in_flight.len() != before;
+        while let Some(probed) = self.world.any_process().immediate_matched_probe_with_tag(HANDOFF_TAG) {
+            busy = true;
+            let (bytes, status) = probed.matched_receive_vec::<u8>();
+            match decode(&bytes) {
+                Ok((device, msg)) => self.deliver(device, msg),
+                Err(e) => self.fail(&format!("a hand-off from rank {} is corrupt: {e}", status.source_rank())),
+            }
+        }
+        while let Some(probed) = self.world.any_process().immediate_matched_probe_with_tag(REPLICA_TAG) {
+            busy = true;
+            let (bytes, status) = probed.matched_receive_vec::<u8>();
+            match decode_replica(&bytes) {
+                Ok((stage, grads)) => self.deliver_replica(stage, grads),
+                Err(e) => self.fail(&format!("replica gradients from rank {} are corrupt: {e}", status.source_rank())),
+            }
+        }
+        busy
+    }
+
+    fn deliver_replica(&mut self, stage: usize, grads: ReplicaGrads) {
+        match self.replica_inboxes.get(&stage) {
+            // A closed channel is a pipeline that has stopped: nothing waits for the sum.
+            Some(inbox) => drop(inbox.send(grads)),
+            None => self.early_replicas.push((stage, grads)),
+        }
+    }
+
+    fn send(&mut self, rank: usize, bytes: Vec<u8>, tag: i32) {
+        if let Some(count) = self.sent.get(rank) {
+            count.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
+        let buffer: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        let raw = buffer as *const [u8] as *mut [u8];
+        let request = self.world.process_at_rank(rank as i32).immediate_send_with_tag(StaticScope, buffer, tag);
+        self.in_flight.push(InFlight { request: Some(request), buffer: raw });
+    }
+
+    fn deliver(&mut self, device: usize, msg: Msg) {
+        match self.incoming.get(&device) {
+            // A closed inbox is a stage that has stopped: nothing waits for its data.
+            Some(inbox) => drop(inbox.send(msg)),
+            None => self.early.push((device, msg)),
+        }
+    }
+
+    /// A broken hand-off cannot be recovered: end the job, saying why.
+    fn fail(&self, why: &str) -> ! {
+        eprintln!("error: rank {}: {why}", self.rank);
+        self.world.abort(1)
+    }
+
+    fn sum<T: Equivalence + Default + Clone>(&mut self, values: Vec<T>) -> Vec<T> {
+        let mut sums = vec![T::default(); values.len()];
+        mpi::request::scope(|scope| {
+            let mut request =
+                self.world.immediate_all_reduce_into(scope, &values[..], &mut sums[..], SystemOperation::sum());
+            loop {
+                match request.test() {
+                    Ok(_) => break,
+                    Err(pending) => request = pending,
+                }
+                self.progress();
+            }
+        });
+        sums
+    }
+
+    fn gather(&mut self, bytes: Vec<u8>) -> Vec<Vec<u8>> {
+        let size = self.world.size() as usize;
+        let lengths = self.all_gather(vec![bytes.len() as u64], size);
+        let longest = lengths.iter().copied().max().unwrap_or(0) as usize;
+        let mut padded = bytes;
+        padded.resize(longest, 0);
+        let all = self.all_gather(padded, size);
+        lengths.iter().enumerate().map(|(r, &len)| all[r * longest..r * longest + len as usize].to_vec()).collect()
+    }
+
+    fn all_gather<T: Equivalence + Default + Clone>(&mut self, values: Vec<T>, size: usize) -> Vec<T> {
+        let mut all = vec![T::default(); values.len() * size];
+        mpi::request::scope(|scope| {
+            let mut request = self.world.immediate_all_gather_into(scope, &values[..], &mut all[..]);
+            loop {
+                match request.test() {
+                    Ok(_) => break,
+                    Err(pending) => request = pending,
+                }
+                self.progress();
+            }
+        });
+        all
+    }
+}
