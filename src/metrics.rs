@@ -46,6 +46,16 @@ pub struct RunInfo {
     pub start_step: u64,
 }
 
+/// What one link between ranks carried per training step, on average over the run: pipeline
+/// hand-offs (activations and gradients) and data parallelism's replica gradients.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkBytes {
+    pub from: usize,
+    pub to: usize,
+    pub handoff_per_step: f64,
+    pub replica_per_step: f64,
+}
+
 /// An open metrics log.
 #[derive(Debug)]
 pub struct MetricsLog {
@@ -117,6 +127,24 @@ impl MetricsLog {
             }),
         };
         self.write(&record)
+    }
+
+    /// Appends the run's bytes per training step on each link between ranks (multi-process
+    /// runs): `{"event":"links","steps":N,"links":[{"from":0,"to":1,"handoff_bytes_per_step":...,
+    /// "replica_bytes_per_step":...}]}`.
+    pub fn record_links(&mut self, steps: u64, links: &[LinkBytes]) -> Result<(), Error> {
+        let links: Vec<serde_json::Value> = links
+            .iter()
+            .map(|l| {
+                json!({
+                    "from": l.from,
+                    "to": l.to,
+                    "handoff_bytes_per_step": l.handoff_per_step,
+                    "replica_bytes_per_step": l.replica_per_step,
+                })
+            })
+            .collect();
+        self.write(&json!({ "event": "links", "steps": steps, "links": links }))
     }
 
     fn write(&mut self, record: &serde_json::Value) -> Result<(), Error> {

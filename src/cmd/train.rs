@@ -52,6 +52,12 @@ pub struct TrainArgs {
     /// D x micro-batches. Results equal one pipeline's on the same global batch.
     #[arg(long, default_value_t = 1)]
     data_parallel: usize,
+    /// Under mpirun/srun: a rank waiting on a peer that has sent it nothing for this many
+    /// seconds (stopped, deadlocked or cut off) ends the job with an error naming it. Must
+    /// exceed the longest silence of a healthy peer: a training step, an evaluation, a
+    /// checkpoint save or a model load (README, "Multi-process (MPI)").
+    #[arg(long, default_value_t = 300.0, value_name = "SECS")]
+    rank_timeout: f64,
     /// Global batch size (examples, or sequences for GPT) [default: 16; with --resume, the
     /// checkpoint's].
     #[arg(long)]
@@ -551,7 +557,14 @@ fn refuse_multi_process_launch(env: impl Fn(&str) -> Option<String>) -> Result<(
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    if !(args.rank_timeout.is_finite() && args.rank_timeout > 0.0) {
+        bail!("--rank-timeout {} must be a positive number of seconds", args.rank_timeout);
+    }
     let world = launch_world()?;
+    #[cfg(feature = "mpi")]
+    if let World::Ranks(ranks) = &world {
+        ranks.set_rank_timeout(std::time::Duration::from_secs_f64(args.rank_timeout));
+    }
     let result = train(args, world.clone());
     #[cfg(feature = "mpi")]
     if let (Err(e), World::Ranks(ranks)) = (&result, &world) {
@@ -760,8 +773,10 @@ fn train(mut args: TrainArgs, world: World) -> Result<()> {
         }
     }
     let mut log = if world.is_lead() { open_log(&args, &mut trainer, first_step)? } else { None };
-    let summary = train_with_progress(&mut trainer, args.plain, steps, log.as_mut())?;
+    let mut traffic = LinkTraffic::new(&world);
+    let summary = train_with_progress(&mut trainer, args.plain, steps, log.as_mut(), &mut traffic)?;
     print_summary(&summary);
+    traffic.report(&world, log.as_mut())?;
     if let Some(log) = &log {
         println!("metrics  {} (plot with: brigade plot {})", log.path().display(), log.path().display());
     }
@@ -776,6 +791,7 @@ fn train_with_progress(
     plain: bool,
     steps: u64,
     mut log: Option<&mut MetricsLog>,
+    traffic: &mut LinkTraffic,
 ) -> Result<Summary> {
     let images = matches!(trainer.model().input(), brigade::engine::InputKind::Images { .. });
     let interactive = !plain && std::io::IsTerminal::is_terminal(&std::io::stdout());
@@ -803,6 +819,7 @@ fn train_with_progress(
                 log_failed = true;
             }
         }
+        traffic.after(event);
         match event {
             Event::Step { stats, items_per_sec, .. } => {
                 bar.set_position(stats.step + 1);
@@ -832,6 +849,97 @@ fn train_with_progress(
     })?;
     bar.finish_and_clear();
     Ok(summary)
+}
+
+/// Bytes this rank sends to each rank during training steps: what was sent between two events
+/// is charged to the later one, so an evaluation's hand-offs are set aside. Inert in one process.
+struct LinkTraffic {
+    world: World,
+    /// Training steps seen.
+    steps: u64,
+    /// By destination rank: (hand-off bytes, replica-gradient bytes) sent during steps.
+    during_steps: Vec<(u64, u64)>,
+    /// The counters at the last event.
+    last: Vec<(u64, u64)>,
+}
+
+impl LinkTraffic {
+    fn new(world: &World) -> Self {
+        let last = Self::counters(world);
+        Self { world: world.clone(), steps: 0, during_steps: vec![(0, 0); last.len()], last }
+    }
+
+    /// This process's bytes sent so far, by destination rank (none in one process).
+    fn counters(world: &World) -> Vec<(u64, u64)> {
+        match world {
+            #[cfg(feature = "mpi")]
+            World::Ranks(ranks) => ranks.handoff_bytes_sent().into_iter().zip(ranks.replica_bytes_sent()).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Called after each event. A step's hand-offs are all counted by its end: the MPI thread
+    /// counts a message as it sends it, and the step's closing collective completes only after
+    /// every peer has received what this rank sent it.
+    fn after(&mut self, event: &Event) {
+        if self.last.is_empty() {
+            return;
+        }
+        let now = Self::counters(&self.world);
+        if matches!(event, Event::Step { .. }) {
+            self.steps += 1;
+            for ((sum, was), is) in self.during_steps.iter_mut().zip(&self.last).zip(&now) {
+                sum.0 += is.0 - was.0;
+                sum.1 += is.1 - was.1;
+            }
+        }
+        self.last = now;
+    }
+
+    /// Every rank's traffic, gathered; rank 0 prints each link's bytes per step and logs them.
+    fn report(&self, world: &World, log: Option<&mut MetricsLog>) -> Result<()> {
+        let links = match world {
+            #[cfg(feature = "mpi")]
+            World::Ranks(ranks) => {
+                let mine: Vec<u8> =
+                    self.during_steps.iter().flat_map(|(h, r)| [*h, *r]).flat_map(u64::to_le_bytes).collect();
+                let all = ranks.all_gather(mine).map_err(anyhow::Error::msg)?;
+                let steps = self.steps.max(1) as f64;
+                let mut links = Vec::new();
+                for (from, bytes) in all.iter().enumerate() {
+                    let counts: Vec<u64> =
+                        bytes.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default())).collect();
+                    for (to, pair) in counts.chunks_exact(2).enumerate().filter(|(_, p)| p[0] + p[1] > 0) {
+                        links.push(brigade::metrics::LinkBytes {
+                            from,
+                            to,
+                            handoff_per_step: pair[0] as f64 / steps,
+                            replica_per_step: pair[1] as f64 / steps,
+                        });
+                    }
+                }
+                links
+            }
+            _ => return Ok(()),
+        };
+        if !world.is_lead() {
+            return Ok(());
+        }
+        for link in &links {
+            println!(
+                "link     rank {} -> rank {}: {:.0} bytes per step (hand-offs {:.0}, replica gradients {:.0})",
+                link.from,
+                link.to,
+                link.handoff_per_step + link.replica_per_step,
+                link.handoff_per_step,
+                link.replica_per_step
+            );
+        }
+        if let Some(log) = log {
+            log.record_links(self.steps, &links)?;
+        }
+        Ok(())
+    }
 }
 
 /// The run's metrics log: `--log`, else `<save-dir>/metrics.jsonl`, else none. A resumed run

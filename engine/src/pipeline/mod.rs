@@ -54,7 +54,7 @@ mod transport;
 pub use config::{PipelineConfig, ScheduleChoice};
 pub use driver::{ActionTiming, EvalStats, Pipeline, StepStats};
 #[cfg(feature = "mpi")]
-pub use transport::Ranks;
+pub use transport::{Ranks, DEFAULT_RANK_TIMEOUT};
 pub use transport::World;
 
 pub use threads::{available_cores, candle_elementwise_threads, max_threads, ThreadPools, MAX_THREADS_PER_CORE};

@@ -330,6 +330,7 @@ impl Pipeline {
                 device: device_of(slot),
                 compute_dtype: config.compute_dtype,
                 sync_each_action: config.sync_each_action,
+                peer_watch: world.peer_watch(replica, config.stages, slots),
             };
             let handle = std::thread::Builder::new()
                 .name(if replicas > 1 {

@@ -21,7 +21,7 @@ use super::protocol::{Fault, FaultKind};
 use super::protocol::{Msg, Outcome, Report, SnapshotKind, StageResult, StageSetup, StageStop};
 use super::replicas::{ReduceError, ReplicaReduce};
 use super::threads;
-use super::transport::{Crossbeam, Mailbox, Route, Transport};
+use super::transport::{Crossbeam, Mailbox, PeerWatch, Route, Transport, WATCH_EVERY};
 use crate::compute::{LossTarget, StageCompute};
 use crate::layer::{LayerSpec, LossKind, ParamStore};
 use crate::loss::{correct_predictions_on_device, loss_terms, microbatch_loss};
@@ -56,6 +56,8 @@ struct StageWorker {
     tied: Vec<String>,
     /// Hand-offs to and from the other devices, and the end-of-step collective.
     transport: Box<dyn Transport>,
+    /// The stuck-rank watchdog, when peers live in other processes.
+    peer_watch: Option<PeerWatch>,
     reports: Sender<Report>,
     /// A failure armed by a test (`testing::inject_fault`).
     #[cfg(feature = "testing")]
@@ -213,6 +215,7 @@ impl StageWorker {
             loss: setup.loss,
             tied: setup.tied,
             transport: Box::new(Crossbeam::new(setup.inbox, setup.peers, setup.reports.clone())),
+            peer_watch: setup.peer_watch,
             reports: setup.reports,
             #[cfg(feature = "testing")]
             fault: None,
@@ -291,13 +294,27 @@ impl StageWorker {
     }
 
     /// Blocks until `ready` finds what it needs in the buffers; an abort ends the wait.
-    fn wait_for<T>(&mut self, mut ready: impl FnMut(&mut Self) -> Option<T>) -> StageResult<T> {
+    /// `from`: the device and key of the hand-off waited for, which the stuck-rank watchdog
+    /// watches when that device lives in another process.
+    fn wait_for<T>(
+        &mut self,
+        from: Option<(usize, Route)>,
+        mut ready: impl FnMut(&mut Self) -> Option<T>,
+    ) -> StageResult<T> {
         loop {
             if let Some(found) = ready(self) {
                 return Ok(found);
             }
             let started = Instant::now();
-            let msg = self.transport.recv().map_err(|_| StageStop::Aborted)?;
+            let msg = match (&self.peer_watch, from) {
+                (Some(watch), Some((device, key))) => loop {
+                    match self.transport.recv_timeout(WATCH_EVERY).map_err(|_| StageStop::Aborted)? {
+                        Some(msg) => break msg,
+                        None => watch(device, key),
+                    }
+                },
+                _ => self.transport.recv().map_err(|_| StageStop::Aborted)?,
+            };
             self.waiting += started.elapsed();
             match msg {
                 Msg::Abort | Msg::Shutdown => return Err(StageStop::Aborted),
@@ -454,7 +471,9 @@ impl StageWorker {
                 x
             }
         } else {
-            self.wait_for(|w| w.handoffs.take(Route::activation(chunk, mb)))?.receive(self.store.device())?
+            let key = Route::activation(chunk, mb);
+            let from = self.placement.get(chunk - 1).map(|&device| (device, key));
+            self.wait_for(from, |w| w.handoffs.take(key))?.receive(self.store.device())?
         };
         Ok(x)
     }
@@ -499,7 +518,9 @@ impl StageWorker {
         let dy = if self.is_last_chunk(chunk) {
             None
         } else {
-            Some(self.wait_for(|w| w.handoffs.take(Route::gradient(chunk, mb)))?.receive(self.store.device())?)
+            let key = Route::gradient(chunk, mb);
+            let from = self.placement.get(chunk + 1).map(|&device| (device, key));
+            Some(self.wait_for(from, |w| w.handoffs.take(key))?.receive(self.store.device())?)
         };
         let compute = &mut self.chunks[at].compute;
         let dx = on_pool(self.shared_pool.as_deref(), || {
@@ -573,7 +594,7 @@ impl StageWorker {
         // One reduction and one read for the whole stage (a host sync per step on a GPU).
         let sq_norm = on_pool(self.shared_pool.as_deref(), || squared_norm_sum(&untied))?;
         self.transport.contribute(self.slot, tied_grads, sq_norm).map_err(|_| StageStop::Aborted)?;
-        let (reduced, clip_scale) = self.wait_for(|w| w.reduced_in.take())?;
+        let (reduced, clip_scale) = self.wait_for(None, |w| w.reduced_in.take())?;
         for (name, grad) in reduced {
             grads.insert(name, grad.receive(self.store.device())?);
         }

@@ -3,7 +3,9 @@
 //! driver answers with `Msg::Reduced` into the same inbox). This is the engine's behaviour
 //! from before the seam, message for message.
 
-use crossbeam_channel::{Receiver, Sender};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::{Closed, Route, RouteKind, Transport};
 use crate::pipeline::handoff::HandOff;
@@ -40,6 +42,14 @@ impl Transport for Crossbeam {
 
     fn try_recv(&self) -> Option<Msg> {
         self.inbox.try_recv().ok()
+    }
+
+    fn recv_timeout(&self, timeout: Duration) -> Result<Option<Msg>, Closed> {
+        match self.inbox.recv_timeout(timeout) {
+            Ok(msg) => Ok(Some(msg)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(Closed),
+        }
     }
 
     fn contribute(&self, stage: usize, tied_grads: Vec<(String, HandOff)>, sq_norm: f64) -> Result<(), Closed> {

@@ -29,14 +29,14 @@ mod crossbeam;
 mod mpi;
 
 use std::collections::HashMap;
-#[cfg(feature = "mpi")]
 use std::sync::Arc;
+use std::time::Duration;
 
 pub(super) use self::crossbeam::Crossbeam;
 #[cfg(feature = "mpi")]
-pub use self::mpi::Ranks;
-#[cfg(feature = "mpi")]
 pub(super) use self::mpi::{Attachment, MpiReduce};
+#[cfg(feature = "mpi")]
+pub use self::mpi::{Ranks, DEFAULT_RANK_TIMEOUT};
 use super::handoff::HandOff;
 use super::protocol::Msg;
 
@@ -59,6 +59,15 @@ pub(super) struct Route {
 }
 
 impl Route {
+    /// What a stage waiting for this hand-off waits for, in words.
+    pub fn describe(&self) -> String {
+        let what = match self.kind {
+            RouteKind::Activation => "activation",
+            RouteKind::Gradient => "gradient",
+        };
+        format!("the {what} of micro-batch {} for chunk {}", self.microbatch, self.chunk)
+    }
+
     pub fn activation(chunk: usize, microbatch: usize) -> Self {
         Self { kind: RouteKind::Activation, chunk, microbatch }
     }
@@ -67,6 +76,15 @@ impl Route {
         Self { kind: RouteKind::Gradient, chunk, microbatch }
     }
 }
+
+/// The stuck-rank watchdog's hook into a stage's waits: called now and then while a stage
+/// waits for hand-off `Route` from device `usize` of its replica; across processes it ends the
+/// job if that device's rank has been silent past the rank timeout. Absent in one process,
+/// where a peer cannot stop without the driver seeing it.
+pub(super) type PeerWatch = Arc<dyn Fn(usize, Route) + Send + Sync>;
+
+/// How often a watched wait looks at the watchdog.
+pub(super) const WATCH_EVERY: Duration = Duration::from_millis(250);
 
 /// The other end is gone (the pipeline is stopping): the stage ends as aborted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +99,8 @@ pub(super) trait Transport: Send {
     fn recv(&self) -> Result<Msg, Closed>;
     /// The next message if one has already arrived.
     fn try_recv(&self) -> Option<Msg>;
+    /// Like [`Transport::recv`], for at most `timeout` (`Ok(None)`: nothing came).
+    fn recv_timeout(&self, timeout: Duration) -> Result<Option<Msg>, Closed>;
     /// This stage's share of the end-of-step collective (its squared gradient norm and the
     /// gradients of parameters it shares with other stages); the answer arrives through
     /// [`Transport::recv`] as `Msg::Reduced`.
@@ -152,6 +172,25 @@ impl World {
              {stages} (one per stage: mpirun -n {})",
             replicas * stages
         ))
+    }
+
+    /// The watchdog hook for the stages of data-parallel replica `replica` (`stages` stages,
+    /// `slots` in all), or `None` in one process.
+    pub(super) fn peer_watch(&self, replica: usize, stages: usize, slots: usize) -> Option<PeerWatch> {
+        match self {
+            #[cfg(feature = "mpi")]
+            World::Ranks(ranks) if self.is_distributed() => {
+                let ranks = ranks.clone();
+                Some(Arc::new(move |device: usize, key: Route| {
+                    let rank = owner_of(replica * stages + device, slots, ranks.size());
+                    ranks.check_peer(rank, || key.describe())
+                }))
+            }
+            _ => {
+                let _ = (replica, stages, slots);
+                None
+            }
+        }
     }
 
     /// Element-wise sums over the processes (the values themselves in one process).

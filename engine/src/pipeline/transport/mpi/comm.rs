@@ -4,9 +4,9 @@
 //! flowing), ends the job when asked to abort, and finalises MPI once every send has completed.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
 use mpi::collective::SystemOperation;
@@ -16,8 +16,9 @@ use mpi::request::{Request, StaticScope};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 
+use super::health::{catch_termination, host_name, terminated, Health};
 use super::wire::{decode, decode_replica, encode};
-use super::{Job, ReplicaGrads, NO_ABORT};
+use super::{Job, ReplicaGrads, Sent, NO_ABORT};
 use crate::pipeline::protocol::Msg;
 use crate::pipeline::transport::Mailbox;
 
@@ -25,10 +26,19 @@ use crate::pipeline::transport::Mailbox;
 const HANDOFF_TAG: i32 = 20;
 /// The MPI tag of one replica's gradients of one stage, sent to the other replicas' copies.
 const REPLICA_TAG: i32 = 21;
+/// The MPI tag of the notice a rank sends every other as it enters a collective (its sequence
+/// number, 8 bytes), so a rank stuck in one knows which peers have not arrived.
+const ARRIVAL_TAG: i32 = 22;
+/// The MPI tag of the (empty) notice a rank sends every other before it ends the job: it
+/// reports its own failure, so they stay quiet.
+const ENDING_TAG: i32 = 23;
+/// How long a rank ending the job gives its notices to reach the others before `MPI_Abort`:
+/// their communication threads probe every 200 µs at most, so this is ample, and short.
+const ENDING_GRACE: Duration = Duration::from_millis(300);
 const MIN_IDLE: Duration = Duration::from_micros(10);
 const MAX_IDLE: Duration = Duration::from_micros(200);
 
-pub(super) type Ready = Result<(usize, usize, Arc<Vec<AtomicU64>>), String>;
+pub(super) type Ready = Result<(usize, usize, Arc<Sent>, Arc<Health>), String>;
 
 /// The communication thread: MPI's whole life, from initialisation to finalisation.
 pub(super) fn communicate(jobs: Receiver<Job>, ready: Sender<Ready>, abort: Arc<AtomicI32>) {
@@ -39,15 +49,17 @@ pub(super) fn communicate(jobs: Receiver<Job>, ready: Sender<Ready>, abort: Arc<
     };
     let world = universe.world();
     let (rank, size) = (world.rank() as usize, world.size() as usize);
-    let sent = Arc::new((0..size).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
-    if ready.send(Ok((rank, size, sent.clone()))).is_err() {
-        return;
-    }
+    let sent = Arc::new(Sent::new(size));
+    let health = Arc::new(Health::new(rank, size));
     let mut comm = Comm {
         world,
         rank,
         abort,
-        sent,
+        sent: sent.clone(),
+        health: health.clone(),
+        collectives: 0,
+        arrived: vec![0; size],
+        ending: false,
         outgoing: Vec::new(),
         incoming: HashMap::new(),
         early: Vec::new(),
@@ -56,6 +68,23 @@ pub(super) fn communicate(jobs: Receiver<Job>, ready: Sender<Ready>, abort: Arc<
         in_flight: Vec::new(),
         idle: MIN_IDLE,
     };
+    // After MPI_Init, so the launcher's SIGTERM reaches brigade's handler, not a default one.
+    catch_termination();
+    // Every rank's host and pid: a survivor names a peer whose process is gone.
+    let place = format!("{}\n{}", host_name(), std::process::id());
+    let places = comm
+        .gather(place.into_bytes())
+        .iter()
+        .map(|p| {
+            let text = String::from_utf8_lossy(p);
+            let (host, pid) = text.split_once('\n').unwrap_or_default();
+            (host.to_string(), pid.parse().unwrap_or(0))
+        })
+        .collect();
+    health.set_places(places);
+    if ready.send(Ok((rank, size, sent, health))).is_err() {
+        return;
+    }
     loop {
         let busy = comm.pump();
         match jobs.try_recv() {
@@ -85,7 +114,13 @@ struct Comm {
     world: SimpleCommunicator,
     rank: usize,
     abort: Arc<AtomicI32>,
-    sent: Arc<Vec<AtomicU64>>,
+    sent: Arc<Sent>,
+    health: Arc<Health>,
+    /// Collectives entered so far, and by rank the number of the last one each has entered.
+    collectives: u64,
+    arrived: Vec<u64>,
+    /// This rank is ending the job: its notices are on their way.
+    ending: bool,
     outgoing: Vec<(usize, usize, Receiver<Msg>)>,
     incoming: HashMap<usize, Sender<Msg>>,
     /// Hand-offs that arrived before this rank's pipeline attached (a faster peer).
@@ -127,14 +162,16 @@ impl Comm {
                 let _ = reply.send(gathered);
             }
             Job::Barrier(reply) => {
+                self.enter_collective();
                 let mut request = self.world.immediate_barrier();
                 loop {
                     match request.test() {
                         Ok(_) => break,
                         Err(pending) => request = pending,
                     }
-                    self.progress();
+                    self.progress_collective();
                 }
+                self.health.heard_from_all();
                 let _ = reply.send(());
             }
             Job::Shutdown => {}
@@ -166,8 +203,8 @@ impl Comm {
     /// Whether anything happened.
     fn pump(&mut self) -> bool {
         let code = self.abort.load(Ordering::SeqCst);
-        if code != NO_ABORT {
-            self.world.abort(code);
+        if code != NO_ABORT && !self.ending {
+            self.end_job(code);
         }
         let mut busy = false;
         let mut outbound = Vec::new();
@@ -202,6 +239,7 @@ impl Comm {
         while let Some(probed) = self.world.any_process().immediate_matched_probe_with_tag(HANDOFF_TAG) {
             busy = true;
             let (bytes, status) = probed.matched_receive_vec::<u8>();
+            self.health.heard_from(status.source_rank() as usize);
             match decode(&bytes) {
                 Ok((device, msg)) => self.deliver(device, msg),
                 Err(e) => self.fail(&format!("a hand-off from rank {} is corrupt: {e}", status.source_rank())),
@@ -210,12 +248,83 @@ impl Comm {
         while let Some(probed) = self.world.any_process().immediate_matched_probe_with_tag(REPLICA_TAG) {
             busy = true;
             let (bytes, status) = probed.matched_receive_vec::<u8>();
+            self.health.heard_from(status.source_rank() as usize);
             match decode_replica(&bytes) {
                 Ok((stage, grads)) => self.deliver_replica(stage, grads),
                 Err(e) => self.fail(&format!("replica gradients from rank {} are corrupt: {e}", status.source_rank())),
             }
         }
+        while let Some(probed) = self.world.any_process().immediate_matched_probe_with_tag(ARRIVAL_TAG) {
+            busy = true;
+            let (bytes, status) = probed.matched_receive_vec::<u8>();
+            let from = status.source_rank() as usize;
+            self.health.heard_from(from);
+            let entered = bytes.try_into().map(u64::from_le_bytes).unwrap_or(0);
+            if let Some(arrived) = self.arrived.get_mut(from) {
+                *arrived = (*arrived).max(entered);
+            }
+        }
+        while let Some(probed) = self.world.any_process().immediate_matched_probe_with_tag(ENDING_TAG) {
+            let (_, status) = probed.matched_receive_vec::<u8>();
+            self.health.announced(status.source_rank() as usize);
+        }
+        if terminated() && !self.ending {
+            self.terminated_by_launcher();
+        }
         busy
+    }
+
+    /// The launcher is ending the job (a rank died, or it was cancelled): say so once, for
+    /// the job, unless another rank already did, and go.
+    fn terminated_by_launcher(&mut self) -> ! {
+        if let Some(why) = self.health.on_termination() {
+            self.health.report(&why);
+        }
+        // SAFETY: _exit ends the process at once; no MPI call may follow a termination, and
+        // atexit handlers could wait on MPI.
+        unsafe { libc::_exit(128 + libc::SIGTERM) }
+    }
+
+    /// Tells every other rank that this one ends the job (it reports for itself), gives the
+    /// notices a moment to arrive, and calls `MPI_Abort`.
+    fn end_job(&mut self, code: i32) -> ! {
+        self.ending = true;
+        self.health.stay_quiet();
+        let (me, size) = (self.rank, self.world.size() as usize);
+        for rank in (0..size).filter(|&r| r != me) {
+            self.send(rank, Vec::new(), ENDING_TAG);
+        }
+        let started = Instant::now();
+        while started.elapsed() < ENDING_GRACE {
+            self.progress();
+        }
+        self.world.abort(code)
+    }
+
+    /// Before a collective: tells every other rank that this one has entered it.
+    fn enter_collective(&mut self) {
+        self.collectives += 1;
+        let (me, size) = (self.rank, self.world.size() as usize);
+        for rank in (0..size).filter(|&r| r != me) {
+            self.send(rank, self.collectives.to_le_bytes().to_vec(), ARRIVAL_TAG);
+        }
+    }
+
+    /// One turn of a wait inside a collective, under the watchdog: a peer that has not entered
+    /// it and has been silent past the rank timeout ends the job.
+    fn progress_collective(&mut self) {
+        self.progress();
+        let waiting = self.collectives;
+        let missing: Vec<usize> =
+            (0..self.arrived.len()).filter(|&r| r != self.rank && self.arrived[r] < waiting).collect();
+        for peer in missing {
+            if let Some(why) = self
+                .health
+                .silent_too_long(peer, "it to join a collective (end-of-step sums, a checkpoint's plan, or a barrier)")
+            {
+                self.fail(&why);
+            }
+        }
     }
 
     fn deliver_replica(&mut self, stage: usize, grads: ReplicaGrads) {
@@ -227,7 +336,12 @@ impl Comm {
     }
 
     fn send(&mut self, rank: usize, bytes: Vec<u8>, tag: i32) {
-        if let Some(count) = self.sent.get(rank) {
+        let counted = match tag {
+            HANDOFF_TAG => self.sent.handoffs.get(rank),
+            REPLICA_TAG => self.sent.replicas.get(rank),
+            _ => None,
+        };
+        if let Some(count) = counted {
             count.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         }
         let buffer: &'static [u8] = Box::leak(bytes.into_boxed_slice());
@@ -245,13 +359,14 @@ impl Comm {
     }
 
     /// A broken hand-off cannot be recovered: end the job, saying why.
-    fn fail(&self, why: &str) -> ! {
-        eprintln!("error: rank {}: {why}", self.rank);
-        self.world.abort(1)
+    fn fail(&mut self, why: &str) -> ! {
+        self.health.report(why);
+        self.end_job(1)
     }
 
     fn sum<T: Equivalence + Default + Clone>(&mut self, values: Vec<T>) -> Vec<T> {
         let mut sums = vec![T::default(); values.len()];
+        self.enter_collective();
         mpi::request::scope(|scope| {
             let mut request =
                 self.world.immediate_all_reduce_into(scope, &values[..], &mut sums[..], SystemOperation::sum());
@@ -260,9 +375,10 @@ impl Comm {
                     Ok(_) => break,
                     Err(pending) => request = pending,
                 }
-                self.progress();
+                self.progress_collective();
             }
         });
+        self.health.heard_from_all();
         sums
     }
 
@@ -278,6 +394,7 @@ impl Comm {
 
     fn all_gather<T: Equivalence + Default + Clone>(&mut self, values: Vec<T>, size: usize) -> Vec<T> {
         let mut all = vec![T::default(); values.len() * size];
+        self.enter_collective();
         mpi::request::scope(|scope| {
             let mut request = self.world.immediate_all_gather_into(scope, &values[..], &mut all[..]);
             loop {
@@ -285,9 +402,10 @@ impl Comm {
                     Ok(_) => break,
                     Err(pending) => request = pending,
                 }
-                self.progress();
+                self.progress_collective();
             }
         });
+        self.health.heard_from_all();
         all
     }
 }

@@ -7,7 +7,9 @@
 //!   bytes sent), and the jobs it hands to the communication thread;
 //! - `comm.rs`: the communication thread itself, the only code that calls MPI;
 //! - `wire.rs`: how a hand-off and one replica's gradients become one byte message and back;
-//! - `reduce.rs`: [`MpiReduce`], data parallelism's gradient sum when the replicas are ranks.
+//! - `reduce.rs`: [`MpiReduce`], data parallelism's gradient sum when the replicas are ranks;
+//! - `health.rs`: how the job ends when a rank fails, dies or hangs (one `error:` line, the
+//!   stuck-rank watchdog).
 //!
 //! How it works:
 //! - A hand-off to a stage on another rank goes into that stage's proxy inbox (a channel the
@@ -36,6 +38,7 @@
 //! rank is the usual layout.
 
 mod comm;
+mod health;
 mod reduce;
 mod wire;
 
@@ -47,6 +50,8 @@ use std::time::Duration;
 use candle_core::Tensor;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
+use self::health::Health;
+pub use self::health::DEFAULT_RANK_TIMEOUT;
 pub(in crate::pipeline) use self::reduce::MpiReduce;
 use crate::pipeline::protocol::Msg;
 
@@ -59,8 +64,9 @@ pub struct Ranks {
     size: usize,
     jobs: Sender<Job>,
     abort: Arc<AtomicI32>,
-    /// Hand-off bytes this process sent to each rank.
-    sent: Arc<Vec<AtomicU64>>,
+    /// Bytes this process sent to each rank: pipeline hand-offs, and replica gradients.
+    sent: Arc<Sent>,
+    health: Arc<Health>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -77,6 +83,28 @@ pub(in crate::pipeline) struct Attachment {
     pub outgoing: Vec<(usize, usize, Receiver<Msg>)>,
     /// (device, its stage's inbox).
     pub incoming: Vec<(usize, Sender<Msg>)>,
+}
+
+/// Bytes this process has sent to each rank, by what they carried (the wire format's bytes:
+/// tensor data plus its header; notices and collectives are not counted).
+pub(super) struct Sent {
+    /// Activations and gradients between a replica's stages.
+    pub handoffs: Vec<AtomicU64>,
+    /// Gradients a stage sends to its other replicas' copies (data parallelism's reduction).
+    pub replicas: Vec<AtomicU64>,
+}
+
+impl Sent {
+    fn new(size: usize) -> Self {
+        Self {
+            handoffs: (0..size).map(|_| AtomicU64::new(0)).collect(),
+            replicas: (0..size).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+fn loaded(counts: &[AtomicU64]) -> Vec<u64> {
+    counts.iter().map(|b| b.load(Ordering::Relaxed)).collect()
 }
 
 /// One replica's gradients of one stage, as received: (replica, gradients).
@@ -107,8 +135,9 @@ impl Ranks {
             .name("brigade-mpi".into())
             .spawn(move || comm::communicate(job_rx, ready_tx, abort_flag))
             .map_err(|e| format!("cannot start the MPI thread: {e}"))?;
-        let (rank, size, sent) = ready_rx.recv().map_err(|_| "the MPI thread ended during start-up".to_string())??;
-        Ok(Arc::new(Self { rank, size, jobs, abort, sent, thread: Mutex::new(Some(thread)) }))
+        let (rank, size, sent, health) =
+            ready_rx.recv().map_err(|_| "the MPI thread ended during start-up".to_string())??;
+        Ok(Arc::new(Self { rank, size, jobs, abort, sent, health, thread: Mutex::new(Some(thread)) }))
     }
 
     pub fn rank(&self) -> usize {
@@ -119,13 +148,50 @@ impl Ranks {
         self.size
     }
 
-    /// Hand-off bytes this process has sent to each rank so far.
+    /// Bytes this process has sent to each rank so far (hand-offs and replica gradients).
     pub fn bytes_sent(&self) -> Vec<u64> {
-        self.sent.iter().map(|b| b.load(Ordering::Relaxed)).collect()
+        let (handoffs, replicas) = (self.handoff_bytes_sent(), self.replica_bytes_sent());
+        handoffs.iter().zip(&replicas).map(|(h, r)| h + r).collect()
     }
 
-    /// Ends every rank of the job (`MPI_Abort`), from whichever thread asks.
+    /// Activation and gradient hand-off bytes this process has sent to each rank so far.
+    pub fn handoff_bytes_sent(&self) -> Vec<u64> {
+        loaded(&self.sent.handoffs)
+    }
+
+    /// Replica-gradient bytes (data parallelism's reduction) sent to each rank so far.
+    pub fn replica_bytes_sent(&self) -> Vec<u64> {
+        loaded(&self.sent.replicas)
+    }
+
+    /// The stuck-rank watchdog's limit: a rank waiting on a peer that has sent it nothing for
+    /// this long ends the job ([`DEFAULT_RANK_TIMEOUT`] unless set).
+    pub fn set_rank_timeout(&self, timeout: Duration) {
+        self.health.set_timeout(timeout);
+    }
+
+    /// The watchdog: ends the job, naming `peer`, if this rank waits on it for `what` and it
+    /// has sent nothing here for longer than the rank timeout.
+    pub fn check_peer(&self, peer: usize, what: impl FnOnce() -> String) {
+        if peer == self.rank {
+            return;
+        }
+        if let Some(why) = self.health.silent_too_long(peer, &what()) {
+            self.fail(&why)
+        }
+    }
+
+    /// Ends every rank of the job for a failure on this one: one `error: rank N: why` line (the
+    /// first failure of this process prints; any later one stays quiet), then [`Ranks::abort`].
+    pub fn fail(&self, why: &str) -> ! {
+        self.health.report(why);
+        self.abort(1)
+    }
+
+    /// Ends every rank of the job (`MPI_Abort`), from whichever thread asks. The other ranks are
+    /// told first that this one ends the job on purpose, so they do not report it as vanished.
     pub fn abort(&self, code: i32) -> ! {
+        self.health.stay_quiet();
         self.abort.store(code, Ordering::SeqCst);
         // The communication thread checks the flag every turn; should it be gone, exit anyway
         // (the launcher then ends the other ranks, seeing this one fail).

@@ -79,7 +79,13 @@ impl ReplicaReduce for MpiReduce {
             }
             match arrivals.inbox.recv_timeout(Duration::from_millis(50)) {
                 Ok((r, g)) => arrivals.waiting.entry(r).or_default().push_back(g),
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    // The watchdog: a replica's copy that has gone silent ends the job.
+                    for (r, _) in contributions.iter().enumerate().filter(|(_, c)| c.is_none()) {
+                        let rank = owner_of(r * self.stages + stage, slots, self.ranks.size());
+                        self.ranks.check_peer(rank, || format!("replica {r}'s gradients of stage {stage}"));
+                    }
+                }
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(ReduceError::Failed(gone())),
             }
         }
