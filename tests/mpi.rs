@@ -11,9 +11,11 @@
 //! built-in schedule runs over 2 ranks and one over 4, checkpoints move from ranks to one
 //! process and back, and a failing rank ends the job with one `error:` line naming it. A rank
 //! killed mid-step (SIGKILL from outside) or mid-save (the save hook's abort between its shard
-//! writes) ends the job within seconds, mpirun naming the rank and the signal, and `latest`
-//! keeps naming a complete checkpoint that resumes on one process; a watchdog fails, rather
-//! than hangs, a test whose job outlives its bound.
+//! writes) ends the job within seconds, mpirun naming the rank and the signal and the surviving
+//! rank printing one `error:` line naming the vanished rank, and `latest` keeps naming a
+//! complete checkpoint that resumes on one process. A rank stopped mid-step (SIGSTOP) is named
+//! by the survivors' `--rank-timeout` watchdog. Rank 0 prints, and logs, the bytes each link
+//! carried per step. A watchdog fails, rather than hangs, a test whose job outlives its bound.
 
 #[cfg(not(feature = "mpi"))]
 use std::path::PathBuf;
@@ -500,6 +502,91 @@ mod ranks {
         step
     }
 
+    /// Exactly one `error:` line from brigade: the surviving rank 0 naming rank 1 as gone.
+    fn assert_one_vanished_line(stderr: &str) {
+        let errors = error_lines(stderr);
+        assert_eq!(errors.len(), 1, "one error line expected: {stderr}");
+        assert!(errors[0].starts_with("error: rank 0: rank 1 vanished: its process ended"), "{stderr}");
+    }
+
+    /// `kill -STOP pid` or `kill -CONT pid`.
+    fn signal(pid: u32, signal: libc::c_int) -> bool {
+        // SAFETY: kill(2) takes plain integers and touches no memory of this process.
+        unsafe { libc::kill(pid as libc::pid_t, signal) == 0 }
+    }
+
+    #[test]
+    fn a_stopped_rank_is_named_by_the_watchdog_and_the_job_ends_within_seconds() {
+        let Some(mut mpi) = mpirun() else { return };
+        let dir = dir("stopped-rank");
+        // Far more steps than the test waits for; a 2-second watchdog.
+        let mut job = Job::start(mpi.args(["--oversubscribe", "-n", "2", env!("CARGO_BIN_EXE_brigade")]).args(args(
+            &dir,
+            100_000,
+            &["--stages", "2", "--schedule", "1f1b", "--rank-timeout", "2"],
+        )));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let committed = |dir: &Path| std::fs::read_to_string(dir.join("latest")).unwrap_or_default();
+        while committed(&dir).trim() < "step-00000002" {
+            assert!(job.running() && Instant::now() < deadline, "no checkpoint within a minute");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Rank 1 is in a step (or a save): alive, but it will never send again.
+        let pid = job.rank_pid(1).expect("rank 1's process");
+        assert!(signal(pid, libc::SIGSTOP), "cannot stop rank 1 (pid {pid})");
+        let stopped = Instant::now();
+        let ended = job.wait(Duration::from_secs(40));
+        // However the job ended, the stopped process must not outlive the test.
+        sigkill(pid);
+        let (status, _, stderr) = ended;
+        let took = stopped.elapsed();
+        println!("ended {took:?} after the stop; stderr:\n{stderr}");
+        assert!(!status.success(), "the job must fail: {stderr}");
+        // 2 s of silence, then the abort: well within seconds even on a loaded machine.
+        assert!(took >= Duration::from_secs(2), "the watchdog fired before its limit: {took:?}");
+        assert!(took < Duration::from_secs(30), "the job should end within seconds of the limit: {took:?}");
+        let errors = error_lines(&stderr);
+        assert_eq!(errors.len(), 1, "one error line expected: {stderr}");
+        assert!(errors[0].starts_with("error: rank 0: nothing from rank 1 for 2 s while waiting for "), "{stderr}");
+        assert!(errors[0].contains("--rank-timeout"), "the line should name the flag: {stderr}");
+        resumes_on_one_process(&dir, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bytes_per_step_on_each_link_are_what_the_hand_off_shapes_imply() {
+        let Some(mut mpi) = mpirun() else { return };
+        let dir = dir("links");
+        let out = on_ranks(&mut mpi, 2, &args(&dir, 3, &["--stages", "2", "--schedule", "1f1b"]));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        // gpt-tiny (width 64), batch 8 in 4 micro-batches of 2, context 32: each micro-batch sends
+        // one (2, 32, 64) f32 activation 0 -> 1 and one gradient of that shape 1 -> 0. The
+        // evaluation's forwards (every 2 steps) are not training steps and are left out.
+        let data = 4.0 * (2 * 32 * 64 * 4) as f64;
+        // Each message also carries its safetensors header: 8 bytes of length, then JSON naming
+        // the one tensor (dtype, shape, offsets) and the four routing fields, padded to 8 bytes;
+        // well under 256 bytes, so at most 4 x 256 over the data.
+        let within = |bytes: f64| bytes >= data + 4.0 * 8.0 && bytes <= data + 4.0 * 256.0;
+        let log = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics.jsonl");
+        let record: serde_json::Value = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["event"] == "links")
+            .unwrap_or_else(|| panic!("no links record in the metrics log:\n{log}"));
+        assert_eq!(record["steps"], 3, "{record}");
+        let links = record["links"].as_array().unwrap();
+        assert_eq!(links.len(), 2, "{record}");
+        for (from, to) in [(0, 1), (1, 0)] {
+            let link = links.iter().find(|l| l["from"] == from && l["to"] == to).expect("link");
+            let handoffs = link["handoff_bytes_per_step"].as_f64().unwrap();
+            assert!(within(handoffs), "rank {from} -> {to}: {handoffs} bytes per step, {data} of data: {record}");
+            assert_eq!(link["replica_bytes_per_step"], 0.0, "no data parallelism: {record}");
+            let line = format!("link     rank {from} -> rank {to}: {handoffs:.0} bytes per step (hand-offs {handoffs:.0}, replica gradients 0)");
+            assert!(stdout.contains(&line), "rank 0 should print {line:?}: {stdout}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_rank_killed_mid_step_ends_the_job_and_leaves_the_last_checkpoint_resumable() {
         let Some(mut mpi) = mpirun() else { return };
@@ -527,15 +614,13 @@ mod ranks {
         println!("ended {:?} after the kill; stderr:\n{stderr}", killed.elapsed());
         // Rank 1 cannot speak once killed: mpirun names it and the signal ("mpirun noticed that
         // process rank 1 with PID 0 on node ... exited on signal 9 (Killed)"; Open MPI 4.1 prints
-        // PID 0 for a process killed from outside).
+        // PID 0 for a process killed from outside), and the survivor, ended by mpirun's SIGTERM,
+        // names the rank whose process is gone.
         assert!(
             stderr.contains("rank 1") && stderr.contains("signal 9"),
             "stderr should name the killed rank and the signal: {stderr}"
         );
-        assert!(
-            error_lines(&stderr).is_empty(),
-            "the surviving rank is ended, not left to report a failure of its own: {stderr}"
-        );
+        assert_one_vanished_line(&stderr);
         resumes_on_one_process(&dir, 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -565,6 +650,7 @@ mod ranks {
             stderr.contains("rank 1") && stderr.contains("signal 6"),
             "stderr should name the aborted rank and the signal: {stderr}"
         );
+        assert_one_vanished_line(&stderr);
         assert_eq!(
             std::fs::read_to_string(dir.join("latest")).expect("latest").trim(),
             "step-00000002",

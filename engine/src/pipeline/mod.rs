@@ -53,9 +53,9 @@ mod transport;
 
 pub use config::{PipelineConfig, ScheduleChoice};
 pub use driver::{ActionTiming, EvalStats, Pipeline, StepStats};
+pub use transport::World;
 #[cfg(feature = "mpi")]
 pub use transport::{Ranks, DEFAULT_RANK_TIMEOUT};
-pub use transport::World;
 
 pub use threads::{available_cores, candle_elementwise_threads, max_threads, ThreadPools, MAX_THREADS_PER_CORE};
 pub(crate) use threads::{check_thread_budget, start_elementwise_pool};
