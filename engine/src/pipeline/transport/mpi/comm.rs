@@ -202,6 +202,7 @@ impl Comm {
     /// Sends what the proxy inboxes hold, retires finished sends, delivers what has arrived.
     /// Whether anything happened.
     fn pump(&mut self) -> bool {
+        self.health.pulse();
         let code = self.abort.load(Ordering::SeqCst);
         if code != NO_ABORT && !self.ending {
             self.end_job(code);

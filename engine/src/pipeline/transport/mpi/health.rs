@@ -52,6 +52,9 @@ pub(super) fn terminated() -> bool {
 /// enough that a hung job gives its nodes back within minutes.
 pub const DEFAULT_RANK_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// How far the communication thread may lag before the watchdog distrusts its own clock.
+const PULSE_LAG_MS: u64 = 1000;
+
 /// What every thread of the process knows of its peers' health.
 pub(super) struct Health {
     rank: usize,
@@ -59,6 +62,9 @@ pub(super) struct Health {
     /// By rank: when its last message arrived here (ms since `epoch`).
     heard: Vec<AtomicU64>,
     timeout_ms: AtomicU64,
+    /// When the communication thread last turned (ms since `epoch`): it turns every 200 µs at
+    /// most, so an old pulse means this process itself was stopped or starved.
+    pulse: AtomicU64,
     /// This process has printed its `error:` line, or is ending quietly: nothing more.
     reported: AtomicBool,
     /// By rank: it announced that it is ending the job and reports why itself.
@@ -74,6 +80,7 @@ impl Health {
             epoch: Instant::now(),
             heard: (0..size).map(|_| AtomicU64::new(0)).collect(),
             timeout_ms: AtomicU64::new(DEFAULT_RANK_TIMEOUT.as_millis() as u64),
+            pulse: AtomicU64::new(0),
             reported: AtomicBool::new(false),
             announced: (0..size).map(|_| AtomicBool::new(false)).collect(),
             places: OnceLock::new(),
@@ -82,6 +89,11 @@ impl Health {
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The communication thread is turning.
+    pub fn pulse(&self) {
+        self.pulse.store(self.now_ms(), Ordering::Relaxed);
     }
 
     pub fn heard_from(&self, rank: usize) {
@@ -106,7 +118,17 @@ impl Health {
 
     /// The watchdog's complaint, if `peer` (which this rank waits on for `what`) has sent
     /// nothing for longer than the rank timeout.
+    /// Quiet while the job is ending anyway (a peer announced its failure, the launcher is
+    /// ending it) and while this process's own communication thread lags: a rank that was
+    /// itself stopped and then continued (the launcher sends SIGCONT before SIGTERM) sees every
+    /// peer silent, and must not blame them.
     pub fn silent_too_long(&self, peer: usize, what: &str) -> Option<String> {
+        if terminated() || self.announced.iter().any(|a| a.load(Ordering::SeqCst)) {
+            return None;
+        }
+        if self.now_ms().saturating_sub(self.pulse.load(Ordering::Relaxed)) > PULSE_LAG_MS {
+            return None;
+        }
         let last = self.heard.get(peer)?.load(Ordering::Relaxed);
         let silent = Duration::from_millis(self.now_ms().saturating_sub(last));
         let timeout = self.timeout();
@@ -206,9 +228,12 @@ mod tests {
         assert!(health.silent_too_long(1, "a hand-off").is_none(), "just heard from");
         std::thread::sleep(Duration::from_millis(60));
         health.heard_from(2);
+        health.pulse();
         let complaint = health.silent_too_long(1, "the gradient of micro-batch 3").expect("rank 1 is silent");
         assert!(complaint.starts_with("nothing from rank 1 for 0.03 s while waiting for the gradient"), "{complaint}");
         assert!(health.silent_too_long(2, "a hand-off").is_none(), "rank 2 spoke since");
+        health.announced(2);
+        assert!(health.silent_too_long(1, "a hand-off").is_none(), "rank 2 is ending the job and reports it");
     }
 
     #[test]
