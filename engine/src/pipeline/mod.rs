@@ -53,6 +53,8 @@ mod transport;
 
 pub use config::{PipelineConfig, ScheduleChoice};
 pub use driver::{ActionTiming, EvalStats, Pipeline, StepStats};
+#[cfg(feature = "nccl")]
+pub use transport::nccl_one_rank_check;
 #[cfg(feature = "mpi")]
 pub use transport::Ranks;
 pub use transport::World;

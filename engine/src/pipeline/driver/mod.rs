@@ -121,6 +121,9 @@ pub struct Pipeline {
     /// The processes the stages run in, and which stages this one runs.
     world: World,
     local: Vec<bool>,
+    /// The NCCL thread, when GPU stages span ranks (kept alive as long as the stages).
+    #[cfg(feature = "nccl")]
+    _nccl: Option<Arc<super::transport::NcclLink>>,
     step: u64,
     stopped: Option<String>,
 }
@@ -279,8 +282,33 @@ impl Pipeline {
             _ => None,
         };
         start_elementwise_pool();
+        // GPU stages across ranks: their hand-offs and replica sums over NCCL (`transport/nccl.rs`).
+        #[cfg(feature = "nccl")]
+        let nccl = match &world {
+            World::Ranks(ranks) if world.is_distributed() => {
+                let devices: Vec<_> = (0..slots).map(device_of).collect();
+                let owners: Vec<_> = (0..slots).map(|s| world.owner(s, slots)).collect();
+                match super::transport::choose_link(true, &devices, &owners, ranks.rank()) {
+                    super::transport::LinkChoice::Nccl { gpu } => Some(
+                        super::transport::NcclLink::start(ranks.clone(), gpu, slots).map_err(EngineError::Config)?,
+                    ),
+                    super::transport::LinkChoice::MpiBytes(_) => None,
+                }
+            }
+            _ => None,
+        };
         let reduce: Option<Arc<dyn ReplicaReduce>> = match &world {
             _ if replicas == 1 => None,
+            #[cfg(feature = "nccl")]
+            World::Ranks(ranks) if nccl.is_some() => Some(
+                super::transport::NcclReduce::start(
+                    nccl.clone().expect("matched is_some"),
+                    ranks.size(),
+                    replicas,
+                    config.stages,
+                )
+                .map_err(EngineError::Config)?,
+            ),
             #[cfg(feature = "mpi")]
             World::Ranks(ranks) if world.is_distributed() => Some(
                 super::transport::MpiReduce::start(ranks.clone(), replicas, config.stages)
@@ -344,7 +372,18 @@ impl Pipeline {
         #[cfg(feature = "mpi")]
         if let World::Ranks(ranks) = &world {
             let incoming = (0..slots).filter(|&s| local[s]).map(|s| (s, inboxes[s].clone())).collect();
-            ranks.attach(super::transport::Attachment { outgoing: proxies, incoming }).map_err(EngineError::Config)?;
+            // With NCCL its thread drains the proxies and feeds the stages' inboxes; the MPI
+            // thread then carries only the headers (attached by `NcclLink::start`).
+            #[cfg(feature = "nccl")]
+            let to_mpi = match &nccl {
+                Some(link) => link.attach(proxies, incoming).map(|_| None).map_err(EngineError::Config)?,
+                None => Some((proxies, incoming)),
+            };
+            #[cfg(not(feature = "nccl"))]
+            let to_mpi = Some((proxies, incoming));
+            if let Some((outgoing, incoming)) = to_mpi {
+                ranks.attach(super::transport::Attachment { outgoing, incoming }).map_err(EngineError::Config)?;
+            }
         }
         #[cfg(not(feature = "mpi"))]
         drop(proxies);
@@ -370,6 +409,8 @@ impl Pipeline {
             tied_shapes,
             world,
             local,
+            #[cfg(feature = "nccl")]
+            _nccl: nccl,
             step: 0,
             stopped: None,
         };

@@ -27,6 +27,8 @@
 mod crossbeam;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "mpi")]
+mod nccl;
 
 use std::collections::HashMap;
 #[cfg(feature = "mpi")]
@@ -37,6 +39,12 @@ pub(super) use self::crossbeam::Crossbeam;
 pub use self::mpi::Ranks;
 #[cfg(feature = "mpi")]
 pub(super) use self::mpi::{Attachment, MpiReduce};
+#[cfg(feature = "nccl")]
+pub use self::nccl::one_rank_check as nccl_one_rank_check;
+#[cfg(feature = "mpi")]
+pub(super) use self::nccl::{choose_link, LinkChoice};
+#[cfg(feature = "nccl")]
+pub(super) use self::nccl::{NcclLink, NcclReduce};
 use super::handoff::HandOff;
 use super::protocol::Msg;
 
