@@ -121,6 +121,8 @@ pub struct Pipeline {
     /// The processes the stages run in, and which stages this one runs.
     world: World,
     local: Vec<bool>,
+    /// How hand-offs between ranks travel, for a start-up line (`Pipeline::hand_offs`).
+    hand_offs: String,
     /// The NCCL thread, when GPU stages span ranks (kept alive as long as the stages).
     #[cfg(feature = "nccl")]
     _nccl: Option<Arc<super::transport::NcclLink>>,
@@ -283,32 +285,38 @@ impl Pipeline {
         };
         start_elementwise_pool();
         // GPU stages across ranks: their hand-offs and replica sums over NCCL (`transport/nccl.rs`).
-        #[cfg(feature = "nccl")]
-        let nccl = match &world {
+        #[cfg(feature = "mpi")]
+        let link_choice = match &world {
             World::Ranks(ranks) if world.is_distributed() => {
                 let devices: Vec<_> = (0..slots).map(device_of).collect();
                 let owners: Vec<_> = (0..slots).map(|s| world.owner(s, slots)).collect();
-                match super::transport::choose_link(true, &devices, &owners, ranks.rank()) {
-                    super::transport::LinkChoice::Nccl { gpu } => Some(
-                        super::transport::NcclLink::start(ranks.clone(), gpu, slots).map_err(EngineError::Config)?,
-                    ),
-                    super::transport::LinkChoice::MpiBytes(_) => None,
-                }
+                Some(super::transport::choose_link(cfg!(feature = "nccl"), &devices, &owners, ranks.rank()))
+            }
+            _ => None,
+        };
+        #[cfg(feature = "mpi")]
+        let hand_offs = match &link_choice {
+            None => "in process".to_string(),
+            Some(super::transport::LinkChoice::Nccl { gpu }) => format!("NCCL from cuda:{gpu}"),
+            Some(super::transport::LinkChoice::MpiBytes(why)) => format!("MPI byte messages ({why})"),
+        };
+        #[cfg(not(feature = "mpi"))]
+        let hand_offs = "in process".to_string();
+        #[cfg(feature = "nccl")]
+        let nccl = match (&world, &link_choice) {
+            (World::Ranks(ranks), Some(super::transport::LinkChoice::Nccl { gpu })) => {
+                Some(super::transport::NcclLink::start(ranks.clone(), *gpu, slots).map_err(EngineError::Config)?)
             }
             _ => None,
         };
         let reduce: Option<Arc<dyn ReplicaReduce>> = match &world {
             _ if replicas == 1 => None,
             #[cfg(feature = "nccl")]
-            World::Ranks(ranks) if nccl.is_some() => Some(
-                super::transport::NcclReduce::start(
-                    nccl.clone().expect("matched is_some"),
-                    ranks.size(),
-                    replicas,
-                    config.stages,
-                )
+            World::Ranks(ranks) if nccl.is_some() => nccl
+                .clone()
+                .map(|link| super::transport::NcclReduce::start(link, ranks.size(), replicas, config.stages))
+                .transpose()
                 .map_err(EngineError::Config)?,
-            ),
             #[cfg(feature = "mpi")]
             World::Ranks(ranks) if world.is_distributed() => Some(
                 super::transport::MpiReduce::start(ranks.clone(), replicas, config.stages)
@@ -409,6 +417,7 @@ impl Pipeline {
             tied_shapes,
             world,
             local,
+            hand_offs,
             #[cfg(feature = "nccl")]
             _nccl: nccl,
             step: 0,
@@ -455,6 +464,12 @@ impl Pipeline {
     /// for). A step waits for every replica; evaluation runs on replica 0 alone.
     fn pending_local(&self, replicas: usize) -> Vec<bool> {
         (0..self.stages * replicas).map(|slot| !self.local[slot]).collect()
+    }
+
+    /// How hand-offs between ranks travel: "in process", "NCCL from cuda:N", or "MPI byte
+    /// messages (why not NCCL)".
+    pub fn hand_offs(&self) -> &str {
+        &self.hand_offs
     }
 
     /// The processes this pipeline runs in.

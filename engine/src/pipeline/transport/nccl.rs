@@ -49,6 +49,10 @@
 //! MPI. The communicators' unique ids are made by rank 0 (`ncclGetUniqueId`) and sent to every
 //! rank with an MPI all-gather.
 
+// The bookkeeping below is compiled and unit-tested with `mpi` alone (no CUDA needed); only the
+// choice of link is used without `nccl`.
+#![cfg_attr(not(feature = "nccl"), allow(dead_code))]
+
 use candle_core::DType;
 
 use super::RouteKind;
@@ -99,7 +103,9 @@ impl Header {
             .map(|(_, code)| *code)
             .ok_or_else(|| format!("dtype {:?} cannot travel over NCCL (NCCL has no such type)", self.dtype))?;
         let (kind, a, b, c, d) = match self.payload {
-            Payload::HandOff { slot, kind: RouteKind::Activation, chunk, microbatch } => (0, slot, chunk, microbatch, 0),
+            Payload::HandOff { slot, kind: RouteKind::Activation, chunk, microbatch } => {
+                (0, slot, chunk, microbatch, 0)
+            }
             Payload::HandOff { slot, kind: RouteKind::Gradient, chunk, microbatch } => (1, slot, chunk, microbatch, 0),
             Payload::ReplicaGrad { stage, replica, index, count } => (2, stage, replica, index, count),
         };
@@ -164,7 +170,8 @@ impl PeerOrder {
 
     /// Accepts header `seq` from `peer` if it is the next one expected.
     pub fn admit(&mut self, peer: usize, seq: u64) -> Result<(), String> {
-        let expected = self.next_in.get_mut(peer).ok_or_else(|| format!("a header from rank {peer}, which does not exist"))?;
+        let expected =
+            self.next_in.get_mut(peer).ok_or_else(|| format!("a header from rank {peer}, which does not exist"))?;
         if seq != *expected {
             return Err(format!(
                 "NCCL header {seq} from rank {peer} arrived when {expected} was expected: its ncclRecv would pair \
@@ -250,10 +257,7 @@ pub(super) fn header_device(slots: usize, rank: usize) -> usize {
 pub(super) fn unique_ids_of(gathered: &[Vec<u8>], count: usize) -> Result<Vec<[u8; UNIQUE_ID_BYTES]>, String> {
     let root = gathered.first().ok_or("no rank answered the NCCL id exchange")?;
     if root.len() != count * UNIQUE_ID_BYTES {
-        return Err(format!(
-            "rank 0 sent {} bytes of NCCL unique ids, not {count} x {UNIQUE_ID_BYTES}",
-            root.len()
-        ));
+        return Err(format!("rank 0 sent {} bytes of NCCL unique ids, not {count} x {UNIQUE_ID_BYTES}", root.len()));
     }
     Ok(root.chunks_exact(UNIQUE_ID_BYTES).map(|c| c.try_into().expect("chunks of UNIQUE_ID_BYTES")).collect())
 }

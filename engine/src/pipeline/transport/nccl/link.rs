@@ -26,10 +26,17 @@ type ReplicaPiece = (usize, usize, HandOff);
 
 enum Job {
     /// The pipeline's proxy inboxes (slot, owning rank, inbox) and its local stages' inboxes.
-    Attach { proxies: Vec<(usize, usize, Receiver<Msg>)>, incoming: Vec<(usize, Sender<Msg>)> },
+    Attach {
+        proxies: Vec<(usize, usize, Receiver<Msg>)>,
+        incoming: Vec<(usize, Sender<Msg>)>,
+    },
     /// By stage: where other replicas' gradients of it go.
     AttachReplicas(Vec<Sender<ReplicaPiece>>),
-    SendReplica { rank: usize, payload: Payload, tensor: HandOff },
+    SendReplica {
+        rank: usize,
+        payload: Payload,
+        tensor: HandOff,
+    },
     Shutdown,
 }
 
@@ -77,7 +84,11 @@ impl NcclLink {
     }
 
     /// Hands the pipeline's channels to the NCCL thread (what `Ranks::attach` gets without it).
-    pub fn attach(&self, proxies: Vec<(usize, usize, Receiver<Msg>)>, incoming: Vec<(usize, Sender<Msg>)>) -> Result<(), String> {
+    pub fn attach(
+        &self,
+        proxies: Vec<(usize, usize, Receiver<Msg>)>,
+        incoming: Vec<(usize, Sender<Msg>)>,
+    ) -> Result<(), String> {
         self.jobs.send(Job::Attach { proxies, incoming }).map_err(|_| gone())
     }
 }
@@ -153,8 +164,9 @@ impl Link {
         let lane = |id: Id, name: &str| -> Result<Lane, String> {
             // A stream of the link's own: never the default stream, never a stage's.
             let cuda = CudaDevice::new_with_stream(gpu).map_err(|e| format!("cannot open cuda:{gpu} for NCCL: {e}"))?;
-            let comm = Comm::from_rank(cuda.cuda_stream(), rank, size, id)
-                .map_err(|e| nccl_error(&format!("creating the NCCL {name} communicator on cuda:{gpu} (rank {rank} of {size})"), e))?;
+            let comm = Comm::from_rank(cuda.cuda_stream(), rank, size, id).map_err(|e| {
+                nccl_error(&format!("creating the NCCL {name} communicator on cuda:{gpu} (rank {rank} of {size})"), e)
+            })?;
             Ok(Lane { comm, device: Device::Cuda(cuda) })
         };
         let [up, down]: [Id; 2] = ids.try_into().map_err(|_| "two NCCL unique ids expected".to_string())?;
@@ -266,9 +278,11 @@ impl Link {
             shape: tensor.dims().to_vec(),
         };
         let words = header.to_words()?;
-        let envelope = Tensor::new(words.as_slice(), &Device::Cpu).and_then(HandOff::send).map_err(|e| e.to_string())?;
+        let envelope =
+            Tensor::new(words.as_slice(), &Device::Cpu).and_then(HandOff::send).map_err(|e| e.to_string())?;
         let out = self.header_out.get(&peer).ok_or_else(|| format!("no header route to rank {peer}"))?;
-        out.send(Msg::Activation { chunk: 0, microbatch: 0, tensor: envelope }).map_err(|_| "the MPI thread is gone".to_string())?;
+        out.send(Msg::Activation { chunk: 0, microbatch: 0, tensor: envelope })
+            .map_err(|_| "the MPI thread is gone".to_string())?;
         if header.elements() > 0 {
             send_tensor(&lane.comm, &tensor, peer)?;
         }
@@ -277,7 +291,8 @@ impl Link {
 
     /// One header from the MPI thread: its receive, then the tensor to whoever waits for it.
     fn receive(&mut self, envelope: Msg) -> Result<(), String> {
-        let (_, words) = Mailbox::handoff_of(envelope).map_err(|_| "the MPI thread delivered a control message as a header")?;
+        let (_, words) =
+            Mailbox::handoff_of(envelope).map_err(|_| "the MPI thread delivered a control message as a header")?;
         let words = words.receive(&Device::Cpu).and_then(|t| t.to_vec1::<i64>()).map_err(|e| e.to_string())?;
         let header = Header::from_words(&words)?;
         self.order.admit(header.source, header.seq)?;
@@ -389,8 +404,8 @@ fn recv_typed<T: CudaDType + NcclType + DeviceRepr>(
 ) -> Result<Tensor, String> {
     let elements: usize = shape.iter().product();
     // SAFETY: every element is written by the receive before any kernel on this stream reads it.
-    let mut buffer =
-        unsafe { comm.stream().alloc::<T>(elements) }.map_err(|e| format!("cannot allocate {elements} elements: {e}"))?;
+    let mut buffer = unsafe { comm.stream().alloc::<T>(elements) }
+        .map_err(|e| format!("cannot allocate {elements} elements: {e}"))?;
     comm.recv(&mut buffer, peer as i32).map_err(|e| nccl_error(&format!("ncclRecv from rank {peer}"), e))?;
     let storage = CudaStorage::wrap_cuda_slice(buffer, cuda.clone());
     Ok(Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false))
@@ -403,7 +418,8 @@ fn recv_typed<T: CudaDType + NcclType + DeviceRepr>(
 pub fn one_rank_check(gpu: usize, tensor: &Tensor) -> Result<(Tensor, Tensor), String> {
     let cuda = CudaDevice::new_with_stream(gpu).map_err(|e| format!("cannot open cuda:{gpu}: {e}"))?;
     let id = share_unique_ids(&World::Local, 1)?.remove(0);
-    let comm = Comm::from_rank(cuda.cuda_stream(), 0, 1, id).map_err(|e| nccl_error("creating a one-rank communicator", e))?;
+    let comm =
+        Comm::from_rank(cuda.cuda_stream(), 0, 1, id).map_err(|e| nccl_error("creating a one-rank communicator", e))?;
     let device = Device::Cuda(cuda);
     let input = HandOff::send(tensor.clone())
         .and_then(|h| h.receive(&device))
@@ -454,7 +470,12 @@ struct Arrivals {
 }
 
 impl NcclReduce {
-    pub fn start(link: Arc<NcclLink>, ranks: usize, replicas: usize, stages: usize) -> Result<Arc<dyn ReplicaReduce>, String> {
+    pub fn start(
+        link: Arc<NcclLink>,
+        ranks: usize,
+        replicas: usize,
+        stages: usize,
+    ) -> Result<Arc<dyn ReplicaReduce>, String> {
         let (senders, arrivals): (Vec<_>, Vec<_>) = (0..stages)
             .map(|_| {
                 let (tx, rx) = unbounded();
@@ -513,7 +534,10 @@ impl ReplicaReduce for NcclReduce {
             for (index, grad) in grads.iter().enumerate() {
                 let tensor = HandOff::send(grad.clone()).map_err(|e| ReduceError::Failed(e.to_string()))?;
                 let payload = Payload::ReplicaGrad { stage, replica, index, count };
-                self.link.jobs.send(Job::SendReplica { rank, payload, tensor }).map_err(|_| ReduceError::Failed(gone()))?;
+                self.link
+                    .jobs
+                    .send(Job::SendReplica { rank, payload, tensor })
+                    .map_err(|_| ReduceError::Failed(gone()))?;
             }
         }
         let mut contributions: Vec<Option<Vec<Tensor>>> = vec![None; self.replicas];
