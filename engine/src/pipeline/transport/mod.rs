@@ -42,7 +42,7 @@ pub(super) use self::mpi::{Attachment, MpiReduce};
 #[cfg(feature = "nccl")]
 pub use self::nccl::one_rank_check as nccl_one_rank_check;
 #[cfg(feature = "mpi")]
-pub(super) use self::nccl::{choose_link, LinkChoice};
+pub(super) use self::nccl::{choose_link, hand_off_pairs, one_peer_per_lane, replica_pairs, LinkChoice};
 #[cfg(feature = "nccl")]
 pub(super) use self::nccl::{NcclLink, NcclReduce};
 use super::handoff::HandOff;

@@ -29,23 +29,28 @@
 //! carries a per-peer sequence number ([`PeerOrder`]), and a receiver that sees one out of
 //! order ends the job with an error instead of pairing the wrong buffers.
 //!
-//! **Why the streams cannot deadlock on each other.** A send blocks its stream on the GPU until
-//! the peer's matching receive runs. With one stream, rank A sending an activation to B while B
-//! sends a gradient to A would leave both streams stuck behind their sends. So there are two
-//! communicators, each on its own stream: `up` carries what goes from a lower rank to a higher
-//! one, `down` the rest. A's send to B and B's send to A are then on different streams, and a
-//! receive is issued only once its header has arrived, i.e. once its send has been issued.
-//!
-//! **Data parallelism** ([`NcclReduce`]): like `MpiReduce`, point to point rather than
-//! `ncclAllReduce`, because a rank with several stages reaches their sums in whatever order its
-//! stage threads finish and NCCL collectives must be entered in one order everywhere; each copy
-//! of a stage sends its gradients to the other replicas' copies (through the NCCL thread, so
-//! the pairing above holds) and sums all of them in replica order, on the stage's own stream:
-//! the in-process sum, bit for bit.
+//! **Why the streams cannot deadlock.** A send blocks its stream on the GPU until the peer's
+//! matching receive runs, and a receive until the matching send runs. So each kind of traffic
+//! has two communicators, each on its own stream ("lanes"): `up` for what goes from a lower rank
+//! to a higher one, `down` for the rest; hand-offs and replica gradients have lanes of their own.
+//! And NCCL is chosen only where, in every lane, each rank sends to at most one peer
+//! ([`one_peer_per_lane`]): one stage or a contiguous block of stages per rank with GPipe, 1F1B
+//! or ZB-V placements (activations go to the next rank up, gradients to the next one down), and
+//! data parallelism of 2 (each stage's twin is one rank). That makes a cycle of waits
+//! impossible. In the `up` lane take a blocked stream on the highest rank M that has one. Its
+//! head is not a send (the receiver is higher, so not blocked, and a receive is issued as soon as
+//! its header arrives, which follows the send's issue); so it is the receive of the k-th
+//! transfer from some S < M, and S's stream is blocked before its k-th send to M. Not at an
+//! earlier send: S sends to M alone, and its sends before the k-th have met M's receives before
+//! the k-th, already done. So S is blocked at a receive from a lower rank, and so on down a
+//! chain of ranks that ends at one with no lower peer, which is blocked at nothing: a
+//! contradiction. The `down` lane is the mirror image. Where the condition fails (interleaved
+//! placements wrap from the last rank back to the first; data parallelism of 3 or more sends to
+//! several twins), the hand-offs, or the replica sums, stay on MPI bytes.
 //!
 //! **When.** [`choose_link`]: NCCL when the feature is built, the job has more than one rank,
-//! every stage is on a CUDA GPU and each rank's stages share one GPU (one NCCL rank per GPU);
-//! MPI bytes otherwise. The end-of-step collective (norms, tied gradients) and control stay on
+//! every stage is on a CUDA GPU, each rank's stages share one GPU (one NCCL rank per GPU) and
+//! the hand-offs keep to one peer per lane; MPI bytes otherwise. The end-of-step collective (norms, tied gradients) and control stay on
 //! MPI. The communicators' unique ids are made by rank 0 (`ncclGetUniqueId`) and sent to every
 //! rank with an MPI all-gather.
 
@@ -219,6 +224,7 @@ pub(in crate::pipeline) fn choose_link(
     devices: &[StageDevice],
     owners: &[usize],
     rank: usize,
+    lanes: Result<(), String>,
 ) -> LinkChoice {
     if !nccl_built {
         return LinkChoice::MpiBytes("built without the nccl feature".into());
@@ -241,10 +247,65 @@ pub(in crate::pipeline) fn choose_link(
             None => gpu_of_rank.push((owner, device)),
         }
     }
+    if let Err(why) = lanes {
+        return LinkChoice::MpiBytes(why);
+    }
     match gpu_of_rank.iter().find(|(r, _)| *r == rank) {
         Some((_, StageDevice::Cuda(gpu))) => LinkChoice::Nccl { gpu: *gpu },
         _ => LinkChoice::MpiBytes(format!("rank {rank} runs no stage")),
     }
+}
+
+/// Whether every rank sends to at most one peer per lane (see the module docs: what makes the
+/// NCCL streams deadlock-free). `pairs` are (sender, receiver) ranks of the traffic of one kind;
+/// pairs within one rank do not count.
+pub(in crate::pipeline) fn one_peer_per_lane(pairs: impl IntoIterator<Item = (usize, usize)>) -> Result<(), String> {
+    let mut first: std::collections::HashMap<(usize, Side), usize> = std::collections::HashMap::new();
+    for (from, to) in pairs.into_iter().filter(|(f, t)| f != t) {
+        let side = Side::of(from, to);
+        let peer = *first.entry((from, side)).or_insert(to);
+        if peer != to {
+            return Err(format!(
+                "rank {from} sends {} to ranks {peer} and {to}: NCCL pairs of one stream could wait on each other",
+                if side == Side::Up { "up" } else { "down" }
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The (sender, receiver) ranks of a pipeline's hand-offs: chunk `c`'s activation to chunk
+/// `c + 1` and the gradient back, in every replica. `placement[c]` is chunk `c`'s stage and
+/// `owner(slot)` the rank of slot `replica × stages + stage`.
+pub(in crate::pipeline) fn hand_off_pairs(
+    placement: &[usize],
+    stages: usize,
+    replicas: usize,
+    owner: impl Fn(usize) -> usize,
+) -> Vec<(usize, usize)> {
+    let mut pairs = Vec::new();
+    for replica in 0..replicas {
+        for pair in placement.windows(2) {
+            let (a, b) = (owner(replica * stages + pair[0]), owner(replica * stages + pair[1]));
+            pairs.extend([(a, b), (b, a)]);
+        }
+    }
+    pairs
+}
+
+/// The (sender, receiver) ranks of the replica sums: each copy of a stage to every other's.
+pub(in crate::pipeline) fn replica_pairs(
+    stages: usize,
+    replicas: usize,
+    owner: impl Fn(usize) -> usize,
+) -> Vec<(usize, usize)> {
+    let mut pairs = Vec::new();
+    for stage in 0..stages {
+        for (a, b) in (0..replicas).flat_map(|a| (0..replicas).map(move |b| (a, b))).filter(|(a, b)| a != b) {
+            pairs.push((owner(a * stages + stage), owner(b * stages + stage)));
+        }
+    }
+    pairs
 }
 
 /// The MPI "device" numbers the NCCL headers travel under: one past the pipeline's slots per
@@ -362,22 +423,47 @@ mod tests {
 
     #[test]
     fn nccl_is_chosen_only_for_gpu_stages_one_gpu_per_rank_across_ranks() {
-        let gpus = [StageDevice::Cuda(0), StageDevice::Cuda(1), StageDevice::Cuda(0), StageDevice::Cuda(1)];
-        // 4 slots on 4 ranks (2 nodes x 2 GPUs, or DP 2 x PP 2).
-        assert_eq!(choose_link(true, &gpus, &[0, 1, 2, 3], 1), LinkChoice::Nccl { gpu: 1 });
-        assert_eq!(choose_link(true, &gpus, &[0, 1, 2, 3], 2), LinkChoice::Nccl { gpu: 0 });
         let why = |c: LinkChoice| match c {
             LinkChoice::MpiBytes(why) => why,
             other => panic!("expected MPI bytes, got {other:?}"),
         };
-        assert!(why(choose_link(false, &gpus, &[0, 1, 2, 3], 0)).contains("without the nccl feature"));
-        assert!(why(choose_link(true, &gpus, &[0, 0, 0, 0], 0)).contains("one rank"));
+        let gpus = [StageDevice::Cuda(0), StageDevice::Cuda(1), StageDevice::Cuda(0), StageDevice::Cuda(1)];
+        // 4 slots on 4 ranks (2 nodes x 2 GPUs, or DP 2 x PP 2).
+        assert_eq!(choose_link(true, &gpus, &[0, 1, 2, 3], 1, Ok(())), LinkChoice::Nccl { gpu: 1 });
+        assert_eq!(choose_link(true, &gpus, &[0, 1, 2, 3], 2, Ok(())), LinkChoice::Nccl { gpu: 0 });
+        assert!(why(choose_link(true, &gpus, &[0, 1, 2, 3], 0, Err("two peers".into()))).contains("two peers"));
+        assert!(why(choose_link(false, &gpus, &[0, 1, 2, 3], 0, Ok(()))).contains("without the nccl feature"));
+        assert!(why(choose_link(true, &gpus, &[0, 0, 0, 0], 0, Ok(()))).contains("one rank"));
         let mixed = [StageDevice::Cuda(0), StageDevice::Cpu];
-        assert!(why(choose_link(true, &mixed, &[0, 1], 0)).contains("slot 1 runs on cpu"));
+        assert!(why(choose_link(true, &mixed, &[0, 1], 0, Ok(()))).contains("slot 1 runs on cpu"));
         // Two stages of rank 0 on two GPUs: NCCL would need two ranks.
-        assert!(why(choose_link(true, &gpus, &[0, 0, 1, 1], 0)).contains("rank 0 runs stages on cuda:0 and cuda:1"));
+        assert!(
+            why(choose_link(true, &gpus, &[0, 0, 1, 1], 0, Ok(()))).contains("rank 0 runs stages on cuda:0 and cuda:1")
+        );
         let same_gpu = [StageDevice::Cuda(3), StageDevice::Cuda(3), StageDevice::Cuda(5), StageDevice::Cuda(5)];
-        assert_eq!(choose_link(true, &same_gpu, &[0, 0, 1, 1], 1), LinkChoice::Nccl { gpu: 5 });
+        assert_eq!(choose_link(true, &same_gpu, &[0, 0, 1, 1], 1, Ok(())), LinkChoice::Nccl { gpu: 5 });
+    }
+
+    #[test]
+    fn one_peer_per_lane_holds_for_chains_and_v_and_fails_where_streams_could_cross() {
+        // One stage per rank, 4 ranks (slot = rank): 1F1B's placement and ZB-V's.
+        let owner = |slot: usize| slot;
+        assert!(one_peer_per_lane(hand_off_pairs(&[0, 1, 2, 3], 4, 1, owner)).is_ok());
+        assert!(one_peer_per_lane(hand_off_pairs(&[0, 1, 2, 3, 3, 2, 1, 0], 4, 1, owner)).is_ok());
+        // Interleaved: chunk 3 on rank 3 hands to chunk 4 on rank 0, and its gradients go to 2.
+        let interleaved = one_peer_per_lane(hand_off_pairs(&[0, 1, 2, 3, 0, 1, 2, 3], 4, 1, owner)).unwrap_err();
+        assert!(interleaved.contains("rank 3 sends down to ranks"), "{interleaved}");
+        // Two stages per rank (4 stages on 2 ranks): rank 0 <-> rank 1 only.
+        assert!(one_peer_per_lane(hand_off_pairs(&[0, 1, 2, 3], 4, 1, |s| s / 2)).is_ok());
+        // DP 2 x PP 2 on 4 ranks: hand-offs 0<->1 and 2<->3; each stage's twin is one rank.
+        let dp = |slot: usize| slot;
+        assert!(one_peer_per_lane(hand_off_pairs(&[0, 1], 2, 2, dp)).is_ok());
+        assert_eq!(replica_pairs(2, 2, dp), vec![(0, 2), (2, 0), (1, 3), (3, 1)]);
+        assert!(one_peer_per_lane(replica_pairs(2, 2, dp)).is_ok());
+        // DP 3: replica 0's copy sends up to two twins.
+        assert!(one_peer_per_lane(replica_pairs(1, 3, dp)).unwrap_err().contains("rank 0 sends up to ranks 1 and 2"));
+        // DP 2 with both stages on one rank per replica: one twin rank for both stages.
+        assert!(one_peer_per_lane(replica_pairs(2, 2, |s| s / 2)).is_ok());
     }
 
     #[test]

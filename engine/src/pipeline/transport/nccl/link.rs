@@ -48,11 +48,12 @@ pub(in crate::pipeline) struct NcclLink {
 }
 
 impl NcclLink {
-    /// Shares the unique ids over MPI, creates the two communicators on `gpu` on a new thread,
-    /// and routes the NCCL headers of a pipeline with `slots` slots to it.
-    pub fn start(ranks: Arc<Ranks>, gpu: usize, slots: usize) -> Result<Arc<Self>, String> {
+    /// Shares the unique ids over MPI, creates the hand-off lanes (and, with `replica_lanes`,
+    /// the replica sums' lanes) on `gpu` on a new thread, and routes the NCCL headers of a
+    /// pipeline with `slots` slots to it. Every rank passes the same `replica_lanes`.
+    pub fn start(ranks: Arc<Ranks>, gpu: usize, slots: usize, replica_lanes: bool) -> Result<Arc<Self>, String> {
         let (rank, size) = (ranks.rank(), ranks.size());
-        let ids = share_unique_ids(&World::Ranks(ranks.clone()), 2)?;
+        let ids = share_unique_ids(&World::Ranks(ranks.clone()), if replica_lanes { 4 } else { 2 })?;
         // Headers to each peer leave through a proxy inbox of the MPI thread; headers to this
         // rank come back through one inbox, in MPI's arrival order.
         let (mut header_out, mut outgoing) = (HashMap::new(), Vec::new());
@@ -129,6 +130,16 @@ pub(super) fn share_unique_ids(world: &World, count: usize) -> Result<Vec<Id>, S
     Ok(unique_ids_of(&gathered, count)?.into_iter().map(|raw| Id::uninit(raw.map(|b| b as _))).collect())
 }
 
+/// The lane (index into `Link::lanes`) of a transfer of `payload` from rank `from` to `to`:
+/// hand-offs up and down, then replica gradients up and down.
+fn lane_of(payload: &Payload, from: usize, to: usize) -> usize {
+    let side = Side::of(from, to) as usize;
+    match payload {
+        Payload::HandOff { .. } => side,
+        Payload::ReplicaGrad { .. } => 2 + side,
+    }
+}
+
 /// One communicator, the candle device whose stream it runs on (tensors it receives belong to
 /// that stream).
 struct Lane {
@@ -140,8 +151,8 @@ struct Lane {
 struct Link {
     ranks: Arc<Ranks>,
     rank: usize,
-    /// `Side::Up` then `Side::Down`.
-    lanes: [Lane; 2],
+    /// By [`lane_of`]: 2 (hand-offs) or 4 (and replica gradients).
+    lanes: Vec<Lane>,
     order: PeerOrder,
     header_out: HashMap<usize, Sender<Msg>>,
     header_in: Receiver<Msg>,
@@ -161,7 +172,7 @@ impl Link {
         header_in: Receiver<Msg>,
     ) -> Result<Self, String> {
         let (rank, size) = (ranks.rank(), ranks.size());
-        let lane = |id: Id, name: &str| -> Result<Lane, String> {
+        let lane = |(id, name): (Id, &str)| -> Result<Lane, String> {
             // A stream of the link's own: never the default stream, never a stage's.
             let cuda = CudaDevice::new_with_stream(gpu).map_err(|e| format!("cannot open cuda:{gpu} for NCCL: {e}"))?;
             let comm = Comm::from_rank(cuda.cuda_stream(), rank, size, id).map_err(|e| {
@@ -169,8 +180,9 @@ impl Link {
             })?;
             Ok(Lane { comm, device: Device::Cuda(cuda) })
         };
-        let [up, down]: [Id; 2] = ids.try_into().map_err(|_| "two NCCL unique ids expected".to_string())?;
-        let lanes = [lane(up, "up")?, lane(down, "down")?];
+        // Created in the same order on every rank: creating a communicator is collective.
+        let names = ["hand-off up", "hand-off down", "replica up", "replica down"];
+        let lanes = ids.into_iter().zip(names).map(lane).collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             ranks,
             rank,
@@ -258,6 +270,12 @@ impl Link {
         Ok(())
     }
 
+    fn lane(&self, payload: &Payload, from: usize, to: usize) -> Result<&Lane, String> {
+        self.lanes.get(lane_of(payload, from, to)).ok_or_else(|| {
+            format!("{payload:?} from rank {from} to {to}: this job has no NCCL lanes for replica gradients")
+        })
+    }
+
     fn deliver_early(&mut self) {
         for (payload, tensor) in std::mem::take(&mut self.early) {
             self.deliver(payload, tensor);
@@ -266,7 +284,7 @@ impl Link {
 
     /// Header over MPI, then the data over NCCL, in that order, from this one thread.
     fn send(&mut self, peer: usize, payload: Payload, tensor: HandOff) -> Result<(), String> {
-        let lane = &self.lanes[Side::of(self.rank, peer) as usize];
+        let lane = self.lane(&payload, self.rank, peer)?;
         // The lane's stream waits for the sender's event; the copy then belongs to the lane's
         // stream, which frees it after the send in stream order.
         let tensor = tensor.receive(&lane.device).and_then(|t| t.contiguous()).map_err(|e| e.to_string())?;
@@ -296,7 +314,7 @@ impl Link {
         let words = words.receive(&Device::Cpu).and_then(|t| t.to_vec1::<i64>()).map_err(|e| e.to_string())?;
         let header = Header::from_words(&words)?;
         self.order.admit(header.source, header.seq)?;
-        let lane = &self.lanes[Side::of(header.source, self.rank) as usize];
+        let lane = self.lane(&header.payload, header.source, self.rank)?;
         let tensor = if header.elements() == 0 {
             Tensor::zeros(header.shape.as_slice(), header.dtype, &lane.device).map_err(|e| e.to_string())?
         } else {
