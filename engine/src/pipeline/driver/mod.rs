@@ -290,7 +290,13 @@ impl Pipeline {
             World::Ranks(ranks) if world.is_distributed() => {
                 let devices: Vec<_> = (0..slots).map(device_of).collect();
                 let owners: Vec<_> = (0..slots).map(|s| world.owner(s, slots)).collect();
-                Some(super::transport::choose_link(cfg!(feature = "nccl"), &devices, &owners, ranks.rank()))
+                let lanes = super::transport::one_peer_per_lane(super::transport::hand_off_pairs(
+                    &placement,
+                    config.stages,
+                    replicas,
+                    |slot| owners[slot],
+                ));
+                Some(super::transport::choose_link(cfg!(feature = "nccl"), &devices, &owners, ranks.rank(), lanes))
             }
             _ => None,
         };
@@ -302,17 +308,25 @@ impl Pipeline {
         };
         #[cfg(not(feature = "mpi"))]
         let hand_offs = "in process".to_string();
+        // The replica sums over NCCL too where each stage's copies are one peer apart (2 replicas).
+        #[cfg(feature = "nccl")]
+        let nccl_replicas = replicas > 1
+            && super::transport::one_peer_per_lane(super::transport::replica_pairs(config.stages, replicas, |s| {
+                world.owner(s, slots)
+            }))
+            .is_ok();
         #[cfg(feature = "nccl")]
         let nccl = match (&world, &link_choice) {
-            (World::Ranks(ranks), Some(super::transport::LinkChoice::Nccl { gpu })) => {
-                Some(super::transport::NcclLink::start(ranks.clone(), *gpu, slots).map_err(EngineError::Config)?)
-            }
+            (World::Ranks(ranks), Some(super::transport::LinkChoice::Nccl { gpu })) => Some(
+                super::transport::NcclLink::start(ranks.clone(), *gpu, slots, nccl_replicas)
+                    .map_err(EngineError::Config)?,
+            ),
             _ => None,
         };
         let reduce: Option<Arc<dyn ReplicaReduce>> = match &world {
             _ if replicas == 1 => None,
             #[cfg(feature = "nccl")]
-            World::Ranks(ranks) if nccl.is_some() => nccl
+            World::Ranks(ranks) if nccl.is_some() && nccl_replicas => nccl
                 .clone()
                 .map(|link| super::transport::NcclReduce::start(link, ranks.size(), replicas, config.stages))
                 .transpose()

@@ -191,7 +191,7 @@ impl PeerOrder {
 /// Which of the two communicators (each on its own stream) carries a transfer from rank `from`
 /// to rank `to`: `Up` from a lower rank to a higher one, `Down` otherwise. Sender and receiver
 /// compute the same.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum Side {
     Up = 0,
     Down = 1,

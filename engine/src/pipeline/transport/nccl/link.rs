@@ -284,17 +284,12 @@ impl Link {
 
     /// Header over MPI, then the data over NCCL, in that order, from this one thread.
     fn send(&mut self, peer: usize, payload: Payload, tensor: HandOff) -> Result<(), String> {
+        let seq = self.order.stamp(peer)?;
         let lane = self.lane(&payload, self.rank, peer)?;
         // The lane's stream waits for the sender's event; the copy then belongs to the lane's
         // stream, which frees it after the send in stream order.
         let tensor = tensor.receive(&lane.device).and_then(|t| t.contiguous()).map_err(|e| e.to_string())?;
-        let header = Header {
-            source: self.rank,
-            seq: self.order.stamp(peer)?,
-            payload,
-            dtype: tensor.dtype(),
-            shape: tensor.dims().to_vec(),
-        };
+        let header = Header { source: self.rank, seq, payload, dtype: tensor.dtype(), shape: tensor.dims().to_vec() };
         let words = header.to_words()?;
         let envelope =
             Tensor::new(words.as_slice(), &Device::Cpu).and_then(HandOff::send).map_err(|e| e.to_string())?;
