@@ -156,6 +156,7 @@ struct Link {
     order: PeerOrder,
     header_out: HashMap<usize, Sender<Msg>>,
     header_in: Receiver<Msg>,
+    headers_open: bool,
     proxies: Vec<(usize, usize, Receiver<Msg>)>,
     incoming: HashMap<usize, Sender<Msg>>,
     replica_inboxes: Vec<Sender<ReplicaPiece>>,
@@ -190,6 +191,7 @@ impl Link {
             order: PeerOrder::new(size),
             header_out,
             header_in,
+            headers_open: true,
             proxies: Vec::new(),
             incoming: HashMap::new(),
             replica_inboxes: Vec::new(),
@@ -202,7 +204,9 @@ impl Link {
             {
                 let mut select = Select::new();
                 select.recv(&jobs);
-                select.recv(&self.header_in);
+                if self.headers_open {
+                    select.recv(&self.header_in);
+                }
                 for (_, _, rx) in &self.proxies {
                     select.recv(rx);
                 }
@@ -221,9 +225,16 @@ impl Link {
                 }
             }
             // Headers in arrival order: the receives are issued in the senders' order.
-            while let Ok(envelope) = self.header_in.try_recv() {
-                if let Err(e) = self.receive(envelope) {
-                    self.fail(&e)
+            while self.headers_open {
+                match self.header_in.try_recv() {
+                    Ok(envelope) => {
+                        if let Err(e) = self.receive(envelope) {
+                            self.fail(&e)
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    // The MPI thread serves another pipeline now: no more headers for this one.
+                    Err(TryRecvError::Disconnected) => self.headers_open = false,
                 }
             }
             let mut outbound = Vec::new();
