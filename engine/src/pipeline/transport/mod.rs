@@ -42,9 +42,9 @@ pub(super) use self::mpi::{Attachment, MpiReduce};
 #[cfg(feature = "nccl")]
 pub use self::nccl::one_rank_check as nccl_one_rank_check;
 #[cfg(feature = "mpi")]
-pub(super) use self::nccl::{choose_link, hand_off_pairs, one_peer_per_lane, replica_pairs, LinkChoice};
+pub(super) use self::nccl::{choose_link, hand_off_pairs, one_peer_per_lane, LinkChoice};
 #[cfg(feature = "nccl")]
-pub(super) use self::nccl::{NcclLink, NcclReduce};
+pub(super) use self::nccl::{replica_pairs, NcclLink, NcclReduce};
 use super::handoff::HandOff;
 use super::protocol::Msg;
 
