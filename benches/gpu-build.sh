@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds everything the GPU check needs, here (no GPU needed), into .gpu/ (git-ignored), for
-# the device tool to carry: the cuda `brigade` binary, the CUDA test binaries, the PyTorch peer
+# the device tool to carry: the cuda `brigade` binary, the CUDA test binaries (and the NCCL
+# smoke test with the Open MPI libraries it links), the PyTorch peer
 # and the library-path script. Then, on the lent machine, in one call:
 #   run(command="bash benches/gpu-check.sh", carry=[".gpu"])
 # Uses the pinned CUDA 13.0 toolchain (../shared/cuda/toolchain.sh) and its own target directory
@@ -18,9 +19,10 @@ strip -o .gpu/brigade "$target/release/brigade"
 # Test binaries: the GPU integration tests (brigade), the device unit tests (engine),
 # the kernels against their CPU twins (kernels). `--message-format` names each executable.
 test_binaries() {
+  local features=$1; shift
   # json-render-diagnostics: the JSON on stdout names the executables, and warnings and errors
   # still reach the terminal (stderr), rendered as usual.
-  cargo test --release --features cuda --target-dir "$target" --no-run --message-format=json-render-diagnostics "$@" \
+  cargo test --release --features "$features" --target-dir "$target" --no-run --message-format=json-render-diagnostics "$@" \
     | python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -31,9 +33,19 @@ for line in sys.stdin:
     | while read -r exe; do strip -o ".gpu/tests/$(basename "$exe")" "$exe"; done
 }
 # Only the binaries with GPU tests (gpu-check.sh filters each to its GPU tests).
-test_binaries -p brigade --test gpu
-test_binaries -p brigade-engine --lib
-test_binaries -p brigade-kernels --lib --test kernels
+test_binaries cuda -p brigade --test gpu
+test_binaries cuda -p brigade-engine --lib
+test_binaries cuda -p brigade-kernels --lib --test kernels
+# The one-rank NCCL smoke test (engine/tests/nccl.rs, `nccl` feature: needs MPI here). It links
+# Open MPI, which the GPU machine lacks: the libraries it loads, other than the C runtime and
+# the CUDA ones device-env.sh provides, travel in .gpu/tests/lib (one rank never starts MPI).
+test_binaries nccl -p brigade-engine --test nccl
+mkdir -p .gpu/tests/lib
+for t in .gpu/tests/nccl-*; do
+  ldd "$t" | awk '/=> \// {print $3}' \
+    | grep -vE '/(libc|libm|libdl|librt|libpthread|libgcc_s|libstdc\+\+|ld-linux[^/]*|libcuda|libcublas[^/]*|libcurand|libcudart|libnvrtc|libnccl)\.so' \
+    | while read -r lib; do cp -L "$lib" .gpu/tests/lib/; done
+done
 cp ../shared/cuda/device-env.sh ../shared/peers/torch_gpt.py benches/torch_kernels.py .gpu/
 # The device tool carries 64 MiB at most and the binaries are ~260 MB (candle and cudarc in
 # each): one xz archive of ~35 MB, which gpu-check.sh unpacks there with Python's tarfile.

@@ -8,8 +8,9 @@
 # tables, logs.tar.gz with every log and raw output), and prints a summary of at most 6,000
 # characters last, so it is what the 12,000-character output tail keeps. Sections, in order of
 # value (a later one is what a short budget drops):
-#   1. the CUDA tests: the GPU integration tests, the device unit tests and the kernels against
-#      their CPU twins (no CPU-only tests); a skip fails the check, as on this machine they must run;
+#   1. the CUDA tests: the GPU integration tests, the device unit tests, the kernels against
+#      their CPU twins (no CPU-only tests) and the one-rank NCCL smoke test (an all-reduce and a
+#      send to itself of known tensors); a skip fails the check, as on this machine they must run;
 #   2. brigade bench on GPT-2 124M (batch 8 x 1024), 1/2/4 stages on cuda:0, bf16 then f32:
 #      tokens/s, MFU (against the GPU's peak from the table below), peak memory;
 #   3. PyTorch eager on the same model, bf16 and f32, for the ratio per row;
@@ -84,9 +85,13 @@ for t in .gpu/tests/*; do
     brigade_engine-*) filter=(device) cap=20 ;;
     brigade_kernels-*) filter=(cuda) cap=30 ;;
     kernels-*) filter=(cuda::) cap=60 ;;
+    # The one-rank NCCL smoke test; the Open MPI it links came along in .gpu/tests/lib.
+    nccl-*) filter=() cap=60 ;;
     *) continue ;;
   esac
-  section "$cap" "test-${base%-*}" "$t" "${filter[@]}" --test-threads 1 || status=1
+  libs=${LD_LIBRARY_PATH:-}
+  [[ $base == nccl-* ]] && libs=".gpu/tests/lib${libs:+:$libs}"
+  section "$cap" "test-${base%-*}" env LD_LIBRARY_PATH="$libs" "$t" "${filter[@]}" --test-threads 1 || status=1
   grep -q 'SKIPPED' "$work/test-${base%-*}.log" && { echo "a test skipped on the GPU machine: ${base%-*}"; status=1; }
   grep -q 'test result: ok. 0 passed' "$work/test-${base%-*}.log" && { echo "no test ran: ${base%-*}"; status=1; }
 done

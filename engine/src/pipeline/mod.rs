@@ -53,6 +53,8 @@ mod transport;
 
 pub use config::{PipelineConfig, ScheduleChoice};
 pub use driver::{ActionTiming, EvalStats, Pipeline, StepStats};
+#[cfg(feature = "nccl")]
+pub use transport::nccl_one_rank_check;
 pub use transport::World;
 #[cfg(feature = "mpi")]
 pub use transport::{Ranks, DEFAULT_RANK_TIMEOUT};

@@ -121,6 +121,11 @@ pub struct Pipeline {
     /// The processes the stages run in, and which stages this one runs.
     world: World,
     local: Vec<bool>,
+    /// How hand-offs between ranks travel, for a start-up line (`Pipeline::hand_offs`).
+    hand_offs: String,
+    /// The NCCL thread, when GPU stages span ranks (kept alive as long as the stages).
+    #[cfg(feature = "nccl")]
+    _nccl: Option<Arc<super::transport::NcclLink>>,
     step: u64,
     stopped: Option<String>,
 }
@@ -279,8 +284,53 @@ impl Pipeline {
             _ => None,
         };
         start_elementwise_pool();
+        // GPU stages across ranks: their hand-offs and replica sums over NCCL (`transport/nccl.rs`).
+        #[cfg(feature = "mpi")]
+        let link_choice = match &world {
+            World::Ranks(ranks) if world.is_distributed() => {
+                let devices: Vec<_> = (0..slots).map(device_of).collect();
+                let owners: Vec<_> = (0..slots).map(|s| world.owner(s, slots)).collect();
+                let lanes = super::transport::one_peer_per_lane(super::transport::hand_off_pairs(
+                    &placement,
+                    config.stages,
+                    replicas,
+                    |slot| owners[slot],
+                ));
+                Some(super::transport::choose_link(cfg!(feature = "nccl"), &devices, &owners, ranks.rank(), lanes))
+            }
+            _ => None,
+        };
+        #[cfg(feature = "mpi")]
+        let hand_offs = match &link_choice {
+            None => "in process".to_string(),
+            Some(super::transport::LinkChoice::Nccl { gpu }) => format!("NCCL from cuda:{gpu}"),
+            Some(super::transport::LinkChoice::MpiBytes(why)) => format!("MPI byte messages ({why})"),
+        };
+        #[cfg(not(feature = "mpi"))]
+        let hand_offs = "in process".to_string();
+        // The replica sums over NCCL too where each stage's copies are one peer apart (2 replicas).
+        #[cfg(feature = "nccl")]
+        let nccl_replicas = replicas > 1
+            && super::transport::one_peer_per_lane(super::transport::replica_pairs(config.stages, replicas, |s| {
+                world.owner(s, slots)
+            }))
+            .is_ok();
+        #[cfg(feature = "nccl")]
+        let nccl = match (&world, &link_choice) {
+            (World::Ranks(ranks), Some(super::transport::LinkChoice::Nccl { gpu })) => Some(
+                super::transport::NcclLink::start(ranks.clone(), *gpu, slots, nccl_replicas)
+                    .map_err(EngineError::Config)?,
+            ),
+            _ => None,
+        };
         let reduce: Option<Arc<dyn ReplicaReduce>> = match &world {
             _ if replicas == 1 => None,
+            #[cfg(feature = "nccl")]
+            World::Ranks(ranks) if nccl.is_some() && nccl_replicas => nccl
+                .clone()
+                .map(|link| super::transport::NcclReduce::start(link, ranks.size(), replicas, config.stages))
+                .transpose()
+                .map_err(EngineError::Config)?,
             #[cfg(feature = "mpi")]
             World::Ranks(ranks) if world.is_distributed() => Some(
                 super::transport::MpiReduce::start(ranks.clone(), replicas, config.stages)
@@ -345,7 +395,18 @@ impl Pipeline {
         #[cfg(feature = "mpi")]
         if let World::Ranks(ranks) = &world {
             let incoming = (0..slots).filter(|&s| local[s]).map(|s| (s, inboxes[s].clone())).collect();
-            ranks.attach(super::transport::Attachment { outgoing: proxies, incoming }).map_err(EngineError::Config)?;
+            // With NCCL its thread drains the proxies and feeds the stages' inboxes; the MPI
+            // thread then carries only the headers (attached by `NcclLink::start`).
+            #[cfg(feature = "nccl")]
+            let to_mpi = match &nccl {
+                Some(link) => link.attach(proxies, incoming).map(|_| None).map_err(EngineError::Config)?,
+                None => Some((proxies, incoming)),
+            };
+            #[cfg(not(feature = "nccl"))]
+            let to_mpi = Some((proxies, incoming));
+            if let Some((outgoing, incoming)) = to_mpi {
+                ranks.attach(super::transport::Attachment { outgoing, incoming }).map_err(EngineError::Config)?;
+            }
         }
         #[cfg(not(feature = "mpi"))]
         drop(proxies);
@@ -371,6 +432,9 @@ impl Pipeline {
             tied_shapes,
             world,
             local,
+            hand_offs,
+            #[cfg(feature = "nccl")]
+            _nccl: nccl,
             step: 0,
             stopped: None,
         };
@@ -415,6 +479,12 @@ impl Pipeline {
     /// for). A step waits for every replica; evaluation runs on replica 0 alone.
     fn pending_local(&self, replicas: usize) -> Vec<bool> {
         (0..self.stages * replicas).map(|slot| !self.local[slot]).collect()
+    }
+
+    /// How hand-offs between ranks travel: "in process", "NCCL from cuda:N", or "MPI byte
+    /// messages (why not NCCL)".
+    pub fn hand_offs(&self) -> &str {
+        &self.hand_offs
     }
 
     /// The processes this pipeline runs in.

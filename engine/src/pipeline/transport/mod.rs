@@ -27,6 +27,8 @@
 mod crossbeam;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "mpi")]
+mod nccl;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,6 +39,12 @@ pub(super) use self::crossbeam::Crossbeam;
 pub(super) use self::mpi::{Attachment, MpiReduce};
 #[cfg(feature = "mpi")]
 pub use self::mpi::{Ranks, DEFAULT_RANK_TIMEOUT};
+#[cfg(feature = "nccl")]
+pub use self::nccl::one_rank_check as nccl_one_rank_check;
+#[cfg(feature = "mpi")]
+pub(super) use self::nccl::{choose_link, hand_off_pairs, one_peer_per_lane, LinkChoice};
+#[cfg(feature = "nccl")]
+pub(super) use self::nccl::{replica_pairs, NcclLink, NcclReduce};
 use super::handoff::HandOff;
 use super::protocol::Msg;
 
