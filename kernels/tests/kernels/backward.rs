@@ -209,3 +209,34 @@ fn layer_norm_backward_residual_is_the_backward_plus_the_residual_bit_for_bit() 
     let e = k::layer_norm_backward_residual(&x, &w, &x, &z(&[4, 8], DType::F64), 1e-5).unwrap_err().to_string();
     assert!(e.contains("residual") && e.contains("F64"), "{e}");
 }
+
+/// `sum_squares` is the f64 sum of squares: within f64 rounding of the composition
+/// `to_dtype(F64).sqr().sum_all()` (a different summation order, so not bit for bit; the
+/// relative gap of two f64 sums of n positive terms is at most ~n·2⁻⁵³), the same bits on one
+/// thread and two, dense or strided, over one block or many, and 0 for an empty tensor.
+#[test]
+fn sum_squares_is_the_f64_sum_of_squares_on_any_thread_count() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let mut g = rng(22);
+    for dtype in [DType::F32, DType::F64] {
+        for dims in [vec![7], vec![3, 5, 24], vec![300, 769]] {
+            let x = uniform(&mut g, &dims, 3.0, dtype);
+            let x = if dims.len() == 2 { x.t().unwrap() } else { x };
+            let want = x.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+            let one = k::sum_squares(&x).unwrap();
+            assert_eq!(one.dtype(), DType::F64);
+            let one = one.to_scalar::<f64>().unwrap();
+            let two = pool.install(|| k::sum_squares(&x)).unwrap().to_scalar::<f64>().unwrap();
+            assert!(((one - want) / want).abs() < 1e-12, "{dims:?} {dtype:?}: {one} vs {want}");
+            assert_eq!(one.to_bits(), two.to_bits(), "{dims:?} {dtype:?}: thread count changed the bits");
+        }
+    }
+    assert_eq!(
+        k::sum_squares(&Tensor::zeros(0, DType::F32, &Device::Cpu).unwrap()).unwrap().to_scalar::<f64>().unwrap(),
+        0.0
+    );
+    // Off the fused dtypes it is the composition.
+    let x = uniform(&mut g, &[9], 1.0, DType::F32).to_dtype(DType::BF16).unwrap();
+    let want = x.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    assert_eq!(k::sum_squares(&x).unwrap().to_scalar::<f64>().unwrap(), want);
+}
