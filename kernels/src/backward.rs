@@ -52,6 +52,39 @@ pub fn layer_norm_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, eps: f64) -
     Ok((packed.narrow(0, 0, n)?.reshape(x.shape())?, packed.narrow(0, n, c)?, packed.narrow(0, n + c, c)?))
 }
 
+/// [`layer_norm_backward`] plus the gradient that reaches the LayerNorm's input around it,
+/// through a residual connection: `(residual + dx, dweight, dbias)`. A pre-LayerNorm block's
+/// input gradient is exactly this (`x` feeds both the LayerNorm and the residual add), and on
+/// the fused path the sum is written by the pass that writes `dx`: no separate add reading
+/// both back into a third buffer. Bit for bit `add(residual, dx)` of [`layer_norm_backward`]'s
+/// `dx` (one rounding of the same two terms).
+pub fn layer_norm_backward_residual(
+    x: &Tensor,
+    weight: &Tensor,
+    dy: &Tensor,
+    residual: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    check_layer_norm_args(x, weight, weight, eps)?;
+    for (name, t) in [("dy", dy), ("residual", residual)] {
+        if t.shape() != x.shape() {
+            candle_core::bail!(
+                "layer_norm_backward_residual: {name} {:?} must have the shape of x {:?}",
+                t.shape(),
+                x.shape()
+            )
+        }
+        if t.dtype() != x.dtype() {
+            candle_core::bail!("layer_norm_backward_residual: {name} is {:?}, x is {:?}", t.dtype(), x.dtype())
+        }
+    }
+    if !fused(x) || x.track_op() || dy.track_op() || residual.track_op() {
+        let (dx, dw, db) = layer_norm_backward(x, weight, dy, eps)?;
+        return Ok((add(residual, &dx)?, dw, db));
+    }
+    crate::layer_norm::layer_norm_backward_residual_cpu(x, weight, dy, residual, eps)
+}
+
 /// Backward of [`crate::softmax_last_dim`], from the softmax's output `y`:
 /// `dx = y * (dy - sum(dy * y))` per row.
 pub fn softmax_last_dim_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {

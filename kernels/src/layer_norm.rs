@@ -19,7 +19,9 @@
 //! Assumes `x: (..., C)`, `w, b: (C,)`, same float dtype (checked by the public wrapper).
 //! Second-order gradients are not supported (the backward op is applied without autograd).
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use std::mem::MaybeUninit;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::{storage, view, with_float, Real, PAR_MIN_ELEMS};
@@ -126,18 +128,23 @@ pub(crate) struct LayerNormBwd {
 }
 
 impl LayerNormBwd {
-    fn run<T: Real>(&self, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
+    /// `[dx | dw | db]` for the output gradient `dy`; with `residual`, `dx` is
+    /// `residual + dx_ln`: the block's residual branch's gradient added in the pass that
+    /// writes `dx`, instead of a separate add reading both back into a third buffer. The sum is
+    /// the same single rounding as that add, so the bits are the composition's.
+    pub(crate) fn run<T: Real>(&self, x: &[T], w: &[T], dy: &[T], residual: Option<&[T]>) -> Vec<T> {
         let c = w.len();
         let n = x.len();
         let eps = T::from_f64(self.eps);
         let inv_c = T::ONE / T::from_f64(c as f64);
-        let mut out = vec![T::ZERO; n + 2 * c];
         if c == 0 || n == 0 {
-            return out;
+            return residual.map_or_else(|| vec![T::ZERO; n + 2 * c], |r| [r, &vec![T::ZERO; 2 * c]].concat());
         }
-        let (dx, dwb) = out.split_at_mut(n);
+        // `dx` is written in full by the blocks below, so it starts uninitialised: no memset of
+        // the whole buffer on the calling thread before the parallel pass.
+        let mut out: Vec<T> = Vec::with_capacity(n + 2 * c);
         // Processes a block of rows, returning that block's [dw | db] contribution.
-        let block = |row0: usize, dxb: &mut [T]| -> Vec<T> {
+        let block = |row0: usize, dxb: &mut [MaybeUninit<T>]| -> Vec<T> {
             let mut acc = vec![T::ZERO; 2 * c];
             let (dw, db) = acc.split_at_mut(c);
             for (k, dxr) in dxb.chunks_mut(c).enumerate() {
@@ -148,10 +155,23 @@ impl LayerNormBwd {
                 // Pass 1: the two row reductions of the dx formula, plus dw/db.
                 let (g_sum, gx_sum) = T::layer_norm_bwd_sums(xr, gr, w, mean, rstd, dw, db);
                 let (g_mean, gx_mean) = (g_sum * inv_c, gx_sum * inv_c);
-                // Pass 2: dx.
-                for i in 0..c {
+                // Pass 2: dx (plus the residual gradient).
+                let ln_dx = |i: usize| {
                     let xhat = (xr[i] - mean) * rstd;
-                    dxr[i] = (gr[i] * w[i] - g_mean - xhat * gx_mean) * rstd;
+                    (gr[i] * w[i] - g_mean - xhat * gx_mean) * rstd
+                };
+                match residual {
+                    Some(res) => {
+                        let rr = &res[r * c..(r + 1) * c];
+                        for (i, o) in dxr.iter_mut().enumerate() {
+                            o.write(rr[i] + ln_dx(i));
+                        }
+                    }
+                    None => {
+                        for (i, o) in dxr.iter_mut().enumerate() {
+                            o.write(ln_dx(i));
+                        }
+                    }
                 }
             }
             acc
@@ -159,6 +179,7 @@ impl LayerNormBwd {
         // Fixed blocks of rows whatever the thread count, their partial sums added in block
         // order: dw and db come out bit for bit the same on one thread or many, run to run.
         let block_len = LN_BWD_ROWS_PER_BLOCK * c;
+        let dx = &mut out.spare_capacity_mut()[..n];
         let partials: Vec<Vec<T>> = if n >= PAR_MIN_ELEMS {
             dx.par_chunks_mut(block_len).enumerate().map(|(bi, dxb)| block(bi * LN_BWD_ROWS_PER_BLOCK, dxb)).collect()
         } else {
@@ -168,7 +189,9 @@ impl LayerNormBwd {
         for partial in &partials {
             acc.iter_mut().zip(partial).for_each(|(a, &b)| *a += b);
         }
-        dwb.copy_from_slice(&acc);
+        // SAFETY: the blocks above wrote all n elements of dx.
+        unsafe { out.set_len(n) };
+        out.extend_from_slice(&acc);
         out
     }
 }
@@ -194,7 +217,7 @@ impl CustomOp3 for LayerNormBwd {
             let x = view::<T>(xs, xl)?;
             let w = view::<T>(ws, wl)?;
             let dy = view::<T>(gs, gl)?;
-            let out = self.run::<T>(&x, &w, &dy);
+            let out = self.run::<T>(&x, &w, &dy, None);
             let len = out.len();
             Ok((storage(out), Shape::from(len)))
         })
@@ -212,4 +235,29 @@ impl CustomOp3 for LayerNormBwd {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::cuda::layer_norm_bwd(s1, l1, s2, l2, s3, l3, self.eps)
     }
+}
+
+/// [`crate::layer_norm_backward_residual`] on the CPU: `(dx, dw, db)` with `dx = residual +
+/// dx_ln` written in one pass. The caller checked shapes, dtypes and devices.
+pub(crate) fn layer_norm_backward_residual_cpu(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    residual: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (gs, gl) = dy.storage_and_layout();
+    let (rs, rl) = residual.storage_and_layout();
+    let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(gs), Storage::Cpu(rs)) = (&*xs, &*ws, &*gs, &*rs) else {
+        candle_core::bail!("layer_norm_backward_residual: expected CPU tensors")
+    };
+    let op = LayerNormBwd { eps };
+    let packed = with_float!("layer-norm-bwd-residual", xs, |T| {
+        let out = op.run::<T>(&view(xs, xl)?, &view(ws, wl)?, &view(gs, gl)?, Some(&view(rs, rl)?));
+        Tensor::from_vec(out, x.elem_count() + 2 * w.elem_count(), x.device())
+    })?;
+    let (n, c) = (x.elem_count(), w.elem_count());
+    Ok((packed.narrow(0, 0, n)?.reshape(x.shape())?, packed.narrow(0, n, c)?, packed.narrow(0, n + c, c)?))
 }

@@ -53,16 +53,18 @@ pub mod reference;
 mod rms_norm;
 mod rope;
 mod softmax;
+mod sum_squares;
 mod swiglu;
 pub mod vmath;
 
 use candle_core::{bail, DType, Result, Tensor};
 
 pub use gemm::{conv2d, matmul, stage_threads};
+pub use sum_squares::sum_squares;
 
 pub use backward::{
-    accumulate, add, cross_entropy_sum_backward, gelu_tanh_backward, layer_norm_backward, matmul_accumulate,
-    max_pool2d_backward, softmax_last_dim_backward, sum_rows,
+    accumulate, add, cross_entropy_sum_backward, gelu_tanh_backward, layer_norm_backward, layer_norm_backward_residual,
+    matmul_accumulate, max_pool2d_backward, softmax_last_dim_backward, sum_rows,
 };
 
 /// Whether `t` can take the fused CPU kernels (see the crate docs).

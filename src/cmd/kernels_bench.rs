@@ -163,6 +163,15 @@ fn bench_all(args: &KernelsBenchArgs, dev: &Device, dtype: DType, s: Shapes) -> 
             flops: None,
             run: Box::new(move || k::layer_norm_backward(&x2, &w2, &dy, 1e-5).map(drop)),
         });
+        // The pre-LayerNorm block's backward: the LayerNorm's dx plus the residual gradient.
+        let (x3, w3, dy3, res) = (rand(&[n, c], 1.0)?, rand(&[c], 1.0)?, rand(&[n, c], 1.0)?, rand(&[n, c], 1.0)?);
+        cases.push(Case {
+            name: "layer_norm_bwd_residual",
+            shape: format!("({n}, {c})"),
+            bytes: Some(4.0 * (n * c) as f64 * elem),
+            flops: None,
+            run: Box::new(move || k::layer_norm_backward_residual(&x3, &w3, &dy3, &res, 1e-5).map(drop)),
+        });
     }
     if wanted("gelu") {
         let (x, dy) = (rand(&[n, 4 * c], 1.0)?, rand(&[n, 4 * c], 1.0)?);
@@ -344,9 +353,29 @@ fn bench_all(args: &KernelsBenchArgs, dev: &Device, dtype: DType, s: Shapes) -> 
             }),
         });
     }
+    if wanted("sum_squares") {
+        // The gradient-clipping norm: one f64 sum of squares per gradient, as a stage takes it.
+        let shapes = s.parameter_shapes();
+        let count: usize = shapes.iter().map(|d| d.iter().product::<usize>()).sum();
+        let grads: Vec<Tensor> = shapes.iter().map(|d| rand(d, 0.01)).collect::<candle_core::Result<_>>()?;
+        cases.push(Case {
+            name: "sum_squares_grad_norm",
+            shape: format!("{} tensors, {:.1}M params", shapes.len(), count as f64 / 1e6),
+            bytes: Some(count as f64 * elem),
+            flops: None,
+            run: Box::new(move || {
+                let mut total = 0f64;
+                for g in &grads {
+                    total += k::sum_squares(g)?.to_scalar::<f64>()?;
+                }
+                std::hint::black_box(total);
+                Ok(())
+            }),
+        });
+    }
     if cases.is_empty() {
         bail!(
-            "--only {:?} matches no kernel (layer_norm, gelu, rms_norm, rope, swiglu, cross_entropy, attention, adamw)",
+            "--only {:?} matches no kernel (layer_norm, gelu, rms_norm, rope, swiglu, cross_entropy, attention, adamw, sum_squares)",
             args.only.as_deref().unwrap_or("")
         );
     }

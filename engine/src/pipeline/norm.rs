@@ -1,7 +1,7 @@
 //! Squared gradient norms for clipping, summed in f64, shared by the driver, the stages and the
 //! single-device reference.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 /// The squared L2 norm of `t`, summed in f64 (gradient clipping, here and in the reference).
 pub(crate) fn squared_norm(t: &Tensor) -> candle_core::Result<f64> {
@@ -13,7 +13,8 @@ pub(crate) fn squared_norm(t: &Tensor) -> candle_core::Result<f64> {
 pub(crate) fn squared_norm_sum(tensors: &[Tensor]) -> candle_core::Result<f64> {
     let mut total: Option<Tensor> = None;
     for t in tensors {
-        let sq = t.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+        // One parallel pass on the CPU (see `brigade_kernels::sum_squares`).
+        let sq = brigade_kernels::sum_squares(t)?;
         total = Some(match total {
             Some(acc) => (acc + sq)?,
             None => sq,

@@ -170,3 +170,73 @@ fn add_matches_candle_on_any_thread_count() {
     let z = |d: &[usize]| Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();
     assert!(k::add(&z(&[2, 3]), &z(&[3, 2])).is_err());
 }
+
+/// The fused LayerNorm backward with the residual gradient is the composition it replaces,
+/// `add(residual, layer_norm_backward(..).dx)`, bit for bit (the same two terms rounded once),
+/// with the same `dweight` and `dbias`: both dtypes, one and two threads, a shape small enough
+/// for one thread and one over the parallel threshold with several row blocks, and a strided
+/// residual. It also rejects a residual of another shape or dtype.
+#[test]
+fn layer_norm_backward_residual_is_the_backward_plus_the_residual_bit_for_bit() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let mut g = rng(21);
+    for dtype in [DType::F32, DType::F64] {
+        for (rows, c) in [(5, 24), (300, 256)] {
+            let x = uniform(&mut g, &[rows, c], 2.0, dtype);
+            let w = uniform(&mut g, &[c], 1.0, dtype);
+            let dy = uniform(&mut g, &[rows, c], 1.0, dtype);
+            let res = uniform(&mut g, &[c, rows], 1.0, dtype).t().unwrap();
+            let (dx, dw, db) = k::layer_norm_backward(&x, &w, &dy, 1e-5).unwrap();
+            let want = [to_f64_vec(&k::add(&res, &dx).unwrap()), to_f64_vec(&dw), to_f64_vec(&db)];
+            for threads in [1, 2] {
+                let (fdx, fdw, fdb) = if threads == 1 {
+                    k::layer_norm_backward_residual(&x, &w, &dy, &res, 1e-5).unwrap()
+                } else {
+                    pool.install(|| k::layer_norm_backward_residual(&x, &w, &dy, &res, 1e-5)).unwrap()
+                };
+                assert_eq!(fdx.dims(), x.dims());
+                let got = [to_f64_vec(&fdx), to_f64_vec(&fdw), to_f64_vec(&fdb)];
+                for (what, (got, want)) in ["dx", "dweight", "dbias"].iter().zip(got.iter().zip(&want)) {
+                    assert_eq!(got, want, "{what}: {rows}×{c} {dtype:?} on {threads} threads");
+                }
+            }
+        }
+    }
+    let z = |d: &[usize], dt| Tensor::zeros(d, dt, &Device::Cpu).unwrap();
+    let (x, w) = (z(&[4, 8], DType::F32), z(&[8], DType::F32));
+    let e = k::layer_norm_backward_residual(&x, &w, &x, &z(&[8, 4], DType::F32), 1e-5).unwrap_err().to_string();
+    assert!(e.contains("residual") && e.contains("shape"), "{e}");
+    let e = k::layer_norm_backward_residual(&x, &w, &x, &z(&[4, 8], DType::F64), 1e-5).unwrap_err().to_string();
+    assert!(e.contains("residual") && e.contains("F64"), "{e}");
+}
+
+/// `sum_squares` is the f64 sum of squares: within f64 rounding of the composition
+/// `to_dtype(F64).sqr().sum_all()` (a different summation order, so not bit for bit; the
+/// relative gap of two f64 sums of n positive terms is at most ~n·2⁻⁵³), the same bits on one
+/// thread and two, dense or strided, over one block or many, and 0 for an empty tensor.
+#[test]
+fn sum_squares_is_the_f64_sum_of_squares_on_any_thread_count() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let mut g = rng(22);
+    for dtype in [DType::F32, DType::F64] {
+        for dims in [vec![7], vec![3, 5, 24], vec![300, 769]] {
+            let x = uniform(&mut g, &dims, 3.0, dtype);
+            let x = if dims.len() == 2 { x.t().unwrap() } else { x };
+            let want = x.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+            let one = k::sum_squares(&x).unwrap();
+            assert_eq!(one.dtype(), DType::F64);
+            let one = one.to_scalar::<f64>().unwrap();
+            let two = pool.install(|| k::sum_squares(&x)).unwrap().to_scalar::<f64>().unwrap();
+            assert!(((one - want) / want).abs() < 1e-12, "{dims:?} {dtype:?}: {one} vs {want}");
+            assert_eq!(one.to_bits(), two.to_bits(), "{dims:?} {dtype:?}: thread count changed the bits");
+        }
+    }
+    assert_eq!(
+        k::sum_squares(&Tensor::zeros(0, DType::F32, &Device::Cpu).unwrap()).unwrap().to_scalar::<f64>().unwrap(),
+        0.0
+    );
+    // Off the fused dtypes it is the composition.
+    let x = uniform(&mut g, &[9], 1.0, DType::F32).to_dtype(DType::BF16).unwrap();
+    let want = x.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    assert_eq!(k::sum_squares(&x).unwrap().to_scalar::<f64>().unwrap(), want);
+}

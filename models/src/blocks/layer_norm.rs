@@ -39,6 +39,20 @@ impl LayerNorm {
         Ok((dx, LayerNormGrads { dweight, dbias }))
     }
 
+    /// `residual + dx` for `dy`: the input gradient of a pre-LayerNorm block's residual stream,
+    /// which reaches `x` both through this LayerNorm and around it (`residual`), summed in the
+    /// pass that writes `dx`.
+    pub(crate) fn backward_input_residual(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        residual: &Tensor,
+    ) -> Result<(Tensor, LayerNormGrads)> {
+        let (dx, dweight, dbias) =
+            brigade_kernels::layer_norm_backward_residual(x, &self.weight.value, dy, residual, self.eps)?;
+        Ok((dx, LayerNormGrads { dweight, dbias }))
+    }
+
     pub(crate) fn backward_weight(&self, g: &LayerNormGrads, grads: &mut Gradients) -> Result<()> {
         grads.add(&self.weight.name, &g.dweight)?;
         grads.add(&self.bias.name, &g.dbias)

@@ -172,12 +172,10 @@ impl Layer for Block {
         let s: BlockSaved = saved.take(&self.name)?;
         // MLP branch: y = x2 + c_proj(gelu(c_fc(ln_2(x2)))).
         let (dln2_out, dfc_out) = self.mlp.backward_input(&s.fc_out, dy)?;
-        let (dx2_ln, ln2) = self.ln_2.backward_input(&s.x2, &dln2_out)?;
-        let dx2 = brigade_kernels::add(dy, &dx2_ln)?;
-        // Attention branch: x2 = x + attn(ln_1(x)).
+        let (dx2, ln2) = self.ln_2.backward_input_residual(&s.x2, &dln2_out, dy)?; // dy + ln_2's dx
+                                                                                   // Attention branch: x2 = x + attn(ln_1(x)).
         let (dln1_out, dqkv) = self.attn.backward_input(&s.attn, &dx2)?;
-        let (dx_ln, ln1) = self.ln_1.backward_input(&s.x, &dln1_out)?;
-        let dx = brigade_kernels::add(&dx2, &dx_ln)?;
+        let (dx, ln1) = self.ln_1.backward_input_residual(&s.x, &dln1_out, &dx2)?; // dx2 + ln_1's dx
         let w = BlockWeightGrads {
             ln1_out: s.attn.x,
             dqkv,
