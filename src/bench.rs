@@ -99,6 +99,16 @@ pub fn time_breakdown(profile: &Profile) -> String {
         1e3 * profile.overhead.step_s,
         1e3 * profile.overhead.microbatch_s
     ));
+    if let Some(c) = &profile.contention {
+        parts.push(format!(
+            "contention x{:.2} ({} copies at once on {} cores: {:.2} ms a pass alone, {:.2} ms together)",
+            c.factor(),
+            c.copies,
+            c.cores,
+            1e3 * c.alone_s,
+            1e3 * c.concurrent_s
+        ));
+    }
     format!(
         "micro-batch of {} on {} thread(s): {:.2} ms per F+B; {}",
         profile.microbatch_size,

@@ -282,7 +282,8 @@ fn measure_contention(
     if crate::pipeline::check_thread_budget(copies * threads).is_err() {
         return Ok(None);
     }
-    let rounds = options.rounds.max(2);
+    // More rounds than the layers get: a ratio of two times is twice as exposed to load.
+    let rounds = options.rounds.max(5);
     let Some(repeats) = contention_repeats(per_microbatch, rounds, options) else { return Ok(None) };
     let specs = model.layers();
     let loss = model.loss();
