@@ -20,7 +20,7 @@ use brigade_engine::pipeline::{ActionTiming, PipelineConfig, StepStats};
 use brigade_engine::plan::human_bytes;
 use brigade_engine::profile::{median, profile_model, Profile, ProfileOptions};
 use brigade_engine::schedule::{ActionKind, ScheduleKind, Timeline};
-use brigade_engine::simulate::{predict, schedule_from_costs, Prediction, StageCosts};
+use brigade_engine::simulate::{predict, schedule_from_costs, Contention, Prediction, StageCosts};
 use brigade_models::data::Split;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -193,6 +193,13 @@ pub struct BenchRow {
     /// `(simulated − measured min) / measured min`: the profile is of uncontended layers, and
     /// the fastest step is the least disturbed by other processes.
     pub simulation_error_vs_min: f64,
+    /// The simulator's step without its contention term (stages that never slow each other,
+    /// as it predicted before it had one), and its error against the measured median: what
+    /// the term changes, on the same measurement.
+    #[serde(default)]
+    pub simulated_step_s_uncontended: f64,
+    #[serde(default)]
+    pub simulation_error_uncontended: f64,
     pub simulated_bubble: f64,
     /// Per stage: mean seconds busy per step, measured and simulated.
     pub stage_busy_s: Vec<f64>,
@@ -289,6 +296,7 @@ pub fn run(
     let stage_busy_s: Vec<f64> = busy.iter().map(|b| b / measured.len() as f64).collect();
 
     let prediction = predict(&schedule, &costs)?;
+    let uncontended = predict(&schedule, &StageCosts { contention: Contention::NONE, ..costs.clone() })?.step_time;
     let peak_memory_bytes = (0..p)
         .map(|s| prediction.static_bytes[s] + measured.iter().map(|st| st.peak_stash_bytes[s]).max().unwrap_or(0))
         .collect();
@@ -332,6 +340,8 @@ pub fn run(
         simulated_step_s: prediction.step_time,
         simulation_error: (prediction.step_time - step_s.median) / step_s.median.max(1e-12),
         simulation_error_vs_min: (prediction.step_time - step_s.min) / step_s.min.max(1e-12),
+        simulated_step_s_uncontended: uncontended,
+        simulation_error_uncontended: (uncontended - step_s.median) / step_s.median.max(1e-12),
         simulated_bubble: prediction.bubble_fraction,
         stage_busy_s,
         simulated_stage_busy_s: prediction.busy.clone(),
