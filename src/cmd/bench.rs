@@ -426,6 +426,8 @@ fn combine_rounds(rounds: &[BenchRow]) -> Combined {
     row.simulation_error_uncontended =
         (row.simulated_step_s_uncontended - row.step_s.median) / row.step_s.median.max(1e-12);
     row.measured_bubble = rounds.iter().map(|r| r.measured_bubble).sum::<f64>() / n;
+    row.voluntary_switches_per_step = rounds.iter().map(|r| r.voluntary_switches_per_step).sum::<f64>() / n;
+    row.involuntary_switches_per_step = rounds.iter().map(|r| r.involuntary_switches_per_step).sum::<f64>() / n;
     for (s, busy) in row.stage_busy_s.iter_mut().enumerate() {
         *busy = rounds.iter().map(|r| r.stage_busy_s.get(s).copied().unwrap_or(0.0)).sum::<f64>() / n;
     }
@@ -446,14 +448,14 @@ fn combine_rounds(rounds: &[BenchRow]) -> Combined {
 fn rounds_table(combined: &[Combined]) -> String {
     let mut t = String::new();
     t.push_str(
-        "| stages | schedule | v | m | round medians ms | spread (max−min)/median | simulated ms | sim error |\n",
+        "| stages | schedule | v | m | round medians ms | spread (max−min)/median | simulated ms | sim error | context switches per step (voluntary / involuntary) |\n",
     );
-    t.push_str("|---|---|---|---|---|---|---|---|\n");
+    t.push_str("|---|---|---|---|---|---|---|---|---|\n");
     for c in combined {
         let r = &c.row;
         let medians: Vec<String> = c.round_medians_s.iter().map(|m| format!("{:.1}", 1e3 * m)).collect();
         t.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.1}% | {:.1} | {:+.1}% |\n",
+            "| {} | {} | {} | {} | {} | {:.1}% | {:.1} | {:+.1}% | {:.0} / {:.0} |\n",
             r.stages,
             r.schedule,
             r.virtual_stages,
@@ -461,7 +463,9 @@ fn rounds_table(combined: &[Combined]) -> String {
             medians.join(", "),
             100.0 * c.spread(),
             1e3 * r.simulated_step_s,
-            100.0 * r.simulation_error
+            100.0 * r.simulation_error,
+            r.voluntary_switches_per_step,
+            r.involuntary_switches_per_step
         ));
     }
     t
@@ -657,6 +661,8 @@ mod tests {
             simulated_step_s: sim_ms / 1e3,
             simulation_error: (sim_ms / 1e3 - step_s.median) / step_s.median,
             simulation_error_vs_min: (sim_ms / 1e3 - step_s.min) / step_s.min,
+            voluntary_switches_per_step: 64.0 * bubble,
+            involuntary_switches_per_step: 2.0,
             simulated_step_s_uncontended: 0.8 * sim_ms / 1e3,
             simulation_error_uncontended: (0.8 * sim_ms / 1e3 - step_s.median) / step_s.median,
             simulated_bubble: 0.2,
@@ -691,8 +697,10 @@ mod tests {
         assert_eq!(c.row.peak_stash_bytes, vec![7, 1]);
         assert_eq!(c.row.peak_memory_bytes, vec![17, 11]);
         assert!((c.spread() - (0.030 - 0.010) / 0.012).abs() < 1e-12);
+        // Switches per step averaged over rounds: 64 x (0.1, 0.3, 0.2) voluntary.
+        assert!((c.row.voluntary_switches_per_step - 12.8).abs() < 1e-9);
         let table = rounds_table(&[c]);
-        assert!(table.contains("| 2 | 1f1b | 1 | 4 | 10.0, 30.0, 12.0 | 166.7% | 11.0 | -8.3% |"), "{table}");
+        assert!(table.contains("| 2 | 1f1b | 1 | 4 | 10.0, 30.0, 12.0 | 166.7% | 11.0 | -8.3% | 13 / 2 |"), "{table}");
     }
 
     #[test]
