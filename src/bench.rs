@@ -20,7 +20,7 @@ use brigade_engine::pipeline::{ActionTiming, PipelineConfig, StepStats};
 use brigade_engine::plan::human_bytes;
 use brigade_engine::profile::{median, profile_model, Profile, ProfileOptions};
 use brigade_engine::schedule::{ActionKind, ScheduleKind, Timeline};
-use brigade_engine::simulate::{predict, schedule_from_costs, Prediction, StageCosts};
+use brigade_engine::simulate::{predict, schedule_from_costs, Contention, Prediction, StageCosts};
 use brigade_models::data::Split;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -99,6 +99,16 @@ pub fn time_breakdown(profile: &Profile) -> String {
         1e3 * profile.overhead.step_s,
         1e3 * profile.overhead.microbatch_s
     ));
+    if let Some(c) = &profile.contention {
+        parts.push(format!(
+            "contention x{:.2} ({} copies at once on {} cores: {:.2} ms a pass alone, {:.2} ms together)",
+            c.factor(),
+            c.copies,
+            c.cores,
+            1e3 * c.alone_s,
+            1e3 * c.concurrent_s
+        ));
+    }
     format!(
         "micro-batch of {} on {} thread(s): {:.2} ms per F+B; {}",
         profile.microbatch_size,
@@ -183,6 +193,13 @@ pub struct BenchRow {
     /// `(simulated − measured min) / measured min`: the profile is of uncontended layers, and
     /// the fastest step is the least disturbed by other processes.
     pub simulation_error_vs_min: f64,
+    /// The simulator's step without its contention term (stages that never slow each other,
+    /// as it predicted before it had one), and its error against the measured median: what
+    /// the term changes, on the same measurement.
+    #[serde(default)]
+    pub simulated_step_s_uncontended: f64,
+    #[serde(default)]
+    pub simulation_error_uncontended: f64,
     pub simulated_bubble: f64,
     /// Per stage: mean seconds busy per step, measured and simulated.
     pub stage_busy_s: Vec<f64>,
@@ -195,6 +212,14 @@ pub struct BenchRow {
     /// Per stage: static bytes + measured peak stashed activation bytes.
     pub peak_memory_bytes: Vec<u64>,
     pub simulated_peak_memory_bytes: Vec<u64>,
+    /// Context switches per measured step, all of the process's threads (voluntary: a thread
+    /// blocked, waiting for a message, a latch or a lock; involuntary: preempted). A count,
+    /// not a time: it shows what the runtime adds per hand-off and per action even on a
+    /// loaded machine. 0 where not measured.
+    #[serde(default)]
+    pub voluntary_switches_per_step: f64,
+    #[serde(default)]
+    pub involuntary_switches_per_step: f64,
     /// Name shared by this run's trace and SVG files.
     pub run_name: String,
 }
@@ -255,13 +280,19 @@ pub fn run(
     let mut trainer = Trainer::new(model.clone(), clone_dataset(data), pipeline, options)?;
     let items = trainer.items_per_batch();
     let mut measured = Vec::with_capacity(config.steps);
+    let mut switches_before = context_switches();
     for i in 0..config.warmup + config.steps {
+        if i == config.warmup {
+            switches_before = context_switches();
+        }
         let stats = trainer.step()?;
         if i >= config.warmup {
             measured.push(stats);
         }
         on_step();
     }
+    let switches_after = context_switches();
+    let per_step = |after: u64, before: u64| after.saturating_sub(before) as f64 / config.steps as f64;
     let partition: Partition = trainer.pipeline().partition().clone();
     let schedule = trainer.pipeline().schedule().clone();
     let p = config.stages;
@@ -279,6 +310,7 @@ pub fn run(
     let stage_busy_s: Vec<f64> = busy.iter().map(|b| b / measured.len() as f64).collect();
 
     let prediction = predict(&schedule, &costs)?;
+    let uncontended = predict(&schedule, &StageCosts { contention: Contention::NONE, ..costs.clone() })?.step_time;
     let peak_memory_bytes = (0..p)
         .map(|s| prediction.static_bytes[s] + measured.iter().map(|st| st.peak_stash_bytes[s]).max().unwrap_or(0))
         .collect();
@@ -322,6 +354,8 @@ pub fn run(
         simulated_step_s: prediction.step_time,
         simulation_error: (prediction.step_time - step_s.median) / step_s.median.max(1e-12),
         simulation_error_vs_min: (prediction.step_time - step_s.min) / step_s.min.max(1e-12),
+        simulated_step_s_uncontended: uncontended,
+        simulation_error_uncontended: (uncontended - step_s.median) / step_s.median.max(1e-12),
         simulated_bubble: prediction.bubble_fraction,
         stage_busy_s,
         simulated_stage_busy_s: prediction.busy.clone(),
@@ -329,6 +363,8 @@ pub fn run(
         simulated_peak_stash_bytes: prediction.peak_stash_bytes.clone(),
         peak_memory_bytes,
         simulated_peak_memory_bytes: prediction.peak_memory.clone(),
+        voluntary_switches_per_step: per_step(switches_after.0, switches_before.0),
+        involuntary_switches_per_step: per_step(switches_after.1, switches_before.1),
         run_name,
     };
     let median_step = measured.swap_remove(median_index);
@@ -560,4 +596,15 @@ fn slug(name: &str) -> String {
 
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// Context switches of this process so far, over all its threads: (voluntary, involuntary).
+/// (0, 0) where the system does not say.
+pub fn context_switches() -> (u64, u64) {
+    // SAFETY: `getrusage` only writes the `rusage` it is given, which lives on this stack.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return (0, 0);
+    }
+    (usage.ru_nvcsw.max(0) as u64, usage.ru_nivcsw.max(0) as u64)
 }

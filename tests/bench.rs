@@ -128,6 +128,14 @@ fn profile_reports_sizes_from_shapes_and_positive_times() {
     assert_eq!(profile.layers.last().unwrap().output_bytes, 2 * 16 * 256 * 4);
     assert!(profile.hop.latency_s > 0.0 && profile.hop.latency_s < 0.1, "{:?}", profile.hop);
     assert!(profile.hop.copy_bytes_per_s > 1e6);
+    // The machine's cores, and the contention probe: as many 1-thread copies as the cores hold
+    // (at least 2), each pass timed alone and together.
+    let cores = brigade::engine::pipeline::available_cores();
+    assert_eq!(profile.cores, cores);
+    let contention = profile.contention.expect("a CPU profile measures contention");
+    assert_eq!((contention.copies, contention.cores, contention.threads), (cores.max(2), cores, 1));
+    assert!(contention.alone_s > 0.0 && contention.concurrent_s > 0.0, "{contention:?}");
+    assert!(contention.factor() >= 1.0 && contention.factor().is_finite());
     // Round-trips through JSON (floats to within serde_json's last-digit rounding).
     let json = serde_json::to_string(&profile).unwrap();
     let back: brigade::engine::profile::Profile = serde_json::from_str(&json).unwrap();

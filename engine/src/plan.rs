@@ -377,6 +377,8 @@ mod tests {
             layers,
             hop: HopProfile { latency_s: 0.0, copy_bytes_per_s: f64::INFINITY },
             overhead: Default::default(),
+            cores: 0,
+            contention: None,
         }
     }
 

@@ -53,6 +53,45 @@ pub struct Profile {
     /// Fixed costs of a real stage beyond its layers (zero in profiles made before it existed).
     #[serde(default)]
     pub overhead: OverheadProfile,
+    /// Cores this process could run on when profiled (0 in profiles made before it was
+    /// recorded): with more stage threads than cores, stages time-share them.
+    #[serde(default)]
+    pub cores: usize,
+    /// How much slower the layers run while other stages' threads compute on the machine's
+    /// other cores (`None`: not measured, on a GPU, beyond the time budget, or an old profile).
+    #[serde(default)]
+    pub contention: Option<ContentionProfile>,
+}
+
+/// Stages that are threads of one machine slow each other even on cores of their own: they
+/// share its memory bandwidth and last-level cache (and, on a virtual machine, whatever the
+/// host shares out). Measured as the whole model's forward and backward of one micro-batch
+/// (a stage's kind of work), run by `copies` threads at once, each in its own pool of the
+/// profile's `threads`, against the same run alone while the others wait: `copies` is as many
+/// stages as the cores hold (`cores / threads`, at least 2). Each time is the lowest over
+/// rounds of the median pass (load from other processes only adds time).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ContentionProfile {
+    /// Copies of the work run at once.
+    pub copies: usize,
+    /// Seconds of one pass alone.
+    pub alone_s: f64,
+    /// Seconds of one pass while all `copies` run.
+    pub concurrent_s: f64,
+    /// Cores the copies ran on (the profile's `cores`), to take time-sharing out of the ratio.
+    pub cores: usize,
+    /// Threads each copy computed with.
+    pub threads: usize,
+}
+
+impl ContentionProfile {
+    /// How many times slower a pass ran with the other copies running, beyond what sharing
+    /// too few cores explains (`copies × threads / cores` when above 1); at least 1 (a faster
+    /// concurrent pass is noise).
+    pub fn factor(&self) -> f64 {
+        let demand = (self.copies * self.threads) as f64 / self.cores.max(1) as f64;
+        (self.concurrent_s / self.alone_s.max(1e-12) / demand.max(1.0)).max(1.0)
+    }
 }
 
 /// What a real pipeline step costs beyond the profiled layers and optimizer: measured on a
@@ -194,7 +233,7 @@ pub fn profile_model(
         .num_threads(options.threads)
         .build()
         .map_err(|e| EngineError::Config(format!("profiler thread pool: {e}")))?;
-    pool.install(|| {
+    let mut profile = pool.install(|| {
         // Rounds spaced in time, each layer's lowest median kept: a burst of load from another
         // process spoils one round, not the estimate. (Within a round each layer repeats back to
         // back, caches warm, as a stage runs one layer's work for a micro-batch.)
@@ -212,8 +251,139 @@ pub fn profile_model(
             best.hop.latency_s = best.hop.latency_s.min(next.hop.latency_s);
             best.hop.copy_bytes_per_s = best.hop.copy_bytes_per_s.max(next.hop.copy_bytes_per_s);
         }
-        Ok(best)
-    })
+        Ok::<_, EngineError>(best)
+    })?;
+    profile.cores = crate::pipeline::available_cores();
+    let per_microbatch: f64 = profile.layers.iter().map(|l| l.microbatch_s()).sum();
+    profile.contention = measure_contention(model, inputs, targets, options, profile.cores, per_microbatch)?;
+    Ok(profile)
+}
+
+/// Seconds [`measure_contention`] may spend: well under a second on `gpt-tiny`, a few on a
+/// GPT of 4 × 256; a model whose passes would not fit is not measured.
+pub const CONTENTION_BUDGET_S: f64 = 10.0;
+
+/// Measures [`ContentionProfile`] on a CPU: `None` on a GPU (its stages do not share one
+/// machine's cores) and when `copies` passes of `per_microbatch` seconds would overrun
+/// [`CONTENTION_BUDGET_S`] even at 3 repeats.
+fn measure_contention(
+    model: &dyn PipelineModel,
+    inputs: &Tensor,
+    targets: &Tensor,
+    options: &ProfileOptions,
+    cores: usize,
+    per_microbatch: f64,
+) -> Result<Option<ContentionProfile>> {
+    if options.device != crate::device::StageDevice::Cpu {
+        return Ok(None);
+    }
+    let threads = options.threads;
+    let copies = (cores / threads).max(2);
+    if crate::pipeline::check_thread_budget(copies * threads).is_err() {
+        return Ok(None);
+    }
+    // More rounds than the layers get: a ratio of two times is twice as exposed to load.
+    let rounds = options.rounds.max(5);
+    let Some(repeats) = contention_repeats(per_microbatch, rounds, options) else { return Ok(None) };
+    let specs = model.layers();
+    let loss = model.loss();
+    let target = LossTarget { targets: targets.clone(), global_terms: loss_terms(targets) };
+    // Every copy meets the others at each phase's start and end; the alone phase is copy 0's.
+    let barrier = std::sync::Barrier::new(copies);
+    let run_copy = |copy: usize| -> Result<(Vec<f64>, Vec<f64>)> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| EngineError::Config(format!("profiler thread pool: {e}")))?;
+        pool.install(|| {
+            // A failure still meets every barrier, so the other copies finish instead of waiting.
+            let mut failure: Option<EngineError> = None;
+            let built = (|| -> Result<StageCompute> {
+                let mut store = ParamStore::new(Device::Cpu, options.seed);
+                for spec in crate::layer::unique_params(&specs) {
+                    store.get(&spec)?;
+                }
+                let mut view = store.shared_view();
+                let layers = specs.iter().map(|s| s.build(&mut view)).collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(StageCompute::new(layers, false, Some(loss), Recompute::Off))
+            })();
+            let mut compute = match built {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    failure = Some(e);
+                    None
+                }
+            };
+            let mut pass = |times: Option<&mut Vec<f64>>| {
+                let Some(c) = compute.as_mut() else { return };
+                let started = Instant::now();
+                let ran = c.forward(0, inputs, Some(target.clone())).and_then(|_| c.backward(0, None));
+                match ran {
+                    Ok(_) => {
+                        c.take_gradients();
+                        if let Some(times) = times {
+                            times.push(started.elapsed().as_secs_f64());
+                        }
+                    }
+                    Err(e) => {
+                        failure.get_or_insert(e.into());
+                        compute = None;
+                    }
+                }
+            };
+            let (mut alone, mut concurrent) = (Vec::new(), Vec::new());
+            for _round in 0..rounds {
+                barrier.wait();
+                if copy == 0 {
+                    let mut times = Vec::with_capacity(repeats);
+                    for run in 0..options.warmup + repeats {
+                        pass((run >= options.warmup).then_some(&mut times));
+                    }
+                    alone.push(median(&mut times));
+                }
+                barrier.wait();
+                let mut times = Vec::with_capacity(repeats);
+                for run in 0..options.warmup + repeats {
+                    pass((run >= options.warmup).then_some(&mut times));
+                }
+                concurrent.push(median(&mut times));
+            }
+            match failure {
+                Some(e) => Err(e),
+                None => Ok((alone, concurrent)),
+            }
+        })
+    };
+    let run_copy = &run_copy;
+    let results: Vec<Result<(Vec<f64>, Vec<f64>)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..copies).map(|copy| scope.spawn(move || run_copy(copy))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(EngineError::Config("a contention probe thread panicked".into()))))
+            .collect()
+    });
+    let lowest = |times: Vec<f64>| times.into_iter().fold(f64::INFINITY, f64::min);
+    let mut alone_s = f64::INFINITY;
+    let mut concurrent_sum = 0.0;
+    for (copy, result) in results.into_iter().enumerate() {
+        let (alone, concurrent) = result?;
+        if copy == 0 {
+            alone_s = lowest(alone);
+        }
+        concurrent_sum += lowest(concurrent);
+    }
+    // Every copy's concurrent pass at its best round, averaged: the typical slowed stage.
+    let concurrent_s = concurrent_sum / copies as f64;
+    Ok(Some(ContentionProfile { copies, alone_s, concurrent_s, cores, threads }))
+}
+
+/// Timed passes per phase for the contention probe: the profile's repeats (at least 3), fewer
+/// for a model whose `rounds` × (an alone and a concurrent phase) would overrun
+/// [`CONTENTION_BUDGET_S`]; `None` when even 3 would.
+fn contention_repeats(per_microbatch: f64, rounds: usize, options: &ProfileOptions) -> Option<usize> {
+    let affordable = CONTENTION_BUDGET_S / (2.0 * rounds as f64 * per_microbatch.max(1e-9)) - options.warmup as f64;
+    let repeats = affordable.floor().min(options.repeats.max(3) as f64);
+    (repeats >= 3.0).then_some(repeats as usize)
 }
 
 fn profile_in_pool(
@@ -373,6 +543,9 @@ fn profile_in_pool(
         },
         repeats: options.repeats,
         overhead: measure_overhead(model, &host_inputs, &host_targets, options, &out)?,
+        // Set once over all rounds by `profile_model`.
+        cores: 0,
+        contention: None,
         layers: out,
         hop: measure_hop(probe_bytes as usize, options.repeats.max(50) * 4)?,
     })
@@ -669,6 +842,32 @@ mod tests {
         assert_eq!(overhead_repeats(2.0, &counts, &options), None);
         // At least 3 repeats when the profile asks for fewer and there is time.
         assert_eq!(overhead_repeats(0.003, &counts, &ProfileOptions { repeats: 1, ..options }), Some(3));
+    }
+
+    #[test]
+    fn the_contention_factor_is_the_slowdown_beyond_time_sharing() {
+        let probe = ContentionProfile { copies: 2, alone_s: 0.010, concurrent_s: 0.016, cores: 2, threads: 1 };
+        assert!((probe.factor() - 1.6).abs() < 1e-12);
+        // On one core the two copies time-share it: half of the 1.6 is that, the rest (0.8)
+        // is noise, read as no contention at all.
+        assert_eq!(ContentionProfile { cores: 1, ..probe }.factor(), 1.0);
+        assert!((ContentionProfile { cores: 1, concurrent_s: 0.024, ..probe }.factor() - 1.2).abs() < 1e-12);
+        // A concurrent pass faster than the alone one is noise too.
+        assert_eq!(ContentionProfile { concurrent_s: 0.009, ..probe }.factor(), 1.0);
+        // An old profile has neither field.
+        let json = r#"{"model":"m","device":"cpu","threads":1,"microbatch_size":1,"input_shape":[1],
+            "optimizer":"adamw","repeats":1,"layers":[],"hop":{"latency_s":0.0,"copy_bytes_per_s":1.0}}"#;
+        let old: Profile = serde_json::from_str(json).unwrap();
+        assert_eq!((old.cores, old.contention), (0, None));
+    }
+
+    #[test]
+    fn the_contention_probe_stays_within_its_budget() {
+        let options = ProfileOptions { repeats: 10, warmup: 2, ..ProfileOptions::default() };
+        assert_eq!(contention_repeats(0.003, 3, &options), Some(10));
+        let repeats = contention_repeats(0.3, 3, &options).unwrap();
+        assert!(repeats >= 3 && 6.0 * (2 + repeats) as f64 * 0.3 <= CONTENTION_BUDGET_S, "{repeats}");
+        assert_eq!(contention_repeats(2.0, 3, &options), None);
     }
 
     #[test]

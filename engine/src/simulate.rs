@@ -12,6 +12,14 @@
 //! Costs are per model chunk (one per stage without virtual stages); times and memory are
 //! summed per device following the schedule's routing table.
 //!
+//! Stages on one machine slow each other ([`Contention`]): an action timed alone in the
+//! profile runs slower while other stages compute, because they share the machine's memory
+//! bandwidth and caches, and, when there are more stage threads than cores, the cores
+//! themselves. The profile measures the first (its layers run alone, then with copies of the
+//! same work on the other cores); the second follows from the core count. The simulation then
+//! runs each action at the rate the number of stages computing at that moment allows, so a
+//! bubble, where a stage runs alone, is fast and the steady state is slow, as on the machine.
+//!
 //! Messages cross links ([`Link`]: `latency + bytes / bandwidth`, per [`LinkKind`]: in-process,
 //! shared memory, NVLink, PCIe, InfiniBand, Ethernet). A [`Cluster`] lays `data_parallel`
 //! replicas of the pipeline on nodes, so which link each hand-off crosses follows from the
@@ -70,6 +78,59 @@ pub struct StageCosts {
     /// Bytes each hand-off carries, the links they cross and the data-parallel all-reduce:
     /// what [`StageCosts::place_on`] sets from a [`Cluster`].
     pub comm: Communication,
+    /// How stages computing at once slow each other ([`Contention::NONE`]: not at all).
+    pub contention: Contention,
+}
+
+/// How much slower each stage's actions run while other stages compute at the same time on
+/// one machine: [`Contention::slowdown`] of the number computing. Two parts multiply:
+/// - sharing memory bandwidth and caches: `factor`, measured by the profile with `copies`
+///   stages' worth of the same work running at once on their own threads
+///   ([`crate::profile::ContentionProfile`]); between one stage (1) and `copies` it grows
+///   linearly, and stays at `factor` beyond (the cores are then all busy);
+/// - time-sharing the cores: `running × threads_per_stage / cores` when that exceeds 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Contention {
+    /// Cores the stages' threads run on; 0 when unknown (no time-sharing is modelled).
+    pub cores: usize,
+    /// Threads each stage computes with.
+    pub threads_per_stage: usize,
+    /// How many times slower an action ran with `copies` stages computing at once, beyond
+    /// what time-sharing the cores explains (at least 1).
+    pub factor: f64,
+    /// Stages computing at once when `factor` was measured (at least 2).
+    pub copies: usize,
+}
+
+impl Contention {
+    /// Stages that never slow each other: the textbook model of independent devices.
+    pub const NONE: Contention = Contention { cores: 0, threads_per_stage: 1, factor: 1.0, copies: 2 };
+
+    /// From a profile: its measured factor (1 when it has none, e.g. a GPU's or an old
+    /// profile's) and its machine's cores.
+    pub fn from_profile(profile: &Profile) -> Contention {
+        match &profile.contention {
+            Some(c) => Contention {
+                cores: profile.cores,
+                threads_per_stage: profile.threads.max(1),
+                factor: c.factor(),
+                copies: c.copies.max(2),
+            },
+            None => Contention { cores: profile.cores, threads_per_stage: profile.threads.max(1), ..Contention::NONE },
+        }
+    }
+
+    /// How many times slower each action runs while `running` stages compute at once.
+    pub fn slowdown(&self, running: usize) -> f64 {
+        if running <= 1 {
+            return 1.0;
+        }
+        let reach = (running.min(self.copies) - 1) as f64 / (self.copies.max(2) - 1) as f64;
+        let shared = 1.0 + (self.factor.max(1.0) - 1.0) * reach;
+        let demand = (running * self.threads_per_stage) as f64;
+        let time_shared = if self.cores > 0 { (demand / self.cores as f64).max(1.0) } else { 1.0 };
+        shared * time_shared
+    }
 }
 
 impl StageCosts {
@@ -91,6 +152,7 @@ impl StageCosts {
             recompute_bytes: vec![0; stages],
             step_overhead: 0.0,
             comm: Communication::new(stages, HopProfile { latency_s: 0.0, copy_bytes_per_s: f64::INFINITY }),
+            contention: Contention::NONE,
         }
     }
 
@@ -127,6 +189,7 @@ impl StageCosts {
             recompute_bytes: vec![0; stages],
             step_overhead: profile.overhead.step_s,
             comm: Communication::new(stages, profile.hop.clone()),
+            contention: Contention::from_profile(profile),
         };
         for (s, range) in partition.ranges().into_iter().enumerate() {
             let layers = &profile.layers[range.clone()];
@@ -295,6 +358,10 @@ impl CostModel for StageCosts {
             ActionKind::Forward => self.send_forward[a.chunk],
             _ => self.send_backward[a.chunk],
         }
+    }
+
+    fn slowdown(&self, running: usize) -> f64 {
+        self.contention.slowdown(running)
     }
 }
 
@@ -669,6 +736,10 @@ impl CostModel for WithoutMessages<'_> {
     fn duration(&self, a: Action) -> f64 {
         self.0.duration(a)
     }
+
+    fn slowdown(&self, running: usize) -> f64 {
+        self.0.slowdown(running)
+    }
 }
 
 /// What the simulator predicts for one step of a schedule.
@@ -768,7 +839,10 @@ pub fn predict(schedule: &Schedule, costs: &StageCosts) -> Result<Prediction> {
     let makespan = timeline.makespan();
     let optimizer: Vec<f64> =
         (0..p).map(|d| (0..placement.len()).filter(|&c| placement[c] == d).map(|c| costs.optimizer[c]).sum()).collect();
-    let slowest_optimizer = optimizer.iter().copied().fold(0.0, f64::max);
+    // Every stage steps its optimizer at once, after the collective: as slow as that many
+    // stages computing together make it.
+    let stepping = optimizer.iter().filter(|&&t| t > 0.0).count();
+    let slowest_optimizer = optimizer.iter().copied().fold(0.0, f64::max) * costs.contention.slowdown(stepping);
     let all_reduce: Vec<f64> =
         if costs.comm.all_reduce_s.len() == p { costs.comm.all_reduce_s.clone() } else { vec![0.0; p] };
     // A device all-reduces its gradients once its own last action is done (earlier stages may
@@ -781,7 +855,8 @@ pub fn predict(schedule: &Schedule, costs: &StageCosts) -> Result<Prediction> {
     let step_time = reduced + slowest_optimizer + costs.step_overhead;
     let free_step =
         schedule.timeline_with(&WithoutMessages(costs)).makespan() + slowest_optimizer + costs.step_overhead;
-    let busy: Vec<f64> = (0..p).map(|s| timeline.busy_time(s) + optimizer[s]).collect();
+    let busy: Vec<f64> =
+        (0..p).map(|s| timeline.busy_time(s) + optimizer[s] * costs.contention.slowdown(stepping)).collect();
     let idle: Vec<f64> = busy.iter().zip(&all_reduce).map(|(b, r)| (step_time - b - r).max(0.0)).collect();
     let capacity = p as f64 * step_time;
     let bubble_fraction = if capacity > 0.0 { idle.iter().sum::<f64>() / capacity } else { 0.0 };
@@ -943,6 +1018,8 @@ mod tests {
             layers: (0..2).map(layer).collect(),
             hop: HopProfile { latency_s: 0.0, copy_bytes_per_s: f64::INFINITY },
             overhead: OverheadProfile::default(),
+            cores: 0,
+            contention: None,
         };
         let step = |profile: &Profile, p: usize, m: usize| {
             let partition = Partition::uniform(2, p).unwrap();
@@ -1000,6 +1077,8 @@ mod tests {
             layers: (0..2).map(layer).collect(),
             hop: HopProfile { latency_s: hop_latency, copy_bytes_per_s: 3e9 },
             overhead: Default::default(),
+            cores: 0,
+            contention: None,
         }
     }
 
@@ -1008,6 +1087,70 @@ mod tests {
         let mut costs = StageCosts::from_profile(profile, &partition).unwrap();
         costs.place_on(schedule.placement(), cluster).unwrap();
         costs
+    }
+
+    #[test]
+    fn contention_multiplies_sharing_and_time_sharing() {
+        let c = Contention { cores: 1, threads_per_stage: 1, factor: 1.5, copies: 2 };
+        assert_eq!((c.slowdown(0), c.slowdown(1), c.slowdown(2)), (1.0, 1.0, 3.0));
+        // Measured with 4 copies on 4 cores: linear up to them, then the cores time-share.
+        let c = Contention { cores: 4, threads_per_stage: 1, factor: 1.3, copies: 4 };
+        assert!((c.slowdown(3) - 1.2).abs() < 1e-12, "{}", c.slowdown(3));
+        assert!((c.slowdown(8) - 2.6).abs() < 1e-12, "{}", c.slowdown(8));
+        // Two stages of 2 threads on 2 cores time-share them whatever the factor.
+        assert_eq!(Contention { cores: 2, threads_per_stage: 2, ..Contention::NONE }.slowdown(2), 2.0);
+        assert_eq!(Contention::NONE.slowdown(16), 1.0);
+    }
+
+    /// A profile whose calibration found two stages at once 1.5x slower predicts the
+    /// hand-computed contended 1F1B step; without the calibration, the plain one.
+    #[test]
+    fn a_measured_contention_factor_slows_the_overlapping_actions() {
+        use crate::profile::ContentionProfile;
+        let mut profile = two_layer_profile(1.0, 2.0, 0, 1000, 0.0);
+        for l in &mut profile.layers {
+            l.optimizer_s = 0.25;
+        }
+        let schedule = Schedule::one_f_one_b(2, 2).unwrap();
+        let partition = Partition::uniform(2, 2).unwrap();
+        let plain = predict(&schedule, &StageCosts::from_profile(&profile, &partition).unwrap()).unwrap();
+        // Stage 0: F0 0-1, F1 1-2, B0 4-6, B1 7-9; stage 1: F0 1-2, B0 2-4, F1 4-5, B1 5-7.
+        assert!((plain.makespan - 9.0).abs() < 1e-12, "{}", plain.makespan);
+        assert!((plain.step_time - 9.25).abs() < 1e-12);
+
+        profile.cores = 2;
+        profile.contention =
+            Some(ContentionProfile { copies: 2, alone_s: 0.02, concurrent_s: 0.03, cores: 2, threads: 1 });
+        let costs = StageCosts::from_profile(&profile, &partition).unwrap();
+        assert_eq!(costs.contention, Contention { cores: 2, threads_per_stage: 1, factor: 1.5, copies: 2 });
+        let pred = predict(&schedule, &costs).unwrap();
+        // Stage 0's F0 alone 0-1; its F1 with stage 1's F0, 1-2.5; stage 1's B0 alone 2.5-4.5;
+        // stage 0's B0 with stage 1's F1 from 4.5: F1 ends at 6 (B0 has 1 s left), then with
+        // stage 1's B1 until 7.5 (B1 has 1 s left), which ends alone at 8.5; stage 0's B1 alone
+        // 8.5-10.5. Both optimizers step at once: 0.25 x 1.5.
+        let spans = |s: usize| {
+            pred.timeline.stage_entries(s).iter().map(|t| (t.action.to_string(), t.start, t.end)).collect::<Vec<_>>()
+        };
+        let expected0 = [("0F0", 0.0, 1.0), ("0F1", 1.0, 2.5), ("0B0", 4.5, 7.5), ("0B1", 8.5, 10.5)];
+        let expected1 = [("1F0", 1.0, 2.5), ("1B0", 2.5, 4.5), ("1F1", 4.5, 6.0), ("1B1", 6.0, 8.5)];
+        for (s, expected) in [(0, expected0), (1, expected1)] {
+            for ((name, start, end), (want, a, b)) in spans(s).into_iter().zip(expected) {
+                assert_eq!(name, want);
+                assert!((start - a).abs() < 1e-9 && (end - b).abs() < 1e-9, "{name}: {start}-{end}, expected {a}-{b}");
+            }
+        }
+        assert!((pred.makespan - 10.5).abs() < 1e-9, "{}", pred.makespan);
+        assert!((pred.step_time - (10.5 + 0.375)).abs() < 1e-9, "{}", pred.step_time);
+        // Busy time is what the stages' clocks would read: slowed actions take longer.
+        assert!((pred.busy[0] - (1.0 + 1.5 + 3.0 + 2.0 + 0.375)).abs() < 1e-9, "{:?}", pred.busy);
+
+        // One stage never runs beside another: the calibration changes nothing.
+        let single = Partition::uniform(2, 1).unwrap();
+        let alone = Schedule::one_f_one_b(1, 2).unwrap();
+        let with = predict(&alone, &StageCosts::from_profile(&profile, &single).unwrap()).unwrap();
+        profile.contention = None;
+        let without = predict(&alone, &StageCosts::from_profile(&profile, &single).unwrap()).unwrap();
+        assert_eq!(with.step_time, without.step_time);
     }
 
     #[test]

@@ -423,7 +423,11 @@ fn combine_rounds(rounds: &[BenchRow]) -> Combined {
     row.throughput = last.throughput * last.step_s.median / row.step_s.median.max(1e-12);
     row.simulation_error = (row.simulated_step_s - row.step_s.median) / row.step_s.median.max(1e-12);
     row.simulation_error_vs_min = (row.simulated_step_s - row.step_s.min) / row.step_s.min.max(1e-12);
+    row.simulation_error_uncontended =
+        (row.simulated_step_s_uncontended - row.step_s.median) / row.step_s.median.max(1e-12);
     row.measured_bubble = rounds.iter().map(|r| r.measured_bubble).sum::<f64>() / n;
+    row.voluntary_switches_per_step = rounds.iter().map(|r| r.voluntary_switches_per_step).sum::<f64>() / n;
+    row.involuntary_switches_per_step = rounds.iter().map(|r| r.involuntary_switches_per_step).sum::<f64>() / n;
     for (s, busy) in row.stage_busy_s.iter_mut().enumerate() {
         *busy = rounds.iter().map(|r| r.stage_busy_s.get(s).copied().unwrap_or(0.0)).sum::<f64>() / n;
     }
@@ -444,14 +448,14 @@ fn combine_rounds(rounds: &[BenchRow]) -> Combined {
 fn rounds_table(combined: &[Combined]) -> String {
     let mut t = String::new();
     t.push_str(
-        "| stages | schedule | v | m | round medians ms | spread (max−min)/median | simulated ms | sim error |\n",
+        "| stages | schedule | v | m | round medians ms | spread (max−min)/median | simulated ms | sim error | context switches per step (voluntary / involuntary) |\n",
     );
-    t.push_str("|---|---|---|---|---|---|---|---|\n");
+    t.push_str("|---|---|---|---|---|---|---|---|---|\n");
     for c in combined {
         let r = &c.row;
         let medians: Vec<String> = c.round_medians_s.iter().map(|m| format!("{:.1}", 1e3 * m)).collect();
         t.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.1}% | {:.1} | {:+.1}% |\n",
+            "| {} | {} | {} | {} | {} | {:.1}% | {:.1} | {:+.1}% | {:.0} / {:.0} |\n",
             r.stages,
             r.schedule,
             r.virtual_stages,
@@ -459,7 +463,9 @@ fn rounds_table(combined: &[Combined]) -> String {
             medians.join(", "),
             100.0 * c.spread(),
             1e3 * r.simulated_step_s,
-            100.0 * r.simulation_error
+            100.0 * r.simulation_error,
+            r.voluntary_switches_per_step,
+            r.involuntary_switches_per_step
         ));
     }
     t
@@ -522,6 +528,9 @@ struct SimulatorSummary {
     worst_row: String,
     mean_abs_error_vs_min: f64,
     worst_error_vs_min: f64,
+    /// The same two without the contention term (stages that never slow each other).
+    mean_abs_error_uncontended: f64,
+    worst_error_uncontended: f64,
 }
 
 impl SimulatorSummary {
@@ -538,6 +547,12 @@ impl SimulatorSummary {
                 .map(|r| r.simulation_error_vs_min)
                 .max_by(|a, b| a.abs().total_cmp(&b.abs()))
                 .unwrap_or(0.0),
+            mean_abs_error_uncontended: rows.iter().map(|r| r.simulation_error_uncontended.abs()).sum::<f64>() / n,
+            worst_error_uncontended: rows
+                .iter()
+                .map(|r| r.simulation_error_uncontended)
+                .max_by(|a, b| a.abs().total_cmp(&b.abs()))
+                .unwrap_or(0.0),
         })
     }
 
@@ -552,6 +567,11 @@ impl SimulatorSummary {
             100.0 * self.mean_abs_error_vs_min,
             100.0 * self.worst_error_vs_min
         );
+        line.push_str(&format!(
+            "\nwithout the contention term (stages never slowing each other): mean |error| {:.1}% vs median, worst {:+.1}%",
+            100.0 * self.mean_abs_error_uncontended,
+            100.0 * self.worst_error_uncontended
+        ));
         if let Some(n) = noise {
             let allowed = n.apart + 0.10;
             let met = self.mean_abs_error <= 0.10 && self.worst_error.abs() <= allowed;
@@ -641,6 +661,10 @@ mod tests {
             simulated_step_s: sim_ms / 1e3,
             simulation_error: (sim_ms / 1e3 - step_s.median) / step_s.median,
             simulation_error_vs_min: (sim_ms / 1e3 - step_s.min) / step_s.min,
+            voluntary_switches_per_step: 64.0 * bubble,
+            involuntary_switches_per_step: 2.0,
+            simulated_step_s_uncontended: 0.8 * sim_ms / 1e3,
+            simulation_error_uncontended: (0.8 * sim_ms / 1e3 - step_s.median) / step_s.median,
             simulated_bubble: 0.2,
             stage_busy_s: vec![bubble, 2.0 * bubble],
             simulated_stage_busy_s: vec![0.0, 0.0],
@@ -673,8 +697,10 @@ mod tests {
         assert_eq!(c.row.peak_stash_bytes, vec![7, 1]);
         assert_eq!(c.row.peak_memory_bytes, vec![17, 11]);
         assert!((c.spread() - (0.030 - 0.010) / 0.012).abs() < 1e-12);
+        // Switches per step averaged over rounds: 64 x (0.1, 0.3, 0.2) voluntary.
+        assert!((c.row.voluntary_switches_per_step - 12.8).abs() < 1e-9);
         let table = rounds_table(&[c]);
-        assert!(table.contains("| 2 | 1f1b | 1 | 4 | 10.0, 30.0, 12.0 | 166.7% | 11.0 | -8.3% |"), "{table}");
+        assert!(table.contains("| 2 | 1f1b | 1 | 4 | 10.0, 30.0, 12.0 | 166.7% | 11.0 | -8.3% | 13 / 2 |"), "{table}");
     }
 
     #[test]
@@ -700,6 +726,10 @@ mod tests {
         let line = s.describe(Some(&quiet));
         assert!(line.contains("simulator's worst error vs the median step: +15.0%"), "{line}");
         assert!(line.contains("mean |error| 12.5% (target ≤ 10%)") && line.ends_with("off target"), "{line}");
+        // Without the contention term the rows simulated 0.8x as long: 7.2 and 9.2 ms.
+        assert!((s.mean_abs_error_uncontended - 0.18).abs() < 1e-12, "{s:?}");
+        assert!((s.worst_error_uncontended + 0.28).abs() < 1e-12, "{s:?}");
+        assert!(line.contains("without the contention term (stages never slowing each other): mean |error| 18.0% vs median, worst -28.0%"), "{line}");
         let good = [row((10.0, 9.0, 11.0), 9.5, 0.1, 1), row((10.0, 9.0, 11.0), 11.0, 0.1, 1)];
         let noisy = Noise { apart: 0.05, ..quiet };
         let line = SimulatorSummary::of(&good).unwrap().describe(Some(&noisy));

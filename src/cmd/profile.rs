@@ -75,6 +75,17 @@ pub fn run(args: ProfileArgs) -> Result<()> {
         1e3 * order.split_s,
         100.0 * order.overhead()
     );
+    match &profile.contention {
+        Some(c) => eprintln!(
+            "contention on {} cores: {} copies at once x{:.2} ({:.3} ms a pass alone, {:.3} ms together)",
+            profile.cores,
+            c.copies,
+            c.factor(),
+            1e3 * c.alone_s,
+            1e3 * c.concurrent_s
+        ),
+        None => eprintln!("contention: not measured (a GPU, or a model beyond the probe's time budget)"),
+    }
     let json = serde_json::to_string_pretty(&profile)?;
     match &args.out {
         Some(path) => {

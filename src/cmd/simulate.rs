@@ -337,5 +337,7 @@ pub fn modelled_profile(preset: &str, gpu: &GpuArgs) -> Result<Profile> {
         layers,
         hop: HopProfile { latency_s: 0.0, copy_bytes_per_s: f64::INFINITY },
         overhead: Default::default(),
+        cores: 0,
+        contention: None,
     })
 }

@@ -259,6 +259,109 @@ fn timeline_uses_the_given_costs() {
     assert!(timeline.stage_entries(2).is_empty());
 }
 
+/// Per-stage costs with message delays, whose stages may slow each other by `slowdown(k)`
+/// while `k` compute at once; `forced` runs the shared-time simulation even at no slowdown.
+struct Contended {
+    forward: Vec<f64>,
+    backward_input: Vec<f64>,
+    backward_weight: Vec<f64>,
+    hop: f64,
+    slowdown: fn(usize) -> f64,
+    forced: bool,
+}
+
+impl CostModel for Contended {
+    fn duration(&self, a: Action) -> f64 {
+        let c = a.chunk % self.forward.len();
+        match a.kind {
+            ActionKind::Forward => self.forward[c],
+            ActionKind::Backward => self.backward_input[c] + self.backward_weight[c],
+            ActionKind::BackwardInput => self.backward_input[c],
+            ActionKind::BackwardWeight => self.backward_weight[c],
+        }
+    }
+
+    fn transfer(&self, _: Action) -> f64 {
+        self.hop
+    }
+
+    fn slowdown(&self, running: usize) -> f64 {
+        (self.slowdown)(running)
+    }
+
+    fn contended(&self, stages: usize) -> bool {
+        self.forced || (1..=stages).any(|k| self.slowdown(k) != 1.0)
+    }
+}
+
+#[test]
+fn the_shared_time_simulation_without_slowdown_is_the_plain_one() {
+    // Uneven stages, a hop, a zero-cost W: every schedule kind, every size, the same spans.
+    let costs = |forced| Contended {
+        forward: vec![1.0, 1.5, 0.7, 1.2],
+        backward_input: vec![1.3, 2.1, 1.1, 0.9],
+        backward_weight: vec![0.6, 0.0, 0.8, 0.4],
+        hop: 0.05,
+        slowdown: |_| 1.0,
+        forced,
+    };
+    let mut compared = 0;
+    for kind in ScheduleKind::ALL {
+        for (p, m) in sizes() {
+            let Ok(schedule) = kind.build(p, m) else { continue };
+            let (plain, shared) = (schedule.timeline_with(&costs(false)), schedule.timeline_with(&costs(true)));
+            for s in 0..p {
+                let (a, b) = (plain.stage_entries(s), shared.stage_entries(s));
+                assert_eq!(a.len(), b.len(), "{kind} {p}x{m} stage {s}");
+                for (x, y) in a.iter().zip(b) {
+                    assert_eq!(x.action, y.action, "{kind} {p}x{m}");
+                    assert!(
+                        (x.start - y.start).abs() < 1e-9 && (x.end - y.end).abs() < 1e-9,
+                        "{kind} {p}x{m}: {x:?} {y:?}"
+                    );
+                }
+            }
+            compared += 1;
+        }
+    }
+    assert!(compared > 30, "{compared}");
+}
+
+#[test]
+fn stages_computing_at_once_share_the_slowdown() {
+    // GPipe 2 x 2, F = 1, B = 2, two stages at once run 1.5x slower. Stage 0: F0 alone 0-1;
+    // F1 with stage 1's F0, 1-2.5; stage 1's F1 alone 2.5-3.5 and B0 3.5-5.5; then stage 0's
+    // B0 with stage 1's B1, 5.5-8.5; stage 0's B1 alone 8.5-10.5.
+    let costs = Contended {
+        forward: vec![1.0, 1.0],
+        backward_input: vec![2.0, 2.0],
+        backward_weight: vec![0.0, 0.0],
+        hop: 0.0,
+        slowdown: |k| if k >= 2 { 1.5 } else { 1.0 },
+        forced: false,
+    };
+    let timeline = Schedule::gpipe(2, 2).unwrap().timeline_with(&costs);
+    let spans =
+        |s| timeline.stage_entries(s).iter().map(|t| (t.action.to_string(), t.start, t.end)).collect::<Vec<_>>();
+    let span = |t: &str, a: f64, b: f64| (t.to_string(), a, b);
+    assert_eq!(
+        spans(0),
+        vec![span("0F0", 0.0, 1.0), span("0F1", 1.0, 2.5), span("0B0", 5.5, 8.5), span("0B1", 8.5, 10.5)]
+    );
+    assert_eq!(
+        spans(1),
+        vec![span("1F0", 1.0, 2.5), span("1F1", 2.5, 3.5), span("1B0", 3.5, 5.5), span("1B1", 5.5, 8.5)]
+    );
+    // Without contention it takes 9: the 1 + 2 seconds of work that overlapped cost half again.
+    assert_eq!(
+        Schedule::gpipe(2, 2)
+            .unwrap()
+            .timeline(ActionCosts { backward_weight: 0.0, backward_input: 2.0, forward: 1.0 })
+            .makespan(),
+        9.0
+    );
+}
+
 // ---- printing and parsing ----
 
 /// Checked by hand: stage s starts F0 at t=s; 3B0 runs 4-6, and each stage's B0 starts when the

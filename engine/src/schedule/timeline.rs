@@ -43,6 +43,20 @@ pub trait CostModel {
         let _ = action;
         0.0
     }
+
+    /// How many times slower each action runs while `running` stages compute at once (1 when
+    /// alone): stages that share cores, caches and memory bandwidth slow each other. The
+    /// default, 1 whatever the count, is the textbook model of independent devices.
+    fn slowdown(&self, running: usize) -> f64 {
+        let _ = running;
+        1.0
+    }
+
+    /// Whether any number of `stages` computing at once slows them ([`CostModel::slowdown`]);
+    /// a model that never does runs the plain simulation.
+    fn contended(&self, stages: usize) -> bool {
+        (1..=stages).any(|k| self.slowdown(k) != 1.0)
+    }
 }
 
 impl CostModel for ActionCosts {
@@ -123,8 +137,15 @@ impl Schedule {
     }
 
     /// Simulates the schedule under any cost model (per-stage costs, message latency).
+    /// When the cost model slows concurrent actions ([`CostModel::slowdown`]), every running
+    /// action progresses at the rate the number of stages then computing allows.
     pub fn timeline_with(&self, costs: &dyn CostModel) -> Timeline {
-        Timeline { stages: simulate(self.stages, self.microbatches, &self.placement, &self.actions, costs).entries }
+        let stages = if costs.contended(self.stages) {
+            simulate_shared(self.stages, self.microbatches, &self.placement, &self.actions, costs)
+        } else {
+            simulate(self.stages, self.microbatches, &self.placement, &self.actions, costs).entries
+        };
+        Timeline { stages }
     }
 
     /// The most (chunk, micro-batch) forward stashes stage `stage` holds at once, following its
@@ -157,6 +178,55 @@ impl Schedule {
     }
 }
 
+/// The executor's ordering rules: what each action waits for.
+struct Dependencies<'a> {
+    microbatches: usize,
+    placement: &'a [usize],
+    /// Which action sends (chunk, micro-batch)'s input gradient: `B`, or `I` when the schedule
+    /// splits that backward.
+    grad_kind: Vec<ActionKind>,
+}
+
+impl<'a> Dependencies<'a> {
+    fn new(microbatches: usize, placement: &'a [usize], actions: &[Vec<Action>]) -> Self {
+        let mut rules = Dependencies {
+            microbatches,
+            placement,
+            grad_kind: vec![ActionKind::Backward; placement.len() * microbatches],
+        };
+        for a in actions.iter().flatten() {
+            if a.kind == ActionKind::BackwardInput {
+                let i = rules.index(*a);
+                rules.grad_kind[i] = ActionKind::BackwardInput;
+            }
+        }
+        rules
+    }
+
+    fn index(&self, a: Action) -> usize {
+        a.chunk * self.microbatches + a.microbatch
+    }
+
+    /// The actions whose results `a` needs.
+    fn of(&self, a: Action) -> Vec<Action> {
+        let chunks = self.placement.len();
+        let at = |chunk: usize, kind| Action { stage: self.placement[chunk], chunk, kind, microbatch: a.microbatch };
+        match a.kind {
+            ActionKind::Forward if a.chunk > 0 => vec![at(a.chunk - 1, ActionKind::Forward)],
+            ActionKind::Forward => vec![],
+            ActionKind::Backward | ActionKind::BackwardInput => {
+                let mut deps = vec![at(a.chunk, ActionKind::Forward)];
+                if a.chunk + 1 < chunks {
+                    let next = at(a.chunk + 1, ActionKind::Forward);
+                    deps.push(at(a.chunk + 1, self.grad_kind[self.index(next)]));
+                }
+                deps
+            }
+            ActionKind::BackwardWeight => vec![at(a.chunk, ActionKind::BackwardInput)],
+        }
+    }
+}
+
 pub(super) struct Simulation {
     pub entries: Vec<Vec<TimedAction>>,
     /// Stages that still had work when nothing could run any more; empty when all finished.
@@ -172,33 +242,10 @@ pub(super) fn simulate(
     actions: &[Vec<Action>],
     costs: &dyn CostModel,
 ) -> Simulation {
-    let chunks = placement.len();
-    let pairs = chunks * microbatches;
-    let index = |a: Action| a.chunk * microbatches + a.microbatch;
-
-    // Which action sends (s, m)'s input gradient. Only used to name what a stuck stage waits for.
-    let mut grad_kind = vec![ActionKind::Backward; pairs];
-    for a in actions.iter().flatten() {
-        if a.kind == ActionKind::BackwardInput {
-            grad_kind[index(*a)] = ActionKind::BackwardInput;
-        }
-    }
-    let dependencies = |a: Action| -> Vec<Action> {
-        let at = |chunk: usize, kind| Action { stage: placement[chunk], chunk, kind, microbatch: a.microbatch };
-        match a.kind {
-            ActionKind::Forward if a.chunk > 0 => vec![at(a.chunk - 1, ActionKind::Forward)],
-            ActionKind::Forward => vec![],
-            ActionKind::Backward | ActionKind::BackwardInput => {
-                let mut deps = vec![at(a.chunk, ActionKind::Forward)];
-                if a.chunk + 1 < chunks {
-                    let next = at(a.chunk + 1, ActionKind::Forward);
-                    deps.push(at(a.chunk + 1, grad_kind[index(next)]));
-                }
-                deps
-            }
-            ActionKind::BackwardWeight => vec![at(a.chunk, ActionKind::BackwardInput)],
-        }
-    };
+    let rules = Dependencies::new(microbatches, placement, actions);
+    let pairs = placement.len() * microbatches;
+    let index = |a: Action| rules.index(a);
+    let dependencies = |a: Action| rules.of(a);
 
     let mut forward_end: Vec<Option<f64>> = vec![None; pairs];
     let mut grad_end: Vec<Option<f64>> = vec![None; pairs];
@@ -256,4 +303,121 @@ pub(super) fn simulate(
         })
         .collect();
     Simulation { entries, stuck }
+}
+
+/// The simulation of [`simulate`] with stages that slow each other: time advances from event
+/// to event (an action ends, a message arrives), and between two events each running action
+/// gets through `1 / slowdown(k)` seconds of its own cost per second, `k` being the number of
+/// stages computing then. A stage still starts its next action as soon as it is free and the
+/// action's inputs have arrived; with a slowdown of 1 this is exactly [`simulate`]'s timeline.
+/// Requires a schedule that passed validation (every action can run).
+fn simulate_shared(
+    stages: usize,
+    microbatches: usize,
+    placement: &[usize],
+    actions: &[Vec<Action>],
+    costs: &dyn CostModel,
+) -> Vec<Vec<TimedAction>> {
+    let rules = Dependencies::new(microbatches, placement, actions);
+    let pairs = placement.len() * microbatches;
+    // When each action's result can be used on `at_stage`: its end, plus the message's trip
+    // when it crosses stages; `None` until it has run.
+    let mut forward_end: Vec<Option<f64>> = vec![None; pairs];
+    let mut grad_end: Vec<Option<f64>> = vec![None; pairs];
+    let arrival = |dep: Action, at_stage: usize, forward_end: &[Option<f64>], grad_end: &[Option<f64>]| {
+        let end = match dep.kind {
+            ActionKind::Forward => forward_end[rules.index(dep)],
+            _ => grad_end[rules.index(dep)],
+        }?;
+        Some(if dep.stage != at_stage { end + costs.transfer(dep) } else { end })
+    };
+
+    let mut next = vec![0usize; stages];
+    // Per stage: the action it runs, when it started, and the seconds of its cost left.
+    let mut running: Vec<Option<(Action, f64, f64)>> = vec![None; stages];
+    let mut entries: Vec<Vec<TimedAction>> = actions.iter().map(|l| Vec::with_capacity(l.len())).collect();
+    let mut now = 0.0f64;
+    loop {
+        // Start what can start now; finish at once what costs nothing, which may free more.
+        let mut waiting_until = f64::INFINITY;
+        loop {
+            let mut changed = false;
+            for s in 0..stages {
+                if running[s].is_some() {
+                    continue;
+                }
+                let Some(&action) = actions[s].get(next[s]) else { continue };
+                let mut ready = Some(now);
+                for dep in rules.of(action) {
+                    ready = match (ready, arrival(dep, s, &forward_end, &grad_end)) {
+                        (Some(r), Some(e)) => Some(r.max(e)),
+                        _ => None,
+                    };
+                }
+                match ready {
+                    Some(at) if at <= now => {
+                        running[s] = Some((action, now, costs.duration(action)));
+                        next[s] += 1;
+                        changed = true;
+                    }
+                    Some(at) => waiting_until = waiting_until.min(at),
+                    None => {}
+                }
+                if let Some((action, start, left)) = running[s] {
+                    if left <= 0.0 {
+                        finish(action, start, now, &rules, &mut forward_end, &mut grad_end, &mut entries[s]);
+                        running[s] = None;
+                        changed = true;
+                    }
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        let busy = running.iter().flatten().count();
+        if busy == 0 && waiting_until.is_infinite() {
+            break;
+        }
+        let rate = if busy > 0 { 1.0 / costs.slowdown(busy) } else { 1.0 };
+        let soonest_end = running.iter().flatten().map(|&(_, _, left)| left / rate).fold(f64::INFINITY, f64::min);
+        // The next event: an action's end, or a message arriving (exactly then, not a rounding
+        // error before it, or the stage would wait for it forever).
+        let (step, at) = if waiting_until - now <= soonest_end {
+            (waiting_until - now, waiting_until)
+        } else {
+            (soonest_end, now + soonest_end)
+        };
+        now = at;
+        for s in 0..stages {
+            if let Some((action, start, left)) = running[s] {
+                // Actions due within rounding of this event end now, not after a sliver more.
+                if left / rate <= step * (1.0 + 1e-12) {
+                    finish(action, start, now, &rules, &mut forward_end, &mut grad_end, &mut entries[s]);
+                    running[s] = None;
+                } else {
+                    running[s] = Some((action, start, left - step * rate));
+                }
+            }
+        }
+    }
+    entries
+}
+
+/// Records `action`, which ran from `start` to `end`, and makes its result available.
+fn finish(
+    action: Action,
+    start: f64,
+    end: f64,
+    rules: &Dependencies,
+    forward_end: &mut [Option<f64>],
+    grad_end: &mut [Option<f64>],
+    entries: &mut Vec<TimedAction>,
+) {
+    match action.kind {
+        ActionKind::Forward => forward_end[rules.index(action)] = Some(end),
+        ActionKind::Backward | ActionKind::BackwardInput => grad_end[rules.index(action)] = Some(end),
+        ActionKind::BackwardWeight => {}
+    }
+    entries.push(TimedAction { action, start, end });
 }
