@@ -62,8 +62,7 @@ pub use gemm::{conv2d, matmul, stage_threads};
 
 pub use backward::{
     accumulate, add, cross_entropy_sum_backward, gelu_tanh_backward, index_add_rows, layer_norm_backward,
-    matmul_accumulate,
-    max_pool2d_backward, softmax_last_dim_backward, sum_rows,
+    matmul_accumulate, max_pool2d_backward, softmax_last_dim_backward, sum_rows,
 };
 
 /// Whether `t` can take the fused CPU kernels (see the crate docs).

@@ -104,7 +104,8 @@ impl LmHead {
             let loss = match grads.as_deref_mut() {
                 None => brigade_kernels::cross_entropy_sum(&logits, &t_chunk)?.to_dtype(DType::F64)?,
                 Some(grads) => {
-                    let (loss, dlogits) = brigade_kernels::cross_entropy_sum_with_grad_in_place(logits, &t_chunk, scale)?;
+                    let (loss, dlogits) =
+                        brigade_kernels::cross_entropy_sum_with_grad_in_place(logits, &t_chunk, scale)?;
                     dh_chunks.push(brigade_kernels::linear(&dlogits, &self.table.value, None, None)?); // (len, C)
                     grads.add_matmul(&self.table.name, &dlogits.t()?, &h_chunk)?;
                     loss

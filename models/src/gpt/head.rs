@@ -112,7 +112,8 @@ impl Layer for Head {
             None => self.lm_head.chunk_rows(h.dtype())?,
         };
         let with_grads = grads.is_some();
-        let (value, dh) = self.lm_head.loss_and_backward(&h, &loss.targets.flatten_all()?, loss.global_terms, grads, rows)?;
+        let (value, dh) =
+            self.lm_head.loss_and_backward(&h, &loss.targets.flatten_all()?, loss.global_terms, grads, rows)?;
         let saved = match dh {
             Some(dh) => Saved::new((x.clone(), dh.clone()), &[x, &dh]),
             None if with_grads => bail!("GPT head: the fused loss returned no input gradient"),
