@@ -12,7 +12,10 @@
 //! - `B` is `I` then `W`.
 //!
 //! The last stage starts its backward from the loss: it keeps the micro-batch's targets with
-//! the stash and derives the output gradient from the stashed (or recomputed) output.
+//! the stash and derives the output gradient from the stashed (or recomputed) output. A last
+//! layer that computes the loss itself ([`Layer::forward_with_loss`], a language model's
+//! chunked head) keeps no output: its forward already ran its own backward from the loss, so
+//! `I` starts at [`Layer::backward_input_from_loss`].
 //!
 //! Nothing here records an autograd graph: the layers are built over detached parameters
 //! ([`crate::ParamStore::shared_view`]), so memory is exactly what the layers save.
@@ -22,7 +25,7 @@ use std::collections::{HashMap, HashSet};
 use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::layer::{Gradients, Layer, LossKind, Mode, Pass, Saved};
+use crate::layer::{Gradients, Layer, LossInput, LossKind, Mode, Pass, Saved};
 use crate::loss::{microbatch_loss, microbatch_loss_backward};
 
 /// What a stage keeps between a micro-batch's forward and its backward.
@@ -72,7 +75,17 @@ struct Stashed {
     /// Last stage: the model output (logits) the loss gradient starts from, and the targets.
     output: Option<Tensor>,
     target: Option<LossTarget>,
+    /// The last layer computed the loss itself: no output, its backward starts from `saved`.
+    fused_loss: bool,
     bytes: u64,
+}
+
+/// A last stage's forward: the layers' saved state and the loss, with the output only when
+/// the loss was taken from it (not fused into the last layer).
+struct LossForward {
+    output: Option<Tensor>,
+    saved: Vec<Saved>,
+    loss: Tensor,
 }
 
 /// A micro-batch between its input-gradient and its weight-gradient step.
@@ -159,15 +172,25 @@ impl StageCompute {
 
     /// `F`: the training forward of micro-batch `mb`. Returns the stage's output and, on the
     /// last stage (`target` given), the micro-batch's loss: an f64 scalar left on the stage's
-    /// device (reading it would be a host synchronisation per micro-batch on a GPU).
+    /// device (reading it would be a host synchronisation per micro-batch on a GPU). A last
+    /// layer that fuses the loss has no output to return: the loss stands in for it.
     pub fn forward(&mut self, mb: usize, x: &Tensor, target: Option<LossTarget>) -> Result<(Tensor, Option<Tensor>)> {
         if self.stash.contains_key(&mb) || self.pending.contains_key(&mb) {
             candle_core::bail!("micro-batch {mb} is already in flight on this stage");
         }
-        let (y, saved) = self.run_forward(x, Pass::First)?;
-        let loss = match (&target, self.loss) {
-            (Some(t), Some(kind)) => Some(microbatch_loss(kind, &y, &t.targets, t.global_terms)?.to_dtype(DType::F64)?),
-            (None, None) => None,
+        let (y, saved, loss, fused_loss) = match (&target, self.loss) {
+            (Some(t), Some(kind)) => {
+                // Activations that are recomputed before the backward: the loss only, now.
+                let with_grads = self.recompute == Recompute::Off;
+                let f = self.run_forward_with_loss(x, t, kind, Pass::First, with_grads)?;
+                let loss = f.loss.to_dtype(DType::F64)?;
+                let fused = f.output.is_none();
+                (f.output.unwrap_or_else(|| loss.clone()), f.saved, Some(loss), fused)
+            }
+            (None, None) => {
+                let (y, saved) = self.run_forward(x, Pass::First)?;
+                (y, saved, None, false)
+            }
             (Some(_), None) => candle_core::bail!("targets given to a stage that computes no loss"),
             (None, Some(_)) => {
                 candle_core::bail!("the last stage needs targets for micro-batch {mb}")
@@ -178,9 +201,9 @@ impl StageCompute {
             Recompute::Full => None, // dropped here: only the input is kept
         };
         // The last stage keeps its output (the loss gradient starts from it) unless it reruns
-        // the forward anyway.
-        let output = (target.is_some() && self.recompute == Recompute::Off).then(|| y.clone());
-        let mut stashed = Stashed { input: x.clone(), saved, output, target, bytes: 0 };
+        // the forward anyway, or its last layer took the loss itself.
+        let output = (target.is_some() && self.recompute == Recompute::Off && !fused_loss).then(|| y.clone());
+        let mut stashed = Stashed { input: x.clone(), saved, output, target, fused_loss, bytes: 0 };
         // The first stage's input is the data batch, which the driver holds anyway: not
         // counted (nor anything sharing its storage, e.g. token ids a layer keeps as they are).
         let all = distinct_bytes(
@@ -194,6 +217,39 @@ impl StageCompute {
         self.stash.insert(mb, stashed);
         self.mark_peak(0);
         Ok((y, loss))
+    }
+
+    /// The last stage's forward and loss: the last layer takes the loss itself when it can
+    /// ([`Layer::forward_with_loss`]; with `with_grads` it also runs its backward from the loss
+    /// into the step's sums), else the loss is taken from the stage's output.
+    fn run_forward_with_loss(
+        &mut self,
+        x: &Tensor,
+        target: &LossTarget,
+        kind: LossKind,
+        pass: Pass,
+        with_grads: bool,
+    ) -> Result<LossForward> {
+        let Some((last, body)) = self.layers.split_last_mut() else {
+            candle_core::bail!("the last stage has no layers to compute a loss from")
+        };
+        let mut saved = Vec::with_capacity(body.len() + 1);
+        let mut h = x.clone();
+        for layer in body.iter_mut() {
+            let (y, s) = layer.forward_train(&h, pass)?;
+            saved.push(s);
+            h = y;
+        }
+        let input = LossInput { kind, targets: &target.targets, global_terms: target.global_terms };
+        let grads = with_grads.then_some(&mut self.grads);
+        if let Some((loss, s)) = last.forward_with_loss(&h, &input, grads, pass)? {
+            saved.push(s);
+            return Ok(LossForward { output: None, saved, loss });
+        }
+        let (y, s) = last.forward_train(&h, pass)?;
+        saved.push(s);
+        let loss = microbatch_loss(kind, &y, &target.targets, target.global_terms)?;
+        Ok(LossForward { output: Some(y), saved, loss })
     }
 
     fn run_forward(&mut self, x: &Tensor, pass: Pass) -> Result<(Tensor, Vec<Saved>)> {
@@ -221,24 +277,36 @@ impl StageCompute {
             .remove(&mb)
             .ok_or_else(|| candle_core::Error::Msg(format!("no stashed forward for micro-batch {mb}")))?;
         self.live_bytes = self.live_bytes.saturating_sub(stashed.bytes);
-        let (saved, output) = match stashed.saved {
-            Some(saved) => (saved, stashed.output),
+        let (saved, output, fused_loss) = match stashed.saved {
+            Some(saved) => (saved, stashed.output, stashed.fused_loss),
             None => {
-                let (y, saved) = self.run_forward(&stashed.input, Pass::Recompute)?;
-                let output = stashed.target.is_some().then_some(y);
+                let (output, saved) = match (&stashed.target, self.loss) {
+                    (Some(t), Some(kind)) => {
+                        let f = self.run_forward_with_loss(&stashed.input, t, kind, Pass::Recompute, true)?;
+                        (f.output, f.saved)
+                    }
+                    _ => {
+                        let (y, saved) = self.run_forward(&stashed.input, Pass::Recompute)?;
+                        (stashed.target.is_some().then_some(y), saved)
+                    }
+                };
+                let fused_loss = stashed.target.is_some() && output.is_none();
                 let data = if self.input_needs_grad { 0 } else { crate::memory::tensor_bytes(&stashed.input) };
                 let recomputed = distinct_bytes(
                     std::iter::once(&stashed.input).chain(output.iter()).chain(saved.iter().flat_map(|s| s.tensors())),
                 );
                 self.mark_peak(recomputed.saturating_sub(data));
-                (saved, output)
+                (saved, output, fused_loss)
             }
         };
+        // `None`: the last layer took the loss itself and starts its backward from its saved
+        // state.
         let mut grad = match (&stashed.target, self.loss, output, dy) {
+            (Some(_), Some(_), None, None) if fused_loss => None,
             (Some(t), Some(kind), Some(output), None) => {
-                microbatch_loss_backward(kind, &output, &t.targets, t.global_terms)?
+                Some(microbatch_loss_backward(kind, &output, &t.targets, t.global_terms)?)
             }
-            (None, None, None, Some(dy)) => dy.clone(),
+            (None, None, None, Some(dy)) => Some(dy.clone()),
             (Some(_), ..) => {
                 candle_core::bail!("the last stage's backward starts from the loss, not a received gradient")
             }
@@ -248,10 +316,14 @@ impl StageCompute {
         let last = saved.len();
         for (i, (layer, s)) in self.layers.iter_mut().zip(saved).enumerate().rev() {
             let need_dx = i > 0 || self.input_needs_grad;
-            let (dx, w) = layer.backward_input(s, &grad, need_dx)?;
+            let (dx, w) = match &grad {
+                Some(g) => layer.backward_input(s, g, need_dx)?,
+                None if i + 1 == last => layer.backward_input_from_loss(s, need_dx)?,
+                None => candle_core::bail!("layer {i} of {last} has no output gradient"),
+            };
             weight_saved.push(w);
             match dx {
-                Some(dx) => grad = dx,
+                Some(dx) => grad = Some(dx),
                 None if need_dx => {
                     candle_core::bail!("layer {i} of {last} returned no input gradient")
                 }
@@ -271,7 +343,7 @@ impl StageCompute {
         };
         self.live_bytes += bytes;
         self.pending.insert(mb, PendingWeights { saved: weight_saved, bytes });
-        Ok(self.input_needs_grad.then_some(grad))
+        Ok(grad.filter(|_| self.input_needs_grad))
     }
 
     /// `W`: the weight gradients of micro-batch `mb`, added into the step's sums.

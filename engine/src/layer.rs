@@ -370,6 +370,24 @@ impl Gradients {
         }
     }
 
+    /// Adds row `i` of `rows` `(N, C)` to row `ids[i]` of the gradient of `name`, a `(table_rows,
+    /// C)` embedding table's: scattered into the existing sum in place, or into zeros as the
+    /// first term. The table-sized zeros exist once per step, not once per micro-batch.
+    pub fn add_rows(&mut self, name: &str, ids: &Tensor, rows: &Tensor, table_rows: usize) -> Result<()> {
+        if rows.dtype() != DType::F32 && rows.dtype() != DType::F64 {
+            return self.add_rows(name, ids, &rows.to_dtype(DType::F32)?, table_rows);
+        }
+        if !self.by_name.contains_key(name) {
+            let (_, width) = rows.dims2()?;
+            let zeros = Tensor::zeros((table_rows, width), rows.dtype(), rows.device())?;
+            self.by_name.insert(name.to_string(), zeros);
+        }
+        match self.by_name.get(name) {
+            Some(acc) => brigade_kernels::index_add_rows(acc, ids, rows),
+            None => candle_core::bail!("gradient of {name} vanished while it was added to"),
+        }
+    }
+
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.by_name.get(name)
     }
@@ -409,6 +427,39 @@ pub trait Layer: Send {
     /// The weight gradients, added into `grads` by parameter name.
     fn backward_weight(&mut self, saved: Saved, grads: &mut Gradients) -> Result<()>;
 
+    /// The last layer's training forward fused with the stage's loss, for a layer whose
+    /// output is only ever the loss's input and is too large to keep (a language model's
+    /// logits: B·T × V floats, 411 MB for GPT-2 at 2 × 1024 tokens). The layer computes the
+    /// micro-batch's loss itself (normalised as [`crate::loss::microbatch_loss`] does) without
+    /// materialising its whole output, e.g. chunk by chunk.
+    ///
+    /// With `grads` (a training forward), the loss's gradient is known as soon as the loss is,
+    /// so the layer also runs its backward from it while each chunk is in hand: it adds its
+    /// weight gradients into `grads` now and returns what
+    /// [`Layer::backward_input_from_loss`] needs. Without `grads` (a forward whose activations
+    /// are recomputed before the backward) it computes only the loss and keeps nothing.
+    ///
+    /// `None`, the default, means the layer does not fuse this loss: the stage then runs
+    /// [`Layer::forward_train`] and takes the loss of its output. A fused layer must give the
+    /// same loss and gradients as that path (to rounding).
+    fn forward_with_loss(
+        &mut self,
+        x: &Tensor,
+        loss: &LossInput<'_>,
+        grads: Option<&mut Gradients>,
+        pass: Pass,
+    ) -> Result<Option<(Tensor, Saved)>> {
+        let _ = (x, loss, grads, pass);
+        Ok(None)
+    }
+
+    /// The input gradient after [`Layer::forward_with_loss`] (which already knew the output's
+    /// gradient), and what [`Layer::backward_weight`] still needs.
+    fn backward_input_from_loss(&mut self, saved: Saved, need_dx: bool) -> Result<(Option<Tensor>, Saved)> {
+        let _ = (saved, need_dx);
+        candle_core::bail!("this layer does not compute its loss itself (forward_with_loss returned None)")
+    }
+
     /// Incremental decoding (generation with a KV cache): runs the layer on the `T_new`
     /// positions `offset..offset + T_new` of a sequence whose earlier positions went through
     /// earlier calls. Layers with attention keep their keys and values between calls; an
@@ -431,6 +482,16 @@ pub trait Layer: Send {
         let _ = buffers;
         Ok(())
     }
+}
+
+/// What a last layer needs to compute the stage's loss itself ([`Layer::forward_with_loss`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LossInput<'a> {
+    pub kind: LossKind,
+    /// The micro-batch's targets, in the shape the unfused loss expects next to the output.
+    pub targets: &'a Tensor,
+    /// Loss terms in the whole global batch (the loss is normalised by it).
+    pub global_terms: usize,
 }
 
 /// A layer as data: what to build, shippable to any stage.

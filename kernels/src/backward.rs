@@ -399,3 +399,86 @@ impl MatmulAccumulate {
         unsafe { gemm_into(m, n, k, dst, a, b, T::from_f64(1.0), true, stage_threads()) }
     }
 }
+
+/// `acc[ids[i], :] += rows[i, :]` in place, for `acc` `(V, C)` contiguous, `ids` `(N,)` integer
+/// and `rows` `(N, C)` of `acc`'s dtype: an embedding table's weight gradient scattered into
+/// the step's running sum, with no table-sized temporary per micro-batch. Rows are added in
+/// order, so repeated ids sum as `Tensor::index_add` sums them. An id >= V is an error naming it.
+pub fn index_add_rows(acc: &Tensor, ids: &Tensor, rows: &Tensor) -> Result<()> {
+    let ((v, c), (n, c2)) = (acc.dims2()?, rows.dims2()?);
+    if c != c2 || ids.dims() != [n] || !ids.dtype().is_int() {
+        candle_core::bail!(
+            "index_add_rows: {:?} rows with ids {:?} {:?} do not fit a {:?} table",
+            rows.dims(),
+            ids.dims(),
+            ids.dtype(),
+            acc.dims()
+        )
+    }
+    if acc.dtype() != rows.dtype() {
+        candle_core::bail!("index_add_rows: rows {:?} do not match the table's dtype {:?}", rows.dtype(), acc.dtype())
+    }
+    if !acc.is_contiguous() {
+        candle_core::bail!("index_add_rows: the table must be contiguous")
+    }
+    let ids = ids.to_dtype(DType::U32)?;
+    if !fused(acc) || !rows.device().is_cpu() {
+        let sum = acc.index_add(&ids, rows, 0)?;
+        return acc.slice_set(&sum, 0, 0);
+    }
+    acc.inplace_op3(&ids, rows, &IndexAddRows { v, c })
+}
+
+struct IndexAddRows {
+    v: usize,
+    c: usize,
+}
+
+impl candle_core::InplaceOp3 for IndexAddRows {
+    fn name(&self) -> &'static str {
+        "index-add-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        acc: &mut CpuStorage,
+        al: &Layout,
+        ids: &CpuStorage,
+        il: &Layout,
+        rows: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<()> {
+        let (start, end) = al
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("index-add-rows: the table must be contiguous".into()))?;
+        let ids = crate::cpu::view::<u32>(ids, il)?;
+        if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= self.v) {
+            candle_core::bail!("index_add_rows: id {id} at row {i} is out of range for a table of {} rows", self.v)
+        }
+        match acc {
+            CpuStorage::F32(a) => self.run::<f32>(&mut a[start..end], &ids, rows, rl),
+            CpuStorage::F64(a) => self.run::<f64>(&mut a[start..end], &ids, rows, rl),
+            _ => candle_core::bail!("index-add-rows: f32 or f64 tables expected"),
+        }
+    }
+}
+
+impl IndexAddRows {
+    fn run<T: candle_core::WithDType + std::ops::AddAssign>(
+        &self,
+        acc: &mut [T],
+        ids: &[u32],
+        rows: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<()> {
+        let rows = crate::cpu::view::<T>(rows, rl)?;
+        let c = self.c;
+        for (i, &id) in ids.iter().enumerate() {
+            let dst = &mut acc[id as usize * c..(id as usize + 1) * c];
+            for (a, &g) in dst.iter_mut().zip(&rows[i * c..(i + 1) * c]) {
+                *a += g;
+            }
+        }
+        Ok(())
+    }
+}

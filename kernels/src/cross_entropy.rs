@@ -13,10 +13,19 @@
 //! Assumes `logits: (N, V)` float and `targets: (N,)` u32 (the wrapper converts other integer
 //! dtypes). A target id >= V is an error naming the id and the row, never an out-of-bounds read.
 //!
+//! Loss and gradient in one pass, in place ([`CrossEntropySumGradInPlace`]): for a language
+//! model's head, which computes its logits chunk by chunk and never needs them after the loss,
+//! each row's loss is taken and the row is overwritten by its gradient while it is in cache.
+//! No second `(N, V)` buffer, and one read of the logits instead of two. Each row's gradient
+//! is the same operations, in the same order, as the backward above (bit-equal to it); its loss
+//! takes the exp-sum from that pass, so it matches the forward's to rounding.
+//!
 //! The row loops (max, exp-sum) are [`Real`]'s row kernels: vectorised (`crate::vmath`) for
 //! f32, libm for f64.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, InplaceOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::{new_rows, storage, view, with_float, Real, PAR_MIN_ELEMS};
@@ -149,5 +158,67 @@ impl CustomOp3 for CrossEntropySumBwd {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::cuda::cross_entropy_sum_bwd(s1, l1, s2, l2, s3, l3)
+    }
+}
+
+/// `logits <- scale * (softmax(logits) - onehot(targets))`, row by row in place, remembering
+/// the summed loss `sum_n (logsumexp(logits[n]) - logits[n, t_n])` of the rows it overwrote
+/// (an in-place op returns nothing, so the total waits in `loss` for the caller).
+pub(crate) struct CrossEntropySumGradInPlace {
+    pub(crate) scale: f64,
+    pub(crate) loss: Mutex<Option<f64>>,
+}
+
+impl CrossEntropySumGradInPlace {
+    fn run<T: Real>(&self, logits: &mut [T], targets: &[u32]) -> Result<f64> {
+        let n = targets.len();
+        let v = logits.len().checked_div(n).unwrap_or(0);
+        check_targets(targets, v)?;
+        let g = T::from_f64(self.scale);
+        // The exp-sum row kernel reads one row and writes another: the row is copied to a
+        // per-thread scratch row first (in cache, far cheaper than the exp over it).
+        let row = |r: usize, dr: &mut [T], scratch: &mut Vec<T>| -> f64 {
+            scratch.clear();
+            scratch.extend_from_slice(dr);
+            let target = targets[r] as usize;
+            let max = T::row_max(scratch);
+            let sum = T::exp_shift_sum(scratch, max, dr);
+            let loss = (max + sum.ln() - scratch[target]).to_f64();
+            let scale = g / sum;
+            dr.iter_mut().for_each(|o| *o *= scale);
+            dr[target] -= g;
+            loss
+        };
+        if v == 0 {
+            return Ok(0.0);
+        }
+        // Row losses in parallel, summed in row order: the same bits on any thread count.
+        let losses: Vec<f64> = if logits.len() >= PAR_MIN_ELEMS {
+            logits.par_chunks_mut(v).enumerate().map_init(Vec::new, |scratch, (r, dr)| row(r, dr, scratch)).collect()
+        } else {
+            let mut scratch = Vec::with_capacity(v);
+            logits.chunks_mut(v).enumerate().map(|(r, dr)| row(r, dr, &mut scratch)).collect()
+        };
+        Ok(losses.iter().sum())
+    }
+}
+
+impl InplaceOp2 for CrossEntropySumGradInPlace {
+    fn name(&self) -> &'static str {
+        "cross-entropy-sum-grad-in-place"
+    }
+
+    fn cpu_fwd(&self, ls: &mut CpuStorage, ll: &Layout, ts: &CpuStorage, tl: &Layout) -> Result<()> {
+        let (start, end) = ll
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: the logits must be contiguous", self.name())))?;
+        let targets = view::<u32>(ts, tl)?;
+        let loss = match ls {
+            CpuStorage::F32(x) => self.run::<f32>(&mut x[start..end], &targets)?,
+            CpuStorage::F64(x) => self.run::<f64>(&mut x[start..end], &targets)?,
+            _ => candle_core::bail!("{}: f32 or f64 logits expected", self.name()),
+        };
+        *self.loss.lock().map_err(|_| candle_core::Error::Msg(format!("{}: poisoned", self.name())))? = Some(loss);
+        Ok(())
     }
 }

@@ -63,7 +63,8 @@ pub use gemm::{conv2d, matmul, stage_threads};
 pub use sum_squares::sum_squares;
 
 pub use backward::{
-    accumulate, add, cross_entropy_sum_backward, gelu_tanh_backward, layer_norm_backward, layer_norm_backward_residual,
+    accumulate, add, cross_entropy_sum_backward, gelu_tanh_backward, index_add_rows, layer_norm_backward,
+    layer_norm_backward_residual,
     matmul_accumulate, max_pool2d_backward, softmax_last_dim_backward, sum_rows,
 };
 
@@ -437,6 +438,32 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     }
     let targets = dense_on_gpu(&targets.to_dtype(DType::U32)?)?;
     dense_on_gpu(logits)?.apply_op2(&targets, cross_entropy::CrossEntropySum)
+}
+
+/// The summed cross-entropy of `logits` `(N, V)` against `targets` `(N,)` and its gradient
+/// `scale · (softmax(logits) − onehot(targets))`, as `(loss, dlogits)`: the loss an f64 scalar
+/// (the row losses summed in f64, before any rounding to the logits' dtype), the gradient in
+/// the logits' dtype and shape.
+///
+/// On the fused CPU kernels (f32/f64, contiguous logits) the gradient is written **over
+/// `logits`** in one pass that also takes the loss: the caller hands over a tensor it owns and
+/// no longer needs (a language-model head's chunk of logits). The returned gradient shares its
+/// storage. Elsewhere it is [`cross_entropy_sum`] and [`cross_entropy_sum_backward`], with
+/// `logits` left as it was.
+pub fn cross_entropy_sum_with_grad_in_place(logits: Tensor, targets: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    check_cross_entropy_args(&logits, targets)?;
+    if !fused(&logits) || !logits.is_contiguous() {
+        let loss = cross_entropy_sum(&logits, targets)?.to_dtype(DType::F64)?;
+        let grad = cross_entropy_sum_backward(&logits, targets, scale)?;
+        return Ok((loss, grad));
+    }
+    let targets = targets.to_dtype(DType::U32)?;
+    let op = cross_entropy::CrossEntropySumGradInPlace { scale, loss: std::sync::Mutex::new(None) };
+    logits.inplace_op2(&targets, &op)?;
+    let loss = op.loss.into_inner().ok().flatten().ok_or_else(|| {
+        candle_core::Error::Msg("cross_entropy_sum_with_grad_in_place: the kernel returned no loss".into())
+    })?;
+    Ok((Tensor::new(loss, logits.device())?, logits))
 }
 
 /// GELU with the tanh approximation (GPT-2's `gelu_new`).

@@ -239,4 +239,86 @@ fn sum_squares_is_the_f64_sum_of_squares_on_any_thread_count() {
     let x = uniform(&mut g, &[9], 1.0, DType::F32).to_dtype(DType::BF16).unwrap();
     let want = x.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
     assert_eq!(k::sum_squares(&x).unwrap().to_scalar::<f64>().unwrap(), want);
+/// Bits of a tensor, for bit-equality checks.
+fn bits(t: &Tensor) -> Vec<u64> {
+    to_f64_vec(t).iter().map(|v| v.to_bits()).collect()
+}
+
+#[test]
+fn cross_entropy_with_grad_in_place_is_the_loss_and_the_backward_in_one_pass() {
+    let mut g = rng(11);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    // 6 × 11 runs the rows serially; 40 × 1031 (over the parallel threshold) on two threads.
+    for (n, v) in [(6usize, 11usize), (40, 1031)] {
+        for dtype in [DType::F32, DType::F64] {
+            let what = format!("{n}x{v} {dtype:?}");
+            let logits = uniform(&mut g, &[n, v], 4.0, dtype);
+            let ids: Vec<u32> = (0..n).map(|i| ((i * 7 + 3) % v) as u32).collect();
+            let targets = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
+            let want_loss = k::cross_entropy_sum(&logits, &targets).unwrap().to_dtype(DType::F64).unwrap();
+            let want_grad = k::cross_entropy_sum_backward(&logits, &targets, 0.125).unwrap();
+            // The kernel overwrites its input: hand it a copy.
+            let owned = logits.copy().unwrap();
+            let (loss, grad) =
+                pool.install(|| k::cross_entropy_sum_with_grad_in_place(owned.clone(), &targets, 0.125)).unwrap();
+            assert_eq!(loss.dtype(), DType::F64, "{what}");
+            // Same operations per row as the backward kernel: the same bits.
+            assert_eq!(bits(&grad), bits(&want_grad), "{what}: gradient");
+            assert_eq!(grad.dtype(), dtype, "{what}");
+            // In place: the gradient is the handed-over tensor.
+            assert_eq!(bits(&owned), bits(&want_grad), "{what}: written in place");
+            // The loss sums the same row losses; the exp-sum comes from the gradient's pass.
+            let (got, want) = (loss.to_scalar::<f64>().unwrap(), want_loss.to_scalar::<f64>().unwrap());
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+            assert!((got - want).abs() <= tol * want.abs(), "{what}: loss {got} vs {want}");
+            // One thread: the same bits as two.
+            let (loss1, grad1) =
+                k::cross_entropy_sum_with_grad_in_place(logits.copy().unwrap(), &targets, 0.125).unwrap();
+            assert_eq!(bits(&grad1), bits(&grad), "{what}: one thread");
+            assert_eq!(loss1.to_scalar::<f64>().unwrap().to_bits(), got.to_bits(), "{what}: one-thread loss");
+        }
+    }
+    // A target past the vocabulary is an error naming it, never a read out of bounds.
+    let logits = uniform(&mut g, &[2, 5], 1.0, DType::F32);
+    let e = k::cross_entropy_sum_with_grad_in_place(logits, &Tensor::new(&[1u32, 5], &Device::Cpu).unwrap(), 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("target id 5 at row 1"), "{e}");
+    // bf16 takes the composition: an f64 loss, a bf16 gradient, both as the two ops give them.
+    let logits = uniform(&mut g, &[3, 7], 2.0, DType::BF16);
+    let targets = Tensor::new(&[0u32, 6, 2], &Device::Cpu).unwrap();
+    let (loss, grad) = k::cross_entropy_sum_with_grad_in_place(logits.clone(), &targets, 0.5).unwrap();
+    assert_eq!((loss.dtype(), grad.dtype()), (DType::F64, DType::BF16));
+    assert_eq!(bits(&grad), bits(&k::cross_entropy_sum_backward(&logits, &targets, 0.5).unwrap()));
+}
+
+#[test]
+fn index_add_rows_scatters_into_the_running_sum() {
+    let mut g = rng(12);
+    for dtype in [DType::F32, DType::F64] {
+        let acc = uniform(&mut g, &[7, 5], 1.0, dtype);
+        let before = acc.copy().unwrap();
+        // Repeated ids sum; untouched rows stay as they were.
+        let ids = Tensor::new(&[3u32, 0, 3, 6, 3], &Device::Cpu).unwrap();
+        let rows = uniform(&mut g, &[5, 5], 1.0, dtype);
+        k::index_add_rows(&acc, &ids, &rows).unwrap();
+        let want = before.index_add(&ids, &rows, 0).unwrap();
+        assert_close(&format!("index_add_rows {dtype:?}"), &acc, &want, 1e-15);
+        assert_eq!(bits(&acc.get(1).unwrap()), bits(&before.get(1).unwrap()));
+        // i64 ids are taken as well.
+        let ids64 = Tensor::new(&[1i64, 1], &Device::Cpu).unwrap();
+        let two = uniform(&mut g, &[2, 5], 1.0, dtype);
+        let want = acc.index_add(&ids64.to_dtype(DType::U32).unwrap(), &two, 0).unwrap();
+        k::index_add_rows(&acc, &ids64, &two).unwrap();
+        assert_close("index_add_rows i64 ids", &acc, &want, 1e-15);
+    }
+    let acc = Tensor::zeros((4, 2), DType::F32, &Device::Cpu).unwrap();
+    let rows = Tensor::ones((1, 2), DType::F32, &Device::Cpu).unwrap();
+    let e = k::index_add_rows(&acc, &Tensor::new(&[4u32], &Device::Cpu).unwrap(), &rows).unwrap_err().to_string();
+    assert!(e.contains("id 4 at row 0 is out of range for a table of 4 rows"), "{e}");
+    assert_eq!(acc.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0, "an error leaves the sum untouched");
+    let e = k::index_add_rows(&acc, &Tensor::new(&[0u32], &Device::Cpu).unwrap(), &rows.to_dtype(DType::F64).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("do not match the table's dtype"), "{e}");
 }

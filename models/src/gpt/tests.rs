@@ -324,3 +324,79 @@ fn init_follows_gpt2() {
     assert!(!get("transformer.h.0.ln_2.weight").weight_decay);
     assert!(get("transformer.h.0.mlp.c_fc.weight").weight_decay);
 }
+
+/// The head as the pipeline builds it, with `chunk_rows` rows per chunk of its fused loss.
+fn head_with_chunks(cfg: &GptConfig, store: &mut ParamStore, chunk_rows: Option<usize>) -> head::Head {
+    use crate::blocks::{get_all, LayerNorm, LmHead};
+    use brigade_engine::LayerSpec;
+    let spec = HeadSpec { cfg: cfg.clone() };
+    let [w, b, wte] = get_all(store, &spec.params()).unwrap();
+    head::Head {
+        n_positions: cfg.n_positions,
+        ln_f: LayerNorm { weight: w, bias: b, eps: cfg.layer_norm_epsilon },
+        lm_head: LmHead { table: wte },
+        chunk_rows,
+    }
+}
+
+fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shapes");
+    let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff <= tol * scale.max(1.0), "{what}: max |difference| {diff:e} (scale {scale:e})");
+}
+
+#[test]
+fn fused_head_loss_matches_the_logits_then_loss_path() {
+    use brigade_engine::loss::{microbatch_loss, microbatch_loss_backward};
+    use brigade_engine::{Gradients, LossInput, LossKind};
+    let cfg = GptConfig::custom(16, 8, 8, 1, 2).unwrap();
+    let x = (Tensor::randn(0f32, 1.0, (2, 5, 8), &Device::Cpu).unwrap() * 2.0).unwrap();
+    let targets = ids(&[1, 5, 9, 2, 15, 0, 3, 3, 7, 11], 2, 5);
+    let global_terms = 13; // as if this micro-batch were part of a larger global batch
+
+    // The unfused path: logits (B, T, V), the loss of them, and the backward from its gradient.
+    let mut store = ParamStore::new(Device::Cpu, 4);
+    let mut plain = head_with_chunks(&cfg, &mut store, None);
+    let (logits, saved) = plain.forward_train(&x, Pass::First).unwrap();
+    let want_loss = microbatch_loss(LossKind::CrossEntropy, &logits, &targets, global_terms).unwrap();
+    let dlogits = microbatch_loss_backward(LossKind::CrossEntropy, &logits, &targets, global_terms).unwrap();
+    let (want_dx, w) = plain.backward_input(saved, &dlogits, true).unwrap();
+    let want_dx = want_dx.unwrap();
+    let mut want = Gradients::new();
+    plain.backward_weight(w, &mut want).unwrap();
+
+    // Fused, in chunks of 1 row, 3 rows (a short last chunk) and all 10 at once.
+    for rows in [Some(1), Some(3), None] {
+        let mut fused = head_with_chunks(&cfg, &mut store, rows);
+        let input = LossInput { kind: LossKind::CrossEntropy, targets: &targets, global_terms };
+        let mut got = Gradients::new();
+        let (loss, saved) = fused.forward_with_loss(&x, &input, Some(&mut got), Pass::First).unwrap().unwrap();
+        let what = format!("chunks of {rows:?} rows");
+        assert_close(&format!("{what}: loss"), &loss, &want_loss, 1e-6);
+        // The table's gradient is already in the sums; the weight step adds ln_f's.
+        assert!(got.get(WTE).is_some() && got.get("transformer.ln_f.weight").is_none(), "{what}");
+        let (dx, w) = fused.backward_input_from_loss(saved, true).unwrap();
+        fused.backward_weight(w, &mut got).unwrap();
+        assert_close(&format!("{what}: dx"), &dx.unwrap(), &want_dx, 1e-5);
+        for name in [WTE, "transformer.ln_f.weight", "transformer.ln_f.bias"] {
+            assert_close(&format!("{what}: d {name}"), got.get(name).unwrap(), want.get(name).unwrap(), 1e-5);
+        }
+        // Without gradient sums (a forward that will be recomputed): the same loss, no sums.
+        let (again, _) = fused.forward_with_loss(&x, &input, None, Pass::First).unwrap().unwrap();
+        assert_close(&format!("{what}: loss without gradients"), &again, &want_loss, 1e-6);
+    }
+
+    // Another loss kind is not fused: the stage takes it from the output as before.
+    let mut head = head_with_chunks(&cfg, &mut store, None);
+    let input = LossInput { kind: LossKind::MeanSquaredError, targets: &x, global_terms };
+    assert!(head.forward_with_loss(&x, &input, None, Pass::First).unwrap().is_none());
+    // Targets that do not match the positions, or ids past the vocabulary, are errors.
+    let input = LossInput { kind: LossKind::CrossEntropy, targets: &ids(&[1, 2, 3, 4, 5], 1, 5), global_terms };
+    let e = head.forward_with_loss(&x, &input, None, Pass::First).unwrap_err().to_string();
+    assert!(e.contains("do not match the GPT head's positions (2, 5)"), "{e}");
+    let bad = ids(&[1, 5, 9, 2, 16, 0, 3, 3, 7, 11], 2, 5);
+    let input = LossInput { kind: LossKind::CrossEntropy, targets: &bad, global_terms };
+    let e = head.forward_with_loss(&x, &input, Some(&mut Gradients::new()), Pass::First).unwrap_err().to_string();
+    assert!(e.contains("target id 16"), "{e}");
+}

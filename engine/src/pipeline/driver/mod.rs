@@ -798,7 +798,8 @@ impl Pipeline {
         self.snapshot_by_stage(SnapshotKind::Params)
     }
 
-    /// Gradients of the last step (tied copies summed, before clipping), by name.
+    /// Gradients of the last step (tied copies summed, before clipping), by name; a step that
+    /// starts drops them.
     pub fn gradients(&mut self) -> Result<BTreeMap<String, Tensor>> {
         self.snapshot(SnapshotKind::Grads)
     }
