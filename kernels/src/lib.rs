@@ -64,8 +64,7 @@ pub use sum_squares::sum_squares;
 
 pub use backward::{
     accumulate, add, cross_entropy_sum_backward, gelu_tanh_backward, index_add_rows, layer_norm_backward,
-    layer_norm_backward_residual,
-    matmul_accumulate, max_pool2d_backward, softmax_last_dim_backward, sum_rows,
+    layer_norm_backward_residual, matmul_accumulate, max_pool2d_backward, softmax_last_dim_backward, sum_rows,
 };
 
 /// Whether `t` can take the fused CPU kernels (see the crate docs).

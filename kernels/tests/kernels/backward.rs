@@ -239,6 +239,8 @@ fn sum_squares_is_the_f64_sum_of_squares_on_any_thread_count() {
     let x = uniform(&mut g, &[9], 1.0, DType::F32).to_dtype(DType::BF16).unwrap();
     let want = x.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
     assert_eq!(k::sum_squares(&x).unwrap().to_scalar::<f64>().unwrap(), want);
+}
+
 /// Bits of a tensor, for bit-equality checks.
 fn bits(t: &Tensor) -> Vec<u64> {
     to_f64_vec(t).iter().map(|v| v.to_bits()).collect()
