@@ -896,10 +896,16 @@ impl LinkTraffic {
         self.last = now;
     }
 
+    /// Without MPI there are no links between ranks to report.
+    #[cfg(not(feature = "mpi"))]
+    fn report(&self, _world: &World, _log: Option<&mut MetricsLog>) -> Result<()> {
+        Ok(())
+    }
+
     /// Every rank's traffic, gathered; rank 0 prints each link's bytes per step and logs them.
+    #[cfg(feature = "mpi")]
     fn report(&self, world: &World, log: Option<&mut MetricsLog>) -> Result<()> {
         let links = match world {
-            #[cfg(feature = "mpi")]
             World::Ranks(ranks) => {
                 let mine: Vec<u8> =
                     self.during_steps.iter().flat_map(|(h, r)| [*h, *r]).flat_map(u64::to_le_bytes).collect();

@@ -67,7 +67,8 @@ pub(super) struct Route {
 }
 
 impl Route {
-    /// What a stage waiting for this hand-off waits for, in words.
+    /// What a stage waiting for this hand-off waits for, in words (the rank watchdog's line).
+    #[cfg(feature = "mpi")]
     pub fn describe(&self) -> String {
         let what = match self.kind {
             RouteKind::Activation => "activation",
