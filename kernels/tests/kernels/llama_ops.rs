@@ -331,6 +331,9 @@ fn grouped_causal_attention_matches_the_composition_forward_and_backward() {
             let q = k::rope(&q_pre, &cos, &sin).unwrap();
             let kr = k::rope(&k_pre, &cos, &sin).unwrap();
             untracked(&[&q, &kr, &v]);
+            // RoPE reads the projection's head slices in place.
+            assert_close(&format!("{what}: rope of q"), &q, &r::rope(&q_pre, &cos, &sin).unwrap(), tol(dtype));
+            assert_close(&format!("{what}: rope of k"), &kr, &r::rope(&k_pre, &cos, &sin).unwrap(), tol(dtype));
             assert!(k::grouped_causal_attention_runs(&q, &kr, &v));
             let (merged, probs) = k::grouped_causal_attention(&q, &kr, &v).unwrap();
             let (want_merged, want_probs) = grouped_attention_reference(&q, &kr, &v).unwrap();
