@@ -387,7 +387,7 @@ mod tests {
         assert!(err.contains("\"<|im_end|>\" of the tokenizer_config.json") && err.contains("not in its vocabulary"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
         let mut inner = TextTokenizer::bytes().inner;
-        inner.add_special_tokens(&[AddedToken::from(END_OF_TEXT, true)]);
+        inner.add_special_tokens(vec![AddedToken::from(END_OF_TEXT, true)]);
         assert_eq!(TextTokenizer::new(inner, "test".into()).eos(), Some(256), "<|endoftext|> without a config");
     }
 
