@@ -270,9 +270,10 @@ fn configured_eos(tokenizer_file: &Path) -> Result<Option<String>, Error> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
-    let config: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Config(format!("{} is not valid JSON: {e}", path.display())))?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Config(format!("{} is not valid JSON: {e}", path.display())))?;
     Ok(match &config["eos_token"] {
         serde_json::Value::String(token) => Some(token.clone()),
         serde_json::Value::Object(added) => added.get("content").and_then(|c| c.as_str()).map(str::to_string),
@@ -384,10 +385,13 @@ mod tests {
         assert_eq!(TextTokenizer::load(&file).unwrap().eos(), Some(u32::from(b' ')));
         std::fs::write(&config, r#"{"eos_token": "<|im_end|>"}"#).unwrap();
         let err = TextTokenizer::load(&file).unwrap_err().to_string();
-        assert!(err.contains("\"<|im_end|>\" of the tokenizer_config.json") && err.contains("not in its vocabulary"), "{err}");
+        assert!(
+            err.contains("\"<|im_end|>\" of the tokenizer_config.json") && err.contains("not in its vocabulary"),
+            "{err}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
         let mut inner = TextTokenizer::bytes().inner;
-        inner.add_special_tokens(vec![AddedToken::from(END_OF_TEXT, true)]);
+        inner.add_special_tokens(vec![AddedToken::from(END_OF_TEXT, true)]).unwrap();
         assert_eq!(TextTokenizer::new(inner, "test".into()).eos(), Some(256), "<|endoftext|> without a config");
     }
 

@@ -326,7 +326,8 @@ fn grouped_causal_attention_matches_the_composition_forward_and_backward() {
         for (b, t, h, kv, d) in [(2, 70, 4, 2, 8), (1, 33, 3, 1, 4), (3, 5, 2, 2, 6)] {
             let what = format!("grouped attention b{b} t{t} h{h} kv{kv} d{d} {dtype:?}");
             let qkv = uniform(&mut g, &[b, t, h + 2 * kv, d], 1.5, dtype);
-            let (q_pre, k_pre, v) = (qkv.narrow(2, 0, h).unwrap(), qkv.narrow(2, h, kv).unwrap(), qkv.narrow(2, h + kv, kv).unwrap());
+            let (q_pre, k_pre, v) =
+                (qkv.narrow(2, 0, h).unwrap(), qkv.narrow(2, h, kv).unwrap(), qkv.narrow(2, h + kv, kv).unwrap());
             let (cos, sin) = tables(t, d, 0, true, dtype);
             let q = k::rope(&q_pre, &cos, &sin).unwrap();
             let kr = k::rope(&k_pre, &cos, &sin).unwrap();
@@ -343,10 +344,14 @@ fn grouped_causal_attention_matches_the_composition_forward_and_backward() {
             let dy = uniform(&mut g, &[b, t, h * d], 1.0, dtype);
             let dqkv = k::grouped_causal_attention_backward(&q, &kr, &v, &probs, &dy, &cos, &sin).unwrap();
             assert_eq!(dqkv.dims(), [b, t, (h + 2 * kv) * d]);
-            let want = autograd(&[&q_pre.contiguous().unwrap(), &k_pre.contiguous().unwrap(), &v.contiguous().unwrap()], &dy, |x| {
-                let (q, k) = (r::rope(&x[0], &cos, &sin)?, r::rope(&x[1], &cos, &sin)?);
-                Ok(grouped_attention_reference(&q, &k, &x[2])?.0)
-            });
+            let want = autograd(
+                &[&q_pre.contiguous().unwrap(), &k_pre.contiguous().unwrap(), &v.contiguous().unwrap()],
+                &dy,
+                |x| {
+                    let (q, k) = (r::rope(&x[0], &cos, &sin)?, r::rope(&x[1], &cos, &sin)?);
+                    Ok(grouped_attention_reference(&q, &k, &x[2])?.0)
+                },
+            );
             let dqkv = dqkv.reshape((b, t, h + 2 * kv, d)).unwrap();
             for (i, (name, start, len)) in [("dq", 0, h), ("dk", h, kv), ("dv", h + kv, kv)].into_iter().enumerate() {
                 let got = dqkv.narrow(2, start, len).unwrap();
@@ -366,7 +371,12 @@ fn grouped_causal_attention_rejects_bad_arguments() {
         (q.clone(), kv.clone(), x(&[2, 4, 1, 8]), "must have k's shape"),
         (x(&[2, 4, 3, 8]), kv.clone(), kv.clone(), "multiple of the 2 k/v heads"),
         (x(&[2, 4, 2, 7]), x(&[2, 4, 2, 7]), x(&[2, 4, 2, 7]), "must be even"),
-        (q.to_dtype(DType::F16).unwrap(), kv.to_dtype(DType::F16).unwrap(), kv.to_dtype(DType::F16).unwrap(), "f32 or f64"),
+        (
+            q.to_dtype(DType::F16).unwrap(),
+            kv.to_dtype(DType::F16).unwrap(),
+            kv.to_dtype(DType::F16).unwrap(),
+            "f32 or f64",
+        ),
     ] {
         let err = k::grouped_causal_attention(&q, &k, &v).unwrap_err().to_string();
         assert!(err.contains(what), "{err}");

@@ -214,9 +214,8 @@ impl GroupedQueryAttention {
         if s.core == Core::InPlace {
             // dq, dk (RoPE's backward applied) and dv written in the projection's layout.
             let (cos, sin) = self.rope.tables(0, t)?;
-            let dqkv = brigade_kernels::grouped_causal_attention_backward(
-                &s.q, &s.k, &s.v, &s.softmax, &dmerged, &cos, &sin,
-            )?;
+            let dqkv =
+                brigade_kernels::grouped_causal_attention_backward(&s.q, &s.k, &s.v, &s.softmax, &dmerged, &cos, &sin)?;
             return Ok((self.qkv.backward_input(&dqkv)?, dqkv));
         }
         // dq (B, T, H, D), dk and dv (B, T, KV, D), before RoPE's backward.
