@@ -113,19 +113,23 @@ pub enum Decoding {
     FullWindow,
 }
 
-/// What to generate: how many tokens, how each is picked, where the logits come from, and the
-/// sampler's seed.
+/// What to generate: how many tokens at most, how each is picked, where the logits come from,
+/// the sampler's seed, and the token that ends the generation early.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Generation {
     pub tokens: usize,
     pub sampling: Sampling,
     pub decoding: Decoding,
     pub seed: u64,
+    /// The end-of-sequence token (the tokenizer's eos): once it is picked, it is streamed and
+    /// returned as the last token, as transformers' `generate` stops at `eos_token_id`.
+    /// `None`: always `tokens` tokens.
+    pub eos: Option<u32>,
 }
 
 /// Generates `request.tokens` tokens after `prompt` (not empty) with a GPT `pipeline` of
-/// context `context`, calling `on_token` with each as soon as it is chosen (to stream it).
-/// Returns the generated tokens.
+/// context `context`, calling `on_token` with each as soon as it is chosen (to stream it), and
+/// stopping early after `request.eos`. Returns the generated tokens.
 pub fn generate(
     pipeline: &mut Pipeline,
     context: usize,
@@ -133,7 +137,7 @@ pub fn generate(
     request: Generation,
     mut on_token: impl FnMut(u32) -> Result<(), Error>,
 ) -> Result<Vec<u32>, Error> {
-    let Generation { tokens, sampling, decoding, seed } = request;
+    let Generation { tokens, sampling, decoding, seed, eos } = request;
     sampling.validate()?;
     if prompt.is_empty() {
         return Err(Error::Config("generation needs a prompt of at least one token".into()));
@@ -172,6 +176,9 @@ pub fn generate(
         ids.push(next);
         out.push(next);
         on_token(next)?;
+        if eos == Some(next) {
+            break;
+        }
     }
     Ok(out)
 }

@@ -43,6 +43,8 @@ pub struct TextTokenizer {
     source: String,
     /// One more than the largest id (ids need not be dense: added tokens may sit far above).
     id_bound: usize,
+    /// The end-of-sequence token, where the tokenizer has one (see [`TextTokenizer::eos`]).
+    eos: Option<u32>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -54,7 +56,8 @@ impl std::fmt::Debug for TextTokenizer {
 impl TextTokenizer {
     fn new(inner: Tokenizer, source: String) -> Self {
         let id_bound = inner.get_vocab(true).values().map(|&id| id as usize + 1).max().unwrap_or(0);
-        Self { inner, source, id_bound }
+        let eos = inner.token_to_id(END_OF_TEXT);
+        Self { inner, source, id_bound, eos }
     }
 
     /// Loads a `tokenizer.json`, or the one inside a directory (a Hugging Face model directory).
@@ -70,9 +73,17 @@ impl TextTokenizer {
         let inner = Tokenizer::from_file(&file).map_err(|e| {
             Error::Config(format!("{} is not a valid Hugging Face tokenizer.json: {e}", file.display()))
         })?;
-        let tok = Self::new(inner, file.display().to_string());
+        let mut tok = Self::new(inner, file.display().to_string());
         if tok.vocab_size() == 0 {
             return Err(Error::Config(format!("tokenizer {} has an empty vocabulary", file.display())));
+        }
+        if let Some(eos) = configured_eos(&file)? {
+            tok.eos = Some(tok.inner.token_to_id(&eos).ok_or_else(|| {
+                Error::Config(format!(
+                    "the eos_token {eos:?} of the tokenizer_config.json beside {} is not in its vocabulary",
+                    file.display()
+                ))
+            })?);
         }
         Ok(tok)
     }
@@ -166,6 +177,13 @@ impl TextTokenizer {
         self.inner.token_to_id(END_OF_TEXT)
     }
 
+    /// The end-of-sequence token, which ends a generation: the `eos_token` of the
+    /// `tokenizer_config.json` beside a loaded `tokenizer.json` (as transformers reads it), else
+    /// `<|endoftext|>` when the vocabulary has it.
+    pub fn eos(&self) -> Option<u32> {
+        self.eos
+    }
+
     /// Token ids of `text` (no special tokens added).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, Error> {
         let encoding = self
@@ -241,6 +259,26 @@ impl TextTokenizer {
             .map_err(|e| Error::Config(format!("cannot write {}: {e}", config_path.display())))?;
         Ok(vec![json, config_path])
     }
+}
+
+/// The `eos_token` named by the `tokenizer_config.json` beside `tokenizer_file`, if that file
+/// exists and names one (a string, or an added token's `{"content": ...}`).
+fn configured_eos(tokenizer_file: &Path) -> Result<Option<String>, Error> {
+    let Some(path) = tokenizer_file.parent().map(|dir| dir.join("tokenizer_config.json")) else {
+        return Ok(None);
+    };
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Config(format!("{} is not valid JSON: {e}", path.display())))?;
+    Ok(match &config["eos_token"] {
+        serde_json::Value::String(token) => Some(token.clone()),
+        serde_json::Value::Object(added) => added.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        _ => None,
+    })
 }
 
 /// GPT-2's printable stand-in for each byte (`bytes_to_unicode`): printable Latin-1 bytes stand
@@ -327,6 +365,34 @@ mod tests {
         let inner: Tokenizer = json.parse().expect("test tokenizer");
         assert_eq!(inner.get_vocab_size(true), 3, "the count alone would miss the sparse id");
         assert_eq!(TextTokenizer::new(inner, "test".into()).vocab_size(), 70001);
+    }
+
+    /// The eos comes from the tokenizer_config.json beside the tokenizer.json (a plain string
+    /// or an added token's content), else `<|endoftext|>`; a name outside the vocabulary is
+    /// an error naming the file.
+    #[test]
+    fn eos_is_read_from_the_tokenizer_config_beside_the_tokenizer() {
+        let dir = std::env::temp_dir().join(format!("brigade-eos-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = TextTokenizer::bytes().save(&dir.join(TOKENIZER_FILE)).unwrap();
+        assert_eq!(TextTokenizer::load(&file).unwrap().eos(), None, "bytes have no special token");
+        let config = dir.join("tokenizer_config.json");
+        std::fs::write(&config, r#"{"eos_token": "e"}"#).unwrap();
+        assert_eq!(TextTokenizer::load(&dir).unwrap().eos(), Some(u32::from(b'e')));
+        // GPT-2's stand-in for the space byte, as an added token's content.
+        std::fs::write(&config, r#"{"eos_token": {"content": "Ġ", "special": true}}"#).unwrap();
+        assert_eq!(TextTokenizer::load(&file).unwrap().eos(), Some(u32::from(b' ')));
+        std::fs::write(&config, r#"{"eos_token": "<|im_end|>"}"#).unwrap();
+        let err = TextTokenizer::load(&file).unwrap_err().to_string();
+        assert!(
+            err.contains("\"<|im_end|>\" of the tokenizer_config.json") && err.contains("not in its vocabulary"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut inner = TextTokenizer::bytes().inner;
+        inner.add_special_tokens(vec![AddedToken::from(END_OF_TEXT, true)]).unwrap();
+        assert_eq!(TextTokenizer::new(inner, "test".into()).eos(), Some(256), "<|endoftext|> without a config");
     }
 
     #[test]

@@ -36,8 +36,19 @@ fn pipeline(model: &Gpt, params: &HashMap<String, Tensor>, stages: usize) -> Pip
 }
 
 fn run(p: &mut Pipeline, prompt: &[u32], tokens: usize, decoding: Decoding, sampling: Sampling) -> Vec<u32> {
+    run_until(p, prompt, tokens, decoding, sampling, None)
+}
+
+fn run_until(
+    p: &mut Pipeline,
+    prompt: &[u32],
+    tokens: usize,
+    decoding: Decoding,
+    sampling: Sampling,
+    eos: Option<u32>,
+) -> Vec<u32> {
     let mut streamed = Vec::new();
-    let out = generate(p, 64, prompt, Generation { tokens, sampling, decoding, seed: 3 }, |t| {
+    let out = generate(p, 64, prompt, Generation { tokens, sampling, decoding, seed: 3, eos }, |t| {
         streamed.push(t);
         Ok(())
     })
@@ -65,6 +76,17 @@ fn greedy_kv_cache_equals_full_window_on_one_and_more_stages() {
     let distinct: std::collections::HashSet<_> = reference.iter().collect();
     assert!(distinct.len() > 3, "a trained model generates varied text: {reference:?}");
     assert_eq!(run(&mut one, &prompt, 56, Decoding::Cached, Sampling::greedy()), reference);
+    // An eos token ends the generation right after its first occurrence, on both paths; one
+    // that never comes changes nothing.
+    // The first token unlike the first generated one: its first occurrence is at `stop`.
+    let stop = reference.iter().position(|&t| t != reference[0]).expect("varied text");
+    let eos = reference[stop];
+    for decoding in [Decoding::Cached, Decoding::FullWindow] {
+        let until = run_until(&mut one, &prompt, 56, decoding, Sampling::greedy(), Some(eos));
+        assert_eq!(until, reference[..=stop], "{decoding:?}");
+        let absent = (0..256).find(|t| !reference.contains(t)).unwrap();
+        assert_eq!(run_until(&mut one, &prompt, 56, decoding, Sampling::greedy(), Some(absent)), reference);
+    }
     for stages in [2, 4] {
         let mut split = pipeline(&model, &params, stages);
         assert_eq!(split.partition().stages(), stages);

@@ -46,6 +46,7 @@ pub mod cuda;
 pub mod flash;
 mod gelu;
 mod gemm;
+mod grouped_attention;
 mod layer_norm;
 mod linear;
 mod max_pool;
@@ -580,6 +581,58 @@ pub fn swiglu_backward(gate_up: &Tensor, dact: &Tensor) -> Result<Tensor> {
         return reference::swiglu_backward(gate_up, dact);
     }
     dense_on_gpu(gate_up)?.apply_op2_no_bwd(&dense_on_gpu(dact)?, &swiglu::SwiGluBwd)
+}
+
+/// Whether [`grouped_causal_attention`] runs for these operands: f32 or f64 CPU tensors that
+/// candle's autograd does not track (the composition is the autograd path).
+pub fn grouped_causal_attention_runs(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    [q, k, v].iter().all(|t| fused(t) && !t.track_op())
+}
+
+/// Causal grouped-query attention with the heads read in place: rotated queries `q`
+/// `(B, T, H, D)`, rotated keys `k` and values `v` `(B, T, KV, D)` (any layout whose last axis
+/// is unit-stride, such as views of the fused projection), query head `i·G + j` reading k/v
+/// head `i` (`G = H / KV`, Hugging Face's `repeat_kv` order), scores scaled by `1/√D`.
+/// Returns `(merged (B, T, H·D), probs (B, H, T, T))`. CPU, f32 or f64
+/// ([`grouped_causal_attention_runs`]); the pipeline pairs it with
+/// [`grouped_causal_attention_backward`].
+pub fn grouped_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    let g = grouped_attention::check(q, k, v)?;
+    grouped_attention::forward_cpu(g, q, k, v)
+}
+
+/// The backward of [`grouped_causal_attention`] from its saved operands, the probabilities it
+/// returned and the gradient `dmerged` `(B, T, H·D)` of its output: the projections' gradient
+/// `(B, T, (H + 2KV)·D)`, `[dq | dk | dv]` per position, with RoPE's backward (tables `cos`,
+/// `sin` `(T, D)` of positions `0..T`) applied to `dq` and `dk`, as [`rope_backward`] would.
+pub fn grouped_causal_attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    probs: &Tensor,
+    dmerged: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
+    let g = grouped_attention::check(q, k, v)?;
+    let (b, t, h, d) = (g.b, g.t, g.h, g.d);
+    if probs.dims() != [b, h, t, t] || dmerged.dims() != [b, t, h * d] {
+        bail!(
+            "grouped_causal_attention_backward: probs {:?} and dmerged {:?} must be ({b}, {h}, {t}, {t}) and ({b}, {t}, {})",
+            probs.dims(),
+            dmerged.dims(),
+            h * d
+        )
+    }
+    if cos.dims() != [t, d] || sin.dims() != [t, d] {
+        bail!("grouped_causal_attention_backward: tables must be ({t}, {d}), got {:?} and {:?}", cos.dims(), sin.dims())
+    }
+    let dtype = q.dtype();
+    if probs.dtype() != dtype || dmerged.dtype() != dtype || !fused(probs) || !fused(dmerged) {
+        bail!("grouped_causal_attention_backward: probs and dmerged must be {dtype:?} CPU tensors like q")
+    }
+    let (cos, sin) = (cos.to_dtype(dtype)?.to_device(q.device())?, sin.to_dtype(dtype)?.to_device(q.device())?);
+    grouped_attention::backward_cpu(g, q, k, v, probs, dmerged, &cos, &sin)
 }
 
 /// Causal softmax of attention scores, scaled: each row of the last dimension `S`, counted over

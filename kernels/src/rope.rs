@@ -70,16 +70,25 @@ impl CustomOp3 for Rope {
         if cl.dims() != [t, d] || sl.dims() != [t, d] {
             candle_core::bail!("{}: tables must be ({t}, {d}), got {:?} and {:?}", self.name(), cl.dims(), sl.dims())
         }
+        let row = h * d;
+        // Where each position's `H·D` elements are dense and positions sit at one stride (a
+        // head slice of a fused projection, `(B, T, H + 2KV, D)` narrowed), rows are read in
+        // place; other layouts are gathered first.
+        let stride = xl.stride();
+        let row_stride = (stride[3] == 1 && stride[2] == d && (xl.dims()[0] <= 1 || stride[0] == t * stride[1]))
+            .then_some(stride[1]);
         with_float!(self.name(), xs, |T| {
-            let x = view::<T>(xs, xl)?;
+            let (x, start, rs) = match row_stride {
+                Some(rs) => (std::borrow::Cow::Borrowed(T::cpu_storage_as_slice(xs)?), xl.start_offset(), rs),
+                None => (view::<T>(xs, xl)?, 0, row),
+            };
             let cos = view::<T>(cs, cl)?;
             let sin = view::<T>(ss, sl)?;
-            let mut y = vec![T::ZERO; x.len()];
-            let row = h * d;
+            let mut y = vec![T::ZERO; xl.shape().elem_count()];
             for_each_row(&mut y, row, |r, yr| {
                 let p = r % t;
                 let (cos, sin) = (&cos[p * d..(p + 1) * d], &sin[p * d..(p + 1) * d]);
-                let xr = &x[r * row..(r + 1) * row];
+                let xr = &x[start + r * rs..start + r * rs + row];
                 for (xh, yh) in xr.chunks(d).zip(yr.chunks_mut(d)) {
                     rotate_head(xh, cos, sin, yh, self.transpose);
                 }

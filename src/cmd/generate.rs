@@ -115,18 +115,24 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let started = std::time::Instant::now();
     // Streamed: the prompt, then each token as soon as it exists, so a long generation shows
     // progress (and can be stopped) instead of printing everything at the end.
+    // The tokenizer's end-of-sequence token ends the generation (it is not printed).
+    let eos = tokenizer.as_ref().and_then(TextTokenizer::eos);
     let mut out = Utf8Stream::new(byte_level, tokenizer);
     out.push(&ids)?;
-    let request = brigade::generate::Generation { tokens: args.tokens, sampling, decoding, seed: args.seed };
-    brigade::generate::generate(&mut pipeline, context, &ids, request, |next| {
+    let request = brigade::generate::Generation { tokens: args.tokens, sampling, decoding, seed: args.seed, eos };
+    let generated = brigade::generate::generate(&mut pipeline, context, &ids, request, |next| {
+        if eos == Some(next) {
+            return Ok(());
+        }
         out.push(&[next]).map_err(|e| brigade::Error::Config(format!("writing the output: {e}")))
     })?;
     out.finish()?;
     let elapsed = started.elapsed().as_secs_f64();
+    let stopped = if generated.len() < args.tokens { ", stopped at the tokenizer's eos token" } else { "" };
     eprintln!(
-        "{} tokens in {elapsed:.2}s ({:.1} tok/s, {}) on {} stages, prompt {prompt_len} tokens",
-        args.tokens,
-        args.tokens as f64 / elapsed.max(1e-9),
+        "{} tokens in {elapsed:.2}s ({:.1} tok/s, {}) on {} stages, prompt {prompt_len} tokens{stopped}",
+        generated.len(),
+        generated.len() as f64 / elapsed.max(1e-9),
         if args.no_cache { "full window" } else { "KV cache" },
         pipeline.schedule().stages()
     );

@@ -295,3 +295,97 @@ fn llama_ops_reject_bad_arguments() {
     }
     assert!(msg(k::swiglu_backward(&z(&[2, 6]), &z(&[2, 6]))).contains("must be [2, 3]"));
 }
+
+/// The plain composition of causal grouped-query attention: each query head against its k/v
+/// head (`repeat_kv` by index), scaled scores, the reference causal softmax, the product, and
+/// the heads merged to `(B, T, H·D)`. Returns `(merged, probs (B, H, T, T))`.
+fn grouped_attention_reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (b, t, h, d) = q.dims4()?;
+    let group = h / k.dim(2)?;
+    let (mut ys, mut ps) = (Vec::new(), Vec::new());
+    for hi in 0..h {
+        let qh = q.narrow(2, hi, 1)?.squeeze(2)?.contiguous()?; // (B, T, D)
+        let kh = k.narrow(2, hi / group, 1)?.squeeze(2)?.contiguous()?;
+        let vh = v.narrow(2, hi / group, 1)?.squeeze(2)?.contiguous()?;
+        let p = r::causal_softmax(&qh.matmul(&kh.t()?)?, 1.0 / (d as f64).sqrt())?; // (B, T, T)
+        ys.push(p.matmul(&vh)?);
+        ps.push(p);
+    }
+    Ok((Tensor::cat(&ys, 2)?.reshape((b, t, h * d))?, Tensor::stack(&ps, 1)?))
+}
+
+/// The in-place grouped-query attention against the composition: values and probabilities,
+/// and its backward (RoPE's backward included, written as `[dq | dk | dv]`) against autograd
+/// through RoPE and the composition. Queries, keys and values come as views of one fused
+/// projection, so the kernels read them through their strides; T = 70 spans a partial causal
+/// block; groups of 1 (plain multi-head), 2 and 3.
+#[test]
+fn grouped_causal_attention_matches_the_composition_forward_and_backward() {
+    for dtype in [DType::F64, DType::F32] {
+        let mut g = rng(31);
+        for (b, t, h, kv, d) in [(2, 70, 4, 2, 8), (1, 33, 3, 1, 4), (3, 5, 2, 2, 6)] {
+            let what = format!("grouped attention b{b} t{t} h{h} kv{kv} d{d} {dtype:?}");
+            let qkv = uniform(&mut g, &[b, t, h + 2 * kv, d], 1.5, dtype);
+            let (q_pre, k_pre, v) =
+                (qkv.narrow(2, 0, h).unwrap(), qkv.narrow(2, h, kv).unwrap(), qkv.narrow(2, h + kv, kv).unwrap());
+            let (cos, sin) = tables(t, d, 0, true, dtype);
+            let q = k::rope(&q_pre, &cos, &sin).unwrap();
+            let kr = k::rope(&k_pre, &cos, &sin).unwrap();
+            untracked(&[&q, &kr, &v]);
+            // RoPE reads the projection's head slices in place.
+            assert_close(&format!("{what}: rope of q"), &q, &r::rope(&q_pre, &cos, &sin).unwrap(), tol(dtype));
+            assert_close(&format!("{what}: rope of k"), &kr, &r::rope(&k_pre, &cos, &sin).unwrap(), tol(dtype));
+            assert!(k::grouped_causal_attention_runs(&q, &kr, &v));
+            let (merged, probs) = k::grouped_causal_attention(&q, &kr, &v).unwrap();
+            let (want_merged, want_probs) = grouped_attention_reference(&q, &kr, &v).unwrap();
+            assert_close(&format!("{what}: merged"), &merged, &want_merged, tol(dtype));
+            assert_close(&format!("{what}: probs"), &probs, &want_probs, tol(dtype));
+
+            let dy = uniform(&mut g, &[b, t, h * d], 1.0, dtype);
+            let dqkv = k::grouped_causal_attention_backward(&q, &kr, &v, &probs, &dy, &cos, &sin).unwrap();
+            assert_eq!(dqkv.dims(), [b, t, (h + 2 * kv) * d]);
+            let want = autograd(
+                &[&q_pre.contiguous().unwrap(), &k_pre.contiguous().unwrap(), &v.contiguous().unwrap()],
+                &dy,
+                |x| {
+                    let (q, k) = (r::rope(&x[0], &cos, &sin)?, r::rope(&x[1], &cos, &sin)?);
+                    Ok(grouped_attention_reference(&q, &k, &x[2])?.0)
+                },
+            );
+            let dqkv = dqkv.reshape((b, t, h + 2 * kv, d)).unwrap();
+            for (i, (name, start, len)) in [("dq", 0, h), ("dk", h, kv), ("dv", h + kv, kv)].into_iter().enumerate() {
+                let got = dqkv.narrow(2, start, len).unwrap();
+                assert_close(&format!("{what}: {name}"), &got, &want[i], 100.0 * tol(dtype));
+            }
+        }
+    }
+}
+
+#[test]
+fn grouped_causal_attention_rejects_bad_arguments() {
+    let x = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
+    let (q, kv) = (x(&[2, 4, 4, 8]), x(&[2, 4, 2, 8]));
+    for (q, k, v, what) in [
+        (x(&[2, 4, 8]), kv.clone(), kv.clone(), "q must be (B, T, H, D)"),
+        (q.clone(), x(&[2, 5, 2, 8]), x(&[2, 5, 2, 8]), "k must be"),
+        (q.clone(), kv.clone(), x(&[2, 4, 1, 8]), "must have k's shape"),
+        (x(&[2, 4, 3, 8]), kv.clone(), kv.clone(), "multiple of the 2 k/v heads"),
+        (x(&[2, 4, 2, 7]), x(&[2, 4, 2, 7]), x(&[2, 4, 2, 7]), "must be even"),
+        (
+            q.to_dtype(DType::F16).unwrap(),
+            kv.to_dtype(DType::F16).unwrap(),
+            kv.to_dtype(DType::F16).unwrap(),
+            "f32 or f64",
+        ),
+    ] {
+        let err = k::grouped_causal_attention(&q, &k, &v).unwrap_err().to_string();
+        assert!(err.contains(what), "{err}");
+    }
+    let (probs, dy) = (x(&[2, 4, 4, 4]), x(&[2, 4, 32]));
+    let (cos, sin) = (x(&[4, 8]), x(&[4, 8]));
+    let err = k::grouped_causal_attention_backward(&q, &kv, &kv, &x(&[2, 4, 4, 3]), &dy, &cos, &sin).unwrap_err();
+    assert!(err.to_string().contains("probs"), "{err}");
+    let err = k::grouped_causal_attention_backward(&q, &kv, &kv, &probs, &dy, &x(&[3, 8]), &sin).unwrap_err();
+    assert!(err.to_string().contains("tables"), "{err}");
+    assert!(k::grouped_causal_attention_backward(&q, &kv, &kv, &probs, &dy, &cos, &sin).is_ok());
+}

@@ -73,7 +73,7 @@ impl Rope {
     }
 
     /// The tables of positions `offset..offset + t`, each `(t, D)`.
-    fn tables(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn tables(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
         Ok((self.cos.narrow(0, offset, t)?, self.sin.narrow(0, offset, t)?))
     }
 

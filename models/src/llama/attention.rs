@@ -2,16 +2,21 @@
 //! product, RoPE on queries and keys, the attention core, the output projection, incremental
 //! decoding with a KV cache of the k/v heads only, and the explicit input gradient.
 //!
-//! Grouped-query heads are read in place, with no `repeat_kv` copy: the `G` query heads that
-//! share a k/v head are stacked along the row axis, `(B, KV, G·T, D)`, so one batched product
-//! per k/v head scores all of them against the shared keys, and the backward's products sum
-//! the group's key and value gradients in the same gemm. Training sequences of
+//! Grouped-query heads are read in place, with no `repeat_kv` copy. On the CPU (f32/f64, no
+//! autograd graph) training's core is `brigade_kernels::grouped_causal_attention`: every
+//! product reads the heads through their strides in the projection's `(B, T, heads, D)`
+//! layout and writes the merged output, and in the backward the q/k/v gradient, in place, so
+//! no permute, transpose or concatenation copies run. Elsewhere (autograd, other devices,
+//! decoding) the `G` query heads that share a k/v head are stacked along the row axis,
+//! `(B, KV, G·T, D)`, so one batched product per k/v head scores all of them against the
+//! shared keys, and the backward's products sum the group's key and value gradients in the
+//! same gemm. Training sequences of
 //! `FLASH_MIN_SEQUENCE` and longer on the CPU take flash attention instead, by GPT's rule
 //! (`brigade_kernels::flash::grouped_flash_attention`): each query head reads its k/v head in
 //! place, only each row's log-sum-exp is kept, and the backward sums dk/dv over the group.
 
 use brigade_engine::Gradients;
-use brigade_kernels::{flash, AttentionAlgorithm};
+use brigade_kernels::flash;
 use candle_core::{bail, Result, Tensor};
 
 use crate::blocks::{FusedLinear, Rope};
@@ -37,17 +42,29 @@ pub(super) struct AttentionSaved {
     /// The attention's input (the q/k/v projections' input).
     pub(super) x: Tensor,
     /// Which attention core ran, and so the layouts below.
-    pub(super) algorithm: AttentionAlgorithm,
+    pub(super) core: Core,
     /// Rotated queries, rotated keys and values: `(B, KV, G·T, D)` and `(B, KV, T, D)`
-    /// (materialised), or `(B, T, H, D)` and `(B, T, KV, D)` (flash).
+    /// (stacked), or `(B, T, H, D)` and `(B, T, KV, D)` (in place, flash).
     pub(super) q: Tensor,
     pub(super) k: Tensor,
     pub(super) v: Tensor,
-    /// What the softmax's backward starts from: the probabilities `(B, KV, G·T, T)`
-    /// (materialised) or each query row's log-sum-exp `(B, H, T)` (flash: no T×T matrix).
+    /// What the softmax's backward starts from: the probabilities `(B, KV, G·T, T)` (stacked;
+    /// the same memory as `(B, H, T, T)`, in place) or each query row's log-sum-exp `(B, H, T)`
+    /// (flash: no T×T matrix).
     pub(super) softmax: Tensor,
     /// The merged heads `(B, T, H·D)`, the output projection's input.
     pub(super) merged: Tensor,
+}
+
+/// The attention core a training forward ran (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Core {
+    /// `brigade_kernels::grouped_causal_attention`: probabilities kept, heads read in place.
+    InPlace,
+    /// Batched products over the stacked groups (candle ops): probabilities kept.
+    Stacked,
+    /// `brigade_kernels::flash::grouped_flash_attention`: log-sum-exps kept.
+    Flash,
 }
 
 impl GroupedQueryAttention {
@@ -70,10 +87,11 @@ impl GroupedQueryAttention {
     fn project_heads(&self, x: &Tensor, offset: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, d) = (self.n_head, self.n_kv_head, self.head_dim);
-        let qkv = self.qkv.forward(x)?; // (B, T, (H + 2KV)·D)
-        let q = self.rope.forward(&qkv.narrow(2, 0, h * d)?.reshape((b, t, h, d))?, offset)?;
-        let k = self.rope.forward(&qkv.narrow(2, h * d, kv * d)?.reshape((b, t, kv, d))?, offset)?;
-        let v = qkv.narrow(2, (h + kv) * d, kv * d)?.reshape((b, t, kv, d))?;
+        // (B, T, H + 2KV, D): the heads as views of the projection, no copies.
+        let qkv = self.qkv.forward(x)?.reshape((b, t, h + 2 * kv, d))?;
+        let q = self.rope.forward(&qkv.narrow(2, 0, h)?, offset)?;
+        let k = self.rope.forward(&qkv.narrow(2, h, kv)?, offset)?;
+        let v = qkv.narrow(2, h + kv, kv)?;
         Ok((q, k, v))
     }
 
@@ -141,20 +159,24 @@ impl GroupedQueryAttention {
     pub(super) fn forward_saving(&mut self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, AttentionSaved)> {
         let (b, t, _) = x.dims3()?;
         let (q, k, v) = self.project_heads(x, 0)?;
-        let (q, k, v, softmax, merged, algorithm) = if !q.track_op() && flash::grouped_takes_flash(&q) {
+        let (q, k, v, softmax, merged, core) = if !q.track_op() && flash::grouped_takes_flash(&q) {
             // The saved values are dense, so the backward need not gather them again.
             let v = v.contiguous()?;
             let (y, lse) = flash::grouped_flash_attention(&q, &k, &v)?; // (B, T, H, D), (B, H, T)
             let merged = y.reshape((b, t, self.n_head * self.head_dim))?;
-            (q, k, v, lse, merged, AttentionAlgorithm::Flash)
+            (q, k, v, lse, merged, Core::Flash)
+        } else if brigade_kernels::grouped_causal_attention_runs(&q, &k, &v) {
+            // `v` stays a view of the projection: the kernels read it through its strides.
+            let (merged, probs) = brigade_kernels::grouped_causal_attention(&q, &k, &v)?;
+            (q, k, v, probs, merged, Core::InPlace)
         } else {
             let (q, k, v) = self.stack_groups(&q, &k, &v)?;
             let (y, probs) = self.attend(&q, &k, &v, t, 0)?;
             let merged = self.merge(&y, b, t)?;
-            (q, k, v, probs, merged, AttentionAlgorithm::Materialised)
+            (q, k, v, probs, merged, Core::Stacked)
         };
         let out = self.o_proj.forward_residual(&merged, Some(residual))?;
-        Ok((out, AttentionSaved { x: x.clone(), algorithm, q, k, v, softmax, merged }))
+        Ok((out, AttentionSaved { x: x.clone(), core, q, k, v, softmax, merged }))
     }
 
     /// Attention of the new positions `offset..offset + T` over every position so far: their
@@ -189,9 +211,16 @@ impl GroupedQueryAttention {
         let (h, kv, d, g) = (self.n_head, self.n_kv_head, self.head_dim, self.group());
         let dmerged = self.o_proj.backward_input(dout)?; // (B, T, H·D)
 
+        if s.core == Core::InPlace {
+            // dq, dk (RoPE's backward applied) and dv written in the projection's layout.
+            let (cos, sin) = self.rope.tables(0, t)?;
+            let dqkv =
+                brigade_kernels::grouped_causal_attention_backward(&s.q, &s.k, &s.v, &s.softmax, &dmerged, &cos, &sin)?;
+            return Ok((self.qkv.backward_input(&dqkv)?, dqkv));
+        }
         // dq (B, T, H, D), dk and dv (B, T, KV, D), before RoPE's backward.
-        let (dq, dk, dv) = match s.algorithm {
-            AttentionAlgorithm::Flash => {
+        let (dq, dk, dv) = match s.core {
+            Core::Flash => {
                 let heads = |y: &Tensor| y.reshape((b, t, h, d));
                 flash::grouped_flash_attention_backward(
                     &s.q,
@@ -202,7 +231,7 @@ impl GroupedQueryAttention {
                     &heads(&dmerged)?,
                 )?
             }
-            AttentionAlgorithm::Materialised => {
+            Core::Stacked | Core::InPlace => {
                 let dy = dmerged.reshape((b, t, kv, g, d))?.permute((0, 2, 3, 1, 4))?.contiguous()?;
                 let dy = dy.reshape((b, kv, g * t, d))?;
                 // dprobs (B, KV, G·T, T); dv (B, KV, T, D): one product per k/v head sums its

@@ -171,11 +171,12 @@ impl Layer for DecoderBlock {
         // MLP branch: y = x2 + mlp(norm2(x2)).
         let (dnorm2_out, dgate_up) = self.mlp.backward_input(&s.gate_up, dy)?;
         let (dx2_norm, norm2) = self.post_attention_layernorm.backward_input(&s.x2, &dnorm2_out)?;
-        let dx2 = (dy + dx2_norm)?;
+        // The residual branches' sums on the stage's threads (candle's add runs on its own pool).
+        let dx2 = brigade_kernels::add(dy, &dx2_norm)?;
         // Attention branch: x2 = x + attn(norm1(x)).
         let (dnorm1_out, dqkv) = self.attn.backward_input(&s.attn, &dx2)?;
         let (dx_norm, norm1) = self.input_layernorm.backward_input(&s.x, &dnorm1_out)?;
-        let dx = (&dx2 + dx_norm)?;
+        let dx = brigade_kernels::add(&dx2, &dx_norm)?;
         let w = BlockWeightGrads {
             norm1_out: s.attn.x,
             dqkv,
