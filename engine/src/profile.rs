@@ -259,7 +259,7 @@ pub fn profile_model(
     Ok(profile)
 }
 
-/// Seconds [`measure_contention`] may spend: well under a second on `gpt-tiny`, a few on a
+/// Seconds the contention probe (`measure_contention`) may spend: well under a second on `gpt-tiny`, a few on a
 /// GPT of 4 × 256; a model whose passes would not fit is not measured.
 pub const CONTENTION_BUDGET_S: f64 = 10.0;
 
