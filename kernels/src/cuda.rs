@@ -607,30 +607,6 @@ pub(crate) fn adamw_step_many<'a>(slots: &[crate::adamw::AdamWSlot<'a>], s: &cra
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every kernel launched from Rust is in the compiled module, for both dtypes, and the
-    /// module holds nothing Rust does not launch. Runs without a GPU.
-    #[test]
-    fn every_launched_kernel_is_in_the_module() {
-        let entries: Vec<&str> = PTX
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix(".visible .entry "))
-            .map(|l| l.split('(').next().unwrap_or("").trim())
-            .collect();
-        let mut wanted: Vec<String> = OPS.iter().flat_map(|op| [format!("{op}_f32"), format!("{op}_bf16")]).collect();
-        for w in &wanted {
-            assert!(entries.contains(&w.as_str()), "kernel {w} is launched from Rust but missing from the PTX");
-        }
-        let mut got: Vec<String> = entries.iter().map(|s| s.to_string()).collect();
-        got.sort();
-        wanted.sort();
-        assert_eq!(got, wanted, "the module and the launched list differ");
-    }
-}
-
 // ---- Llama: RMSNorm, RoPE, SwiGLU -------------------------------------------------------------
 
 pub(crate) fn rms_norm_fwd(
@@ -781,4 +757,28 @@ pub(crate) fn swiglu_bwd(s: &CudaStorage, l: &Layout, gs: &CudaStorage, gl: &Lay
         unsafe { b.launch(LaunchConfig::for_num_elems(n.max(1) as u32)) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(dgu, dev.clone()), l.shape().clone()))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel launched from Rust is in the compiled module, for both dtypes, and the
+    /// module holds nothing Rust does not launch. Runs without a GPU.
+    #[test]
+    fn every_launched_kernel_is_in_the_module() {
+        let entries: Vec<&str> = PTX
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(".visible .entry "))
+            .map(|l| l.split('(').next().unwrap_or("").trim())
+            .collect();
+        let mut wanted: Vec<String> = OPS.iter().flat_map(|op| [format!("{op}_f32"), format!("{op}_bf16")]).collect();
+        for w in &wanted {
+            assert!(entries.contains(&w.as_str()), "kernel {w} is launched from Rust but missing from the PTX");
+        }
+        let mut got: Vec<String> = entries.iter().map(|s| s.to_string()).collect();
+        got.sort();
+        wanted.sort();
+        assert_eq!(got, wanted, "the module and the launched list differ");
+    }
 }
