@@ -29,7 +29,7 @@ use crate::gemm::{gemm_into, Mat, MatMut};
 
 /// Rows per causal block. Small enough that the skipped triangle is most of the masked work,
 /// large enough that each product stays an efficient gemm.
-const BLOCK: usize = 32;
+pub(crate) const BLOCK: usize = 32;
 
 /// Checks `qkv` is `(B, T, 3C)` with `C` divisible by `n_head`; returns `(B, T, C)`.
 pub(crate) fn check_qkv(qkv: &Tensor, n_head: usize) -> Result<(usize, usize, usize)> {
@@ -78,8 +78,27 @@ pub(crate) fn for_each_head(g: Geometry, task: impl Fn(usize, usize) + Sync + Se
 }
 
 /// The end (exclusive) of the causal block holding row `r`.
-fn block_end(r: usize, t: usize) -> usize {
+pub(crate) fn block_end(r: usize, t: usize) -> usize {
     ((r / BLOCK + 1) * BLOCK).min(t)
+}
+
+/// dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)) in place for causal rows `r0..r1` of a `t`-wide
+/// block: `ds` holds dP on entry (row stride `t`), `p` the probabilities (row stride `t`);
+/// each row's masked tail (columns past the diagonal, up to `r1`) is zeroed.
+///
+/// # Safety
+/// `ds` and `p` address `r1` rows of `t` elements each, and `ds` is not aliased.
+pub(crate) unsafe fn softmax_backward_rows<T: Real>(ds: *mut T, p: *const T, t: usize, r0: usize, r1: usize, scale: T) {
+    for i in r0..r1 {
+        let pr = std::slice::from_raw_parts(p.add(i * t), i + 1);
+        let row = std::slice::from_raw_parts_mut(ds.add(i * t), r1);
+        let (live, masked) = row.split_at_mut(i + 1);
+        let s = T::dot(live, pr);
+        for (x, &pv) in live.iter_mut().zip(pr) {
+            *x = scale * pv * (*x - s);
+        }
+        masked.iter_mut().for_each(|x| *x = T::ZERO);
+    }
 }
 
 fn forward<T: Real>(g: Geometry, qkv: &[T]) -> (Vec<T>, Vec<T>) {
@@ -177,16 +196,7 @@ fn backward<T: Real>(g: Geometry, qkv: &[T], probs: &[T], dmerged: &[T]) -> Vec<
                 let rows = r1 - r0;
                 // dP for the block's rows against keys 0..r1, then dS in place.
                 gemm_into(rows, r1, d, dsm.row(r0), dy.row(r0), v.t(), T::ONE, false, 1);
-                for i in r0..r1 {
-                    let pr = std::slice::from_raw_parts(p.ptr.add(i * t), i + 1);
-                    let row = std::slice::from_raw_parts_mut(dsm.ptr.add(i * t), r1);
-                    let (live, masked) = row.split_at_mut(i + 1);
-                    let s = T::dot(live, pr);
-                    for (x, &pv) in live.iter_mut().zip(pr) {
-                        *x = scale * pv * (*x - s);
-                    }
-                    masked.iter_mut().for_each(|x| *x = T::ZERO);
-                }
+                softmax_backward_rows(dsm.ptr, p.ptr, t, r0, r1, scale);
                 // dQ rows r0..r1 = dS[r0..r1, 0..r1] · K[0..r1].
                 gemm_into(rows, d, r1, dq.row(r0), dsm.row(r0).into_mat(), k, T::ONE, false, 1);
             }

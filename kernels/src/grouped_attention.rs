@@ -26,17 +26,9 @@
 use candle_core::{bail, Result, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::attention::{exp_in_place, Shared};
+use crate::attention::{block_end, exp_in_place, softmax_backward_rows, Shared, BLOCK};
 use crate::cpu::{view, Real};
 use crate::gemm::{gemm_into, Mat, MatMut};
-
-/// Rows per causal block (as in GPT's fused attention).
-const BLOCK: usize = 32;
-
-/// The end (exclusive) of the causal block holding row `r`.
-fn block_end(r: usize, t: usize) -> usize {
-    ((r / BLOCK + 1) * BLOCK).min(t)
-}
 
 /// Batch, sequence, query heads, k/v heads, head width.
 #[derive(Clone, Copy, Debug)]
@@ -216,16 +208,7 @@ fn backward<T: Real>(
                     let rows = r1 - r0;
                     // dP for the block's rows against keys 0..r1, then dS in place.
                     gemm_into(rows, r1, d, dsm.row(r0), dy.row(r0), vm.t(), T::ONE, false, 1);
-                    for i in r0..r1 {
-                        let pr = std::slice::from_raw_parts(p.ptr.add(i * t), i + 1);
-                        let row = std::slice::from_raw_parts_mut(dsm.ptr.add(i * t), r1);
-                        let (live, masked) = row.split_at_mut(i + 1);
-                        let s = T::dot(live, pr);
-                        for (x, &pv) in live.iter_mut().zip(pr) {
-                            *x = scale * pv * (*x - s);
-                        }
-                        masked.iter_mut().for_each(|x| *x = T::ZERO);
-                    }
+                    softmax_backward_rows(dsm.ptr, p.ptr, t, r0, r1, scale);
                     gemm_into(rows, d, r1, dq.row(r0), dsm.row(r0).into_mat(), km, T::ONE, false, 1);
                 }
                 rotate_back(dq.ptr, width, t, d, cos, sin);
