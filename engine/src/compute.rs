@@ -14,8 +14,10 @@
 //! The last stage starts its backward from the loss: it keeps the micro-batch's targets with
 //! the stash and derives the output gradient from the stashed (or recomputed) output. A last
 //! layer that computes the loss itself ([`Layer::forward_with_loss`], a language model's
-//! chunked head) keeps no output: its forward already ran its own backward from the loss, so
-//! `I` starts at [`Layer::backward_input_from_loss`].
+//! chunked head) keeps no output: its forward already ran its own backward from the loss
+//! (all of it, or under a zero-bubble schedule all but the weight gradients, which wait for
+//! `W`: [`StageCompute::set_split_backward`]), so `I` starts at
+//! [`Layer::backward_input_from_loss`].
 //!
 //! Nothing here records an autograd graph: the layers are built over detached parameters
 //! ([`crate::ParamStore::shared_view`]), so memory is exactly what the layers save.
@@ -25,7 +27,7 @@ use std::collections::{HashMap, HashSet};
 use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::layer::{Gradients, Layer, LossInput, LossKind, Mode, Pass, Saved};
+use crate::layer::{Gradients, Layer, LossBackward, LossInput, LossKind, Mode, Pass, Saved};
 use crate::loss::{microbatch_loss, microbatch_loss_backward};
 
 /// What a stage keeps between a micro-batch's forward and its backward.
@@ -110,6 +112,18 @@ pub struct StageCompute {
     /// High-water mark of `live_bytes` at action boundaries, and of a recomputation's
     /// transient activations, since [`StageCompute::take_peak_bytes`].
     peak_bytes: u64,
+    /// The schedule runs this stage's backward as separate `I` and `W` actions: a last layer
+    /// that fuses the loss leaves its weight gradients for `W` ([`LossBackward::InputOnly`]).
+    split_backward: bool,
+}
+
+/// How far a fused loss's backward goes in the forward that computes it (what
+/// [`LossBackward`] asks of the last layer, before the stage lends it its gradient sums).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FusedBackward {
+    LossOnly,
+    Full,
+    InputOnly,
 }
 
 impl StageCompute {
@@ -129,6 +143,24 @@ impl StageCompute {
             grads: Gradients::new(),
             live_bytes: 0,
             peak_bytes: 0,
+            split_backward: false,
+        }
+    }
+
+    /// Whether the schedule runs this stage's backward as separate `I` and `W` actions (a
+    /// zero-bubble schedule) rather than as `B`. Only where work lands depends on it, never
+    /// the result: a `B` after a split forward, or an `I` + `W` after a whole one, computes
+    /// the same gradients.
+    pub fn set_split_backward(&mut self, split: bool) {
+        self.split_backward = split;
+    }
+
+    /// What a fused loss's backward does in a forward that keeps its activations.
+    fn fused_backward(&self) -> FusedBackward {
+        if self.split_backward {
+            FusedBackward::InputOnly
+        } else {
+            FusedBackward::Full
         }
     }
 
@@ -181,8 +213,11 @@ impl StageCompute {
         let (y, saved, loss, fused_loss) = match (&target, self.loss) {
             (Some(t), Some(kind)) => {
                 // Activations that are recomputed before the backward: the loss only, now.
-                let with_grads = self.recompute == Recompute::Off;
-                let f = self.run_forward_with_loss(x, t, kind, Pass::First, with_grads)?;
+                let backward = match self.recompute {
+                    Recompute::Off => self.fused_backward(),
+                    Recompute::Full => FusedBackward::LossOnly,
+                };
+                let f = self.run_forward_with_loss(x, t, kind, Pass::First, backward)?;
                 let loss = f.loss.to_dtype(DType::F64)?;
                 let fused = f.output.is_none();
                 (f.output.unwrap_or_else(|| loss.clone()), f.saved, Some(loss), fused)
@@ -220,15 +255,15 @@ impl StageCompute {
     }
 
     /// The last stage's forward and loss: the last layer takes the loss itself when it can
-    /// ([`Layer::forward_with_loss`]; with `with_grads` it also runs its backward from the loss
-    /// into the step's sums), else the loss is taken from the stage's output.
+    /// ([`Layer::forward_with_loss`], running as much of its backward as `backward` says),
+    /// else the loss is taken from the stage's output.
     fn run_forward_with_loss(
         &mut self,
         x: &Tensor,
         target: &LossTarget,
         kind: LossKind,
         pass: Pass,
-        with_grads: bool,
+        backward: FusedBackward,
     ) -> Result<LossForward> {
         let Some((last, body)) = self.layers.split_last_mut() else {
             candle_core::bail!("the last stage has no layers to compute a loss from")
@@ -241,8 +276,12 @@ impl StageCompute {
             h = y;
         }
         let input = LossInput { kind, targets: &target.targets, global_terms: target.global_terms };
-        let grads = with_grads.then_some(&mut self.grads);
-        if let Some((loss, s)) = last.forward_with_loss(&h, &input, grads, pass)? {
+        let backward = match backward {
+            FusedBackward::LossOnly => LossBackward::LossOnly,
+            FusedBackward::Full => LossBackward::Full(&mut self.grads),
+            FusedBackward::InputOnly => LossBackward::InputOnly,
+        };
+        if let Some((loss, s)) = last.forward_with_loss(&h, &input, backward, pass)? {
             saved.push(s);
             return Ok(LossForward { output: None, saved, loss });
         }
@@ -282,7 +321,8 @@ impl StageCompute {
             None => {
                 let (output, saved) = match (&stashed.target, self.loss) {
                     (Some(t), Some(kind)) => {
-                        let f = self.run_forward_with_loss(&stashed.input, t, kind, Pass::Recompute, true)?;
+                        let backward = self.fused_backward();
+                        let f = self.run_forward_with_loss(&stashed.input, t, kind, Pass::Recompute, backward)?;
                         (f.output, f.saved)
                     }
                     _ => {

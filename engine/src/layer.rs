@@ -433,23 +433,21 @@ pub trait Layer: Send {
     /// micro-batch's loss itself (normalised as [`crate::loss::microbatch_loss`] does) without
     /// materialising its whole output, e.g. chunk by chunk.
     ///
-    /// With `grads` (a training forward), the loss's gradient is known as soon as the loss is,
-    /// so the layer also runs its backward from it while each chunk is in hand: it adds its
-    /// weight gradients into `grads` now and returns what
-    /// [`Layer::backward_input_from_loss`] needs. Without `grads` (a forward whose activations
-    /// are recomputed before the backward) it computes only the loss and keeps nothing.
+    /// The loss's gradient is known as soon as the loss is, so the layer runs as much of its
+    /// backward as `backward` asks for while each chunk is in hand (see [`LossBackward`]) and
+    /// returns what [`Layer::backward_input_from_loss`] and [`Layer::backward_weight`] need.
     ///
     /// `None`, the default, means the layer does not fuse this loss: the stage then runs
     /// [`Layer::forward_train`] and takes the loss of its output. A fused layer must give the
-    /// same loss and gradients as that path (to rounding).
+    /// same loss and gradients as that path (to rounding), whichever `backward` it is given.
     fn forward_with_loss(
         &mut self,
         x: &Tensor,
         loss: &LossInput<'_>,
-        grads: Option<&mut Gradients>,
+        backward: LossBackward<'_>,
         pass: Pass,
     ) -> Result<Option<(Tensor, Saved)>> {
-        let _ = (x, loss, grads, pass);
+        let _ = (x, loss, backward, pass);
         Ok(None)
     }
 
@@ -482,6 +480,23 @@ pub trait Layer: Send {
         let _ = buffers;
         Ok(())
     }
+}
+
+/// How much of its backward a layer that fuses the loss ([`Layer::forward_with_loss`]) runs
+/// during its forward.
+#[derive(Debug)]
+pub enum LossBackward<'a> {
+    /// None: the forward's activations are recomputed before the backward, so this pass
+    /// computes only the loss and keeps nothing.
+    LossOnly,
+    /// All of it: the weight gradients go into the step's sums now, and only the input
+    /// gradient's last steps are left for [`Layer::backward_input_from_loss`]. For schedules
+    /// whose backward is one `B` action, where nothing is gained by waiting.
+    Full(&'a mut Gradients),
+    /// The input gradient's part: the weight gradients wait for [`Layer::backward_weight`]
+    /// (zero-bubble schedules, whose `W` actions fill the pipeline's bubbles; done here, the
+    /// head's weight gradient would lengthen the critical path instead).
+    InputOnly,
 }
 
 /// What a last layer needs to compute the stage's loss itself ([`Layer::forward_with_loss`]).

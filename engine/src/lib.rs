@@ -38,6 +38,6 @@ pub use device::StageDevice;
 pub use error::EngineError;
 pub use input::BatchCheck;
 pub use layer::{
-    BufferSpec, CustomLoss, Gradients, Init, InputKind, Layer, LayerSpec, LossInput, LossKind, Mode, ParamSpec,
-    ParamStore, Pass, PipelineModel, Saved,
+    BufferSpec, CustomLoss, Gradients, Init, InputKind, Layer, LayerSpec, LossBackward, LossInput, LossKind, Mode,
+    ParamSpec, ParamStore, Pass, PipelineModel, Saved,
 };

@@ -442,6 +442,9 @@ fn profile_in_pool(
         let (mut f, mut bi, mut bw, mut bf) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for run in 0..options.warmup + options.repeats {
             done()?;
+            // F as a zero-bubble schedule runs it: a fused loss leaves its weight gradients
+            // for W. The second F is the one a schedule of B actions runs, which does them.
+            compute.set_split_backward(true);
             let t0 = Instant::now();
             compute.forward(0, &x, target.clone())?;
             done()?;
@@ -452,9 +455,9 @@ fn profile_in_pool(
             compute.backward_weight(0)?;
             done()?;
             let t3 = Instant::now();
+            compute.set_split_backward(false);
             compute.forward(0, &x, target.clone())?;
             done()?;
-            let t4 = Instant::now();
             compute.backward(0, dy.as_ref())?;
             done()?;
             let t5 = Instant::now();
@@ -462,7 +465,10 @@ fn profile_in_pool(
                 f.push((t1 - t0).as_secs_f64());
                 bi.push((t2 - t1).as_secs_f64());
                 bw.push((t3 - t2).as_secs_f64());
-                bf.push((t5 - t4).as_secs_f64());
+                // The fused backward: what F + B takes beyond the split F (the same for a
+                // layer whose forward does no backward work; a fused loss's head does its
+                // weight gradient in this F).
+                bf.push(((t5 - t3) - (t1 - t0).min(t5 - t3)).as_secs_f64());
             }
         }
         let (forward_s, backward_input_s, backward_weight_s) = (median(&mut f), median(&mut bi), median(&mut bw));
@@ -555,7 +561,9 @@ fn profile_in_pool(
 /// changes beyond each layer's `I + W` timed back to back (per layer in [`LayerProfile`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct StageOrderSplit {
-    /// Two micro-batches' fused backwards after their forwards (`F0 F1 B0 B1`), seconds.
+    /// Two micro-batches' fused backwards after their forwards (`F0 F1 B0 B1`), seconds: what
+    /// `F0 F1 B0 B1` takes beyond the split run's forwards (a fused loss does some of its
+    /// backward in F, more of it when the backward is not split).
     pub fused_s: f64,
     /// The same split, each `W` deferred behind the other micro-batch's `I` as zero-bubble
     /// schedules defer it (`F0 F1 I0 I1 W0 W1`), seconds of backward.
@@ -604,11 +612,12 @@ pub fn stage_order_split(
         for _round in 0..options.rounds.max(1) {
             let (mut fused, mut split) = (Vec::new(), Vec::new());
             for run in 0..options.warmup + options.repeats {
+                done()?;
+                compute.set_split_backward(false);
+                let t0 = Instant::now();
                 for mb in 0..2 {
                     compute.forward(mb, &inputs, Some(target.clone()))?;
                 }
-                done()?;
-                let t0 = Instant::now();
                 for mb in 0..2 {
                     compute.backward(mb, None)?;
                 }
@@ -617,6 +626,8 @@ pub fn stage_order_split(
                 // Each phase starts from empty gradient sums (the first micro-batch's W sets
                 // them, the second adds), so both accumulate alike.
                 compute.take_gradients();
+                compute.set_split_backward(true);
+                let t_split = Instant::now();
                 for mb in 0..2 {
                     compute.forward(mb, &inputs, Some(target.clone()))?;
                 }
@@ -632,7 +643,8 @@ pub fn stage_order_split(
                 let t3 = Instant::now();
                 compute.take_gradients();
                 if run >= options.warmup {
-                    fused.push((t1 - t0).as_secs_f64());
+                    let split_forward = t2 - t_split;
+                    fused.push(((t1 - t0) - split_forward.min(t1 - t0)).as_secs_f64());
                     split.push((t3 - t2).as_secs_f64());
                 }
             }

@@ -11,7 +11,7 @@
 //! in the binary), so its buffer comes back from the heap for the next chunk instead of being
 //! mapped and faulted in afresh.
 
-use brigade_engine::Gradients;
+use brigade_engine::{Gradients, LossBackward};
 use candle_core::{DType, Result, Tensor};
 
 use super::Param;
@@ -20,6 +20,10 @@ use super::Param;
 /// GPT-2's vocabulary. Rows beyond ~100 keep the GEMMs efficient; the table gradient's GEMM
 /// reads and writes its `(V, C)` sum once per chunk, so fewer, larger chunks move less.
 pub(crate) const CHUNK_BYTES: usize = 24 << 20;
+
+/// The most bytes of a micro-batch's `dlogits` kept from the fused loss to a zero-bubble
+/// schedule's weight step; beyond it the weight step recomputes them.
+pub(crate) const KEEP_DLOGITS_BYTES: usize = 64 << 20;
 
 #[derive(Debug)]
 pub(crate) struct LmHead {
@@ -70,19 +74,24 @@ impl LmHead {
     /// [`LmHead::forward`] followed by `brigade_engine::loss::microbatch_loss`, rounded the same
     /// way (the row losses summed in f64, then to the logits' dtype, f32 for half precision).
     ///
-    /// With `grads`, also the backward from that loss: the table's gradient `dlogitsᵀ h` goes
-    /// into `grads` chunk by chunk, and `dh = dlogits · W` `(N, C)` is returned. `chunk_rows`
-    /// rows at a time ([`LmHead::chunk_rows`]; tests take a few to cover the boundaries). Each chunk's
-    /// `dlogits` is what `microbatch_loss_backward` gives for its rows; the table's gradient
-    /// sums the chunks' products, so it matches the unfused product to rounding.
+    /// And as much of the backward from that loss as `backward` asks for, `chunk_rows` rows at
+    /// a time ([`LmHead::chunk_rows`]; tests take a few to cover the boundaries). Each chunk's
+    /// `dlogits` is what `microbatch_loss_backward` gives for its rows:
+    /// - `dh = dlogits · W` `(N, C)` is returned unless the backward is [`LossBackward::LossOnly`];
+    /// - the table's gradient `dlogitsᵀ h`, a sum of the chunks' products (the unfused
+    ///   product to rounding), goes into the sums now ([`LossBackward::Full`]), or is left for
+    ///   [`LmHead::backward_weight_deferred`] ([`LossBackward::InputOnly`]), which finds the
+    ///   chunks' `dlogits` kept if they take at most `keep_dlogits_bytes`
+    ///   ([`KEEP_DLOGITS_BYTES`]), else computes them again.
     pub(crate) fn loss_and_backward(
         &self,
         h: &Tensor,
         targets: &Tensor,
         global_terms: usize,
-        mut grads: Option<&mut Gradients>,
+        mut backward: LossBackward<'_>,
         chunk_rows: usize,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+        keep_dlogits_bytes: usize,
+    ) -> Result<FusedLoss> {
         let (n, _) = h.dims2()?;
         if targets.dims() != [n] {
             candle_core::bail!("LM head: {n} positions but targets of shape {:?}", targets.dims())
@@ -94,6 +103,13 @@ impl LmHead {
         let scale = 1.0 / global_terms as f64;
         let table_t = self.table.value.t()?; // (C, V), read in place
         let rows = chunk_rows.max(1);
+        // Deferred weights: the chunks' `dlogits` are kept for `W` when they are small (a
+        // small vocabulary: 256 KB per micro-batch for the side-by-side GPT), else `W` computes
+        // them again from `h` (one more GEMM per chunk, instead of GPT-2's 411 MB held per
+        // micro-batch until its `W`).
+        let v = self.table.value.dim(0)?;
+        let keep_dlogits = n * v * h.dtype().size_in_bytes() <= keep_dlogits_bytes;
+        let mut kept = Vec::new();
         let mut total: Option<Tensor> = None; // f64 scalar, left on the device
         let mut dh_chunks = Vec::new();
         for start in (0..n).step_by(rows) {
@@ -101,15 +117,17 @@ impl LmHead {
             let h_chunk = h.narrow(0, start, len)?; // (len, C), a contiguous view
             let t_chunk = targets.narrow(0, start, len)?;
             let logits = brigade_kernels::linear(&h_chunk, &table_t, None, None)?; // (len, V)
-            let loss = match grads.as_deref_mut() {
-                None => brigade_kernels::cross_entropy_sum(&logits, &t_chunk)?.to_dtype(DType::F64)?,
-                Some(grads) => {
-                    let (loss, dlogits) =
-                        brigade_kernels::cross_entropy_sum_with_grad_in_place(logits, &t_chunk, scale)?;
-                    dh_chunks.push(brigade_kernels::linear(&dlogits, &self.table.value, None, None)?); // (len, C)
-                    grads.add_matmul(&self.table.name, &dlogits.t()?, &h_chunk)?;
-                    loss
+            let loss = if let LossBackward::LossOnly = backward {
+                brigade_kernels::cross_entropy_sum(&logits, &t_chunk)?.to_dtype(DType::F64)?
+            } else {
+                let (loss, dlogits) = brigade_kernels::cross_entropy_sum_with_grad_in_place(logits, &t_chunk, scale)?;
+                dh_chunks.push(brigade_kernels::linear(&dlogits, &self.table.value, None, None)?); // (len, C)
+                match &mut backward {
+                    LossBackward::Full(grads) => grads.add_matmul(&self.table.name, &dlogits.t()?, &h_chunk)?,
+                    _ if keep_dlogits => kept.push(dlogits),
+                    _ => {}
                 }
+                loss
             };
             total = Some(match total {
                 None => loss,
@@ -127,6 +145,69 @@ impl LmHead {
             1 => dh_chunks.pop(),
             _ => Some(Tensor::cat(&dh_chunks, 0)?),
         };
-        Ok((loss, dh))
+        let table_grad = match backward {
+            LossBackward::InputOnly if keep_dlogits => {
+                Some(DeferredTableGrad::Kept { h: h.clone(), dlogits: kept, rows })
+            }
+            LossBackward::InputOnly => Some(DeferredTableGrad::Recomputed { h: h.clone(), targets, scale, rows }),
+            LossBackward::LossOnly | LossBackward::Full(_) => None,
+        };
+        Ok(FusedLoss { loss, dh, table_grad })
+    }
+
+    /// Adds the table's gradient that [`LmHead::loss_and_backward`] left for the weight step,
+    /// chunk by chunk in the same order, so the sums come out as they would have there.
+    pub(crate) fn backward_weight_deferred(&self, saved: &DeferredTableGrad, grads: &mut Gradients) -> Result<()> {
+        match saved {
+            DeferredTableGrad::Kept { h, dlogits, rows } => {
+                for (i, dlogits) in dlogits.iter().enumerate() {
+                    let h_chunk = h.narrow(0, i * rows, dlogits.dim(0)?)?;
+                    grads.add_matmul(&self.table.name, &dlogits.t()?, &h_chunk)?;
+                }
+                Ok(())
+            }
+            DeferredTableGrad::Recomputed { h, targets, scale, rows } => {
+                let table_t = self.table.value.t()?;
+                let n = h.dim(0)?;
+                for start in (0..n).step_by(*rows) {
+                    let len = (*rows).min(n - start);
+                    let h_chunk = h.narrow(0, start, len)?;
+                    let logits = brigade_kernels::linear(&h_chunk, &table_t, None, None)?;
+                    let t_chunk = targets.narrow(0, start, len)?;
+                    let (_, dlogits) = brigade_kernels::cross_entropy_sum_with_grad_in_place(logits, &t_chunk, *scale)?;
+                    grads.add_matmul(&self.table.name, &dlogits.t()?, &h_chunk)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What [`LmHead::loss_and_backward`] computed.
+pub(crate) struct FusedLoss {
+    /// The micro-batch's loss (a scalar).
+    pub(crate) loss: Tensor,
+    /// `dh` `(N, C)`, unless only the loss was asked for.
+    pub(crate) dh: Option<Tensor>,
+    /// The table's gradient, when it waits for the weight step.
+    pub(crate) table_grad: Option<DeferredTableGrad>,
+}
+
+/// The table's gradient `Σ_chunks dlogitsᵀ h` waiting for the weight step of a zero-bubble
+/// schedule.
+pub(crate) enum DeferredTableGrad {
+    /// Each chunk's `dlogits`, with the hidden states they multiply.
+    Kept { h: Tensor, dlogits: Vec<Tensor>, rows: usize },
+    /// Too large to keep: each chunk's logits and their gradient are computed again.
+    Recomputed { h: Tensor, targets: Tensor, scale: f64, rows: usize },
+}
+
+impl DeferredTableGrad {
+    /// The tensors it holds (for the stage's memory accounting).
+    pub(crate) fn tensors(&self) -> Vec<Tensor> {
+        match self {
+            Self::Kept { h, dlogits, .. } => std::iter::once(h).chain(dlogits).cloned().collect(),
+            Self::Recomputed { h, targets, .. } => vec![h.clone(), targets.clone()],
+        }
     }
 }

@@ -326,17 +326,27 @@ fn init_follows_gpt2() {
 }
 
 /// The head as the pipeline builds it, with `chunk_rows` rows per chunk of its fused loss.
-fn head_with_chunks(cfg: &GptConfig, store: &mut ParamStore, chunk_rows: Option<usize>) -> head::Head {
-    use crate::blocks::{get_all, LayerNorm, LmHead};
+fn head_with_chunks(
+    cfg: &GptConfig,
+    store: &mut ParamStore,
+    chunk_rows: Option<usize>,
+) -> crate::blocks::NormedLmHead<crate::blocks::LayerNorm> {
+    use crate::blocks::{get_all, LayerNorm, LmHead, NormedLmHead};
     use brigade_engine::LayerSpec;
     let spec = HeadSpec { cfg: cfg.clone() };
     let [w, b, wte] = get_all(store, &spec.params()).unwrap();
-    head::Head {
-        n_positions: cfg.n_positions,
-        ln_f: LayerNorm { weight: w, bias: b, eps: cfg.layer_norm_epsilon },
-        lm_head: LmHead { table: wte },
-        chunk_rows,
-    }
+    let norm = LayerNorm { weight: w, bias: b, eps: cfg.layer_norm_epsilon };
+    let mut head = NormedLmHead::new("GPT head", cfg.n_positions, norm, LmHead { table: wte });
+    head.chunk_rows = chunk_rows;
+    head
+}
+
+/// The input gradient of the fused head's whole backward.
+fn fused_dx(head: &mut impl Layer, x: &Tensor, input: &brigade_engine::LossInput<'_>) -> Tensor {
+    let mut sums = brigade_engine::Gradients::new();
+    let backward = brigade_engine::LossBackward::Full(&mut sums);
+    let (_, saved) = head.forward_with_loss(x, input, backward, Pass::First).unwrap().unwrap();
+    head.backward_input_from_loss(saved, true).unwrap().0.unwrap()
 }
 
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
@@ -349,7 +359,7 @@ fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
 #[test]
 fn fused_head_loss_matches_the_logits_then_loss_path() {
     use brigade_engine::loss::{microbatch_loss, microbatch_loss_backward};
-    use brigade_engine::{Gradients, LossInput, LossKind};
+    use brigade_engine::{Gradients, LossBackward, LossInput, LossKind};
     let cfg = GptConfig::custom(16, 8, 8, 1, 2).unwrap();
     let x = (Tensor::randn(0f32, 1.0, (2, 5, 8), &Device::Cpu).unwrap() * 2.0).unwrap();
     let targets = ids(&[1, 5, 9, 2, 15, 0, 3, 3, 7, 11], 2, 5);
@@ -371,7 +381,8 @@ fn fused_head_loss_matches_the_logits_then_loss_path() {
         let mut fused = head_with_chunks(&cfg, &mut store, rows);
         let input = LossInput { kind: LossKind::CrossEntropy, targets: &targets, global_terms };
         let mut got = Gradients::new();
-        let (loss, saved) = fused.forward_with_loss(&x, &input, Some(&mut got), Pass::First).unwrap().unwrap();
+        let (loss, saved) =
+            fused.forward_with_loss(&x, &input, LossBackward::Full(&mut got), Pass::First).unwrap().unwrap();
         let what = format!("chunks of {rows:?} rows");
         assert_close(&format!("{what}: loss"), &loss, &want_loss, 1e-6);
         // The table's gradient is already in the sums; the weight step adds ln_f's.
@@ -383,20 +394,76 @@ fn fused_head_loss_matches_the_logits_then_loss_path() {
             assert_close(&format!("{what}: d {name}"), got.get(name).unwrap(), want.get(name).unwrap(), 1e-5);
         }
         // Without gradient sums (a forward that will be recomputed): the same loss, no sums.
-        let (again, _) = fused.forward_with_loss(&x, &input, None, Pass::First).unwrap().unwrap();
+        let (again, _) = fused.forward_with_loss(&x, &input, LossBackward::LossOnly, Pass::First).unwrap().unwrap();
         assert_close(&format!("{what}: loss without gradients"), &again, &want_loss, 1e-6);
+
+        // A zero-bubble schedule's split: the table's gradient waits for the weight step,
+        // which finds the chunks' dlogits kept, or (over the budget) computes them again. Either
+        // way the same products are summed in the same order: bit for bit the whole backward.
+        for keep in [usize::MAX, 0] {
+            fused.keep_dlogits_bytes = keep;
+            let what = format!("{what}, split, keeping at most {keep} bytes");
+            let mut split = Gradients::new();
+            let (loss, saved) =
+                fused.forward_with_loss(&x, &input, LossBackward::InputOnly, Pass::First).unwrap().unwrap();
+            assert_eq!(loss.to_vec0::<f32>().unwrap(), again.to_vec0::<f32>().unwrap(), "{what}: loss");
+            let (dx_split, w) = fused.backward_input_from_loss(saved, true).unwrap();
+            assert!(split.get(WTE).is_none(), "{what}: nothing summed before the weight step");
+            fused.backward_weight(w, &mut split).unwrap();
+            let same = |a: &Tensor, b: &Tensor| {
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap() == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            assert!(same(&dx_split.unwrap(), &fused_dx(&mut fused, &x, &input)), "{what}: dx");
+            for name in [WTE, "transformer.ln_f.weight", "transformer.ln_f.bias"] {
+                assert!(same(split.get(name).unwrap(), got.get(name).unwrap()), "{what}: d {name}");
+            }
+        }
     }
 
     // Another loss kind is not fused: the stage takes it from the output as before.
     let mut head = head_with_chunks(&cfg, &mut store, None);
     let input = LossInput { kind: LossKind::MeanSquaredError, targets: &x, global_terms };
-    assert!(head.forward_with_loss(&x, &input, None, Pass::First).unwrap().is_none());
+    assert!(head.forward_with_loss(&x, &input, LossBackward::LossOnly, Pass::First).unwrap().is_none());
     // Targets that do not match the positions, or ids past the vocabulary, are errors.
     let input = LossInput { kind: LossKind::CrossEntropy, targets: &ids(&[1, 2, 3, 4, 5], 1, 5), global_terms };
-    let e = head.forward_with_loss(&x, &input, None, Pass::First).unwrap_err().to_string();
+    let e = head.forward_with_loss(&x, &input, LossBackward::LossOnly, Pass::First).unwrap_err().to_string();
     assert!(e.contains("do not match the GPT head's positions (2, 5)"), "{e}");
     let bad = ids(&[1, 5, 9, 2, 16, 0, 3, 3, 7, 11], 2, 5);
     let input = LossInput { kind: LossKind::CrossEntropy, targets: &bad, global_terms };
-    let e = head.forward_with_loss(&x, &input, Some(&mut Gradients::new()), Pass::First).unwrap_err().to_string();
+    let mut sums = Gradients::new();
+    let e = head.forward_with_loss(&x, &input, LossBackward::Full(&mut sums), Pass::First).unwrap_err().to_string();
     assert!(e.contains("target id 16"), "{e}");
+}
+
+#[test]
+fn a_split_backward_leaves_the_heads_table_gradient_for_w() {
+    use brigade_engine::compute::{LossTarget, Recompute, StageCompute};
+    use brigade_engine::LossKind;
+    let cfg = GptConfig::custom(16, 8, 8, 1, 2).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 5, 8), &Device::Cpu).unwrap();
+    let target = LossTarget { targets: ids(&[1, 5, 9, 2, 15, 0, 3, 3, 7, 11], 2, 5), global_terms: 10 };
+    let mut store = ParamStore::new(Device::Cpu, 4);
+    let mut sums = Vec::new();
+    for (split, recompute) in [(false, Recompute::Off), (true, Recompute::Off), (true, Recompute::Full)] {
+        let head: Box<dyn Layer> = Box::new(head_with_chunks(&cfg, &mut store, Some(3)));
+        let mut compute = StageCompute::new(vec![head], true, Some(LossKind::CrossEntropy), recompute);
+        compute.set_split_backward(split);
+        compute.forward(0, &x, Some(target.clone())).unwrap();
+        compute.backward_input(0, None).unwrap();
+        // After I: a schedule of B actions has the table's gradient summed already (in F); a
+        // zero-bubble one (recomputing or not) has nothing summed until W.
+        let early = compute.take_gradients();
+        assert_eq!(early.contains_key(WTE), !split, "split {split}, recompute {recompute}");
+        compute.backward_weight(0).unwrap();
+        let mut all = compute.take_gradients();
+        all.extend(early);
+        sums.push(all);
+    }
+    for other in &sums[1..] {
+        for (name, g) in &sums[0] {
+            let same = g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                == other[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(same, "{name} differs between the split and the whole backward");
+        }
+    }
 }

@@ -37,19 +37,6 @@ pub use embedding::EmbeddingSpec;
 pub use head::HeadSpec;
 pub use model::{model_from_preset, Llama};
 
+use crate::blocks::check_hidden;
 #[cfg(doc)]
 use brigade_engine::PipelineModel;
-use candle_core::{bail, DType, Result, Tensor};
-
-/// Hidden states between layers must be `(B, T, C)` floats (f32; bf16 or f16 under mixed
-/// precision) with `T <= context`.
-fn check_hidden(x: &Tensor, hidden: usize, context: usize, what: &str) -> Result<()> {
-    match x.dims() {
-        &[_, t, c] if c == hidden && t <= context => {}
-        dims => bail!("{what} expects hidden states (B, T<={context}, {hidden}), got {dims:?}"),
-    }
-    if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-        bail!("{what} expects f32 (or bf16/f16, mixed precision) hidden states, got {:?}", x.dtype());
-    }
-    Ok(())
-}

@@ -377,8 +377,13 @@ impl StageWorker {
         // The device's stash is the sum over its chunks; each chunk's peak during an action
         // (a recomputation's transient activations included) is added to the others' live bytes.
         let mut device_peak = self.live_bytes();
+        let actions = schedule.stage_actions(self.index);
         for c in &mut self.chunks {
             c.compute.take_peak_bytes();
+            // Under a zero-bubble schedule a fused loss leaves its weight gradients for `W`.
+            let index = c.index;
+            let split = actions.iter().any(|a| a.chunk == index && a.kind == ActionKind::BackwardWeight);
+            c.compute.set_split_backward(split);
         }
         let mut clock = ActionClock::start(self.store.device())?;
         for &action in schedule.stage_actions(self.index) {
