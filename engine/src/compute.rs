@@ -427,6 +427,28 @@ impl StageCompute {
         Ok(h)
     }
 
+    /// The last stage's evaluation of one micro-batch (evaluation mode, nothing kept): its
+    /// loss, normalised by `target.global_terms`, as an f64 scalar, and its correct predictions
+    /// (`u32`), both left on the device. A last layer that fuses the loss computes them without
+    /// the whole output ([`Layer::eval_with_loss`]: GPT-2's logits are 411 MB at 2 × 1024).
+    pub fn eval_loss(&mut self, x: &Tensor, target: &LossTarget) -> Result<(Tensor, Tensor)> {
+        let Some(kind) = self.loss else { candle_core::bail!("targets given to a stage that computes no loss") };
+        let Some((last, body)) = self.layers.split_last_mut() else {
+            candle_core::bail!("the last stage has no layers to compute a loss from")
+        };
+        let mut h = x.clone();
+        for layer in body.iter_mut() {
+            h = layer.forward(&h, Mode::Eval)?;
+        }
+        let input = LossInput { kind, targets: &target.targets, global_terms: target.global_terms };
+        if let Some((loss, hits)) = last.eval_with_loss(&h, &input)? {
+            return Ok((loss.to_dtype(DType::F64)?, hits));
+        }
+        let y = last.forward(&h, Mode::Eval)?;
+        let loss = microbatch_loss(kind, &y, &target.targets, target.global_terms)?.to_dtype(DType::F64)?;
+        Ok((loss, crate::loss::correct_predictions_on_device(&y, &target.targets)?))
+    }
+
     /// An evaluation forward (no saving; BatchNorm uses its running statistics).
     pub fn forward_eval(&mut self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();

@@ -451,6 +451,15 @@ pub trait Layer: Send {
         Ok(None)
     }
 
+    /// Evaluation's counterpart of [`Layer::forward_with_loss`] (evaluation mode, nothing
+    /// kept): the micro-batch's loss, normalised by `loss.global_terms`, and how many of its
+    /// predictions are right (a `u32` scalar), without the whole output existing at once.
+    /// `None`, the default: the stage takes both from [`Layer::forward`]'s output.
+    fn eval_with_loss(&mut self, x: &Tensor, loss: &LossInput<'_>) -> Result<Option<(Tensor, Tensor)>> {
+        let _ = (x, loss);
+        Ok(None)
+    }
+
     /// The input gradient after [`Layer::forward_with_loss`] (which already knew the output's
     /// gradient), and what [`Layer::backward_weight`] still needs.
     fn backward_input_from_loss(&mut self, saved: Saved, need_dx: bool) -> Result<(Option<Tensor>, Saved)> {

@@ -155,6 +155,47 @@ impl LmHead {
         Ok(FusedLoss { loss, dh, table_grad })
     }
 
+    /// Evaluation: the summed cross-entropy of the logits of `h` `(N, C)` against `targets`
+    /// `(N,)` divided by `global_terms` (rounded as [`LmHead::loss_and_backward`] rounds it),
+    /// and how many rows' largest logit is the target's (`u32`), chunk by chunk.
+    pub(crate) fn eval_loss(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        global_terms: usize,
+        chunk_rows: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (n, _) = h.dims2()?;
+        if targets.dims() != [n] {
+            candle_core::bail!("LM head: {n} positions but targets of shape {:?}", targets.dims())
+        }
+        if n == 0 || global_terms == 0 {
+            candle_core::bail!("LM head: no positions to take a loss over")
+        }
+        let targets = targets.to_dtype(DType::U32)?;
+        let table_t = self.table.value.t()?;
+        let rows = chunk_rows.max(1);
+        let (mut total, mut hits): (Option<Tensor>, Option<Tensor>) = (None, None);
+        for start in (0..n).step_by(rows) {
+            let len = rows.min(n - start);
+            let logits = brigade_kernels::linear(&h.narrow(0, start, len)?, &table_t, None, None)?; // (len, V)
+            let t_chunk = targets.narrow(0, start, len)?;
+            let loss = brigade_kernels::cross_entropy_sum(&logits, &t_chunk)?.to_dtype(DType::F64)?;
+            let hit = logits.argmax(candle_core::D::Minus1)?.eq(&t_chunk)?.to_dtype(DType::U32)?.sum_all()?;
+            total = Some(match total {
+                None => loss,
+                Some(t) => (t + loss)?,
+            });
+            hits = Some(match hits {
+                None => hit,
+                Some(h) => (h + hit)?,
+            });
+        }
+        let (Some(total), Some(hits)) = (total, hits) else { candle_core::bail!("LM head: no positions") };
+        let loss_dtype = if matches!(h.dtype(), DType::BF16 | DType::F16) { DType::F32 } else { h.dtype() };
+        Ok(((total.to_dtype(loss_dtype)? / global_terms as f64)?, hits))
+    }
+
     /// Adds the table's gradient that [`LmHead::loss_and_backward`] left for the weight step,
     /// chunk by chunk in the same order, so the sums come out as they would have there.
     pub(crate) fn backward_weight_deferred(&self, saved: &DeferredTableGrad, grads: &mut Gradients) -> Result<()> {

@@ -115,6 +115,26 @@ impl<N: HeadNorm> NormedLmHead<N> {
         let logits = self.lm_head.forward(&h, b, t)?; // (B, T, V)
         Ok((h, logits))
     }
+
+    /// The normalised hidden states `(B·T, C)` the fused loss takes, after checking `x` and
+    /// the targets.
+    fn normalised_for_loss(&self, x: &Tensor, loss: &LossInput<'_>) -> Result<Tensor> {
+        let (_, c) = self.lm_head.dims()?;
+        check_hidden(x, c, self.positions, self.what)?;
+        let (b, t, _) = x.dims3()?;
+        if loss.targets.dims() != [b, t] {
+            bail!("targets of shape {:?} do not match the {}'s positions ({b}, {t})", loss.targets.dims(), self.what);
+        }
+        self.norm.forward(x)?.reshape((b * t, c))
+    }
+
+    /// Rows per chunk of the fused loss.
+    fn rows(&self, h: &Tensor) -> Result<usize> {
+        match self.chunk_rows {
+            Some(rows) => Ok(rows),
+            None => self.lm_head.chunk_rows(h.dtype()),
+        }
+    }
 }
 
 impl<N: HeadNorm + 'static> Layer for NormedLmHead<N> {
@@ -150,17 +170,8 @@ impl<N: HeadNorm + 'static> Layer for NormedLmHead<N> {
         if loss.kind != LossKind::CrossEntropy {
             return Ok(None);
         }
-        let (_, c) = self.lm_head.dims()?;
-        check_hidden(x, c, self.positions, self.what)?;
-        let (b, t, _) = x.dims3()?;
-        if loss.targets.dims() != [b, t] {
-            bail!("targets of shape {:?} do not match the {}'s positions ({b}, {t})", loss.targets.dims(), self.what);
-        }
-        let h = self.norm.forward(x)?.reshape((b * t, c))?; // (B·T, C)
-        let rows = match self.chunk_rows {
-            Some(rows) => rows,
-            None => self.lm_head.chunk_rows(h.dtype())?,
-        };
+        let h = self.normalised_for_loss(x, loss)?;
+        let rows = self.rows(&h)?;
         let loss_only = matches!(backward, LossBackward::LossOnly);
         let FusedLoss { loss: value, dh, table_grad } = self.lm_head.loss_and_backward(
             &h,
@@ -180,6 +191,16 @@ impl<N: HeadNorm + 'static> Layer for NormedLmHead<N> {
             None => bail!("{}: the fused loss returned no input gradient", self.what),
         };
         Ok(Some((value, saved)))
+    }
+
+    fn eval_with_loss(&mut self, x: &Tensor, loss: &LossInput<'_>) -> Result<Option<(Tensor, Tensor)>> {
+        if loss.kind != LossKind::CrossEntropy {
+            return Ok(None);
+        }
+        let h = self.normalised_for_loss(x, loss)?;
+        let rows = self.rows(&h)?;
+        let (value, hits) = self.lm_head.eval_loss(&h, &loss.targets.flatten_all()?, loss.global_terms, rows)?;
+        Ok(Some((value, hits)))
     }
 
     fn backward_input_from_loss(&mut self, saved: Saved, _need_dx: bool) -> Result<(Option<Tensor>, Saved)> {

@@ -467,3 +467,28 @@ fn a_split_backward_leaves_the_heads_table_gradient_for_w() {
         }
     }
 }
+
+#[test]
+fn fused_head_evaluation_matches_the_logits_then_loss_path() {
+    use brigade_engine::loss::{correct_predictions_on_device, microbatch_loss};
+    use brigade_engine::{LossInput, LossKind};
+    let cfg = GptConfig::custom(16, 8, 8, 1, 2).unwrap();
+    let x = (Tensor::randn(0f32, 1.0, (2, 5, 8), &Device::Cpu).unwrap() * 2.0).unwrap();
+    let mut store = ParamStore::new(Device::Cpu, 4);
+    let mut head = head_with_chunks(&cfg, &mut store, Some(3));
+    let logits = head.forward(&x, Mode::Eval).unwrap();
+    // Targets that are the argmax in some rows (hits) and not in others.
+    let best = logits.argmax(candle_core::D::Minus1).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap();
+    let picked: Vec<u32> = best.iter().enumerate().map(|(i, &b)| if i % 3 == 0 { b } else { (b + 1) % 16 }).collect();
+    let targets = ids(&picked, 2, 5);
+    let want_loss = microbatch_loss(LossKind::CrossEntropy, &logits, &targets, 1).unwrap();
+    let want_hits = correct_predictions_on_device(&logits, &targets).unwrap().to_scalar::<u32>().unwrap();
+    assert_eq!(want_hits, 4);
+    let input = LossInput { kind: LossKind::CrossEntropy, targets: &targets, global_terms: 1 };
+    let (loss, hits) = head.eval_with_loss(&x, &input).unwrap().unwrap();
+    assert_close("evaluation loss", &loss, &want_loss, 1e-6);
+    assert_eq!(hits.to_scalar::<u32>().unwrap(), want_hits);
+    // Targets that do not match the positions are an error.
+    let input = LossInput { kind: LossKind::CrossEntropy, targets: &ids(&[1, 2, 3, 4, 5], 1, 5), global_terms: 1 };
+    assert!(head.eval_with_loss(&x, &input).is_err());
+}

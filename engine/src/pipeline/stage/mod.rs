@@ -23,8 +23,8 @@ use super::replicas::{ReduceError, ReplicaReduce};
 use super::threads;
 use super::transport::{Crossbeam, Mailbox, PeerWatch, Route, Transport, WATCH_EVERY};
 use crate::compute::{LossTarget, StageCompute};
-use crate::layer::{LayerSpec, LossKind, ParamStore};
-use crate::loss::{correct_predictions_on_device, loss_terms, microbatch_loss};
+use crate::layer::{LayerSpec, ParamStore};
+use crate::loss::loss_terms;
 use crate::optim::{Optimizer, ParamState, ParamUpdate};
 use crate::schedule::{Action, ActionKind, Schedule};
 
@@ -52,7 +52,6 @@ struct StageWorker {
     chunks: Vec<Chunk>,
     store: ParamStore,
     optimizer: Optimizer,
-    loss: LossKind,
     tied: Vec<String>,
     /// Hand-offs to and from the other devices, and the end-of-step collective.
     transport: Box<dyn Transport>,
@@ -212,7 +211,6 @@ impl StageWorker {
             chunks,
             store,
             optimizer,
-            loss: setup.loss,
             tied: setup.tied,
             transport: Box::new(Crossbeam::new(setup.inbox, setup.peers, setup.reports.clone())),
             peer_watch: setup.peer_watch,
@@ -666,26 +664,26 @@ impl StageWorker {
             let step = |w: &mut Self, outcome: &mut Outcome, sums: &mut Option<(Tensor, Tensor)>| -> StageResult<()> {
                 let at = w.chunk_position(chunk)?;
                 let x = w.input_for(chunk, mb, &inputs)?;
-                let y = w.chunks[at].compute.forward_eval(&x)?;
-                if w.is_last_chunk(chunk) {
-                    let Some(targets) = &targets else {
-                        outcome.outputs.push((mb, y));
-                        return Ok(());
-                    };
-                    let target = targets
-                        .get(mb)
-                        .ok_or_else(|| StageStop::Failed(None, format!("no targets for micro-batch {mb}")))?
-                        .to_device(w.store.device())?;
-                    let target = &target;
-                    outcome.terms += loss_terms(target);
-                    let loss = microbatch_loss(w.loss, &y, target, 1)?.to_dtype(DType::F64)?;
-                    let hits = correct_predictions_on_device(&y, target)?;
-                    *sums = Some(match sums.take() {
-                        None => (loss, hits),
-                        Some((l, h)) => ((l + loss)?, (h + hits)?),
-                    });
-                } else {
-                    w.send_to_chunk(Route::activation(chunk + 1, mb), y)?;
+                match (&targets, w.is_last_chunk(chunk)) {
+                    (Some(targets), true) => {
+                        let target = targets
+                            .get(mb)
+                            .ok_or_else(|| StageStop::Failed(None, format!("no targets for micro-batch {mb}")))?
+                            .to_device(w.store.device())?;
+                        outcome.terms += loss_terms(&target);
+                        // The loss summed (normalised by 1 term), and the hits, per micro-batch.
+                        let target = LossTarget { targets: target, global_terms: 1 };
+                        let (loss, hits) = w.chunks[at].compute.eval_loss(&x, &target)?;
+                        *sums = Some(match sums.take() {
+                            None => (loss, hits),
+                            Some((l, h)) => ((l + loss)?, (h + hits)?),
+                        });
+                    }
+                    (None, true) => outcome.outputs.push((mb, w.chunks[at].compute.forward_eval(&x)?)),
+                    (_, false) => {
+                        let y = w.chunks[at].compute.forward_eval(&x)?;
+                        w.send_to_chunk(Route::activation(chunk + 1, mb), y)?;
+                    }
                 }
                 Ok(())
             };
