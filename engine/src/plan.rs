@@ -360,6 +360,8 @@ mod tests {
                     activation_bytes: 1000 * b as u64,
                     input_bytes_kept: 0,
                     weight_stash_bytes: 0,
+                    split_extra_bytes: 0,
+                    split_weight_stash_extra_bytes: 0,
                     output_bytes: 100 * b as u64,
                     params: [(format!("layer{i}.weight"), 4000)].into_iter().collect(),
                     optimizer_state_ratio: 2,

@@ -142,6 +142,13 @@ pub struct LayerProfile {
     /// the `I` to the `W` when a schedule splits the backward.
     #[serde(default)]
     pub weight_stash_bytes: u64,
+    /// What the forward keeps beyond `activation_bytes` when the schedule splits the backward
+    /// (zero-bubble): a fused loss's inputs to its deferred weight gradient.
+    #[serde(default)]
+    pub split_extra_bytes: u64,
+    /// What the `I` keeps beyond `weight_stash_bytes` when the schedule splits the backward.
+    #[serde(default)]
+    pub split_weight_stash_extra_bytes: u64,
     /// The output, which is what a stage boundary after this layer sends downstream (and the
     /// size of the gradient sent back up).
     pub output_bytes: u64,
@@ -436,6 +443,14 @@ fn profile_in_pool(
         // Downstream of a hidden layer, any gradient costs the same; ones stand in for it.
         let dy = if i == last { None } else { Some(y.ones_like()?) };
         compute.backward(0, dy.as_ref())?;
+        // The same forward as a zero-bubble schedule runs it.
+        compute.set_split_backward(true);
+        compute.forward(0, &x, target.clone())?;
+        let split_kept: Vec<Tensor> = compute.stashed_tensors(0).cloned().collect();
+        let split_bytes = crate::compute::distinct_bytes(split_kept.iter().filter(|t| storage_key(t) != input_key));
+        let split_extra_bytes = split_bytes.saturating_sub(activation_bytes);
+        compute.backward(0, dy.as_ref())?;
+        compute.set_split_backward(false);
 
         // Each run times F, I and W, then F again and a fused B: the split and the fused
         // backward alternate, so load from other processes falls on both alike.
@@ -515,6 +530,8 @@ fn profile_in_pool(
             input_bytes_kept,
             // Measured below, with the real output gradient.
             weight_stash_bytes: 0,
+            split_extra_bytes,
+            split_weight_stash_extra_bytes: 0,
             output_bytes,
             params,
             optimizer_state_ratio,
@@ -534,6 +551,20 @@ fn profile_in_pool(
         let dx = compute.backward_input(1, dy.as_ref())?;
         out[i].weight_stash_bytes = compute.live_bytes();
         compute.backward_weight(1)?;
+        dy = dx;
+    }
+    // Again as a zero-bubble schedule splits it: what the `I`s keep beyond that.
+    let mut h = inputs.clone();
+    for (compute, _, target) in computes.iter_mut() {
+        compute.set_split_backward(true);
+        h = compute.forward(1, &h, target.clone())?.0;
+    }
+    let mut dy: Option<Tensor> = None;
+    for (i, (compute, _, _)) in computes.iter_mut().enumerate().rev() {
+        let dx = compute.backward_input(1, dy.as_ref())?;
+        out[i].split_weight_stash_extra_bytes = compute.live_bytes().saturating_sub(out[i].weight_stash_bytes);
+        compute.backward_weight(1)?;
+        compute.set_split_backward(false);
         dy = dx;
     }
     let probe_bytes = out.iter().map(|l| l.output_bytes).max().unwrap_or(4096).max(4096);
@@ -826,6 +857,8 @@ mod tests {
             activation_bytes: 0,
             input_bytes_kept: 0,
             weight_stash_bytes: 0,
+            split_extra_bytes: 0,
+            split_weight_stash_extra_bytes: 0,
             output_bytes: 0,
             params: BTreeMap::new(),
             optimizer_state_ratio: 0,

@@ -63,6 +63,10 @@ pub struct StageCosts {
     pub stash_bytes: Vec<u64>,
     /// Bytes an `I` keeps for its `W` (weight-gradient inputs), per micro-batch.
     pub weight_stash_bytes: Vec<u64>,
+    /// What a micro-batch's stash and its `I`'s keep grow by when the chunk's backward is
+    /// split into `I` and `W` (a fused loss's deferred weight gradient), per chunk.
+    pub split_extra_bytes: Vec<u64>,
+    pub split_weight_stash_extra_bytes: Vec<u64>,
     /// Parameter bytes by name, per chunk (empty for the uniform model), so that a device
     /// holding two chunks that share a parameter counts it once.
     pub params: Vec<std::collections::BTreeMap<String, u64>>,
@@ -147,6 +151,8 @@ impl StageCosts {
             static_bytes: vec![0; stages],
             stash_bytes: vec![1; stages],
             weight_stash_bytes: vec![0; stages],
+            split_extra_bytes: vec![0; stages],
+            split_weight_stash_extra_bytes: vec![0; stages],
             params: Vec::new(),
             optimizer_state_ratio: 0,
             recompute_bytes: vec![0; stages],
@@ -184,6 +190,8 @@ impl StageCosts {
             static_bytes: vec![0; stages],
             stash_bytes: vec![0; stages],
             weight_stash_bytes: vec![0; stages],
+            split_extra_bytes: vec![0; stages],
+            split_weight_stash_extra_bytes: vec![0; stages],
             params: vec![Default::default(); stages],
             optimizer_state_ratio: profile.layers.first().map_or(0, |l| l.optimizer_state_ratio),
             recompute_bytes: vec![0; stages],
@@ -199,6 +207,8 @@ impl StageCosts {
             c.optimizer[s] = layers.iter().map(|l| l.optimizer_s).sum();
             (c.static_bytes[s], c.stash_bytes[s]) = range_memory(profile, range.clone());
             c.weight_stash_bytes[s] = layers.iter().map(|l| l.weight_stash_bytes).sum();
+            c.split_extra_bytes[s] = layers.iter().map(|l| l.split_extra_bytes).sum();
+            c.split_weight_stash_extra_bytes[s] = layers.iter().map(|l| l.split_weight_stash_extra_bytes).sum();
             for l in layers {
                 c.params[s].extend(l.params.iter().map(|(n, b)| (n.clone(), *b)));
             }
@@ -905,20 +915,31 @@ fn link_bytes(microbatches: usize, costs: &StageCosts) -> std::collections::BTre
 /// A device's most stashed bytes, following its actions as the executor counts them (at the
 /// end of each action, and while a recomputed forward's activations are alive).
 fn stash_high_water(actions: &[Action], costs: &StageCosts) -> u64 {
+    // A chunk whose backward the schedule splits keeps a fused loss's deferred weight
+    // gradient from its F (or, recomputing, its I) to its W.
+    let split = |c: usize| actions.iter().any(|a| a.chunk == c && a.kind == ActionKind::BackwardWeight);
+    let extra = |bytes: &[u64], c: usize| if split(c) { bytes.get(c).copied().unwrap_or(0) } else { 0 };
     let (mut live, mut peak) = (0u64, 0u64);
     for a in actions {
         let c = a.chunk;
+        let recomputing = costs.recompute_bytes[c] > 0;
+        let stash = costs.stash_bytes[c] + if recomputing { 0 } else { extra(&costs.split_extra_bytes, c) };
         match a.kind {
-            ActionKind::Forward => live += costs.stash_bytes[c],
+            ActionKind::Forward => live += stash,
             ActionKind::Backward | ActionKind::BackwardInput => {
-                live = live.saturating_sub(costs.stash_bytes[c]);
+                live = live.saturating_sub(stash);
                 // Recomputing holds the micro-batch's full activations for a moment.
-                peak = peak.max(live + costs.recompute_bytes[c]);
+                let recompute =
+                    if recomputing { costs.recompute_bytes[c] + extra(&costs.split_extra_bytes, c) } else { 0 };
+                peak = peak.max(live + recompute);
                 if a.kind == ActionKind::BackwardInput {
-                    live += costs.weight_stash_bytes[c];
+                    live += costs.weight_stash_bytes[c] + extra(&costs.split_weight_stash_extra_bytes, c);
                 }
             }
-            ActionKind::BackwardWeight => live = live.saturating_sub(costs.weight_stash_bytes[c]),
+            ActionKind::BackwardWeight => {
+                live =
+                    live.saturating_sub(costs.weight_stash_bytes[c] + extra(&costs.split_weight_stash_extra_bytes, c))
+            }
         }
         peak = peak.max(live);
     }
@@ -1003,6 +1024,8 @@ mod tests {
             activation_bytes: 0,
             input_bytes_kept: 0,
             weight_stash_bytes: 0,
+            split_extra_bytes: 0,
+            split_weight_stash_extra_bytes: 0,
             output_bytes: 0,
             params: Default::default(),
             optimizer_state_ratio: 2,
@@ -1062,6 +1085,8 @@ mod tests {
             activation_bytes: 0,
             input_bytes_kept: 0,
             weight_stash_bytes: 0,
+            split_extra_bytes: 0,
+            split_weight_stash_extra_bytes: 0,
             output_bytes: output,
             params: [(format!("layer{i}.weight"), params)].into_iter().collect(),
             optimizer_state_ratio: 2,
