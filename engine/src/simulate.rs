@@ -316,8 +316,10 @@ impl StageCosts {
             backward_weight: self.backward_weight.clone(),
             send_forward: self.send_forward.clone(),
             send_backward: self.send_backward.clone(),
-            stash: self.stash_bytes.iter().map(|&b| b as f64).collect(),
-            weight_stash: self.weight_stash_bytes.iter().map(|&b| b as f64).collect(),
+            // As a split backward keeps them (a fused loss's deferred weight gradient): the
+            // scheduler's schedules split, and for one that does not this errs on the safe side.
+            stash: with_extra(&self.stash_bytes, &self.split_extra_bytes),
+            weight_stash: with_extra(&self.weight_stash_bytes, &self.split_weight_stash_extra_bytes),
             limit: statics
                 .iter()
                 .map(|&s| memory_limit.map_or(f64::INFINITY, |l| l.saturating_sub(s) as f64))
@@ -910,6 +912,11 @@ fn link_bytes(microbatches: usize, costs: &StageCosts) -> std::collections::BTre
         }
     }
     out
+}
+
+/// `bytes[c] + extra[c]` per chunk, as the zero-bubble scheduler's f64 sizes.
+fn with_extra(bytes: &[u64], extra: &[u64]) -> Vec<f64> {
+    bytes.iter().enumerate().map(|(c, &b)| (b + extra.get(c).copied().unwrap_or(0)) as f64).collect()
 }
 
 /// A device's most stashed bytes, following its actions as the executor counts them (at the
