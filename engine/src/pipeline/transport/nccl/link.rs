@@ -2,7 +2,7 @@
 //! send with its receive): the communicators, their streams, the typed `ncclSend`/`ncclRecv`
 //! of candle tensors, and the data-parallel gradient sum that goes through it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -13,16 +13,18 @@ use candle_core::cuda_backend::cudarc::nccl::safe::{group_end, group_start, Comm
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Device, Storage, Tensor};
-use crossbeam_channel::{bounded, unbounded, Receiver, Select, Sender, TryRecvError};
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Select, Sender, TryRecvError};
 
 use super::{header_device, nccl_result_text, unique_ids_of, Header, Payload, PeerOrder, Side, UNIQUE_ID_BYTES};
 use crate::pipeline::handoff::HandOff;
 use crate::pipeline::protocol::Msg;
-use crate::pipeline::replicas::{sum_in_replica_order, ReduceError, ReplicaReduce};
-use crate::pipeline::transport::{owner_of, Attachment, Mailbox, Ranks, RouteKind, World};
+use crate::pipeline::replicas::exchange::{Arrivals, ReplicaLayout, Round};
+use crate::pipeline::replicas::{ReduceError, ReplicaReduce};
+use crate::pipeline::transport::{Attachment, Mailbox, Ranks, RouteKind, World};
 
-/// One replica's gradient as it arrives: (replica, index, tensor on the link's stream).
-type ReplicaPiece = (usize, usize, HandOff);
+/// One replica's gradient as it arrives: (replica, index, gradients per round, tensor on the
+/// link's stream).
+type ReplicaPiece = (usize, usize, usize, HandOff);
 
 enum Job {
     /// The pipeline's proxy inboxes (slot, owning rank, inbox) and its local stages' inboxes.
@@ -345,8 +347,8 @@ impl Link {
                 }
                 None => self.early.push((payload, tensor)),
             },
-            Payload::ReplicaGrad { stage, replica, index, .. } => match self.replica_inboxes.get(stage) {
-                Some(inbox) => drop(inbox.send((replica, index, tensor))),
+            Payload::ReplicaGrad { stage, replica, index, count } => match self.replica_inboxes.get(stage) {
+                Some(inbox) => drop(inbox.send((replica, index, count, tensor))),
                 None => self.early.push((payload, tensor)),
             },
         }
@@ -474,89 +476,53 @@ fn all_reduce_typed<T: CudaDType + NcclType + DeviceRepr>(comm: &Comm, input: &T
 }
 
 /// [`ReplicaReduce`] for replicas on different ranks with GPU stages: each copy of a stage
-/// sends its gradients through the NCCL thread to every other replica's copy and sums all of
-/// them in replica order on its own stream (what `MpiReduce` does through the host). Rounds
-/// are matched by order, as there: a stage's round `n + 1` starts nowhere before every rank
-/// has passed the end-of-step collective of round `n`.
+/// sends its gradients, one transfer each, through the NCCL thread to every other replica's
+/// copy and sums all of them in replica order on its own stream, matching arrivals to rounds
+/// by order.
 pub(in crate::pipeline) struct NcclReduce {
     link: Arc<NcclLink>,
-    ranks: usize,
-    replicas: usize,
-    stages: usize,
-    arrivals: Vec<Mutex<Arrivals>>,
+    layout: ReplicaLayout,
+    /// By stage: other replicas' gradients as the NCCL thread delivers them.
+    inboxes: Vec<Mutex<StageInbox>>,
     aborted: AtomicBool,
 }
 
-struct Arrivals {
-    inbox: Receiver<ReplicaPiece>,
-    /// By replica: its gradients as they come in, whole rounds first.
-    waiting: HashMap<usize, VecDeque<Vec<HandOff>>>,
+struct StageInbox {
+    delivered: Receiver<ReplicaPiece>,
+    arrivals: Arrivals,
 }
 
 impl NcclReduce {
+    /// Registers this rank's stages with the NCCL thread (before any replica trains).
     pub fn start(
         link: Arc<NcclLink>,
         ranks: usize,
         replicas: usize,
         stages: usize,
     ) -> Result<Arc<dyn ReplicaReduce>, String> {
-        let (senders, arrivals): (Vec<_>, Vec<_>) = (0..stages)
+        let (senders, inboxes): (Vec<_>, Vec<_>) = (0..stages)
             .map(|_| {
                 let (tx, rx) = unbounded();
-                (tx, Mutex::new(Arrivals { inbox: rx, waiting: HashMap::new() }))
+                (tx, Mutex::new(StageInbox { delivered: rx, arrivals: Arrivals::default() }))
             })
             .unzip();
         link.jobs.send(Job::AttachReplicas(senders)).map_err(|_| gone())?;
-        Ok(Arc::new(Self { link, ranks, replicas, stages, arrivals, aborted: AtomicBool::new(false) }))
-    }
-}
-
-impl Arrivals {
-    /// Files one gradient under its replica: appended to that replica's open round, or
-    /// opening the next one at index 0.
-    fn file(&mut self, replica: usize, index: usize, tensor: HandOff, count: usize) -> Result<(), String> {
-        let rounds = self.waiting.entry(replica).or_default();
-        match rounds.back_mut() {
-            Some(open) if open.len() < count => {
-                if index != open.len() {
-                    return Err(format!("replica {replica}'s gradient {index} arrived when {} was due", open.len()));
-                }
-                open.push(tensor);
-            }
-            _ if index == 0 => rounds.push_back(vec![tensor]),
-            _ => return Err(format!("replica {replica}'s gradient {index} arrived before its gradient 0")),
-        }
-        Ok(())
-    }
-
-    /// Replica `replica`'s next whole round, if it has arrived.
-    fn take(&mut self, replica: usize, count: usize) -> Option<Vec<HandOff>> {
-        let rounds = self.waiting.get_mut(&replica)?;
-        if rounds.front().is_some_and(|r| r.len() == count) {
-            rounds.pop_front()
-        } else {
-            None
-        }
+        let layout = ReplicaLayout::new(stages, replicas, ranks);
+        Ok(Arc::new(Self { link, layout, inboxes, aborted: AtomicBool::new(false) }))
     }
 }
 
 impl ReplicaReduce for NcclReduce {
     fn all_reduce(&self, stage: usize, replica: usize, grads: Vec<Tensor>) -> Result<Vec<Tensor>, ReduceError> {
-        if replica >= self.replicas || stage >= self.stages {
-            return Err(ReduceError::Failed(format!(
-                "stage {stage} of replica {replica}, with {} stages x {} replicas",
-                self.stages, self.replicas
-            )));
-        }
-        let count = grads.len();
-        let Some(device) = grads.first().map(|g| g.device().clone()) else {
-            return Ok(grads);
+        let round = Round::new(&self.layout, stage, replica, grads)?;
+        let count = round.mine().len();
+        let Some(device) = round.mine().first().map(|g| g.device().clone()) else {
+            return Ok(Vec::new());
         };
-        let slots = self.stages * self.replicas;
-        for other in (0..self.replicas).filter(|&r| r != replica) {
-            let rank = owner_of(other * self.stages + stage, slots, self.ranks);
-            for (index, grad) in grads.iter().enumerate() {
-                let tensor = HandOff::send(grad.clone()).map_err(|e| ReduceError::Failed(e.to_string()))?;
+        let failed = |e: candle_core::Error| ReduceError::Failed(e.to_string());
+        for (_, rank) in self.layout.twins(stage, replica) {
+            for (index, grad) in round.mine().iter().enumerate() {
+                let tensor = HandOff::send(grad.clone()).map_err(failed)?;
                 let payload = Payload::ReplicaGrad { stage, replica, index, count };
                 self.link
                     .jobs
@@ -564,36 +530,21 @@ impl ReplicaReduce for NcclReduce {
                     .map_err(|_| ReduceError::Failed(gone()))?;
             }
         }
-        let mut contributions: Vec<Option<Vec<Tensor>>> = vec![None; self.replicas];
-        contributions[replica] = Some(grads);
         // A stage thread panicking mid-wait leaves only whole entries behind.
-        let mut arrivals = self.arrivals[stage].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        loop {
-            for (r, slot) in contributions.iter_mut().enumerate().filter(|(_, c)| c.is_none()) {
-                if let Some(round) = arrivals.take(r, count) {
-                    let on_stage = round
-                        .into_iter()
-                        .map(|h| h.receive(&device))
-                        .collect::<candle_core::Result<Vec<_>>>()
-                        .map_err(|e| ReduceError::Failed(e.to_string()))?;
-                    *slot = Some(on_stage);
+        let mut inbox = self.inboxes[stage].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let StageInbox { delivered, arrivals } = &mut *inbox;
+        round.gather(arrivals, &self.aborted, |arrivals, _| {
+            match delivered.recv_timeout(Duration::from_millis(50)) {
+                Ok((r, index, count, tensor)) => {
+                    // Onto the stage's stream as it arrives: it waits for the receive's event.
+                    let tensor = tensor.receive(&device).map_err(failed)?;
+                    arrivals.piece(r, index, count, tensor).map_err(ReduceError::Failed)?;
                 }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Err(ReduceError::Failed(gone())),
             }
-            if contributions.iter().all(Option::is_some) {
-                break;
-            }
-            if self.aborted.load(Ordering::SeqCst) {
-                return Err(ReduceError::Aborted);
-            }
-            match arrivals.inbox.recv_timeout(Duration::from_millis(50)) {
-                Ok((r, index, tensor)) => arrivals.file(r, index, tensor, count).map_err(ReduceError::Failed)?,
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(ReduceError::Failed(gone())),
-            }
-        }
-        drop(arrivals);
-        sum_in_replica_order(contributions.into_iter().flatten().collect())
-            .map_err(|e| ReduceError::Failed(e.to_string()))
+            Ok(())
+        })
     }
 
     fn abort(&self) {
