@@ -5,6 +5,12 @@
 //! `ncclSend`/`ncclRecv` on CUDA streams of the link's own, never the default stream (see
 //! `device.rs`: candle's default stream does no cross-stream synchronisation).
 //!
+//! The files, one question each: this one, what crosses over MPI (the `Header`, its
+//! `PeerOrder`) and when NCCL is chosen; `nccl/link.rs`, the NCCL thread and its protocol;
+//! `nccl/stream.rs`, the lanes (communicators on streams of their own) and the typed
+//! `ncclSend`/`ncclRecv` of candle tensors; `nccl/reduce.rs`, data parallelism's gradient sum
+//! over them.
+//!
 //! **Who does what.** One thread per process, the NCCL thread ([`NcclLink`]), owns the NCCL
 //! communicators and issues every NCCL call. It drains the proxy inboxes of the stages other
 //! ranks own (what the MPI thread drains without NCCL), and for each hand-off: makes its
@@ -326,9 +332,15 @@ pub(super) fn nccl_result_text(code: u32) -> &'static str {
 #[cfg(feature = "nccl")]
 mod link;
 #[cfg(feature = "nccl")]
-pub use link::one_rank_check;
+mod reduce;
 #[cfg(feature = "nccl")]
-pub(in crate::pipeline) use link::{NcclLink, NcclReduce};
+mod stream;
+#[cfg(feature = "nccl")]
+pub(in crate::pipeline) use link::NcclLink;
+#[cfg(feature = "nccl")]
+pub(in crate::pipeline) use reduce::NcclReduce;
+#[cfg(feature = "nccl")]
+pub use stream::one_rank_check;
 
 #[cfg(test)]
 mod tests {
