@@ -14,6 +14,8 @@
 //!
 //! Assumes `x: (..., C)`, `w: (C,)`, same float dtype (checked by the public wrappers).
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
 
@@ -80,12 +82,13 @@ impl RmsNormBwd {
         let (c, n) = (w.len(), x.len());
         let eps = T::from_f64(self.eps);
         let inv_c = T::ONE / T::from_f64(c as f64);
-        let mut out = vec![T::ZERO; n + c];
         if c == 0 || n == 0 {
-            return out;
+            return vec![T::ZERO; n + c];
         }
-        let (dx, dw_out) = out.split_at_mut(n);
-        let block = |row0: usize, dxb: &mut [T]| -> Vec<T> {
+        // `dx` is written in full by the blocks below, so it starts uninitialised: no memset of
+        // the whole buffer on the calling thread before the parallel pass (as `LayerNormBwd`).
+        let mut out: Vec<T> = Vec::with_capacity(n + c);
+        let block = |row0: usize, dxb: &mut [MaybeUninit<T>]| -> Vec<T> {
             let mut dw = vec![T::ZERO; c];
             let mut g = vec![T::ZERO; c];
             for (k, dxr) in dxb.chunks_mut(c).enumerate() {
@@ -98,21 +101,27 @@ impl RmsNormBwd {
                 }
                 // mean(g · n) = r · mean(g · x).
                 let mean_gn = T::dot(&g, xr) * inv * inv_c;
-                for i in 0..c {
-                    dxr[i] = (g[i] - xr[i] * inv * mean_gn) * inv;
+                for (i, o) in dxr.iter_mut().enumerate() {
+                    o.write((g[i] - xr[i] * inv * mean_gn) * inv);
                 }
             }
             dw
         };
         let block_len = RMS_BWD_ROWS_PER_BLOCK * c;
+        let dx = &mut out.spare_capacity_mut()[..n];
         let partials: Vec<Vec<T>> = if n >= PAR_MIN_ELEMS {
             dx.par_chunks_mut(block_len).enumerate().map(|(bi, dxb)| block(bi * RMS_BWD_ROWS_PER_BLOCK, dxb)).collect()
         } else {
             dx.chunks_mut(block_len).enumerate().map(|(bi, dxb)| block(bi * RMS_BWD_ROWS_PER_BLOCK, dxb)).collect()
         };
+        let mut dw = vec![T::ZERO; c];
         for partial in &partials {
-            dw_out.iter_mut().zip(partial).for_each(|(a, &b)| *a += b);
+            dw.iter_mut().zip(partial).for_each(|(a, &b)| *a += b);
         }
+        // SAFETY: dx is whole rows (`cpu_fwd` checks x's row length against w's), every row lies
+        // in one block, and each row writes all of its elements above.
+        unsafe { out.set_len(n) };
+        out.extend_from_slice(&dw);
         out
     }
 }
@@ -133,6 +142,9 @@ impl CustomOp3 for RmsNormBwd {
     ) -> Result<(CpuStorage, Shape)> {
         if xl.shape() != gl.shape() {
             candle_core::bail!("rms-norm-bwd: x {:?} and dy {:?} differ in shape", xl.shape(), gl.shape())
+        }
+        if xl.dims().last() != Some(&wl.shape().elem_count()) {
+            candle_core::bail!("rms-norm-bwd: x {:?}'s rows and w {:?} differ in length", xl.shape(), wl.shape())
         }
         with_float!(self.name(), xs, |T| {
             let x = view::<T>(xs, xl)?;

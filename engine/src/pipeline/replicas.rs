@@ -15,7 +15,10 @@
 //! The sum is taken in replica order (replica 0 + 1 + ... + D-1) whatever order the replicas
 //! arrive in, so results do not depend on timing. [`InProcessReduce`] serves replicas that are
 //! threads of one process; `transport::MpiReduce` (`mpi` feature) serves replicas on different
-//! MPI ranks, with the same sum in the same order, so both give the same bits.
+//! MPI ranks, with the same sum in the same order, so both give the same bits; `exchange.rs`
+//! holds the bookkeeping it shares with the NCCL transport's sum.
+
+pub(crate) mod exchange;
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -177,8 +180,11 @@ mod tests {
 
     #[test]
     fn the_sum_is_taken_in_replica_order_whoever_arrives_last() {
-        // 1e8 + 1 - 1e8 in f32: (1e8 + 1) rounds to 1e8, so order shows in the result.
-        let values = [1e8f32, 1.0, -1e8];
+        // In f32 each of the three ways to pair the terms rounds differently: replica order
+        // gives 50000008, the others 50000004 and 50000000.
+        let values = [-1e8f32, 5.0, 1.5e8];
+        let want = (values[0] + values[1]) + values[2];
+        assert!(want != (values[0] + values[2]) + values[1] && want != (values[1] + values[2]) + values[0]);
         for late in 0..3 {
             let reduce = Arc::new(InProcessReduce::new(3, 1));
             let handles: Vec<_> = (0..3)
@@ -195,7 +201,7 @@ mod tests {
                 })
                 .collect();
             for h in handles {
-                assert_eq!(h.join().unwrap(), (1e8f32 + 1.0) - 1e8, "replica {late} arriving last");
+                assert_eq!(h.join().unwrap(), want, "replica {late} arriving last");
             }
         }
     }

@@ -311,9 +311,9 @@ impl Pipeline {
         // The replica sums over NCCL too where each stage's copies are one peer apart (2 replicas).
         #[cfg(feature = "nccl")]
         let nccl_replicas = replicas > 1
-            && super::transport::one_peer_per_lane(super::transport::replica_pairs(config.stages, replicas, |s| {
-                world.owner(s, slots)
-            }))
+            && super::transport::one_peer_per_lane(
+                super::replicas::exchange::ReplicaLayout::new(config.stages, replicas, world.rank_and_size().1).pairs(),
+            )
             .is_ok();
         #[cfg(feature = "nccl")]
         let nccl = match (&world, &link_choice) {

@@ -44,7 +44,7 @@ pub use self::nccl::one_rank_check as nccl_one_rank_check;
 #[cfg(feature = "mpi")]
 pub(super) use self::nccl::{choose_link, hand_off_pairs, one_peer_per_lane, LinkChoice};
 #[cfg(feature = "nccl")]
-pub(super) use self::nccl::{replica_pairs, NcclLink, NcclReduce};
+pub(super) use self::nccl::{NcclLink, NcclReduce};
 use super::handoff::HandOff;
 use super::protocol::Msg;
 
@@ -238,7 +238,7 @@ impl World {
 }
 
 /// The rank of `size` that runs slot `slot` of `slots`: contiguous blocks of `slots / size`.
-fn owner_of(slot: usize, slots: usize, size: usize) -> usize {
+pub(super) fn owner_of(slot: usize, slots: usize, size: usize) -> usize {
     slot / (slots / size.max(1)).max(1)
 }
 

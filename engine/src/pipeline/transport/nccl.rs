@@ -5,6 +5,12 @@
 //! `ncclSend`/`ncclRecv` on CUDA streams of the link's own, never the default stream (see
 //! `device.rs`: candle's default stream does no cross-stream synchronisation).
 //!
+//! The files, one question each: this one, what crosses over MPI (the `Header`, its
+//! `PeerOrder`) and when NCCL is chosen; `nccl/link.rs`, the NCCL thread and its protocol;
+//! `nccl/stream.rs`, the lanes (communicators on streams of their own) and the typed
+//! `ncclSend`/`ncclRecv` of candle tensors; `nccl/reduce.rs`, data parallelism's gradient sum
+//! over them.
+//!
 //! **Who does what.** One thread per process, the NCCL thread ([`NcclLink`]), owns the NCCL
 //! communicators and issues every NCCL call. It drains the proxy inboxes of the stages other
 //! ranks own (what the MPI thread drains without NCCL), and for each hand-off: makes its
@@ -293,21 +299,6 @@ pub(in crate::pipeline) fn hand_off_pairs(
     pairs
 }
 
-/// The (sender, receiver) ranks of the replica sums: each copy of a stage to every other's.
-pub(in crate::pipeline) fn replica_pairs(
-    stages: usize,
-    replicas: usize,
-    owner: impl Fn(usize) -> usize,
-) -> Vec<(usize, usize)> {
-    let mut pairs = Vec::new();
-    for stage in 0..stages {
-        for (a, b) in (0..replicas).flat_map(|a| (0..replicas).map(move |b| (a, b))).filter(|(a, b)| a != b) {
-            pairs.push((owner(a * stages + stage), owner(b * stages + stage)));
-        }
-    }
-    pairs
-}
-
 /// The MPI "device" numbers the NCCL headers travel under: one past the pipeline's slots per
 /// rank, so the MPI thread routes them to the NCCL thread's header inbox, not to a stage.
 pub(super) fn header_device(slots: usize, rank: usize) -> usize {
@@ -341,13 +332,20 @@ pub(super) fn nccl_result_text(code: u32) -> &'static str {
 #[cfg(feature = "nccl")]
 mod link;
 #[cfg(feature = "nccl")]
-pub use link::one_rank_check;
+mod reduce;
 #[cfg(feature = "nccl")]
-pub(in crate::pipeline) use link::{NcclLink, NcclReduce};
+mod stream;
+#[cfg(feature = "nccl")]
+pub(in crate::pipeline) use link::NcclLink;
+#[cfg(feature = "nccl")]
+pub(in crate::pipeline) use reduce::NcclReduce;
+#[cfg(feature = "nccl")]
+pub use stream::one_rank_check;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::replicas::exchange::ReplicaLayout;
 
     #[test]
     fn a_header_survives_its_words_and_rejects_damage() {
@@ -458,12 +456,12 @@ mod tests {
         // DP 2 x PP 2 on 4 ranks: hand-offs 0<->1 and 2<->3; each stage's twin is one rank.
         let dp = |slot: usize| slot;
         assert!(one_peer_per_lane(hand_off_pairs(&[0, 1], 2, 2, dp)).is_ok());
-        assert_eq!(replica_pairs(2, 2, dp), vec![(0, 2), (2, 0), (1, 3), (3, 1)]);
-        assert!(one_peer_per_lane(replica_pairs(2, 2, dp)).is_ok());
+        assert!(one_peer_per_lane(ReplicaLayout::new(2, 2, 4).pairs()).is_ok());
         // DP 3: replica 0's copy sends up to two twins.
-        assert!(one_peer_per_lane(replica_pairs(1, 3, dp)).unwrap_err().contains("rank 0 sends up to ranks 1 and 2"));
+        let dp3 = one_peer_per_lane(ReplicaLayout::new(1, 3, 3).pairs()).unwrap_err();
+        assert!(dp3.contains("rank 0 sends up to ranks 1 and 2"), "{dp3}");
         // DP 2 with both stages on one rank per replica: one twin rank for both stages.
-        assert!(one_peer_per_lane(replica_pairs(2, 2, |s| s / 2)).is_ok());
+        assert!(one_peer_per_lane(ReplicaLayout::new(2, 2, 2).pairs()).is_ok());
     }
 
     #[test]

@@ -1,28 +1,27 @@
-//! The NCCL thread and what runs on it (see `nccl.rs` for the protocol and why it pairs every
-//! send with its receive): the communicators, their streams, the typed `ncclSend`/`ncclRecv`
-//! of candle tensors, and the data-parallel gradient sum that goes through it.
+//! The NCCL link's protocol (see `nccl.rs` for why it pairs every send with its receive): the
+//! NCCL thread, which drains the proxy inboxes of other ranks' stages and the replica sums'
+//! sends, sends each transfer's header over MPI before its data over NCCL, and issues each
+//! receive in the order its header arrives, delivering the tensor where the header says. The
+//! lanes it issues them on are `stream.rs`'s.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
-use candle_core::cuda_backend::cudarc::nccl::safe::{group_end, group_start, Comm, Id, NcclType, ReduceOp};
-use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
-use candle_core::op::BackpropOp;
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::cuda_backend::cudarc::nccl::safe::Id;
+use candle_core::{Device, Tensor};
 use crossbeam_channel::{bounded, unbounded, Receiver, Select, Sender, TryRecvError};
 
-use super::{header_device, nccl_result_text, unique_ids_of, Header, Payload, PeerOrder, Side, UNIQUE_ID_BYTES};
+use super::stream::{share_unique_ids, Lane};
+use super::{header_device, Header, Payload, PeerOrder, Side};
 use crate::pipeline::handoff::HandOff;
 use crate::pipeline::protocol::Msg;
-use crate::pipeline::replicas::{sum_in_replica_order, ReduceError, ReplicaReduce};
-use crate::pipeline::transport::{owner_of, Attachment, Mailbox, Ranks, RouteKind, World};
+use crate::pipeline::transport::{Attachment, Mailbox, Ranks, RouteKind, World};
 
-/// One replica's gradient as it arrives: (replica, index, tensor on the link's stream).
-type ReplicaPiece = (usize, usize, HandOff);
+/// One replica's gradient as it arrives: (replica, index, gradients per round, tensor on the
+/// link's stream).
+pub(super) type ReplicaPiece = (usize, usize, usize, HandOff);
 
 enum Job {
     /// The pipeline's proxy inboxes (slot, owning rank, inbox) and its local stages' inboxes.
@@ -92,6 +91,17 @@ impl NcclLink {
     ) -> Result<(), String> {
         self.jobs.send(Job::Attach { proxies, incoming }).map_err(|_| gone())
     }
+
+    /// Where other replicas' gradients of each stage go, by stage.
+    pub(super) fn attach_replicas(&self, inboxes: Vec<Sender<ReplicaPiece>>) -> Result<(), String> {
+        self.jobs.send(Job::AttachReplicas(inboxes)).map_err(|_| gone())
+    }
+
+    /// Queues one replica gradient for `rank`: the NCCL thread sends it in turn with its other
+    /// transfers.
+    pub(super) fn send_replica(&self, rank: usize, payload: Payload, tensor: HandOff) -> Result<(), String> {
+        self.jobs.send(Job::SendReplica { rank, payload, tensor }).map_err(|_| gone())
+    }
 }
 
 impl Drop for NcclLink {
@@ -103,31 +113,8 @@ impl Drop for NcclLink {
     }
 }
 
-fn gone() -> String {
+pub(super) fn gone() -> String {
     "the NCCL thread is gone".into()
-}
-
-/// An NCCL result code as an error line.
-fn nccl_error(what: &str, e: candle_core::cuda_backend::cudarc::nccl::result::NcclError) -> String {
-    let code = e.0 as u32;
-    format!("{what} failed: NCCL error {code}, {}", nccl_result_text(code))
-}
-
-/// `count` NCCL unique ids, made by rank 0 and shared with every rank over the world's
-/// all-gather (a collective: every rank calls it at the same point). Needs libnccl.so.2, not a GPU.
-pub(super) fn share_unique_ids(world: &World, count: usize) -> Result<Vec<Id>, String> {
-    let mine = if world.is_lead() {
-        let mut bytes = Vec::with_capacity(count * UNIQUE_ID_BYTES);
-        for _ in 0..count {
-            let id = Id::new().map_err(|e| nccl_error("ncclGetUniqueId (is libnccl.so.2 on LD_LIBRARY_PATH?)", e))?;
-            bytes.extend(id.internal().iter().map(|&c| c as u8));
-        }
-        bytes
-    } else {
-        Vec::new()
-    };
-    let gathered = world.all_gather(mine)?;
-    Ok(unique_ids_of(&gathered, count)?.into_iter().map(|raw| Id::uninit(raw.map(|b| b as _))).collect())
 }
 
 /// The lane (index into `Link::lanes`) of a transfer of `payload` from rank `from` to `to`:
@@ -138,13 +125,6 @@ fn lane_of(payload: &Payload, from: usize, to: usize) -> usize {
         Payload::HandOff { .. } => side,
         Payload::ReplicaGrad { .. } => 2 + side,
     }
-}
-
-/// One communicator, the candle device whose stream it runs on (tensors it receives belong to
-/// that stream).
-struct Lane {
-    comm: Comm,
-    device: Device,
 }
 
 /// The NCCL thread's state.
@@ -173,17 +153,13 @@ impl Link {
         header_in: Receiver<Msg>,
     ) -> Result<Self, String> {
         let (rank, size) = (ranks.rank(), ranks.size());
-        let lane = |(id, name): (Id, &str)| -> Result<Lane, String> {
-            // A stream of the link's own: never the default stream, never a stage's.
-            let cuda = CudaDevice::new_with_stream(gpu).map_err(|e| format!("cannot open cuda:{gpu} for NCCL: {e}"))?;
-            let comm = Comm::from_rank(cuda.cuda_stream(), rank, size, id).map_err(|e| {
-                nccl_error(&format!("creating the NCCL {name} communicator on cuda:{gpu} (rank {rank} of {size})"), e)
-            })?;
-            Ok(Lane { comm, device: Device::Cuda(cuda) })
-        };
         // Created in the same order on every rank: creating a communicator is collective.
         let names = ["hand-off up", "hand-off down", "replica up", "replica down"];
-        let lanes = ids.into_iter().zip(names).map(lane).collect::<Result<Vec<_>, _>>()?;
+        let lanes = ids
+            .into_iter()
+            .zip(names)
+            .map(|(id, name)| Lane::open(gpu, rank, size, id, name))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             ranks,
             rank,
@@ -299,7 +275,7 @@ impl Link {
         let lane = self.lane(&payload, self.rank, peer)?;
         // The lane's stream waits for the sender's event; the copy then belongs to the lane's
         // stream, which frees it after the send in stream order.
-        let tensor = tensor.receive(&lane.device).and_then(|t| t.contiguous()).map_err(|e| e.to_string())?;
+        let tensor = tensor.receive(lane.device()).and_then(|t| t.contiguous()).map_err(|e| e.to_string())?;
         let header = Header { source: self.rank, seq, payload, dtype: tensor.dtype(), shape: tensor.dims().to_vec() };
         let words = header.to_words()?;
         let envelope =
@@ -308,7 +284,7 @@ impl Link {
         out.send(Msg::Activation { chunk: 0, microbatch: 0, tensor: envelope })
             .map_err(|_| "the MPI thread is gone".to_string())?;
         if header.elements() > 0 {
-            send_tensor(&lane.comm, &tensor, peer)?;
+            lane.send(&tensor, peer)?;
         }
         Ok(())
     }
@@ -322,9 +298,9 @@ impl Link {
         self.order.admit(header.source, header.seq)?;
         let lane = self.lane(&header.payload, header.source, self.rank)?;
         let tensor = if header.elements() == 0 {
-            Tensor::zeros(header.shape.as_slice(), header.dtype, &lane.device).map_err(|e| e.to_string())?
+            Tensor::zeros(header.shape.as_slice(), header.dtype, lane.device()).map_err(|e| e.to_string())?
         } else {
-            recv_tensor(&lane.comm, &lane.device, header.dtype, &header.shape, header.source)?
+            lane.recv(header.dtype, &header.shape, header.source)?
         };
         // The event the receiving stage's stream waits on: recorded after the receive.
         let tensor = HandOff::send(tensor).map_err(|e| e.to_string())?;
@@ -345,8 +321,8 @@ impl Link {
                 }
                 None => self.early.push((payload, tensor)),
             },
-            Payload::ReplicaGrad { stage, replica, index, .. } => match self.replica_inboxes.get(stage) {
-                Some(inbox) => drop(inbox.send((replica, index, tensor))),
+            Payload::ReplicaGrad { stage, replica, index, count } => match self.replica_inboxes.get(stage) {
+                Some(inbox) => drop(inbox.send((replica, index, count, tensor))),
                 None => self.early.push((payload, tensor)),
             },
         }
@@ -357,260 +333,5 @@ impl Link {
     fn fail(&self, why: &str) -> ! {
         eprintln!("error: rank {}: {why}", self.rank);
         self.ranks.abort(1)
-    }
-}
-
-/// Runs `$body` with `$t` bound to the Rust type of a candle dtype NCCL can carry.
-macro_rules! with_nccl_type {
-    ($dtype:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            DType::U8 => {
-                type $t = u8;
-                $body
-            }
-            DType::U32 => {
-                type $t = u32;
-                $body
-            }
-            DType::I64 => {
-                type $t = i64;
-                $body
-            }
-            DType::F16 => {
-                type $t = half::f16;
-                $body
-            }
-            DType::BF16 => {
-                type $t = half::bf16;
-                $body
-            }
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F64 => {
-                type $t = f64;
-                $body
-            }
-            other => Err(format!("dtype {other:?} cannot travel over NCCL")),
-        }
-    };
-}
-
-/// `ncclSend` of a contiguous tensor on `comm`'s stream (the tensor must belong to it).
-fn send_tensor(comm: &Comm, tensor: &Tensor, peer: usize) -> Result<(), String> {
-    with_nccl_type!(tensor.dtype(), T => send_typed::<T>(comm, tensor, peer))
-}
-
-fn send_typed<T: CudaDType + NcclType>(comm: &Comm, tensor: &Tensor, peer: usize) -> Result<(), String> {
-    let (storage, layout) = tensor.storage_and_layout();
-    let Storage::Cuda(cuda) = &*storage else {
-        return Err(format!("an NCCL send needs a GPU tensor, not one on {:?}", tensor.device()));
-    };
-    let (start, end) = layout.contiguous_offsets().ok_or("an NCCL send needs a contiguous tensor")?;
-    let slice = cuda.as_cuda_slice::<T>().map_err(|e| e.to_string())?;
-    comm.send(&slice.slice(start..end), peer as i32).map_err(|e| nccl_error(&format!("ncclSend to rank {peer}"), e))
-}
-
-/// `ncclRecv` of a `dtype` tensor of `shape` from `peer`, allocated on `comm`'s stream.
-fn recv_tensor(comm: &Comm, device: &Device, dtype: DType, shape: &[usize], peer: usize) -> Result<Tensor, String> {
-    let Device::Cuda(cuda) = device else {
-        return Err("an NCCL receive needs a GPU".into());
-    };
-    with_nccl_type!(dtype, T => recv_typed::<T>(comm, cuda, shape, peer))
-}
-
-fn recv_typed<T: CudaDType + NcclType + DeviceRepr>(
-    comm: &Comm,
-    cuda: &CudaDevice,
-    shape: &[usize],
-    peer: usize,
-) -> Result<Tensor, String> {
-    let elements: usize = shape.iter().product();
-    // SAFETY: every element is written by the receive before any kernel on this stream reads it.
-    let mut buffer = unsafe { comm.stream().alloc::<T>(elements) }
-        .map_err(|e| format!("cannot allocate {elements} elements: {e}"))?;
-    comm.recv(&mut buffer, peer as i32).map_err(|e| nccl_error(&format!("ncclRecv from rank {peer}"), e))?;
-    let storage = CudaStorage::wrap_cuda_slice(buffer, cuda.clone());
-    Ok(Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false))
-}
-
-/// The one-rank check the GPU machine runs (NCCL takes one rank per GPU, so a one-GPU machine
-/// can run nothing bigger): on GPU `gpu`, a world of one communicator made from a fresh unique
-/// id; returns `tensor` all-reduced (sum) over that world, and `tensor` sent to this rank itself
-/// and received back, both through the link's own typed send and receive on a stream of their own.
-pub fn one_rank_check(gpu: usize, tensor: &Tensor) -> Result<(Tensor, Tensor), String> {
-    let cuda = CudaDevice::new_with_stream(gpu).map_err(|e| format!("cannot open cuda:{gpu}: {e}"))?;
-    let id = share_unique_ids(&World::Local, 1)?.remove(0);
-    let comm =
-        Comm::from_rank(cuda.cuda_stream(), 0, 1, id).map_err(|e| nccl_error("creating a one-rank communicator", e))?;
-    let device = Device::Cuda(cuda);
-    let input = HandOff::send(tensor.clone())
-        .and_then(|h| h.receive(&device))
-        .and_then(|t| t.contiguous())
-        .map_err(|e| e.to_string())?;
-    let reduced = with_nccl_type!(input.dtype(), T => all_reduce_typed::<T>(&comm, &input))?;
-    // A send to oneself needs its receive in the same group, or it waits forever.
-    group_start().map_err(|e| nccl_error("ncclGroupStart", e))?;
-    let sent = send_tensor(&comm, &input, 0);
-    let echoed = recv_tensor(&comm, &device, input.dtype(), input.dims(), 0);
-    group_end().map_err(|e| nccl_error("ncclGroupEnd", e))?;
-    let echoed = echoed.and_then(|t| sent.map(|_| t))?;
-    Ok((reduced, echoed))
-}
-
-fn all_reduce_typed<T: CudaDType + NcclType + DeviceRepr>(comm: &Comm, input: &Tensor) -> Result<Tensor, String> {
-    let (storage, layout) = input.storage_and_layout();
-    let (Storage::Cuda(cuda), Device::Cuda(device)) = (&*storage, input.device()) else {
-        return Err("an all-reduce needs a GPU tensor".into());
-    };
-    let (start, end) = layout.contiguous_offsets().ok_or("an all-reduce needs a contiguous tensor")?;
-    let slice = cuda.as_cuda_slice::<T>().map_err(|e| e.to_string())?;
-    // SAFETY: the all-reduce writes every element.
-    let mut out = unsafe { comm.stream().alloc::<T>(end - start) }.map_err(|e| e.to_string())?;
-    comm.all_reduce(&slice.slice(start..end), &mut out, &ReduceOp::Sum).map_err(|e| nccl_error("ncclAllReduce", e))?;
-    let storage = CudaStorage::wrap_cuda_slice(out, device.clone());
-    Ok(Tensor::from_storage(Storage::Cuda(storage), input.dims(), BackpropOp::none(), false))
-}
-
-/// [`ReplicaReduce`] for replicas on different ranks with GPU stages: each copy of a stage
-/// sends its gradients through the NCCL thread to every other replica's copy and sums all of
-/// them in replica order on its own stream (what `MpiReduce` does through the host). Rounds
-/// are matched by order, as there: a stage's round `n + 1` starts nowhere before every rank
-/// has passed the end-of-step collective of round `n`.
-pub(in crate::pipeline) struct NcclReduce {
-    link: Arc<NcclLink>,
-    ranks: usize,
-    replicas: usize,
-    stages: usize,
-    arrivals: Vec<Mutex<Arrivals>>,
-    aborted: AtomicBool,
-}
-
-struct Arrivals {
-    inbox: Receiver<ReplicaPiece>,
-    /// By replica: its gradients as they come in, whole rounds first.
-    waiting: HashMap<usize, VecDeque<Vec<HandOff>>>,
-}
-
-impl NcclReduce {
-    pub fn start(
-        link: Arc<NcclLink>,
-        ranks: usize,
-        replicas: usize,
-        stages: usize,
-    ) -> Result<Arc<dyn ReplicaReduce>, String> {
-        let (senders, arrivals): (Vec<_>, Vec<_>) = (0..stages)
-            .map(|_| {
-                let (tx, rx) = unbounded();
-                (tx, Mutex::new(Arrivals { inbox: rx, waiting: HashMap::new() }))
-            })
-            .unzip();
-        link.jobs.send(Job::AttachReplicas(senders)).map_err(|_| gone())?;
-        Ok(Arc::new(Self { link, ranks, replicas, stages, arrivals, aborted: AtomicBool::new(false) }))
-    }
-}
-
-impl Arrivals {
-    /// Files one gradient under its replica: appended to that replica's open round, or
-    /// opening the next one at index 0.
-    fn file(&mut self, replica: usize, index: usize, tensor: HandOff, count: usize) -> Result<(), String> {
-        let rounds = self.waiting.entry(replica).or_default();
-        match rounds.back_mut() {
-            Some(open) if open.len() < count => {
-                if index != open.len() {
-                    return Err(format!("replica {replica}'s gradient {index} arrived when {} was due", open.len()));
-                }
-                open.push(tensor);
-            }
-            _ if index == 0 => rounds.push_back(vec![tensor]),
-            _ => return Err(format!("replica {replica}'s gradient {index} arrived before its gradient 0")),
-        }
-        Ok(())
-    }
-
-    /// Replica `replica`'s next whole round, if it has arrived.
-    fn take(&mut self, replica: usize, count: usize) -> Option<Vec<HandOff>> {
-        let rounds = self.waiting.get_mut(&replica)?;
-        if rounds.front().is_some_and(|r| r.len() == count) {
-            rounds.pop_front()
-        } else {
-            None
-        }
-    }
-}
-
-impl ReplicaReduce for NcclReduce {
-    fn all_reduce(&self, stage: usize, replica: usize, grads: Vec<Tensor>) -> Result<Vec<Tensor>, ReduceError> {
-        if replica >= self.replicas || stage >= self.stages {
-            return Err(ReduceError::Failed(format!(
-                "stage {stage} of replica {replica}, with {} stages x {} replicas",
-                self.stages, self.replicas
-            )));
-        }
-        let count = grads.len();
-        let Some(device) = grads.first().map(|g| g.device().clone()) else {
-            return Ok(grads);
-        };
-        let slots = self.stages * self.replicas;
-        for other in (0..self.replicas).filter(|&r| r != replica) {
-            let rank = owner_of(other * self.stages + stage, slots, self.ranks);
-            for (index, grad) in grads.iter().enumerate() {
-                let tensor = HandOff::send(grad.clone()).map_err(|e| ReduceError::Failed(e.to_string()))?;
-                let payload = Payload::ReplicaGrad { stage, replica, index, count };
-                self.link
-                    .jobs
-                    .send(Job::SendReplica { rank, payload, tensor })
-                    .map_err(|_| ReduceError::Failed(gone()))?;
-            }
-        }
-        let mut contributions: Vec<Option<Vec<Tensor>>> = vec![None; self.replicas];
-        contributions[replica] = Some(grads);
-        // A stage thread panicking mid-wait leaves only whole entries behind.
-        let mut arrivals = self.arrivals[stage].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        loop {
-            for (r, slot) in contributions.iter_mut().enumerate().filter(|(_, c)| c.is_none()) {
-                if let Some(round) = arrivals.take(r, count) {
-                    let on_stage = round
-                        .into_iter()
-                        .map(|h| h.receive(&device))
-                        .collect::<candle_core::Result<Vec<_>>>()
-                        .map_err(|e| ReduceError::Failed(e.to_string()))?;
-                    *slot = Some(on_stage);
-                }
-            }
-            if contributions.iter().all(Option::is_some) {
-                break;
-            }
-            if self.aborted.load(Ordering::SeqCst) {
-                return Err(ReduceError::Aborted);
-            }
-            match arrivals.inbox.recv_timeout(Duration::from_millis(50)) {
-                Ok((r, index, tensor)) => arrivals.file(r, index, tensor, count).map_err(ReduceError::Failed)?,
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(ReduceError::Failed(gone())),
-            }
-        }
-        drop(arrivals);
-        sum_in_replica_order(contributions.into_iter().flatten().collect())
-            .map_err(|e| ReduceError::Failed(e.to_string()))
-    }
-
-    fn abort(&self) {
-        self.aborted.store(true, Ordering::SeqCst);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Runs wherever libnccl.so.2 loads (no GPU needed): rank 0's ids reach every rank.
-    #[test]
-    fn unique_ids_are_made_and_shared_without_a_gpu() {
-        let ids = share_unique_ids(&World::Local, 2).unwrap();
-        assert_eq!(ids.len(), 2);
-        assert_ne!(ids[0].internal(), ids[1].internal(), "each communicator gets its own id");
-        assert!(ids[0].internal().iter().any(|&c| c != 0), "an id is not all zeros");
     }
 }
