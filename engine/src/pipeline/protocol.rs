@@ -185,7 +185,8 @@ pub(super) struct StageSetup {
     pub compute_dtype: DType,
     /// Debug: synchronise the stage's device after every action (`PipelineConfig::sync_each_action`).
     pub sync_each_action: bool,
-    /// The stuck-rank watchdog for waits on stages in other processes (none in one process).
+    /// The hook into exchanges with stages in other processes (waking the MPI thread, the
+    /// stuck-rank watchdog); none in one process.
     pub peer_watch: Option<super::transport::PeerWatch>,
 }
 

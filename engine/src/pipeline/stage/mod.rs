@@ -55,7 +55,8 @@ struct StageWorker {
     tied: Vec<String>,
     /// Hand-offs to and from the other devices, and the end-of-step collective.
     transport: Box<dyn Transport>,
-    /// The stuck-rank watchdog, when peers live in other processes.
+    /// The hook into exchanges with peers in other processes (waking the MPI thread, the
+    /// stuck-rank watchdog); none in one process.
     peer_watch: Option<PeerWatch>,
     reports: Sender<Report>,
     /// A failure armed by a test (`testing::inject_fault`).
@@ -305,12 +306,17 @@ impl StageWorker {
             }
             let started = Instant::now();
             let msg = match (&self.peer_watch, from) {
-                (Some(watch), Some((device, key))) => loop {
-                    match self.transport.recv_timeout(WATCH_EVERY).map_err(|_| StageStop::Aborted)? {
-                        Some(msg) => break msg,
-                        None => watch(device, key),
+                (Some(watch), Some((device, key))) => {
+                    // Held while this stage waits: the MPI thread looks for the message at
+                    // its fastest until then.
+                    let _waiting = watch.waiting_on(device);
+                    loop {
+                        match self.transport.recv_timeout(WATCH_EVERY).map_err(|_| StageStop::Aborted)? {
+                            Some(msg) => break msg,
+                            None => watch.check(device, key),
+                        }
                     }
-                },
+                }
                 _ => self.transport.recv().map_err(|_| StageStop::Aborted)?,
             };
             self.waiting += started.elapsed();
@@ -560,7 +566,11 @@ impl StageWorker {
             self.handoffs.deliver(key, tensor);
             return Ok(());
         }
-        self.transport.send(device, key, tensor).map_err(|_| StageStop::Aborted)
+        self.transport.send(device, key, tensor).map_err(|_| StageStop::Aborted)?;
+        if let Some(peers) = &self.peer_watch {
+            peers.sent_to(device);
+        }
+        Ok(())
     }
 
     /// The end-of-step collective and the optimizer step.

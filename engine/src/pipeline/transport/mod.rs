@@ -31,12 +31,13 @@ mod mpi;
 mod nccl;
 
 use std::collections::HashMap;
+#[cfg(feature = "mpi")]
 use std::sync::Arc;
 use std::time::Duration;
 
 pub(super) use self::crossbeam::Crossbeam;
 #[cfg(feature = "mpi")]
-pub(super) use self::mpi::{Attachment, MpiReduce};
+pub(super) use self::mpi::{Attachment, MpiReduce, PeerWatch};
 #[cfg(feature = "mpi")]
 pub use self::mpi::{Ranks, DEFAULT_RANK_TIMEOUT};
 #[cfg(feature = "nccl")]
@@ -86,11 +87,27 @@ impl Route {
     }
 }
 
-/// The stuck-rank watchdog's hook into a stage's waits: called now and then while a stage
-/// waits for hand-off `Route` from device `usize` of its replica; across processes it ends the
-/// job if that device's rank has been silent past the rank timeout. Absent in one process,
-/// where a peer cannot stop without the driver seeing it.
-pub(super) type PeerWatch = Arc<dyn Fn(usize, Route) + Send + Sync>;
+/// A stage's hook into its exchanges with stages in other processes (`mpi.rs`): a hand-off sent
+/// to one, or a wait for one, wakes the MPI thread, and the stuck-rank watchdog checks the
+/// awaited rank now and then while a wait lasts. Absent in one process, where a peer cannot stop
+/// without the driver seeing it; without the `mpi` feature it cannot exist.
+#[cfg(not(feature = "mpi"))]
+pub(super) enum PeerWatch {}
+
+#[cfg(not(feature = "mpi"))]
+impl PeerWatch {
+    pub fn sent_to(&self, _device: usize) {
+        match *self {}
+    }
+
+    pub fn waiting_on(&self, _device: usize) -> Option<()> {
+        match *self {}
+    }
+
+    pub fn check(&self, _device: usize, _key: Route) {
+        match *self {}
+    }
+}
 
 /// How often a watched wait looks at the watchdog.
 pub(super) const WATCH_EVERY: Duration = Duration::from_millis(250);
@@ -183,18 +200,12 @@ impl World {
         ))
     }
 
-    /// The watchdog hook for the stages of data-parallel replica `replica` (`stages` stages,
-    /// `slots` in all), or `None` in one process.
+    /// The hook into exchanges with other processes for the stages of data-parallel replica
+    /// `replica` (`stages` stages, `slots` in all), or `None` in one process.
     pub(super) fn peer_watch(&self, replica: usize, stages: usize, slots: usize) -> Option<PeerWatch> {
         match self {
             #[cfg(feature = "mpi")]
-            World::Ranks(ranks) if self.is_distributed() => {
-                let ranks = ranks.clone();
-                Some(Arc::new(move |device: usize, key: Route| {
-                    let rank = owner_of(replica * stages + device, slots, ranks.size());
-                    ranks.check_peer(rank, || key.describe())
-                }))
-            }
+            World::Ranks(ranks) if self.is_distributed() => Some(PeerWatch::new(ranks.clone(), replica, stages, slots)),
             _ => {
                 let _ = (replica, stages, slots);
                 None

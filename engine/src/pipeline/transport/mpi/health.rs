@@ -62,8 +62,8 @@ pub(super) struct Health {
     /// By rank: when its last message arrived here (ms since `epoch`).
     heard: Vec<AtomicU64>,
     timeout_ms: AtomicU64,
-    /// When the communication thread last turned (ms since `epoch`): it turns every 200 µs at
-    /// most, so an old pulse means this process itself was stopped or starved.
+    /// When the communication thread last turned (ms since `epoch`): it turns every few
+    /// milliseconds at most, so an old pulse means this process itself was stopped or starved.
     pulse: AtomicU64,
     /// This process has printed its `error:` line, or is ending quietly: nothing more.
     reported: AtomicBool,

@@ -22,8 +22,12 @@
 //!   non-blocking too (`MPI_Iallreduce`, `MPI_Iallgather`, `MPI_Ibarrier`), tested while the
 //!   hand-offs keep flowing.
 //! - Open MPI's blocking calls spin a core; the communication thread never blocks in MPI. Idle,
-//!   it waits on its channels (a send wakes it at once) with a timeout that backs off from
-//!   10 µs to 200 µs before it probes again, so it does not eat a core of a 2-core machine.
+//!   it sleeps (parked: no spinning, no yielding) until woken (`Wake`: a job, a hand-off sent
+//!   to another rank, a stage starting to wait on another rank) or until its next probe is due
+//!   (`comm.rs`): every 25 to 100 µs while a stage of this rank waits on another rank or a
+//!   collective runs, every 1 ms while its own sends are in flight, every 4 ms otherwise: a
+//!   message that comes while the stages compute waits for nobody, and the polls would take
+//!   the cores they compute on.
 //! - Data parallelism ([`MpiReduce`]): each replica's copy of a stage sends its gradients to the
 //!   ranks holding the other replicas' copies (one point-to-point message each, its own tag)
 //!   and sums what it receives in replica order, exactly as the in-process reduction does. Point
@@ -42,18 +46,19 @@ mod health;
 mod reduce;
 mod wire;
 
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::{JoinHandle, Thread};
 use std::time::Duration;
 
 use candle_core::Tensor;
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, SendError, Sender};
 
 use self::health::Health;
 pub use self::health::DEFAULT_RANK_TIMEOUT;
 pub(in crate::pipeline) use self::reduce::MpiReduce;
 use crate::pipeline::protocol::Msg;
+use crate::pipeline::transport::{owner_of, Route};
 
 /// No abort requested (`Ranks::abort` stores the exit code).
 const NO_ABORT: i32 = i32::MIN;
@@ -62,11 +67,12 @@ const NO_ABORT: i32 = i32::MIN;
 pub struct Ranks {
     rank: usize,
     size: usize,
-    jobs: Sender<Job>,
+    jobs: Jobs,
     abort: Arc<AtomicI32>,
     /// Bytes this process sent to each rank: pipeline hand-offs, and replica gradients.
     sent: Arc<Sent>,
     health: Arc<Health>,
+    wake: Arc<Wake>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -103,6 +109,124 @@ impl Sent {
     }
 }
 
+/// How the rest of the process wakes the communication thread, which sleeps parked between
+/// probes (crossbeam's blocking receives spin and `sched_yield` before they sleep: eight yields
+/// a wait, the larger part of the thread's CPU when it waited on its channels).
+pub(super) struct Wake {
+    /// The communication thread, once it runs.
+    thread: OnceLock<Thread>,
+    /// Something happened since the thread last looked: probe at once, and start backing off
+    /// from the shortest wait again.
+    rung: AtomicBool,
+    /// Stages of this process now waiting for a hand-off from another rank: while any does, the
+    /// thread probes at its fastest.
+    remote_waits: AtomicUsize,
+}
+
+impl Wake {
+    fn new() -> Self {
+        Self { thread: OnceLock::new(), rung: AtomicBool::new(false), remote_waits: AtomicUsize::new(0) }
+    }
+
+    /// Called by the communication thread as it starts.
+    pub fn register(&self) {
+        let _ = self.thread.set(std::thread::current());
+    }
+
+    pub fn ring(&self) {
+        self.rung.store(true, Ordering::SeqCst);
+        // A thread that is not parked keeps the token and returns from its next park at once.
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+    }
+
+    /// Whether it was rung since the last call.
+    pub fn take_ring(&self) -> bool {
+        self.rung.swap(false, Ordering::SeqCst)
+    }
+
+    pub fn anyone_waits(&self) -> bool {
+        self.remote_waits.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// The communication thread's job queue: every job wakes it.
+struct Jobs {
+    queue: Sender<Job>,
+    wake: Arc<Wake>,
+}
+
+impl Jobs {
+    fn send(&self, job: Job) -> Result<(), SendError<Job>> {
+        self.queue.send(job)?;
+        self.wake.ring();
+        Ok(())
+    }
+}
+
+/// One stage's wait for a hand-off from another rank, from `PeerWatch::waiting_on` until
+/// dropped.
+pub(in crate::pipeline) struct RemoteWait<'a>(&'a Wake);
+
+impl Drop for RemoteWait<'_> {
+    fn drop(&mut self) {
+        self.0.remote_waits.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A stage's hook into MPI for its exchanges with the other devices of its replica (`replica`,
+/// of `stages` stages, `slots` stages in all): it wakes the communication thread when the
+/// stage sends a hand-off to another rank or starts waiting for one, and the stuck-rank
+/// watchdog checks the awaited rank while a wait lasts.
+pub(in crate::pipeline) struct PeerWatch {
+    ranks: Arc<Ranks>,
+    replica: usize,
+    stages: usize,
+    slots: usize,
+}
+
+impl PeerWatch {
+    pub(in crate::pipeline) fn new(ranks: Arc<Ranks>, replica: usize, stages: usize, slots: usize) -> Self {
+        Self { ranks, replica, stages, slots }
+    }
+
+    fn rank_of(&self, device: usize) -> usize {
+        owner_of(self.replica * self.stages + device, self.slots, self.ranks.size())
+    }
+
+    fn is_remote(&self, device: usize) -> bool {
+        self.rank_of(device) != self.ranks.rank
+    }
+
+    /// The stage has put a hand-off for `device` in its inbox: when that is a proxy (the device
+    /// lives on another rank), the communication thread is woken to send it.
+    pub(in crate::pipeline) fn sent_to(&self, device: usize) {
+        if self.is_remote(device) {
+            self.ranks.wake.ring();
+        }
+    }
+
+    /// The stage starts waiting for a hand-off from `device`. When that device lives on another
+    /// rank, the communication thread is woken to look for it, and keeps looking at its fastest
+    /// until the returned wait is dropped; `None` for a device of this process.
+    pub(in crate::pipeline) fn waiting_on(&self, device: usize) -> Option<RemoteWait<'_>> {
+        if !self.is_remote(device) {
+            return None;
+        }
+        let wake = &*self.ranks.wake;
+        wake.remote_waits.fetch_add(1, Ordering::SeqCst);
+        wake.ring();
+        Some(RemoteWait(wake))
+    }
+
+    /// The watchdog: ends the job, naming the rank, if `device`'s rank (waited on for `key`)
+    /// has sent nothing here for longer than the rank timeout.
+    pub(in crate::pipeline) fn check(&self, device: usize, key: Route) {
+        self.ranks.check_peer(self.rank_of(device), || key.describe())
+    }
+}
+
 fn loaded(counts: &[AtomicU64]) -> Vec<u64> {
     counts.iter().map(|b| b.load(Ordering::Relaxed)).collect()
 }
@@ -127,17 +251,20 @@ impl Ranks {
     /// Initialises MPI on a new communication thread (the process must have been started by
     /// mpirun or srun, or run alone as a one-rank world).
     pub fn start() -> Result<Arc<Self>, String> {
-        let (jobs, job_rx) = unbounded();
+        let (queue, job_rx) = unbounded();
         let (ready_tx, ready_rx) = bounded(1);
         let abort = Arc::new(AtomicI32::new(NO_ABORT));
         let abort_flag = abort.clone();
+        let wake = Arc::new(Wake::new());
+        let jobs = Jobs { queue, wake: wake.clone() };
+        let comm_wake = wake.clone();
         let thread = std::thread::Builder::new()
             .name("brigade-mpi".into())
-            .spawn(move || comm::communicate(job_rx, ready_tx, abort_flag))
+            .spawn(move || comm::communicate(job_rx, ready_tx, abort_flag, comm_wake))
             .map_err(|e| format!("cannot start the MPI thread: {e}"))?;
         let (rank, size, sent, health) =
             ready_rx.recv().map_err(|_| "the MPI thread ended during start-up".to_string())??;
-        Ok(Arc::new(Self { rank, size, jobs, abort, sent, health, thread: Mutex::new(Some(thread)) }))
+        Ok(Arc::new(Self { rank, size, jobs, abort, sent, health, wake, thread: Mutex::new(Some(thread)) }))
     }
 
     pub fn rank(&self) -> usize {
@@ -193,6 +320,7 @@ impl Ranks {
     pub fn abort(&self, code: i32) -> ! {
         self.health.stay_quiet();
         self.abort.store(code, Ordering::SeqCst);
+        self.wake.ring();
         // The communication thread checks the flag every turn; should it be gone, exit anyway
         // (the launcher then ends the other ranks, seeing this one fail).
         std::thread::sleep(Duration::from_secs(10));
@@ -239,5 +367,55 @@ impl Drop for Ranks {
         if let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    /// The communication thread's sleep, as `comm.rs` does it: parked until rung or `limit`.
+    fn sleep_until_rung(wake: &Wake, limit: Duration) -> bool {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if wake.take_ring() {
+                return true;
+            }
+            std::thread::park_timeout(limit.saturating_sub(started.elapsed()));
+        }
+        wake.take_ring()
+    }
+
+    #[test]
+    fn a_ring_wakes_the_parked_thread_at_once_and_is_not_lost_before_it_parks() {
+        let wake = Arc::new(Wake::new());
+        let (registered, is_registered) = bounded(0);
+        let sleeper = {
+            let wake = wake.clone();
+            std::thread::spawn(move || {
+                wake.register();
+                registered.send(()).unwrap();
+                let started = Instant::now();
+                let first = sleep_until_rung(&wake, Duration::from_secs(20));
+                let first_took = started.elapsed();
+                // The second ring comes before this thread parks again.
+                std::thread::sleep(Duration::from_millis(50));
+                let second = sleep_until_rung(&wake, Duration::from_secs(20));
+                (first, first_took, second, started.elapsed())
+            })
+        };
+        is_registered.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        wake.ring();
+        wake.ring();
+        std::thread::sleep(Duration::from_millis(5));
+        wake.ring();
+        let (first, first_took, second, total) = sleeper.join().unwrap();
+        assert!(first && second, "both rings heard");
+        assert!(first_took < Duration::from_secs(5), "woken by the ring, not the 20 s limit: {first_took:?}");
+        assert!(total < Duration::from_secs(5), "the early ring was kept: {total:?}");
+        assert!(!wake.take_ring(), "each ring is heard once");
     }
 }
