@@ -65,6 +65,10 @@ pub(super) struct Health {
     /// When the communication thread last turned (ms since `epoch`): it turns every few
     /// milliseconds at most, so an old pulse means this process itself was stopped or starved.
     pulse: AtomicU64,
+    /// When the communication thread last turned after a lag longer than `PULSE_LAG_MS` (ms
+    /// since `epoch`): this process was stopped or starved until then, so no peer's silence
+    /// counts from before it.
+    resumed: AtomicU64,
     /// This process has printed its `error:` line, or is ending quietly: nothing more.
     reported: AtomicBool,
     /// By rank: it announced that it is ending the job and reports why itself.
@@ -81,6 +85,7 @@ impl Health {
             heard: (0..size).map(|_| AtomicU64::new(0)).collect(),
             timeout_ms: AtomicU64::new(DEFAULT_RANK_TIMEOUT.as_millis() as u64),
             pulse: AtomicU64::new(0),
+            resumed: AtomicU64::new(0),
             reported: AtomicBool::new(false),
             announced: (0..size).map(|_| AtomicBool::new(false)).collect(),
             places: OnceLock::new(),
@@ -93,7 +98,11 @@ impl Health {
 
     /// The communication thread is turning.
     pub fn pulse(&self) {
-        self.pulse.store(self.now_ms(), Ordering::Relaxed);
+        let now = self.now_ms();
+        let previous = self.pulse.swap(now, Ordering::SeqCst);
+        if now.saturating_sub(previous) > PULSE_LAG_MS {
+            self.resumed.store(now, Ordering::SeqCst);
+        }
     }
 
     pub fn heard_from(&self, rank: usize) {
@@ -126,10 +135,13 @@ impl Health {
         if terminated() || self.announced.iter().any(|a| a.load(Ordering::SeqCst)) {
             return None;
         }
-        if self.now_ms().saturating_sub(self.pulse.load(Ordering::Relaxed)) > PULSE_LAG_MS {
+        if self.now_ms().saturating_sub(self.pulse.load(Ordering::SeqCst)) > PULSE_LAG_MS {
             return None;
         }
-        let last = self.heard.get(peer)?.load(Ordering::Relaxed);
+        // Silence is counted from the later of the peer's last message and this process's own
+        // resumption: continued after a stop, the communication thread may turn (and pulse)
+        // before it has read the notice that a peer is ending the job.
+        let last = self.heard.get(peer)?.load(Ordering::Relaxed).max(self.resumed.load(Ordering::SeqCst));
         let silent = Duration::from_millis(self.now_ms().saturating_sub(last));
         let timeout = self.timeout();
         (silent > timeout).then(|| {
@@ -234,6 +246,23 @@ mod tests {
         assert!(health.silent_too_long(2, "a hand-off").is_none(), "rank 2 spoke since");
         health.announced(2);
         assert!(health.silent_too_long(1, "a hand-off").is_none(), "rank 2 is ending the job and reports it");
+    }
+
+    #[test]
+    fn a_rank_continued_after_a_stop_does_not_blame_its_peers() {
+        let health = Health::new(0, 2);
+        health.set_timeout(Duration::from_millis(30));
+        health.heard_from_all();
+        health.pulse();
+        // Stopped (SIGSTOP) for longer than the timeout and the pulse lag, then continued: the
+        // communication thread turns once before it reads anything.
+        std::thread::sleep(Duration::from_millis(PULSE_LAG_MS + 100));
+        health.pulse();
+        assert!(health.silent_too_long(1, "a hand-off").is_none(), "the silence began with our own stop");
+        // A timeout's worth of silence after resuming does count.
+        std::thread::sleep(Duration::from_millis(60));
+        health.pulse();
+        assert!(health.silent_too_long(1, "a hand-off").is_some(), "rank 1 silent since we resumed");
     }
 
     #[test]

@@ -345,6 +345,13 @@ impl Ranks {
         self.call(Job::Barrier)
     }
 
+    /// Wakes the communication thread for something queued outside its job queue and stages'
+    /// hand-offs: the NCCL thread's headers, which its proxy inboxes carry.
+    #[cfg(feature = "nccl")]
+    pub(in crate::pipeline) fn wake(&self) {
+        self.wake.ring();
+    }
+
     pub(in crate::pipeline) fn attach(&self, attachment: Attachment) -> Result<(), String> {
         self.jobs.send(Job::Attach(attachment)).map_err(|_| gone())
     }

@@ -283,6 +283,8 @@ impl Link {
         let out = self.header_out.get(&peer).ok_or_else(|| format!("no header route to rank {peer}"))?;
         out.send(Msg::Activation { chunk: 0, microbatch: 0, tensor: envelope })
             .map_err(|_| "the MPI thread is gone".to_string())?;
+        // The MPI thread may be asleep between probes (up to 4 ms while no stage waits).
+        self.ranks.wake();
         if header.elements() > 0 {
             lane.send(&tensor, peer)?;
         }
