@@ -106,26 +106,31 @@ impl<N: HeadNorm> NormedLmHead<N> {
         Self { what, positions, norm, lm_head, chunk_rows: None, keep_dlogits_bytes: KEEP_DLOGITS_BYTES }
     }
 
-    /// `(B, T, C)` → normalised `(B·T, C)` and logits `(B, T, V)`.
-    fn logits(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// Checked `(B, T, C)` → normalised `(B·T, C)`.
+    fn normalised(&self, x: &Tensor) -> Result<Tensor> {
         let (_, c) = self.lm_head.dims()?;
         check_hidden(x, c, self.positions, self.what)?;
         let (b, t, _) = x.dims3()?;
-        let h = self.norm.forward(x)?.reshape((b * t, c))?; // (B·T, C)
+        self.norm.forward(x)?.reshape((b * t, c))
+    }
+
+    /// `(B, T, C)` → normalised `(B·T, C)` and logits `(B, T, V)`.
+    fn logits(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let h = self.normalised(x)?;
+        let (b, t, _) = x.dims3()?;
         let logits = self.lm_head.forward(&h, b, t)?; // (B, T, V)
         Ok((h, logits))
     }
 
-    /// The normalised hidden states `(B·T, C)` the fused loss takes, after checking `x` and
-    /// the targets.
+    /// The normalised hidden states `(B·T, C)` the fused loss takes, after checking the
+    /// targets against `x`'s positions.
     fn normalised_for_loss(&self, x: &Tensor, loss: &LossInput<'_>) -> Result<Tensor> {
-        let (_, c) = self.lm_head.dims()?;
-        check_hidden(x, c, self.positions, self.what)?;
+        let h = self.normalised(x)?;
         let (b, t, _) = x.dims3()?;
         if loss.targets.dims() != [b, t] {
             bail!("targets of shape {:?} do not match the {}'s positions ({b}, {t})", loss.targets.dims(), self.what);
         }
-        self.norm.forward(x)?.reshape((b * t, c))
+        Ok(h)
     }
 
     /// Rows per chunk of the fused loss.
