@@ -705,6 +705,9 @@ fn measure_overhead(
         return Ok(OverheadProfile::default());
     };
     let mut excess = [0.0; 3];
+    // The widest gap between a count's two round medians: how far apart the same step came out,
+    // which no fitted cost below it can be told from.
+    let mut noise = 0.0f64;
     for (slot, m) in counts.into_iter().enumerate() {
         let x = Tensor::cat(&vec![inputs; m], 0)?;
         let y = Tensor::cat(&vec![targets; m], 0)?;
@@ -721,16 +724,20 @@ fn measure_overhead(
             pipeline.train_step(&x, &y)?;
         }
         let mut lowest = f64::INFINITY;
+        let mut highest = 0.0f64;
         for _round in 0..2 {
             let mut times = Vec::with_capacity(repeats);
             for _ in 0..repeats {
                 times.push(pipeline.train_step(&x, &y)?.elapsed.as_secs_f64());
             }
-            lowest = lowest.min(median(&mut times));
+            let round = median(&mut times);
+            lowest = lowest.min(round);
+            highest = highest.max(round);
         }
         excess[slot] = lowest - (m as f64 * per_microbatch + optimizer);
+        noise = noise.max(highest - lowest);
     }
-    Ok(fit_overhead(&counts, &excess))
+    Ok(fit_overhead(&counts, &excess, noise))
 }
 
 /// Seconds `measure_overhead` may spend: a few seconds on a model of 50 ms per micro-batch
@@ -750,15 +757,23 @@ fn overhead_repeats(per_microbatch: f64, counts: &[usize], options: &ProfileOpti
 }
 
 /// Least squares of `excess = step_s + m · microbatch_s` over the micro-batch counts, each
-/// coefficient clamped at 0 (noise can make a fitted cost negative; a cost cannot be).
-fn fit_overhead(counts: &[usize], excess: &[f64]) -> OverheadProfile {
+/// coefficient clamped at 0 (noise can make a fitted cost negative; a cost cannot be), and
+/// each dropped (0) when what it adds over the measured counts is within `noise`, the widest
+/// gap between two rounds of one count: a slope that moves the excess by less than the rounds
+/// disagree is the rounds' noise, and would otherwise be multiplied into every micro-batch of
+/// every prediction (a 2-round fit on 120 ms steps once read 8.9 ms per micro-batch from it,
+/// and 0 the next run).
+fn fit_overhead(counts: &[usize], excess: &[f64], noise: f64) -> OverheadProfile {
     let n = counts.len() as f64;
     let mean_m = counts.iter().sum::<usize>() as f64 / n;
     let mean_e = excess.iter().sum::<f64>() / n;
     let cov: f64 = counts.iter().zip(excess).map(|(&m, e)| (m as f64 - mean_m) * (e - mean_e)).sum();
     let var: f64 = counts.iter().map(|&m| (m as f64 - mean_m).powi(2)).sum();
-    let microbatch_s = if var > 0.0 { (cov / var).max(0.0) } else { 0.0 };
-    OverheadProfile { microbatch_s, step_s: (mean_e - microbatch_s * mean_m).max(0.0) }
+    let range = counts.iter().max().zip(counts.iter().min()).map_or(0, |(hi, lo)| hi - lo) as f64;
+    let slope = if var > 0.0 { (cov / var).max(0.0) } else { 0.0 };
+    let microbatch_s = if slope * range > noise { slope } else { 0.0 };
+    let step_s = (mean_e - microbatch_s * mean_m).max(0.0);
+    OverheadProfile { microbatch_s, step_s: if step_s > noise { step_s } else { 0.0 } }
 }
 
 /// Identifies a tensor's allocation (views of one allocation share it).
@@ -917,13 +932,32 @@ mod tests {
 
     #[test]
     fn the_overhead_fit_recovers_a_line_and_never_goes_negative() {
-        let fit = fit_overhead(&[1, 2, 4], &[0.003 + 0.0005, 0.003 + 0.001, 0.003 + 0.002]);
+        let fit = fit_overhead(&[1, 2, 4], &[0.003 + 0.0005, 0.003 + 0.001, 0.003 + 0.002], 0.0);
         assert!((fit.step_s - 0.003).abs() < 1e-12 && (fit.microbatch_s - 0.0005).abs() < 1e-12, "{fit:?}");
         // Noise that makes the excess fall with m: no negative per-micro-batch cost.
-        let fit = fit_overhead(&[1, 2, 4], &[0.004, 0.003, 0.001]);
+        let fit = fit_overhead(&[1, 2, 4], &[0.004, 0.003, 0.001], 0.0);
         assert_eq!(fit.microbatch_s, 0.0);
         assert!((fit.step_s - (0.008 / 3.0)).abs() < 1e-12, "{fit:?}");
         // Layers that took longer in the profile than in the pipeline: no negative step cost.
-        assert_eq!(fit_overhead(&[1, 2, 4], &[-0.001, -0.001, -0.001]), OverheadProfile::default());
+        assert_eq!(fit_overhead(&[1, 2, 4], &[-0.001, -0.001, -0.001], 0.0), OverheadProfile::default());
+    }
+
+    #[test]
+    fn the_overhead_fit_drops_what_the_rounds_cannot_resolve() {
+        let line = [0.003 + 0.0005, 0.003 + 0.001, 0.003 + 0.002];
+        // Rounds 1 ms apart: the slope moves the excess by 1.5 ms over m = 1..4, so it stays,
+        // and so does the 3 ms step cost.
+        let fit = fit_overhead(&[1, 2, 4], &line, 0.001);
+        assert!((fit.step_s - 0.003).abs() < 1e-12 && (fit.microbatch_s - 0.0005).abs() < 1e-12, "{fit:?}");
+        // Rounds 2 ms apart: the slope is noise; the step cost is the mean excess, still above it.
+        let fit = fit_overhead(&[1, 2, 4], &line, 0.002);
+        assert_eq!(fit.microbatch_s, 0.0);
+        assert!((fit.step_s - (0.0125 / 3.0)).abs() < 1e-12, "{fit:?}");
+        // Rounds 5 ms apart: neither cost is told from the noise.
+        assert_eq!(fit_overhead(&[1, 2, 4], &line, 0.005), OverheadProfile::default());
+        // Like the 4 x 256 GPT's run that read 8.9 ms per micro-batch: a slope of 8 ms on
+        // 120 ms steps whose rounds were 30 ms apart is dropped.
+        let fit = fit_overhead(&[1, 2, 4], &[-0.004, 0.010, 0.022], 0.030);
+        assert_eq!(fit, OverheadProfile::default());
     }
 }

@@ -67,9 +67,9 @@ pub struct BenchArgs {
     /// CPU threads per stage (default: cores / stages, as `train`).
     #[arg(long)]
     pub threads_per_stage: Option<usize>,
-    /// One thread pool for all stages (idle stages lend their cores), or one per stage (what
-    /// the simulator models).
-    #[arg(long, value_enum, default_value = "shared")]
+    /// One thread pool per stage (what the simulator models), or one for all stages (idle
+    /// stages lend their cores; every action pays a thread hand-over).
+    #[arg(long, value_enum, default_value = "per-stage")]
     pub thread_pools: super::ThreadPoolsArg,
     /// Timed runs per profile measurement (for the simulator's prediction).
     #[arg(long, default_value_t = 10)]

@@ -57,11 +57,12 @@ impl ComputeDtype {
 /// `--thread-pools` of `train` and `bench`: how the stages' CPU threads are pooled.
 #[derive(Clone, Copy, Debug, Default, ValueEnum)]
 pub enum ThreadPoolsArg {
-    /// One pool for all stages: a stage waiting in a bubble lends its cores to the others.
+    /// Each stage on its own threads only (what the simulator models; the default).
     #[default]
-    Shared,
-    /// Each stage on its own threads only (what the simulator models).
     PerStage,
+    /// One pool for all stages: a stage waiting in a bubble lends its cores to the others, for
+    /// the price of a thread hand-over per action.
+    Shared,
 }
 
 impl ThreadPoolsArg {

@@ -97,8 +97,9 @@ pub struct TrainArgs {
     /// CPU threads per stage (default: cores / stages).
     #[arg(long)]
     threads_per_stage: Option<usize>,
-    /// One thread pool for all stages (idle stages lend their cores), or one per stage.
-    #[arg(long, value_enum, default_value = "shared")]
+    /// One thread pool per stage, or one for all stages (idle stages lend their cores, and
+    /// every action pays a thread hand-over: faster only for long actions and large bubbles).
+    #[arg(long, value_enum, default_value = "per-stage")]
     thread_pools: super::ThreadPoolsArg,
     /// Activation recomputation: off, or full (each stage stashes only its input and reruns
     /// its forward before the backward: less activation memory for one more forward).

@@ -59,8 +59,8 @@ pub struct PipelineConfig {
     pub grad_clip: Option<f64>,
     /// CPU threads each stage may use for its math; default: cores / stages (at least 1).
     pub threads_per_stage: Option<usize>,
-    /// One pool of threads for all stages (the default: idle stages lend their cores) or one
-    /// per stage.
+    /// One pool of threads per stage (the default) or one for all stages (idle stages lend
+    /// their cores; [`ThreadPools`] says when that pays).
     pub thread_pools: ThreadPools,
     /// Seed of the deterministic parameter initialisation.
     pub seed: u64,
@@ -104,7 +104,7 @@ impl Default for PipelineConfig {
             lr: LrSchedule::constant(1e-3),
             grad_clip: Some(1.0),
             threads_per_stage: None,
-            thread_pools: ThreadPools::Shared,
+            thread_pools: ThreadPools::PerStage,
             seed: 0,
             initial_params: HashMap::new(),
             initial_buffers: HashMap::new(),

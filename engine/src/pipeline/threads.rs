@@ -7,11 +7,11 @@
 //! explicitly to every matrix product. (Findings from candle-core 0.11.1's `utils.rs` and
 //! `cpu_backend`, and gemm-common 0.19.)
 //!
-//! 1. **The rayon pool the stage computes in.** By default ([`ThreadPools::Shared`]) one pool
-//!    of `threads × stages` workers serves every stage: the stage thread waits for messages
-//!    outside it and enters it for each action's math, so a stage in a bubble lends its cores
-//!    to the others. With [`ThreadPools::PerStage`] each stage runs inside its own pool of
-//!    `threads` workers ([`stage_pool`]). Either way every rayon parallel loop a stage starts
+//! 1. **The rayon pool the stage computes in.** By default ([`ThreadPools::PerStage`]) each
+//!    stage runs inside its own pool of `threads` workers ([`stage_pool`]). With
+//!    [`ThreadPools::Shared`] one pool of `threads × stages` workers serves every stage: the
+//!    stage thread waits for messages outside it and enters it for each action's math, so a
+//!    stage in a bubble lends its cores to the others. Either way every rayon parallel loop a stage starts
 //!    lands in that pool: brigade's kernels (which size their work from
 //!    `rayon::current_num_threads()`, with reductions blocked independently of it), and the
 //!    tasks gemm spawns for a matrix product.
@@ -60,21 +60,27 @@ use std::sync::OnceLock;
 
 use crate::error::{EngineError, Result};
 
-/// How the stages' CPU threads are pooled.
+/// How the stages' CPU threads are pooled. Both compute the same numbers, bit for bit.
+///
+/// Measured on 2 cores, 2 stages of 1 thread (README, "Thread pools"): per-stage pools were
+/// faster in every zero-bubble cell and every `gpt-tiny` cell (ZB-H1 at m = 8: 7.2–7.5 ms
+/// against 9.3), and the shared pool only where actions are long and the bubble large (the
+/// 4 × 256 GPT, 1F1B, m = 4: 281 against 316 ms). A shared pool hands every action from the
+/// stage thread to a worker and back (two context switches, some 60–170 per step on
+/// `gpt-tiny` against 8–14), and the simulator models per-stage pools (its error on
+/// `gpt-tiny`: 3–5% against 11–13% shared).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ThreadPools {
+    /// Each stage computes in its own pool of `threads per stage` workers: no stage ever runs
+    /// on another's cores (the simulator's model of a stage).
+    #[default]
+    PerStage,
     /// One pool of `threads per stage × CPU stages` workers that every CPU stage computes in,
     /// action by action. A stage waiting for a message holds no worker, so the cores of a
     /// stage in a bubble (the pipeline's fill and drain, a lighter stage waiting on a heavier
-    /// one) work on the other stages' matrix products. Measured 7–8% faster on 2 stages of 1
-    /// thread, 1F1B and GPipe m=8 (README, "Measured"); the same numbers as `PerStage`, bit
-    /// for bit. A pipeline with fewer than two CPU stages runs as `PerStage` (nothing to lend;
-    /// GPU stages keep their own pools).
-    #[default]
+    /// one) work on the other stages' matrix products. A pipeline with fewer than two CPU
+    /// stages runs as `PerStage` (nothing to lend; GPU stages keep their own pools).
     Shared,
-    /// Each stage computes in its own pool of `threads per stage` workers: no stage ever runs
-    /// on another's cores (the simulator's model of a stage).
-    PerStage,
 }
 
 /// The shared pool of `workers` threads ([`ThreadPools::Shared`]).
