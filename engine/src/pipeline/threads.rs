@@ -63,12 +63,12 @@ use crate::error::{EngineError, Result};
 /// How the stages' CPU threads are pooled. Both compute the same numbers, bit for bit.
 ///
 /// Measured on 2 cores, 2 stages of 1 thread (README, "Thread pools"): per-stage pools were
-/// faster in every zero-bubble cell and every `gpt-tiny` cell (ZB-H1 at m = 8: 7.2–7.5 ms
-/// against 9.3), and the shared pool only where actions are long and the bubble large (the
-/// 4 × 256 GPT, 1F1B, m = 4: 281 against 316 ms). A shared pool hands every action from the
-/// stage thread to a worker and back (two context switches, some 60–170 per step on
-/// `gpt-tiny` against 8–14), and the simulator models per-stage pools (its error on
-/// `gpt-tiny`: 3–5% against 11–13% shared).
+/// faster in every zero-bubble cell and at m = 8 (`gpt-tiny` ZB-H1: 7.2–7.5 ms against
+/// 9.3–9.6), the shared pool where GPipe and 1F1B leave a large bubble to lend (m = 4: the
+/// 4 × 256 GPT's 1F1B 281 against 316 ms). A shared pool hands every action from the stage
+/// thread to a worker and back (60–170 voluntary context switches per `gpt-tiny` step against
+/// 8–14), and the simulator models per-stage pools (its mean error on `gpt-tiny`: 3–5%
+/// against 11–13% shared).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ThreadPools {
     /// Each stage computes in its own pool of `threads per stage` workers: no stage ever runs
