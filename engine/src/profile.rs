@@ -224,6 +224,20 @@ impl Default for ProfileOptions {
     }
 }
 
+/// The pool of `options.threads` workers a profile measures in (a stage's budget), after
+/// checking the options: at least one repeat and one thread, within the thread budget.
+fn profiling_pool(options: &ProfileOptions) -> Result<rayon::ThreadPool> {
+    if options.repeats == 0 || options.threads == 0 {
+        return Err(EngineError::Config("profiling needs at least one repeat and one thread".into()));
+    }
+    crate::pipeline::check_thread_budget(options.threads)?;
+    start_elementwise_pool();
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(options.threads)
+        .build()
+        .map_err(|e| EngineError::Config(format!("profiler thread pool: {e}")))
+}
+
 /// Profiles every layer of `model` on the micro-batch `inputs` / `targets`.
 pub fn profile_model(
     model: &dyn PipelineModel,
@@ -231,15 +245,7 @@ pub fn profile_model(
     targets: &Tensor,
     options: &ProfileOptions,
 ) -> Result<Profile> {
-    if options.repeats == 0 || options.threads == 0 {
-        return Err(EngineError::Config("profiling needs at least one repeat and one thread".into()));
-    }
-    crate::pipeline::check_thread_budget(options.threads)?;
-    start_elementwise_pool();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(options.threads)
-        .build()
-        .map_err(|e| EngineError::Config(format!("profiler thread pool: {e}")))?;
+    let pool = profiling_pool(options)?;
     let mut profile = pool.install(|| {
         // Rounds spaced in time, each layer's lowest median kept: a burst of load from another
         // process spoils one round, not the estimate. (Within a round each layer repeats back to
@@ -617,15 +623,7 @@ pub fn stage_order_split(
     targets: &Tensor,
     options: &ProfileOptions,
 ) -> Result<StageOrderSplit> {
-    if options.repeats == 0 || options.threads == 0 {
-        return Err(EngineError::Config("profiling needs at least one repeat and one thread".into()));
-    }
-    crate::pipeline::check_thread_budget(options.threads)?;
-    start_elementwise_pool();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(options.threads)
-        .build()
-        .map_err(|e| EngineError::Config(format!("profiler thread pool: {e}")))?;
+    let pool = profiling_pool(options)?;
     pool.install(|| {
         let device = options.device.open()?;
         let (inputs, targets) = (inputs.to_device(&device)?, targets.to_device(&device)?);
