@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quiet side-by-side: new vs base brigade vs PyTorch, alternating, R rounds.
-# usage: benches/compare/gpt_ab.sh NEW_BIN BASE_BIN [ROUNDS]  (MPIBIN=an mpi-feature build adds a 2-rank row)
+# usage: benches/compare/gpt_ab.sh NEW_BIN BASE_BIN [ROUNDS]  (MPIBIN / MPIBASE=mpi-feature builds add 2-rank rows)
 # PyTorch from /tmp/pyref (see ../shared/peers/README.md).
 set -u
 NEW=$1; BASE=$2; R=${3:-3}; PY=${PEERS_PY:-/tmp/pyref/bin/python}; P=$(cd "$(dirname "$0")/../../../shared/peers" && pwd)
@@ -21,8 +21,9 @@ for r in $(seq "$R"); do
   echo "new_2s_gpipe $(b $NEW --stages 2 --microbatches 8 --schedule gpipe --threads-per-stage 1)" >>$O
   echo "new_2s_gpipe_perstage $(b $NEW --stages 2 --microbatches 8 --schedule gpipe --threads-per-stage 1 --thread-pools per-stage)" >>$O
   echo "torchpp_gpipe $(cd $P && OMP_NUM_THREADS=1 /tmp/pyref/bin/torchrun --nproc-per-node 2 torch_pipe.py --schedule gpipe --microbatches 8 --steps 12 2>/dev/null | sed -n 's/.*"step_s": \([0-9.]*\).*/\1/p')" >>$O
-  if [ -n "${MPIBIN:-}" ]; then
-    echo "new_2ranks_1f1b $(OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe -n 2 $MPIBIN train $M --stages 2 --microbatches 8 --schedule 1f1b --threads-per-stage 1 2>&1 | sed -n 's/^median step \([0-9.]*\)s.*/\1/p' | head -1)" >>$O
-  fi
+  for pair in "new:${MPIBIN:-}" "base:${MPIBASE:-}"; do
+    [ -n "${pair#*:}" ] || continue
+    echo "${pair%%:*}_2ranks_1f1b $(OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe -n 2 ${pair#*:} train $M --stages 2 --microbatches 8 --schedule 1f1b --threads-per-stage 1 2>&1 | sed -n 's/^median step \([0-9.]*\)s.*/\1/p' | head -1)" >>$O
+  done
 done
 $PY "$(dirname "$0")/medians.py" $O
