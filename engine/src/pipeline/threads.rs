@@ -103,6 +103,42 @@ pub fn available_cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
+/// The CPUs online on this host (`/sys/devices/system/cpu/online`, e.g. `0-7,16-23`), or
+/// [`available_cores`] where that cannot be read. More than `available_cores` when this
+/// process is bound to a subset of them (a launcher's `--bind-to`, `taskset`, a cgroup).
+pub fn online_cores() -> usize {
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|list| count_cpu_list(list.trim()))
+        .unwrap_or_else(available_cores)
+}
+
+/// The number of CPUs in a kernel CPU list (`0-3,8,10-11`: 7), or `None` if it is not one.
+fn count_cpu_list(list: &str) -> Option<usize> {
+    list.split(',').try_fold(0usize, |count, range| {
+        let n = match range.split_once('-') {
+            Some((lo, hi)) => hi.parse::<usize>().ok()?.checked_sub(lo.parse::<usize>().ok()?)? + 1,
+            None => range.parse::<usize>().map(|_| 1).ok()?,
+        };
+        Some(count + n)
+    })
+}
+
+/// How many processes share the cores this one sees: its job's `on_host` processes on this
+/// host when it may run on every online CPU (nobody split the host between them), 1 when a
+/// launcher bound it to a subset (`mpirun` binds each rank to its own cores by default: what
+/// it sees is its own). A stage's default thread count divides this process's cores by its
+/// own stages times this, so ranks on one host do not oversubscribe it and a rank alone on
+/// its host uses all of it (dividing by the job's stages, as one process does, would leave
+/// most of a multi-node job's cores idle).
+pub(crate) fn processes_sharing_cores(on_host: usize, cores: usize, online: usize) -> usize {
+    if cores < online {
+        1
+    } else {
+        on_host.max(1)
+    }
+}
+
 /// The most threads brigade starts for one pipeline (all stages together) or one profile:
 /// [`MAX_THREADS_PER_CORE`] per available core.
 pub fn max_threads() -> usize {
@@ -111,6 +147,8 @@ pub fn max_threads() -> usize {
 
 /// The threads each stage gets: `requested`, or the cores shared out over the stages (at
 /// least 1). Refuses 0, and budgets whose total over `stages` exceeds [`max_threads`].
+/// `stages` counts the stages on this process's cores: its own, times the processes sharing
+/// those cores ([`processes_sharing_cores`]).
 pub(crate) fn per_stage(requested: Option<usize>, stages: usize) -> Result<usize> {
     let cores = available_cores();
     match requested {
@@ -164,4 +202,33 @@ fn measure_elementwise_pool() -> usize {
         highest.fetch_max(thread, Ordering::Relaxed);
     });
     highest.into_inner() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cpu_list_counts_its_ranges_and_singles() {
+        assert_eq!(count_cpu_list("0"), Some(1));
+        assert_eq!(count_cpu_list("0-1"), Some(2));
+        assert_eq!(count_cpu_list("0-3,8,10-11"), Some(7));
+        assert_eq!(count_cpu_list("0-3,x"), None);
+        assert_eq!(count_cpu_list("3-1"), None);
+        assert_eq!(count_cpu_list(""), None);
+    }
+
+    #[test]
+    fn ranks_share_a_host_unless_bound_to_their_own_cores() {
+        // Two ranks on a 16-CPU host, neither bound: each sees all 16 and must take half.
+        assert_eq!(processes_sharing_cores(2, 16, 16), 2);
+        // Bound to a socket each (8 of 16): what each sees is its own.
+        assert_eq!(processes_sharing_cores(2, 8, 16), 1);
+        // One rank alone on its host (a multi-node job) or one process: all of it.
+        assert_eq!(processes_sharing_cores(1, 16, 16), 1);
+        assert_eq!(processes_sharing_cores(0, 16, 16), 1);
+        // So a rank alone on a 16-core node runs its one stage on 16 threads, where dividing
+        // by the job's 2 stages gave 8.
+        assert_eq!(per_stage(None, 1).unwrap(), available_cores());
+    }
 }

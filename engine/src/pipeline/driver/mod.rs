@@ -198,8 +198,15 @@ impl Pipeline {
                 ))
             })?;
         }
-        // Every replica's stages count against one budget.
-        let threads = threads::per_stage(config.threads_per_stage, config.stages.saturating_mul(replicas))?;
+        // Every stage on this process's cores counts against one budget: its own slots (every
+        // replica's, in one process), times the processes on this host that share those cores.
+        let sharing = threads::processes_sharing_cores(
+            world.processes_on_host(),
+            threads::available_cores(),
+            threads::online_cores(),
+        );
+        let local_slots = local.iter().filter(|&&here| here).count().max(1);
+        let threads = threads::per_stage(config.threads_per_stage, local_slots.saturating_mul(sharing))?;
         let layer_params: Vec<usize> = layers.iter().map(|l| l.param_count()).collect();
         let schedule = match &config.schedule {
             ScheduleChoice::Kind(kind) => kind.build(config.stages, config.microbatches)?,

@@ -153,6 +153,15 @@ impl World {
         }
     }
 
+    /// How many of the job's processes run on this host, this one included (1 in one process).
+    pub fn processes_on_host(&self) -> usize {
+        match self {
+            World::Local => 1,
+            #[cfg(feature = "mpi")]
+            World::Ranks(r) => r.ranks_on_host(),
+        }
+    }
+
     /// More than one process takes part.
     pub fn is_distributed(&self) -> bool {
         self.rank_and_size().1 > 1

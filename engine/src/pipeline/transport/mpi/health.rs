@@ -176,6 +176,13 @@ impl Health {
         let _ = self.places.set(places);
     }
 
+    /// How many ranks run on this rank's host, itself included (1 before the places are known).
+    pub fn ranks_on_host(&self) -> usize {
+        let Some(places) = self.places.get() else { return 1 };
+        let Some((here, _)) = places.get(self.rank) else { return 1 };
+        places.iter().filter(|(host, _)| host == here).count().max(1)
+    }
+
     /// What this rank says when the launcher ends the job, or `None` where another rank speaks:
     /// a rank that announced its failure, or a lower-numbered survivor.
     pub fn on_termination(&self) -> Option<String> {
@@ -263,6 +270,18 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         health.pulse();
         assert!(health.silent_too_long(1, "a hand-off").is_some(), "rank 1 silent since we resumed");
+    }
+
+    #[test]
+    fn a_rank_counts_the_ranks_on_its_own_host() {
+        let health = Health::new(1, 4);
+        assert_eq!(health.ranks_on_host(), 1, "before the places arrive");
+        let places = ["a", "b", "b", "c"].iter().map(|h| (h.to_string(), 1)).collect();
+        health.set_places(places);
+        assert_eq!(health.ranks_on_host(), 2);
+        let alone = Health::new(3, 4);
+        alone.set_places(["a", "b", "b", "c"].iter().map(|h| (h.to_string(), 1)).collect());
+        assert_eq!(alone.ranks_on_host(), 1);
     }
 
     #[test]

@@ -275,6 +275,11 @@ impl Ranks {
         self.size
     }
 
+    /// How many ranks of this job run on this host, this one included.
+    pub fn ranks_on_host(&self) -> usize {
+        self.health.ranks_on_host()
+    }
+
     /// Bytes this process has sent to each rank so far (hand-offs and replica gradients).
     pub fn bytes_sent(&self) -> Vec<u64> {
         let (handoffs, replicas) = (self.handoff_bytes_sent(), self.replica_bytes_sent());
