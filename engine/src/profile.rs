@@ -686,9 +686,10 @@ pub fn stage_order_split(
 
 /// Runs the model as a one-stage pipeline (1F1B, the profile's optimizer, threads and device)
 /// on the profiled micro-batch repeated m = 1, 2 and 4 times, and fits what the step takes
-/// beyond the layers' and optimizer's profiled times. Each step time is measured as the layer
-/// times are (the lowest over two rounds of the median of `repeats` steps), so a burst of load
-/// spoils a round rather than the fit.
+/// beyond the layers' and optimizer's profiled times. Each step time is the median over
+/// [`OVERHEAD_ROUNDS`] rounds of the median of `repeats` steps: the layers' times are their
+/// best rounds, so what a typical step takes beyond them (the way layers compose in a stage,
+/// and the machine's usual load, which the bench's median step includes) is the overhead.
 fn measure_overhead(
     model: &dyn PipelineModel,
     inputs: &Tensor,
@@ -703,7 +704,7 @@ fn measure_overhead(
         return Ok(OverheadProfile::default());
     };
     let mut excess = [0.0; 3];
-    // The widest gap between a count's two round medians: how far apart the same step came out,
+    // The widest spread of a count's round medians: how far apart the same step came out,
     // which no fitted cost below it can be told from.
     let mut noise = 0.0f64;
     for (slot, m) in counts.into_iter().enumerate() {
@@ -721,18 +722,16 @@ fn measure_overhead(
         for _ in 0..options.warmup {
             pipeline.train_step(&x, &y)?;
         }
-        let mut lowest = f64::INFINITY;
-        let mut highest = 0.0f64;
-        for _round in 0..2 {
+        let mut rounds = [0.0; OVERHEAD_ROUNDS];
+        for round in &mut rounds {
             let mut times = Vec::with_capacity(repeats);
             for _ in 0..repeats {
                 times.push(pipeline.train_step(&x, &y)?.elapsed.as_secs_f64());
             }
-            let round = median(&mut times);
-            lowest = lowest.min(round);
-            highest = highest.max(round);
+            *round = median(&mut times);
         }
-        excess[slot] = lowest - (m as f64 * per_microbatch + optimizer);
+        let (lowest, highest) = rounds.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+        excess[slot] = median(&mut rounds) - (m as f64 * per_microbatch + optimizer);
         noise = noise.max(highest - lowest);
     }
     Ok(fit_overhead(&counts, &excess, noise))
@@ -742,22 +741,26 @@ fn measure_overhead(
 /// (at the default 10 repeats), a bounded share of a profile of a larger one.
 pub const OVERHEAD_BUDGET_S: f64 = 20.0;
 
-/// Timed steps per round (two rounds) at each micro-batch count for the overhead fit: the
+/// Rounds of timed steps at each micro-batch count for the overhead fit (odd, so the median is
+/// a round's).
+const OVERHEAD_ROUNDS: usize = 3;
+
+/// Timed steps per round ([`OVERHEAD_ROUNDS`]) at each micro-batch count for the overhead fit: the
 /// profile's repeats (at least 3), fewer for a model whose steps would overrun
 /// [`OVERHEAD_BUDGET_S`], at least 1; `None` when even one would.
 fn overhead_repeats(per_microbatch: f64, counts: &[usize], options: &ProfileOptions) -> Option<usize> {
     let microbatches: usize = counts.iter().sum();
-    // Warm-up steps, then two rounds of `repeats` steps, at each count; a step costs about
+    // Warm-up steps, then the rounds of `repeats` steps, at each count; a step costs about
     // its micro-batches' layers.
     let affordable = OVERHEAD_BUDGET_S / (microbatches as f64 * per_microbatch.max(1e-9)) - options.warmup as f64;
-    let repeats = (affordable / 2.0).floor().min(options.repeats.max(3) as f64);
+    let repeats = (affordable / OVERHEAD_ROUNDS as f64).floor().min(options.repeats.max(3) as f64);
     (repeats >= 1.0).then_some(repeats as usize)
 }
 
 /// Least squares of `excess = step_s + m · microbatch_s` over the micro-batch counts, each
 /// coefficient clamped at 0 (noise can make a fitted cost negative; a cost cannot be), and
 /// each dropped (0) when what it adds over the measured counts is within `noise`, the widest
-/// gap between two rounds of one count: a slope that moves the excess by less than the rounds
+/// spread of one count's rounds: a slope that moves the excess by less than the rounds
 /// disagree is the rounds' noise, and would otherwise be multiplied into every micro-batch of
 /// every prediction (a 2-round fit on 120 ms steps once read 8.9 ms per micro-batch from it,
 /// and 0 the next run).
@@ -890,12 +893,12 @@ mod tests {
         let counts = [1, 2, 4];
         // gpt-tiny (a few ms a micro-batch): the profile's repeats.
         assert_eq!(overhead_repeats(0.003, &counts, &options), Some(10));
-        // GPT 4 x 256 (about 60 ms): measured (it was skipped above 50 ms), in about 9 s.
+        // GPT 4 x 256 (about 60 ms): measured (it was skipped above 50 ms), in about 13 s.
         assert_eq!(overhead_repeats(0.06, &counts, &options), Some(10));
         // 300 ms a micro-batch: fewer repeats, within the budget.
         let repeats = overhead_repeats(0.3, &counts, &options).unwrap();
-        assert_eq!(repeats, 3);
-        assert!(7.0 * (2 + 2 * repeats) as f64 * 0.3 <= OVERHEAD_BUDGET_S);
+        assert_eq!(repeats, 2);
+        assert!(7.0 * (2 + OVERHEAD_ROUNDS * repeats) as f64 * 0.3 <= OVERHEAD_BUDGET_S);
         // GPT-2 124M-sized (seconds a micro-batch): out of budget, not measured.
         assert_eq!(overhead_repeats(2.0, &counts, &options), None);
         // At least 3 repeats when the profile asks for fewer and there is time.
