@@ -9,6 +9,8 @@
 //! contiguously into a stack buffer and its columns written out contiguously, so both sides
 //! touch whole cache lines.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{bail, Result, Storage, Tensor};
 
 use crate::cpu::{view, with_float};
@@ -17,10 +19,12 @@ use crate::cpu::{view, with_float};
 /// 2 KiB in f64) stays in L1 between its read and its write.
 const TILE: usize = 16;
 
-/// `dst (cols, rows) = srcᵀ` for a dense row-major `src (rows, cols)`.
-fn transpose_into<T: Copy + Default>(src: &[T], rows: usize, cols: usize, dst: &mut Vec<T>) {
-    dst.resize(rows * cols, T::default());
-    let mut tile = [[T::default(); TILE]; TILE];
+/// `srcᵀ` `(cols, rows)` for a dense row-major `src` `(rows, cols)`, in a fresh buffer written
+/// once (no zero-fill first).
+fn transposed<T: Copy + Default>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(rows * cols);
+    let dst = &mut out.spare_capacity_mut()[..rows * cols];
+    let mut tile = [[MaybeUninit::new(T::default()); TILE]; TILE];
     for r0 in (0..rows).step_by(TILE) {
         let nr = (rows - r0).min(TILE);
         for c0 in (0..cols).step_by(TILE) {
@@ -28,7 +32,7 @@ fn transpose_into<T: Copy + Default>(src: &[T], rows: usize, cols: usize, dst: &
             for i in 0..nr {
                 let row = &src[(r0 + i) * cols + c0..][..nc];
                 for (j, &v) in row.iter().enumerate() {
-                    tile[j][i] = v;
+                    tile[j][i] = MaybeUninit::new(v);
                 }
             }
             for (j, column) in tile.iter().enumerate().take(nc) {
@@ -36,6 +40,10 @@ fn transpose_into<T: Copy + Default>(src: &[T], rows: usize, cols: usize, dst: &
             }
         }
     }
+    // SAFETY: the tiles cover every (row, column) pair once, so all rows·cols elements of the
+    // output were written above.
+    unsafe { out.set_len(rows * cols) };
+    out
 }
 
 /// `x` `(R, C)` transposed into a fresh, dense `(C, R)` tensor: the same values as
@@ -53,8 +61,6 @@ pub fn transpose_2d(x: &Tensor) -> Result<Tensor> {
     let Storage::Cpu(cpu) = &*s else { bail!("transpose_2d: expected a CPU tensor") };
     with_float!("transpose_2d", cpu, |T| {
         let src = view::<T>(cpu, l)?;
-        let mut out = Vec::new();
-        transpose_into(&src, rows, cols, &mut out);
-        Tensor::from_vec(out, (cols, rows), x.device())
+        Tensor::from_vec(transposed(&src, rows, cols), (cols, rows), x.device())
     })
 }
