@@ -417,6 +417,14 @@ impl StageCompute {
         self.grads.take()
     }
 
+    /// Tells every layer that its parameters changed in place ([`Layer::parameters_changed`]):
+    /// after the optimizer's step.
+    pub fn parameters_changed(&mut self) {
+        for layer in &mut self.layers {
+            layer.parameters_changed();
+        }
+    }
+
     /// An incremental forward over new positions `offset..` ([`Layer::forward_incremental`]):
     /// each layer extends its cache; offset 0 starts a new sequence.
     pub fn forward_incremental(&mut self, x: &Tensor, offset: usize) -> Result<Tensor> {

@@ -489,6 +489,13 @@ pub trait Layer: Send {
         let _ = buffers;
         Ok(())
     }
+
+    /// The parameters this layer was built over changed in place (the optimizer's step). A
+    /// layer that keeps values derived from them between micro-batches (a weight's transposed
+    /// copy for its input gradient) drops them here, to derive them again from the new values
+    /// when next needed. Whoever writes into a built layer's parameters calls this before the
+    /// layer runs again; the default keeps nothing.
+    fn parameters_changed(&mut self) {}
 }
 
 /// How much of its backward a layer that fuses the loss ([`Layer::forward_with_loss`]) runs

@@ -522,6 +522,7 @@ fn profile_in_pool(
             optimizer.step_many(&updates, 1e-6, 1.0)?;
             Ok(done()?)
         })?;
+        compute.parameters_changed();
         let params =
             spec.params().iter().map(|p| (p.name.clone(), (p.numel() * DType::F32.size_in_bytes()) as u64)).collect();
         out.push(LayerProfile {

@@ -56,12 +56,14 @@ mod rope;
 mod softmax;
 mod sum_squares;
 mod swiglu;
+mod transpose;
 pub mod vmath;
 
 use candle_core::{bail, DType, Result, Tensor};
 
 pub use gemm::{conv2d, matmul, stage_threads};
 pub use sum_squares::sum_squares;
+pub use transpose::transpose_2d;
 
 pub use backward::{
     accumulate, add, cross_entropy_sum_backward, gelu_tanh_backward, index_add_rows, layer_norm_backward,

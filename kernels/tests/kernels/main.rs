@@ -16,6 +16,7 @@ mod gemm;
 mod gradcheck;
 mod linear;
 mod llama_ops;
+mod transpose;
 mod vmath_accuracy;
 
 use brigade_kernels as k;

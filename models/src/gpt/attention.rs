@@ -93,7 +93,7 @@ impl CausalSelfAttention {
 
     /// The input gradient; returns it with the gradients of the two projections' outputs
     /// (`dqkv`, `dout`), which is what their weight steps need.
-    pub(super) fn backward_input(&self, s: &AttentionSaved, dout: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(super) fn backward_input(&mut self, s: &AttentionSaved, dout: &Tensor) -> Result<(Tensor, Tensor)> {
         let dmerged = self.c_proj.backward_input(dout)?; // (B, T, C)
         let dqkv =
             brigade_kernels::causal_attention_saved_backward(&s.qkv, &s.merged, &s.saved, &dmerged, self.n_head)?; // (B, T, 3C)
@@ -114,5 +114,11 @@ impl CausalSelfAttention {
     ) -> Result<()> {
         self.c_attn.backward_weight(x, dqkv, grads)?;
         self.c_proj.backward_weight(merged, dout, grads)
+    }
+
+    /// The projections' parameters changed in place (the optimizer's step).
+    pub(super) fn parameters_changed(&mut self) {
+        self.c_attn.parameters_changed();
+        self.c_proj.parameters_changed();
     }
 }

@@ -47,12 +47,12 @@ impl LayerSpec for BlockSpec {
             ln_1: LayerNorm { weight: ln1_w, bias: ln1_b, eps },
             attn: CausalSelfAttention {
                 n_head: self.cfg.n_head,
-                c_attn: Conv1D { weight: attn_w, bias: attn_b },
-                c_proj: Conv1D { weight: aproj_w, bias: aproj_b },
+                c_attn: Conv1D::new(attn_w, attn_b),
+                c_proj: Conv1D::new(aproj_w, aproj_b),
                 cache: None,
             },
             ln_2: LayerNorm { weight: ln2_w, bias: ln2_b, eps },
-            mlp: Mlp { c_fc: Conv1D { weight: fc_w, bias: fc_b }, c_proj: Conv1D { weight: mproj_w, bias: mproj_b } },
+            mlp: Mlp { c_fc: Conv1D::new(fc_w, fc_b), c_proj: Conv1D::new(mproj_w, mproj_b) },
         }))
     }
 }
@@ -74,7 +74,7 @@ impl Mlp {
 
     /// The input gradient for `dy` from c_fc's saved output; returns it with c_fc's output
     /// gradient, which the weight step needs.
-    fn backward_input(&self, fc_out: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn backward_input(&mut self, fc_out: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
         let dfc_out = self.c_proj.backward_input_gelu(dy, fc_out)?;
         Ok((self.c_fc.backward_input(&dfc_out)?, dfc_out))
     }
@@ -91,6 +91,11 @@ impl Mlp {
     ) -> Result<()> {
         self.c_fc.backward_weight(x, dfc_out, grads)?;
         self.c_proj.backward_weight(gelu_out, dy, grads)
+    }
+
+    fn parameters_changed(&mut self) {
+        self.c_fc.parameters_changed();
+        self.c_proj.parameters_changed();
     }
 }
 
@@ -200,5 +205,10 @@ impl Layer for Block {
         self.attn.backward_weight(&w.ln1_out, &w.dqkv, &w.merged, &w.dattn_out, grads)?;
         self.ln_2.backward_weight(&w.ln2, grads)?;
         self.mlp.backward_weight(&w.ln2_out, &w.dfc_out, &w.gelu_out, &w.dmlp_out, grads)
+    }
+
+    fn parameters_changed(&mut self) {
+        self.attn.parameters_changed();
+        self.mlp.parameters_changed();
     }
 }

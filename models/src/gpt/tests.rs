@@ -155,6 +155,38 @@ fn explicit_backward_matches_autograd_and_finite_differences() {
     }
 }
 
+/// A block keeps its projections' transposed weights between micro-batches; once told the
+/// parameters changed in place (as after an optimizer step), its input gradient is a freshly
+/// built block's, bit for bit.
+#[test]
+fn a_blocks_input_gradient_follows_its_parameters_once_told_they_changed() {
+    let model = Gpt::new(GptConfig::custom(16, 8, 8, 2, 2).unwrap()).unwrap();
+    let spec = &model.layers()[1];
+    let mut store = ParamStore::new(Device::Cpu, 9);
+    for p in spec.params() {
+        store.get(&p).unwrap();
+    }
+    let x = Tensor::randn(0f32, 1.0, (2, 5, 8), &Device::Cpu).unwrap();
+    let dy = Tensor::randn(0f32, 1.0, (2, 5, 8), &Device::Cpu).unwrap();
+    let input_grad = |layer: &mut dyn Layer| -> Vec<u32> {
+        let (_, saved) = layer.forward_train(&x, Pass::First).unwrap();
+        let dx = layer.backward_input(saved, &dy, true).unwrap().0.unwrap();
+        dx.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()
+    };
+    let mut layer = spec.build(&mut store.shared_view()).unwrap();
+    let before = input_grad(layer.as_mut());
+    for (name, _, var) in store.vars() {
+        if name.ends_with(".weight") {
+            var.set(&(var.as_tensor() * 1.5).unwrap()).unwrap();
+        }
+    }
+    layer.parameters_changed();
+    let after = input_grad(layer.as_mut());
+    let fresh = input_grad(spec.build(&mut store.shared_view()).unwrap().as_mut());
+    assert_ne!(before, fresh, "the weights' change must reach the input gradient");
+    assert_eq!(after, fresh);
+}
+
 /// At sequences of `FLASH_MIN_SEQUENCE` and longer a block's attention runs as flash
 /// attention on the CPU (only the log-sum-exp saved); its explicit backward still matches
 /// autograd through the reference composition.

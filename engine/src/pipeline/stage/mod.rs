@@ -639,6 +639,9 @@ impl StageWorker {
         let optimizer = &mut self.optimizer;
         on_pool(self.shared_pool.as_deref(), || optimizer.step_many(&updates, lr, clip_scale))?;
         self.store.refresh_compute_copies(&other_copies)?;
+        for chunk in &mut self.chunks {
+            chunk.compute.parameters_changed();
+        }
         self.last_grads = grads;
         Ok(())
     }
