@@ -425,6 +425,12 @@ impl StageCompute {
         }
     }
 
+    /// What the layers keep between micro-batches beyond parameters and stashes
+    /// ([`Layer::kept_bytes`]), now.
+    pub fn kept_bytes(&self) -> u64 {
+        self.layers.iter().map(|l| l.kept_bytes()).sum()
+    }
+
     /// An incremental forward over new positions `offset..` ([`Layer::forward_incremental`]):
     /// each layer extends its cache; offset 0 starts a new sequence.
     pub fn forward_incremental(&mut self, x: &Tensor, offset: usize) -> Result<Tensor> {

@@ -496,6 +496,13 @@ pub trait Layer: Send {
     /// when next needed. Whoever writes into a built layer's parameters calls this before the
     /// layer runs again; the default keeps nothing.
     fn parameters_changed(&mut self) {}
+
+    /// Bytes this layer holds now beyond its parameters and its micro-batches' stashes:
+    /// values it keeps between micro-batches (what [`Layer::parameters_changed`] drops). The
+    /// profile counts them with the parameters, as memory a stage holds all step.
+    fn kept_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// How much of its backward a layer that fuses the loss ([`Layer::forward_with_loss`]) runs

@@ -362,6 +362,7 @@ mod tests {
                     weight_stash_bytes: 0,
                     split_extra_bytes: 0,
                     split_weight_stash_extra_bytes: 0,
+                    kept_bytes: 0,
                     output_bytes: 100 * b as u64,
                     params: [(format!("layer{i}.weight"), 4000)].into_iter().collect(),
                     optimizer_state_ratio: 2,

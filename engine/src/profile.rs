@@ -149,6 +149,11 @@ pub struct LayerProfile {
     /// What the `I` keeps beyond `weight_stash_bytes` when the schedule splits the backward.
     #[serde(default)]
     pub split_weight_stash_extra_bytes: u64,
+    /// Bytes the layer keeps between micro-batches beyond its parameters, for the whole step:
+    /// values derived from them (a weight's dense transpose for the input gradient), made
+    /// again after each optimizer step. Held like the parameters, so counted with them.
+    #[serde(default)]
+    pub kept_bytes: u64,
     /// The output, which is what a stage boundary after this layer sends downstream (and the
     /// size of the gradient sent back up).
     pub output_bytes: u64,
@@ -494,6 +499,9 @@ fn profile_in_pool(
         }
         let (forward_s, backward_input_s, backward_weight_s) = (median(&mut f), median(&mut bi), median(&mut bw));
         let backward_fused_s = median(&mut bf);
+        // After backwards since the parameters last changed: what the layer keeps for the rest
+        // of a step.
+        let kept_bytes = compute.kept_bytes();
 
         let grads = compute.take_gradients();
         let layer_vars: Vec<(String, Var, bool)> = spec
@@ -539,6 +547,7 @@ fn profile_in_pool(
             weight_stash_bytes: 0,
             split_extra_bytes,
             split_weight_stash_extra_bytes: 0,
+            kept_bytes,
             output_bytes,
             params,
             optimizer_state_ratio,
@@ -876,6 +885,7 @@ mod tests {
             weight_stash_bytes: 0,
             split_extra_bytes: 0,
             split_weight_stash_extra_bytes: 0,
+            kept_bytes: 0,
             output_bytes: 0,
             params: BTreeMap::new(),
             optimizer_state_ratio: 0,

@@ -67,6 +67,10 @@ pub struct StageCosts {
     /// split into `I` and `W` (a fused loss's deferred weight gradient), per chunk.
     pub split_extra_bytes: Vec<u64>,
     pub split_weight_stash_extra_bytes: Vec<u64>,
+    /// What a chunk's layers keep all step beyond their parameters (a transposed weight), per
+    /// chunk: in `static_bytes`, and added to a device's parameters by
+    /// [`StageCosts::device_static_bytes`].
+    pub kept_bytes: Vec<u64>,
     /// Parameter bytes by name, per chunk (empty for the uniform model), so that a device
     /// holding two chunks that share a parameter counts it once.
     pub params: Vec<std::collections::BTreeMap<String, u64>>,
@@ -153,6 +157,7 @@ impl StageCosts {
             weight_stash_bytes: vec![0; stages],
             split_extra_bytes: vec![0; stages],
             split_weight_stash_extra_bytes: vec![0; stages],
+            kept_bytes: vec![0; stages],
             params: Vec::new(),
             optimizer_state_ratio: 0,
             recompute_bytes: vec![0; stages],
@@ -192,6 +197,7 @@ impl StageCosts {
             weight_stash_bytes: vec![0; stages],
             split_extra_bytes: vec![0; stages],
             split_weight_stash_extra_bytes: vec![0; stages],
+            kept_bytes: vec![0; stages],
             params: vec![Default::default(); stages],
             optimizer_state_ratio: profile.layers.first().map_or(0, |l| l.optimizer_state_ratio),
             recompute_bytes: vec![0; stages],
@@ -209,6 +215,7 @@ impl StageCosts {
             c.weight_stash_bytes[s] = layers.iter().map(|l| l.weight_stash_bytes).sum();
             c.split_extra_bytes[s] = layers.iter().map(|l| l.split_extra_bytes).sum();
             c.split_weight_stash_extra_bytes[s] = layers.iter().map(|l| l.split_weight_stash_extra_bytes).sum();
+            c.kept_bytes[s] = layers.iter().map(|l| l.kept_bytes).sum();
             for l in layers {
                 c.params[s].extend(l.params.iter().map(|(n, b)| (n.clone(), *b)));
             }
@@ -278,17 +285,6 @@ impl StageCosts {
     /// size of its gradients.
     pub fn device_param_bytes(&self, placement: &[usize], devices: usize) -> Vec<u64> {
         let per_param = 2 + self.optimizer_state_ratio;
-        self.device_static_bytes(placement, devices).into_iter().map(|b| b / per_param).collect()
-    }
-
-    /// Chunks (stages without virtual stages) the costs are for.
-    pub fn stages(&self) -> usize {
-        self.forward.len()
-    }
-
-    /// Parameters + gradients + optimizer state each device holds under `placement` (chunk →
-    /// device): a parameter two of its chunks share counts once.
-    pub fn device_static_bytes(&self, placement: &[usize], devices: usize) -> Vec<u64> {
         (0..devices)
             .map(|d| {
                 let chunks = (0..placement.len()).filter(|&c| placement[c] == d);
@@ -297,7 +293,31 @@ impl StageCosts {
                     for c in chunks {
                         held.extend(self.params[c].iter().map(|(n, b)| (n.as_str(), *b)));
                     }
-                    held.values().sum::<u64>() * (2 + self.optimizer_state_ratio)
+                    held.values().sum::<u64>()
+                } else {
+                    chunks.map(|c| self.static_bytes[c] - self.kept_bytes.get(c).copied().unwrap_or(0)).sum::<u64>()
+                        / per_param
+                }
+            })
+            .collect()
+    }
+
+    /// Chunks (stages without virtual stages) the costs are for.
+    pub fn stages(&self) -> usize {
+        self.forward.len()
+    }
+
+    /// Parameters + gradients + optimizer state each device holds under `placement` (chunk →
+    /// device), with what its layers keep all step: a parameter two of its chunks share
+    /// counts once.
+    pub fn device_static_bytes(&self, placement: &[usize], devices: usize) -> Vec<u64> {
+        let params = self.device_param_bytes(placement, devices);
+        (0..devices)
+            .map(|d| {
+                let chunks = (0..placement.len()).filter(|&c| placement[c] == d);
+                if self.params.len() == self.stages() {
+                    let kept: u64 = chunks.filter_map(|c| self.kept_bytes.get(c)).sum();
+                    params[d] * (2 + self.optimizer_state_ratio) + kept
                 } else {
                     chunks.map(|c| self.static_bytes[c]).sum()
                 }
@@ -351,7 +371,9 @@ pub fn range_memory(profile: &Profile, layers: std::ops::Range<usize>) -> (u64, 
     // Inside the stage, a layer that keeps its input (which the layer before did not keep as
     // its own) holds that tensor too; at the stage's start, `input` already counts it.
     let inner_inputs: u64 = held.iter().skip(1).map(|l| l.input_bytes_kept).sum();
-    (param_bytes * (2 + ratio), held.iter().map(|l| l.activation_bytes).sum::<u64>() + inner_inputs + input)
+    // What layers keep all step beyond their parameters (a transposed weight) is held like them.
+    let kept: u64 = held.iter().map(|l| l.kept_bytes).sum();
+    (param_bytes * (2 + ratio) + kept, held.iter().map(|l| l.activation_bytes).sum::<u64>() + inner_inputs + input)
 }
 
 impl CostModel for StageCosts {
@@ -1033,6 +1055,7 @@ mod tests {
             weight_stash_bytes: 0,
             split_extra_bytes: 0,
             split_weight_stash_extra_bytes: 0,
+            kept_bytes: 0,
             output_bytes: 0,
             params: Default::default(),
             optimizer_state_ratio: 2,
@@ -1094,6 +1117,7 @@ mod tests {
             weight_stash_bytes: 0,
             split_extra_bytes: 0,
             split_weight_stash_extra_bytes: 0,
+            kept_bytes: 0,
             output_bytes: output,
             params: [(format!("layer{i}.weight"), params)].into_iter().collect(),
             optimizer_state_ratio: 2,
@@ -1183,6 +1207,24 @@ mod tests {
         profile.contention = None;
         let without = predict(&alone, &StageCosts::from_profile(&profile, &single).unwrap()).unwrap();
         assert_eq!(with.step_time, without.step_time);
+    }
+
+    #[test]
+    fn what_layers_keep_all_step_is_held_like_their_parameters() {
+        // Two layers of 1000 parameter bytes, AdamW (x4 with gradients and moments); layer 1
+        // keeps a 300-byte transposed weight.
+        let mut profile = two_layer_profile(1.0, 2.0, 8, 1000, 0.0);
+        profile.layers[1].kept_bytes = 300;
+        let one_stage = StageCosts::from_profile(&profile, &Partition::uniform(2, 1).unwrap()).unwrap();
+        assert_eq!(one_stage.static_bytes, vec![8000 + 300]);
+        assert_eq!(one_stage.device_static_bytes(&[0], 1), vec![8300]);
+        // It is not a parameter: gradients and the all-reduce do not grow with it.
+        assert_eq!(one_stage.device_param_bytes(&[0], 1), vec![2000]);
+        let two = StageCosts::from_profile(&profile, &Partition::uniform(2, 2).unwrap()).unwrap();
+        assert_eq!(two.device_static_bytes(&[0, 1], 2), vec![4000, 4300]);
+        let schedule = ScheduleKind::OneFOneB.build(2, 2).unwrap();
+        let prediction = predict(&schedule, &two).unwrap();
+        assert_eq!(prediction.peak_memory[1], 4300 + prediction.peak_stash_bytes[1]);
     }
 
     #[test]

@@ -323,6 +323,7 @@ pub fn modelled_profile(preset: &str, gpu: &GpuArgs) -> Result<Profile> {
                 // The paper model does not follow the fused loss's deferred weight gradient.
                 split_extra_bytes: 0,
                 split_weight_stash_extra_bytes: 0,
+                kept_bytes: 0,
                 output_bytes: if i == last { 4 } else { hand_off },
                 params: params.iter().map(|p| (p.name.clone(), 4 * p.numel() as u64)).collect(),
                 optimizer_state_ratio: 2,

@@ -58,6 +58,11 @@ impl Conv1D {
         self.weight_t = None;
     }
 
+    /// The bytes of the kept `Wᵀ` (0 while there is none).
+    pub(crate) fn kept_bytes(&self) -> u64 {
+        self.weight_t.as_ref().map_or(0, |t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+    }
+
     /// `(B, T, in)` → `(B, T, out)`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_residual(x, None)

@@ -121,4 +121,9 @@ impl CausalSelfAttention {
         self.c_attn.parameters_changed();
         self.c_proj.parameters_changed();
     }
+
+    /// The projections' kept transposed weights, in bytes.
+    pub(super) fn kept_bytes(&self) -> u64 {
+        self.c_attn.kept_bytes() + self.c_proj.kept_bytes()
+    }
 }

@@ -97,6 +97,10 @@ impl Mlp {
         self.c_fc.parameters_changed();
         self.c_proj.parameters_changed();
     }
+
+    fn kept_bytes(&self) -> u64 {
+        self.c_fc.kept_bytes() + self.c_proj.kept_bytes()
+    }
 }
 
 #[derive(Debug)]
@@ -210,5 +214,9 @@ impl Layer for Block {
     fn parameters_changed(&mut self) {
         self.attn.parameters_changed();
         self.mlp.parameters_changed();
+    }
+
+    fn kept_bytes(&self) -> u64 {
+        self.attn.kept_bytes() + self.mlp.kept_bytes()
     }
 }

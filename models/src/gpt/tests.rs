@@ -174,13 +174,18 @@ fn a_blocks_input_gradient_follows_its_parameters_once_told_they_changed() {
         dx.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()
     };
     let mut layer = spec.build(&mut store.shared_view()).unwrap();
+    assert_eq!(layer.kept_bytes(), 0, "nothing kept before the first input gradient");
     let before = input_grad(layer.as_mut());
+    // The four projections' weights (c_attn 8x24, attention c_proj 8x8, c_fc 8x32, MLP c_proj
+    // 32x8), transposed, in f32: what the profile counts with the parameters.
+    assert_eq!(layer.kept_bytes(), 4 * (8 * 24 + 8 * 8 + 8 * 32 + 32 * 8));
     for (name, _, var) in store.vars() {
         if name.ends_with(".weight") {
             var.set(&(var.as_tensor() * 1.5).unwrap()).unwrap();
         }
     }
     layer.parameters_changed();
+    assert_eq!(layer.kept_bytes(), 0, "the stale copies are dropped");
     let after = input_grad(layer.as_mut());
     let fresh = input_grad(spec.build(&mut store.shared_view()).unwrap().as_mut());
     assert_ne!(before, fresh, "the weights' change must reach the input gradient");
