@@ -22,7 +22,7 @@
 //! a second, and waited through crossbeam's `Select`, which spins and calls `sched_yield` eight
 //! times per wait before it sleeps.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,13 +36,16 @@ use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 
 use super::health::{catch_termination, host_name, terminated, Health};
-use super::wire::{decode, decode_replica, encode};
+use super::wire::{decode_replica, Header, Landing, Payload};
 use super::{Job, ReplicaGrads, Sent, Wake, NO_ABORT};
 use crate::pipeline::protocol::Msg;
 use crate::pipeline::transport::Mailbox;
 
-/// The MPI tag of hand-off messages (collectives do not match point-to-point tags).
+/// The MPI tag of hand-off headers (collectives do not match point-to-point tags).
 const HANDOFF_TAG: i32 = 20;
+/// The MPI tag of a hand-off's data, on the payload communicator: only the data of a header
+/// already received is probed for there, so the probe for everything else never takes one.
+const PAYLOAD_TAG: i32 = 24;
 /// The MPI tag of one replica's gradients of one stage, sent to the other replicas' copies.
 const REPLICA_TAG: i32 = 21;
 /// The MPI tag of the notice a rank sends every other as it enters a collective (its sequence
@@ -74,11 +77,13 @@ pub(super) fn communicate(jobs: Receiver<Job>, ready: Sender<Ready>, abort: Arc<
         return;
     };
     let world = universe.world();
+    let payloads = world.duplicate();
     let (rank, size) = (world.rank() as usize, world.size() as usize);
     let sent = Arc::new(Sent::new(size));
     let health = Arc::new(Health::new(rank, size));
     let mut comm = Comm {
         world,
+        payloads,
         rank,
         abort,
         sent: sent.clone(),
@@ -89,6 +94,7 @@ pub(super) fn communicate(jobs: Receiver<Job>, ready: Sender<Ready>, abort: Arc<
         outgoing: Vec::new(),
         incoming: HashMap::new(),
         early: Vec::new(),
+        awaiting: (0..size).map(|_| VecDeque::new()).collect(),
         replica_inboxes: HashMap::new(),
         early_replicas: Vec::new(),
         in_flight: Vec::new(),
@@ -132,14 +138,31 @@ pub(super) fn communicate(jobs: Receiver<Job>, ready: Sender<Ready>, abort: Arc<
     drop(universe);
 }
 
-/// A non-blocking send and the buffer it reads, freed once the request completes.
+/// A non-blocking send and the owner of the bytes it reads, dropped once the request completes.
 struct InFlight {
     request: Option<Request<'static, [u8], StaticScope>>,
-    buffer: *mut [u8],
+    _bytes: SendBuffer,
+}
+
+/// What a send reads: a message of its own, or a hand-off's tensor in place.
+enum SendBuffer {
+    Bytes(Vec<u8>),
+    Tensor(Payload),
+}
+
+impl SendBuffer {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            SendBuffer::Bytes(bytes) => bytes,
+            SendBuffer::Tensor(payload) => payload.bytes(),
+        }
+    }
 }
 
 struct Comm {
     world: SimpleCommunicator,
+    /// A duplicate of `world` for hand-offs' data alone ([`PAYLOAD_TAG`]).
+    payloads: SimpleCommunicator,
     rank: usize,
     abort: Arc<AtomicI32>,
     sent: Arc<Sent>,
@@ -153,6 +176,8 @@ struct Comm {
     incoming: HashMap<usize, Sender<Msg>>,
     /// Hand-offs that arrived before this rank's pipeline attached (a faster peer).
     early: Vec<(usize, Msg)>,
+    /// By source rank, in arrival order: hand-offs whose header came and whose data has not.
+    awaiting: Vec<VecDeque<Landing>>,
     /// By stage: where other replicas' gradients of it go, and those that came before that.
     replica_inboxes: HashMap<usize, Sender<ReplicaGrads>>,
     early_replicas: Vec<(usize, ReplicaGrads)>,
@@ -277,18 +302,18 @@ impl Comm {
         }
         for (rank, device, key, tensor) in outbound {
             busy = true;
-            match encode(device, key, tensor) {
-                Ok(bytes) => self.send(rank, bytes, HANDOFF_TAG),
+            match Payload::of(device, key, tensor).and_then(|(header, payload)| Ok((header.to_bytes()?, payload))) {
+                Ok((header, payload)) => {
+                    self.send(rank, header, HANDOFF_TAG);
+                    self.post(rank, SendBuffer::Tensor(payload), PAYLOAD_TAG);
+                }
                 Err(e) => self.fail(&format!("cannot send a hand-off to rank {rank}: {e}")),
             }
         }
         let before = self.in_flight.len();
+        // A completed request has read its bytes: their owner goes with it.
         self.in_flight.retain_mut(|flight| match flight.request.take().map(Request::test) {
-            Some(Ok(_)) | None => {
-                // SAFETY: the request that read the buffer has completed; it came from Box::leak.
-                unsafe { drop(Box::from_raw(flight.buffer)) };
-                false
-            }
+            Some(Ok(_)) | None => false,
             Some(Err(pending)) => {
                 flight.request = Some(pending);
                 true
@@ -301,6 +326,7 @@ impl Comm {
             let (bytes, status) = probed.matched_receive_vec::<u8>();
             self.receive(status.source_rank() as usize, status.tag(), bytes);
         }
+        busy |= self.land_payloads();
         if terminated() && !self.ending {
             self.terminated_by_launcher();
         }
@@ -314,8 +340,8 @@ impl Comm {
         }
         self.health.heard_from(from);
         match tag {
-            HANDOFF_TAG => match decode(&bytes) {
-                Ok((device, msg)) => self.deliver(device, msg),
+            HANDOFF_TAG => match Header::from_bytes(&bytes).and_then(Landing::new) {
+                Ok(landing) => self.awaiting[from].push_back(landing),
                 Err(e) => self.fail(&format!("a hand-off from rank {from} is corrupt: {e}")),
             },
             REPLICA_TAG => {
@@ -397,18 +423,53 @@ impl Comm {
     }
 
     fn send(&mut self, rank: usize, bytes: Vec<u8>, tag: i32) {
+        self.post(rank, SendBuffer::Bytes(bytes), tag)
+    }
+
+    /// Starts a non-blocking send of `buffer`'s bytes (on the payload communicator for
+    /// [`PAYLOAD_TAG`]), kept in flight with their owner until it completes.
+    fn post(&mut self, rank: usize, buffer: SendBuffer, tag: i32) {
         let counted = match tag {
-            HANDOFF_TAG => self.sent.handoffs.get(rank),
+            HANDOFF_TAG | PAYLOAD_TAG => self.sent.handoffs.get(rank),
             REPLICA_TAG => self.sent.replicas.get(rank),
             _ => None,
         };
         if let Some(count) = counted {
-            count.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            count.fetch_add(buffer.bytes().len() as u64, Ordering::Relaxed);
         }
-        let buffer: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-        let raw = buffer as *const [u8] as *mut [u8];
-        let request = self.world.process_at_rank(rank as i32).immediate_send_with_tag(StaticScope, buffer, tag);
-        self.in_flight.push(InFlight { request: Some(request), buffer: raw });
+        // SAFETY: the bytes are a vector's heap buffer or a tensor's storage, neither of which
+        // moves when its owner does; the owner stays in `in_flight` with the request until the
+        // request has completed (`pump`), and is never written meanwhile.
+        let bytes: &'static [u8] = unsafe { &*(buffer.bytes() as *const [u8]) };
+        let comm = if tag == PAYLOAD_TAG { &self.payloads } else { &self.world };
+        let request = comm.process_at_rank(rank as i32).immediate_send_with_tag(StaticScope, bytes, tag);
+        self.in_flight.push(InFlight { request: Some(request), _bytes: buffer });
+    }
+
+    /// Receives the data of each hand-off whose header came and whose data is here, each
+    /// source's in the order of its headers (MPI keeps one source's messages in order on a
+    /// communicator), straight into the buffer that becomes the tensor, and delivers it.
+    /// Whether anything came.
+    fn land_payloads(&mut self) -> bool {
+        let mut busy = false;
+        for from in 0..self.awaiting.len() {
+            while !self.awaiting[from].is_empty() {
+                let probed = self.payloads.process_at_rank(from as i32).immediate_matched_probe_with_tag(PAYLOAD_TAG);
+                let (Some((message, status)), Some(mut landing)) = (probed, self.awaiting[from].pop_front()) else {
+                    break;
+                };
+                busy = true;
+                if let Err(e) = landing.check_size(status.count(u8::equivalent_datatype()) as usize) {
+                    self.fail(&format!("a hand-off from rank {from} is corrupt: {e}"));
+                }
+                message.matched_receive_into(landing.bytes_mut());
+                match landing.into_message() {
+                    Ok((device, msg)) => self.deliver(device, msg),
+                    Err(e) => self.fail(&format!("a hand-off from rank {from} cannot be received: {e}")),
+                }
+            }
+        }
+        busy
     }
 
     fn deliver(&mut self, device: usize, msg: Msg) {
