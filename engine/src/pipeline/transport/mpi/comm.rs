@@ -455,9 +455,8 @@ impl Comm {
         for from in 0..self.awaiting.len() {
             while !self.awaiting[from].is_empty() {
                 let probed = self.payloads.process_at_rank(from as i32).immediate_matched_probe_with_tag(PAYLOAD_TAG);
-                let (Some((message, status)), Some(mut landing)) = (probed, self.awaiting[from].pop_front()) else {
-                    break;
-                };
+                let Some((message, status)) = probed else { break };
+                let Some(mut landing) = self.awaiting[from].pop_front() else { break };
                 busy = true;
                 if let Err(e) = landing.check_size(status.count(u8::equivalent_datatype()) as usize) {
                     self.fail(&format!("a hand-off from rank {from} is corrupt: {e}"));
