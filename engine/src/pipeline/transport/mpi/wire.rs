@@ -144,7 +144,7 @@ impl Header {
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, WireError> {
-        if bytes.len() % 8 != 0 || bytes.len() < FIXED_WORDS * 8 {
+        if !bytes.len().is_multiple_of(8) || bytes.len() < FIXED_WORDS * 8 {
             return Err(WireError::HeaderLength(bytes.len()));
         }
         let words: Vec<u64> =
