@@ -563,10 +563,9 @@ mod ranks {
         // one (2, 32, 64) f32 activation 0 -> 1 and one gradient of that shape 1 -> 0. The
         // evaluation's forwards (every 2 steps) are not training steps and are left out.
         let data = 4.0 * (2 * 32 * 64 * 4) as f64;
-        // Each message also carries its safetensors header: 8 bytes of length, then JSON naming
-        // the one tensor (dtype, shape, offsets) and the four routing fields, padded to 8 bytes;
-        // well under 256 bytes, so at most 4 x 256 over the data.
-        let within = |bytes: f64| bytes >= data + 4.0 * 8.0 && bytes <= data + 4.0 * 256.0;
+        // Each hand-off's data is sent as it lies, after a header of 8-byte words: magic,
+        // device, kind, chunk, micro-batch, dtype, rank, and the three dimensions (80 bytes).
+        let within = |bytes: f64| bytes == data + 4.0 * 80.0;
         let log = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics.jsonl");
         let record: serde_json::Value = log
             .lines()

@@ -4,25 +4,33 @@
 //! flowing), ends the job when asked to abort, and finalises MPI once every send has completed.
 //!
 //! How often it probes. Only a probe finds what other ranks sent, and every probe wakes this
-//! thread on the cores the rank's stages compute on. Between probes it sleeps parked, and
-//! `Wake` wakes it at once for what starts in this process (a job, a hand-off to send, a stage
-//! starting to wait on another rank). How long it sleeps follows who needs the answer:
+//! thread on the cores the rank's stages compute on. Between probes it sleeps on its bell
+//! (`bell.rs`), which wakes it at once for what starts in this process (a job, a hand-off to
+//! send, a stage starting to wait on another rank) and for every message a rank on its host
+//! sends it (they ring after sending). How long it sleeps follows who needs the answer:
 //! - someone here waits on another rank (a stage for a hand-off; a stage for other replicas'
-//!   gradients, from sending its own until theirs are in; a collective): from [`MIN_IDLE`],
-//!   doubling up to [`URGENT_IDLE`], since that message's latency is the step's;
+//!   gradients, from sending its own until theirs are in; a collective) that cannot ring it
+//!   (another host): from [`MIN_IDLE`], doubling up to [`URGENT_IDLE`], since that message's
+//!   latency is the step's;
 //! - this rank's sends are in flight: [`SENDING_IDLE`], since some transports (TCP between
 //!   nodes, shared memory without single-copy) move a large message only while the sender's
-//!   MPI progresses;
-//! - otherwise [`RELAXED_IDLE`]: what arrives now waits for nobody, and is delivered before the
-//!   stage needs it or as soon as its wait wakes this thread. Channels nobody rings for (the
-//!   NCCL thread's headers) are looked at every turn, so within this at worst.
+//!   MPI progresses (a receiver on this host rings once it has the data, so the send is
+//!   retired at once);
+//! - someone here waits, and every other rank rings this one: [`RUNG_IDLE`], a safety net (the
+//!   message's ring wakes it). Inside a collective, the fast back-off starts once every rank has
+//!   entered it (each rings as it enters), since MPI's own messages within it ring nobody;
+//! - otherwise [`RELAXED_IDLE`] ([`RUNG_RELAXED_IDLE`] when every other rank rings this one):
+//!   what arrives now waits for nobody, and is delivered before the stage needs it or as soon
+//!   as its wait wakes this thread; the longer wait bounds how late the launcher's termination
+//!   notice (a signal's flag) is seen.
 //!
 //! Measured on 2 cores, one rank per core (the side-by-side GPT, 2 stages 1F1B m=8): polling
 //! every 200 µs whatever happened, the thread woke the compute thread's core thousands of times
 //! a second, and waited through crossbeam's `Select`, which spins and calls `sched_yield` eight
-//! times per wait before it sleeps.
+//! times per wait before it sleeps. Backing off from 25 to 100 µs while a stage waited, it still
+//! woke about 700 times and spent about 13 ms of CPU per step; with bells, see `bell.rs`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,14 +43,18 @@ use mpi::request::{Request, StaticScope};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 
+use super::bell::Bell;
 use super::health::{catch_termination, host_name, terminated, Health};
-use super::wire::{decode, decode_replica, encode};
+use super::wire::{decode_replica, Header, Landing, Payload};
 use super::{Job, ReplicaGrads, Sent, Wake, NO_ABORT};
 use crate::pipeline::protocol::Msg;
 use crate::pipeline::transport::Mailbox;
 
-/// The MPI tag of hand-off messages (collectives do not match point-to-point tags).
+/// The MPI tag of hand-off headers (collectives do not match point-to-point tags).
 const HANDOFF_TAG: i32 = 20;
+/// The MPI tag of a hand-off's data, on the payload communicator: only the data of a header
+/// already received is probed for there, so the probe for everything else never takes one.
+const PAYLOAD_TAG: i32 = 24;
 /// The MPI tag of one replica's gradients of one stage, sent to the other replicas' copies.
 const REPLICA_TAG: i32 = 21;
 /// The MPI tag of the notice a rank sends every other as it enters a collective (its sequence
@@ -52,7 +64,8 @@ const ARRIVAL_TAG: i32 = 22;
 /// reports its own failure, so they stay quiet.
 const ENDING_TAG: i32 = 23;
 /// How long a rank ending the job gives its notices to reach the others before `MPI_Abort`:
-/// their communication threads probe every [`RELAXED_IDLE`] at most, so this is ample, and short.
+/// their communication threads are rung by it, or probe every [`RUNG_RELAXED_IDLE`] at most,
+/// so this is ample, and short.
 const ENDING_GRACE: Duration = Duration::from_millis(300);
 /// The first wait between probes after anything happened.
 const MIN_IDLE: Duration = Duration::from_micros(25);
@@ -62,23 +75,32 @@ const URGENT_IDLE: Duration = Duration::from_micros(100);
 const SENDING_IDLE: Duration = Duration::from_millis(1);
 /// The longest wait between probes while nothing here waits on another rank.
 const RELAXED_IDLE: Duration = Duration::from_millis(4);
+/// The longest wait between probes while someone here waits on another rank, nothing is in
+/// flight and every other rank rings this one after sending to it: only what rings nobody (a
+/// send the sender's MPI could not start at once) is found by this probe.
+const RUNG_IDLE: Duration = Duration::from_millis(5);
+/// The longest wait between probes while nothing here waits on another rank, nothing is in
+/// flight and every other rank rings this one: what it still looks for unrung is the
+/// launcher's termination notice (a signal's flag), which this bounds.
+const RUNG_RELAXED_IDLE: Duration = Duration::from_millis(25);
 
 pub(super) type Ready = Result<(usize, usize, Arc<Sent>, Arc<Health>), String>;
 
 /// The communication thread: MPI's whole life, from initialisation to finalisation.
 pub(super) fn communicate(jobs: Receiver<Job>, ready: Sender<Ready>, abort: Arc<AtomicI32>, wake: Arc<Wake>) {
-    wake.register();
     // Only this thread ever calls MPI.
     let Some((universe, _)) = mpi::initialize_with_threading(mpi::Threading::Funneled) else {
         let _ = ready.send(Err("MPI was already initialised in this process".into()));
         return;
     };
     let world = universe.world();
+    let payloads = world.duplicate();
     let (rank, size) = (world.rank() as usize, world.size() as usize);
     let sent = Arc::new(Sent::new(size));
     let health = Arc::new(Health::new(rank, size));
     let mut comm = Comm {
         world,
+        payloads,
         rank,
         abort,
         sent: sent.clone(),
@@ -89,18 +111,21 @@ pub(super) fn communicate(jobs: Receiver<Job>, ready: Sender<Ready>, abort: Arc<
         outgoing: Vec::new(),
         incoming: HashMap::new(),
         early: Vec::new(),
+        awaiting: (0..size).map(|_| VecDeque::new()).collect(),
         replica_inboxes: HashMap::new(),
         early_replicas: Vec::new(),
         in_flight: Vec::new(),
         replica_debt: 0,
         wake,
         backoff: MIN_IDLE,
+        peer_bells: (0..size).map(|_| None).collect(),
+        rung_by_all: false,
     };
     // After MPI_Init, so the launcher's SIGTERM reaches brigade's handler, not a default one.
     catch_termination();
     // Every rank's host and pid: a survivor names a peer whose process is gone.
     let place = format!("{}\n{}", host_name(), std::process::id());
-    let places = comm
+    let places: Vec<(String, u32)> = comm
         .gather(place.into_bytes())
         .iter()
         .map(|p| {
@@ -109,6 +134,7 @@ pub(super) fn communicate(jobs: Receiver<Job>, ready: Sender<Ready>, abort: Arc<
             (host.to_string(), pid.parse().unwrap_or(0))
         })
         .collect();
+    comm.open_peer_bells(&places);
     health.set_places(places);
     if ready.send(Ok((rank, size, sent, health))).is_err() {
         return;
@@ -132,14 +158,39 @@ pub(super) fn communicate(jobs: Receiver<Job>, ready: Sender<Ready>, abort: Arc<
     drop(universe);
 }
 
-/// A non-blocking send and the buffer it reads, freed once the request completes.
+/// A matched probe, repeated once when it finds nothing. Open MPI's `MPI_Improbe` looks for a
+/// match before it runs the progress engine, so a message that the call's own progress brings
+/// in is found only by the next probe; measured, about one hand-off in four arrived so, and
+/// with a single probe waited for the next timed probe (up to 25 ms) instead of its ring.
+fn probe_twice<T>(probe: impl Fn() -> Option<T>) -> Option<T> {
+    probe().or_else(probe)
+}
+
+/// A non-blocking send and the owner of the bytes it reads, dropped once the request completes.
 struct InFlight {
     request: Option<Request<'static, [u8], StaticScope>>,
-    buffer: *mut [u8],
+    _bytes: SendBuffer,
+}
+
+/// What a send reads: a message of its own, or a hand-off's tensor in place.
+enum SendBuffer {
+    Bytes(Vec<u8>),
+    Tensor(Payload),
+}
+
+impl SendBuffer {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            SendBuffer::Bytes(bytes) => bytes,
+            SendBuffer::Tensor(payload) => payload.bytes(),
+        }
+    }
 }
 
 struct Comm {
     world: SimpleCommunicator,
+    /// A duplicate of `world` for hand-offs' data alone ([`PAYLOAD_TAG`]).
+    payloads: SimpleCommunicator,
     rank: usize,
     abort: Arc<AtomicI32>,
     sent: Arc<Sent>,
@@ -153,6 +204,8 @@ struct Comm {
     incoming: HashMap<usize, Sender<Msg>>,
     /// Hand-offs that arrived before this rank's pipeline attached (a faster peer).
     early: Vec<(usize, Msg)>,
+    /// By source rank, in arrival order: hand-offs whose header came and whose data has not.
+    awaiting: Vec<VecDeque<Landing>>,
     /// By stage: where other replicas' gradients of it go, and those that came before that.
     replica_inboxes: HashMap<usize, Sender<ReplicaGrads>>,
     early_replicas: Vec<(usize, ReplicaGrads)>,
@@ -163,9 +216,33 @@ struct Comm {
     wake: Arc<Wake>,
     /// The next wait between probes while someone waits on another rank (the back-off).
     backoff: Duration,
+    /// By rank: the bells of the ranks on this host, rung after sending to them.
+    peer_bells: Vec<Option<Bell>>,
+    /// Every other rank rings this one's bell after sending to it.
+    rung_by_all: bool,
 }
 
 impl Comm {
+    /// Maps the bells of the other ranks on this host (`places`: every rank's host and pid),
+    /// and learns whether every other rank has mapped this one's; then this rank's bell file
+    /// goes (the mappings stay).
+    fn open_peer_bells(&mut self, places: &[(String, u32)]) {
+        let names = self.gather(self.wake.bell_name().unwrap_or_default().into_bytes());
+        let here = places.get(self.rank).map(|(host, _)| host.clone()).unwrap_or_default();
+        for (rank, name) in names.iter().enumerate() {
+            let same_host = places.get(rank).is_some_and(|(host, _)| *host == here);
+            if rank != self.rank && same_host {
+                self.peer_bells[rank] = Bell::open(&String::from_utf8_lossy(name));
+            }
+        }
+        let mapped: Vec<u8> = self.peer_bells.iter().map(|bell| bell.is_some() as u8).collect();
+        let mapped_by = self.gather(mapped);
+        self.rung_by_all = (0..mapped_by.len())
+            .filter(|&rank| rank != self.rank)
+            .all(|rank| mapped_by[rank].get(self.rank).copied() == Some(1));
+        self.wake.unlink_bell();
+    }
+
     fn run(&mut self, job: Job) {
         match job {
             Job::Attach(attachment) => {
@@ -227,12 +304,12 @@ impl Comm {
             self.backoff = MIN_IDLE;
             return;
         }
-        let sleep = if self.someone_waits() {
-            self.backoff
-        } else if !self.in_flight.is_empty() {
-            SENDING_IDLE
-        } else {
-            RELAXED_IDLE
+        let sleep = match (self.someone_waits(), self.in_flight.is_empty(), self.rung_by_all) {
+            (true, _, false) => self.backoff,
+            (_, false, _) => SENDING_IDLE,
+            (true, true, true) => RUNG_IDLE,
+            (false, true, true) => RUNG_RELAXED_IDLE,
+            (false, true, false) => RELAXED_IDLE,
         };
         self.sleep(sleep);
     }
@@ -241,7 +318,7 @@ impl Comm {
     /// wait again; without one it doubles, up to [`URGENT_IDLE`].
     fn sleep(&mut self, duration: Duration) {
         let woken = self.wake.take_ring() || {
-            std::thread::park_timeout(duration);
+            self.wake.sleep(duration);
             self.wake.take_ring()
         };
         self.backoff = if woken { MIN_IDLE } else { (self.backoff * 2).min(URGENT_IDLE) };
@@ -250,10 +327,15 @@ impl Comm {
     /// One turn of a wait inside a collective (or while the job ends): keep hand-offs flowing,
     /// back off when idle, never beyond [`URGENT_IDLE`] (every rank waits on the slowest).
     fn progress(&mut self) {
+        self.progress_for(self.backoff)
+    }
+
+    /// One turn of a wait: a pump, then, if nothing happened, a sleep of `idle` at most.
+    fn progress_for(&mut self, idle: Duration) {
         if self.pump() {
             self.backoff = MIN_IDLE;
         } else {
-            self.sleep(self.backoff);
+            self.sleep(idle);
         }
     }
 
@@ -277,18 +359,19 @@ impl Comm {
         }
         for (rank, device, key, tensor) in outbound {
             busy = true;
-            match encode(device, key, tensor) {
-                Ok(bytes) => self.send(rank, bytes, HANDOFF_TAG),
+            match Payload::of(device, key, tensor).and_then(|(header, payload)| Ok((header.to_bytes()?, payload))) {
+                Ok((header, payload)) => {
+                    // The data first: the header's ring then finds both.
+                    self.post(rank, SendBuffer::Tensor(payload), PAYLOAD_TAG);
+                    self.send(rank, header, HANDOFF_TAG);
+                }
                 Err(e) => self.fail(&format!("cannot send a hand-off to rank {rank}: {e}")),
             }
         }
         let before = self.in_flight.len();
+        // A completed request has read its bytes: their owner goes with it.
         self.in_flight.retain_mut(|flight| match flight.request.take().map(Request::test) {
-            Some(Ok(_)) | None => {
-                // SAFETY: the request that read the buffer has completed; it came from Box::leak.
-                unsafe { drop(Box::from_raw(flight.buffer)) };
-                false
-            }
+            Some(Ok(_)) | None => false,
             Some(Err(pending)) => {
                 flight.request = Some(pending);
                 true
@@ -296,11 +379,12 @@ impl Comm {
         });
         busy |= self.in_flight.len() != before;
         // One probe for every tag: each probe runs Open MPI's progress engine once.
-        while let Some(probed) = self.world.any_process().immediate_matched_probe() {
+        while let Some(probed) = probe_twice(|| self.world.any_process().immediate_matched_probe()) {
             busy = true;
             let (bytes, status) = probed.matched_receive_vec::<u8>();
             self.receive(status.source_rank() as usize, status.tag(), bytes);
         }
+        busy |= self.land_payloads();
         if terminated() && !self.ending {
             self.terminated_by_launcher();
         }
@@ -314,8 +398,8 @@ impl Comm {
         }
         self.health.heard_from(from);
         match tag {
-            HANDOFF_TAG => match decode(&bytes) {
-                Ok((device, msg)) => self.deliver(device, msg),
+            HANDOFF_TAG => match Header::from_bytes(&bytes).and_then(Landing::new) {
+                Ok(landing) => self.awaiting[from].push_back(landing),
                 Err(e) => self.fail(&format!("a hand-off from rank {from} is corrupt: {e}")),
             },
             REPLICA_TAG => {
@@ -372,10 +456,17 @@ impl Comm {
     }
 
     /// One turn of a wait inside a collective, under the watchdog: a peer that has not entered
-    /// it and has been silent past the rank timeout ends the job.
+    /// it and has been silent past the rank timeout ends the job. While some peer has not
+    /// entered and every peer rings this rank, the wait is long: that peer's arrival notice
+    /// rings.
     fn progress_collective(&mut self) {
-        self.progress();
         let waiting = self.collectives;
+        let late = |comm: &Self| (0..comm.arrived.len()).any(|r| r != comm.rank && comm.arrived[r] < waiting);
+        if self.rung_by_all && late(self) {
+            self.progress_for(RUNG_IDLE);
+        } else {
+            self.progress();
+        }
         let missing: Vec<usize> =
             (0..self.arrived.len()).filter(|&r| r != self.rank && self.arrived[r] < waiting).collect();
         for peer in missing {
@@ -397,18 +488,63 @@ impl Comm {
     }
 
     fn send(&mut self, rank: usize, bytes: Vec<u8>, tag: i32) {
+        self.post(rank, SendBuffer::Bytes(bytes), tag)
+    }
+
+    /// Starts a non-blocking send of `buffer`'s bytes (on the payload communicator for
+    /// [`PAYLOAD_TAG`]), kept in flight with their owner until it completes, and rings the
+    /// receiver's bell for any message but a payload (its header follows).
+    fn post(&mut self, rank: usize, buffer: SendBuffer, tag: i32) {
         let counted = match tag {
-            HANDOFF_TAG => self.sent.handoffs.get(rank),
+            HANDOFF_TAG | PAYLOAD_TAG => self.sent.handoffs.get(rank),
             REPLICA_TAG => self.sent.replicas.get(rank),
             _ => None,
         };
         if let Some(count) = counted {
-            count.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            count.fetch_add(buffer.bytes().len() as u64, Ordering::Relaxed);
         }
-        let buffer: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-        let raw = buffer as *const [u8] as *mut [u8];
-        let request = self.world.process_at_rank(rank as i32).immediate_send_with_tag(StaticScope, buffer, tag);
-        self.in_flight.push(InFlight { request: Some(request), buffer: raw });
+        // SAFETY: the bytes are a vector's heap buffer or a tensor's storage, neither of which
+        // moves when its owner does; the owner stays in `in_flight` with the request until the
+        // request has completed (`pump`), and is never written meanwhile.
+        let bytes: &'static [u8] = unsafe { &*(buffer.bytes() as *const [u8]) };
+        let comm = if tag == PAYLOAD_TAG { &self.payloads } else { &self.world };
+        let request = comm.process_at_rank(rank as i32).immediate_send_with_tag(StaticScope, bytes, tag);
+        self.in_flight.push(InFlight { request: Some(request), _bytes: buffer });
+        if tag != PAYLOAD_TAG {
+            if let Some(Some(bell)) = self.peer_bells.get(rank) {
+                bell.ring();
+            }
+        }
+    }
+
+    /// Receives the data of each hand-off whose header came and whose data is here, each
+    /// source's in the order of its headers (MPI keeps one source's messages in order on a
+    /// communicator), straight into the buffer that becomes the tensor, and delivers it.
+    /// Whether anything came.
+    fn land_payloads(&mut self) -> bool {
+        let mut busy = false;
+        for from in 0..self.awaiting.len() {
+            while !self.awaiting[from].is_empty() {
+                let source = self.payloads.process_at_rank(from as i32);
+                let probed = probe_twice(|| source.immediate_matched_probe_with_tag(PAYLOAD_TAG));
+                let Some((message, status)) = probed else { break };
+                let Some(mut landing) = self.awaiting[from].pop_front() else { break };
+                busy = true;
+                if let Err(e) = landing.check_size(status.count(u8::equivalent_datatype()) as usize) {
+                    self.fail(&format!("a hand-off from rank {from} is corrupt: {e}"));
+                }
+                message.matched_receive_into(landing.bytes_mut());
+                match landing.into_message() {
+                    Ok((device, msg)) => self.deliver(device, msg),
+                    Err(e) => self.fail(&format!("a hand-off from rank {from} cannot be received: {e}")),
+                }
+                // The sender's send has completed: it retires it now, not at its next probe.
+                if let Some(Some(bell)) = self.peer_bells.get(from) {
+                    bell.ring();
+                }
+            }
+        }
+        busy
     }
 
     fn deliver(&mut self, device: usize, msg: Msg) {

@@ -6,28 +6,32 @@
 //! - this file, [`Ranks`]: the process's handle on the job (rank, size, collectives, abort,
 //!   bytes sent), and the jobs it hands to the communication thread;
 //! - `comm.rs`: the communication thread itself, the only code that calls MPI;
-//! - `wire.rs`: how a hand-off and one replica's gradients become one byte message and back;
+//! - `wire.rs`: how a hand-off becomes a header and its data (sent and received in place), and
+//!   one replica's gradients one byte message, and back;
 //! - `reduce.rs`: [`MpiReduce`], data parallelism's gradient sum when the replicas are ranks;
+//! - `bell.rs`: the doorbell the communication thread sleeps on, rung by this process and by
+//!   the ranks on its host after they send it something;
 //! - `health.rs`: how the job ends when a rank fails, dies or hangs (one `error:` line, the
 //!   stuck-rank watchdog).
 //!
 //! How it works:
 //! - A hand-off to a stage on another rank goes into that stage's proxy inbox (a channel the
-//!   communication thread drains) and leaves as one byte message (`wire.rs`). Sends are
-//!   non-blocking (`MPI_Isend`; the buffer lives until the request completes), so the transport
-//!   contract holds across processes.
+//!   communication thread drains) and leaves as a header and its data, read from the tensor
+//!   where it lies (`wire.rs`). Sends are non-blocking (`MPI_Isend`; the buffer lives until the
+//!   request completes), so the transport contract holds across processes.
 //! - Incoming hand-offs are found with `MPI_Improbe` and delivered into the local stage's inbox,
 //!   where its `Mailbox` matches them by key like any other.
 //! - Collectives (the end-of-step sums, the checkpoint's plan, start-up checks) are
 //!   non-blocking too (`MPI_Iallreduce`, `MPI_Iallgather`, `MPI_Ibarrier`), tested while the
 //!   hand-offs keep flowing.
 //! - Open MPI's blocking calls spin a core; the communication thread never blocks in MPI. Idle,
-//!   it sleeps (parked: no spinning, no yielding) until woken (`Wake`: a job, a hand-off sent
-//!   to another rank, a stage starting to wait on another rank) or until its next probe is due
-//!   (`comm.rs`): every 25 to 100 µs while a stage of this rank waits on another rank or a
-//!   collective runs, every 1 ms while its own sends are in flight, every 4 ms otherwise: a
-//!   message that comes while the stages compute waits for nobody, and the polls would take
-//!   the cores they compute on.
+//!   it sleeps on its bell (`bell.rs`: no spinning, no yielding) until woken (`Wake`: a job, a
+//!   hand-off sent to another rank, a stage starting to wait on another rank, a message from a
+//!   rank on its host) or until its next probe is due (`comm.rs`): every 1 ms while a stage of
+//!   this rank waits on another rank and every rank rings it, every 25 to 100 µs while one
+//!   waits on a rank that cannot ring it (another host) or a collective runs, every 1 ms while
+//!   its own sends are in flight, every 4 ms otherwise: a message that comes while the stages
+//!   compute waits for nobody, and the polls would take the cores they compute on.
 //! - Data parallelism ([`MpiReduce`]): each replica's copy of a stage sends its gradients to the
 //!   ranks holding the other replicas' copies (one point-to-point message each, its own tag)
 //!   and sums what it receives in replica order, exactly as the in-process reduction does. Point
@@ -41,19 +45,21 @@
 //! `replica × W/D + j` runs the `j`-th contiguous block of its replica's stages; one stage per
 //! rank is the usual layout.
 
+mod bell;
 mod comm;
 mod health;
 mod reduce;
 mod wire;
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::{JoinHandle, Thread};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use candle_core::Tensor;
 use crossbeam_channel::{bounded, unbounded, Receiver, SendError, Sender};
 
+use self::bell::Bell;
 use self::health::Health;
 pub use self::health::DEFAULT_RANK_TIMEOUT;
 pub(in crate::pipeline) use self::reduce::MpiReduce;
@@ -109,41 +115,50 @@ impl Sent {
     }
 }
 
-/// How the rest of the process wakes the communication thread, which sleeps parked between
-/// probes (crossbeam's blocking receives spin and `sched_yield` before they sleep: eight yields
-/// a wait, the larger part of the thread's CPU when it waited on its channels).
+/// How the rest of the process, and the other ranks on its host, wake the communication
+/// thread, which sleeps on its [`Bell`] between probes (crossbeam's blocking receives spin and
+/// `sched_yield` before they sleep: eight yields a wait, the larger part of the thread's CPU
+/// when it waited on its channels).
 pub(super) struct Wake {
-    /// The communication thread, once it runs.
-    thread: OnceLock<Thread>,
-    /// Something happened since the thread last looked: probe at once, and start backing off
-    /// from the shortest wait again.
-    rung: AtomicBool,
+    bell: Bell,
+    /// The bell's count when the communication thread last looked (only that thread uses it).
+    seen: AtomicU32,
     /// Stages of this process now waiting for a hand-off from another rank: while any does, the
     /// thread probes at its fastest.
     remote_waits: AtomicUsize,
 }
 
 impl Wake {
-    fn new() -> Self {
-        Self { thread: OnceLock::new(), rung: AtomicBool::new(false), remote_waits: AtomicUsize::new(0) }
-    }
-
-    /// Called by the communication thread as it starts.
-    pub fn register(&self) {
-        let _ = self.thread.set(std::thread::current());
+    fn new() -> Result<Self, String> {
+        let bell = Bell::new()?;
+        let seen = AtomicU32::new(bell.rings());
+        Ok(Self { bell, seen, remote_waits: AtomicUsize::new(0) })
     }
 
     pub fn ring(&self) {
-        self.rung.store(true, Ordering::SeqCst);
-        // A thread that is not parked keeps the token and returns from its next park at once.
-        if let Some(thread) = self.thread.get() {
-            thread.unpark();
-        }
+        self.bell.ring();
     }
 
-    /// Whether it was rung since the last call.
+    /// Whether it was rung since the last call (called before looking for work: a ring after
+    /// this call makes the next [`Wake::sleep`] return at once).
     pub fn take_ring(&self) -> bool {
-        self.rung.swap(false, Ordering::SeqCst)
+        let now = self.bell.rings();
+        self.seen.swap(now, Ordering::SeqCst) != now
+    }
+
+    /// Sleeps until rung (since the last [`Wake::take_ring`]) or until `timeout` passes.
+    pub fn sleep(&self, timeout: Duration) {
+        self.bell.wait(self.seen.load(Ordering::SeqCst), timeout);
+    }
+
+    /// The name this process's bell is opened by on its host (`None`: peers cannot ring it).
+    pub fn bell_name(&self) -> Option<String> {
+        self.bell.name()
+    }
+
+    /// Removes the bell's file once the peers on this host have mapped it.
+    pub fn unlink_bell(&self) {
+        self.bell.unlink();
     }
 
     pub fn anyone_waits(&self) -> bool {
@@ -255,7 +270,7 @@ impl Ranks {
         let (ready_tx, ready_rx) = bounded(1);
         let abort = Arc::new(AtomicI32::new(NO_ABORT));
         let abort_flag = abort.clone();
-        let wake = Arc::new(Wake::new());
+        let wake = Arc::new(Wake::new()?);
         let jobs = Jobs { queue, wake: wake.clone() };
         let comm_wake = wake.clone();
         let thread = std::thread::Builder::new()
@@ -388,31 +403,30 @@ mod tests {
 
     use super::*;
 
-    /// The communication thread's sleep, as `comm.rs` does it: parked until rung or `limit`.
+    /// The communication thread's sleep, as `comm.rs` does it: on the bell until rung or `limit`.
     fn sleep_until_rung(wake: &Wake, limit: Duration) -> bool {
         let started = Instant::now();
         while started.elapsed() < limit {
             if wake.take_ring() {
                 return true;
             }
-            std::thread::park_timeout(limit.saturating_sub(started.elapsed()));
+            wake.sleep(limit.saturating_sub(started.elapsed()));
         }
         wake.take_ring()
     }
 
     #[test]
-    fn a_ring_wakes_the_parked_thread_at_once_and_is_not_lost_before_it_parks() {
-        let wake = Arc::new(Wake::new());
+    fn a_ring_wakes_the_sleeping_thread_at_once_and_is_not_lost_before_it_sleeps() {
+        let wake = Arc::new(Wake::new().unwrap());
         let (registered, is_registered) = bounded(0);
         let sleeper = {
             let wake = wake.clone();
             std::thread::spawn(move || {
-                wake.register();
                 registered.send(()).unwrap();
                 let started = Instant::now();
                 let first = sleep_until_rung(&wake, Duration::from_secs(20));
                 let first_took = started.elapsed();
-                // The second ring comes before this thread parks again.
+                // The second ring comes before this thread sleeps again.
                 std::thread::sleep(Duration::from_millis(50));
                 let second = sleep_until_rung(&wake, Duration::from_secs(20));
                 (first, first_took, second, started.elapsed())
