@@ -295,7 +295,9 @@ impl StageCosts {
                     }
                     held.values().sum::<u64>()
                 } else {
-                    chunks.map(|c| self.static_bytes[c] - self.kept_bytes.get(c).copied().unwrap_or(0)).sum::<u64>()
+                    chunks
+                        .map(|c| self.static_bytes[c].saturating_sub(self.kept_bytes.get(c).copied().unwrap_or(0)))
+                        .sum::<u64>()
                         / per_param
                 }
             })
